@@ -1,0 +1,211 @@
+"""Conditional generation quality on real data (Kang et al. 2018 IFN-beta PBMCs).
+
+Conditioned on cell_type x condition (14 groups); 20% of each group held out as test cells.
+Per group, in a 30-PC space fitted on the real training cells (never on generated ones, and not
+on the test cells, so that test and generated cells are both new to it; see
+scidiff.evaluation.metrics): RBF-MMD, energy distance and a cross-validated real-vs-generated
+random-forest AUC against the group's test cells, plus the pooled gene-mean Pearson (all test
+cells vs all generated cells). Next to the model: the floor (the group's real training cells;
+they are in the PCA's own fit, which inflates their scores a little, so the floor is
+conservative) and the baseline generator (a per-group Gaussian in 50 PCs of the group's training
+cells, mapped back to genes, negatives clipped to 0). Intervals: per group, AUC from a bootstrap
+of the out-of-fold scores and MMD/energy from 80% subsamples; for the averages, a bootstrap
+over groups. A memorisation check compares each generated cell's distance to its nearest
+training cell with the same distance for the test cells.
+
+    python bench/bench_generation.py [--minutes 8] [--out bench/results/generation_kang.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from scipy.spatial.distance import cdist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data", "kang_ifnb_pbmc.h5ad")
+
+
+def split_groups(labels: np.ndarray, test_fraction: float, seed: int):
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), bool)
+    for g in np.unique(labels):
+        idx = np.flatnonzero(labels == g)
+        rng.shuffle(idx)
+        test[idx[: int(round(len(idx) * test_fraction))]] = True
+    return ~test, test
+
+
+def oof_auc_with_ci(x, y, seed=0, n_boot=200):
+    """Cross-validated AUC (random forest) and a bootstrap interval over the out-of-fold scores."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(seed)
+    n = min(len(x), len(y))
+    x, y = x[rng.choice(len(x), n, replace=False)], y[rng.choice(len(y), n, replace=False)]
+    data, labels = np.vstack([x, y]), np.r_[np.zeros(n), np.ones(n)]
+    scores = np.zeros(2 * n)
+    for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed).split(data, labels):
+        clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, random_state=seed, n_jobs=1)
+        scores[te] = clf.fit(data[tr], labels[tr]).predict_proba(data[te])[:, 1]
+    auc = roc_auc_score(labels, scores)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, 2 * n, 2 * n)
+        if labels[i].min() != labels[i].max():
+            boots.append(roc_auc_score(labels[i], scores[i]))
+    return float(auc), np.asarray(boots)
+
+
+def score_group(test_pcs, gen_pcs, seed, n_boot=50):
+    from scidiff.evaluation import energy_distance, mmd_rbf
+    from scidiff.evaluation.metrics import _median_sq_dist
+
+    rng = np.random.default_rng(seed)
+    h = _median_sq_dist(test_pcs)
+    out = {"mmd": mmd_rbf(test_pcs, gen_pcs, bandwidth=h), "energy_distance": energy_distance(test_pcs, gen_pcs)}
+    out["classifier_auc"], auc_boot = oof_auc_with_ci(test_pcs, gen_pcs, seed)
+    subs = {"mmd": [], "energy_distance": []}
+    for _ in range(n_boot):
+        a = test_pcs[rng.choice(len(test_pcs), max(3, int(0.8 * len(test_pcs))), replace=False)]
+        b = gen_pcs[rng.choice(len(gen_pcs), max(3, int(0.8 * len(gen_pcs))), replace=False)]
+        subs["mmd"].append(mmd_rbf(a, b, bandwidth=h))
+        subs["energy_distance"].append(energy_distance(a, b))
+    subs["classifier_auc"] = auc_boot
+    out["interval95"] = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in subs.items()}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--minutes", type=float, default=8.0, help="training time budget (sets the epochs)")
+    p.add_argument("--epochs", type=int, default=None, help="fixed number of epochs (overrides --minutes)")
+    p.add_argument("--genes", default="hvg", choices=["hvg", "all"])
+    p.add_argument("--n-top-genes", type=int, default=2000)
+    p.add_argument("--hidden-dim", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=6)
+    p.add_argument("--latent-dim", type=int, default=64, help="0 = diffuse in gene space")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "generation_kang.json"))
+    args = p.parse_args(argv)
+    if not os.path.exists(args.data):
+        sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    import scidiff
+    from scidiff.evaluation import fit_pca
+    from scidiff.evaluation.baselines import gaussian_pca_generator
+
+    adata = scidiff.data.read_h5ad(args.data)
+    groups = (adata.obs["cell_type"].astype(str) + " | " + adata.obs["condition"].astype(str)).to_numpy()
+    train_mask, test_mask = split_groups(groups, 0.2, args.seed)
+    train_ad = adata[train_mask].copy()
+    data = scidiff.setup_anndata(train_ad, condition_keys=["cell_type", "condition"],
+                                 n_top_genes=args.n_top_genes if args.genes == "hvg" else None)
+    genes = data.spec.gene_names
+    real_all = scidiff.transform_like(data.spec, adata).log_expression()
+
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                                           latent_dim=args.latent_dim or None)
+    loader = data.loader(batch_size=args.batch_size, seed=args.seed)
+    epochs = args.epochs
+    if epochs is None:  # as many epochs as fit the time budget, timed on a throwaway copy
+        probe = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                                               latent_dim=args.latent_dim or None)
+        t0 = time.perf_counter()
+        scidiff.ScIDiffTrainer(probe, loader, device="cpu", progress=False).train(3)
+        epochs = max(1, int(args.minutes * 60 / ((time.perf_counter() - t0) / 3)))
+    trainer = scidiff.ScIDiffTrainer(model, loader, device="cpu", learning_rate=args.lr,
+                                     early_stopping_patience=None, seed=args.seed, progress=False)
+    t0 = time.perf_counter()
+    history = trainer.train(epochs)
+    train_s = time.perf_counter() - t0
+
+    project = fit_pca(real_all[train_mask], 30, args.seed)
+    pcs = project(real_all)
+    methods = ("model", "gaussian", "floor")
+    metric_names = ("mmd", "energy_distance", "classifier_auc")
+    results = {"groups": {}}
+    pooled = {"real": [], "model": [], "gaussian": [], "floor": []}
+    nn = {"test": [], "model": []}
+    t_sample = 0.0
+    for gi, g in enumerate(np.unique(groups)):
+        ct, cond = g.split(" | ")
+        tr, te = train_mask & (groups == g), test_mask & (groups == g)
+        n_gen = int(tr.sum())
+        t1 = time.perf_counter()
+        gen = model.sample(n_gen, {"cell_type": ct, "condition": cond}, steps=args.steps, seed=args.seed + gi).numpy()
+        t_sample += time.perf_counter() - t1
+        gauss = gaussian_pca_generator(real_all[tr], n_gen, 50, seed=args.seed + gi)
+        sets = {"model": project(gen), "gaussian": project(gauss), "floor": pcs[tr]}
+        row = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
+        for m in methods:
+            row[m] = score_group(pcs[te], sets[m], args.seed)
+        results["groups"][g] = row
+        pooled["real"].append(real_all[te])
+        pooled["model"].append(gen)
+        pooled["gaussian"].append(gauss)
+        pooled["floor"].append(real_all[tr])
+        # memorisation: nearest training cell (same group, 30-PC space), for generated vs test cells
+        nn["model"].append(cdist(sets["model"], pcs[tr]).min(1))
+        nn["test"].append(cdist(pcs[te], pcs[tr]).min(1))
+        print(f"{g:32s} " + "  ".join(f"{m}: auc {row[m]['classifier_auc']:.3f} mmd {row[m]['mmd']:.4f} "
+                                       f"E {row[m]['energy_distance']:.3f}" for m in methods), flush=True)
+    rng = np.random.default_rng(args.seed)
+    names = list(results["groups"])
+    boot_groups = [rng.integers(0, len(names), len(names)) for _ in range(2000)]
+    summary = {}
+    real_mean = np.concatenate(pooled["real"]).mean(0)
+    for m in methods:
+        summary[m] = {}
+        for k in metric_names:
+            vals = np.array([results["groups"][g][m][k] for g in names])
+            boots = [vals[i].mean() for i in boot_groups]
+            summary[m][k] = {"mean": float(vals.mean()),
+                             "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
+        summary[m]["gene_mean_pearson"] = float(np.corrcoef(real_mean, np.concatenate(pooled[m]).mean(0))[0, 1])
+    test_nn, gen_nn = np.concatenate(nn["test"]), np.concatenate(nn["model"])
+    summary["memorisation"] = {
+        "median_nn_distance_test_to_train": float(np.median(test_nn)),
+        "median_nn_distance_generated_to_train": float(np.median(gen_nn)),
+        "fraction_generated_closer_than_5pct_of_test": float((gen_nn < np.percentile(test_nn, 5)).mean())}
+    beats = all(summary["model"][k]["mean"] < summary["gaussian"][k]["mean"] for k in metric_names)
+    results.update({
+        "summary": summary,
+        "goal_met": bool(beats and summary["model"]["gene_mean_pearson"] >= 0.98),
+        "setup": {"data": os.path.basename(args.data), "genes": len(genes), "gene_selection": args.genes,
+                  "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
+                  "latent_dim": args.latent_dim, "epochs": len(history), "train_seconds": round(train_s, 1),
+                  "ddim_steps": args.steps, "sample_seconds": round(t_sample, 1),
+                  "final_train_loss": history[-1]["train_loss"], "seed": args.seed, "threads": args.threads,
+                  "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                  "torch": torch.__version__},
+    })
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(results, fh, indent=1)
+    os.replace(tmp, args.out)
+    for m in methods:
+        print(f"{m:9s} " + "  ".join(f"{k} {summary[m][k]['mean']:.4f} [{summary[m][k]['ci95'][0]:.4f}, "
+                                     f"{summary[m][k]['ci95'][1]:.4f}]" for k in metric_names)
+              + f"  gene-mean r {summary[m]['gene_mean_pearson']:.4f}")
+    print("memorisation", summary["memorisation"], "goal met:", results["goal_met"])
+
+
+if __name__ == "__main__":
+    main()

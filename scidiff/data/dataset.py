@@ -1,0 +1,186 @@
+"""In-memory cells in the model's space, and a loader that yields whole batches at once.
+
+A batch is ``dict[str, Tensor]``: ``"x"`` ``[B, G]`` (expression in model space) plus one entry
+per covariate (``LongTensor[B]`` codes, or ``FloatTensor[B]`` for dose/time). Every data path
+(in memory here, streaming from disk elsewhere) yields this same dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import torch
+
+from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize,
+                         read_h5ad, select_genes, _name)
+from .spec import DataSpec
+
+
+@dataclass
+class CellData:
+    """Cells in model space: ``x [N, G]`` float32, covariates, the :class:`DataSpec` and ``obs``."""
+
+    x: torch.Tensor
+    covariates: dict[str, torch.Tensor]
+    spec: DataSpec
+    obs: pd.DataFrame
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, index) -> "CellData":
+        index = torch.as_tensor(np.asarray(index), dtype=torch.long)
+        return CellData(self.x[index], {k: v[index] for k, v in self.covariates.items()}, self.spec,
+                        self.obs.iloc[index.numpy()])
+
+    def log_expression(self) -> np.ndarray:
+        """log1p-normalised expression ``[N, G]`` (numpy)."""
+        return self.spec.to_expression(self.x.numpy(), clip=False)
+
+    def to_anndata(self) -> ad.AnnData:
+        out = ad.AnnData(X=self.log_expression(), obs=self.obs.copy())
+        out.var_names = list(self.spec.gene_names)
+        return out
+
+    def loader(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+               drop_last: bool = False) -> "InMemoryLoader":
+        return InMemoryLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
+    def split(self, val_fraction: float = 0.1, seed: int = 0, stratify: str | None = None):
+        """Random train/validation split (stratified by a covariate when given)."""
+        rng = np.random.default_rng(seed)
+        n = len(self)
+        groups = (self.covariates[stratify].numpy() if stratify else np.zeros(n, dtype=np.int64))
+        val = []
+        for g in np.unique(groups):
+            idx = np.flatnonzero(groups == g)
+            rng.shuffle(idx)
+            val.extend(idx[: int(round(len(idx) * val_fraction))])
+        val = np.sort(np.asarray(val, dtype=np.int64))
+        train = np.setdiff1d(np.arange(n), val)
+        return self.subset(train), self.subset(val)
+
+
+class InMemoryLoader:
+    """Yields batch dicts by indexing whole tensors (no per-cell collate), reproducible from
+    ``seed``; each epoch draws a new permutation from the loader's own generator."""
+
+    def __init__(self, data: CellData, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            batch = {"x": self.data.x[idx]}
+            for k, v in self.data.covariates.items():
+                batch[k] = v[idx]
+            yield batch
+
+
+def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None):
+    missing = [k for k in list(categorical_keys) + list(continuous_keys) if k not in adata.obs.columns]
+    if missing:
+        raise KeyError(f"obs key(s) {missing} not in {_name(adata)}; available obs keys: "
+                       f"{list(adata.obs.columns)}")
+    codes, vocabs = {}, {}
+    for key in categorical_keys:
+        col = adata.obs[key]
+        if col.isna().any():
+            raise ValueError(f"obs[{key!r}] of {_name(adata)} has {int(col.isna().sum())} missing values")
+        labels = col.astype(str).to_numpy()
+        if vocab is not None and key in vocab:
+            known = {v: i for i, v in enumerate(vocab[key])}
+            unknown = sorted(set(labels) - set(known))
+            if unknown:
+                raise ValueError(f"obs[{key!r}] has values the model does not know: {unknown[:10]}; "
+                                 f"known values: {vocab[key]}")
+            vocabs[key] = list(vocab[key])
+        else:
+            cats = (list(col.cat.categories.astype(str)) if isinstance(col.dtype, pd.CategoricalDtype)
+                    else sorted(set(labels)))
+            vocabs[key] = [c for c in cats if c in set(labels)]
+            known = {v: i for i, v in enumerate(vocabs[key])}
+        codes[key] = torch.tensor([known[v] for v in labels], dtype=torch.long)
+    for key in continuous_keys:
+        vals = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float32)
+        if not np.isfinite(vals).all():
+            raise ValueError(f"obs[{key!r}] of {_name(adata)} must be numeric and finite")
+        codes[key] = torch.from_numpy(vals)
+    return codes, vocabs
+
+
+def _log_expression(adata, layer, use_raw, input_kind, target_sum):
+    matrix, var_names, where = expression_matrix(adata, layer, use_raw)
+    where = f"{where} of {_name(adata)}"
+    kind = detect_input(matrix, where, input_kind)
+    if kind == "counts":
+        matrix, target_sum = log_normalize(matrix, target_sum)
+    else:
+        target_sum = None
+    return matrix, var_names, kind, target_sum
+
+
+def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, genes=None,
+                  n_top_genes: int | None = 2000, condition_keys=(), continuous_keys=(),
+                  input_kind: str = "auto", target_sum: float | None = 1e4,
+                  scaling: str = "global") -> CellData:
+    """Read cells into the model's space and record how (scvi-tools' ``setup_anndata`` idea).
+
+    ``adata``: an AnnData or a path to ``.h5ad``. Expression comes from ``X``, ``layers[layer]``
+    or ``raw.X``; counts are normalised (``target_sum``, ``None`` = median) and log1p'd; genes are
+    ``genes`` or the ``n_top_genes`` most variable. ``scaling``: ``"global"`` centres each gene
+    and divides by one shared standard deviation (keeps rare genes small); ``"gene"`` z-scores
+    each gene; ``"none"`` keeps log1p values.
+    """
+    if not isinstance(adata, ad.AnnData):
+        adata = read_h5ad(adata)
+    matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum)
+    chosen = select_genes(matrix, var_names, genes, n_top_genes)
+    x = dense(matrix[:, gene_columns(var_names, chosen)])
+    if scaling == "none":
+        offset, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    elif scaling == "global":
+        offset = x.mean(0)
+        scale = np.full(x.shape[1], max(float((x - offset).std()), 1e-6))
+    elif scaling == "gene":
+        offset, scale = x.mean(0), np.maximum(x.std(0), 1e-3)
+    else:
+        raise ValueError(f"scaling must be 'global', 'gene' or 'none', got {scaling!r}")
+    codes, vocabs = _encode_obs(adata, condition_keys, continuous_keys)
+    spec = DataSpec(gene_names=list(chosen), input_kind=kind, target_sum=target_sum,
+                    gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
+                    categorical=vocabs, continuous=list(continuous_keys),
+                    source={"layer": layer, "use_raw": bool(use_raw)})
+    return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
+
+
+def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: bool | None = None,
+                   condition_keys=None, input_kind: str = "auto") -> CellData:
+    """Bring new cells into an existing model's gene space (same genes, normalisation, scaling,
+    vocabularies). Missing genes and unknown covariate values are errors that name them."""
+    if not isinstance(adata, ad.AnnData):
+        adata = read_h5ad(adata)
+    if layer is None and use_raw is None:
+        layer, use_raw = spec.source.get("layer"), spec.source.get("use_raw", False)
+        if layer and layer not in adata.layers:
+            layer = None
+        if use_raw and adata.raw is None:
+            use_raw = False
+    matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, spec.target_sum or 1e4)
+    x = dense(matrix[:, gene_columns(var_names, spec.gene_names)])
+    keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
+    cont = [k for k in spec.continuous if k in adata.obs]
+    codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical)
+    return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())

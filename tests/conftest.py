@@ -1,0 +1,39 @@
+"""Shared fixtures. Real data lives in ../shared/data beside the project; tests that need it
+skip with the reason when it is absent."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+def shared_file(name: str) -> str:
+    path = os.path.join(SHARED_DATA, name)
+    if not os.path.exists(path):
+        pytest.skip(f"needs the shared real data file {path} (../shared/data beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def kang_path():
+    return shared_file("kang_ifnb_pbmc.h5ad")
+
+
+@pytest.fixture(scope="session")
+def kang(kang_path):
+    import anndata as ad
+
+    return ad.read_h5ad(kang_path)
+
+
+@pytest.fixture(scope="session")
+def kang_small(kang):
+    """300 Kang cells (every cell type and condition), 200 highly variable genes, for quick tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    idx = np.sort(rng.choice(kang.n_obs, 300, replace=False))
+    return kang[idx].copy()

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from scidiff.evaluation import (classifier_auc, energy_distance, evaluate_generation_quality, frechet_distance,
+                                gene_correlation_preservation, mmd_rbf)
+from scidiff.evaluation.baselines import gaussian_pca_generator
+
+
+def test_frechet_distance_closed_form():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 3))
+    y = rng.normal(size=(20000, 3)) * 2 + np.array([1.0, 0, 0])
+    # |mu|^2 + tr(I + 4I - 2*2I) = 1 + 3
+    assert frechet_distance(x, y) == pytest.approx(4.0, rel=0.03)
+    assert frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_energy_distance_closed_form_in_1d():
+    # for N(0,1) vs N(d,1): 2 E|X-Y| - E|X-X'| - E|Y-Y'| with E|Z| for Z ~ N(m, 2)
+    from scipy.stats import norm
+
+    rng = np.random.default_rng(1)
+    d = 1.0
+    x, y = rng.normal(size=(3000, 1)), rng.normal(size=(3000, 1)) + d
+    s = np.sqrt(2)
+    e_xy = s * np.sqrt(2 / np.pi) * np.exp(-d**2 / (2 * s**2)) + d * (1 - 2 * norm.cdf(-d / s))
+    expected = 2 * e_xy - 2 * s * np.sqrt(2 / np.pi)
+    assert energy_distance(x, y) == pytest.approx(expected, rel=0.05)
+
+
+def test_mmd_is_unbiased_near_zero_and_grows_with_shift():
+    rng = np.random.default_rng(2)
+    x, x2 = rng.normal(size=(400, 5)), rng.normal(size=(400, 5))
+    assert abs(mmd_rbf(x, x2)) < 0.01
+    assert mmd_rbf(x, x2 + 0.5) > 0.05 > abs(mmd_rbf(x, x2))
+    assert mmd_rbf(x, x2 + 2.0) > mmd_rbf(x, x2 + 0.5)
+
+
+def test_classifier_auc_chance_and_separable():
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
+    assert classifier_auc(x, y) == pytest.approx(0.5, abs=0.08)
+    assert classifier_auc(x, y + 5) > 0.99
+
+
+def test_gene_correlation_preservation():
+    rng = np.random.default_rng(4)
+    z = rng.normal(size=(500, 1))
+    real = np.hstack([z + 0.3 * rng.normal(size=(500, 1)) for _ in range(6)] + [rng.normal(size=(500, 4))])
+    same = np.hstack([z + 0.3 * rng.normal(size=(500, 1)) for _ in range(6)] + [rng.normal(size=(500, 4))])
+    indep = rng.normal(size=(500, 10))
+    assert gene_correlation_preservation(real, same) > 0.95
+    assert gene_correlation_preservation(real, indep) < 0.3
+
+
+def test_evaluate_generation_quality_on_real_cells(kang):
+    """Real cells against other real cells score as indistinguishable; a shuffled-gene copy does not."""
+    x = kang.X.toarray()
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(x))
+    a, b = x[idx[:600]], x[idx[600:1200]]
+    labels = kang.obs["cell_type"].to_numpy()
+    same = evaluate_generation_quality(a, b, labels[idx[:600]], labels[idx[600:1200]])
+    assert same["classifier_auc"] < 0.6 and same["mean_correlation"] > 0.99 and same["gene_correlation"] > 0.8
+    assert set(same) >= {"mmd", "energy_distance", "fid", "classifier_auc", "mean_correlation", "var_correlation",
+                         "gene_correlation", "per_cell_type"}
+    assert "CD4T" in same["per_cell_type"]
+    broken = b[:, rng.permutation(b.shape[1])]
+    worse = evaluate_generation_quality(a, broken)
+    for k in ("mmd", "energy_distance", "fid"):
+        assert worse[k] > 5 * max(same[k], 1e-3)
+    assert worse["classifier_auc"] > 0.95 and worse["mean_correlation"] < 0.5
+    with pytest.raises(ValueError, match="generated_cell_types"):
+        evaluate_generation_quality(a, b[:500], labels[idx[:600]])
+    with pytest.raises(ValueError, match="same genes"):
+        evaluate_generation_quality(a, b[:, :10])
+
+
+def test_gaussian_baseline_matches_moments():
+    rng = np.random.default_rng(5)
+    train = np.abs(rng.normal(2.0, 0.5, size=(2000, 6)))
+    gen = gaussian_pca_generator(train, 4000, n_components=6)
+    assert gen.min() >= 0
+    np.testing.assert_allclose(gen.mean(0), train.mean(0), atol=0.05)
+    np.testing.assert_allclose(gen.std(0), train.std(0), rtol=0.08)

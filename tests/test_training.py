@@ -1,0 +1,121 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import scidiff
+from scidiff.models import ScIDiffModel
+from scidiff.training import (EMA, BiologicalConstraints, ScIDiffTrainer, denoising_loss, nonnegativity_loss,
+                              pathway_consistency_loss, sparsity_loss)
+
+
+def test_nonnegativity_loss_closed_form():
+    x = torch.tensor([[-1.0, 2.0], [0.5, -3.0]])
+    assert float(nonnegativity_loss(x)) == pytest.approx((1 + 9) / 4)
+    assert float(nonnegativity_loss(x.clamp_min(0))) == 0.0
+
+
+def test_sparsity_loss_only_counts_observed_zeros():
+    pred = torch.tensor([[0.5, 2.0], [-0.25, 1.0]])
+    obs = torch.tensor([[0.0, 3.0], [0.0, 1.0]])
+    assert float(sparsity_loss(pred, obs)) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_pathway_consistency_closed_form():
+    pred = torch.tensor([[1.0, 3.0, 0.0], [2.0, 2.0, 5.0]])
+    obs = torch.tensor([[1.0, 1.0, 0.0], [2.0, 2.0, 1.0]])
+    sets = [torch.tensor([0, 1]), torch.tensor([2])]
+    # set 1: cell means (2 vs 1, 2 vs 2) -> ((1)^2 + 0)/2 = 0.5 ; set 2: (0, 16) -> 8
+    assert float(pathway_consistency_loss(pred, obs, sets)) == pytest.approx((0.5 + 8) / 2)
+
+
+def test_constraints_are_off_by_default_and_resolve_gene_names():
+    c = BiologicalConstraints()
+    assert not c.active and c(torch.zeros(2, 3), torch.zeros(2, 3), []) == {}
+    c = BiologicalConstraints(pathway=1.0, gene_sets={"ifn": ["ISG15", "IFI6"]})
+    idx = c.resolve(["CD3D", "IFI6", "ISG15"], "cpu")
+    assert idx[0].tolist() == [2, 1]
+    with pytest.raises(KeyError, match="gene 'MX1' of gene set 'ifn'"):
+        BiologicalConstraints(pathway=1.0, gene_sets={"ifn": ["MX1"]}).resolve(["CD3D"], "cpu")
+
+
+def test_denoising_loss_of_the_initial_model_is_closed_form():
+    """At init the model is the optimal linear denoiser for N(0, sd^2) data; for data of that
+    distribution the EDM-weighted loss is 1 in expectation at every timestep."""
+    torch.manual_seed(0)
+    model = ScIDiffModel(gene_dim=64, hidden_dim=16, num_layers=1, sigma_data=0.8)
+    x0 = 0.8 * torch.randn(4096, 64)
+    loss, x0_hat = denoising_loss(model, x0, None, torch.Generator().manual_seed(0))
+    assert float(loss) == pytest.approx(1.0, rel=0.02)
+    assert x0_hat.shape == x0.shape
+
+
+def test_ema_closed_form():
+    lin = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.constant_(lin.weight, 0.0)
+    ema = EMA(lin, decay=0.5)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema.update(lin)  # warm-up decay min(0.5, 2/11) = 2/11
+    assert float(ema.shadow["weight"]) == pytest.approx(1 - 2 / 11)
+    ema.update(lin)  # min(0.5, 3/12) = 0.25
+    assert float(ema.shadow["weight"]) == pytest.approx(1 - (2 / 11) * 0.25)
+
+
+def test_trainer_learns_real_data_and_writes_checkpoints(tmp_path, kang_small):
+    torch.manual_seed(0)
+    data = scidiff.setup_anndata(kang_small, n_top_genes=100, condition_keys=["cell_type", "condition"])
+    train, val = data.split(0.2, seed=0)
+    model = ScIDiffModel.from_data(data, hidden_dim=64, num_layers=2, num_timesteps=200, latent_dim=16)
+    trainer = ScIDiffTrainer(model, train.loader(64), val.loader(64, shuffle=False), device="cpu",
+                             learning_rate=2e-3, warmup_steps=10, checkpoint_dir=tmp_path, checkpoint_every=5,
+                             early_stopping_patience=None, progress=False)
+    before = trainer.validation_loss()
+    history = trainer.train(40)
+    assert len(history) == 40 and history[-1]["epoch"] == 40
+    assert trainer.best_val < 0.93 * before
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "model.pt").exists()
+    assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss")
+    # the model now holds the best EMA weights, and the saved model is that model
+    again = scidiff.load_model(tmp_path)
+    torch.testing.assert_close(again.sample(4, {"cell_type": "B"}, steps=5, seed=0),
+                               model.sample(4, {"cell_type": "B"}, steps=5, seed=0))
+
+
+def test_constraint_terms_are_added_when_on(kang_small):
+    data = scidiff.setup_anndata(kang_small, n_top_genes=50)
+    model = ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1)
+    gene_sets = {"first": data.spec.gene_names[:5]}
+    trainer = ScIDiffTrainer(model, data.loader(100), device="cpu", progress=False,
+                             constraints=BiologicalConstraints(nonnegativity=1.0, sparsity=0.5, pathway=2.0,
+                                                               gene_sets=gene_sets))
+    terms = trainer.training_step(next(iter(data.loader(100))), 10)
+    assert set(terms) == {"denoising", "nonnegativity", "sparsity", "pathway", "loss"}
+    total = sum(float(terms[k]) for k in ("denoising", "nonnegativity", "sparsity", "pathway"))
+    assert float(terms["loss"]) == pytest.approx(total, rel=1e-5)
+    plain = ScIDiffTrainer(model, data.loader(100), device="cpu", progress=False)
+    assert set(plain.training_step(next(iter(data.loader(100))), 10)) == {"denoising", "loss"}
+
+
+def test_early_stopping_restores_best_weights(kang_small):
+    data = scidiff.setup_anndata(kang_small, n_top_genes=30)
+    train, val = data.split(0.3)
+    model = ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1)
+    # a learning rate this large makes validation worse after the first epochs
+    trainer = ScIDiffTrainer(model, train.loader(32), val.loader(64, shuffle=False), device="cpu", learning_rate=3.0,
+                             warmup_steps=1, early_stopping_patience=2, progress=False, ema_decay=0.0)
+    history = trainer.train(30)
+    assert len(history) < 30
+    best = min(h["val_loss"] for h in history)
+    assert trainer.best_val == best
+    assert trainer.validation_loss(state_dict=model.state_dict()) == pytest.approx(best, rel=1e-5)
+
+
+def test_cuda_request_falls_back_with_a_warning():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    model = ScIDiffModel(gene_dim=4, hidden_dim=8, num_layers=1)
+    with pytest.warns(UserWarning, match="CUDA was requested"):
+        trainer = ScIDiffTrainer(model, [torch.zeros(2, 4)], device="cuda", progress=False)
+    assert trainer.device.type == "cpu"
