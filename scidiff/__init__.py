@@ -1,8 +1,21 @@
 """scidiff: score-based diffusion for single-cell gene expression."""
 __version__ = "0.1.0"
 
-from .data import setup_anndata, transform_like  # noqa: E402
-from .models import ScIDiffModel  # noqa: E402
-from .training import ScIDiffTrainer, load_model, save_model  # noqa: E402
+# Names load on first use (PEP 562), so that the torch-free parts (scidiff.export.runtime, the
+# ONNX server) import without torch.
+_LAZY = {"setup_anndata": "data", "transform_like": "data", "ScIDiffModel": "models",
+         "ScIDiffTrainer": "training", "load_model": "training", "save_model": "training"}
+_SUBPACKAGES = {"data", "models", "sampling", "training", "evaluation", "export", "pipeline", "config", "cli"}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["ScIDiffModel", "ScIDiffTrainer", "load_model", "save_model", "setup_anndata", "transform_like"]

@@ -1,8 +1,10 @@
-"""``scidiff`` command line: train, sample, evaluate, demo."""
+"""``scidiff`` command line: train, sample, evaluate, demo, export-onnx, serve."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .export.commands import add_export_onnx, add_serve, cmd_export_onnx, cmd_serve
 
 
 def _add_train(sub):
@@ -20,6 +22,8 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--streaming", action="store_true",
+                   help="stream batches from the file on disk instead of loading X (files larger than memory)")
 
 
 def _add_sample(sub):
@@ -64,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scidiff", description="Score-based diffusion for single-cell expression.")
     parser.add_argument("--version", action="version", version=f"scidiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_evaluate, _add_demo):
+    for add in (_add_train, _add_sample, _add_evaluate, _add_demo, add_export_onnx, add_serve):
         add(sub)
     return parser
 
@@ -78,13 +82,12 @@ def cmd_train(args):
                  "data": {"layer": args.layer, "use_raw": True if args.use_raw else None}}
     config = load_config(args.config, overrides)
     keys = [k.strip() for k in args.condition_keys.split(",") if k.strip()] if args.condition_keys is not None else None
-    pipeline.train(args.data, args.out, config, condition_keys=keys, epochs=args.epochs, device=args.device)
+    pipeline.train(args.data, args.out, config, condition_keys=keys, epochs=args.epochs, device=args.device,
+                   streaming=args.streaming)
     print(f"model written to {args.out}")
 
 
 def cmd_sample(args):
-    import anndata as ad
-
     from . import pipeline
     from .training import load_model
 
@@ -92,11 +95,10 @@ def cmd_sample(args):
     groups = [pipeline.parse_conditions(c) for c in (args.condition or [None])]
     for g in groups:  # fail on a bad label before generating anything
         model.data_spec.encode_conditions(g, 1)
-    parts = [pipeline.generate(model, args.n, g, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                               guidance_scale=args.guidance, seed=args.seed + i) for i, g in enumerate(groups)]
-    out = parts[0] if len(parts) == 1 else ad.concat(parts, index_unique="-", uns_merge="first")
-    pipeline.write_h5ad(out, args.out)
-    print(f"wrote {out.n_obs} cells x {out.n_vars} genes to {args.out}")
+    # written chunk by chunk (bounded memory, progress bar); the file appears when complete
+    cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, sampler=args.sampler, steps=args.steps,
+                                             eta=args.eta, guidance_scale=args.guidance, seed=args.seed)
+    print(f"wrote {cells} cells x {genes} genes to {args.out}")
 
 
 def cmd_evaluate(args):
@@ -114,7 +116,8 @@ def cmd_demo(args):
     run_demo(args.out, epochs=args.epochs, seed=args.seed)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
+            "export-onnx": cmd_export_onnx, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

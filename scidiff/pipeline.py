@@ -18,21 +18,49 @@ from .models import ScIDiffModel
 from .training import ScIDiffTrainer, save_model
 
 
+def _streamed_model(path, config: Config, keys, progress: bool):
+    """Cells of a file that is streamed and a model set up on them without loading ``X``:
+    genes from a subsample, scaling and latent axes from one streamed pass."""
+    from .data.stream_setup import setup_streaming
+
+    dc, kwargs = config.data, config.model.model_kwargs()
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise ValueError("streaming trains from an .h5ad path (--data FILE.h5ad), not an in-memory AnnData")
+    cells = setup_streaming(path, layer=dc.layer, use_raw=dc.use_raw, n_top_genes=config.model.gene_dim,
+                            condition_keys=keys, input_kind=dc.input, target_sum=dc.target_sum, scaling=dc.scaling,
+                            covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress)
+    if kwargs.get("latent_dim"):
+        kwargs["latent_dim"] = min(kwargs["latent_dim"], len(cells), cells.spec.n_genes)
+    model = ScIDiffModel(gene_dim=cells.spec.n_genes, data_spec=cells.spec, **kwargs)
+    if model.latent_dim:
+        m = cells.moments
+        model.fit_latent_from_moments(m["mean"], m["cov"], m["n"])
+    return cells, model
+
+
 def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
-          device="auto", progress: bool = True):
+          device="auto", progress: bool = True, streaming: bool = False):
     """Train on an AnnData or .h5ad path and write ``out_dir/model.pt`` (EMA weights, genes,
-    normalisation, vocabularies), ``config.yaml`` and ``history.csv``. Returns the model."""
+    normalisation, vocabularies), ``config.yaml`` and ``history.csv``. Returns the model.
+
+    ``streaming=True`` reads batches from the file on disk (:mod:`scidiff.data.streaming`) and
+    sets the model up from streamed statistics, so ``X`` is never loaded: for files larger than
+    memory. The validation cells are then whole blocks of cells."""
     import yaml
 
     config = config or load_config()
     dc, tc = config.data, config.training
     keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
-    cells = setup_anndata(data if data is not None else dc.dataset_path, layer=dc.layer, use_raw=dc.use_raw,
-                          n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
-                          target_sum=dc.target_sum, scaling=dc.scaling)
+    source = data if data is not None else dc.dataset_path
+    if streaming:
+        cells, model = _streamed_model(source, config, keys, progress)
+    else:
+        cells = setup_anndata(source, layer=dc.layer, use_raw=dc.use_raw,
+                              n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
+                              target_sum=dc.target_sum, scaling=dc.scaling)
+        model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
                               else (cells, None))
-    model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
     trainer = ScIDiffTrainer(
         model, train_cells.loader(tc.batch_size, seed=tc.seed),
         val_cells.loader(tc.batch_size, shuffle=False) if val_cells is not None and len(val_cells) else None,
@@ -64,38 +92,83 @@ def parse_conditions(text: str | None) -> dict[str, str]:
     return out
 
 
-def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, sampler: str = "ddim",
-             steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-             chunk_size: int = 4096, progress: bool = True) -> ad.AnnData:
-    """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
-    genes as ``var_names``, the conditions in ``obs``), produced in chunks."""
-    from tqdm.auto import tqdm
-
+def _check_generate(model: ScIDiffModel, n: int, conditioning: dict | None) -> dict:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if model.data_spec is None:
         raise ValueError("this model carries no gene list; train it through scidiff.setup_anndata")
     conditioning = dict(conditioning or {})
     model.data_spec.encode_conditions(conditioning, 1)  # validate labels before any work
+    return conditioning
+
+
+def _sample_chunks(model: ScIDiffModel, n: int, conditioning: dict, *, sampler, steps, eta, guidance_scale, seed,
+                   chunk_size, bar):
+    """Yield ``n`` generated cells as numpy chunks of at most ``chunk_size`` (one generator seeded
+    with ``seed`` across the chunks)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    parts = []
+    for start in range(0, n, chunk_size):
+        b = min(chunk_size, n - start)
+        x = model.sample(b, conditioning, sampler=sampler, steps=steps, eta=eta,
+                         guidance_scale=guidance_scale, generator=gen)
+        bar.update(b)
+        yield x.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _generation_uns(model, sampler, steps, eta, guidance_scale, seed) -> dict:
+    return {"sampler": sampler, "steps": -1 if steps is None else int(steps), "eta": float(eta),
+            "guidance_scale": float(guidance_scale), "seed": int(seed),
+            "expression": "log1p-normalised" + (f" (target_sum {model.data_spec.target_sum:g})"
+                                               if model.data_spec.target_sum else "")}
+
+
+def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, sampler: str = "ddim",
+             steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
+             chunk_size: int = 4096, progress: bool = True) -> ad.AnnData:
+    """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
+    genes as ``var_names``, the conditions in ``obs``), produced in chunks. For more cells than
+    fit in memory use :func:`generate_to_file`."""
+    from tqdm.auto import tqdm
+
+    conditioning = _check_generate(model, n, conditioning)
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
-        for start in range(0, n, chunk_size):
-            b = min(chunk_size, n - start)
-            x = model.sample(b, conditioning, sampler=sampler, steps=steps, eta=eta,
-                             guidance_scale=guidance_scale, generator=gen)
-            parts.append(x.cpu().numpy())
-            bar.update(b)
+        parts = list(_sample_chunks(model, n, conditioning, sampler=sampler, steps=steps, eta=eta,
+                                    guidance_scale=guidance_scale, seed=seed, chunk_size=chunk_size, bar=bar))
     obs = pd.DataFrame({k: pd.Categorical([str(v)] * n) for k, v in conditioning.items()},
                        index=[f"generated_{i}" for i in range(n)])
-    out = ad.AnnData(X=np.concatenate(parts).astype(np.float32), obs=obs)
+    out = ad.AnnData(X=np.concatenate(parts), obs=obs)
     out.var_names = list(model.data_spec.gene_names)
-    out.uns["scidiff"] = {"sampler": sampler, "steps": -1 if steps is None else int(steps), "eta": float(eta),
-                          "guidance_scale": float(guidance_scale), "seed": int(seed),
-                          "expression": "log1p-normalised" + (f" (target_sum {model.data_spec.target_sum:g})"
-                                                             if model.data_spec.target_sum else "")}
+    out.uns["scidiff"] = _generation_uns(model, sampler, steps, eta, guidance_scale, seed)
     return out
+
+
+def generate_to_file(model: ScIDiffModel, n: int, out, groups=None, *, sampler: str = "ddim",
+                     steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
+                     chunk_size: int = 4096, progress: bool = True) -> tuple[int, int]:
+    """Generate ``n`` cells for each conditioning dict in ``groups`` (group ``i`` seeded with
+    ``seed + i``) straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays
+    bounded by ``chunk_size`` cells. The file appears only when complete and holds what
+    :func:`generate` + ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``).
+    Returns ``(cells, genes)``."""
+    from tqdm.auto import tqdm
+
+    from .data.h5ad_writer import H5adWriter
+
+    groups = [_check_generate(model, n, g) for g in (groups or [{}])]
+    several = len(groups) > 1
+    with H5adWriter(out, model.data_spec.gene_names) as writer, \
+            tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
+        writer.uns = {"scidiff": _generation_uns(model, sampler, steps, eta, guidance_scale, seed)}
+        for i, cond in enumerate(groups):
+            start = 0
+            for x in _sample_chunks(model, n, cond, sampler=sampler, steps=steps, eta=eta,
+                                    guidance_scale=guidance_scale, seed=seed + i, chunk_size=chunk_size, bar=bar):
+                names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
+                writer.append(x, obs={k: str(v) for k, v in cond.items()}, obs_names=names)
+                start += len(x)
+        cells = writer.n_cells
+    return cells, len(model.data_spec.gene_names)
 
 
 def _log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
@@ -137,4 +210,4 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     return metrics
 
 
-__all__ = ["evaluate_files", "generate", "parse_conditions", "read_h5ad", "train", "transform_like", "write_h5ad"]
+__all__ = ["evaluate_files", "generate", "generate_to_file", "parse_conditions", "read_h5ad", "train", "transform_like", "write_h5ad"]

@@ -7,6 +7,12 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; it must be switched on before
+# any kernel module is imported (tests/test_kernels.py). It changes nothing else: on CPU,
+# scidiff.ops picks the torch references unless SCIDIFF_KERNELS=triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
@@ -37,3 +43,12 @@ def kang_small(kang):
     rng = np.random.default_rng(0)
     idx = np.sort(rng.choice(kang.n_obs, 300, replace=False))
     return kang[idx].copy()
+
+
+@pytest.fixture(scope="session")
+def kang_onnx(tmp_path_factory, kang_small):
+    """A small latent model trained on Kang cells for 20 epochs, saved as a run and exported by
+    ``scidiff export-onnx``: ``(model, path to model.onnx)`` (tests of scidiff.export)."""
+    from onnx_helpers import train_and_export_kang
+
+    return train_and_export_kang(tmp_path_factory.mktemp("onnx"), kang_small)

@@ -89,17 +89,39 @@ class InMemoryLoader:
             yield batch
 
 
-def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None):
+def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None, perturbation_keys=(),
+                control_labels=("control", "ctrl"), separator="+"):
+    """obs columns -> tensors and vocabularies. Categorical: ``LongTensor`` codes; perturbation:
+    multi-hot ``FloatTensor[N, n + 1]`` over single perturbations (see
+    :mod:`scidiff.models.conditioning`); continuous: ``FloatTensor``. With ``vocab`` (a model's),
+    labels it does not know are errors that list the known ones."""
+    perturbation_keys = [k for k in perturbation_keys if k in categorical_keys]
     missing = [k for k in list(categorical_keys) + list(continuous_keys) if k not in adata.obs.columns]
     if missing:
         raise KeyError(f"obs key(s) {missing} not in {_name(adata)}; available obs keys: "
                        f"{list(adata.obs.columns)}")
+    controls = set(control_labels)
     codes, vocabs = {}, {}
     for key in categorical_keys:
         col = adata.obs[key]
         if col.isna().any():
             raise ValueError(f"obs[{key!r}] of {_name(adata)} has {int(col.isna().sum())} missing values")
         labels = col.astype(str).to_numpy()
+        if key in perturbation_keys:
+            parts = [[p.strip() for p in lab.split(separator) if p.strip() and p.strip() not in controls]
+                     for lab in labels]
+            seen = sorted({p for ps in parts for p in ps})
+            known_list = list(vocab[key]) if vocab is not None and key in vocab else seen
+            unknown = sorted(set(seen) - set(known_list))
+            if unknown:
+                raise ValueError(f"obs[{key!r}] has perturbations the model never saw: {unknown[:10]}; known "
+                                 f"single perturbations: {known_list}")
+            index = {p: i for i, p in enumerate(known_list)}
+            rows = torch.zeros(len(labels), len(known_list) + 1)
+            for i, ps in enumerate(parts):
+                rows[i, [index[p] for p in ps]] = 1.0
+            vocabs[key], codes[key] = known_list, rows
+            continue
         if vocab is not None and key in vocab:
             known = {v: i for i, v in enumerate(vocab[key])}
             unknown = sorted(set(labels) - set(known))
@@ -135,7 +157,8 @@ def _log_expression(adata, layer, use_raw, input_kind, target_sum):
 def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, genes=None,
                   n_top_genes: int | None = 2000, condition_keys=(), continuous_keys=(),
                   input_kind: str = "auto", target_sum: float | None = 1e4,
-                  scaling: str = "global") -> CellData:
+                  scaling: str = "global", perturbation_keys=(), control_labels=("control", "ctrl"),
+                  dose_key: str | None = None, separator: str = "+") -> CellData:
     """Read cells into the model's space and record how (scvi-tools' ``setup_anndata`` idea).
 
     ``adata``: an AnnData or a path to ``.h5ad``. Expression comes from ``X``, ``layers[layer]``
@@ -143,6 +166,10 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     ``genes`` or the ``n_top_genes`` most variable. ``scaling``: ``"global"`` centres each gene
     and divides by one shared standard deviation (keeps rare genes small); ``"gene"`` z-scores
     each gene; ``"none"`` keeps log1p values.
+
+    Covariates: ``condition_keys`` are categorical obs columns; those also in
+    ``perturbation_keys`` are perturbations (``A+B`` combinations, ``control_labels`` for none);
+    ``continuous_keys`` are numeric (time); ``dose_key`` is numeric and scales its perturbation.
     """
     if not isinstance(adata, ad.AnnData):
         adata = read_h5ad(adata)
@@ -158,11 +185,17 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
         offset, scale = x.mean(0), np.maximum(x.std(0), 1e-3)
     else:
         raise ValueError(f"scaling must be 'global', 'gene' or 'none', got {scaling!r}")
-    codes, vocabs = _encode_obs(adata, condition_keys, continuous_keys)
+    condition_keys = list(dict.fromkeys(list(condition_keys) + list(perturbation_keys)))
+    continuous_keys = list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else [])))
+    codes, vocabs = _encode_obs(adata, condition_keys, continuous_keys, perturbation_keys=perturbation_keys,
+                                control_labels=control_labels, separator=separator)
     spec = DataSpec(gene_names=list(chosen), input_kind=kind, target_sum=target_sum,
                     gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
-                    categorical=vocabs, continuous=list(continuous_keys),
-                    source={"layer": layer, "use_raw": bool(use_raw)})
+                    categorical=vocabs, continuous=continuous_keys,
+                    source={"layer": layer, "use_raw": bool(use_raw)},
+                    perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
+                    separator=separator, dose_key=dose_key,
+                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 
@@ -182,5 +215,6 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
     x = dense(matrix[:, gene_columns(var_names, spec.gene_names)])
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
-    codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical)
+    codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,
+                           control_labels=spec.control_labels, separator=spec.separator)
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())

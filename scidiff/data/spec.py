@@ -17,8 +17,12 @@ class DataSpec:
     ``gene_names``: the model's genes, in order. ``input_kind``: ``"counts"`` (library-size
     normalised to ``target_sum`` then ``log1p``, as ``scanpy.pp.normalize_total`` + ``log1p``) or
     ``"log1p"`` (taken as is). The model sees ``(log1p_expression - gene_offset) / gene_scale``.
-    ``categorical``: covariate name -> ordered labels. ``continuous``: names of numeric covariates
-    (dose, time). ``source``: where expression was read (layer / raw), for provenance.
+    ``categorical``: covariate name -> ordered labels. ``perturbation_keys``: the categorical
+    covariates that are perturbations; their vocabulary holds single perturbations, a label
+    ``A+B`` (``separator``) is the combination and any of ``control_labels`` is no perturbation.
+    ``continuous``: names of numeric covariates (dose, time), with the range seen in training in
+    ``continuous_range``; ``dose_key`` is the one that scales the perturbation embedding.
+    ``source``: where expression was read (layer / raw), for provenance.
     """
 
     gene_names: list[str]
@@ -29,6 +33,11 @@ class DataSpec:
     categorical: dict[str, list[str]] = field(default_factory=dict)
     continuous: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    perturbation_keys: list[str] = field(default_factory=list)
+    control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
+    separator: str = "+"
+    dose_key: str | None = None
+    continuous_range: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -74,11 +83,14 @@ class DataSpec:
         return x.clamp_min(0.0) if clip else x
 
     # -- covariates -----------------------------------------------------------------------------
+    def _unknown_key(self, key):
+        return KeyError(f"unknown condition key {key!r}; the model knows "
+                        f"{sorted(self.categorical) + list(self.continuous) or 'no covariates'}")
+
     def encode_label(self, key: str, value) -> int:
         """Index of ``value`` in covariate ``key``'s vocabulary, or a clear error."""
         if key not in self.categorical:
-            raise KeyError(f"unknown condition key {key!r}; the model knows "
-                           f"{sorted(self.categorical) + list(self.continuous) or 'no covariates'}")
+            raise self._unknown_key(key)
         vocab = self.categorical[key]
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and str(value) not in vocab:
             if 0 <= int(value) < len(vocab):
@@ -88,14 +100,60 @@ class DataSpec:
             raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {vocab}")
         return vocab.index(str(value))
 
+    def is_control(self, label) -> bool:
+        return str(label).strip() in set(self.control_labels)
+
+    def perturbation_singles(self, key: str, label) -> list[int]:
+        """Indices of the single perturbations in ``label`` (``"A+B"`` -> ``[iA, iB]``; control
+        -> ``[]``); a single the model never saw is an error, never a guess."""
+        vocab = self.categorical[key]
+        if isinstance(label, (int, np.integer)) and not isinstance(label, bool):
+            return [self.encode_label(key, label)]
+        if self.is_control(label):
+            return []
+        parts = [p.strip() for p in str(label).split(self.separator) if p.strip()]
+        unseen = [p for p in parts if p not in vocab and not self.is_control(p)]
+        if unseen:
+            what = ("a combination with an unseen single perturbation cannot be predicted"
+                    if len(parts) > 1 else "unknown perturbation")
+            raise ValueError(f"{what}: {unseen} in {str(label)!r} for condition {key!r} never appeared in "
+                             f"training; known single perturbations: {vocab} (control: {self.control_labels})")
+        return sorted({vocab.index(p) for p in parts if not self.is_control(p)})
+
+    def perturbation_label(self, key: str, row) -> str:
+        """Inverse of :meth:`perturbation_singles` for a multi-hot row."""
+        vocab = self.categorical[key]
+        row = [float(v) for v in row]
+        if row[-1] > 0:
+            return "<null>"
+        singles = [vocab[i] for i, v in enumerate(row[:-1]) if v > 0]
+        return self.separator.join(singles) if singles else self.control_labels[0]
+
+    def _multi_hot(self, key: str, labels) -> torch.Tensor:
+        n = len(self.categorical[key])
+        rows = torch.zeros(len(labels), n + 1)
+        for i, label in enumerate(labels):
+            rows[i, self.perturbation_singles(key, label)] = 1.0
+        return rows
+
     def encode_conditions(self, conditioning: dict | None, batch_size: int) -> dict[str, torch.Tensor]:
-        """Labels, codes or tensors per covariate -> ``{key: LongTensor[B]}`` (categorical) or
-        ``FloatTensor[B]`` (continuous), broadcast to ``batch_size``. Missing keys stay absent
-        (the model then uses its null condition)."""
+        """Labels, codes or tensors per covariate -> ``{key: LongTensor[B]}`` (categorical),
+        ``FloatTensor[B, n + 1]`` (perturbation, multi-hot) or ``FloatTensor[B]`` (continuous),
+        broadcast to ``batch_size``. Missing keys stay absent (the model then uses its null
+        condition). A continuous value outside the training range warns, naming the range."""
+        from ..models.conditioning import perturbation_rows
+
         out: dict[str, torch.Tensor] = {}
         for key, value in (conditioning or {}).items():
             if key in self.continuous:
                 t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+                self._check_range(key, t)
+            elif key in self.perturbation_keys:
+                if isinstance(value, torch.Tensor):
+                    t = perturbation_rows(value, len(self.categorical[key]))
+                else:
+                    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+                    t = self._multi_hot(key, values)
             elif key in self.categorical:
                 if isinstance(value, torch.Tensor):
                     t = value.long().reshape(-1)
@@ -106,19 +164,30 @@ class DataSpec:
                     values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
                     t = torch.tensor([self.encode_label(key, v) for v in values], dtype=torch.long)
             else:
-                self.encode_label(key, None)  # raises the listing error
-            if t.numel() == 1:
-                t = t.expand(batch_size).clone()
-            elif t.numel() != batch_size:
-                raise ValueError(f"condition {key!r} has {t.numel()} values for a batch of {batch_size}")
+                raise self._unknown_key(key)
+            if t.shape[0] == 1:
+                t = t.expand(batch_size, *t.shape[1:]).clone()
+            elif t.shape[0] != batch_size:
+                raise ValueError(f"condition {key!r} has {t.shape[0]} values for a batch of {batch_size}")
             out[key] = t
         return out
+
+    def _check_range(self, key: str, values: torch.Tensor) -> None:
+        lo, hi = self.continuous_range.get(key, (None, None))
+        finite = values[torch.isfinite(values)]
+        if lo is not None and finite.numel() and (float(finite.min()) < lo or float(finite.max()) > hi):
+            import warnings
+
+            warnings.warn(f"{key} {sorted(set(finite.tolist()))[:5]} is outside the range seen in training "
+                          f"[{lo:g}, {hi:g}]; predictions there are extrapolations", stacklevel=3)
 
     def decode_conditions(self, codes: dict[str, torch.Tensor]) -> dict[str, list]:
         """Inverse of :meth:`encode_conditions`: codes -> labels (continuous values kept)."""
         out = {}
         for key, t in codes.items():
-            if key in self.categorical:
+            if key in self.perturbation_keys:
+                out[key] = [self.perturbation_label(key, row) for row in t.tolist()]
+            elif key in self.categorical:
                 vocab = self.categorical[key]
                 out[key] = [vocab[i] for i in t.tolist()]
             else:

@@ -1,66 +1,192 @@
-"""The condition encoder: categorical covariates, numeric ones (dose, time) and the null
-condition used for classifier-free guidance (Ho & Salimans 2022)."""
+"""The condition encoder: categorical covariates, perturbations (single or combined, with a
+dose), numeric covariates (time) and the null condition used for classifier-free guidance
+(Ho & Salimans 2022).
+
+Perturbations are encoded as in CPA (Lotfollahi et al. 2023): a cell's perturbation embedding
+is the sum of the embeddings of the single perturbations it received, each weighted by a learned
+sigmoid of its log dose, so ``A+B`` is representable from ``A`` and ``B`` alone. Each single
+perturbation also owns a response vector in the diffusion space; their dose-weighted sum
+(:meth:`ConditionEncoder.response`) is the centre the model diffuses around and an input of the
+network. The responses are fitted by least squares in an additive linear model of the training
+cells (:meth:`ConditionEncoder.additive_mean`), not by the denoising loss, so they stay the
+additive baseline's deltas; the network learns departures from them (cell-type-specific
+responses, saturation, synergy). In a
+batch a perturbation covariate is a multi-hot ``FloatTensor[B, n + 1]``: one column per single
+perturbation, all zeros for control, and the last column set for the null ("dropped") value.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 
+def perturbation_rows(codes, n: int) -> torch.Tensor:
+    """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
+    ``[B, n + 1]``; a float ``[B, n + 1]`` tensor is returned as is."""
+    codes = torch.as_tensor(codes)
+    if codes.is_floating_point() and codes.ndim == 2:
+        if codes.shape[1] != n + 1:
+            raise ValueError(f"a multi-hot perturbation needs {n + 1} columns, got {codes.shape[1]}")
+        return codes
+    codes = codes.long().reshape(-1)
+    if codes.numel() and (codes.min() < -1 or codes.max() > n):
+        raise ValueError(f"perturbation codes must lie in [-1, {n}] (-1 control, {n} null); got {codes.tolist()}")
+    rows = torch.zeros(codes.numel(), n + 1)
+    hit = codes >= 0
+    rows[hit.nonzero().squeeze(-1), codes[hit]] = 1.0
+    return rows
+
+
 class ConditionEncoder(nn.Module):
     """Sum of one embedding per covariate, ``[B, dim]``.
 
     Each categorical covariate with ``n`` values has ``n + 1`` embeddings; index ``n`` is its
-    null ("unknown / dropped") value. A numeric covariate ``v`` is embedded by a small MLP of
-    ``log1p(v)`` (doses span orders of magnitude); its null value is a learned vector. A covariate
+    null value. Each perturbation covariate has one embedding per single perturbation and a null
+    embedding (control is the zero vector); with ``dose_key`` the summed embedding is multiplied
+    by ``2 * sigmoid(MLP(log1p(dose)))`` (1 at initialisation). A numeric covariate ``v`` (time)
+    is embedded by a small MLP of ``log1p(v)``; its null value is a learned vector. A covariate
     absent from the ``cond`` dict is null, so ``cond={}`` is the unconditional model.
     """
 
-    def __init__(self, categorical: dict[str, int] | None = None, continuous=(), dim: int = 128):
+    def __init__(self, categorical: dict[str, int] | None = None, continuous=(), dim: int = 128,
+                 perturbations: dict[str, int] | None = None, dose_key: str | None = None, response_dim: int = 0):
         super().__init__()
         self.categorical = dict(categorical or {})
-        self.continuous = list(continuous)
+        self.perturbations = dict(perturbations or {})
+        self.dose_key = dose_key if self.perturbations else None
+        self.continuous = [k for k in continuous if k != self.dose_key]
         self.dim = dim
         self.embeddings = nn.ModuleDict({k: nn.Embedding(n + 1, dim) for k, n in self.categorical.items()})
+        for emb in self.embeddings.values():
+            nn.init.normal_(emb.weight, std=0.02)
+        self.perturbation_embeddings = nn.ParameterDict(
+            {k: nn.Parameter(0.02 * torch.randn(n + 1, dim)) for k, n in self.perturbations.items()})
+        self.dose_response = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(2, n)) for k, n in self.perturbations.items()} if self.dose_key else {})
+        self.response_dim = int(response_dim) if self.perturbations else 0
+        self.responses = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(n, self.response_dim)) for k, n in self.perturbations.items()}
+            if self.response_dim else {})
+        # the linear model the responses are fitted in: a mean per covariate value plus the responses
+        self.response_base = nn.ParameterDict(
+            {k: nn.Parameter(torch.zeros(n + 1, self.response_dim)) for k, n in self.categorical.items()}
+            if self.response_dim else {})
+        self.response_bias = nn.Parameter(torch.zeros(self.response_dim)) if self.response_dim else None
         self.numeric = nn.ModuleDict({k: nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
                                       for k in self.continuous})
         self.numeric_null = nn.ParameterDict({k: nn.Parameter(torch.zeros(dim)) for k in self.continuous})
-        for emb in self.embeddings.values():
-            nn.init.normal_(emb.weight, std=0.02)
+
+    @property
+    def keys(self) -> list[str]:
+        """Every batch key the encoder reads."""
+        return list(self.categorical) + list(self.perturbations) + self.continuous + (
+            [self.dose_key] if self.dose_key else [])
 
     def null_condition(self, batch_size: int, device=None) -> dict[str, torch.Tensor]:
-        """Codes that select every covariate's null value."""
-        return {k: torch.full((batch_size,), n, dtype=torch.long, device=device)
-                for k, n in self.categorical.items()}
+        """A condition that selects every covariate's null value."""
+        out = {k: torch.full((batch_size,), n, dtype=torch.long, device=device) for k, n in self.categorical.items()}
+        for k, n in self.perturbations.items():
+            rows = torch.zeros(batch_size, n + 1, device=device)
+            rows[:, n] = 1.0
+            out[k] = rows
+        for k in self.continuous + ([self.dose_key] if self.dose_key else []):
+            out[k] = torch.full((batch_size,), float("nan"), device=device)
+        return out
 
     def drop(self, cond: dict[str, torch.Tensor], p: float, generator=None) -> dict[str, torch.Tensor]:
-        """Replace each covariate by its null value independently with probability ``p``."""
-        out = {}
+        """Replace each covariate by its null value independently with probability ``p`` (a
+        perturbation and its dose are dropped together)."""
+        out = dict(cond)
         for k, v in cond.items():
-            mask = torch.rand(v.shape, device=v.device, generator=generator) < p
+            if k == self.dose_key:
+                continue
+            mask = torch.rand(v.shape[:1], device=v.device, generator=generator) < p
             if k in self.categorical:
                 out[k] = torch.where(mask, torch.full_like(v, self.categorical[k]), v)
+            elif k in self.perturbations:
+                null = torch.zeros_like(v)
+                null[:, -1] = 1.0
+                out[k] = torch.where(mask.unsqueeze(-1), null, v)
+                if self.dose_key in cond:
+                    out[self.dose_key] = torch.where(mask, torch.full_like(cond[self.dose_key], float("nan")),
+                                                     cond[self.dose_key])
             else:
                 out[k] = torch.where(mask, torch.full_like(v, float("nan")), v)
         return out
 
+    def _numeric(self, v, batch_size, device):
+        return v.to(device=device, dtype=torch.float32).reshape(-1).expand(batch_size)
+
+    def _single_weights(self, key: str, rows: torch.Tensor, cond: dict, batch_size: int, device) -> torch.Tensor:
+        """``[B, n]`` weight of each single perturbation: the multi-hot times its dose response."""
+        n = self.perturbations[key]
+        w = rows[:, :n]
+        if self.dose_key and cond.get(self.dose_key) is not None:
+            dose = self._numeric(cond[self.dose_key], batch_size, device)
+            known = torch.isfinite(dose).unsqueeze(-1)
+            slope, bias = self.dose_response[key]
+            gate = 2 * torch.sigmoid(slope * torch.log1p(torch.where(known, dose.unsqueeze(-1), 0).clamp_min(0)) + bias)
+            w = w * torch.where(known, gate, torch.ones_like(gate))
+        return w
+
+    def _rows(self, cond, key, batch_size, device):
+        rows = cond.get(key)
+        if rows is None:
+            return None
+        return rows.to(device=device, dtype=torch.float32).expand(batch_size, self.perturbations[key] + 1)
+
+    def response(self, cond: dict[str, torch.Tensor] | None, batch_size: int, device) -> torch.Tensor | None:
+        """The additive perturbation response ``sum_p w_p(dose) r_p`` in the diffusion space,
+        ``[B, response_dim]`` (zero for control and null), or ``None`` without perturbations."""
+        if not self.response_dim:
+            return None
+        cond = cond or {}
+        out = torch.zeros(batch_size, self.response_dim, device=device)
+        for k in self.perturbations:
+            rows = self._rows(cond, k, batch_size, device)
+            if rows is not None:
+                out = out + self._single_weights(k, rows, cond, batch_size, device) @ self.responses[k]
+        return out
+
+    def additive_mean(self, cond: dict[str, torch.Tensor], batch_size: int, device) -> torch.Tensor:
+        """``bias + sum_k base_k[code_k] + response(cond)``: the linear (additive) model of the
+        clean sample's mean in which the responses are fitted (a least-squares loss against the
+        training cells, see :func:`scidiff.training.losses.response_loss`)."""
+        out = self.response(cond, batch_size, device) + self.response_bias
+        for k, n in self.categorical.items():
+            codes = cond.get(k)
+            if codes is None:
+                codes = torch.full((batch_size,), n, dtype=torch.long, device=device)
+            out = out + self.response_base[k][codes.to(device).long().expand(batch_size)]
+        return out
+
     def forward(self, cond: dict[str, torch.Tensor] | None, batch_size: int, device) -> torch.Tensor:
         cond = cond or {}
-        unknown = [k for k in cond if k not in self.categorical and k not in self.continuous]
+        unknown = [k for k in cond if k not in self.keys]
         if unknown:
-            raise KeyError(f"unknown condition key(s) {unknown}; the model knows "
-                           f"{list(self.categorical) + self.continuous or 'no covariates'}")
+            raise KeyError(f"unknown condition key(s) {unknown}; the model knows {self.keys or 'no covariates'}")
         out = torch.zeros(batch_size, self.dim, device=device)
         for k, n in self.categorical.items():
             codes = cond.get(k)
             if codes is None:
                 codes = torch.full((batch_size,), n, dtype=torch.long, device=device)
             out = out + self.embeddings[k](codes.to(device).long().expand(batch_size))
+        for k, n in self.perturbations.items():
+            table = self.perturbation_embeddings[k]
+            rows = self._rows(cond, k, batch_size, device)
+            if rows is None:
+                out = out + table[n]
+                continue
+            if self.response_dim:  # singles reach the network through their response only
+                out = out + rows[:, n:] * table[n]
+            else:
+                out = out + self._single_weights(k, rows, cond, batch_size, device) @ table[:n] + rows[:, n:] * table[n]
         for k in self.continuous:
             v = cond.get(k)
             if v is None:
                 out = out + self.numeric_null[k]
                 continue
-            v = v.to(device=device, dtype=torch.float32).expand(batch_size)
+            v = self._numeric(v, batch_size, device)
             known = torch.isfinite(v)
             h = self.numeric[k](torch.log1p(torch.where(known, v, 0).clamp_min(0)).unsqueeze(-1))
             out = out + torch.where(known.unsqueeze(-1), h, self.numeric_null[k])

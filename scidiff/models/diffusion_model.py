@@ -11,6 +11,12 @@ At high noise ``F`` predicts expression directly; at low noise it only corrects 
 so the network never has to carry thousands of genes' worth of noise (the failure mode of plain
 eps-prediction in gene space).
 
+With perturbation covariates the model diffuses the residual around the additive response
+``m = sum_p w_p(dose) r_p`` (:meth:`ConditionEncoder.response`): ``x0_hat = m + D(x_t - a m)``,
+where ``D`` is the preconditioned network, which also reads ``m``. A network that ignores ``m``
+predicts exactly additive responses, so unseen combinations of seen perturbations start from the
+additive model and the network learns only departures from it.
+
 With ``latent_dim`` set, diffusion runs in a fixed linear latent: the top ``latent_dim`` principal
 axes of the training cells (as scDiffusion diffuses in an autoencoder's latent, Luo et al. 2024,
 here with a linear, exactly invertible-on-its-span map). Decoding is one matrix product, so
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import SAMPLERS, classifier_free_guidance
-from .conditioning import ConditionEncoder
+from .conditioning import ConditionEncoder, perturbation_rows
 from .noise_scheduler import NoiseScheduler, get_scheduler
 from .score_network import ScoreNetwork, timestep_embedding
 
@@ -50,18 +56,23 @@ class ScIDiffModel(nn.Module):
             ``covariates`` and ``continuous_covariates`` when given.
         latent_dim: diffuse in this many principal axes of the training cells instead of in
             gene space (fitted by :meth:`fit_latent`; :meth:`from_data` does it).
+        perturbations: perturbation covariate name -> number of single perturbations (combinations
+            are sums of singles); ``dose_key``: the numeric covariate that scales them.
     """
 
     def __init__(self, gene_dim: int, hidden_dim: int = 512, num_layers: int = 6, num_timesteps: int = 1000,
                  conditioning_dim: int = 128, noise_scheduler=None, dropout: float = 0.0,
                  covariates: dict[str, int] | None = None, continuous_covariates=(), cond_dropout: float = 0.1,
-                 sigma_data: float = 1.0, data_spec=None, latent_dim: int | None = None):
+                 sigma_data: float = 1.0, data_spec=None, latent_dim: int | None = None,
+                 perturbations: dict[str, int] | None = None, dose_key: str | None = None):
         super().__init__()
         if data_spec is not None:
             if data_spec.n_genes != gene_dim:
                 raise ValueError(f"gene_dim={gene_dim} but the data has {data_spec.n_genes} genes")
-            covariates = {k: len(v) for k, v in data_spec.categorical.items()}
+            perturbations = {k: len(data_spec.categorical[k]) for k in data_spec.perturbation_keys}
+            covariates = {k: len(v) for k, v in data_spec.categorical.items() if k not in perturbations}
             continuous_covariates = list(data_spec.continuous)
+            dose_key = data_spec.dose_key
         if noise_scheduler is None or isinstance(noise_scheduler, (str, dict)):
             noise_scheduler = get_scheduler(noise_scheduler or "cosine", num_timesteps)
         if not isinstance(noise_scheduler, NoiseScheduler):
@@ -71,11 +82,13 @@ class ScIDiffModel(nn.Module):
         self.conditioning_dim, self.dropout = conditioning_dim, dropout
         self.cond_dropout, self.sigma_data = float(cond_dropout), float(sigma_data)
         self.data_spec = data_spec
-        self.condition_encoder = ConditionEncoder(covariates, continuous_covariates, conditioning_dim)
+        self.latent_dim = int(latent_dim) if latent_dim else None
+        self.condition_encoder = ConditionEncoder(covariates, continuous_covariates, conditioning_dim,
+                                                  perturbations, dose_key, response_dim=self.diffusion_dim)
         self.time_mlp = nn.Sequential(nn.Linear(conditioning_dim, conditioning_dim), nn.SiLU(),
                                       nn.Linear(conditioning_dim, conditioning_dim))
-        self.latent_dim = int(latent_dim) if latent_dim else None
-        self.score = ScoreNetwork(self.diffusion_dim, hidden_dim, num_layers, conditioning_dim, dropout)
+        self.score = ScoreNetwork(self.diffusion_dim, hidden_dim, num_layers, conditioning_dim, dropout,
+                                  response_dim=self.condition_encoder.response_dim)
         if self.latent_dim:
             self.register_buffer("latent_mean", torch.zeros(gene_dim))
             self.register_buffer("latent_basis", torch.zeros(self.latent_dim, gene_dim))
@@ -98,6 +111,8 @@ class ScIDiffModel(nn.Module):
                 "noise_scheduler": self.scheduler.config(), "dropout": self.dropout,
                 "covariates": dict(self.condition_encoder.categorical),
                 "continuous_covariates": list(self.condition_encoder.continuous),
+                "perturbations": dict(self.condition_encoder.perturbations),
+                "dose_key": self.condition_encoder.dose_key,
                 "cond_dropout": self.cond_dropout, "sigma_data": self.sigma_data, "latent_dim": self.latent_dim}
 
     @classmethod
@@ -111,6 +126,18 @@ class ScIDiffModel(nn.Module):
         if model.latent_dim:
             model.fit_latent(data.x)
         return model
+
+    def parameter_groups(self, learning_rate: float, response_lr_scale: float = 10.0) -> list[dict]:
+        """Optimizer groups: the additive response model (a small least-squares problem) learns
+        ``response_lr_scale`` times faster than the network."""
+        fast = ("condition_encoder.responses", "condition_encoder.response_base",
+                "condition_encoder.response_bias", "condition_encoder.dose_response")
+        groups = {"network": [], "responses": []}
+        for name, p in self.named_parameters():
+            groups["responses" if name.startswith(fast) else "network"].append(p)
+        return [{"params": groups["network"], "lr": learning_rate, "lr_scale": 1.0},
+                {"params": groups["responses"], "lr": learning_rate * response_lr_scale, "lr_scale": response_lr_scale,
+                 "weight_decay": 0.0}]
 
     # -- the latent map --------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,6 +154,23 @@ class ScIDiffModel(nn.Module):
         self.latent_mean.copy_(mean.float())
         self.latent_basis.copy_(basis.float())
         self.latent_scale.fill_(float(scores.std().clamp_min(1e-6)))
+
+    @torch.no_grad()
+    def fit_latent_from_moments(self, mean, cov, n_cells: int) -> None:
+        """:meth:`fit_latent` from streamed moments of ``n_cells`` cells in model space: the mean
+        ``[G]`` and population covariance ``[G, G]`` (as ``scidiff.data.setup_streaming`` gives
+        them). Same axes (each up to its sign) and scale as :meth:`fit_latent` on those cells."""
+        if not self.latent_dim:
+            raise ValueError("this model diffuses in gene space (latent_dim=None)")
+        cov = torch.as_tensor(cov, dtype=torch.float64)
+        evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+        top = torch.argsort(evals, descending=True)[: self.latent_dim]
+        lam = evals[top].clamp_min(0)
+        # fit_latent's scale: the unbiased std of all N x k scores, whose mean is 0
+        var = n_cells * float(lam.sum()) / max(n_cells * self.latent_dim - 1, 1)
+        self.latent_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).float())
+        self.latent_basis.copy_(evecs[:, top].T.float())
+        self.latent_scale.fill_(max(var ** 0.5, 1e-6))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Cells in model space ``[B, G]`` -> diffusion space ``[B, diffusion_dim]``."""
@@ -158,8 +202,16 @@ class ScIDiffModel(nn.Module):
         ``t [B]`` (gene space, or the latent when ``latent_dim`` is set; see :meth:`decode`)."""
         t = t.to(x_t.device).long().expand(x_t.shape[0])
         c_in, c_skip, c_out = self.preconditioning(t)
-        f = self.score(c_in * x_t, self.embed(t, cond))
-        return c_skip * x_t + c_out * f.to(x_t.dtype)
+        response = self.condition_encoder.response(cond, x_t.shape[0], x_t.device)
+        if response is not None:
+            response = response.detach()  # fitted by the additive model's loss, not by denoising
+        if response is None:
+            f = self.score(c_in * x_t, self.embed(t, cond))
+            return c_skip * x_t + c_out * f.to(x_t.dtype)
+        # diffuse the residual around the additive response m: x_t - sqrt(ab) m = sqrt(ab)(x0 - m) + s eps
+        x_res = x_t - self.alphas_cumprod[t].sqrt().unsqueeze(-1) * response
+        f = self.score(c_in * x_res, self.embed(t, cond), response)
+        return response + c_skip * x_res + c_out * f.to(x_t.dtype)
 
     # -- conditions ------------------------------------------------------------------------------
     def encode_conditioning(self, conditioning: dict | None, batch_size: int) -> dict[str, torch.Tensor]:
@@ -170,14 +222,17 @@ class ScIDiffModel(nn.Module):
             return self.data_spec.encode_conditions(conditioning, batch_size)
         enc, out = self.condition_encoder, {}
         for k, v in conditioning.items():
-            if k not in enc.categorical and k not in enc.continuous:
-                raise KeyError(f"unknown condition key {k!r}; the model knows {list(enc.categorical) + enc.continuous}")
-            t = torch.as_tensor(v).reshape(-1)
+            if k not in enc.keys:
+                raise KeyError(f"unknown condition key {k!r}; the model knows {enc.keys}")
+            if k in enc.perturbations:
+                t = perturbation_rows(v, enc.perturbations[k])
+            else:
+                t = torch.as_tensor(v).reshape(-1)
             if k in enc.categorical:
                 t = t.long()
                 if t.numel() and (t.min() < 0 or t.max() >= enc.categorical[k]):
                     raise ValueError(f"codes for {k!r} must lie in [0, {enc.categorical[k]}), got {t.tolist()}")
-            out[k] = (t.expand(batch_size) if t.numel() == 1 else t).clone()
+            out[k] = (t.expand(batch_size, *t.shape[1:]) if t.shape[0] == 1 else t).clone()
         return out
 
     # -- sampling --------------------------------------------------------------------------------
@@ -208,8 +263,6 @@ class ScIDiffModel(nn.Module):
             denoiser = self
             if guidance_scale != 1.0:
                 null = self.condition_encoder.null_condition(batch_size, device)
-                null.update({k: torch.full((batch_size,), float("nan"), device=device)
-                             for k in self.condition_encoder.continuous if k in cond})
                 cond = {**null, **cond}
                 denoiser = classifier_free_guidance(self, guidance_scale, null)
             kwargs = {"eta": eta} if sampler == "ddim" else {}

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps ``t [B]`` (Vaswani et al. 2017)."""
@@ -21,13 +23,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     return emb
 
 
-def modulated_block(h, shift, scale, gate, weight, bias, eps: float = 1e-6):
-    """``h + gate * SiLU(Linear(LayerNorm(h) * (1 + scale) + shift))``: one residual block.
-
-    The pure-torch reference of the fused block; every argument but ``weight``/``bias`` is ``[B, H]``.
-    """
-    z = F.layer_norm(h, h.shape[-1:], eps=eps) * (1 + scale) + shift
-    return h + gate * F.silu(F.linear(z, weight, bias))
+# ``h + gate * SiLU(Linear(LayerNorm(h) * (1 + scale) + shift))``: the pure-torch reference of the
+# fused block, kept here under its first name; ResidualBlock calls scidiff.ops, which runs the
+# Triton kernel where it can (see scidiff/ops/modulated_block.py, kernels/modulated_block.py).
+modulated_block = ops.modulated_block_reference
 
 
 class ResidualBlock(nn.Module):
@@ -41,11 +40,14 @@ class ResidualBlock(nn.Module):
         self.linear = nn.Linear(hidden_dim, hidden_dim)
         self.dropout = dropout
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        shift, scale, gate = self.modulation(emb).chunk(3, dim=-1)
+    def forward(self, h: torch.Tensor, emb: torch.Tensor | None = None, *,
+                modulation: torch.Tensor | None = None) -> torch.Tensor:
+        """``emb``: the (SiLU-activated) embedding ``[B, emb_dim]``; or ``modulation``, this block's
+        ``self.modulation(emb)`` computed beforehand (``[B, 3H]``, or ``[1, 3H]`` for all rows)."""
+        shift, scale, gate = (self.modulation(emb) if modulation is None else modulation).chunk(3, dim=-1)
         if self.dropout and self.training:
             gate = F.dropout(gate, self.dropout)
-        return modulated_block(h, shift, scale, gate, self.linear.weight, self.linear.bias)
+        return ops.modulated_block(h, shift, scale, gate, self.linear.weight, self.linear.bias)
 
 
 class ScoreNetwork(nn.Module):
@@ -55,10 +57,14 @@ class ScoreNetwork(nn.Module):
     """
 
     def __init__(self, gene_dim: int, hidden_dim: int = 512, num_layers: int = 6, emb_dim: int = 128,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, response_dim: int = 0):
         super().__init__()
         self.gene_dim, self.hidden_dim, self.num_layers, self.emb_dim = gene_dim, hidden_dim, num_layers, emb_dim
         self.input = nn.Linear(gene_dim, hidden_dim)
+        # the additive perturbation response (see ConditionEncoder.response), read as a second input
+        self.response_input = nn.Linear(response_dim, hidden_dim, bias=False) if response_dim else None
+        if self.response_input is not None:
+            nn.init.zeros_(self.response_input.weight)
         self.blocks = nn.ModuleList(ResidualBlock(hidden_dim, emb_dim, dropout) for _ in range(num_layers))
         self.final_modulation = nn.Linear(emb_dim, 2 * hidden_dim)
         nn.init.zeros_(self.final_modulation.weight)
@@ -67,11 +73,22 @@ class ScoreNetwork(nn.Module):
         nn.init.zeros_(self.output.weight)
         nn.init.zeros_(self.output.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.input(x)
+    def modulations(self, emb: torch.Tensor) -> list[torch.Tensor]:
+        """Everything the embedding ``emb [B, emb_dim]`` contributes: each block's
+        ``[shift, scale, gate]`` and the final ``[shift, scale]``. Rows sharing an embedding share
+        these, so a sampler computes them once per distinct condition and timestep."""
         emb = F.silu(emb)
-        for block in self.blocks:
-            h = block(h, emb)
-        shift, scale = self.final_modulation(emb).chunk(2, dim=-1)
+        return [block.modulation(emb) for block in self.blocks] + [self.final_modulation(emb)]
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, response: torch.Tensor | None = None, *,
+                modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``emb`` or its precomputed ``modulations`` (from :meth:`modulations`; rows broadcast)."""
+        h = self.input(x)
+        if response is not None and self.response_input is not None:
+            h = h + self.response_input(response)
+        mods = self.modulations(emb) if modulations is None else modulations
+        for block, mod in zip(self.blocks, mods):
+            h = block(h, modulation=mod)
+        shift, scale = mods[-1].chunk(2, dim=-1)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
         return self.output(h)

@@ -26,7 +26,7 @@ def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float, null_con
             if c is None or u is None:
                 raise ValueError(f"classifier-free guidance needs condition {k!r} in both the "
                                  "condition and the null condition")
-            both[k] = torch.cat([c.expand(b), u.expand(b)])
+            both[k] = torch.cat([c.expand(b, *c.shape[1:]), u.expand(b, *u.shape[1:])])
         out = denoiser(torch.cat([x, x]), torch.cat([t, t]), both)
         cond_out, uncond_out = out[:b], out[b:]
         return uncond_out + w * (cond_out - uncond_out)

@@ -24,6 +24,7 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict | None, generator: torch.
     ``|z0_hat - z0|^2 / c_out^2`` in diffusion space (EDM weighting, Karras et al. 2022), with
     classifier-free condition dropout applied to ``cond``."""
     x0 = model.encode(x0)
+    fit_responses = response_loss(model, x0, cond) if cond else None
     b = x0.shape[0]
     if t is None:
         t = torch.randint(0, model.num_timesteps, (b,), device=x0.device, generator=generator)
@@ -36,7 +37,19 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict | None, generator: torch.
     x0_hat = model(x_t, t, cond)
     _, _, c_out = model.preconditioning(t)
     loss = (((x0_hat.float() - x0.float()) / c_out) ** 2).mean()
+    if fit_responses is not None:
+        loss = loss + fit_responses
     return loss, model.decode(x0_hat)
+
+
+def response_loss(model, z0: torch.Tensor, cond: dict) -> torch.Tensor | None:
+    """Least-squares fit of the additive model of perturbation responses
+    (:meth:`~scidiff.models.ConditionEncoder.additive_mean`) to clean samples ``z0`` in the
+    diffusion space; ``None`` for a model without perturbation covariates."""
+    enc = model.condition_encoder
+    if not enc.response_dim:
+        return None
+    return (enc.additive_mean(cond, z0.shape[0], z0.device) - z0.float()).pow(2).mean()
 
 
 def nonnegativity_loss(expression: torch.Tensor) -> torch.Tensor:

@@ -32,8 +32,8 @@ def split_batch(batch, model) -> tuple[torch.Tensor, dict]:
         return batch, {}
     if isinstance(batch, (list, tuple)):
         return batch[0], {}
-    enc = model.condition_encoder
-    return batch["x"], {k: v for k, v in batch.items() if k in enc.categorical or k in enc.continuous}
+    keys = set(model.condition_encoder.keys)
+    return batch["x"], {k: v for k, v in batch.items() if k in keys}
 
 
 class ScIDiffTrainer:
@@ -62,7 +62,10 @@ class ScIDiffTrainer:
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        groups = (model.parameter_groups(learning_rate) if hasattr(model, "parameter_groups")
+                  else [{"params": list(model.parameters()), "lr_scale": 1.0}])
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate,
+                                           weight_decay=weight_decay)
         self.learning_rate, self.warmup_steps = float(learning_rate), int(warmup_steps)
         self.gradient_clip_val = float(gradient_clip_val)
         self.ema = EMA(model, ema_decay)
@@ -95,8 +98,9 @@ class ScIDiffTrainer:
         x0, cond = split_batch(batch, self.model)
         x0 = x0.to(self.device, non_blocking=True).float()
         cond = {k: v.to(self.device) for k, v in cond.items()}
+        lr = self._lr(total_steps)
         for group in self.optimizer.param_groups:
-            group["lr"] = self._lr(total_steps)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, x0_hat = denoising_loss(self.model, x0, cond, self.generator)
         terms = {"denoising": loss.detach()}

@@ -1,0 +1,232 @@
+"""Write an ``.h5ad`` chunk by chunk, with memory bounded by the chunk, not by the file.
+
+``X`` (dense float rows, or CSR) and the ``obs`` index and categorical columns grow as cells are
+appended; ``var`` and ``uns`` are written at the end. The file is written under a temporary name
+beside the target and renamed only when complete, so an interrupted run leaves nothing behind.
+The layout follows anndata's on-disk format (``encoding-type`` attributes), so
+``anndata.read_h5ad`` opens the result. With ``compression="gzip"`` the sparse arrays' chunks are
+compressed on several threads and stored directly (``write_direct_chunk``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import pandas as pd
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def _attrs(node, kind: str, version: str) -> None:
+    node.attrs["encoding-type"] = kind
+    node.attrs["encoding-version"] = version
+
+
+def _write_elem_function():
+    import anndata as ad
+
+    return getattr(getattr(ad, "io", None), "write_elem", None) or ad.experimental.write_elem
+
+
+class _Growing1D:
+    """A resizable 1-D dataset appended in whole chunks; gzip chunks are compressed on threads
+    and written with ``write_direct_chunk``."""
+
+    def __init__(self, group, name, dtype, chunk: int, gzip_level: int | None, pool):
+        self.dtype, self.chunk, self.level, self.pool = np.dtype(dtype), int(chunk), gzip_level, pool
+        kw = {"compression": "gzip", "compression_opts": gzip_level} if gzip_level is not None else {}
+        self.ds = group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=self.dtype, chunks=(self.chunk,), **kw)
+        self.n = 0  # values appended
+        self._pending: list[np.ndarray] = []
+        self._pending_n = 0
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        if self.level is None:
+            self.ds.resize((self.n + len(values),))
+            self.ds[self.n:] = values
+            self.n += len(values)
+            return
+        self._pending.append(values)
+        self._pending_n += len(values)
+        if self._pending_n >= self.chunk:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        buf = np.concatenate(self._pending) if self._pending else np.zeros(0, self.dtype)
+        whole = (len(buf) // self.chunk) * self.chunk
+        cut = len(buf) if final else whole
+        start = self.n
+        pieces = [buf[i:i + self.chunk] for i in range(0, cut, self.chunk)]
+        if pieces:
+            padded = [p if len(p) == self.chunk else np.concatenate([p, np.zeros(self.chunk - len(p), self.dtype)])
+                      for p in pieces]
+            blobs = list(self.pool.map(lambda p: zlib.compress(p.tobytes(), self.level), padded))
+            self.ds.resize((start + cut,))
+            for k, blob in enumerate(blobs):
+                self.ds.id.write_direct_chunk((start + k * self.chunk,), blob, 0)
+        self.n = start + cut
+        rest = buf[cut:]
+        self._pending, self._pending_n = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> None:
+        if self.level is not None:
+            self._flush(final=True)
+
+
+class H5adWriter:
+    """Append cells to a new ``.h5ad`` at ``path``.
+
+    Args:
+        var_names: the genes (columns).
+        sparse: write ``X`` as CSR (else a dense 2-D array).
+        dtype: dtype of the stored values; ``index_dtype``: of CSR indices.
+        compression: ``None`` or ``"gzip"`` (level ``gzip_level``).
+        chunk_values: values per chunk of the CSR arrays; ``chunk_cells``: rows per chunk of dense X.
+        threads: compression threads.
+
+    Use as a context manager; :meth:`append` adds ``x [n, G]`` (numpy or scipy) with its ``obs``
+    columns (labels) and names; leaving the block without an error renames the file into place.
+    """
+
+    def __init__(self, path, var_names, *, sparse: bool = False, dtype=np.float32, index_dtype=np.int32,
+                 compression: str | None = None, gzip_level: int = 4, chunk_values: int = 49152,
+                 chunk_cells: int | None = None, threads: int | None = None):
+        if compression not in (None, "gzip"):
+            raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
+        self.path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5ad", dir=folder)
+        os.close(fd)
+        self.var_names = [str(g) for g in var_names]
+        self.n_genes, self.sparse, self.n_cells = len(self.var_names), bool(sparse), 0
+        self._closed = False
+        self.uns: dict = {}  # written at close
+        level = gzip_level if compression == "gzip" else None
+        self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
+        self.f = h5py.File(self._tmp, "w")
+        _attrs(self.f, "anndata", "0.1.0")
+        if self.sparse:
+            g = self.f.create_group("X")
+            _attrs(g, "csr_matrix", "0.1.0")
+            self._data = _Growing1D(g, "data", dtype, chunk_values, level, self._pool)
+            self._indices = _Growing1D(g, "indices", index_dtype, chunk_values, level, self._pool)
+            self._indptr = g.create_dataset("indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(65536,))
+        else:
+            rows = chunk_cells or max(1, (1 << 18) // max(self.n_genes, 1))
+            kw = {"compression": "gzip", "compression_opts": gzip_level} if level is not None else {}
+            self._x = self.f.create_dataset("X", shape=(0, self.n_genes), maxshape=(None, self.n_genes), dtype=dtype,
+                                            chunks=(rows, max(self.n_genes, 1)), **kw)
+            _attrs(self._x, "array", "0.2.0")
+        obs = self.f.create_group("obs")
+        self._obs_index = obs.create_dataset("_index", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(65536,))
+        _attrs(self._obs_index, "string-array", "0.2.0")
+        self._columns: dict[str, tuple[h5py.Dataset, dict]] = {}  # name -> (codes, label -> code)
+
+    # -- appending --------------------------------------------------------------------------------
+    def append(self, x, obs: dict | None = None, obs_names=None) -> None:
+        """Add cells ``x [n, G]``; ``obs``: column -> labels (one per cell, or one for all);
+        ``obs_names``: the cells' names (default ``cell_<row>``)."""
+        import scipy.sparse as sp
+
+        n = x.shape[0]
+        if x.shape[1] != self.n_genes:
+            raise ValueError(f"cells have {x.shape[1]} genes, the file {self.n_genes}")
+        if self.sparse:
+            m = sp.csr_matrix(x)
+            m.sort_indices()
+            self._data.append(m.data)
+            self._indices.append(m.indices)
+            base = self._indptr[-1]
+            self._indptr.resize((self.n_cells + n + 1,))
+            self._indptr[self.n_cells + 1:] = base + m.indptr[1:].astype(np.int64)
+        else:
+            self._x.resize((self.n_cells + n, self.n_genes))
+            self._x[self.n_cells:] = np.asarray(x.toarray() if sp.issparse(x) else x, dtype=self._x.dtype)
+        names = [f"cell_{i}" for i in range(self.n_cells, self.n_cells + n)] if obs_names is None else list(obs_names)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} obs names for {n} cells")
+        self._obs_index.resize((self.n_cells + n,))
+        self._obs_index[self.n_cells:] = np.asarray(names, dtype=object)
+        for key in set(self._columns) | set(obs or {}):
+            self._append_labels(key, (obs or {}).get(key), n)
+        self.n_cells += n
+
+    def _append_labels(self, key: str, labels, n: int) -> None:
+        if key not in self._columns:
+            col = self.f["obs"].create_group(key)
+            _attrs(col, "categorical", "0.2.0")
+            col.attrs["ordered"] = False
+            codes = col.create_dataset("codes", data=np.full(self.n_cells, -1, np.int32), maxshape=(None,),
+                                       chunks=(65536,))
+            _attrs(codes, "array", "0.2.0")
+            self._columns[key] = (codes, {})
+        codes, vocab = self._columns[key]
+        if labels is None:
+            new = np.full(n, -1, np.int32)  # missing in this part
+        else:
+            labels = [labels] * n if isinstance(labels, (str, int, float)) else list(labels)
+            if len(labels) != n:
+                raise ValueError(f"obs column {key!r} has {len(labels)} labels for {n} cells")
+            new = np.fromiter((vocab.setdefault(str(v), len(vocab)) for v in labels), np.int32, n)
+        codes.resize((self.n_cells + n,))
+        codes[self.n_cells:] = new
+
+    # -- finishing --------------------------------------------------------------------------------
+    def close(self, uns: dict | None = None) -> str:
+        """Finish the file (``var``, ``uns`` (default :attr:`uns`), categories) and rename it into place."""
+        if self._closed:
+            return self.path
+        write_elem = _write_elem_function()
+        try:
+            if self.sparse:
+                self._data.close()
+                self._indices.close()
+                self.f["X"].attrs["shape"] = np.array([self.n_cells, self.n_genes], np.int64)
+            obs = self.f["obs"]
+            obs.attrs["_index"] = "_index"
+            obs.attrs["column-order"] = np.array(list(self._columns), dtype=object) if self._columns \
+                else np.zeros(0, np.float64)
+            _attrs(obs, "dataframe", "0.2.0")
+            for key, (_, vocab) in self._columns.items():
+                cats = obs[key].create_dataset("categories", data=np.array(list(vocab), dtype=object), dtype=_STR)
+                _attrs(cats, "string-array", "0.2.0")
+            write_elem(self.f, "var", pd.DataFrame(index=pd.Index(self.var_names)))
+            write_elem(self.f, "uns", dict(self.uns if uns is None else uns))
+            for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(self.f, key, {})
+            self.f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self._pool.shutdown()
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        self._closed = True
+        try:
+            self.f.close()
+        except Exception:  # already closed
+            pass
+        self._pool.shutdown()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False

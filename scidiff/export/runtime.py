@@ -1,0 +1,515 @@
+"""Sampling from an exported model on numpy + onnxruntime alone: this module never imports torch.
+
+``OnnxSampler("model.onnx")`` reads the graph, its sidecar ``model.json`` and, for latent models,
+``model.decoder.npz`` (see :mod:`scidiff.export.onnx` for the format), and generates cells by
+label with DDIM or DPM-Solver++(2M), classifier-free guidance and a seed. The samplers are plain
+functions over a numpy denoiser ``denoiser(x, t) -> x0_hat``, the same seam as
+:mod:`scidiff.sampling`; their timestep grid and coefficients are the torch samplers', so the same
+``x_T`` gives the same cells.
+
+Execution provider: CUDA with IO binding when onnxruntime-gpu *and* a working GPU are present,
+CPU otherwise. onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU, so
+the GPU is detected by asking the NVIDIA driver for devices and then checking which provider the
+created session actually uses.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+SIDECAR_FORMAT = "scidiff.onnx"
+SAMPLERS = ("ddim", "dpmpp_2m")
+_ALIASES = {"dpm-solver++": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver_pp": "dpmpp_2m"}
+
+NumpyDenoiser = Callable[[np.ndarray, int], np.ndarray]
+
+
+# -- timestep grid and samplers ---------------------------------------------------------------
+def timesteps(num_timesteps: int, steps: int | None) -> list[int]:
+    """Evenly spaced descending timesteps from ``T-1`` to 0 ("trailing" spacing, Lin et al. 2024);
+    the same grid as :func:`scidiff.sampling.timesteps`."""
+    if steps is None or steps >= num_timesteps:
+        return list(range(num_timesteps - 1, -1, -1))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
+    ts = [round(i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
+    return sorted(set(ts), reverse=True)
+
+
+def ddim(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None = 50, *,
+         eta: float = 0.0, noise: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) over an x0-predicting denoiser. ``eta=0`` is the
+    deterministic probability-flow sampler; ``noise(i)`` supplies the step-``i`` noise when
+    ``eta > 0``. The step after the last timestep lands on clean data."""
+    ab = [float(v) for v in alphas_cumprod]
+    ts = timesteps(len(ab), steps)
+    if eta > 0 and noise is None:
+        raise ValueError("DDIM with eta > 0 needs a noise source")
+    x = x_T
+    for i, t in enumerate(ts):
+        a_t = ab[t]
+        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if a_s < 1.0 else 0.0
+        c_eps = math.sqrt(max(1 - a_s - sigma**2, 0.0))
+        x0 = denoiser(x, t)
+        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+        x = math.sqrt(a_s) * x0 + c_eps * eps
+        if sigma > 0:
+            x = x + sigma * noise(i)
+    return x
+
+
+def dpmpp_2m(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None = 20, **_) -> np.ndarray:
+    """DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE in data
+    prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), on the same timestep grid as DDIM. With
+    ``lambda = log(alpha / sigma)`` and ``h`` the step in ``lambda``, each step is
+    ``x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D`` where ``D`` extrapolates the last two
+    x0 predictions (``r = h_prev / h``). The first step and the step into the last timestep are
+    first order (= DDIM; the "lower order final" of Lu et al., needed here because the trailing
+    grid's last step spans a large log-SNR interval, where extrapolating with a small ``r``
+    amplifies errors); from the last timestep the sampler lands on the clean prediction."""
+    ab = [float(v) for v in alphas_cumprod]
+    ts = timesteps(len(ab), steps)
+    x, x0_prev, h_prev = x_T, None, None
+    for i, t in enumerate(ts):
+        x0 = denoiser(x, t)
+        if i + 1 == len(ts):
+            return x0
+        s = ts[i + 1]
+        a_t, s_t = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
+        a_s, s_s = math.sqrt(ab[s]), math.sqrt(1.0 - ab[s])
+        h = math.log(a_s / s_s) - math.log(a_t / s_t)
+        if x0_prev is None or i + 2 == len(ts):
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
+        x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+SAMPLER_FUNCTIONS = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}
+
+
+def sampler_name(name: str | None, default: str = "ddim") -> str:
+    """Canonical sampler name, accepting ``dpm-solver++`` for ``dpmpp_2m``."""
+    name = _ALIASES.get(str(name).lower(), str(name).lower()) if name else default
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)} (or 'dpm-solver++')")
+    return name
+
+
+# -- GPU detection ----------------------------------------------------------------------------
+def cuda_device_count() -> int:
+    """GPUs the NVIDIA driver reports (``cuInit`` + ``cuDeviceGetCount`` through libcuda); 0 when
+    there is no driver or no device. Independent of what onnxruntime claims to support."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            if lib.cuInit(0) != 0:
+                return 0
+            count = ctypes.c_int(0)
+            if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+                return 0
+            return int(count.value)
+        except AttributeError:
+            return 0
+    return 0
+
+
+def make_session(path: str, device: str = "auto", threads: int | None = None):
+    """An onnxruntime session on CUDA when a GPU is really usable, else on CPU; returns
+    ``(session, device_type)`` with ``device_type`` ``"cuda"`` or ``"cpu"``.
+
+    CUDA is tried only when the driver reports a device and the installed onnxruntime has the
+    CUDA provider, and kept only if the created session actually runs on it (a missing CUDA or
+    cuDNN library makes onnxruntime fall back to CPU silently)."""
+    import onnxruntime as ort
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    why = None
+    if device in ("auto", "cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            why = "this onnxruntime has no CUDA provider (install scidiff[gpu], i.e. onnxruntime-gpu)"
+        elif cuda_device_count() < 1:
+            why = "the NVIDIA driver reports no GPU"
+        else:
+            sess = ort.InferenceSession(path, so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+            if sess.get_providers()[0] == "CUDAExecutionProvider":
+                return sess, "cuda"
+            why = "onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries missing?)"
+    if device == "cuda":
+        raise RuntimeError(f"device='cuda' requested but {why}")
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"]), "cpu"
+
+
+# -- the exported model -----------------------------------------------------------------------
+def load_sidecar(path) -> dict:
+    """The sidecar of ``model.onnx`` (``model.json``), or of the given ``.json``; checked."""
+    path = os.fspath(path)
+    side = os.path.splitext(path)[0] + ".json" if path.endswith(".onnx") else path
+    if not os.path.exists(side):
+        raise FileNotFoundError(f"no sidecar {side!r} beside the ONNX model; export with `scidiff export-onnx`")
+    try:
+        with open(side) as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{side!r} is not a readable scidiff ONNX sidecar: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise ValueError(f"{side!r} is not a scidiff ONNX sidecar (no '{SIDECAR_FORMAT}' format tag)")
+    for key in ("onnx_file", "genes", "normalisation", "schedule", "covariates", "sampling", "inputs"):
+        if key not in meta:
+            raise ValueError(f"{side!r} lacks the key {key!r}")
+    meta["_path"] = side
+    return meta
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Batch:
+    """One sampling call's conditioning: a table of ``K`` distinct conditions, each cell's row
+    ``index [B]``, per-row guidance, and the ``B`` starting points and step noise."""
+
+    x_T: np.ndarray
+    index: np.ndarray
+    table: dict[str, np.ndarray]
+    guidance: np.ndarray
+    noise: Callable[[int], np.ndarray] | None = None
+    obs: dict[str, list] = field(default_factory=dict)
+
+
+class OnnxSampler:
+    """Generate cells from an exported scidiff model with onnxruntime (no torch).
+
+    Args:
+        path: ``model.onnx`` written by :func:`scidiff.export.export_onnx` (sidecar beside it).
+        device: ``"auto"`` (CUDA when really usable, else CPU), ``"cpu"`` or ``"cuda"``.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        io_binding: bind inputs and outputs to the device (default: on for CUDA).
+        verify: check the files against the sidecar's SHA-256 sums.
+    """
+
+    def __init__(self, path, device: str = "auto", threads: int | None = None, io_binding: bool | None = None,
+                 verify: bool = True):
+        path = os.fspath(path)
+        self.meta = meta = load_sidecar(path)
+        folder = os.path.dirname(os.path.abspath(meta["_path"]))
+        self.onnx_path = os.path.join(folder, meta["onnx_file"]) if path.endswith(".json") else path
+        if not os.path.exists(self.onnx_path):
+            raise FileNotFoundError(f"no ONNX model at {self.onnx_path!r}")
+        if verify and meta.get("onnx_sha256") and _sha256(self.onnx_path) != meta["onnx_sha256"]:
+            raise ValueError(f"{self.onnx_path!r} does not match its sidecar {meta['_path']!r} (SHA-256 differs); "
+                             "export the model again")
+        self.genes = list(meta["genes"])
+        norm = meta["normalisation"]
+        self.gene_offset = np.asarray(norm["gene_offset"], np.float32)
+        self.gene_scale = np.asarray(norm["gene_scale"], np.float32)
+        self.alphas_cumprod = np.asarray(meta["schedule"]["alphas_cumprod"], np.float64)
+        self.num_timesteps = len(self.alphas_cumprod)
+        self.covariates = list(meta["covariates"])
+        self.by_key = {c["key"]: c for c in self.covariates}
+        pert = meta.get("perturbation") or {}
+        self.control_labels = [str(v) for v in pert.get("control_labels", ["control", "ctrl"])]
+        self.separator = pert.get("separator", "+")
+        self.dim = int(meta["diffusion_dim"])
+        self.decoder = None
+        if meta.get("latent"):
+            dec = os.path.join(folder, meta["latent"]["file"])
+            if not os.path.exists(dec):
+                raise FileNotFoundError(f"the latent decoder {dec!r} named in {meta['_path']!r} is missing")
+            if verify and meta["latent"].get("sha256") and _sha256(dec) != meta["latent"]["sha256"]:
+                raise ValueError(f"{dec!r} does not match its sidecar {meta['_path']!r} (SHA-256 differs)")
+            with np.load(dec) as z:
+                self.decoder = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in ("mean", "basis", "scale")}
+            self.decoder["scaled_basis"] = self.decoder["scale"][:, None] * self.decoder["basis"]
+        self.session, self.device_type = make_session(self.onnx_path, device, threads)
+        self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
+        names = {i.name for i in self.session.get_inputs()}
+        wanted = [meta["inputs"][k] for k in ("x_t", "t", "cond_index", "guidance")] + [c["input"] for c in self.covariates]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise ValueError(f"{self.onnx_path!r} lacks the inputs {missing} named in its sidecar")
+        self.defaults = dict(meta["sampling"])
+
+    # -- description ------------------------------------------------------------------------
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def describe(self) -> dict:
+        """Genes, vocabularies, defaults and versions (what ``GET /model`` returns)."""
+        return {"genes": self.genes, "n_genes": len(self.genes),
+                "conditions": {c["key"]: c["labels"] for c in self.covariates if c["kind"] != "continuous"},
+                "continuous": [c["key"] for c in self.covariates if c["kind"] == "continuous"],
+                "perturbations": [c["key"] for c in self.covariates if c["kind"] == "perturbation"],
+                "samplers": list(SAMPLERS), "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
+                "num_timesteps": self.num_timesteps, "latent_dim": (self.meta.get("latent") or {}).get("dim"),
+                "expression": self.meta["normalisation"].get("expression", "log1p-normalised"),
+                "version": self.meta.get("scidiff_version"), "providers": self.providers}
+
+    # -- conditions -------------------------------------------------------------------------
+    def _unknown_key(self, key):
+        return KeyError(f"unknown condition key {key!r}; the model knows {list(self.by_key) or 'no covariates'}")
+
+    def null_value(self, key: str):
+        c = self.by_key[key]
+        if c["kind"] == "categorical":
+            return np.int64(c["size"])
+        if c["kind"] == "perturbation":
+            row = np.zeros(c["size"] + 1, np.float32)
+            row[-1] = 1.0
+            return row
+        return np.float32("nan")
+
+    def encode_value(self, key: str, value):
+        """One label (or code, or number) of covariate ``key`` -> the graph's value, or a clear
+        error naming the key and the known labels."""
+        if key not in self.by_key:
+            raise self._unknown_key(key)
+        c = self.by_key[key]
+        if value is None:
+            return self.null_value(key)
+        if c["kind"] == "continuous":
+            try:
+                return np.float32(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"condition {key!r} is numeric; got {value!r}") from None
+        labels = c["labels"]
+        if c["kind"] == "categorical":
+            return np.int64(self._code(key, labels, value))
+        row = np.zeros(c["size"] + 1, np.float32)
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            row[self._code(key, labels, value)] = 1.0
+            return row
+        if str(value).strip() in self.control_labels:
+            return row
+        parts = [p.strip() for p in str(value).split(self.separator) if p.strip()]
+        unseen = [p for p in parts if p not in labels and p not in self.control_labels]
+        if unseen or not parts:
+            raise ValueError(f"unknown perturbation {unseen or value!r} in {str(value)!r} for condition {key!r}; "
+                             f"known single perturbations: {labels} (control: {self.control_labels})")
+        for p in parts:
+            if p in labels:
+                row[labels.index(p)] = 1.0
+        return row
+
+    @staticmethod
+    def _code(key, labels, value) -> int:
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and str(value) not in labels:
+            if 0 <= int(value) < len(labels):
+                return int(value)
+            raise ValueError(f"code {value} is out of range for condition {key!r} ({len(labels)} values)")
+        if str(value) not in labels:
+            raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {labels}")
+        return labels.index(str(value))
+
+    def condition_table(self, condition: dict | None, n: int):
+        """Labels per covariate (one value, or a list of ``n``) -> ``(table, index, obs)``: the
+        distinct conditions as graph inputs (``K`` rows), each cell's row, and labels per cell."""
+        condition = dict(condition or {})
+        for key in condition:
+            if key not in self.by_key:
+                raise self._unknown_key(key)
+        per_cell, obs = {}, {}
+        for key, value in condition.items():
+            values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+            if len(values) not in (1, n):
+                raise ValueError(f"condition {key!r} has {len(values)} values for {n} cells")
+            encoded = [self.encode_value(key, v) for v in values]
+            per_cell[key] = encoded if len(values) == n else encoded * n
+            obs[key] = [v if self.by_key[key]["kind"] == "continuous" else str(v)
+                        for v in (values if len(values) == n else values * n)]
+        rows, index = {}, np.empty(n, np.int64)
+        for i in range(n):
+            sig = tuple(np.asarray(per_cell[k][i]).tobytes() for k in per_cell)
+            index[i] = rows.setdefault(sig, len(rows))
+        firsts = np.zeros(len(rows), np.int64)
+        for i in range(n - 1, -1, -1):
+            firsts[index[i]] = i
+        table = {}
+        for c in self.covariates:
+            key = c["key"]
+            if key in per_cell:
+                table[key] = np.stack([np.asarray(per_cell[key][i]) for i in firsts])
+            else:
+                table[key] = np.stack([self.null_value(key)] * len(rows))
+            table[key] = table[key].astype(np.int64 if c["kind"] == "categorical" else np.float32)
+        return table, index, obs
+
+    # -- the denoiser -----------------------------------------------------------------------
+    def denoise(self, x: np.ndarray, t, index: np.ndarray, table: dict[str, np.ndarray],
+                guidance: np.ndarray) -> np.ndarray:
+        """One graph call: guided x0 for ``x [B, D]`` at timestep ``t`` (shared) or ``t [K]``."""
+        k = len(guidance)
+        t = np.full(k, int(t), np.int64) if np.ndim(t) == 0 else np.asarray(t, np.int64)
+        feed = self._feed(index, table, guidance)
+        feed[self.meta["inputs"]["x_t"]] = np.ascontiguousarray(x, np.float32)
+        feed[self.meta["inputs"]["t"]] = t
+        return self._run(feed)
+
+    def _feed(self, index, table, guidance) -> dict:
+        names = self.meta["inputs"]
+        feed = {names["cond_index"]: np.ascontiguousarray(index, np.int64),
+                names["guidance"]: np.ascontiguousarray(guidance, np.float32)}
+        for c in self.covariates:
+            feed[c["input"]] = np.ascontiguousarray(table[c["key"]])
+        return feed
+
+    def _run(self, feed: dict) -> np.ndarray:
+        out = self.meta.get("output", "x0")
+        if not self.io_binding:
+            return self.session.run([out], feed)[0]
+        import onnxruntime as ort
+
+        io = self.session.io_binding()
+        for name, arr in feed.items():
+            io.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, 0))
+        io.bind_output(out, self.device_type)
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0]
+
+    def _denoiser(self, batch: Batch) -> NumpyDenoiser:
+        """The batch's constant inputs fixed once (on the device with IO binding): a
+        ``denoiser(x, t)`` for the samplers."""
+        names = self.meta["inputs"]
+        feed = self._feed(batch.index, batch.table, batch.guidance)
+        k = len(batch.guidance)
+        if not self.io_binding:
+            def run(x, t):
+                return self.session.run([self.meta.get("output", "x0")],
+                                        {**feed, names["x_t"]: np.ascontiguousarray(x, np.float32),
+                                         names["t"]: np.full(k, int(t), np.int64)})[0]
+            return run
+        import onnxruntime as ort
+
+        bound = {n: ort.OrtValue.ortvalue_from_numpy(a, self.device_type, 0) for n, a in feed.items()}
+        out_name = self.meta.get("output", "x0")
+
+        def run_bound(x, t):
+            io = self.session.io_binding()
+            for n, v in bound.items():
+                io.bind_ortvalue_input(n, v)
+            io.bind_cpu_input(names["x_t"], np.ascontiguousarray(x, np.float32))
+            io.bind_cpu_input(names["t"], np.full(k, int(t), np.int64))
+            io.bind_output(out_name, self.device_type)
+            self.session.run_with_iobinding(io)
+            return io.copy_outputs_to_cpu()[0]
+        return run_bound
+
+    # -- sampling ---------------------------------------------------------------------------
+    def resolve(self, sampler=None, steps=None, eta=None, guidance=None) -> dict:
+        """Defaults from the sidecar, validated."""
+        d = self.defaults
+        name = sampler_name(sampler, d.get("sampler", "ddim"))
+        steps = int(d.get("steps", 50) if steps is None else steps)
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must lie in [1, {self.num_timesteps}], got {steps}")
+        eta = float(d.get("eta", 0.0) if eta is None or name != "ddim" else eta)
+        if name != "ddim":
+            eta = 0.0
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        guidance = float(d.get("guidance_scale", 1.0) if guidance is None else guidance)
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance}")
+        return {"sampler": name, "steps": steps, "eta": eta, "guidance": guidance}
+
+    def prepare(self, n: int, condition: dict | None = None, *, seed: int | None = None, guidance: float = 1.0,
+                eta: float = 0.0, x_T: np.ndarray | None = None) -> Batch:
+        """The inputs of one request: its condition table and, from ``seed``, its starting noise
+        ``x_T`` and step noise (drawn in order from one ``numpy.random.default_rng(seed)``)."""
+        n = int(n)
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        table, index, obs = self.condition_table(condition, n)
+        rng = np.random.default_rng(seed)
+        if x_T is None:
+            x_T = rng.standard_normal((n, self.dim), dtype=np.float32)
+        x_T = np.asarray(x_T, np.float32)
+        if x_T.shape != (n, self.dim):
+            raise ValueError(f"x_T must have shape {(n, self.dim)}, got {x_T.shape}")
+        noise = (lambda i: rng.standard_normal((n, self.dim), dtype=np.float32)) if eta > 0 else None
+        return Batch(x_T, index, table, np.full(int(index.max()) + 1, guidance, np.float32), noise, obs)
+
+    def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
+        """Sample one (possibly merged) batch; returns points in diffusion space ``[B, D]``."""
+        fn = SAMPLER_FUNCTIONS[sampler_name(sampler)]
+        return fn(self._denoiser(batch), batch.x_T, self.alphas_cumprod, steps, eta=eta, noise=batch.noise)
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Diffusion space -> model space (the latent decoder, or the identity)."""
+        if self.decoder is None:
+            return np.asarray(z, np.float32)
+        return z.astype(np.float32) @ self.decoder["scaled_basis"] + self.decoder["mean"]
+
+    def to_expression(self, x: np.ndarray) -> np.ndarray:
+        """Model space -> log1p-normalised expression, clipped at 0."""
+        return np.maximum(x * self.gene_scale + self.gene_offset, 0.0).astype(np.float32)
+
+    def sample(self, n: int, condition: dict | None = None, *, seed: int | None = None, sampler: str | None = None,
+               steps: int | None = None, eta: float | None = None, guidance: float | None = None,
+               x_T: np.ndarray | None = None, output: str = "anndata"):
+        """Generate ``n`` cells.
+
+        ``condition``: covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``), a
+        list of ``n`` labels, a code, or a number for a numeric covariate; absent = null.
+        ``sampler``: ``"ddim"`` or ``"dpmpp_2m"``; ``steps``, ``eta`` (DDIM), ``guidance``
+        (classifier-free guidance scale) default to the sidecar's. ``output``: ``"anndata"``
+        (falls back to ``"arrays"`` when anndata is not installed), ``"arrays"`` (a dict with
+        ``X``, ``genes``, ``obs``, ``seed``) or ``"latent"`` (the raw ``[n, D]`` samples).
+        """
+        opts = self.resolve(sampler, steps, eta, guidance)
+        seed = int(secrets.randbits(63)) if seed is None else int(seed)
+        batch = self.prepare(n, condition, seed=seed, guidance=opts["guidance"], eta=opts["eta"], x_T=x_T)
+        z = self.run(batch, opts["sampler"], opts["steps"], opts["eta"])
+        if output == "latent":
+            return z
+        return self.package(self.to_expression(self.decode(z)), batch.obs, seed, opts, output)
+
+    def package(self, x: np.ndarray, obs: dict, seed: int, opts: dict, output: str = "anndata"):
+        """Expression + labels -> AnnData (when importable and asked for) or a dict of arrays."""
+        if output not in ("anndata", "arrays"):
+            raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {output!r}")
+        info = {**opts, "seed": int(seed), "expression": self.meta["normalisation"].get("expression", "log1p-normalised"),
+                "scidiff_version": self.meta.get("scidiff_version")}
+        if output == "anndata":
+            try:
+                import anndata as ad
+                import pandas as pd
+            except ImportError:
+                output = "arrays"
+            else:
+                frame = pd.DataFrame({k: (v if self.by_key[k]["kind"] == "continuous" else pd.Categorical(v))
+                                      for k, v in obs.items()}, index=[f"generated_{i}" for i in range(len(x))])
+                out = ad.AnnData(X=x, obs=frame)
+                out.var_names = self.genes
+                out.uns["scidiff"] = {k: v for k, v in info.items() if v is not None}
+                return out
+        return {"X": x, "genes": self.genes, "obs": obs, **info}

@@ -1,0 +1,307 @@
+"""ONNX export and the torch-free onnxruntime sampler, on a model trained on real Kang cells."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from scidiff.cli import main  # noqa: E402
+from scidiff.data import DataSpec  # noqa: E402
+from scidiff.export import runtime  # noqa: E402
+from scidiff.export.onnx import (ConditionTableDenoiser, decoder_path, example_inputs, export_onnx,  # noqa: E402
+                                 sidecar_path, torch_reference)
+from scidiff.export.runtime import OnnxSampler, ddim, dpmpp_2m  # noqa: E402
+from scidiff.models import ScIDiffModel  # noqa: E402
+from scidiff.sampling import classifier_free_guidance, timesteps  # noqa: E402
+from scidiff.sampling import ddim as torch_ddim  # noqa: E402
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feed(sess, inputs):
+    return {i.name: v.numpy() for i, v in zip(sess.get_inputs(), inputs)}
+
+
+def test_export_writes_the_graph_and_everything_a_sampler_needs(kang_onnx):
+    model, path = kang_onnx
+    onnx.checker.check_model(str(path))
+    meta = json.loads(open(sidecar_path(path)).read())
+    spec = model.data_spec
+    assert meta["genes"] == spec.gene_names and len(meta["genes"]) == 100
+    assert meta["normalisation"]["gene_offset"] == pytest.approx(spec.gene_offset)
+    assert meta["normalisation"]["gene_scale"] == pytest.approx(spec.gene_scale)
+    vocab = {c["key"]: c["labels"] for c in meta["covariates"]}
+    assert vocab == {"cell_type": spec.categorical["cell_type"], "condition": spec.categorical["condition"]}
+    np.testing.assert_array_equal(meta["schedule"]["alphas_cumprod"], model.scheduler.alphas_cumprod.numpy())
+    assert meta["sampling"]["steps"] == 8 and meta["sampling"]["sampler"] == "ddim"
+    assert meta["scidiff_version"] and meta["export_check"]["max_abs_error"] < 1e-5
+    with np.load(decoder_path(path)) as dec:
+        np.testing.assert_array_equal(dec["basis"], model.latent_basis.numpy())
+        np.testing.assert_array_equal(dec["mean"], model.latent_mean.numpy())
+        np.testing.assert_array_equal(dec["scale"], model.latent_scale.numpy())
+    # the batch dimension is dynamic, and no temporary files are left behind
+    sess = _session(path)
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    assert isinstance(shapes["x_t"][0], str) and shapes["x_t"][1] == 16 and isinstance(shapes["t"][0], str)
+    assert sorted(os.listdir(path.parent)) == ["model.decoder.npz", "model.json", "model.onnx"]
+
+
+@pytest.mark.parametrize("b,k,w", [(64, 64, 1.0), (64, 64, 2.5), (96, 3, 1.0), (33, 5, 0.0), (1, 1, 1.5)])
+def test_onnx_matches_torch_within_1e5(kang_onnx, b, k, w):
+    model, path = kang_onnx
+    sess = _session(path)
+    inputs = example_inputs(model, b, k, w, seed=b + k)
+    expected = torch_reference(model, inputs).numpy()
+    got = sess.run(["x0"], _feed(sess, inputs))[0]
+    assert got.shape == (b, 16)
+    assert np.abs(expected).max() > 0.3  # trained weights give non-trivial predictions
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_the_graph_is_the_models_denoiser_seam(kang_onnx):
+    """With one table row per cell, the graph is exactly ``model(x_t, t, cond)`` and the guided
+    graph is :func:`classifier_free_guidance` over it, with null codes for the unconditional half."""
+    model, path = kang_onnx
+    sess = _session(path)
+    g = torch.Generator().manual_seed(1)
+    b = 40
+    x, t = torch.randn(b, 16, generator=g), torch.randint(0, 200, (b,), generator=g)
+    cell, cond = torch.randint(0, 8, (b,), generator=g), torch.randint(0, 2, (b,), generator=g)
+    with torch.no_grad():
+        plain = model(x, t, {"cell_type": cell, "condition": cond}).numpy()
+        null = model.condition_encoder.null_condition(b)
+        guided = classifier_free_guidance(model, 3.0, null)(x, t, {"cell_type": cell, "condition": cond}).numpy()
+    for w, expected in ((1.0, plain), (3.0, guided)):
+        got = sess.run(["x0"], _feed(sess, (x, t, torch.arange(b), torch.full((b,), w), cell, cond)))[0]
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_onnx_sampler_matches_the_torch_sampler(kang_onnx):
+    """Same x_T: ``OnnxSampler`` (numpy + onnxruntime) vs ``ScIDiffModel.sample`` (torch DDIM)."""
+    model, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    condition = {"cell_type": "B", "condition": "stimulated"}
+    for steps, w in ((6, 1.0), (4, 2.0)):
+        x_T = torch.randn(50, 16, generator=torch.Generator().manual_seed(7))
+        expected = model.sample(50, condition, steps=steps, guidance_scale=w,
+                                generator=torch.Generator().manual_seed(7)).numpy()
+        got = sampler.sample(50, condition, x_T=x_T.numpy(), steps=steps, guidance=w, sampler="ddim", output="arrays")
+        assert got["X"].shape == (50, 100) and float(np.abs(expected).max()) > 1.0
+        np.testing.assert_allclose(got["X"], expected, atol=2e-4, rtol=0)
+        assert got["obs"]["cell_type"] == ["B"] * 50
+
+
+def test_stochastic_ddim_matches_torch_with_the_same_noise(kang_onnx):
+    model, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    batch = sampler.prepare(20, {"cell_type": ["B", "NK"] * 10, "condition": "control"}, seed=3, eta=1.0)
+    steps = 5
+    noise = [batch.noise(i) for i in range(steps)]
+    batch.noise = lambda i: noise[i]
+    got = sampler.run(batch, "ddim", steps, eta=1.0)
+    vocab = model.data_spec.categorical
+    cond = {"cell_type": torch.tensor([vocab["cell_type"].index("B"), vocab["cell_type"].index("NK")] * 10),
+            "condition": torch.full((20,), vocab["condition"].index("control"))}
+    expected = torch_ddim(model, torch.from_numpy(batch.x_T), model.scheduler, steps, eta=1.0, cond=cond,
+                          noise=[torch.from_numpy(n) for n in noise]).numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-4, rtol=0)
+    assert len(batch.guidance) == 2  # two distinct conditions -> a two-row condition table
+
+
+def test_seed_reproduces_and_anndata_is_returned(kang_onnx):
+    _, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    a = sampler.sample(12, {"cell_type": "CD14+Mono"}, seed=5, sampler="dpmpp_2m", steps=6)
+    b = sampler.sample(12, {"cell_type": "CD14+Mono"}, seed=5, sampler="dpm-solver++", steps=6)
+    c = sampler.sample(12, {"cell_type": "CD14+Mono"}, seed=6, sampler="dpmpp_2m", steps=6)
+    np.testing.assert_array_equal(a.X, b.X)
+    assert np.abs(a.X - c.X).max() > 0.1
+    assert list(a.var_names) == sampler.genes and a.X.min() >= 0
+    assert list(a.obs["cell_type"]) == ["CD14+Mono"] * 12
+    assert a.uns["scidiff"]["sampler"] == "dpmpp_2m" and a.uns["scidiff"]["seed"] == 5
+
+
+def test_io_binding_path_gives_the_same_cells(kang_onnx):
+    _, path = kang_onnx
+    plain = OnnxSampler(path, threads=1, io_binding=False)
+    bound = OnnxSampler(path, threads=1, io_binding=True)
+    kwargs = dict(seed=11, steps=5, guidance=1.5, output="arrays")
+    np.testing.assert_allclose(bound.sample(9, {"condition": "stimulated"}, **kwargs)["X"],
+                               plain.sample(9, {"condition": "stimulated"}, **kwargs)["X"], atol=1e-6)
+
+
+def test_condition_errors_name_the_key_and_the_labels(kang_onnx):
+    _, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    with pytest.raises(KeyError, match="unknown condition key 'tissue'.*cell_type"):
+        sampler.sample(2, {"tissue": "lung"})
+    with pytest.raises(ValueError, match="unknown value 'Neuron' for condition 'cell_type'; known values"):
+        sampler.sample(2, {"cell_type": "Neuron"})
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        sampler.sample(2, sampler="euler")
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 200\]"):
+        sampler.sample(2, steps=500)
+    with pytest.raises(ValueError, match="3 values for 2 cells"):
+        sampler.sample(2, {"cell_type": ["B", "NK", "B"]})
+
+
+def test_files_that_do_not_match_are_refused(kang_onnx, tmp_path):
+    _, path = kang_onnx
+    with pytest.raises(FileNotFoundError, match="no sidecar"):
+        OnnxSampler(tmp_path / "absent.onnx")
+    for name in ("model.onnx", "model.json", "model.decoder.npz"):
+        shutil.copy(path.parent / name, tmp_path / name)
+    with open(tmp_path / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ValueError, match="does not match its sidecar"):
+        OnnxSampler(tmp_path / "model.onnx")
+    (tmp_path / "model.json").write_text('{"format": "other"}')
+    with pytest.raises(ValueError, match="not a scidiff ONNX sidecar"):
+        OnnxSampler(tmp_path / "model.onnx")
+
+
+def test_cuda_is_used_only_when_the_session_really_runs_on_it(kang_onnx, monkeypatch):
+    """Plain onnxruntime here: even when the CUDA provider is claimed and a driver reports a GPU,
+    the session falls back to CPU and the sampler notices from the providers in use."""
+    _, path = kang_onnx
+    if "CUDAExecutionProvider" in ort.get_available_providers() and runtime.cuda_device_count() > 0:
+        pytest.skip("a real GPU is present")
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    sampler = OnnxSampler(path, threads=1)
+    assert sampler.device_type == "cpu" and sampler.providers == ["CPUExecutionProvider"] and not sampler.io_binding
+    with pytest.raises(RuntimeError, match="could not start its CUDA provider"):
+        OnnxSampler(path, device="cuda", threads=1)
+    monkeypatch.setattr(runtime, "cuda_device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="driver reports no GPU"):
+        OnnxSampler(path, device="cuda", threads=1)
+
+
+def test_runtime_and_server_import_no_torch(kang_onnx):
+    _, path = kang_onnx
+    code = ("import sys\n"
+            "from scidiff.export.runtime import OnnxSampler\n"
+            "import scidiff.export.server, scidiff.cli\n"
+            f"s = OnnxSampler({str(path)!r}, threads=1)\n"
+            "a = s.sample(5, {'cell_type': 'B'}, seed=0, steps=3)\n"
+            "assert a.shape == (5, 100), a.shape\n"
+            "assert 'torch' not in sys.modules, [m for m in sys.modules if m.startswith('torch')][:5]\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# -- the samplers against closed forms ---------------------------------------------------------
+def test_timestep_grid_is_the_torch_samplers():
+    for t_count in (10, 200, 1000):
+        for steps in (1, 2, 3, 7, 50, 999, 1000, None):
+            assert runtime.timesteps(t_count, steps) == timesteps(t_count, steps)
+
+
+def _gaussian_problem(schedule="cosine"):
+    """Data N(mu, s^2) per dimension: the exact x0 denoiser and the exact probability-flow map
+    from x_T (the ODE keeps ``(x_t - a_t mu) / sqrt(a_t^2 s^2 + sigma_t^2)`` constant)."""
+    from scidiff.models import get_scheduler
+
+    ab = get_scheduler(schedule, 1000).alphas_cumprod.numpy()
+    mu, s = np.float32(1.5), np.float32(0.5)
+
+    def denoiser(x, t):
+        a2 = ab[t]
+        return (mu + np.sqrt(a2) * s**2 / (a2 * s**2 + 1 - a2) * (x - np.sqrt(a2) * mu)).astype(np.float32)
+
+    x_T = np.random.default_rng(0).standard_normal((4000, 2)).astype(np.float32)
+    a_T = ab[-1]
+    exact = mu + s * (x_T - np.sqrt(a_T) * mu) / np.sqrt(a_T * s**2 + 1 - a_T)
+    return denoiser, x_T, ab, exact
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_dpm_solver_pp_solves_the_flow_ode_far_better_than_ddim(schedule):
+    denoiser, x_T, ab, exact = _gaussian_problem(schedule)
+
+    def rms(f, n):
+        return float(np.sqrt(np.mean((f(denoiser, x_T, ab, n) - exact) ** 2)))
+
+    # DDIM's error halves with the step count (first order); DPM-Solver++(2M) falls much faster
+    assert 0.4 < rms(ddim, 20) / rms(ddim, 10) < 0.6 and 0.4 < rms(ddim, 40) / rms(ddim, 20) < 0.6
+    assert rms(dpmpp_2m, 10) < 0.85 * rms(ddim, 10)
+    assert rms(dpmpp_2m, 20) < 0.5 * rms(ddim, 20) and rms(dpmpp_2m, 20) < 0.3 * rms(dpmpp_2m, 10)
+    assert rms(dpmpp_2m, 40) < 0.1 * rms(ddim, 40)
+    # first-order steps at both ends: on a 3-point grid it is exactly DDIM
+    np.testing.assert_allclose(dpmpp_2m(denoiser, x_T, ab, 3), ddim(denoiser, x_T, ab, 3), atol=1e-6)
+    assert np.abs(dpmpp_2m(denoiser, x_T, ab, 4) - ddim(denoiser, x_T, ab, 4)).max() > 1e-3
+
+
+def test_numpy_ddim_equals_torch_ddim_on_a_closed_form_denoiser():
+    denoiser, x_T, ab, _ = _gaussian_problem("linear")
+    noise = [np.random.default_rng(i).standard_normal(x_T.shape).astype(np.float32) for i in range(10)]
+
+    def torch_denoiser(x, t, cond):
+        return torch.from_numpy(denoiser(x.numpy(), int(t[0])))
+
+    for eta in (0.0, 0.5):
+        got = ddim(denoiser, x_T, ab, 10, eta=eta, noise=lambda i: noise[i])
+        expected = torch_ddim(torch_denoiser, torch.from_numpy(x_T), torch.from_numpy(ab), 10, eta=eta,
+                              noise=[torch.from_numpy(n) for n in noise]).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+# -- every covariate kind, gene space, the Python API ------------------------------------------
+def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path):
+    torch.manual_seed(0)
+    genes = [f"gene{i}" for i in range(30)]
+    spec = dict(gene_names=genes, categorical={"cell_type": ["T", "B"], "drug": ["a", "b", "c"]},
+                continuous=["time"])
+    if "perturbation_keys" in DataSpec.__dataclass_fields__:
+        spec.update(perturbation_keys=["drug"], continuous=["time", "dose"], dose_key="dose")
+    model = ScIDiffModel(gene_dim=30, hidden_dim=32, num_layers=2, num_timesteps=100, latent_dim=None,
+                         data_spec=DataSpec(**spec)).eval()
+    for p in model.parameters():  # non-trivial weights everywhere (zero-initialised layers too)
+        p.data.normal_(0, 0.2)
+    out = tmp_path / "gene_space.onnx"
+    result = export_onnx(model, out, steps=4)
+    assert not os.path.exists(decoder_path(out))
+    kinds = {c["key"]: c["kind"] for c in json.loads(open(sidecar_path(out)).read())["covariates"]}
+    sampler = OnnxSampler(out, threads=1)
+    cond = {"cell_type": "B", "time": 2.0}
+    if kinds.get("drug") == "perturbation":
+        assert kinds["dose"] == "continuous"
+        cond.update(drug="a+c", dose=10.0)
+        torch_cond = {"drug": torch.tensor([[1.0, 0.0, 1.0, 0.0]]), "dose": torch.tensor([10.0])}
+    else:
+        cond.update(drug="c")
+        torch_cond = {"drug": torch.tensor([2])}
+    x_T = torch.randn(8, 30, generator=torch.Generator().manual_seed(2))
+    got = sampler.sample(8, cond, x_T=x_T.numpy(), steps=4, guidance=2.0, output="latent")
+    torch_cond.update(cell_type=torch.tensor([1]), time=torch.tensor([2.0]))
+    expected = model.sample(8, torch_cond, steps=4, guidance_scale=2.0, return_expression=False,
+                            generator=torch.Generator().manual_seed(2)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    # the null condition of every kind is the model's own "absent" condition
+    wrapper = ConditionTableDenoiser(model)
+    probe = example_inputs(model, 6, 2, 1.0)
+    with torch.no_grad():
+        np.testing.assert_allclose(wrapper(*probe).numpy(), torch_reference(model, probe).numpy(), atol=1e-5)
+
+
+def test_cli_errors_and_python_api_errors(tmp_path, capsys):
+    assert main(["export-onnx", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    model = ScIDiffModel(gene_dim=5, hidden_dim=8, num_layers=1, num_timesteps=10)
+    with pytest.raises(ValueError, match="carries no DataSpec"):
+        export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="must end with .onnx"):
+        export_onnx(model, tmp_path / "m.bin")
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,213 @@
+"""The Triton kernels against their pure-torch references (odd shapes, a tolerance per dtype,
+gradients), their custom-op registrations, and torch.compile over the model with them inside.
+
+Without a GPU the kernels run in Triton's CPU interpreter (conftest.py sets TRITON_INTERPRET=1
+before any kernel import), so shapes stay small. With a GPU the same tests run on CUDA (``gpu``)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the Triton kernels need triton (pip install 'triton==3.8.0')")
+
+from scidiff import ops  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETING, reason="CPU kernels need TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]),
+]
+# max |kernel - float64 reference| / max |reference|, per dtype of the inputs
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def triton_kernels(monkeypatch):
+    monkeypatch.setenv("SCIDIFF_KERNELS", "triton")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+
+def block_inputs(b, h, dtype, device, rows_of_modulation=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = rows_of_modulation or b
+    x = torch.randn(b, h, generator=g) * 2 + 0.5
+    shift, scale, gate = (torch.randn(r, h, generator=g) * 0.5 for _ in range(3))
+    weight = torch.randn(h, h, generator=g) / h**0.5
+    bias = torch.randn(h, generator=g) * 0.1
+    return [t.to(device=device, dtype=dtype) for t in (x, shift, scale, gate, weight, bias)]
+
+
+# -- the fused block -------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,mod_rows", [(3, 48, None), (70, 300, None), (5, 67, 1)])
+def test_modulated_block_forward_matches_reference(device, dtype, b, h, mod_rows):
+    kernel = ops.load_kernel("modulated_block")
+    args = block_inputs(b, h, dtype, device, mod_rows)
+    out = kernel.modulated_block(*args)
+    ref = ops.modulated_block_reference(*(a.double() for a in args))
+    assert out.dtype == dtype and out.shape == (b, h)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,mod_rows", [(3, 48, None), (5, 67, 1)])
+def test_modulated_block_gradients_match_reference(device, dtype, b, h, mod_rows, triton_kernels):
+    args = [a.requires_grad_(True) for a in block_inputs(b, h, dtype, device, mod_rows, seed=1)]
+    out = ops.modulated_block(*args)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(out, args, grad_out)
+    ref_args = [a.detach().double().requires_grad_(True) for a in args]
+    ref_grads = torch.autograd.grad(ops.modulated_block_reference(*ref_args), ref_args, grad_out.double())
+    for name, g, r, a in zip(("h", "shift", "scale", "gate", "weight", "bias"), grads, ref_grads, args):
+        assert g.shape == a.shape and g.dtype == a.dtype, name
+        assert rel_err(g, r) < 2 * TOL[dtype], name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_custom_op_registration(device, triton_kernels):
+    """Schema, fake (meta) implementation and autograd registration, checked by torch itself."""
+    args = block_inputs(4, 32, torch.float32, device)
+    args = [a.requires_grad_(True) for a in args]
+    torch.library.opcheck(torch.ops.scidiff.modulated_block.default, (*args, 1e-6),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.zeros(2, 3)
+    monkeypatch.setenv("SCIDIFF_KERNELS", "torch")
+    assert not ops.use_triton(x)
+    monkeypatch.setenv("SCIDIFF_KERNELS", "auto")
+    assert ops.use_triton(x) == (x.is_cuda and ops.HAS_TRITON)  # CPU tensors: the reference
+    assert not ops.use_triton(x.double())
+    monkeypatch.setenv("SCIDIFF_KERNELS", "cuda-please")
+    with pytest.raises(ValueError, match="SCIDIFF_KERNELS"):
+        ops.use_triton(x)
+    monkeypatch.setenv("SCIDIFF_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            ops.use_triton(x)
+
+
+# -- the sampler step ------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,d", [(3, 2001), (7, 67)])
+@pytest.mark.parametrize("guided,with_prev,clamp,per_row", [(True, True, True, True), (False, False, False, False),
+                                                             (True, False, False, True)])
+def test_sampler_step_matches_reference(device, dtype, b, d, guided, with_prev, clamp, per_row):
+    kernel = ops.load_kernel("sampler_step")
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, d, generator=g).to(device)  # the state stays float32
+    c, u, prev, noise = (torch.randn(b, d, generator=g).to(device=device, dtype=dtype) for _ in range(4))
+    coef = torch.randn(b if per_row else 1, 4, generator=g).to(device)
+    args = dict(pred_uncond=u if guided else None, prev=prev if with_prev else None, coef=coef, guidance=1.7,
+                clamp_min=-0.8 if clamp else None, clamp_max=0.9 if clamp else None, noise=noise)
+    out, x0 = kernel.sampler_step(x, c, **args)
+    ref_out, ref_x0 = ops.sampler_step_reference(x.double(), c.double(), **{
+        k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in args.items()})
+    assert out.dtype == torch.float32 and out.shape == (b, d)
+    assert rel_err(x0, ref_x0) < TOL[dtype]
+    assert rel_err(out, ref_out) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampler_step_in_kernel_noise(device, triton_kernels):
+    """Seeded Philox noise: standard normal, independent across elements and steps, reproducible."""
+    from scipy import stats
+
+    b, d = 64, 300
+    zeros = torch.zeros(b, d, device=device)
+    only_noise = torch.tensor([0.0, 0.0, 0.0, 1.0], device=device)
+    seed = torch.tensor([1234], device=device)
+
+    def draw(seed, offset):
+        return ops.sampler_step(zeros, zeros, coef=only_noise, seed=seed, offset=offset)[0].cpu()
+
+    z = draw(seed, 3)
+    assert stats.kstest(z.flatten().numpy(), "norm").pvalue > 1e-3
+    assert abs(float(z.mean())) < 0.03 and abs(float(z.std()) - 1) < 0.03
+    torch.testing.assert_close(draw(seed, 3), z)  # same seed and step: same noise
+    other_step, other_seed = draw(seed, 4), draw(seed + 1, 3)
+    for w in (other_step, other_seed):
+        assert abs(float(torch.corrcoef(torch.stack([z.flatten(), w.flatten()]))[0, 1])) < 0.03
+    # neighbouring rows and columns are uncorrelated (the counter is the flat index)
+    assert abs(float(torch.corrcoef(torch.stack([z[:-1].flatten(), z[1:].flatten()]))[0, 1])) < 0.03
+    # the coefficient scales it, per row
+    scaled = ops.sampler_step(zeros, zeros, coef=only_noise.expand(b, 4) * torch.arange(b, device=device)[:, None],
+                              seed=seed, offset=3)[0].cpu()
+    torch.testing.assert_close(scaled, z * torch.arange(b)[:, None].float())
+
+
+# -- torch.compile over the model with the kernels inside ------------------------------------------
+def _small_model():
+    from scidiff.models import ScIDiffModel
+
+    torch.manual_seed(0)
+    model = ScIDiffModel(gene_dim=67, hidden_dim=48, num_layers=2, num_timesteps=100, covariates={"c": 3})
+    with torch.no_grad():
+        for p in model.parameters():  # leave the zero init: every block must matter
+            p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_model_traces_the_kernels_without_breaks_or_recompiles(device, triton_kernels, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = _small_model().to(device).eval()
+    seen = []
+
+    def recording_inductor(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend=recording_inductor)
+    x = torch.randn(3, 67, device=device)
+    cases = [(x, torch.tensor([5, 50, 99]), torch.tensor([0, 1, 2])),
+             (torch.randn(3, 67, device=device), torch.tensor([1, 2, 3]), torch.tensor([2, 2, 0]))]
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        for xs, t, c in cases:
+            out = compiled(xs, t.to(device), {"c": c.to(device)})
+            with monkeypatch.context() as m:
+                m.setenv("SCIDIFF_KERNELS", "torch")
+                ref = model(xs, t.to(device), {"c": c.to(device)})
+            torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    assert sum(counters["graph_break"].values()) == 0
+    assert sum("scidiff.modulated_block" in s for s in seen) == model.num_layers  # one fused op per block
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_step_uses_the_kernel_backward(device, triton_kernels, monkeypatch):
+    """fullgraph through forward and backward (AOT autograd over the registered backward op)."""
+    import torch._dynamo
+
+    model = _small_model().to(device).train()
+    x, t, c = torch.randn(5, 67, device=device), torch.tensor([3, 9, 27, 81, 99], device=device), {
+        "c": torch.tensor([0, 1, 2, 1, 0], device=device)}
+
+    def loss_fn(m):
+        return (m(x, t, c) - x).pow(2).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    grads = torch.autograd.grad(compiled(model), list(model.parameters()))
+    with monkeypatch.context() as m:
+        m.setenv("SCIDIFF_KERNELS", "torch")
+        ref = torch.autograd.grad(loss_fn(model), list(model.parameters()))
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
