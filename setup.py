@@ -6,7 +6,9 @@ described once, in CMakeLists.txt, and built through scikit-build-core's setupto
 from setuptools import find_packages, setup
 
 setup(
-    packages=find_packages(include=["scidiff", "scidiff.*"]),
+    # the Triton kernels live at the top level (kernels/) and install inside the package
+    packages=find_packages(include=["scidiff", "scidiff.*"]) + ["scidiff.kernels"],
+    package_dir={"scidiff.kernels": "kernels"},
     package_data={"scidiff": ["configs/*.yaml"]},
     cmake_source_dir=".",
 )

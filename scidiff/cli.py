@@ -22,6 +22,10 @@ def _add_train(sub):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--perturbation-keys", default=None,
+                   help="comma-separated condition keys that are perturbations (A+B = combination)")
+    p.add_argument("--dose-key", default=None, help="numeric obs column with the perturbation dose")
+    p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
     p.add_argument("--streaming", action="store_true",
                    help="stream batches from the file on disk instead of loading X (files larger than memory)")
 
@@ -34,7 +38,9 @@ def _add_sample(sub):
     p.add_argument("-n", type=int, required=True, help="cells per condition")
     p.add_argument("--condition", action="append", default=None,
                    help="key=value[,key=value]; repeat the flag for several groups")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"],
+                   help="ddim/ddpm; dpmpp_2m (DPM-Solver++ 2M), heun (probability-flow ODE, 2 evaluations a step), "
+                        "euler_maruyama (reverse SDE)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
@@ -62,15 +68,34 @@ def _add_demo(sub):
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="predict perturbation responses of control cells",
+                       description="Map each control cell to its predicted perturbed state (DDIM inversion under "
+                                   "its own condition, decoding under the target) and write an .h5ad that pairs "
+                                   "every input cell with its prediction (X = predicted, layers['control'] = input).")
+    p.add_argument("--model", required=True, help="run folder or model.pt")
+    p.add_argument("--data", required=True, help="control cells (.h5ad)")
+    p.add_argument("--target", required=True, help="key=value[,key=value], e.g. condition=stimulated or drug=A+B,dose=10")
+    p.add_argument("--method", default="counterfactual", choices=["counterfactual", "population"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .h5ad")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="scidiff", description="Score-based diffusion for single-cell expression.")
     parser.add_argument("--version", action="version", version=f"scidiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_evaluate, _add_demo, add_export_onnx, add_serve):
+    for add in (_add_train, _add_sample, _add_evaluate, _add_predict, _add_demo, add_export_onnx, add_serve):
         add(sub)
     return parser
+
+
+def _split(text):
+    return [k.strip() for k in text.split(",") if k.strip()] if text is not None else None
 
 
 def cmd_train(args):
@@ -79,9 +104,13 @@ def cmd_train(args):
 
     overrides = {"model": {"gene_dim": args.n_genes},
                  "training": {"batch_size": args.batch_size, "seed": args.seed},
-                 "data": {"layer": args.layer, "use_raw": True if args.use_raw else None}}
+                 "data": {"layer": args.layer, "use_raw": True if args.use_raw else None,
+                          "perturbation_keys": _split(args.perturbation_keys), "dose_key": args.dose_key,
+                          "control_labels": _split(args.control_labels)}}
     config = load_config(args.config, overrides)
-    keys = [k.strip() for k in args.condition_keys.split(",") if k.strip()] if args.condition_keys is not None else None
+    keys = _split(args.condition_keys)
+    if keys is not None and config.data.perturbation_keys:
+        keys = list(dict.fromkeys(keys + config.data.perturbation_keys))
     pipeline.train(args.data, args.out, config, condition_keys=keys, epochs=args.epochs, device=args.device,
                    streaming=args.streaming)
     print(f"model written to {args.out}")
@@ -110,13 +139,32 @@ def cmd_evaluate(args):
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
 
 
+def cmd_predict(args):
+    from . import pipeline
+    from .perturbation import predict_perturbation
+    from .training import load_model
+
+    model = load_model(args.model)
+    target = pipeline.parse_conditions(args.target)
+    for key in [k for k in target if k in model.data_spec.continuous]:
+        try:
+            target[key] = float(target[key])
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {target[key]!r}") from None
+    out = predict_perturbation(model, args.data, target, method=args.method, steps=args.steps,
+                               guidance_scale=args.guidance, seed=args.seed)
+    pipeline.write_h5ad(out, args.out)
+    print(f"wrote {out.n_obs} predicted cells x {out.n_vars} genes to {args.out}")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, seed=args.seed)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "demo": cmd_demo,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "demo": cmd_demo,
             "export-onnx": cmd_export_onnx, "serve": cmd_serve}
 
 

@@ -66,6 +66,15 @@ class DataConfig:
     batch_key: str | None = None
     cell_type_key: str | None = None
     condition_keys: list[str] = field(default_factory=list)
+    perturbation_keys: list[str] = field(default_factory=list)
+    control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
+    dose_key: str | None = None
+    continuous_keys: list[str] = field(default_factory=list)
+
+    def covariate_kwargs(self) -> dict:
+        """Perturbation, dose and numeric covariates, as :func:`scidiff.setup_anndata` takes them."""
+        return {"perturbation_keys": list(self.perturbation_keys), "control_labels": list(self.control_labels),
+                "dose_key": self.dose_key, "continuous_keys": list(self.continuous_keys)}
 
     def all_condition_keys(self) -> list[str]:
         keys = [k for k in (self.cell_type_key, self.batch_key) if k]

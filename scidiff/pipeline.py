@@ -53,11 +53,14 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
     if streaming:
+        if dc.perturbation_keys or dc.dose_key or dc.continuous_keys:
+            raise ValueError("streaming training takes categorical condition keys only; perturbation, dose "
+                             "and numeric covariates need the in-memory path")
         cells, model = _streamed_model(source, config, keys, progress)
     else:
         cells = setup_anndata(source, layer=dc.layer, use_raw=dc.use_raw,
                               n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
-                              target_sum=dc.target_sum, scaling=dc.scaling)
+                              target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
         model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
                               else (cells, None))

@@ -226,8 +226,10 @@ class MatrixReader:
             if name not in self._arrays:
                 self._read_via_h5py(self.layout.arrays[name], starts, stops, out)
 
-    def read(self, runs) -> RowBlock:
-        """The cells of ``runs`` (``[k, 2]`` cell-id ranges), concatenated in order."""
+    def read(self, runs, scratch: dict | None = None) -> RowBlock:
+        """The cells of ``runs`` (``[k, 2]`` cell-id ranges), concatenated in order. With a
+        ``scratch`` dict the arrays are views of buffers kept there and reused by the next call
+        (no fresh pages to fault in); the block is then valid until that call."""
         runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
         if len(runs) and (runs[:, 0].min() < 0 or runs[:, 1].max() > self.n_cells
                           or (runs[:, 1] < runs[:, 0]).any()):
@@ -237,7 +239,7 @@ class MatrixReader:
         L = self.layout
         if L.encoding == "dense":
             m = L.arrays["x"]
-            x = np.empty((n, L.n_genes), dtype=m.dtype)
+            x = _buffer(scratch, "x", n * L.n_genes, m.dtype).reshape(n, L.n_genes)
             self._read_arrays([("x", starts, stops, x)])
             return RowBlock(n, x=x)
         ip = L.indptr
@@ -245,8 +247,8 @@ class MatrixReader:
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(ip[ids + 1] - ip[ids], out=indptr[1:])
         el_starts, el_stops = ip[starts], ip[stops]
-        data = np.empty(int(indptr[-1]), dtype=L.arrays["data"].dtype)
-        indices = np.empty(int(indptr[-1]), dtype=L.arrays["indices"].dtype)
+        data = _buffer(scratch, "data", int(indptr[-1]), L.arrays["data"].dtype)
+        indices = _buffer(scratch, "indices", int(indptr[-1]), L.arrays["indices"].dtype)
         self._read_arrays([("data", el_starts, el_stops, data), ("indices", el_starts, el_stops, indices)])
         return RowBlock(n, indptr=indptr, indices=indices, data=data)
 
@@ -304,6 +306,16 @@ class MatrixReader:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _buffer(scratch: dict | None, name: str, n: int, dtype) -> np.ndarray:
+    """``n`` values of ``dtype``: fresh, or a view of a buffer kept in ``scratch``."""
+    if scratch is None:
+        return np.empty(n, dtype)
+    buf = scratch.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = scratch[name] = np.empty(int(n * 1.25) + 1024, dtype)
+    return buf[:n]
 
 
 def _native_array(file, m: StorageMap):
@@ -401,6 +413,55 @@ class _Failure:
         self.exc = exc
 
 
+def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first; returns whether it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _in_background(make, maxsize: int, name: str):
+    """Iterate the generator ``make(stop)`` in a daemon thread, at most ``maxsize`` items ahead.
+    Its exceptions are raised here; closing this generator stops and joins the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, maxsize))
+    stop = threading.Event()
+
+    def run():
+        it = make(stop)
+        try:
+            for item in it:
+                if not _put(q, item, stop):
+                    return
+            _put(q, _End(), stop)
+        except BaseException as exc:  # handed to the consumer, raised there
+            _put(q, _Failure(exc), stop)
+        finally:
+            it.close()
+
+    worker = threading.Thread(target=run, daemon=True, name=name)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, _End):
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        worker.join()
+
+
 class StreamingLoader:
     """Batch dicts streamed from disk, exactly as :class:`~scidiff.data.InMemoryLoader` yields
     them: ``{"x": FloatTensor[B, G], <covariate>: LongTensor[B] (or FloatTensor), ...}``.
@@ -452,70 +513,52 @@ class StreamingLoader:
         """Use ``epoch``'s order for the next iteration (the same on every rank)."""
         self.epoch = int(epoch)
 
-    def _batches(self, epoch: int, stop: threading.Event | None = None):
+    def _blocks(self, epoch: int, stop: threading.Event | None = None, ring: int = 3):
+        """``(group, block)`` in order; blocks reuse ``ring`` sets of read buffers, so at most
+        ``ring - 2`` blocks may wait between this stage and the next."""
+        scratch = [{} for _ in range(ring)]
+        for i, group in enumerate(self.order.groups(epoch)):
+            if stop is not None and stop.is_set():
+                return
+            yield group, self.reader.read(group.runs, scratch[i % ring])
+
+    def _batches(self, blocks, stop: threading.Event | None = None):
+        """Batch dicts from ``(group, block)`` pairs."""
         import torch
 
         gpu = _CudaDensify(self.reader, self.transform, self.densify_device) \
             if self.densify_device.type == "cuda" else None
         pool = _BufferPool(self.transform.n_genes, self.pin_memory)
-        for group in self.order.groups(epoch):
-            if stop is not None and stop.is_set():
-                return
-            block = self.reader.read(group.runs)
-            ids = group.cell_ids
-            if gpu is not None:
-                gpu.load(block)
-            for rows in group.batches:
-                if gpu is not None:
-                    x = gpu(rows)
-                else:
-                    x = torch.from_numpy(self.reader.densify(block, rows, self.transform, out=pool.take(len(rows))))
-                batch = {"x": x}
-                cells = ids[rows]
-                for k, v in self.covariates.items():
-                    batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
-                if self.return_index:
-                    batch["cell_index"] = torch.from_numpy(cells)
-                yield batch
-
-    def _produce(self, epoch: int, q: queue.Queue, stop: threading.Event) -> None:
         try:
-            for batch in self._batches(epoch, stop):
-                while not stop.is_set():
-                    try:
-                        q.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_End())
-        except BaseException as exc:  # handed to the consumer, raised there
-            q.put(_Failure(exc))
+            for group, block in blocks:
+                ids = group.cell_ids
+                if gpu is not None:
+                    gpu.load(block)
+                for rows in group.batches:
+                    if stop is not None and stop.is_set():
+                        return
+                    if gpu is not None:
+                        x = gpu(rows)
+                    else:
+                        x = torch.from_numpy(self.reader.densify(block, rows, self.transform,
+                                                                 out=pool.take(len(rows))))
+                    batch = {"x": x}
+                    cells = ids[rows]
+                    for k, v in self.covariates.items():
+                        batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
+                    if self.return_index:
+                        batch["cell_index"] = torch.from_numpy(cells)
+                    yield batch
+        finally:
+            if hasattr(blocks, "close"):
+                blocks.close()
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
         if self.prefetch <= 0:
-            yield from self._batches(epoch)
+            yield from self._batches(self._blocks(epoch))
             return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(epoch, q, stop), daemon=True,
-                                  name="scidiff-streaming")
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if isinstance(item, _End):
-                    return
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            stop.set()
-            while worker.is_alive():
-                try:
-                    q.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            worker.join()
+        # two stages, each in its own thread (the C++ work releases the GIL): reading the next
+        # fetch group overlaps densifying the current one
+        blocks = _in_background(lambda stop: self._blocks(epoch, stop), 1, "scidiff-read")
+        yield from _in_background(lambda stop: self._batches(blocks, stop), self.prefetch, "scidiff-densify")

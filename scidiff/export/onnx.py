@@ -311,11 +311,14 @@ def export_onnx(model, path, *, sampler: str = "ddim", steps: int = 50, eta: flo
                             opset=opset)
     probe = example_inputs(model)
     with torch.no_grad(), reference_ops():
-        err = float((wrapper(*probe) - torch_reference(model, probe)).abs().max())
-        if not err <= 1e-4 * max(1.0, float(torch_reference(model, probe).abs().max())):
+        expected = torch_reference(model, probe)
+        err = float((wrapper(*probe) - expected).abs().max())
+        if not err <= 1e-4 * max(1.0, float(expected.abs().max())):
             raise RuntimeError(f"the exporter's factored denoiser differs from ScIDiffModel.forward by {err:.3g}; "
                                "scidiff/export/onnx.py must follow the model's forward")
         program = _trace(wrapper, probe, sidecar, opset, verbose)
+    sidecar["opset"] = next((int(o.version) for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")),
+                            opset)
 
     written = {}
     if model.latent_dim:
@@ -327,7 +330,7 @@ def export_onnx(model, path, *, sampler: str = "ddim", steps: int = 50, eta: flo
         sidecar["latent"] = {"dim": int(model.latent_dim), "file": os.path.basename(dec), "sha256": sha256_of(dec),
                              "decode": "genes = (z * scale) @ basis + mean"}
         written["decoder"] = dec
-    atomic_path(path, lambda tmp: program.save(tmp, external_data=False))
+    atomic_path(path, lambda tmp: _readable(tmp, program.save(tmp, external_data=False)))
     sidecar["onnx_sha256"] = sha256_of(path)
     written["onnx"] = path
     if check:
@@ -354,9 +357,14 @@ def _check_saved(path, wrapper, model) -> float:
     """Load the saved file with onnx and onnxruntime; max |onnx - torch| over probe batches with
     and without guidance and with a table smaller and as large as the batch."""
     import onnx
-    import onnxruntime as ort
 
     onnx.checker.check_model(path)
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        warnings.warn("onnxruntime is not installed: the exported graph was checked by onnx but not run; "
+                      "install scidiff[serve] (or [gpu]) to compare it with torch", stacklevel=3)
+        return None
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
@@ -375,12 +383,21 @@ def _check_saved(path, wrapper, model) -> float:
     return worst
 
 
+def _readable(tmp, _=None):
+    """Give a temporary file (created 0600) the usual permissions before it is renamed."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+
+
 def _savez(tmp, arrays):
     with open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
+    _readable(tmp)
 
 
 def _write_json(tmp, obj):
     with open(tmp, "w") as fh:
         json.dump(obj, fh, indent=1)
         fh.write("\n")
+    _readable(tmp)

@@ -69,17 +69,41 @@ def ddim(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | 
     return x
 
 
+def logsnr_timesteps(alphas_cumprod, steps: int | None) -> list[int]:
+    """``steps`` descending timesteps from ``T-1`` to 0 evenly spaced in log-SNR
+    ``lambda = log(sqrt(ab / (1 - ab)))``, the spacing DPM-Solver recommends (Lu et al. 2022):
+    each is the timestep nearest its target, moved down by one where it would repeat the previous;
+    the same grid as ``scidiff.sampling.samplers.logsnr_timesteps``."""
+    ab = [float(v) for v in alphas_cumprod]
+    n = len(ab)
+    if steps is None or steps >= n:
+        return list(range(n - 1, -1, -1))
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps == 1:
+        return [n - 1]
+    lam = np.array([0.5 * math.log(a / (1.0 - a)) for a in ab])
+    ts: list[int] = []
+    for i in range(steps):
+        target = lam[-1] + i * (lam[0] - lam[-1]) / (steps - 1)
+        lo = int(np.searchsorted(-lam, -target, side="left"))  # first t with lam[t] <= target
+        lo = min(lo, n - 1)
+        t = lo if lo == 0 or abs(lam[lo] - target) <= abs(lam[lo - 1] - target) else lo - 1
+        t = min(t, ts[-1] - 1) if ts else n - 1
+        ts.append(max(t, steps - 1 - i))
+    return ts
+
+
 def dpmpp_2m(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None = 20, **_) -> np.ndarray:
     """DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE in data
-    prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), on the same timestep grid as DDIM. With
-    ``lambda = log(alpha / sigma)`` and ``h`` the step in ``lambda``, each step is
-    ``x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D`` where ``D`` extrapolates the last two
-    x0 predictions (``r = h_prev / h``). The first step and the step into the last timestep are
-    first order (= DDIM; the "lower order final" of Lu et al., needed here because the trailing
-    grid's last step spans a large log-SNR interval, where extrapolating with a small ``r``
-    amplifies errors); from the last timestep the sampler lands on the clean prediction."""
+    prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), on timesteps evenly spaced in log-SNR.
+    With ``lambda = log(alpha / sigma)`` and ``h`` the step in ``lambda``, each step is
+    ``x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D`` where ``D = (1 + 1/2r) x0 - (1/2r) x0_prev``
+    extrapolates the last two x0 predictions (``r = h_prev / h``). The first step is first order
+    (= DDIM) and so is the last, onto clean data. Same grid and coefficients as
+    :func:`scidiff.sampling.dpmpp_2m`."""
     ab = [float(v) for v in alphas_cumprod]
-    ts = timesteps(len(ab), steps)
+    ts = logsnr_timesteps(ab, steps)
     x, x0_prev, h_prev = x_T, None, None
     for i, t in enumerate(ts):
         x0 = denoiser(x, t)
@@ -89,11 +113,11 @@ def dpmpp_2m(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: in
         a_t, s_t = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
         a_s, s_s = math.sqrt(ab[s]), math.sqrt(1.0 - ab[s])
         h = math.log(a_s / s_s) - math.log(a_t / s_t)
-        if x0_prev is None or i + 2 == len(ts):
+        if x0_prev is None:
             d = x0
         else:
-            r = h_prev / h
-            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
+            half_r_inv = h / (2.0 * h_prev)
+            d = (1.0 + half_r_inv) * x0 - half_r_inv * x0_prev
         x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
         x0_prev, h_prev = x0, h
     return x

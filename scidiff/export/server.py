@@ -26,13 +26,28 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from typing import Literal, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from .runtime import Batch, OnnxSampler
 
 DEFAULT_MAX_CELLS = 10_000
+
+
+class GenerateRequest(BaseModel):
+    """The body of ``POST /generate``; unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(..., ge=1, description="cells to generate (at most the server's cap)")
+    condition: dict[str, Union[str, int, float, None]] = Field(default_factory=dict)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
+    sampler: Optional[str] = None
+    steps: Optional[int] = Field(None, ge=1)
+    guidance: Optional[float] = None
+    eta: Optional[float] = Field(None, ge=0.0, le=1.0)
+    format: Literal["json", "npz", "h5ad"] = "json"
 
 
 class Job:
@@ -176,21 +191,9 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
 
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field
 
     sampler = model if isinstance(model, OnnxSampler) else OnnxSampler(model, device=device, threads=threads)
     state: dict = {}
-
-    class GenerateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        n: int = Field(..., ge=1, description="cells to generate (at most the server's cap)")
-        condition: dict[str, Union[str, int, float, None]] = Field(default_factory=dict)
-        seed: int | None = Field(None, ge=0, lt=2**63)
-        sampler: str | None = None
-        steps: int | None = Field(None, ge=1)
-        guidance: float | None = None
-        eta: float | None = Field(None, ge=0.0, le=1.0)
-        format: Literal["json", "npz", "h5ad"] = "json"
 
     @asynccontextmanager
     async def lifespan(app):

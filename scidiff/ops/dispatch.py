@@ -20,7 +20,16 @@ import torch
 
 MODES = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+HAS_TRITON = _importable("triton")  # found, not imported: importing triton is left to the kernels
 
 
 def kernel_mode() -> str:

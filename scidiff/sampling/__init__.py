@@ -1,5 +1,8 @@
-"""Samplers over a denoiser, and guidance wrappers that return denoisers."""
+"""Samplers over a denoiser, guidance wrappers that return denoisers, and the fast engine."""
+from .engine import SamplingEngine
 from .guidance import classifier_free_guidance
-from .samplers import SAMPLERS, ddim, ddim_invert, ddpm, timesteps
+from .samplers import (SAMPLERS, PlanStep, ddim, ddim_invert, ddpm, dpmpp_2m, euler_maruyama, heun, run_plan,
+                       sampler_plan, timesteps)
 
-__all__ = ["SAMPLERS", "classifier_free_guidance", "ddim", "ddim_invert", "ddpm", "timesteps"]
+__all__ = ["SAMPLERS", "PlanStep", "SamplingEngine", "classifier_free_guidance", "ddim", "ddim_invert", "ddpm",
+           "dpmpp_2m", "euler_maruyama", "heun", "run_plan", "sampler_plan", "timesteps"]

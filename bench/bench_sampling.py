@@ -1,0 +1,220 @@
+"""Generation throughput: cells/s of the eager fp32 reference loop, the sampling engine and the
+ONNX runtime, one run, same model, same sampler (DDIM) and steps.
+
+- ``eager``: ``model.sample`` in fp32, the network evaluated per step and per cell exactly as
+  written (the way the anchors sample).
+- ``engine``: :class:`scidiff.sampling.SamplingEngine` with its defaults for the device (CPU:
+  bf16 network where the CPU has bf16 units, per-condition modulation caching, fused update,
+  1,024-cell chunks; CUDA: bf16, Triton kernels, the loop in a CUDA graph).
+- ``engine_fp32``: the engine with an fp32 network (what caching and fusion alone give).
+- ``onnx``: :class:`scidiff.export.runtime.OnnxSampler` on the exported model (onnxruntime,
+  numpy loop), when ``scidiff.export`` is present.
+
+The model is the default configuration (2,000 highly variable genes of Kang PBMCs, a 64-dim
+latent, hidden 512, 6 blocks, 1,000 timesteps) with random weights: throughput does not depend
+on the weights. All cells of a batch share one condition (as when generating a group). A
+measurement whose projected time (from the previous batch size) exceeds ``--max-seconds`` is
+skipped and recorded as such.
+
+    python bench/bench_sampling.py [--batch-sizes 256,1024,4096,16384,65536] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data", "kang_ifnb_pbmc.h5ad")
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 tensor-core peaks
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def flops_per_cell_step(model) -> dict:
+    """Multiply-adds x 2 of one network evaluation per cell: ``nominal`` as ``model.forward``
+    computes it (modulations per cell), ``engine`` with the modulations computed per condition."""
+    d, h, c, L = model.diffusion_dim, model.hidden_dim, model.conditioning_dim, model.num_layers
+    trunk = 2 * (d * h + L * h * h + h * d)
+    per_condition = 2 * (L * c * 3 * h + c * 2 * h + 2 * c * c)
+    return {"nominal": trunk + per_condition, "engine": trunk}
+
+
+def build_model(args, device):
+    import scidiff
+    from scidiff.config import ModelConfig
+
+    adata = scidiff.data.read_h5ad(args.data)
+    data = scidiff.setup_anndata(adata, condition_keys=["cell_type", "condition"], n_top_genes=args.genes)
+    cfg = ModelConfig(gene_dim=args.genes, latent_dim=args.latent_dim or None)
+    model = scidiff.ScIDiffModel.from_data(data, **cfg.model_kwargs())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1 and "embeddings" not in name:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
+    return model.eval().to(device), {"cell_type": "CD14+Mono", "condition": "stimulated"}
+
+
+def timed(fn, sync):
+    sync()
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-sizes", default="256,1024,4096,16384,65536")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--genes", type=int, default=2000)
+    p.add_argument("--latent-dim", type=int, default=64, help="0 = diffuse in gene space")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-seconds", type=float, default=90.0, help="skip a run projected to take longer")
+    p.add_argument("--methods", default="eager,engine,engine_fp32,onnx")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for the fraction-of-peak column")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "sampling.json"))
+    args = p.parse_args(argv)
+    if not os.path.exists(args.data):
+        sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    from scidiff.sampling import SamplingEngine
+    from scidiff.sampling.engine import cpu_has_bf16
+
+    model, cond = build_model(args, device)
+    flops = flops_per_cell_step(model)
+    methods = {}
+    wanted = args.methods.split(",")
+    if "eager" in wanted:
+        methods["eager"] = lambda b, seed: model.sample(b, cond, sampler="ddim", steps=args.steps, seed=seed)
+    engine = SamplingEngine(model, "ddim", args.steps, threads=args.threads)
+    if "engine" in wanted:
+        methods["engine"] = lambda b, seed: engine.sample(b, cond, seed=seed)
+    if "engine_fp32" in wanted:
+        engine32 = SamplingEngine(model, "ddim", args.steps, dtype=torch.float32, cuda_graph=device.type == "cuda")
+        methods["engine_fp32"] = lambda b, seed: engine32.sample(b, cond, seed=seed)
+    onnx_info = None
+    tmp = tempfile.TemporaryDirectory()
+    if "onnx" in wanted:
+        try:
+            from scidiff.export import export_onnx
+            from scidiff.export.runtime import OnnxSampler
+        except ImportError as exc:
+            onnx_info = {"skipped": f"scidiff.export unavailable: {exc}"}
+        else:
+            t0 = time.perf_counter()
+            path = os.path.join(tmp.name, "model.onnx")
+            res = export_onnx(model, path, sampler="ddim", steps=args.steps)
+            onnx = OnnxSampler(path, device="cuda" if device.type == "cuda" else "cpu", threads=args.threads)
+            onnx_info = {"export_seconds": round(time.perf_counter() - t0, 1), "providers": onnx.providers,
+                         "max_abs_error_vs_torch": res.get("max_abs_error")}
+            methods["onnx"] = lambda b, seed: onnx.sample(b, cond, seed=seed, sampler="ddim", steps=args.steps,
+                                                          output="arrays")["X"]
+
+    # the same cells: engine vs eager at the smallest batch (bf16 rounding only)
+    b0 = int(args.batch_sizes.split(",")[0])
+    agreement = {}
+    ref = np.asarray(methods["eager"](b0, 0).cpu()) if "eager" in methods else None
+    for name, fn in methods.items():
+        out = fn(b0, 0)  # also the warm-up (CUDA graph capture, Triton compilation, ORT session)
+        if ref is not None and name.startswith("engine"):  # (ONNX draws x_T from numpy's generator)
+            out = np.asarray(out.cpu() if isinstance(out, torch.Tensor) else out)
+            agreement[name] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    rows, last = [], {}
+    for b in [int(s) for s in args.batch_sizes.split(",")]:
+        row = {"batch": b}
+        for name, fn in methods.items():
+            if name in last and b / last[name] > args.max_seconds:
+                row[name] = {"skipped": f"projected {b / last[name]:.0f} s > --max-seconds {args.max_seconds:g}"}
+                print(f"batch {b:6d} {name:12s} skipped (projected {b / last[name]:.0f} s)", flush=True)
+                continue
+            try:
+                seconds, _ = timed(lambda: fn(b, 1), sync)
+            except torch.cuda.OutOfMemoryError:
+                row[name] = {"skipped": "out of memory"}
+                continue
+            cps = b / seconds
+            last[name] = cps
+            row[name] = {"seconds": round(seconds, 3), "cells_per_s": round(cps, 1),
+                         "model_tflops": round(cps * args.steps * flops["nominal"] / 1e12, 4)}
+            print(f"batch {b:6d} {name:12s} {seconds:8.2f} s {cps:10.0f} cells/s", flush=True)
+        if "eager" in row and "cells_per_s" in row["eager"]:
+            for name in methods:
+                if name != "eager" and "cells_per_s" in row.get(name, {}):
+                    row[name]["speedup_vs_eager"] = round(row[name]["cells_per_s"] / row["eager"]["cells_per_s"], 2)
+        rows.append(row)
+
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name(device)), None)
+    best = {name: max((r[name]["cells_per_s"] for r in rows if "cells_per_s" in r.get(name, {})), default=None)
+            for name in methods}
+    result = {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "threads": args.threads, "cpu_bf16": cpu_has_bf16() if device.type == "cpu" else None,
+        "engine": {"dtype": str(engine.dtype), "chunk_size": engine.chunk_size, "cuda_graph": engine.cuda_graph},
+        "model": {"genes": model.gene_dim, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
+                  "num_layers": model.num_layers, "num_timesteps": model.num_timesteps},
+        "sampler": "ddim", "steps": args.steps, "flops_per_cell_step": flops,
+        "relative_difference_vs_eager_at_batch_%d" % b0: agreement, "onnx": onnx_info, "rows": rows,
+        "best_cells_per_s": best,
+    }
+    if peak and best.get("engine"):
+        result["engine_fraction_of_bf16_peak"] = {
+            "peak_tflops": peak,
+            "nominal_flops": round(best["engine"] * args.steps * flops["nominal"] / (peak * 1e12), 4),
+            "executed_flops": round(best["engine"] * args.steps * flops["engine"] / (peak * 1e12), 4)}
+    if device.type == "cpu" and best.get("engine") and best.get("eager"):
+        result["goal_cpu_engine_1.5x_eager"] = bool(best["engine"] >= 1.5 * best["eager"])
+    if device.type == "cuda" and best.get("engine"):
+        result["goal_gpu_1M_cells_per_s"] = bool(best["engine"] >= 1e6)
+        if best.get("eager"):
+            result["goal_gpu_20x_eager"] = bool(best["engine"] >= 20 * best["eager"])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(args.out + ".tmp", args.out)
+    md = markdown_table(result, list(methods))
+    with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
+        fh.write(md)
+    print(md)
+
+
+def markdown_table(result: dict, methods: list[str]) -> str:
+    lines = [f"Device: {result['device']}, torch {result['torch']}, {result['threads']} thread(s); "
+             f"DDIM, {result['steps']} steps; model {result['model']}; engine {result['engine']['dtype']}.", "",
+             "| batch | " + " | ".join(f"{m} cells/s" for m in methods) + " | engine / eager |",
+             "|---:|" + "---:|" * (len(methods) + 1)]
+    for r in result["rows"]:
+        cells = [f"{r[m]['cells_per_s']:,.0f}" if "cells_per_s" in r.get(m, {}) else "skipped" for m in methods]
+        speed = r.get("engine", {}).get("speedup_vs_eager")
+        lines.append(f"| {r['batch']:,} | " + " | ".join(cells) + f" | {speed if speed else '-'}x |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
