@@ -258,6 +258,10 @@ def worker(args) -> None:
     import torch
 
     torch.set_num_threads(1)
+    import anndata  # noqa: F401  (imports before the clock starts)
+    import scipy.sparse  # noqa: F401
+
+    import scidiff.data.streaming  # noqa: F401
     if args.worker == "train":
         result = run_train(args.file, args.train_steps, args.memory_limit_gb)
     else:
@@ -277,6 +281,36 @@ def spawn(name: str, path: str, args) -> dict:
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def summarize(runs: dict) -> dict:
+    """Goals of issue 3 from one run's measurements. Wall-clock rates depend on what else the
+    machine runs; CPU time per cell does much less, so it is reported next to them, with the
+    rate it implies on two otherwise idle cores (a projection, not a measurement)."""
+    def get(key, field):
+        return runs.get(key, {}).get(field) or float("nan")
+
+    rss = max(runs.get(f"{k}/extension", {}).get("peak_rss_mb", float("nan")) for k in ("plain", "gzip"))
+    out = {
+        "plain_extension_cells_per_s": get("plain/extension", "cells_per_s"),
+        "plain_vs_anndata_backed": round(get("plain/extension", "cells_per_s") / get("plain/anndata_backed", "cells_per_s"), 1),
+        "gzip_extension_cells_per_s": get("gzip/extension", "cells_per_s"),
+        "gzip_vs_h5py_serial": round(get("gzip/extension", "cells_per_s") / get("gzip/h5py_read_direct", "cells_per_s"), 1),
+        "whole_file_peak_rss_mb": rss,
+        "cpu_time_ratio_plain_anndata_over_extension": round(
+            get("plain/anndata_backed", "cpu_us_per_cell") / get("plain/extension", "cpu_us_per_cell"), 1),
+        "cpu_time_ratio_gzip_h5py_over_extension": round(
+            get("gzip/h5py_read_direct", "cpu_us_per_cell") / get("gzip/extension", "cpu_us_per_cell"), 1),
+        "projected_cells_per_s_2_idle_cores": {k: round(2e6 / get(f"{k}/extension", "cpu_us_per_cell"))
+                                               for k in ("plain", "gzip")},
+    }
+    out["goals_met_wall_clock"] = {
+        "plain >= 150k cells/s": out["plain_extension_cells_per_s"] >= 150_000,
+        "plain >= 15x anndata backed": out["plain_vs_anndata_backed"] >= 15,
+        "gzip >= 40k cells/s": out["gzip_extension_cells_per_s"] >= 40_000,
+        "gzip >= 2x h5py serial": out["gzip_vs_h5py_serial"] >= 2,
+        "peak RSS < 2 GB": rss < 2048}
+    return out
 
 
 def main() -> None:
@@ -330,23 +364,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)
-    runs = results["runs"]
-
-    def rate(key):
-        return runs.get(key, {}).get("cells_per_s") or float("nan")
-
-    results["summary"] = {
-        "plain_extension_cells_per_s": rate("plain/extension"),
-        "plain_vs_anndata_backed": round(rate("plain/extension") / rate("plain/anndata_backed"), 1),
-        "gzip_extension_cells_per_s": rate("gzip/extension"),
-        "gzip_vs_h5py_serial": round(rate("gzip/extension") / rate("gzip/h5py_read_direct"), 1),
-        "whole_file_peak_rss_mb": max(runs.get(f"{k}/extension", {}).get("peak_rss_mb", 0) for k in ("plain", "gzip")),
-        "goals": {"plain >= 150k cells/s": rate("plain/extension") >= 150_000,
-                  "plain >= 15x anndata backed": rate("plain/extension") >= 15 * rate("plain/anndata_backed"),
-                  "gzip >= 40k cells/s": rate("gzip/extension") >= 40_000,
-                  "gzip >= 2x h5py serial": rate("gzip/extension") >= 2 * rate("gzip/h5py_read_direct"),
-                  "peak RSS < 2 GB": max(runs.get(f"{k}/extension", {}).get("peak_rss_mb", 1e9)
-                                         for k in ("plain", "gzip")) < 2048}}
+    results["summary"] = summarize(results["runs"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as fh:

@@ -34,6 +34,7 @@ DEFAULT_CONFIGS = ("ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddpm:25,ddim:10,ddim:25,
                    "dpmpp_2m:5,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:25,dpmpp_2m:50,heun:5,heun:10,heun:13,heun:25,"
                    "euler_maruyama:50,euler_maruyama:250,euler_maruyama:1000,dpmpp_2m:25:bf16")
 METRICS = ("mmd", "energy_distance", "classifier_auc")
+REFERENCE = "ddpm:1000"  # the anchors' sampler
 
 
 def train_or_load(args, data):
@@ -125,20 +126,48 @@ def main(argv=None):
         with open(args.out + ".tmp", "w") as fh:
             json.dump(results, fh, indent=1)
         os.replace(args.out + ".tmp", args.out)
+    for spec in results["configs"]:
+        results["configs"][spec]["paired_difference_vs_" + REFERENCE] = paired_difference(results, spec)
+    with open(args.out + ".tmp", "w") as fh:
+        json.dump(results, fh, indent=1)
+    os.replace(args.out + ".tmp", args.out)
     print(markdown(results))
     with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
         fh.write(markdown(results))
 
 
+def paired_difference(results: dict, spec: str, reference: str = REFERENCE, seed: int = 0) -> dict | None:
+    """Per metric, the mean over groups of (config - reference) with a bootstrap interval over
+    groups: a paired comparison, free of the between-group spread that dominates the raw means."""
+    configs = results["configs"]
+    if spec == reference or reference not in configs:
+        return None
+    names = sorted(configs[spec]["groups"])
+    rng = np.random.default_rng(seed)
+    boot = [rng.integers(0, len(names), len(names)) for _ in range(2000)]
+    out = {}
+    for k in METRICS:
+        d = np.array([configs[spec]["groups"][g][k] - configs[reference]["groups"][g][k] for g in names])
+        means = [d[i].mean() for i in boot]
+        out[k] = {"mean": float(d.mean()), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
+    return out
+
+
 def markdown(results: dict) -> str:
-    rows = sorted(results["configs"].values(), key=lambda r: (r["sampler"], r["network"], r["network_evaluations"]))
-    lines = ["| sampler | steps | network evaluations | MMD | energy distance | classifier AUC |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
+    rows = sorted(results["configs"].items(),
+                  key=lambda kv: (kv[1]["sampler"], kv[1]["network"], kv[1]["network_evaluations"]))
+    ref = REFERENCE.replace(":", " ")
+    lines = ["| sampler | steps | network evaluations | MMD | energy distance | classifier AUC "
+             f"| MMD - {ref} (paired, 95% CI) | AUC - {ref} (paired, 95% CI) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for spec, r in rows:
         s = r["summary"]
-        cells = [f"{s[k]['mean']:.4f} [{s[k]['ci95'][0]:.4f}, {s[k]['ci95'][1]:.4f}]" for k in METRICS]
+        cells = [f"{s[k]['mean']:.4f}" for k in METRICS]
+        d = paired_difference(results, spec)
+        deltas = [(f"{d[k]['mean']:+.4f} [{d[k]['ci95'][0]:+.4f}, {d[k]['ci95'][1]:+.4f}]" if d else
+                   "reference" if spec == REFERENCE else "-") for k in ("mmd", "classifier_auc")]
         name = r["sampler"] + (" (bf16 engine)" if r["network"] == "bf16" else "")
-        lines.append(f"| {name} | {r['steps']} | {r['network_evaluations']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {r['steps']} | {r['network_evaluations']} | " + " | ".join(cells + deltas) + " |")
     return "\n".join(lines) + "\n"
 
 

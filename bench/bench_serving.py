@@ -222,7 +222,7 @@ def main():
     model = load_model(args.model) if args.model else train_model(args.epochs)
     result["model"] = {k: model.config()[k] for k in ("gene_dim", "hidden_dim", "num_layers", "latent_dim",
                                                       "num_timesteps")}
-    result["model"]["trained"] = args.model or f"{args.epochs} epochs on Kang ({DATA})"
+    result["model"]["trained"] = args.model or f"{args.epochs} epochs on Kang ({os.path.basename(DATA)})"
     print(f"model ready in {time.perf_counter() - t0:.0f} s", flush=True)
     labels = list(model.data_spec.categorical["cell_type"])
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,6 +11,7 @@
 
 #include "common.hpp"
 #include "densify.hpp"
+#include "read_densify.hpp"
 #include "storage.hpp"
 #if defined(SCIDIFF_HAVE_CUDA)
 #include "densify_cuda.hpp"
@@ -24,8 +25,7 @@ namespace {
 template <class T>
 using Vec = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-DType dtype_of(const py::array& a, const char* what) {
-  const py::dtype dt = a.dtype();
+DType dtype_of(const py::dtype& dt, const char* what) {
   if (!dt.attr("isnative").cast<bool>()) throw FormatError(std::string(what) + ": byte order is not native");
   const char kind = dt.kind();
   const auto size = dt.itemsize();
@@ -41,6 +41,8 @@ DType dtype_of(const py::array& a, const char* what) {
   if (kind == 'u' && size == 8) return DType::u64;
   throw FormatError(std::string(what) + ": unsupported dtype " + py::str(dt).cast<std::string>());
 }
+
+DType dtype_of(const py::array& a, const char* what) { return dtype_of(a.dtype(), what); }
 
 void require_contiguous(const py::array& a, const char* what) {
   if (!(a.flags() & py::array::c_style)) throw FormatError(std::string(what) + " must be C-contiguous");
@@ -151,6 +153,26 @@ void densify_dense_py(py::array x, Vec<int64_t> rows, Vec<int64_t> gene_cols, py
   densify_dense(x.data(), dt, x.shape(0), rows.data(), rows.size(), p, dst, n_threads);
 }
 
+void read_densify_py(const Array& data, py::dtype data_dtype, const Array& indices, py::dtype index_dtype,
+                     Vec<int64_t> indptr, Vec<int64_t> starts, Vec<int64_t> stops, Vec<int64_t> dest, Vec<int32_t> gene_map,
+                     py::array out, bool normalize, double target_sum, bool log1p, py::object offset, py::object scale,
+                     int n_threads) {
+  if (starts.size() != stops.size()) throw FormatError("starts and stops differ in length");
+  if (indptr.size() < 1) throw FormatError("indptr is empty");
+  const int64_t n_out = out.ndim() == 2 ? out.shape(0) : -1, n_genes = out.ndim() == 2 ? out.shape(1) : -1;
+  float* dst = output_buffer(out, n_out, n_genes);
+  Vec<float> off, sc;
+  DensifyParams p = params(gene_map.size(), n_genes, normalize, target_sum, log1p, offset, scale, off, sc);
+  p.gene_map = gene_map.data();
+  if (data.layout().elem_size != static_cast<size_t>(data_dtype.itemsize()) ||
+      indices.layout().elem_size != static_cast<size_t>(index_dtype.itemsize()))
+    throw FormatError("dtype sizes differ from the arrays' element sizes");
+  const DType dt = dtype_of(data_dtype, "data"), it = dtype_of(index_dtype, "indices");
+  py::gil_scoped_release release;
+  read_densify_csr(data, dt, indices, it, indptr.data(), indptr.size() - 1, starts.data(), stops.data(),
+                   starts.size(), dest.data(), dest.size(), dst, n_out, p, n_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_streaming, m) {
@@ -180,6 +202,11 @@ PYBIND11_MODULE(_streaming, m) {
   m.def("densify_dense", &densify_dense_py, py::arg("x"), py::arg("rows"), py::arg("gene_cols"), py::arg("out"),
         py::arg("normalize"), py::arg("target_sum"), py::arg("log1p"), py::arg("offset"), py::arg("scale"),
         py::arg("n_threads"), "Dense block rows -> normalised, gene-selected, scaled float32 rows.");
+  m.def("read_densify_csr", &read_densify_py, py::arg("data"), py::arg("data_dtype"), py::arg("indices"),
+        py::arg("index_dtype"), py::arg("indptr"), py::arg("starts"), py::arg("stops"), py::arg("dest"),
+        py::arg("gene_map"), py::arg("out"), py::arg("normalize"), py::arg("target_sum"), py::arg("log1p"),
+        py::arg("offset"), py::arg("scale"), py::arg("n_threads"),
+        "Read cells of an unfiltered CSR matrix and densify them into out rows dest (GIL released).");
   m.def("check_csr", [](Vec<int64_t> indptr, int64_t nnz, Vec<int64_t> rows) {
     if (indptr.size() < 1) throw FormatError("indptr is empty");
     check_csr(indptr.data(), indptr.size() - 1, nnz, rows.data(), rows.size());

@@ -330,6 +330,14 @@ void Array::run(const Task& t, Scratch& s) const {
   for (const auto& p : t.pieces) copy_rows(decoded.data(), row_base, t.grid_col, p);
 }
 
+void Array::read_inline(int64_t r0, int64_t r1, uint8_t* out) const {
+  if (!unfiltered()) throw FormatError(layout_.name + ": read_inline needs an unfiltered array");
+  std::vector<Task> tasks;
+  plan(&r0, &r1, 1, out, static_cast<size_t>(std::max<int64_t>(r1 - r0, 0)) * row_bytes(), tasks);
+  Scratch scratch;
+  for (const auto& t : tasks) run(t, scratch);
+}
+
 void run_tasks(const std::vector<Array::Task>& tasks, int n_threads) {
   const int workers = std::max(1, std::min<int>(n_threads, static_cast<int>(tasks.size())));
   std::vector<Scratch> scratch(static_cast<size_t>(workers));

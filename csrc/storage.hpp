@@ -77,6 +77,11 @@ class Array {
             std::vector<Task>& tasks) const;
   void run(const Task& task, Scratch& scratch) const;
 
+  // Whether rows can be read without decoding (contiguous, or chunks without filters).
+  bool unfiltered() const { return !layout_.chunked || layout_.filters.empty(); }
+  // Read rows [r0, r1) of an unfiltered array into out, on the calling thread.
+  void read_inline(int64_t r0, int64_t r1, uint8_t* out) const;
+
  private:
   // Copy rows of piece p out of a decoded chunk (or part of one) whose first row is src_row0.
   void copy_rows(const uint8_t* src, int64_t src_row0, int64_t grid_col, const Piece& p) const;

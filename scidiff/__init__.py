@@ -5,7 +5,11 @@ __version__ = "0.1.0"
 # ONNX server) import without torch.
 _LAZY = {"setup_anndata": "data", "transform_like": "data", "ScIDiffModel": "models",
          "ScIDiffTrainer": "training", "load_model": "training", "save_model": "training"}
+_LAZY.update({"InverseDesigner": "sampling", "PhenotypeTarget": "sampling"})
+_LAZY.update({"denoise": "denoising", "predict_perturbation": "perturbation"})
 _SUBPACKAGES = {"data", "models", "sampling", "training", "evaluation", "export", "pipeline", "config", "cli"}
+_SUBPACKAGES |= {"regulators", "design"}
+_SUBPACKAGES |= {"perturbation", "denoising"}
 
 
 def __getattr__(name):
@@ -19,3 +23,5 @@ def __getattr__(name):
 
 
 __all__ = ["ScIDiffModel", "ScIDiffTrainer", "load_model", "save_model", "setup_anndata", "transform_like"]
+__all__ += ["InverseDesigner", "PhenotypeTarget"]
+__all__ += ["denoise", "predict_perturbation"]

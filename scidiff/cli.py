@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .design import add_design, cmd_design
 from .export.commands import add_export_onnx, add_serve, cmd_export_onnx, cmd_serve
 
 
@@ -28,6 +29,26 @@ def _add_train(sub):
     p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
     p.add_argument("--streaming", action="store_true",
                    help="stream batches from the file on disk instead of loading X (files larger than memory)")
+    g = p.add_argument_group("scale and faults",
+                             "Several processes: torchrun --nproc_per_node N -m scidiff train ... (DDP; each process "
+                             "trains on its own shard; effective batch = batch size x N x gradient accumulation, the "
+                             "learning rate is not rescaled).")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (weights, optimizer, schedule, RNG states and "
+                        "position in the data); starts afresh when there is none. Give the same --epochs as before")
+    g.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=None,
+                   help="bf16 autocast (auto = on CUDA only)")
+    g.add_argument("--gradient-accumulation", type=int, default=None, help="micro-batches per optimizer step")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the score network's blocks in the backward pass (less memory)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model's forward and backward")
+    g.add_argument("--checkpoint-every-steps", type=int, default=None,
+                   help="also checkpoint every N optimizer steps (mid-epoch too)")
+    g.add_argument("--keep-checkpoints", type=int, default=None, help="keep the newest N checkpoints")
+    g.add_argument("--log-every-steps", type=int, default=None,
+                   help="append loss and cells/s to RUN/steps.csv every N steps")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (bit-exact resume on GPU; slower)")
 
 
 def _add_sample(sub):
@@ -38,15 +59,22 @@ def _add_sample(sub):
     p.add_argument("-n", type=int, required=True, help="cells per condition")
     p.add_argument("--condition", action="append", default=None,
                    help="key=value[,key=value]; repeat the flag for several groups")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"],
-                   help="ddim/ddpm; dpmpp_2m (DPM-Solver++ 2M), heun (probability-flow ODE, 2 evaluations a step), "
-                        "euler_maruyama (reverse SDE)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"],
+                   help="dpmpp_2m (DPM-Solver++ 2M, default: 25 steps match DDPM's 1,000), ddim, ddpm, heun "
+                        "(probability-flow ODE, 2 evaluations a step), euler_maruyama (reverse SDE)")
+    p.add_argument("--steps", type=int, default=25)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--engine", action="store_true",
+                   help="the fast sampling engine (bf16 network where supported, per-condition caching; "
+                        "CUDA graphs and Triton kernels on a GPU)")
+    p.add_argument("--out", required=True,
+                   help="output .h5ad; or a folder (any path not ending in .h5ad, and always under torchrun): one "
+                        "shard per process (each its share of the cells and its own seed stream) + manifest.json")
+    p.add_argument("--merge", action="store_true",
+                   help="with a folder: also concatenate the shards into FOLDER/generated.h5ad")
 
 
 def _add_evaluate(sub):
@@ -83,13 +111,30 @@ def _add_predict(sub):
     p.add_argument("--out", required=True, help="output .h5ad")
 
 
+def _add_denoise(sub):
+    p = sub.add_parser("denoise", help="denoise cells with a trained model as the prior",
+                       description="Denoise scRNA-seq (SDEdit, or posterior sampling with the Poisson likelihood of "
+                                   "the counts); denoised log1p values go to layers['scidiff_denoised'], cells and "
+                                   "genes keep their order.")
+    p.add_argument("--model", required=True, help="run folder or model.pt")
+    p.add_argument("--data", required=True, help="cells to denoise (.h5ad)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--method", default="sdedit", choices=["sdedit", "posterior"])
+    p.add_argument("--strength", type=float, default=None, help="noise level in (0, 1] (default: chosen by MCV)")
+    p.add_argument("--likelihood-weight", type=float, default=1.0)
+    p.add_argument("--samples", type=int, default=1, help="posterior samples to average")
+    p.add_argument("--layer", default=None, help="read expression from this layer (e.g. counts)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="scidiff", description="Score-based diffusion for single-cell expression.")
     parser.add_argument("--version", action="version", version=f"scidiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_evaluate, _add_predict, _add_demo, add_export_onnx, add_serve):
+    for add in (_add_train, _add_sample, _add_evaluate, _add_predict, add_design, _add_demo, add_export_onnx,
+                add_serve):
         add(sub)
     return parser
 
@@ -103,7 +148,13 @@ def cmd_train(args):
     from .config import load_config
 
     overrides = {"model": {"gene_dim": args.n_genes},
-                 "training": {"batch_size": args.batch_size, "seed": args.seed},
+                 "training": {"batch_size": args.batch_size, "seed": args.seed,
+                              "mixed_precision": args.mixed_precision,
+                              "gradient_accumulation": args.gradient_accumulation,
+                              "gradient_checkpointing": True if args.gradient_checkpointing else None,
+                              "compile": True if args.compile else None,
+                              "checkpoint_every_steps": args.checkpoint_every_steps,
+                              "keep_checkpoints": args.keep_checkpoints, "log_every_steps": args.log_every_steps},
                  "data": {"layer": args.layer, "use_raw": True if args.use_raw else None,
                           "perturbation_keys": _split(args.perturbation_keys), "dose_key": args.dose_key,
                           "control_labels": _split(args.control_labels)}}
@@ -112,8 +163,55 @@ def cmd_train(args):
     if keys is not None and config.data.perturbation_keys:
         keys = list(dict.fromkeys(keys + config.data.perturbation_keys))
     pipeline.train(args.data, args.out, config, condition_keys=keys, epochs=args.epochs, device=args.device,
-                   streaming=args.streaming)
-    print(f"model written to {args.out}")
+                   streaming=args.streaming, resume=args.resume, deterministic=args.deterministic)
+    from .training import distributed
+
+    if distributed.is_main_process():
+        print(f"model written to {args.out}")
+    if distributed.is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def _sharded_output(out: str) -> bool:
+    from .training import distributed
+
+    if distributed.env_world_size() > 1:
+        if out.endswith(".h5ad"):
+            raise ValueError(f"under torchrun every process writes its own shard: give --out a folder, not {out!r}")
+        return True
+    return not out.endswith(".h5ad")
+
+
+def _sample_sharded(args, model, groups):
+    """``sample --out FOLDER``: this process's shard (all of it without torchrun), then rank 0
+    writes the manifest (and the merged file)."""
+    import torch.distributed as dist
+
+    from . import pipeline
+    from .training import distributed
+
+    world = distributed.env_world_size()
+    if args.engine:
+        raise ValueError("--engine writes one file; use it without a folder --out (sharded output uses the "
+                         "standard sampler)")
+    if world > 1 and not distributed.is_distributed():
+        dist.init_process_group("gloo")  # only for the barrier before the manifest
+        if str(args.device).startswith("cuda"):
+            model.to(distributed.distributed_device("cuda"))
+    try:
+        manifest = pipeline.generate_sharded(model, args.n, args.out, groups, rank=distributed.rank(), world_size=world,
+                                             sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                             guidance_scale=args.guidance, seed=args.seed, merge=args.merge,
+                                             progress=distributed.is_main_process())
+    finally:
+        if world > 1 and distributed.is_distributed():
+            dist.destroy_process_group()
+    if manifest is not None:
+        print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
+              f"({len(manifest['shards'])} shard(s), {pipeline.MANIFEST}"
+              + (f", {pipeline.MERGED_FILE})" if args.merge else ")"))
 
 
 def cmd_sample(args):
@@ -124,9 +222,18 @@ def cmd_sample(args):
     groups = [pipeline.parse_conditions(c) for c in (args.condition or [None])]
     for g in groups:  # fail on a bad label before generating anything
         model.data_spec.encode_conditions(g, 1)
+    if _sharded_output(args.out):
+        return _sample_sharded(args, model, groups)
     # written chunk by chunk (bounded memory, progress bar); the file appears when complete
-    cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, sampler=args.sampler, steps=args.steps,
-                                             eta=args.eta, guidance_scale=args.guidance, seed=args.seed)
+    if args.engine:
+        from .sampling import SamplingEngine
+
+        engine = SamplingEngine(model, args.sampler, args.steps, eta=args.eta, guidance_scale=args.guidance)
+        cells, genes = engine.write_h5ad(args.out, args.n, groups, seed=args.seed)
+    else:
+        cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, sampler=args.sampler,
+                                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance,
+                                                 seed=args.seed)
     print(f"wrote {cells} cells x {genes} genes to {args.out}")
 
 
@@ -157,13 +264,26 @@ def cmd_predict(args):
     print(f"wrote {out.n_obs} predicted cells x {out.n_vars} genes to {args.out}")
 
 
+def cmd_denoise(args):
+    from . import pipeline
+    from .denoising import DEFAULT_STRENGTH, denoise
+    from .training import load_model
+
+    model = load_model(args.model)
+    out = denoise(model, args.data, method=args.method, strength=args.strength or DEFAULT_STRENGTH,
+                  likelihood_weight=args.likelihood_weight, n_samples=args.samples, layer=args.layer, seed=args.seed)
+    pipeline.write_h5ad(out, args.out)
+    print(f"wrote {out.n_obs} denoised cells x {out.n_vars} genes to {args.out} (layers['scidiff_denoised'])")
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, seed=args.seed)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "predict": cmd_predict,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "predict": cmd_predict, "denoise": cmd_denoise,
+            "design": cmd_design,
             "demo": cmd_demo,
             "export-onnx": cmd_export_onnx, "serve": cmd_serve}
 

@@ -53,6 +53,12 @@ class TrainingConfig:
     checkpoint_every: int = 25
     mixed_precision: str = "auto"
     seed: int = 0
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 1
+    log_every_steps: int = 0
 
 
 @dataclass

@@ -288,7 +288,8 @@ def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path):
     for p in model.parameters():  # non-trivial weights everywhere (zero-initialised layers too)
         p.data.normal_(0, 0.2)
     out = tmp_path / "gene_space.onnx"
-    result = export_onnx(model, out, steps=4)
+    # random weights give outputs up to ~20 here: 1e-3 is ~5e-5 relative
+    assert export_onnx(model, out, steps=4)["max_abs_error"] < 1e-3
     assert not os.path.exists(decoder_path(out))
     kinds = {c["key"]: c["kind"] for c in json.loads(open(sidecar_path(out)).read())["covariates"]}
     sampler = OnnxSampler(out, threads=1)

@@ -119,6 +119,8 @@ def test_every_sampler_is_registered_with_a_plan_and_runs_through_the_model():
         x = model.sample(5, sampler=name, steps=6, seed=0)
         assert x.shape == (5, 12) and torch.isfinite(x).all()
         torch.testing.assert_close(x, model.sample(5, sampler=name, steps=6, seed=0))
+    # the default, picked by bench/bench_sampler_quality.py
+    torch.testing.assert_close(model.sample(5, seed=1), model.sample(5, sampler="dpmpp_2m", steps=25, seed=1))
 
 
 def test_cli_offers_every_sampler():

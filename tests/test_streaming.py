@@ -18,7 +18,7 @@ from scidiff.data.h5ad_layout import open_matrix
 from scidiff.data.h5ad_writer import H5adWriter
 from scidiff.data.moments import GeneMoments
 from scidiff.data.stream_setup import setup_streaming, stream_like
-from scidiff.data.streaming import MatrixReader, StreamingLoader, Transform, extension_available
+from scidiff.data.streaming import MatrixReader, Transform, extension_available
 
 BACKENDS = ["native", "python"] if extension_available() else ["python"]
 N_CELLS, N_GENES = 203, 120

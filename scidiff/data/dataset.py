@@ -45,8 +45,9 @@ class CellData:
         return out
 
     def loader(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
-               drop_last: bool = False) -> "InMemoryLoader":
-        return InMemoryLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
+               drop_last: bool = False, rank: int = 0, world_size: int = 1) -> "InMemoryLoader":
+        return InMemoryLoader(self, batch_size=batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                              rank=rank, world_size=world_size)
 
     def split(self, val_fraction: float = 0.1, seed: int = 0, stratify: str | None = None):
         """Random train/validation split (stratified by a covariate when given)."""
@@ -65,24 +66,53 @@ class CellData:
 
 class InMemoryLoader:
     """Yields batch dicts by indexing whole tensors (no per-cell collate), reproducible from
-    ``seed``; each epoch draws a new permutation from the loader's own generator."""
+    ``seed``; each epoch draws a new permutation from the loader's own generator.
+
+    Sharding (``rank`` of ``world_size`` processes, e.g. under DDP): every rank draws the same
+    permutation (same ``seed``), cuts it into batches of ``batch_size`` and takes the batches
+    ``rank, rank + world_size, ...``. The shards are disjoint and together cover the epoch, and
+    ``world_size`` ranks step through the same cells as one process taking ``world_size``
+    consecutive batches per optimizer step (gradient accumulation).
+    """
 
     def __init__(self, data: CellData, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
         self.data, self.batch_size, self.shuffle, self.drop_last = data, batch_size, shuffle, drop_last
+        self.rank, self.world_size = int(rank), int(world_size)
         self.generator = torch.Generator().manual_seed(seed)
+        self._start = 0
 
-    def __len__(self) -> int:
+    def _global_batches(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, -(-(self._global_batches() - self.rank) // self.world_size))
+
+    def state_dict(self) -> dict:
+        """The generator state: restoring it makes the next iteration draw the same permutation."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def resume_at(self, batch: int) -> None:
+        """Start the next iteration at this rank's batch ``batch`` of the epoch (the epoch's
+        permutation is drawn as usual; the batches before it are skipped without being built)."""
+        if not 0 <= batch <= len(self):
+            raise ValueError(f"cannot resume at batch {batch} of an epoch of {len(self)} batches")
+        self._start = int(batch)
 
     def __iter__(self):
         n = len(self.data)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+        start, self._start = self._start, 0
+        for j in range(self.rank + start * self.world_size, self._global_batches(), self.world_size):
+            idx = order[j * self.batch_size:(j + 1) * self.batch_size]
             batch = {"x": self.data.x[idx]}
             for k, v in self.data.covariates.items():
                 batch[k] = v[idx]

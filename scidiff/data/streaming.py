@@ -101,6 +101,7 @@ class RowBlock:
     indices: np.ndarray | None = None
     data: np.ndarray | None = None
     x: np.ndarray | None = None
+    checked: bool = False  # check_block passed (the Python path checks a block once)
 
     def to_matrix(self, n_genes: int):
         """A scipy CSR matrix (or the dense array) of the block, checked first."""
@@ -165,22 +166,10 @@ class MatrixReader:
     def var_names(self) -> list[str]:
         return self.layout.var_names
 
-    @property
-    def compressed(self) -> bool:
-        """Whether the expression values are stored with a compression filter."""
-        m = self.layout.arrays.get("data") or self.layout.arrays["x"]
-        return bool(m.filters) or not m.direct
-
-    def mean_cell_bytes(self) -> float:
-        """Average stored bytes of one cell (values + indices)."""
-        if self.layout.encoding == "dense":
-            return self.layout.n_genes * self.layout.arrays["x"].dtype.itemsize
-        per_value = sum(self.layout.arrays[k].dtype.itemsize for k in ("data", "indices"))
-        return per_value * int(self.layout.indptr[-1]) / max(self.n_cells, 1)
-
     def default_block_size(self) -> int:
-        """Cells per contiguous block: 64, or enough to span about four chunks of a compressed
-        file (a chunk is inflated whole however few of its cells are needed)."""
+        """Cells per contiguous block: 64, or enough to span about eight chunks of a compressed
+        file (a chunk is inflated whole however few of its cells are needed, so short blocks
+        waste work at their ends)."""
         m = self.layout.arrays.get("data") or self.layout.arrays["x"]
         if not m.chunked or not m.filters:
             return 64
@@ -188,7 +177,7 @@ class MatrixReader:
             cells_per_chunk = float(m.chunk_shape[0])
         else:
             cells_per_chunk = m.chunk_shape[0] / max(int(self.layout.indptr[-1]) / max(self.n_cells, 1), 1e-9)
-        return int(min(1024, max(64, 2 ** int(np.ceil(np.log2(max(4 * cells_per_chunk, 1)))))))
+        return int(min(1024, max(64, 2 ** int(np.ceil(np.log2(max(8 * cells_per_chunk, 1)))))))
 
     # -- reading --------------------------------------------------------------------------------
     def _h5py(self):
@@ -252,6 +241,30 @@ class MatrixReader:
         self._read_arrays([("data", el_starts, el_stops, data), ("indices", el_starts, el_stops, indices)])
         return RowBlock(n, indptr=indptr, indices=indices, data=data)
 
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`read_densify` applies: the native reader on CSR arrays stored without
+        filters (cells are densified while their bytes are still in cache)."""
+        L = self.layout
+        return (self.backend == "native" and L.encoding == "csr" and "data" in self._arrays
+                and "indices" in self._arrays and not L.arrays["data"].filters
+                and not L.arrays["indices"].filters and L.arrays["data"].dtype.kind in _NATIVE_DTYPES)
+
+    def read_densify(self, runs, dest, transform: Transform, out: np.ndarray) -> np.ndarray:
+        """Read the cells of ``runs`` and densify cell ``j`` (of the runs concatenated) into
+        ``out[dest[j]]``, in one pass (:attr:`fused` readers only)."""
+        runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        t, L = transform, self.layout
+        try:
+            _ext.read_densify_csr(self._arrays["data"], L.arrays["data"].dtype, self._arrays["indices"],
+                                  L.arrays["indices"].dtype, L.indptr, np.ascontiguousarray(runs[:, 0]),
+                                  np.ascontiguousarray(runs[:, 1]), np.ascontiguousarray(dest, dtype=np.int64),
+                                  t.gene_map, out, t.normalize, t.target_sum or 1.0, t.normalize, t.offset, t.scale,
+                                  self.n_threads)
+        except ValueError as exc:
+            raise ValueError(f"{L.where}: {exc}") from exc
+        return out
+
     def read_matrix(self, runs):
         """The cells of ``runs`` as a scipy CSR matrix (or a dense array), values as stored."""
         return self.read(runs).to_matrix(self.layout.n_genes)
@@ -286,7 +299,11 @@ class MatrixReader:
                 raise ValueError("row outside the block")
             m = block.x[rows]
         else:
-            check_block(block, self.layout.n_genes, rows)
+            if not block.checked:
+                check_block(block, self.layout.n_genes)
+                block.checked = True
+            if len(rows) and (rows.min() < 0 or rows.max() >= block.n):
+                raise ValueError("row outside the block")
             m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(block.n, self.layout.n_genes))[rows]
         if t.normalize:
             m, _ = log_normalize(m, t.target_sum)
@@ -553,10 +570,38 @@ class StreamingLoader:
             if hasattr(blocks, "close"):
                 blocks.close()
 
+    def _fused_batches(self, epoch: int, stop: threading.Event | None = None):
+        """Batch dicts read and densified in one pass per fetch group (uncompressed CSR): the
+        group lands in one buffer, permuted, and each batch is a slice of it."""
+        import torch
+
+        pool = _BufferPool(self.transform.n_genes, self.pin_memory)
+        for group in self.order.groups(epoch):
+            if stop is not None and stop.is_set():
+                return
+            order = np.concatenate(group.batches) if group.batches else np.zeros(0, np.int64)
+            dest = np.empty(len(order), np.int64)
+            dest[order] = np.arange(len(order))
+            out = self.reader.read_densify(group.runs, dest, self.transform, pool.take(len(order)))
+            ids, start = group.cell_ids, 0
+            for rows in group.batches:
+                batch = {"x": torch.from_numpy(out[start:start + len(rows)])}
+                start += len(rows)
+                cells = ids[rows]
+                for k, v in self.covariates.items():
+                    batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
+                if self.return_index:
+                    batch["cell_index"] = torch.from_numpy(cells)
+                yield batch
+
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
+        fused = self.reader.fused and self.densify_device.type == "cpu"
         if self.prefetch <= 0:
-            yield from self._batches(self._blocks(epoch))
+            yield from (self._fused_batches(epoch) if fused else self._batches(self._blocks(epoch)))
+            return
+        if fused:
+            yield from _in_background(lambda stop: self._fused_batches(epoch, stop), self.prefetch, "scidiff-read")
             return
         # two stages, each in its own thread (the C++ work releases the GIL): reading the next
         # fetch group overlaps densifying the current one

@@ -482,6 +482,12 @@ class OnnxSampler:
         noise = (lambda i: rng.standard_normal((n, self.dim), dtype=np.float32)) if eta > 0 else None
         return Batch(x_T, index, table, np.full(int(index.max()) + 1, guidance, np.float32), noise, obs)
 
+    def grid(self, sampler: str, steps: int) -> list[int]:
+        """The timesteps ``sampler`` evaluates the network at (one graph call each)."""
+        if sampler_name(sampler) == "dpmpp_2m":
+            return logsnr_timesteps(self.alphas_cumprod, steps)
+        return timesteps(self.num_timesteps, steps)
+
     def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
         """Sample one (possibly merged) batch; returns points in diffusion space ``[B, D]``."""
         fn = SAMPLER_FUNCTIONS[sampler_name(sampler)]

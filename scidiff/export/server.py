@@ -145,7 +145,7 @@ class Batcher:
             x = self.sampler.to_expression(self.sampler.decode(z))
             with self._lock:
                 self.stats["runs"] += 1
-                self.stats["onnx_calls"] += len(_grid(self.sampler, steps))
+                self.stats["onnx_calls"] += len(self.sampler.grid(sampler, steps))
                 self.stats["requests"] += len(live)
                 self.stats["cells"] += len(x)
                 self.stats["max_merged"] = max(self.stats["max_merged"], len(live))
@@ -161,12 +161,6 @@ class Batcher:
                     j.future.set_exception(exc)
 
 
-def _grid(sampler: OnnxSampler, steps: int) -> list[int]:
-    from .runtime import timesteps
-
-    return timesteps(sampler.num_timesteps, steps)
-
-
 def merge(batches: list[Batch]) -> Batch:
     """Stack batches into one: cells concatenated, condition tables concatenated (each batch's
     ``index`` shifted by the rows before it), and step noise drawn from each batch's own source."""
@@ -174,13 +168,12 @@ def merge(batches: list[Batch]) -> Batch:
         return batches[0]
     offsets = np.cumsum([0] + [len(b.guidance) for b in batches[:-1]])
     table = {k: np.concatenate([b.table[k] for b in batches]) for k in batches[0].table}
-    noise = None
-    if any(b.noise is not None for b in batches):
-        def noise(i):
-            return np.concatenate([b.noise(i) for b in batches])
+    def noise(i):
+        return np.concatenate([b.noise(i) for b in batches])
     return Batch(np.concatenate([b.x_T for b in batches]),
                  np.concatenate([b.index + off for b, off in zip(batches, offsets)]),
-                 table, np.concatenate([b.guidance for b in batches]), noise)
+                 table, np.concatenate([b.guidance for b in batches]),
+                 noise if all(b.noise is not None for b in batches) else None)
 
 
 def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: int = 4096, window_ms: float = 2.0,
@@ -194,14 +187,25 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
 
     sampler = model if isinstance(model, OnnxSampler) else OnnxSampler(model, device=device, threads=threads)
     state: dict = {}
+    lock = threading.Lock()
+
+    def batcher() -> Batcher:
+        """The app's batcher, started with the app (or on first use when no lifespan ran)."""
+        with lock:
+            if state.get("batcher") is None:
+                state["batcher"] = Batcher(sampler, max_batch_cells=max_batch_cells, window_ms=window_ms)
+            return state["batcher"]
 
     @asynccontextmanager
     async def lifespan(app):
-        state["batcher"] = Batcher(sampler, max_batch_cells=max_batch_cells, window_ms=window_ms)
+        batcher()
         try:
             yield
         finally:
-            state["batcher"].close()
+            with lock:
+                running = state.pop("batcher", None)
+            if running is not None:
+                running.close()
 
     app = FastAPI(title="scidiff generation server", version=str(sampler.meta.get("scidiff_version")),
                   lifespan=lifespan)
@@ -210,9 +214,8 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
 
     @app.get("/health")
     def health():
-        batcher = state.get("batcher")
         return {"status": "ok", "providers": sampler.providers, "max_cells": int(max_cells),
-                "stats": dict(batcher.stats) if batcher else {}}
+                "stats": dict(batcher().stats)}
 
     @app.get("/model")
     def describe():
@@ -231,7 +234,7 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         job = Job(batch, opts, seed)
-        x = await asyncio.wrap_future(state["batcher"].submit(job))
+        x = await asyncio.wrap_future(batcher().submit(job))
         headers = {"X-Scidiff-Seed": str(seed)}
         if req.format == "json":
             body = {"n": req.n, "genes": sampler.genes, "obs": batch.obs, "X": np.round(x, 6).tolist(),

@@ -7,6 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
@@ -54,7 +55,11 @@ class ScoreNetwork(nn.Module):
     """Residual MLP ``genes -> hidden -> (blocks) -> genes`` conditioned on ``emb [B, emb_dim]``.
 
     The output is the raw network prediction (x0, eps or v, as the model facade declares).
+    ``gradient_checkpointing = True`` recomputes each block's activations in the backward pass
+    instead of storing them (less memory, about one more forward of compute; training only).
     """
+
+    gradient_checkpointing = False
 
     def __init__(self, gene_dim: int, hidden_dim: int = 512, num_layers: int = 6, emb_dim: int = 128,
                  dropout: float = 0.0, response_dim: int = 0):
@@ -87,8 +92,12 @@ class ScoreNetwork(nn.Module):
         if response is not None and self.response_input is not None:
             h = h + self.response_input(response)
         mods = self.modulations(emb) if modulations is None else modulations
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block, mod in zip(self.blocks, mods):
-            h = block(h, modulation=mod)
+            if recompute:  # keep only block inputs; recompute activations in the backward pass
+                h = torch.utils.checkpoint.checkpoint(block, h, modulation=mod, use_reentrant=False)
+            else:
+                h = block(h, modulation=mod)
         shift, scale = mods[-1].chunk(2, dim=-1)
         h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
         return self.output(h)

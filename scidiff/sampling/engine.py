@@ -34,7 +34,7 @@ from typing import Iterator
 import torch
 
 from .. import ops
-from .samplers import DEFAULT_SPACING, PlanStep, sampler_plan
+from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan
 
 
 def cpu_has_bf16() -> bool:
@@ -62,10 +62,10 @@ class SamplingEngine:
         threads: set ``torch.set_num_threads`` (process-wide) before sampling.
     """
 
-    def __init__(self, model, sampler: str = "dpmpp_2m", steps: int | None = 25, *, eta: float = 0.0,
-                 spacing: str | None = None, guidance_scale: float = 1.0, clip: tuple[float, float] | None = None,
-                 device=None, dtype="auto", chunk_size: int | None = None, cuda_graph: bool | None = None,
-                 threads: int | None = None):
+    def __init__(self, model, sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS, *,
+                 eta: float = 0.0, spacing: str | None = None, guidance_scale: float = 1.0,
+                 clip: tuple[float, float] | None = None, device=None, dtype="auto", chunk_size: int | None = None,
+                 cuda_graph: bool | None = None, threads: int | None = None):
         if threads:
             torch.set_num_threads(int(threads))
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -187,7 +187,8 @@ class SamplingEngine:
         key = (x_T.shape[0], cemb.shape[0], inverse is not None, response is not None)
         entry = self._graphs.get(key)
         if entry is None:
-            static = {"x": x_T.clone(), "cemb": cemb.clone(), "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
+            static = {"x": x_T.clone(), "cemb": cemb.clone(),
+                      "seed": torch.zeros(1, dtype=torch.int64, device=self.device),
                       "inverse": inverse.clone() if inverse is not None else None,
                       "response": response.clone() if response is not None else None}
 

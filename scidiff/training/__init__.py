@@ -1,9 +1,10 @@
-"""Training: the trainer, losses, EMA and checkpoints."""
-from .checkpoint import load_model, read_checkpoint, save_model
+"""Training: the trainer, losses, EMA, checkpoints and the multi-process helpers."""
+from .checkpoint import load_model, read_checkpoint, read_training_checkpoint, save_model
 from .ema import EMA
 from .losses import (BiologicalConstraints, denoising_loss, nonnegativity_loss, pathway_consistency_loss,
                      sparsity_loss)
-from .trainer import ScIDiffTrainer
+from .trainer import ScIDiffTrainer, enable_determinism
 
-__all__ = ["BiologicalConstraints", "EMA", "ScIDiffTrainer", "denoising_loss", "load_model",
-           "nonnegativity_loss", "pathway_consistency_loss", "read_checkpoint", "save_model", "sparsity_loss"]
+__all__ = ["BiologicalConstraints", "EMA", "ScIDiffTrainer", "denoising_loss", "enable_determinism", "load_model",
+           "nonnegativity_loss", "pathway_consistency_loss", "read_checkpoint", "read_training_checkpoint",
+           "save_model", "sparsity_loss"]

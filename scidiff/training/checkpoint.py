@@ -3,8 +3,13 @@ normalisation, scaling, covariate vocabularies). Files are written to a temporar
 renamed, and read with ``torch.load(weights_only=True)``: nothing is unpickled."""
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
+import re
+import shutil
+import warnings
 
 import torch
 
@@ -13,11 +18,62 @@ from ..data.io import atomic_path
 FORMAT = "scidiff.checkpoint"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoints"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"S{obj!r}".encode())
+
+
+def payload_digest(payload: dict) -> str:
+    """SHA-256 over a checkpoint's contents (every tensor's bytes, dtype and shape, and every
+    plain value), leaving out the ``"digest"`` entry itself."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k not in ("digest", "path")})
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_torch_save(obj, path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename."""
-    atomic_path(path, lambda tmp: torch.save(obj, tmp))
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed: a
+    crash at any moment leaves either the old file or the complete new one at ``path``."""
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_path(path, write)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def model_payload(model, state_dict=None) -> dict:
@@ -35,7 +91,9 @@ def save_model(model, path, state_dict=None, **extra) -> str:
     path = os.fspath(path)
     if os.path.isdir(path) or not path.endswith((".pt", ".pth", ".ckpt")):
         path = os.path.join(path, MODEL_FILE)
-    atomic_torch_save({**model_payload(model, state_dict), **extra}, path)
+    payload = {**model_payload(model, state_dict), **extra}
+    payload["digest"] = payload_digest(payload)
+    atomic_torch_save(payload, path)
     return path
 
 
@@ -55,6 +113,8 @@ def read_checkpoint(path) -> dict:
         raise ValueError(f"{path!r} is not a scidiff checkpoint (no '{FORMAT}' format tag)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path!r} was written by a newer scidiff (format {payload['format_version']})")
+    if "digest" in payload and payload_digest(payload) != payload["digest"]:
+        raise ValueError(f"{path!r} is corrupt: its contents do not match the SHA-256 digest written with it")
     payload["path"] = path
     return payload
 
@@ -79,3 +139,83 @@ def load_model(path, map_location="cpu", genes=None):
         raise ValueError(f"{payload['path']!r} does not match its own model config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.to(map_location).eval()
+
+
+# -- training checkpoints ------------------------------------------------------------------------
+def write_training_checkpoint(payload: dict, folder, step: int, keep: int = 1) -> str:
+    """Write a training checkpoint into run folder ``folder`` and return its path.
+
+    ``keep == 1``: one file, ``folder/checkpoint.pt``, replaced atomically. ``keep > 1``: the
+    file goes to ``folder/checkpoints/step-<step>.pt``, ``checkpoint.pt`` becomes a hard link to
+    it (a copy where links are not supported), and only the newest ``keep`` step files remain.
+    Every file carries a SHA-256 digest of its contents, checked on load."""
+    folder = os.fspath(folder)
+    payload = dict(payload)
+    payload["digest"] = payload_digest(payload)
+    latest = os.path.join(folder, CHECKPOINT_FILE)
+    if keep <= 1:
+        atomic_torch_save(payload, latest)
+        return latest
+    path = os.path.join(folder, CHECKPOINT_DIR, f"step-{int(step):09d}.pt")
+    atomic_torch_save(payload, path)
+    tmp = os.path.join(folder, f".tmp-link-{os.getpid()}.pt")
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+    _fsync_dir(folder)
+    for _, old in list_checkpoints(folder)[:-keep]:
+        os.remove(old)
+    return path
+
+
+def list_checkpoints(folder) -> list[tuple[int, str]]:
+    """``(step, path)`` of the step files in ``folder/checkpoints``, oldest first."""
+    out = []
+    for path in glob.glob(os.path.join(os.fspath(folder), CHECKPOINT_DIR, "step-*.pt")):
+        m = _STEP_FILE.match(os.path.basename(path))
+        if m:
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def remove_partial_files(folder) -> list[str]:
+    """Delete temporary files a killed writer left in run folder ``folder`` (never complete
+    checkpoints); returns their paths."""
+    folder = os.fspath(folder)
+    stale = (glob.glob(os.path.join(folder, ".tmp-*.pt")) +
+             glob.glob(os.path.join(folder, CHECKPOINT_DIR, ".tmp-*.pt")))
+    for path in stale:
+        os.remove(path)
+    return stale
+
+
+def read_training_checkpoint(path) -> dict:
+    """A validated training checkpoint (format tag, digest, training state present). ``path``: a
+    checkpoint file, or a run folder: its newest readable checkpoint (step files newest first,
+    then ``checkpoint.pt``); unreadable ones are skipped with a warning that names them."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidates = [p for _, p in reversed(list_checkpoints(path))]
+        if os.path.exists(os.path.join(path, CHECKPOINT_FILE)):
+            candidates.append(os.path.join(path, CHECKPOINT_FILE))
+        if not candidates:
+            raise FileNotFoundError(f"no training checkpoint in {path!r} (looked for {CHECKPOINT_FILE} and "
+                                    f"{CHECKPOINT_DIR}/step-*.pt)")
+        errors = []
+        for candidate in candidates:
+            try:
+                return read_training_checkpoint(candidate)
+            except ValueError as exc:
+                errors.append(str(exc))
+                warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=2)
+        raise ValueError(f"no readable training checkpoint in {path!r}: " + "; ".join(errors))
+    payload = read_checkpoint(path)
+    missing = [k for k in ("trainer", "live_state_dict", "optimizer", "ema", "step", "epoch") if k not in payload]
+    if missing:
+        raise ValueError(f"{path!r} holds no training state to resume from (missing {missing}); "
+                         f"it is a model file, or was written by an older scidiff")
+    return payload

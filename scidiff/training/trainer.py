@@ -1,7 +1,23 @@
-"""``ScIDiffTrainer``: AdamW, gradient clipping, EMA, early stopping, checkpoints."""
+"""``ScIDiffTrainer``: AdamW, gradient clipping, EMA, early stopping, resumable checkpoints, and
+the scale-out options: DDP over several processes, bf16 autocast, gradient accumulation,
+gradient checkpointing and ``torch.compile``.
+
+Effective batch and learning rate: one optimizer step sees ``batch_size x world_size x
+gradient_accumulation`` cells (the loss is the mean over them: DDP averages gradients over ranks,
+accumulation divides each micro-batch's loss by the number of micro-batches). The learning rate
+is used as given, never rescaled for the larger batch; scale it yourself (for example linearly
+with the effective batch, with a longer warm-up) when you add processes.
+
+Randomness: the timesteps, noise and condition dropout of micro-batch ``a`` on rank ``r`` come
+from the generator of stream ``a * world_size + r`` (stream 0 is seeded with ``seed`` itself).
+Together with the sharding of :class:`~scidiff.data.InMemoryLoader`, ``W`` processes with
+accumulation ``A`` compute the same steps as one process with accumulation ``W * A``.
+"""
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import math
 import os
 import time
@@ -9,9 +25,12 @@ import warnings
 
 import torch
 
-from .checkpoint import atomic_torch_save, model_payload, save_model
+from . import distributed
+from .checkpoint import (atomic_torch_save, model_payload, payload_digest, read_training_checkpoint,
+                         remove_partial_files, save_model, write_training_checkpoint)
 from .ema import EMA
 from .losses import BiologicalConstraints, denoising_loss
+from .rng import capture_rng_state, restore_rng_state
 
 
 def resolve_device(device) -> torch.device:
@@ -36,32 +55,140 @@ def split_batch(batch, model) -> tuple[torch.Tensor, dict]:
     return batch["x"], {k: v for k, v in batch.items() if k in keys}
 
 
+def _batch_cells(batch) -> int:
+    x = batch["x"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
+    return int(x.shape[0])
+
+
+def enable_determinism() -> None:
+    """Make this process's torch kernels deterministic (needed for bit-exact resume on GPU; CPU
+    kernels are deterministic for a fixed thread count already)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+class _Denoiser:
+    """The model as :func:`denoising_loss` sees it: calls go through the wrapped module (DDP
+    and/or compiled), attributes (schedule, encode, preconditioning) come from the model."""
+
+    def __init__(self, wrapped, model):
+        self._wrapped, self._model = wrapped, model
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+def _loader_state(loader):
+    """What restores a loader's order for the coming epoch: its own ``state_dict`` (the
+    in-memory loader's generator), or the epoch of a loader that has ``set_epoch`` (streaming)."""
+    if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
+        return {"state_dict": loader.state_dict()}
+    if hasattr(loader, "set_epoch") and hasattr(loader, "epoch"):
+        return {"epoch": int(loader.epoch)}
+    return None
+
+
+def _restore_loader(loader, state) -> None:
+    if state is None:
+        return
+    if "state_dict" in state:
+        loader.load_state_dict(state["state_dict"])
+    else:
+        loader.set_epoch(state["epoch"])
+
+
+def _iterate_from(loader, start: int):
+    """An iterator over ``loader`` that begins at batch ``start`` of the epoch."""
+    if start and hasattr(loader, "resume_at"):
+        loader.resume_at(start)
+        return iter(loader)
+    it = iter(loader)
+    for _ in range(start):  # loaders without resume_at: read and drop the batches already trained on
+        next(it)
+    return it
+
+
 class ScIDiffTrainer:
     """Train a :class:`~scidiff.models.ScIDiffModel`.
 
     Args:
         model, train_loader, val_loader: loaders yield batch dicts (see :mod:`scidiff.data`).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (falls back to CPU with a warning).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` (falls back to CPU with a warning); with
+            ``use_ddp``, ``"auto"``/``"cuda"`` mean ``cuda:LOCAL_RANK``.
         learning_rate, weight_decay: AdamW; the rate warms up linearly over ``warmup_steps`` and
             decays along a cosine to 10% by the last step.
         gradient_clip_val: global gradient-norm clip (0 = off).
         ema_decay: EMA of weights; the EMA weights are what sampling and checkpoints use.
-        mixed_precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` or ``"no"``.
+        mixed_precision: ``"auto"`` (bf16 autocast on CUDA, off on CPU), ``"bf16"`` (also on the
+            CPU) or ``"no"``.
         constraints: :class:`BiologicalConstraints` weights (all off by default).
         early_stopping_patience: stop after this many epochs without a better validation loss
             (needs ``val_loader``; ``None`` = off); the best EMA weights are restored.
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` every N epochs and
             ``model.pt`` + ``history.csv`` at the end.
+        checkpoint_every_steps: also checkpoint every N optimizer steps, mid-epoch too (0 = off).
+        keep_checkpoints: keep the newest N checkpoints (N > 1: ``checkpoints/step-*.pt``, with
+            ``checkpoint.pt`` the newest).
+        use_ddp: wrap the model in ``DistributedDataParallel`` (joins the process group
+            ``torchrun`` describes if none exists yet). Each rank must get its own shard of the
+            data (``CellData.loader(..., rank=, world_size=)``); only rank 0 writes files.
+        gradient_accumulation: micro-batches per optimizer step.
+        gradient_checkpointing: recompute the score network's blocks in the backward pass.
+        compile: run the model's forward and backward through ``torch.compile`` (``True``:
+            inductor; otherwise the ``backend`` given to ``torch.compile``, a name or a callable).
+        log_every_steps: append loss, cells/s and learning rate every N steps to
+            ``checkpoint_dir/steps.csv`` (0 = off; ``history.csv`` holds the per-epoch rows).
     """
 
     def __init__(self, model, train_loader, val_loader=None, device="auto", learning_rate: float = 1e-3,
                  weight_decay: float = 1e-4, gradient_clip_val: float = 1.0, ema_decay: float = 0.999,
                  warmup_steps: int = 200, mixed_precision: str = "auto",
                  constraints: BiologicalConstraints | None = None, early_stopping_patience: int | None = 20,
-                 checkpoint_dir=None, checkpoint_every: int = 10, seed: int = 0, progress: bool = True):
-        self.device = resolve_device(device)
+                 checkpoint_dir=None, checkpoint_every: int = 10, seed: int = 0, progress: bool = True, *,
+                 checkpoint_every_steps: int = 0, keep_checkpoints: int = 1, use_ddp: bool = False,
+                 gradient_accumulation: int = 1, gradient_checkpointing: bool = False, compile=False,
+                 log_every_steps: int = 0, find_unused_parameters: bool = False):
+        if mixed_precision not in ("auto", "bf16", "no"):
+            raise ValueError("mixed_precision must be 'auto', 'bf16' or 'no'")
+        if gradient_accumulation < 1:
+            raise ValueError(f"gradient_accumulation must be >= 1, got {gradient_accumulation}")
+        if keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
+        self.use_ddp = bool(use_ddp)
+        self.device = distributed.init_distributed(device) if self.use_ddp else resolve_device(device)
+        self.rank = distributed.rank() if self.use_ddp else 0
+        self.world_size = distributed.world_size() if self.use_ddp else 1
         self.model = model.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
+        if gradient_checkpointing:
+            score = getattr(model, "score", None)
+            if score is None or not hasattr(score, "gradient_checkpointing"):
+                raise ValueError("gradient_checkpointing needs a model whose score network has blocks "
+                                 "(ScIDiffModel.score)")
+            score.gradient_checkpointing = True
+        self.gradient_accumulation = int(gradient_accumulation)
+        net = model
+        if self.use_ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # the constructor broadcasts rank 0's parameters and buffers, so every rank starts equal;
+            # the buffers (schedule, latent axes) are constants, so they need no sync at each forward
+            import inspect
+
+            no_buffer_sync = ({"forward_sync_buffers": False}
+                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                              else {"broadcast_buffers": False})
+            net = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                          find_unused_parameters=find_unused_parameters, **no_buffer_sync)
+        self._ddp = net if self.use_ddp else None
+        if compile:
+            net = torch.compile(net) if compile is True else torch.compile(net, backend=compile)
+        self._net = net
+        self._denoiser = _Denoiser(net, model) if net is not model else model
         groups = (model.parameter_groups(learning_rate) if hasattr(model, "parameter_groups")
                   else [{"params": list(model.parameters()), "lr_scale": 1.0}])
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate,
@@ -69,19 +196,35 @@ class ScIDiffTrainer:
         self.learning_rate, self.warmup_steps = float(learning_rate), int(warmup_steps)
         self.gradient_clip_val = float(gradient_clip_val)
         self.ema = EMA(model, ema_decay)
-        if mixed_precision not in ("auto", "bf16", "no"):
-            raise ValueError("mixed_precision must be 'auto', 'bf16' or 'no'")
         self.autocast = (mixed_precision == "bf16") or (mixed_precision == "auto" and self.device.type == "cuda")
         self.constraints = constraints or BiologicalConstraints()
-        spec = model.data_spec
+        spec = getattr(model, "data_spec", None)
         self.gene_sets = self.constraints.resolve(spec.gene_names if spec else None, self.device)
         self.early_stopping_patience = early_stopping_patience
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, int(checkpoint_every)
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.checkpoint_every_steps, self.keep_checkpoints = int(checkpoint_every_steps), int(keep_checkpoints)
+        self.log_every_steps = int(log_every_steps)
+        # one noise stream per micro-batch slot of this rank (see the module docstring)
+        self.generators = [torch.Generator(device=self.device).manual_seed(
+            distributed.derived_seed(seed, a * self.world_size + self.rank)) for a in range(self.gradient_accumulation)]
+        self.generator = self.generators[0]
         self.seed, self.progress = seed, progress
         self.step, self.epoch = 0, 0
         self.history: list[dict] = []
         self.best_val, self.best_state = math.inf, None
+        self._bad_epochs = 0
+        self._batch_in_epoch = 0
+        self._batches_per_epoch = None
+        self._epoch_loader_state = None
+        self._epoch_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._epoch_cells, self._epoch_seconds = 0, 0.0
+        self._schedule: dict | None = None
+        self._resume: dict | None = None
+        self._raw_state = None
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
 
     # -- one step --------------------------------------------------------------------------------
     def _lr(self, total_steps: int) -> float:
@@ -94,34 +237,50 @@ class ScIDiffTrainer:
         spec = self.model.data_spec
         return spec.to_expression(z, clip=False) if spec is not None else z
 
-    def training_step(self, batch, total_steps: int) -> dict:
+    def _forward_backward(self, batch, slot: int = 0, scale: float = 1.0, sync: bool = True) -> dict:
+        """Loss of one micro-batch, backpropagated with weight ``scale``; with DDP, gradients are
+        all-reduced only when ``sync``."""
         x0, cond = split_batch(batch, self.model)
         x0 = x0.to(self.device, non_blocking=True).float()
         cond = {k: v.to(self.device) for k, v in cond.items()}
+        no_sync = self._ddp.no_sync() if self._ddp is not None and not sync else contextlib.nullcontext()
+        with no_sync:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss, x0_hat = denoising_loss(self._denoiser, x0, cond, self.generators[slot])
+            terms = {"denoising": loss.detach()}
+            if self.constraints.active:
+                extra = self.constraints(self._expression(x0_hat.float()), self._expression(x0), self.gene_sets)
+                terms.update({k: v.detach() for k, v in extra.items()})
+                loss = loss + sum(extra.values())
+            (loss * scale if scale != 1.0 else loss).backward()
+        terms["loss"] = loss.detach()
+        return terms
+
+    def _set_lr(self, total_steps: int) -> None:
         lr = self._lr(total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss, x0_hat = denoising_loss(self.model, x0, cond, self.generator)
-        terms = {"denoising": loss.detach()}
-        if self.constraints.active:
-            extra = self.constraints(self._expression(x0_hat.float()), self._expression(x0), self.gene_sets)
-            terms.update({k: v.detach() for k, v in extra.items()})
-            loss = loss + sum(extra.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+
+    def _optimizer_step(self) -> None:
         if self.gradient_clip_val > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.gradient_clip_val)
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        terms["loss"] = loss.detach()
+
+    def training_step(self, batch, total_steps: int) -> dict:
+        """One optimizer step on one batch; returns the loss terms (detached)."""
+        self._set_lr(total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = self._forward_backward(batch)
+        self._optimizer_step()
         return terms
 
     @torch.no_grad()
     def validation_loss(self, loader=None, state_dict=None) -> float:
         """Mean denoising loss over ``loader`` of the EMA weights (or of ``state_dict``), with a
-        fixed noise seed so epochs are comparable."""
+        fixed noise seed so epochs are comparable. With DDP the mean is over all ranks' shards
+        (every rank must call it)."""
         loader = loader or self.val_loader
         live = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(state_dict if state_dict is not None else self.ema.state_dict_for(self.model))
@@ -139,69 +298,286 @@ class ScIDiffTrainer:
         finally:
             self.model.load_state_dict(live)
             self.model.train()
+        if self.use_ddp:
+            total, n = distributed.all_reduce([total, n], device=self.device)
         return total / max(n, 1)
 
     # -- the loop --------------------------------------------------------------------------------
+    def _plan(self, num_epochs: int, micro: int, steps_per_epoch: int) -> int:
+        """Set ``self._schedule`` for this call; returns the batch of the epoch to start at."""
+        r, self._resume = self._resume, None
+        if r is None:
+            self._bad_epochs = 0  # a new call counts its own epochs without improvement
+        if r is None or r["schedule"] is None:
+            if self._raw_state is not None:  # continue from live weights, not EMA
+                self.model.load_state_dict(self._raw_state)
+                self._raw_state = None
+            self._schedule = {"call_start_epoch": self.epoch, "call_start_step": self.step,
+                              "end_epoch": self.epoch + num_epochs,
+                              "total_steps": self.step + num_epochs * steps_per_epoch}
+            return r["batch_in_epoch"] if r is not None else 0
+        old = r["schedule"]
+        if r["batch_in_epoch"] and r["batches_per_epoch"] != micro:
+            raise ValueError(f"{r['path']!r} stopped mid-epoch with {r['batches_per_epoch']} batches per epoch, "
+                             f"but the loader now gives {micro}: resume with the same data, batch size and "
+                             f"number of processes")
+        end_epoch = old["call_start_epoch"] + num_epochs
+        total = old["call_start_step"] + num_epochs * steps_per_epoch
+        if end_epoch == old["end_epoch"] and total != old["total_steps"]:
+            raise ValueError(f"{r['path']!r}: the run planned {old['total_steps']} steps but the loader now "
+                             f"gives {total}")
+        if end_epoch != old["end_epoch"]:
+            warnings.warn(f"resuming a run planned for {old['end_epoch']} epochs with {end_epoch}: the learning-rate "
+                          f"schedule is stretched to the new length", stacklevel=3)
+        self._schedule = {**old, "end_epoch": end_epoch, "total_steps": total}
+        return r["batch_in_epoch"]
+
+    def _epoch_batches(self) -> int:
+        micro = len(self.train_loader)
+        if self.use_ddp:  # every rank must take the same number of steps
+            micro = int(distributed.all_reduce([micro], "min", device=self.device)[0])
+        return micro
+
     def train(self, num_epochs: int) -> list[dict]:
         """Train for ``num_epochs`` (or until early stopping). Afterwards the model holds the
         EMA weights (the best ones by validation loss when a validation loader is given).
-        Returns the per-epoch history."""
+        After :meth:`resume`, ``num_epochs`` is the same number the interrupted call was given,
+        and training continues from where the checkpoint stopped. Returns the per-epoch history."""
         from tqdm.auto import tqdm
 
-        steps_per_epoch = len(self.train_loader)
-        if steps_per_epoch == 0:
+        micro = self._epoch_batches()
+        if micro == 0:
             raise ValueError("the training loader yields no batches")
-        total_steps = self.step + num_epochs * steps_per_epoch
-        if getattr(self, "_raw_state", None) is not None:  # continue from live weights, not EMA
-            self.model.load_state_dict(self._raw_state)
+        accum = self.gradient_accumulation
+        steps_per_epoch = -(-micro // accum)
+        self._batches_per_epoch = micro
+        start_batch = self._plan(num_epochs, micro, steps_per_epoch)
+        total_steps, end_epoch = self._schedule["total_steps"], self._schedule["end_epoch"]
         self.model.train()
-        bad_epochs = 0
-        bar = tqdm(range(num_epochs), desc="training", unit="epoch", disable=not self.progress)
-        for _ in bar:
-            t0, cells, total = time.perf_counter(), 0, 0.0
-            for batch in self.train_loader:
-                terms = self.training_step(batch, total_steps)
-                b = (batch["x"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch).shape[0]
-                cells += b
-                total += float(terms["loss"]) * b
+        bar = tqdm(total=total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not self.progress or not self.is_main_process)
+        log = _StepLog(self, total_steps) if self.log_every_steps > 0 else None
+        stopped = self._early_stop_due()  # a resumed run that had already stopped early
+        while self.epoch < end_epoch and not stopped:
+            if start_batch == 0:
+                self._epoch_loader_state = _loader_state(self.train_loader)
+                self._epoch_loss.zero_()
+                self._epoch_cells, self._epoch_seconds = 0, 0.0
+            i, start_batch = start_batch, 0
+            t0 = time.perf_counter()
+            batches = _iterate_from(self.train_loader, i)
+            try:
+                while i < micro:
+                    batch = next(batches, None)
+                    if batch is None:
+                        raise RuntimeError(f"the training loader stopped after {i} batches of the {micro} "
+                                           f"it announced (len)")
+                    g0 = i - i % accum
+                    g1 = min(g0 + accum, micro)
+                    if i == g0:
+                        self._set_lr(total_steps)
+                        self.optimizer.zero_grad(set_to_none=True)
+                    terms = self._forward_backward(batch, slot=i - g0, scale=1.0 / (g1 - g0), sync=i == g1 - 1)
+                    b = _batch_cells(batch)
+                    self._epoch_loss += terms["loss"].double() * b
+                    self._epoch_cells += b
+                    if log is not None:
+                        log.add(terms["loss"], b)
+                    i += 1
+                    if i == g1:
+                        self._optimizer_step()
+                        self._batch_in_epoch = i
+                        bar.update(1)
+                        if log is not None and self.step % self.log_every_steps == 0:
+                            bar.set_postfix(log.flush(), refresh=False)
+                        if (self.checkpoint_dir and self.checkpoint_every_steps > 0 and i < micro
+                                and self.step % self.checkpoint_every_steps == 0):
+                            self._epoch_seconds += time.perf_counter() - t0
+                            self.save_checkpoint()
+                            t0 = time.perf_counter()
+            finally:
+                if hasattr(batches, "close"):
+                    batches.close()
+            self._epoch_seconds += time.perf_counter() - t0
             self.epoch += 1
-            row = {"epoch": self.epoch, "step": self.step, "train_loss": total / max(cells, 1),
-                   "cells_per_s": cells / max(time.perf_counter() - t0, 1e-9), "lr": self._lr(total_steps)}
-            if self.val_loader is not None:
-                row["val_loss"] = self.validation_loss()
-                if row["val_loss"] < self.best_val:
-                    self.best_val, bad_epochs = row["val_loss"], 0
-                    self.best_state = self.ema.state_dict_for(self.model)
-                else:
-                    bad_epochs += 1
-            self.history.append(row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss")})
-            if self.checkpoint_dir and self.checkpoint_every > 0 and self.epoch % self.checkpoint_every == 0:
-                self.save_checkpoint()
-            if (self.early_stopping_patience is not None and self.val_loader is not None
-                    and bad_epochs >= self.early_stopping_patience):
-                bar.write(f"early stopping after epoch {self.epoch}: no better validation loss "
-                          f"for {bad_epochs} epochs (best {self.best_val:.4g})")
-                break
+            self._batch_in_epoch = 0
+            stopped = self._end_epoch(bar, total_steps)
+        bar.close()
         self._raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(self.best_state if self.best_state is not None
                                    else self.ema.state_dict_for(self.model))
         self.model.eval()
-        if self.checkpoint_dir:
+        if self.checkpoint_dir and self.is_main_process:
             save_model(self.model, self.checkpoint_dir)
             self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
+        if self.use_ddp:
+            distributed.barrier()
         return self.history
 
+    def _end_epoch(self, bar, total_steps: int) -> bool:
+        """Epoch bookkeeping: history row, validation, checkpoint; True to stop early."""
+        loss_sum, cells, seconds = float(self._epoch_loss), self._epoch_cells, self._epoch_seconds
+        if self.use_ddp:
+            loss_sum, cells, seconds = distributed.all_reduce([loss_sum, cells, seconds], device=self.device)
+            seconds /= self.world_size
+        row = {"epoch": self.epoch, "step": self.step, "train_loss": loss_sum / max(cells, 1),
+               "cells_per_s": cells / max(seconds, 1e-9), "lr": self._lr(total_steps)}
+        if self.val_loader is not None:
+            row["val_loss"] = self.validation_loss()
+            if row["val_loss"] < self.best_val:
+                self.best_val, self._bad_epochs = row["val_loss"], 0
+                self.best_state = self.ema.state_dict_for(self.model)
+            else:
+                self._bad_epochs += 1
+        self.history.append(row)
+        bar.set_postfix({"epoch": self.epoch, **{k: f"{v:.4g}" for k, v in row.items()
+                                                  if k in ("train_loss", "val_loss", "cells_per_s")}})
+        if self.checkpoint_dir and (
+                (self.checkpoint_every > 0 and self.epoch % self.checkpoint_every == 0)
+                or (self.checkpoint_every_steps > 0 and self.step % self.checkpoint_every_steps == 0)):
+            self.save_checkpoint()
+        if self._early_stop_due():
+            bar.write(f"early stopping after epoch {self.epoch}: no better validation loss "
+                      f"for {self._bad_epochs} epochs (best {self.best_val:.4g})")
+            return True
+        return False
+
+    def _early_stop_due(self) -> bool:
+        return (self.early_stopping_patience is not None and self.val_loader is not None
+                and self._bad_epochs >= self.early_stopping_patience)
+
     # -- files -----------------------------------------------------------------------------------
-    def save_checkpoint(self, path=None) -> str:
-        """Model (EMA weights) plus the training state, written atomically."""
-        path = path or os.path.join(self.checkpoint_dir, "checkpoint.pt")
+    def _training_state(self) -> dict:
+        """Everything :meth:`resume` needs beyond weights, optimizer and EMA (collective under DDP)."""
+        mine = {"rng": capture_rng_state(self.generators), "epoch_loss": float(self._epoch_loss),
+                "epoch_cells": int(self._epoch_cells), "epoch_seconds": float(self._epoch_seconds)}
+        ranks = distributed.all_gather_object(mine) if self.use_ddp else [mine]
+        mid_epoch = self._batch_in_epoch > 0
+        return {"batch_in_epoch": int(self._batch_in_epoch),
+                "batches_per_epoch": self._batches_per_epoch,
+                "loader": self._epoch_loader_state if mid_epoch else _loader_state(self.train_loader),
+                "schedule": dict(self._schedule) if self._schedule else None,
+                "history": [dict(r) for r in self.history], "best_val": float(self.best_val),
+                "best_state": ({k: v.detach().cpu() for k, v in self.best_state.items()}
+                               if self.best_state is not None else None),
+                "bad_epochs": int(self._bad_epochs), "world_size": int(self.world_size),
+                "gradient_accumulation": int(self.gradient_accumulation), "seed": int(self.seed),
+                "ranks": ranks}
+
+    def save_checkpoint(self, path=None) -> str | None:
+        """Model (EMA weights) plus the whole training state (live weights, optimizer, EMA,
+        schedule position, step, epoch, RNG states, data-order position), written atomically
+        with a digest. Under DDP every rank must call it; rank 0 writes and returns the path,
+        the others return ``None``."""
+        state = self._training_state()
+        if not self.is_main_process:
+            return None
         payload = model_payload(self.model, self.ema.state_dict_for(self.model))
-        payload.update({"live_state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+        live = self._raw_state if self._raw_state is not None else self.model.state_dict()  # after train(): EMA in model
+        payload.update({"live_state_dict": {k: v.detach().cpu() for k, v in live.items()},
                         "optimizer": self.optimizer.state_dict(), "ema": self.ema.state_dict(),
-                        "step": self.step, "epoch": self.epoch})
-        atomic_torch_save(payload, path)
+                        "step": self.step, "epoch": self.epoch, "trainer": state})
+        if path is None:
+            path = write_training_checkpoint(payload, self.checkpoint_dir, self.step, self.keep_checkpoints)
+            if self.history:
+                self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
+        else:
+            payload["digest"] = payload_digest(payload)
+            atomic_torch_save(payload, path)
         return path
+
+    def _check_resumable(self, payload: dict) -> None:
+        """Raise before anything is loaded when ``payload`` does not fit this trainer."""
+        where = repr(payload["path"])
+        if hasattr(self.model, "config"):
+            saved, mine = json.loads(payload["config"]), json.loads(json.dumps(self.model.config()))
+            diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+            if diff:
+                raise ValueError(f"{where} was written for another model: config differs in {diff} "
+                                 f"(checkpoint {[saved.get(k) for k in diff]}, this model {[mine.get(k) for k in diff]})")
+        own = self.model.state_dict()
+        for name in ("live_state_dict", "state_dict"):
+            sd = payload[name]
+            if set(sd) != set(own):
+                raise ValueError(f"{where}: {name} does not match the model (missing "
+                                 f"{sorted(set(own) - set(sd))[:5]}, unexpected {sorted(set(sd) - set(own))[:5]})")
+            bad = [k for k in own if tuple(sd[k].shape) != tuple(own[k].shape)]
+            if bad:
+                raise ValueError(f"{where}: {name} has other shapes for {bad[:5]}")
+        opt, mine = payload["optimizer"], self.optimizer.state_dict()
+        sizes = [len(g["params"]) for g in opt.get("param_groups", [])]
+        if sizes != [len(g["params"]) for g in mine["param_groups"]]:
+            raise ValueError(f"{where}: the optimizer holds parameter groups of sizes {sizes}, this trainer "
+                             f"{[len(g['params']) for g in mine['param_groups']]}")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for idx, st in opt.get("state", {}).items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st and tuple(st[key].shape) != tuple(params[int(idx)].shape):
+                    raise ValueError(f"{where}: optimizer state {key} of parameter {idx} has shape "
+                                     f"{tuple(st[key].shape)}, the parameter {tuple(params[int(idx)].shape)}")
+        shadow = payload["ema"].get("shadow", {})
+        if set(shadow) != set(self.ema.shadow):
+            raise ValueError(f"{where}: the EMA weights do not match the model")
+        t = payload["trainer"]
+        missing = [k for k in ("batch_in_epoch", "batches_per_epoch", "loader", "schedule", "history", "best_val",
+                               "best_state", "bad_epochs", "world_size", "gradient_accumulation", "ranks") if k not in t]
+        if missing:
+            raise ValueError(f"{where}: training state lacks {missing}")
+        if t["batch_in_epoch"] and (t["world_size"] != self.world_size
+                                    or t["gradient_accumulation"] != self.gradient_accumulation):
+            raise ValueError(f"{where} stopped mid-epoch under {t['world_size']} process(es) with gradient "
+                             f"accumulation {t['gradient_accumulation']}; resume it with the same (this trainer: "
+                             f"{self.world_size}, {self.gradient_accumulation})")
+        ranks = t["ranks"]
+        if not ranks or any(set(r) != {"rng", "epoch_loss", "epoch_cells", "epoch_seconds"} for r in ranks):
+            raise ValueError(f"{where}: the per-process training state is malformed")
+        if (t["world_size"] == self.world_size and t["gradient_accumulation"] == self.gradient_accumulation
+                and len(ranks[min(self.rank, len(ranks) - 1)]["rng"]["generators"]) != len(self.generators)):
+            raise ValueError(f"{where}: the noise-generator states do not match this trainer")
+        if t["loader"] is not None:
+            mine_l = _loader_state(self.train_loader)
+            if mine_l is None or set(mine_l) != set(t["loader"]):
+                raise ValueError(f"{where}: the data-order state {sorted(t['loader'])} does not fit this training "
+                                 f"loader ({type(self.train_loader).__name__})")
+
+    def resume(self, path) -> int:
+        """Restore weights, optimizer, EMA, schedule, step, epoch, RNG states and the position in
+        the data from a training checkpoint (a file, or a run folder: its newest readable one),
+        so that :meth:`train` continues exactly where it stopped. Everything is checked before
+        anything is loaded. Returns the step."""
+        if self.checkpoint_dir and self.is_main_process and os.path.isdir(self.checkpoint_dir):
+            remove_partial_files(self.checkpoint_dir)
+        payload = read_training_checkpoint(path)
+        self._check_resumable(payload)
+        t = payload["trainer"]
+        self.model.load_state_dict(payload["live_state_dict"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.ema.load_state_dict(payload["ema"])
+        self.step, self.epoch = int(payload["step"]), int(payload["epoch"])
+        self.history = [dict(r) for r in t["history"]]
+        self.best_val, self._bad_epochs = float(t["best_val"]), int(t["bad_epochs"])
+        self.best_state = ({k: v.to(self.device) for k, v in t["best_state"].items()}
+                           if t["best_state"] is not None else None)
+        same_layout = (t["world_size"] == self.world_size and t["gradient_accumulation"] == self.gradient_accumulation)
+        if not same_layout:
+            warnings.warn(f"{payload['path']!r} was written under {t['world_size']} process(es) with gradient "
+                          f"accumulation {t['gradient_accumulation']}; the noise streams restart from the seed",
+                          stacklevel=2)
+        mine = t["ranks"][self.rank] if self.rank < len(t["ranks"]) else t["ranks"][0]
+        rng = mine["rng"] if same_layout else {**mine["rng"], "generators": []}
+        restore_rng_state(rng, self.generators if same_layout else ())
+        self._epoch_loss.fill_(mine["epoch_loss"] if t["batch_in_epoch"] else 0.0)
+        self._epoch_cells = int(mine["epoch_cells"]) if t["batch_in_epoch"] else 0
+        self._epoch_seconds = float(mine["epoch_seconds"]) if t["batch_in_epoch"] else 0.0
+        _restore_loader(self.train_loader, t["loader"])
+        self._epoch_loader_state = t["loader"]
+        self._batch_in_epoch = int(t["batch_in_epoch"])
+        self._resume = {"path": payload["path"], "schedule": t["schedule"], "batch_in_epoch": self._batch_in_epoch,
+                        "batches_per_epoch": t["batches_per_epoch"]}
+        self._raw_state = None
+        if self.log_every_steps > 0 and self.checkpoint_dir and self.is_main_process:
+            _StepLog.truncate(os.path.join(self.checkpoint_dir, "steps.csv"), self.step)
+        return self.step
 
     def write_history(self, path) -> None:
         if not self.history:
@@ -212,4 +588,57 @@ class ScIDiffTrainer:
             writer = csv.DictWriter(fh, fieldnames=keys)
             writer.writeheader()
             writer.writerows(self.history)
+        os.replace(tmp, path)
+
+
+class _StepLog:
+    """Loss and throughput every ``log_every_steps`` steps: summed over ranks, appended by rank 0
+    to ``steps.csv`` and shown on the progress bar."""
+
+    FIELDS = ["step", "epoch", "loss", "cells_per_s", "lr"]
+
+    def __init__(self, trainer: ScIDiffTrainer, total_steps: int):
+        self.trainer, self.total_steps = trainer, total_steps
+        self.loss = torch.zeros((), dtype=torch.float64, device=trainer.device)
+        self.cells, self.t0 = 0, time.perf_counter()
+        d = trainer.checkpoint_dir
+        self.path = os.path.join(d, "steps.csv") if d and trainer.is_main_process else None
+        if self.path:
+            os.makedirs(d, exist_ok=True)
+
+    def add(self, loss: torch.Tensor, cells: int) -> None:
+        self.loss += loss.double() * cells
+        self.cells += cells
+
+    def flush(self) -> dict:
+        tr = self.trainer
+        loss, cells = float(self.loss), self.cells
+        seconds = time.perf_counter() - self.t0
+        if tr.use_ddp:
+            loss, cells = distributed.all_reduce([loss, cells], device=tr.device)
+        row = {"step": tr.step, "epoch": tr.epoch, "loss": loss / max(cells, 1),
+               "cells_per_s": cells / max(seconds, 1e-9), "lr": tr._lr(self.total_steps)}
+        if self.path:
+            new = not os.path.exists(self.path)
+            with open(self.path, "a", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self.FIELDS)
+                if new:
+                    writer.writeheader()
+                writer.writerow(row)
+        self.loss.zero_()
+        self.cells, self.t0 = 0, time.perf_counter()
+        return {"loss": f"{row['loss']:.4g}", "cells/s": f"{row['cells_per_s']:.0f}"}
+
+    @staticmethod
+    def truncate(path: str, step: int) -> None:
+        """Drop the rows a killed run logged after the checkpoint it resumes from."""
+        if not os.path.exists(path):
+            return
+        with open(path, newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=_StepLog.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
         os.replace(tmp, path)

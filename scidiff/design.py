@@ -1,0 +1,248 @@
+"""The job behind ``scidiff design``: design cells toward a target phenotype from a trained model,
+report how well they meet it and how realistic they are, and rank what could produce them.
+
+Outputs, beside ``out`` (``designed.h5ad`` -> ``designed.report.json`` ...), each written to a
+temporary name and renamed:
+
+- ``out``: the designed cells (``X``, log1p-normalised, the model's genes), the source cells
+  they started from in ``layers['source']`` and per-target hits in ``obs``;
+- ``.report.json``: :func:`scidiff.evaluation.design.design_report` plus the rankings' heads;
+- ``.report.png``: each target gene in designed, source and real cells of the nearest type;
+- ``.screen.tsv``: perturbation conditions ranked (models with perturbation covariates);
+- ``.genes.tsv``: genes ranked by integrated-gradients attribution along the designed path;
+- ``.tfs.tsv``: TFs ranked by activity change (with ``tf_network``).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+# numpy, pandas, torch and the rest load inside the functions: ``scidiff --help`` stays fast
+
+
+def output_paths(out) -> dict[str, str]:
+    """The files of one design run, named after ``out`` (an ``.h5ad`` path)."""
+    out = os.fspath(out)
+    stem = out[:-5] if out.endswith(".h5ad") else out
+    return {"cells": out if out.endswith(".h5ad") else out + ".h5ad", "report": stem + ".report.json",
+            "plot": stem + ".report.png", "screen": stem + ".screen.tsv", "genes": stem + ".genes.tsv",
+            "tfs": stem + ".tfs.tsv"}
+
+
+def _select(adata, conditions: dict, what: str):
+    import numpy as np
+
+    mask = np.ones(adata.n_obs, bool)
+    for key, value in conditions.items():
+        if key not in adata.obs:
+            raise KeyError(f"{what}: obs key {key!r} is not in the data; available: {list(adata.obs.columns)}")
+        col = adata.obs[key].astype(str)
+        if value not in set(col):
+            raise ValueError(f"{what}: no cells with {key}={value!r}; values: {sorted(set(col))[:20]}")
+        mask &= (col == value).to_numpy()
+    if not mask.any():
+        raise ValueError(f"{what}: no cells match {conditions}")
+    return adata[mask].copy()
+
+
+def _cell_type_key(model, adata, cell_type: str, key: str | None) -> str | None:
+    """The obs key / model covariate whose values include ``cell_type``."""
+    import pandas as pd
+
+    if key is not None:
+        return key
+    spec = model.data_spec
+    for k, vocab in spec.categorical.items():
+        if k not in spec.perturbation_keys and cell_type in vocab:
+            return k
+    if adata is not None:
+        for k in adata.obs.columns:
+            col = adata.obs[k]
+            if (col.dtype == object or isinstance(col.dtype, pd.CategoricalDtype)) and cell_type in set(col.astype(str)):
+                return k
+    return None
+
+
+def _write_tsv(table, path) -> str:
+    from .data.io import atomic_path
+
+    return atomic_path(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+
+
+def run_design(model, target, out, *, data=None, source: dict | None = None,
+               condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
+               tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 1.0, backward_steps: int = 2,
+               cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, seed: int = 0,
+               screen: bool = True, attribution: bool = True, progress: bool = True) -> dict:
+    """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
+    :class:`PhenotypeTarget`) and write the outputs of the module notes; returns the report.
+
+    ``model``: a run folder, checkpoint or model. ``data``: real cells (``.h5ad`` or AnnData) for
+    the report's realism, the cell-type classifier and the source cells. ``source``: obs labels
+    picking the cells to start from (``{'cell_type': 'CD4T', 'condition': 'control'}``); without
+    it cells start from noise and the unguided samples from the same noise are the comparison.
+    ``cell_type``: a label of ``cell_type_key`` (found among the model's covariates or obs): the
+    design is conditioned on it where the model knows it, and a classifier trained on ``data``
+    scores it. ``tf_network``: a TSV of TF -> target edges."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from .data.io import atomic_path, read_h5ad, write_h5ad
+    from .evaluation.design import design_plot, design_report
+    from .regulators import gene_attribution, screen_perturbations, seen_combinations, tf_activity_change
+    from .sampling.inverse_design import CellTypeClassifier, InverseDesigner, PhenotypeTarget, _jsonable
+    from .training import load_model
+
+    if not isinstance(model, torch.nn.Module):
+        model = load_model(model)
+    spec = model.data_spec
+    paths = output_paths(out)
+    if not isinstance(target, PhenotypeTarget):
+        target = PhenotypeTarget.parse(target, cell_type=cell_type, tolerance=tolerance)
+    elif cell_type is not None:
+        target.cell_type = cell_type
+    if target.constraints:
+        target.check(spec.gene_names)  # fail on a bad gene before any work
+    if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
+        from .regulators import read_tf_network, tf_weight_matrix
+
+        tf_network = read_tf_network(tf_network)
+        tf_weight_matrix(tf_network, spec.gene_names)  # no overlap with the model's genes: fail now
+    adata = None if data is None else (data if not isinstance(data, (str, os.PathLike)) else read_h5ad(data))
+    condition = dict(condition or {})
+    classifier = None
+    if target.cell_type is not None:
+        key = _cell_type_key(model, adata, target.cell_type, cell_type_key)
+        in_model = key in spec.categorical and target.cell_type in spec.categorical.get(key, [])
+        if in_model:
+            condition.setdefault(key, target.cell_type)
+        if adata is not None and key is not None and key in adata.obs:
+            classifier = CellTypeClassifier.fit_anndata(adata, key, model, seed=seed)
+        elif not in_model:
+            raise ValueError(f"cell type {target.cell_type!r} is neither a value of the model's covariates "
+                             f"{ {k: v for k, v in spec.categorical.items()} } nor found in obs of the data; give "
+                             "--data with the labelled real cells (and --cell-type-key)")
+        if classifier is None:
+            target.cell_type = None  # conditioning carries it; nothing can score it without real cells
+    if target.is_empty():
+        target.check()
+    designer = InverseDesigner(model, classifier=classifier, realism_weight=realism_weight)
+    designer.check(target)
+    source_cells = None
+    if source:
+        if adata is None:
+            raise ValueError("source cells are picked from the real cells: give --data")
+        source_cells = _select(adata, source, "source")
+    kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
+    result = designer.design(target, n, source=source_cells, condition=condition or None,
+                             guidance_scale=guidance_scale, **kw)
+    start = result.source
+    if start is None:  # the comparison: the unguided samples from the same noise
+        start = designer.design(target, n, condition=condition or None, guidance_scale=0.0,
+                                **{**kw, "backward_steps": 0}).expression
+    real = labels = None
+    if adata is not None:
+        from .data import transform_like
+
+        cells = transform_like(spec, adata, condition_keys=[])
+        real = cells.log_expression().clip(min=0)
+        keys = [k for k in spec.categorical if k in adata.obs]
+        if target.cell_type is not None and cell_type_key and cell_type_key not in keys:
+            keys = [cell_type_key] + keys
+        labels = (adata.obs[keys].astype(str).agg(" | ".join, axis=1).to_numpy() if keys
+                  else np.array(["real"] * adata.n_obs))
+    report = design_report(result.expression, spec.gene_names, target, met=result.met, source=start, real=real,
+                           real_labels=labels, seed=seed)
+    report["settings"] = result.settings
+    report["condition"] = {k: sorted(set(map(str, v))) for k, v in result.condition.items()}
+    report["source"] = source or "noise (comparison: unguided samples from the same noise)"
+    if classifier is not None:
+        report["cell_type_classifier"] = {"key": cell_type_key or _cell_type_key(model, adata, target.cell_type, None),
+                                          "classes": classifier.classes,
+                                          "validation_accuracy": classifier.validation_accuracy}
+    written = {}
+    if screen and spec.perturbation_keys:
+        table = screen_perturbations(designer, target, source_cells if source_cells is not None else None,
+                                     combinations=seen_combinations(model, adata) if adata is not None else None,
+                                     condition=condition or None, n_cells=min(n, 256), steps=steps, seed=seed,
+                                     progress=progress)
+        written["screen"] = _write_tsv(table, paths["screen"])
+        report["screen_top"] = table.head(10).to_dict("records")
+    if attribution and target.constraints:
+        genes = gene_attribution(designer, target, start, result.expression)
+        written["genes"] = _write_tsv(genes, paths["genes"])
+        report["genes_top"] = genes.head(20).to_dict("records")
+        report["attribution_totals"] = dict(genes.attrs)
+    if tf_network is not None:
+        tfs = tf_activity_change(start, result.expression, tf_network, spec.gene_names)
+        written["tfs"] = _write_tsv(tfs, paths["tfs"])
+        report["tfs_top"] = tfs.head(20).to_dict("records")
+    if target.constraints:
+        reference = None
+        if real is not None:
+            reference = real[labels == report["realism"]["nearest_type"]]
+        written["plot"] = design_plot(result.expression, spec.gene_names, target, paths["plot"], source=start,
+                                      reference=reference, reference_name=report.get("realism", {}).get(
+                                          "nearest_type", "real"))
+    cells = result.to_anndata()
+    if result.source is None:
+        cells.layers["source"] = start.astype(np.float32)
+        cells.uns["scidiff_design"]["source"] = "unguided samples from the same noise"
+    written["cells"] = write_h5ad(cells, paths["cells"])
+    report["files"] = {k: os.path.abspath(v) for k, v in {**written, "report": paths["report"]}.items()}
+    atomic_path(paths["report"], lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(report), indent=1)))
+    return report
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+
+def add_design(sub) -> None:
+    p = sub.add_parser("design", help="design cells toward a target phenotype and rank what drives it",
+                       description="Guide sampling toward target gene levels (and a cell type), then write the "
+                                   "designed cells, a report (JSON + PNG) and rankings: perturbation conditions "
+                                   "(in-silico screen), genes (integrated gradients) and TFs (--tf-network).")
+    p.add_argument("--model", required=True, help="run folder or model.pt")
+    p.add_argument("--target", required=True,
+                   help="comma-separated GENE>=v (up), GENE<=v (down), GENE=v (level), log1p-normalised, "
+                        "e.g. 'IL2RA>=5,FOXP3>=4,CD8A<=0.1'")
+    p.add_argument("--cell-type", default=None, help="target cell type: a label of the model's covariates "
+                                                     "(conditioned on) and/or of --cell-type-key in --data "
+                                                     "(scored by a classifier trained on those cells)")
+    p.add_argument("--cell-type-key", default=None, help="obs key holding cell types (default: found by label)")
+    p.add_argument("--tf-network", default=None, help="TSV of TF -> target edges: source, target, weight")
+    p.add_argument("-n", type=int, default=256, help="cells to design")
+    p.add_argument("--data", default=None, help="real cells (.h5ad): realism in the report, the cell-type "
+                                                "classifier and the source cells")
+    p.add_argument("--source", default=None, help="key=value[,key=value] picking the cells of --data to start "
+                                                  "from (default: start from noise)")
+    p.add_argument("--condition", default=None, help="key=value[,key=value] to decode under (default: the "
+                                                     "source cells' covariates, perturbations at null)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=1.0, help="objective guidance scale (1 = one Polyak step)")
+    p.add_argument("--backward-steps", type=int, default=2, help="gradient steps on the clean estimate per step")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the condition")
+    p.add_argument("--tolerance", type=float, default=0.1, help="slack when checking a target (log1p units)")
+    p.add_argument("--realism", type=float, default=0.0, help="weight of the realism (denoiser score) term")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-screen", action="store_true", help="skip the perturbation screen")
+    p.add_argument("--out", required=True, help="output .h5ad; the report and rankings are written beside it")
+
+
+def cmd_design(args) -> None:
+    from .pipeline import parse_conditions
+
+    report = run_design(args.model, args.target, args.out, data=args.data,
+                        source=parse_conditions(args.source) or None, condition=parse_conditions(args.condition) or None,
+                        cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
+                        n=args.n, steps=args.steps, guidance_scale=args.guidance, backward_steps=args.backward_steps,
+                        cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, seed=args.seed,
+                        screen=not args.no_screen)
+    line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
+    if "realism" in report:
+        r = report["realism"]
+        line += f"; nearest real type {r['nearest_type']!r} (classifier AUC {r['classifier_auc']:.2f})"
+    print(line)
+    for key, path in report["files"].items():
+        print(f"  {key}: {path}")
