@@ -62,26 +62,29 @@ def run_dataset(name, args):
     knn_counts = knn_denoiser(a, 15, seed=args.seed)
     out["methods"]["knn"] = mcv_scores(knn_counts, a, b)
 
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
     keys = [label_key] if label_key else []
     data = scidiff.setup_anndata(half_a, n_top_genes=None, condition_keys=keys)
-    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                                           latent_dim=args.latent_dim)
-    scidiff.ScIDiffTrainer(model, data.loader(args.batch_size, seed=args.seed), device="cpu",
-                           early_stopping_patience=None, seed=args.seed, progress=False).train(args.epochs)
-    out["train_seconds"] = round(time.perf_counter() - t0, 1)
-    sweep = {}
-    for method, settings in (("sdedit", [{"strength": s} for s in args.strengths]),
-                             ("posterior", [{"strength": s, "likelihood_weight": w}
-                                            for s in args.strengths for w in args.weights])):
-        for kw in settings:
-            den = denoise(model, half_a, method=method, n_samples=args.n_samples, seed=args.seed, progress=False,
-                          **kw)
-            d = counts_from_log(den.layers["scidiff_denoised"].astype(np.float64), lib_a)
-            label = f"{method} " + " ".join(f"{k}={v}" for k, v in kw.items())
-            sweep[label] = {**mcv_scores(d, a, b), **kw, "method": method}
-            print(f"  {name} {label}: {sweep[label]['poisson_loss']:.4f} / {sweep[label]['mse']:.4f}", flush=True)
+    sweep, models, out["train_seconds"] = {}, {}, {}
+    for latent in args.latent_dims:  # the latent width is chosen by the same cross-validation as PCA's k
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                                               latent_dim=latent)
+        scidiff.ScIDiffTrainer(model, data.loader(args.batch_size, seed=args.seed), device="cpu",
+                               early_stopping_patience=None, seed=args.seed, progress=False).train(args.epochs)
+        out["train_seconds"][latent] = round(time.perf_counter() - t0, 1)
+        models[latent] = model
+        for method, settings in (("sdedit", [{"strength": s} for s in args.strengths]),
+                                 ("posterior", [{"strength": s, "likelihood_weight": w}
+                                                for s in args.strengths for w in args.weights])):
+            for kw in settings:
+                den = denoise(model, half_a, method=method, n_samples=args.n_samples, seed=args.seed,
+                              progress=False, **kw)
+                d = counts_from_log(den.layers["scidiff_denoised"].astype(np.float64), lib_a)
+                label = f"latent={latent} {method} " + " ".join(f"{k}={v}" for k, v in kw.items())
+                sweep[label] = {**mcv_scores(d, a, b), **kw, "method": method, "latent_dim": latent}
+                print(f"  {name} {label}: {sweep[label]['poisson_loss']:.4f} / {sweep[label]['mse']:.4f}",
+                      flush=True)
     out["scidiff_sweep"] = sweep
     best = min(sweep, key=lambda s: sweep[s]["mse"])
     out["methods"]["scidiff"] = {**sweep[best], "setting": best}
@@ -90,8 +93,8 @@ def run_dataset(name, args):
     if label_key:
         labels = full.obs[label_key].astype(str).to_numpy()
         best_kw = {k: v for k, v in sweep[best].items() if k in ("strength", "likelihood_weight")}
-        den = denoise(model, half_a, method=sweep[best]["method"], n_samples=args.n_samples, seed=args.seed,
-                      progress=False, **best_kw)
+        den = denoise(models[sweep[best]["latent_dim"]], half_a, method=sweep[best]["method"],
+                      n_samples=args.n_samples, seed=args.seed, progress=False, **best_kw)
         out["silhouette"] = {"raw": silhouette(_dense(a), labels),
                              "scidiff": silhouette(counts_from_log(den.layers["scidiff_denoised"].astype(float), lib_a), labels),
                              "pca": silhouette(pca_counts, labels)}
@@ -107,12 +110,12 @@ def main(argv=None):
     p.add_argument("--data-dir", default=SHARED)
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--epochs", type=int, default=300)
-    p.add_argument("--latent-dim", type=int, default=64)
+    p.add_argument("--latent-dims", type=lambda s: [int(v) for v in s.split(",")], default=[4, 8, 16])
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--strengths", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.2, 0.3, 0.5, 0.7])
-    p.add_argument("--weights", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 2.0])
+    p.add_argument("--strengths", type=lambda s: [float(v) for v in s.split(",")], default=[0.2, 0.4, 0.6])
+    p.add_argument("--weights", type=lambda s: [float(v) for v in s.split(",")], default=[0.3, 1.0])
     p.add_argument("--n-samples", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)

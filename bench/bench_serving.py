@@ -6,7 +6,7 @@
 2. Throughput, same machine, same run, one thread each: ``ScIDiffModel.sample`` (torch eager, the
    reference sampler) vs :class:`scidiff.export.runtime.OnnxSampler` (numpy + onnxruntime), same
    batch (``--batch`` cells of one condition), sampler and steps, with and without classifier-free
-   guidance. Cells/s is the median over ``--repeats`` timed runs (the two samplers alternating)
+   guidance; on CPU, and also on CUDA when a GPU and onnxruntime-gpu are present. Cells/s is the median over ``--repeats`` timed runs (the two samplers alternating)
    after a warm-up run each.
 3. Load test: ``scidiff serve`` in a subprocess on 127.0.0.1 (one onnxruntime thread);
    ``--clients`` client threads send ``--requests`` requests in total (``--cells`` cells each,
@@ -81,35 +81,42 @@ def time_interleaved(fns: list, repeats: int) -> list[list[float]]:
     return out
 
 
-def throughput(model, onnx_path, batch: int, steps: int, repeats: int, condition: dict) -> list[dict]:
+def throughput(model, onnx_path, batch: int, steps: int, repeats: int, condition: dict,
+               device: str = "cpu") -> list[dict]:
     import torch
 
     from scidiff.export.runtime import OnnxSampler
 
     torch.set_num_threads(1)
-    ort_sampler = OnnxSampler(onnx_path, device="cpu", threads=1)
+    ort_sampler = OnnxSampler(onnx_path, device=device, threads=1)
+    model = model.to(device)
     rows = []
     for sampler, n_steps, w in (("ddim", steps, 1.0), ("ddim", steps, 2.0), ("dpmpp_2m", 20, 1.0)):
         def run_torch(seed):
             model.sample(batch, condition, sampler=sampler, steps=n_steps, guidance_scale=w, seed=seed)
+            if device == "cuda":
+                torch.cuda.synchronize()
 
         def run_onnx(seed):
             ort_sampler.sample(batch, condition, sampler=sampler, steps=n_steps, guidance=w, seed=seed, output="arrays")
 
         t_torch, t_onnx = time_interleaved([run_torch, run_onnx], repeats)
-        row = {"sampler": sampler, "steps": n_steps, "guidance": w, "batch": batch,
+        row = {"device": device, "providers": ort_sampler.providers, "sampler": sampler, "steps": n_steps,
+               "guidance": w, "batch": batch,
                "torch_eager_cells_per_s": round(batch / statistics.median(t_torch), 1),
                "onnxruntime_cells_per_s": round(batch / statistics.median(t_onnx), 1),
                "torch_seconds": [round(t, 4) for t in t_torch], "onnxruntime_seconds": [round(t, 4) for t in t_onnx]}
         row["speedup"] = round(row["onnxruntime_cells_per_s"] / row["torch_eager_cells_per_s"], 2)
-        print(f"  {sampler} {n_steps} steps, guidance {w}: torch {row['torch_eager_cells_per_s']} cells/s, "
+        print(f"  [{device}] {sampler} {n_steps} steps, guidance {w}: torch {row['torch_eager_cells_per_s']} cells/s, "
               f"onnxruntime {row['onnxruntime_cells_per_s']} cells/s ({row['speedup']}x)", flush=True)
         rows.append(row)
     # the same x_T through both: how close the two samplers' cells are (same sampler, same noise)
-    x_T = torch.randn(batch, model.diffusion_dim, generator=torch.Generator().manual_seed(0))
-    a = model.sample(batch, condition, steps=steps, generator=torch.Generator().manual_seed(0)).numpy()
-    b = ort_sampler.sample(batch, condition, steps=steps, x_T=x_T.numpy(), output="arrays")["X"]
-    rows.append({"parity_max_abs_diff_expression": float(np.abs(a - b).max()), "parity_steps": steps})
+    if device == "cpu":
+        x_T = torch.randn(batch, model.diffusion_dim, generator=torch.Generator().manual_seed(0))
+        a = model.sample(batch, condition, sampler="ddim", steps=steps, generator=torch.Generator().manual_seed(0))
+        b = ort_sampler.sample(batch, condition, sampler="ddim", steps=steps, x_T=x_T.numpy(), output="arrays")["X"]
+        rows.append({"parity_max_abs_diff_expression": float(np.abs(a.numpy() - b).max()), "parity_steps": steps})
+    model.to("cpu")
     return rows
 
 
@@ -234,6 +241,13 @@ def main():
         print(f"exported in {result['export']['seconds']} s, max abs error {exported['max_abs_error']:.2e}", flush=True)
         print("throughput (1 thread each):", flush=True)
         result["throughput"] = throughput(model, path, args.batch, args.steps, args.repeats, {"cell_type": labels[0]})
+        if torch.cuda.is_available():  # a lent GPU: torch eager on CUDA vs onnxruntime's CUDA provider
+            try:
+                result["throughput"] += throughput(model, path, args.batch, args.steps, args.repeats,
+                                                   {"cell_type": labels[0]}, device="cuda")
+            except RuntimeError as exc:  # onnxruntime-gpu missing or unusable
+                result["gpu_skipped"] = str(exc)
+                print(f"  GPU rows skipped: {exc}", flush=True)
         print("load test:", flush=True)
         result["load_test"] = load_test(path, args.clients, args.requests, args.cells, args.load_steps,
                                         args.max_seconds, args.format, labels)

@@ -150,11 +150,14 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _blocks(M: int, N: int, K: int):
-    """Tile sizes: 64 x 64 x 64 on a GPU (4 warps); as large as allowed under the interpreter,
-    where every program instance costs milliseconds."""
+    """Tile sizes and warps: 64 x 64 x 64 on a GPU (4 warps, 3 pipeline stages); as large as
+    allowed under the interpreter, where every program instance costs milliseconds."""
     if _interpreting():
         return _pow2(M, 16, 64), _pow2(N, 16, 128), _pow2(K, 16, 128), 4
     return _pow2(M, 16, 64), _pow2(N, 16, 64), _pow2(K, 16, 64), 4
+
+
+STAGES = 3  # software pipelining of the K loop on a GPU (ignored by the interpreter)
 
 
 def _rows(t: torch.Tensor, M: int, K: int) -> torch.Tensor:
@@ -212,7 +215,7 @@ def _launch(h, shift, scale, gate, weight, bias, eps, grad_out=None):
                         out.stride(0), g.stride(0), z.stride(0), dy.stride(0), dgate.stride(0),
                         float(eps),
                         BACKWARD=backward, DOT_FP32=dot_fp32, PRECISION=precision,
-                        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps)
+                        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=STAGES)
     if not backward:
         return out.reshape(h.shape[:-1] + (N,))
     return out, g, z, dy, dgate, mean, rstd, (h2, shift2, scale2, gate2, M, N, K)

@@ -89,8 +89,8 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: str = "ddim"
-    steps: int = 50
+    sampler: str = "dpmpp_2m"
+    steps: int = 25
     eta: float = 0.0
     guidance_scale: float = 1.0
 

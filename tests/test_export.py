@@ -302,9 +302,9 @@ def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path):
         cond.update(drug="c")
         torch_cond = {"drug": torch.tensor([2])}
     x_T = torch.randn(8, 30, generator=torch.Generator().manual_seed(2))
-    got = sampler.sample(8, cond, x_T=x_T.numpy(), steps=4, guidance=2.0, output="latent")
+    got = sampler.sample(8, cond, x_T=x_T.numpy(), sampler="ddim", steps=4, guidance=2.0, output="latent")
     torch_cond.update(cell_type=torch.tensor([1]), time=torch.tensor([2.0]))
-    expected = model.sample(8, torch_cond, steps=4, guidance_scale=2.0, return_expression=False,
+    expected = model.sample(8, torch_cond, sampler="ddim", steps=4, guidance_scale=2.0, return_expression=False,
                             generator=torch.Generator().manual_seed(2)).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
     # the null condition of every kind is the model's own "absent" condition
