@@ -12,8 +12,8 @@ def add_export_onnx(sub):
     p.add_argument("--model", required=True, help="run folder or model.pt")
     p.add_argument("--out", required=True, help="output .onnx path")
     p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"],
-                   help="default sampler recorded for clients (default: the run's config, else ddim)")
-    p.add_argument("--steps", type=int, default=None, help="default steps (default: the run's config, else 50)")
+                   help="default sampler recorded for clients (default: the run's config, else dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=None, help="default steps (default: the run's config, else 25)")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--guidance", type=float, default=None, help="default classifier-free guidance scale")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -52,11 +52,11 @@ def cmd_export_onnx(args):
 
     model = load_model(args.model)
     defaults = _run_sampling_defaults(args.model)
-    sampler = args.sampler or defaults.get("sampler", "ddim")
+    sampler = args.sampler or defaults.get("sampler", "dpmpp_2m")
     if sampler not in ("ddim", "dpmpp_2m"):
-        sampler = "ddim"  # a run trained with ddpm sampling: ddpm is not in the ONNX runtime
+        sampler = "dpmpp_2m"  # a run configured for a sampler the ONNX runtime lacks
     result = export_onnx(model, args.out, sampler=sampler,
-                         steps=args.steps if args.steps is not None else defaults.get("steps", 50),
+                         steps=args.steps if args.steps is not None else defaults.get("steps", 25),
                          eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
                          guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 1.0),
                          opset=args.opset)

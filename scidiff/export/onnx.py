@@ -281,7 +281,7 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
     }
 
 
-def export_onnx(model, path, *, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+def export_onnx(model, path, *, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0,
                 guidance_scale: float = 1.0, opset: int | None = None, check: bool = True,
                 verbose: bool = False) -> dict:
     """Export ``model`` (a :class:`ScIDiffModel` or a checkpoint path) to ``path`` (``.onnx``),
