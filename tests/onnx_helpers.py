@@ -16,5 +16,5 @@ def train_and_export_kang(root, kang_small):
                    early_stopping_patience=None, progress=False).train(20)
     scidiff.save_model(model, root / "run")
     out = root / "export" / "model.onnx"
-    assert main(["export-onnx", "--model", str(root / "run"), "--out", str(out), "--steps", "8"]) == 0
+    assert main(["export-onnx", "--model", str(root / "run"), "--out", str(out), "--sampler", "ddim", "--steps", "8"]) == 0
     return scidiff.load_model(root / "run"), out

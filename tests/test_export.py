@@ -291,7 +291,9 @@ def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path):
     # random weights give outputs up to ~20 here: 1e-3 is ~5e-5 relative
     assert export_onnx(model, out, steps=4)["max_abs_error"] < 1e-3
     assert not os.path.exists(decoder_path(out))
-    kinds = {c["key"]: c["kind"] for c in json.loads(open(sidecar_path(out)).read())["covariates"]}
+    meta = json.loads(open(sidecar_path(out)).read())
+    assert meta["sampling"]["sampler"] == "dpmpp_2m"  # the library's default sampler
+    kinds = {c["key"]: c["kind"] for c in meta["covariates"]}
     sampler = OnnxSampler(out, threads=1)
     cond = {"cell_type": "B", "time": 2.0}
     if kinds.get("drug") == "perturbation":
