@@ -71,7 +71,7 @@ def _write_tsv(table, path) -> str:
 
 def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
-               tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 1.0, backward_steps: int = 2,
+               tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 10.0, backward_steps: int = 0,
                cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, seed: int = 0,
                screen: bool = True, attribution: bool = True, progress: bool = True) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
@@ -220,8 +220,9 @@ def add_design(sub) -> None:
     p.add_argument("--condition", default=None, help="key=value[,key=value] to decode under (default: the "
                                                      "source cells' covariates, perturbations at null)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.0, help="objective guidance scale (1 = one Polyak step)")
-    p.add_argument("--backward-steps", type=int, default=2, help="gradient steps on the clean estimate per step")
+    p.add_argument("--guidance", type=float, default=10.0,
+                   help="objective guidance scale: the tilt exp(-scale * loss) the gradient follows")
+    p.add_argument("--backward-steps", type=int, default=0, help="gradient steps on the clean estimate per step")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the condition")
     p.add_argument("--tolerance", type=float, default=0.1, help="slack when checking a target (log1p units)")
     p.add_argument("--realism", type=float, default=0.0, help="weight of the realism (denoiser score) term")

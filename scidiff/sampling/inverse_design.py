@@ -587,7 +587,7 @@ def _polyak_step(loss: torch.Tensor, grad: torch.Tensor, max_step: float | None)
 
 
 def objective_guidance(denoiser: Denoiser, objective: Callable, schedule, *, to_expression: Callable | None = None,
-                       scale: float = 1.0, scale_schedule="constant", normalize: bool = True, backward_steps: int = 0,
+                       scale: float = 1.0, scale_schedule="constant", normalize: bool = False, backward_steps: int = 0,
                        max_step: float | None = None, min_alpha_bar: float = 1e-3) -> Denoiser:
     """Universal guidance (Bansal et al. 2023) as a denoiser wrapper: returns a denoiser whose
     ``x0`` prediction is moved down the gradient of ``objective(f(x0), cond) -> [B]`` (lower is
@@ -785,8 +785,8 @@ class InverseDesigner:
         """Diffusion space -> log1p expression (unclipped, differentiable)."""
         return self.model.data_spec.to_expression(self.model.decode(z), clip=False)
 
-    def guided_denoiser(self, target: PhenotypeTarget, *, guidance_scale: float = 1.0, schedule="constant",
-                        normalize: bool = True, backward_steps: int = 0, max_step: float | None = None,
+    def guided_denoiser(self, target: PhenotypeTarget, *, guidance_scale: float = 10.0, schedule=(0.2, 0.7),
+                        normalize: bool = False, backward_steps: int = 0, max_step: float | None = None,
                         cfg_scale: float = 1.0,
                         null_cond: dict | None = None, alphas_cumprod=None) -> Denoiser:
         """The model wrapped by classifier-free guidance (``cfg_scale != 1``, against
@@ -868,10 +868,10 @@ class InverseDesigner:
 
     @torch.no_grad()
     def design(self, target: PhenotypeTarget, num_samples: int = 32, *, source=None, condition: dict | None = None,
-               sampler: str = "ddim", steps: int = 50, eta: float | None = None, guidance_scale: float = 1.0,
-               schedule="constant", normalize: bool = True, backward_steps: int = 2, max_step: float | None = None,
-               cfg_scale: float = 1.0, strength: float = 1.0, resample: bool | None = None, resample_every: int = 5,
-               resample_until: float = 0.8, sharpness: float = 1.0, zero_below: float | None = None, seed: int = 0, batch_size: int = 1024,
+               sampler: str = "ddim", steps: int = 50, eta: float | None = None, guidance_scale: float = 10.0,
+               schedule=(0.2, 0.7), normalize: bool = False, backward_steps: int = 0, max_step: float | None = None,
+               cfg_scale: float = 1.0, strength: float = 1.0, resample: bool | None = None, resample_every: int = 2,
+               resample_until: float = 0.8, sharpness: float = 4.0, zero_below: float | None = None, seed: int = 0, batch_size: int = 1024,
                record_path: bool = False, progress: bool = False) -> DesignResult:
         """Generate ``num_samples`` cells meeting ``target``.
 
