@@ -371,7 +371,7 @@ def main() -> None:
         json.dump(results, fh, indent=1)
     os.replace(tmp, args.out)
     print("\n| file | method | cells/s | CPU us/cell | peak RSS (MB) |\n|---|---|---|---|---|")
-    for key, r in runs.items():
+    for key, r in results["runs"].items():
         kind, name = key.split("/")
         print(f"| {kind} | {name} | {r.get('cells_per_s', 'error')} | {r.get('cpu_us_per_cell', '')} | "
               f"{r.get('peak_rss_mb', '')} |")
