@@ -76,6 +76,15 @@ def score(designed, real, labels, refs, hits, seed):
     return out
 
 
+def split_half(labels, label, seed):
+    """Half of the real cells of ``label`` (to score as if designed) and every other real cell
+    (the reference): the split-half floor of the realism scores."""
+    rng = np.random.default_rng(seed)
+    idx = np.flatnonzero(labels == label)
+    half = rng.choice(idx, len(idx) // 2, replace=False)
+    return half, np.setdiff1d(np.arange(len(labels)), half)
+
+
 def line(name, s, refs):
     parts = [f"met {s['fraction_met_all']:.3f}"]
     for ref in refs:
@@ -120,8 +129,8 @@ def kang(args, results):
     out = {"target": [str(c) for c in target.constraints], "levels_from": "25th percentile of real stimulated CD4T",
            "n_source_cells": int(source.n_obs), "model": train_info, "methods": {}}
 
-    def add(name, cells, extra=None):
-        s = score(cells, real, labels, refs, hits, args.seed)
+    def add(name, cells, extra=None, reals=real, reals_labels=labels):
+        s = score(cells, reals, reals_labels, refs, hits, args.seed)
         s["fraction_classified_stimulated"] = float(state.predict(project(cells)).mean())
         s.update(extra or {})
         out["methods"][name] = s
@@ -129,17 +138,18 @@ def kang(args, results):
         return s
 
     add("real control CD4T (source)", real[labels == ctrl_label])
+    half, rest = split_half(labels, stim_label, args.seed)
+    add("real stimulated CD4T, held-out half (floor)", real[half], reals=real[rest], reals_labels=labels[rest])
     t0 = time.perf_counter()
     res = designer.design(target, n, source=source, steps=args.steps, seed=args.seed)
     design_s = add("design", res.expression, {"seconds": round(time.perf_counter() - t0, 2),
                                               "settings": res.settings})
     for scale in args.scales:
         r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, guidance_scale=scale)
-        add(f"design, guidance scale {scale:g}", r.expression)
+        add(f"design, guidance scale {scale:g}" + (" (unguided: source decoded, condition unset)" if scale == 0 else ""),
+            r.expression)
     r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, resample=True)
     add("design + resampling (SMC)", r.expression, {"settings": r.settings})
-    r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, guidance_scale=0.0)
-    add("unguided (source decoded, condition unset)", r.expression)
     direct = direct_gradient_baseline(designer, target, res.source)
     add("direct gradient on expression", direct)
     floor = model.sample(n, {"cell_type": "CD4T", "condition": "stimulated"}, steps=args.steps, seed=args.seed).numpy()
@@ -201,14 +211,16 @@ def pbmc(args, results):
     out = {"target": [str(c) for c in target.constraints], "model": train_info, "methods": {},
            "matching_type": "CD8 T (CD8+ Cytotoxic T and CD8+/CD45RA+ Naive Cytotoxic)"}
 
-    def add(name, cells, extra=None):
-        s = score(cells, real, labels, refs, hits, args.seed)
+    def add(name, cells, extra=None, reals=real, reals_labels=labels):
+        s = score(cells, reals, reals_labels, refs, hits, args.seed)
         s["fraction_nearest_CD8_T"] = s["nearest_type_composition"].get("CD8 T", 0.0)
         s.update(extra or {})
         out["methods"][name] = s
         print(line(name, s, refs) + f"  nearest CD8 T {s['fraction_nearest_CD8_T']:.2f}", flush=True)
         return s
 
+    half, rest = split_half(labels, "CD8 T", args.seed)
+    add("real CD8 T, held-out half (floor)", real[half], reals=real[rest], reals_labels=labels[rest])
     t0 = time.perf_counter()
     res = designer.design(target, n, steps=args.steps, seed=args.seed)
     design_s = add("design", res.expression, {"seconds": round(time.perf_counter() - t0, 2), "settings": res.settings})
