@@ -6,7 +6,8 @@ scidiff.evaluation.perturbation; the baselines (no change, mean shift, a linear 
 perturbation embedding) are scored by the same code. DEGs: scanpy Wilcoxon, real stimulated vs
 control cells of the held-out type. Distances in 30 PCs fitted on the fold's training cells.
 Intervals: bootstrap over cells (per fold) and over the folds' bootstrap means (the average).
-Folds, DEG lists and seeds are written out with the results.
+Folds, DEG lists and seeds are written out with the results. Each finished fold is also kept in
+``OUT.folds/`` so that an interrupted run resumes where it stopped.
 
     python bench/bench_perturbation.py [--epochs 400] [--out bench/results/perturbation_kang.json]
 """
@@ -39,6 +40,12 @@ def bootstrap(pred, true, control, genes, degs, project, seed, n_boot):
         c = control[rng.integers(0, len(control), len(control))]
         reps.append(perturbation_metrics(p, t, c, genes, degs, project))
     return {k: np.array([r[k] for r in reps]) for k in METRICS}
+
+
+def fold_settings(args) -> dict:
+    """What a fold's result depends on: a cached fold is reused only under the same settings."""
+    return {k: getattr(args, k) for k in ("data", "epochs", "latent_dim", "hidden_dim", "num_layers", "steps",
+                                          "n_boot", "seed")}
 
 
 def main(argv=None):
@@ -74,7 +81,20 @@ def main(argv=None):
     results = {"folds": {}, "setup": {}}
     per_method_boot = {}
     t_total = time.perf_counter()
-    for fi, held in enumerate(types):
+    fold_dir = args.out + ".folds"
+    os.makedirs(fold_dir, exist_ok=True)
+    for held in types:
+        fi = sorted(set(ct)).index(held)  # the bootstrap seed follows the fold, not the run's fold list
+        cache = os.path.join(fold_dir, f"{held}.npz")
+        if os.path.exists(cache):  # a fold finished by an earlier, interrupted run of the same settings
+            with np.load(cache, allow_pickle=False) as z:
+                saved = json.loads(str(z["fold"]))
+                if saved["settings"] == fold_settings(args):
+                    results["folds"][held] = saved["fold"]
+                    for name in saved["fold"]["methods"]:
+                        per_method_boot.setdefault(name, []).append({k: z[f"{name}/{k}"] for k in METRICS})
+                    print(f"{held:12s} loaded from {cache}", flush=True)
+                    continue
         t0 = time.perf_counter()
         train_mask = ~((ct == held) & stim)
         torch.manual_seed(args.seed)
@@ -111,6 +131,10 @@ def main(argv=None):
             fold["methods"][name] = m
             per_method_boot.setdefault(name, []).append(boots)
         results["folds"][held] = fold
+        arrays = {f"{name}/{k}": per_method_boot[name][-1][k] for name in preds for k in METRICS}
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, fold=json.dumps({"settings": fold_settings(args), "fold": fold}), **arrays)
+        os.replace(tmp, cache)
         print(f"{held:12s} " + "  ".join(f"{n}: pd {fold['methods'][n]['pearson_delta_all']:.3f} "
                                          f"r2top100 {fold['methods'][n]['scgen_r2_top100']:.3f} "
                                          f"E {fold['methods'][n]['e_distance']:.2f}"
