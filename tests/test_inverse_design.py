@@ -480,3 +480,16 @@ def test_cli_design_bad_input(perturbed, tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "give --data" in capsys.readouterr().err
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_nearest_type_vote_breaks_ties_the_same_way_in_every_process():
+    """The realism report's nearest type is a majority vote over neighbours; a tie must not
+    depend on Python's per-process string hashing (set order), so it goes to the first label."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from scidiff.evaluation.design import _majority; "
+            "print(_majority(np.array(['NK', 'B', 'NK', 'B', 'CD8 T'])))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (0, 1, 2, 3)}
+    assert outs == {"B"}

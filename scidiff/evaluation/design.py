@@ -30,6 +30,13 @@ def _mean_pairwise(x: np.ndarray, max_n: int = 1000, seed: int = 0) -> float:
     return float(d.sum() / (len(x) * (len(x) - 1)))
 
 
+def _majority(labels: np.ndarray) -> str:
+    """The most common label (ties go to the first in sorted order, so that the result does not
+    depend on Python's string hashing)."""
+    values, counts = np.unique(labels, return_counts=True)
+    return values[np.argmax(counts)]
+
+
 def target_table(designed: np.ndarray, gene_names, target, *, met: dict | None = None, source=None,
                  reference=None) -> list[dict]:
     """Per gene target: ``fraction_met`` of designed cells (within tolerance), value quantiles,
@@ -68,7 +75,7 @@ def realism(designed: np.ndarray, real: np.ndarray, real_labels, *, reference_la
         rp, dp, sp_ = project(real[fit]), project(designed), project(real[score])
         nn = np.argsort(cdist(dp, rp), axis=1)[:, :k]
         votes = labels[fit][nn]
-        majority = np.array([max(set(row), key=list(row).count) for row in votes])
+        majority = np.array([_majority(row) for row in votes])
         folds.append((fit, score, rp, dp, sp_, majority))
     majority = np.concatenate([f[5] for f in folds])
     types, counts = np.unique(majority, return_counts=True)
