@@ -559,16 +559,22 @@ class StreamingLoader:
                     else:
                         x = torch.from_numpy(self.reader.densify(block, rows, self.transform,
                                                                  out=pool.take(len(rows))))
-                    batch = {"x": x}
-                    cells = ids[rows]
-                    for k, v in self.covariates.items():
-                        batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
-                    if self.return_index:
-                        batch["cell_index"] = torch.from_numpy(cells)
-                    yield batch
+                    yield self._batch(x, ids[rows])
         finally:
             if hasattr(blocks, "close"):
                 blocks.close()
+
+    def _batch(self, x, cells: np.ndarray) -> dict:
+        """The batch dict of densified rows ``x`` for file rows ``cells``: ``"x"``, each
+        covariate's codes and, with ``return_index``, the rows themselves."""
+        import torch
+
+        batch = {"x": x}
+        for k, v in self.covariates.items():
+            batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
+        if self.return_index:
+            batch["cell_index"] = torch.from_numpy(cells)
+        return batch
 
     def _fused_batches(self, epoch: int, stop: threading.Event | None = None):
         """Batch dicts read and densified in one pass per fetch group (uncompressed CSR): the
@@ -585,14 +591,8 @@ class StreamingLoader:
             out = self.reader.read_densify(group.runs, dest, self.transform, pool.take(len(order)))
             ids, start = group.cell_ids, 0
             for rows in group.batches:
-                batch = {"x": torch.from_numpy(out[start:start + len(rows)])}
+                yield self._batch(torch.from_numpy(out[start:start + len(rows)]), ids[rows])
                 start += len(rows)
-                cells = ids[rows]
-                for k, v in self.covariates.items():
-                    batch[k] = torch.from_numpy(np.ascontiguousarray(v[cells]))
-                if self.return_index:
-                    batch["cell_index"] = torch.from_numpy(cells)
-                yield batch
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
