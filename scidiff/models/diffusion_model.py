@@ -11,11 +11,12 @@ At high noise ``F`` predicts expression directly; at low noise it only corrects 
 so the network never has to carry thousands of genes' worth of noise (the failure mode of plain
 eps-prediction in gene space).
 
-With perturbation covariates the model diffuses the residual around the additive response
-``m = sum_p w_p(dose) r_p`` (:meth:`ConditionEncoder.response`): ``x0_hat = m + D(x_t - a m)``,
-where ``D`` is the preconditioned network, which also reads ``m``. A network that ignores ``m``
-predicts exactly additive responses, so unseen combinations of seen perturbations start from the
-additive model and the network learns only departures from it.
+With perturbation covariates the model diffuses the residual around the perturbation response
+``m`` (:meth:`ConditionEncoder.response`: the dose-weighted sum of single responses plus a learned
+combination term, zero for singles): ``x0_hat = m + D(x_t - a m)``, where ``D`` is the
+preconditioned network, which also reads ``m``. A network that ignores ``m`` predicts exactly
+``m``, so unseen combinations of seen perturbations start from the fitted combination model and
+the network learns only departures from it.
 
 With ``latent_dim`` set, diffusion runs in a fixed linear latent: the top ``latent_dim`` principal
 axes of the training cells (as scDiffusion diffuses in an autoencoder's latent, Luo et al. 2024,
@@ -128,10 +129,11 @@ class ScIDiffModel(nn.Module):
         return model
 
     def parameter_groups(self, learning_rate: float, response_lr_scale: float = 10.0) -> list[dict]:
-        """Optimizer groups: the additive response model (a small least-squares problem) learns
-        ``response_lr_scale`` times faster than the network."""
+        """Optimizer groups: the response model (a small least-squares problem) learns
+        ``response_lr_scale`` times faster than the network, without weight decay."""
         fast = ("condition_encoder.responses", "condition_encoder.response_base",
-                "condition_encoder.response_bias", "condition_encoder.dose_response")
+                "condition_encoder.response_bias", "condition_encoder.dose_response",
+                "condition_encoder.interaction")
         groups = {"network": [], "responses": []}
         for name, p in self.named_parameters():
             groups["responses" if name.startswith(fast) else "network"].append(p)
@@ -204,11 +206,11 @@ class ScIDiffModel(nn.Module):
         c_in, c_skip, c_out = self.preconditioning(t)
         response = self.condition_encoder.response(cond, x_t.shape[0], x_t.device)
         if response is not None:
-            response = response.detach()  # fitted by the additive model's loss, not by denoising
+            response = response.detach()  # fitted by the response model's loss, not by denoising
         if response is None:
             f = self.score(c_in * x_t, self.embed(t, cond))
             return c_skip * x_t + c_out * f.to(x_t.dtype)
-        # diffuse the residual around the additive response m: x_t - sqrt(ab) m = sqrt(ab)(x0 - m) + s eps
+        # diffuse the residual around the response m: x_t - sqrt(ab) m = sqrt(ab)(x0 - m) + s eps
         x_res = x_t - self.alphas_cumprod[t].sqrt().unsqueeze(-1) * response
         f = self.score(c_in * x_res, self.embed(t, cond), response)
         return response + c_skip * x_res + c_out * f.to(x_t.dtype)

@@ -43,7 +43,7 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict | None, generator: torch.
 
 
 def response_loss(model, z0: torch.Tensor, cond: dict) -> torch.Tensor | None:
-    """Least-squares fit of the additive model of perturbation responses
+    """Least-squares fit of the model of perturbation responses and their combinations
     (:meth:`~scidiff.models.ConditionEncoder.additive_mean`) to clean samples ``z0`` in the
     diffusion space; ``None`` for a model without perturbation covariates."""
     enc = model.condition_encoder
