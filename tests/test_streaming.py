@@ -218,6 +218,21 @@ def test_gene_moments_match_numpy():
     np.testing.assert_allclose(m.cov, np.cov(x64, rowvar=False, bias=True), rtol=1e-4, atol=1e-6)
 
 
+def test_label_counts_of_perturbations_alike_streamed_and_in_memory(tmp_path, adata):
+    """Training cells per condition (the prior of design's condition selection): combinations by
+    their label, 'ctrl' counted as control, whether the covariates were streamed or not."""
+    a = adata.copy()
+    a.obs["drug"] = np.resize(["ctrl", "A", "B", "A+B", "control", "B+A"], a.n_obs)
+    path = tmp_path / "drugs.h5ad"
+    a.write_h5ad(path)
+    kw = dict(n_top_genes=None, genes=GENES[:5], condition_keys=["cell_type"], perturbation_keys=["drug"])
+    mem = setup_anndata(a, **kw).spec.label_counts
+    st = setup_streaming(str(path), **kw).spec.label_counts
+    n = a.obs["drug"].value_counts()
+    assert mem == st
+    assert mem["drug"] == {"control": n["ctrl"] + n["control"], "A": n["A"], "B": n["B"], "A+B": n["A+B"] + n["B+A"]}
+
+
 @pytest.mark.parametrize("scaling,target_sum", [("global", 1e4), ("gene", None), ("none", 1e4)])
 def test_setup_streaming_matches_setup_anndata(files, adata, scaling, target_sum):
     kw = dict(n_top_genes=30, condition_keys=["cell_type"], continuous_keys=["dose"], scaling=scaling,
@@ -227,6 +242,7 @@ def test_setup_streaming_matches_setup_anndata(files, adata, scaling, target_sum
     assert st.spec.gene_names == mem.spec.gene_names and st.spec.input_kind == mem.spec.input_kind == "counts"
     assert st.spec.target_sum == pytest.approx(mem.spec.target_sum)
     assert st.spec.categorical == mem.spec.categorical and st.spec.continuous == mem.spec.continuous
+    assert st.spec.label_counts == mem.spec.label_counts == {"cell_type": adata.obs["cell_type"].value_counts().to_dict()}
     np.testing.assert_allclose(st.spec.gene_offset, mem.spec.gene_offset, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(st.spec.gene_scale, mem.spec.gene_scale, rtol=1e-5)
     x = mem.x.double().numpy()

@@ -226,6 +226,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
                     perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
                     separator=separator, dose_key=dose_key,
                     continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
+    spec.label_counts = spec.count_labels(codes)
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 

@@ -22,7 +22,9 @@ class DataSpec:
     ``A+B`` (``separator``) is the combination and any of ``control_labels`` is no perturbation.
     ``continuous``: names of numeric covariates (dose, time), with the range seen in training in
     ``continuous_range``; ``dose_key`` is the one that scales the perturbation embedding.
-    ``source``: where expression was read (layer / raw), for provenance.
+    ``source``: where expression was read (layer / raw), for provenance. ``label_counts``:
+    training cells per value of each categorical covariate (perturbations by their combination
+    label), the prior over conditions (:meth:`condition_prior`).
     """
 
     gene_names: list[str]
@@ -38,6 +40,7 @@ class DataSpec:
     separator: str = "+"
     dose_key: str | None = None
     continuous_range: dict[str, list[float]] = field(default_factory=dict)
+    label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -193,6 +196,38 @@ class DataSpec:
             else:
                 out[key] = t.tolist()
         return out
+
+    def count_labels(self, codes: dict) -> dict[str, dict[str, int]]:
+        """Cells per value of each categorical covariate in ``codes`` (tensors, arrays, or a
+        table of distinct rows with each cell's row number); a perturbation's values are its
+        combination labels, control as ``control_labels[0]``."""
+        out = {}
+        for key in self.categorical:
+            if key not in codes:
+                continue
+            t = codes[key]
+            if hasattr(t, "table"):  # distinct rows + each cell's row number
+                rows, counts = np.asarray(t.table), np.bincount(t.index, minlength=len(t.table))
+            else:
+                t = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+                if key in self.perturbation_keys:
+                    rows, counts = np.unique(t, axis=0, return_counts=True)
+                else:
+                    rows, counts = np.arange(len(self.categorical[key])), np.bincount(t, minlength=len(self.categorical[key]))
+            out[key] = {}
+            for row, c in zip(rows.tolist(), counts.tolist()):
+                label = self.perturbation_label(key, row) if key in self.perturbation_keys else self.categorical[key][row]
+                out[key][label] = out[key].get(label, 0) + int(c)
+        return out
+
+    def condition_prior(self, key: str, labels) -> np.ndarray:
+        """The share of training cells under each of ``labels`` of covariate ``key`` (normalised
+        over ``labels``; uniform when the counts are unknown, as in models saved without them)."""
+        counts = self.label_counts.get(key)
+        w = np.ones(len(labels)) if not counts else np.array([counts.get(str(v), 0) for v in labels], float)
+        if w.sum() == 0:
+            raise ValueError(f"no training cell has any of {list(labels)} for {key!r}")
+        return w / w.sum()
 
     def check_same_genes(self, other: "DataSpec", what: str = "checkpoint") -> None:
         if list(other.gene_names) != list(self.gene_names):

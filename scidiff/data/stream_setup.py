@@ -206,6 +206,7 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                     perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
                     separator=separator, dose_key=dose_key,
                     continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
+    spec.label_counts = spec.count_labels(codes)
     off32 = np.asarray(spec.gene_offset, np.float32).astype(np.float64)
     sc32 = np.asarray(spec.gene_scale, np.float32).astype(np.float64)
     model_moments = {"mean": (moments.mean - off32) / sc32, "n": moments.n,
