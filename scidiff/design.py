@@ -72,8 +72,9 @@ def _write_tsv(table, path) -> str:
 def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
                tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 10.0, backward_steps: int = 0,
-               cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, seed: int = 0,
-               screen: bool = True, attribution: bool = True, progress: bool = True) -> dict:
+               cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, eta: float | None = None,
+               select: str | None = None, retries: int = 0, seed: int = 0, screen: bool = True,
+               attribution: bool = True, progress: bool = True) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
     :class:`PhenotypeTarget`) and write the outputs of the module notes; returns the report.
 
@@ -83,7 +84,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     it cells start from noise and the unguided samples from the same noise are the comparison.
     ``cell_type``: a label of ``cell_type_key`` (found among the model's covariates or obs): the
     design is conditioned on it where the model knows it, and a classifier trained on ``data``
-    scores it. ``tf_network``: a TSV of TF -> target edges."""
+    scores it. ``tf_network``: a TSV of TF -> target edges. ``eta``, ``select``, ``retries``: see
+    :meth:`scidiff.sampling.InverseDesigner.design`."""
     import numpy as np
     import pandas as pd
     import torch
@@ -136,7 +138,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         source_cells = _select(adata, source, "source")
     kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
     result = designer.design(target, n, source=source_cells, condition=condition or None,
-                             guidance_scale=guidance_scale, **kw)
+                             guidance_scale=guidance_scale, eta=eta, select=select, retries=retries, **kw)
     start = result.source
     if start is None:  # the comparison: the unguided samples from the same noise
         start = designer.design(target, n, condition=condition or None, guidance_scale=0.0,
@@ -224,6 +226,12 @@ def add_design(sub) -> None:
                    help="objective guidance scale: the tilt exp(-scale * loss) the gradient follows")
     p.add_argument("--backward-steps", type=int, default=0, help="gradient steps on the clean estimate per step")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale on the condition")
+    p.add_argument("--eta", type=float, default=None, help="sampler noise (0 deterministic, 1 ancestral; default "
+                                                           "0 from source cells, 1 with resampling from noise)")
+    p.add_argument("--select", default=None, help="a covariate (cell type, perturbation) whose value is drawn per "
+                                                   "cell from its posterior given the target (a screen)")
+    p.add_argument("--retries", type=int, default=0, help="restart cells that miss the target up to this many "
+                                                          "times from 70%% noise")
     p.add_argument("--tolerance", type=float, default=0.1, help="slack when checking a target (log1p units)")
     p.add_argument("--realism", type=float, default=0.0, help="weight of the realism (denoiser score) term")
     p.add_argument("--seed", type=int, default=0)
@@ -238,7 +246,8 @@ def cmd_design(args) -> None:
                         source=parse_conditions(args.source) or None, condition=parse_conditions(args.condition) or None,
                         cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
                         n=args.n, steps=args.steps, guidance_scale=args.guidance, backward_steps=args.backward_steps,
-                        cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, seed=args.seed,
+                        cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, eta=args.eta,
+                        select=args.select, retries=args.retries, seed=args.seed,
                         screen=not args.no_screen)
     line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
     if "realism" in report:

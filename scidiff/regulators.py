@@ -30,6 +30,11 @@ from .sampling.samplers import ddim, ddim_invert
 # -- (a) the in-silico screen ----------------------------------------------------------------------
 
 
+def condition_label(condition: dict) -> str:
+    """``{'drug': 'A', 'dose': 10.0}`` -> ``'drug=A,dose=10'`` (the screen's row names)."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in condition.items())
+
+
 def candidate_conditions(model, combinations=None, doses=None) -> list[dict]:
     """Every perturbation condition of ``model``: per perturbation key, control, each single and
     each label in ``combinations`` (e.g. the ``A+B`` labels seen in training); with a dose key,
@@ -115,7 +120,7 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
         loss = loss_fn(expr, cond).cpu().numpy()
         met = designer.hits(expr.cpu().numpy(), target)
         all_met = np.all(np.stack(list(met.values())), axis=0) if met else np.ones(len(loss), bool)
-        row = {"condition": ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cand.items()),
+        row = {"condition": condition_label(cand),
                "fraction_met": float(all_met.mean()), "mean_objective": float(loss.mean())}
         row.update({f"fraction_met[{k}]": float(v.mean()) for k, v in met.items()})
         rows.append(row)

@@ -94,6 +94,24 @@ def test_guidance_toward_a_component_lands_on_its_mean(mixture):
     assert 0.15 < b[:, 2:].std(0).mean() < 0.45  # within-component spread kept (s = 0.3), not collapsed
 
 
+def test_retries_restart_only_the_misses_and_keep_exact_draws(mixture):
+    """Retrying from pure noise (retry_noise=1) with the exact denoiser and no guidance is rejection
+    sampling: the cells end as exact draws from the component the target selects."""
+    target = PhenotypeTarget(marker_genes={"g1": 1.6}, tolerance=0.0)
+    designer = InverseDesigner(mixture)
+    kw = dict(guidance_scale=0, resample=False, steps=40, seed=3)
+    first = designer.design(target, 300, **kw)
+    res = designer.design(target, 300, retries=60, retry_noise=1.0, **kw)
+    assert 0.04 < first.all_met.mean() < 0.18 and res.all_met.mean() > 0.98
+    np.testing.assert_array_equal(res.expression[first.all_met], first.expression[first.all_met])  # hits kept
+    b = res.expression[res.all_met]
+    np.testing.assert_allclose(b.mean(0), MU_B, atol=0.08)
+    np.testing.assert_allclose(b[:, [0, 2, 3, 4]].std(0), 0.3, atol=0.05)  # the component's own spread
+    steps = res.settings["sampler_steps_per_cell"]
+    assert steps["decoding"] == 40 and steps["retries"] > 40 * 0.8 * 5  # ~1 / 0.1 draws per hit, counted
+    assert first.settings["sampler_steps_per_cell"] == {"inversion": 0, "decoding": 40, "retries": 0.0, "screen": 0.0}
+
+
 def test_guidance_with_a_classifier_objective(mixture):
     rng = np.random.default_rng(0)
     cells = np.vstack([rng.normal(MU_A, 0.3, (200, 5)), rng.normal(MU_B, 0.3, (200, 5))])
@@ -415,6 +433,43 @@ def test_screen_ranks_the_causal_perturbation_first(perturbed):
     assert table["condition"].tolist()[0] == "drug=tcr_block"
 
 
+def test_select_decodes_under_the_condition_the_target_needs(perturbed):
+    model, adata, _, run = perturbed
+    counts = {"drug": {"control": 150, "ifn": 150, "tcr_block": 150}, "cell_type": {"T": 450}}
+    assert model.data_spec.label_counts == counts
+    assert scidiff.load_model(str(run)).data_spec.label_counts == counts  # travels in the checkpoint
+    designer = InverseDesigner(model)
+    control = adata[adata.obs["drug"] == "control"].copy()
+    target = PhenotypeTarget(marker_genes=_levels(adata, "ifn", ["ISG15", "IFIT1"]))
+    table = designer.condition_posterior(target, "drug", control, n_cells=48, steps=20)
+    assert table["label"].tolist() == ["drug=control", "drug=ifn", "drug=tcr_block"]
+    np.testing.assert_allclose(table["prior"], 1 / 3)
+    joint = table["prior"] * table["fraction_met"]
+    np.testing.assert_allclose(table["posterior"], joint / joint.sum())
+    assert table["posterior"].tolist() == [0.0, 1.0, 0.0]  # only 'ifn' ever meets the target
+    res = designer.design(target, 40, source=control, select="drug", screen_cells=48, steps=20, seed=0)
+    assert res.settings["select"]["cells"] == {"drug=ifn": 40}
+    assert res.condition["drug"] == ["ifn"] * 40
+    stim = adata[adata.obs["drug"] == "ifn"]
+    real_met = designer.hits(stim.X, target)
+    assert res.all_met.mean() >= 0.8 > np.all(np.stack(list(real_met.values())), axis=0).mean()
+    for g in ("IFIT3", "MX1", "IFI6", "CD3E", "LYZ"):  # untargeted genes as in real 'ifn' cells
+        i = GENES.index(g)
+        assert abs(res.expression[:, i].mean() - stim.X[:, i].mean()) < 0.25, g
+    with pytest.raises(ValueError, match=r"cannot select over 'dose'.*\['cell_type', 'drug'\]"):
+        designer.design(target, 8, source=control, select="dose")
+    with pytest.raises(ValueError, match="no value of 'drug' gave a cell meeting"):
+        designer.design(PhenotypeTarget(marker_genes={"ISG15": 50.0}), 8, source=control, select="drug",
+                        screen_cells=16, steps=10)
+
+
+def test_selection_splits_cells_by_the_posterior():
+    table = pd.DataFrame({"condition": [{"t": "a"}, {"t": "b"}, {"t": "c"}], "label": ["t=a", "t=b", "t=c"],
+                          "posterior": [0.5, 0.3, 0.2]})
+    cells, per = InverseDesigner._selected_condition(None, table, 7)  # 3.5, 2.1, 1.4 -> 4, 2, 1
+    assert per == {"t=a": 4, "t=b": 2, "t=c": 1} and cells == {"t": ["a"] * 4 + ["b"] * 2 + ["c"]}
+
+
 def test_gene_attribution_credits_the_program(perturbed):
     model, adata, _, _ = perturbed
     control = adata[adata.obs["drug"] == "control"].copy()
@@ -456,6 +511,24 @@ def test_cli_design_writes_cells_report_and_rankings(perturbed, tmp_path, capsys
     tfs = pd.read_csv(tmp_path / "designed.tfs.tsv", sep="\t")
     assert tfs["tf"].iloc[0] == "IRF9" and tfs["change"].iloc[0] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_cli_design_select_and_retries(perturbed, tmp_path, capsys):
+    from scidiff.cli import main
+
+    model, adata, data, run = perturbed
+    lv = _levels(adata, "ifn", ["ISG15", "IFIT1"])
+    out = tmp_path / "designed.h5ad"
+    rc = main(["design", "--model", str(run), "--data", str(data), "--source", "drug=control", "--select", "drug",
+               "--retries", "3", "--eta", "1", "--guidance", "1", "--target",
+               f"ISG15>={lv['ISG15']:.3f},IFIT1>={lv['IFIT1']:.3f}", "-n", "24", "--steps", "20", "--no-screen",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "designed.report.json").read_text())
+    settings = report["settings"]
+    assert settings["select"]["cells"] == {"drug=ifn": 24} and report["condition"]["drug"] == ["ifn"]
+    assert settings["retries"] == 3 and settings["eta"] == 1.0 and settings["guidance_scale"] == 1.0
+    assert report["fraction_met_all"] >= 0.9
 
 
 def test_cli_design_bad_input(perturbed, tmp_path, capsys):

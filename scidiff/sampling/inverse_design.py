@@ -30,7 +30,12 @@ What keeps designed cells realistic:
 4. with a latent model, every cell is decoded from the model's latent, i.e. it lies in the span
    of the training cells' principal axes;
 5. the constraints of expression: non-negativity (penalty, then exact clipping at 0) and
-   sparsity (an L1 pull on near-zero genes and optional hard zeros, ``zero_below``).
+   sparsity (an L1 pull on near-zero genes and optional hard zeros, ``zero_below``);
+6. choosing the prior's mode by condition instead of by gradient (``select``): each cell is
+   decoded under a value of a covariate (cell type, perturbation) drawn from its posterior given
+   the target, ``p(c) P(met | c)``, which the model generates as realistically as any condition;
+7. retrying the misses (``retries``): a cell that misses the target is re-noised and decoded
+   again (restart sampling), a local move of the prior rather than a push along the objective.
 
 :class:`InverseDesigner` puts these together: ``InverseDesigner(model, objectives).design(
 target, num_samples=32)`` starts from noise, or from source cells (DDIM inversion under their own
@@ -51,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .guidance import classifier_free_guidance
-from .samplers import Denoiser, alphas_cumprod_of, ddim_invert, sampler_plan
+from .samplers import Denoiser, alphas_cumprod_of, ddim_invert, run_plan, sampler_plan
 
 RELATIONS = (">=", "<=", "==")
 
@@ -866,12 +871,94 @@ class InverseDesigner:
 
         return log_g
 
+    def _met_all(self, z: torch.Tensor, target: PhenotypeTarget, zero_below: float | None) -> torch.Tensor:
+        expr = self.to_expression(z).clamp_min(0.0)
+        if zero_below:
+            expr = torch.where(expr < zero_below, torch.zeros_like(expr), expr)
+        met = self.hits(expr.cpu().numpy(), target)
+        return torch.as_tensor(np.all(np.stack(list(met.values())), axis=0) if met else np.ones(len(z), bool))
+
+    def _retry(self, z, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
+               generator, zero_below, guidance: dict) -> tuple[torch.Tensor, int]:
+        """Restart the cells of ``z`` that miss the target from noise level ``retry_noise``
+        (forward-diffused from where they are), ``retries`` times at most. Returns the cells and
+        the sampler steps spent."""
+        if not 0.0 < retry_noise <= 1.0:
+            raise ValueError(f"retry_noise must lie in (0, 1], got {retry_noise}")
+        ab_full = self.model.scheduler.alphas_cumprod
+        t_r = max(1, int(round(retry_noise * (len(ab_full) - 1))))
+        ab = ab_full[: t_r + 1]
+        plan = sampler_plan(sampler, ab, max(1, int(round(steps * t_r / (len(ab_full) - 1)))), eta=eta)
+        denoiser = self.guided_denoiser(target, alphas_cumprod=ab, **guidance)
+        a = float(ab[t_r])
+        z, spent = z.clone(), 0
+        for _ in range(retries):
+            miss = (~self._met_all(z, target, zero_below)).nonzero().squeeze(-1).to(z.device)
+            if not len(miss):
+                break
+            x_t = math.sqrt(a) * z[miss] + math.sqrt(1 - a) * torch.randn(
+                z[miss].shape, generator=generator, device=z.device, dtype=z.dtype)
+            z[miss] = run_plan(denoiser, x_t, plan, cond={k: v[miss] for k, v in cond.items()}, generator=generator)
+            spent += len(miss) * len(plan)
+        return z, spent
+
+    def condition_posterior(self, target: PhenotypeTarget, key: str, source=None, *, condition: dict | None = None,
+                            n_cells: int = 128, steps: int = 50, seed: int = 0):
+        """Which value of covariate ``key`` (a cell type, a perturbation) makes the target likely:
+        ``p(c | target) = p(c) P(target met | c) / sum``, with ``P(met | c)`` the fraction of
+        ``n_cells`` unguided cells under ``c`` that meet the target (the in-silico screen,
+        :func:`scidiff.regulators.screen_perturbations`: counterfactuals of ``source``, else
+        cells from the same noise) and ``p(c)`` the value's share of the training cells
+        (:meth:`scidiff.data.DataSpec.condition_prior`). Returns a table with the columns
+        ``condition`` (a dict), ``label``, ``prior``, ``fraction_met``, ``posterior``, in
+        candidate order."""
+        import pandas as pd
+
+        from ..regulators import candidate_conditions, condition_label, screen_perturbations
+
+        spec = self.model.data_spec
+        if key in spec.perturbation_keys:
+            candidates = [c for c in candidate_conditions(self.model) if key in c]
+        elif key in spec.categorical:
+            candidates = [{key: v} for v in spec.categorical[key]]
+        else:
+            raise ValueError(f"cannot select over {key!r}: not a categorical covariate of the model; "
+                             f"choose one of {sorted(spec.categorical)}")
+        screen = screen_perturbations(self, target, source, condition=condition, candidates=candidates,
+                                      n_cells=n_cells, steps=steps, seed=seed).set_index("condition")
+        labels = [c[key] for c in candidates]
+        prior = spec.condition_prior(key, labels)
+        per_label = {v: labels.count(v) for v in labels}  # a perturbation's prior is shared by its doses
+        prior = prior / np.array([per_label[v] for v in labels])
+        rate = np.array([screen.loc[condition_label(c), "fraction_met"] for c in candidates])
+        joint = prior * rate
+        if joint.sum() == 0:
+            raise ValueError(f"no value of {key!r} gave a cell meeting {target!r} in a screen of {n_cells} cells "
+                             "each: raise n_cells, or design without select")
+        return pd.DataFrame({"condition": candidates, "label": [condition_label(c) for c in candidates],
+                             "prior": prior / prior.sum(), "fraction_met": rate, "posterior": joint / joint.sum()})
+
+    def _selected_condition(self, table, num_samples: int) -> tuple[dict, dict]:
+        """Cells per condition in proportion to the posterior (largest remainder), as per-cell
+        label lists ``{key: [...]}`` and the counts per condition label."""
+        share = table["posterior"].to_numpy() * num_samples
+        counts = np.floor(share).astype(int)
+        counts[np.argsort(-(share - counts), kind="stable")[: num_samples - counts.sum()]] += 1
+        cells: dict[str, list] = {}
+        keys = list(dict.fromkeys(k for c in table["condition"] for k in c))
+        for cond, k in zip(table["condition"], counts):
+            for key in keys:
+                cells.setdefault(key, []).extend([cond.get(key, float("nan"))] * int(k))
+        return cells, {label: int(k) for label, k in zip(table["label"], counts) if k}
+
     @torch.no_grad()
     def design(self, target: PhenotypeTarget, num_samples: int = 32, *, source=None, condition: dict | None = None,
                sampler: str = "ddim", steps: int = 50, eta: float | None = None, guidance_scale: float = 10.0,
                schedule=(0.2, 0.7), normalize: bool = False, backward_steps: int = 0, max_step: float | None = None,
                cfg_scale: float = 1.0, strength: float = 1.0, resample: bool | None = None, resample_every: int = 2,
-               resample_until: float = 0.8, sharpness: float = 4.0, zero_below: float | None = None, seed: int = 0, batch_size: int = 1024,
+               resample_until: float = 0.8, sharpness: float = 4.0, zero_below: float | None = None,
+               select: str | None = None, screen_cells: int = 128, retries: int = 0, retry_noise: float = 0.7,
+               seed: int = 0, batch_size: int = 1024,
                record_path: bool = False, progress: bool = False) -> DesignResult:
         """Generate ``num_samples`` cells meeting ``target``.
 
@@ -893,6 +980,17 @@ class InverseDesigner:
         (systematically) when the effective sample size drops below half. This picks among the
         prior's modes (which cell type), which a gradient on a blurred early prediction cannot;
         the sampler is then made stochastic (``eta`` defaults to 1) so copies diverge.
+        ``select``: a categorical covariate (e.g. ``'cell_type'``, a perturbation key) whose value
+        is chosen for each designed cell from its posterior given the target
+        (:meth:`condition_posterior`, a screen of ``screen_cells`` cells per value): cells are
+        split among the values in proportion to it, so the prior's mode is picked by the condition
+        (which the model generates realistically) and guidance only closes the remaining gap.
+        ``retries``: cells that miss the target are re-noised to ``retry_noise * T`` and decoded
+        again (with the same guidance), up to ``retries`` times: restart sampling (Xu et al. 2023)
+        applied to the misses only, a local move of the prior around each cell, so a retried cell
+        is as realistic as a first draw. ``settings['sampler_steps_per_cell']`` counts the steps
+        spent per designed cell on inversion, decoding, retries and the screen (the cost to set
+        against unguided sampling + rejection).
         ``zero_below``: expression below this is set to exact zero (sparsity). Returns a
         :class:`DesignResult` (with resampling, ``source`` rows follow each cell's ancestor).
         """
@@ -910,6 +1008,16 @@ class InverseDesigner:
         rng = np.random.default_rng(seed)
         src_x, src_codes = self._source(source, num_samples, rng)
         cond_all = self._condition(condition, src_codes, num_samples)
+        selection, screen_steps = None, 0
+        if select is not None:
+            table = self.condition_posterior(target, select, source, condition=condition, n_cells=screen_cells,
+                                             steps=steps, seed=seed)
+            screen_steps = (len(table) + (source is not None)) * screen_cells * steps  # decodings (+ inversion)
+            cells, per_condition = self._selected_condition(table, num_samples)
+            cond_all.update(model.encode_conditioning(cells, num_samples))
+            selection = {"key": select, "cells": per_condition,
+                         "posterior": {k: round(float(v), 4) for k, v in zip(table["label"], table["posterior"])},
+                         "fraction_met": {k: round(float(v), 4) for k, v in zip(table["label"], table["fraction_met"])}}
         ab_full = model.scheduler.alphas_cumprod
         t_top = max(1, int(round(strength * (len(ab_full) - 1))))
         ab = ab_full[: t_top + 1]
@@ -922,7 +1030,7 @@ class InverseDesigner:
         log_g = self.log_potential_fn(target, sharpness) if resample else None
         was_training = model.training
         model.eval()
-        outs, paths, ancestry, n_resampled = [], [], [], 0
+        outs, paths, ancestry, n_resampled, retry_steps = [], [], [], 0, 0
         try:
             for start in range(0, num_samples, batch_size):
                 sl = slice(start, min(start + batch_size, num_samples))
@@ -945,6 +1053,13 @@ class InverseDesigner:
                 z, idx, rec, k = _run_plan_smc(denoiser, x_T, plan, cond, gen, log_g, self.to_expression,
                                                resample_every if resample else 0, int(resample_until * len(plan)),
                                                record_path, progress, prior=prior)
+                if retries:
+                    z, steps_taken = self._retry(
+                        z, {k: v[idx] for k, v in cond.items()}, target, retries, retry_noise, sampler, steps, eta,
+                        gen, zero_below, dict(guidance_scale=guidance_scale, schedule=schedule, normalize=normalize,
+                                              backward_steps=backward_steps, max_step=max_step, cfg_scale=cfg_scale,
+                                              null_cond=null))
+                    retry_steps += steps_taken
                 outs.append(z)
                 ancestry.append(idx.cpu() + start)
                 n_resampled += k
@@ -968,7 +1083,12 @@ class InverseDesigner:
                     "normalize": normalize, "backward_steps": backward_steps, "max_step": max_step,
                     "cfg_scale": cfg_scale, "strength": strength, "resample": resample,
                     "resample_every": resample_every if resample else None, "sharpness": sharpness,
-                    "resampling_events": n_resampled,
+                    "resampling_events": n_resampled, "select": selection, "retries": retries,
+                    "retry_noise": retry_noise if retries else None,
+                    "sampler_steps_per_cell": {"inversion": len(plan) if src_x is not None else 0,
+                                               "decoding": len(plan),
+                                               "retries": round(retry_steps / num_samples, 2),
+                                               "screen": round(screen_steps / num_samples, 2)},
                     "distinct_ancestors": int(len(torch.unique(ancestry))), "zero_below": zero_below, "seed": seed,
                     "source": "cells" if src_x is not None else "noise",
                     "objectives": [getattr(o, "name", type(o).__name__) for o in self.objectives],
