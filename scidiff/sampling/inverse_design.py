@@ -938,7 +938,8 @@ class InverseDesigner:
         return pd.DataFrame({"condition": candidates, "label": [condition_label(c) for c in candidates],
                              "prior": prior / prior.sum(), "fraction_met": rate, "posterior": joint / joint.sum()})
 
-    def _selected_condition(self, table, num_samples: int) -> tuple[dict, dict]:
+    @staticmethod
+    def _selected_condition(table, num_samples: int) -> tuple[dict, dict]:
         """Cells per condition in proportion to the posterior (largest remainder), as per-cell
         label lists ``{key: [...]}`` and the counts per condition label."""
         share = table["posterior"].to_numpy() * num_samples
