@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .sampling.inverse_design import InverseDesigner, PhenotypeTarget
+from .sampling.inverse_design import InverseDesigner, PhenotypeTarget, met_every_target
 from .sampling.samplers import ddim, ddim_invert
 
 # -- (a) the in-silico screen ----------------------------------------------------------------------
@@ -119,7 +119,7 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
         expr = designer.to_expression(z).clamp_min(0.0)
         loss = loss_fn(expr, cond).cpu().numpy()
         met = designer.hits(expr.cpu().numpy(), target)
-        all_met = np.all(np.stack(list(met.values())), axis=0) if met else np.ones(len(loss), bool)
+        all_met = met_every_target(met, len(loss))
         row = {"condition": condition_label(cand),
                "fraction_met": float(all_met.mean()), "mean_objective": float(loss.mean())}
         row.update({f"fraction_met[{k}]": float(v.mean()) for k, v in met.items()})

@@ -213,10 +213,12 @@ class DataSpec:
                 if key in self.perturbation_keys:
                     rows, counts = np.unique(t, axis=0, return_counts=True)
                 else:
-                    rows, counts = np.arange(len(self.categorical[key])), np.bincount(t, minlength=len(self.categorical[key]))
+                    n = len(self.categorical[key])
+                    rows, counts = np.arange(n), np.bincount(t, minlength=n)
             out[key] = {}
             for row, c in zip(rows.tolist(), counts.tolist()):
-                label = self.perturbation_label(key, row) if key in self.perturbation_keys else self.categorical[key][row]
+                label = (self.perturbation_label(key, row) if key in self.perturbation_keys
+                         else self.categorical[key][row])
                 out[key][label] = out[key].get(label, 0) + int(c)
         return out
 

@@ -673,9 +673,7 @@ class DesignResult:
 
     @property
     def all_met(self) -> np.ndarray:
-        if not self.met:
-            return np.ones(len(self.expression), bool)
-        return np.all(np.stack(list(self.met.values())), axis=0)
+        return met_every_target(self.met, len(self.expression))
 
     def to_anndata(self):
         import anndata as ad
@@ -707,6 +705,12 @@ def _jsonable(obj):
     if obj is None or isinstance(obj, (str, bool)):
         return obj
     return str(obj)
+
+
+def met_every_target(met: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Per cell, whether it meets every target of ``met`` (target -> per-cell bool); all ``True``
+    for no target."""
+    return np.all(np.stack(list(met.values())), axis=0) if met else np.ones(n, bool)
 
 
 def constraint_hits(expression: np.ndarray, gene_names, target: PhenotypeTarget) -> dict[str, np.ndarray]:
@@ -875,8 +879,7 @@ class InverseDesigner:
         expr = self.to_expression(z).clamp_min(0.0)
         if zero_below:
             expr = torch.where(expr < zero_below, torch.zeros_like(expr), expr)
-        met = self.hits(expr.cpu().numpy(), target)
-        return torch.as_tensor(np.all(np.stack(list(met.values())), axis=0) if met else np.ones(len(z), bool))
+        return torch.as_tensor(met_every_target(self.hits(expr.cpu().numpy(), target), len(z)))
 
     def _retry(self, z, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
                generator, zero_below, guidance: dict) -> tuple[torch.Tensor, int]:
