@@ -875,10 +875,15 @@ class InverseDesigner:
 
         return log_g
 
-    def _met_all(self, z: torch.Tensor, target: PhenotypeTarget, zero_below: float | None) -> torch.Tensor:
+    def _designed_expression(self, z: torch.Tensor, zero_below: float | None) -> torch.Tensor:
+        """Designed cells in expression space: clipped at 0, and exact zeros below ``zero_below``."""
         expr = self.to_expression(z).clamp_min(0.0)
         if zero_below:
             expr = torch.where(expr < zero_below, torch.zeros_like(expr), expr)
+        return expr
+
+    def _met_all(self, z: torch.Tensor, target: PhenotypeTarget, zero_below: float | None) -> torch.Tensor:
+        expr = self._designed_expression(z, zero_below)
         return torch.as_tensor(met_every_target(self.hits(expr.cpu().numpy(), target), len(z)))
 
     def _retry(self, z, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
@@ -1073,9 +1078,7 @@ class InverseDesigner:
             model.train(was_training)
         ancestry = torch.cat(ancestry)
         cond_all = {k: v[ancestry] for k, v in cond_all.items()}
-        expr = self.to_expression(torch.cat(outs)).clamp_min(0.0)
-        if zero_below:
-            expr = torch.where(expr < zero_below, torch.zeros_like(expr), expr)
+        expr = self._designed_expression(torch.cat(outs), zero_below)
         loss = self.loss_fn(target, include_constraints=False)(expr, {k: v.to(device) for k, v in cond_all.items()})
         expr = expr.cpu().numpy()
         source_expr = None if src_x is None else spec.to_expression(src_x[ancestry], clip=True).numpy()
