@@ -7,6 +7,11 @@ ONNX runtime, one run, same model, same sampler (DDIM) and steps.
   bf16 network where the CPU has bf16 units, per-condition modulation caching, fused update,
   1,024-cell chunks; CUDA: bf16, Triton kernels, the loop in a CUDA graph).
 - ``engine_fp32``: the engine with an fp32 network (what caching and fusion alone give).
+- ``engine_torch_ops`` (CUDA): the engine with the torch reference ops in place of the Triton
+  kernels (same bf16, caching and CUDA graph): what the fused kernels add.
+- ``engine_to_cpu``: the engine with its cells copied to host memory, as ``write_h5ad`` and
+  ``sample`` deliver them (on CPU the same as ``engine``). ``eager``, ``engine`` and
+  ``engine_fp32`` leave the cells on the device.
 - ``onnx``: :class:`scidiff.export.runtime.OnnxSampler` on the exported model (onnxruntime,
   numpy loop), when ``scidiff.export`` is present.
 
@@ -14,9 +19,13 @@ The model is the default configuration (2,000 highly variable genes of Kang PBMC
 latent, hidden 512, 6 blocks, 1,000 timesteps) with random weights: throughput does not depend
 on the weights. All cells of a batch share one condition (as when generating a group). A
 measurement whose projected time (from the previous batch size) exceeds ``--max-seconds`` is
-skipped and recorded as such.
+skipped and recorded as such. ``--model`` benchmarks a saved model (a checkpoint or run folder,
+yours or one written by ``--save-model``) instead of building one from Kang, so a GPU node
+without the data can run it.
 
     python bench/bench_sampling.py [--batch-sizes 256,1024,4096,16384,65536] [--threads 1]
+    python bench/bench_sampling.py --save-model default.pt --methods eager   # build once, here
+    python bench/bench_sampling.py --model default.pt --batch-sizes 256,...,262144   # on the GPU node
 
 Timings are the best of ``--repeats`` runs where one run takes under 15 s.
 """
@@ -54,10 +63,23 @@ def flops_per_cell_step(model) -> dict:
     return {"nominal": trunk + per_condition, "engine": trunk}
 
 
+def bench_conditioning(model) -> dict:
+    """Kang's CD14+ monocytes, stimulated, where the model knows them; else each covariate's
+    first label."""
+    kang = {"cell_type": "CD14+Mono", "condition": "stimulated"}
+    labels = model.data_spec.categorical if model.data_spec is not None else {}
+    return {k: kang[k] if kang.get(k) in v else v[0] for k, v in labels.items()}
+
+
 def build_model(args, device):
     import scidiff
     from scidiff.config import ModelConfig
 
+    if args.model:
+        model = scidiff.load_model(args.model)
+        return model.to(device), bench_conditioning(model)
+    if not os.path.exists(args.data):
+        sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project (or --model)")
     adata = scidiff.data.read_h5ad(args.data)
     data = scidiff.setup_anndata(adata, condition_keys=["cell_type", "condition"], n_top_genes=args.genes)
     cfg = ModelConfig(gene_dim=args.genes, latent_dim=args.latent_dim or None)
@@ -67,7 +89,9 @@ def build_model(args, device):
         for name, p in model.named_parameters():
             if p.dim() > 1 and "embeddings" not in name:
                 p.normal_(0, 0.5 / p.shape[1] ** 0.5)
-    return model.eval().to(device), {"cell_type": "CD14+Mono", "condition": "stimulated"}
+    if args.save_model:
+        scidiff.save_model(model, args.save_model)
+    return model.eval().to(device), bench_conditioning(model)
 
 
 def timed(fn, sync):
@@ -81,6 +105,8 @@ def timed(fn, sync):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA)
+    p.add_argument("--model", default=None, help="benchmark this saved model instead of building one from --data")
+    p.add_argument("--save-model", default=None, help="write the model built from --data here")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-sizes", default="256,1024,4096,16384,65536")
     p.add_argument("--steps", type=int, default=50)
@@ -89,12 +115,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=90.0, help="skip a run projected to take longer")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs, for runs under 15 s")
-    p.add_argument("--methods", default="eager,engine,engine_fp32,onnx")
+    p.add_argument("--methods", default="eager,engine,engine_fp32,engine_torch_ops,engine_to_cpu,onnx")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for the fraction-of-peak column")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sampling.json"))
     args = p.parse_args(argv)
-    if not os.path.exists(args.data):
-        sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -111,10 +135,23 @@ def main(argv=None):
         methods["eager"] = lambda b, seed: model.sample(b, cond, sampler="ddim", steps=args.steps, seed=seed)
     engine = SamplingEngine(model, "ddim", args.steps, threads=args.threads)
     if "engine" in wanted:
-        methods["engine"] = lambda b, seed: engine.sample(b, cond, seed=seed)
+        methods["engine"] = lambda b, seed: engine.sample(b, cond, seed=seed, to_cpu=False)
     if "engine_fp32" in wanted:
         engine32 = SamplingEngine(model, "ddim", args.steps, dtype=torch.float32, cuda_graph=device.type == "cuda")
-        methods["engine_fp32"] = lambda b, seed: engine32.sample(b, cond, seed=seed)
+        methods["engine_fp32"] = lambda b, seed: engine32.sample(b, cond, seed=seed, to_cpu=False)
+    if "engine_torch_ops" in wanted and device.type == "cuda":
+        engine_torch = SamplingEngine(model, "ddim", args.steps, threads=args.threads)
+
+        def engine_torch_ops(b, seed):  # dispatch happens while the graph is captured (first call per shape)
+            old = os.environ.get("SCIDIFF_KERNELS")
+            os.environ["SCIDIFF_KERNELS"] = "torch"
+            try:
+                return engine_torch.sample(b, cond, seed=seed, to_cpu=False)
+            finally:
+                os.environ.pop("SCIDIFF_KERNELS") if old is None else os.environ.__setitem__("SCIDIFF_KERNELS", old)
+        methods["engine_torch_ops"] = engine_torch_ops
+    if "engine_to_cpu" in wanted and device.type == "cuda":
+        methods["engine_to_cpu"] = lambda b, seed: engine.sample(b, cond, seed=seed)
     onnx_info = None
     tmp = tempfile.TemporaryDirectory()
     if "onnx" in wanted:
@@ -178,7 +215,8 @@ def main(argv=None):
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "threads": args.threads, "cpu_bf16": cpu_has_bf16() if device.type == "cpu" else None,
         "engine": {"dtype": str(engine.dtype), "chunk_size": engine.chunk_size, "cuda_graph": engine.cuda_graph},
-        "model": {"genes": model.gene_dim, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
+        "model": {"source": os.path.basename(args.model) if args.model else "random weights, Kang's 2,000 HVGs",
+                  "genes": model.gene_dim, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
                   "num_layers": model.num_layers, "num_timesteps": model.num_timesteps},
         "sampler": "ddim", "steps": args.steps, "flops_per_cell_step": flops,
         "relative_difference_vs_eager_at_batch_%d" % b0: agreement, "onnx": onnx_info, "rows": rows,

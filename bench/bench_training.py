@@ -191,6 +191,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_json(result: dict, path: str) -> None:
+    result["machine"]["load_average_at_end"] = list(os.getloadavg())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)}")
@@ -202,7 +210,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--no-gpu", action="store_true")
+    p.add_argument("--devices", default="cpu,cuda", help="comma-separated; cuda is skipped where absent")
     p.add_argument("--out", default=os.path.join(HERE, "results", "training.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -211,7 +219,9 @@ def main(argv=None) -> int:
     unknown = [m for m in models if m not in MODELS] + [v for v in variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown model(s)/variant(s) {unknown}; models {list(MODELS)}, variants {list(VARIANTS)}")
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
+    if set(args.devices.split(",")) - {"cpu", "cuda"}:
+        p.error(f"--devices takes cpu and/or cuda, got {args.devices!r}")
+    devices = [d for d in args.devices.split(",") if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
     data = synthetic_cells(args.cells, args.genes)
     result = {"machine": machine(), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
     for device in devices:
@@ -226,12 +236,10 @@ def main(argv=None) -> int:
                 result["results"].append(r)
                 print(f"{device:5s} {name:7s} {variant:38s} {r['cells_per_s']:9.0f} cells/s "
                       f"({r['ratio_vs_eager']:.2f}x, warm-up {r['warmup_seconds']:.1f} s)", flush=True)
+                write_json(result, args.out)  # after every row: a run cut short keeps what it measured
     if "cuda" in devices and torch.cuda.device_count() > 1:
         result["ddp"] = ddp_scaling(args, MODELS[models[0]])
-    result["machine"]["load_average_at_end"] = list(os.getloadavg())
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_json(result, args.out)
     table = markdown(result)
     with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
         fh.write(table)

@@ -7,6 +7,13 @@ its rows' LayerNorm statistics, then streams ``h`` and the modulation along K, n
 modulating each tile in registers just before the tensor-core dot, so the normalised activation
 never goes to memory; bias, SiLU, gate and the residual add are the epilogue.
 
+Shared modulation (one ``shift``/``scale``/``gate`` row for all cells, the sampling engine's
+case): LayerNorm is folded into the weight, ``W (LN(h)(1 + scale) + shift) =
+rstd (h W'^T - mean u) + W shift`` with ``W' = W diag(1 + scale)`` and ``u = W' 1``, so the
+kernel is a plain tiled GEMM over ``h`` that gathers each row's mean and variance from the
+tiles it already loads (Chan et al.'s pairwise merge, 1979) and applies them in the epilogue:
+one read of ``h`` per output tile, no statistics pass. Its tiles are autotuned per shape.
+
 Backward (``modulated_block_backward``): the same kernel run with ``BACKWARD=True`` recomputes the
 pre-activation and writes ``dy = g * gate * SiLU'(y)``, ``dgate = g * SiLU(y)``, the modulated
 input ``z`` and the row statistics; two GEMMs (``dW = dy^T z``, ``dz = dy W``) go to cuBLAS; a
@@ -108,6 +115,62 @@ def _block_kernel(h_ptr, shift_ptr, scale_ptr, gate_ptr, w_ptr, b_ptr, out_ptr,
 
 
 @triton.jit
+def _shared_block_kernel(h_ptr, w_ptr, u_ptr, v_ptr, gate_ptr, out_ptr, M, N, K,
+                         stride_h, stride_w, stride_out, eps,
+                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out = h + gate * SiLU(rstd (h W'^T - mean u) + v)`` with one modulation row (folded
+    into ``W'``, ``u``, ``v`` by the caller); row statistics merged tile by tile along K."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < M
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        hv = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        hc = hv.to(w.dtype)
+        if DOT_FP32:
+            acc += tl.dot(hc.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(hc, w, input_precision=PRECISION)
+        # this tile's count, mean and sum of squared deviations, merged into the running ones
+        seen = k0 * 1.0
+        n_tile = tl.minimum(K - k0, BLOCK_K) * 1.0
+        hf = hv.to(tl.float32)
+        tile_mean = tl.sum(hf, 1) / n_tile
+        dev = tl.where(kmask[None, :], hf - tile_mean[:, None], 0.0)
+        delta = tile_mean - mean
+        total = seen + n_tile
+        mean += delta * (n_tile / total)
+        m2 += tl.sum(dev * dev, 1) + delta * delta * (seen * n_tile / total)
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
+    v = tl.load(v_ptr + cols, mask=cmask, other=0.0)
+    y = rstd[:, None] * (acc - mean[:, None] * u[None, :]) + v[None, :]
+    act = y * tl.sigmoid(y)
+    gate = tl.load(gate_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    om = rmask[:, None] & cmask[None, :]
+    res = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=om, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], (res + gate[None, :] * act).to(out_ptr.dtype.element_ty),
+             mask=om)
+
+
+# GEMM tiles for the shared-modulation kernel on a GPU, chosen per (M, N, K, dtype) by timing
+_SHARED_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                   for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
+                                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]]
+_shared_block_tuned = triton.autotune(configs=_SHARED_CONFIGS, key=["M", "N", "K", "DOT_FP32", "PRECISION"])(
+    _shared_block_kernel)
+
+
+@triton.jit
 def _layer_norm_backward_kernel(h_ptr, scale_ptr, dz_ptr, g_ptr, mean_ptr, rstd_ptr, dh_ptr, dscale_ptr,
                                 M, K, stride_h, stride_scale, stride_dz, stride_g, stride_dh, stride_dscale,
                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -184,12 +247,38 @@ def _check(h, weight, bias):
     return N, K
 
 
+def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
+    """The block with one modulation row: fold LayerNorm's affine part and the modulation into
+    ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b`` (fp32), then one GEMM kernel."""
+    M, K = h2.shape
+    N = weight.shape[0]
+    w32 = weight.float()
+    folded = (w32 * (1.0 + scale.reshape(K).float())[None, :]).to(weight.dtype).contiguous()
+    u = folded.float().sum(1)
+    v = torch.addmv(bias.float(), w32, shift.reshape(K).float())
+    gate = gate.reshape(N).contiguous()
+    out = torch.empty((M, N), device=h2.device, dtype=h2.dtype)
+    dot_fp32 = weight.dtype == torch.bfloat16 and _interpreting()
+    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
+    args = (h2, folded, u, v, gate, out, M, N, K, h2.stride(0), folded.stride(0), out.stride(0), float(eps))
+    if _interpreting():
+        BM, BN, BK, _ = _blocks(M, N, K)
+        _shared_block_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
+            *args, DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        _shared_block_tuned[grid](*args, DOT_FP32=dot_fp32, PRECISION=precision)
+    return out
+
+
 def _launch(h, shift, scale, gate, weight, bias, eps, grad_out=None):
     N, K = _check(h, weight, bias)
     h2 = h.reshape(-1, K)
     if h2.stride(-1) != 1:
         h2 = h2.contiguous()
     M = h2.shape[0]
+    if grad_out is None and all(t.numel() == K for t in (shift, scale, gate)):
+        return _launch_shared(h2, shift, scale, gate, weight, bias, eps).reshape(h.shape[:-1] + (N,))
     shift2, scale2, gate2 = _rows(shift, M, K), _rows(scale, M, K), _rows(gate, M, K)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     out = torch.empty((M, N), device=h.device, dtype=h.dtype)

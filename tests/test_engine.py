@@ -82,16 +82,20 @@ def test_bf16_engine_stays_within_one_percent_of_fp32(sampler):
     assert float((out - ref).norm() / ref.norm()) < 0.01
 
 
-def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch):
-    """Both kernels inside the real loop (the Triton interpreter on CPU, small shapes)."""
+@pytest.mark.parametrize("cond,guidance", [({"c": torch.tensor([0, 2, 2])}, 1.5), ({"c": 1}, 1.0)],
+                         ids=["modulation-per-row", "shared-modulation"])
+def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch, cond, guidance):
+    """Both kernels inside the real loop (the Triton interpreter on CPU, small shapes); one
+    condition without guidance takes the block kernel's shared-modulation form."""
     pytest.importorskip("triton", reason="needs triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU kernels need TRITON_INTERPRET=1")
     model = random_model(gene_dim=24, hidden_dim=32)
-    cond = {"c": torch.tensor([0, 2, 2])}
-    ref = SamplingEngine(model, "ddpm", 4, guidance_scale=1.5, dtype=torch.float32).sample(3, cond, seed=2)
+    ref = SamplingEngine(model, "ddpm", 4, guidance_scale=guidance, dtype=torch.float32).sample(3, cond, seed=2)
     monkeypatch.setenv("SCIDIFF_KERNELS", "triton")
-    out = SamplingEngine(model, "ddpm", 4, guidance_scale=1.5, dtype=torch.float32).sample(3, cond, seed=2)
+    engine = SamplingEngine(model, "ddpm", 4, guidance_scale=guidance, dtype=torch.float32)
+    out = engine.sample(3, cond, seed=2, to_cpu=False)  # the engine's device (here the CPU)
+    assert out.device == engine.device
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 

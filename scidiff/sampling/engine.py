@@ -220,8 +220,9 @@ class SamplingEngine:
     # -- public API --------------------------------------------------------------------------------
     def stream(self, n: int, conditioning: dict | None = None, *, seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               progress: bool = False) -> Iterator[torch.Tensor]:
-        """Yield ``n`` generated cells as CPU tensors of at most ``chunk_size`` rows.
+               progress: bool = False, to_cpu: bool = True) -> Iterator[torch.Tensor]:
+        """Yield ``n`` generated cells as fp32 tensors of at most ``chunk_size`` rows, on the CPU
+        (``to_cpu=False``: left on the engine's device, for consumers that stay on the GPU).
 
         ``x_T`` (and, off CUDA graphs, the noise) come from ``generator`` (else one seeded with
         ``seed``) in the order ``model.sample`` would draw them for the same chunks; in a CUDA
@@ -244,7 +245,7 @@ class SamplingEngine:
                 x = m.decode(self._run(x_T, cond, generator))
                 if return_expression and m.data_spec is not None:
                     x = m.data_spec.to_expression(x)
-                yield x.float().cpu()
+                yield x.float().cpu() if to_cpu else x.float()
                 bar.update(b)
 
     def sample(self, n: int, conditioning: dict | None = None, **kwargs) -> torch.Tensor:
