@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks of one short lease, most important first, each under its own time limit:
 #   1. the kernel and engine tests against the compiled Triton kernels (pytest -m gpu);
-#   2. bench_sampling.py on the default model (64-dim latent) and on gene-space diffusion;
+#   2. bench_sampling.py on the default model (64-dim latent), bench_kernels.py (the kernels
+#      against their references, the device's ceilings, a profile of the engine's loop), then
+#      bench_sampling.py on gene-space diffusion;
 #   3. bench_training.py's CUDA rows.
 # Models come from files (``bench_sampling.py --save-model``), so the node needs no data:
 #   python bench/bench_sampling.py --save-model .devdata/default_latent64.pt --methods eager --batch-sizes 256
@@ -43,6 +45,10 @@ sampling() {  # name, model file, time limit
 }
 sampling latent64 default_latent64.pt "${SAMPLING_SECONDS:-120}" \
     || SCIDIFF_KERNELS=torch sampling latent64_torch_kernels default_latent64.pt 90
+stage "bench_kernels"
+timeout "${KERNELS_SECONDS:-90}" python3 bench/bench_kernels.py --model "$MODELS/default_latent64.pt" \
+    --out "$OUT/kernels.json"
+echo "bench_kernels exit: $?"
 sampling genes default_genes.pt "${SAMPLING_SECONDS:-100}"
 
 [ "${TRAINING_SECONDS:-120}" -gt 0 ] || { stage "done"; exit 0; }
