@@ -23,6 +23,11 @@ the prior, and the model's own conditional samples of the matching group (the re
 designer could reach with this model). Goal: >= 90% of designed cells meet every target,
 realism AUC <= 0.70, >= 10x fewer samples than rejection.
 
+``observed`` rows design measured cells (``InverseDesigner(model, observed=True)``): guidance
+acts on each cell's smooth expression, and the designed cell is a measurement of it through the
+model's detection model, with the data's sparsity (95% zeros in Kang); the smooth rows compare
+smooth (dense) cells with sparse real ones. Their rejection baselines sample measured cells too.
+
     python bench/bench_design.py [--model-dir DIR] [--out bench/results/design.json]
 """
 from __future__ import annotations
@@ -43,6 +48,7 @@ SHARED = os.path.join(HERE, "..", "..", "shared", "data")
 
 KANG_SELECT = "design, select=condition, guidance 1, eta 1, retries 10"
 KANG_SELECT_KW = {"select": "condition", "guidance_scale": 1.0, "eta": 1.0, "retries": 10}
+KANG_OBSERVED = "observed " + KANG_SELECT
 PBMC_SELECT = "design, select=bulk_labels, guidance 1, eta 1, no resampling, retries 10"
 PBMC_SELECT_KW = {"select": "bulk_labels", "guidance_scale": 1.0, "eta": 1.0, "resample": False, "retries": 10}
 
@@ -67,7 +73,11 @@ def train_or_load(name, data, epochs, model_dir, seed):
     path = os.path.join(model_dir, f"{name}_model.pt") if model_dir else None
     if path and os.path.exists(path):
         model = load_model(path, genes=data.spec.gene_names)
-        return model, {"trained": False, "loaded_from": path}
+        info = {"trained": False, "loaded_from": path}
+        if not bool(model.detection.fitted):  # saved before the detection model
+            model.fit_detection(data.x)
+            info["detection_model"] = "fitted on the training cells after loading"
+        return model, info
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=512, num_layers=6, latent_dim=64)
@@ -206,21 +216,28 @@ def kang(args, results):
         r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed,
                             **{"select": "condition", **kw})
         add(name, r.expression, {"settings": r.settings})
+    observed_designer = scidiff.InverseDesigner(model, observed=True)
+    r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, **KANG_SELECT_KW)
+    add(KANG_OBSERVED, r.expression, {"settings": r.settings})
     direct = direct_gradient_baseline(designer, target, res.source)
     add("direct gradient on expression", direct)
-    floor = model.sample(n, {"cell_type": "CD4T", "condition": "stimulated"}, steps=args.steps, seed=args.seed).numpy()
-    add("model samples CD4T|stimulated", floor)
-    add("model samples CD4T|stimulated meeting the target (rejection)", meeting(
-        lambda k, seed: model.sample(k, {"cell_type": "CD4T", "condition": "stimulated"}, steps=args.steps,
-                                     seed=seed).numpy(), hits, n, args.seed))
-    out["rejection"] = {
-        "from the source population (CD4T, control)": rejection_baseline(
-            model, hits, args.rejection_samples, {"cell_type": "CD4T", "condition": "control"}, steps=args.steps,
-            seed=args.seed),
-        "from the design's prior (CD4T, condition unset)": rejection_baseline(
-            model, hits, args.rejection_samples, {"cell_type": "CD4T"}, steps=args.steps, seed=args.seed)}
-    for name in ("design", KANG_SELECT):
-        for k, v in out["rejection"].items():
+    stim_cd4 = {"cell_type": "CD4T", "condition": "stimulated"}
+    for observed in (False, True):
+        what = "observed " if observed else ""
+        add(f"{what}model samples CD4T|stimulated",
+            model.sample(n, stim_cd4, steps=args.steps, seed=args.seed, observed=observed).numpy())
+        add(f"{what}model samples CD4T|stimulated meeting the target (rejection)", meeting(
+            lambda k, seed: model.sample(k, stim_cd4, steps=args.steps, seed=seed, observed=observed).numpy(),
+            hits, n, args.seed))
+    priors = {"from the source population (CD4T, control)": {"cell_type": "CD4T", "condition": "control"},
+              "from the design's prior (CD4T, condition unset)": {"cell_type": "CD4T"}}
+    for observed in (False, True):
+        out["observed rejection" if observed else "rejection"] = {
+            k: rejection_baseline(model, hits, args.rejection_samples, c, steps=args.steps, seed=args.seed,
+                                  observed=observed) for k, c in priors.items()}
+    for name in ("design", KANG_SELECT, KANG_OBSERVED):
+        rejection = out["observed rejection" if name == KANG_OBSERVED else "rejection"]
+        for k, v in rejection.items():
             ratio = against_rejection(out["methods"][name], v, args.steps)
             out["methods"][name][f"vs rejection {k}"] = ratio
             print(f"{name} vs rejection {k} (hit rate {v['hit_rate']:.4f}): {ratio['fewer_samples']:.1f}x fewer "
@@ -235,10 +252,11 @@ def kang(args, results):
     print("genes:", list(genes_rank["gene"][:20]), flush=True)
     out["goal"], out["over_seeds"] = {}, {}
     seeds = [args.seed + i for i in range(args.repeats)]
-    for name, kw in (("design", {}), (KANG_SELECT, KANG_SELECT_KW)):
+    for name, kw, who in (("design", {}, designer), (KANG_SELECT, KANG_SELECT_KW, designer),
+                          (KANG_OBSERVED, KANG_SELECT_KW, observed_designer)):
         s = out["methods"][name]
         rep = out["over_seeds"][name] = over_seeds(
-            s, lambda seed: designer.design(target, n, source=source, steps=args.steps, seed=seed, **kw),
+            s, lambda seed: who.design(target, n, source=source, steps=args.steps, seed=seed, **kw),
             lambda x: score(x, real, labels, [stim_label], hits, args.seed), stim_label, seeds)
         print(f"{name} over seeds {seeds}: met {rep['mean_fraction_met_all']:.3f} AUC {rep['mean_classifier_auc']:.3f}",
               flush=True)
@@ -302,6 +320,9 @@ def pbmc(args, results):
                      (PBMC_SELECT, PBMC_SELECT_KW)):
         r = designer.design(target, n, steps=args.steps, seed=args.seed, **{"select": "bulk_labels", **kw})
         add(name, r.expression, {"settings": r.settings})
+    r = scidiff.InverseDesigner(model, observed=True).design(target, n, steps=args.steps, seed=args.seed,
+                                                             **PBMC_SELECT_KW)
+    add("observed " + PBMC_SELECT, r.expression, {"settings": r.settings})
     unguided = designer.design(target, n, steps=args.steps, seed=args.seed, guidance_scale=0.0, resample=False)
     add("unguided (unconditional)", unguided.expression)
     add("direct gradient on expression", direct_gradient_baseline(designer, target, unguided.expression))
@@ -312,11 +333,19 @@ def pbmc(args, results):
     floor = np.vstack([model.sample(int(k), {"bulk_labels": lab}, steps=args.steps, seed=args.seed + i).numpy()
                        for i, (lab, k) in enumerate(zip(cd8, per))])
     add("model samples of the CD8 labels", floor)
+    add("observed model samples of the CD8 labels",
+        np.vstack([model.sample(int(k), {"bulk_labels": lab}, steps=args.steps, seed=args.seed + i,
+                                observed=True).numpy() for i, (lab, k) in enumerate(zip(cd8, per))]))
     add("model samples of the CD8 labels meeting the target (rejection)", meeting(
         lambda k, seed: model.sample(k, {"bulk_labels": cd8[seed % 2]}, steps=args.steps, seed=seed).numpy(),
         hits, n, args.seed))
     rej = rejection_baseline(model, hits, args.rejection_samples, None, steps=args.steps, seed=args.seed)
     out["rejection"] = {"unconditional": rej}
+    out["observed rejection"] = {"unconditional": rejection_baseline(
+        model, hits, args.rejection_samples, None, steps=args.steps, seed=args.seed, observed=True)}
+    name = "observed " + PBMC_SELECT
+    out["methods"][name]["vs rejection"] = against_rejection(out["methods"][name],
+                                                             out["observed rejection"]["unconditional"], args.steps)
     out["goal"], out["over_seeds"] = {}, {}
     seeds = [args.seed + i for i in range(args.repeats)]
     for name, kw in (("design", {}), (PBMC_SELECT, PBMC_SELECT_KW)):
@@ -346,7 +375,7 @@ def main(argv=None):
     p.add_argument("--scales", type=float, nargs="*", default=[0.0, 3.0, 30.0],
                    help="guidance scales of the sweep (beside the default)")
     p.add_argument("--rejection-samples", type=int, default=2048)
-    p.add_argument("--repeats", type=int, default=3, help="seeds of the headline designs (goals use their mean)")
+    p.add_argument("--repeats", type=int, default=6, help="seeds of the headline designs (goals use their mean)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=["kang", "pbmc68k"], default=None)

@@ -67,6 +67,9 @@ def _add_sample(sub):
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--observed", action="store_true",
+                   help="write measured cells (sparse, with the training data's detection rates; principal-axes "
+                        "models) instead of their smooth expression")
     p.add_argument("--engine", action="store_true",
                    help="the fast sampling engine (bf16 network where supported, per-condition caching; "
                         "CUDA graphs and Triton kernels on a GPU)")
@@ -204,7 +207,7 @@ def _sample_sharded(args, model, groups):
         manifest = pipeline.generate_sharded(model, args.n, args.out, groups, rank=distributed.rank(), world_size=world,
                                              sampler=args.sampler, steps=args.steps, eta=args.eta,
                                              guidance_scale=args.guidance, seed=args.seed, merge=args.merge,
-                                             progress=distributed.is_main_process())
+                                             progress=distributed.is_main_process(), observed=args.observed)
     finally:
         if world > 1 and distributed.is_distributed():
             dist.destroy_process_group()
@@ -229,11 +232,11 @@ def cmd_sample(args):
         from .sampling import SamplingEngine
 
         engine = SamplingEngine(model, args.sampler, args.steps, eta=args.eta, guidance_scale=args.guidance)
-        cells, genes = engine.write_h5ad(args.out, args.n, groups, seed=args.seed)
+        cells, genes = engine.write_h5ad(args.out, args.n, groups, seed=args.seed, observed=args.observed)
     else:
         cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, sampler=args.sampler,
                                                  steps=args.steps, eta=args.eta, guidance_scale=args.guidance,
-                                                 seed=args.seed)
+                                                 seed=args.seed, observed=args.observed)
     print(f"wrote {cells} cells x {genes} genes to {args.out}")
 
 

@@ -73,8 +73,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
                tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 10.0, backward_steps: int = 0,
                cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, eta: float | None = None,
-               select: str | None = None, retries: int = 0, seed: int = 0, screen: bool = True,
-               attribution: bool = True, progress: bool = True) -> dict:
+               select: str | None = None, retries: int = 0, observed: bool = False, seed: int = 0,
+               screen: bool = True, attribution: bool = True, progress: bool = True) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
     :class:`PhenotypeTarget`) and write the outputs of the module notes; returns the report.
 
@@ -85,7 +85,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     ``cell_type``: a label of ``cell_type_key`` (found among the model's covariates or obs): the
     design is conditioned on it where the model knows it, and a classifier trained on ``data``
     scores it. ``tf_network``: a TSV of TF -> target edges. ``eta``, ``select``, ``retries``: see
-    :meth:`scidiff.sampling.InverseDesigner.design`."""
+    :meth:`scidiff.sampling.InverseDesigner.design`; ``observed``: design measured cells (see
+    :class:`scidiff.sampling.InverseDesigner`)."""
     import numpy as np
     import pandas as pd
     import torch
@@ -129,7 +130,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
             target.cell_type = None  # conditioning carries it; nothing can score it without real cells
     if target.is_empty():
         target.check()
-    designer = InverseDesigner(model, classifier=classifier, realism_weight=realism_weight)
+    designer = InverseDesigner(model, classifier=classifier, realism_weight=realism_weight, observed=observed)
     designer.check(target)
     source_cells = None
     if source:
@@ -232,6 +233,8 @@ def add_design(sub) -> None:
                                                    "cell from its posterior given the target (a screen)")
     p.add_argument("--retries", type=int, default=0, help="restart cells that miss the target up to this many "
                                                           "times from 70%% noise")
+    p.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
+                   "detection rates (principal-axes models; guidance acts on the smooth expression)")
     p.add_argument("--tolerance", type=float, default=0.1, help="slack when checking a target (log1p units)")
     p.add_argument("--realism", type=float, default=0.0, help="weight of the realism (denoiser score) term")
     p.add_argument("--seed", type=int, default=0)
@@ -247,7 +250,7 @@ def cmd_design(args) -> None:
                         cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
                         n=args.n, steps=args.steps, guidance_scale=args.guidance, backward_steps=args.backward_steps,
                         cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, eta=args.eta,
-                        select=args.select, retries=args.retries, seed=args.seed,
+                        select=args.select, retries=args.retries, observed=args.observed, seed=args.seed,
                         screen=not args.no_screen)
     line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
     if "realism" in report:

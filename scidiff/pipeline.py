@@ -15,7 +15,7 @@ from .config import Config, load_config
 from .data import read_h5ad, setup_anndata, transform_like, write_h5ad
 from .data.io import atomic_path
 from .models import ScIDiffModel
-from .training import ScIDiffTrainer, save_model
+from .training import ScIDiffTrainer
 
 
 def _streamed_model(path, config: Config, keys, progress: bool):
@@ -141,7 +141,7 @@ def _check_generate(model: ScIDiffModel, n: int, conditioning: dict | None) -> d
 
 
 def _sample_chunks(model: ScIDiffModel, n: int, conditioning: dict, *, sampler, steps, eta, guidance_scale, seed,
-                   chunk_size, bar):
+                   chunk_size, bar, observed=False):
     """Yield ``n`` generated cells as numpy chunks of at most ``chunk_size`` (one generator seeded
     with ``seed`` across the chunks)."""
     device = next(model.parameters()).device
@@ -149,41 +149,49 @@ def _sample_chunks(model: ScIDiffModel, n: int, conditioning: dict, *, sampler, 
     for start in range(0, n, chunk_size):
         b = min(chunk_size, n - start)
         x = model.sample(b, conditioning, sampler=sampler, steps=steps, eta=eta,
-                         guidance_scale=guidance_scale, generator=gen)
+                         guidance_scale=guidance_scale, generator=gen, observed=observed)
         bar.update(b)
         yield x.cpu().numpy().astype(np.float32, copy=False)
 
 
-def _generation_uns(model, sampler, steps, eta, guidance_scale, seed) -> dict:
+def expression_note(model, observed: bool) -> str:
+    """What generated ``X`` holds, for ``uns['scidiff']['expression']``."""
+    what = "log1p-normalised" + (f" (target_sum {model.data_spec.target_sum:g})" if model.data_spec.target_sum else "")
+    return what + (", measured through the detection model" if observed else ", smooth")
+
+
+def _generation_uns(model, sampler, steps, eta, guidance_scale, seed, observed=False) -> dict:
     return {"sampler": sampler, "steps": -1 if steps is None else int(steps), "eta": float(eta),
-            "guidance_scale": float(guidance_scale), "seed": int(seed),
-            "expression": "log1p-normalised" + (f" (target_sum {model.data_spec.target_sum:g})"
-                                               if model.data_spec.target_sum else "")}
+            "guidance_scale": float(guidance_scale), "seed": int(seed), "observed": bool(observed),
+            "expression": expression_note(model, observed)}
 
 
 def generate(model: ScIDiffModel, n: int, conditioning: dict | None = None, *, sampler: str = "dpmpp_2m",
              steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-             chunk_size: int = 4096, progress: bool = True) -> ad.AnnData:
+             chunk_size: int = 4096, progress: bool = True, observed: bool = False) -> ad.AnnData:
     """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
-    genes as ``var_names``, the conditions in ``obs``), produced in chunks. For more cells than
-    fit in memory use :func:`generate_to_file`."""
+    genes as ``var_names``, the conditions in ``obs``), produced in chunks. ``observed``:
+    measured cells (sparse, :meth:`ScIDiffModel.observe`) instead of smooth expression. For more
+    cells than fit in memory use :func:`generate_to_file`."""
     from tqdm.auto import tqdm
 
     conditioning = _check_generate(model, n, conditioning)
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
         parts = list(_sample_chunks(model, n, conditioning, sampler=sampler, steps=steps, eta=eta,
-                                    guidance_scale=guidance_scale, seed=seed, chunk_size=chunk_size, bar=bar))
+                                    guidance_scale=guidance_scale, seed=seed, chunk_size=chunk_size, bar=bar,
+                                    observed=observed))
     obs = pd.DataFrame({k: pd.Categorical([str(v)] * n) for k, v in conditioning.items()},
                        index=[f"generated_{i}" for i in range(n)])
     out = ad.AnnData(X=np.concatenate(parts), obs=obs)
     out.var_names = list(model.data_spec.gene_names)
-    out.uns["scidiff"] = _generation_uns(model, sampler, steps, eta, guidance_scale, seed)
+    out.uns["scidiff"] = _generation_uns(model, sampler, steps, eta, guidance_scale, seed, observed)
     return out
 
 
 def generate_to_file(model: ScIDiffModel, n: int, out, groups=None, *, sampler: str = "dpmpp_2m",
                      steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-                     chunk_size: int = 4096, progress: bool = True, first_index: int = 0) -> tuple[int, int]:
+                     chunk_size: int = 4096, progress: bool = True, first_index: int = 0,
+                     observed: bool = False) -> tuple[int, int]:
     """Generate ``n`` cells for each conditioning dict in ``groups`` (group ``i`` seeded with
     ``seed + i``) straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays
     bounded by ``chunk_size`` cells. The file appears only when complete and holds what
@@ -197,11 +205,12 @@ def generate_to_file(model: ScIDiffModel, n: int, out, groups=None, *, sampler: 
     several = len(groups) > 1
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
             tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
-        writer.uns = {"scidiff": _generation_uns(model, sampler, steps, eta, guidance_scale, seed)}
+        writer.uns = {"scidiff": _generation_uns(model, sampler, steps, eta, guidance_scale, seed, observed)}
         for i, cond in enumerate(groups):
             start = int(first_index)
             for x in _sample_chunks(model, n, cond, sampler=sampler, steps=steps, eta=eta,
-                                    guidance_scale=guidance_scale, seed=seed + i, chunk_size=chunk_size, bar=bar):
+                                    guidance_scale=guidance_scale, seed=seed + i, chunk_size=chunk_size, bar=bar,
+                                    observed=observed):
                 names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
                 writer.append(x, obs={k: str(v) for k, v in cond.items()}, obs_names=names)
                 start += len(x)
@@ -227,7 +236,8 @@ def _h5ad_cells(path: str) -> int:
 
 def generate_sharded(model: ScIDiffModel, n: int, out_dir, groups=None, *, rank: int = 0, world_size: int = 1,
                      sampler: str = "dpmpp_2m", steps: int | None = 25, eta: float = 0.0, guidance_scale: float = 1.0,
-                     seed: int = 0, chunk_size: int = 4096, progress: bool = True, merge: bool = False) -> dict | None:
+                     seed: int = 0, chunk_size: int = 4096, progress: bool = True, merge: bool = False,
+                     observed: bool = False) -> dict | None:
     """Generation scaled out over ``world_size`` processes (e.g. ``torchrun``): this ``rank``
     generates its contiguous share of the ``n`` cells of each group into
     ``out_dir/shard-<rank>-of-<world_size>.h5ad`` (:func:`generate_to_file`), from its own seed
@@ -250,7 +260,7 @@ def generate_sharded(model: ScIDiffModel, n: int, out_dir, groups=None, *, rank:
     if count:
         generate_to_file(model, count, os.path.join(out_dir, shard_name(rank, world_size)), groups, sampler=sampler,
                          steps=steps, eta=eta, guidance_scale=guidance_scale, seed=rank_seed, chunk_size=chunk_size,
-                         progress=progress, first_index=first)
+                         progress=progress, first_index=first, observed=observed)
     distributed.barrier()  # every shard is complete past this point
     if rank != 0:
         return None

@@ -112,11 +112,12 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
     keep = {k: v.to(device) for k, v in designer._condition(condition, src_codes, n).items()
             if k not in spec.perturbation_keys and k != spec.dose_key}
     loss_fn = designer.loss_fn(target, include_constraints=False)
+    measure = torch.Generator(device=device).manual_seed(int(seed) + 1)  # observed designers' measurements
     rows = []
     for cand in tqdm(candidates, desc="screen", disable=not progress):
         cond = {**keep, **{k: v.to(device) for k, v in model.encode_conditioning(cand, n).items()}}
         z = ddim(model, z_T, model.scheduler, steps, cond=cond)
-        expr = designer.to_expression(z).clamp_min(0.0)
+        expr = designer.designed_expression(z, generator=measure)
         loss = loss_fn(expr, cond).cpu().numpy()
         met = designer.hits(expr.cpu().numpy(), target)
         all_met = met_every_target(met, len(loss))

@@ -201,17 +201,18 @@ def direct_gradient_baseline(designer, target, start_expression, *, steps: int =
 
 
 def rejection_baseline(model, hits_fn, n_samples: int, conditioning: dict | None = None, *, steps: int = 50,
-                       seed: int = 0, chunk: int = 512) -> dict:
+                       seed: int = 0, chunk: int = 512, observed: bool = False) -> dict:
     """Unguided sampling + rejection: draw ``n_samples`` cells from ``model`` under
-    ``conditioning`` and count those ``hits_fn(expression) -> bool [N]`` accepts. Returns the hit
-    rate and samples per hit (``inf`` when nothing was hit: then at least ``n_samples`` per hit)."""
+    ``conditioning`` (measured cells with ``observed``) and count those ``hits_fn(expression) ->
+    bool [N]`` accepts. Returns the hit rate and samples per hit (``inf`` when nothing was hit:
+    then at least ``n_samples`` per hit)."""
     import torch
 
     gen = torch.Generator().manual_seed(int(seed))
     hits = 0
     for start in range(0, n_samples, chunk):
         b = min(chunk, n_samples - start)
-        x = model.sample(b, conditioning, steps=steps, generator=gen).cpu().numpy()
+        x = model.sample(b, conditioning, steps=steps, generator=gen, observed=observed).cpu().numpy()
         hits += int(np.asarray(hits_fn(x)).sum())
     rate = hits / n_samples
     return {"n_samples": int(n_samples), "hits": int(hits), "hit_rate": float(rate),

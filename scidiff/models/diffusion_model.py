@@ -26,16 +26,13 @@ gene-level objectives still differentiate through it. On Kang PBMCs this beats d
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, classifier_free_guidance
 from .conditioning import ConditionEncoder, perturbation_rows
 from .noise_scheduler import NoiseScheduler, get_scheduler
+from .observation import DetectionModel
 from .score_network import ScoreNetwork, timestep_embedding
 
 
@@ -94,6 +91,8 @@ class ScIDiffModel(nn.Module):
             self.register_buffer("latent_mean", torch.zeros(gene_dim))
             self.register_buffer("latent_basis", torch.zeros(self.latent_dim, gene_dim))
             self.register_buffer("latent_scale", torch.ones(self.latent_dim))
+        # what a measurement looks like given the smooth (principal-axes) expression
+        self.detection = DetectionModel(gene_dim) if self.latent_dim else None
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float(), persistent=False)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -126,6 +125,7 @@ class ScIDiffModel(nn.Module):
         model = cls(gene_dim=data.spec.n_genes, data_spec=data.spec, **kwargs)
         if model.latent_dim:
             model.fit_latent(data.x)
+            model.fit_detection(data.x)
         return model
 
     def parameter_groups(self, learning_rate: float, response_lr_scale: float = 10.0) -> list[dict]:
@@ -173,6 +173,29 @@ class ScIDiffModel(nn.Module):
         self.latent_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).float())
         self.latent_basis.copy_(evecs[:, top].T.float())
         self.latent_scale.fill_(max(var ** 0.5, 1e-6))
+
+    @torch.no_grad()
+    def fit_detection(self, x: torch.Tensor, max_cells: int = 20_000, seed: int = 0) -> None:
+        """Fit the detection model (:class:`~scidiff.models.observation.DetectionModel`) on
+        cells ``x [N, G]`` in model space (at most ``max_cells`` of them, drawn at random): each
+        cell's smooth expression is its projection on the principal axes, its measurement the
+        cell itself."""
+        if self.detection is None or self.data_spec is None:
+            raise ValueError("the detection model belongs to principal-axes models with a data spec (latent_dim)")
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.latent_basis.device)
+        if len(x) > max_cells:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_cells].to(x.device)]
+        measured = self.data_spec.to_expression(x)
+        measured = torch.where(measured < 1e-5, torch.zeros_like(measured), measured)  # exact zeros back
+        smooth = self.data_spec.to_expression(self.decode(self.encode(x)), clip=False)
+        self.detection.fit(smooth.cpu(), measured.cpu())
+
+    def observe(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A measured (sparse, log1p-normalised) profile for each generated cell ``x [B, G]`` in
+        model space: its smooth expression through the detection model."""
+        if self.detection is None or self.data_spec is None:
+            raise ValueError("observed expression needs a principal-axes model with a data spec (latent_dim)")
+        return self.detection.sample(self.data_spec.to_expression(x, clip=False), generator)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Cells in model space ``[B, G]`` -> diffusion space ``[B, diffusion_dim]``."""
@@ -243,7 +266,7 @@ class ScIDiffModel(nn.Module):
                steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0,
                seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               progress: bool = False, device=None) -> torch.Tensor:
+               observed: bool = False, progress: bool = False, device=None) -> torch.Tensor:
         """Generate ``batch_size`` cells ``[B, G]``.
 
         ``conditioning``: covariate -> label, code or per-cell tensor (absent = unconditional).
@@ -253,7 +276,9 @@ class ScIDiffModel(nn.Module):
         For many cells, :class:`scidiff.sampling.SamplingEngine` gives the same cells faster.
         ``guidance_scale``: classifier-free guidance weight (1 = conditional model only).
         Returns log1p-normalised expression (clipped at 0) when the model carries a data spec
-        and ``return_expression``; otherwise values in the model's space.
+        and ``return_expression``; otherwise values in the model's space. ``observed``: return
+        a measurement of each cell instead of its smooth expression (:meth:`observe`: sparse,
+        with the data's detection rates; principal-axes models).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
@@ -277,6 +302,8 @@ class ScIDiffModel(nn.Module):
             x = self.decode(x)
         finally:
             self.train(was_training)
+        if observed:
+            return self.observe(x, generator)
         if return_expression and self.data_spec is not None:
             return self.data_spec.to_expression(x)
         return x

@@ -220,9 +220,10 @@ class SamplingEngine:
     # -- public API --------------------------------------------------------------------------------
     def stream(self, n: int, conditioning: dict | None = None, *, seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               progress: bool = False, to_cpu: bool = True) -> Iterator[torch.Tensor]:
+               progress: bool = False, to_cpu: bool = True, observed: bool = False) -> Iterator[torch.Tensor]:
         """Yield ``n`` generated cells as fp32 tensors of at most ``chunk_size`` rows, on the CPU
         (``to_cpu=False``: left on the engine's device, for consumers that stay on the GPU).
+        ``observed``: measured cells (:meth:`~scidiff.models.ScIDiffModel.observe`).
 
         ``x_T`` (and, off CUDA graphs, the noise) come from ``generator`` (else one seeded with
         ``seed``) in the order ``model.sample`` would draw them for the same chunks; in a CUDA
@@ -243,7 +244,9 @@ class SamplingEngine:
                 cond = {k: v[start:start + b] for k, v in cond_all.items()}
                 x_T = torch.randn(b, m.diffusion_dim, generator=generator, device=self.device)
                 x = m.decode(self._run(x_T, cond, generator))
-                if return_expression and m.data_spec is not None:
+                if observed:
+                    x = m.observe(x, generator)
+                elif return_expression and m.data_spec is not None:
                     x = m.data_spec.to_expression(x)
                 yield x.float().cpu() if to_cpu else x.float()
                 bar.update(b)
@@ -253,7 +256,7 @@ class SamplingEngine:
         return torch.cat(list(self.stream(n, conditioning, **kwargs)))
 
     def write_h5ad(self, path, n: int, groups: list[dict] | None = None, *, seed: int = 0,
-                   progress: bool = True) -> tuple[int, int]:
+                   progress: bool = True, observed: bool = False) -> tuple[int, int]:
         """:func:`scidiff.pipeline.generate_to_file` with the engine: ``n`` cells for each
         conditioning dict in ``groups`` (group ``i`` seeded with ``seed + i``) written straight
         into the ``.h5ad`` at ``path`` chunk by chunk (memory bounded by ``chunk_size``; the file
@@ -261,6 +264,7 @@ class SamplingEngine:
         from tqdm.auto import tqdm
 
         from ..data.h5ad_writer import H5adWriter
+        from ..pipeline import expression_note
 
         m = self.model
         if m.data_spec is None:
@@ -274,12 +278,11 @@ class SamplingEngine:
             writer.uns = {"scidiff": {
                 "sampler": self.sampler, "steps": -1 if self.steps is None else int(self.steps),
                 "network_evaluations": len(self.plan), "eta": self.eta, "guidance_scale": self.guidance_scale,
-                "seed": int(seed), "engine_dtype": str(self.dtype).replace("torch.", ""),
-                "expression": "log1p-normalised" + (f" (target_sum {m.data_spec.target_sum:g})"
-                                                   if m.data_spec.target_sum else "")}}
+                "seed": int(seed), "engine_dtype": str(self.dtype).replace("torch.", ""), "observed": bool(observed),
+                "expression": expression_note(m, observed)}}
             for i, cond in enumerate(groups):
                 start = 0
-                for x in self.stream(n, cond, seed=seed + i):
+                for x in self.stream(n, cond, seed=seed + i, observed=observed):
                     names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
                     writer.append(x.numpy(), obs={k: str(v) for k, v in cond.items()}, obs_names=names)
                     start += len(x)

@@ -727,14 +727,24 @@ class InverseDesigner:
     :class:`CellTypeObjective` when ``classifier`` is given. Constraint terms are added by weight:
     ``nonnegativity_weight`` (on by default), ``sparsity_weight`` (L1 pull of genes below
     ``sparsity_threshold`` to 0) and ``realism_weight`` (:class:`RealismObjective`).
+
+    ``observed``: design measured cells. Guidance works on each cell's smooth expression (the
+    model's output, differentiable); the designed cell, the targets' check (for retries and the
+    screen) and the report then use a measurement of it through the model's detection model
+    (:meth:`scidiff.models.ScIDiffModel.observe`: sparse, with the data's detection rates and
+    levels), which is what real cells are compared with.
     """
 
     def __init__(self, model, objectives=None, *, classifier: CellTypeClassifier | None = None,
                  nonnegativity_weight: float = 1.0, sparsity_weight: float = 0.0, sparsity_threshold: float = 0.1,
-                 realism_weight: float = 0.0, realism_t: int | None = None):
+                 realism_weight: float = 0.0, realism_t: int | None = None, observed: bool = False):
         if getattr(model, "data_spec", None) is None:
             raise ValueError("inverse design needs a model with a gene list (train it through scidiff.setup_anndata)")
-        self.model = model
+        detection = getattr(model, "detection", None)
+        if observed and (detection is None or not bool(detection.fitted)):
+            raise ValueError("observed=True needs a principal-axes model with a fitted detection model "
+                             "(model.fit_detection(cells); ScIDiffModel.from_data fits it)")
+        self.model, self.observed = model, bool(observed)
         self.gene_names = list(model.data_spec.gene_names)
         self.gene_to_idx = gene_index(self.gene_names)
         if objectives is None:
@@ -875,22 +885,26 @@ class InverseDesigner:
 
         return log_g
 
-    def _designed_expression(self, z: torch.Tensor, zero_below: float | None) -> torch.Tensor:
-        """Designed cells in expression space: clipped at 0, and exact zeros below ``zero_below``."""
-        expr = self.to_expression(z).clamp_min(0.0)
+    def designed_expression(self, z: torch.Tensor, zero_below: float | None = None,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Cells in diffusion space -> designed expression: a measurement of each (``observed``)
+        or its smooth expression clipped at 0; exact zeros below ``zero_below``."""
+        if self.observed:
+            expr = self.model.observe(self.model.decode(z), generator)
+        else:
+            expr = self.to_expression(z).clamp_min(0.0)
         if zero_below:
             expr = torch.where(expr < zero_below, torch.zeros_like(expr), expr)
         return expr
 
-    def _met_all(self, z: torch.Tensor, target: PhenotypeTarget, zero_below: float | None) -> torch.Tensor:
-        expr = self._designed_expression(z, zero_below)
-        return torch.as_tensor(met_every_target(self.hits(expr.cpu().numpy(), target), len(z)))
+    def _met_all(self, expr: torch.Tensor, target: PhenotypeTarget) -> torch.Tensor:
+        return torch.as_tensor(met_every_target(self.hits(expr.cpu().numpy(), target), len(expr)))
 
-    def _retry(self, z, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
-               generator, zero_below, guidance: dict) -> tuple[torch.Tensor, int]:
-        """Restart the cells of ``z`` that miss the target from noise level ``retry_noise``
-        (forward-diffused from where they are), ``retries`` times at most. Returns the cells and
-        the sampler steps spent."""
+    def _retry(self, z, expr, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
+               generator, zero_below, guidance: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Restart the cells of ``z`` whose designed expression ``expr`` misses the target from
+        noise level ``retry_noise`` (forward-diffused from where they are), ``retries`` times at
+        most. Returns the cells, their designed expression and the sampler steps spent."""
         if not 0.0 < retry_noise <= 1.0:
             raise ValueError(f"retry_noise must lie in (0, 1], got {retry_noise}")
         ab_full = self.model.scheduler.alphas_cumprod
@@ -899,16 +913,17 @@ class InverseDesigner:
         plan = sampler_plan(sampler, ab, max(1, int(round(steps * t_r / (len(ab_full) - 1)))), eta=eta)
         denoiser = self.guided_denoiser(target, alphas_cumprod=ab, **guidance)
         a = float(ab[t_r])
-        z, spent = z.clone(), 0
+        z, expr, spent = z.clone(), expr.clone(), 0
         for _ in range(retries):
-            miss = (~self._met_all(z, target, zero_below)).nonzero().squeeze(-1).to(z.device)
+            miss = (~self._met_all(expr, target)).nonzero().squeeze(-1).to(z.device)
             if not len(miss):
                 break
             x_t = math.sqrt(a) * z[miss] + math.sqrt(1 - a) * torch.randn(
                 z[miss].shape, generator=generator, device=z.device, dtype=z.dtype)
             z[miss] = run_plan(denoiser, x_t, plan, cond={k: v[miss] for k, v in cond.items()}, generator=generator)
+            expr[miss] = self.designed_expression(z[miss], zero_below, generator)
             spent += len(miss) * len(plan)
-        return z, spent
+        return z, expr, spent
 
     def condition_posterior(self, target: PhenotypeTarget, key: str, source=None, *, condition: dict | None = None,
                             n_cells: int = 128, steps: int = 50, seed: int = 0):
@@ -1062,14 +1077,15 @@ class InverseDesigner:
                 z, idx, rec, k = _run_plan_smc(denoiser, x_T, plan, cond, gen, log_g, self.to_expression,
                                                resample_every if resample else 0, int(resample_until * len(plan)),
                                                record_path, progress, prior=prior)
+                expr = self.designed_expression(z, zero_below, gen)
                 if retries:
-                    z, steps_taken = self._retry(
-                        z, {k: v[idx] for k, v in cond.items()}, target, retries, retry_noise, sampler, steps, eta,
-                        gen, zero_below, dict(guidance_scale=guidance_scale, schedule=schedule, normalize=normalize,
-                                              backward_steps=backward_steps, max_step=max_step, cfg_scale=cfg_scale,
-                                              null_cond=null))
+                    z, expr, steps_taken = self._retry(
+                        z, expr, {k: v[idx] for k, v in cond.items()}, target, retries, retry_noise, sampler, steps,
+                        eta, gen, zero_below, dict(guidance_scale=guidance_scale, schedule=schedule,
+                                                   normalize=normalize, backward_steps=backward_steps,
+                                                   max_step=max_step, cfg_scale=cfg_scale, null_cond=null))
                     retry_steps += steps_taken
-                outs.append(z)
+                outs.append(expr)
                 ancestry.append(idx.cpu() + start)
                 n_resampled += k
                 if record_path:
@@ -1078,7 +1094,7 @@ class InverseDesigner:
             model.train(was_training)
         ancestry = torch.cat(ancestry)
         cond_all = {k: v[ancestry] for k, v in cond_all.items()}
-        expr = self._designed_expression(torch.cat(outs), zero_below)
+        expr = torch.cat(outs)
         loss = self.loss_fn(target, include_constraints=False)(expr, {k: v.to(device) for k, v in cond_all.items()})
         expr = expr.cpu().numpy()
         source_expr = None if src_x is None else spec.to_expression(src_x[ancestry], clip=True).numpy()
@@ -1096,7 +1112,8 @@ class InverseDesigner:
                                                "decoding": len(plan),
                                                "retries": round(retry_steps / num_samples, 2),
                                                "screen": round(screen_steps / num_samples, 2)},
-                    "distinct_ancestors": int(len(torch.unique(ancestry))), "zero_below": zero_below, "seed": seed,
+                    "distinct_ancestors": int(len(torch.unique(ancestry))), "zero_below": zero_below,
+                    "observed": self.observed, "seed": seed,
                     "source": "cells" if src_x is not None else "noise",
                     "objectives": [getattr(o, "name", type(o).__name__) for o in self.objectives],
                     "constraints": {o.name: o.weight for o in self.constraints}}

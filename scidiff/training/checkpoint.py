@@ -135,8 +135,9 @@ def load_model(path, map_location="cpu", genes=None):
         DataSpec(gene_names=[str(g) for g in genes]).check_same_genes(spec, what=repr(payload["path"]))
     model = ScIDiffModel(**config, data_spec=spec)
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
-    # saved before perturbation combinations had a learned term: its zero init is that model
-    missing = [k for k in missing if not k.startswith("condition_encoder.interaction.")]
+    # saved before perturbation combinations had a learned term (its zero init is that model), or
+    # before the detection model (left unfitted: observed expression then asks for fit_detection)
+    missing = [k for k in missing if not k.startswith(("condition_encoder.interaction.", "detection."))]
     if missing or unexpected:
         raise ValueError(f"{payload['path']!r} does not match its own model config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

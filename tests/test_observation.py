@@ -1,0 +1,131 @@
+"""The detection model: measured (sparse) expression from the smooth expression a principal-axes
+model generates. Known answers on a synthetic hurdle, then the model-level wiring on Kang."""
+import numpy as np
+import pytest
+import torch
+
+import scidiff
+from scidiff.models import ScIDiffModel
+from scidiff.models.observation import DetectionModel
+from scidiff.training import load_model, save_model
+
+
+def hurdle(smooth: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Gene j is detected with probability sigmoid(2 s), at level 1 + 0.5 s + j/2 + 0.1 noise."""
+    detect = torch.rand(smooth.shape, generator=gen) < torch.sigmoid(2 * smooth)
+    level = 1 + 0.5 * smooth + torch.arange(smooth.shape[1]) / 2 + 0.1 * torch.randn(smooth.shape, generator=gen)
+    return torch.where(detect, level, torch.zeros_like(level))
+
+
+def test_detection_model_recovers_a_known_hurdle():
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(20_000, 3, generator=gen)
+    train = hurdle(smooth, gen)
+    det = DetectionModel(3, bins=16, quantiles=32).fit(smooth, train)
+    # each bin's detection rate is the analytic probability at the bin's centre
+    centres = (det.edges[:, 1:] + det.edges[:, :-1]) / 2
+    inner = slice(1, -1)  # the two open-ended bins have no centre
+    assert torch.allclose(det.detection[:, inner], torch.sigmoid(2 * centres[:, inner]), atol=0.05)
+    # measurements of new cells: detection rate and detected level by quartile of s; detected
+    # levels stay within the range seen in training
+    fresh = torch.randn(20_000, 3, generator=gen)
+    measured = det.sample(fresh, torch.Generator().manual_seed(1))
+    assert measured.shape == fresh.shape
+    for j in range(3):
+        seen, got = train[train[:, j] != 0, j], measured[measured[:, j] != 0, j]
+        assert float(got.min()) >= float(seen.min()) and float(got.max()) <= float(seen.max())
+    truth = hurdle(fresh, gen)
+    for j in range(3):
+        q = torch.quantile(fresh[:, j], torch.tensor([0.25, 0.5, 0.75]))
+        group = torch.bucketize(fresh[:, j].contiguous(), q)
+        for k in range(4):
+            rows = group == k
+            got, want = measured[rows, j], truth[rows, j]
+            assert abs(float((got > 0).float().mean() - (want > 0).float().mean())) < 0.03
+            assert abs(float(got[got > 0].mean() - want[want > 0].mean())) < 0.05
+
+
+def test_detection_model_errors():
+    det = DetectionModel(4)
+    with pytest.raises(RuntimeError, match="fit_detection"):
+        det.sample(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\[cells, 4\]"):
+        det.fit(torch.zeros(30, 3), torch.zeros(30, 3))
+    with pytest.raises(ValueError, match="at least 16 cells"):
+        det.fit(torch.zeros(5, 4), torch.zeros(5, 4))
+
+
+def test_observed_samples_have_the_data_sparsity_and_old_checkpoints_load(tmp_path, kang_small):
+    data = scidiff.setup_anndata(kang_small, n_top_genes=200, condition_keys=["cell_type"])
+    model = ScIDiffModel.from_data(data, latent_dim=16, hidden_dim=32, num_layers=1, num_timesteps=100)
+    real_zeros = float((data.log_expression() == 0).mean())
+    smooth = model.sample(300, steps=5, seed=0)
+    observed = model.sample(300, steps=5, seed=0, observed=True)
+    assert float((smooth == 0).float().mean()) < real_zeros - 0.3  # the smooth state is dense
+    assert abs(float((observed == 0).float().mean()) - real_zeros) < 0.05
+    torch.testing.assert_close(observed, model.sample(300, steps=5, seed=0, observed=True))
+    # a checkpoint written before the detection model: loads, and says how to fit it
+    path = save_model(model, tmp_path / "run")
+    payload = torch.load(path, weights_only=True)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if not k.startswith("detection.")}
+    from scidiff.training.checkpoint import atomic_torch_save, payload_digest
+
+    payload["digest"] = payload_digest({k: v for k, v in payload.items() if k != "digest"})
+    atomic_torch_save(payload, path)
+    old = load_model(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="fit_detection"):
+        old.sample(2, steps=2, seed=0, observed=True)
+    with pytest.raises(ValueError, match="fitted detection model"):
+        scidiff.InverseDesigner(old, observed=True)
+    old.fit_detection(data.x)
+    torch.testing.assert_close(old.sample(300, steps=5, seed=0, observed=True), observed)
+
+
+def test_gene_space_models_have_no_detection_model(kang_small):
+    data = scidiff.setup_anndata(kang_small, n_top_genes=30)
+    model = ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1, num_timesteps=50)
+    assert model.detection is None
+    with pytest.raises(ValueError, match="principal-axes"):
+        model.sample(2, steps=2, observed=True)
+    with pytest.raises(ValueError, match="fitted detection model"):
+        scidiff.InverseDesigner(model, observed=True)
+
+
+def test_observed_design_checks_targets_on_the_measured_cells(kang_small):
+    """Retries and the result's hits use the same measurement that is returned."""
+    data = scidiff.setup_anndata(kang_small, n_top_genes=100, condition_keys=["cell_type"])
+    model = ScIDiffModel.from_data(data, latent_dim=16, hidden_dim=32, num_layers=1, num_timesteps=100)
+    gene = data.spec.gene_names[int(np.argmax((data.log_expression() > 0).mean(0)))]  # the most detected gene
+    target = scidiff.PhenotypeTarget(marker_genes={gene: 0.5})
+    designer = scidiff.InverseDesigner(model, observed=True)
+    res = designer.design(target, 64, steps=5, seed=0, retries=3, resample=False)
+    recomputed = designer.hits(res.expression, target)
+    np.testing.assert_array_equal(res.met[f"{gene}>=0.5"], recomputed[f"{gene}>=0.5"])
+    assert float((res.expression == 0).mean()) > 0.5  # measured cells are sparse
+
+
+def test_engine_and_cli_write_the_same_measured_cells(tmp_path, kang_small):
+    """The engine (fp32) draws the measurement from the same generator right after the same
+    sampling, so it returns model.sample's measured cells; `scidiff sample --observed` writes
+    measured cells and says so in uns."""
+    import anndata as ad
+
+    from scidiff.cli import main
+    from scidiff.sampling import SamplingEngine
+
+    data = scidiff.setup_anndata(kang_small, n_top_genes=80, condition_keys=["cell_type"])
+    model = ScIDiffModel.from_data(data, latent_dim=12, hidden_dim=32, num_layers=1, num_timesteps=100)
+    with torch.no_grad():
+        for p in model.score.parameters():
+            p.normal_(0, 0.1)
+    ref = model.sample(40, {"cell_type": "NK"}, sampler="ddim", steps=6, seed=3, observed=True)
+    out = SamplingEngine(model, "ddim", 6, dtype=torch.float32).sample(40, {"cell_type": "NK"}, seed=3, observed=True)
+    torch.testing.assert_close(out, ref)
+    scidiff.save_model(model, tmp_path / "model.pt")
+    path = tmp_path / "measured.h5ad"
+    assert main(["sample", "--model", str(tmp_path / "model.pt"), "-n", "50", "--condition", "cell_type=B",
+                 "--steps", "5", "--observed", "--out", str(path)]) == 0
+    written = ad.read_h5ad(path)
+    assert written.uns["scidiff"]["observed"] and "detection model" in written.uns["scidiff"]["expression"]
+    zeros = float((np.asarray(written.X) == 0).mean())
+    assert abs(zeros - float((data.log_expression() == 0).mean())) < 0.1
