@@ -188,7 +188,7 @@ class ScIDiffModel(nn.Module):
         measured = self.data_spec.to_expression(x)
         measured = torch.where(measured < 1e-5, torch.zeros_like(measured), measured)  # exact zeros back
         smooth = self.data_spec.to_expression(self.decode(self.encode(x)), clip=False)
-        self.detection.fit(smooth.cpu(), measured.cpu())
+        self.detection.fit(smooth, measured)
 
     def observe(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A measured (sparse, log1p-normalised) profile for each generated cell ``x [B, G]`` in

@@ -52,15 +52,16 @@ class DetectionModel(nn.Module):
         if smooth.shape != measured.shape or smooth.shape[1] != self.edges.shape[0]:
             raise ValueError(f"smooth {list(smooth.shape)} and measured {list(measured.shape)} expression must "
                              f"both be [cells, {self.edges.shape[0]}]")
-        smooth, measured = smooth.float(), measured.float()
+        dev = self.edges.device
+        smooth, measured = smooth.float().to(dev), measured.float().to(dev)
         n, g = smooth.shape
         if n < self.bins:
             raise ValueError(f"the detection model needs at least {self.bins} cells, got {n}")
         # quantile bin edges per gene (from the sorted column: no size limit, unlike torch.quantile)
-        ranks = torch.linspace(0, n - 1, self.bins + 1).round().long()
+        ranks = torch.linspace(0, n - 1, self.bins + 1, device=dev).round().long()
         self.edges.copy_(smooth.sort(0).values[ranks].T)
         b = self._bin(smooth)                                     # [G, N]
-        group = (torch.arange(g).unsqueeze(1) * self.bins + b).reshape(-1)
+        group = (torch.arange(g, device=dev).unsqueeze(1) * self.bins + b).reshape(-1)
         detected = (measured.T > 0).reshape(-1)
         cells = torch.bincount(group, minlength=g * self.bins).float()
         hits = torch.bincount(group[detected], minlength=g * self.bins).float()
@@ -73,9 +74,9 @@ class DetectionModel(nn.Module):
         values, grp = values[order][order2], grp[order2]
         counts = hits.long()
         starts = torch.cumsum(counts, 0) - counts
-        q = torch.linspace(0, 1, self.quantiles)
+        q = torch.linspace(0, 1, self.quantiles, device=dev)
         pos = starts.unsqueeze(1) + (q.unsqueeze(0) * (counts - 1).clamp_min(0).unsqueeze(1)).round().long()
-        levels = torch.zeros(g * self.bins, self.quantiles)
+        levels = torch.zeros(g * self.bins, self.quantiles, device=dev)
         has = counts > 0
         levels[has] = values[pos[has].clamp_max(max(len(values) - 1, 0))]
         levels = levels.reshape(g, self.bins, self.quantiles)
