@@ -901,10 +901,10 @@ class InverseDesigner:
         return torch.as_tensor(met_every_target(self.hits(expr.cpu().numpy(), target), len(expr)))
 
     def _retry(self, z, expr, cond, target, retries: int, retry_noise: float, sampler: str, steps: int, eta: float,
-               generator, zero_below, guidance: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
+               generator, zero_below, guidance: dict) -> tuple[torch.Tensor, int]:
         """Restart the cells of ``z`` whose designed expression ``expr`` misses the target from
         noise level ``retry_noise`` (forward-diffused from where they are), ``retries`` times at
-        most. Returns the cells, their designed expression and the sampler steps spent."""
+        most. Returns the designed expression after the retries and the sampler steps spent."""
         if not 0.0 < retry_noise <= 1.0:
             raise ValueError(f"retry_noise must lie in (0, 1], got {retry_noise}")
         ab_full = self.model.scheduler.alphas_cumprod
@@ -923,7 +923,7 @@ class InverseDesigner:
             z[miss] = run_plan(denoiser, x_t, plan, cond={k: v[miss] for k, v in cond.items()}, generator=generator)
             expr[miss] = self.designed_expression(z[miss], zero_below, generator)
             spent += len(miss) * len(plan)
-        return z, expr, spent
+        return expr, spent
 
     def condition_posterior(self, target: PhenotypeTarget, key: str, source=None, *, condition: dict | None = None,
                             n_cells: int = 128, steps: int = 50, seed: int = 0):
@@ -1079,7 +1079,7 @@ class InverseDesigner:
                                                record_path, progress, prior=prior)
                 expr = self.designed_expression(z, zero_below, gen)
                 if retries:
-                    z, expr, steps_taken = self._retry(
+                    expr, steps_taken = self._retry(
                         z, expr, {k: v[idx] for k, v in cond.items()}, target, retries, retry_noise, sampler, steps,
                         eta, gen, zero_below, dict(guidance_scale=guidance_scale, schedule=schedule,
                                                    normalize=normalize, backward_steps=backward_steps,
