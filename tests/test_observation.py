@@ -129,3 +129,14 @@ def test_engine_and_cli_write_the_same_measured_cells(tmp_path, kang_small):
     assert written.uns["scidiff"]["observed"] and "detection model" in written.uns["scidiff"]["expression"]
     zeros = float((np.asarray(written.X) == 0).mean())
     assert abs(zeros - float((data.log_expression() == 0).mean())) < 0.1
+
+
+def test_detection_fit_subsamples_large_data(kang_small, monkeypatch):
+    data = scidiff.setup_anndata(kang_small, n_top_genes=50)
+    model = ScIDiffModel.from_data(data, latent_dim=8, hidden_dim=16, num_layers=1, num_timesteps=50)
+    rows = []
+    fit = model.detection.fit
+    monkeypatch.setattr(model.detection, "fit", lambda smooth, measured: rows.append(len(smooth)) or fit(smooth, measured))
+    model.fit_detection(data.x, max_cells=120)
+    model.fit_detection(data.x)  # 300 cells: all of them
+    assert rows == [120, len(data)]

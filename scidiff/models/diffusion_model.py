@@ -175,16 +175,18 @@ class ScIDiffModel(nn.Module):
         self.latent_scale.fill_(max(var ** 0.5, 1e-6))
 
     @torch.no_grad()
-    def fit_detection(self, x: torch.Tensor, max_cells: int = 20_000, seed: int = 0) -> None:
+    def fit_detection(self, x: torch.Tensor, max_cells: int = 20_000, max_entries: int = 50_000_000,
+                      seed: int = 0) -> None:
         """Fit the detection model (:class:`~scidiff.models.observation.DetectionModel`) on
-        cells ``x [N, G]`` in model space (at most ``max_cells`` of them, drawn at random): each
-        cell's smooth expression is its projection on the principal axes, its measurement the
-        cell itself."""
+        cells ``x [N, G]`` in model space (at most ``max_cells`` of them and ``max_entries``
+        cell-gene values, drawn at random, at least 1,000 cells): each cell's smooth expression
+        is its projection on the principal axes, its measurement the cell itself."""
         if self.detection is None or self.data_spec is None:
             raise ValueError("the detection model belongs to principal-axes models with a data spec (latent_dim)")
         x = torch.as_tensor(x, dtype=torch.float32, device=self.latent_basis.device)
-        if len(x) > max_cells:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_cells].to(x.device)]
+        keep = min(max_cells, max(1_000, max_entries // self.gene_dim))
+        if len(x) > keep:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:keep].to(x.device)]
         measured = self.data_spec.to_expression(x)
         measured = torch.where(measured < 1e-5, torch.zeros_like(measured), measured)  # exact zeros back
         smooth = self.data_spec.to_expression(self.decode(self.encode(x)), clip=False)
