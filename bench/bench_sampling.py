@@ -37,6 +37,7 @@ import os
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 import torch
@@ -143,12 +144,8 @@ def main(argv=None):
         engine_torch = SamplingEngine(model, "ddim", args.steps, threads=args.threads)
 
         def engine_torch_ops(b, seed):  # dispatch happens while the graph is captured (first call per shape)
-            old = os.environ.get("SCIDIFF_KERNELS")
-            os.environ["SCIDIFF_KERNELS"] = "torch"
-            try:
+            with mock.patch.dict(os.environ, {"SCIDIFF_KERNELS": "torch"}):
                 return engine_torch.sample(b, cond, seed=seed, to_cpu=False)
-            finally:
-                os.environ.pop("SCIDIFF_KERNELS") if old is None else os.environ.__setitem__("SCIDIFF_KERNELS", old)
         methods["engine_torch_ops"] = engine_torch_ops
     if "engine_to_cpu" in wanted and device.type == "cuda":
         methods["engine_to_cpu"] = lambda b, seed: engine.sample(b, cond, seed=seed)

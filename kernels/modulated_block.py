@@ -247,6 +247,13 @@ def _check(h, weight, bias):
     return N, K
 
 
+def _dot_mode(weight: torch.Tensor) -> tuple[bool, str]:
+    """``(DOT_FP32, PRECISION)`` for a dot in ``weight``'s dtype: bf16 widened to fp32 under the
+    interpreter (whose bf16 dot is wrong); fp32 as IEEE fp32, not TF32."""
+    return (weight.dtype == torch.bfloat16 and _interpreting(),
+            "ieee" if weight.dtype == torch.float32 else "tf32")
+
+
 def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
     """The block with one modulation row: fold LayerNorm's affine part and the modulation into
     ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b`` (fp32), then one GEMM kernel."""
@@ -258,8 +265,7 @@ def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
     v = torch.addmv(bias.float(), w32, shift.reshape(K).float())
     gate = gate.reshape(N).contiguous()
     out = torch.empty((M, N), device=h2.device, dtype=h2.dtype)
-    dot_fp32 = weight.dtype == torch.bfloat16 and _interpreting()
-    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
+    dot_fp32, precision = _dot_mode(weight)
     args = (h2, folded, u, v, gate, out, M, N, K, h2.stride(0), folded.stride(0), out.stride(0), float(eps))
     if _interpreting():
         BM, BN, BK, _ = _blocks(M, N, K)
@@ -295,8 +301,7 @@ def _launch(h, shift, scale, gate, weight, bias, eps, grad_out=None):
         g = z = dy = dgate = out
         mean = rstd = out
     BM, BN, BK, warps = _blocks(M, N, K)
-    dot_fp32 = weight.dtype == torch.bfloat16 and _interpreting()
-    precision = "ieee" if weight.dtype == torch.float32 else "tf32"
+    dot_fp32, precision = _dot_mode(weight)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
     _block_kernel[grid](h2, shift2, scale2, gate2, weight, bias, out, g, z, dy, dgate, mean, rstd,
                         M, N, K,
