@@ -8,11 +8,12 @@ modulating each tile in registers just before the tensor-core dot, so the normal
 never goes to memory; bias, SiLU, gate and the residual add are the epilogue.
 
 Shared modulation (one ``shift``/``scale``/``gate`` row for all cells, the sampling engine's
-case): LayerNorm is folded into the weight, ``W (LN(h)(1 + scale) + shift) =
-rstd (h W'^T - mean u) + W shift`` with ``W' = W diag(1 + scale)`` and ``u = W' 1``, so the
-kernel is a plain tiled GEMM over ``h`` that gathers each row's mean and variance from the
-tiles it already loads (Chan et al.'s pairwise merge, 1979) and applies them in the epilogue:
-one read of ``h`` per output tile, no statistics pass. Its tiles are autotuned per shape.
+case): LayerNorm is folded into the weight, ``W (LN(h)(1 + scale) + shift) + b =
+rstd (h W'^T - mean u) + v`` with ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b``
+(``scidiff.ops.fold_layer_norm``), so the block is a plain tiled GEMM over ``h``
+(``folded_linear``, tiles autotuned per shape) that applies the row statistics (``row_stats``,
+their own kernel) in its epilogue. The same kernel without the residual epilogue is the
+network's final modulated LayerNorm + output layer.
 
 Backward (``modulated_block_backward``): the same kernel run with ``BACKWARD=True`` recomputes the
 pre-activation and writes ``dy = g * gate * SiLU'(y)``, ``dgate = g * SiLU(y)``, the modulated
@@ -115,12 +116,23 @@ def _block_kernel(h_ptr, shift_ptr, scale_ptr, gate_ptr, w_ptr, b_ptr, out_ptr,
 
 
 @triton.jit
-def _shared_block_kernel(h_ptr, w_ptr, u_ptr, v_ptr, gate_ptr, out_ptr, M, N, K,
-                         stride_h, stride_w, stride_out, eps,
-                         DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out = h + gate * SiLU(rstd (h W'^T - mean u) + v)`` with one modulation row (folded
-    into ``W'``, ``u``, ``v`` by the caller); row statistics merged tile by tile along K."""
+def _row_stats_kernel(h_ptr, mean_ptr, rstd_ptr, M, K, stride_h, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """LayerNorm's mean and 1/std of each row of ``h`` (two passes, fp32)."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rmask = rows < M
+    mean, rstd = _row_stats(h_ptr, rows, rmask, stride_h, K, eps, BLOCK_M, BLOCK_K)
+    tl.store(mean_ptr + rows, mean, mask=rmask)
+    tl.store(rstd_ptr + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _folded_kernel(h_ptr, mean_ptr, rstd_ptr, w_ptr, u_ptr, v_ptr, gate_ptr, out_ptr, M, N, K,
+                   stride_h, stride_wk, stride_wn, stride_out,
+                   RESIDUAL: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y = rstd (h W' - mean u) + v``, a LayerNorm-modulated linear layer folded into a plain
+    tiled GEMM (``W' [K, N]``, row statistics given); with ``RESIDUAL`` the block's epilogue
+    ``out = h + gate * SiLU(y)``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -128,46 +140,39 @@ def _shared_block_kernel(h_ptr, w_ptr, u_ptr, v_ptr, gate_ptr, out_ptr, M, N, K,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         kmask = ks < K
         hv = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[None, :] * stride_w + ks[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn, mask=kmask[:, None] & cmask[None, :],
+                    other=0.0)
         hc = hv.to(w.dtype)
         if DOT_FP32:
             acc += tl.dot(hc.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(hc, w, input_precision=PRECISION)
-        # this tile's count, mean and sum of squared deviations, merged into the running ones
-        seen = k0 * 1.0
-        n_tile = tl.minimum(K - k0, BLOCK_K) * 1.0
-        hf = hv.to(tl.float32)
-        tile_mean = tl.sum(hf, 1) / n_tile
-        dev = tl.where(kmask[None, :], hf - tile_mean[:, None], 0.0)
-        delta = tile_mean - mean
-        total = seen + n_tile
-        mean += delta * (n_tile / total)
-        m2 += tl.sum(dev * dev, 1) + delta * delta * (seen * n_tile / total)
-    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
     u = tl.load(u_ptr + cols, mask=cmask, other=0.0)
     v = tl.load(v_ptr + cols, mask=cmask, other=0.0)
     y = rstd[:, None] * (acc - mean[:, None] * u[None, :]) + v[None, :]
-    act = y * tl.sigmoid(y)
-    gate = tl.load(gate_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     om = rmask[:, None] & cmask[None, :]
-    res = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=om, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], (res + gate[None, :] * act).to(out_ptr.dtype.element_ty),
-             mask=om)
+    if RESIDUAL:
+        gate = tl.load(gate_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        res = tl.load(h_ptr + rows[:, None] * stride_h + cols[None, :], mask=om, other=0.0).to(tl.float32)
+        y = res + gate[None, :] * (y * tl.sigmoid(y))
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=om)
 
 
-# GEMM tiles for the shared-modulation kernel on a GPU, chosen per (M, N, K, dtype) by timing
-_SHARED_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                   for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                             (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]]
-_shared_block_tuned = triton.autotune(configs=_SHARED_CONFIGS, key=["M", "N", "K", "DOT_FP32", "PRECISION"])(
-    _shared_block_kernel)
+# GEMM tiles of the folded kernel on a GPU, chosen per (M, N, K, dtype) by timing. Row statistics
+# come from their own kernel: reducing the ``h`` tiles inside the pipelined K loop, next to the
+# tensor-core dot, gave wrong rows for some tiles on an H200 (Triton 3.6), see bench/results/gpu.
+FOLDED_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                  for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 256, 32, 8, 4), (64, 512, 32, 8, 3),
+                                            (128, 128, 64, 8, 3), (64, 256, 128, 8, 2), (128, 64, 64, 4, 3),
+                                            (64, 64, 64, 4, 3)]]
+_folded_tuned = triton.autotune(configs=FOLDED_CONFIGS, key=["M", "N", "K", "RESIDUAL", "DOT_FP32", "PRECISION"])(
+    _folded_kernel)
 
 
 @triton.jit
@@ -254,27 +259,54 @@ def _dot_mode(weight: torch.Tensor) -> tuple[bool, str]:
             "ieee" if weight.dtype == torch.float32 else "tf32")
 
 
-def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
-    """The block with one modulation row: fold LayerNorm's affine part and the modulation into
-    ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b`` (fp32), then one GEMM kernel."""
+def row_stats(h2: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm's ``(mean, 1/std)`` of each row of ``h2 [M, K]`` (fp32 ``[M]`` each)."""
     M, K = h2.shape
-    N = weight.shape[0]
-    w32 = weight.float()
-    folded = (w32 * (1.0 + scale.reshape(K).float())[None, :]).to(weight.dtype).contiguous()
-    u = folded.float().sum(1)
-    v = torch.addmv(bias.float(), w32, shift.reshape(K).float())
-    gate = gate.reshape(N).contiguous()
-    out = torch.empty((M, N), device=h2.device, dtype=h2.dtype)
-    dot_fp32, precision = _dot_mode(weight)
-    args = (h2, folded, u, v, gate, out, M, N, K, h2.stride(0), folded.stride(0), out.stride(0), float(eps))
-    if _interpreting():
-        BM, BN, BK, _ = _blocks(M, N, K)
-        _shared_block_kernel[(triton.cdiv(M, BM), triton.cdiv(N, BN))](
-            *args, DOT_FP32=dot_fp32, PRECISION=precision, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK)
+    mean = torch.empty(M, device=h2.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    BM = 16 if _interpreting() else 8
+    _row_stats_kernel[(triton.cdiv(M, BM),)](h2, mean, rstd, M, K, h2.stride(0), float(eps),
+                                             BLOCK_M=BM, BLOCK_K=_pow2(K, 16, 1024), num_warps=4)
+    return mean, rstd
+
+
+def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight_t: torch.Tensor, u: torch.Tensor,
+                  v: torch.Tensor, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """``rstd (h2 W' - mean u) + v`` for ``h2 [M, K]`` and a folded weight ``weight_t [K, N]``
+    (see ``scidiff.ops.fold_layer_norm``); with ``gate [N]`` (``N = K``) the residual block
+    ``h2 + gate * SiLU(...)``. ``config``: fixed tiles (``BLOCK_M/N/K``, ``num_warps``,
+    ``num_stages``) instead of the autotuned ones."""
+    M, K = h2.shape
+    N = weight_t.shape[1]
+    if weight_t.shape[0] != K:
+        raise ValueError(f"folded weight is {list(weight_t.shape)}, expected [{K}, N]")
+    if gate is not None and N != K:
+        raise ValueError(f"the residual block needs N = K, got [{K}, {N}]")
+    out = torch.empty((M, N), device=h2.device, dtype=out_dtype or h2.dtype)
+    dot_fp32, precision = _dot_mode(weight_t)
+    args = (h2, mean, rstd, weight_t, u, v, u if gate is None else gate, out, M, N, K,
+            h2.stride(0), weight_t.stride(0), weight_t.stride(1), out.stride(0))
+    flags = dict(RESIDUAL=gate is not None, DOT_FP32=dot_fp32, PRECISION=precision)
+    if _interpreting() or config is not None:
+        BM, BN, BK, warps = _blocks(M, N, K)
+        c = config or {"BLOCK_M": BM, "BLOCK_N": BN, "BLOCK_K": BK, "num_warps": warps}
+        _folded_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(N, c["BLOCK_N"]))](*args, **flags, **c)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _shared_block_tuned[grid](*args, DOT_FP32=dot_fp32, PRECISION=precision)
+        _folded_tuned[grid](*args, **flags)
     return out
+
+
+def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
+    """The block with one modulation row: LayerNorm's affine part and the modulation folded into
+    the weight (``scidiff.ops.fold_layer_norm``), the row statistics, then the folded GEMM."""
+    from scidiff.ops.modulated_block import fold_layer_norm
+
+    K = h2.shape[1]
+    weight_t, u, v = fold_layer_norm(weight, bias, shift.reshape(1, K), scale.reshape(1, K))
+    mean, rstd = row_stats(h2, eps)
+    return folded_linear(h2, mean, rstd, weight_t[0], u[0], v[0], gate.reshape(-1).contiguous())
 
 
 def _launch(h, shift, scale, gate, weight, bias, eps, grad_out=None):

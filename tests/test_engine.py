@@ -99,6 +99,18 @@ def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch, 
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_folded_network_equals_the_network_for_shared_modulations():
+    """``ScoreNetwork.forward_folded`` (LayerNorm folded into each weight, per plan step) gives
+    the plain forward's output for every step row, in float64 on the reference path."""
+    score = random_model(hidden_dim=48, num_layers=3).score.double()
+    emb = torch.randn(5, score.emb_dim, dtype=torch.float64)  # five "steps", shared by all cells
+    folded = score.fold(score.modulations(emb))
+    x = torch.randn(7, score.gene_dim, dtype=torch.float64)
+    for row in range(5):
+        expected = score(x, emb[row:row + 1].expand(7, -1))
+        torch.testing.assert_close(score.forward_folded(x, folded, row), expected, rtol=1e-9, atol=1e-9)
+
+
 def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
     import anndata as ad
 

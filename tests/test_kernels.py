@@ -57,9 +57,9 @@ def test_modulated_block_forward_matches_reference(device, dtype, b, h, mod_rows
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_shared_modulation_kernel_keeps_layer_norm_exact_on_offset_rows(device, monkeypatch):
-    """One modulation row takes the folded GEMM kernel, whose row statistics are merged tile by
-    tile: on rows far from zero mean (mean 1,000, std 1) the block's update matches the float64
-    reference to 1e-3 in fp32, where a one-pass ``E[h^2] - E[h]^2`` variance is 9% off."""
+    """One modulation row takes the folded GEMM kernel, with two-pass row statistics: on rows far
+    from zero mean (mean 1,000, std 1) the block's update matches the float64 reference to 1e-3
+    in fp32, where a one-pass ``E[h^2] - E[h]^2`` variance is 9% off."""
     module = ops.load_kernel("modulated_block")
     calls = []
     shared = module._launch_shared
@@ -71,6 +71,75 @@ def test_shared_modulation_kernel_keeps_layer_norm_exact_on_offset_rows(device, 
     assert calls, "one modulation row must take the shared-modulation kernel"
     update, ref_update = out.double() - x.double(), ref - x.double()  # the residual would hide it
     assert float((update - ref_update).abs().max() / ref_update.abs().max()) < 1e-3
+
+
+def test_folding_layer_norm_into_the_weight_is_exact():
+    """``W (LN(h)(1 + scale) + shift) + b == rstd (h W' - mean u) + v`` per modulation row, in
+    float64, for the block and for a non-square output layer."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(11, 40, generator=g, dtype=torch.float64) * 3 + 2
+    shift, scale, gate = (torch.randn(4, 40, generator=g, dtype=torch.float64) for _ in range(3))
+    for n in (40, 17):
+        weight = torch.randn(n, 40, generator=g, dtype=torch.float64)
+        bias = torch.randn(n, generator=g, dtype=torch.float64)
+        weight_t, u, v = ops.fold_layer_norm(weight, bias, shift, scale)
+        assert weight_t.shape == (4, 40, n) and u.shape == v.shape == (4, n)
+        mean, rstd = ops.row_stats_reference(h, 1e-6)
+        for s in range(4):
+            z = torch.nn.functional.layer_norm(h, (40,), eps=1e-6) * (1 + scale[s]) + shift[s]
+            expected = torch.nn.functional.linear(z, weight, bias)
+            got = ops.folded_linear_reference(h, mean, rstd, weight_t[s], u[s], v[s], out_dtype=torch.float64)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+            if n == 40:
+                block = ops.modulated_block_reference(h, shift[s], scale[s], gate[s], weight, bias)
+                got = ops.folded_linear_reference(h, mean, rstd, weight_t[s], u[s], v[s], gate[s],
+                                                  out_dtype=torch.float64)
+                torch.testing.assert_close(got, block, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,k,n,residual", [(3, 48, 48, True), (70, 300, 37, False), (5, 67, 67, True)])
+def test_folded_linear_and_row_stats_kernels_match_reference(device, dtype, b, k, n, residual):
+    kernel = ops.load_kernel("modulated_block")
+    x, shift, scale, gate, _, _ = block_inputs(b, k, dtype, device, rows_of_modulation=1, seed=4)
+    g = torch.Generator().manual_seed(5)
+    weight = (torch.randn(n, k, generator=g) / k**0.5).to(device=device, dtype=dtype)
+    bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
+    weight_t, u, v = ops.fold_layer_norm(weight, bias, shift, scale)
+    mean, rstd = kernel.row_stats(x)
+    ref_mean, ref_rstd = ops.row_stats_reference(x.double())
+    assert float((mean - ref_mean).abs().max()) < 1e-5 and rel_err(rstd, ref_rstd) < 1e-5
+    gate = gate[0] if residual else None
+    out = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate, out_dtype=torch.float32)
+    z = torch.nn.functional.layer_norm(x.double(), (k,), eps=1e-6) * (1 + scale.double()) + shift.double()
+    ref = torch.nn.functional.linear(z, weight.double(), bias.double())
+    if residual:
+        ref = x.double() + gate.double() * torch.nn.functional.silu(ref)
+    assert out.dtype == torch.float32 and out.shape == (b, n)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("config", range(7))
+def test_every_folded_tile_config_is_right_at_the_engine_shape(config):
+    """Each autotuned tile of the folded kernel at ``[8,192, 512]`` bf16 (the engine's shape), and
+    the per-row block kernel there too: a miscompiled pipeline shows as wrong rows only at such
+    sizes (reductions over the dot's operand inside the K loop did, on an H200)."""
+    kernel = ops.load_kernel("modulated_block")
+    c = kernel.FOLDED_CONFIGS[config]
+    x, shift, scale, gate, weight, bias = block_inputs(8192, 512, torch.bfloat16, "cuda", rows_of_modulation=1)
+    weight_t, u, v = ops.fold_layer_norm(weight, bias, shift, scale)
+    mean, rstd = kernel.row_stats(x)
+    out = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate[0],
+                               config={**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
+    ref = ops.modulated_block_reference(*(a.double() for a in (x, shift, scale, gate, weight, bias)))
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    if config == 0:
+        per_row = block_inputs(8192, 512, torch.bfloat16, "cuda", seed=6)
+        ref = ops.modulated_block_reference(*(a.double() for a in per_row))
+        assert rel_err(kernel.modulated_block(*per_row), ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -85,6 +85,33 @@ class ScoreNetwork(nn.Module):
         emb = F.silu(emb)
         return [block.modulation(emb) for block in self.blocks] + [self.final_modulation(emb)]
 
+    def fold(self, modulations: list[torch.Tensor]) -> list[tuple]:
+        """Each block's and the final layer's weights with their LayerNorm and modulation folded
+        in (:func:`scidiff.ops.fold_layer_norm`), for modulation rows ``[S, .]`` that all cells
+        share (a sampler: one row per timestep). Per layer ``(W' [S, K, N], u [S, N], v [S, N],
+        gate [S, N] or None for the output layer)``, for :meth:`forward_folded`."""
+        folded = []
+        for block, mod in zip(self.blocks, modulations):
+            shift, scale, gate = mod.chunk(3, dim=-1)
+            folded.append((*ops.fold_layer_norm(block.linear.weight, block.linear.bias, shift, scale),
+                           gate.contiguous()))
+        shift, scale = modulations[-1].chunk(2, dim=-1)
+        return folded + [(*ops.fold_layer_norm(self.output.weight, self.output.bias, shift, scale), None)]
+
+    def forward_folded(self, x: torch.Tensor, folded: list[tuple], row: int, response: torch.Tensor | None = None,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """:meth:`forward` with every cell on modulation row ``row`` of :meth:`fold`'s output: per
+        layer the row statistics and one GEMM with the LayerNorm in its epilogue
+        (:func:`scidiff.ops.folded_linear`), so no normalised activation is written."""
+        h = self.input(x)
+        if response is not None and self.response_input is not None:
+            h = h + self.response_input(response)
+        for weight_t, u, v, gate in folded:
+            mean, rstd = ops.row_stats(h)
+            h = ops.folded_linear(h, mean, rstd, weight_t[row], u[row], v[row], None if gate is None else gate[row],
+                                  out_dtype=out_dtype if gate is None else None)
+        return h
+
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, response: torch.Tensor | None = None, *,
                 modulations: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``emb`` or its precomputed ``modulations`` (from :meth:`modulations`; rows broadcast)."""

@@ -70,3 +70,57 @@ def modulated_block(h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, weigh
             weight = weight.to(torch.get_autocast_dtype(device))
         return torch.ops.scidiff.modulated_block(h, shift, scale, gate, weight, bias, eps)
     return modulated_block_reference(h, shift, scale, gate, weight, bias, eps)
+
+
+# -- shared modulation: LayerNorm folded into the weight ---------------------------------------------
+def fold_layer_norm(weight: Tensor, bias: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold a modulated LayerNorm into the linear layer after it, for rows ``s`` of ``shift``,
+    ``scale [S, K]`` that all cells share (one per timestep of a sampling plan, say):
+
+        W (LN(h) (1 + scale_s) + shift_s) + b = rstd(h) (h W'_s - mean(h) u_s) + v_s
+
+    with ``W'_s = (W diag(1 + scale_s))^T [K, N]`` (in ``weight``'s dtype), ``u_s = 1^T W'_s`` (of
+    the rounded ``W'_s``, so the mean cancels exactly) and ``v_s = W shift_s + b`` (fp32, or
+    float64 for a float64 weight). The
+    layer becomes one GEMM over ``h`` (``folded_linear``)."""
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.to(acc)
+    weight_t = (w.t()[None] * (1.0 + scale.to(acc))[:, :, None]).to(weight.dtype)
+    u = weight_t.to(acc).sum(1)
+    v = torch.addmm(bias.to(acc)[None], shift.to(acc), w.t())
+    return weight_t, u, v
+
+
+def row_stats_reference(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """LayerNorm's ``(mean, 1/std)`` of each row of ``h [M, K]`` (fp32 ``[M]``)."""
+    var, mean = torch.var_mean(h.to(torch.promote_types(h.dtype, torch.float32)), dim=-1, correction=0)
+    return mean, torch.rsqrt(var + eps)
+
+
+def folded_linear_reference(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor,
+                            gate: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``y = rstd (h W' - mean u) + v`` (see :func:`fold_layer_norm`); with ``gate`` the residual
+    block ``h + gate * SiLU(y)``. fp32 arithmetic (float64 for float64 inputs), output in
+    ``out_dtype`` (default ``h``'s)."""
+    acc = torch.promote_types(u.dtype, torch.float32)
+    y = rstd[:, None] * (h.to(weight_t.dtype).to(acc) @ weight_t.to(acc) - mean[:, None] * u) + v
+    if gate is not None:
+        y = h.to(acc) + gate.to(acc) * F.silu(y)
+    return y.to(out_dtype or h.dtype)
+
+
+def row_stats(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """:func:`row_stats_reference` through its Triton kernel where it runs."""
+    if use_triton(h):
+        return load_kernel("modulated_block").row_stats(h if h.stride(-1) == 1 else h.contiguous(), eps)
+    return row_stats_reference(h, eps)
+
+
+def folded_linear(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor,
+                  gate: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+    """:func:`folded_linear_reference` as one GEMM kernel (statistics and epilogue fused) where
+    Triton runs."""
+    if use_triton(h):
+        h = h if h.stride(-1) == 1 else h.contiguous()
+        return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+    return folded_linear_reference(h, mean, rstd, weight_t, u, v, gate, out_dtype)
