@@ -118,23 +118,35 @@ def test_folded_linear_and_row_stats_kernels_match_reference(device, dtype, b, k
         ref = x.double() + gate.double() * torch.nn.functional.silu(ref)
     assert out.dtype == torch.float32 and out.shape == (b, n)
     assert rel_err(out, ref) < TOL[dtype]
+    # the output rows' statistics from the epilogue: those of the rounded rows written
+    out, out_mean, out_rstd = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate, stats_out=True)
+    ref_mean, ref_rstd = ops.row_stats_reference(out.double())
+    assert out.dtype == dtype and rel_err(out, ref) < TOL[dtype]
+    assert float((out_mean - ref_mean).abs().max()) < 1e-5 * float(ref_mean.abs().max() + 1)
+    assert rel_err(out_rstd, ref_rstd) < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("config", range(7))
+@pytest.mark.parametrize("config", range(8))
 def test_every_folded_tile_config_is_right_at_the_engine_shape(config):
     """Each autotuned tile of the folded kernel at ``[8,192, 512]`` bf16 (the engine's shape), and
     the per-row block kernel there too: a miscompiled pipeline shows as wrong rows only at such
     sizes (reductions over the dot's operand inside the K loop did, on an H200)."""
     kernel = ops.load_kernel("modulated_block")
-    c = kernel.FOLDED_CONFIGS[config]
     x, shift, scale, gate, weight, bias = block_inputs(8192, 512, torch.bfloat16, "cuda", rows_of_modulation=1)
     weight_t, u, v = ops.fold_layer_norm(weight, bias, shift, scale)
     mean, rstd = kernel.row_stats(x)
-    out = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate[0],
-                               config={**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
     ref = ops.modulated_block_reference(*(a.double() for a in (x, shift, scale, gate, weight, bias)))
+    if config == len(kernel.FOLDED_CONFIGS):  # the fixed tile that also writes the rows' statistics
+        out, out_mean, out_rstd = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate[0],
+                                                       stats_out=True)
+        ref_mean, ref_rstd = ops.row_stats_reference(out.double())
+        assert float((out_mean - ref_mean).abs().max()) < 1e-4 and rel_err(out_rstd, ref_rstd) < 1e-5
+    else:
+        c = kernel.FOLDED_CONFIGS[config]
+        out = kernel.folded_linear(x, mean, rstd, weight_t[0], u[0], v[0], gate[0],
+                                   config={**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     if config == 0:
         per_row = block_inputs(8192, 512, torch.bfloat16, "cuda", seed=6)

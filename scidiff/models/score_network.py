@@ -101,16 +101,17 @@ class ScoreNetwork(nn.Module):
     def forward_folded(self, x: torch.Tensor, folded: list[tuple], row: int, response: torch.Tensor | None = None,
                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """:meth:`forward` with every cell on modulation row ``row`` of :meth:`fold`'s output: per
-        layer the row statistics and one GEMM with the LayerNorm in its epilogue
-        (:func:`scidiff.ops.folded_linear`), so no normalised activation is written."""
+        layer one GEMM with the LayerNorm in its epilogue (:func:`scidiff.ops.folded_linear`),
+        which also gives the next layer's row statistics, so no normalised activation is
+        written."""
         h = self.input(x)
         if response is not None and self.response_input is not None:
             h = h + self.response_input(response)
-        for weight_t, u, v, gate in folded:
-            mean, rstd = ops.row_stats(h)
-            h = ops.folded_linear(h, mean, rstd, weight_t[row], u[row], v[row], None if gate is None else gate[row],
-                                  out_dtype=out_dtype if gate is None else None)
-        return h
+        mean, rstd = ops.row_stats(h)
+        for weight_t, u, v, gate in folded[:-1]:  # each block also gives the next one's statistics
+            h, mean, rstd = ops.folded_linear(h, mean, rstd, weight_t[row], u[row], v[row], gate[row], stats_out=True)
+        weight_t, u, v, _ = folded[-1]
+        return ops.folded_linear(h, mean, rstd, weight_t[row], u[row], v[row], out_dtype=out_dtype)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, response: torch.Tensor | None = None, *,
                 modulations: list[torch.Tensor] | None = None) -> torch.Tensor:

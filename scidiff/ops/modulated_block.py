@@ -117,10 +117,13 @@ def row_stats(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
 
 
 def folded_linear(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor,
-                  gate: Tensor | None = None, out_dtype: torch.dtype | None = None) -> Tensor:
+                  gate: Tensor | None = None, out_dtype: torch.dtype | None = None, stats_out: bool = False):
     """:func:`folded_linear_reference` as one GEMM kernel (statistics and epilogue fused) where
-    Triton runs."""
+    Triton runs. ``stats_out``: return ``(out, mean, rstd)``, the output rows' LayerNorm
+    statistics as well (from the kernel's epilogue where it can), for the next layer."""
     if use_triton(h):
         h = h if h.stride(-1) == 1 else h.contiguous()
-        return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype)
-    return folded_linear_reference(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+        return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype,
+                                                            stats_out=stats_out)
+    out = folded_linear_reference(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+    return (out, *row_stats_reference(out)) if stats_out else out
