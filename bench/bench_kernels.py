@@ -8,6 +8,8 @@ the engine's shapes, the device's two ceilings, and a profile of the engine's lo
   (``per-row``) and with one row for all cells (``shared``, the engine's case). Each with its
   time, TFLOP/s of the ``2 M H^2`` matrix product and GB/s of the fewest bytes (``h`` read once,
   the output written once).
+- ``folded_tiles``: each tile of the shared-modulation kernel, fixed, with its error against
+  float64 (a miscompiled tile shows there).
 - ``sampler_step``: the fused update against the reference at ``[M, D]``.
 - ``engine_profile``: the CUDA kernels of one 50-step DDIM batch of the default model through
   the CUDA-graph engine, by total time (torch.profiler).
@@ -89,6 +91,43 @@ def block_rows(dev, rows: list[int], hidden: int) -> list[dict]:
     return out
 
 
+def tile_rows(dev, rows: list[int], hidden: int) -> list[dict]:
+    """Every tile of the folded (shared-modulation) block kernel, fixed instead of autotuned, and
+    the tile that also writes the rows' statistics: time and error against float64. A tile whose
+    error stands out is miscompiled on this device."""
+    from scidiff import ops
+
+    kernel = ops.load_kernel("modulated_block")
+    out = []
+    for m in rows:
+        g = torch.Generator(device=dev).manual_seed(1)
+        h = torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16)
+        w = (torch.randn(hidden, hidden, device=dev, generator=g) / hidden**0.5).to(torch.bfloat16)
+        bias = (torch.randn(hidden, device=dev, generator=g) * 0.1).to(torch.bfloat16)
+        shift, scale, gate = (torch.randn(1, hidden, device=dev, generator=g).to(torch.bfloat16) * 0.3
+                              for _ in range(3))
+        ref = ops.modulated_block_reference(*(t.double() for t in (h, shift, scale, gate, w, bias)))
+        weight_t, u, v = ops.fold_layer_norm(w, bias, shift, scale)
+        mean, rstd = kernel.row_stats(h)
+        tiles = [({**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}, False)
+                 for c in kernel.FOLDED_CONFIGS] + [(None, True)]
+        for config, stats_out in tiles:
+            def run():
+                return kernel.folded_linear(h, mean, rstd, weight_t[0], u[0], v[0], gate[0], stats_out=stats_out,
+                                            config=config)
+            res = run()
+            res = res[0] if stats_out else res
+            err = float((res.double() - ref).abs().max() / ref.abs().max())
+            ms = median_ms(run)
+            name = "statistics-writing tile" if stats_out else "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}" \
+                .format(**config)
+            out.append({"rows": m, "hidden": hidden, "tile": name, "ms": ms, "tflops": 2 * m * hidden**2 / ms / 1e9,
+                        "relative_error_vs_float64": err})
+            print(f"tile   M={m:6d} {name:26s} {ms:8.3f} ms {out[-1]['tflops']:7.1f} TFLOP/s  error {err:.2e}",
+                  flush=True)
+    return out
+
+
 def sampler_step_rows(dev, rows: list[int], dims: list[int]) -> list[dict]:
     from scidiff import ops
 
@@ -160,6 +199,7 @@ def main(argv=None) -> int:
     result["ceilings"] = ceilings(dev) if dev.type == "cuda" else ceilings(dev, 64, 2**12)
     print(result["ceilings"], flush=True)
     result["block"] = block_rows(dev, rows, args.hidden)
+    result["folded_tiles"] = tile_rows(dev, rows, args.hidden)
     result["sampler_step"] = sampler_step_rows(dev, rows, [int(d) for d in args.dims.split(",")])
     if os.path.exists(args.model):
         result["engine_profile"] = engine_profile(dev, args.model, args.profile_batch, args.top)

@@ -296,13 +296,23 @@ def row_stats(h2: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.
     return mean, rstd
 
 
+def _fills_the_device(device: torch.device, M: int) -> bool:
+    """Whether the 64-row tiles of the statistics-writing launch are at least one per SM. Below
+    that (about 8k rows on an H100) the autotuned smaller tiles and the separate statistics
+    kernel win: 172k vs 107k cells/s at batch 1,024 in the engine (bench/results/gpu)."""
+    if _interpreting() or device.type != "cuda":
+        return True
+    return triton.cdiv(M, 64) >= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight_t: torch.Tensor, u: torch.Tensor,
                   v: torch.Tensor, gate: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                   stats_out: bool = False, eps: float = 1e-6, config: dict | None = None):
     """``rstd (h2 W' - mean u) + v`` for ``h2 [M, K]`` and a folded weight ``weight_t [K, N]``
     (see ``scidiff.ops.fold_layer_norm``); with ``gate [N]`` (``N = K``) the residual block
     ``h2 + gate * SiLU(...)``. ``stats_out``: return ``(out, mean, rstd)`` with the output rows'
-    LayerNorm statistics, from the GEMM's epilogue where ``N <= 512``. ``config``: fixed tiles
+    LayerNorm statistics, from the GEMM's epilogue where ``N <= 512`` and the rows fill the
+    device. ``config``: fixed tiles
     (``BLOCK_M/N/K``, ``num_warps``, ``num_stages``) instead of the autotuned ones."""
     M, K = h2.shape
     N = weight_t.shape[1]
@@ -311,7 +321,7 @@ def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
     if gate is not None and N != K:
         raise ValueError(f"the residual block needs N = K, got [{K}, {N}]")
     out = torch.empty((M, N), device=h2.device, dtype=out_dtype or h2.dtype)
-    fused_stats = stats_out and N <= STATS_OUT_MAX_N
+    fused_stats = stats_out and N <= STATS_OUT_MAX_N and _fills_the_device(h2.device, M)
     out_mean = torch.empty(M, device=h2.device, dtype=torch.float32) if fused_stats else u
     out_rstd = torch.empty_like(out_mean) if fused_stats else u
     dot_fp32, precision = _dot_mode(weight_t)

@@ -130,11 +130,11 @@ def test_folded_linear_and_row_stats_kernels_match_reference(device, dtype, b, k
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("config", range(8))
 def test_every_folded_tile_config_is_right_at_the_engine_shape(config):
-    """Each autotuned tile of the folded kernel at ``[8,192, 512]`` bf16 (the engine's shape), and
+    """Each autotuned tile of the folded kernel at ``[16,384, 512]`` bf16 (the engine's shape), and
     the per-row block kernel there too: a miscompiled pipeline shows as wrong rows only at such
     sizes (reductions over the dot's operand inside the K loop did, on an H200)."""
     kernel = ops.load_kernel("modulated_block")
-    x, shift, scale, gate, weight, bias = block_inputs(8192, 512, torch.bfloat16, "cuda", rows_of_modulation=1)
+    x, shift, scale, gate, weight, bias = block_inputs(16384, 512, torch.bfloat16, "cuda", rows_of_modulation=1)
     weight_t, u, v = ops.fold_layer_norm(weight, bias, shift, scale)
     mean, rstd = kernel.row_stats(x)
     ref = ops.modulated_block_reference(*(a.double() for a in (x, shift, scale, gate, weight, bias)))
@@ -149,7 +149,7 @@ def test_every_folded_tile_config_is_right_at_the_engine_shape(config):
                                    config={**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages})
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     if config == 0:
-        per_row = block_inputs(8192, 512, torch.bfloat16, "cuda", seed=6)
+        per_row = block_inputs(16384, 512, torch.bfloat16, "cuda", seed=6)
         ref = ops.modulated_block_reference(*(a.double() for a in per_row))
         assert rel_err(kernel.modulated_block(*per_row), ref) < TOL[torch.bfloat16]
 
@@ -310,3 +310,24 @@ def test_compiled_training_step_uses_the_kernel_backward(device, triton_kernels,
         ref = torch.autograd.grad(loss_fn(model), list(model.parameters()))
     for g, r in zip(grads, ref):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="the bench's --check mode runs in the Triton interpreter")
+def test_kernel_bench_check_mode_runs_every_part(tmp_path):
+    """``bench/bench_kernels.py --check`` (the GPU lease's kernel bench, at toy sizes here): every
+    section is written, and each folded tile it times is right."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "kernels.json"
+    assert bench.main(["--check", "--rows", "21", "--hidden", "40", "--dims", "7", "--model", str(tmp_path / "none"),
+                       "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {"ceilings", "block", "folded_tiles", "sampler_step"} <= set(result)
+    assert len(result["folded_tiles"]) == len(ops.load_kernel("modulated_block").FOLDED_CONFIGS) + 1
+    assert all(r["relative_error_vs_float64"] < TOL[torch.bfloat16] for r in result["folded_tiles"])
