@@ -27,6 +27,9 @@ realism AUC <= 0.70, >= 10x fewer samples than rejection.
 acts on each cell's smooth expression, and the designed cell is a measurement of it through the
 model's detection model, with the data's sparsity (95% zeros in Kang); the smooth rows compare
 smooth (dense) cells with sparse real ones. Their rejection baselines sample measured cells too.
+By default the target genes' measurement is conditioned on their intervals; ``free measurement``
+rows draw it unconditioned, ``reweighted measurement`` rows also resample the cells by the
+probability of an on-target measurement (the model's exact measured posterior).
 
     python bench/bench_design.py [--model-dir DIR] [--out bench/results/design.json]
 """
@@ -51,6 +54,9 @@ KANG_SELECT_KW = {"select": "condition", "guidance_scale": 1.0, "eta": 1.0, "ret
 KANG_OBSERVED = "observed " + KANG_SELECT
 PBMC_SELECT = "design, select=bulk_labels, guidance 1, eta 1, no resampling, retries 10"
 PBMC_SELECT_KW = {"select": "bulk_labels", "guidance_scale": 1.0, "eta": 1.0, "resample": False, "retries": 10}
+PBMC_OBSERVED = "observed " + PBMC_SELECT
+FREE = ", free measurement"
+FREE_KW = {"condition_measurement": False}
 
 
 def over_seeds(first, design, score_fn, ref, seeds):
@@ -219,6 +225,9 @@ def kang(args, results):
     observed_designer = scidiff.InverseDesigner(model, observed=True)
     r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, **KANG_SELECT_KW)
     add(KANG_OBSERVED, r.expression, {"settings": r.settings})
+    r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, **KANG_SELECT_KW,
+                                 **FREE_KW)
+    add(KANG_OBSERVED + FREE, r.expression, {"settings": r.settings})
     direct = direct_gradient_baseline(designer, target, res.source)
     add("direct gradient on expression", direct)
     stim_cd4 = {"cell_type": "CD4T", "condition": "stimulated"}
@@ -235,8 +244,8 @@ def kang(args, results):
         out["observed rejection" if observed else "rejection"] = {
             k: rejection_baseline(model, hits, args.rejection_samples, c, steps=args.steps, seed=args.seed,
                                   observed=observed) for k, c in priors.items()}
-    for name in ("design", KANG_SELECT, KANG_OBSERVED):
-        rejection = out["observed rejection" if name == KANG_OBSERVED else "rejection"]
+    for name in ("design", KANG_SELECT, KANG_OBSERVED, KANG_OBSERVED + FREE):
+        rejection = out["observed rejection" if name.startswith("observed") else "rejection"]
         for k, v in rejection.items():
             ratio = against_rejection(out["methods"][name], v, args.steps)
             out["methods"][name][f"vs rejection {k}"] = ratio
@@ -320,9 +329,11 @@ def pbmc(args, results):
                      (PBMC_SELECT, PBMC_SELECT_KW)):
         r = designer.design(target, n, steps=args.steps, seed=args.seed, **{"select": "bulk_labels", **kw})
         add(name, r.expression, {"settings": r.settings})
-    r = scidiff.InverseDesigner(model, observed=True).design(target, n, steps=args.steps, seed=args.seed,
-                                                             **PBMC_SELECT_KW)
-    add("observed " + PBMC_SELECT, r.expression, {"settings": r.settings})
+    observed_designer = scidiff.InverseDesigner(model, observed=True)
+    for name, kw in ((PBMC_OBSERVED, {}), (PBMC_OBSERVED + FREE, FREE_KW),
+                     (PBMC_OBSERVED + ", reweighted measurement", {"reweight_measurement": True})):
+        r = observed_designer.design(target, n, steps=args.steps, seed=args.seed, **PBMC_SELECT_KW, **kw)
+        add(name, r.expression, {"settings": r.settings})
     unguided = designer.design(target, n, steps=args.steps, seed=args.seed, guidance_scale=0.0, resample=False)
     add("unguided (unconditional)", unguided.expression)
     add("direct gradient on expression", direct_gradient_baseline(designer, target, unguided.expression))
@@ -343,18 +354,21 @@ def pbmc(args, results):
     out["rejection"] = {"unconditional": rej}
     out["observed rejection"] = {"unconditional": rejection_baseline(
         model, hits, args.rejection_samples, None, steps=args.steps, seed=args.seed, observed=True)}
-    name = "observed " + PBMC_SELECT
-    out["methods"][name]["vs rejection"] = against_rejection(out["methods"][name],
-                                                             out["observed rejection"]["unconditional"], args.steps)
+    for name in (PBMC_OBSERVED + FREE, PBMC_OBSERVED + ", reweighted measurement"):
+        out["methods"][name]["vs rejection"] = against_rejection(out["methods"][name],
+                                                                 out["observed rejection"]["unconditional"], args.steps)
     out["goal"], out["over_seeds"] = {}, {}
     seeds = [args.seed + i for i in range(args.repeats)]
-    for name, kw in (("design", {}), (PBMC_SELECT, PBMC_SELECT_KW)):
+    for name, kw, who in (("design", {}, designer), (PBMC_SELECT, PBMC_SELECT_KW, designer),
+                          (PBMC_OBSERVED, PBMC_SELECT_KW, observed_designer)):
         s = out["methods"][name]
-        s["vs rejection"] = ratio = against_rejection(s, rej, args.steps)
-        print(f"{name} vs rejection (hit rate {rej['hit_rate']:.4f}): {ratio['fewer_samples']:.1f}x fewer samples, "
-              f"{ratio['fewer_sampler_steps']:.1f}x fewer sampler steps per hit", flush=True)
+        rej_name = "observed rejection" if name == PBMC_OBSERVED else "rejection"
+        s["vs rejection"] = ratio = against_rejection(s, out[rej_name]["unconditional"], args.steps)
+        print(f"{name} vs {rej_name} (hit rate {out[rej_name]['unconditional']['hit_rate']:.4f}): "
+              f"{ratio['fewer_samples']:.1f}x fewer samples, {ratio['fewer_sampler_steps']:.1f}x fewer sampler steps "
+              f"per hit", flush=True)
         rep = out["over_seeds"][name] = over_seeds(
-            s, lambda seed: designer.design(target, n, steps=args.steps, seed=seed, **kw),
+            s, lambda seed: who.design(target, n, steps=args.steps, seed=seed, **kw),
             lambda x: score(x, real, labels, refs, hits, args.seed), "CD8 T", seeds)
         print(f"{name} over seeds {seeds}: met {rep['mean_fraction_met_all']:.3f} AUC {rep['mean_classifier_auc']:.3f}",
               flush=True)

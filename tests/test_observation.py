@@ -45,6 +45,36 @@ def test_detection_model_recovers_a_known_hurdle():
             assert abs(float(got[got > 0].mean() - want[want > 0].mean())) < 0.05
 
 
+def test_measurement_conditioned_on_an_interval_is_the_free_one_restricted_to_it():
+    """Conditioned draws land in the interval and match free draws that happened to land there
+    (zero share and detected-level quartiles); the region probability is the free draws' hit
+    rate, for a lower bound, an upper bound that admits zero, and a two-sided interval."""
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(20_000, 3, generator=gen)
+    det = DetectionModel(3).fit(smooth, hurdle(smooth, gen))
+    cell = torch.tensor([[0.3, -0.2, 0.8]]).expand(60_000, 3)
+    free = det.sample(cell, torch.Generator().manual_seed(1))
+    for gene, (lo, hi) in {0: (1.2, float("inf")), 1: (-float("inf"), 1.5), 2: (2.0, 2.6)}.items():
+        inside = (free[:, gene] >= lo) & (free[:, gene] <= hi)
+        prob = det.region_probability(cell[:1], {gene: (lo, hi)})
+        assert abs(float(prob) - float(inside.float().mean())) < 0.01
+        got = det.sample(cell, torch.Generator().manual_seed(2), within={gene: (lo, hi)})[:, gene]
+        want = free[inside, gene]
+        assert bool(((got >= lo - 1e-6) & (got <= hi + 1e-6)).all())
+        assert abs(float((got == 0).float().mean() - (want == 0).float().mean())) < 0.01
+        q = torch.tensor([0.25, 0.5, 0.75])
+        torch.testing.assert_close(torch.quantile(got[got > 0], q), torch.quantile(want[want > 0], q), atol=0.02,
+                                   rtol=0)
+        other = [j for j in range(3) if j != gene]  # the other genes keep their free draws
+        rest = det.sample(cell, torch.Generator().manual_seed(2), within={gene: (lo, hi)})[:, other]
+        torch.testing.assert_close((rest > 0).float().mean(0), (free[:, other] > 0).float().mean(0), atol=0.01,
+                                   rtol=0)
+    # two genes at once: independent given the smooth state
+    both = {0: (1.2, float("inf")), 1: (-float("inf"), 1.5)}
+    expected = det.region_probability(cell[:1], {0: both[0]}) * det.region_probability(cell[:1], {1: both[1]})
+    torch.testing.assert_close(det.region_probability(cell[:1], both), expected)
+
+
 def test_detection_model_errors():
     det = DetectionModel(4)
     with pytest.raises(RuntimeError, match="fit_detection"):
@@ -98,10 +128,38 @@ def test_observed_design_checks_targets_on_the_measured_cells(kang_small):
     gene = data.spec.gene_names[int(np.argmax((data.log_expression() > 0).mean(0)))]  # the most detected gene
     target = scidiff.PhenotypeTarget(marker_genes={gene: 0.5})
     designer = scidiff.InverseDesigner(model, observed=True)
-    res = designer.design(target, 64, steps=5, seed=0, retries=3, resample=False)
+    res = designer.design(target, 64, steps=5, seed=0, retries=3, resample=False, condition_measurement=False)
     recomputed = designer.hits(res.expression, target)
     np.testing.assert_array_equal(res.met[f"{gene}>=0.5"], recomputed[f"{gene}>=0.5"])
     assert float((res.expression == 0).mean()) > 0.5  # measured cells are sparse
+    assert res.settings["measurement"] == "free"
+
+
+def test_observed_design_conditions_the_target_genes_measurement(kang_small):
+    """By default the target genes are measured within their intervals: every cell whose smooth
+    state allows it meets the target, the other genes stay sparse; with reweighting, the batch is
+    resampled by the detection model's region probabilities."""
+    data = scidiff.setup_anndata(kang_small, n_top_genes=100, condition_keys=["cell_type"])
+    model = ScIDiffModel.from_data(data, latent_dim=16, hidden_dim=32, num_layers=1, num_timesteps=100)
+    detected = (data.log_expression() > 0).mean(0)
+    up, down = (data.spec.gene_names[int(i)] for i in np.argsort(-detected)[:2])
+    target = scidiff.PhenotypeTarget(marker_genes={up: 0.5}, suppressed_genes={down: 0.0})
+    designer = scidiff.InverseDesigner(model, observed=True)
+    assert designer.measurement_region(target) == {designer.gene_to_idx[up]: (0.4, float("inf")),
+                                                   designer.gene_to_idx[down]: (-float("inf"), 0.1)}
+    z = torch.randn(300, model.diffusion_dim, generator=torch.Generator().manual_seed(0))
+    region = designer.measurement_region(target)
+    feasible = model.detection.region_probability(model.data_spec.to_expression(model.decode(z), clip=False), region)
+    expr = designer.designed_expression(z, generator=torch.Generator().manual_seed(1), within=region)
+    met = designer._met_all(expr, target).numpy()
+    assert 0 < int((feasible > 0).sum()) < 300 and met[(feasible > 0).numpy()].all()
+    res = designer.design(target, 64, steps=5, seed=0, resample=False)
+    assert res.settings["measurement"] == "conditioned on the target genes' intervals"
+    others = [j for j, g in enumerate(res.gene_names) if g not in (up, down)]
+    assert float((res.expression[:, others] == 0).mean()) > 0.5
+    reweighted = designer.design(target, 64, steps=5, seed=0, resample=False, reweight_measurement=True)
+    assert reweighted.all_met.all() and reweighted.settings["measurement"].endswith("reweighted by its probability")
+    assert 0 < reweighted.settings["measurement_effective_sample_size"] <= 1
 
 
 def test_engine_and_cli_write_the_same_measured_cells(tmp_path, kang_small):

@@ -192,12 +192,15 @@ class ScIDiffModel(nn.Module):
         smooth = self.data_spec.to_expression(self.decode(self.encode(x)), clip=False)
         self.detection.fit(smooth, measured)
 
-    def observe(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def observe(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                within: dict[int, tuple[float, float]] | None = None) -> torch.Tensor:
         """A measured (sparse, log1p-normalised) profile for each generated cell ``x [B, G]`` in
-        model space: its smooth expression through the detection model."""
+        model space: its smooth expression through the detection model (``within``: gene index
+        -> interval the measurement is conditioned on, see
+        :meth:`~scidiff.models.observation.DetectionModel.sample`)."""
         if self.detection is None or self.data_spec is None:
             raise ValueError("observed expression needs a principal-axes model with a data spec (latent_dim)")
-        return self.detection.sample(self.data_spec.to_expression(x, clip=False), generator)
+        return self.detection.sample(self.data_spec.to_expression(x, clip=False), generator, within)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Cells in model space ``[B, G]`` -> diffusion space ``[B, diffusion_dim]``."""

@@ -91,12 +91,68 @@ class DetectionModel(nn.Module):
         self.fitted.fill_(True)
         return self
 
-    @torch.no_grad()
-    def sample(self, smooth: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A measured profile ``[N, G]`` for each row of smooth expression ``[N, G]``."""
+    def _check_fitted(self):
         if not bool(self.fitted):
             raise RuntimeError("the detection model is not fitted: call model.fit_detection(cells) on training "
                                "cells first (ScIDiffModel.from_data does it for principal-axes models)")
+
+    def _gene_tables(self, smooth: torch.Tensor, gene: int):
+        """Detection probability ``[N]`` and detected-level quantiles ``[N, Q]`` of one gene."""
+        inner = self.edges[gene, 1:-1].contiguous()
+        b = torch.searchsorted(inner, smooth[:, gene].float().contiguous(), right=True)
+        return self.detection[gene, b], self.levels[gene, b]
+
+    def _level_cdf(self, levels: torch.Tensor, value: float) -> torch.Tensor:
+        """``P(level <= value | detected)`` per row of quantile tables ``levels [N, Q]``, the
+        inverse of :meth:`sample`'s piecewise-linear interpolation."""
+        q = self.quantiles
+        if value == float("inf"):
+            return levels.new_ones(levels.shape[0])
+        if value == -float("inf"):
+            return levels.new_zeros(levels.shape[0])
+        v = torch.full((levels.shape[0], 1), float(value), device=levels.device)
+        k = (torch.searchsorted(levels.contiguous(), v, right=True).squeeze(1) - 1).clamp(0, q - 2)
+        left = levels.gather(1, k[:, None]).squeeze(1)
+        right = levels.gather(1, (k + 1)[:, None]).squeeze(1)
+        frac = ((value - left) / (right - left).clamp_min(1e-12)).clamp(0, 1)
+        frac = torch.where(right > left, frac, (value >= right).float())
+        pos = torch.where(value < levels[:, 0], torch.zeros_like(frac), k + frac)
+        return (pos / (q - 1)).clamp(0, 1)
+
+    def _level_at(self, levels: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
+        """The detected level at cumulative probability ``cdf [N]`` (interpolated quantiles)."""
+        v = cdf * (self.quantiles - 1)
+        lo = v.floor().long().clamp(0, self.quantiles - 2)
+        left = levels.gather(1, lo[:, None]).squeeze(1)
+        right = levels.gather(1, (lo + 1)[:, None]).squeeze(1)
+        return left + (v - lo) * (right - left)
+
+    @torch.no_grad()
+    def region_probability(self, smooth: torch.Tensor, within: dict[int, tuple[float, float]]) -> torch.Tensor:
+        """``P(every gene j's measurement lies in [lo_j, hi_j] | smooth)`` per cell ``[N]``, the
+        genes independent given the smooth state: per gene ``[0 in range] (1 - p) + p (F(hi) - F(lo))``."""
+        self._check_fitted()
+        prob = torch.ones(smooth.shape[0], device=self.edges.device)
+        for gene, (lo, hi) in within.items():
+            prob = prob * self._interval(smooth, gene, lo, hi)[0]
+        return prob
+
+    def _interval(self, smooth, gene: int, lo: float, hi: float):
+        p, levels = self._gene_tables(smooth, gene)
+        f_lo, f_hi = self._level_cdf(levels, lo), self._level_cdf(levels, hi)
+        p_zero = (1.0 - p) * float(lo <= 0.0 <= hi)
+        return p_zero + p * (f_hi - f_lo), p_zero, p, levels, f_lo, f_hi
+
+    @torch.no_grad()
+    def sample(self, smooth: torch.Tensor, generator: torch.Generator | None = None,
+               within: dict[int, tuple[float, float]] | None = None) -> torch.Tensor:
+        """A measured profile ``[N, G]`` for each row of smooth expression ``[N, G]``.
+
+        ``within``: ``{gene index: (lo, hi)}``; those genes' measurements are drawn from the
+        detection model conditioned on landing in ``[lo, hi]`` (exactly: zero with probability
+        ``(1 - p) / P``, else a level drawn between the interval's quantile positions). A cell for
+        which a gene's interval has probability 0 keeps its free draw for that gene."""
+        self._check_fitted()
         g = self.edges.shape[0]
         b = self._bin(smooth.float())                             # [G, N]
         gene = torch.arange(g, device=b.device).unsqueeze(1).expand_as(b)
@@ -108,4 +164,11 @@ class DetectionModel(nn.Module):
         flat, at = self.levels.reshape(-1), cell_bin * self.quantiles + lo
         left, right = flat[at], flat[at + 1]
         level = left + (v - lo) * (right - left)
-        return torch.where(u < p, level, torch.zeros_like(level)).T.contiguous()
+        out = torch.where(u < p, level, torch.zeros_like(level)).T.contiguous()
+        for gene, (lo_v, hi_v) in (within or {}).items():
+            prob, p_zero, p_det, levels, f_lo, f_hi = self._interval(smooth, gene, lo_v, hi_v)
+            w = torch.rand(prob.shape, generator=generator, device=prob.device) * prob
+            cdf = f_lo + (w - p_zero).clamp_min(0) / p_det.clamp_min(1e-12)
+            draw = torch.where(w < p_zero, torch.zeros_like(w), self._level_at(levels, cdf.clamp(0, 1)))
+            out[:, gene] = torch.where(prob > 0, draw, out[:, gene])
+        return out
