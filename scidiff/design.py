@@ -73,8 +73,9 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
                tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 10.0, backward_steps: int = 0,
                cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, eta: float | None = None,
-               select: str | None = None, retries: int = 0, observed: bool = False, seed: int = 0,
-               screen: bool = True, attribution: bool = True, progress: bool = True) -> dict:
+               select: str | None = None, retries: int = 0, observed: bool = False,
+               condition_measurement: bool = True, seed: int = 0, screen: bool = True, attribution: bool = True,
+               progress: bool = True) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
     :class:`PhenotypeTarget`) and write the outputs of the module notes; returns the report.
 
@@ -86,7 +87,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     design is conditioned on it where the model knows it, and a classifier trained on ``data``
     scores it. ``tf_network``: a TSV of TF -> target edges. ``eta``, ``select``, ``retries``: see
     :meth:`scidiff.sampling.InverseDesigner.design`; ``observed``: design measured cells (see
-    :class:`scidiff.sampling.InverseDesigner`)."""
+    :class:`scidiff.sampling.InverseDesigner`), their target genes measured within the targets
+    unless ``condition_measurement=False``."""
     import numpy as np
     import pandas as pd
     import torch
@@ -97,6 +99,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     from .sampling.inverse_design import CellTypeClassifier, InverseDesigner, PhenotypeTarget, _jsonable
     from .training import load_model
 
+    if not observed and not condition_measurement:
+        raise ValueError("a free measurement (--free-measurement) applies to measured cells: add --observed")
     if not isinstance(model, torch.nn.Module):
         model = load_model(model)
     spec = model.data_spec
@@ -139,7 +143,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         source_cells = _select(adata, source, "source")
     kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
     result = designer.design(target, n, source=source_cells, condition=condition or None,
-                             guidance_scale=guidance_scale, eta=eta, select=select, retries=retries, **kw)
+                             guidance_scale=guidance_scale, eta=eta, select=select, retries=retries,
+                             condition_measurement=condition_measurement, **kw)
     start = result.source
     if start is None:  # the comparison: the unguided samples from the same noise
         start = designer.design(target, n, condition=condition or None, guidance_scale=0.0,
@@ -235,6 +240,8 @@ def add_design(sub) -> None:
                                                           "times from 70%% noise")
     p.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
                    "detection rates (principal-axes models; guidance acts on the smooth expression)")
+    p.add_argument("--free-measurement", action="store_true", help="with --observed: measure the target genes "
+                   "unconditioned (default: conditioned on meeting their targets)")
     p.add_argument("--tolerance", type=float, default=0.1, help="slack when checking a target (log1p units)")
     p.add_argument("--realism", type=float, default=0.0, help="weight of the realism (denoiser score) term")
     p.add_argument("--seed", type=int, default=0)
@@ -250,8 +257,8 @@ def cmd_design(args) -> None:
                         cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
                         n=args.n, steps=args.steps, guidance_scale=args.guidance, backward_steps=args.backward_steps,
                         cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, eta=args.eta,
-                        select=args.select, retries=args.retries, observed=args.observed, seed=args.seed,
-                        screen=not args.no_screen)
+                        select=args.select, retries=args.retries, observed=args.observed,
+                        condition_measurement=not args.free_measurement, seed=args.seed, screen=not args.no_screen)
     line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
     if "realism" in report:
         r = report["realism"]

@@ -109,6 +109,14 @@ def test_folded_network_equals_the_network_for_shared_modulations():
     for row in range(5):
         expected = score(x, emb[row:row + 1].expand(7, -1))
         torch.testing.assert_close(score.forward_folded(x, folded, row), expected, rtol=1e-9, atol=1e-9)
+    # with a perturbation response as the second input
+    model = random_model(gene_dim=30, hidden_dim=32, covariates={"ct": 2}, perturbations={"drug": 3})
+    score = model.score.double()
+    response = torch.randn(7, score.response_input.in_features, dtype=torch.float64)
+    folded = score.fold(score.modulations(emb[:, :score.emb_dim]))
+    x = torch.randn(7, score.gene_dim, dtype=torch.float64)
+    torch.testing.assert_close(score.forward_folded(x, folded, 2, response),
+                               score(x, emb[2:3, :score.emb_dim].expand(7, -1), response), rtol=1e-9, atol=1e-9)
 
 
 def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
