@@ -60,17 +60,23 @@ def ceilings(dev, size: int = 8192, copy_elements: int = 2**28) -> dict:
     return {"bf16_matmul_tflops": 2 * size**3 / ms / 1e9, "copy_gb_per_s": 2 * src.numel() * 4 / copy_ms / 1e6}
 
 
+def block_inputs(dev, m: int, hidden: int, seed: int):
+    """bf16 ``h [m, hidden]``, weight, bias and per-row ``shift, scale, gate`` of one block."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h = torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16)
+    w = (torch.randn(hidden, hidden, device=dev, generator=g) / hidden**0.5).to(torch.bfloat16)
+    bias = torch.randn(hidden, device=dev, generator=g).to(torch.bfloat16) * 0.1
+    per_row = [torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16) * 0.3 for _ in range(3)]
+    return h, w, bias, per_row
+
+
 def block_rows(dev, rows: list[int], hidden: int) -> list[dict]:
     from scidiff import ops
 
     kernel = ops.load_kernel("modulated_block")
     out = []
     for m in rows:
-        g = torch.Generator(device=dev).manual_seed(0)
-        h = torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16)
-        w = (torch.randn(hidden, hidden, device=dev, generator=g) / hidden**0.5).to(torch.bfloat16)
-        bias = torch.randn(hidden, device=dev, generator=g).to(torch.bfloat16) * 0.1
-        per_row = [torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16) * 0.3 for _ in range(3)]
+        h, w, bias, per_row = block_inputs(dev, m, hidden, 0)
         shared = [t[:1].contiguous() for t in per_row]
         cases = {"torch reference, shared": lambda: ops.modulated_block_reference(h, *shared, w, bias),
                  "fused, shared": lambda: kernel.modulated_block(h, *shared, w, bias),
@@ -100,12 +106,8 @@ def tile_rows(dev, rows: list[int], hidden: int) -> list[dict]:
     kernel = ops.load_kernel("modulated_block")
     out = []
     for m in rows:
-        g = torch.Generator(device=dev).manual_seed(1)
-        h = torch.randn(m, hidden, device=dev, generator=g).to(torch.bfloat16)
-        w = (torch.randn(hidden, hidden, device=dev, generator=g) / hidden**0.5).to(torch.bfloat16)
-        bias = (torch.randn(hidden, device=dev, generator=g) * 0.1).to(torch.bfloat16)
-        shift, scale, gate = (torch.randn(1, hidden, device=dev, generator=g).to(torch.bfloat16) * 0.3
-                              for _ in range(3))
+        h, w, bias, per_row = block_inputs(dev, m, hidden, 1)
+        shift, scale, gate = (t[:1].contiguous() for t in per_row)
         ref = ops.modulated_block_reference(*(t.double() for t in (h, shift, scale, gate, w, bias)))
         weight_t, u, v = ops.fold_layer_norm(w, bias, shift, scale)
         mean, rstd = kernel.row_stats(h)
