@@ -732,7 +732,8 @@ class InverseDesigner:
     model's output, differentiable); the designed cell, the targets' check (for retries and the
     screen) and the report then use a measurement of it through the model's detection model
     (:meth:`scidiff.models.ScIDiffModel.observe`: sparse, with the data's detection rates and
-    levels), which is what real cells are compared with.
+    levels), which is what real cells are compared with; by default the target genes are
+    measured within their targets (``design(condition_measurement=...)``).
     """
 
     def __init__(self, model, objectives=None, *, classifier: CellTypeClassifier | None = None,
