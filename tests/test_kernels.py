@@ -178,6 +178,28 @@ def test_block_custom_op_registration(device, triton_kernels):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_folded_custom_op_registrations(device, triton_kernels):
+    """The row-statistics and folded-GEMM ops: schema and fake (meta) implementation checked by
+    torch, and the dispatching calls go through them."""
+    x, shift, scale, gate, weight, bias = block_inputs(5, 32, torch.float32, device, rows_of_modulation=1)
+    weight_t, u, v = (t[0] for t in ops.fold_layer_norm(weight, bias, shift, scale))
+    mean, rstd = ops.row_stats(x)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.scidiff.row_stats.default, (x, 1e-6), test_utils=checks)
+    for g in (gate[0], None):
+        torch.library.opcheck(torch.ops.scidiff.folded_linear.default, (x, mean, rstd, weight_t, u, v, g, None),
+                              test_utils=checks)
+        torch.library.opcheck(torch.ops.scidiff.folded_linear.default,
+                              (x, mean, rstd, weight_t, u, v, g, torch.float64), test_utils=checks)
+        torch.library.opcheck(torch.ops.scidiff.folded_linear_with_stats.default, (x, mean, rstd, weight_t, u, v, g),
+                              test_utils=checks)
+    out, out_mean, out_rstd = ops.folded_linear(x, mean, rstd, weight_t, u, v, gate[0], stats_out=True)
+    ref = ops.folded_linear_reference(x, mean, rstd, weight_t, u, v, gate[0])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((out_mean, out_rstd), ops.row_stats_reference(ref), atol=1e-5, rtol=1e-5)
+
+
 def test_dispatch_rules(monkeypatch):
     x = torch.zeros(2, 3)
     monkeypatch.setenv("SCIDIFF_KERNELS", "torch")

@@ -109,21 +109,58 @@ def folded_linear_reference(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Ten
     return y.to(out_dtype or h.dtype)
 
 
+@torch.library.custom_op("scidiff::row_stats", mutates_args=())
+def _row_stats_op(h: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    return load_kernel("modulated_block").row_stats(h, eps)
+
+
+@_row_stats_op.register_fake
+def _row_stats_fake(h, eps):
+    return h.new_empty(h.shape[0], dtype=torch.float32), h.new_empty(h.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("scidiff::folded_linear", mutates_args=())
+def _folded_op(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor, gate: Tensor | None,
+               out_dtype: torch.dtype | None) -> Tensor:
+    return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+
+
+@_folded_op.register_fake
+def _folded_fake(h, mean, rstd, weight_t, u, v, gate, out_dtype):
+    return h.new_empty(h.shape[0], weight_t.shape[1], dtype=out_dtype or h.dtype)
+
+
+@torch.library.custom_op("scidiff::folded_linear_with_stats", mutates_args=())
+def _folded_stats_op(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor,
+                     gate: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, stats_out=True)
+
+
+@_folded_stats_op.register_fake
+def _folded_stats_fake(h, mean, rstd, weight_t, u, v, gate):
+    rows = h.new_empty(h.shape[0], dtype=torch.float32)
+    return h.new_empty(h.shape[0], weight_t.shape[1]), rows, torch.empty_like(rows)
+
+
 def row_stats(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """:func:`row_stats_reference` through its Triton kernel where it runs."""
+    """:func:`row_stats_reference` through its Triton kernel (``torch.ops.scidiff.row_stats``)
+    where it runs."""
     if use_triton(h):
-        return load_kernel("modulated_block").row_stats(h if h.stride(-1) == 1 else h.contiguous(), eps)
+        return torch.ops.scidiff.row_stats(h if h.stride(-1) == 1 else h.contiguous(), eps)
     return row_stats_reference(h, eps)
 
 
 def folded_linear(h: Tensor, mean: Tensor, rstd: Tensor, weight_t: Tensor, u: Tensor, v: Tensor,
                   gate: Tensor | None = None, out_dtype: torch.dtype | None = None, stats_out: bool = False):
     """:func:`folded_linear_reference` as one GEMM kernel (statistics and epilogue fused) where
-    Triton runs. ``stats_out``: return ``(out, mean, rstd)``, the output rows' LayerNorm
-    statistics as well (from the kernel's epilogue where it can), for the next layer."""
+    Triton runs (``torch.ops.scidiff.folded_linear``). ``stats_out``: return ``(out, mean,
+    rstd)``, the output rows' LayerNorm statistics as well (from the kernel's epilogue where it
+    can, ``torch.ops.scidiff.folded_linear_with_stats``; output in ``h``'s dtype), for the next
+    layer."""
     if use_triton(h):
         h = h if h.stride(-1) == 1 else h.contiguous()
-        return load_kernel("modulated_block").folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype,
-                                                            stats_out=stats_out)
-    out = folded_linear_reference(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+        if stats_out:
+            return torch.ops.scidiff.folded_linear_with_stats(h, mean, rstd, weight_t, u, v, gate)
+        return torch.ops.scidiff.folded_linear(h, mean, rstd, weight_t, u, v, gate, out_dtype)
+    out = folded_linear_reference(h, mean, rstd, weight_t, u, v, gate, None if stats_out else out_dtype)
     return (out, *row_stats_reference(out)) if stats_out else out
