@@ -10,8 +10,6 @@ covariates.
 """
 from __future__ import annotations
 
-import warnings
-
 import anndata as ad
 import numpy as np
 import pandas as pd

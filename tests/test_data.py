@@ -5,7 +5,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import scidiff
 from scidiff.data import DataSpec, detect_input, log_normalize, read_h5ad, setup_anndata, transform_like
 
 

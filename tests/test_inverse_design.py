@@ -2,7 +2,6 @@
 forms of the guidance step, finite-difference gradients, a synthetic perturbation model whose
 response is known, a synthetic TF network; and every kind of bad input."""
 import json
-import math
 import os
 
 import anndata as ad

@@ -1,6 +1,4 @@
 """Perturbation prediction against a known ground truth, the metrics' closed forms, bad input."""
-import warnings
-
 import anndata as ad
 import numpy as np
 import pandas as pd

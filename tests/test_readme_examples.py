@@ -4,7 +4,6 @@ loader". The README shows the same code."""
 import textwrap
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,4 @@
 """Samplers against an analytic case: a Gaussian target whose exact denoiser is known."""
-import math
-
 import pytest
 import torch
 
