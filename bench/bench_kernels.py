@@ -121,8 +121,8 @@ def tile_rows(dev, rows: list[int], hidden: int) -> list[dict]:
             res = res[0] if stats_out else res
             err = float((res.double() - ref).abs().max() / ref.abs().max())
             ms = median_ms(run)
-            name = "statistics-writing tile" if stats_out else "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}" \
-                .format(**config)
+            name = ("statistics-writing tile" if stats_out
+                    else "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**config))
             out.append({"rows": m, "hidden": hidden, "tile": name, "ms": ms, "tflops": 2 * m * hidden**2 / ms / 1e9,
                         "relative_error_vs_float64": err})
             print(f"tile   M={m:6d} {name:26s} {ms:8.3f} ms {out[-1]['tflops']:7.1f} TFLOP/s  error {err:.2e}",

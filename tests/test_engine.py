@@ -82,11 +82,12 @@ def test_bf16_engine_stays_within_one_percent_of_fp32(sampler):
     assert float((out - ref).norm() / ref.norm()) < 0.01
 
 
-@pytest.mark.parametrize("cond,guidance", [({"c": torch.tensor([0, 2, 2])}, 1.5), ({"c": 1}, 1.0)],
-                         ids=["modulation-per-row", "shared-modulation"])
-def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch, cond, guidance):
+@pytest.mark.parametrize("cond,guidance,folded", [({"c": torch.tensor([0, 2, 2])}, 1.5, 0), ({"c": 1}, 1.0, 1),
+                                                  ({"c": 1}, 1.5, 2)],
+                         ids=["modulation-per-row", "shared-modulation", "guided-shared-modulation"])
+def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch, cond, guidance, folded):
     """Both kernels inside the real loop (the Triton interpreter on CPU, small shapes); one
-    condition without guidance takes the block kernel's shared-modulation form."""
+    condition takes the folded network (with guidance: one folded block per half of the rows)."""
     pytest.importorskip("triton", reason="needs triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("CPU kernels need TRITON_INTERPRET=1")
@@ -94,9 +95,14 @@ def test_engine_with_the_triton_kernels_matches_the_reference_path(monkeypatch, 
     ref = SamplingEngine(model, "ddpm", 4, guidance_scale=guidance, dtype=torch.float32).sample(3, cond, seed=2)
     monkeypatch.setenv("SCIDIFF_KERNELS", "triton")
     engine = SamplingEngine(model, "ddpm", 4, guidance_scale=guidance, dtype=torch.float32)
+    calls = []
+    forward_folded = engine.score.forward_folded
+    monkeypatch.setattr(engine.score, "forward_folded",
+                        lambda x, *a, **k: calls.append(len(x)) or forward_folded(x, *a, **k))
     out = engine.sample(3, cond, seed=2, to_cpu=False)  # the engine's device (here the CPU)
     assert out.device == engine.device
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert calls == [3] * (folded * 4)  # rows per folded block, per block and step
 
 
 def test_folded_network_equals_the_network_for_shared_modulations():

@@ -12,8 +12,9 @@ and does less work per step:
   or AMX), the sampler state in fp32.
 - Each update is one fused pass (:func:`scidiff.ops.sampler_step`: guidance combine, clamp,
   the linear update and the noise).
-- With one condition for all cells (the common case) on the Triton path, each layer's LayerNorm
-  and modulation are folded into its weight for every step of the plan, once per batch
+- With one condition for all cells (the common case; with guidance, one conditional and the
+  null half) on the Triton path, each layer's LayerNorm and modulation are folded into its
+  weight for every step of the plan, once per batch and condition
   (:meth:`~scidiff.models.score_network.ScoreNetwork.fold`): a step is then, per layer, a row
   statistics kernel and one GEMM with the normalisation, SiLU, gate and residual in its epilogue.
 - On CUDA the blocks run as the fused Triton kernels, and the whole N-step loop is captured once
@@ -114,7 +115,9 @@ class SamplingEngine:
     def _conditions(self, cond: dict, b: int):
         """Rows the network sees for one batch (``2b`` with guidance: conditional, then null),
         as distinct condition embeddings ``[U, C]``, each row's index into them (``None`` when
-        ``U = 1``) and the perturbation response ``[rows, D]`` (``None`` without one)."""
+        ``U = 1``), the perturbation response ``[rows, D]`` (``None`` without one) and, when the
+        rows fall into equal contiguous blocks of one condition each (one condition; or, with
+        guidance, one conditional and the null half), each block's index into the embeddings."""
         enc, dev = self.model.condition_encoder, self.device
         if self.guidance_scale != 1.0:
             null = enc.null_condition(b, dev)
@@ -128,26 +131,33 @@ class SamplingEngine:
         response_fn = getattr(enc, "response", None)
         response = response_fn(cond, rows, dev) if response_fn is not None else None
         if bool((cemb == cemb[:1]).all()):  # one condition (the common case): no sort
-            return cemb[:1], None, response
+            return cemb[:1], None, response, (0,)
         unique, inverse = torch.unique(cemb, dim=0, return_inverse=True)
-        return unique, inverse, response
+        groups = None
+        if rows == 2 * b:
+            halves = inverse.view(2, b)
+            if bool((halves == halves[:, :1]).all()):
+                groups = (int(halves[0, 0]), int(halves[1, 0]))
+        return unique, inverse, response, groups
 
     # -- the loop ----------------------------------------------------------------------------------
-    def _fold(self, cemb: torch.Tensor, inverse):
-        """With one condition for all cells, on the Triton path: every step's network weights with
-        LayerNorm and modulation folded in (:meth:`ScoreNetwork.fold`), computed once per batch
-        for the whole plan; else ``None``."""
-        if inverse is not None or cemb.shape[0] != 1 or not ops.use_triton(cemb):
+    def _fold(self, cemb: torch.Tensor, groups):
+        """With the rows in blocks of one condition each (``groups``), on the Triton path: per
+        block, every step's network weights with LayerNorm and modulation folded in
+        (:meth:`ScoreNetwork.fold`), computed once per batch for the whole plan; else ``None``."""
+        if groups is None or not ops.use_triton(cemb):
             return None
-        return self.score.fold(self.score.modulations((self.temb + cemb).to(self.dtype)))
+        return [self.score.fold(self.score.modulations((self.temb + cemb[g:g + 1]).to(self.dtype))) for g in groups]
 
     def _network(self, i: int, x: torch.Tensor, cemb, inverse, response, folded) -> torch.Tensor:
         """The network's raw output (fp32) at plan step ``i``, its modulations computed once per
         distinct condition (or taken from ``folded``)."""
         x = x.to(self.dtype)
         response = None if response is None else response.to(self.dtype)
-        if folded is not None:
-            return self.score.forward_folded(x, folded, i, response, out_dtype=torch.float32)
+        if folded is not None:  # one block of rows per folded condition
+            responses = [None] * len(folded) if response is None else response.chunk(len(folded))
+            return torch.cat([self.score.forward_folded(xb, fb, i, rb, out_dtype=torch.float32)
+                              for xb, fb, rb in zip(x.chunk(len(folded)), folded, responses)])
         mods = self.score.modulations((self.temb[i] + cemb).to(self.dtype))
         if inverse is not None:
             mods = [m.index_select(0, inverse) for m in mods]
@@ -170,12 +180,13 @@ class SamplingEngine:
         b = x0.shape[0] // 2
         return x0[:b], x0[b:]
 
-    def _loop(self, x: torch.Tensor, cemb, inverse, response, *, generator=None, seed=None) -> torch.Tensor:
+    def _loop(self, x: torch.Tensor, cemb, inverse, response, groups=None, *, generator=None,
+              seed=None) -> torch.Tensor:
         """The whole plan on one batch. Noise: drawn from ``generator`` (the plain samplers'
         order) or, with ``seed`` (an int64 device tensor), in the step kernel."""
         mid = prev = None
         lo, hi = self.clip if self.clip is not None else (None, None)
-        folded = self._fold(cemb, inverse)
+        folded = self._fold(cemb, groups)
         for i, st in enumerate(self.plan):
             pred, pred_u = self._denoise(i, mid if st.from_mid else x, cemb, inverse, response, folded)
             noise, step_seed = None, None
@@ -197,18 +208,18 @@ class SamplingEngine:
 
     @torch.no_grad()
     def _run(self, x_T: torch.Tensor, cond: dict, generator) -> torch.Tensor:
-        cemb, inverse, response = self._conditions(cond, x_T.shape[0])
+        cemb, inverse, response, groups = self._conditions(cond, x_T.shape[0])
         if not self.cuda_graph:
-            return self._loop(x_T, cemb, inverse, response, generator=generator)
+            return self._loop(x_T, cemb, inverse, response, groups, generator=generator)
         seed = 0
         if any(st.noise_coef > 0 for st in self.plan):  # a fresh key per batch, after its x_T
             seed = int(torch.randint(0, 2**62, (), generator=generator, device=self.device))
-        return self._replay(x_T, cemb, inverse, response, seed)
+        return self._replay(x_T, cemb, inverse, response, groups, seed)
 
-    def _replay(self, x_T, cemb, inverse, response, seed: int) -> torch.Tensor:
+    def _replay(self, x_T, cemb, inverse, response, groups, seed: int) -> torch.Tensor:
         """Run the loop through a CUDA graph captured once per (batch, distinct conditions,
-        response) shape; inputs are copied into the graph's static buffers."""
-        key = (x_T.shape[0], cemb.shape[0], inverse is not None, response is not None)
+        response, row blocks) shape; inputs are copied into the graph's static buffers."""
+        key = (x_T.shape[0], cemb.shape[0], inverse is not None, response is not None, groups)
         entry = self._graphs.get(key)
         if entry is None:
             static = {"x": x_T.clone(), "cemb": cemb.clone(),
@@ -217,7 +228,7 @@ class SamplingEngine:
                       "response": response.clone() if response is not None else None}
 
             def run():
-                return self._loop(static["x"], static["cemb"], static["inverse"], static["response"],
+                return self._loop(static["x"], static["cemb"], static["inverse"], static["response"], groups,
                                   seed=static["seed"])
 
             side = torch.cuda.Stream()
