@@ -175,6 +175,10 @@ def test_cuda_graph_engine_matches_model_sample_and_replays():
     a, b = ddpm.sample(256, cond, seed=1), ddpm.sample(256, cond, seed=2)
     torch.testing.assert_close(a, ddpm.sample(256, cond, seed=1))
     assert not torch.allclose(a, b)
+    # one condition with guidance: the folded network on each half of the rows
+    guided = SamplingEngine(model, "dpmpp_2m", 10, guidance_scale=2.0)
+    ref_guided = model.sample(256, {"c": 1}, sampler="dpmpp_2m", steps=10, guidance_scale=2.0, seed=4)
+    assert float((guided.sample(256, {"c": 1}, seed=4) - ref_guided.cpu()).norm() / ref_guided.norm()) < 0.01
     plain = SamplingEngine(model, "ddpm", 10, dtype=torch.float32, cuda_graph=False)
     ref_ddpm = plain.sample(4096, {"c": 1}, seed=3)
     got = ddpm.sample(4096, {"c": 1}, seed=3)
