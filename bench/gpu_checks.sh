@@ -9,7 +9,8 @@
 #   python bench/bench_sampling.py --save-model .devdata/default_latent64.pt --methods eager --batch-sizes 256
 #   python bench/bench_sampling.py --latent-dim 0 --save-model .devdata/default_genes.pt --methods eager --batch-sizes 256
 # Python packages missing on the node (anndata and its needs) can come as wheels in .whl/.
-# Results (JSON) and one log go to $OUT (default bench/results/gpu).
+# Results (JSON) and one log go to $OUT (default bench/results/gpu; the committed runs sit in its
+# h100/ and h200/ folders, one per device).
 set -u
 OUT=${OUT:-bench/results/gpu}
 MODELS=${MODELS:-.devdata}
