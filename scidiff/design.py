@@ -134,6 +134,16 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
             target.cell_type = None  # conditioning carries it; nothing can score it without real cells
     if target.is_empty():
         target.check()
+    detection_note = None
+    detection = getattr(model, "detection", None)
+    if observed and detection is not None and not bool(detection.fitted):  # a checkpoint from before it
+        if adata is None:
+            raise ValueError("this checkpoint's detection model is not fitted (it predates it): give --data with "
+                             "real cells in the model's genes to fit it on, or retrain")
+        from .data import transform_like
+
+        model.fit_detection(transform_like(spec, adata, condition_keys=[]).x)
+        detection_note = f"fitted on the {adata.n_obs} cells of --data (the checkpoint had none)"
     designer = InverseDesigner(model, classifier=classifier, realism_weight=realism_weight, observed=observed)
     designer.check(target)
     source_cells = None
@@ -163,6 +173,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     report = design_report(result.expression, spec.gene_names, target, met=result.met, source=start, real=real,
                            real_labels=labels, seed=seed)
     report["settings"] = result.settings
+    if detection_note:
+        report["detection_model"] = detection_note
     report["condition"] = {k: sorted(set(map(str, v))) for k, v in result.condition.items()}
     report["source"] = source or "noise (comparison: unguided samples from the same noise)"
     if classifier is not None:

@@ -568,3 +568,26 @@ def test_nearest_type_vote_breaks_ties_the_same_way_in_every_process():
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (0, 1, 2, 3)}
     assert outs == {"B"}
+
+
+def test_design_result_writes_labels_with_slashes_to_h5ad(tmp_path):
+    """Condition labels such as pbmc68k's 'CD8+/CD45RA+ Naive Cytotoxic' key the selection in the
+    settings; in ``.uns`` they become names/values lists, which HDF5 stores as written."""
+    import warnings
+
+    import anndata as ad
+
+    from scidiff.sampling.inverse_design import DesignResult
+
+    label = "bulk_labels=CD8+/CD45RA+ Naive Cytotoxic"
+    res = DesignResult(expression=np.ones((2, 3)), gene_names=["A", "B", "C"],
+                       target=PhenotypeTarget(marker_genes={"A": 0.5}), met={"A>=0.5": np.array([True, False])},
+                       loss=np.zeros(2), condition={"bulk_labels": ["CD8+/CD45RA+ Naive Cytotoxic"] * 2},
+                       settings={"select": {"key": "bulk_labels", "cells": {label: 2}, "posterior": {label: 1.0}}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        res.to_anndata().write_h5ad(tmp_path / "d.h5ad")
+    select = ad.read_h5ad(tmp_path / "d.h5ad").uns["scidiff_design"]["settings"]["select"]
+    assert select["key"] == "bulk_labels"
+    assert list(select["cells"]["names"]) == [label] and list(select["cells"]["values"]) == [2]
+    assert list(select["posterior"]["names"]) == [label]

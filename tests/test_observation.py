@@ -107,6 +107,15 @@ def test_observed_samples_have_the_data_sparsity_and_old_checkpoints_load(tmp_pa
         old.sample(2, steps=2, seed=0, observed=True)
     with pytest.raises(ValueError, match="fitted detection model"):
         scidiff.InverseDesigner(old, observed=True)
+    # the design CLI fits it on --data's cells instead, and says so in the report
+    from scidiff.design import run_design
+
+    gene = data.spec.gene_names[0]
+    with pytest.raises(ValueError, match="give --data"):
+        run_design(tmp_path / "run", f"{gene}>=0.5", tmp_path / "d.h5ad", observed=True, n=4, steps=2)
+    report = run_design(tmp_path / "run", f"{gene}>=0.5", tmp_path / "d.h5ad", data=kang_small, observed=True, n=4,
+                        steps=2, screen=False, attribution=False, progress=False)
+    assert report["detection_model"] == f"fitted on the {kang_small.n_obs} cells of --data (the checkpoint had none)"
     old.fit_detection(data.x)
     torch.testing.assert_close(old.sample(300, steps=5, seed=0, observed=True), observed)
 

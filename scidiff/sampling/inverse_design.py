@@ -689,8 +689,19 @@ class DesignResult:
         out.var_names = list(self.gene_names)
         if self.source is not None:
             out.layers["source"] = self.source.astype(np.float32)
-        out.uns["scidiff_design"] = {"target": _jsonable(self.target.to_dict()), "settings": _jsonable(self.settings)}
+        out.uns["scidiff_design"] = _h5_keys({"target": _jsonable(self.target.to_dict()),
+                                              "settings": _jsonable(self.settings)})
         return out
+
+
+def _h5_keys(obj):
+    """``obj`` for ``.uns``: a mapping whose keys hold ``/`` (labels such as ``CD8+/CD45RA+``,
+    which HDF5 would read as a path) becomes ``{"names": [...], "values": [...]}``."""
+    if not isinstance(obj, dict):
+        return obj
+    if any("/" in k for k in obj):
+        return {"names": list(obj), "values": [_h5_keys(v) for v in obj.values()]}
+    return {k: _h5_keys(v) for k, v in obj.items()}
 
 
 def _jsonable(obj):
