@@ -11,8 +11,9 @@ Shared modulation (one ``shift``/``scale``/``gate`` row for all cells, the sampl
 case): LayerNorm is folded into the weight, ``W (LN(h)(1 + scale) + shift) + b =
 rstd (h W'^T - mean u) + v`` with ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b``
 (``scidiff.ops.fold_layer_norm``), so the block is a plain tiled GEMM over ``h``
-(``folded_linear``, tiles autotuned per shape) that applies the row statistics (``row_stats``,
-their own kernel) in its epilogue. The same kernel without the residual epilogue is the
+(``folded_linear``, tiles autotuned per shape) that applies the row statistics in its epilogue
+and, where one tile spans the row, writes the next layer's (``row_stats``, their own kernel,
+gives the first layer's). The same kernel without the residual epilogue is the
 network's final modulated LayerNorm + output layer.
 
 Backward (``modulated_block_backward``): the same kernel run with ``BACKWARD=True`` recomputes the

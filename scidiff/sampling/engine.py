@@ -15,8 +15,9 @@ and does less work per step:
 - With one condition for all cells (the common case; with guidance, one conditional and the
   null half) on the Triton path, each layer's LayerNorm and modulation are folded into its
   weight for every step of the plan, once per batch and condition
-  (:meth:`~scidiff.models.score_network.ScoreNetwork.fold`): a step is then, per layer, a row
-  statistics kernel and one GEMM with the normalisation, SiLU, gate and residual in its epilogue.
+  (:meth:`~scidiff.models.score_network.ScoreNetwork.fold`): a step is then, per layer, one GEMM
+  with the normalisation, SiLU, gate and residual in its epilogue, which also writes the next
+  layer's row statistics (the first layer's come from their own kernel).
 - On CUDA the blocks run as the fused Triton kernels, and the whole N-step loop is captured once
   per batch shape in a CUDA graph and replayed per batch: coefficients live in a device table,
   noise is drawn in the kernel from a seed held in device memory, so nothing in the loop waits
