@@ -177,7 +177,9 @@ void read_densify_py(const Array& data, py::dtype data_dtype, const Array& indic
 
 PYBIND11_MODULE(_streaming, m) {
   m.doc() = "scidiff's streaming h5ad reader: pread + inflate of dataset storage, densify to model space";
-  py::register_exception<FormatError>(m, "FormatError", PyExc_ValueError);
+  auto format_error = py::register_exception<FormatError>(m, "FormatError", PyExc_ValueError);
+  // registered after FormatError, so tried first: the more specific type wins
+  py::register_exception<ColumnIndexError>(m, "ColumnIndexError", format_error);
   py::register_exception<IOFailure>(m, "IOFailure", PyExc_OSError);
 
   py::class_<File, std::shared_ptr<File>>(m, "File")

@@ -18,6 +18,12 @@ struct FormatError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A stored column index outside the matrix: surfaces in Python as ColumnIndexError (a
+// ValueError), which the Python reader turns into a message naming the file, array and cell.
+struct ColumnIndexError : FormatError {
+  using FormatError::FormatError;
+};
+
 // The operating system refused a read: surfaces in Python as OSError.
 struct IOFailure : std::runtime_error {
   using std::runtime_error::runtime_error;

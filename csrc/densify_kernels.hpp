@@ -90,9 +90,9 @@ class CellDensifier {
     for (int64_t k = 0; k < nnz; ++k) {
       const auto c = idx[k];
       if (static_cast<uint64_t>(static_cast<int64_t>(c)) >= static_cast<uint64_t>(p.n_cols))
-        throw FormatError("column index " + std::to_string(static_cast<long long>(c)) + " of cell " +
-                          std::to_string(cell) + " (its value " + std::to_string(k) + ") is outside [0, " +
-                          std::to_string(p.n_cols) + ")");
+        throw ColumnIndexError("column index " + std::to_string(static_cast<long long>(c)) + " of cell " +
+                               std::to_string(cell) + " (its value " + std::to_string(k) + ") is outside [0, " +
+                               std::to_string(p.n_cols) + ")");
       const int32_t g = p.gene_map[c];
       hit_gene_[n] = g;
       hit_value_[n] = static_cast<float>(val[k]);

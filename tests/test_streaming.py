@@ -362,13 +362,13 @@ def test_hostile_structure_is_a_clear_error(files, tmp_path, backend):
     with h5py.File(path, "r+") as f:
         ip = f["X/indptr"]
         ip[10], ip[11] = ip[11] + 5, ip[11]
-    with pytest.raises(ValueError, match=r"indptr is not monotone: cell 10"):
+    with pytest.raises(ValueError, match=r"hostile-anndata.h5ad': X/indptr is not monotone: cell 'c10' \(row 10\)"):
         MatrixReader(path, backend=backend)
 
     path = _copy(files, tmp_path)
     with h5py.File(path, "r+") as f:
         f["X"].attrs["shape"] = np.array([N_CELLS + 4, N_GENES])
-    with pytest.raises(ValueError, match=r"shape attribute says 207 cells but indptr has 204"):
+    with pytest.raises(ValueError, match=r"X/indptr has 204 entries but the shape attribute says 207 cells"):
         MatrixReader(path, backend=backend)
     with h5py.File(path, "r+") as f:
         f["X"].attrs["shape"] = np.array([N_CELLS, N_GENES - 10])
@@ -380,7 +380,8 @@ def test_hostile_structure_is_a_clear_error(files, tmp_path, backend):
         data = f["X/data"][...]
         del f["X/data"]
         f["X"].create_dataset("data", data=data[:-40])
-    with pytest.raises(ValueError, match=r"data has \d+ values but indptr ends at \d+ \(truncated dataset\)"):
+    with pytest.raises(ValueError, match=r"hostile-anndata.h5ad': X/data has \d+ values but indptr ends at \d+ "
+                                         r"\(truncated dataset"):
         MatrixReader(path, backend=backend)
 
 
@@ -389,7 +390,8 @@ def test_hostile_content_is_a_clear_error(files, tmp_path, backend):
     path = _copy(files, tmp_path)
     with h5py.File(path, "r+") as f:
         f["X/indices"][f["X/indptr"][9] + 1] = N_GENES + 3
-    with pytest.raises(ValueError, match=rf"X of .*column index {N_GENES + 3} .*outside \[0, {N_GENES}\)"):
+    with pytest.raises(ValueError, match=rf"hostile-anndata.h5ad': X/indices of cell 'c9' \(row 9\) holds column "
+                                         rf"{N_GENES + 3}, outside \[0, {N_GENES}\)"):
         _read_all(path, backend)
     # the loader's background thread hands the error to the caller
     mem_spec = setup_anndata(make_adata(), genes=GENES[:5]).spec
@@ -427,6 +429,65 @@ def test_csc_and_missing_keys_say_what_to_do(tmp_path, adata):
         setup_streaming(path, layer="counts", condition_keys=["batch"])
 
 
+def test_streamed_and_in_memory_readers_name_the_same_cell(files, tmp_path):
+    from scidiff.data import read_h5ad
+    from scidiff.data.streaming import StreamingLoader
+
+    path = _copy(files, tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["X/indices"][f["X/indptr"][41]] = 10_000_000
+    with pytest.raises(ValueError) as in_memory:
+        read_h5ad(path)
+    assert str(in_memory.value) == (f"{path!r}: X/indices of cell 'c41' (row 41) holds column 10000000, "
+                                    f"outside [0, {N_GENES})")
+    for backend in BACKENDS:
+        with pytest.raises(ValueError) as streamed:
+            _read_all(path, backend)
+        assert str(streamed.value) == str(in_memory.value)
+        reader = MatrixReader(path, backend=backend)
+        if reader.fused:  # the C++ read + densify in one pass
+            t = Transform.build(reader.var_names, GENES[:50], counts=True)
+            with pytest.raises(ValueError) as fused:
+                reader.read_densify([[30, 60]], np.arange(30), t, np.empty((30, 50), np.float32))
+            assert str(fused.value) == str(in_memory.value)
+        with pytest.raises(ValueError) as loaded:
+            list(StreamingLoader(reader, Transform.build(reader.var_names, GENES[:50], counts=True), batch_size=16,
+                                 shuffle=False))
+        assert str(loaded.value) == str(in_memory.value)
+
+
+def test_streaming_refuses_all_zero_and_duplicated_genes(tmp_path, adata):
+    zero = adata.copy()
+    zero.X = sp.csr_matrix(zero.shape, dtype=np.float32)
+    zero.write_h5ad(tmp_path / "zero.h5ad")
+    with pytest.raises(ValueError, match=r"X of '.*zero.h5ad' is all zeros: every cell has zero counts"):
+        setup_streaming(tmp_path / "zero.h5ad", n_top_genes=20)
+    from scidiff.data.stream_setup import _sample_runs
+
+    (start, stop), = _sample_runs(N_CELLS, 10, 64, 0)
+    part = adata.copy()
+    x = part.X.tolil()
+    x[start:stop] = 0  # the one block the sample reads
+    part.X = x.tocsr()
+    part.write_h5ad(tmp_path / "part.h5ad")
+    with pytest.raises(ValueError, match=rf"the {stop - start} cells sampled .* all have zero counts, though other "
+                                         r"cells do not; sample more cells \(hvg_cells=...\)"):
+        setup_streaming(tmp_path / "part.h5ad", n_top_genes=20, hvg_cells=10, block_size=64, seed=0)
+    dup = adata.copy()
+    dup.var_names = GENES[:3] + [GENES[2]] + GENES[4:]
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    with pytest.raises(ValueError, match=rf"1 duplicated gene name\(s\): '{GENES[2]}' \(columns \[2, 3\]\)"):
+        setup_streaming(tmp_path / "dup.h5ad", n_top_genes=20)
+
+
+def test_streamed_gene_choice_is_exact_and_equals_memory(tmp_path, kang_small):
+    path = tmp_path / "kang.h5ad"
+    kang_small.write_h5ad(path)
+    streamed = setup_streaming(path, layer="counts", n_top_genes=500, covariance=False)
+    assert streamed.spec.gene_names == setup_anndata(kang_small, layer="counts", n_top_genes=500).spec.gene_names
+    assert streamed.spec.n_genes == 500  # scanpy's own cut keeps 502 here (ties)
+
+
 @pytest.mark.skipif(not extension_available(), reason="the C++ extension is not built")
 def test_extension_checks_bounds_before_writing():
     from scidiff.data import _streaming as ext
@@ -445,7 +506,7 @@ def test_extension_checks_bounds_before_writing():
         ext.densify_csr(np.array([0, 2, 9]), indices, data, np.array([0, 1]), gene_map, out, True, 1e4, True,
                         None, None, 1)
     assert (out == 7.0).all()  # nothing was written
-    with pytest.raises(ValueError, match="column index 5"):
+    with pytest.raises(ext.ColumnIndexError, match="column index 5"):  # a ValueError the reader explains
         ext.densify_csr(indptr, np.array([0, 5, 2], np.int32), data, np.array([0, 1]), gene_map, out, False, 1.0,
                         False, None, None, 1)
     with pytest.raises(ValueError, match="float32 of shape"):

@@ -119,12 +119,40 @@ class InMemoryLoader:
             yield batch
 
 
+DEFAULT_CONTROLS = ("control", "ctrl")
+
+
+def check_controls(key: str, labels, counts, control_labels, separator: str, source: str) -> None:
+    """A perturbation covariate being set up for training must have control cells: refuse when
+    no cell of ``key`` carries any of ``control_labels`` (naming the most frequent values), and
+    warn about given labels that no cell carries. ``labels``/``counts``: distinct labels and their
+    numbers of cells."""
+    controls = [str(c) for c in control_labels]
+    carried = set()
+    for lab in labels:
+        lab = str(lab).strip()
+        carried.update(p for p in [lab] + [q.strip() for q in lab.split(separator)] if p in controls)
+    if not carried:
+        order = np.argsort(-np.asarray(counts), kind="stable")[:8]
+        common = ", ".join(f"{str(labels[i])!r} ({int(counts[i])} cells)" for i in order)
+        raise ValueError(f"no cell of obs[{key!r}] in {source} carries a control label {controls} "
+                         f"(--control-labels / control_labels=); its most frequent values: {common}. "
+                         "Pass the label of the unperturbed cells")
+    unused = [c for c in controls if c not in carried]
+    if unused and tuple(controls) != DEFAULT_CONTROLS:
+        import warnings
+
+        warnings.warn(f"control label(s) {unused} of obs[{key!r}] in {source} match no cell "
+                      f"(those that do: {sorted(carried)})", stacklevel=3)
+
+
 def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None, perturbation_keys=(),
-                control_labels=("control", "ctrl"), separator="+"):
+                control_labels=DEFAULT_CONTROLS, separator="+", check_control=True):
     """obs columns -> tensors and vocabularies. Categorical: ``LongTensor`` codes; perturbation:
     multi-hot ``FloatTensor[N, n + 1]`` over single perturbations (see
     :mod:`scidiff.models.conditioning`); continuous: ``FloatTensor``. With ``vocab`` (a model's),
-    labels it does not know are errors that list the known ones."""
+    labels it does not know are errors that list the known ones; without it (training), a
+    perturbation needs control cells (:func:`check_controls`, unless ``check_control`` is off)."""
     perturbation_keys = [k for k in perturbation_keys if k in categorical_keys]
     missing = [k for k in list(categorical_keys) + list(continuous_keys) if k not in adata.obs.columns]
     if missing:
@@ -137,6 +165,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
         if col.isna().any():
             raise ValueError(f"obs[{key!r}] of {_name(adata)} has {int(col.isna().sum())} missing values")
         labels = col.astype(str).to_numpy()
+        if key in perturbation_keys and vocab is None and check_control:
+            check_controls(key, *np.unique(labels, return_counts=True), control_labels, separator, _name(adata))
         if key in perturbation_keys:
             parts = [[p.strip() for p in lab.split(separator) if p.strip() and p.strip() not in controls]
                      for lab in labels]

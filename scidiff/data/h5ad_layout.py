@@ -11,10 +11,14 @@ says, storage past the end of the file) are errors that name the file and key.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
+
+from .hdf5_guard import check_hdf5_file
+from .validate import Site, check_indptr, check_unique_genes
 
 FILTER_CODES = {h5py.h5z.FILTER_DEFLATE: 1, h5py.h5z.FILTER_SHUFFLE: 2}  # HDF5 id -> reader code
 FILTER_NAMES = {h5py.h5z.FILTER_DEFLATE: "gzip", h5py.h5z.FILTER_SHUFFLE: "shuffle",
@@ -64,6 +68,24 @@ class MatrixLayout:
     @property
     def where(self) -> str:
         return f"{self.key} of {self.path!r}"
+
+    @property
+    def site(self) -> Site:
+        """For messages that name the file, the array and the cell (:mod:`scidiff.data.validate`)."""
+        return Site(repr(self.path), self.key, False, obs_name_reader(self.path))
+
+
+def obs_name_reader(path: str):
+    """``name(row)``: the obs name of a cell, read from the file when a message needs it."""
+    def name(row: int) -> str | None:
+        with h5py.File(path, "r") as f:
+            obs = f.get("obs")
+            if not isinstance(obs, h5py.Group):
+                return None
+            index = obs.attrs.get("_index", "_index")
+            value = obs[index.decode() if isinstance(index, bytes) else str(index)][row]
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return name
 
 
 def _chunk_table(ds: h5py.Dataset):
@@ -153,75 +175,81 @@ def open_matrix(path, *, layer: str | None = None, use_raw: bool = False) -> Mat
         raise FileNotFoundError(f"no such file: {path!r}")
     if use_raw and layer:
         raise ValueError("pass either layer= or use_raw=True, not both")
+    check_hdf5_file(path)  # damaged metadata can crash or hang libhdf5: probed in a child first
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
         raise ValueError(f"could not open {path!r} as an .h5ad (HDF5) file: {exc}") from exc
-    with f:
-        key = "raw/X" if use_raw else f"layers/{layer}" if layer else "X"
-        if key not in f:
-            if layer:
-                have = list(f["layers"]) if "layers" in f else []
-                raise KeyError(f"layer {layer!r} is not in {path!r}; layers available: {have or 'none'}")
-            raise KeyError(f"{path!r} has no {key!r}" + ("; it has no .raw" if use_raw else ""))
-        node = f[key]
-        var_names = _var_names(f, "raw/var" if use_raw else "var", path)
-        size = os.path.getsize(path)
-        where = f"{key} of {path!r}"
-        if isinstance(node, h5py.Dataset):
-            if node.ndim != 2:
-                raise ValueError(f"{where} is a {node.ndim}-D array; expected cells x genes")
-            n_cells, n_genes = map(int, node.shape)
-            arrays = {"x": storage_map(node, size)}
-            indptr = None
-            encoding = "dense"
-        else:
-            kind = _sparse_kind(node)
-            if kind == "csc":
-                raise ValueError(f"{where} is stored as CSC (csc_matrix); {CSC_HELP}")
-            if kind != "csr":
-                raise ValueError(f"{where} has encoding {node.attrs.get('encoding-type')!r}; expected csr_matrix "
-                                 "or a dense array")
-            for part in ("data", "indices", "indptr"):
-                if part not in node:
-                    raise ValueError(f"{where} has no {part!r} array")
-            shape = np.asarray(node.attrs.get("shape", ()), dtype=np.int64).ravel()
-            if shape.size != 2 or (shape < 0).any():
-                raise ValueError(f"{where} has a bad shape attribute {shape.tolist()}")
-            n_cells, n_genes = int(shape[0]), int(shape[1])
-            ip = node["indptr"]
-            if ip.ndim != 1 or ip.dtype.kind not in "iu":
-                raise ValueError(f"{where}: indptr must be a 1-D integer array, got {ip.dtype} {ip.shape}")
-            if ip.shape[0] != n_cells + 1:
-                raise ValueError(f"{where}: the shape attribute says {n_cells} cells but indptr has "
-                                 f"{ip.shape[0]} entries ({n_cells + 1} expected)")
-            try:
-                indptr = ip[...].astype(np.int64)
-            except OSError as exc:
-                raise ValueError(f"{where}: indptr could not be read: {exc}") from exc
-            arrays = {"data": storage_map(node["data"], size), "indices": storage_map(node["indices"], size)}
-            if arrays["indices"].dtype.kind not in "iu":
-                raise ValueError(f"{where}: indices have dtype {arrays['indices'].dtype}; expected integers")
-            if arrays["data"].cols != 1 or arrays["indices"].cols != 1:
-                raise ValueError(f"{where}: data and indices must be 1-D")
-            check_indptr(indptr, where, arrays["data"].rows, arrays["indices"].rows)
-            encoding = "csr"
-        if len(var_names) != n_genes:
-            raise ValueError(f"{where} has {n_genes} genes (shape attribute) but var has {len(var_names)} names")
+    with naming_file(path), f:
+        return _layout(f, path, layer, use_raw)
+
+
+@contextmanager
+def naming_file(path: str):
+    """Errors of h5py or anndata on a damaged file become ``ValueError`` naming the file (the
+    CLI's clean exit); errors that already name it pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, (ValueError, KeyError, FileNotFoundError)) and path in str(exc):
+            raise
+        raise ValueError(f"could not read {path!r} (damaged, or not an .h5ad file): "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
+def _csr_layout(node: h5py.Group, path: str, key: str, var_names, size: int):
+    """``(n_cells, n_genes, indptr, arrays)`` of the CSR group ``node``, its indptr checked."""
+    where = f"{key} of {path!r}"
+    kind = _sparse_kind(node)
+    if kind == "csc":
+        raise ValueError(f"{where} is stored as CSC (csc_matrix); {CSC_HELP}")
+    if kind != "csr":
+        raise ValueError(f"{where} has encoding {node.attrs.get('encoding-type')!r}; expected csr_matrix "
+                         "or a dense array")
+    for part in ("data", "indices", "indptr"):
+        if part not in node:
+            raise ValueError(f"{where} has no {part!r} array")
+    shape = np.asarray(node.attrs.get("shape", ()), dtype=np.int64).ravel()
+    if shape.size != 2 or (shape < 0).any():
+        raise ValueError(f"{where} has a bad shape attribute {shape.tolist()}")
+    n_cells, n_genes = int(shape[0]), int(shape[1])
+    indptr = node["indptr"][...]
+    arrays = {"data": storage_map(node["data"], size), "indices": storage_map(node["indices"], size)}
+    if arrays["indices"].dtype.kind not in "iu":
+        raise ValueError(f"{where}: indices have dtype {arrays['indices'].dtype}; expected integers")
+    if arrays["data"].cols != 1 or arrays["indices"].cols != 1:
+        raise ValueError(f"{where}: data and indices must be 1-D")
+    site = MatrixLayout(path, key, "csr", n_cells, n_genes, var_names, None, arrays).site
+    check_indptr(indptr, site, n_major=n_cells, n_data=arrays["data"].rows, n_indices=arrays["indices"].rows)
+    return n_cells, n_genes, indptr.astype(np.int64), arrays
+
+
+def _layout(f: h5py.File, path: str, layer: str | None, use_raw: bool) -> MatrixLayout:
+    """The body of :func:`open_matrix` on the open file ``f``."""
+    key = "raw/X" if use_raw else f"layers/{layer}" if layer else "X"
+    if key not in f:
+        if "matrix" in f and "X" not in f:
+            raise ValueError(f"{path!r} is a 10x Genomics HDF5 file, not an .h5ad: streaming reads .h5ad only. "
+                             "Train without --streaming, or convert it once with "
+                             "`scanpy.read_10x_h5(path).write_h5ad(new_path)`")
+        if layer:
+            have = list(f["layers"]) if "layers" in f else []
+            raise KeyError(f"layer {layer!r} is not in {path!r}; layers available: {have or 'none'}")
+        raise KeyError(f"{path!r} has no {key!r}" + ("; it has no .raw" if use_raw else ""))
+    node = f[key]
+    var_names = _var_names(f, "raw/var" if use_raw else "var", path)
+    size = os.path.getsize(path)
+    where = f"{key} of {path!r}"
+    if isinstance(node, h5py.Dataset):
+        if node.ndim != 2:
+            raise ValueError(f"{where} is a {node.ndim}-D array; expected cells x genes")
+        (n_cells, n_genes), indptr, encoding = map(int, node.shape), None, "dense"
+        arrays = {"x": storage_map(node, size)}
+    else:
+        n_cells, n_genes, indptr, arrays = _csr_layout(node, path, key, var_names, size)
+        encoding = "csr"
+    if len(var_names) != n_genes:
+        raise ValueError(f"{where} has {n_genes} genes (shape attribute) but var has {len(var_names)} names")
+    check_unique_genes(var_names, where)
     return MatrixLayout(path=path, key=key, encoding=encoding, n_cells=n_cells, n_genes=n_genes,
                         var_names=var_names, indptr=indptr, arrays=arrays)
-
-
-def check_indptr(indptr: np.ndarray, where: str, n_data: int, n_indices: int) -> None:
-    """indptr starts at 0, never decreases, and ends within data and indices."""
-    if indptr.size == 0 or indptr[0] != 0:
-        raise ValueError(f"{where}: indptr must start at 0 (starts at {indptr[:1].tolist()})")
-    steps = np.diff(indptr)
-    if steps.size and steps.min() < 0:
-        bad = int(np.flatnonzero(steps < 0)[0])
-        raise ValueError(f"{where}: indptr is not monotone: cell {bad} ends at {int(indptr[bad + 1])} "
-                         f"before it starts at {int(indptr[bad])}")
-    end = int(indptr[-1])
-    for name, n in (("data", n_data), ("indices", n_indices)):
-        if n < end:
-            raise ValueError(f"{where}: {name} has {n} values but indptr ends at {end} (truncated dataset)")

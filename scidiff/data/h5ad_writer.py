@@ -2,21 +2,25 @@
 
 ``X`` (dense float rows, or CSR) and the ``obs`` index and categorical columns grow as cells are
 appended; ``var`` and ``uns`` are written at the end. The file is written under a temporary name
-beside the target and renamed only when complete, so an interrupted run leaves nothing behind.
+beside the target and renamed only when complete, so an interrupted run never leaves a partial file
+at the target.
 The layout follows anndata's on-disk format (``encoding-type`` attributes), so
 ``anndata.read_h5ad`` opens the result. With ``compression="gzip"`` the sparse arrays' chunks are
-compressed on several threads and stored directly (``write_direct_chunk``).
+compressed on several threads and stored directly (``write_direct_chunk``). The temporary name
+is :func:`scidiff.data.io.temporary_beside`'s: a write killed mid-way is cleaned up by the next
+write to the same path.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
 import pandas as pd
+
+from .io import temporary_beside
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -99,10 +103,7 @@ class H5adWriter:
         if compression not in (None, "gzip"):
             raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
         self.path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".h5ad", dir=folder)
-        os.close(fd)
+        self._tmp = temporary_beside(self.path)
         self.var_names = [str(g) for g in var_names]
         self.n_genes, self.sparse, self.n_cells = len(self.var_names), bool(sparse), 0
         self._closed = False

@@ -1,35 +1,144 @@
 """Reading and writing .h5ad with errors that name the file, and writes that never leave a
-half-written file behind (temporary name in the same folder, then rename)."""
+half-written file behind (temporary name in the same folder, then rename).
+
+:func:`read_h5ad` also reads 10x Genomics HDF5 (``.h5``, the ``matrix`` group) and checks every
+sparse matrix it loads (``X``, each layer, ``raw.X``) before scipy touches it
+(:mod:`scidiff.data.validate`).
+"""
 from __future__ import annotations
 
 import os
-import tempfile
+import re
+import secrets
+import sys
 
 import anndata as ad
 
+from .hdf5_guard import check_hdf5_file
+from .validate import check_sparse
+
+_TMP = re.compile(r"^\.tmp-(\d+)-([0-9a-f]+)\.(.+)$")
+
+
+def _is_10x_h5(path: str) -> bool:
+    """Whether ``path`` is a 10x Genomics HDF5 matrix (v3: a ``matrix`` group; v2: a group per
+    genome holding ``barcodes``) rather than an .h5ad."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "X" in f or "obs" in f:
+                return False
+            return "matrix" in f or any(isinstance(g, h5py.Group) and "barcodes" in g for g in f.values())
+    except Exception:  # not HDF5 at all: read_h5ad says so
+        return False
+
+
+def _read_10x(path: str) -> ad.AnnData:
+    """A 10x HDF5 file through scanpy; duplicated gene symbols are made unique (scanpy's
+    convention), said in one line on stderr."""
+    import scanpy as sc
+
+    try:
+        adata = sc.read_10x_h5(path)
+    except Exception as exc:
+        raise ValueError(f"could not read {path!r} as a 10x Genomics HDF5 file: {exc}") from exc
+    dup = int(adata.var_names.duplicated().sum())
+    if dup:
+        adata.var_names_make_unique()
+        print(f"scidiff: {path!r}: {dup} duplicated gene symbol(s) of the 10x file made unique with "
+              "var_names_make_unique() (e.g. 'GENE' -> 'GENE-1')", file=sys.stderr)
+    return adata
+
+
+def check_matrices(adata: ad.AnnData, source: str) -> None:
+    """Check every sparse matrix of ``adata`` (``X``, layers, ``raw.X``) (:func:`check_sparse`)."""
+    check_sparse(adata.X, source, "X", adata.obs_names, adata.var_names)
+    for name in adata.layers:
+        check_sparse(adata.layers[name], source, f"layers/{name}", adata.obs_names, adata.var_names)
+    if adata.raw is not None:
+        check_sparse(adata.raw.X, source, "raw/X", adata.obs_names, adata.raw.var_names)
+
 
 def read_h5ad(path) -> ad.AnnData:
-    """``anndata.read_h5ad`` with errors that name the file."""
+    """``anndata.read_h5ad`` (or scanpy's 10x reader for a 10x ``.h5``) with errors that name the
+    file, and every sparse matrix checked."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many kinds for a bad file
-        raise ValueError(f"could not read {path!r} as an .h5ad file: {exc}") from exc
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder, not an .h5ad file")
+    check_hdf5_file(path)  # damaged metadata can crash or hang libhdf5: probed in a child first
+    if _is_10x_h5(path):
+        adata = _read_10x(path)
+    else:
+        try:
+            adata = ad.read_h5ad(path)
+        except Exception as exc:  # h5py/anndata raise many kinds for a bad file
+            raise ValueError(f"could not read {path!r} as an .h5ad file: {exc}") from exc
+    check_matrices(adata, repr(path))
     adata.uns["scidiff_source"] = path
     return adata
 
 
-def atomic_path(path, write) -> str:
-    """Call ``write(tmp_path)`` for a temporary file beside ``path``, then rename it to ``path``.
-    On any error the temporary file is removed and ``path`` is untouched."""
+# -- atomic writes ---------------------------------------------------------------------------------
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not ours to judge
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list[str]:
+    """Delete the temporary files of earlier writes to ``path`` whose writer process is gone
+    (killed mid-write); returns their paths."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    folder, base = os.path.split(os.path.abspath(path))
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP.match(name)
+        if m and m.group(3) == base and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except OSError:
+                pass
+    return removed
+
+
+def temporary_beside(path) -> str:
+    """Create an empty temporary file beside ``path`` and return its name,
+    ``.tmp-<pid>-<random>.<name>`` (traceable to its target and writer), with the normal mode
+    (``0o666`` less the umask). Stale temporaries of ``path`` are removed first."""
+    path = os.fspath(path)
+    folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
+    remove_stale_temporaries(path)
+    while True:
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}.{base}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_path(path, write) -> str:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path`` (:func:`temporary_beside`),
+    then rename it to ``path``. On any error the temporary file is removed and ``path`` is
+    untouched."""
+    path = os.fspath(path)
+    tmp = temporary_beside(path)
     try:
         write(tmp)
         os.replace(tmp, path)

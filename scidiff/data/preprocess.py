@@ -1,9 +1,9 @@
 """AnnData in: pick the expression matrix, check it, normalise like scanpy, choose genes.
 
-Raw counts are library-size normalised and log-transformed exactly as
-``scanpy.pp.normalize_total(target_sum=...)`` followed by ``scanpy.pp.log1p``; log-normalised
-input is taken as is. Scaled (z-scored) input is refused with a message that says where the
-unscaled values usually are.
+Input is classified from its values: raw counts are library-size normalised and log-transformed
+exactly as ``scanpy.pp.normalize_total(target_sum=...)`` followed by ``scanpy.pp.log1p``;
+log-normalised input is taken as is. Scaled (z-scored) input, all-zero matrices and values that
+are neither (TPM, CPM, intensities) are refused with a message that says what to pass instead.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .io import read_h5ad  # noqa: F401  (re-exported)
+from .validate import check_sparse, check_unique_genes
 
 
 def _name(adata: ad.AnnData) -> str:
@@ -22,7 +23,9 @@ def _name(adata: ad.AnnData) -> str:
 
 
 def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False):
-    """Return ``(matrix, var_names, where)`` from ``X``, ``layers[layer]`` or ``raw.X``."""
+    """Return ``(matrix, var_names, key)`` from ``X``, ``layers[layer]`` or ``raw.X`` (``key``: where
+    it is in the file, ``X``, ``layers/<layer>`` or ``raw/X``), its sparse arrays checked and its
+    gene names unique."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{_name(adata)} is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
     if use_raw and layer:
@@ -30,46 +33,91 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     if use_raw:
         if adata.raw is None:
             raise KeyError(f"{_name(adata)} has no .raw; layers available: {list(adata.layers)}")
-        return adata.raw.X, adata.raw.var_names, "raw.X"
-    if layer:
+        matrix, var_names, key = adata.raw.X, adata.raw.var_names, "raw/X"
+    elif layer:
         if layer not in adata.layers:
             raise KeyError(f"layer {layer!r} is not in {_name(adata)}; layers available: "
                            f"{list(adata.layers) or 'none'}")
-        return adata.layers[layer], adata.var_names, f"layers[{layer!r}]"
-    return adata.X, adata.var_names, "X"
+        matrix, var_names, key = adata.layers[layer], adata.var_names, f"layers/{layer}"
+    else:
+        matrix, var_names, key = adata.X, adata.var_names, "X"
+    check_sparse(matrix, _name(adata), key, adata.obs_names, var_names)
+    check_unique_genes(var_names, f"{key} of {_name(adata)}")
+    return matrix, var_names, key
 
 
 def _values(m) -> np.ndarray:
-    return m.data if sp.issparse(m) else np.asarray(m).ravel()
+    """The stored values (a sparse matrix's explicit entries, a dense array's all)."""
+    if sp.issparse(m):
+        return m.data[: m.indptr[-1]] if getattr(m, "format", None) in ("csr", "csc") else m.data
+    return np.asarray(m).ravel()
 
 
-def detect_input(matrix, where: str, input_kind: str = "auto") -> str:
-    """Check values and return ``"counts"`` or ``"log1p"``.
+# log1p of library-size normalised counts stays far below this (log1p(1e6) = 13.8; log2(1e6 + 1)
+# = 19.9): larger non-integer values are TPM, CPM or intensities, not log-normalised expression.
+LOG1P_MAX = 30.0
 
-    Raises for NaN/inf, for negative values (scaled data, or presented as counts) and for
-    non-integers presented as counts.
-    """
-    if input_kind not in ("auto", "counts", "log1p"):
-        raise ValueError(f"input must be 'auto', 'counts' or 'log1p', got {input_kind!r}")
-    v = _values(matrix)
-    if v.size == 0:
-        return "counts" if input_kind == "auto" else input_kind
+_INSIST = ("Pass raw counts instead (--layer NAME / layer=..., or --use-raw / use_raw=True), or insist that the "
+           "values are log1p-normalised with the config `data: {input: log1p}` / input_kind='log1p'")
+
+
+class AllZeroError(ValueError):
+    """Every cell of the matrix has zero counts."""
+
+
+def _shape(matrix) -> str:
+    shape = getattr(matrix, "shape", None)
+    return f"{shape[0]} cells x {shape[1]} genes" if shape is not None and len(shape) == 2 else "the matrix"
+
+
+def _check_finite(v: np.ndarray, where: str) -> None:
     finite = np.isfinite(v)
     if not finite.all():
         bad = int((~finite).sum())
         raise ValueError(f"{where} holds {bad} NaN or infinite values; clean them before training")
+
+
+def _other(where: str, v: np.ndarray, nonint: np.ndarray) -> ValueError:
+    """The error for values that are neither counts nor log1p (TPM, CPM, intensities)."""
+    near = bool(np.all(np.abs(v[nonint] - np.round(v[nonint])) < 1e-3))
+    hint = "; they are within 1e-3 of integers: if they are counts, round them (np.rint)" if near else ""
+    return ValueError(f"{where} holds neither counts nor log1p-normalised values: max {float(v.max()):.6g} with "
+                      f"{nonint.mean():.1%} of the nonzero values non-integer (log1p of normalised counts stays "
+                      f"below {LOG1P_MAX:g}); it looks like TPM, CPM or raw intensities{hint}. {_INSIST}")
+
+
+def detect_input(matrix, where: str, input_kind: str = "auto") -> str:
+    """Classify the values of ``matrix`` and return ``"counts"`` or ``"log1p"``.
+
+    Refused: NaN/inf; a matrix where every cell is zero; negative values (scaled data, or presented
+    as counts); non-integers presented as counts; and, unless ``input_kind="log1p"`` insists,
+    non-integer values above :data:`LOG1P_MAX` (TPM, CPM, intensities: neither counts nor log1p).
+    """
+    if input_kind not in ("auto", "counts", "log1p"):
+        raise ValueError(f"input must be 'auto', 'counts' or 'log1p', got {input_kind!r}")
+    v = _values(matrix)
+    _check_finite(v, where)
+    v = v[v != 0]
+    if v.size == 0:
+        raise AllZeroError(f"{where} is all zeros: every cell has zero counts ({_shape(matrix)}); nothing to "
+                           "learn from. Check that the expression was written to this matrix (X, a layer or raw)")
     vmin = float(v.min())
     if vmin < 0:
         if input_kind == "counts":
             raise ValueError(f"{where} was presented as counts but holds negative values (min {vmin:.3g})")
         raise ValueError(f"{where} holds negative values (min {vmin:.3g}): it looks scaled or "
                          "centred. Pass the unscaled values (use_raw=True / --use-raw, or layer=...)")
-    integral = bool(np.all(v == np.round(v)))
-    if input_kind == "counts" and not integral:
-        raise ValueError(f"{where} was presented as counts but holds non-integer values")
-    if input_kind == "auto":
-        return "counts" if integral else "log1p"
-    return input_kind
+    nonint = v != np.round(v)
+    if input_kind == "counts" and nonint.any():
+        raise ValueError(f"{where} was presented as counts but holds non-integer values "
+                         f"({nonint.mean():.1%} of the nonzero values, max {float(v.max()):.6g})")
+    if input_kind != "auto":
+        return input_kind
+    if not nonint.any():
+        return "counts"
+    if float(v.max()) > LOG1P_MAX:
+        raise _other(where, v, nonint)
+    return "log1p"
 
 
 def log_normalize(counts, target_sum: float | None = 1e4):
@@ -92,8 +140,12 @@ def log_normalize(counts, target_sum: float | None = 1e4):
 
 
 def select_genes(log_matrix, var_names, genes=None, n_top_genes: int | None = 2000) -> list[str]:
-    """A given gene list (checked), or the ``n_top_genes`` highly variable genes by scanpy's
-    ``highly_variable_genes(flavor='seurat')`` on log-normalised values, or all genes."""
+    """A given gene list (checked), or exactly ``n_top_genes`` highly variable genes, or all genes.
+
+    Highly variable: scanpy's ``highly_variable_genes(flavor='seurat')`` normalised dispersion on
+    log-normalised values, ranked from the highest; ties keep the file's gene order and genes
+    without a dispersion (constant ones) come last, so the count is exact (scanpy's own cut-off
+    keeps every gene tied with the last one)."""
     var_names = [str(g) for g in var_names]
     if genes is not None:
         genes = [str(g) for g in genes]
@@ -106,15 +158,34 @@ def select_genes(log_matrix, var_names, genes=None, n_top_genes: int | None = 20
         return genes
     if n_top_genes is None or n_top_genes >= len(var_names):
         return var_names
+    if n_top_genes < 1:
+        raise ValueError(f"the number of genes must be at least 1, got {n_top_genes}")
+    order = np.argsort(-_normalized_dispersion(log_matrix, var_names), kind="stable")
+    return [var_names[i] for i in np.sort(order[:n_top_genes])]
+
+
+_EXPM1_SAFE, _EXPM1_CAP = 80.0, 300.0  # float32 expm1 overflows near 88.7; float64 squares near 354
+
+
+def _normalized_dispersion(log_matrix, var_names) -> np.ndarray:
+    """scanpy's seurat-flavour normalised dispersion per gene; ``-inf`` where it is undefined."""
     import scanpy as sc
 
+    if float(_values(log_matrix).max(initial=0)) > _EXPM1_SAFE:
+        # values insisted to be log1p (input_kind="log1p") beyond what float32 expm1 can hold: in
+        # float64, capped where expm1 and its square stay finite (the dispersion only)
+        log_matrix = log_matrix.astype(np.float64)
+        vals = log_matrix.data if sp.issparse(log_matrix) else log_matrix
+        np.minimum(vals, _EXPM1_CAP, out=vals)
     tmp = ad.AnnData(X=log_matrix)
     tmp.var_names = var_names
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        sc.pp.highly_variable_genes(tmp, n_top_genes=n_top_genes, flavor="seurat")
-    mask = tmp.var["highly_variable"].to_numpy()
-    return [g for g, m in zip(var_names, mask) if m]
+        # scanpy's default cut-offs (never its n_top_genes cut, which fails when no gene has a
+        # dispersion); only dispersions_norm is used
+        sc.pp.highly_variable_genes(tmp, flavor="seurat")
+    disp = tmp.var["dispersions_norm"].to_numpy(dtype=np.float64)
+    return np.where(np.isfinite(disp), disp, -np.inf)
 
 
 def gene_columns(var_names, genes) -> np.ndarray:

@@ -8,6 +8,7 @@ cells. :func:`stream_like` brings another file into an existing model's space.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import anndata as ad
@@ -16,9 +17,10 @@ import numpy as np
 import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
-from .dataset import _encode_obs
+from .dataset import _encode_obs, check_controls
+from .h5ad_layout import naming_file
 from .moments import GeneMoments
-from .preprocess import detect_input, select_genes, log_normalize
+from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
 from .spec import DataSpec
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 
@@ -72,7 +74,7 @@ class StreamedCells:
 def _read_obs(path: str, keys) -> pd.DataFrame:
     """Only the ``obs`` columns named in ``keys`` (an error lists the available ones)."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
-    with h5py.File(path, "r") as f:
+    with naming_file(path), h5py.File(path, "r") as f:
         obs = f["obs"]
         if isinstance(obs, h5py.Dataset):  # legacy compound-dtype obs
             frame = read_elem(obs)
@@ -108,8 +110,12 @@ def _encode_covariates(reader, keys, continuous, vocab=None, perturbation_keys=(
         if col.isna().any():
             raise ValueError(f"obs[{key!r}] of {reader.path!r} has {int(col.isna().sum())} missing values")
         labels, inverse = np.unique(col.astype(str).to_numpy(), return_inverse=True)
+        if vocab is None:  # training: the control cells must be there
+            check_controls(key, labels, np.bincount(inverse, minlength=len(labels)), control_labels, separator,
+                           repr(reader.path))
         table, vocab_k = _encode_obs(_holder(pd.DataFrame({key: labels}), reader.path), [key], [], vocab=vocab,
-                                     perturbation_keys=[key], control_labels=control_labels, separator=separator)
+                                     perturbation_keys=[key], control_labels=control_labels, separator=separator,
+                                     check_control=False)
         codes[key], vocabs[key] = CodedCovariate(table[key].numpy(), inverse.astype(np.int64)), vocab_k[key]
     return codes, vocabs
 
@@ -122,6 +128,18 @@ def _sample_runs(n_cells: int, n_sample: int, block: int, seed: int) -> np.ndarr
     pick = np.sort(np.random.default_rng(seed).choice(n_blocks, max(1, -(-n_sample // block)), replace=False))
     starts = pick * block
     return as_runs(np.stack([starts, np.minimum(starts + block, n_cells)], 1))
+
+
+def _sample_kind(reader: MatrixReader, sample, input_kind: str, option: str) -> str:
+    """:func:`detect_input` on a sample of the file's cells. A sample that is all zeros refuses the
+    file when every cell is zero (one streamed pass decides), else asks for a larger sample."""
+    try:
+        return detect_input(sample, reader.layout.where, input_kind)
+    except AllZeroError:
+        if sample.shape[0] >= reader.n_cells or not library_sizes(reader, [[0, reader.n_cells]]).any():
+            raise
+        raise ValueError(f"{reader.layout.where}: the {sample.shape[0]} cells sampled to read the input kind all "
+                         f"have zero counts, though other cells do not; sample more cells ({option}=...)") from None
 
 
 def library_sizes(reader: MatrixReader, runs, cells_per_read: int = 65536) -> np.ndarray:
@@ -185,8 +203,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                                        control_labels, separator)
     block = loader_options.get("block_size") or reader.default_block_size()
     sample = reader.read_matrix(_sample_runs(reader.n_cells, hvg_cells, block, seed))
-    kind = detect_input(sample, reader.layout.where, input_kind)
     all_cells = np.array([[0, reader.n_cells]], np.int64)
+    kind = _sample_kind(reader, sample, input_kind, "hvg_cells")
     if kind == "counts":
         if target_sum is None:
             totals = library_sizes(reader, all_cells)
@@ -222,19 +240,19 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
     unknown labels are errors that name them. The input kind is checked on ``check_cells`` cells."""
     if layer is None and use_raw is None:
         layer, use_raw = spec.source.get("layer"), spec.source.get("use_raw", False)
-        with h5py.File(path, "r") as f:
+        with naming_file(os.fspath(path)), h5py.File(path, "r") as f:
             if layer and f"layers/{layer}" not in f:
                 layer = None
             if use_raw and "raw/X" not in f:
                 use_raw = False
     reader = MatrixReader(path, layer=layer, use_raw=bool(use_raw), backend=backend, n_threads=n_threads)
     sample = reader.read_matrix(_sample_runs(reader.n_cells, check_cells, reader.default_block_size(), 0))
-    kind = detect_input(sample, reader.layout.where, input_kind)
+    kind = _sample_kind(reader, sample, input_kind, "check_cells")
     transform_spec = DataSpec(**{**spec.to_dict(), "input_kind": kind,
                                  "target_sum": (spec.target_sum or 1e4) if kind == "counts" else None})
     Transform.from_spec(transform_spec, reader.var_names)  # names missing genes now
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys)]
-    with h5py.File(path, "r") as f:
+    with naming_file(reader.path), h5py.File(reader.path, "r") as f:
         present = set(f["obs"].attrs.get("column-order", [])) if isinstance(f["obs"], h5py.Group) else set()
     keys = [k for k in keys if k in present]
     cont = [k for k in spec.continuous if k in present]

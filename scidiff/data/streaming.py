@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from .block_order import BlockOrder, runs_to_ids
 from .h5ad_layout import MatrixLayout, StorageMap, open_matrix
 from .preprocess import dense, gene_columns, log_normalize
+from .validate import Site, check_indices, check_indptr
 
 try:  # the compiled reader; absent when the package was installed without building it
     from . import _streaming as _ext
@@ -94,35 +95,35 @@ class Transform:
 @dataclass
 class RowBlock:
     """Cells read together, in the order of the runs they came from: CSR (``indptr`` local to
-    the block, starting at 0) or a dense ``x``."""
+    the block, starting at 0) or a dense ``x``. ``ids``: each cell's row in the file."""
 
     n: int
     indptr: np.ndarray | None = None
     indices: np.ndarray | None = None
     data: np.ndarray | None = None
     x: np.ndarray | None = None
+    ids: np.ndarray | None = None
     checked: bool = False  # check_block passed (the Python path checks a block once)
 
-    def to_matrix(self, n_genes: int):
+    def to_matrix(self, n_genes: int, site: Site):
         """A scipy CSR matrix (or the dense array) of the block, checked first."""
         if self.x is not None:
             return self.x
-        check_block(self, n_genes)
+        check_block(self, n_genes, site)
         return sp.csr_matrix((self.data, self.indices, self.indptr), shape=(self.n, n_genes))
 
 
-def check_block(block: RowBlock, n_genes: int, rows=None) -> None:
-    """The Python twin of the extension's checks: a monotone local indptr and column indices
-    inside ``[0, n_genes)``."""
-    ip = block.indptr
-    if ip[0] != 0 or (np.diff(ip) < 0).any() or ip[-1] > min(len(block.indices), len(block.data)):
-        raise ValueError("indptr of the block is not monotone or runs past the values read")
-    if rows is not None and len(rows) and (np.min(rows) < 0 or np.max(rows) >= block.n):
-        raise ValueError("row outside the block")
-    idx = block.indices[: ip[-1]]
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n_genes):
-        bad = int(idx.max()) if int(idx.max()) >= n_genes else int(idx.min())
-        raise ValueError(f"column index {bad} is outside [0, {n_genes})")
+def check_block(block: RowBlock, n_genes: int, site: Site) -> None:
+    """The checks of :mod:`scidiff.data.validate` on a CSR block (a monotone local indptr within
+    the values read, column indices inside ``[0, n_genes)``), the cells named by their file rows:
+    the same messages as the in-memory reader's."""
+    if block.checked:
+        return
+    rows = block.ids if block.ids is not None else np.arange(block.n)
+    check_indptr(block.indptr, site, n_major=block.n, n_data=len(block.data), n_indices=len(block.indices),
+                 rows=rows)
+    check_indices(block.indptr, block.indices, n_genes, site, rows=rows)
+    block.checked = True
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ class MatrixReader:
                             ds.read_direct(out, np.s_[a:b], np.s_[pos:pos + b - a])
                         else:
                             ds.read_direct(out, np.s_[a:b, :], np.s_[pos:pos + b - a, :])
-                    except (OSError, ValueError) as exc:
+                    except Exception as exc:  # h5py raises several kinds on a damaged chunk
                         raise ValueError(f"{self.layout.path!r}: reading {m.name} elements {a}-{b} failed: "
                                          f"{exc}") from exc
                 pos += b - a
@@ -239,7 +240,7 @@ class MatrixReader:
         data = _buffer(scratch, "data", int(indptr[-1]), L.arrays["data"].dtype)
         indices = _buffer(scratch, "indices", int(indptr[-1]), L.arrays["indices"].dtype)
         self._read_arrays([("data", el_starts, el_stops, data), ("indices", el_starts, el_stops, indices)])
-        return RowBlock(n, indptr=indptr, indices=indices, data=data)
+        return RowBlock(n, indptr=indptr, indices=indices, data=data, ids=ids)
 
     @property
     def fused(self) -> bool:
@@ -262,12 +263,19 @@ class MatrixReader:
                                   t.gene_map, out, t.normalize, t.target_sum or 1.0, t.normalize, t.offset, t.scale,
                                   self.n_threads)
         except ValueError as exc:
+            if _ext is not None and isinstance(exc, _ext.ColumnIndexError):
+                self.check(self.read(runs))  # names the file, the array and the cell
             raise ValueError(f"{L.where}: {exc}") from exc
         return out
 
+    def check(self, block: RowBlock) -> None:
+        """:func:`check_block` against this file (messages name it, the array and the cell)."""
+        if block.x is None:
+            check_block(block, self.layout.n_genes, self.layout.site)
+
     def read_matrix(self, runs):
         """The cells of ``runs`` as a scipy CSR matrix (or a dense array), values as stored."""
-        return self.read(runs).to_matrix(self.layout.n_genes)
+        return self.read(runs).to_matrix(self.layout.n_genes, self.layout.site)
 
     # -- densify --------------------------------------------------------------------------------
     def densify(self, block: RowBlock, rows, transform: Transform, out: np.ndarray | None = None) -> np.ndarray:
@@ -275,12 +283,15 @@ class MatrixReader:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if out is None:
             out = np.empty((len(rows), transform.n_genes), np.float32)
+        if self.backend == "python":
+            self.check(block)
+            self._densify_python(block, rows, transform, out)
+            return out
         try:
-            if self.backend == "native":
-                self._densify_native(block, rows, transform, out)
-            else:
-                self._densify_python(block, rows, transform, out)
+            self._densify_native(block, rows, transform, out)
         except ValueError as exc:
+            if isinstance(exc, _ext.ColumnIndexError):
+                self.check(block)  # names the file, the array and the cell
             raise ValueError(f"{self.layout.where}: {exc}") from exc
         return out
 
@@ -294,16 +305,11 @@ class MatrixReader:
             _ext.densify_csr(block.indptr, block.indices, data, rows, t.gene_map, *args)
 
     def _densify_python(self, block, rows, t, out):
+        if len(rows) and (rows.min() < 0 or rows.max() >= block.n):
+            raise ValueError(f"{self.layout.where}: row outside the block")
         if block.x is not None:
-            if len(rows) and (rows.min() < 0 or rows.max() >= block.n):
-                raise ValueError("row outside the block")
             m = block.x[rows]
         else:
-            if not block.checked:
-                check_block(block, self.layout.n_genes)
-                block.checked = True
-            if len(rows) and (rows.min() < 0 or rows.max() >= block.n):
-                raise ValueError("row outside the block")
             m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(block.n, self.layout.n_genes))[rows]
         if t.normalize:
             m, _ = log_normalize(m, t.target_sum)
@@ -397,7 +403,7 @@ class _CudaDensify:
     def load(self, block: RowBlock) -> None:
         torch = self.torch
         n_genes = self.reader.layout.n_genes
-        _ext.check_csr(block.indptr, min(len(block.indices), len(block.data)), np.arange(block.n, dtype=np.int64))
+        self.reader.check(block)  # structure and column indices, before the GPU reads them
         idx = block.indices if block.indices.dtype in (np.int32, np.int64) else block.indices.astype(
             np.int64 if n_genes >= 2**31 else np.int32)
         self.block_n = block.n

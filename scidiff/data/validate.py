@@ -1,0 +1,123 @@
+"""Checks of the matrices that enter scidiff, shared by the in-memory reader (``read_h5ad``,
+``expression_matrix``) and the streaming reader (:mod:`scidiff.data.streaming`), so both refuse a
+broken file with the same message. Every check is vectorised numpy, O(nnz), and runs before scipy
+or the C++ densify touches an index. Errors are ``ValueError`` and name the file, the array and
+the cell (or gene) at fault.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Site:
+    """Where a matrix lives, for messages: ``source`` (``"'/path/f.h5ad'"`` or ``"the AnnData"``),
+    ``key`` (``X``, ``layers/counts``, ``raw/X``), whether it is CSC (its major axis is genes), and
+    ``names(i)``: the name of cell (CSR) or gene (CSC) ``i``, or ``None`` when unknown."""
+
+    source: str
+    key: str
+    csc: bool = False
+    names: Callable[[int], str | None] | None = None
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.source}: {self.key}"
+
+    def major(self, i: int) -> str:
+        """``cell 'AAAC-1' (row 17)`` (CSR) or ``gene 'CD3D' (column 17)`` (CSC)."""
+        what, axis = ("gene", "column") if self.csc else ("cell", "row")
+        try:
+            name = self.names(int(i)) if self.names is not None else None
+        except Exception:  # a name that cannot be read must not hide the real error
+            name = None
+        return f"{what} {name!r} ({axis} {int(i)})" if name is not None else f"{what} {int(i)} ({axis} {int(i)})"
+
+    @property
+    def minor(self) -> str:
+        return "row" if self.csc else "column"
+
+
+def index_names(index) -> Callable[[int], str]:
+    """``names`` for a :class:`Site` from a pandas index (obs_names or var_names)."""
+    return lambda i: str(index[i])
+
+
+def check_indptr(indptr: np.ndarray, site: Site, *, n_major: int | None, n_data: int, n_indices: int,
+                 rows: np.ndarray | None = None) -> None:
+    """``indptr`` has ``n_major + 1`` integer entries, starts at 0, never decreases and ends within
+    ``data`` and ``indices``. ``rows``: the file row of each entry's cell when ``indptr`` belongs to
+    a block of a larger matrix (its first entry may then be above 0)."""
+    ip = np.asarray(indptr)
+    if ip.ndim != 1 or ip.dtype.kind not in "iu":
+        raise ValueError(f"{site.prefix}/indptr must be a 1-D integer array, got {ip.dtype} of shape {ip.shape}")
+    if n_major is not None and ip.shape[0] != n_major + 1:
+        what = "gene" if site.csc else "cell"
+        raise ValueError(f"{site.prefix}/indptr has {ip.shape[0]} entries but the shape attribute says {n_major} "
+                         f"{what}s ({n_major + 1} expected): the file is corrupt")
+    if ip.size == 0:
+        raise ValueError(f"{site.prefix}/indptr is empty")
+    if (rows is None and ip[0] != 0) or ip[0] < 0:
+        raise ValueError(f"{site.prefix}/indptr must start at 0 (starts at {int(ip[0])})")
+    steps = np.diff(ip.astype(np.int64, copy=False))
+    if steps.size and steps.min() < 0:
+        bad = int(np.flatnonzero(steps < 0)[0])
+        at = bad if rows is None else int(rows[bad])
+        raise ValueError(f"{site.prefix}/indptr is not monotone: {site.major(at)} ends at {int(ip[bad + 1])} "
+                         f"before it starts at {int(ip[bad])}")
+    end = int(ip[-1])
+    for name, n in (("data", n_data), ("indices", n_indices)):
+        if n < end:
+            raise ValueError(f"{site.prefix}/{name} has {n} values but indptr ends at {end} "
+                             "(truncated dataset or corrupt indptr)")
+
+
+def check_indices(indptr: np.ndarray, indices: np.ndarray, n_minor: int, site: Site,
+                  rows: np.ndarray | None = None) -> None:
+    """Every stored index lies in ``[0, n_minor)`` (``indptr`` checked first). ``rows``: the file
+    row of each cell of a block (for the message)."""
+    if indices.dtype.kind not in "iu":
+        raise ValueError(f"{site.prefix}/indices have dtype {indices.dtype}; expected integers")
+    start, end = int(indptr[0]), int(indptr[-1])
+    idx = indices[start:end]
+    if idx.size == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo >= 0 and hi < n_minor:
+        return
+    k = int(np.flatnonzero((idx < 0) | (idx >= n_minor))[0])
+    cell = int(np.searchsorted(indptr, start + k, side="right")) - 1
+    at = cell if rows is None else int(rows[cell])
+    raise ValueError(f"{site.prefix}/indices of {site.major(at)} holds {site.minor} {int(idx[k])}, "
+                     f"outside [0, {n_minor})")
+
+
+def check_sparse(matrix, source: str, key: str, obs_names=None, var_names=None) -> None:
+    """A scipy CSR or CSC matrix (or array) of ``source`` at ``key`` whose arrays are consistent,
+    checked before any scipy operation reads them; other formats and dense arrays pass. The
+    names (pandas indexes) name the cell or gene at fault."""
+    fmt = getattr(matrix, "format", None)
+    if fmt not in ("csr", "csc"):
+        return
+    csc = fmt == "csc"
+    names = var_names if csc else obs_names
+    site = Site(source, key, csc, None if names is None else index_names(names))
+    n_major, n_minor = matrix.shape[::-1] if csc else matrix.shape
+    check_indptr(matrix.indptr, site, n_major=n_major, n_data=len(matrix.data), n_indices=len(matrix.indices))
+    check_indices(matrix.indptr, matrix.indices, n_minor, site)
+
+
+def check_unique_genes(var_names, where: str) -> None:
+    """Gene names are unique (a duplicated name would mix two genes up in the model)."""
+    names = np.asarray([str(g) for g in var_names], dtype=object)
+    uniq, first, counts = np.unique(names, return_index=True, return_counts=True)
+    if (counts == 1).all():
+        return
+    dup = uniq[counts > 1][np.argsort(first[counts > 1])]
+    shown = ", ".join(f"{g!r} (columns {np.flatnonzero(names == g)[:4].tolist()})" for g in dup[:10])
+    raise ValueError(f"{where} has {len(dup)} duplicated gene name(s): {shown}"
+                     + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+                     + "; make them unique first, e.g. `adata.var_names_make_unique()` before writing the file")
