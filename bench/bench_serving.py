@@ -12,6 +12,11 @@
    ``--clients`` client threads send ``--requests`` requests in total (``--cells`` cells each,
    rotating conditions and seeds), stopping when all are answered or after ``--max-seconds``.
    Reports throughput, p50/p99 latency, errors and how many requests the batcher merged per run.
+4. Fairness: ``scidiff serve`` again (one onnxruntime thread, ``--slice-cell-steps`` cells x steps
+   per scheduler slice). A small request (``--fair-small-cells`` cells, ``--fair-small-steps``
+   steps) is timed alone, then one after another while a big one (``--fair-big-cells`` x
+   ``--fair-big-steps``) runs; reported with the big request's time and the time of one slice
+   (the big request's time over its slices), the bound a small request should stay near.
 
     python bench/bench_serving.py [--model RUN] [--out bench/results/serving.json]
 """
@@ -123,23 +128,8 @@ def load_test(onnx_path, clients: int, total: int, cells: int, steps: int, max_s
               labels: list[str]) -> dict:
     import httpx
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "scidiff", "serve", "--model", str(onnx_path), "--port", str(port),
-                             "--threads", "1", "--window-ms", "5"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url = start_server(onnx_path, "--window-ms", 5)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                httpx.get(f"{url}/health", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start in 120 s") from None
-                time.sleep(0.2)
         lock = threading.Lock()
         state = {"next": 0}
         latencies, errors = [], []
@@ -175,12 +165,7 @@ def load_test(onnx_path, clients: int, total: int, cells: int, steps: int, max_s
         wall = time.perf_counter() - t0
         stats = httpx.get(f"{url}/health", timeout=10).json()["stats"]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_server(proc)
     runs = stats["runs"] - before["runs"]
     done = len(latencies)
     lat = np.asarray(latencies) * 1000
@@ -191,7 +176,101 @@ def load_test(onnx_path, clients: int, total: int, cells: int, steps: int, max_s
             "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if done else None,
             "latency_ms_max": round(float(lat.max()), 1) if done else None,
             "sampling_runs": runs, "requests_per_run": round(done / runs, 2) if runs else None,
+            "scheduler_slices": stats["slices"] - before["slices"] if "slices" in stats else None,
             "max_requests_merged": stats["max_merged"], "stopped_by": "total" if done + len(errors) >= total else "time"}
+
+
+def start_server(onnx_path, *extra) -> tuple[subprocess.Popen, str]:
+    """``scidiff serve`` on a free port of 127.0.0.1 (one onnxruntime thread); returns it and its URL."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "scidiff", "serve", "--model", str(onnx_path), "--port", str(port),
+                             "--threads", "1", *map(str, extra)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            httpx.get(f"{url}/health", timeout=2)
+            return proc, url
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                stop_server(proc)
+                raise RuntimeError("the server did not start in 120 s") from None
+            time.sleep(0.2)
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def fairness(onnx_path, label: str, big_cells: int, big_steps: int, small_cells: int, small_steps: int,
+             slice_cell_steps: int, repeats: int) -> dict:
+    """Latency of a small request alone and while a big one runs (the scheduler's slices)."""
+    import httpx
+
+    proc, url = start_server(onnx_path, "--slice-cell-steps", slice_cell_steps, "--max-cells", max(big_cells, 10_000),
+                             "--max-steps", max(big_steps, 1000))
+    small = {"n": small_cells, "steps": small_steps, "sampler": "ddim", "format": "npz", "condition": {"cell_type": label}}
+    big = {"n": big_cells, "steps": big_steps, "sampler": "ddim", "format": "npz", "condition": {"cell_type": label}}
+    try:
+        with httpx.Client(timeout=3600) as http:
+            def post(body, seed) -> float:
+                t0 = time.perf_counter()
+                r = http.post(f"{url}/generate", json={**body, "seed": seed})
+                if r.status_code != 200:
+                    raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
+                return time.perf_counter() - t0
+
+            def slices() -> int:
+                return http.get(f"{url}/health").json()["stats"]["slices"]
+
+            post(small, 0)  # warm-up
+            alone = [post(small, i) for i in range(repeats)]
+            before = slices()
+            big_alone = post(big, 0)
+            big_slices = slices() - before
+            state: dict = {}
+
+            def run_big():
+                with httpx.Client(timeout=3600) as other:
+                    t0 = time.perf_counter()
+                    r = other.post(f"{url}/generate", json={**big, "seed": 1})
+                    state.update(seconds=time.perf_counter() - t0, status=r.status_code)
+
+            before = slices()
+            thread = threading.Thread(target=run_big)
+            thread.start()
+            while slices() < before + 2:
+                time.sleep(0.005)
+            behind = []
+            while "seconds" not in state:  # small requests one after another while the big one runs
+                t = post(small, 100 + len(behind))
+                if "seconds" not in state:
+                    behind.append(t)
+            thread.join()
+            if state["status"] != 200:
+                raise RuntimeError(f"the big request failed: {state['status']}")
+    finally:
+        stop_server(proc)
+    slice_ms = 1000 * big_alone / max(big_slices, 1)
+    ms = lambda v: round(1000 * v, 1)  # noqa: E731
+    return {"slice_cell_steps": slice_cell_steps, "small": f"{small_cells} cells x {small_steps} steps",
+            "big": f"{big_cells} cells x {big_steps} steps", "format": "npz", "threads": 1,
+            "small_alone_ms_median": ms(statistics.median(alone)),
+            "small_behind_big_ms_median": ms(statistics.median(behind)) if behind else None,
+            "small_behind_big_ms_max": ms(max(behind)) if behind else None,
+            "small_requests_behind_big": len(behind),
+            "big_alone_s": round(big_alone, 2), "big_with_small_requests_s": round(state["seconds"], 2),
+            "big_slices": big_slices, "one_slice_ms": round(slice_ms, 1),
+            "bound_small_alone_plus_one_slice_ms": round(1000 * statistics.median(alone) + slice_ms, 1)}
 
 
 def main():
@@ -207,6 +286,11 @@ def main():
     ap.add_argument("--load-steps", type=int, default=20)
     ap.add_argument("--max-seconds", type=float, default=120.0)
     ap.add_argument("--format", default="npz", choices=["json", "npz", "h5ad"])
+    ap.add_argument("--slice-cell-steps", type=int, default=2048, help="the server's scheduler slice (fairness row)")
+    ap.add_argument("--fair-big-cells", type=int, default=1000)
+    ap.add_argument("--fair-big-steps", type=int, default=200)
+    ap.add_argument("--fair-small-cells", type=int, default=4)
+    ap.add_argument("--fair-small-steps", type=int, default=10)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "serving.json"))
     args = ap.parse_args()
 
@@ -245,6 +329,10 @@ def main():
         result["load_test"] = load_test(path, args.clients, args.requests, args.cells, args.load_steps,
                                         args.max_seconds, args.format, labels)
         print("  " + json.dumps({k: v for k, v in result["load_test"].items() if k != "error_samples"}), flush=True)
+        print("fairness:", flush=True)
+        result["fairness"] = fairness(path, labels[0], args.fair_big_cells, args.fair_big_steps, args.fair_small_cells,
+                                      args.fair_small_steps, args.slice_cell_steps, args.repeats)
+        print("  " + json.dumps(result["fairness"]), flush=True)
     result["machine"]["load_average_at_end"] = list(os.getloadavg())
     atomic_path(args.out, lambda tmp: open(tmp, "w").write(json.dumps(result, indent=1) + "\n"))
     print(f"wrote {args.out}")

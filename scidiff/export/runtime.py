@@ -51,21 +51,12 @@ def ddim(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | 
     """DDIM (Song, Meng & Ermon 2021, eq. 12) over an x0-predicting denoiser. ``eta=0`` is the
     deterministic probability-flow sampler; ``noise(i)`` supplies the step-``i`` noise when
     ``eta > 0``. The step after the last timestep lands on clean data."""
-    ab = [float(v) for v in alphas_cumprod]
-    ts = timesteps(len(ab), steps)
+    plan = Plan("ddim", alphas_cumprod, steps, eta)
     if eta > 0 and noise is None:
         raise ValueError("DDIM with eta > 0 needs a noise source")
     x = x_T
-    for i, t in enumerate(ts):
-        a_t = ab[t]
-        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if a_s < 1.0 else 0.0
-        c_eps = math.sqrt(max(1 - a_s - sigma**2, 0.0))
-        x0 = denoiser(x, t)
-        eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
-        x = math.sqrt(a_s) * x0 + c_eps * eps
-        if sigma > 0:
-            x = x + sigma * noise(i)
+    for i, t in enumerate(plan.ts):
+        x = plan.update(i, x, denoiser(x, t), None, noise(i) if plan.needs_noise(i) else None)
     return x
 
 
@@ -102,25 +93,71 @@ def dpmpp_2m(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: in
     extrapolates the last two x0 predictions (``r = h_prev / h``). The first step is first order
     (= DDIM) and so is the last, onto clean data. Same grid and coefficients as
     :func:`scidiff.sampling.dpmpp_2m`."""
-    ab = [float(v) for v in alphas_cumprod]
-    ts = logsnr_timesteps(ab, steps)
-    x, x0_prev, h_prev = x_T, None, None
-    for i, t in enumerate(ts):
+    plan = Plan("dpmpp_2m", alphas_cumprod, steps)
+    x, x0_prev = x_T, None
+    for i, t in enumerate(plan.ts):
         x0 = denoiser(x, t)
-        if i + 1 == len(ts):
-            return x0
-        s = ts[i + 1]
-        a_t, s_t = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
-        a_s, s_s = math.sqrt(ab[s]), math.sqrt(1.0 - ab[s])
-        h = math.log(a_s / s_s) - math.log(a_t / s_t)
-        if x0_prev is None:
-            d = x0
-        else:
-            half_r_inv = h / (2.0 * h_prev)
-            d = (1.0 + half_r_inv) * x0 - half_r_inv * x0_prev
-        x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
-        x0_prev, h_prev = x0, h
+        x, x0_prev = plan.update(i, x, x0, x0_prev, None), x0
     return x
+
+
+class Plan:
+    """The timestep grid of one sampler run and each step's coefficients, computed once; ``update``
+    applies step ``i`` to any subset of the cells (every operation is per cell), so a run can be
+    advanced a step, or a block of cells of a step, at a time (:class:`Trajectory`) and give the
+    same points as the loops of :func:`ddim` and :func:`dpmpp_2m`, which use it too."""
+
+    def __init__(self, name: str, alphas_cumprod, steps: int | None, eta: float = 0.0):
+        self.name = sampler_name(name)
+        ab = [float(v) for v in alphas_cumprod]
+        self.eta = float(eta) if self.name == "ddim" else 0.0
+        self.coef: list[tuple] = []
+        if self.name == "ddim":
+            self.ts = timesteps(len(ab), steps)
+            for i, t in enumerate(self.ts):
+                a_t = ab[t]
+                a_s = ab[self.ts[i + 1]] if i + 1 < len(self.ts) else 1.0
+                sigma = self.eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if a_s < 1.0 else 0.0
+                self.coef.append((math.sqrt(a_t), math.sqrt(1.0 - a_t), math.sqrt(a_s),
+                                  math.sqrt(max(1 - a_s - sigma**2, 0.0)), sigma))
+        else:
+            self.ts = logsnr_timesteps(ab, steps)
+            h_prev = None
+            for i, t in enumerate(self.ts):
+                if i + 1 == len(self.ts):
+                    self.coef.append(None)  # the last step returns the network's x0
+                    break
+                s = self.ts[i + 1]
+                a_t, s_t = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
+                a_s, s_s = math.sqrt(ab[s]), math.sqrt(1.0 - ab[s])
+                h = math.log(a_s / s_s) - math.log(a_t / s_t)
+                self.coef.append((s_s / s_t, a_s * math.expm1(-h), None if h_prev is None else h / (2.0 * h_prev)))
+                h_prev = h
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def needs_noise(self, i: int) -> bool:
+        """Whether step ``i`` adds fresh noise (DDIM with ``eta > 0``, every step but the last)."""
+        return self.name == "ddim" and self.coef[i][4] > 0
+
+    def update(self, i: int, x: np.ndarray, x0: np.ndarray, x0_prev: np.ndarray | None,
+               noise: np.ndarray | None) -> np.ndarray:
+        """Step ``i`` for cells ``x`` given the network's ``x0`` for them (and, for DPM-Solver++,
+        their previous step's ``x0``; for DDIM with ``eta > 0``, their step noise)."""
+        c = self.coef[i]
+        if self.name == "ddim":
+            sqrt_a_t, sqrt_1m_a_t, sqrt_a_s, c_eps, sigma = c
+            eps = (x - sqrt_a_t * x0) / sqrt_1m_a_t
+            x = sqrt_a_s * x0 + c_eps * eps
+            if sigma > 0:
+                x = x + sigma * noise
+            return x
+        if c is None:
+            return x0
+        ratio, scale, half_r_inv = c
+        d = x0 if half_r_inv is None else (1.0 + half_r_inv) * x0 - half_r_inv * x0_prev
+        return ratio * x - scale * d
 
 
 SAMPLER_FUNCTIONS = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}
@@ -227,6 +264,80 @@ class Batch:
     guidance: np.ndarray
     noise: Callable[[int], np.ndarray] | None = None
     obs: dict[str, list] = field(default_factory=dict)
+
+
+class Trajectory:
+    """One sampler run over a :class:`Batch` that can be advanced a slice at a time.
+
+    ``advance(budget)`` runs whole steps over all cells while they fit in ``budget`` cell-steps (at
+    least one network call); a step over more than ``budget`` cells is done in blocks of ``budget``
+    cells, one block per call of ``advance``. Every update is per cell and each step's noise is
+    drawn once, in step order, from the batch's own source, so the points at the end do not depend
+    on how the run was sliced: ``advance(None)`` (what :meth:`OnnxSampler.run` does) runs it whole.
+    """
+
+    def __init__(self, sampler: "OnnxSampler", batch: Batch, name: str, steps: int | None, eta: float = 0.0):
+        self.sampler, self.batch = sampler, batch
+        self.plan = Plan(name, sampler.alphas_cumprod, steps, eta)
+        if self.plan.eta > 0 and batch.noise is None:
+            raise ValueError("DDIM with eta > 0 needs a noise source")
+        self.x = batch.x_T
+        self.n = len(batch.x_T)
+        self.step = 0    # the step in progress
+        self.first = 0   # its first cell not yet updated
+        self.calls = 0   # network calls so far
+        self._x0_prev = None
+        self._x0_next = None
+        self._noise = None
+        self._denoisers: dict[tuple[int, int], NumpyDenoiser] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.step >= len(self.plan)
+
+    def _denoiser(self, lo: int, hi: int) -> NumpyDenoiser:
+        if (lo, hi) not in self._denoisers:
+            b = self.batch
+            part = b if (lo, hi) == (0, self.n) else Batch(b.x_T[lo:hi], b.index[lo:hi], b.table, b.guidance)
+            self._denoisers[(lo, hi)] = self.sampler._denoiser(part)
+        return self._denoisers[(lo, hi)]
+
+    def advance(self, budget: int | None = None) -> int:
+        """Run about ``budget`` cell-steps (all that are left when ``None``); returns the network calls made."""
+        block = self.n if budget is None else max(1, min(self.n, int(budget)))
+        spent, calls = 0, 0
+        while not self.done:
+            lo = self.first
+            hi = min(self.n, lo + block)
+            if budget is not None and spent and spent + (hi - lo) > budget:
+                break
+            i, plan = self.step, self.plan
+            if lo == 0 and plan.needs_noise(i):
+                self._noise = np.asarray(self.batch.noise(i), np.float32)
+            x = self.x[lo:hi] if hi - lo < self.n else self.x
+            x0 = self._denoiser(lo, hi)(x, plan.ts[i])
+            prev = None if self._x0_prev is None else self._x0_prev[lo:hi]
+            new = plan.update(i, x, x0, prev, None if self._noise is None else self._noise[lo:hi])
+            if hi - lo == self.n:  # the whole step at once
+                self.x, x0_all = new, x0
+            else:
+                if lo == 0:  # a step in blocks: write into our own copies
+                    self.x = np.array(self.x, np.float32, copy=True)
+                    self._x0_next = np.empty((self.n,) + x0.shape[1:], x0.dtype)
+                self.x[lo:hi] = new
+                self._x0_next[lo:hi] = x0
+                x0_all = self._x0_next if hi == self.n else None
+            spent += hi - lo
+            calls += 1
+            if hi < self.n:
+                self.first = hi
+                continue
+            self.first, self.step, self._noise = 0, i + 1, None
+            if plan.name == "dpmpp_2m":
+                self._x0_prev = x0_all
+            self._x0_next = None
+        self.calls += calls
+        return calls
 
 
 class OnnxSampler:
@@ -346,13 +457,28 @@ class OnnxSampler:
 
     @staticmethod
     def _code(key, labels, value) -> int:
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and str(value) not in labels:
+        """A label's code; an integer is taken as a code, and refused when it is also a different
+        label (``3`` where the vocabulary has ``'3'`` elsewhere): pass the label as a string."""
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            if str(value) in labels and labels.index(str(value)) != int(value):
+                raise ValueError(f"ambiguous value {value} for condition {key!r}: it is the label {str(value)!r} and "
+                                 f"the code of another label; pass labels as strings. Known values: {labels}")
             if 0 <= int(value) < len(labels):
                 return int(value)
             raise ValueError(f"code {value} is out of range for condition {key!r} ({len(labels)} values)")
         if str(value) not in labels:
             raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {labels}")
         return labels.index(str(value))
+
+    def _obs_label(self, key: str, value):
+        """What ``obs`` records for a value: the number for a numeric covariate, else the label
+        (the label a code stands for, never the code itself)."""
+        c = self.by_key[key]
+        if c["kind"] == "continuous":
+            return value
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) < len(c["labels"]):
+            return str(c["labels"][int(value)])
+        return str(value)
 
     def condition_table(self, condition: dict | None, n: int):
         """Labels per covariate (one value, or a list of ``n``) -> ``(table, index, obs)``: the
@@ -368,8 +494,7 @@ class OnnxSampler:
                 raise ValueError(f"condition {key!r} has {len(values)} values for {n} cells")
             encoded = [self.encode_value(key, v) for v in values]
             per_cell[key] = encoded if len(values) == n else encoded * n
-            obs[key] = [v if self.by_key[key]["kind"] == "continuous" else str(v)
-                        for v in (values if len(values) == n else values * n)]
+            obs[key] = [self._obs_label(key, v) for v in (values if len(values) == n else values * n)]
         rows, index = {}, np.empty(n, np.int64)
         for i in range(n):
             sig = tuple(np.asarray(per_cell[k][i]).tobytes() for k in per_cell)
@@ -490,8 +615,13 @@ class OnnxSampler:
 
     def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
         """Sample one (possibly merged) batch; returns points in diffusion space ``[B, D]``."""
-        fn = SAMPLER_FUNCTIONS[sampler_name(sampler)]
-        return fn(self._denoiser(batch), batch.x_T, self.alphas_cumprod, steps, eta=eta, noise=batch.noise)
+        trajectory = self.trajectory(batch, sampler, steps, eta)
+        trajectory.advance(None)
+        return trajectory.x
+
+    def trajectory(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> Trajectory:
+        """A run of ``batch`` to advance a slice at a time (the server's scheduler; see :class:`Trajectory`)."""
+        return Trajectory(self, batch, sampler, steps, eta)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Diffusion space -> model space (the latent decoder, or the identity)."""
@@ -509,7 +639,9 @@ class OnnxSampler:
         """Generate ``n`` cells.
 
         ``condition``: covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``), a
-        list of ``n`` labels, a code, or a number for a numeric covariate; absent = null.
+        list of ``n`` labels, an integer code (``obs`` records the label it stands for; refused
+        where the vocabulary also has it as a different label), or a number for a numeric
+        covariate; absent = null. (The HTTP server takes labels only.)
         ``sampler``: ``"ddim"`` or ``"dpmpp_2m"``; ``steps``, ``eta`` (DDIM), ``guidance``
         (classifier-free guidance scale) default to the sidecar's. ``output``: ``"anndata"``
         (falls back to ``"arrays"`` when anndata is not installed), ``"arrays"`` (a dict with
