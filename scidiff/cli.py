@@ -1,11 +1,86 @@
-"""``scidiff`` command line: train, sample, evaluate, demo, export-onnx, serve."""
+"""``scidiff`` command line. :data:`COMMANDS` is the one table of commands (name -> how to add
+its arguments, how to run it): the parser is built from it and :func:`main` dispatches through
+it. :func:`main` turns bad input into ``scidiff CMD: error: ...`` and exit status 2
+(:func:`user_error`); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import sys
+import warnings
+from typing import Callable, NamedTuple
 
 from .design import add_design, cmd_design
 from .export.commands import add_export_onnx, add_serve, cmd_export_onnx, cmd_serve
+
+SAMPLER_CHOICES = ["ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"]
+
+
+# -- argument types: a bad value is an argparse error (exit 2) that names the flag ----------------
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _real(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """A seed in [0, 2**32): what every generator (numpy's too) takes."""
+    value = _integer(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**32), got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    return _real(text)
+
+
+def nonnegative_float(text: str) -> float:
+    value = _real(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in (0, 1]."""
+    value = _real(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _add_train(sub):
@@ -16,13 +91,15 @@ def _add_train(sub):
     p.add_argument("--condition-keys", default=None,
                    help="comma-separated obs keys to condition on, e.g. cell_type,condition")
     p.add_argument("--config", default=None, help="YAML config (default: the packaged configs/default.yaml)")
-    p.add_argument("--epochs", type=int, default=None, help="override training.num_epochs")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override training.num_epochs")
     p.add_argument("--layer", default=None, help="read expression from this layer instead of X")
     p.add_argument("--use-raw", action="store_true", help="read expression from .raw")
-    p.add_argument("--n-genes", type=int, default=None, help="number of highly variable genes (model.gene_dim)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-genes", type=positive_int, default=None,
+                   help="number of highly variable genes (model.gene_dim)")
+    p.add_argument("--batch-size", type=positive_int, default=None)
+    p.add_argument("--device", type=device_name, default="auto")
+    p.add_argument("--seed", type=seed_value, default=None,
+                   help="seeds everything random in the run (default: training.seed)")
     p.add_argument("--perturbation-keys", default=None,
                    help="comma-separated condition keys that are perturbations (A+B = combination)")
     p.add_argument("--dose-key", default=None, help="numeric obs column with the perturbation dose")
@@ -38,17 +115,19 @@ def _add_train(sub):
                         "position in the data); starts afresh when there is none. Give the same --epochs as before")
     g.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=None,
                    help="bf16 autocast (auto = on CUDA only)")
-    g.add_argument("--gradient-accumulation", type=int, default=None, help="micro-batches per optimizer step")
+    g.add_argument("--gradient-accumulation", type=positive_int, default=None,
+                   help="micro-batches per optimizer step")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the score network's blocks in the backward pass (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model's forward and backward")
-    g.add_argument("--checkpoint-every-steps", type=int, default=None,
+    g.add_argument("--checkpoint-every-steps", type=nonnegative_int, default=None,
                    help="also checkpoint every N optimizer steps (mid-epoch too)")
-    g.add_argument("--keep-checkpoints", type=int, default=None, help="keep the newest N checkpoints")
-    g.add_argument("--log-every-steps", type=int, default=None,
+    g.add_argument("--keep-checkpoints", type=positive_int, default=None, help="keep the newest N checkpoints")
+    g.add_argument("--log-every-steps", type=nonnegative_int, default=None,
                    help="append loss and cells/s to RUN/steps.csv every N steps")
     g.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (bit-exact resume on GPU; slower)")
+                   help="deterministic kernels: with --seed, identical runs give bit-identical models "
+                        "(and bit-exact resume on GPU; slower)")
 
 
 def _add_sample(sub):
@@ -56,17 +135,20 @@ def _add_sample(sub):
                        description="Generate cells; the output .h5ad has the model's genes as var_names "
                                    "and the conditions in obs.")
     p.add_argument("--model", required=True, help="run folder or model.pt")
-    p.add_argument("-n", type=int, required=True, help="cells per condition")
+    p.add_argument("-n", type=positive_int, required=True, help="cells per condition")
     p.add_argument("--condition", action="append", default=None,
                    help="key=value[,key=value]; repeat the flag for several groups")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=["ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"],
+    p.add_argument("--config", default=None,
+                   help="YAML whose sampling section gives the defaults of --sampler, --steps, --eta and --guidance "
+                        "(default: the run's config.yaml, else dpmpp_2m, 25 steps, eta 0, guidance 1)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
                    help="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M: 25 steps match DDPM's 1,000 on Kang), heun "
                         "(probability-flow ODE, 2 evaluations a step), euler_maruyama (reverse SDE)")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--eta", type=float, default=0.0)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--eta", type=nonnegative_float, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--device", type=device_name, default="cpu")
     p.add_argument("--observed", action="store_true",
                    help="write measured cells (sparse, with the training data's detection rates; principal-axes "
                         "models) instead of their smooth expression")
@@ -95,8 +177,8 @@ def _add_demo(sub):
                        description="Train on scanpy's pbmc68k_reduced conditioned on bulk_labels, generate "
                                    "every cell type, evaluate and write a report (about 5 minutes on 2 cores).")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--epochs", type=int, default=400)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=positive_int, default=400)
+    p.add_argument("--seed", type=seed_value, default=0)
 
 
 def _add_predict(sub):
@@ -108,9 +190,12 @@ def _add_predict(sub):
     p.add_argument("--data", required=True, help="control cells (.h5ad)")
     p.add_argument("--target", required=True, help="key=value[,key=value], e.g. condition=stimulated or drug=A+B,dose=10")
     p.add_argument("--method", default="counterfactual", choices=["counterfactual", "population"])
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM inversion and decoding steps")
+    p.add_argument("--config", default=None,
+                   help="YAML whose sampling section gives the default of --guidance (default: the run's config.yaml)")
+    p.add_argument("--guidance", type=finite_float, default=None,
+                   help="classifier-free guidance scale (default: sampling.guidance_scale of the config, else 1)")
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", required=True, help="output .h5ad")
 
 
@@ -123,23 +208,66 @@ def _add_denoise(sub):
     p.add_argument("--data", required=True, help="cells to denoise (.h5ad)")
     p.add_argument("--out", required=True, help="output .h5ad")
     p.add_argument("--method", default="sdedit", choices=["sdedit", "posterior"])
-    p.add_argument("--strength", type=float, default=None, help="noise level in (0, 1] (default: chosen by MCV)")
-    p.add_argument("--likelihood-weight", type=float, default=1.0)
-    p.add_argument("--samples", type=int, default=1, help="posterior samples to average")
+    p.add_argument("--strength", type=unit_interval, default=None,
+                   help="noise level in (0, 1] (default: chosen by MCV)")
+    p.add_argument("--likelihood-weight", type=nonnegative_float, default=1.0)
+    p.add_argument("--samples", type=positive_int, default=1, help="posterior samples to average")
     p.add_argument("--layer", default=None, help="read expression from this layer (e.g. counts)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+# -- what the handlers share ---------------------------------------------------------------------
+def check_out(path, folder: bool = False) -> str:
+    """Fail before any work when ``--out`` cannot be written: a file where a folder is needed or
+    the other way round, a file in the way of its folder, or a folder without write permission.
+    A file's missing parent folders are created. Returns the path."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    if folder and os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"--out {path!r} is a file; give a folder")
+    if not folder and os.path.isdir(full):
+        raise ValueError(f"--out {path!r} is a folder; give a file path")
+    existing = full if folder else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot write --out {path!r}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out {path!r}: no permission to write in {existing!r}")
+    if not folder:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+    return path
 
-    parser = argparse.ArgumentParser(prog="scidiff", description="Score-based diffusion for single-cell expression.")
-    parser.add_argument("--version", action="version", version=f"scidiff {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_train, _add_sample, _add_evaluate, _add_predict, add_design, _add_demo, add_export_onnx,
-                add_serve):
-        add(sub)
-    return parser
+
+def parse_conditioning(model, text: str | None, flag: str) -> dict:
+    """``key=value[,key=value]`` of ``flag`` as conditioning the model accepts (numeric
+    covariates as numbers); a bad key, label or number is an error naming the flag."""
+    from .pipeline import parse_conditions
+
+    try:
+        conditions = parse_conditions(text)
+        spec = model.data_spec
+        if spec is not None:
+            for key in [k for k in conditions if k in spec.continuous]:
+                try:
+                    conditions[key] = float(conditions[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be a number, got {conditions[key]!r}") from None
+            spec.encode_conditions(conditions, 1)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{flag} {text!r}: {user_error(exc) or exc}") from None
+    return conditions
+
+
+def sampling_settings(args) -> dict:
+    """``sampler``, ``steps``, ``eta`` and ``guidance_scale``: each flag given, else the sampling
+    section of ``--config``, else of the run's config.yaml, else the defaults."""
+    from .config import sampling_config
+
+    section = sampling_config(args.model, getattr(args, "config", None))
+    given = {"sampler": getattr(args, "sampler", None), "steps": getattr(args, "steps", None),
+             "eta": getattr(args, "eta", None), "guidance_scale": getattr(args, "guidance", None)}
+    return {k: v if v is not None else getattr(section, k) for k, v in given.items()}
 
 
 def _split(text):
@@ -162,6 +290,7 @@ def cmd_train(args):
                           "perturbation_keys": _split(args.perturbation_keys), "dose_key": args.dose_key,
                           "control_labels": _split(args.control_labels)}}
     config = load_config(args.config, overrides)
+    check_out(args.out, folder=True)
     keys = _split(args.condition_keys)
     if keys is not None and config.data.perturbation_keys:
         keys = list(dict.fromkeys(keys + config.data.perturbation_keys))
@@ -187,7 +316,7 @@ def _sharded_output(out: str) -> bool:
     return not out.endswith(".h5ad")
 
 
-def _sample_sharded(args, model, groups):
+def _sample_sharded(args, model, groups, settings):
     """``sample --out FOLDER``: this process's shard (all of it without torchrun), then rank 0
     writes the manifest (and the merged file)."""
     import torch.distributed as dist
@@ -205,9 +334,8 @@ def _sample_sharded(args, model, groups):
             model.to(distributed.distributed_device("cuda"))
     try:
         manifest = pipeline.generate_sharded(model, args.n, args.out, groups, rank=distributed.rank(), world_size=world,
-                                             sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                             guidance_scale=args.guidance, seed=args.seed, merge=args.merge,
-                                             progress=distributed.is_main_process(), observed=args.observed)
+                                             seed=args.seed, merge=args.merge, progress=distributed.is_main_process(),
+                                             observed=args.observed, **settings)
     finally:
         if world > 1 and distributed.is_distributed():
             dist.destroy_process_group()
@@ -220,23 +348,25 @@ def _sample_sharded(args, model, groups):
 def cmd_sample(args):
     from . import pipeline
     from .training import load_model
+    from .training.trainer import resolve_device
 
-    model = load_model(args.model, map_location=args.device)
-    groups = [pipeline.parse_conditions(c) for c in (args.condition or [None])]
-    for g in groups:  # fail on a bad label before generating anything
-        model.data_spec.encode_conditions(g, 1)
-    if _sharded_output(args.out):
-        return _sample_sharded(args, model, groups)
+    settings = sampling_settings(args)  # a bad --config fails before the model loads
+    sharded = _sharded_output(args.out)
+    check_out(args.out, folder=sharded)
+    model = load_model(args.model, map_location=str(resolve_device(args.device)))
+    groups = [parse_conditioning(model, c, "--condition") for c in (args.condition or [None])]
+    if sharded:
+        return _sample_sharded(args, model, groups, settings)
     # written chunk by chunk (bounded memory, progress bar); the file appears when complete
     if args.engine:
         from .sampling import SamplingEngine
 
-        engine = SamplingEngine(model, args.sampler, args.steps, eta=args.eta, guidance_scale=args.guidance)
+        engine = SamplingEngine(model, settings["sampler"], settings["steps"], eta=settings["eta"],
+                                guidance_scale=settings["guidance_scale"])
         cells, genes = engine.write_h5ad(args.out, args.n, groups, seed=args.seed, observed=args.observed)
     else:
-        cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, sampler=args.sampler,
-                                                 steps=args.steps, eta=args.eta, guidance_scale=args.guidance,
-                                                 seed=args.seed, observed=args.observed)
+        cells, genes = pipeline.generate_to_file(model, args.n, args.out, groups, seed=args.seed,
+                                                 observed=args.observed, **settings)
     print(f"wrote {cells} cells x {genes} genes to {args.out}")
 
 
@@ -245,6 +375,7 @@ def cmd_evaluate(args):
 
     from . import pipeline
 
+    check_out(args.out, folder=True)
     metrics = pipeline.evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
 
@@ -254,15 +385,14 @@ def cmd_predict(args):
     from .perturbation import predict_perturbation
     from .training import load_model
 
+    guidance = sampling_settings(args)["guidance_scale"]
+    check_out(args.out)
     model = load_model(args.model)
-    target = pipeline.parse_conditions(args.target)
-    for key in [k for k in target if k in model.data_spec.continuous]:
-        try:
-            target[key] = float(target[key])
-        except ValueError:
-            raise ValueError(f"{key} must be a number, got {target[key]!r}") from None
+    target = parse_conditioning(model, args.target, "--target")
+    if not target:
+        raise ValueError("--target is empty; give at least one covariate, e.g. condition=stimulated")
     out = predict_perturbation(model, args.data, target, method=args.method, steps=args.steps,
-                               guidance_scale=args.guidance, seed=args.seed)
+                               guidance_scale=guidance, seed=args.seed)
     pipeline.write_h5ad(out, args.out)
     print(f"wrote {out.n_obs} predicted cells x {out.n_vars} genes to {args.out}")
 
@@ -272,8 +402,10 @@ def cmd_denoise(args):
     from .denoising import DEFAULT_STRENGTH, denoise
     from .training import load_model
 
+    check_out(args.out)
     model = load_model(args.model)
-    out = denoise(model, args.data, method=args.method, strength=args.strength or DEFAULT_STRENGTH,
+    strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
+    out = denoise(model, args.data, method=args.method, strength=strength,
                   likelihood_weight=args.likelihood_weight, n_samples=args.samples, layer=args.layer, seed=args.seed)
     pipeline.write_h5ad(out, args.out)
     print(f"wrote {out.n_obs} denoised cells x {out.n_vars} genes to {args.out} (layers['scidiff_denoised'])")
@@ -282,13 +414,81 @@ def cmd_denoise(args):
 def cmd_demo(args):
     from .demo import run_demo
 
+    check_out(args.out, folder=True)
     run_demo(args.out, epochs=args.epochs, seed=args.seed)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "predict": cmd_predict, "denoise": cmd_denoise,
-            "design": cmd_design,
-            "demo": cmd_demo,
-            "export-onnx": cmd_export_onnx, "serve": cmd_serve}
+class Command(NamedTuple):
+    """One ``scidiff`` command: ``add(subparsers)`` registers its parser under the command's name
+    in :data:`COMMANDS`; ``run(args)`` does the work."""
+    add: Callable
+    run: Callable
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(_add_train, cmd_train),
+    "sample": Command(_add_sample, cmd_sample),
+    "evaluate": Command(_add_evaluate, cmd_evaluate),
+    "predict": Command(_add_predict, cmd_predict),
+    "denoise": Command(_add_denoise, cmd_denoise),
+    "design": Command(add_design, cmd_design),
+    "demo": Command(_add_demo, cmd_demo),
+    "export-onnx": Command(add_export_onnx, cmd_export_onnx),
+    "serve": Command(add_serve, cmd_serve),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scidiff`` parser: one subcommand per entry of :data:`COMMANDS`, in its order."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="scidiff", description="Score-based diffusion for single-cell expression.")
+    parser.add_argument("--version", action="version", version=f"scidiff {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        command.add(sub)
+        if name not in sub.choices:
+            raise RuntimeError(f"{command.add.__name__} did not register the command {name!r}")
+    if set(sub.choices) != set(COMMANDS):
+        raise RuntimeError(f"commands registered outside the table: {sorted(set(sub.choices) - set(COMMANDS))}")
+    return parser
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message for an exception that means bad input or a bad environment (exit status 2),
+    or ``None`` for one that means a bug (it keeps its traceback). Bad input: ValueErrors (what
+    scidiff raises on bad values), KeyErrors that carry a sentence (a bare ``KeyError('x')`` is
+    a failed lookup, a bug), and operating-system errors (missing files, permissions, a full
+    disk), shown as the system's reason and the file."""
+    if isinstance(exc, KeyError):
+        text = exc.args[0] if len(exc.args) == 1 else None
+        return text if isinstance(text, str) and len(text.split()) >= 3 else None
+    if isinstance(exc, ValueError):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        if exc.strerror and exc.filename is not None:
+            return f"{exc.strerror}: {exc.filename!r}" + (f" -> {exc.filename2!r}" if exc.filename2 else "")
+        return str(exc) or type(exc).__name__
+    return None
+
+
+@contextlib.contextmanager
+def _plain_warnings(command: str):
+    """Show scidiff's own warnings as ``scidiff COMMAND: warning: ...`` lines while a command
+    runs (others keep Python's format, with their source)."""
+    original = warnings.formatwarning
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def fmt(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"scidiff {command}: warning: {message}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def main(argv=None) -> int:
@@ -298,10 +498,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        COMMANDS[args.command](args)
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"scidiff {args.command}: error: {msg}", file=sys.stderr)
+        with _plain_warnings(args.command):
+            COMMANDS[args.command].run(args)
+    except KeyboardInterrupt:
+        print(f"scidiff {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            raise
+        print(f"scidiff {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

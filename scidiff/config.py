@@ -106,20 +106,90 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _coerce(cls, section: str, values: dict, source: str):
+_CHOICES = {"model.noise_schedule": ("cosine", "linear", "biological"),
+            "training.mixed_precision": ("auto", "bf16", "no"),
+            "sampling.sampler": ("ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun")}
+
+# value rules checked after the type: (test, what it means); None passes where the type allows it
+_RULES = {
+    "model.gene_dim": (lambda v: v >= 1, ">= 1"), "model.hidden_dim": (lambda v: v >= 1, ">= 1"),
+    "model.num_layers": (lambda v: v >= 1, ">= 1"), "model.num_timesteps": (lambda v: v >= 2, ">= 2"),
+    "model.conditioning_dim": (lambda v: v >= 1, ">= 1"), "model.latent_dim": (lambda v: v >= 0, ">= 0"),
+    "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "model.cond_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training.batch_size": (lambda v: v >= 1, ">= 1"), "training.learning_rate": (lambda v: v > 0, "> 0"),
+    "training.num_epochs": (lambda v: v >= 1, ">= 1"), "training.gradient_clip_val": (lambda v: v >= 0, ">= 0"),
+    "training.weight_decay": (lambda v: v >= 0, ">= 0"), "training.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training.warmup_steps": (lambda v: v >= 0, ">= 0"), "training.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "training.early_stopping_patience": (lambda v: v >= 1, ">= 1 (or null: off)"),
+    "training.checkpoint_every": (lambda v: v >= 0, ">= 0"), "training.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "training.gradient_accumulation": (lambda v: v >= 1, ">= 1"),
+    "training.checkpoint_every_steps": (lambda v: v >= 0, ">= 0"),
+    "training.keep_checkpoints": (lambda v: v >= 1, ">= 1"), "training.log_every_steps": (lambda v: v >= 0, ">= 0"),
+    "data.target_sum": (lambda v: v > 0, "> 0 (or null)"),
+    "sampling.steps": (lambda v: v >= 1, ">= 1"), "sampling.eta": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def _number(value, kind: type):
+    """``value`` as ``kind`` (int or float), or ``None`` when it is not one. YAML reads ``1e-3``
+    as a string, so numeric strings count; an int must be integral; booleans are no numbers."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if kind is float:
+        return number
+    return int(number) if number.is_integer() else None
+
+
+def _typed(value, annotation: str, where: str):
+    """``value`` converted to the field type written in ``annotation`` (``int``, ``float | None``,
+    ``list[str]``, ...), or a ValueError naming ``where``."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise ValueError(f"{where} must not be null (expected {annotation})")
+    for kind in kinds:
+        if kind in ("int", "float"):
+            number = _number(value, int if kind == "int" else float)
+            if number is not None:
+                return number
+        elif kind == "bool" and isinstance(value, bool):
+            return value
+        elif kind == "str" and isinstance(value, str):
+            return value
+        elif kind == "list[str]" and isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
+            return [str(v) for v in value]
+    hint = " (a YAML list, e.g. [a, b])" if "list[str]" in kinds else ""
+    raise ValueError(f"{where} must be {annotation}{hint}, got {value!r}")
+
+
+def _check_value(name: str, value, where: str) -> None:
+    if value is None:
+        return
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ValueError(f"{where} must be one of {list(_CHOICES[name])}, got {value!r}")
+    if name in _RULES and not _RULES[name][0](value):
+        raise ValueError(f"{where} must be {_RULES[name][1]}, got {value!r}")
+
+
+def _coerce(cls, section: str, values, source: str):
+    """Section ``section`` of a config as ``cls``: unknown keys, wrong types and values out of
+    range are errors that name the file and the key."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: section '{section}' must be a mapping of keys, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(set(map(str, values)) - set(fields))
     if unknown:
         raise KeyError(f"{source}: unknown key(s) {unknown} in section '{section}'; known keys: {sorted(fields)}")
     out = {}
     for name, value in values.items():
-        default = getattr(cls(), name)
-        if value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                value = type(default)(float(value)) if isinstance(default, int) else float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{source}: {section}.{name} must be a number, got {value!r}") from None
-        out[name] = value
+        where = f"{source}: {section}.{name}"
+        out[name] = _typed(value, str(fields[name].type), where)
+        _check_value(f"{section}.{name}", out[name], where)
     return cls(**out)
 
 
@@ -127,20 +197,60 @@ def default_config_path() -> str:
     return str(resources.files("scidiff") / "configs" / "default.yaml")
 
 
-def load_config(path=None, overrides: dict | None = None) -> Config:
-    """Read a YAML config (default: the packaged ``default.yaml``); ``overrides`` is
-    ``{section: {key: value}}`` applied on top. Unknown sections or keys are errors."""
-    path = os.fspath(path) if path else default_config_path()
+def _read_yaml(path: str):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such config file: {path!r}")
-    with open(path) as fh:
-        raw = yaml.safe_load(fh) or {}
+    if os.path.isdir(path):
+        raise ValueError(f"config {path!r} is a folder, not a YAML file")
+    try:
+        with open(path) as fh:
+            return yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text (YAML) file") from None
+
+
+SECTIONS = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig, "sampling": SamplingConfig}
+
+
+def load_config(path=None, overrides: dict | None = None) -> Config:
+    """Read a YAML config (default: the packaged ``default.yaml``); ``overrides`` is
+    ``{section: {key: value}}`` applied on top (``None`` values are skipped). Unknown sections
+    or keys, values of the wrong type and values out of range are errors naming the file."""
+    path = os.fspath(path) if path else default_config_path()
+    raw = _read_yaml(path)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a config is a mapping of sections (model, training, data, sampling)")
-    for section, values in (overrides or {}).items():
-        raw.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
-    classes = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig, "sampling": SamplingConfig}
-    unknown = sorted(set(raw) - set(classes))
+        raise ValueError(f"{path}: a config is a mapping of sections (model, training, data, sampling), "
+                         f"got {type(raw).__name__}")
+    unknown = sorted(set(map(str, raw)) - set(SECTIONS))
     if unknown:
-        raise KeyError(f"{path}: unknown section(s) {unknown}; known sections: {sorted(classes)}")
-    return Config(**{s: _coerce(c, s, raw.get(s) or {}, path) for s, c in classes.items()})
+        raise KeyError(f"{path}: unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    raw = {s: {} if raw.get(s) is None else raw[s] for s in SECTIONS}
+    for section, values in (overrides or {}).items():
+        set_values = {k: v for k, v in values.items() if v is not None}
+        if set_values:
+            _coerce(SECTIONS[section], section, set_values, "command line")  # blame the flag, not the file
+            raw[section] = {**(raw[section] if isinstance(raw[section], dict) else {}), **set_values}
+    return Config(**{s: _coerce(c, s, raw[s], path) for s, c in SECTIONS.items()})
+
+
+def run_config_path(model_path) -> str | None:
+    """The ``config.yaml`` that ``scidiff train`` wrote beside a run's ``model.pt`` (``model_path``:
+    the run folder or a checkpoint in it), or ``None``."""
+    model_path = os.fspath(model_path)
+    if not os.path.exists(model_path):
+        return None
+    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    path = os.path.join(folder, "config.yaml")
+    return path if os.path.isfile(path) else None
+
+
+def sampling_config(model_path=None, config_path=None) -> SamplingConfig:
+    """The ``sampling`` section that applies to a trained model: from ``config_path`` when given,
+    else from the run's own ``config.yaml`` (:func:`run_config_path`), else the defaults."""
+    path = config_path or (run_config_path(model_path) if model_path is not None else None)
+    return load_config(path).sampling if path else SamplingConfig()

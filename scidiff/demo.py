@@ -25,15 +25,17 @@ def _table(rows: dict, cols) -> str:
 def run_demo(out_dir: str = "demo_out", epochs: int = 400, seed: int = 0, progress: bool = True) -> dict:
     import anndata as ad
     import scanpy as sc
-    import torch
 
     from . import pipeline
     from .evaluation import evaluate_generation_quality
     from .evaluation.baselines import gaussian_pca_generator
     from .evaluation.plots import report_plots
+    from .training import seed_everything
 
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     t_start = time.perf_counter()
-    torch.manual_seed(seed)
+    seed_everything(seed)
     adata = sc.datasets.pbmc68k_reduced()
     print(f"data: scanpy pbmc68k_reduced, {adata.n_obs} cells x {adata.raw.n_vars} genes (.raw, log-normalised), "
           f"{adata.obs['bulk_labels'].nunique()} cell types")

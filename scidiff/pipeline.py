@@ -53,11 +53,16 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     :class:`~scidiff.training.ScIDiffTrainer` for the effective batch and learning rate).
     ``resume``: ``True`` continues from the newest checkpoint in ``out_dir`` (and starts afresh
     when there is none), a path continues from that checkpoint; ``epochs`` is then the same
-    number the interrupted run was given. ``deterministic``: deterministic torch kernels, for
-    runs that must resume bit for bit on a GPU."""
+    number the interrupted run was given.
+
+    Randomness: everything is seeded from ``config.training.seed`` before any of it is drawn
+    (Python, numpy and torch global generators, so the weight initialisation; the train and
+    validation split; the loader's order; the trainer's noise streams), so a second run with the
+    same seed, data and thread count repeats the first bit for bit. ``deterministic``:
+    deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
     import yaml
 
-    from .training import distributed
+    from .training import distributed, seed_everything
     from .training.trainer import enable_determinism
 
     config = config or load_config()
@@ -69,6 +74,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     shard = {"rank": rank, "world_size": world} if use_ddp else {}
     if deterministic:
         enable_determinism()
+    seed_everything(tc.seed)  # before anything draws: weight init, split, loader order, noise
     keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
     if streaming:

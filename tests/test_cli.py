@@ -1,12 +1,21 @@
-"""The command line on real data (a 300-cell Kang subset), and its errors."""
+"""The command line on real data (a 300-cell Kang subset), and its errors; the command table
+against the README; sampling defaults from the run's config; config validation."""
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import anndata as ad
 import numpy as np
 import pytest
+import yaml
 
-from scidiff.cli import main
+from scidiff import cli
+from scidiff.cli import COMMANDS, build_parser, main
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 SMALL_CONFIG = """
 model:
@@ -37,22 +46,60 @@ def run(tmp_path_factory, kang_small):
     return root, data, out
 
 
-def test_help_lists_every_command(capsys):
-    with pytest.raises(SystemExit):
+def _readme_command_lines() -> list[str]:
+    """The ``scidiff <cmd> ...`` lines of the README's "Command line" section."""
+    text = open(README).read()
+    section = text.split("\n## Command line\n", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for line in section.splitlines() if line.strip().startswith("scidiff ")]
+
+
+def _subparser(name):
+    return build_parser()._subparsers._group_actions[0].choices[name]
+
+
+def test_help_lists_every_command_of_the_table(capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["--help"])
+    assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("train", "sample", "evaluate", "demo"):
-        assert cmd in text
-    for cmd in ("train", "sample", "evaluate", "demo"):
-        with pytest.raises(SystemExit):
-            main([cmd, "--help"])
-        assert "usage: scidiff " + cmd in capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert re.search(rf"^\s+{re.escape(cmd)}\s", text, re.M), cmd
+    assert list(build_parser()._subparsers._group_actions[0].choices) == list(COMMANDS)
+    assert "denoise" in COMMANDS and "design" in COMMANDS and "export-onnx" in COMMANDS
+
+
+def test_every_command_the_readme_names_has_help_and_its_flags():
+    lines = _readme_command_lines()
+    assert len(lines) >= len(COMMANDS)
+    for line in lines:
+        cmd = line.split()[1]
+        assert cmd in COMMANDS, f"the README names {cmd!r}, which is not a command"
+        result = subprocess.run([sys.executable, "-m", "scidiff", cmd, "--help"], capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0 and f"usage: scidiff {cmd}" in result.stdout, result.stderr
+        known = _subparser(cmd)._option_string_actions
+        for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*|-n)(?![\w-])", line):
+            assert flag in known, f"README: scidiff {cmd} {flag} is not a flag of the command"
+
+
+def test_every_command_of_the_table_is_in_the_readme():
+    named = {line.split()[1] for line in _readme_command_lines()}
+    assert set(COMMANDS) <= named, f"not in the README's command line section: {sorted(set(COMMANDS) - named)}"
+
+
+def test_sampler_choices_agree_everywhere():
+    from scidiff.config import _CHOICES
+    from scidiff.sampling import SAMPLERS
+
+    assert sorted(cli.SAMPLER_CHOICES) == sorted(SAMPLERS) == sorted(_CHOICES["sampling.sampler"])
 
 
 def test_train_writes_a_self_contained_run(run):
     root, _, out = run
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.yaml", "history.csv", "model.pt"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.yaml", "history.csv", "model.pt", "training.json"]
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 4
+    kept = json.loads((out / "training.json").read_text())
+    assert kept["epochs_trained"] == 4 and kept["weights"] in ("best", "last")
 
 
 def test_sample_and_evaluate(run, kang_small):
@@ -101,6 +148,125 @@ def test_errors_name_the_problem_and_leave_no_file(run, capsys, tmp_path):
     assert main(["evaluate", "--real", str(data), "--generated", str(data), "--groupby", "batch",
                  "--out", str(tmp_path / "rep")]) == 2
     assert "obs key 'batch'" in capsys.readouterr().err
+
+
+def _sample_uns(args) -> dict:
+    out = args[args.index("--out") + 1]
+    assert main(["sample", *args]) == 0
+    g = ad.read_h5ad(out)
+    return {**{k: g.uns["scidiff"][k] for k in ("sampler", "steps", "eta", "guidance_scale")}, "X": np.asarray(g.X)}
+
+
+def test_sample_takes_its_defaults_from_the_config_and_flags_override(run, tmp_path):
+    _, data, out = run
+    parsed = build_parser().parse_args(["sample", "--model", "m", "-n", "1", "--out", "x.h5ad"])
+    assert (parsed.sampler, parsed.steps, parsed.eta, parsed.guidance) == (None, None, None, None)
+    own = tmp_path / "run"
+    own.mkdir()
+    shutil.copy(out / "model.pt", own / "model.pt")
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    config["sampling"] = {"sampler": "ddim", "steps": 3, "eta": 0.5, "guidance_scale": 2.0}
+    (own / "config.yaml").write_text(yaml.safe_dump(config))
+    base = ["--model", str(own), "-n", "6", "--condition", "cell_type=B", "--seed", "1"]
+    got = _sample_uns(base + ["--out", str(tmp_path / "a.h5ad")])
+    assert (got["sampler"], got["steps"], got["eta"], got["guidance_scale"]) == ("ddim", 3, 0.5, 2.0)
+    explicit = _sample_uns(["--model", str(out / "model.pt"), *base[2:], "--sampler", "ddim", "--steps", "3",
+                            "--eta", "0.5", "--guidance", "2", "--out", str(tmp_path / "b.h5ad")])
+    np.testing.assert_array_equal(got["X"], explicit["X"])  # the config's settings are the ones used
+    got = _sample_uns(base + ["--steps", "4", "--guidance", "1.5", "--out", str(tmp_path / "c.h5ad")])
+    assert (got["sampler"], got["steps"], got["eta"], got["guidance_scale"]) == ("ddim", 4, 0.5, 1.5)
+    other = tmp_path / "other.yaml"
+    other.write_text("sampling: {sampler: heun, steps: 2}\n")
+    got = _sample_uns(base + ["--config", str(other), "--out", str(tmp_path / "d.h5ad")])
+    assert (got["sampler"], got["steps"], got["eta"], got["guidance_scale"]) == ("heun", 2, 0.0, 1.0)
+    # predict takes its guidance scale from the same section
+    control = tmp_path / "control.h5ad"
+    ad.read_h5ad(data)[:12].copy().write_h5ad(control)
+    predicted = tmp_path / "p.h5ad"
+    assert main(["predict", "--model", str(own), "--data", str(control), "--target", "condition=stimulated",
+                 "--steps", "2", "--out", str(predicted)]) == 0
+    assert ad.read_h5ad(predicted).uns["scidiff_prediction"]["guidance_scale"] == 2.0
+
+
+@pytest.mark.parametrize("text, culprit", [
+    ("model: {gene_dimm: 3}\n", "unknown key(s) ['gene_dimm'] in section 'model'"),
+    ("trainig: {}\n", "unknown section(s) ['trainig']"),
+    ("training: {batch_size: abc}\n", "training.batch_size must be int, got 'abc'"),
+    ("training: {batch_size: 64.5}\n", "training.batch_size must be int, got 64.5"),
+    ("training: {compile: 'yes'}\n", "training.compile must be bool"),
+    ("training: {val_fraction: 1.5}\n", "training.val_fraction must be in [0, 1), got 1.5"),
+    ("training: {seed: null}\n", "training.seed must not be null"),
+    ("data: {condition_keys: cell_type}\n", "data.condition_keys must be list[str]"),
+    ("sampling: {sampler: euler}\n", "sampling.sampler must be one of"),
+    ("sampling: {steps: 0}\n", "sampling.steps must be >= 1, got 0"),
+    ("model: 5\n", "section 'model' must be a mapping of keys, got 5"),
+    ("- model\n- training\n", "a config is a mapping of sections"),
+    ("model: {gene_dim: [\n", "not valid YAML (line 2"),
+])
+def test_config_errors_name_the_file_and_the_key(tmp_path, text, culprit):
+    from scidiff.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises((KeyError, ValueError)) as caught:
+        load_config(path)
+    message = cli.user_error(caught.value)
+    assert message is not None and str(path) in message and culprit in message
+
+
+def test_config_accepts_yaml_numbers_and_nulls(tmp_path):
+    from scidiff.config import load_config
+
+    path = tmp_path / "ok.yaml"
+    path.write_text("training: {learning_rate: 1e-3, batch_size: 32.0, early_stopping_patience: null}\n"
+                    "data: {target_sum: 1e4, condition_keys: [cell_type]}\nsampling:\n")
+    c = load_config(path)
+    assert c.training.learning_rate == 1e-3 and c.training.batch_size == 32 and isinstance(c.training.batch_size, int)
+    assert c.training.early_stopping_patience is None and c.data.target_sum == 1e4
+    assert c.data.condition_keys == ["cell_type"] and c.sampling.sampler == "dpmpp_2m"
+
+
+def _run_failing(monkeypatch, exc):
+    """``main`` on a command whose handler raises ``exc``."""
+    def boom(args):
+        raise exc
+
+    monkeypatch.setitem(COMMANDS, "evaluate", cli.Command(COMMANDS["evaluate"].add, boom))
+    return main(["evaluate", "--real", "a.h5ad", "--generated", "b.h5ad", "--out", "report"])
+
+
+def test_bugs_keep_their_traceback_and_bad_environments_exit_2(monkeypatch, capsys):
+    with pytest.raises(RuntimeError, match="deep in torch"):
+        _run_failing(monkeypatch, RuntimeError("deep in torch"))
+    with pytest.raises(KeyError):
+        _run_failing(monkeypatch, KeyError("weight"))  # a failed lookup: a bug, not input
+    assert _run_failing(monkeypatch, PermissionError(13, "Permission denied", "/data/run/model.pt")) == 2
+    assert "scidiff evaluate: error: Permission denied: '/data/run/model.pt'" in capsys.readouterr().err
+    assert _run_failing(monkeypatch, OSError(28, "No space left on device", "out.h5ad")) == 2
+    assert "No space left on device: 'out.h5ad'" in capsys.readouterr().err
+    assert _run_failing(monkeypatch, KeyError("obs key 'batch' is not in the data")) == 2
+    assert "error: obs key 'batch' is not in the data" in capsys.readouterr().err
+
+
+def test_out_that_cannot_be_written_fails_before_any_work(run, tmp_path, capsys, monkeypatch):
+    _, data, out = run
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["sample", "--model", str(out), "-n", "2", "--out", str(blocker / "g.h5ad")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(blocker), "--epochs", "1"]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert main(["sample", "--model", str(out), "-n", "2", "--out", str(tmp_path / "new" / "deep" / "g.h5ad"),
+                 "--steps", "2"]) == 0  # missing parent folders are made
+    assert (tmp_path / "new" / "deep" / "g.h5ad").exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # permissions cannot be taken away from root: pretend the folder is read-only
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    assert main(["sample", "--model", str(out), "-n", "2", "--out", str(locked / "g.h5ad")]) == 2
+    assert f"no permission to write in '{locked}'" in capsys.readouterr().err
+    assert main(["train", "--data", str(data), "--out", str(locked / "run"), "--epochs", "1"]) == 2
+    assert "cannot write --out" in capsys.readouterr().err and not os.listdir(locked)
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):

@@ -131,6 +131,29 @@ def test_truncated_corrupt_and_foreign_checkpoints_are_refused_before_loading(tm
     assert read_checkpoint(good)["digest"]
 
 
+TORCH_ADVICE = ("two options", "Re-running", "trust the source", "WeightsUnpickler", "In PyTorch", "allowlist",
+                "safe_globals")
+
+
+def test_a_pickled_foreign_file_is_refused_with_scidiffs_advice_not_torchs(tmp_path):
+    """torch's refusal suggests ``weights_only=False``; scidiff's says never to do that for an
+    untrusted file, names it, and carries none of torch's text (not even in its chain)."""
+    foreign = tmp_path / "downloaded.pt"
+    torch.save(torch.nn.Linear(2, 2), foreign)  # a pickled module: only a full unpickle could load it
+    with pytest.raises(ValueError) as caught:
+        read_checkpoint(foreign)
+    message = str(caught.value)
+    assert "downloaded.pt" in message and "never load a checkpoint you do not trust" in message
+    assert "weights_only=False" in message.split("never load", 1)[1]  # named only as what not to do
+    assert not [phrase for phrase in TORCH_ADVICE if phrase in message]
+    assert caught.value.__cause__ is None and caught.value.__context__ is None
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all\n")
+    with pytest.raises(ValueError, match="garbage.pt.*not a readable scidiff checkpoint") as caught:
+        read_checkpoint(garbage)
+    assert caught.value.__context__ is None and "weights_only" not in str(caught.value)
+
+
 def test_keeps_the_newest_n_and_falls_back_past_a_truncated_newest(tmp_path):
     run = tmp_path / "run"
     trainer = _trained(run, checkpoint_every_steps=3, keep_checkpoints=2)  # 8 steps, 4 a epoch

@@ -3,8 +3,8 @@ import torch
 
 import scidiff
 from scidiff.models import ScIDiffModel
-from scidiff.training import (EMA, BiologicalConstraints, ScIDiffTrainer, denoising_loss, nonnegativity_loss,
-                              pathway_consistency_loss, sparsity_loss)
+from scidiff.training import (EMA, BiologicalConstraints, EarlyBestWarning, ScIDiffTrainer, denoising_loss,
+                              nonnegativity_loss, pathway_consistency_loss, read_checkpoint, sparsity_loss)
 
 
 def test_nonnegativity_loss_closed_form():
@@ -74,7 +74,7 @@ def test_trainer_learns_real_data_and_writes_checkpoints(tmp_path, kang_small):
     assert trainer.best_val < 0.93 * before
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "model.pt").exists()
     assert (tmp_path / "history.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss")
-    # the model now holds the best EMA weights, and the saved model is that model
+    # without early stopping the model holds the last EMA weights, and the saved model is that model
     again = scidiff.load_model(tmp_path)
     torch.testing.assert_close(again.sample(4, {"cell_type": "B"}, steps=5, seed=0),
                                model.sample(4, {"cell_type": "B"}, steps=5, seed=0))
@@ -107,6 +107,68 @@ def test_early_stopping_restores_best_weights(kang_small):
     best = min(h["val_loss"] for h in history)
     assert trainer.best_val == best
     assert trainer.validation_loss(state_dict=model.state_dict()) == pytest.approx(best, rel=1e-5)
+
+
+def _small_data_run(kang_small, tmp_path, patience):
+    """The tiny CLI run's setting (270 training cells, 14 labels): validation loss rises from
+    epoch 1 on. Returns the trainer after 6 epochs (fewer with early stopping)."""
+    data = scidiff.setup_anndata(kang_small, n_top_genes=100, condition_keys=["cell_type", "condition"])
+    train, val = data.split(0.1, seed=0)
+    torch.manual_seed(0)
+    model = ScIDiffModel.from_data(data, hidden_dim=64, num_layers=2, num_timesteps=100, conditioning_dim=16,
+                                   latent_dim=16)
+    trainer = ScIDiffTrainer(model, train.loader(64), val.loader(64, shuffle=False), device="cpu", warmup_steps=2,
+                             early_stopping_patience=patience, checkpoint_dir=tmp_path, checkpoint_every=0,
+                             progress=False)
+    trainer.train(6)
+    return trainer
+
+
+def test_without_early_stopping_the_last_ema_weights_are_kept(kang_small, tmp_path):
+    import json
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EarlyBestWarning)  # nothing to warn about: no best weights restored
+        trainer = _small_data_run(kang_small, tmp_path, patience=None)
+    vals = [h["val_loss"] for h in trainer.history]
+    assert len(vals) == 6 and min(vals) == vals[0] < vals[-1]  # the case where best and last differ
+    last = trainer.ema.state_dict_for(trainer.model)
+    held, saved = trainer.model.state_dict(), scidiff.load_model(tmp_path).state_dict()
+    assert any(not torch.equal(trainer.best_state[k], last[k]) for k in last)
+    for k in last:
+        assert torch.equal(held[k], last[k]) and torch.equal(saved[k], last[k]), k
+    kept = json.loads((tmp_path / "training.json").read_text())
+    assert kept["weights"] == "last" and kept["epoch"] == 6 and kept["best_epoch"] == 1 and "warning" not in kept
+    assert read_checkpoint(tmp_path)["training"] == kept
+
+
+def test_early_stopping_keeps_the_best_weights_and_says_when_they_are_early(kang_small, tmp_path):
+    import json
+
+    with pytest.warns(EarlyBestWarning, match=r"lowest at epoch 1 of 3 \(1\.3\d+; 1\.3\d+ at epoch 3\)") as caught:
+        trainer = _small_data_run(kang_small, tmp_path, patience=2)
+    assert len(caught) == 1
+    assert [h["epoch"] for h in trainer.history] == [1, 2, 3]
+    saved = scidiff.load_model(tmp_path).state_dict()
+    for k, v in trainer.best_state.items():
+        assert torch.equal(trainer.model.state_dict()[k], v) and torch.equal(saved[k], v), k
+    kept = json.loads((tmp_path / "training.json").read_text())
+    assert (kept["weights"], kept["epoch"], kept["epochs_trained"]) == ("best", 1, 3)
+    assert kept["warning"] == str(caught[0].message) and "epoch 1" in kept["warning"]
+
+
+def test_late_best_weights_raise_no_warning():
+    trainer = ScIDiffTrainer(ScIDiffModel(gene_dim=4, hidden_dim=8, num_layers=1), [torch.zeros(2, 4)],
+                             early_stopping_patience=3, progress=False)
+    trainer.best_state, trainer.epoch = {}, 10
+    trainer.history = [{"epoch": e, "val_loss": 1.0 / e} for e in range(1, 8)] + [
+        {"epoch": e, "val_loss": 1.0} for e in (8, 9, 10)]
+    kept = trainer._weights_to_keep()
+    assert (kept["weights"], kept["epoch"]) == ("best", 7) and "warning" not in kept
+    trainer.history = [{"epoch": e, "val_loss": 1.0 / e if e <= 5 else 1.0} for e in range(1, 11)]
+    with pytest.warns(EarlyBestWarning, match="epoch 5 of 10"):
+        assert trainer._weights_to_keep()["epoch"] == 5  # half way: reported
 
 
 def test_cuda_request_falls_back_with_a_warning():

@@ -3,8 +3,9 @@ from .checkpoint import load_model, read_checkpoint, read_training_checkpoint, s
 from .ema import EMA
 from .losses import (BiologicalConstraints, denoising_loss, nonnegativity_loss, pathway_consistency_loss,
                      sparsity_loss)
-from .trainer import ScIDiffTrainer, enable_determinism
+from .rng import seed_everything
+from .trainer import EarlyBestWarning, ScIDiffTrainer, enable_determinism
 
-__all__ = ["BiologicalConstraints", "EMA", "ScIDiffTrainer", "denoising_loss", "enable_determinism", "load_model",
-           "nonnegativity_loss", "pathway_consistency_loss", "read_checkpoint", "read_training_checkpoint",
-           "save_model", "sparsity_loss"]
+__all__ = ["BiologicalConstraints", "EMA", "EarlyBestWarning", "ScIDiffTrainer", "denoising_loss", "enable_determinism",
+           "load_model", "nonnegativity_loss", "pathway_consistency_loss", "read_checkpoint", "read_training_checkpoint",
+           "save_model", "seed_everything", "sparsity_loss"]

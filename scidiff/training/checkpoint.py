@@ -97,6 +97,34 @@ def save_model(model, path, state_dict=None, **extra) -> str:
     return path
 
 
+UNTRUSTED_ADVICE = ("never load a checkpoint you do not trust with torch.load(weights_only=False): unpickling "
+                    "it can run arbitrary code")
+
+
+def _load_weights_only(path: str):
+    """``torch.load(path, weights_only=True)``, or a ValueError in scidiff's own words: torch's
+    message for a refused file advises ``weights_only=False``, which no user should follow for
+    a file they did not write, so none of its text is passed on (nor chained)."""
+    import pickle
+    import zipfile
+
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a folder, not a checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path!r} is not a readable scidiff checkpoint: not a complete torch file "
+                         f"(truncated, corrupt, or another kind of file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        problem = ValueError(f"{path!r} is not a readable scidiff checkpoint: it holds Python objects beyond "
+                             f"tensors and plain values (a foreign or tampered file), which scidiff refuses to "
+                             f"unpickle; {UNTRUSTED_ADVICE}")
+    except Exception as exc:  # a zip archive torch cannot read: damaged inside
+        problem = ValueError(f"{path!r} is not a readable scidiff checkpoint: the torch archive is damaged "
+                             f"({type(exc).__name__})")
+    raise problem
+
+
 def read_checkpoint(path) -> dict:
     """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files."""
     path = os.fspath(path)
@@ -104,11 +132,7 @@ def read_checkpoint(path) -> dict:
         path = os.path.join(path, MODEL_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path!r}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path!r} is not a readable scidiff checkpoint (corrupt or not a torch file): "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    payload = _load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a scidiff checkpoint (no '{FORMAT}' format tag)")
     if payload.get("format_version", 0) > FORMAT_VERSION:
@@ -126,14 +150,20 @@ def load_model(path, map_location="cpu", genes=None):
     from ..models import ScIDiffModel
 
     payload = read_checkpoint(path)
-    config = json.loads(payload["config"])
-    spec = json.loads(payload["data_spec"])
+    try:
+        config = json.loads(payload["config"])
+        spec = json.loads(payload["data_spec"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise ValueError(f"{payload['path']!r} lacks a readable model config or data spec") from None
     spec = DataSpec.from_dict(spec) if spec else None
     if genes is not None:
         if spec is None:
             raise ValueError(f"{payload['path']!r} carries no gene list to check against")
         DataSpec(gene_names=[str(g) for g in genes]).check_same_genes(spec, what=repr(payload["path"]))
-    model = ScIDiffModel(**config, data_spec=spec)
+    try:
+        model = ScIDiffModel(**config, data_spec=spec)
+    except TypeError as exc:  # a config with other keys: written by another (newer) scidiff
+        raise ValueError(f"{payload['path']!r} holds a model config this scidiff cannot build ({exc})") from None
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     # saved before perturbation combinations had a learned term (its zero init is that model), or
     # before the detection model (left unfitted: observed expression then asks for fit_detection)

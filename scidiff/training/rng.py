@@ -8,6 +8,16 @@ import numpy as np
 import torch
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, numpy's global generator and torch's (CPU and every CUDA device)
+    with ``seed``: what a job calls first, so that everything drawn without its own generator
+    (weight initialisation, dropout) repeats from run to run."""
+    seed = int(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
 def capture_rng_state(generators=()) -> dict:
     """The global torch (CPU and, once initialised, CUDA), numpy and Python states, plus the
     states of ``generators`` (``torch.Generator`` objects)."""

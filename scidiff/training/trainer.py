@@ -39,7 +39,7 @@ def resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("CUDA was requested but is not available; training on the CPU", stacklevel=3)
+        warnings.warn("CUDA was requested but is not available; running on the CPU", stacklevel=3)
         return torch.device("cpu")
     return device
 
@@ -66,6 +66,17 @@ def enable_determinism() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+# early stopping keeps the best weights; when they come from this early in the run (or earlier), say so
+EARLY_BEST_FRACTION = 0.5
+SUMMARY_FILE = "training.json"
+
+
+class EarlyBestWarning(UserWarning):
+    """The weights early stopping kept come from early in the run: validation stopped improving
+    long before training did (see :meth:`ScIDiffTrainer.train`)."""
 
 
 class _Denoiser:
@@ -127,9 +138,11 @@ class ScIDiffTrainer:
             CPU) or ``"no"``.
         constraints: :class:`BiologicalConstraints` weights (all off by default).
         early_stopping_patience: stop after this many epochs without a better validation loss
-            (needs ``val_loader``; ``None`` = off); the best EMA weights are restored.
+            (needs ``val_loader``); the best EMA weights are then restored, with an
+            :class:`EarlyBestWarning` when they come from the first ``EARLY_BEST_FRACTION`` of
+            the run. ``None`` = off: the last EMA weights are kept.
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` every N epochs and
-            ``model.pt`` + ``history.csv`` at the end.
+            ``model.pt`` + ``history.csv`` + ``training.json`` (which weights were kept) at the end.
         checkpoint_every_steps: also checkpoint every N optimizer steps, mid-epoch too (0 = off).
         keep_checkpoints: keep the newest N checkpoints (N > 1: ``checkpoints/step-*.pt``, with
             ``checkpoint.pt`` the newest).
@@ -212,6 +225,7 @@ class ScIDiffTrainer:
         self.step, self.epoch = 0, 0
         self.history: list[dict] = []
         self.best_val, self.best_state = math.inf, None
+        self.weights_kept: dict | None = None  # set by train(): which epoch's weights the model holds
         self._bad_epochs = 0
         self._batch_in_epoch = 0
         self._batches_per_epoch = None
@@ -340,7 +354,9 @@ class ScIDiffTrainer:
 
     def train(self, num_epochs: int) -> list[dict]:
         """Train for ``num_epochs`` (or until early stopping). Afterwards the model holds the
-        EMA weights (the best ones by validation loss when a validation loader is given).
+        EMA weights: the best ones by validation loss when early stopping is on (a validation
+        loader and a patience), else the last ones; :attr:`weights_kept` (and, with a
+        ``checkpoint_dir``, ``training.json`` and ``model.pt``) records which.
         After :meth:`resume`, ``num_epochs`` is the same number the interrupted call was given,
         and training continues from where the checkpoint stopped. Returns the per-epoch history."""
         from tqdm.auto import tqdm
@@ -404,15 +420,48 @@ class ScIDiffTrainer:
             stopped = self._end_epoch(bar, total_steps)
         bar.close()
         self._raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.best_state if self.best_state is not None
+        self.weights_kept = self._weights_to_keep()
+        self.model.load_state_dict(self.best_state if self.weights_kept["weights"] == "best"
                                    else self.ema.state_dict_for(self.model))
         self.model.eval()
         if self.checkpoint_dir and self.is_main_process:
-            save_model(self.model, self.checkpoint_dir)
+            save_model(self.model, self.checkpoint_dir, training=self.weights_kept)
             self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
+            self._write_summary(os.path.join(self.checkpoint_dir, SUMMARY_FILE))
         if self.use_ddp:
             distributed.barrier()
         return self.history
+
+    def _weights_to_keep(self) -> dict:
+        """Which EMA weights the trained model keeps: the best by validation loss when early
+        stopping is on, else the last. Best weights from the first ``EARLY_BEST_FRACTION`` of the
+        run are reported (an :class:`EarlyBestWarning` on the main process, and ``"warning"``)."""
+        kept = {"weights": "last", "epoch": self.epoch, "epochs_trained": self.epoch,
+                "early_stopping_patience": self.early_stopping_patience}
+        vals = [(int(r["epoch"]), float(r["val_loss"])) for r in self.history if "val_loss" in r]
+        if not vals:
+            return kept
+        best_epoch, best = min(vals, key=lambda r: r[1])
+        kept.update(best_epoch=best_epoch, best_val_loss=best, last_val_loss=vals[-1][1])
+        if self.early_stopping_patience is None or self.best_state is None:
+            return kept
+        kept.update(weights="best", epoch=best_epoch)
+        if best_epoch < self.epoch and best_epoch <= EARLY_BEST_FRACTION * self.epoch:
+            kept["warning"] = (
+                f"validation loss was lowest at epoch {best_epoch} of {self.epoch} ({best:.4g}; {vals[-1][1]:.4g} "
+                f"at epoch {vals[-1][0]}), so the saved model holds the weights of epoch {best_epoch}, from the "
+                f"first {100 * best_epoch / self.epoch:.0f}% of training: validation never improved after that "
+                f"(too few cells for the model, or overfitting). Check history.csv; train on more cells or a "
+                f"smaller model, or set training.early_stopping_patience: null to keep the last weights")
+            if self.is_main_process:
+                warnings.warn(kept["warning"], EarlyBestWarning, stacklevel=3)
+        return kept
+
+    def _write_summary(self, path: str) -> None:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(self.weights_kept, fh, indent=1)
+        os.replace(tmp, path)
 
     def _end_epoch(self, bar, total_steps: int) -> bool:
         """Epoch bookkeeping: history row, validation, checkpoint; True to stop early."""
