@@ -7,21 +7,34 @@ group's real control cells for deltas; all act on log1p-normalised expression:
   2019), on all genes and on the top-100 DEGs;
 - ``r2_top50``: sklearn's coefficient of determination of the per-gene means on the top-50 DEGs;
 - ``pearson_delta``: Pearson correlation of (predicted mean - control mean) with (observed mean -
-  control mean), on all genes and the top-20 DEGs;
+  control mean), on all genes and the top-20 DEGs (scGen/CPA's "delta correlation", cell-eval's
+  ``pearson_delta``);
+- ``rmse_all`` / ``mae_all``: root mean squared and mean absolute error of the per-gene means
+  over all genes (the mean-level errors of Ahlmann-Eltze et al. 2025 and of cell-eval's ``mae``);
 - ``mse_top20``: mean squared error of per-gene means on the top-20 DEGs;
 - ``e_distance``: the E-distance of scPerturb (Peidli et al. 2024), ``2 d(X,Y) - d(X,X) - d(Y,Y)``
   with ``d`` the mean pairwise squared Euclidean distance, in a 30-PC space of real cells;
-- ``mmd``: RBF-MMD in that space (:func:`scidiff.evaluation.mmd_rbf`).
+- ``mmd``: RBF-MMD in that space (:func:`scidiff.evaluation.mmd_rbf`);
+- :func:`discrimination_score`: the perturbation discrimination score (PDS) of the Arc Virtual
+  Cell Challenge / cell-eval, over several perturbations at once.
 
 DEGs are ranked by scanpy's Wilcoxon test of the real perturbed against the real control cells
 of the group.
+
+Baselines (numpy cores, and :func:`predict_baseline` over AnnData with one signature for all):
+no change, mean shift, cell mean ("perturbed mean"), additive, linear (ridge on a feature vector;
+for time, interpolation between the flanking measured times).
 """
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.spatial.distance import cdist
 
 from .metrics import _pearson, mmd_rbf
+
+BASELINES = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
 
 
 def rank_degs(perturbed: np.ndarray, control: np.ndarray, genes, n: int = 100) -> list[str]:
@@ -40,8 +53,23 @@ def rank_degs(perturbed: np.ndarray, control: np.ndarray, genes, n: int = 100) -
 
 
 def scgen_r2(pred_mean: np.ndarray, true_mean: np.ndarray) -> float:
-    """Squared Pearson correlation of per-gene means."""
+    """Squared Pearson correlation of per-gene means (scGen, Lotfollahi et al. 2019)."""
     return _pearson(pred_mean, true_mean) ** 2
+
+
+def rmse(pred_mean: np.ndarray, true_mean: np.ndarray) -> float:
+    """Root mean squared error of per-gene means (the mean-level error of Ahlmann-Eltze et al. 2025)."""
+    return float(np.sqrt(np.mean((np.asarray(pred_mean, float) - np.asarray(true_mean, float)) ** 2)))
+
+
+def mae(pred_mean: np.ndarray, true_mean: np.ndarray) -> float:
+    """Mean absolute error of per-gene means (cell-eval's ``mae``, a Virtual Cell Challenge metric)."""
+    return float(np.mean(np.abs(np.asarray(pred_mean, float) - np.asarray(true_mean, float))))
+
+
+def pearson_delta(pred_mean: np.ndarray, true_mean: np.ndarray, control_mean: np.ndarray) -> float:
+    """Pearson of (predicted - control) with (real - control) per-gene means (cell-eval's ``pearson_delta``)."""
+    return _pearson(np.asarray(pred_mean, float) - control_mean, np.asarray(true_mean, float) - control_mean)
 
 
 def e_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -53,11 +81,51 @@ def e_distance(x: np.ndarray, y: np.ndarray) -> float:
     return float(2 * cdist(x, y, "sqeuclidean").mean() - within(x) - within(y))
 
 
+def discrimination_score(pred_effects: np.ndarray, real_effects: np.ndarray, metric: str = "l1",
+                         exclude: Sequence[Sequence[int] | None] | None = None,
+                         true_index: Sequence[int] | None = None) -> np.ndarray:
+    """Perturbation discrimination score (PDS) as cell-eval 0.8 computes it (Arc Virtual Cell Challenge).
+
+    Row ``q`` of ``real_effects`` is perturbation ``q``'s real mean effect (perturbed mean -
+    control mean), row ``p`` of ``pred_effects`` a predicted one, of perturbation
+    ``true_index[p]`` (default: ``p``). For each prediction the ``Q`` real effects are ranked by
+    their ``metric`` distance (``l1``, ``l2``/``euclidean``, ``cosine``) to it (``np.argsort``,
+    ascending; rank 0 = nearest); the score is ``1 - rank / Q``: 1 when the true perturbation
+    is the nearest, ``1/Q`` when it is the farthest. ``exclude[p]``: gene columns left out for
+    prediction ``p`` (cell-eval drops the knocked-out gene's own column). With the same control
+    for prediction and truth this ranks the real perturbed means by distance to the predicted mean.
+    """
+    from sklearn.metrics import pairwise_distances
+
+    pred_effects, real_effects = np.atleast_2d(np.asarray(pred_effects, float)), np.asarray(real_effects, float)
+    if true_index is None:
+        if pred_effects.shape != real_effects.shape:
+            raise ValueError(f"pred_effects and real_effects must both be (perturbations, genes); got "
+                             f"{pred_effects.shape} and {real_effects.shape} (or give true_index)")
+        true_index = range(len(pred_effects))
+    true_index = [int(i) for i in true_index]
+    if len(true_index) != len(pred_effects) or real_effects.ndim != 2 \
+            or real_effects.shape[1] != pred_effects.shape[1]:
+        raise ValueError(f"shapes do not match: pred {pred_effects.shape}, real {real_effects.shape}, "
+                         f"{len(true_index)} true indices")
+    metric = {"l1": "manhattan", "l2": "euclidean"}.get(metric, metric)
+    n = len(real_effects)
+    out = np.empty(len(pred_effects))
+    for p, q in enumerate(true_index):
+        keep = np.ones(pred_effects.shape[1], bool)
+        if exclude is not None and exclude[p] is not None:
+            keep[np.asarray(exclude[p], int)] = False
+        d = pairwise_distances(real_effects[:, keep], pred_effects[p, keep].reshape(1, -1), metric=metric).ravel()
+        rank = int(np.flatnonzero(np.argsort(d) == q)[0])
+        out[p] = 1.0 - rank / n
+    return out
+
+
 def perturbation_metrics(pred: np.ndarray, true: np.ndarray, control: np.ndarray, genes, degs: list[str],
                          project=None) -> dict:
     """Every metric of the module docstring for one group. ``degs``: genes ranked by DEG score
-    (at least 100); ``project``: a function to PCA scores (fitted on real cells) for the
-    distribution distances."""
+    (at least 100, or all genes where fewer); ``project``: a function to PCA scores (fitted on
+    real cells) for the distribution distances."""
     from sklearn.metrics import r2_score
 
     index = {str(g): i for i, g in enumerate(genes)}
@@ -67,7 +135,8 @@ def perturbation_metrics(pred: np.ndarray, true: np.ndarray, control: np.ndarray
            "r2_top50": float(r2_score(tm[idx[:50]], pm[idx[:50]])),
            "pearson_delta_all": _pearson(pm - cm, tm - cm),
            "pearson_delta_top20": _pearson(pm[idx[:20]] - cm[idx[:20]], tm[idx[:20]] - cm[idx[:20]]),
-           "mse_top20": float(np.mean((pm[idx[:20]] - tm[idx[:20]]) ** 2))}
+           "mse_top20": float(np.mean((pm[idx[:20]] - tm[idx[:20]]) ** 2)),
+           "rmse_all": rmse(pm, tm), "mae_all": mae(pm, tm)}
     if project is not None:
         pp, tp = project(pred), project(true)
         out["e_distance"] = e_distance(pp, tp)
@@ -75,28 +144,60 @@ def perturbation_metrics(pred: np.ndarray, true: np.ndarray, control: np.ndarray
     return out
 
 
-# -- baselines ------------------------------------------------------------------------------------
+# -- baselines: numpy cores -----------------------------------------------------------------------
 
 def no_change(control: np.ndarray) -> np.ndarray:
-    """The control cells themselves."""
-    return control.copy()
+    """No change: the context's own control cells (the floor every field benchmark reports)."""
+    return np.array(control, copy=True)
 
 
 def mean_shift(control: np.ndarray, deltas: list[np.ndarray]) -> np.ndarray:
-    """Control cells plus the mean of the per-group deltas (perturbed mean - control mean) seen in
-    other groups (cell types). Not clipped, so its means are exactly control + delta."""
+    """Mean shift (scGen's "mean" baseline): control cells plus the mean of the per-context deltas
+    (perturbed mean - control mean) of the same perturbation in other contexts. Not clipped, so
+    its means are exactly control + delta."""
     return control + np.mean(deltas, axis=0)
 
 
+def cell_mean(control: np.ndarray, perturbed: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Cell mean / "perturbed mean" (the Virtual Cell Challenge's cell-mean baseline): control
+    cells plus the mean of all other perturbed cells minus the mean of the controls they were
+    measured against; the baseline for an unseen perturbation."""
+    return control + (np.mean(perturbed, axis=0) - np.mean(reference, axis=0))
+
+
 def additive(control: np.ndarray, single_deltas: list[np.ndarray]) -> np.ndarray:
-    """Control cells plus the sum of the single perturbations' deltas (``A+B`` -> ``dA + dB``)."""
+    """Additive (the combination baseline of GEARS / Norman et al. 2019): control cells plus the
+    sum of the single perturbations' deltas (``A+B`` -> ``dA + dB``)."""
     return control + np.sum(single_deltas, axis=0)
 
 
+def interpolate_in_time(times: Sequence[float], means: np.ndarray, t: float) -> np.ndarray:
+    """Linear interpolation of per-time mean expression at ``t`` between the flanking measured times."""
+    times = np.asarray(times, float)
+    order = np.argsort(times)
+    times, means = times[order], np.asarray(means, float)[order]
+    if t in times:
+        return means[int(np.flatnonzero(times == t)[0])].copy()
+    if t < times[0] or t > times[-1]:
+        raise ValueError(f"time {t} lies outside the measured times {times.tolist()}; no flanking times to "
+                         f"interpolate between")
+    hi = int(np.searchsorted(times, t))
+    lo = hi - 1
+    w = (t - times[lo]) / (times[hi] - times[lo])
+    return (1 - w) * means[lo] + w * means[hi]
+
+
+def linear_in_time(control: np.ndarray, times: Sequence[float], means: np.ndarray, t: float) -> np.ndarray:
+    """Linear in time (the time-course baseline of Klein et al.-style held-out-day tasks): control
+    cells shifted so their mean is the interpolation at ``t`` between the flanking measured days."""
+    return control + (interpolate_in_time(times, means, t) - np.mean(control, axis=0))
+
+
 class LinearPerturbationModel:
-    """Ridge regression from a perturbation embedding (a multi-hot of single perturbations,
-    optionally with covariate one-hots) to the mean expression delta against control; predicts
-    a new group as its control cells plus the predicted delta."""
+    """Linear baseline (Ahlmann-Eltze et al. 2025): ridge regression from a perturbation feature
+    vector (a multi-hot of single perturbations, optionally with covariate one-hots, or supplied
+    features such as gene embeddings) to the mean expression delta against control; predicts a
+    new group as its control cells plus the predicted delta."""
 
     def __init__(self, alpha: float = 1.0):
         from sklearn.linear_model import Ridge
@@ -107,5 +208,160 @@ class LinearPerturbationModel:
         self.model.fit(np.asarray(features, float), np.asarray(deltas, float))
         return self
 
+    def predict_delta(self, features: np.ndarray) -> np.ndarray:
+        return self.model.predict(np.asarray(features, float).reshape(1, -1))[0]
+
     def predict(self, control: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return control + self.model.predict(np.asarray(features, float).reshape(1, -1))[0]
+        return control + self.predict_delta(features)
+
+
+def pca_gene_embedding(x: np.ndarray, n_components: int = 10, seed: int = 0) -> np.ndarray:
+    """Gene embeddings for the linear baseline on unseen knockouts (Ahlmann-Eltze et al. 2025):
+    the genes' loadings on the top principal components of the training cells, ``(genes, k)``."""
+    from sklearn.decomposition import PCA
+
+    k = int(min(n_components, x.shape[0] - 1, x.shape[1]))
+    return PCA(n_components=k, random_state=seed, svd_solver="full").fit(np.asarray(x, float)).components_.T
+
+
+# -- baselines over AnnData -----------------------------------------------------------------------
+
+def _x(adata) -> np.ndarray:
+    import scipy.sparse as sp
+
+    return (adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X)).astype(np.float64)
+
+
+def _labels(adata, key: str) -> np.ndarray:
+    if key not in adata.obs:
+        raise KeyError(f"obs has no column {key!r}; columns: {list(adata.obs.columns)}")
+    return adata.obs[key].astype(str).to_numpy()
+
+
+def _contexts(adata, context_key: str | None) -> np.ndarray:
+    return np.full(adata.n_obs, "all", dtype=object) if context_key is None else _labels(adata, context_key)
+
+
+def perturbation_deltas(train, perturbation_key: str, *, context_key: str | None = None,
+                        control_label: str = "control") -> dict[str, list[np.ndarray]]:
+    """Per perturbation label, the deltas (label mean - control mean) of every context of
+    ``train`` (an AnnData of log1p expression) that holds both the label and control cells."""
+    x, pert, ctx = _x(train), _labels(train, perturbation_key), _contexts(train, context_key)
+    out: dict[str, list[np.ndarray]] = {}
+    for c in dict.fromkeys(ctx):
+        in_c = ctx == c
+        ctrl = in_c & (pert == control_label)
+        if not ctrl.any():
+            continue
+        base = x[ctrl].mean(0)
+        for label in dict.fromkeys(pert[in_c]):
+            if label != control_label:
+                out.setdefault(label, []).append(x[in_c & (pert == label)].mean(0) - base)
+    return out
+
+
+def _multi_hot(labels: Sequence[str], vocab: list[str], separator: str) -> np.ndarray:
+    f = np.zeros(len(vocab))
+    for label in labels:
+        for s in label.split(separator):
+            f[vocab.index(s)] += 1.0
+    return f
+
+
+def predict_baseline(method: str, train, control, target: Mapping, *, perturbation_key: str | None = None,
+                     context_key: str | None = None, control_label: str = "control", time_key: str | None = None,
+                     features: Mapping[str, np.ndarray] | None = None, alpha: float = 1.0, separator: str = "+"):
+    """Predict ``control``'s cells under ``target`` with a baseline; returns an AnnData (one
+    predicted cell per control cell, ``obs`` copied with the target written in, the control cells
+    in ``layers['control']``), like :func:`scidiff.perturbation.predict_perturbation`.
+
+    ``train`` and ``control``: AnnData of log1p-normalised expression on the same genes.
+    ``target``: e.g. ``{'condition': 'stimulated'}``, ``{'perturbation': 'A+B'}`` or
+    ``{'day_num': 4.0}``. ``method`` (see :data:`BASELINES`):
+
+    - ``no-change``: the control cells;
+    - ``mean-shift``: + the mean over ``context_key`` values of the target's delta in ``train``;
+    - ``cell-mean``: + the mean over contexts of (all perturbed cells but the target's) - control;
+    - ``additive``: + the sum of the target's singles' mean-shift deltas (``A+B`` -> ``dA + dB``);
+    - ``linear``: with ``time_key``, interpolation in time between the flanking measured times
+      (``control`` shifted to the interpolated mean); otherwise ridge (``alpha``) from a feature
+      vector to the delta, fitted on every (context, perturbation) group of ``train``: the
+      multi-hot of single perturbations, or ``features[label]`` (labels without features are
+      left out of the fit).
+    """
+    import anndata as ad
+    import pandas as pd
+
+    method = method.replace("_", "-")
+    if method not in BASELINES:
+        raise ValueError(f"unknown baseline {method!r}; choose from {list(BASELINES)}")
+    if list(map(str, train.var_names)) != list(map(str, control.var_names)):
+        raise ValueError("train and control must hold the same genes in the same order")
+    xc = _x(control)
+    if method == "no-change":
+        pred = no_change(xc)
+    elif method == "linear" and time_key is not None:
+        if time_key not in target:
+            raise ValueError(f"target has no {time_key!r}: {dict(target)}")
+        times = train.obs[time_key].astype(float).to_numpy()
+        uniq = np.unique(times)
+        xt = _x(train)
+        pred = linear_in_time(xc, uniq, np.stack([xt[times == u].mean(0) for u in uniq]), float(target[time_key]))
+    else:
+        if perturbation_key is None or perturbation_key not in target:
+            raise ValueError(f"{method} needs perturbation_key and a target for it; got {perturbation_key!r}, "
+                             f"{dict(target)}")
+        label = str(target[perturbation_key])
+        deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=control_label)
+        if method == "mean-shift":
+            if label not in deltas:
+                raise ValueError(f"mean-shift: {label!r} has no training cells beside controls of the same context")
+            pred = mean_shift(xc, deltas[label])
+        elif method == "additive":
+            singles = label.split(separator)
+            missing = [s for s in singles if s not in deltas]
+            if missing:
+                raise ValueError(f"additive: single perturbations without training cells: {missing}")
+            pred = additive(xc, [np.mean(deltas[s], axis=0) for s in singles])
+        elif method == "cell-mean":
+            x, pert, ctx = _x(train), _labels(train, perturbation_key), _contexts(train, context_key)
+            per_ctx = []
+            for c in dict.fromkeys(ctx):
+                in_c = ctx == c
+                others = in_c & (pert != control_label) & (pert != label)
+                ctrl = in_c & (pert == control_label)
+                if others.any() and ctrl.any():
+                    per_ctx.append(x[others].mean(0) - x[ctrl].mean(0))
+            if not per_ctx:
+                raise ValueError(f"cell-mean: no perturbed cells other than {label!r} in train")
+            pred = xc + np.mean(per_ctx, axis=0)
+        else:  # linear on features
+            labels = [lab for lab, ds in deltas.items() for _ in ds]
+            ys = [d for ds in deltas.values() for d in ds]
+            if features is None:
+                vocab = sorted({s for lab in deltas for s in lab.split(separator)})
+                unknown = [s for s in label.split(separator) if s not in vocab]
+                if unknown:
+                    raise ValueError(f"linear: single perturbations unseen in train: {unknown} (a multi-hot "
+                                     f"has no column for them; supply features)")
+                feats = [_multi_hot([lab], vocab, separator) for lab in labels]
+                f_target = _multi_hot([label], vocab, separator)
+            else:
+                if label not in features:
+                    raise ValueError(f"linear: no features for {label!r}")
+                keep = [i for i, lab in enumerate(labels) if lab in features]
+                if not keep:
+                    raise ValueError("linear: no training perturbation has features")
+                feats = [np.asarray(features[labels[i]], float) for i in keep]
+                ys = [ys[i] for i in keep]
+                f_target = np.asarray(features[label], float)
+            model = LinearPerturbationModel(alpha).fit(np.stack(feats), np.stack(ys))
+            pred = model.predict(xc, f_target)
+    obs = control.obs.copy()
+    for k, v in target.items():
+        obs[k] = pd.Categorical([v] * control.n_obs) if isinstance(v, str) else v
+    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var[[]].copy())
+    out.layers["control"] = xc.astype(np.float32)
+    out.uns["baseline"] = {"method": method, "target": {k: (v if isinstance(v, str) else float(v))
+                                                         for k, v in target.items()}}
+    return out
