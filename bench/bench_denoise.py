@@ -42,7 +42,7 @@ def run_dataset(name, args):
     import anndata as ad
 
     import scidiff
-    from scidiff.denoising import binomial_split, denoise
+    from scidiff.tasks.denoise import binomial_split, denoise
     from scidiff.evaluation.denoising import (best_pca_denoiser, counts_from_log, knn_denoiser, mcv_scores,
                                               raw_denoiser)
 

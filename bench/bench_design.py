@@ -50,10 +50,10 @@ SHARED = os.path.join(HERE, "..", "..", "shared", "data")
 
 
 KANG_SELECT = "design, select=condition, guidance 1, eta 1, retries 10"
-KANG_SELECT_KW = {"select": "condition", "guidance_scale": 1.0, "eta": 1.0, "retries": 10}
+KANG_SELECT_KW = {"select": "condition", "objective_scale": 1.0, "eta": 1.0, "retries": 10}
 KANG_OBSERVED = "observed " + KANG_SELECT
 PBMC_SELECT = "design, select=bulk_labels, guidance 1, eta 1, no resampling, retries 10"
-PBMC_SELECT_KW = {"select": "bulk_labels", "guidance_scale": 1.0, "eta": 1.0, "resample": False, "retries": 10}
+PBMC_SELECT_KW = {"select": "bulk_labels", "objective_scale": 1.0, "eta": 1.0, "resample": False, "retries": 10}
 PBMC_OBSERVED = "observed " + PBMC_SELECT
 FREE = ", free measurement"
 FREE_KW = {"condition_measurement": False}
@@ -95,7 +95,7 @@ def train_or_load(name, data, epochs, model_dir, seed):
 
 
 def hits_fn(target, genes):
-    from scidiff.sampling.inverse_design import constraint_hits
+    from scidiff.tasks.design import constraint_hits
 
     return lambda x: np.all(np.stack(list(constraint_hits(x, genes, target).values())), axis=0)
 
@@ -162,7 +162,7 @@ def kang(args, results):
     from scidiff.data.preprocess import select_genes
     from scidiff.evaluation import fit_pca
     from scidiff.evaluation.design import direct_gradient_baseline, rejection_baseline
-    from scidiff.regulators import gene_attribution, screen_perturbations
+    from scidiff.tasks.design import gene_attribution, screen_perturbations
     from sklearn.linear_model import LogisticRegression
 
     path = os.path.join(SHARED, "kang_ifnb_pbmc.h5ad")
@@ -211,13 +211,13 @@ def kang(args, results):
     add("design", res.expression, {"seconds": round(time.perf_counter() - t0, 2),
                                               "settings": res.settings})
     for scale in args.scales:
-        r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, guidance_scale=scale)
+        r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, objective_scale=scale)
         add(f"design, guidance scale {scale:g}" + (" (unguided: source decoded, condition unset)" if scale == 0 else ""),
             r.expression)
     r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed, resample=True)
     add("design + resampling (SMC)", r.expression, {"settings": r.settings})
     for name, kw in (("design, select=condition", {}),
-                     ("design, select=condition, guidance 1, eta 1", {"guidance_scale": 1.0, "eta": 1.0}),
+                     ("design, select=condition, guidance 1, eta 1", {"objective_scale": 1.0, "eta": 1.0}),
                      (KANG_SELECT, KANG_SELECT_KW)):
         r = designer.design(target, n, source=source, steps=args.steps, seed=args.seed,
                             **{"select": "condition", **kw})
@@ -321,11 +321,11 @@ def pbmc(args, results):
     res = designer.design(target, n, steps=args.steps, seed=args.seed)
     add("design", res.expression, {"seconds": round(time.perf_counter() - t0, 2), "settings": res.settings})
     for scale in args.scales:
-        r = designer.design(target, n, steps=args.steps, seed=args.seed, guidance_scale=scale)
+        r = designer.design(target, n, steps=args.steps, seed=args.seed, objective_scale=scale)
         add(f"design, guidance scale {scale:g}", r.expression)
     for name, kw in (("design, select=bulk_labels", {}),
                      ("design, select=bulk_labels, guidance 1, eta 1, no resampling",
-                      {"guidance_scale": 1.0, "eta": 1.0, "resample": False}),
+                      {"objective_scale": 1.0, "eta": 1.0, "resample": False}),
                      (PBMC_SELECT, PBMC_SELECT_KW)):
         r = designer.design(target, n, steps=args.steps, seed=args.seed, **{"select": "bulk_labels", **kw})
         add(name, r.expression, {"settings": r.settings})
@@ -334,7 +334,7 @@ def pbmc(args, results):
                      (PBMC_OBSERVED + ", reweighted measurement", {"reweight_measurement": True})):
         r = observed_designer.design(target, n, steps=args.steps, seed=args.seed, **PBMC_SELECT_KW, **kw)
         add(name, r.expression, {"settings": r.settings})
-    unguided = designer.design(target, n, steps=args.steps, seed=args.seed, guidance_scale=0.0, resample=False)
+    unguided = designer.design(target, n, steps=args.steps, seed=args.seed, objective_scale=0.0, resample=False)
     add("unguided (unconditional)", unguided.expression)
     add("direct gradient on expression", direct_gradient_baseline(designer, target, unguided.expression))
     cd8 = [lab for lab in sorted(set(bulk)) if lab.startswith("CD8+")]

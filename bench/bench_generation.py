@@ -111,7 +111,7 @@ def main(argv=None):
     import scidiff
     from scidiff.evaluation import fit_pca
     from scidiff.evaluation.baselines import gaussian_pca_generator
-    from scidiff.sampling import DEFAULT_SAMPLER
+    from scidiff.diffusion.plans import DEFAULT_SAMPLER
 
     adata = scidiff.data.read_h5ad(args.data)
     groups = (adata.obs["cell_type"].astype(str) + " | " + adata.obs["condition"].astype(str)).to_numpy()

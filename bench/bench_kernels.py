@@ -150,7 +150,7 @@ def sampler_step_rows(dev, rows: list[int], dims: list[int]) -> list[dict]:
 
 def engine_profile(dev, model_path: str, batch: int, top: int) -> dict:
     import scidiff
-    from scidiff.sampling import SamplingEngine
+    from scidiff.engine import SamplingEngine
     from torch.profiler import ProfilerActivity, profile
 
     cuda = dev.type == "cuda"

@@ -7,7 +7,7 @@ groups), with one model trained once for a fixed number of epochs and saved (``-
 when it exists), then sampled many ways: DDPM, DDIM, DPM-Solver++(2M), Heun (probability-flow
 ODE) and Euler-Maruyama (reverse SDE) at several step counts, each group with the same seed (so
 the deterministic samplers start from the same ``x_T``). Sampling runs through the fp32
-:class:`~scidiff.sampling.SamplingEngine`, which gives the plain samplers' cells (tests/test_engine.py);
+:class:`~scidiff.engine.SamplingEngine`, which gives the plain samplers' cells (tests/test_engine.py);
 one bf16 row shows what the engine's bf16 network does to quality.
 
 Results are appended per configuration to the JSON (``--out``), so an interrupted run resumes;
@@ -70,7 +70,8 @@ def main(argv=None):
 
     import scidiff
     from scidiff.evaluation import fit_pca
-    from scidiff.sampling import SamplingEngine, sampler_plan
+    from scidiff.diffusion.plans import sampler_plan
+    from scidiff.engine import SamplingEngine
 
     adata = scidiff.data.read_h5ad(args.data)
     groups = (adata.obs["cell_type"].astype(str) + " | " + adata.obs["condition"].astype(str)).to_numpy()

@@ -3,13 +3,13 @@ ONNX runtime, one run, same model, same sampler (DDIM) and steps.
 
 - ``eager``: ``model.sample`` in fp32, the network evaluated per step and per cell exactly as
   written (the way the anchors sample).
-- ``engine``: :class:`scidiff.sampling.SamplingEngine` with its defaults for the device (CPU:
+- ``engine``: :class:`scidiff.engine.SamplingEngine` with its defaults for the device (CPU:
   bf16 network where the CPU has bf16 units, per-condition modulation caching, fused update,
   1,024-cell chunks; CUDA: bf16, Triton kernels, the loop in a CUDA graph).
 - ``engine_fp32``: the engine with an fp32 network (what caching and fusion alone give).
 - ``engine_torch_ops`` (CUDA): the engine with the torch reference ops in place of the Triton
   kernels (same bf16, caching and CUDA graph): what the fused kernels add.
-- ``engine_to_cpu``: the engine with its cells copied to host memory, as ``write_h5ad`` and
+- ``engine_to_cpu``: the engine with its cells copied to host memory, as ``generate_to_file`` and
   ``sample`` deliver them (on CPU the same as ``engine``). ``eager``, ``engine`` and
   ``engine_fp32`` leave the cells on the device.
 - ``onnx``: :class:`scidiff.export.runtime.OnnxSampler` on the exported model (onnxruntime,
@@ -125,8 +125,8 @@ def main(argv=None):
                           ("cpu" if args.device == "auto" else args.device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    from scidiff.sampling import SamplingEngine
-    from scidiff.sampling.engine import cpu_has_bf16
+    from scidiff.engine import SamplingEngine
+    from scidiff.engine import cpu_has_bf16
 
     model, cond = build_model(args, device)
     flops = flops_per_cell_step(model)

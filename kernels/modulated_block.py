@@ -10,7 +10,7 @@ never goes to memory; bias, SiLU, gate and the residual add are the epilogue.
 Shared modulation (one ``shift``/``scale``/``gate`` row for all cells, the sampling engine's
 case): LayerNorm is folded into the weight, ``W (LN(h)(1 + scale) + shift) + b =
 rstd (h W'^T - mean u) + v`` with ``W' = W diag(1 + scale)``, ``u = W' 1`` and ``v = W shift + b``
-(``scidiff.ops.fold_layer_norm``), so the block is a plain tiled GEMM over ``h``
+(``fold.py``), so the block is a plain tiled GEMM over ``h``
 (``folded_linear``, tiles autotuned per shape) that applies the row statistics in its epilogue
 and, where one tile spans the row, writes the next layer's (``row_stats``, their own kernel,
 gives the first layer's). The same kernel without the residual epilogue is the
@@ -34,6 +34,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .fold import fold_layer_norm
 
 
 def _interpreting() -> bool:
@@ -347,9 +349,7 @@ def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
 
 def _launch_shared(h2, shift, scale, gate, weight, bias, eps):
     """The block with one modulation row: LayerNorm's affine part and the modulation folded into
-    the weight (``scidiff.ops.fold_layer_norm``), the row statistics, then the folded GEMM."""
-    from scidiff.ops.modulated_block import fold_layer_norm
-
+    the weight (:func:`.fold.fold_layer_norm`), the row statistics, then the folded GEMM."""
     K = h2.shape[1]
     weight_t, u, v = fold_layer_norm(weight, bias, shift.reshape(1, K), scale.reshape(1, K))
     mean, rstd = row_stats(h2, eps)

@@ -4,7 +4,7 @@
     out  = a x + b x0 + p x0_prev + s z              (a, b, p, s per row)
 
 DDIM, DDPM, DPM-Solver++(2M), Euler-Maruyama and Heun are all this update with different
-coefficients (``scidiff.sampling.samplers.PlanStep``); rows may sit at different timesteps
+coefficients (``scidiff.diffusion.plans.PlanStep``); rows may sit at different timesteps
 because the coefficients are per row (a ``[B, 4]`` tensor, or one row broadcast with stride 0).
 ``z`` is either read from a tensor or drawn in the kernel: Philox (``tl.randn``) keyed by
 ``seed + offset * 1000003`` (``seed`` read from device memory, so a CUDA graph replays with a new

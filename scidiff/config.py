@@ -1,4 +1,6 @@
-"""Configuration: dataclasses for each section, loaded from YAML in this one place.
+"""Configuration: dataclasses for each section, loaded from YAML in this one place. It names
+components and builds none; the sampler names and defaults come from the torch-free
+:mod:`scidiff.diffusion.plans`, where they are written once.
 
 ``configs/default.yaml`` keeps the keys of the original scIDiff design (model: gene_dim,
 hidden_dim, num_layers, num_timesteps, conditioning_dim; training: batch_size, learning_rate,
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 import yaml
+
+from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
 
 
 @dataclass
@@ -27,15 +31,17 @@ class ModelConfig:
     cond_dropout: float = 0.1
     latent_dim: int | None = 64
 
-    def scheduler(self):
-        from .models import get_scheduler
-
+    def scheduler_config(self) -> dict:
+        """The noise schedule by name, as :func:`scidiff.diffusion.schedules.get_scheduler` (and
+        ``ScIDiffModel(noise_scheduler=...)``) takes it."""
         extra = {"sparsity_factor": self.sparsity_factor} if self.noise_schedule == "biological" else {}
-        return get_scheduler(self.noise_schedule, self.num_timesteps, **extra)
+        return {"kind": self.noise_schedule, "num_timesteps": self.num_timesteps, **extra}
 
     def model_kwargs(self) -> dict:
+        """:class:`scidiff.models.ScIDiffModel` keyword arguments (the schedule by name: the config
+        builds nothing)."""
         return {"hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "num_timesteps": self.num_timesteps,
-                "conditioning_dim": self.conditioning_dim, "noise_scheduler": self.scheduler(),
+                "conditioning_dim": self.conditioning_dim, "noise_scheduler": self.scheduler_config(),
                 "dropout": self.dropout, "cond_dropout": self.cond_dropout, "latent_dim": self.latent_dim or None}
 
 
@@ -89,8 +95,8 @@ class DataConfig:
 
 @dataclass
 class SamplingConfig:
-    sampler: str = "dpmpp_2m"
-    steps: int = 25
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_STEPS
     eta: float = 0.0
     guidance_scale: float = 1.0
 
@@ -108,7 +114,7 @@ class Config:
 
 _CHOICES = {"model.noise_schedule": ("cosine", "linear", "biological"),
             "training.mixed_precision": ("auto", "bf16", "no"),
-            "sampling.sampler": ("ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun")}
+            "sampling.sampler": SAMPLER_NAMES}
 
 # value rules checked after the type: (test, what it means); None passes where the type allows it
 _RULES = {

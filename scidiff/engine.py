@@ -1,7 +1,8 @@
 """The sampling engine: a trained :class:`~scidiff.models.ScIDiffModel` as a fast generator.
 
-It walks the same plan as the plain samplers (:func:`~scidiff.sampling.samplers.sampler_plan`)
-and does less work per step:
+It walks the same plan as the plain samplers (:func:`~scidiff.diffusion.plans.sampler_plan`),
+with the same walker (:func:`~scidiff.diffusion.plans.walk`) and the model's own preconditioning
+(:class:`~scidiff.models.preconditioning.Preconditioning`), and does less work per step:
 
 - The condition embedding, the perturbation response and the timestep embeddings are computed
   once per batch / once per plan, not once per step and cell. Each block's modulation
@@ -23,8 +24,8 @@ and does less work per step:
   noise is drawn in the kernel from a seed held in device memory, so nothing in the loop waits
   on the host.
 
-Large ``n`` is generated in chunks (:meth:`SamplingEngine.stream`), with a progress bar, and can
-be written to an ``.h5ad`` chunk by chunk (:meth:`SamplingEngine.write_h5ad`).
+Large ``n`` is generated in chunks (:meth:`SamplingEngine.stream`), with a progress bar;
+:func:`scidiff.tasks.generate.generate_to_file` writes them to an ``.h5ad`` chunk by chunk.
 
 On CPU in fp32 the engine reproduces ``model.sample`` (same seed, same sampler) to float
 rounding: the same ``x_T`` and noise draws, in the same order. bf16 changes the samples by the
@@ -39,8 +40,9 @@ from typing import Iterator
 
 import torch
 
-from .. import ops
-from .samplers import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan
+from . import ops
+from .diffusion.guidance import double_rows
+from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
 
 
 def cpu_has_bf16() -> bool:
@@ -56,7 +58,7 @@ class SamplingEngine:
 
     Args:
         model: a trained ScIDiffModel (its weights are copied; later changes to it are not seen).
-        sampler, steps, eta, spacing: as in :func:`~scidiff.sampling.samplers.sampler_plan`.
+        sampler, steps, eta, spacing: as in :func:`~scidiff.diffusion.plans.sampler_plan`.
         guidance_scale: classifier-free guidance weight (1 = the conditional model).
         clip: optional ``(min, max)`` clamp of each prediction (in diffusion space).
         device: default the model's device.
@@ -99,18 +101,14 @@ class SamplingEngine:
     # -- set-up ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _precompute_plan(self):
-        """Per plan step: preconditioning as Python floats, the update coefficients as a device
-        table ``[n, 4]`` and the timestep embeddings ``[n, C]``."""
-        from ..models.score_network import timestep_embedding
-
+        """Per plan step: the model's preconditioning as Python floats, the update coefficients as
+        a device table ``[n, 4]`` and the timestep embeddings ``[n, C]``."""
         m, dev = self.model, self.device
         t = torch.tensor([st.t for st in self.plan], device=dev)
-        c_in, c_skip, c_out = m.preconditioning(t)
-        self.c_in, self.c_skip, self.c_out = (c.flatten().tolist() for c in (c_in, c_skip, c_out))
-        self.sqrt_ab = m.alphas_cumprod[t].sqrt().tolist()
+        self.pre = m.precondition(t).rows()
         self.coef = torch.tensor([[st.x_coef, st.x0_coef, st.prev_coef, st.noise_coef] for st in self.plan],
                                  dtype=torch.float32, device=dev)
-        self.temb = m.time_mlp(timestep_embedding(t.float() * (1000.0 / m.num_timesteps), m.conditioning_dim))
+        self.temb = m.time_embedding(t)
 
     @torch.no_grad()
     def _conditions(self, cond: dict, b: int):
@@ -122,15 +120,12 @@ class SamplingEngine:
         enc, dev = self.model.condition_encoder, self.device
         if self.guidance_scale != 1.0:
             null = enc.null_condition(b, dev)
-            full = {**null, **cond}
-            cond = {k: torch.cat([full[k].expand(b, *full[k].shape[1:]), null[k].expand(b, *null[k].shape[1:])])
-                    for k in full}
+            cond = double_rows({**null, **cond}, null, b)
             rows = 2 * b
         else:
             rows = b
         cemb = enc(cond, rows, dev)
-        response_fn = getattr(enc, "response", None)
-        response = response_fn(cond, rows, dev) if response_fn is not None else None
+        response = self.model.response(cond, rows, dev)
         if bool((cemb == cemb[:1]).all()):  # one condition (the common case): no sort
             return cemb[:1], None, response, (0,)
         unique, inverse = torch.unique(cemb, dim=0, return_inverse=True)
@@ -165,17 +160,12 @@ class SamplingEngine:
         return self.score(x, response=response, modulations=mods).float()
 
     def _denoise(self, i: int, x_in: torch.Tensor, cemb: torch.Tensor, inverse, response, folded=None):
-        """Predicted clean sample(s) at plan step ``i``: ``model(x_in, t_i, cond)`` with the
-        per-step work done once per distinct condition."""
+        """Predicted clean sample(s) at plan step ``i``: ``model(x_in, t_i, cond)`` (the model's
+        preconditioning around the network) with the per-step work done once per distinct
+        condition."""
         if self.guidance_scale != 1.0:
             x_in = torch.cat([x_in, x_in])
-        if response is None:
-            f = self._network(i, self.c_in[i] * x_in, cemb, inverse, None, folded)
-            x0 = self.c_skip[i] * x_in + self.c_out[i] * f
-        else:
-            x_res = x_in - self.sqrt_ab[i] * response
-            f = self._network(i, self.c_in[i] * x_res, cemb, inverse, response, folded)
-            x0 = response + self.c_skip[i] * x_res + self.c_out[i] * f
+        x0 = self.pre[i].apply(x_in, lambda x, r: self._network(i, x, cemb, inverse, r, folded), response)
         if self.guidance_scale == 1.0:
             return x0, None
         b = x0.shape[0] // 2
@@ -185,11 +175,13 @@ class SamplingEngine:
               seed=None) -> torch.Tensor:
         """The whole plan on one batch. Noise: drawn from ``generator`` (the plain samplers'
         order) or, with ``seed`` (an int64 device tensor), in the step kernel."""
-        mid = prev = None
         lo, hi = self.clip if self.clip is not None else (None, None)
         folded = self._fold(cemb, groups)
-        for i, st in enumerate(self.plan):
-            pred, pred_u = self._denoise(i, mid if st.from_mid else x, cemb, inverse, response, folded)
+
+        def predict(x_in, t, i):
+            return self._denoise(i, x_in, cemb, inverse, response, folded)
+
+        def update(i, st, x, pred, prev, _):
             noise, step_seed = None, None
             if st.noise_coef > 0:
                 if seed is None:
@@ -198,14 +190,10 @@ class SamplingEngine:
                     step_seed = seed
                 else:  # the reference step would read the seed on the host: draw in the graph instead
                     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
-            out, x0 = ops.sampler_step(x, pred, pred_u, prev if st.prev_coef else None, self.coef[i],
-                                       self.guidance_scale, lo, hi, noise, step_seed, i)
-            if st.to_mid:
-                mid = out
-            else:
-                x = out
-            prev = x0
-        return x
+            return ops.sampler_step(x, pred[0], pred[1], prev if st.prev_coef else None, self.coef[i],
+                                    self.guidance_scale, lo, hi, noise, step_seed, i)
+
+        return walk(self.plan, x, predict, update=update)
 
     @torch.no_grad()
     def _run(self, x_T: torch.Tensor, cond: dict, generator) -> torch.Tensor:
@@ -290,38 +278,3 @@ class SamplingEngine:
     def sample(self, n: int, conditioning: dict | None = None, **kwargs) -> torch.Tensor:
         """``n`` generated cells ``[n, G]`` (see :meth:`stream` for the arguments)."""
         return torch.cat(list(self.stream(n, conditioning, **kwargs)))
-
-    def write_h5ad(self, path, n: int, groups: list[dict] | None = None, *, seed: int = 0,
-                   progress: bool = True, observed: bool = False) -> tuple[int, int]:
-        """:func:`scidiff.pipeline.generate_to_file` with the engine: ``n`` cells for each
-        conditioning dict in ``groups`` (group ``i`` seeded with ``seed + i``) written straight
-        into the ``.h5ad`` at ``path`` chunk by chunk (memory bounded by ``chunk_size``; the file
-        appears only when complete). Returns ``(cells, genes)``."""
-        from tqdm.auto import tqdm
-
-        from ..data.h5ad_writer import H5adWriter
-        from ..pipeline import expression_note
-
-        m = self.model
-        if m.data_spec is None:
-            raise ValueError("this model carries no gene list; train it through scidiff.setup_anndata")
-        groups = [dict(g or {}) for g in (groups or [{}])]
-        for g in groups:  # fail on a bad label before generating anything
-            m.data_spec.encode_conditions(g, 1)
-        several = len(groups) > 1
-        with H5adWriter(path, m.data_spec.gene_names) as writer, \
-                tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
-            writer.uns = {"scidiff": {
-                "sampler": self.sampler, "steps": -1 if self.steps is None else int(self.steps),
-                "network_evaluations": len(self.plan), "eta": self.eta, "guidance_scale": self.guidance_scale,
-                "seed": int(seed), "engine_dtype": str(self.dtype).replace("torch.", ""), "observed": bool(observed),
-                "expression": expression_note(m, observed)}}
-            for i, cond in enumerate(groups):
-                start = 0
-                for x in self.stream(n, cond, seed=seed + i, observed=observed):
-                    names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
-                    writer.append(x.numpy(), obs={k: str(v) for k, v in cond.items()}, obs_names=names)
-                    start += len(x)
-                    bar.update(len(x))
-            cells = writer.n_cells
-        return cells, m.gene_dim

@@ -89,7 +89,7 @@ def test_every_command_of_the_table_is_in_the_readme():
 
 def test_sampler_choices_agree_everywhere():
     from scidiff.config import _CHOICES
-    from scidiff.sampling import SAMPLERS
+    from scidiff.diffusion.samplers import SAMPLERS
 
     assert sorted(cli.SAMPLER_CHOICES) == sorted(SAMPLERS) == sorted(_CHOICES["sampling.sampler"])
 

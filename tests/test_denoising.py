@@ -7,7 +7,7 @@ import scipy.sparse as sp
 import torch
 
 import scidiff
-from scidiff.denoising import binomial_split, denoise
+from scidiff.tasks.denoise import binomial_split, denoise
 from scidiff.evaluation.denoising import knn_denoiser, mcv_scores, pca_denoiser, poisson_loss, raw_denoiser
 
 

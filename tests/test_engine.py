@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from scidiff.models import ScIDiffModel
-from scidiff.sampling import SAMPLERS, SamplingEngine
+from scidiff.diffusion.samplers import SAMPLERS
+from scidiff.engine import SamplingEngine
+from scidiff.tasks.generate import generate_to_file
 
 
 def random_model(**kwargs):
@@ -26,7 +28,7 @@ def random_model(**kwargs):
 
 
 def plain_chunks(model, cond, sizes, seed, **kw):
-    """model.sample on consecutive chunks with one generator, as pipeline.generate does."""
+    """model.sample on consecutive chunks with one generator, as scidiff.generate does."""
     gen, out, start = torch.Generator().manual_seed(seed), [], 0
     for b in sizes:
         out.append(model.sample(b, {k: v[start:start + b] for k, v in cond.items()}, generator=gen, **kw))
@@ -135,7 +137,7 @@ def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
     engine = SamplingEngine(model, "dpmpp_2m", 6, dtype=torch.float32, chunk_size=16)
     groups = [{"cell_type": "B", "condition": "stimulated"}, {"cell_type": "NK", "condition": "control"}]
     out = tmp_path / "gen.h5ad"
-    cells, genes = engine.write_h5ad(out, 40, groups, seed=7, progress=False)
+    cells, genes = generate_to_file(engine, 40, out, groups, seed=7, progress=False)
     assert (cells, genes) == (80, 30) and sorted(os.listdir(tmp_path)) == ["gen.h5ad"]
     read = ad.read_h5ad(out)
     assert list(read.var_names) == list(data.spec.gene_names)
@@ -143,10 +145,10 @@ def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
     assert read.obs_names[0] == "generated_0-0" and read.uns["scidiff"]["sampler"] == "dpmpp_2m"
     for i, g in enumerate(groups):  # each group is what engine.sample gives with seed + i
         np.testing.assert_allclose(read.X[40 * i:40 * (i + 1)], engine.sample(40, g, seed=7 + i).numpy(), atol=1e-6)
-    # and, chunk for chunk, what model.sample gives (as pipeline.generate_to_file would write)
+    # and, chunk for chunk, what model.sample gives (as generate_to_file without the engine would write)
     np.testing.assert_allclose(read.X[:40], plain_chunks_expr(model, groups[0], 40, 16, 7), atol=2e-5)
     with pytest.raises(ValueError, match="no such type"):
-        engine.write_h5ad(tmp_path / "bad.h5ad", 5, [{"cell_type": "no such type"}], progress=False)
+        generate_to_file(engine, 5, tmp_path / "bad.h5ad", [{"cell_type": "no such type"}], progress=False)
     assert not (tmp_path / "bad.h5ad").exists()
 
 

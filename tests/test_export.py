@@ -19,8 +19,9 @@ from scidiff.export.onnx import (ConditionTableDenoiser, decoder_path, example_i
                                  sidecar_path, torch_reference)
 from scidiff.export.runtime import OnnxSampler, ddim, dpmpp_2m  # noqa: E402
 from scidiff.models import ScIDiffModel  # noqa: E402
-from scidiff.sampling import classifier_free_guidance, timesteps  # noqa: E402
-from scidiff.sampling import ddim as torch_ddim  # noqa: E402
+from scidiff.diffusion.guidance import classifier_free_guidance  # noqa: E402
+from scidiff.diffusion.plans import timesteps  # noqa: E402
+from scidiff.diffusion.samplers import ddim as torch_ddim  # noqa: E402
 
 
 def _session(path):
@@ -239,7 +240,7 @@ def test_dpm_solver_pp_solves_the_flow_ode_to_second_order(schedule):
 
 def test_numpy_samplers_walk_the_torch_samplers_grids():
     from scidiff.models import get_scheduler
-    from scidiff.sampling import samplers as torch_samplers
+    from scidiff.diffusion import plans as torch_samplers
 
     for t_count in (10, 200, 1000):
         ab = get_scheduler("cosine", t_count).alphas_cumprod
@@ -249,7 +250,7 @@ def test_numpy_samplers_walk_the_torch_samplers_grids():
 
 
 def test_numpy_dpm_solver_pp_equals_torch_dpm_solver_pp():
-    from scidiff.sampling import dpmpp_2m as torch_dpmpp_2m
+    from scidiff.diffusion.samplers import dpmpp_2m as torch_dpmpp_2m
 
     denoiser, x_T, ab, _ = _gaussian_problem("cosine")
 

@@ -14,13 +14,13 @@ from torch import nn
 import scidiff
 from scidiff.data.spec import DataSpec
 from scidiff.models.noise_scheduler import get_scheduler
-from scidiff.regulators import (gene_attribution, integrated_gradients, read_tf_network, screen_perturbations,
-                                tf_activity_change, tf_weight_matrix, ulm, wmean)
-from scidiff.sampling import InverseDesigner, PhenotypeTarget, ddim
-from scidiff.sampling.inverse_design import (CellTypeClassifier, CellTypeObjective, GeneExpressionObjective,
-                                             MarkerGeneObjective, NonNegativityObjective, RealismObjective,
-                                             SparsityObjective, SuppressedGeneObjective, UnknownGeneError,
-                                             objective_guidance)
+from scidiff.diffusion.guidance import objective_guidance
+from scidiff.diffusion.samplers import ddim
+from scidiff.tasks.design import (CellTypeClassifier, CellTypeObjective, GeneExpressionObjective, InverseDesigner,
+                                  MarkerGeneObjective, NonNegativityObjective, PhenotypeTarget, RealismObjective,
+                                  SparsityObjective, SuppressedGeneObjective, UnknownGeneError, gene_attribution,
+                                  integrated_gradients, read_tf_network, screen_perturbations, tf_activity_change,
+                                  tf_weight_matrix, ulm, wmean)
 
 
 class MixtureModel(nn.Module):
@@ -76,7 +76,7 @@ def _in_b(x):
 # -- guidance on an exact denoiser ------------------------------------------------------------------
 
 def test_unguided_mixture_samples_follow_the_weights(mixture):
-    x = InverseDesigner(mixture).design(PhenotypeTarget(marker_genes=["g1"]), 400, guidance_scale=0,
+    x = InverseDesigner(mixture).design(PhenotypeTarget(marker_genes=["g1"]), 400, objective_scale=0,
                                         backward_steps=0, resample=False, seed=0).expression
     assert 0.04 < _in_b(x).mean() < 0.18
 
@@ -98,7 +98,7 @@ def test_retries_restart_only_the_misses_and_keep_exact_draws(mixture):
     sampling: the cells end as exact draws from the component the target selects."""
     target = PhenotypeTarget(marker_genes={"g1": 1.6}, tolerance=0.0)
     designer = InverseDesigner(mixture)
-    kw = dict(guidance_scale=0, resample=False, steps=40, seed=3)
+    kw = dict(objective_scale=0, resample=False, steps=40, seed=3)
     first = designer.design(target, 300, **kw)
     res = designer.design(target, 300, retries=60, retry_noise=1.0, **kw)
     assert 0.04 < first.all_met.mean() < 0.18 and res.all_met.mean() > 0.98
@@ -168,7 +168,7 @@ def test_backward_guidance_and_schedule():
 
 def test_guided_denoiser_runs_under_a_no_grad_sampler(mixture):
     designer = InverseDesigner(mixture)
-    den = designer.guided_denoiser(PhenotypeTarget(marker_genes={"g1": 2.5}), guidance_scale=1.0, schedule="constant",
+    den = designer.guided_denoiser(PhenotypeTarget(marker_genes={"g1": 2.5}), objective_scale=1.0, schedule="constant",
                                    normalize=True, backward_steps=1)
     x = ddim(den, torch.randn(32, 5, generator=torch.Generator().manual_seed(3)), mixture.scheduler, 30)
     assert (x[:, 1] > 2.3).float().mean() > 0.9
@@ -519,14 +519,14 @@ def test_cli_design_select_and_retries(perturbed, tmp_path, capsys):
     lv = _levels(adata, "ifn", ["ISG15", "IFIT1"])
     out = tmp_path / "designed.h5ad"
     rc = main(["design", "--model", str(run), "--data", str(data), "--source", "drug=control", "--select", "drug",
-               "--retries", "3", "--eta", "1", "--guidance", "1", "--target",
+               "--retries", "3", "--eta", "1", "--objective-scale", "1", "--target",
                f"ISG15>={lv['ISG15']:.3f},IFIT1>={lv['IFIT1']:.3f}", "-n", "24", "--steps", "20", "--no-screen",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "designed.report.json").read_text())
     settings = report["settings"]
     assert settings["select"]["cells"] == {"drug=ifn": 24} and report["condition"]["drug"] == ["ifn"]
-    assert settings["retries"] == 3 and settings["eta"] == 1.0 and settings["guidance_scale"] == 1.0
+    assert settings["retries"] == 3 and settings["eta"] == 1.0 and settings["objective_scale"] == 1.0
     assert report["fraction_met_all"] >= 0.9
 
 
@@ -577,7 +577,7 @@ def test_design_result_writes_labels_with_slashes_to_h5ad(tmp_path):
 
     import anndata as ad
 
-    from scidiff.sampling.inverse_design import DesignResult
+    from scidiff.tasks.design import DesignResult
 
     label = "bulk_labels=CD8+/CD45RA+ Naive Cytotoxic"
     res = DesignResult(expression=np.ones((2, 3)), gene_names=["A", "B", "C"],

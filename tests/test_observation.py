@@ -108,7 +108,7 @@ def test_observed_samples_have_the_data_sparsity_and_old_checkpoints_load(tmp_pa
     with pytest.raises(ValueError, match="fitted detection model"):
         scidiff.InverseDesigner(old, observed=True)
     # the design CLI fits it on --data's cells instead, and says so in the report
-    from scidiff.design import run_design
+    from scidiff.tasks.design import run_design
 
     gene = data.spec.gene_names[0]
     with pytest.raises(ValueError, match="give --data"):
@@ -178,7 +178,7 @@ def test_engine_and_cli_write_the_same_measured_cells(tmp_path, kang_small):
     import anndata as ad
 
     from scidiff.cli import main
-    from scidiff.sampling import SamplingEngine
+    from scidiff.engine import SamplingEngine
 
     data = scidiff.setup_anndata(kang_small, n_top_genes=80, condition_keys=["cell_type"])
     model = ScIDiffModel.from_data(data, latent_dim=12, hidden_dim=32, num_layers=1, num_timesteps=100)

@@ -8,7 +8,7 @@ import torch
 import scidiff
 from scidiff.evaluation.perturbation import (LinearPerturbationModel, additive, e_distance, mean_shift,
                                              perturbation_metrics, scgen_r2)
-from scidiff.perturbation import predict_perturbation
+from scidiff.tasks.perturb import predict_perturbation
 
 G = 40
 DOSE_EFFECT = lambda d: np.log1p(d) / np.log1p(100)  # noqa: E731

@@ -7,8 +7,8 @@ import torch
 
 from scidiff.models import ScIDiffModel
 from scidiff.models.noise_scheduler import CosineNoiseScheduler, LinearNoiseScheduler
-from scidiff.sampling import SAMPLERS, ddim, ddpm, dpmpp_2m, euler_maruyama, heun, run_plan, sampler_plan
-from scidiff.sampling.samplers import DEFAULT_SPACING, ddim_plan, ddpm_plan, logsnr_timesteps, timesteps
+from scidiff.diffusion.plans import DEFAULT_SPACING, ddim_plan, ddpm_plan, logsnr_timesteps, sampler_plan, timesteps
+from scidiff.diffusion.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, euler_maruyama, heun, run_plan
 
 MU, SD = 1.5, 0.5
 SCHEDULES = [CosineNoiseScheduler(1000), LinearNoiseScheduler(1000)]

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from scidiff.models.noise_scheduler import CosineNoiseScheduler, LinearNoiseScheduler
-from scidiff.sampling import classifier_free_guidance, ddim, ddim_invert, ddpm, timesteps
+from scidiff.diffusion.guidance import classifier_free_guidance
+from scidiff.diffusion.plans import timesteps
+from scidiff.diffusion.samplers import ddim, ddim_invert, ddpm
 
 MU, SD = 1.5, 0.5
 

@@ -304,15 +304,15 @@ def test_cli_train_streaming_and_chunked_sample(files, tmp_path):
 
 
 def test_generate_to_file_equals_generate_in_memory(files, adata, tmp_path):
-    from scidiff import pipeline
+    from scidiff.tasks import generate as generation
     from scidiff.models import ScIDiffModel
 
     data = setup_anndata(adata, n_top_genes=15, condition_keys=["cell_type"])
     torch.manual_seed(0)
     model = ScIDiffModel.from_data(data, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=50)
-    cells, genes = pipeline.generate_to_file(model, 11, tmp_path / "g.h5ad", [{"cell_type": "T"}], steps=3,
+    cells, genes = generation.generate_to_file(model, 11, tmp_path / "g.h5ad", [{"cell_type": "T"}], steps=3,
                                              seed=5, chunk_size=4, progress=False)
-    ref = pipeline.generate(model, 11, {"cell_type": "T"}, steps=3, seed=5, chunk_size=4, progress=False)
+    ref = generation.generate(model, 11, {"cell_type": "T"}, steps=3, seed=5, chunk_size=4, progress=False)
     got = ad.read_h5ad(tmp_path / "g.h5ad")
     assert (cells, genes) == (11, 15)
     np.testing.assert_array_equal(got.X, ref.X)

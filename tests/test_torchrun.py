@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from scidiff import pipeline
+from scidiff.tasks import generate as generation
 from scidiff.training import load_model, read_training_checkpoint
 from training_helpers import synthetic_cells, tiny_model
 
@@ -19,7 +19,7 @@ def test_sharded_generation_matches_one_process_and_merges(tmp_path):
     model = tiny_model(synthetic_cells()).eval()
     groups = [{"cell_type": "a"}, {"cell_type": "c"}]
     for rank in (2, 1, 0):  # no process group here: rank 0 last, as the barrier would order it
-        manifest = pipeline.generate_sharded(model, 10, tmp_path, groups, rank=rank, world_size=3, steps=3, seed=7,
+        manifest = generation.generate_sharded(model, 10, tmp_path, groups, rank=rank, world_size=3, steps=3, seed=7,
                                              progress=False, merge=rank == 0)
     assert [s["cells"] for s in manifest["shards"]] == [6, 6, 8] and manifest["cells"] == 20
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
@@ -27,16 +27,16 @@ def test_sharded_generation_matches_one_process_and_merges(tmp_path):
     assert merged.shape == (20, 12) and merged.obs_names.is_unique
     assert merged.obs["cell_type"].value_counts().to_dict() == {"a": 10, "c": 10}
     assert sorted(merged.obs_names) == sorted([f"generated_{i}-{g}" for i in range(10) for g in (0, 1)])
-    np.testing.assert_array_equal(pipeline.read_generated(tmp_path).X, merged.X)
+    np.testing.assert_array_equal(generation.read_generated(tmp_path).X, merged.X)
     # shard 0 is what one process makes of its 3 cells per group with the same seed; the others
     # come from other seed streams
     one = tmp_path / "one.h5ad"
-    pipeline.generate_to_file(model, 3, one, groups, steps=3, seed=7, progress=False)
-    shards = [ad.read_h5ad(tmp_path / pipeline.shard_name(r, 3)) for r in range(3)]
+    generation.generate_to_file(model, 3, one, groups, steps=3, seed=7, progress=False)
+    shards = [ad.read_h5ad(tmp_path / generation.shard_name(r, 3)) for r in range(3)]
     np.testing.assert_array_equal(shards[0].X, ad.read_h5ad(one).X)
     assert not np.allclose(shards[1].X[:3], shards[0].X[:3])
     with pytest.raises(FileNotFoundError, match="shard .*00001-of-00002.h5ad' of rank 1 is missing"):
-        pipeline.generate_sharded(model, 4, tmp_path / "partial", groups, rank=0, world_size=2, steps=2,
+        generation.generate_sharded(model, 4, tmp_path / "partial", groups, rank=0, world_size=2, steps=2,
                                   progress=False)
 
 
@@ -78,7 +78,7 @@ def test_torchrun_trains_with_ddp_and_samples_one_shard_per_rank(tmp_path):
     assert merged.obs["cell_type"].value_counts().to_dict() == {"a": 25, "b": 25}
     # rank 0's shard: the first 12 cells of each condition from seed 3, as one process makes them
     torch.set_num_threads(1)
-    pipeline.generate_to_file(model, 12, tmp_path / "one.h5ad", [{"cell_type": "a"}, {"cell_type": "b"}], steps=4,
+    generation.generate_to_file(model, 12, tmp_path / "one.h5ad", [{"cell_type": "a"}, {"cell_type": "b"}], steps=4,
                               seed=3, progress=False)
-    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "generated" / pipeline.shard_name(0, 2)).X,
+    np.testing.assert_allclose(ad.read_h5ad(tmp_path / "generated" / generation.shard_name(0, 2)).X,
                                ad.read_h5ad(tmp_path / "one.h5ad").X, rtol=1e-5, atol=1e-6)

@@ -1,25 +1,10 @@
-"""The ``scidiff export-onnx`` and ``scidiff serve`` subcommands (registered by :mod:`scidiff.cli`)."""
+"""``scidiff serve``: an exported model served over HTTP (onnxruntime, no PyTorch)."""
 from __future__ import annotations
 
 import os
 
 
-def add_export_onnx(sub):
-    p = sub.add_parser("export-onnx", help="export a trained model to ONNX for serving without PyTorch",
-                       description="Write MODEL.onnx (the guided denoiser, dynamic batch), its sidecar MODEL.json "
-                                   "(genes, normalisation, vocabularies, noise schedule, default sampler) and, for "
-                                   "latent models, MODEL.decoder.npz.")
-    p.add_argument("--model", required=True, help="run folder or model.pt")
-    p.add_argument("--out", required=True, help="output .onnx path")
-    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"],
-                   help="default sampler recorded for clients (default: the run's config, else dpmpp_2m)")
-    p.add_argument("--steps", type=int, default=None, help="default steps (default: the run's config, else 25)")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--guidance", type=float, default=None, help="default classifier-free guidance scale")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-
-
-def add_serve(sub):
+def add(sub):
     p = sub.add_parser("serve", help="serve an exported model over HTTP (onnxruntime, no PyTorch)",
                        description="POST /generate {n, condition, seed, sampler, steps, guidance, eta, format}; "
                                    "GET /health; GET /model. Binds to 127.0.0.1 unless --host says otherwise. Requests "
@@ -58,42 +43,9 @@ def _check_serve_args(args):
         raise ValueError(f"--window-ms must be a finite number >= 0, got {args.window_ms}")
 
 
-def _run_sampling_defaults(model_path) -> dict:
-    """``sampling`` section of the run folder's config.yaml, when there is one."""
-    folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
-    cfg = os.path.join(folder, "config.yaml")
-    if not os.path.exists(cfg):
-        return {}
-    from ..config import load_config
-
-    s = load_config(cfg).sampling
-    return {"sampler": s.sampler, "steps": s.steps, "eta": s.eta, "guidance_scale": s.guidance_scale}
-
-
-def cmd_export_onnx(args):
-    from ..training import load_model
-    from .onnx import export_onnx
-
-    model = load_model(args.model)
-    defaults = _run_sampling_defaults(args.model)
-    sampler = args.sampler or defaults.get("sampler", "dpmpp_2m")
-    if sampler not in ("ddim", "dpmpp_2m"):
-        sampler = "dpmpp_2m"  # a run configured for a sampler the ONNX runtime lacks
-    result = export_onnx(model, args.out, sampler=sampler,
-                         steps=args.steps if args.steps is not None else defaults.get("steps", 25),
-                         eta=args.eta if args.eta is not None else defaults.get("eta", 0.0),
-                         guidance_scale=args.guidance if args.guidance is not None else defaults.get("guidance_scale", 1.0),
-                         opset=args.opset)
-    for k in ("onnx", "sidecar", "decoder"):
-        if k in result:
-            print(f"wrote {result[k]}")
-    if result.get("max_abs_error") is not None:
-        print(f"onnxruntime vs torch max abs error: {result['max_abs_error']:.2e}")
-
-
-def cmd_serve(args):
-    from .runtime import OnnxSampler
-    from .server import listen, serve
+def run(args):
+    from ..export.runtime import OnnxSampler  # lazy: keeps --help light (onnxruntime)
+    from ..export.server import listen, serve  # lazy: keeps --help light (fastapi)
 
     _check_serve_args(args)
     if not os.path.exists(args.model):

@@ -15,7 +15,7 @@ import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize,
                          read_h5ad, select_genes, _name)
-from .spec import DataSpec
+from .spec import DataSpec, _build_spec, covariate_keys
 
 
 @dataclass
@@ -245,18 +245,12 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
         offset, scale = x.mean(0), np.maximum(x.std(0), 1e-3)
     else:
         raise ValueError(f"scaling must be 'global', 'gene' or 'none', got {scaling!r}")
-    condition_keys = list(dict.fromkeys(list(condition_keys) + list(perturbation_keys)))
-    continuous_keys = list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else [])))
+    condition_keys, continuous_keys = covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
     codes, vocabs = _encode_obs(adata, condition_keys, continuous_keys, perturbation_keys=perturbation_keys,
                                 control_labels=control_labels, separator=separator)
-    spec = DataSpec(gene_names=list(chosen), input_kind=kind, target_sum=target_sum,
-                    gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
-                    categorical=vocabs, continuous=continuous_keys,
-                    source={"layer": layer, "use_raw": bool(use_raw)},
-                    perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
-                    separator=separator, dose_key=dose_key,
-                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
-    spec.label_counts = spec.count_labels(codes)
+    spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
+                       layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
+                       control_labels=control_labels, separator=separator, dose_key=dose_key)
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 

@@ -10,6 +10,23 @@ import numpy as np
 import torch
 
 
+def perturbation_rows(codes, n: int) -> torch.Tensor:
+    """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
+    ``[B, n + 1]``; a float ``[B, n + 1]`` tensor is returned as is."""
+    codes = torch.as_tensor(codes)
+    if codes.is_floating_point() and codes.ndim == 2:
+        if codes.shape[1] != n + 1:
+            raise ValueError(f"a multi-hot perturbation needs {n + 1} columns, got {codes.shape[1]}")
+        return codes
+    codes = codes.long().reshape(-1)
+    if codes.numel() and (codes.min() < -1 or codes.max() > n):
+        raise ValueError(f"perturbation codes must lie in [-1, {n}] (-1 control, {n} null); got {codes.tolist()}")
+    rows = torch.zeros(codes.numel(), n + 1)
+    hit = codes >= 0
+    rows[hit.nonzero().squeeze(-1), codes[hit]] = 1.0
+    return rows
+
+
 @dataclass
 class DataSpec:
     """Everything that maps between an AnnData and the model's input space.
@@ -144,8 +161,6 @@ class DataSpec:
         ``FloatTensor[B, n + 1]`` (perturbation, multi-hot) or ``FloatTensor[B]`` (continuous),
         broadcast to ``batch_size``. Missing keys stay absent (the model then uses its null
         condition). A continuous value outside the training range warns, naming the range."""
-        from ..models.conditioning import perturbation_rows
-
         out: dict[str, torch.Tensor] = {}
         for key, value in (conditioning or {}).items():
             if key in self.continuous:
@@ -236,3 +251,25 @@ class DataSpec:
             missing = [g for g in self.gene_names if g not in set(other.gene_names)][:10]
             raise ValueError(f"{what} was built for a different gene set ({other.n_genes} genes vs "
                              f"{self.n_genes}); first genes not in it: {missing}")
+
+
+def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key) -> tuple[list[str], list[str]]:
+    """The categorical keys (perturbations among them) and numeric keys (the dose among them) a
+    set-up encodes, each once, in order."""
+    return (list(dict.fromkeys(list(condition_keys) + list(perturbation_keys))),
+            list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else []))))
+
+
+def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes: dict, *, continuous_keys,
+                layer, use_raw, perturbation_keys, control_labels, separator: str, dose_key) -> DataSpec:
+    """The :class:`DataSpec` of a set-up (in memory or streamed): chosen genes, input kind,
+    normalisation and scaling, vocabularies, numeric ranges and label counts from ``codes``."""
+    spec = DataSpec(gene_names=list(genes), input_kind=kind, target_sum=target_sum,
+                    gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
+                    categorical=vocabs, continuous=list(continuous_keys),
+                    source={"layer": layer, "use_raw": bool(use_raw)},
+                    perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
+                    separator=separator, dose_key=dose_key,
+                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
+    spec.label_counts = spec.count_labels(codes)
+    return spec

@@ -21,7 +21,7 @@ from .dataset import _encode_obs, check_controls
 from .h5ad_layout import naming_file
 from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
-from .spec import DataSpec
+from .spec import DataSpec, _build_spec, covariate_keys
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 
 
@@ -197,8 +197,7 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     reader = MatrixReader(path, layer=layer, use_raw=use_raw, backend=backend, n_threads=n_threads)
     if reader.n_cells == 0 or reader.layout.n_genes == 0:
         raise ValueError(f"{reader.layout.where} is empty ({reader.n_cells} cells x {reader.layout.n_genes} genes)")
-    condition_keys = list(dict.fromkeys(list(condition_keys) + list(perturbation_keys)))
-    continuous_keys = list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else [])))
+    condition_keys, continuous_keys = covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
     codes, vocabs = _encode_covariates(reader, condition_keys, continuous_keys, None, perturbation_keys,
                                        control_labels, separator)
     block = loader_options.get("block_size") or reader.default_block_size()
@@ -217,14 +216,9 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     plain = Transform.build(reader.var_names, chosen, counts=kind == "counts", target_sum=target_sum)
     moments = stream_moments(reader, plain, all_cells, covariance=covariance, progress=progress)
     offset, scale = _scaling(moments, scaling)
-    spec = DataSpec(gene_names=list(chosen), input_kind=kind, target_sum=target_sum,
-                    gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
-                    categorical=vocabs, continuous=continuous_keys,
-                    source={"layer": layer, "use_raw": bool(use_raw)},
-                    perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
-                    separator=separator, dose_key=dose_key,
-                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
-    spec.label_counts = spec.count_labels(codes)
+    spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
+                       layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
+                       control_labels=control_labels, separator=separator, dose_key=dose_key)
     off32 = np.asarray(spec.gene_offset, np.float32).astype(np.float64)
     sc32 = np.asarray(spec.gene_scale, np.float32).astype(np.float64)
     model_moments = {"mean": (moments.mean - off32) / sc32, "n": moments.n,

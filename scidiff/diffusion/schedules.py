@@ -3,7 +3,7 @@
 A schedule is the sequence ``alpha_bar[t]`` for ``t = 0 .. T-1``: the forward process is
 ``x_t = sqrt(alpha_bar[t]) * x_0 + sqrt(1 - alpha_bar[t]) * eps``. Samplers read only
 ``alphas_cumprod`` (a float64 tensor) and ``num_timesteps``, so any schedule here plugs into any
-sampler in :mod:`scidiff.sampling`.
+sampler in :mod:`scidiff.diffusion.samplers`.
 """
 from __future__ import annotations
 

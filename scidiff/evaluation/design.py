@@ -18,6 +18,7 @@ from scipy.spatial.distance import cdist
 
 from .metrics import _halves, classifier_auc, fit_pca
 from .perturbation import e_distance
+from .plots import _pyplot, _save
 
 
 def _mean_pairwise(x: np.ndarray, max_n: int = 1000, seed: int = 0) -> float:
@@ -140,8 +141,6 @@ def design_plot(designed: np.ndarray, gene_names, target, path, *, source=None, 
                 reference_name: str = "real") -> str:
     """A PNG with one panel per target gene: the gene's values in designed, source and real
     (reference) cells, with the target level and its tolerance band."""
-    from .plots import _pyplot, _save
-
     plt = _pyplot()
     index = {str(g): i for i, g in enumerate(gene_names)}
     genes = list(dict.fromkeys(c.gene for c in target.constraints))

@@ -5,6 +5,9 @@ import os
 
 import numpy as np
 
+from ..data.io import atomic_path
+from .metrics import fit_pca
+
 
 def _pyplot():
     import matplotlib
@@ -16,8 +19,6 @@ def _pyplot():
 
 
 def _save(fig, path):
-    from ..data.io import atomic_path
-
     atomic_path(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
 
 
@@ -47,8 +48,6 @@ def gene_stat_plot(real_stat, gen_stat, path, what="mean"):
 def report_plots(real: np.ndarray, gen: np.ndarray, out_dir, umap: bool = True, seed: int = 0) -> list[str]:
     """Write ``pca.png``, ``umap.png`` (scanpy's UMAP on a PCA fitted on the real cells),
     ``gene_means.png`` and ``gene_variances.png`` into ``out_dir``; returns the paths."""
-    from .metrics import fit_pca
-
     os.makedirs(out_dir, exist_ok=True)
     project = fit_pca(real, 30, seed)
     rp, gp = project(real), project(gen)

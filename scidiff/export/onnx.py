@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
@@ -44,12 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import __version__
 from ..data.io import atomic_path
-from ..models.score_network import modulated_block
+from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..diffusion.guidance import cfg_combine, classifier_free_guidance, double_rows
+from ..models.preconditioning import Preconditioning
+from ..training.checkpoint import load_model
+from .runtime import SAMPLERS as SAMPLER_NAMES
+from .runtime import SIDECAR_FORMAT, sha256_of
 
-SIDECAR_FORMAT = "scidiff.onnx"
 SIDECAR_VERSION = 1
-SAMPLER_NAMES = ("ddim", "dpmpp_2m")
+
 
 
 def sidecar_path(onnx_path) -> str:
@@ -60,14 +64,6 @@ def sidecar_path(onnx_path) -> str:
 def decoder_path(onnx_path) -> str:
     """``model.onnx`` -> ``model.decoder.npz`` (latent models only)."""
     return os.path.splitext(os.fspath(onnx_path))[0] + ".decoder.npz"
-
-
-def sha256_of(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -123,7 +119,9 @@ class ConditionTableDenoiser(nn.Module):
 
     The per-row terms are computed for the conditional and the null table (``2K`` rows, cheap)
     outside the branch; ``torch.cond`` then picks between the conditional trunk over ``B`` cells
-    (every guidance scale 1) and the guided trunk over ``2B``, and becomes an ONNX ``If``."""
+    (every guidance scale 1) and the guided trunk over ``2B``, and becomes an ONNX ``If``. The
+    formula is the model's own: its preconditioning (:class:`Preconditioning`), embedding,
+    response and score network, with the modulations given per cell."""
 
     def __init__(self, model):
         super().__init__()
@@ -133,42 +131,24 @@ class ConditionTableDenoiser(nn.Module):
 
     def table_terms(self, t, cond: dict) -> list[torch.Tensor]:
         """Everything that depends only on a table row (timestep + condition): the
-        preconditioning coefficients, ``sqrt(alpha_bar)``, each block's adaLN modulation and the
-        final one, and the additive perturbation response of models that have one."""
-        m, net, enc = self.model, self.model.score, self.model.condition_encoder
-        c_in, c_skip, c_out = m.preconditioning(t)
-        sqrt_ab = m.alphas_cumprod[t].sqrt().unsqueeze(-1)
-        emb = F.silu(m.embed(t, cond))
-        mods = [block.modulation(emb) for block in net.blocks] + [net.final_modulation(emb)]
-        response = enc.response(cond, t.shape[0], t.device) if hasattr(enc, "response") else None
+        preconditioning (``c_in``, ``c_skip``, ``c_out``, ``sqrt(alpha_bar)``), each block's adaLN
+        modulation and the final one, and the additive perturbation response of models that have
+        one."""
+        m = self.model
+        mods = m.score.modulations(m.embed(t, cond))
+        response = m.response(cond, t.shape[0], t.device)
         self.has_response = response is not None
-        return [c_in, c_skip, c_out, sqrt_ab, *mods] + ([response] if response is not None else [])
+        return [*m.precondition(t), *mods] + ([response] if response is not None else [])
 
     def apply(self, x_t, cond_index, terms: list[torch.Tensor]) -> torch.Tensor:
         """The x0 prediction of :meth:`ScIDiffModel.forward` for cells ``x_t`` whose table rows
         are ``cond_index``, from :meth:`table_terms` (gathered per cell)."""
         terms = [v[cond_index] for v in terms]
         n_mods = len(self.model.score.blocks) + 1
-        c_in, c_skip, c_out, sqrt_ab = terms[:4]
         mods = terms[4:4 + n_mods]
-        if not self.has_response:
-            return c_skip * x_t + c_out * self.trunk(c_in * x_t, mods, None)
-        response = terms[4 + n_mods]
-        x_res = x_t - sqrt_ab * response
-        return response + c_skip * x_res + c_out * self.trunk(c_in * x_res, mods, response)
-
-    def trunk(self, x, mods, response):
-        """:class:`ScoreNetwork` given its modulations, on the pure-torch reference block."""
-        net = self.model.score
-        h = net.input(x)
-        if response is not None and getattr(net, "response_input", None) is not None:
-            h = h + net.response_input(response)
-        for block, mod in zip(net.blocks, mods):
-            shift, scale, gate = mod.chunk(3, dim=-1)
-            h = modulated_block(h, shift, scale, gate, block.linear.weight, block.linear.bias)
-        shift, scale = mods[-1].chunk(2, dim=-1)
-        h = F.layer_norm(h, h.shape[-1:], eps=1e-6) * (1 + scale) + shift
-        return net.output(h)
+        response = terms[4 + n_mods] if self.has_response else None
+        return Preconditioning(*terms[:4]).apply(
+            x_t, lambda x, r: self.model.score(x, response=r, modulations=mods), response)
 
     def denoise(self, x_t, t, cond_index, cond: dict) -> torch.Tensor:
         """Unguided x0 prediction on a condition table."""
@@ -176,8 +156,9 @@ class ConditionTableDenoiser(nn.Module):
 
     def forward(self, x_t, t, cond_index, guidance, *covariates):
         k = t.shape[0]
-        both = {c["key"]: torch.cat([v, null_row(c, k, v)]) for c, v in zip(self.layout, covariates)}
-        terms = self.table_terms(torch.cat([t, t]), both)
+        cond = dict(zip((c["key"] for c in self.layout), covariates))
+        null = {c["key"]: null_row(c, k, v) for c, v in zip(self.layout, covariates)}
+        terms = self.table_terms(torch.cat([t, t]), double_rows(cond, null, k))
 
         def conditional(x_t, cond_index, guidance, *terms):
             return self.apply(x_t, cond_index, list(terms))
@@ -185,8 +166,7 @@ class ConditionTableDenoiser(nn.Module):
         def guided(x_t, cond_index, guidance, *terms):
             b, rows = x_t.shape[0], terms[0].shape[0] // 2
             out = self.apply(torch.cat([x_t, x_t]), torch.cat([cond_index, cond_index + rows]), list(terms))
-            c_out, u_out = out[:b], out[b:]
-            return u_out + guidance[cond_index].unsqueeze(-1) * (c_out - u_out)
+            return cfg_combine(out[:b], out[b:], guidance[cond_index].unsqueeze(-1))
 
         return torch.cond(torch.all(guidance == 1.0), conditional, guided, (x_t, cond_index, guidance, *terms))
 
@@ -218,9 +198,7 @@ def example_inputs(model, b: int = 5, k: int = 3, guidance: float = 1.5, seed: i
 
 def torch_reference(model, inputs: tuple) -> torch.Tensor:
     """What the graph must compute, through the model's own seam: ``model(x_t, t, cond)`` on
-    per-cell conditions, guided by :func:`scidiff.sampling.classifier_free_guidance` per row."""
-    from ..sampling import classifier_free_guidance
-
+    per-cell conditions, guided by :func:`~scidiff.diffusion.guidance.classifier_free_guidance` per row."""
     x, t, index, guidance, *covs = inputs
     layout = covariate_layout(model)
     cond = {c["key"]: v[index] for c, v in zip(layout, covs)}
@@ -245,8 +223,6 @@ def _spec_dict(model) -> dict:
 def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float, guidance_scale: float,
                   opset: int | None) -> dict:
     """Everything an onnxruntime sampler needs besides the graph."""
-    from .. import __version__
-
     spec = _spec_dict(model)
     layout = covariate_layout(model)
     vocab = spec.get("categorical", {})
@@ -281,7 +257,7 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
     }
 
 
-def export_onnx(model, path, *, sampler: str = "dpmpp_2m", steps: int = 25, eta: float = 0.0,
+def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
                 guidance_scale: float = 1.0, opset: int | None = None, check: bool = True,
                 verbose: bool = False) -> dict:
     """Export ``model`` (a :class:`ScIDiffModel` or a checkpoint path) to ``path`` (``.onnx``),
@@ -292,8 +268,6 @@ def export_onnx(model, path, *, sampler: str = "dpmpp_2m", steps: int = 25, eta:
     batch (``max_abs_error`` in the result and the sidecar). Returns the paths and the check.
     """
     if not isinstance(model, nn.Module):
-        from ..training.checkpoint import load_model
-
         model = load_model(model)
     path = os.fspath(path)
     if not path.endswith(".onnx"):

@@ -4,8 +4,8 @@
 ``model.decoder.npz`` (see :mod:`scidiff.export.onnx` for the format), and generates cells by
 label with DDIM or DPM-Solver++(2M), classifier-free guidance and a seed. The samplers are plain
 functions over a numpy denoiser ``denoiser(x, t) -> x0_hat``, the same seam as
-:mod:`scidiff.sampling`; their timestep grid and coefficients are the torch samplers', so the same
-``x_T`` gives the same cells.
+:mod:`scidiff.diffusion.samplers`, and walk the same plans (:mod:`scidiff.diffusion.plans`, torch-
+free: the same grid and coefficients, the same walker), so the same ``x_T`` gives the same cells.
 
 Execution provider: CUDA with IO binding when onnxruntime-gpu *and* a working GPU are present,
 CPU otherwise. onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU, so
@@ -25,6 +25,11 @@ from typing import Callable
 
 import numpy as np
 
+from ..diffusion.plans import PlanStep, logsnr_timesteps, sampler_plan, step_update, timesteps, walk
+
+__all__ = ["Batch", "OnnxSampler", "Plan", "Trajectory", "ddim", "dpmpp_2m", "load_sidecar", "logsnr_timesteps",
+           "make_session", "sampler_name", "timesteps"]
+
 SIDECAR_FORMAT = "scidiff.onnx"
 SAMPLERS = ("ddim", "dpmpp_2m")
 _ALIASES = {"dpm-solver++": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver_pp": "dpmpp_2m"}
@@ -32,132 +37,55 @@ _ALIASES = {"dpm-solver++": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver_pp": "d
 NumpyDenoiser = Callable[[np.ndarray, int], np.ndarray]
 
 
-# -- timestep grid and samplers ---------------------------------------------------------------
-def timesteps(num_timesteps: int, steps: int | None) -> list[int]:
-    """Evenly spaced descending timesteps from ``T-1`` to 0 ("trailing" spacing, Lin et al. 2024);
-    the same grid as :func:`scidiff.sampling.timesteps`."""
-    if steps is None or steps >= num_timesteps:
-        return list(range(num_timesteps - 1, -1, -1))
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps == 1:
-        return [num_timesteps - 1]
-    ts = [round(i * (num_timesteps - 1) / (steps - 1)) for i in range(steps)]
-    return sorted(set(ts), reverse=True)
+# -- samplers: diffusion's plans, walked over numpy arrays ----------------------------------------
+def _sample(name: str, denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None, eta: float = 0.0,
+            noise: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
+    plan = Plan(name, alphas_cumprod, steps, eta)
+    if plan.eta > 0 and noise is None:
+        raise ValueError("DDIM with eta > 0 needs a noise source")
+    return walk(plan.steps, x_T, lambda x, t, i: denoiser(x, t),
+                noise=None if noise is None else (lambda i, like: noise(i)))
 
 
 def ddim(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None = 50, *,
          eta: float = 0.0, noise: Callable[[int], np.ndarray] | None = None) -> np.ndarray:
-    """DDIM (Song, Meng & Ermon 2021, eq. 12) over an x0-predicting denoiser. ``eta=0`` is the
-    deterministic probability-flow sampler; ``noise(i)`` supplies the step-``i`` noise when
-    ``eta > 0``. The step after the last timestep lands on clean data."""
-    plan = Plan("ddim", alphas_cumprod, steps, eta)
-    if eta > 0 and noise is None:
-        raise ValueError("DDIM with eta > 0 needs a noise source")
-    x = x_T
-    for i, t in enumerate(plan.ts):
-        x = plan.update(i, x, denoiser(x, t), None, noise(i) if plan.needs_noise(i) else None)
-    return x
-
-
-def logsnr_timesteps(alphas_cumprod, steps: int | None) -> list[int]:
-    """``steps`` descending timesteps from ``T-1`` to 0 evenly spaced in log-SNR
-    ``lambda = log(sqrt(ab / (1 - ab)))``, the spacing DPM-Solver recommends (Lu et al. 2022):
-    each is the timestep nearest its target, moved down by one where it would repeat the previous;
-    the same grid as ``scidiff.sampling.samplers.logsnr_timesteps``."""
-    ab = [float(v) for v in alphas_cumprod]
-    n = len(ab)
-    if steps is None or steps >= n:
-        return list(range(n - 1, -1, -1))
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps == 1:
-        return [n - 1]
-    lam = np.array([0.5 * math.log(a / (1.0 - a)) for a in ab])
-    ts: list[int] = []
-    for i in range(steps):
-        target = lam[-1] + i * (lam[0] - lam[-1]) / (steps - 1)
-        lo = int(np.searchsorted(-lam, -target, side="left"))  # first t with lam[t] <= target
-        lo = min(lo, n - 1)
-        t = lo if lo == 0 or abs(lam[lo] - target) <= abs(lam[lo - 1] - target) else lo - 1
-        t = min(t, ts[-1] - 1) if ts else n - 1
-        ts.append(max(t, steps - 1 - i))
-    return ts
+    """DDIM (Song, Meng & Ermon 2021, eq. 12) over an x0-predicting denoiser
+    (:func:`~scidiff.diffusion.plans.ddim_plan`). ``eta=0`` is the deterministic probability-flow
+    sampler; ``noise(i)`` supplies the step-``i`` noise when ``eta > 0``."""
+    return _sample("ddim", denoiser, x_T, alphas_cumprod, steps, eta, noise)
 
 
 def dpmpp_2m(denoiser: NumpyDenoiser, x_T: np.ndarray, alphas_cumprod, steps: int | None = 20, **_) -> np.ndarray:
-    """DPM-Solver++(2M), the multistep second-order solver of the probability-flow ODE in data
-    prediction (Lu et al. 2022, "DPM-Solver++", Alg. 2), on timesteps evenly spaced in log-SNR.
-    With ``lambda = log(alpha / sigma)`` and ``h`` the step in ``lambda``, each step is
-    ``x_s = (sigma_s / sigma_t) x_t - alpha_s expm1(-h) D`` where ``D = (1 + 1/2r) x0 - (1/2r) x0_prev``
-    extrapolates the last two x0 predictions (``r = h_prev / h``). The first step is first order
-    (= DDIM) and so is the last, onto clean data. Same grid and coefficients as
-    :func:`scidiff.sampling.dpmpp_2m`."""
-    plan = Plan("dpmpp_2m", alphas_cumprod, steps)
-    x, x0_prev = x_T, None
-    for i, t in enumerate(plan.ts):
-        x0 = denoiser(x, t)
-        x, x0_prev = plan.update(i, x, x0, x0_prev, None), x0
-    return x
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) on timesteps evenly spaced in log-SNR
+    (:func:`~scidiff.diffusion.plans.dpmpp_2m_plan`)."""
+    return _sample("dpmpp_2m", denoiser, x_T, alphas_cumprod, steps)
 
 
 class Plan:
-    """The timestep grid of one sampler run and each step's coefficients, computed once; ``update``
-    applies step ``i`` to any subset of the cells (every operation is per cell), so a run can be
-    advanced a step, or a block of cells of a step, at a time (:class:`Trajectory`) and give the
-    same points as the loops of :func:`ddim` and :func:`dpmpp_2m`, which use it too."""
+    """A sampler's plan (:func:`~scidiff.diffusion.plans.sampler_plan`) for one run: its steps,
+    their timesteps ``ts``, and :meth:`update`, which applies step ``i`` to any subset of the
+    cells (every operation is per cell), so a run can be advanced a step, or a block of cells of
+    a step, at a time (:class:`Trajectory`) and give the same points as the whole walk
+    (:func:`ddim`, :func:`dpmpp_2m`)."""
 
     def __init__(self, name: str, alphas_cumprod, steps: int | None, eta: float = 0.0):
         self.name = sampler_name(name)
-        ab = [float(v) for v in alphas_cumprod]
         self.eta = float(eta) if self.name == "ddim" else 0.0
-        self.coef: list[tuple] = []
-        if self.name == "ddim":
-            self.ts = timesteps(len(ab), steps)
-            for i, t in enumerate(self.ts):
-                a_t = ab[t]
-                a_s = ab[self.ts[i + 1]] if i + 1 < len(self.ts) else 1.0
-                sigma = self.eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if a_s < 1.0 else 0.0
-                self.coef.append((math.sqrt(a_t), math.sqrt(1.0 - a_t), math.sqrt(a_s),
-                                  math.sqrt(max(1 - a_s - sigma**2, 0.0)), sigma))
-        else:
-            self.ts = logsnr_timesteps(ab, steps)
-            h_prev = None
-            for i, t in enumerate(self.ts):
-                if i + 1 == len(self.ts):
-                    self.coef.append(None)  # the last step returns the network's x0
-                    break
-                s = self.ts[i + 1]
-                a_t, s_t = math.sqrt(ab[t]), math.sqrt(1.0 - ab[t])
-                a_s, s_s = math.sqrt(ab[s]), math.sqrt(1.0 - ab[s])
-                h = math.log(a_s / s_s) - math.log(a_t / s_t)
-                self.coef.append((s_s / s_t, a_s * math.expm1(-h), None if h_prev is None else h / (2.0 * h_prev)))
-                h_prev = h
+        self.steps: list[PlanStep] = sampler_plan(self.name, alphas_cumprod, steps, eta=self.eta)
+        self.ts = [st.t for st in self.steps]
 
     def __len__(self) -> int:
-        return len(self.ts)
+        return len(self.steps)
 
     def needs_noise(self, i: int) -> bool:
         """Whether step ``i`` adds fresh noise (DDIM with ``eta > 0``, every step but the last)."""
-        return self.name == "ddim" and self.coef[i][4] > 0
+        return self.steps[i].noise_coef > 0
 
     def update(self, i: int, x: np.ndarray, x0: np.ndarray, x0_prev: np.ndarray | None,
                noise: np.ndarray | None) -> np.ndarray:
         """Step ``i`` for cells ``x`` given the network's ``x0`` for them (and, for DPM-Solver++,
         their previous step's ``x0``; for DDIM with ``eta > 0``, their step noise)."""
-        c = self.coef[i]
-        if self.name == "ddim":
-            sqrt_a_t, sqrt_1m_a_t, sqrt_a_s, c_eps, sigma = c
-            eps = (x - sqrt_a_t * x0) / sqrt_1m_a_t
-            x = sqrt_a_s * x0 + c_eps * eps
-            if sigma > 0:
-                x = x + sigma * noise
-            return x
-        if c is None:
-            return x0
-        ratio, scale, half_r_inv = c
-        d = x0 if half_r_inv is None else (1.0 + half_r_inv) * x0 - half_r_inv * x0_prev
-        return ratio * x - scale * d
+        return step_update(self.steps[i], x, x0, x0_prev, noise)
 
 
 SAMPLER_FUNCTIONS = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}
@@ -245,7 +173,8 @@ def load_sidecar(path) -> dict:
     return meta
 
 
-def _sha256(path) -> str:
+def sha256_of(path) -> str:
+    """The SHA-256 of a file, hex."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -333,8 +262,7 @@ class Trajectory:
                 self.first = hi
                 continue
             self.first, self.step, self._noise = 0, i + 1, None
-            if plan.name == "dpmpp_2m":
-                self._x0_prev = x0_all
+            self._x0_prev = x0_all
             self._x0_next = None
         self.calls += calls
         return calls
@@ -359,7 +287,7 @@ class OnnxSampler:
         self.onnx_path = os.path.join(folder, meta["onnx_file"]) if path.endswith(".json") else path
         if not os.path.exists(self.onnx_path):
             raise FileNotFoundError(f"no ONNX model at {self.onnx_path!r}")
-        if verify and meta.get("onnx_sha256") and _sha256(self.onnx_path) != meta["onnx_sha256"]:
+        if verify and meta.get("onnx_sha256") and sha256_of(self.onnx_path) != meta["onnx_sha256"]:
             raise ValueError(f"{self.onnx_path!r} does not match its sidecar {meta['_path']!r} (SHA-256 differs); "
                              "export the model again")
         self.genes = list(meta["genes"])
@@ -379,7 +307,7 @@ class OnnxSampler:
             dec = os.path.join(folder, meta["latent"]["file"])
             if not os.path.exists(dec):
                 raise FileNotFoundError(f"the latent decoder {dec!r} named in {meta['_path']!r} is missing")
-            if verify and meta["latent"].get("sha256") and _sha256(dec) != meta["latent"]["sha256"]:
+            if verify and meta["latent"].get("sha256") and sha256_of(dec) != meta["latent"]["sha256"]:
                 raise ValueError(f"{dec!r} does not match its sidecar {meta['_path']!r} (SHA-256 differs)")
             with np.load(dec) as z:
                 self.decoder = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in ("mean", "basis", "scale")}
@@ -609,9 +537,7 @@ class OnnxSampler:
 
     def grid(self, sampler: str, steps: int) -> list[int]:
         """The timesteps ``sampler`` evaluates the network at (one graph call each)."""
-        if sampler_name(sampler) == "dpmpp_2m":
-            return logsnr_timesteps(self.alphas_cumprod, steps)
-        return timesteps(self.num_timesteps, steps)
+        return Plan(sampler, self.alphas_cumprod, steps).ts
 
     def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
         """Sample one (possibly merged) batch; returns points in diffusion space ``[B, D]``."""

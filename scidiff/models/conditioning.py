@@ -35,22 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def perturbation_rows(codes, n: int) -> torch.Tensor:
-    """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
-    ``[B, n + 1]``; a float ``[B, n + 1]`` tensor is returned as is."""
-    codes = torch.as_tensor(codes)
-    if codes.is_floating_point() and codes.ndim == 2:
-        if codes.shape[1] != n + 1:
-            raise ValueError(f"a multi-hot perturbation needs {n + 1} columns, got {codes.shape[1]}")
-        return codes
-    codes = codes.long().reshape(-1)
-    if codes.numel() and (codes.min() < -1 or codes.max() > n):
-        raise ValueError(f"perturbation codes must lie in [-1, {n}] (-1 control, {n} null); got {codes.tolist()}")
-    rows = torch.zeros(codes.numel(), n + 1)
-    hit = codes >= 0
-    rows[hit.nonzero().squeeze(-1), codes[hit]] = 1.0
-    return rows
+from ..data.spec import perturbation_rows  # noqa: F401  (re-exported: the encoder's input format)
 
 
 class ConditionEncoder(nn.Module):

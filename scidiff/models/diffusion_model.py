@@ -1,11 +1,9 @@
 """``ScIDiffModel``: score network + noise schedule + condition encoder, behind one denoiser call.
 
 The network predicts clean expression with EDM-style preconditioning (Karras et al. 2022) moved
-to the variance-preserving process: for ``x_t = a x0 + s eps`` (``a = sqrt(alpha_bar)``,
-``s = sqrt(1 - alpha_bar)``) and data scale ``sigma_data``,
+to the variance-preserving process (:mod:`scidiff.models.preconditioning`):
 
-    x0_hat = c_skip x_t + c_out F(c_in x_t, t, cond),
-    c_in = 1 / sqrt(a^2 sd^2 + s^2),  c_skip = a sd^2 c_in^2,  c_out = sd s c_in.
+    x0_hat = c_skip x_t + c_out F(c_in x_t, t, cond).
 
 At high noise ``F`` predicts expression directly; at low noise it only corrects the skip path,
 so the network never has to carry thousands of genes' worth of noise (the failure mode of plain
@@ -29,10 +27,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, classifier_free_guidance
-from .conditioning import ConditionEncoder, perturbation_rows
-from .noise_scheduler import NoiseScheduler, get_scheduler
+from ..data.spec import perturbation_rows
+from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..diffusion.samplers import SAMPLERS
+from ..diffusion.schedules import NoiseScheduler, get_scheduler
+from .conditioning import ConditionEncoder
 from .observation import DetectionModel
+from .preconditioning import Preconditioning
 from .score_network import ScoreNetwork, timestep_embedding
 
 
@@ -215,33 +217,36 @@ class ScIDiffModel(nn.Module):
         return (z * self.latent_scale) @ self.latent_basis + self.latent_mean
 
     # -- the denoiser seam -----------------------------------------------------------------------
+    def precondition(self, t: torch.Tensor) -> Preconditioning:
+        """The preconditioning at timesteps ``t [B]`` (``c_in``, ``c_skip``, ``c_out``,
+        ``sqrt_ab``, each ``[B, 1]``)."""
+        return Preconditioning.at(self.alphas_cumprod, t, self.sigma_data)
+
     def preconditioning(self, t: torch.Tensor):
         """``(c_in, c_skip, c_out)`` per row, each ``[B, 1]``."""
-        ab = self.alphas_cumprod[t].unsqueeze(-1)
-        a2, s2, sd2 = ab, 1.0 - ab, self.sigma_data ** 2
-        c_in = torch.rsqrt(a2 * sd2 + s2)
-        return c_in, a2.sqrt() * sd2 * c_in**2, self.sigma_data * s2.sqrt() * c_in
+        return tuple(self.precondition(t)[:3])
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep part of the embedding, ``[B, conditioning_dim]``."""
+        return self.time_mlp(timestep_embedding(t.float() * (1000.0 / self.num_timesteps), self.conditioning_dim))
 
     def embed(self, t: torch.Tensor, cond: dict | None) -> torch.Tensor:
-        b = t.shape[0]
-        temb = self.time_mlp(timestep_embedding(t.float() * (1000.0 / self.num_timesteps), self.conditioning_dim))
-        return temb + self.condition_encoder(cond, b, t.device)
+        """Timestep + condition embedding ``[B, conditioning_dim]``."""
+        return self.time_embedding(t) + self.condition_encoder(cond, t.shape[0], t.device)
+
+    def response(self, cond: dict | None, batch_size: int, device) -> torch.Tensor | None:
+        """The perturbation response ``m`` the model diffuses around (``None`` without one); fitted
+        by the response model's loss, not by denoising (detached)."""
+        response = self.condition_encoder.response(cond, batch_size, device)
+        return None if response is None else response.detach()
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         """The denoiser: predicted clean sample for ``x_t [B, diffusion_dim]`` at timesteps
         ``t [B]`` (gene space, or the latent when ``latent_dim`` is set; see :meth:`decode`)."""
         t = t.to(x_t.device).long().expand(x_t.shape[0])
-        c_in, c_skip, c_out = self.preconditioning(t)
-        response = self.condition_encoder.response(cond, x_t.shape[0], x_t.device)
-        if response is not None:
-            response = response.detach()  # fitted by the response model's loss, not by denoising
-        if response is None:
-            f = self.score(c_in * x_t, self.embed(t, cond))
-            return c_skip * x_t + c_out * f.to(x_t.dtype)
-        # diffuse the residual around the response m: x_t - sqrt(ab) m = sqrt(ab)(x0 - m) + s eps
-        x_res = x_t - self.alphas_cumprod[t].sqrt().unsqueeze(-1) * response
-        f = self.score(c_in * x_res, self.embed(t, cond), response)
-        return response + c_skip * x_res + c_out * f.to(x_t.dtype)
+        emb = self.embed(t, cond)
+        return self.precondition(t).apply(x_t, lambda x, response: self.score(x, emb, response).to(x_t.dtype),
+                                          self.response(cond, x_t.shape[0], x_t.device))
 
     # -- conditions ------------------------------------------------------------------------------
     def encode_conditioning(self, conditioning: dict | None, batch_size: int) -> dict[str, torch.Tensor]:
@@ -278,7 +283,7 @@ class ScIDiffModel(nn.Module):
         ``sampler``: ``"dpmpp_2m"`` (DPM-Solver++(2M), the default: at 25 steps it matches DDPM at
         1,000 on Kang, ``bench/bench_sampler_quality.py``), ``"ddim"`` (``eta``), ``"ddpm"``,
         ``"heun"`` (2 network evaluations a step) or ``"euler_maruyama"``; ``steps=None`` = all T.
-        For many cells, :class:`scidiff.sampling.SamplingEngine` gives the same cells faster.
+        For many cells, :class:`scidiff.engine.SamplingEngine` gives the same cells faster.
         ``guidance_scale``: classifier-free guidance weight (1 = conditional model only).
         Returns log1p-normalised expression (clipped at 0) when the model carries a data spec
         and ``return_expression``; otherwise values in the model's space. ``observed``: return

@@ -74,21 +74,9 @@ def modulated_block(h: Tensor, shift: Tensor, scale: Tensor, gate: Tensor, weigh
 
 # -- shared modulation: LayerNorm folded into the weight ---------------------------------------------
 def fold_layer_norm(weight: Tensor, bias: Tensor, shift: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Fold a modulated LayerNorm into the linear layer after it, for rows ``s`` of ``shift``,
-    ``scale [S, K]`` that all cells share (one per timestep of a sampling plan, say):
-
-        W (LN(h) (1 + scale_s) + shift_s) + b = rstd(h) (h W'_s - mean(h) u_s) + v_s
-
-    with ``W'_s = (W diag(1 + scale_s))^T [K, N]`` (in ``weight``'s dtype), ``u_s = 1^T W'_s`` (of
-    the rounded ``W'_s``, so the mean cancels exactly) and ``v_s = W shift_s + b`` (fp32, or
-    float64 for a float64 weight). The
-    layer becomes one GEMM over ``h`` (``folded_linear``)."""
-    acc = torch.promote_types(weight.dtype, torch.float32)
-    w = weight.to(acc)
-    weight_t = (w.t()[None] * (1.0 + scale.to(acc))[:, :, None]).to(weight.dtype)
-    u = weight_t.to(acc).sum(1)
-    v = torch.addmm(bias.to(acc)[None], shift.to(acc), w.t())
-    return weight_t, u, v
+    """Fold a modulated LayerNorm into the linear layer after it, for modulation rows that all
+    cells share (``kernels/fold.py``, plain torch: the shared-modulation kernel uses it too)."""
+    return load_kernel("fold").fold_layer_norm(weight, bias, shift, scale)
 
 
 def row_stats_reference(h: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:

@@ -4,8 +4,8 @@ around the Triton kernel (``kernels/sampler_step.py``), and the dispatching call
     x0  = clamp(u + w (c - u))            (or clamp(c) without an unconditional prediction)
     out = a x + b x0 + p x0_prev + s z    (per-row coefficients ``coef = [a, b, p, s]``)
 
-Every sampler in :mod:`scidiff.sampling.samplers` is a sequence of such updates
-(:class:`~scidiff.sampling.samplers.PlanStep`).
+Every sampler in :mod:`scidiff.diffusion.samplers` is a sequence of such updates
+(:class:`~scidiff.diffusion.plans.PlanStep`).
 """
 from __future__ import annotations
 

@@ -1,10 +1,15 @@
-"""Samplers over a denoiser, guidance wrappers that return denoisers, and the fast engine."""
-from .engine import SamplingEngine
-from .guidance import classifier_free_guidance
-from .inverse_design import InverseDesigner, ObjectiveFunction, PhenotypeTarget, objective_guidance
-from .samplers import (DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, PlanStep, ddim, ddim_invert, ddpm, dpmpp_2m,
-                       euler_maruyama, heun, run_plan, sampler_plan, timesteps)
+"""Deprecated: ``scidiff.sampling`` moved to scidiff.diffusion (samplers, plans, guidance),
+scidiff.engine (SamplingEngine) and scidiff.tasks.design (InverseDesigner, PhenotypeTarget). This
+module re-exports the old names for one release."""
+import warnings
 
-__all__ = ["DEFAULT_SAMPLER", "DEFAULT_STEPS", "SAMPLERS", "PlanStep", "SamplingEngine", "classifier_free_guidance",
-           "ddim", "ddim_invert", "ddpm", "dpmpp_2m", "euler_maruyama", "heun", "run_plan", "sampler_plan", "timesteps"]
-__all__ += ["InverseDesigner", "ObjectiveFunction", "PhenotypeTarget", "objective_guidance"]
+from ..diffusion.guidance import classifier_free_guidance, objective_guidance
+from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, PlanStep, sampler_plan, timesteps
+from ..diffusion.samplers import SAMPLERS, ddim, ddim_invert, ddpm, dpmpp_2m, euler_maruyama, heun, run_plan
+from ..engine import SamplingEngine
+from ..tasks.design import InverseDesigner, ObjectiveFunction, PhenotypeTarget
+
+warnings.warn('scidiff.sampling is deprecated and will be removed in the next release; import from '
+              'scidiff.diffusion (samplers, plans, guidance), scidiff.engine (SamplingEngine) and '
+              'scidiff.tasks.design (InverseDesigner, PhenotypeTarget)',
+              DeprecationWarning, stacklevel=2)

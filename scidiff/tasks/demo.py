@@ -11,10 +11,18 @@ import json
 import os
 import time
 
+import anndata as ad
 import numpy as np
 
-from .config import load_config
-from .data.io import atomic_path, write_h5ad
+from ..config import load_config
+from ..data.io import atomic_path, write_h5ad
+from ..evaluation import evaluate_generation_quality
+from ..evaluation.baselines import gaussian_pca_generator
+from ..evaluation.plots import report_plots
+from ..training import seed_everything
+from .evaluate import log_expression_of
+from .generate import generate
+from .train import train
 
 
 def _table(rows: dict, cols) -> str:
@@ -23,14 +31,7 @@ def _table(rows: dict, cols) -> str:
 
 
 def run_demo(out_dir: str = "demo_out", epochs: int = 400, seed: int = 0, progress: bool = True) -> dict:
-    import anndata as ad
-    import scanpy as sc
-
-    from . import pipeline
-    from .evaluation import evaluate_generation_quality
-    from .evaluation.baselines import gaussian_pca_generator
-    from .evaluation.plots import report_plots
-    from .training import seed_everything
+    import scanpy as sc  # lazy: scanpy is heavy and only the demo needs it (its bundled PBMCs)
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -43,20 +44,20 @@ def run_demo(out_dir: str = "demo_out", epochs: int = 400, seed: int = 0, progre
                                     "training": {"batch_size": 128, "val_fraction": 0.0, "seed": seed,
                                                  "checkpoint_every": 0, "warmup_steps": 100}})
     model_dir = os.path.join(out_dir, "model")
-    model = pipeline.train(adata, model_dir, config, epochs=epochs, progress=progress)
+    model = train(adata, model_dir, config, epochs=epochs, progress=progress)
     t_train = time.perf_counter() - t_start
 
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
     parts, gen_labels = [], []
     for i, ct in enumerate(sorted(set(labels))):
         n = int((labels == ct).sum())
-        parts.append(pipeline.generate(model, n, {"bulk_labels": ct}, seed=seed + i, progress=False))
+        parts.append(generate(model, n, {"bulk_labels": ct}, seed=seed + i, progress=False))
         gen_labels += [ct] * n
     generated = ad.concat(parts, index_unique=None)
     generated.obs_names_make_unique()
     write_h5ad(generated, os.path.join(out_dir, "generated.h5ad"))
 
-    real = pipeline._log_expression_of(adata.raw.to_adata(), model.data_spec.gene_names)
+    real = log_expression_of(adata.raw.to_adata(), model.data_spec.gene_names)
     gen = generated.X
     metrics = evaluate_generation_quality(real, gen, labels, np.asarray(gen_labels))
     gauss = np.vstack([gaussian_pca_generator(real[labels == ct], int((labels == ct).sum()), 50, seed)

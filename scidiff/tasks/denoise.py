@@ -15,11 +15,14 @@ import math
 
 import anndata as ad
 import numpy as np
+import scipy.sparse as sp
 import torch
+from tqdm.auto import tqdm
 
-from .data import read_h5ad, transform_like
-from .data.preprocess import expression_matrix
-from .sampling import ddim, timesteps
+from ..data.preprocess import dense, detect_input, expression_matrix, gene_columns
+from ..diffusion.plans import timesteps
+from ..diffusion.samplers import ddim
+from .cells import model_cells
 
 DEFAULT_STRENGTH = 0.3
 
@@ -28,8 +31,6 @@ def binomial_split(counts, p: float = 0.5, seed: int = 0):
     """Molecular cross-validation split (Batson et al. 2019): each molecule goes to half A with
     probability ``p``; returns ``(A, B)`` with ``A ~ Binomial(counts, p)`` and ``B = counts - A``,
     two independent Poisson-thinned views of the same cells (sparse stays sparse)."""
-    import scipy.sparse as sp
-
     rng = np.random.default_rng(seed)
     if sp.issparse(counts):
         c = sp.csr_matrix(counts)
@@ -88,23 +89,14 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     denoised log1p-normalised expression in ``layers[key_added]`` and the input's log1p values in
     ``X``. Cells with zero counts are kept (their denoised values come from the prior alone).
     """
-    from tqdm.auto import tqdm
-
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if method not in ("sdedit", "posterior"):
         raise ValueError(f"method must be 'sdedit' or 'posterior', got {method!r}")
-    spec = model.data_spec
-    if spec is None:
-        raise ValueError("this model carries no gene list; train it through scidiff.setup_anndata")
-    if not isinstance(adata, ad.AnnData):
-        adata = read_h5ad(adata)
-    cells = transform_like(spec, adata, layer=layer, use_raw=use_raw)
+    spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
     counts = library = None
     if method == "posterior":
         matrix, var_names, where = expression_matrix(adata, layer, bool(use_raw))
-        from .data.preprocess import dense, detect_input, gene_columns
-
         if detect_input(matrix, where) != "counts":
             raise ValueError(f"{where} holds log-normalised values; the posterior method needs raw counts "
                              "(pass layer='counts' or use method='sdedit')")

@@ -14,26 +14,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from .data import read_h5ad, transform_like
-from .sampling import classifier_free_guidance, ddim, ddim_invert
-
-
-def _target_codes(model, target: dict, n: int) -> dict[str, torch.Tensor]:
-    spec = model.data_spec
-    if not target:
-        raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
-    return spec.encode_conditions(target, n)
-
-
-def _source_codes(model, cells, n: int) -> dict[str, torch.Tensor]:
-    """The control cells' own covariates; a perturbation column absent from obs means control."""
-    spec, enc = model.data_spec, model.condition_encoder
-    codes = {k: v for k, v in cells.covariates.items() if k in enc.keys}
-    for key in spec.perturbation_keys:
-        if key not in codes:
-            codes[key] = torch.zeros(n, len(spec.categorical[key]) + 1)
-    return codes
+from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.samplers import ddim, ddim_invert
+from .cells import model_cells, own_codes
 
 
 def _denoiser(model, guidance_scale: float, n: int):
@@ -43,11 +28,11 @@ def _denoiser(model, guidance_scale: float, n: int):
 
 
 @torch.no_grad()
-def predict_perturbation(model, control_adata, target: dict, *, method: str = "counterfactual",
-                         steps: int = 50, guidance_scale: float = 1.0, seed: int = 0, layer: str | None = None,
-                         use_raw: bool | None = None, batch_size: int = 4096, progress: bool = True) -> ad.AnnData:
-    """Predict how ``control_adata``'s cells respond to ``target`` (e.g. ``{'condition':
-    'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``).
+def perturb(model, cells, condition: dict, *, method: str = "counterfactual", steps: int = 50,
+            guidance_scale: float = 1.0, seed: int = 0, layer: str | None = None, use_raw: bool | None = None,
+            batch_size: int = 4096, progress: bool = True) -> ad.AnnData:
+    """Predict how the control ``cells`` (an AnnData or ``.h5ad`` path) respond to ``condition``
+    (e.g. ``{'condition': 'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``).
 
     Returns an AnnData with one predicted cell per input cell (same order and ``obs_names``): the
     predicted log1p-normalised expression in ``X`` on the model's genes, the input cells'
@@ -55,19 +40,15 @@ def predict_perturbation(model, control_adata, target: dict, *, method: str = "c
     ``method``: ``"counterfactual"`` (DDIM inversion under each cell's own condition, then
     decoding under the target) or ``"population"`` (fresh samples under the target).
     """
-    from tqdm.auto import tqdm
-
     if method not in ("counterfactual", "population"):
         raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
-    spec = model.data_spec
-    if spec is None:
-        raise ValueError("this model carries no gene list; train it through scidiff.setup_anndata")
-    if not isinstance(control_adata, ad.AnnData):
-        control_adata = read_h5ad(control_adata)
-    cells = transform_like(spec, control_adata, layer=layer, use_raw=use_raw)
+    target = condition
+    spec, control_adata, cells = model_cells(model, cells, layer=layer, use_raw=use_raw)
     n = len(cells)
-    target_codes = _target_codes(model, target, n)
-    source_codes = _source_codes(model, cells, n)
+    if not target:
+        raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
+    target_codes = spec.encode_conditions(target, n)
+    source_codes = own_codes(model, cells)
     cond_target = {**source_codes, **target_codes}
     if spec.dose_key and spec.dose_key not in target and spec.dose_key in source_codes:
         cond_target.pop(spec.dose_key)  # a dose belongs to the perturbation it came with
@@ -96,3 +77,12 @@ def predict_perturbation(model, control_adata, target: dict, *, method: str = "c
     result.uns["scidiff_prediction"] = {"method": method, "steps": int(steps), "guidance_scale": float(guidance_scale),
                                         "seed": int(seed), "target": {k: str(v) for k, v in target.items()}}
     return result
+
+
+def predict_perturbation(model, control_adata, target: dict, *, method: str = "counterfactual", steps: int = 50,
+                         guidance_scale: float = 1.0, seed: int = 0, layer: str | None = None,
+                         use_raw: bool | None = None, batch_size: int = 4096, progress: bool = True) -> ad.AnnData:
+    """Predict how ``control_adata``'s cells respond to ``target``: :func:`perturb` (``scidiff.perturb``)
+    under its first name, where the cells are ``control_adata`` and the condition ``target``."""
+    return perturb(model, control_adata, target, method=method, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                   layer=layer, use_raw=use_raw, batch_size=batch_size, progress=progress)

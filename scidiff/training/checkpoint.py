@@ -13,7 +13,10 @@ import warnings
 
 import torch
 
+from .. import __version__
 from ..data.io import atomic_path
+from ..data.spec import DataSpec
+from ..models import ScIDiffModel
 
 FORMAT = "scidiff.checkpoint"
 FORMAT_VERSION = 1
@@ -77,8 +80,6 @@ def atomic_torch_save(obj, path) -> None:
 
 
 def model_payload(model, state_dict=None) -> dict:
-    from .. import __version__
-
     spec = model.data_spec.to_dict() if model.data_spec is not None else None
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "scidiff_version": __version__,
             "config": json.dumps(model.config()), "data_spec": json.dumps(spec),
@@ -146,9 +147,6 @@ def read_checkpoint(path) -> dict:
 def load_model(path, map_location="cpu", genes=None):
     """A :class:`scidiff.models.ScIDiffModel` from a checkpoint file or run folder, in eval mode.
     With ``genes``, the checkpoint must have been trained on exactly these genes."""
-    from ..data.spec import DataSpec
-    from ..models import ScIDiffModel
-
     payload = read_checkpoint(path)
     try:
         config = json.loads(payload["config"])

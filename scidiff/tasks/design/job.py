@@ -17,7 +17,20 @@ from __future__ import annotations
 import json
 import os
 
-# numpy, pandas, torch and the rest load inside the functions: ``scidiff --help`` stays fast
+import numpy as np
+import pandas as pd
+import torch
+
+from ...data import transform_like
+from ...data.io import atomic_path, read_h5ad, write_h5ad
+from ...evaluation.design import design_plot, design_report
+from ...training import load_model
+from .._keywords import no_other_keywords, renamed
+from .attribution import gene_attribution, read_tf_network, tf_activity_change, tf_weight_matrix
+from .classifier import CellTypeClassifier
+from .designer import InverseDesigner, _jsonable
+from .screen import screen_perturbations, seen_combinations
+from .targets import PhenotypeTarget
 
 
 def output_paths(out) -> dict[str, str]:
@@ -30,8 +43,6 @@ def output_paths(out) -> dict[str, str]:
 
 
 def _select(adata, conditions: dict, what: str):
-    import numpy as np
-
     mask = np.ones(adata.n_obs, bool)
     for key, value in conditions.items():
         if key not in adata.obs:
@@ -47,8 +58,6 @@ def _select(adata, conditions: dict, what: str):
 
 def _cell_type_key(model, adata, cell_type: str, key: str | None) -> str | None:
     """The obs key / model covariate whose values include ``cell_type``."""
-    import pandas as pd
-
     if key is not None:
         return key
     spec = model.data_spec
@@ -64,18 +73,17 @@ def _cell_type_key(model, adata, cell_type: str, key: str | None) -> str | None:
 
 
 def _write_tsv(table, path) -> str:
-    from .data.io import atomic_path
-
     return atomic_path(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
 
 
 def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
-               tf_network=None, n: int = 256, steps: int = 50, guidance_scale: float = 10.0, backward_steps: int = 0,
-               cfg_scale: float = 1.0, tolerance: float = 0.1, realism_weight: float = 0.0, eta: float | None = None,
+               tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
+               backward_steps: int = 0, guidance_scale: float | None = None, tolerance: float = 0.1,
+               realism_weight: float = 0.0, eta: float | None = None,
                select: str | None = None, retries: int = 0, observed: bool = False,
                condition_measurement: bool = True, seed: int = 0, screen: bool = True, attribution: bool = True,
-               progress: bool = True) -> dict:
+               progress: bool = True, **deprecated) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
     :class:`PhenotypeTarget`) and write the outputs of the module notes; returns the report.
 
@@ -85,20 +93,15 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     it cells start from noise and the unguided samples from the same noise are the comparison.
     ``cell_type``: a label of ``cell_type_key`` (found among the model's covariates or obs): the
     design is conditioned on it where the model knows it, and a classifier trained on ``data``
-    scores it. ``tf_network``: a TSV of TF -> target edges. ``eta``, ``select``, ``retries``: see
-    :meth:`scidiff.sampling.InverseDesigner.design`; ``observed``: design measured cells (see
-    :class:`scidiff.sampling.InverseDesigner`), their target genes measured within the targets
-    unless ``condition_measurement=False``."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from .data.io import atomic_path, read_h5ad, write_h5ad
-    from .evaluation.design import design_plot, design_report
-    from .regulators import gene_attribution, screen_perturbations, seen_combinations, tf_activity_change
-    from .sampling.inverse_design import CellTypeClassifier, InverseDesigner, PhenotypeTarget, _jsonable
-    from .training import load_model
-
+    scores it. ``tf_network``: a TSV of TF -> target edges. ``objective_scale``: the pull toward
+    the target; ``guidance_scale``: classifier-free guidance on the condition (default 1;
+    ``cfg_scale=`` is its deprecated name). ``eta``, ``select``, ``retries``: see
+    :meth:`~scidiff.tasks.design.InverseDesigner.design`; ``observed``: design measured cells
+    (see :class:`~scidiff.tasks.design.InverseDesigner`), their target genes measured within the
+    targets unless ``condition_measurement=False``."""
+    (guidance_scale,) = renamed("run_design", deprecated, {"cfg_scale": ("guidance_scale", guidance_scale)})
+    no_other_keywords("run_design", deprecated)
+    cfg_scale = 1.0 if guidance_scale is None else float(guidance_scale)
     if not observed and not condition_measurement:
         raise ValueError("a free measurement (--free-measurement) applies to measured cells: add --observed")
     if not isinstance(model, torch.nn.Module):
@@ -112,8 +115,6 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     if target.constraints:
         target.check(spec.gene_names)  # fail on a bad gene before any work
     if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
-        from .regulators import read_tf_network, tf_weight_matrix
-
         tf_network = read_tf_network(tf_network)
         tf_weight_matrix(tf_network, spec.gene_names)  # no overlap with the model's genes: fail now
     adata = None if data is None else (data if not isinstance(data, (str, os.PathLike)) else read_h5ad(data))
@@ -140,8 +141,6 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         if adata is None:
             raise ValueError("this checkpoint's detection model is not fitted (it predates it): give --data with "
                              "real cells in the model's genes to fit it on, or retrain")
-        from .data import transform_like
-
         model.fit_detection(transform_like(spec, adata, condition_keys=[]).x)
         detection_note = f"fitted on the {adata.n_obs} cells of --data (the checkpoint had none)"
     designer = InverseDesigner(model, classifier=classifier, realism_weight=realism_weight, observed=observed)
@@ -153,16 +152,14 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         source_cells = _select(adata, source, "source")
     kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
     result = designer.design(target, n, source=source_cells, condition=condition or None,
-                             guidance_scale=guidance_scale, eta=eta, select=select, retries=retries,
+                             objective_scale=objective_scale, eta=eta, select=select, retries=retries,
                              condition_measurement=condition_measurement, **kw)
     start = result.source
     if start is None:  # the comparison: the unguided samples from the same noise
-        start = designer.design(target, n, condition=condition or None, guidance_scale=0.0,
+        start = designer.design(target, n, condition=condition or None, objective_scale=0.0,
                                 **{**kw, "backward_steps": 0}).expression
     real = labels = None
     if adata is not None:
-        from .data import transform_like
-
         cells = transform_like(spec, adata, condition_keys=[])
         real = cells.log_expression().clip(min=0)
         keys = [k for k in spec.categorical if k in adata.obs]
@@ -213,75 +210,3 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     report["files"] = {k: os.path.abspath(v) for k, v in {**written, "report": paths["report"]}.items()}
     atomic_path(paths["report"], lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(report), indent=1)))
     return report
-
-
-# -- the command line ------------------------------------------------------------------------------
-
-
-def add_design(sub) -> None:
-    from .cli import finite_float, nonnegative_float, nonnegative_int, positive_int, seed_value
-
-    p = sub.add_parser("design", help="design cells toward a target phenotype and rank what drives it",
-                       description="Guide sampling toward target gene levels (and a cell type), then write the "
-                                   "designed cells, a report (JSON + PNG) and rankings: perturbation conditions "
-                                   "(in-silico screen), genes (integrated gradients) and TFs (--tf-network).")
-    p.add_argument("--model", required=True, help="run folder or model.pt")
-    p.add_argument("--target", required=True,
-                   help="comma-separated GENE>=v (up), GENE<=v (down), GENE=v (level), log1p-normalised, "
-                        "e.g. 'IL2RA>=5,FOXP3>=4,CD8A<=0.1'")
-    p.add_argument("--cell-type", default=None, help="target cell type: a label of the model's covariates "
-                                                     "(conditioned on) and/or of --cell-type-key in --data "
-                                                     "(scored by a classifier trained on those cells)")
-    p.add_argument("--cell-type-key", default=None, help="obs key holding cell types (default: found by label)")
-    p.add_argument("--tf-network", default=None, help="TSV of TF -> target edges: source, target, weight")
-    p.add_argument("-n", type=positive_int, default=256, help="cells to design")
-    p.add_argument("--data", default=None, help="real cells (.h5ad): realism in the report, the cell-type "
-                                                "classifier and the source cells")
-    p.add_argument("--source", default=None, help="key=value[,key=value] picking the cells of --data to start "
-                                                  "from (default: start from noise)")
-    p.add_argument("--condition", default=None, help="key=value[,key=value] to decode under (default: the "
-                                                     "source cells' covariates, perturbations at null)")
-    p.add_argument("--steps", type=positive_int, default=50)
-    p.add_argument("--guidance", type=finite_float, default=10.0,
-                   help="objective guidance scale: the tilt exp(-scale * loss) the gradient follows")
-    p.add_argument("--backward-steps", type=nonnegative_int, default=0,
-                   help="gradient steps on the clean estimate per step")
-    p.add_argument("--cfg", type=finite_float, default=1.0, help="classifier-free guidance scale on the condition")
-    p.add_argument("--eta", type=nonnegative_float, default=None, help="sampler noise (0 deterministic, 1 ancestral; default "
-                                                           "0 from source cells, 1 with resampling from noise)")
-    p.add_argument("--select", default=None, help="a covariate (cell type, perturbation) whose value is drawn per "
-                                                   "cell from its posterior given the target (a screen)")
-    p.add_argument("--retries", type=nonnegative_int, default=0, help="restart cells that miss the target up to this many "
-                                                          "times from 70%% noise")
-    p.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
-                   "detection rates (principal-axes models; guidance acts on the smooth expression)")
-    p.add_argument("--free-measurement", action="store_true", help="with --observed: measure the target genes "
-                   "unconditioned (default: conditioned on meeting their targets)")
-    p.add_argument("--tolerance", type=nonnegative_float, default=0.1,
-                   help="slack when checking a target (log1p units)")
-    p.add_argument("--realism", type=nonnegative_float, default=0.0,
-                   help="weight of the realism (denoiser score) term")
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--no-screen", action="store_true", help="skip the perturbation screen")
-    p.add_argument("--out", required=True, help="output .h5ad; the report and rankings are written beside it")
-
-
-def cmd_design(args) -> None:
-    from .cli import check_out
-    from .pipeline import parse_conditions
-
-    check_out(output_paths(args.out)["cells"])
-    report = run_design(args.model, args.target, args.out, data=args.data,
-                        source=parse_conditions(args.source) or None, condition=parse_conditions(args.condition) or None,
-                        cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
-                        n=args.n, steps=args.steps, guidance_scale=args.guidance, backward_steps=args.backward_steps,
-                        cfg_scale=args.cfg, tolerance=args.tolerance, realism_weight=args.realism, eta=args.eta,
-                        select=args.select, retries=args.retries, observed=args.observed,
-                        condition_measurement=not args.free_measurement, seed=args.seed, screen=not args.no_screen)
-    line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
-    if "realism" in report:
-        r = report["realism"]
-        line += f"; nearest real type {r['nearest_type']!r} (classifier AUC {r['classifier_auc']:.2f})"
-    print(line)
-    for key, path in report["files"].items():
-        print(f"  {key}: {path}")

@@ -1,34 +1,20 @@
-"""Regulators: what could produce a designed phenotype.
+"""The in-silico screen: what perturbation could produce a designed phenotype.
 
-- :func:`screen_perturbations`: an in-silico screen. Every perturbation condition the model knows
-  (control, each single perturbation, the combinations seen in training, a grid of doses) is
-  applied to the source cells (DDIM inversion under their own condition, decoding under the
-  candidate, as :func:`scidiff.perturbation.predict_perturbation`), and the conditions are
-  ranked by the fraction of cells that meet every target, then by the mean objective.
-- :func:`gene_attribution`: integrated gradients (Sundararajan et al. 2017) of the objective
-  along the straight path from each source cell to its designed cell. With ``through_model`` the
-  objective is read on the model's denoised view of each point on the path, so genes that move
-  the cell along directions the model couples to the targets get credit, not only the target
-  genes themselves. Attributions sum to the objective's change (completeness).
-- :func:`tf_activity_change`: transcription-factor activity from a TF -> target network (TSV with
-  ``source``, ``target``, ``weight``; decoupler/CollecTRI layout) scored per cell by decoupler's
-  univariate linear model (ULM: the t-value of the slope of expression on the TF's edge weights
-  across genes, Badia-i-Mompel et al. 2022) or its weighted mean (WMEAN), then compared between
-  source and designed cells; TFs are ranked by the change.
+Every perturbation condition the model knows (control, each single perturbation, the
+combinations seen in training, a grid of doses) is applied to the source cells (DDIM inversion
+under their own condition, decoding under the candidate, as :func:`scidiff.perturb`), and the
+conditions are ranked by the fraction of cells that meet every target, then by the mean
+objective.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .sampling.inverse_design import InverseDesigner, PhenotypeTarget, met_every_target
-from .sampling.samplers import ddim, ddim_invert
-
-# -- (a) the in-silico screen ----------------------------------------------------------------------
-
+from ...diffusion.samplers import ddim, ddim_invert
+from .sources import decoding_condition, source_cells
+from .targets import PhenotypeTarget, met_every_target
 
 def condition_label(condition: dict) -> str:
     """``{'drug': 'A', 'dose': 10.0}`` -> ``'drug=A,dose=10'`` (the screen's row names)."""
@@ -78,7 +64,7 @@ def seen_combinations(model, adata) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, source=None, *, condition=None,
+def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, condition=None,
                          candidates=None, combinations=None, doses=None, n_cells: int = 128, steps: int = 50,
                          seed: int = 0, progress: bool = False) -> pd.DataFrame:
     """Rank perturbation conditions by how well cells generated under each meet ``target`` (no
@@ -101,7 +87,7 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     model.eval()
-    x, src_codes = designer._source(source, n_cells, rng)
+    x, src_codes = source_cells(model, source, n_cells, rng)
     if x is not None:
         src = {k: v.to(device) for k, v in src_codes.items()}
         z_T = ddim_invert(model, model.encode(x.to(device)), model.scheduler, steps, cond=src)
@@ -109,7 +95,7 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
         gen = torch.Generator(device=device).manual_seed(int(seed))
         z_T = torch.randn(n_cells, model.diffusion_dim, generator=gen, device=device)
     n = len(z_T)
-    keep = {k: v.to(device) for k, v in designer._condition(condition, src_codes, n).items()
+    keep = {k: v.to(device) for k, v in decoding_condition(model, condition, src_codes, n).items()
             if k not in spec.perturbation_keys and k != spec.dose_key}
     loss_fn = designer.loss_fn(target, include_constraints=False)
     measure = torch.Generator(device=device).manual_seed(int(seed) + 1)  # observed designers' measurements
@@ -129,205 +115,3 @@ def screen_perturbations(designer: InverseDesigner, target: PhenotypeTarget, sou
                                            kind="mergesort").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
-
-
-# -- (b) gene attribution --------------------------------------------------------------------------
-
-
-def integrated_gradients(fn, baseline: torch.Tensor, inputs: torch.Tensor, steps: int = 32) -> torch.Tensor:
-    """Integrated gradients (Sundararajan et al. 2017) of ``fn: [N, G] -> [N]`` from ``baseline``
-    to ``inputs`` along the straight line, by the midpoint rule with ``steps`` points:
-    ``(x - x') * mean_k grad fn(x' + a_k (x - x'))``. Rows sum to ``fn(x) - fn(x')`` up to the
-    quadrature error."""
-    baseline, inputs = baseline.detach().float(), inputs.detach().float()
-    if baseline.shape != inputs.shape:
-        raise ValueError(f"baseline {tuple(baseline.shape)} and inputs {tuple(inputs.shape)} differ in shape")
-    total = torch.zeros_like(inputs)
-    delta = inputs - baseline
-    with torch.enable_grad():
-        for k in range(steps):
-            a = (k + 0.5) / steps
-            point = (baseline + a * delta).requires_grad_(True)
-            (g,) = torch.autograd.grad(fn(point).sum(), point)
-            total += g
-    return delta * total / steps
-
-
-def gene_attribution(designer: InverseDesigner, target: PhenotypeTarget, source_expression, designed_expression, *,
-                     cond: dict | None = None, through_model: bool = True, t: int | None = None,
-                     steps: int = 32) -> pd.DataFrame:
-    """Rank genes by their integrated-gradients attribution of the objective's change from each
-    source cell to its designed cell (rows paired). ``through_model``: the objective is read on
-    the model's denoised view ``D(sqrt(ab_t) z, t)`` of each point (``t`` default ``T / 10``).
-
-    Columns: ``gene``, ``attribution`` (mean over cells; negative = the gene's change lowered the
-    objective, i.e. drove the cells toward the target), ``mean_change`` (designed - source),
-    ``rank`` (1 = most negative attribution). ``uns``-like totals are in ``table.attrs``."""
-    model, spec = designer.model, designer.model.data_spec
-    designer.check(target)
-    src = torch.as_tensor(np.asarray(source_expression), dtype=torch.float32)
-    dst = torch.as_tensor(np.asarray(designed_expression), dtype=torch.float32)
-    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != spec.n_genes:
-        raise ValueError(f"source and designed cells must be paired [cells, {spec.n_genes}] arrays; got "
-                         f"{tuple(src.shape)} and {tuple(dst.shape)}")
-    loss = designer.loss_fn(target, include_constraints=False)
-    device = next(model.parameters()).device
-    cond = {k: v.to(device) for k, v in (cond or {}).items()}
-    tt = int(t if t is not None else max(1, model.num_timesteps // 10))
-    a = float(model.alphas_cumprod[tt]) ** 0.5
-
-    def fn(expr):
-        if not through_model:
-            return loss(expr, cond)
-        z = model.encode(spec.to_model_space(expr))
-        z0 = model(a * z, torch.full((len(z),), tt, dtype=torch.long, device=z.device), cond)
-        return loss(designer.to_expression(z0), cond)
-
-    was_training = model.training
-    model.eval()
-    try:
-        attr = integrated_gradients(fn, src.to(device), dst.to(device), steps).cpu().numpy()
-        with torch.no_grad():
-            change = (fn(dst.to(device)) - fn(src.to(device))).cpu().numpy()
-    finally:
-        model.train(was_training)
-    table = pd.DataFrame({"gene": spec.gene_names, "attribution": attr.mean(0),
-                          "mean_change": (dst - src).mean(0).numpy()})
-    table = table.sort_values("attribution", kind="mergesort").reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    table.attrs["objective_change"] = float(change.mean())
-    table.attrs["attribution_sum"] = float(attr.sum(1).mean())
-    return table
-
-
-# -- (c) transcription-factor activity -------------------------------------------------------------
-
-
-def read_tf_network(path) -> pd.DataFrame:
-    """A TF -> target network from a TSV with columns ``source``, ``target`` and ``weight`` (or
-    decoupler's older ``mor``); extra columns are ignored. Errors name the file."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no such TF network file: {path!r}")
-    try:
-        net = pd.read_csv(path, sep="\t")
-    except Exception as exc:
-        raise ValueError(f"could not read {path!r} as a tab-separated table: {exc}") from exc
-    if "weight" not in net.columns and "mor" in net.columns:
-        net = net.rename(columns={"mor": "weight"})
-    missing = [c for c in ("source", "target", "weight") if c not in net.columns]
-    if missing:
-        raise ValueError(f"TF network {path!r} lacks column(s) {missing}; it needs source, target and weight "
-                         f"(decoupler/CollecTRI layout); found {list(net.columns)}")
-    net = net[["source", "target", "weight"]].copy()
-    net["source"], net["target"] = net["source"].astype(str), net["target"].astype(str)
-    net["weight"] = pd.to_numeric(net["weight"], errors="coerce")
-    if net["weight"].isna().any():
-        bad = net[net["weight"].isna()].head(3).to_dict("records")
-        raise ValueError(f"TF network {path!r} has non-numeric weights, e.g. {bad}")
-    net.attrs["path"] = path
-    return net
-
-
-def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5):
-    """``(W [G, F], tfs, n_targets)``: edge weights of each TF over the model's genes, for TFs
-    with at least ``min_targets`` targets among them. Duplicate edges are an error; a network
-    that shares no (or too few) targets with the genes is an error that says so."""
-    where = f"TF network {network.attrs['path']!r}" if network.attrs.get("path") else "the TF network"
-    for col in ("source", "target", "weight"):
-        if col not in network.columns:
-            raise ValueError(f"{where} lacks column {col!r} (needs source, target, weight)")
-    dup = network.duplicated(["source", "target"])
-    if dup.any():
-        raise ValueError(f"{where} has {int(dup.sum())} duplicate source-target edges, e.g. "
-                         f"{network[dup].head(3)[['source', 'target']].to_dict('records')}")
-    index = {str(g): i for i, g in enumerate(gene_names)}
-    inside = network[network["target"].astype(str).isin(index)]
-    if inside.empty:
-        examples = list(network["target"].astype(str).unique()[:5])
-        raise ValueError(f"{where} shares no target genes with the model's {len(index)} genes (network targets "
-                         f"such as {examples}; model genes such as {list(index)[:5]}); check gene naming (symbols "
-                         "vs Ensembl IDs, species)")
-    counts = inside.groupby("source")["target"].size()
-    tfs = sorted(counts[counts >= min_targets].index.astype(str))
-    if not tfs:
-        raise ValueError(f"no TF in {where} has >= {min_targets} targets among the model's genes (most: "
-                         f"{int(counts.max())}, {counts.idxmax()}); lower min_targets or use more genes")
-    col = {tf: j for j, tf in enumerate(tfs)}
-    w = np.zeros((len(index), len(tfs)), dtype=np.float64)
-    for s, tg, wt in inside[inside["source"].isin(col)][["source", "target", "weight"]].itertuples(index=False):
-        w[index[str(tg)], col[str(s)]] = float(wt)
-    return w, tfs, counts[tfs].to_numpy().astype(int)
-
-
-def ulm(expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """decoupler's univariate linear model: per cell and TF, regress the cell's expression over
-    genes on the TF's weight column (zero for non-targets) with an intercept; the activity is the
-    slope's t-value. ``expression [N, G]``, ``weights [G, F]`` -> ``[N, F]``."""
-    y = np.asarray(expression, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    g = y.shape[1]
-    if w.shape[0] != g:
-        raise ValueError(f"weights have {w.shape[0]} rows for {g} genes")
-    wc = w - w.mean(0)
-    sxx = (wc ** 2).sum(0)                       # [F]
-    yc = y - y.mean(1, keepdims=True)
-    sxy = yc @ wc                                # [N, F]
-    syy = (yc ** 2).sum(1, keepdims=True)        # [N, 1]
-    slope = sxy / sxx
-    rss = np.maximum(syy - slope * sxy, 0.0)
-    se = np.sqrt(rss / max(g - 2, 1) / sxx)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(se > 0, slope / se, 0.0)
-    return t
-
-
-def wmean(expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """decoupler's weighted mean: ``x @ W / sum_g |W_g|`` per cell and TF."""
-    w = np.asarray(weights, dtype=np.float64)
-    return np.asarray(expression, dtype=np.float64) @ w / np.abs(w).sum(0)
-
-
-TF_METHODS = {"ulm": ulm, "wmean": wmean}
-
-
-def tf_activity_change(source_expression, designed_expression, network, gene_names, *, method: str = "ulm",
-                       min_targets: int = 5, paired: bool | None = None) -> pd.DataFrame:
-    """Score TF activities in source and designed cells and rank TFs by the change.
-
-    ``network``: a DataFrame (source, target, weight) or a TSV path (:func:`read_tf_network`).
-    ``paired``: rows of the two sets are the same cells before and after (default: when the
-    counts match); the test is then a paired t-test, otherwise Welch's. Columns: ``tf``,
-    ``n_targets``, ``source_activity``, ``designed_activity`` (means), ``change``,
-    ``t``, ``p_value``, ``rank`` (1 = largest absolute change)."""
-    from scipy import stats
-
-    if method not in TF_METHODS:
-        raise ValueError(f"unknown TF scoring method {method!r}; choose one of {sorted(TF_METHODS)}")
-    if not isinstance(network, pd.DataFrame):
-        network = read_tf_network(network)
-    src, dst = np.asarray(source_expression, np.float64), np.asarray(designed_expression, np.float64)
-    if src.ndim != 2 or dst.ndim != 2 or src.shape[1] != len(gene_names) or dst.shape[1] != len(gene_names):
-        raise ValueError(f"source and designed cells must be [cells, {len(gene_names)} genes]")
-    w, tfs, n_targets = tf_weight_matrix(network, gene_names, min_targets)
-    a_src, a_dst = TF_METHODS[method](src, w), TF_METHODS[method](dst, w)
-    paired = (len(src) == len(dst)) if paired is None else paired
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if paired:
-            if len(src) != len(dst):
-                raise ValueError("paired=True needs as many source as designed cells")
-            test = stats.ttest_rel(a_dst, a_src, axis=0)
-        else:
-            test = stats.ttest_ind(a_dst, a_src, axis=0, equal_var=False)
-    table = pd.DataFrame({"tf": tfs, "n_targets": n_targets, "source_activity": a_src.mean(0),
-                          "designed_activity": a_dst.mean(0), "change": a_dst.mean(0) - a_src.mean(0),
-                          "t": np.nan_to_num(test.statistic), "p_value": np.nan_to_num(test.pvalue, nan=1.0)})
-    table = table.reindex(table["change"].abs().sort_values(ascending=False, kind="mergesort").index)
-    table = table.reset_index(drop=True)
-    table.insert(0, "rank", np.arange(1, len(table) + 1))
-    table.attrs["method"] = method
-    return table
-
-
-__all__ = ["candidate_conditions", "gene_attribution", "integrated_gradients", "read_tf_network",
-           "screen_perturbations", "seen_combinations", "tf_activity_change", "tf_weight_matrix", "ulm", "wmean"]

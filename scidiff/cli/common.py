@@ -1,0 +1,145 @@
+"""What the commands share: typed flags (a bad value is an argparse error, exit 2, naming the
+flag), the ``--out`` check, ``key=value`` conditions, sampling defaults, and which exceptions mean
+bad input. Nothing here imports torch: ``scidiff --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from ..config import sampling_config
+from ..diffusion.plans import SAMPLER_NAMES
+
+SAMPLER_CHOICES = list(SAMPLER_NAMES)
+
+
+# -- argument types --------------------------------------------------------------------------------
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _real(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _checked(name: str, parse, test=None, rule: str = ""):
+    """An argparse type: ``parse`` the text, then refuse values failing ``test`` ("must RULE")."""
+    def check(text: str):
+        value = parse(text)
+        if test is not None and not test(value):
+            raise argparse.ArgumentTypeError(f"must {rule}, got {text}")
+        return value
+
+    check.__name__ = name
+    return check
+
+
+positive_int = _checked("positive_int", _integer, lambda v: v >= 1, "be >= 1")
+nonnegative_int = _checked("nonnegative_int", _integer, lambda v: v >= 0, "be >= 0")
+# a seed: what every generator (numpy's too) takes
+seed_value = _checked("seed_value", _integer, lambda v: 0 <= v < 2**32, "lie in [0, 2**32)")
+finite_float = _checked("finite_float", _real)
+nonnegative_float = _checked("nonnegative_float", _real, lambda v: v >= 0, "be >= 0")
+unit_interval = _checked("unit_interval", _real, lambda v: 0 < v <= 1, "lie in (0, 1]")
+
+
+def device_name(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def split(text):
+    """``"a, b"`` -> ``["a", "b"]`` (``None`` stays ``None``)."""
+    return [k.strip() for k in text.split(",") if k.strip()] if text is not None else None
+
+
+# -- what the handlers share -----------------------------------------------------------------------
+def check_out(path, folder: bool = False) -> str:
+    """Fail before any work when ``--out`` cannot be written: a file where a folder is needed or
+    the other way round, a file in the way of its folder, or a folder without write permission.
+    A file's missing parent folders are created. Returns the path."""
+    path = os.fspath(path)
+    full = os.path.abspath(path)
+    if folder and os.path.exists(full) and not os.path.isdir(full):
+        raise ValueError(f"--out {path!r} is a file; give a folder")
+    if not folder and os.path.isdir(full):
+        raise ValueError(f"--out {path!r} is a folder; give a file path")
+    existing = full if folder else os.path.dirname(full)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"cannot write --out {path!r}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write --out {path!r}: no permission to write in {existing!r}")
+    if not folder:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+    return path
+
+
+def parse_conditions(text: str | None) -> dict[str, str]:
+    """``"cell_type=B,condition=stimulated"`` -> ``{"cell_type": "B", "condition": "stimulated"}``."""
+    out = {}
+    for part in (text or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"conditions are written key=value[,key=value]; got {part!r}")
+        key, value = part.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_conditioning(model, text: str | None, flag: str) -> dict:
+    """``key=value[,key=value]`` of ``flag`` as conditioning the model accepts (numeric
+    covariates as numbers); a bad key, label or number is an error naming the flag."""
+    try:
+        conditions = parse_conditions(text)
+        spec = model.data_spec
+        if spec is not None:
+            for key in [k for k in conditions if k in spec.continuous]:
+                try:
+                    conditions[key] = float(conditions[key])
+                except ValueError:
+                    raise ValueError(f"{key} must be a number, got {conditions[key]!r}") from None
+            spec.encode_conditions(conditions, 1)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{flag} {text!r}: {user_error(exc) or exc}") from None
+    return conditions
+
+
+def sampling_settings(args) -> dict:
+    """``sampler``, ``steps``, ``eta`` and ``guidance_scale``: each flag given, else the sampling
+    section of ``--config``, else of the run's config.yaml, else the defaults."""
+    section = sampling_config(args.model, getattr(args, "config", None))
+    given = {"sampler": getattr(args, "sampler", None), "steps": getattr(args, "steps", None),
+             "eta": getattr(args, "eta", None), "guidance_scale": getattr(args, "guidance", None)}
+    return {k: v if v is not None else getattr(section, k) for k, v in given.items()}
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message for an exception that means bad input or a bad environment (exit status 2),
+    or ``None`` for one that means a bug (it keeps its traceback). Bad input: ValueErrors (what
+    scidiff raises on bad values), KeyErrors that carry a sentence (a bare ``KeyError('x')`` is
+    a failed lookup, a bug), and operating-system errors (missing files, permissions, a full
+    disk), shown as the system's reason and the file."""
+    if isinstance(exc, KeyError):
+        text = exc.args[0] if len(exc.args) == 1 else None
+        return text if isinstance(text, str) and len(text.split()) >= 3 else None
+    if isinstance(exc, ValueError):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, OSError):
+        if exc.strerror and exc.filename is not None:
+            return f"{exc.strerror}: {exc.filename!r}" + (f" -> {exc.filename2!r}" if exc.filename2 else "")
+        return str(exc) or type(exc).__name__
+    return None

@@ -1,0 +1,95 @@
+"""``scidiff sample``: generated cells to an ``.h5ad`` (or one shard per process and a manifest)."""
+from __future__ import annotations
+
+from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
+from .common import (SAMPLER_CHOICES, check_out, device_name, finite_float, nonnegative_float,
+                     parse_conditioning, positive_int, sampling_settings, seed_value)
+
+
+def add(sub):
+    p = sub.add_parser("sample", help="generate cells from a trained model",
+                       description="Generate cells; the output .h5ad has the model's genes as var_names "
+                                   "and the conditions in obs.")
+    p.add_argument("--model", required=True, help="run folder or model.pt")
+    p.add_argument("-n", type=positive_int, required=True, help="cells per condition")
+    p.add_argument("--condition", action="append", default=None,
+                   help="key=value[,key=value]; repeat the flag for several groups")
+    p.add_argument("--config", default=None,
+                   help="YAML whose sampling section gives the defaults of --sampler, --steps, --eta and --guidance "
+                        f"(default: the run's config.yaml, else {DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps, eta 0, guidance 1)")
+    p.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
+                   help="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M: 25 steps match DDPM's 1,000 on Kang), heun "
+                        "(probability-flow ODE, 2 evaluations a step), euler_maruyama (reverse SDE)")
+    p.add_argument("--steps", type=positive_int, default=None)
+    p.add_argument("--eta", type=nonnegative_float, default=None)
+    p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--device", type=device_name, default="cpu")
+    p.add_argument("--observed", action="store_true",
+                   help="write measured cells (sparse, with the training data's detection rates; principal-axes "
+                        "models) instead of their smooth expression")
+    p.add_argument("--engine", action="store_true",
+                   help="the fast sampling engine (bf16 network where supported, per-condition caching; "
+                        "CUDA graphs and Triton kernels on a GPU)")
+    p.add_argument("--out", required=True,
+                   help="output .h5ad; or a folder (any path not ending in .h5ad, and always under torchrun): one "
+                        "shard per process (each its share of the cells and its own seed stream) + manifest.json")
+    p.add_argument("--merge", action="store_true",
+                   help="with a folder: also concatenate the shards into FOLDER/generated.h5ad")
+
+
+def _sharded_output(out: str) -> bool:
+    from ..training import distributed  # lazy: keeps --help light (torch, anndata)
+
+    if distributed.env_world_size() > 1:
+        if out.endswith(".h5ad"):
+            raise ValueError(f"under torchrun every process writes its own shard: give --out a folder, not {out!r}")
+        return True
+    return not out.endswith(".h5ad")
+
+
+def _sample_sharded(args, model, groups, settings):
+    """``sample --out FOLDER``: this process's shard (all of it without torchrun), then rank 0
+    writes the manifest (and the merged file)."""
+    import torch.distributed as dist  # lazy: keeps --help light (torch)
+
+    from ..tasks.generate import MANIFEST, MERGED_FILE, generate_sharded  # lazy: keeps --help light (torch, anndata)
+    from ..training import distributed  # lazy: keeps --help light (torch, anndata)
+
+    world = distributed.env_world_size()
+    if args.engine:
+        raise ValueError("--engine writes one file; use it without a folder --out (sharded output uses the "
+                         "standard sampler)")
+    if world > 1 and not distributed.is_distributed():
+        dist.init_process_group("gloo")  # only for the barrier before the manifest
+        if str(args.device).startswith("cuda"):
+            model.to(distributed.distributed_device("cuda"))
+    try:
+        manifest = generate_sharded(model, args.n, args.out, groups, rank=distributed.rank(), world_size=world,
+                                    seed=args.seed, merge=args.merge, progress=distributed.is_main_process(),
+                                    observed=args.observed, **settings)
+    finally:
+        if world > 1 and distributed.is_distributed():
+            dist.destroy_process_group()
+    if manifest is not None:
+        print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
+              f"({len(manifest['shards'])} shard(s), {MANIFEST}"
+              + (f", {MERGED_FILE})" if args.merge else ")"))
+
+
+def run(args):
+    from ..tasks.generate import generate_to_file  # lazy: keeps --help light (torch, anndata)
+    from ..training import load_model  # lazy: keeps --help light (torch, anndata)
+    from ..training.trainer import resolve_device  # lazy: keeps --help light (torch, anndata)
+
+    settings = sampling_settings(args)  # a bad --config fails before the model loads
+    sharded = _sharded_output(args.out)
+    check_out(args.out, folder=sharded)
+    model = load_model(args.model, map_location=str(resolve_device(args.device)))
+    groups = [parse_conditioning(model, c, "--condition") for c in (args.condition or [None])]
+    if sharded:
+        return _sample_sharded(args, model, groups, settings)
+    # written chunk by chunk (bounded memory, progress bar); the file appears when complete
+    cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=args.observed,
+                                    engine=args.engine, **settings)
+    print(f"wrote {cells} cells x {genes} genes to {args.out}")

@@ -1,0 +1,35 @@
+"""What the verbs share about their input cells: the model's gene list, cells read into its space,
+and each cell's own covariate codes."""
+from __future__ import annotations
+
+import anndata as ad
+import torch
+
+from ..data import read_h5ad, transform_like
+
+
+def model_spec(model):
+    """The model's :class:`~scidiff.data.DataSpec`, or a clear error when it has none."""
+    spec = getattr(model, "data_spec", None)
+    if spec is None:
+        raise ValueError("this model carries no gene list; train it through scidiff.setup_anndata")
+    return spec
+
+
+def model_cells(model, adata, *, layer: str | None = None, use_raw: bool | None = None):
+    """``(spec, adata, cells)``: ``adata`` (an AnnData or an ``.h5ad`` path) read and its cells
+    brought into ``model``'s genes and normalisation (:func:`scidiff.data.transform_like`)."""
+    spec = model_spec(model)
+    if not isinstance(adata, ad.AnnData):
+        adata = read_h5ad(adata)
+    return spec, adata, transform_like(spec, adata, layer=layer, use_raw=use_raw)
+
+
+def own_codes(model, cells) -> dict[str, torch.Tensor]:
+    """The cells' own covariate codes that the model reads; a perturbation column absent from
+    ``obs`` means control."""
+    spec, keys = model.data_spec, model.condition_encoder.keys
+    codes = {k: v for k, v in cells.covariates.items() if k in keys}
+    for key in spec.perturbation_keys:
+        codes.setdefault(key, torch.zeros(len(cells), len(spec.categorical[key]) + 1))
+    return codes

@@ -1,0 +1,109 @@
+"""The training verb: a model trained on an ``.h5ad`` file (or an AnnData), written as a run folder."""
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from ..config import Config, load_config
+from ..data import setup_anndata, setup_streaming
+from ..data.io import atomic_path
+from ..models import ScIDiffModel
+from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
+
+
+def _streamed_model(path, config: Config, keys, progress: bool):
+    """Cells of a file that is streamed and a model set up on them without loading ``X``:
+    genes from a subsample, scaling and latent axes from one streamed pass."""
+    dc, kwargs = config.data, config.model.model_kwargs()
+    if path is None or not isinstance(path, (str, os.PathLike)):
+        raise ValueError("streaming trains from an .h5ad path (--data FILE.h5ad), not an in-memory AnnData")
+    cells = setup_streaming(path, layer=dc.layer, use_raw=dc.use_raw, n_top_genes=config.model.gene_dim,
+                            condition_keys=keys, input_kind=dc.input, target_sum=dc.target_sum, scaling=dc.scaling,
+                            covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress)
+    if kwargs.get("latent_dim"):
+        kwargs["latent_dim"] = min(kwargs["latent_dim"], len(cells), cells.spec.n_genes)
+    model = ScIDiffModel(gene_dim=cells.spec.n_genes, data_spec=cells.spec, **kwargs)
+    if model.latent_dim:
+        m = cells.moments
+        model.fit_latent_from_moments(m["mean"], m["cov"], m["n"])
+    return cells, model
+
+
+def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
+          device="auto", progress: bool = True, streaming: bool = False, resume=False,
+          deterministic: bool = False):
+    """Train on an AnnData or .h5ad path and write ``out_dir/model.pt`` (EMA weights, genes,
+    normalisation, vocabularies), ``config.yaml`` and ``history.csv``. Returns the model.
+
+    ``streaming=True`` reads batches from the file on disk (:mod:`scidiff.data.streaming`) and
+    sets the model up from streamed statistics, so ``X`` is never loaded: for files larger than
+    memory. The validation cells are then whole blocks of cells.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) every process joins the process group, trains on its
+    own shard of the cells with DDP, and rank 0 alone writes files (see
+    :class:`~scidiff.training.ScIDiffTrainer` for the effective batch and learning rate).
+    ``resume``: ``True`` continues from the newest checkpoint in ``out_dir`` (and starts afresh
+    when there is none), a path continues from that checkpoint; ``epochs`` is then the same
+    number the interrupted run was given.
+
+    Randomness: everything is seeded from ``config.training.seed`` before any of it is drawn
+    (Python, numpy and torch global generators, so the weight initialisation; the train and
+    validation split; the loader's order; the trainer's noise streams), so a second run with the
+    same seed, data and thread count repeats the first bit for bit. ``deterministic``:
+    deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
+    config = config or load_config()
+    dc, tc = config.data, config.training
+    use_ddp = distributed.env_world_size() > 1
+    if use_ddp:
+        device = distributed.init_distributed(device)
+    rank, world = (distributed.rank(), distributed.world_size()) if use_ddp else (0, 1)
+    shard = {"rank": rank, "world_size": world} if use_ddp else {}
+    if deterministic:
+        enable_determinism()
+    seed_everything(tc.seed)  # before anything draws: weight init, split, loader order, noise
+    keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
+    source = data if data is not None else dc.dataset_path
+    if streaming:
+        if dc.perturbation_keys or dc.dose_key or dc.continuous_keys:
+            raise ValueError("streaming training takes categorical condition keys only; perturbation, dose "
+                             "and numeric covariates need the in-memory path")
+        cells, model = _streamed_model(source, config, keys, progress)
+    else:
+        cells = setup_anndata(source, layer=dc.layer, use_raw=dc.use_raw,
+                              n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
+                              target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
+        model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
+    train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
+                              else (cells, None))
+    trainer = ScIDiffTrainer(
+        model, train_cells.loader(tc.batch_size, seed=tc.seed, **shard),
+        val_cells.loader(tc.batch_size, shuffle=False, **shard) if val_cells is not None and len(val_cells) else None,
+        device=device, learning_rate=tc.learning_rate, weight_decay=tc.weight_decay,
+        gradient_clip_val=tc.gradient_clip_val, ema_decay=tc.ema_decay, warmup_steps=tc.warmup_steps,
+        mixed_precision=tc.mixed_precision, early_stopping_patience=tc.early_stopping_patience,
+        checkpoint_dir=out_dir, checkpoint_every=tc.checkpoint_every, seed=tc.seed, progress=progress and rank == 0,
+        checkpoint_every_steps=tc.checkpoint_every_steps, keep_checkpoints=tc.keep_checkpoints, use_ddp=use_ddp,
+        gradient_accumulation=tc.gradient_accumulation, gradient_checkpointing=tc.gradient_checkpointing,
+        compile=tc.compile, log_every_steps=tc.log_every_steps)
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        resolved = config.to_dict()
+        resolved["model"]["gene_dim"] = cells.spec.n_genes
+        resolved["data"]["condition_keys"] = keys
+        atomic_path(os.path.join(out_dir, "config.yaml"),
+                    lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
+    if resume:
+        try:
+            trainer.resume(out_dir if resume is True else resume)
+        except FileNotFoundError:
+            if resume is not True:
+                raise
+            if progress and rank == 0:
+                print(f"no checkpoint in {out_dir}; training from the start")
+    if progress and rank == 0:
+        print(f"effective batch {tc.batch_size} x {world} process(es) x {tc.gradient_accumulation} accumulation = "
+              f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"
+              + (f"; resuming at step {trainer.step} (epoch {trainer.epoch})" if trainer.step else ""))
+    trainer.train(epochs if epochs is not None else tc.num_epochs)
+    return model
