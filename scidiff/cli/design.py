@@ -42,8 +42,8 @@ def add(sub) -> None:
                                                            "0 from source cells, 1 with resampling from noise)")
     p.add_argument("--select", default=None, help="a covariate (cell type, perturbation) whose value is drawn per "
                                                    "cell from its posterior given the target (a screen)")
-    p.add_argument("--retries", type=nonnegative_int, default=0, help="restart cells that miss the target up to this many "
-                                                          "times from 70%% noise")
+    p.add_argument("--retries", type=nonnegative_int, default=2, help="restart cells that miss the target up to this many "
+                                                          "times from 70%% noise (default 2; 0 keeps the first draw)")
     p.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
                    "detection rates (principal-axes models; guidance acts on the smooth expression)")
     p.add_argument("--free-measurement", action="store_true", help="with --observed: measure the target genes "

@@ -5,22 +5,11 @@ dose), numeric covariates (time) and the null condition used for classifier-free
 Perturbations are encoded as in CPA (Lotfollahi et al. 2023): a cell's perturbation embedding
 is the sum of the embeddings of the single perturbations it received, each weighted by a learned
 sigmoid of its log dose, so ``A+B`` is representable from ``A`` and ``B`` alone. Each single
-perturbation also owns a response vector in the diffusion space. Their combination
-(:meth:`ConditionEncoder.response`) is the additive model of CPA/GEARS-style combination
-prediction plus a learned pairwise-interaction (saturation) term per perturbation covariate:
-
-    m = s + phi(s) - sum_p phi(u_p),  u_p = w_p(dose) r_p,  s = sum_p u_p,
-    phi(u) = a u^2 + b u^3  (elementwise; scalars a, b).
-
-For a single perturbation (any dose) the correction is exactly zero, and with ``a = b = 0``
-(the initialisation) ``m`` is the additive model. For two perturbations it is
-``2a xy + 3b xy(x + y)``: the quadratic covers asymmetric saturation, the cubic symmetric
-saturation (``c tanh(u / c)`` has leading correction ``-xy(x + y) / c^2``) or, with the other
-sign, synergy. ``a`` and ``b`` are shared by all dimensions, so the curvature learnt where
-training combinations move a dimension carries to dimensions they do not move; fitted per
-dimension from a few combinations the polynomial extrapolates wildly (saturating test in
-``tests/test_perturbation.py``, RMSE of ``m`` on the unseen combination: 0.19 per dimension, 0.05
-shared, 0.15 additive).
+perturbation also owns a response vector in the diffusion space, initialised from its gene-level
+effect fitted in closed form (:mod:`scidiff.models.effects`, whose directions the latent holds
+exactly); a combination's response is the dose-weighted sum of its singles' (the additive model
+of CPA and GEARS). Where cross-validation over the seen combinations finds a non-additive term,
+it is applied at the gene level by :func:`scidiff.tasks.perturb.perturb`, not here.
 
 ``m`` is the centre the model diffuses around and an input of the network. Responses and
 coefficients are fitted by least squares to the training cells in a model of their mean, a mean
@@ -68,9 +57,6 @@ class ConditionEncoder(nn.Module):
         self.responses = nn.ParameterDict(
             {k: nn.Parameter(torch.zeros(n, self.response_dim)) for k, n in self.perturbations.items()}
             if self.response_dim else {})
-        # the combination term's coefficients (a, b), shared by all dimensions
-        self.interaction = nn.ParameterDict(
-            {k: nn.Parameter(torch.zeros(2)) for k in self.perturbations} if self.response_dim else {})
         # the model the responses are fitted in: a mean per covariate value plus the response
         self.response_base = nn.ParameterDict(
             {k: nn.Parameter(torch.zeros(n + 1, self.response_dim)) for k, n in self.categorical.items()}
@@ -121,7 +107,7 @@ class ConditionEncoder(nn.Module):
     def _numeric(self, v, batch_size, device):
         return v.to(device=device, dtype=torch.float32).reshape(-1).expand(batch_size)
 
-    def _single_weights(self, key: str, rows: torch.Tensor, cond: dict, batch_size: int, device) -> torch.Tensor:
+    def single_weights(self, key: str, rows: torch.Tensor, cond: dict, batch_size: int, device) -> torch.Tensor:
         """``[B, n]`` weight of each single perturbation: the multi-hot times its dose response."""
         n = self.perturbations[key]
         w = rows[:, :n]
@@ -140,7 +126,7 @@ class ConditionEncoder(nn.Module):
         return rows.to(device=device, dtype=torch.float32).expand(batch_size, self.perturbations[key] + 1)
 
     def response(self, cond: dict[str, torch.Tensor] | None, batch_size: int, device) -> torch.Tensor | None:
-        """The perturbation response ``m`` in the diffusion space (module docstring),
+        """The perturbation response ``m`` in the diffusion space (the dose-weighted sum of the singles'),
         ``[B, response_dim]`` (zero for control and null), or ``None`` without perturbations."""
         if not self.response_dim:
             return None
@@ -149,25 +135,13 @@ class ConditionEncoder(nn.Module):
         for k in self.perturbations:
             rows = self._rows(cond, k, batch_size, device)
             if rows is not None:
-                w = self._single_weights(k, rows, cond, batch_size, device)
-                s = w @ self.responses[k]
-                out = out + s + self._interaction(k, w, s)
+                w = self.single_weights(k, rows, cond, batch_size, device)
+                out = out + w @ self.responses[k]
         return out
-
-    def _interaction(self, key: str, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``phi(s) - sum_p phi(w_p r_p)`` with ``phi(u) = a u^2 + b u^3``, and exactly zero (not
-        up to rounding) in rows with fewer than two perturbations. It reads the responses without
-        moving them (stop-gradient): given them, ``a`` and ``b`` are a linear least-squares fit,
-        and the combinations cannot bend the singles' responses through the interaction."""
-        a, b = self.interaction[key]
-        w, s, r = w.detach(), s.detach(), self.responses[key].detach()
-        term = a * (s.square() - w.square() @ r.square()) + b * (s.pow(3) - w.pow(3) @ r.pow(3))
-        combined = (w != 0).sum(-1, keepdim=True) > 1
-        return torch.where(combined, term, torch.zeros_like(term))
 
     def additive_mean(self, cond: dict[str, torch.Tensor], batch_size: int, device) -> torch.Tensor:
         """``bias + sum_k base_k[code_k] + response(cond)``: the model of the clean sample's mean
-        (additive in the covariates, with the combination term inside ``response``) in which the
+        (additive in the covariates and the perturbations) in which the
         responses are fitted (a least-squares loss against the training cells, see
         :func:`scidiff.training.losses.response_loss`)."""
         out = self.response(cond, batch_size, device) + self.response_bias
@@ -198,7 +172,7 @@ class ConditionEncoder(nn.Module):
             if self.response_dim:  # singles reach the network through their response only
                 out = out + rows[:, n:] * table[n]
             else:
-                out = out + self._single_weights(k, rows, cond, batch_size, device) @ table[:n] + rows[:, n:] * table[n]
+                out = out + self.single_weights(k, rows, cond, batch_size, device) @ table[:n] + rows[:, n:] * table[n]
         for k in self.continuous:
             v = cond.get(k)
             if v is None:

@@ -24,6 +24,8 @@ gene-level objectives still differentiate through it. On Kang PBMCs this beats d
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -33,9 +35,21 @@ from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..diffusion.samplers import SAMPLERS
 from ..diffusion.schedules import NoiseScheduler, get_scheduler
 from .conditioning import ConditionEncoder
+from .effects import PerturbationEffects, extra_axes
 from .observation import DetectionModel
 from .preconditioning import Preconditioning
 from .score_network import ScoreNetwork, timestep_embedding
+
+
+@torch.no_grad()
+def principal_axes(x: torch.Tensor, k: int):
+    """``(mean [G], axes [k, G], scale)``: the top ``k`` principal axes of cells ``x [N, G]`` and
+    the standard deviation of all their scores (float64)."""
+    x = torch.as_tensor(x).double()
+    mean = x.mean(0)
+    _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    axes = vt[:k]
+    return mean, axes, float(((x - mean) @ axes.T).std().clamp_min(1e-6))
 
 
 class ScIDiffModel(nn.Module):
@@ -95,7 +109,27 @@ class ScIDiffModel(nn.Module):
             self.register_buffer("latent_scale", torch.ones(self.latent_dim))
         # what a measurement looks like given the smooth (principal-axes) expression
         self.detection = DetectionModel(gene_dim) if self.latent_dim else None
+        # the perturbations' gene-level effects, combination term and seen contexts (closed form)
+        self.effects = (PerturbationEffects(list(perturbations), [k for k in (covariates or {})])
+                        if perturbations else None)
+        # unseen perturbations from prior knowledge (scidiff.models.perturbation_prior), if fitted
+        self.perturbation_prior = None
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float(), persistent=False)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`; a checkpoint's learned combination term
+        (``condition_encoder.interaction``, before the term was chosen by cross-validation) is
+        dropped: its combinations are then additive; a checkpoint from before the closed-form
+        effects loads with them unfitted (:func:`scidiff.tasks.perturb.perturb` then decodes
+        under the target directly)."""
+        old = [k for k in state_dict if k.startswith("condition_encoder.interaction.")]
+        if self.effects is not None and not any(k.startswith("effects.") for k in state_dict):
+            state_dict = {**state_dict, **{f"effects.{k}": v for k, v in self.effects.state_dict().items()}}
+        if old:
+            state_dict = {k: v for k, v in state_dict.items() if k not in old}
+            warnings.warn("this checkpoint's learned combination term is not used any more: combinations are "
+                          "additive (retrain to have the term chosen by cross-validation)", stacklevel=2)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -118,24 +152,57 @@ class ScIDiffModel(nn.Module):
                 "cond_dropout": self.cond_dropout, "sigma_data": self.sigma_data, "latent_dim": self.latent_dim}
 
     @classmethod
-    def from_data(cls, data, **kwargs) -> "ScIDiffModel":
+    def from_data(cls, data, response_axes: int = 64, **kwargs) -> "ScIDiffModel":
         """A model sized for a :class:`scidiff.data.CellData` (genes, covariates, spec); with
-        ``latent_dim`` its principal axes are fitted on ``data``."""
+        ``latent_dim`` its principal axes are fitted on ``data``.
+
+        With perturbation covariates, their gene-level effects are fitted first
+        (:class:`~scidiff.models.effects.PerturbationEffects`: single effects, the combination
+        term chosen by cross-validation, the seen contexts; the report is in
+        ``model.effects_report``), the latent gains up to ``response_axes`` directions beyond
+        the ``latent_dim`` principal axes so that it holds every single's effect exactly, and each
+        single's response starts at its effect."""
         latent = kwargs.get("latent_dim")
         if latent and latent > min(len(data), data.spec.n_genes):
-            kwargs["latent_dim"] = min(len(data), data.spec.n_genes)
+            kwargs["latent_dim"] = latent = min(len(data), data.spec.n_genes)
+        effects, report = None, None
+        if data.spec.perturbation_keys:
+            contexts = [k for k in data.spec.categorical if k not in data.spec.perturbation_keys]
+            effects = PerturbationEffects(data.spec.perturbation_keys, contexts)
+            report = effects.fit(data.x, data.covariates, data.spec.dose_key)
+        axes = None
+        if latent:
+            mean, axes, scale = principal_axes(data.x, latent)
+            if effects is not None:
+                singles = torch.cat([effects.of(k).single for k in effects.keys]).double()
+                extra = extra_axes(singles.numpy(), axes.numpy(), min(response_axes, data.spec.n_genes - latent))
+                axes = torch.cat([axes, torch.as_tensor(extra)])
+                kwargs["latent_dim"] = len(axes)
         model = cls(gene_dim=data.spec.n_genes, data_spec=data.spec, **kwargs)
-        if model.latent_dim:
-            model.fit_latent(data.x)
+        if latent:
+            model.set_latent(mean, axes, scale)
             model.fit_detection(data.x)
+        if effects is not None:
+            model.effects = effects
+            model.effects_report = report
+            model.init_responses()
+            model.effects.fit_reference(model.encode(data.x.to(torch.float32)), data.covariates)
         return model
+
+    @torch.no_grad()
+    def init_responses(self) -> None:
+        """Start each single perturbation's response at its fitted gene-level effect, carried into
+        the diffusion space (exactly, when the latent holds the effects' directions)."""
+        enc = self.condition_encoder
+        for key in enc.perturbations:
+            single = self.effects.of(key).single.to(enc.responses[key])
+            enc.responses[key].copy_(self.encode(single) - self.encode(torch.zeros_like(single[:1])))
 
     def parameter_groups(self, learning_rate: float, response_lr_scale: float = 10.0) -> list[dict]:
         """Optimizer groups: the response model (a small least-squares problem) learns
         ``response_lr_scale`` times faster than the network, without weight decay."""
         fast = ("condition_encoder.responses", "condition_encoder.response_base",
-                "condition_encoder.response_bias", "condition_encoder.dose_response",
-                "condition_encoder.interaction")
+                "condition_encoder.response_bias", "condition_encoder.dose_response")
         groups = {"network": [], "responses": []}
         for name, p in self.named_parameters():
             groups["responses" if name.startswith(fast) else "network"].append(p)
@@ -150,14 +217,16 @@ class ScIDiffModel(nn.Module):
         standard deviation so its coordinates have unit mean variance (axes keep their ratios)."""
         if not self.latent_dim:
             raise ValueError("this model diffuses in gene space (latent_dim=None)")
-        x = x.double()
-        mean = x.mean(0)
-        _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
-        basis = vt[: self.latent_dim]
-        scores = (x - mean) @ basis.T
+        self.set_latent(*principal_axes(x, self.latent_dim))
+
+    @torch.no_grad()
+    def set_latent(self, mean: torch.Tensor, axes: torch.Tensor, scale: float) -> None:
+        """The latent map: ``mean [G]``, orthonormal ``axes [latent_dim, G]``, one ``scale``."""
+        if axes.shape != self.latent_basis.shape:
+            raise ValueError(f"{tuple(axes.shape)} axes for a latent of shape {tuple(self.latent_basis.shape)}")
         self.latent_mean.copy_(mean.float())
-        self.latent_basis.copy_(basis.float())
-        self.latent_scale.fill_(float(scores.std().clamp_min(1e-6)))
+        self.latent_basis.copy_(axes.float())
+        self.latent_scale.fill_(float(scale))
 
     @torch.no_grad()
     def fit_latent_from_moments(self, mean, cov, n_cells: int) -> None:

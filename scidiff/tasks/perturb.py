@@ -1,12 +1,35 @@
-"""Perturbation prediction: per-cell counterfactuals and population sampling.
+"""Perturbation prediction: each control cell moved by the change a perturbation makes to it.
 
-Counterfactual (the default): each control cell is mapped to noise by deterministic DDIM
-inversion under its own condition, then decoded by DDIM under the target condition (Song et al.
-2021, sec. 4.3; the encode/decode use of the probability-flow ODE as in DiffEdit and CycleDiffusion,
-Wu & De la Torre 2023). The predicted cell keeps everything the condition does not explain (its
-position within its cell type, its library composition) and changes what the condition does.
-Population: fresh cells sampled under the target condition, carrying each control cell's other
-covariates.
+A cell's change is read off the model as the difference of two decodings of the same noise
+(deterministic DDIM inversion of the cell, Song et al. 2021 sec. 4.3, then DDIM decoding under the
+target and under the cell's own condition), and added to the cell itself: the prediction keeps
+everything about the cell that the condition does not explain, including the part of its
+expression outside the model's latent. How the change is found depends on what training saw
+(``obs['scidiff_route']``):
+
+- ``seen``: the target (this context, this perturbation or combination) was in the training
+  cells: the change under the target itself.
+- ``additive``: a combination never seen in this context whose singles were: the sum of the
+  singles' changes to the cell (CPA/GEARS' additive model), plus the combination term where
+  cross-validation over the seen combinations chose one (:mod:`scidiff.models.effects`).
+- ``transferred``: a perturbation never seen in this context: its change is read in the contexts
+  where it was seen, each decoding done under that context for both the perturbed and the
+  control condition, so the difference holds the perturbation's effect and not the other
+  context's identity; the contexts are weighted, per cell, by the share of the cell's nearest
+  training control cells (in the latent) that come from each. A cell like another context's
+  cells takes that context's response; contexts that disagree cancel toward no change.
+- ``prior``: a perturbation never seen at all, described by prior knowledge
+  (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect.
+- ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
+  the closed-form effects): the change under the target condition.
+
+``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
+training cells of that group ``n / (n + 30)``; ``transferred``, the agreement of the contexts'
+changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``; ``additive``, the least of its
+singles'; ``prior``, the prior's own; ``direct``, ``NaN`` (not assessed).
+
+``method="population"`` applies the same changes to fresh cells sampled under the input cells'
+own conditions instead of to the input cells.
 """
 from __future__ import annotations
 
@@ -18,7 +41,10 @@ from tqdm.auto import tqdm
 
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
+from ..models.effects import context_table
 from .cells import model_cells, own_codes
+
+SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
 
 
 def _denoiser(model, guidance_scale: float, n: int):
@@ -27,56 +53,248 @@ def _denoiser(model, guidance_scale: float, n: int):
     return classifier_free_guidance(model, guidance_scale, model.condition_encoder.null_condition(n))
 
 
+class _Reader:
+    """The model's change to a batch of cells ``x`` (model space) between two conditions, by
+    inversion under the reference condition and two decodings of the same noise."""
+
+    def __init__(self, model, steps: int, guidance_scale: float):
+        self.model, self.steps, self.guidance = model, steps, guidance_scale
+
+    def decode(self, z_T, cond):
+        m = self.model
+        return m.decode(ddim(_denoiser(m, self.guidance, len(z_T)), z_T, m.scheduler, self.steps, cond=cond))
+
+    def change(self, x, reference: dict, target: dict) -> torch.Tensor:
+        m = self.model
+        z_T = ddim_invert(m, m.encode(x), m.scheduler, self.steps, cond=reference)
+        return self.decode(z_T, target) - self.decode(z_T, reference)
+
+
+def _rows(n_singles: int, singles, b: int, device) -> torch.Tensor:
+    rows = torch.zeros(b, n_singles + 1, device=device)
+    rows[:, list(singles)] = 1.0
+    return rows
+
+
+def _with_context(cond: dict, keys, context, b: int, device) -> dict:
+    out = dict(cond)
+    for k, v in zip(keys, context):
+        out[k] = torch.full((b,), int(v), dtype=torch.long, device=device)
+    return out
+
+
+def _split_target(model, target: dict):
+    """``(known, unseen)``: the target with every label the model knows, and ``{key: label}`` for
+    perturbation labels whose singles are not in its vocabulary (for the prior)."""
+    spec, known, unseen = model.data_spec, dict(target), {}
+    for key in spec.perturbation_keys:
+        if key not in target:
+            continue
+        vocab = set(spec.categorical[key])
+        parts = [p.strip() for p in str(target[key]).split(spec.separator) if p.strip()]
+        if any(p not in vocab and not spec.is_control(p) for p in parts):
+            if len(parts) > 1 or getattr(model, "perturbation_prior", None) is None:
+                spec.perturbation_singles(key, target[key])  # raises the error that names the label
+            unseen[key] = str(target[key])
+            known.pop(key)
+    return known, unseen
+
+
+class _Plan:
+    """How one target is predicted for one context (module docstring), and the change's parts."""
+
+    def __init__(self, model, target_codes: dict, unseen: dict, context, sets_context: bool):
+        spec, eff = model.data_spec, model.effects
+        self.route, self.parts, self.extra = "direct", [], []
+        pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
+        if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
+            return
+        if any(k in target_codes for k in spec.continuous if k != spec.dose_key):
+            return  # a time: read under the target itself
+        routes = []
+        for key in pert_keys:
+            singles = torch.nonzero(target_codes[key][0, :-1]).flatten().tolist()
+            if not singles:
+                continue
+            here = _has(eff.seen_contexts(key, singles), context)
+            if here:
+                routes.append("seen")
+                self.parts.append(("seen", key, singles, None))
+                continue
+            for p in singles:
+                if _has(eff.seen_contexts(key, [p]), context):
+                    self.parts.append(("seen", key, [p], None))
+                else:
+                    where = eff.seen_contexts(key, [p])
+                    if not len(where):
+                        where = eff.seen_contexts(key, [p], exact=False)
+                    self.parts.append(("transferred", key, [p], where))
+            routes.append("additive" if len(singles) > 1 else self.parts[-1][0])
+            if len(singles) > 1:
+                self.extra.append((key, singles))
+        for key, label in unseen.items():
+            routes.append("prior")
+            self.parts.append(("prior", key, label, None))
+        self.route = routes[0] if len(set(routes)) == 1 else "+".join(routes)
+
+
+def _has(contexts: np.ndarray, context) -> bool:
+    return bool(len(contexts)) and bool((contexts == np.asarray(context)).all(1).any())
+
+
+def _support(model, key: str, singles, context) -> float:
+    """Training cells of the group (context, exactly these singles), as ``n / (n + 30)``."""
+    slot, k = model.effects.of(key), len(model.effects.context_keys)
+    seen = slot.seen.numpy()
+    want = np.zeros(seen.shape[1] - k)
+    want[list(singles)] = 1
+    match = ((seen[:, :k] == np.asarray(context)).all(1)) & ((seen[:, k:] != 0) == (want != 0)).all(1)
+    n = float(slot.seen_counts.numpy()[match].sum())
+    return n / (n + SUPPORT_CELLS)
+
+
+def _relative_dose_weights(model, key: str, rows: torch.Tensor, dose: dict) -> torch.Tensor:
+    """``rows``' singles weighted by the model's dose response at the target dose, relative to
+    the dose their effect was fitted at (1 without a dose), ``[B, n]``."""
+    enc, n = model.condition_encoder, rows.shape[1] - 1
+    if not dose:
+        return rows[:, :n]
+    at_target = enc.single_weights(key, rows, dose, len(rows), rows.device)
+    eye = torch.cat([torch.eye(n, device=rows.device), torch.zeros(n, 1, device=rows.device)], 1)
+    reference = model.effects.of(key).reference_dose.to(rows.device)
+    at_reference = enc.single_weights(key, eye, {enc.dose_key: reference}, n, rows.device).diagonal()
+    return at_target / at_reference.clamp_min(1e-6)
+
+
+def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
+    """``(change [B, G], confidence [B])`` of one batch of cells of one context."""
+    b, device = len(x), x.device
+    dose_key = model.data_spec.dose_key
+    dose = {dose_key: tgt[dose_key]} if dose_key and dose_key in tgt else {}
+    if plan.route == "direct":
+        return reader.change(x, src, tgt), torch.full((b,), float("nan"))
+    change = torch.zeros_like(x)
+    confidence = torch.ones(b)
+    n_of = model.condition_encoder.perturbations
+    for kind, key, what, where in plan.parts:
+        if kind == "prior":
+            delta, conf = model.perturbation_prior.effect(key, what)
+            change = change + delta.to(x)
+            confidence = torch.minimum(confidence, torch.tensor(float(conf)))
+            continue
+        rows = _rows(n_of[key], what, b, device)
+        if kind == "seen":
+            change = change + reader.change(x, src, {**src, **dose, key: rows})
+            confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
+            continue
+        weights = model.effects.context_weights(model.encode(x), where)  # [B, C]
+        num, den = torch.zeros_like(x), torch.zeros(b, device=device)
+        for c, other in enumerate(where):
+            w = weights[:, c].to(x)
+            if float(w.max()) < 1e-3:
+                continue
+            ref = _with_context(src, ctx_keys, other, b, device)
+            d = reader.change(x, ref, {**ref, **dose, key: rows})
+            num, den = num + w[:, None] * d, den + w * d.pow(2).sum(1)
+        change = change + num
+        agreement = num.pow(2).sum(1) / den.clamp_min(1e-12)
+        confidence = torch.minimum(confidence, agreement.cpu())
+    for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
+        w = _relative_dose_weights(model, key, _rows(n_of[key], singles, b, device), dose)
+        change = change + model.effects.combination_term(key, w).to(x)
+    return change, confidence
+
+
 @torch.no_grad()
 def perturb(model, cells, condition: dict, *, method: str = "counterfactual", steps: int = 50,
             guidance_scale: float = 1.0, seed: int = 0, layer: str | None = None, use_raw: bool | None = None,
-            batch_size: int = 4096, progress: bool = True) -> ad.AnnData:
+            batch_size: int = 4096, progress: bool = True, device=None) -> ad.AnnData:
     """Predict how the control ``cells`` (an AnnData or ``.h5ad`` path) respond to ``condition``
-    (e.g. ``{'condition': 'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``).
+    (e.g. ``{'condition': 'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``; module docstring).
 
     Returns an AnnData with one predicted cell per input cell (same order and ``obs_names``): the
     predicted log1p-normalised expression in ``X`` on the model's genes, the input cells'
-    expression in ``layers['control']``, ``obs`` copied with the target covariates overwritten.
-    ``method``: ``"counterfactual"`` (DDIM inversion under each cell's own condition, then
-    decoding under the target) or ``"population"`` (fresh samples under the target).
+    expression in ``layers['control']``, ``obs`` copied with the target covariates set and
+    ``scidiff_route`` / ``scidiff_confidence`` added; ``uns['scidiff_prediction']`` records the
+    settings and, per route, the contexts an effect was transferred from. ``method``:
+    ``"counterfactual"`` (the input cells moved) or ``"population"`` (fresh cells of the input
+    cells' own conditions, moved). ``device``: where to run (default: the model's).
     """
     if method not in ("counterfactual", "population"):
         raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
-    target = condition
+    if not condition:
+        raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
+    if device is not None:
+        model.to(device)
     spec, control_adata, cells = model_cells(model, cells, layer=layer, use_raw=use_raw)
     n = len(cells)
-    if not target:
-        raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
-    target_codes = spec.encode_conditions(target, n)
+    known, unseen = _split_target(model, condition)
+    target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)
     cond_target = {**source_codes, **target_codes}
-    if spec.dose_key and spec.dose_key not in target and spec.dose_key in source_codes:
+    if spec.dose_key and spec.dose_key not in condition and spec.dose_key in source_codes:
         cond_target.pop(spec.dose_key)  # a dose belongs to the perturbation it came with
+    ctx_keys = model.effects.context_keys if model.effects is not None else []
+    sets_context = any(k in condition for k in ctx_keys)
+    contexts = context_table({k: source_codes[k] for k in ctx_keys if k in source_codes}, ctx_keys, n) \
+        if all(k in source_codes for k in ctx_keys) else np.zeros((n, 0), dtype=np.int64)
     device = next(model.parameters()).device
     model.eval()
+    reader = _Reader(model, steps, guidance_scale)
     out = np.empty((n, spec.n_genes), dtype=np.float32)
+    confidence = np.empty(n, dtype=np.float32)
+    routes = np.empty(n, dtype=object)
+    plans = {}
     gen = torch.Generator(device=device).manual_seed(int(seed))
     for start in tqdm(range(0, n, batch_size), desc=f"predicting ({method})", disable=not progress):
-        sl = slice(start, min(start + batch_size, n))
-        b = sl.stop - sl.start
-        src = {k: v[sl].to(device) for k, v in source_codes.items()}
-        tgt = {k: v[sl].to(device) for k, v in cond_target.items()}
-        if method == "counterfactual":
-            z0 = model.encode(cells.x[sl].to(device))
-            z_T = ddim_invert(model, z0, model.scheduler, steps, cond=src)
-        else:
-            z_T = torch.randn(b, model.diffusion_dim, generator=gen, device=device)
-        z = ddim(_denoiser(model, guidance_scale, b), z_T, model.scheduler, steps, cond=tgt)
-        out[sl] = spec.to_expression(model.decode(z)).cpu().numpy()
+        stop = min(start + batch_size, n)
+        for context in np.unique(contexts[start:stop], axis=0):
+            rows = start + np.flatnonzero((contexts[start:stop] == context).all(1))
+            idx = torch.as_tensor(rows)
+            src = {k: v[idx].to(device) for k, v in source_codes.items()}
+            tgt = {k: v[idx].to(device) for k, v in cond_target.items()}
+            x = cells.x[idx].to(device)
+            if method == "population":  # fresh cells of the input cells' own conditions
+                z_T = torch.randn(len(x), model.diffusion_dim, generator=gen, device=device)
+                x = reader.decode(z_T, src)
+            key = tuple(context.tolist())
+            if key not in plans:
+                plans[key] = _Plan(model, {k: v[:1] for k, v in tgt.items() if k in target_codes}, unseen,
+                                   context, sets_context)
+            plan = plans[key]
+
+            change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
+            out[rows] = spec.to_expression(x + change).cpu().numpy()
+            confidence[rows] = conf.numpy()
+            routes[rows] = plan.route
     obs = control_adata.obs.copy()
-    for key, labels in spec.decode_conditions({k: v for k, v in target_codes.items()}).items():
+    for key, labels in spec.decode_conditions(target_codes).items():
         obs[key] = pd.Categorical(labels) if key in spec.categorical else labels
+    for key, label in unseen.items():
+        obs[key] = pd.Categorical([label] * n)
+    obs["scidiff_route"] = pd.Categorical(routes.astype(str))
+    obs["scidiff_confidence"] = confidence
     result = ad.AnnData(X=out, obs=obs)
     result.var_names = list(spec.gene_names)
     result.layers["control"] = cells.log_expression().astype(np.float32)
-    result.uns["scidiff_prediction"] = {"method": method, "steps": int(steps), "guidance_scale": float(guidance_scale),
-                                        "seed": int(seed), "target": {k: str(v) for k, v in target.items()}}
+    result.uns["scidiff_prediction"] = {
+        "method": method, "steps": int(steps), "guidance_scale": float(guidance_scale), "seed": int(seed),
+        "target": {k: str(v) for k, v in condition.items()},
+        "transferred_from": _transfers(model, plans, ctx_keys)}
     return result
+
+
+def _transfers(model, plans: dict, ctx_keys) -> dict:
+    """For each context whose prediction was transferred: the contexts it was read in, as labels."""
+    vocab = model.data_spec.categorical
+    out = {}
+    for context, plan in plans.items():
+        where = [w for kind, _, _, w in plan.parts if kind == "transferred"]
+        if where:
+            name = ",".join(f"{k}={vocab[k][c]}" for k, c in zip(ctx_keys, context)) or "all"
+            out[name] = sorted({",".join(f"{k}={vocab[k][int(c)]}" for k, c in zip(ctx_keys, row))
+                                for w in where for row in w})
+    return out
 
 
 def predict_perturbation(model, control_adata, target: dict, *, method: str = "counterfactual", steps: int = 50,

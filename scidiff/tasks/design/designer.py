@@ -551,7 +551,7 @@ class InverseDesigner:
 def design(model, target, n: int | None = None, *, condition: dict | None = None, source=None, sampler: str = "ddim",
            steps: int = 50, guidance_scale: float | None = None, objective_scale: float = 10.0, seed: int = 0,
            progress: bool = False, classifier: CellTypeClassifier | None = None, observed: bool = False,
-           **options) -> ad.AnnData:
+           retries: int = 2, **options) -> ad.AnnData:
     """Design ``n`` cells (default 256) toward ``target`` (a :class:`PhenotypeTarget` or its text,
     ``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"``) with ``model``; returns them as an AnnData (per-target hits
     in ``obs``, the source cells in ``layers['source']`` when there are some, the settings in
@@ -559,9 +559,10 @@ def design(model, target, n: int | None = None, *, condition: dict | None = None
 
     ``condition``: labels to decode under; ``source``: cells to start from; ``sampler``, ``steps``,
     ``seed``, ``progress`` as in every verb; ``guidance_scale``: classifier-free guidance on the
-    condition (default 1); ``objective_scale``: the strength of the pull toward the target.
-    ``classifier``, ``observed``: see :class:`InverseDesigner`; other ``options`` (``eta``,
-    ``select``, ``retries``, ``schedule``, ...) go to :meth:`InverseDesigner.design`.
+    condition (default 1); ``objective_scale``: the strength of the pull toward the target;
+    ``retries``: restarts of the cells that miss it (default 2, as on the command line; 0 keeps the
+    first draw). ``classifier``, ``observed``: see :class:`InverseDesigner`; other ``options`` (``eta``,
+    ``select``, ``schedule``, ...) go to :meth:`InverseDesigner.design`.
     ``num_samples=`` and ``cfg_scale=`` are deprecated names of ``n`` and ``guidance_scale``."""
     n, guidance_scale = renamed("scidiff.design", options, {"num_samples": ("n", n),
                                                             "cfg_scale": ("guidance_scale", guidance_scale)})
@@ -571,5 +572,5 @@ def design(model, target, n: int | None = None, *, condition: dict | None = None
     result = designer.design(target, 256 if n is None else n, condition=condition, source=source, sampler=sampler,
                              steps=steps, objective_scale=objective_scale,
                              cfg_scale=1.0 if guidance_scale is None else guidance_scale, seed=seed, progress=progress,
-                             **options)
+                             retries=retries, **options)
     return result.to_anndata()

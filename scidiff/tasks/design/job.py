@@ -81,7 +81,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
                backward_steps: int = 0, guidance_scale: float | None = None, tolerance: float = 0.1,
                realism_weight: float = 0.0, eta: float | None = None,
-               select: str | None = None, retries: int = 0, observed: bool = False,
+               select: str | None = None, retries: int = 2, observed: bool = False,
                condition_measurement: bool = True, seed: int = 0, screen: bool = True, attribution: bool = True,
                progress: bool = True, **deprecated) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a

@@ -1,0 +1,328 @@
+"""Perturbation effects at the gene level, fitted in closed form from the training cells.
+
+A perturbation model needs three things beside its network, all fitted here once, before
+training, and stored in the checkpoint (:class:`PerturbationEffects`):
+
+- **Single effects.** Each single perturbation's change of mean expression, pooled over the
+  contexts (cell types, patients, lines: the other categorical covariates) where it was seen: the
+  weighted least-squares fit of every group's change (a group is one context under one
+  perturbation label; its change is its mean minus the mean of that context's control cells) on
+  the additive model ``change(S) = sum_{p in S} e_p`` (the additive combination of CPA and GEARS,
+  Lotfollahi et al. 2023, Roohani et al. 2024). The model's latent is widened by these directions
+  (:meth:`scidiff.models.ScIDiffModel.from_data`), so a single's gene-level change, and any sum of
+  them, is representable exactly.
+- **The combination term**, chosen by leave-one-combination-out cross-validation over the
+  combinations seen in training (each held-out combination predicted from singles refitted
+  without it): additive, a scaled sum ``lambda * s`` or the saturating polynomial
+  ``s + a (s^2 - sum_p e_p^2) + b (s^3 - sum_p e_p^3)`` (``s = sum_p e_p``; for two singles its
+  correction is ``2a xy + 3b xy (x + y)``). A candidate is used only where it beats additive in
+  the cross-validation by more than the standard error of the gain (the one-standard-error rule,
+  Breiman et al. 1984) and by at least 5% of additive's error; otherwise the term is zero. The fit reports every candidate's error.
+- **Where each perturbation was seen**, and a reference of training control cells per context
+  (their latent codes), so that :func:`scidiff.tasks.perturb.perturb` can move a context's own
+  cells by an effect learned elsewhere (weighted by the nearest reference cells' contexts).
+
+Everything is in the model's space (scaled log1p expression).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+COMBINATIONS = ("additive", "scaled", "polynomial")
+MIN_GAIN = 0.05  # a combination term must remove this share of additive's held-out error
+REFERENCE_CELLS = 256  # control cells kept per context for the nearest-neighbour weights
+
+
+def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
+    """``[N, len(keys)]`` codes of the context covariates (no column without keys)."""
+    if not keys:
+        return np.zeros((n, 0), dtype=np.int64)
+    return np.stack([np.asarray(covariates[k]).astype(np.int64) for k in keys], 1)
+
+
+def _groups(rows: np.ndarray, ctx: np.ndarray):
+    """Distinct (context, perturbation set) groups: their context rows, multi-hot rows and each
+    cell's group number."""
+    key = np.concatenate([ctx.astype(np.float64), rows], 1)
+    uniq, index = np.unique(key, axis=0, return_inverse=True)
+    k = ctx.shape[1]
+    return uniq[:, :k].astype(np.int64), uniq[:, k:], index.reshape(-1)
+
+
+def group_changes(x: np.ndarray, rows: np.ndarray, ctx: np.ndarray):
+    """Every perturbed group's mean change against its context's control cells.
+
+    ``x [N, G]`` cells, ``rows [N, n]`` single-perturbation weights (multi-hot times dose
+    weight; all zero for control), ``ctx [N, K]`` context codes. Returns ``(contexts [M, K],
+    design [M, n], changes [M, G], counts [M])`` for the perturbed groups whose context has
+    control cells."""
+    g_ctx, g_rows, index = _groups(rows, ctx)
+    counts = np.bincount(index, minlength=len(g_rows)).astype(np.float64)
+    sums = np.zeros((len(g_rows), x.shape[1]))
+    np.add.at(sums, index, x)
+    means = sums / counts[:, None]
+    control = g_rows.sum(1) == 0
+    base = {tuple(c): means[i] for i, c in enumerate(g_ctx) if control[i]}
+    keep = [i for i in range(len(g_rows)) if not control[i] and tuple(g_ctx[i]) in base]
+    changes = np.array([means[i] - base[tuple(g_ctx[i])] for i in keep]).reshape(len(keep), x.shape[1])
+    return g_ctx[keep], g_rows[keep], changes, counts[keep]
+
+
+def fit_singles(design: np.ndarray, changes: np.ndarray, counts: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Weighted least squares ``min sum_g n_g |c_g - d_g E|^2`` -> single effects ``E [n, G]``
+    (a single never seen, alone or in a combination, gets 0)."""
+    w = counts[:, None]
+    gram = design.T @ (w * design)
+    rhs = design.T @ (w * changes)
+    scale = max(float(np.trace(gram)) / max(len(gram), 1), 1.0)
+    return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), rhs)
+
+
+def _candidate(kind: str, design: np.ndarray, effects: np.ndarray):
+    """The candidate's fixed part ``s`` and its regressors for ``(coef)``: prediction
+    ``s + regressors @ coef`` (scaled: ``lambda s = s + (lambda - 1) s``)."""
+    s = design @ effects
+    if kind == "scaled":
+        return s, s[..., None]
+    q2 = s**2 - (design**2) @ (effects**2)
+    q3 = s**3 - (design**3) @ (effects**3)
+    return s, np.stack([q2, q3], -1)
+
+
+def _fit_coef(kind, design, effects, changes, counts):
+    s, reg = _candidate(kind, design, effects)
+    w = np.sqrt(counts)[:, None, None]
+    a = (w * reg).reshape(-1, reg.shape[-1])
+    b = (w[..., 0] * (changes - s)).reshape(-1)
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+
+
+def _predict(kind, coef, design, effects):
+    s, reg = _candidate(kind, design, effects) if kind != "additive" else (design @ effects, None)
+    return s if kind == "additive" else s + reg @ coef
+
+
+def choose_combination(design, changes, counts):
+    """Leave-one-combination-out cross-validation of the combination candidates. Returns
+    ``(kind, coef, cv)`` where ``cv`` maps each candidate to its mean squared error on held-out
+    combinations (``None`` with fewer than two seen combinations: then additive)."""
+    combo = np.flatnonzero((design != 0).sum(1) > 1)
+    effects = fit_singles(design, changes, counts)
+    if len(combo) < 2:
+        return "additive", np.zeros(2), None
+    errors = {k: [] for k in COMBINATIONS}
+    for held in combo:
+        rest = np.setdiff1d(np.arange(len(design)), [held])
+        e = fit_singles(design[rest], changes[rest], counts[rest])
+        others = np.intersect1d(combo, rest)
+        for kind in COMBINATIONS:
+            coef = None if kind == "additive" else _fit_coef(kind, design[others], e, changes[others], counts[others])
+            pred = _predict(kind, coef, design[held:held + 1], e)[0]
+            errors[kind].append(float(np.mean((pred - changes[held]) ** 2)))
+    cv = {k: float(np.mean(v)) for k, v in errors.items()}
+    best = min(COMBINATIONS, key=lambda k: cv[k])
+    gain = np.subtract(errors["additive"], errors[best])
+    if (best == "additive" or gain.mean() <= gain.std(ddof=1) / np.sqrt(len(gain))
+            or gain.mean() < MIN_GAIN * cv["additive"]):
+        return "additive", np.zeros(2), cv  # not clearly better than additive
+    coef = _fit_coef(best, design[combo], effects, changes[combo], counts[combo])
+    return best, np.pad(coef, (0, 2 - len(coef))), cv
+
+
+def extra_axes(effects: np.ndarray, basis: np.ndarray, max_axes: int, tol: float = 1e-4) -> np.ndarray:
+    """Orthonormal directions ``[m, G]`` that, added to the rows of ``basis`` (orthonormal), make
+    its span hold every row of ``effects`` exactly: the principal directions of the effects'
+    part outside the span, those above ``tol`` times the largest effect, at most ``max_axes``."""
+    if not len(effects) or max_axes < 1:
+        return np.zeros((0, basis.shape[1]))
+    residual = effects - (effects @ basis.T) @ basis
+    _, s, vt = np.linalg.svd(residual, full_matrices=False)
+    top = np.linalg.norm(effects, axis=1).max()
+    keep = int(np.sum(s > tol * max(top, 1e-12)))
+    return vt[:min(keep, max_axes)]
+
+
+def _dose_columns(rows: np.ndarray, dose: np.ndarray):
+    """Each cell's (single, dose) multi-hot ``[N, m]`` and each column's single ``[m]``; the
+    columns are ordered by single, then dose."""
+    pairs = sorted({(int(p), float(dose[i])) for i in np.flatnonzero(rows.sum(1)) for p in np.flatnonzero(rows[i])})
+    index = {pair: j for j, pair in enumerate(pairs)}
+    out = np.zeros((len(rows), len(pairs)))
+    for i in np.flatnonzero(rows.sum(1)):
+        for p in np.flatnonzero(rows[i]):
+            out[i, index[(int(p), float(dose[i]))]] = 1.0
+    return out, np.array([p for p, _ in pairs], dtype=np.int64), np.array([d for _, d in pairs])
+
+
+def _by_single(design: np.ndarray, single_of: np.ndarray, n: int) -> np.ndarray:
+    """(single, dose) columns back to a multi-hot over the ``n`` singles."""
+    hot = np.zeros((len(design), n))
+    for j, p in enumerate(single_of):
+        hot[:, p] = np.maximum(hot[:, p], design[:, j] != 0)
+    return hot
+
+
+def _safe(key: str) -> str:
+    return key.replace(".", "_")
+
+
+class _KeyEffects(nn.Module):
+    """One perturbation covariate's fitted effects (buffers sized when fitted or loaded):
+    ``single [n, G]`` at the dose ``reference_dose [n]``; ``seen [S, K + n]`` the context codes and multi-hot of every perturbed
+    group seen in training, ``seen_counts [S]``; ``combination [3]`` (candidate index, coefficient
+    1, coefficient 2) and ``cv [3]`` (held-out error of each candidate; NaN: not run)."""
+
+    NAMES = ("single", "reference_dose", "seen", "seen_counts", "combination", "cv")
+
+    def __init__(self):
+        super().__init__()
+        for name in self.NAMES:
+            self.register_buffer(name, torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.NAMES:  # sizes come from the data: take them from the checkpoint
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def kind(self) -> str:
+        return COMBINATIONS[int(self.combination[0])] if self.combination.numel() else "additive"
+
+
+class PerturbationEffects(nn.Module):
+    """The closed-form effects of every perturbation covariate (module docstring), the context
+    covariates they are relative to, and the reference control cells per context."""
+
+    def __init__(self, perturbation_keys, context_keys):
+        super().__init__()
+        self.context_keys = list(context_keys)
+        self.per_key = nn.ModuleDict({_safe(k): _KeyEffects() for k in perturbation_keys})
+        self.keys = list(perturbation_keys)
+        self.register_buffer("reference_latent", torch.zeros(0))
+        self.register_buffer("reference_context", torch.zeros(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("reference_latent", "reference_context"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def of(self, key: str) -> _KeyEffects:
+        return self.per_key[_safe(key)]
+
+    @property
+    def fitted(self) -> bool:
+        return all(self.of(k).single.numel() for k in self.keys)
+
+    # -- fitting -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, covariates: dict, dose_key: str | None = None) -> dict[str, dict]:
+        """Fit every perturbation covariate's single effects, combination term and seen groups on
+        cells ``x [N, G]`` (model space) with codes ``covariates``; returns the report per key
+        (the combination chosen and each candidate's cross-validated error). With ``dose_key``
+        each (single, dose) is its own column of the fit, and a single's effect is the one at its
+        highest dose (the model's dose response scales it to the others)."""
+        x = x.double().cpu().numpy()
+        ctx = context_table({k: covariates[k].cpu() for k in self.context_keys}, self.context_keys, len(x))
+        rows = {k: covariates[k][:, :-1].double().cpu().numpy() for k in self.keys}
+        dose = (covariates[dose_key].double().cpu().numpy() if dose_key and dose_key in covariates
+                else np.zeros(len(x)))
+        report = {}
+        for key in self.keys:
+            others = [rows[k].sum(1) == 0 for k in self.keys if k != key]
+            alone = np.logical_and.reduce(others) if others else np.ones(len(x), bool)
+            columns, single_of, column_dose = _dose_columns(rows[key][alone], dose[alone])
+            g_ctx, design, changes, counts = group_changes(x[alone], columns, ctx[alone])
+            n = rows[key].shape[1]
+            if len(design):
+                fitted = fit_singles(design, changes, counts)
+                single, reference = np.zeros((n, x.shape[1])), np.zeros(n)
+                for j, p in enumerate(single_of):  # columns run up the doses: the highest one is kept
+                    single[p], reference[p] = fitted[j], column_dose[j]
+                kind, coef, cv = choose_combination(design, changes, counts)
+            else:
+                single, reference = np.zeros((n, x.shape[1])), np.zeros(n)
+                kind, coef, cv = "additive", np.zeros(2), None
+            hot = _by_single(design, single_of, n)
+            slot = self.of(key)
+            slot.single = torch.tensor(single, dtype=torch.float32)
+            slot.reference_dose = torch.tensor(reference, dtype=torch.float32)
+            slot.seen = torch.tensor(np.concatenate([g_ctx.astype(np.float64), hot], 1), dtype=torch.float32)
+            slot.seen_counts = torch.tensor(counts, dtype=torch.float32)
+            slot.combination = torch.tensor([COMBINATIONS.index(kind), *coef], dtype=torch.float32)
+            slot.cv = torch.tensor([cv[c] if cv else float("nan") for c in COMBINATIONS], dtype=torch.float32)
+            report[key] = {"combination": kind, "coefficients": [float(c) for c in coef],
+                           "cv_mse": cv, "seen_combinations": int(((hot != 0).sum(1) > 1).sum()),
+                           "singles_seen": int((hot.sum(0) > 0).sum())}
+        return report
+
+    @torch.no_grad()
+    def fit_reference(self, latent: torch.Tensor, covariates: dict, per_context: int = REFERENCE_CELLS,
+                      seed: int = 0) -> None:
+        """Keep the latent codes of up to ``per_context`` control cells of every context (cells
+        with no perturbation), for :meth:`context_weights`."""
+        n = len(latent)
+        ctx = context_table({k: covariates[k].cpu() for k in self.context_keys}, self.context_keys, n)
+        control = np.ones(n, bool)
+        for k in self.keys:
+            control &= covariates[k][:, :-1].sum(1).cpu().numpy() == 0
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c in np.unique(ctx[control], axis=0):
+            idx = np.flatnonzero(control & (ctx == c).all(1))
+            keep.append(np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False)))
+        keep = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+        self.reference_latent = latent[torch.as_tensor(keep)].detach().float().cpu()
+        self.reference_context = torch.as_tensor(ctx[keep], dtype=torch.long)
+
+    # -- what the fit says -------------------------------------------------------------------
+    def seen_contexts(self, key: str, singles: list[int], exact: bool = True) -> np.ndarray:
+        """Context rows ``[C, K]`` where perturbation ``singles`` of ``key`` was seen: as that exact
+        set (``exact``), or any group containing every one of them (a single inside combinations
+        counts as not seen alone)."""
+        slot, k = self.of(key), len(self.context_keys)
+        seen = slot.seen.numpy()
+        if not len(seen):
+            return np.zeros((0, k), dtype=np.int64)
+        hot = seen[:, k:] != 0
+        want = np.zeros(hot.shape[1], bool)
+        want[singles] = True
+        match = (hot == want).all(1) if exact else hot[:, want].all(1)
+        return np.unique(seen[match, :k].astype(np.int64), axis=0)
+
+    def combination_term(self, key: str, weights: torch.Tensor) -> torch.Tensor:
+        """The chosen combination model's departure from the additive sum for perturbation rows
+        ``weights [B, n]`` (each single's effect relative to its effect at ``reference_dose``: 1 at
+        that dose; zero for additive, and in rows with fewer than two singles), ``[B, G]``."""
+        slot = self.of(key)
+        e = slot.single.to(weights)
+        w = weights.to(e.dtype)
+        out = torch.zeros(w.shape[0], e.shape[1], dtype=e.dtype, device=e.device)
+        kind = slot.kind
+        if kind == "additive":
+            return out
+        s = w @ e
+        a, b = float(slot.combination[1]), float(slot.combination[2])
+        if kind == "scaled":
+            term = a * s
+        else:
+            term = a * (s**2 - w**2 @ e**2) + b * (s**3 - w**3 @ e**3)
+        combined = (w != 0).sum(-1, keepdim=True) > 1
+        return torch.where(combined, term, out)
+
+    def context_weights(self, latent: torch.Tensor, contexts: np.ndarray, k: int = 30) -> torch.Tensor:
+        """For cells ``latent [B, d]``: the share of each cell's ``k`` nearest reference control
+        cells (among those of ``contexts [C, K]``) that belong to each context, ``[B, C]``."""
+        ref, ref_ctx = self.reference_latent, self.reference_context.numpy()
+        member = np.stack([(ref_ctx == c).all(1) for c in contexts], 1) if len(contexts) else np.zeros((len(ref), 0), bool)
+        use = member.any(1)
+        if not use.any():
+            return torch.full((len(latent), len(contexts)), 1.0 / max(len(contexts), 1))
+        ref, member = ref[torch.as_tensor(use)].to(latent), torch.as_tensor(member[use], dtype=latent.dtype,
+                                                                             device=latent.device)
+        k = min(k, len(ref))
+        nearest = torch.cdist(latent.float(), ref.float()).topk(k, largest=False).indices  # [B, k]
+        return member[nearest].mean(1)

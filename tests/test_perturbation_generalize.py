@@ -1,0 +1,130 @@
+"""Perturbation predictions that generalise, against a known truth: combinations are additive
+unless cross-validation over the seen ones says otherwise, and an effect carried to a context
+where it was never seen moves that context's own cells, not toward the other contexts."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import scidiff
+from scidiff.models.effects import PerturbationEffects, choose_combination, group_changes
+from scidiff.tasks.perturb import perturb
+
+G = 30
+
+
+def _cells(groups, rng, noise=0.2, n=120):
+    """``groups``: (context, perturbation label, mean [G]) -> an AnnData of ``n`` cells each."""
+    xs, rows = [], []
+    for context, label, mean in groups:
+        xs.append(np.maximum(mean + noise * rng.normal(size=(n, G)), 0))
+        rows += [(context, label)] * n
+    obs = pd.DataFrame(rows, columns=["line", "perturbation"])
+    obs.index = [f"c{i}" for i in range(len(obs))]
+    adata = ad.AnnData(X=np.vstack(xs).astype(np.float32), obs=obs)
+    adata.var_names = [f"g{i}" for i in range(G)]
+    return adata
+
+
+def _screen(rng, truth):
+    """One context, singles A-F, three seen doubles; ``truth(u)`` maps the summed effect."""
+    base = rng.uniform(2.0, 3.5, G)
+    effect = {p: rng.normal(0, 0.8, G) * (rng.random(G) < 0.5) for p in "ABCDEF"}
+    labels = ["control", *"ABCDEF", "A+B", "C+D", "E+F"]
+    groups = [("l0", lab, base if lab == "control" else base + truth(sum(effect[p] for p in lab.split("+"))))
+              for lab in labels]
+    return _cells(groups, rng), effect, base
+
+
+def _effects_report(adata):
+    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["perturbation"], scaling="none")
+    eff = PerturbationEffects(["perturbation"], [])
+    return eff.fit(data.x, data.covariates)["perturbation"], eff, data
+
+
+def test_cross_validation_keeps_combinations_additive_on_an_additive_truth():
+    for seed in range(3):
+        report, eff, data = _effects_report(_screen(np.random.default_rng(seed), lambda u: u)[0])
+        assert report["seen_combinations"] == 3 and report["cv_mse"] is not None
+        assert report["combination"] == "additive", report
+        w = torch.zeros(1, 6)
+        w[0, :2] = 1.0
+        assert torch.equal(eff.combination_term("perturbation", w), torch.zeros(1, G))
+
+
+def test_cross_validation_takes_a_term_where_combinations_saturate():
+    report, eff, data = _effects_report(_screen(np.random.default_rng(0), lambda u: 0.8 * np.tanh(u / 0.8))[0])
+    assert report["combination"] in ("scaled", "polynomial")
+    assert report["cv_mse"][report["combination"]] < 0.8 * report["cv_mse"]["additive"]
+
+
+def test_single_effects_are_the_least_squares_fit_of_the_group_changes():
+    adata, effect, base = _screen(np.random.default_rng(1), lambda u: u)
+    report, eff, data = _effects_report(adata)
+    vocab = data.spec.categorical["perturbation"]
+    x, rows = data.x.double().numpy(), data.covariates["perturbation"][:, :-1].double().numpy()
+    _, design, changes, counts = group_changes(x, rows, np.zeros((len(x), 0), dtype=np.int64))
+    expected = np.linalg.lstsq(np.sqrt(counts)[:, None] * design, np.sqrt(counts)[:, None] * changes, rcond=None)[0]
+    np.testing.assert_allclose(eff.of("perturbation").single.numpy(), expected, atol=1e-4)
+    # and they are close to the truth: 120 cells a group, noise 0.2 (clipped at 0)
+    for p in "ABCDEF":
+        assert np.abs(eff.of("perturbation").single[vocab.index(p)].numpy() - effect[p]).max() < 0.15
+
+
+def test_one_seen_combination_cannot_be_cross_validated():
+    design = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    changes = np.array([[1.0], [2.0], [2.5]])
+    kind, coef, cv = choose_combination(design, changes, np.ones(3))
+    assert kind == "additive" and cv is None and not coef.any()
+
+
+@pytest.fixture(scope="module")
+def decoy():
+    """Three lines whose control cells differ a lot; P moves genes 0-9 by +1.5 in every line, but
+    training sees P only in lines 1 and 2."""
+    rng = np.random.default_rng(0)
+    bases = [rng.uniform(1.0, 4.0, G) for _ in range(3)]
+    effect = np.zeros(G)
+    effect[:10] = 1.5
+    groups = [(f"l{i}", "control", bases[i]) for i in range(3)]
+    groups += [(f"l{i}", "P", bases[i] + effect) for i in (1, 2)]
+    train = _cells(groups, rng)
+    truth = _cells([("l0", "P", bases[0] + effect)], rng)
+    torch.manual_seed(0)
+    data = scidiff.setup_anndata(train, n_top_genes=None, condition_keys=["line"], perturbation_keys=["perturbation"],
+                                 scaling="none")
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=64, num_layers=2, num_timesteps=100, latent_dim=8)
+    scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
+                           learning_rate=2e-3, warmup_steps=20).train(60)
+    control = train[(train.obs["line"] == "l0").to_numpy() & (train.obs["perturbation"] == "control").to_numpy()].copy()
+    return train, truth, control, bases, effect, model
+
+
+def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(decoy):
+    train, truth, control, bases, effect, model = decoy
+    pred = perturb(model, control, {"perturbation": "P"}, steps=20, progress=False)
+    assert (pred.obs["scidiff_route"] == "transferred").all()
+    assert pred.uns["scidiff_prediction"]["transferred_from"] == {"line=l0": ["line=l1", "line=l2"]}
+    change = pred.X.mean(0) - control.X.mean(0)
+    # the predicted change is the effect ...
+    assert np.sqrt(np.mean((change - effect) ** 2)) < 0.25
+    # ... and does not follow the other lines' difference of controls
+    decoy_shift = (bases[1] + bases[2]) / 2 - bases[0]
+    assert abs(np.corrcoef(change, decoy_shift)[0, 1]) < 0.3
+    # every predicted cell's nearest real perturbed cell is one of its own line
+    real = np.vstack([truth.X, train[train.obs["perturbation"].to_numpy() == "P"].X])
+    own = np.r_[np.ones(truth.n_obs, bool), np.zeros(real.shape[0] - truth.n_obs, bool)]
+    nearest = ((pred.X[:, None, :] - real[None]) ** 2).sum(-1).argmin(1)
+    assert own[nearest].mean() > 0.95
+    # the two lines agree on the effect: high confidence
+    assert pred.obs["scidiff_confidence"].mean() > 0.8
+
+
+def test_a_seen_context_reads_the_change_in_that_context(decoy):
+    train, truth, control, bases, effect, model = decoy
+    line1 = train[(train.obs["line"] == "l1").to_numpy() & (train.obs["perturbation"] == "control").to_numpy()].copy()
+    pred = perturb(model, line1, {"perturbation": "P"}, steps=20, progress=False)
+    assert (pred.obs["scidiff_route"] == "seen").all()
+    assert np.sqrt(np.mean((pred.X.mean(0) - line1.X.mean(0) - effect) ** 2)) < 0.25
+    assert 0.75 < pred.obs["scidiff_confidence"].iloc[0] < 1  # 120 training cells: 120 / 150
