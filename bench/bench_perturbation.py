@@ -8,7 +8,9 @@ real control cells, one fold per generator seed).
 
 Each fold's targets are predicted by the baselines of ``scidiff.evaluation.perturbation``
 (no change, mean shift, cell mean, additive, linear; whichever apply) and, unless ``--no-model``,
-by a scidiff model trained on the fold (counterfactual and population). Scores:
+by a scidiff model trained on the fold (counterfactual and population;
+``scidiff.tasks.perturb.perturb``, whose per-cell ``scidiff_confidence`` is recorded as its mean
+per target, ``confidence_mean``, with the cells per ``scidiff_route``). Scores:
 
 - the project's metrics per target (``perturbation_metrics``: RMSE / MAE of the per-gene means,
   Pearson delta, scGen R² on all genes and the top-100 DEGs, MSE top-20, E-distance and MMD in
@@ -44,7 +46,7 @@ METRICS = ("rmse_all", "mae_all", "pearson_delta_all", "scgen_r2_all", "scgen_r2
            "pearson_delta_top20", "mse_top20", "e_distance", "mmd")
 MODEL_METHODS = ("counterfactual", "population")
 TABLE = (("rmse_all", "RMSE"), ("mae_all", "MAE"), ("pearson_delta_all", "Pearson Δ"), ("pds_l1", "PDS"),
-         ("e_distance", "E-dist"), ("scgen_r2_top100", "R² top100"))
+         ("e_distance", "E-dist"), ("scgen_r2_top100", "R² top100"), ("confidence_mean", "confidence"))
 CE_TABLE = (("pearson_delta", "ce Pearson Δ"), ("mae", "ce MAE"), ("discrimination_score_l1", "ce PDS"),
             ("overlap_at_N", "ce overlap@N"))
 
@@ -134,8 +136,9 @@ def run_fold(task, fold, fi, args, genes):
     t0 = time.perf_counter()
     preds, notes = baseline_preds(task, fold, args)
     timings = {"baselines_s": round(time.perf_counter() - t0, 2)}
+    records = {}  # what each model prediction says about itself (confidence, routes), per target
     if args.model and task.model_keys is not None:
-        from perturbation_tasks import predict_with_scidiff
+        from perturbation_tasks import prediction_record, predict_with_scidiff
 
         t1 = time.perf_counter()
         res = predict_with_scidiff(fold.train, fold.control, [t.target for t in fold.targets], task.model_keys,
@@ -144,6 +147,7 @@ def run_fold(task, fold, fi, args, genes):
                                    latent_dim=args.latent_dim, steps=args.steps)
         for m, lst in res.items():
             preds[f"scidiff_{m}"] = [np.asarray(p[:, genes].X, dtype=np.float32) for p in lst]
+            records[f"scidiff_{m}"] = [prediction_record(p) for p in lst]
         timings["model_train_s"] = round(float(res[MODEL_METHODS[0]][0].uns["train_seconds"]), 1)
         timings["model_total_s"] = round(time.perf_counter() - t1, 1)
     elif args.model:
@@ -164,6 +168,8 @@ def run_fold(task, fold, fi, args, genes):
                 continue
             p = np.asarray(lst[ti], dtype=np.float64)
             met = perturbation_metrics(p, true, control, genes, degs, project)
+            if m in records:
+                met.update(records[m][ti])
             if args.n_boot:
                 boots = cell_bootstrap(p, true, control, genes, degs, project, args.seed + fi, args.n_boot)
                 met["interval95"] = {k: [float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))]
@@ -225,11 +231,11 @@ def summarise(task, folds_rec, pds, methods, n_boot, boots, seed):
             summary[m] = {"n_targets": 0}
             continue
         s = {"n_targets": len(rows)}
-        for k in METRICS + ("pds_l1",):
+        for k in METRICS + ("pds_l1", "confidence_mean"):
             if k == "pds_l1":
                 vals = np.array([pds.get(m, {}).get(f"{f}/{t}", np.nan) for f, t, _ in rows], float)
             else:
-                vals = np.array([r.get(k, np.nan) for _, _, r in rows], float)
+                vals = np.array([np.nan if r.get(k) is None else r[k] for _, _, r in rows], float)
             vals = vals[np.isfinite(vals)]
             if not len(vals):
                 continue

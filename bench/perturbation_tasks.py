@@ -190,8 +190,8 @@ def papalexi_unseen_task(data_dir=DATA_DIR, seed=0, **_) -> Task:
     keys = dict(perturbation_key="perturbation", control_label="control")
     return Task("papalexi_unseen", FILES["papalexi"], "Papalexi THP-1 screen: each knockout predicted with no data "
                 "of it (25 folds); cells with grna_frac_top >= 0.8", folds,
-                {"no_change": keys, "cell_mean": keys, "linear": {**keys, "features": "fold"}}, "cell_mean", None,
-                model_note="the model has no code for a perturbation it never saw (predict_perturbation refuses it)",
+                {"no_change": keys, "cell_mean": keys, "linear": {**keys, "features": "fold"}}, "cell_mean",
+                dict(condition_keys=["bio_rep"], perturbation_keys=["perturbation"], control_labels=["control"]),
                 shared_control=True,
                 info={"linear": "ridge on the knocked-out gene's loadings on 10 PCs of the fold's training cells; "
                                 "only the 9 knockouts of panel genes have one (the others: n/a)"})
@@ -379,16 +379,19 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
 
     ``keys``: :func:`scidiff.setup_anndata` arguments (``condition_keys``, ``perturbation_keys``,
     ``continuous_keys``, ``control_labels``); all genes are kept. ``method``: ``"counterfactual"``
-    or ``"population"`` (:func:`scidiff.perturbation.predict_perturbation`) or a tuple of them.
+    or ``"population"`` (:func:`scidiff.tasks.perturb.perturb`) or a tuple of them.
     Returns the predicted AnnData for one target and one method; otherwise ``{method: [AnnData
-    per target]}``. The training time is in each prediction's ``.uns['train_seconds']``.
+    per target]}``. The training time is in each prediction's ``.uns['train_seconds']``; each
+    prediction carries ``perturb``'s ``obs['scidiff_confidence']`` and ``obs['scidiff_route']``
+    (:func:`prediction_record` summarises them).
     """
     import time
 
     import torch
 
     import scidiff
-    from scidiff.perturbation import predict_perturbation
+    from scidiff.models.perturbation_prior import PerturbationPrior
+    from scidiff.tasks.perturb import perturb
 
     targets = [target] if isinstance(target, dict) else list(target)
     methods = (method,) if isinstance(method, str) else tuple(method)
@@ -397,16 +400,33 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     data = scidiff.setup_anndata(train_adata.copy(), n_top_genes=None, **keys)
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=hidden_dim, num_layers=num_layers,
                                            latent_dim=latent_dim or None)
+    if data.spec.perturbation_keys:  # unseen perturbations: the prior, as `scidiff train` fits it
+        model.perturbation_prior = PerturbationPrior.from_cells(data, train_adata, seed=seed)
     scidiff.ScIDiffTrainer(model, data.loader(batch_size, seed=seed), device="cpu", early_stopping_patience=None,
                            seed=seed, progress=False).train(epochs)
     train_s = time.perf_counter() - t0
     out = {m: [] for m in methods}
     for m in methods:
         for t in targets:
-            pred = predict_perturbation(model, control_adata.copy(), t, method=m, steps=steps, seed=seed,
-                                        progress=False)
+            pred = perturb(model, control_adata.copy(), t, method=m, steps=steps, seed=seed, progress=False)
             pred.uns["train_seconds"] = train_s
             out[m].append(pred)
     if isinstance(target, dict) and isinstance(method, str):
         return out[method][0]
+    return out
+
+
+def prediction_record(pred) -> dict:
+    """What a model's prediction says about itself, for the results JSON: the mean of
+    ``obs['scidiff_confidence']`` over the predicted cells (``None`` where it is absent or never
+    assessed, NaN throughout) and the number of cells per ``obs['scidiff_route']``."""
+    out = {"confidence_mean": None, "routes": {}}
+    if "scidiff_confidence" in pred.obs.columns:
+        conf = np.asarray(pred.obs["scidiff_confidence"], dtype=np.float64)
+        if np.isfinite(conf).any():
+            out["confidence_mean"] = float(np.nanmean(conf))
+        out["confidence_assessed_fraction"] = float(np.isfinite(conf).mean()) if len(conf) else 0.0
+    if "scidiff_route" in pred.obs.columns:
+        routes = pred.obs["scidiff_route"].astype(str).value_counts()
+        out["routes"] = {str(k): int(v) for k, v in routes.items()}
     return out

@@ -82,6 +82,10 @@ class DataConfig:
     control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
     dose_key: str | None = None
     continuous_keys: list[str] = field(default_factory=list)
+    # prior knowledge of perturbations, for unseen ones (scidiff.models.perturbation_prior): a TSV of
+    # features per label, and a CSV of name,smiles for drugs (Morgan fingerprints; the chem extra)
+    perturbation_features: str | None = None
+    smiles: str | None = None
 
     def covariate_kwargs(self) -> dict:
         """Perturbation, dose and numeric covariates, as :func:`scidiff.setup_anndata` takes them."""

@@ -13,14 +13,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
-
-
-def shared_file(name: str) -> str:
-    path = os.path.join(SHARED_DATA, name)
-    if not os.path.exists(path):
-        pytest.skip(f"needs the shared real data file {path} (../shared/data beside the project)")
-    return path
+from shared_data import shared_file
 
 
 @pytest.fixture(scope="session")

@@ -1,24 +1,92 @@
-"""``scidiff evaluate``: generated cells scored against real ones (metrics.json and plots)."""
+"""``scidiff evaluate``: generated cells scored against real ones (metrics.json and plots), or,
+with ``--perturbation``, predicted perturbation responses against the real perturbed cells."""
 from __future__ import annotations
 
 import json
 
-from .common import check_out
+from .common import check_out, positive_int
 
 
 def add(sub):
-    p = sub.add_parser("evaluate", help="score generated cells against real ones",
-                       description="Write metrics.json and PNG plots comparing generated to real cells.")
-    p.add_argument("--real", required=True)
-    p.add_argument("--generated", required=True)
+    p = sub.add_parser("evaluate", help="score generated cells, or predicted perturbation responses, against real ones",
+                       description="Write metrics.json (and PNG plots) comparing generated to real cells. With "
+                                   "--perturbation: score predicted perturbation responses (--predicted, e.g. "
+                                   "scidiff predict's output) against the real perturbed cells of --real per "
+                                   "perturbation (RMSE, MAE, Pearson delta, PDS, E-distance, ...), the same for each "
+                                   "--baseline, and, where cell-eval is installed, cell-eval's metrics and its score "
+                                   "of the prediction against each baseline.")
+    p.add_argument("--real", required=True, help="real cells (.h5ad); with --perturbation: perturbed and control cells")
+    p.add_argument("--generated", default=None, help="generated cells (.h5ad)")
     p.add_argument("--groupby", default=None, help="obs key present in both files, e.g. cell_type")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-plots", action="store_true")
+    g = p.add_argument_group("perturbation predictions (--perturbation)")
+    g.add_argument("--perturbation", action="store_true", help="score predicted perturbation responses")
+    g.add_argument("--predicted", default=None, help="predicted cells (.h5ad; --generated works too)")
+    g.add_argument("--perturbation-key", default=None, help="obs column of the perturbation in both files")
+    g.add_argument("--control-label", default="control", help="label of the real control cells (default: control)")
+    g.add_argument("--context-key", default=None, help="obs column of the context (cell type, patient) in both files")
+    g.add_argument("--baseline", action="append", default=None, metavar="NAME=FILE",
+                   help="a baseline's predictions of the same perturbations (repeatable), e.g. "
+                        "mean-shift=ms.h5ad (scidiff predict --method mean-shift)")
+    g.add_argument("--min-de-genes", type=positive_int, default=10,
+                   help="cell-eval's DE overlap is reported where the real cells have at least this many "
+                        "significant DE genes")
+
+
+def _baselines(items) -> dict:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--baseline {item!r}: write NAME=FILE, e.g. mean-shift=ms.h5ad")
+        if name.strip() in out:
+            raise ValueError(f"--baseline {name.strip()!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
 
 
 def run(args):
+    if args.perturbation:
+        return _run_perturbation(args)
+    given = [f for f, v in (("--predicted", args.predicted), ("--perturbation-key", args.perturbation_key),
+                            ("--context-key", args.context_key), ("--baseline", args.baseline)) if v]
+    if given:
+        raise ValueError(f"{', '.join(given)} score perturbation predictions: add --perturbation")
+    if args.generated is None:
+        raise ValueError("--generated is required (the generated cells); or score perturbation predictions with "
+                         "--perturbation --predicted FILE")
     from ..tasks.evaluate import evaluate_files  # lazy: keeps --help light (torch, anndata)
 
     check_out(args.out, folder=True)
     metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
+
+
+def _run_perturbation(args):
+    if args.predicted and args.generated and args.predicted != args.generated:
+        raise ValueError("give the prediction once: --predicted or --generated, not both")
+    predicted = args.predicted or args.generated
+    if predicted is None:
+        raise ValueError("--perturbation needs --predicted PRED.h5ad (the predicted cells)")
+    if not args.perturbation_key:
+        raise ValueError("--perturbation needs --perturbation-key (the obs column of the perturbation in both files)")
+    if args.groupby:
+        raise ValueError("--groupby scores generated cells; with --perturbation give --context-key")
+    baselines = _baselines(args.baseline)
+    from ..tasks.evaluate import CELL_EVAL_MISSING, evaluate_perturbation  # lazy: keeps --help light (torch, anndata)
+
+    check_out(args.out, folder=True)
+    result = evaluate_perturbation(args.real, predicted, args.perturbation_key, args.control_label,
+                                   context_key=args.context_key, baselines=baselines, out_dir=args.out,
+                                   min_de_genes=args.min_de_genes)
+    summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]), "prediction": result["mean"],
+               **{f"baseline {n}": b["mean"] for n, b in result["baselines"].items()}}
+    ce = result["cell_eval"]
+    if ce.get("installed"):
+        summary["cell-eval"] = ce["prediction"]["mean"]
+        summary.update({f"cell-eval score vs {n}": s.get("avg_score") for n, s in ce["score"].items()})
+    print(json.dumps(summary, indent=1, default=float))
+    if ce.get("installed") is False:
+        print(f"scidiff evaluate: {CELL_EVAL_MISSING}")
+    print(f"wrote {args.out}/metrics.json")

@@ -1,39 +1,285 @@
-"""``scidiff predict``: perturbation responses of control cells."""
+"""``scidiff predict``: perturbation responses of control cells, for one target or a screen of
+many (one model load), by the model or by a baseline."""
 from __future__ import annotations
 
-from .common import check_out, finite_float, parse_conditioning, positive_int, sampling_settings, seed_value
+from .common import (check_out, device_name, finite_float, parse_conditions, positive_int, sampling_settings,
+                     seed_value, split, user_error)
+
+MODEL_METHODS = ("counterfactual", "population")
+# scidiff.evaluation.perturbation.BASELINES (not imported here: --help stays light; a test checks they agree)
+BASELINE_METHODS = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
+BASELINE_FLAGS = ("train", "perturbation_key", "context_key", "control_labels", "time_key")
+CONTEXT_COLUMN = "scidiff_context"
 
 
 def add(sub):
     p = sub.add_parser("predict", help="predict perturbation responses of control cells",
-                       description="Map each control cell to its predicted perturbed state (DDIM inversion under "
-                                   "its own condition, decoding under the target) and write an .h5ad that pairs "
-                                   "every input cell with its prediction (X = predicted, layers['control'] = input).")
-    p.add_argument("--model", required=True, help="run folder or model.pt")
+                       description="Predict how the control cells of --data respond to each target and write one "
+                                   ".h5ad: X = predicted log1p expression, layers['control'] = the input cells, "
+                                   "obs['scidiff_target'] = which target a row is (the target covariates and "
+                                   "the obs columns that describe the perturbation set from it), "
+                                   "obs['scidiff_confidence'] and obs['scidiff_route'], and the settings in "
+                                   "uns['scidiff_prediction']. Many targets: repeat --target or give "
+                                   "--targets-file. The baselines (--method no-change|mean-shift|cell-mean|"
+                                   "additive|linear) predict from --train without a model.")
+    p.add_argument("--model", default=None, help="run folder or model.pt (required by counterfactual/population)")
     p.add_argument("--data", required=True, help="control cells (.h5ad)")
-    p.add_argument("--target", required=True, help="key=value[,key=value], e.g. condition=stimulated or drug=A+B,dose=10")
-    p.add_argument("--method", default="counterfactual", choices=["counterfactual", "population"])
+    p.add_argument("--target", action="append", default=None,
+                   help="key=value[,key=value], e.g. condition=stimulated or drug=A+B,dose=10; repeat for a screen")
+    p.add_argument("--targets-file", default=None,
+                   help="a file of targets, one key=value[,key=value] per line (# starts a comment)")
+    p.add_argument("--method", default="counterfactual", choices=list(MODEL_METHODS + BASELINE_METHODS),
+                   help="counterfactual (each input cell moved), population (fresh cells of the input cells' "
+                        "conditions, moved), or a baseline computed from --train: no-change, mean-shift "
+                        "(+ the target's mean change in the other contexts), cell-mean (+ the mean change of all "
+                        "other perturbations), additive (+ the sum of the singles' changes), linear (ridge on "
+                        "the singles' multi-hot; with --time-key, interpolation between the flanking times)")
+    p.add_argument("--train", default=None, help="baselines: the training cells (.h5ad) they are computed from")
+    p.add_argument("--perturbation-key", default=None,
+                   help="baselines: obs column of the perturbation (default: the model's, or the targets' one key)")
+    p.add_argument("--context-key", default=None,
+                   help="baselines: obs column of the context, e.g. cell_type (default: the model's other "
+                        "covariates; none without a model)")
+    p.add_argument("--control-labels", default=None,
+                   help="baselines: comma-separated labels of the control cells (default: the model's, else "
+                        "those of control,ctrl that the cells carry); one no cell carries is warned about")
+    p.add_argument("--time-key", default=None,
+                   help="baselines: a numeric obs column (time) for --method linear (interpolation in time)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM inversion and decoding steps")
     p.add_argument("--config", default=None,
                    help="YAML whose sampling section gives the default of --guidance (default: the run's config.yaml)")
     p.add_argument("--guidance", type=finite_float, default=None,
                    help="classifier-free guidance scale (default: sampling.guidance_scale of the config, else 1)")
     p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--batch-size", type=positive_int, default=4096, help="cells per model call")
     p.add_argument("--out", required=True, help="output .h5ad")
 
 
+def read_targets_file(path: str) -> list[tuple[str, str]]:
+    """``(where, text)`` per target line of ``path``: ``key=value[,key=value]``; ``#`` starts a
+    comment, blank lines are skipped."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"--targets-file {path!r} is not a UTF-8 text file") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if text:
+            out.append((f"--targets-file {path!r} line {number}", text))
+    if not out:
+        raise ValueError(f"--targets-file {path!r} holds no target (one key=value[,key=value] per line)")
+    return out
+
+
+def _target_texts(args) -> list[tuple[str, str]]:
+    texts = [("--target", t) for t in (args.target or [])]
+    if args.targets_file:
+        texts += read_targets_file(args.targets_file)
+    if not texts:
+        raise ValueError("no target: give --target key=value[,key=value] (repeatable) or --targets-file FILE")
+    return texts
+
+
+def _parse(where: str, text: str, check=None, numeric=()) -> dict:
+    """One target: ``key=value`` pairs, the ``numeric`` keys as numbers, then ``check(target)``;
+    any error names ``where`` and the text."""
+    try:
+        target = parse_conditions(text)
+        if not target:
+            raise ValueError("no key=value in it")
+        for key in [k for k in target if k in set(numeric)]:
+            try:
+                target[key] = float(target[key])
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {target[key]!r}") from None
+        if check is not None:
+            check(target)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{where} {text!r}: {user_error(exc) or exc}") from None
+    return target
+
+
+def _model_check(model):
+    """Refuse a target the model cannot predict, before any work: unknown keys and labels (an
+    unseen perturbation only where the model has no prior that describes it)."""
+    spec = model.data_spec
+    prior = getattr(model, "perturbation_prior", None)
+
+    def check(target):
+        known = dict(target)
+        for key in spec.perturbation_keys:
+            if key in target and prior is not None:
+                parts = [q.strip() for q in str(target[key]).split(spec.separator) if q.strip()]
+                if any(q not in spec.categorical[key] and not spec.is_control(q) for q in parts):
+                    if len(parts) == 1:
+                        prior.effect(key, str(target[key]))  # raises naming the label where nothing is known
+                        known.pop(key)
+        spec.encode_conditions(known, 1)
+
+    return check
+
+
+def _device(name: str):
+    import torch  # lazy: keeps --help light (torch)
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available to torch here; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def run(args):
+    import torch  # lazy: keeps --help light (torch)
+
     from ..data import write_h5ad  # lazy: keeps --help light (torch, anndata)
-    from ..tasks.perturb import perturb  # lazy: keeps --help light (torch, anndata)
     from ..training import load_model  # lazy: keeps --help light (torch, anndata)
 
-    guidance = sampling_settings(args)["guidance_scale"]
+    baseline = args.method in BASELINE_METHODS
+    if not baseline:
+        given = [f"--{f.replace('_', '-')}" for f in BASELINE_FLAGS if getattr(args, f) is not None]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ValueError(f"{', '.join(given)} {verb} to the baseline methods (--method "
+                             f"{'|'.join(BASELINE_METHODS)}), not to --method {args.method}")
+        if args.model is None:
+            raise ValueError(f"--method {args.method} needs --model (a run folder or model.pt); the baselines "
+                             f"({', '.join(BASELINE_METHODS)}) predict without one")
+    elif args.train is None and args.method != "no-change":
+        raise ValueError(f"--method {args.method} needs --train TRAIN.h5ad (the cells the baseline is computed from)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    texts = _target_texts(args)
+    guidance = sampling_settings(args)["guidance_scale"] if not baseline else None
+    device = _device(args.device) if not baseline else None
     check_out(args.out)
-    model = load_model(args.model)
-    target = parse_conditioning(model, args.target, "--target")
-    if not target:
-        raise ValueError("--target is empty; give at least one covariate, e.g. condition=stimulated")
-    out = perturb(model, args.data, target, method=args.method, steps=args.steps, guidance_scale=guidance,
-                  seed=args.seed)
+    model = load_model(args.model, map_location=str(device or "cpu")) if args.model is not None else None
+    if baseline:
+        out = _baselines(args, model, texts)
+    else:
+        from ..tasks.screen import predict_screen  # lazy: keeps --help light (torch, anndata)
+
+        spec = model.data_spec
+        if spec is None:
+            raise ValueError(f"--model {args.model!r} carries no gene list; train it through scidiff train")
+        targets = [_parse(w, t, _model_check(model), spec.continuous) for w, t in texts]
+        out = predict_screen(model, args.data, targets, method=args.method, steps=args.steps, guidance_scale=guidance,
+                             seed=args.seed, batch_size=args.batch_size, device=device)
     write_h5ad(out, args.out)
-    print(f"wrote {out.n_obs} predicted cells x {out.n_vars} genes to {args.out}")
+    n_targets = len(texts)
+    per = f" ({n_targets} targets x {out.n_obs // n_targets} cells)" if n_targets > 1 else ""
+    print(f"wrote {out.n_obs} predicted cells{per} x {out.n_vars} genes to {args.out}")
+
+
+def _baselines(args, model, texts):
+    """``--method`` a baseline: ``--train`` and ``--data`` in log1p expression (the model's genes
+    and normalisation with ``--model``, else ``--train``'s genes, counts normalised to 1e4 + log1p),
+    keys from the flags or the model's spec, then :func:`scidiff.tasks.screen.baseline_screen`."""
+    import warnings
+
+    from ..data import read_h5ad  # lazy: keeps --help light (torch, anndata)
+    from ..tasks.screen import baseline_screen, check_control_labels  # lazy: keeps --help light (torch, anndata)
+
+    data = read_h5ad(args.data)
+    train = read_h5ad(args.train) if args.train is not None else None
+    spec = model.data_spec if model is not None else None
+    time_key = args.time_key
+    if time_key is None and spec is not None and args.method == "linear":
+        keys = {k for _, t in texts for k in parse_conditions(t)}
+        time_key = next((k for k in spec.continuous if k in keys and k != spec.dose_key), None)
+    targets = [_parse(w, t, None, [time_key] if time_key else []) for w, t in texts]
+    pert_key = args.perturbation_key
+    if pert_key is None and spec is not None:
+        pert_key = next((k for k in spec.perturbation_keys if all(k in t for t in targets)), None)
+    if pert_key is None:
+        keys = {k for t in targets for k in t} - {time_key}
+        if len(keys) == 1 and all(len(t) == 1 for t in targets):
+            pert_key = keys.pop()
+    needs_key = args.method != "no-change" and not (args.method == "linear" and time_key)
+    if needs_key and pert_key is None:
+        raise ValueError(f"--method {args.method} needs --perturbation-key (the obs column of the perturbation)")
+    if pert_key is not None:
+        missing = [text for (_, text), t in zip(texts, targets) if pert_key not in t]
+        if missing and needs_key:
+            raise ValueError(f"targets without the perturbation key {pert_key!r}: {missing[:5]}")
+    context_key = args.context_key
+    if args.control_labels is not None:
+        controls = split(args.control_labels)
+        if not controls:
+            raise ValueError("--control-labels is empty; give the label(s) of the control cells")
+    else:
+        controls = list(spec.control_labels) if spec is not None else ["control", "ctrl"]
+    if pert_key is not None and (train is not None or args.control_labels is not None):
+        files = {f"--train {args.train!r}": train, f"--data {args.data!r}": data}
+        required = f"--train {args.train!r}" if train is not None and needs_key else None
+        with warnings.catch_warnings():
+            if args.control_labels is None:  # only labels the user gave are warned about
+                warnings.simplefilter("ignore")
+            found = check_control_labels(pert_key, controls, files, required=required)
+        controls = [c for c in controls if c in found] or controls
+    train, data, context_key = _log1p_pair(train, data, model, context_key, pert_key, time_key)
+    if train is not None and context_key is not None and context_key not in train.obs.columns:
+        raise KeyError(f"--context-key {context_key!r} is not an obs column of --train {args.train!r}; available "
+                       f"obs keys: {list(train.obs.columns)}")
+    if context_key is not None and context_key not in data.obs.columns:
+        raise KeyError(f"--context-key {context_key!r} is not an obs column of --data {args.data!r}; available "
+                       f"obs keys: {list(data.obs.columns)}")
+    if time_key is not None and train is not None and time_key not in train.obs.columns:
+        raise KeyError(f"--time-key {time_key!r} is not an obs column of --train {args.train!r}; available obs "
+                       f"keys: {list(train.obs.columns)}")
+    columns = None
+    if spec is not None and pert_key in spec.perturbation_columns:
+        columns = {pert_key: spec.perturbation_columns[pert_key]}
+    out = baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
+                          control_labels=controls, time_key=time_key, columns=columns,
+                          exclude_columns=[CONTEXT_COLUMN])
+    if context_key == CONTEXT_COLUMN and CONTEXT_COLUMN in out.obs.columns:
+        del out.obs[CONTEXT_COLUMN]
+    return out
+
+
+def _log1p_pair(train, data, model, context_key, pert_key, time_key):
+    """``(train, data, context_key)`` in log1p expression on the same genes. With a model: its
+    genes and normalisation, and (no --context-key) its covariates other than the perturbation and
+    time as the context (several joined into one column)."""
+    import anndata as ad  # lazy: keeps --help light (anndata)
+
+    from ..data import transform_like  # lazy: keeps --help light (torch, anndata)
+    from ..tasks.evaluate import log_expression_of  # lazy: keeps --help light (torch, anndata)
+
+    def lean(a, x, genes):
+        out = ad.AnnData(X=x, obs=a.obs.copy())
+        out.var_names = list(genes)
+        return out
+
+    if model is not None:
+        spec = model.data_spec
+        train = None if train is None else transform_like(spec, train, condition_keys=[]).to_anndata()
+        data = transform_like(spec, data, condition_keys=[]).to_anndata()
+        if context_key is None:
+            keys = [k for k in spec.categorical if k not in spec.perturbation_keys and k not in (pert_key, time_key)]
+            keys = [k for k in keys if k in data.obs.columns and (train is None or k in train.obs.columns)]
+            if len(keys) == 1:
+                context_key = keys[0]
+            elif keys:
+                for a in (train, data):
+                    if a is not None:
+                        a.obs[CONTEXT_COLUMN] = a.obs[keys].astype(str).agg("|".join, axis=1).to_numpy()
+                context_key = CONTEXT_COLUMN
+        return train, data, context_key
+    genes = [str(g) for g in (train if train is not None else data).var_names]
+    known = set(map(str, data.var_names))
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise KeyError(f"{len(missing)} genes of --train are not in --data: {missing[:20]}")
+    if train is not None:
+        train = lean(train, log_expression_of(train, genes), genes)
+    return train, lean(data, log_expression_of(data, genes), genes), context_key

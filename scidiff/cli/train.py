@@ -26,6 +26,13 @@ def add(sub):
                    help="comma-separated condition keys that are perturbations (A+B = combination)")
     p.add_argument("--dose-key", default=None, help="numeric obs column with the perturbation dose")
     p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
+    p.add_argument("--perturbation-features", default=None, metavar="FILE.tsv",
+                   help="prior knowledge of perturbations for unseen ones: a TSV with a header, one row per label "
+                        "(first column), numeric features (a gene embedding, GO terms, a network row). Labels that "
+                        "are gene names are also described from the data (co-expression in the control cells)")
+    p.add_argument("--smiles", default=None, metavar="FILE.csv",
+                   help="drugs for unseen ones: a CSV of name,smiles rows -> Morgan fingerprints (needs RDKit: "
+                        "pip install 'scidiff[chem]')")
     p.add_argument("--streaming", action="store_true",
                    help="stream batches from the file on disk instead of loading X (files larger than memory)")
     g = p.add_argument_group("scale and faults",
@@ -66,7 +73,8 @@ def run(args):
                               "keep_checkpoints": args.keep_checkpoints, "log_every_steps": args.log_every_steps},
                  "data": {"layer": args.layer, "use_raw": True if args.use_raw else None,
                           "perturbation_keys": split(args.perturbation_keys), "dose_key": args.dose_key,
-                          "control_labels": split(args.control_labels)}}
+                          "control_labels": split(args.control_labels),
+                          "perturbation_features": args.perturbation_features, "smiles": args.smiles}}
     config = load_config(args.config, overrides)
     check_out(args.out, folder=True)
     keys = split(args.condition_keys)

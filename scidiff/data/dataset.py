@@ -250,7 +250,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
                                 control_labels=control_labels, separator=separator)
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
-                       control_labels=control_labels, separator=separator, dose_key=dose_key)
+                       control_labels=control_labels, separator=separator, dose_key=dose_key, obs=adata.obs)
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 

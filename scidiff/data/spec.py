@@ -41,7 +41,10 @@ class DataSpec:
     ``continuous_range``; ``dose_key`` is the one that scales the perturbation embedding.
     ``source``: where expression was read (layer / raw), for provenance. ``label_counts``:
     training cells per value of each categorical covariate (perturbations by their combination
-    label), the prior over conditions (:meth:`condition_prior`).
+    label), the prior over conditions (:meth:`condition_prior`). ``perturbation_columns``: per
+    perturbation key, the other ``obs`` columns that describe the perturbation in the training
+    cells, each with its value per perturbation label (``{key: {column: {label: value}}}``,
+    :func:`describing_columns`): what a predicted cell's ``obs`` gets for its target label.
     """
 
     gene_names: list[str]
@@ -58,6 +61,7 @@ class DataSpec:
     dose_key: str | None = None
     continuous_range: dict[str, list[float]] = field(default_factory=dict)
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    perturbation_columns: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -77,7 +81,16 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
-        return cls(**d)
+        return cls(**d)  # fields added later have defaults: older checkpoints load
+
+    def perturbation_column_values(self, key: str, label) -> dict[str, object]:
+        """The ``obs`` columns recorded for perturbation ``key`` (:attr:`perturbation_columns`)
+        and the value each takes under ``label``; ``None`` where the training cells give the label
+        no single value (a combination, a label never seen, or a column such as a guide that
+        refines the perturbation): the predicted cells must not keep their own value there."""
+        columns = self.perturbation_columns.get(key, {})
+        return {column: lookup_label(values, label, self.separator, self.control_labels)
+                for column, values in columns.items()}
 
     # -- expression <-> model space -------------------------------------------------------------
     def _vectors(self, like: torch.Tensor):
@@ -260,10 +273,96 @@ def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
             list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else []))))
 
 
+def _plain(value):
+    """A JSON- and h5ad-safe scalar: numpy scalars as Python ones, missing values as ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, (str, bool, int, float)):
+        return value
+    try:
+        import pandas as pd
+
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(value)
+
+
+def _canonical(label, separator: str, control_labels) -> str:
+    """A label written the same way whatever the order of its singles (``B+A`` -> ``A+B``); any
+    control label -> the first one."""
+    parts = sorted({p.strip() for p in str(label).split(separator) if p.strip()} - set(control_labels))
+    return separator.join(parts) if parts else (list(control_labels) or ["control"])[0]
+
+
+def lookup_label(values: dict, label, separator: str = "+", control_labels=("control", "ctrl")):
+    """``values[label]`` with ``label`` matched up to the order of its singles and the spelling of
+    control; ``None`` when the label has no recorded value."""
+    if str(label) in values:
+        return values[str(label)]
+    want = _canonical(label, separator, control_labels)
+    for known, value in values.items():
+        if _canonical(known, separator, control_labels) == want:
+            return value
+    return None
+
+
+def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
+    """The ``obs`` columns that describe perturbation ``key`` in these cells, each with its value
+    per label: ``{column: {label: value}}``.
+
+    A column describes the perturbation when it takes at least two values and either it is a
+    function of the label (every label's cells carry a single value: Papalexi's ``target`` for
+    ``perturbation``) or, for a column of labels or integers with at most half as many values as
+    cells, the label is a function of it (it refines the perturbation: Papalexi's ``grna``,
+    several guides per target). A label is recorded with its value only where its cells carry a
+    single one (never for a guide column's targets), so a predicted cell gets that value or none.
+    ``key`` itself and ``exclude`` (the model's covariates: a cell keeps its own context) are
+    never recorded; missing values count as a value (recorded as ``None``)."""
+    import pandas as pd
+    from pandas.api.types import is_float_dtype
+
+    if key not in obs.columns:
+        return {}
+    labels = obs[key].astype(str).str.strip().to_numpy()
+    lab_codes, lab_uniques = pd.factorize(labels)
+    n_labels, n_cells = len(lab_uniques), len(labels)
+    out = {}
+    for column in obs.columns:
+        if column == key or column in set(exclude):
+            continue
+        col = obs[column]
+        try:
+            val_codes, val_uniques = pd.factorize(col, use_na_sentinel=False)
+        except TypeError:  # unhashable values
+            continue
+        n_values = len(val_uniques)
+        if n_values < 2:
+            continue
+        pairs = np.unique(lab_codes.astype(np.int64) * n_values + val_codes)
+        per_label = np.bincount(pairs // n_values, minlength=n_labels)
+        per_value = np.bincount(pairs % n_values, minlength=n_values)
+        discrete = not is_float_dtype(col.dtype)  # labels, booleans, integers (a categorical's too)
+        forward = bool((per_label == 1).all())
+        refines = discrete and bool((per_value == 1).all()) and 2 * n_values <= n_cells
+        if not (forward or refines):
+            continue
+        single = {int(p // n_values): int(p % n_values) for p in pairs if per_label[p // n_values] == 1}
+        out[str(column)] = {str(lab_uniques[li]): _plain(val_uniques[vi]) for li, vi in sorted(single.items())}
+    return out
+
+
 def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes: dict, *, continuous_keys,
-                layer, use_raw, perturbation_keys, control_labels, separator: str, dose_key) -> DataSpec:
+                layer, use_raw, perturbation_keys, control_labels, separator: str, dose_key, obs=None) -> DataSpec:
     """The :class:`DataSpec` of a set-up (in memory or streamed): chosen genes, input kind,
-    normalisation and scaling, vocabularies, numeric ranges and label counts from ``codes``."""
+    normalisation and scaling, vocabularies, numeric ranges and label counts from ``codes``, and,
+    from the training cells' ``obs`` (a DataFrame) where given, the columns that describe each
+    perturbation (:func:`describing_columns`)."""
     spec = DataSpec(gene_names=list(genes), input_kind=kind, target_sum=target_sum,
                     gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
                     categorical=vocabs, continuous=list(continuous_keys),
@@ -272,4 +371,8 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
                     separator=separator, dose_key=dose_key,
                     continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
     spec.label_counts = spec.count_labels(codes)
+    if obs is not None:
+        covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
+        spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates)
+                                     for key in perturbation_keys if key in obs.columns}
     return spec

@@ -72,14 +72,17 @@ class StreamedCells:
 
 
 def _read_obs(path: str, keys) -> pd.DataFrame:
-    """Only the ``obs`` columns named in ``keys`` (an error lists the available ones)."""
+    """Only the ``obs`` columns named in ``keys`` (an error lists the available ones); all of
+    them with ``keys=None``."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
     with naming_file(path), h5py.File(path, "r") as f:
         obs = f["obs"]
         if isinstance(obs, h5py.Dataset):  # legacy compound-dtype obs
             frame = read_elem(obs)
-            return frame[[k for k in keys if k in frame.columns]]
+            return frame if keys is None else frame[[k for k in keys if k in frame.columns]]
         columns = [str(c) for c in obs.attrs.get("column-order", [])]
+        if keys is None:
+            keys = columns
         missing = [k for k in keys if k not in columns]
         if missing:
             raise KeyError(f"obs key(s) {missing} not in {path!r}; available obs keys: {columns}")
@@ -218,7 +221,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     offset, scale = _scaling(moments, scaling)
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
-                       control_labels=control_labels, separator=separator, dose_key=dose_key)
+                       control_labels=control_labels, separator=separator, dose_key=dose_key,
+                       obs=_read_obs(reader.path, None) if perturbation_keys else None)
     off32 = np.asarray(spec.gene_offset, np.float32).astype(np.float64)
     sc32 = np.asarray(spec.gene_scale, np.float32).astype(np.float64)
     model_moments = {"mean": (moments.mean - off32) / sc32, "n": moments.n,

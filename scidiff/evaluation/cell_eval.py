@@ -139,10 +139,14 @@ def run_cell_eval(pred, real, pert_col: str, control_label: str, *, metrics=MINI
     return CellEvalResult(per, _means(per), info)
 
 
-def _version() -> str:
+def cell_eval_version() -> str:
+    """The installed cell-eval's version."""
     from importlib.metadata import version
 
     return version("cell-eval")
+
+
+_version = cell_eval_version
 
 
 def cell_eval_score(result: CellEvalResult, baseline: CellEvalResult) -> dict[str, float]:

@@ -43,9 +43,9 @@ def rank_degs(perturbed: np.ndarray, control: np.ndarray, genes, n: int = 100) -
     import pandas as pd
     import scanpy as sc
 
+    groups = pd.Categorical(["perturbed"] * len(perturbed) + ["control"] * len(control))
     both = ad.AnnData(X=np.vstack([perturbed, control]).astype(np.float32),
-                      obs=pd.DataFrame({"group": pd.Categorical(["perturbed"] * len(perturbed)
-                                                                + ["control"] * len(control))}))
+                      obs=pd.DataFrame({"group": groups}, index=[str(i) for i in range(len(groups))]))
     both.var_names = [str(g) for g in genes]
     sc.tl.rank_genes_groups(both, "group", groups=["perturbed"], reference="control", method="wilcoxon",
                             n_genes=n, tie_correct=False)

@@ -1,4 +1,6 @@
-"""The evaluation verb: generated cells scored against real ones, written as a report folder."""
+"""The evaluation verb: generated cells scored against real ones (:func:`evaluate_files`), or
+predicted perturbation responses against the real perturbed cells (:func:`evaluate_perturbation`),
+written as a report folder."""
 from __future__ import annotations
 
 import json
@@ -7,12 +9,15 @@ import time
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 
 from ..data import read_h5ad
 from ..data.dataset import _log_expression
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
-from ..evaluation import evaluate_generation_quality
+from ..evaluation import evaluate_generation_quality, fit_pca
+from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
+from ..evaluation.perturbation import discrimination_score, perturbation_metrics, rank_degs
 from ..evaluation.plots import report_plots
 
 
@@ -28,7 +33,8 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     real_ad = real if isinstance(real, ad.AnnData) else read_h5ad(real)
     gen_ad = generated if isinstance(generated, ad.AnnData) else read_h5ad(generated)
     genes = [str(g) for g in gen_ad.var_names]
-    missing = [g for g in genes if g not in set(map(str, real_ad.var_names))]
+    known = set(map(str, real_ad.var_names))
+    missing = [g for g in genes if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of the generated file are not in the real file: {missing[:20]}")
     real_x, gen_x = log_expression_of(real_ad, genes), log_expression_of(gen_ad, genes)
@@ -48,3 +54,240 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     atomic_path(os.path.join(out_dir, "metrics.json"),
                 lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=1, default=float)))
     return metrics
+
+
+# -- perturbation predictions ----------------------------------------------------------------------
+CELL_EVAL_MISSING = "cell-eval is not installed: its metrics and scores are skipped (pip install 'scidiff[celleval]')"
+
+
+def _read(a, what: str) -> ad.AnnData:
+    if isinstance(a, ad.AnnData):
+        return a
+    if a is None:
+        raise ValueError(f"no {what} given")
+    return read_h5ad(a)
+
+
+def _column(a: ad.AnnData, key: str, what: str) -> np.ndarray:
+    if key not in a.obs.columns:
+        raise KeyError(f"obs key {key!r} is not in the {what}; available obs keys: {list(a.obs.columns)}")
+    col = a.obs[key]
+    if col.isna().any():
+        raise ValueError(f"obs[{key!r}] of the {what} has {int(col.isna().sum())} missing values")
+    return col.astype(str).str.strip().to_numpy()
+
+
+def _predicted_matrix(a: ad.AnnData, genes, what: str) -> np.ndarray:
+    """A prediction's expression on ``genes``: its ``X``, taken as log1p (negative values, as a
+    mean shift can give, are kept)."""
+    names = [str(g) for g in a.var_names]
+    known = set(names)
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise KeyError(f"{len(missing)} genes of the prediction are not in the {what}: {missing[:20]}")
+    x = dense(a.X[:, gene_columns(names, genes)]).astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"the {what} holds NaN or infinite values")
+    return x
+
+
+class _Cells:
+    """One AnnData's expression, perturbation labels and contexts."""
+
+    def __init__(self, x, labels, contexts, adata):
+        self.x, self.labels, self.contexts, self.adata = x, labels, contexts, adata
+
+    def rows(self, context, label) -> np.ndarray:
+        return np.flatnonzero((self.contexts == context) & (self.labels == label))
+
+
+def _cells(a, x, key, context_key, what) -> _Cells:
+    labels = _column(a, key, what)
+    contexts = _column(a, context_key, what) if context_key else np.full(a.n_obs, "all", dtype=object)
+    return _Cells(x, labels, contexts, a)
+
+
+def _group_name(context, label, context_key) -> str:
+    return f"{context}/{label}" if context_key else str(label)
+
+
+def _project_metrics(real: _Cells, pred: _Cells, groups, genes, control_label, project) -> tuple[dict, dict]:
+    """Per group, :func:`~scidiff.evaluation.perturbation.perturbation_metrics` plus the PDS
+    (L1, cell-eval's definition) among the groups of the same context."""
+    per, effects = {}, {}
+    for context, label, name in groups:
+        true, ctrl = real.x[real.rows(context, label)], real.x[real.rows(context, control_label)]
+        p = pred.x[pred.rows(context, label)]
+        degs = rank_degs(true, ctrl, genes, min(100, len(genes)))
+        per[name] = {"n_predicted": int(len(p)), "n_real": int(len(true)), "n_control": int(len(ctrl)),
+                     **perturbation_metrics(p, true, ctrl, genes, degs, project)}
+        effects[name] = (context, label, p.mean(0) - ctrl.mean(0), true.mean(0) - ctrl.mean(0))
+    index = {g: i for i, g in enumerate(genes)}
+    for context in dict.fromkeys(c for c, _, _ in groups):
+        names = [n for c, _, n in groups if c == context]
+        if len(names) < 2:
+            continue
+        pds = discrimination_score(np.stack([effects[n][2] for n in names]), np.stack([effects[n][3] for n in names]),
+                                   "l1", exclude=[[index[effects[n][1]]] if effects[n][1] in index else None
+                                                  for n in names])
+        for n, v in zip(names, pds):
+            per[n]["pds_l1"] = float(v)
+    return per, _mean(per)
+
+
+def _mean(per: dict) -> dict:
+    keys = list(dict.fromkeys(k for row in per.values() for k in row if not k.startswith("n_")))
+    out = {}
+    for k in keys:
+        vals = np.array([row[k] for row in per.values() if k in row], float)
+        vals = vals[np.isfinite(vals)]
+        if len(vals):
+            out[k] = float(vals.mean())
+    return out
+
+
+def _cell_eval_pair(real: _Cells, pred: _Cells, groups, context, key, control_label):
+    """(pred, real) AnnData of one context for cell-eval: the context's evaluated perturbations,
+    and the real control cells in both."""
+    labels = [label for c, label, _ in groups if c == context]
+    ctrl = real.rows(context, control_label)
+
+    def frame(x, lab):
+        a = ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({key: lab}, index=[f"c{i}" for i in range(len(lab))]))
+        a.var_names = list(real.adata.var_names)
+        return a
+
+    rows_p = np.concatenate([pred.rows(context, lab) for lab in labels])
+    rows_r = np.concatenate([real.rows(context, lab) for lab in labels])
+    p = frame(np.vstack([pred.x[rows_p], real.x[ctrl]]), np.concatenate([pred.labels[rows_p], real.labels[ctrl]]))
+    r = frame(np.vstack([real.x[rows_r], real.x[ctrl]]), np.concatenate([real.labels[rows_r], real.labels[ctrl]]))
+    return p, r
+
+
+def _run_cell_eval(real, pred, groups, key, control_label, context_key, min_de_genes, num_threads):
+    results = {}
+    for context in dict.fromkeys(c for c, _, _ in groups):
+        p, r = _cell_eval_pair(real, pred, groups, context, key, control_label)
+        results[context] = run_cell_eval(p, r, key, control_label, min_de_genes=min_de_genes,
+                                         num_threads=num_threads)
+    return CellEvalResult.concat(results) if context_key else results["all"]
+
+
+def evaluate_perturbation(real, predicted, perturbation_key: str, control_label: str = "control", *,
+                          context_key: str | None = None, baselines: dict | None = None, out_dir=None,
+                          cell_eval: bool | str = "auto", min_de_genes: int = 10, num_threads: int = 1,
+                          seed: int = 0) -> dict:
+    """Score predicted perturbation responses against the real perturbed cells.
+
+    ``real``: real perturbed and control cells (AnnData or ``.h5ad``; counts are normalised to
+    1e4 and log1p'd, log1p is taken as is); ``predicted``: predicted cells (``scidiff predict``'s
+    output: log1p ``X``) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
+    its rows labelled ``control_label`` are ignored (the real control cells are the reference).
+    A group is one perturbation (in one context); a predicted group without real cells (or
+    without real control cells in its context) is skipped and listed under ``skipped``.
+
+    Returns (and writes to ``out_dir/metrics.json``): per group and averaged over groups, the
+    project's metrics (:mod:`scidiff.evaluation.perturbation`: RMSE / MAE of the per-gene means,
+    Pearson delta, scGen R², MSE top-20, E-distance and MMD in 30 PCs of the real cells, and the
+    PDS among the groups of a context); the same for each of ``baselines`` (``{name: AnnData or
+    path}``, predictions of the same groups); and, with cell-eval installed (``cell_eval="auto"``;
+    ``True`` requires it, ``False`` skips it), cell-eval's metrics and its ``score`` of the
+    prediction against each baseline (:mod:`scidiff.evaluation.cell_eval`; DE overlap only where
+    the real cells have at least ``min_de_genes`` significant DE genes).
+    """
+    t0 = time.perf_counter()
+    real_ad, pred_ad = _read(real, "real cells"), _read(predicted, "prediction")
+    base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
+    for a, what in [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}")
+                                                                       for n, b in base_ad.items()]:
+        for key in [perturbation_key] + ([context_key] if context_key else []):
+            _column(a, key, what)  # the keys first: before any expression is read
+    real_labels = set(_column(real_ad, perturbation_key, "real file"))
+    if control_label not in real_labels:
+        raise ValueError(f"no real cell has {perturbation_key} == {control_label!r} (--control-label); the real "
+                         f"file's labels include {sorted(real_labels)[:10]}")
+    genes = [str(g) for g in pred_ad.var_names]
+    known = set(map(str, real_ad.var_names))
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise KeyError(f"{len(missing)} genes of the prediction are not in the real file: {missing[:20]}")
+    real_c = _cells(real_ad, log_expression_of(real_ad, genes).astype(np.float64), perturbation_key, context_key,
+                    "real file")
+    pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
+                    "prediction")
+    base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}"), perturbation_key, context_key,
+                        f"baseline {n!r}") for n, b in base_ad.items()}
+    groups, skipped = [], {}
+    pairs = dict.fromkeys(zip(pred_c.contexts, pred_c.labels))
+    for context, label in pairs:
+        if label == control_label:
+            continue
+        name = _group_name(context, label, context_key)
+        if not len(real_c.rows(context, label)):
+            skipped[name] = "no real cells of this perturbation" + (" in this context" if context_key else "")
+        elif not len(real_c.rows(context, control_label)):
+            skipped[name] = "no real control cells in this context"
+        else:
+            groups.append((context, label, name))
+    if not groups:
+        raise ValueError(f"no predicted perturbation has real cells to be scored against (obs[{perturbation_key!r}]"
+                         + (f" and obs[{context_key!r}]" if context_key else "") + f"); skipped: {skipped}")
+    project = fit_pca(real_c.x, 30, seed)
+    per, mean = _project_metrics(real_c, pred_c, groups, genes, control_label, project)
+    result = {"mode": "perturbation", "perturbation_key": perturbation_key, "control_label": control_label,
+              "context_key": context_key, "n_genes": len(genes), "n_real_cells": int(real_ad.n_obs),
+              "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups), "skipped": skipped,
+              "mean": mean, "per_perturbation": per, "baselines": {}}
+    for n, b in base_c.items():
+        have = [g for g in groups if len(b.rows(g[0], g[1]))]
+        absent = [g[2] for g in groups if g not in have]
+        if not have:
+            names = [g[2] for g in groups][:10]
+            raise ValueError(f"baseline {n!r} predicts none of the scored perturbations ({names})")
+        b_per, b_mean = _project_metrics(real_c, b, have, genes, control_label, project)
+        result["baselines"][n] = {"mean": b_mean, "per_perturbation": b_per, "missing": absent}
+    result["cell_eval"] = _cell_eval_section(cell_eval, real_c, pred_c, base_c, groups, perturbation_key,
+                                             control_label, context_key, min_de_genes, num_threads)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        atomic_path(os.path.join(out_dir, "metrics.json"),
+                    lambda tmp: open(tmp, "w").write(json.dumps(_json_safe(result), indent=1)))
+    return result
+
+
+def _cell_eval_section(wanted, real_c, pred_c, base_c, groups, key, control_label, context_key, min_de_genes,
+                       num_threads) -> dict:
+    if wanted is False:
+        return {"installed": None, "note": "not run (cell_eval=False)"}
+    try:
+        import cell_eval  # noqa: F401
+    except ImportError:
+        if wanted is True:
+            raise ImportError(f"cell-eval is not installed: {INSTALL_HINT}") from None
+        return {"installed": False, "note": CELL_EVAL_MISSING}
+    args = (key, control_label, context_key, min_de_genes, num_threads)
+    mine = _run_cell_eval(real_c, pred_c, groups, *args)
+    out = {"installed": True, "version": cell_eval_version(), "prediction": mine.to_dict(), "baselines": {},
+           "score": {}}
+    for n, b in base_c.items():
+        have = [g for g in groups if len(b.rows(g[0], g[1]))]
+        theirs = _run_cell_eval(real_c, b, have, *args)
+        out["baselines"][n] = theirs.to_dict()
+        common = sorted(set(mine.per_perturbation) & set(theirs.per_perturbation))
+        a = CellEvalResult({q: mine.per_perturbation[q] for q in common}, mine.mean)
+        c = CellEvalResult({q: theirs.per_perturbation[q] for q in common}, theirs.mean)
+        out["score"][n] = {**cell_eval_score(a, c), "n_perturbations": len(common)}
+    return out
+
+
+def _json_safe(o):
+    if isinstance(o, dict):
+        return {str(k): _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.integer):
+        return int(o)
+    return o

@@ -1,15 +1,18 @@
 """The training verb: a model trained on an ``.h5ad`` file (or an AnnData), written as a run folder."""
 from __future__ import annotations
 
+import json
 import os
 
 import yaml
 
 from ..config import Config, load_config
-from ..data import setup_anndata, setup_streaming
+from ..data import read_h5ad, setup_anndata, setup_streaming
 from ..data.io import atomic_path
 from ..models import ScIDiffModel
+from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
+from ..training.trainer import SUMMARY_FILE
 
 
 def _streamed_model(path, config: Config, keys, progress: bool):
@@ -30,11 +33,71 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     return cells, model
 
 
+def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = True) -> dict | None:
+    """Fit the model's :class:`~scidiff.models.perturbation_prior.PerturbationPrior` on the training
+    set (closed form; data-derived gene features when a perturbation's labels are gene names, plus
+    ``data.perturbation_features`` and ``data.smiles``), set ``model.perturbation_prior`` (``None``
+    without perturbations or without anything that describes them) and return its report."""
+    dc = config.data
+    files = {"--perturbation-features / data.perturbation_features": dc.perturbation_features,
+             "--smiles / data.smiles": dc.smiles}
+    if not cells.spec.perturbation_keys:
+        given = [flag for flag, v in files.items() if v]
+        if given:
+            raise ValueError(f"{' and '.join(given)} describe perturbations, but the data has no perturbation "
+                             f"covariate: give --perturbation-keys (data.perturbation_keys)")
+        model.perturbation_prior = None
+        return None
+    prior = PerturbationPrior.from_cells(cells, adata, perturbation_features=dc.perturbation_features,
+                                         smiles=dc.smiles, seed=config.training.seed)
+    model.perturbation_prior = prior
+    if prior is None:
+        report = {"fitted": False, "reason": "the perturbation labels are not gene names of the input and no "
+                                             "--perturbation-features / --smiles file was given: unseen "
+                                             "perturbations will be refused"}
+        if verbose:
+            print(f"perturbation prior: none ({report['reason']})")
+        return report
+    if verbose:
+        print(prior.summary())
+    return {"fitted": True, **prior.report()}
+
+
+def effects_summary(report: dict) -> str:
+    """One line per perturbation covariate: the singles fitted and the combination rule that
+    leave-one-combination-out cross-validation chose (:mod:`scidiff.models.effects`)."""
+    lines = []
+    for key, r in report.items():
+        cv = r.get("cv_mse")
+        errors = ", ".join(f"{k} {v:.4g}" for k, v in cv.items()) if cv else "no seen combination to cross-validate"
+        lines.append(f"perturbation effects ({key}): {r['singles_seen']} singles fitted; combinations "
+                     f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors})")
+    return "\n".join(lines)
+
+
+def _record_report(out_dir, entry: dict) -> None:
+    """Add ``entry`` to the run's training report (``training.json``), written atomically."""
+    path = os.path.join(out_dir, SUMMARY_FILE)
+    report = {}
+    if os.path.exists(path):
+        with open(path) as fh:
+            report = json.load(fh)
+    report.update(entry)
+    atomic_path(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1, default=float)))
+
+
 def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
           device="auto", progress: bool = True, streaming: bool = False, resume=False,
           deterministic: bool = False):
     """Train on an AnnData or .h5ad path and write ``out_dir/model.pt`` (EMA weights, genes,
     normalisation, vocabularies), ``config.yaml`` and ``history.csv``. Returns the model.
+
+    With perturbation covariates, the model's perturbation prior (unseen perturbations from
+    prior knowledge, :mod:`scidiff.models.perturbation_prior`) is fitted in closed form before
+    training, from gene features of the data itself when the labels are gene names and from
+    ``config.data.perturbation_features`` (a TSV) and ``config.data.smiles`` (a CSV of drugs); its
+    cross-validation is printed and recorded in ``training.json`` (``"perturbation_prior"``), and
+    the prior is saved inside ``model.pt``.
 
     ``streaming=True`` reads batches from the file on disk (:mod:`scidiff.data.streaming`) and
     sets the model up from streamed statistics, so ``X`` is never loaded: for files larger than
@@ -64,16 +127,23 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     seed_everything(tc.seed)  # before anything draws: weight init, split, loader order, noise
     keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
+    prior_report = effects_report = None
     if streaming:
-        if dc.perturbation_keys or dc.dose_key or dc.continuous_keys:
+        if dc.perturbation_keys or dc.dose_key or dc.continuous_keys or dc.perturbation_features or dc.smiles:
             raise ValueError("streaming training takes categorical condition keys only; perturbation, dose "
-                             "and numeric covariates need the in-memory path")
+                             "and numeric covariates (and --perturbation-features / --smiles) need the in-memory path")
         cells, model = _streamed_model(source, config, keys, progress)
     else:
-        cells = setup_anndata(source, layer=dc.layer, use_raw=dc.use_raw,
+        adata = read_h5ad(source) if isinstance(source, (str, os.PathLike)) else source
+        cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,
                               n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
                               target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
         model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
+        effects_report = getattr(model, "effects_report", None)
+        if effects_report and progress and rank == 0:
+            print(effects_summary(effects_report))
+        prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
+        del adata
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
                               else (cells, None))
     trainer = ScIDiffTrainer(
@@ -106,4 +176,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
               f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"
               + (f"; resuming at step {trainer.step} (epoch {trainer.epoch})" if trainer.step else ""))
     trainer.train(epochs if epochs is not None else tc.num_epochs)
+    if rank == 0 and (prior_report is not None or effects_report):
+        _record_report(out_dir, {k: v for k, v in (("perturbation_effects", effects_report),
+                                                   ("perturbation_prior", prior_report)) if v})
     return model

@@ -17,6 +17,7 @@ from .. import __version__
 from ..data.io import atomic_path
 from ..data.spec import DataSpec
 from ..models import ScIDiffModel
+from ..models.perturbation_prior import PerturbationPrior
 
 FORMAT = "scidiff.checkpoint"
 FORMAT_VERSION = 1
@@ -79,11 +80,21 @@ def atomic_torch_save(obj, path) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+PRIOR_ENTRY = "perturbation_prior"
+
+
 def model_payload(model, state_dict=None) -> dict:
+    """A model's checkpoint entries: config, data spec, weights and, when the model carries one,
+    its perturbation prior (:class:`~scidiff.models.perturbation_prior.PerturbationPrior`, as
+    tensors and plain values under ``"perturbation_prior"``)."""
     spec = model.data_spec.to_dict() if model.data_spec is not None else None
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "scidiff_version": __version__,
-            "config": json.dumps(model.config()), "data_spec": json.dumps(spec),
-            "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "scidiff_version": __version__,
+               "config": json.dumps(model.config()), "data_spec": json.dumps(spec),
+               "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}}
+    prior = getattr(model, "perturbation_prior", None)
+    if prior is not None:
+        payload[PRIOR_ENTRY] = prior.to_state()
+    return payload
 
 
 def save_model(model, path, state_dict=None, **extra) -> str:
@@ -169,6 +180,15 @@ def load_model(path, map_location="cpu", genes=None):
     if missing or unexpected:
         raise ValueError(f"{payload['path']!r} does not match its own model config "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.perturbation_prior = None  # a checkpoint written without one (or before priors existed)
+    if payload.get(PRIOR_ENTRY) is not None:
+        try:
+            model.perturbation_prior = PerturbationPrior.from_state(payload[PRIOR_ENTRY])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{payload['path']!r} holds a perturbation prior this scidiff cannot read "
+                             f"({type(exc).__name__}: {exc})") from None
+        if spec is not None and model.perturbation_prior.genes != list(spec.gene_names):
+            raise ValueError(f"{payload['path']!r} holds a perturbation prior over other genes than its model's")
     return model.to(map_location).eval()
 
 

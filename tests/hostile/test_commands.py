@@ -36,6 +36,8 @@ def junk(tmp_path_factory, tiny_run, kang_file):
     (root / "blocker").write_text("a file where a folder must go\n")
     for name, text in CONFIGS.items():
         (root / name).write_text(text)
+    (root / "targets_bad.txt").write_text("# a screen\ncondition=stimulated\ncell_type\n")
+    (root / "targets_empty.txt").write_text("# nothing but comments\n\n")
     cells = ad.read_h5ad(kang_file)[:30].copy()
     cells.obs = cells.obs[[]]
     cells.write_h5ad(root / "no_labels.h5ad")
@@ -113,6 +115,49 @@ CASES = [
     ("sample out under a file", SAMPLE + ["--out", "{junk}/blocker/g.h5ad"], ["--out", "blocker"]),
     ("predict out is a folder", PREDICT + ["--target", "condition=stimulated", "--out", "{junk}/empty_run"],
      ["--out", "empty_run", "is a folder"]),
+    # screens, baselines and devices (scidiff predict)
+    ("predict no target", PREDICT, ["--target", "--targets-file"]),
+    ("predict targets file missing", PREDICT + ["--targets-file", "{junk}/absent.txt"], ["absent.txt"]),
+    ("predict targets file bad line", PREDICT + ["--targets-file", "{junk}/targets_bad.txt"],
+     ["targets_bad.txt", "line 3", "cell_type"]),
+    ("predict targets file empty", PREDICT + ["--targets-file", "{junk}/targets_empty.txt"],
+     ["targets_empty.txt", "no target"]),
+    ("predict target twice", PREDICT + ["--target", "condition=stimulated", "--target", "condition=stimulated"],
+     ["more than once", "condition=stimulated"]),
+    ("predict threads zero", PREDICT + ["--target", "condition=stimulated", "--threads", "0"], ["argument --threads"]),
+    ("predict batch size zero", PREDICT + ["--target", "condition=stimulated", "--batch-size", "0"],
+     ["argument --batch-size"]),
+    ("predict unknown device", PREDICT + ["--target", "condition=stimulated", "--device", "tpu"],
+     ["argument --device", "tpu"]),
+    *([("predict cuda without a gpu", PREDICT + ["--target", "condition=stimulated", "--device", "cuda"],
+        ["--device cuda", "no CUDA"])] if not torch.cuda.is_available() else []),
+    ("predict baseline without train", PREDICT + ["--target", "condition=stimulated", "--method", "mean-shift"],
+     ["--method mean-shift", "--train"]),
+    ("predict baseline flag for the model", PREDICT + ["--target", "condition=stimulated", "--train", "{data}"],
+     ["--train", "baseline"]),
+    ("predict model method without model", ["predict", "--data", "{data}", "--target", "condition=stimulated",
+                                            "--out", "{out}/p.h5ad"], ["--method counterfactual", "--model"]),
+    ("predict baseline control label nowhere", ["predict", "--method", "mean-shift", "--train", "{data}", "--data",
+                                                "{data}", "--target", "condition=stimulated", "--control-labels",
+                                                "untreated", "--out", "{out}/p.h5ad"],
+     ["'untreated'", "condition"]),
+    ("predict baseline unknown perturbation key", ["predict", "--method", "mean-shift", "--train", "{data}", "--data",
+                                                   "{data}", "--target", "drug=A", "--out", "{out}/p.h5ad"],
+     ["'drug'"]),
+    # scoring perturbation predictions (scidiff evaluate --perturbation)
+    ("evaluate perturbation without key", ["evaluate", "--perturbation", "--real", "{data}", "--predicted", "{data}",
+                                           "--out", "{out}/report"], ["--perturbation-key"]),
+    ("evaluate perturbation unknown key", ["evaluate", "--perturbation", "--real", "{data}", "--predicted", "{data}",
+                                           "--perturbation-key", "drug", "--out", "{out}/report"], ["'drug'"]),
+    ("evaluate perturbation control label absent", ["evaluate", "--perturbation", "--real", "{data}", "--predicted",
+                                                    "{data}", "--perturbation-key", "condition", "--control-label",
+                                                    "ctrl", "--out", "{out}/report"], ["'ctrl'", "--control-label"]),
+    ("evaluate perturbation baseline malformed", ["evaluate", "--perturbation", "--real", "{data}", "--predicted",
+                                                  "{data}", "--perturbation-key", "condition", "--baseline", "{data}",
+                                                  "--out", "{out}/report"], ["--baseline", "NAME=FILE"]),
+    ("evaluate perturbation flags without the mode", ["evaluate", "--real", "{data}", "--generated", "{data}",
+                                                      "--perturbation-key", "condition", "--out", "{out}/report"],
+     ["--perturbation-key", "--perturbation"]),
     # files that disagree
     ("evaluate groupby missing in one file", ["evaluate", "--real", "{data}", "--generated", "{junk}/no_labels.h5ad",
                                               "--groupby", "cell_type", "--out", "{out}/report"],

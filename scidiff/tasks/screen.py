@@ -1,0 +1,228 @@
+"""Screens: many targets predicted for the same control cells in one call, one AnnData out.
+
+:func:`predict_screen` runs :func:`scidiff.tasks.perturb.perturb` once per target on one loaded
+model and stacks the predictions; :func:`baseline_screen` does the same with a baseline of
+:func:`scidiff.evaluation.perturbation.predict_baseline` (no model). Both give the same layout:
+
+- one row per (target, input cell), the targets in the order given, each target's rows in the
+  input's order; ``obs_names`` are the input's for one target, ``<cell>-<i>`` for target ``i``
+  of several;
+- ``obs`` copied from the input cells with the target covariates set, ``obs['scidiff_target']``
+  the target's text (``key=value[,key=value]``), and every other column that describes the
+  perturbation (:attr:`scidiff.data.DataSpec.perturbation_columns`: Papalexi's ``target`` for
+  ``perturbation``) set from the target's label, or missing where the training cells give that
+  label no single value (a combination, an unseen label, a guide column): never left at the
+  control cell's own value;
+- ``X`` the predicted log1p expression, ``layers['control']`` the input cells', and
+  ``uns['scidiff_prediction']`` the settings (``method``, ``targets``, and each target's record
+  under ``per_target`` where there are several).
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..data import read_h5ad
+from ..data.spec import describing_columns, lookup_label
+from ..evaluation.perturbation import predict_baseline
+from .perturb import perturb
+
+TARGET_COLUMN = "scidiff_target"
+
+
+def target_text(target: dict) -> str:
+    """``{'perturbation': 'STAT1', 'dose': 1.0}`` -> ``"perturbation=STAT1,dose=1.0"``."""
+    return ",".join(f"{k}={v}" for k, v in target.items())
+
+
+def _check_targets(targets) -> list[dict]:
+    targets = [dict(t) for t in targets]
+    if not targets:
+        raise ValueError("no targets given; give at least one, e.g. {'condition': 'stimulated'}")
+    for t in targets:
+        if not t:
+            raise ValueError("a target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
+    texts = [target_text(t) for t in targets]
+    repeated = sorted({x for x in texts if texts.count(x) > 1})
+    if repeated:
+        raise ValueError(f"targets given more than once: {repeated}")
+    return targets
+
+
+def _as_column(values: list):
+    """A column of recorded values (``None`` = missing): numbers as floats, anything else as
+    categorical labels (h5ad-writable either way)."""
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+        return np.array([np.nan if v is None else float(v) for v in values])
+    return pd.Categorical([None if v is None else str(v) for v in values])
+
+
+def set_perturbation_columns(obs: pd.DataFrame, columns: dict, target: dict, *, separator: str = "+",
+                             control_labels=("control", "ctrl")) -> pd.DataFrame:
+    """``obs`` (predicted cells of one target) with each recorded column describing a perturbation
+    of ``target`` set to the target label's value; ``columns``: ``{key: {column: {label: value}}}``
+    (:attr:`~scidiff.data.DataSpec.perturbation_columns`). A label without a value (combination,
+    unseen label, a column that refines the perturbation) leaves the column missing."""
+    obs = obs.copy()
+    for key, described in columns.items():
+        if key not in target:
+            continue
+        for column, values in described.items():
+            if column in target:
+                continue  # the user set it
+            value = lookup_label(values, target[key], separator, control_labels)
+            obs[column] = _as_column([value] * len(obs))
+    return obs
+
+
+def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnData:
+    """One AnnData of the per-target predictions (module docstring's layout)."""
+    if len(parts) == 1:
+        out = parts[0]
+        out.obs[TARGET_COLUMN] = pd.Categorical([texts[0]] * out.n_obs)
+        _drop_empty(out.obs, columns)
+        return out
+    obs = []
+    for i, p in enumerate(parts):
+        o = p.obs.copy()
+        o.index = [f"{name}-{i}" for name in p.obs_names]
+        obs.append(o)
+    described = {c for d in columns.values() for c in d}
+    frame = pd.concat([o.astype({c: object for c in o.columns if isinstance(o[c].dtype, pd.CategoricalDtype)})
+                       for o in obs], axis=0, join="outer")
+    for c in frame.columns:
+        if c in described:
+            frame[c] = _as_column([None if _missing(v) else v for v in frame[c]])
+        elif frame[c].dtype == object:  # labels (categorical in the parts, or strings)
+            frame[c] = pd.Categorical([None if _missing(v) else str(v) for v in frame[c]])
+    frame[TARGET_COLUMN] = pd.Categorical(np.repeat(texts, [p.n_obs for p in parts]), categories=texts)
+    _drop_empty(frame, columns)
+    out = ad.AnnData(X=np.vstack([np.asarray(p.X) for p in parts]), obs=frame)
+    out.var_names = list(parts[0].var_names)
+    out.layers["control"] = np.vstack([np.asarray(p.layers["control"]) for p in parts])
+    first = dict(parts[0].uns.get("scidiff_prediction", {}))
+    first.pop("target", None)
+    out.uns["scidiff_prediction"] = {**first, "targets": list(texts),
+                                     "per_target": {str(i): dict(p.uns.get("scidiff_prediction", {}))
+                                                    for i, p in enumerate(parts)}}
+    return out
+
+
+def _missing(v) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _drop_empty(obs: pd.DataFrame, columns: dict) -> None:
+    for c in {c for d in columns.values() for c in d}:
+        if c in obs.columns and obs[c].isna().all():
+            del obs[c]
+
+
+def _read(cells) -> ad.AnnData:
+    return cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
+
+
+def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,
+                   **perturb_kwargs) -> ad.AnnData:
+    """Predict the control ``cells`` (an AnnData or ``.h5ad`` path, read once) under each of
+    ``targets`` with one model: :func:`~scidiff.tasks.perturb.perturb` per target (same
+    ``perturb_kwargs``, e.g. ``method``, ``steps``, ``guidance_scale``, ``seed``, ``batch_size``:
+    each target's rows equal a single call's), stacked as the module docstring describes.
+    ``device``: run there (the model is moved)."""
+    targets = _check_targets(targets)
+    cells = _read(cells)
+    if device is not None:
+        model.to(device)
+        if "device" in inspect.signature(perturb).parameters:
+            perturb_kwargs["device"] = device
+    spec = model.data_spec
+    columns = getattr(spec, "perturbation_columns", None) or {}
+    texts = [target_text(t) for t in targets]
+    parts = []
+    many = len(targets) > 1
+    bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
+    for target, text in bar:
+        bar.set_postfix_str(text[:60])
+        pred = perturb(model, cells, target, progress=progress and not many, **perturb_kwargs)
+        pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
+                                            control_labels=spec.control_labels)
+        parts.append(pred)
+    return _stack(parts, texts, columns)
+
+
+# -- baselines -------------------------------------------------------------------------------------
+
+def check_control_labels(key: str, control_labels, files: dict, *, required: str | None = None) -> list[str]:
+    """The labels of ``control_labels`` that some cell carries in ``obs[key]`` of the AnnData in
+    ``files`` (``{name: adata}``; one without the column is passed over). Warns naming each label
+    no cell of any of them carries; refuses when no cell of ``files[required]`` carries any."""
+    present = {}
+    for what, adata in files.items():
+        if adata is not None and key in adata.obs.columns:
+            present[what] = set(adata.obs[key].astype(str).str.strip())
+    if required is not None and required not in present:
+        adata = files[required]
+        raise KeyError(f"obs key {key!r} is not in {required}; available obs keys: {list(adata.obs.columns)}")
+    carried = set().union(*present.values()) if present else set()
+    for c in control_labels:
+        if present and c not in carried:
+            common = sorted(carried)[:8]
+            warnings.warn(f"control label {c!r} matches no cell of {' or '.join(present)} (obs[{key!r}] holds "
+                          f"{common}{' ...' if len(carried) > 8 else ''})", stacklevel=2)
+    if required is not None and not set(control_labels) & present[required]:
+        raise ValueError(f"no cell of {required} carries a control label {list(control_labels)} in obs[{key!r}]; "
+                         "the baselines need its control cells (--control-labels)")
+    return [c for c in control_labels if c in carried]
+
+
+def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbation_key: str | None = None,
+                    context_key: str | None = None, control_labels=("control",), time_key: str | None = None,
+                    exclude_columns=(), columns: dict | None = None, **baseline_kwargs) -> ad.AnnData:
+    """Predict ``cells`` under each of ``targets`` with the baseline ``method``
+    (:func:`~scidiff.evaluation.perturbation.predict_baseline`, from the ``train`` cells; both
+    AnnData of log1p expression on the same genes), stacked like :func:`predict_screen`.
+    ``control_labels``: the first is the control label; the others are taken as the same control
+    (relabelled to it in a copy of ``train``). ``columns``: the obs columns that describe the
+    perturbation (default: those of ``train``, :func:`~scidiff.data.spec.describing_columns`, the
+    context, time and ``exclude_columns`` aside). ``baseline_kwargs``: ``alpha``, ``features``,
+    ``separator``."""
+    targets = _check_targets(targets)
+    control_labels = [str(c) for c in control_labels] or ["control"]
+    if train is not None and perturbation_key is not None and len(control_labels) > 1 \
+            and perturbation_key in train.obs.columns:
+        train = train.copy()
+        labels = train.obs[perturbation_key].astype(str).str.strip()
+        train.obs[perturbation_key] = labels.where(~labels.isin(control_labels), control_labels[0]).to_numpy()
+    if columns is None:
+        columns = {}
+        if train is not None and perturbation_key is not None:
+            skip = {context_key, time_key, *exclude_columns} - {None}
+            columns = {perturbation_key: describing_columns(train.obs, perturbation_key, exclude=skip)}
+    separator = baseline_kwargs.get("separator", "+")
+    texts = [target_text(t) for t in targets]
+    parts = []
+    for target in targets:
+        pred = predict_baseline(method, train if train is not None else cells, cells, target,
+                                perturbation_key=perturbation_key, context_key=context_key,
+                                control_label=control_labels[0], time_key=time_key, **baseline_kwargs)
+        record = pred.uns.pop("baseline")
+        pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=separator,
+                                            control_labels=control_labels)
+        pred.obs["scidiff_route"] = pd.Categorical([f"baseline:{record['method']}"] * pred.n_obs)
+        pred.obs["scidiff_confidence"] = np.full(pred.n_obs, np.nan, dtype=np.float32)
+        pred.uns["scidiff_prediction"] = {
+            "method": record["method"], "target": {k: str(v) for k, v in target.items()},
+            "baseline": {"perturbation_key": perturbation_key or "", "context_key": context_key or "",
+                         "control_label": control_labels[0], "time_key": time_key or ""},
+            "confidence": "not assessed by a baseline (NaN)"}
+        parts.append(pred)
+    return _stack(parts, texts, columns)

@@ -1,0 +1,103 @@
+"""Trajectories over a numeric covariate (time): the same cells carried across a grid of values.
+
+For each time ``t`` of the grid the input cells are predicted under ``{key: t, **condition}`` by
+:func:`scidiff.tasks.perturb.perturb` (each cell's counterfactual: DDIM inversion under its own
+covariates, decoding under the target), so every time point holds the *same* cells, each keeping
+what the time does not explain. The result is one AnnData, time after time.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..data import read_h5ad
+from .cells import model_spec
+from .perturb import perturb
+
+SOURCE_COLUMN = "scidiff_source_cell"
+
+
+def _grid(spec, times) -> tuple[str, list[float]]:
+    if not isinstance(times, dict) or len(times) != 1:
+        raise ValueError(f"times must name one numeric covariate and its grid, e.g. {{'day_num': [2, 3, 4]}}; got "
+                         f"{times!r}")
+    (key, grid), = times.items()
+    if key not in spec.continuous:
+        kind = "a categorical covariate" if key in spec.categorical else "not a covariate of the model"
+        raise ValueError(f"{key!r} is {kind}; a trajectory runs over a numeric one: "
+                         f"{list(spec.continuous) or 'the model has none (train with continuous_keys / a dose)'}")
+    values = list(grid) if isinstance(grid, (list, tuple, np.ndarray, pd.Series)) else [grid]
+    if not values:
+        raise ValueError(f"the grid of {key!r} is empty")
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"the grid of {key!r} holds {v!r}, not a number") from None
+        if not math.isfinite(f):
+            raise ValueError(f"the grid of {key!r} holds {v!r}, not a finite number")
+        out.append(f)
+    if len(set(out)) != len(out):
+        raise ValueError(f"the grid of {key!r} repeats values: {sorted(v for v in set(out) if out.count(v) > 1)}")
+    return key, out
+
+
+def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict | None = None, steps: int = 50,
+               guidance_scale: float = 1.0, seed: int = 0, progress: bool = True, layer: str | None = None,
+               use_raw: bool | None = None, batch_size: int = 4096, device=None) -> ad.AnnData:
+    """Carry ``cells`` (an AnnData or ``.h5ad`` path; typically control or early-time cells)
+    across a grid of a numeric covariate: ``times={'day_num': [2, 3, 4, 5]}``, under the other
+    covariates of ``condition`` (e.g. a perturbation) when given.
+
+    Returns one AnnData of ``n_cells x len(grid)`` rows, time after time (all cells at the first
+    time, then all at the second, ...), with predicted log1p expression in ``X``; ``obs`` as :func:`~scidiff.tasks.perturb.perturb` writes it
+    (the input cells' columns, target covariates set), ``obs[key]`` the time (float) and
+    ``obs['scidiff_source_cell']`` the input cell's name (``obs_names`` are ``"<cell>@<key>=<t>"``);
+    ``layers['control']`` each row's source cell (the input expression, computed once and repeated
+    per time); ``uns['scidiff_trajectory']`` the grid, the condition and the settings. A time
+    outside the range the model was trained on warns once, naming the range (predictions there
+    are extrapolations). The prediction is deterministic for a given ``seed``."""
+    spec = model_spec(model)
+    key, grid = _grid(spec, times)
+    condition = dict(condition or {})
+    if key in condition:
+        raise ValueError(f"{key!r} is both the trajectory's axis and in condition=; give it in times= only")
+    lo, hi = spec.continuous_range.get(key, (None, None))
+    outside = [t for t in grid if lo is not None and not lo <= t <= hi]
+    if outside:
+        warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
+                      f"there is an extrapolation", stacklevel=2)
+    adata = cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
+    extra = {} if device is None else {"device": device}
+    parts = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*outside the range seen in training.*")  # said once above
+        for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
+            parts.append(perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
+                                 seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
+                                 **extra))
+    first = parts[0]
+    names = [str(v) for v in first.obs_names]
+    obs = pd.concat([p.obs for p in parts], axis=0)
+    obs[key] = np.repeat(np.asarray(grid, dtype=np.float64), len(names))
+    obs[SOURCE_COLUMN] = np.tile(np.asarray(names, dtype=object), len(grid))
+    obs.index = [f"{n}@{key}={t:g}" for t in grid for n in names]
+    out = ad.AnnData(X=np.vstack([np.asarray(p.X, dtype=np.float32) for p in parts]), obs=obs)
+    out.var_names = list(first.var_names)
+    out.layers["control"] = np.tile(np.asarray(first.layers["control"], dtype=np.float32), (len(grid), 1))
+    out.uns.update({k: v for k, v in first.uns.items() if k != "scidiff_prediction"})
+    prediction = dict(first.uns.get("scidiff_prediction", {}))
+    prediction["target"] = {**{k: str(v) for k, v in condition.items()}, key: "trajectory"}
+    out.uns["scidiff_prediction"] = prediction
+    out.uns["scidiff_trajectory"] = {"key": key, "times": [float(t) for t in grid], "n_cells": len(names),
+                                     "condition": {k: str(v) for k, v in condition.items()}, "steps": int(steps),
+                                     "guidance_scale": float(guidance_scale), "seed": int(seed),
+                                     "training_range": [] if lo is None else [float(lo), float(hi)],
+                                     "outside_training_range": [float(t) for t in outside]}
+    return out

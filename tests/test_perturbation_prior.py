@@ -1,0 +1,219 @@
+"""The perturbation prior (unseen perturbations from prior knowledge): the ridge map recovers a
+linear truth and switches itself off on noise; drug fingerprints from SMILES; user tables; gene
+targets described by the data itself (Papalexi: 9 of 25 targets in its 299-gene panel); the
+prior inside model.pt; `scidiff train` fits it and records its cross-validation."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scidiff.data import setup_anndata
+from scidiff.data.perturbation_features import (FeatureBlock, FeatureTable, build_feature_tables, labels_are_genes,
+                                                morgan_fingerprints, read_feature_tsv)
+from scidiff.models.perturbation_prior import PerturbationPrior
+from scidiff.training.checkpoint import load_model, save_model
+
+from shared_data import shared_file
+
+
+SCIPLEX = "sciplex_drugs_smiles.csv"
+
+
+def _linear_screen(noise_features: bool, seed: int = 0, k: int = 60, p: int = 20, g: int = 50):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(k, p))
+    effects = features @ (0.3 * rng.normal(size=(p, g))) + 0.05 * rng.normal(size=(k, g))
+    if noise_features:
+        effects = rng.normal(size=(k, g))
+    labels = [f"drug{i}" for i in range(k)]
+    table = FeatureTable("drug", [FeatureBlock("user", "features.tsv", labels, features)])
+    return labels, effects, table, [f"g{i}" for i in range(g)]
+
+
+def test_ridge_prior_recovers_held_out_perturbations_of_a_linear_truth():
+    labels, effects, table, genes = _linear_screen(noise_features=False)
+    seen = {lab: effects[i] for i, lab in enumerate(labels[:50])}
+    prior = PerturbationPrior.fit(genes, {"drug": seen}, {"drug": table})
+    report = prior.report()["drug"]
+    assert report["cv_r2"] > 0.9 and report["shrink"] > 0.9 and report["n_fit"] == 50
+    held = effects[50:]
+    pred = np.stack([prior.predict("drug", lab)[0] for lab in labels[50:]])
+    r2 = 1 - ((pred - held) ** 2).sum() / ((held - held.mean(0)) ** 2).sum()
+    assert r2 > 0.9
+    delta, confidence = prior.effect("drug", labels[55])
+    assert delta.dtype == torch.float32 and delta.shape == (len(genes),) and 0.9 < confidence <= 1.0
+    assert prior.effect("drug", labels[3])[1] == 1.0  # seen: its measured effect
+    assert prior.predict("drug", "control")[1] == 1.0 and not prior.predict("drug", "control")[0].any()
+    combo, conf, info = prior.predict("drug", f"{labels[3]}+{labels[55]}")  # a sum of singles
+    np.testing.assert_allclose(combo, effects[3] + prior.predict("drug", labels[55])[0])
+    assert info["route"] == "sum of singles" and conf == pytest.approx(confidence)
+    assert "CV" in prior.summary() and "R2" in prior.summary()
+
+
+def test_noise_features_give_no_change_with_confidence_zero():
+    labels, effects, table, genes = _linear_screen(noise_features=True)
+    prior = PerturbationPrior.fit(genes, {"drug": {lab: effects[i] for i, lab in enumerate(labels[:50])}},
+                                  {"drug": table})
+    report = prior.report()["drug"]
+    assert report["shrink"] == 0.0 and report["cv_r2"] == 0.0
+    for lab in labels[50:]:
+        delta, confidence = prior.effect("drug", lab)
+        assert confidence == 0.0 and not delta.any()
+    assert "no change" in prior.describe("drug", labels[51])["route"]
+
+
+def test_unknown_labels_and_keys_are_refused_by_name():
+    labels, effects, table, genes = _linear_screen(noise_features=False)
+    prior = PerturbationPrior.fit(genes, {"drug": {lab: effects[i] for i, lab in enumerate(labels[:50])}},
+                                  {"drug": table})
+    with pytest.raises(ValueError, match=r"no prior knowledge of perturbation 'aspirin'.*features\.tsv"):
+        prior.effect("drug", "aspirin")
+    with pytest.raises(ValueError, match="covariate 'dose'"):
+        prior.effect("dose", labels[0])
+
+
+def test_smiles_become_deterministic_morgan_bits_and_bad_rows_are_named(tmp_path):
+    pytest.importorskip("rdkit", reason="RDKit is not installed (pip install 'scidiff[chem]')")
+    path = shared_file(SCIPLEX)
+    block = morgan_fingerprints(path)
+    assert block.values.shape == (188, 2048)  # 189 rows, 'control' listed twice alike and set(np.unique(block.values)) <= {0.0, 1.0}
+    first = block.values[block.index_of("2-Methoxyestradiol")]
+    second = block.values[block.index_of("A-366")]
+    assert first.sum() == 44 and np.flatnonzero(first)[:8].tolist() == [40, 105, 249, 408, 455, 519, 562, 614]
+    assert second.sum() == 46 and np.flatnonzero(second)[:8].tolist() == [13, 80, 249, 378, 440, 534, 653, 695]
+    np.testing.assert_array_equal(morgan_fingerprints(path).values, block.values)
+    assert block.index_of("a-366") == block.index_of("A-366")  # case-insensitive when unambiguous
+    bad = tmp_path / "drugs.csv"
+    bad.write_text("name,smiles\naspirin,CC(=O)Oc1ccccc1C(=O)O\nbroken,C1CC(\n")
+    with pytest.raises(ValueError, match=r"drugs\.csv: line 3 \('broken'\): RDKit cannot parse"):
+        morgan_fingerprints(bad)
+    bad.write_text("aspirin,CC(=O)Oc1ccccc1C(=O)O\naspirin,CCO\n")
+    with pytest.raises(ValueError, match="line 2: drug 'aspirin' already given on line 1 with another SMILES"):
+        morgan_fingerprints(bad)
+
+
+def test_user_feature_tables_are_read_and_errors_name_line_and_column(tmp_path):
+    path = tmp_path / "emb.tsv"
+    path.write_text("gene\te1\te2\nSTAT1\t0.5\t-1\nIRF1\t2\t3e-1\n")
+    block = read_feature_tsv(path)
+    assert block.labels == ["STAT1", "IRF1"] and block.columns == ["e1", "e2"]
+    np.testing.assert_allclose(block.values, [[0.5, -1], [2, 0.3]])
+    for text, match in [("gene\te1\nSTAT1\tabc\n", r"line 2 \('STAT1'\), column 'e1': 'abc' is not a number"),
+                        ("gene\te1\nSTAT1\t1\nSTAT1\t2\n", "line 3: label 'STAT1' already given on line 2"),
+                        ("gene\te1\te2\nSTAT1\t1\n", r"line 2 \('STAT1'\) has 1 values for 2"),
+                        ("gene,e1\nSTAT1,1\n", "names no feature column"),
+                        ("gene\te1\nSTAT1\tnan\n", "not finite")]:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=match):
+            read_feature_tsv(path)
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        read_feature_tsv(tmp_path / "missing.tsv")
+
+
+@pytest.fixture(scope="module")
+def papalexi():
+    """Papalexi cells with grna_frac_top >= 0.8, 4,000 of them (all 25 targets, the 299-gene panel)."""
+    import anndata as ad
+
+    a = ad.read_h5ad(shared_file("papalexi21_thp1_sceptre_lowmoi.h5ad"))
+    a = a[a.obs["grna_frac_top"].to_numpy() >= 0.8]
+    keep = np.sort(np.random.default_rng(0).choice(a.n_obs, 4000, replace=False))
+    a = a[keep].copy()
+    a.obs = a.obs[["perturbation", "bio_rep"]].astype(str)
+    return a
+
+
+def test_gene_targets_are_described_by_the_data_itself(papalexi, tmp_path):
+    cells = setup_anndata(papalexi, n_top_genes=None, condition_keys=["bio_rep"], perturbation_keys=["perturbation"],
+                          control_labels=["control"], scaling="none")
+    targets = cells.spec.categorical["perturbation"]
+    genes = list(cells.spec.gene_names)
+    assert len(targets) == 25 and len(genes) == 299 and labels_are_genes(targets, genes)
+    control = cells.covariates["perturbation"].numpy().sum(1) == 0
+    table = build_feature_tables(papalexi, cells.spec, {"perturbation": targets}, control)["perturbation"]
+    assert table.gene_targets and [b.name for b in table.blocks] == ["coexpression", "pca_loadings", "in_model_genes"]
+    described = [t for t in targets if table.describes(t)]
+    assert len(described) == 9 and set(described) == set(targets) & set(genes)
+    coexpression = table.rows("STAT1")["coexpression"]
+    assert coexpression.shape == (299,) and coexpression[genes.index("STAT1")] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(np.abs(coexpression) <= 1 + 1e-6) and table.rows("STAT1")["pca_loadings"].shape == (10,)
+    assert all(table.describes(g) for g in genes)  # any panel gene is a possible (unseen) target
+    prior = PerturbationPrior.from_cells(cells, papalexi)
+    report = prior.report()["perturbation"]
+    assert report["n_seen"] == 25 and report["n_fit"] == 9 and report["self"]["n_targets"] == 9
+    assert report["cv_mse"] <= report["cv_mse_no_change"]
+    assert prior.describe("perturbation", "IRF1")["route"] == "measured"  # seen, though not a panel gene
+    with pytest.raises(ValueError, match=r"no prior knowledge of perturbation 'NOT_A_GENE'"):
+        prior.effect("perturbation", "IRF1+NOT_A_GENE")
+    unseen = next(g for g in genes if g not in targets)
+    delta, confidence = prior.effect("perturbation", unseen)
+    assert delta.shape == (299,) and 0.0 <= confidence <= 1.0
+    # a model on fewer genes still describes every measured gene as a target (the table is small)
+    few = setup_anndata(papalexi, n_top_genes=100, condition_keys=["bio_rep"], perturbation_keys=["perturbation"],
+                        control_labels=["control"], scaling="none")
+    outside = next(g for g in genes if g not in few.spec.gene_names and g not in targets)
+    small = PerturbationPrior.from_cells(few, papalexi)
+    assert small.describe("perturbation", outside)["blocks"] == ["coexpression", "in_model_genes", "pca_loadings"]
+    assert small.effect("perturbation", outside)[0].shape == (100,)
+    # a user table adds a label the panel does not measure
+    tsv = tmp_path / "emb.tsv"
+    tsv.write_text("label\te1\te2\n" + "".join(f"{t}\t{i % 3}\t{i % 5}\n" for i, t in enumerate(targets + ["CD274X"])))
+    with_user = PerturbationPrior.from_cells(cells, papalexi, perturbation_features=str(tsv))
+    assert with_user.keys["perturbation"].table.describes("CD274X")
+    assert with_user.report()["perturbation"]["n_fit"] == 25
+    assert 0.0 <= with_user.effect("perturbation", "CD274X")[1] <= 1.0
+
+
+def test_the_prior_travels_inside_model_pt(tmp_path):
+    from training_helpers import synthetic_cells, tiny_model
+
+    model = tiny_model(synthetic_cells(genes=50))
+    labels, effects, table, genes = _linear_screen(noise_features=False)
+    model.perturbation_prior = PerturbationPrior.fit(genes, {"drug": {lab: effects[i] for i, lab in
+                                                                      enumerate(labels[:50])}}, {"drug": table})
+    path = save_model(model, tmp_path)
+    raw = torch.load(path, weights_only=True)  # tensors and plain values only
+    assert raw["perturbation_prior"]["format"] == "scidiff.perturbation_prior"
+    loaded = load_model(path).perturbation_prior
+    for lab in (labels[52], labels[7]):
+        (a, ca), (b, cb) = model.perturbation_prior.effect("drug", lab), loaded.effect("drug", lab)
+        assert torch.equal(a, b) and ca == cb
+    assert loaded.report() == model.perturbation_prior.report()
+    model.perturbation_prior = None
+    assert load_model(save_model(model, tmp_path / "plain.pt")).perturbation_prior is None
+
+
+def test_scidiff_train_fits_the_prior_and_records_its_cross_validation(papalexi, tmp_path, capsys):
+    from scidiff.cli import main
+
+    data = tmp_path / "papalexi.h5ad"
+    papalexi[:1500].copy().write_h5ad(data)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {hidden_dim: 32, num_layers: 2, num_timesteps: 50, conditioning_dim: 16, latent_dim: 8}\n"
+                      "training: {batch_size: 256, warmup_steps: 2, checkpoint_every: 0}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), "--config", str(config), "--epochs", "1",
+                 "--condition-keys", "bio_rep", "--perturbation-keys", "perturbation", "--control-labels",
+                 "control"]) == 0
+    printed = capsys.readouterr().out
+    assert "perturbation prior for 'perturbation'" in printed and "perturbation effects (perturbation): " in printed
+    summary = json.loads((out / "training.json").read_text())
+    effects = summary["perturbation_effects"]["perturbation"]  # Papalexi: singles only, nothing to cross-validate
+    assert effects["combination"] == "additive" and effects["seen_combinations"] == 0 and effects["cv_mse"] is None
+    assert effects["singles_seen"] == len(load_model(out).data_spec.categorical["perturbation"]) == 25
+    report = summary["perturbation_prior"]
+    assert report["fitted"] and report["perturbation"]["n_fit"] >= 1 and "cv_r2" in report["perturbation"]
+    prior = load_model(out).perturbation_prior
+    assert prior is not None and prior.report()["perturbation"]["cv_r2"] == report["perturbation"]["cv_r2"]
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "r2"), "--config", str(config), "--epochs",
+                 "1", "--perturbation-features", str(tmp_path / "none.tsv")]) == 2
+    assert "--perturbation-keys" in capsys.readouterr().err
+    keys = ["--perturbation-keys", "perturbation", "--control-labels", "control"]
+    for text, named in [("label\te1\nSTAT1\tx\n", "line 2 ('STAT1'), column 'e1'"),
+                        ("label\te1\nnothing_seen\t1\n", "describes none of the perturbations seen in training")]:
+        (tmp_path / "bad.tsv").write_text(text)
+        assert main(["train", "--data", str(data), "--out", str(tmp_path / "r3"), "--config", str(config), "--epochs",
+                     "1", *keys, "--perturbation-features", str(tmp_path / "bad.tsv")]) == 2
+        err = capsys.readouterr().err
+        assert "bad.tsv" in err and named in err and not (tmp_path / "r3").exists()

@@ -1,0 +1,80 @@
+"""Trajectories over time: the same day-2 cells of Klein et al. 2015 (mESC after LIF withdrawal)
+carried across a grid of days by a tiny model trained without day 4; the layout of the result,
+determinism, the warning for times outside training, and errors that name the problem."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from scidiff.data import setup_anndata
+from scidiff.models import ScIDiffModel
+from scidiff.tasks.trajectory import trajectory
+from scidiff.training import ScIDiffTrainer
+
+from shared_data import shared_file
+
+
+@pytest.fixture(scope="module")
+def klein():
+    """``(model trained without day 4, 24 day-2 cells)``: 150 genes, a tiny network, 10 epochs."""
+    import anndata as ad
+
+    a = ad.read_h5ad(shared_file("klein15_mesc_lif_timecourse_tmscc.h5ad"))
+    day = a.obs["day_num"].to_numpy()
+    cells = setup_anndata(a[day != 4].copy(), n_top_genes=150, continuous_keys=["day_num"], condition_keys=["day"])
+    torch.manual_seed(0)
+    model = ScIDiffModel.from_data(cells, hidden_dim=32, num_layers=2, num_timesteps=50, conditioning_dim=16,
+                                   latent_dim=16)
+    ScIDiffTrainer(model, cells.loader(128, seed=0), device="cpu", progress=False, early_stopping_patience=None,
+                   learning_rate=2e-3, warmup_steps=5, seed=0).train(10)
+    source = a[np.flatnonzero(day == 2)[:24]].copy()
+    return model, source
+
+
+def test_the_same_cells_are_carried_across_the_grid(klein):
+    model, source = klein
+    grid = [2.0, 4.0, 7.0]
+    out = trajectory(model, source, {"day_num": grid}, steps=10, progress=False)
+    n = source.n_obs
+    assert out.shape == (n * len(grid), 150) and list(out.var_names) == list(model.data_spec.gene_names)
+    np.testing.assert_array_equal(out.obs["day_num"].to_numpy(), np.repeat(grid, n))
+    names = [str(v) for v in source.obs_names]
+    assert out.obs["scidiff_source_cell"].tolist() == names * len(grid)
+    assert out.obs_names[n] == f"{names[0]}@day_num=4" and out.obs_names.is_unique
+    control = np.asarray(out.layers["control"])
+    np.testing.assert_array_equal(control[:n], control[n:2 * n])  # each row's source cell, per time
+    assert np.all(np.isfinite(out.X)) and out.X.min() >= 0
+    assert not np.allclose(out.X[:n], out.X[2 * n:])  # day 7 is not day 2
+    info = out.uns["scidiff_trajectory"]
+    assert info["key"] == "day_num" and info["times"] == grid and info["n_cells"] == n
+    assert info["training_range"] == [0.0, 7.0] and info["outside_training_range"] == []
+    assert out.obs["day"].astype(str).eq("d2").all()  # the cells' other covariates are kept
+    again = trajectory(model, source, {"day_num": grid}, steps=10, progress=False)
+    np.testing.assert_array_equal(again.X, out.X)  # deterministic
+
+
+def test_a_time_outside_training_warns_once_naming_the_range(klein):
+    model, source = klein
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = trajectory(model, source[:4], {"day_num": [4.0, 9.0, 12.0]}, steps=5, progress=False)
+    said = [str(w.message) for w in caught if "outside the range" in str(w.message)]
+    assert len(said) == 1 and "[9.0, 12.0]" in said[0] and "[0, 7]" in said[0]
+    assert out.uns["scidiff_trajectory"]["outside_training_range"] == [9.0, 12.0]
+
+
+@pytest.mark.parametrize("times,condition,match", [
+    ({"day": [2.0]}, None, "'day' is a categorical covariate"),
+    ({"hour": [2.0]}, None, "'hour' is not a covariate of the model"),
+    ({"day_num": []}, None, "grid of 'day_num' is empty"),
+    ({"day_num": [2.0, "x"]}, None, "holds 'x', not a number"),
+    ({"day_num": [2.0, float("nan")]}, None, "not a finite number"),
+    ({"day_num": [2.0, 2.0]}, None, "repeats values"),
+    ({"day_num": [2.0], "day": [1.0]}, None, "one numeric covariate"),
+    ({"day_num": [2.0]}, {"day_num": 3.0}, "both the trajectory's axis and in condition"),
+])
+def test_bad_grids_are_refused_by_name(klein, times, condition, match):
+    model, source = klein
+    with pytest.raises(ValueError, match=match):
+        trajectory(model, source, times, condition=condition, steps=2, progress=False)
