@@ -146,9 +146,15 @@ def run_fold(task, fold, fi, args, genes):
                                    hidden_dim=args.hidden_dim, num_layers=args.num_layers,
                                    latent_dim=args.latent_dim, steps=args.steps)
         for m, lst in res.items():
-            preds[f"scidiff_{m}"] = [np.asarray(p[:, genes].X, dtype=np.float32) for p in lst]
-            records[f"scidiff_{m}"] = [prediction_record(p) for p in lst]
-        timings["model_train_s"] = round(float(res[MODEL_METHODS[0]][0].uns["train_seconds"]), 1)
+            preds[f"scidiff_{m}"] = [None if isinstance(p, str) else np.asarray(p[:, genes].X, dtype=np.float32)
+                                     for p in lst]
+            records[f"scidiff_{m}"] = [None if isinstance(p, str) else prediction_record(p) for p in lst]
+            for t, p in zip(fold.targets, lst):
+                if isinstance(p, str):
+                    notes[f"scidiff_{m}/{t.name}"] = f"refused: {p}"
+        trained = [p for p in res[MODEL_METHODS[0]] if not isinstance(p, str)]
+        if trained:
+            timings["model_train_s"] = round(float(trained[0].uns["train_seconds"]), 1)
         timings["model_total_s"] = round(time.perf_counter() - t1, 1)
     elif args.model:
         notes["scidiff"] = task.model_note

@@ -381,7 +381,8 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     ``continuous_keys``, ``control_labels``); all genes are kept. ``method``: ``"counterfactual"``
     or ``"population"`` (:func:`scidiff.tasks.perturb.perturb`) or a tuple of them.
     Returns the predicted AnnData for one target and one method; otherwise ``{method: [AnnData
-    per target]}``. The training time is in each prediction's ``.uns['train_seconds']``; each
+    per target]}``, where a target the model refuses (an unseen perturbation nothing describes)
+    is the refusal's message instead. The training time is in each prediction's ``.uns['train_seconds']``; each
     prediction carries ``perturb``'s ``obs['scidiff_confidence']`` and ``obs['scidiff_route']``
     (:func:`prediction_record` summarises them).
     """
@@ -408,7 +409,11 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     out = {m: [] for m in methods}
     for m in methods:
         for t in targets:
-            pred = perturb(model, control_adata.copy(), t, method=m, steps=steps, seed=seed, progress=False)
+            try:
+                pred = perturb(model, control_adata.copy(), t, method=m, steps=steps, seed=seed, progress=False)
+            except ValueError as exc:  # refused: e.g. an unseen perturbation nothing describes
+                out[m].append(str(exc))
+                continue
             pred.uns["train_seconds"] = train_s
             out[m].append(pred)
     if isinstance(target, dict) and isinstance(method, str):

@@ -217,3 +217,95 @@ def test_scidiff_train_fits_the_prior_and_records_its_cross_validation(papalexi,
                      "1", *keys, "--perturbation-features", str(tmp_path / "bad.tsv")]) == 2
         err = capsys.readouterr().err
         assert "bad.tsv" in err and named in err and not (tmp_path / "r3").exists()
+
+
+TINY = ("model: {hidden_dim: 32, num_layers: 2, num_timesteps: 50, conditioning_dim: 16, latent_dim: 8}\n"
+        "training: {batch_size: 256, warmup_steps: 2, checkpoint_every: 0}\n")
+
+
+def _predict_unseen(tmp_path, capsys, run, cells, key, label):
+    """``scidiff predict`` of ``label`` (never seen) for ``cells``: the output, and the model's prior."""
+    from scidiff.cli import main
+
+    control = tmp_path / "control.h5ad"
+    cells.write_h5ad(control)
+    out = tmp_path / f"{label}.h5ad"
+    assert main(["predict", "--model", str(run), "--data", str(control), "--target", f"{key}={label}",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    import anndata as ad
+
+    return ad.read_h5ad(out), load_model(run).perturbation_prior
+
+
+def _check_prior_prediction(pred, prior, key, label):
+    """The prediction is each cell moved by the prior's effect (expression floored at 0), its route
+    and confidence the prior's."""
+    effect, confidence, _ = prior.predict(key, label)
+    assert (pred.obs["scidiff_route"] == "prior").all()
+    np.testing.assert_allclose(pred.obs["scidiff_confidence"].to_numpy(), confidence, rtol=1e-6)
+    assert 0 <= confidence <= 1
+    control = np.asarray(pred.layers["control"])
+    np.testing.assert_allclose(np.asarray(pred.X), np.maximum(control + effect, 0), atol=2e-4)
+    return effect, confidence
+
+
+def test_an_unseen_gene_target_end_to_end_through_the_command_line(papalexi, tmp_path, capsys):
+    """STAT1 (a panel gene) never seen: trained without its cells, predicted from the data's own
+    description of it; TP53 (neither measured nor in the screen: nothing describes it) is refused by name."""
+    from scidiff.cli import main
+
+    pert = papalexi.obs["perturbation"].to_numpy()
+    data = tmp_path / "train.h5ad"
+    papalexi[pert != "STAT1"].copy().write_h5ad(data)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--config", str(tmp_path / "tiny.yaml"),
+                 "--epochs", "1", "--perturbation-keys", "perturbation", "--control-labels", "control"]) == 0
+    capsys.readouterr()
+    pred, prior = _predict_unseen(tmp_path, capsys, run, papalexi[pert == "control"][:64].copy(), "perturbation",
+                                  "STAT1")
+    effect, _ = _check_prior_prediction(pred, prior, "perturbation", "STAT1")
+    assert np.abs(effect).max() > 0  # the self-effect on STAT1 at least
+    assert (pred.obs["perturbation"] == "STAT1").all()
+    assert "TP53" not in set(papalexi.var_names) | set(pert)
+    assert main(["predict", "--model", str(run), "--data", str(tmp_path / "control.h5ad"), "--target",
+                 "perturbation=TP53", "--out", str(tmp_path / "tp53.h5ad")]) == 2
+    assert "'TP53'" in capsys.readouterr().err and not (tmp_path / "tp53.h5ad").exists()
+
+
+def test_an_unseen_drug_from_its_smiles_end_to_end_through_the_command_line(tmp_path, capsys):
+    """Ten sci-Plex drugs seen, an eleventh predicted from its SMILES alone (Morgan fingerprints)."""
+    pytest.importorskip("rdkit", reason="RDKit is not installed (pip install 'scidiff[chem]')")
+    import anndata as ad
+    import pandas as pd
+
+    from scidiff.cli import main
+
+    smiles = shared_file(SCIPLEX)
+    drugs = pd.read_csv(smiles, header=None)[0].drop_duplicates().tolist()[:11]
+    rng = np.random.default_rng(0)
+    genes, n = 40, 60
+    base = rng.uniform(5, 30, genes)
+    direction = rng.normal(size=genes)
+    labels, counts = [], []
+    for i, drug in enumerate(["control"] + drugs[:10]):
+        scale = np.exp(0.4 * (i % 3) * direction) if drug != "control" else 1.0
+        counts.append(rng.poisson(base * scale, (n, genes)))
+        labels += [drug] * n
+    cells = ad.AnnData(X=np.vstack(counts).astype(np.float32),
+                       obs=pd.DataFrame({"drug": labels}, index=[f"c{i}" for i in range(len(labels))]))
+    cells.var_names = [f"g{i}" for i in range(genes)]
+    data = tmp_path / "train.h5ad"
+    cells.write_h5ad(data)
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), "--config", str(tmp_path / "tiny.yaml"),
+                 "--epochs", "1", "--perturbation-keys", "drug", "--control-labels", "control",
+                 "--smiles", smiles]) == 0
+    assert "perturbation prior for 'drug'" in capsys.readouterr().out
+    pred, prior = _predict_unseen(tmp_path, capsys, run, cells[:n].copy(), "drug", drugs[10])
+    _check_prior_prediction(pred, prior, "drug", drugs[10])
+    assert (pred.obs["drug"] == drugs[10]).all()
+    assert main(["predict", "--model", str(run), "--data", str(tmp_path / "control.h5ad"), "--target",
+                 "drug=not-a-drug", "--out", str(tmp_path / "none.h5ad")]) == 2
+    assert "'not-a-drug'" in capsys.readouterr().err
