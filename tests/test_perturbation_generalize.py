@@ -9,7 +9,7 @@ import torch
 
 import scidiff
 from scidiff.models.effects import PerturbationEffects, choose_combination, group_changes
-from scidiff.tasks.perturb import perturb
+from scidiff.tasks.perturb import disagreement_shrinkage, perturb
 
 G = 30
 
@@ -128,3 +128,12 @@ def test_a_seen_context_reads_the_change_in_that_context(decoy):
     assert (pred.obs["scidiff_route"] == "seen").all()
     assert np.sqrt(np.mean((pred.X.mean(0) - line1.X.mean(0) - effect) ** 2)) < 0.25
     assert 0.75 < pred.obs["scidiff_confidence"].iloc[0] < 1  # 120 training cells: 120 / 150
+
+
+def test_disagreement_shrinkage_is_positive_part_james_stein():
+    d = torch.tensor([[[3.0, 0.0]], [[1.0, 0.0]]])  # two contexts, one cell: mean (2, 0), se^2 = 1
+    assert torch.allclose(disagreement_shrinkage(d), torch.tensor([0.75]))
+    assert torch.equal(disagreement_shrinkage(torch.stack([d[0], d[0]])), torch.tensor([1.0]))  # agree
+    assert torch.equal(disagreement_shrinkage(torch.stack([d[0], -d[0]])), torch.tensor([0.0]))  # cancel
+    assert torch.equal(disagreement_shrinkage(d[:1]), torch.tensor([1.0]))  # one context shows nothing
+

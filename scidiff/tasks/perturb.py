@@ -17,15 +17,18 @@ expression outside the model's latent. How the change is found depends on what t
   control condition, so the difference holds the perturbation's effect and not the other
   context's identity; the contexts are weighted, per cell, by the share of the cell's nearest
   training control cells (in the latent) that come from each. A cell like another context's
-  cells takes that context's response; contexts that disagree cancel toward no change.
+  cells takes that context's response; where the contexts disagree so much that their mean
+  change is indistinguishable from zero, the change shrinks toward no change
+  (:func:`disagreement_shrinkage`).
 - ``prior``: a perturbation never seen at all, described by prior knowledge
   (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
   the closed-form effects): the change under the target condition.
 
 ``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
-training cells of that group ``n / (n + 30)``; ``transferred``, the agreement of the contexts'
-changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``; ``additive``, the least of its
+training cells of that group ``n / (n + 30)``; ``transferred``, the lower of the agreement of
+the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, and the share kept
+by the shrinkage; ``additive``, the least of its
 singles'; ``prior``, the prior's own; ``direct``, ``NaN`` (not assessed).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
@@ -166,6 +169,21 @@ def _relative_dose_weights(model, key: str, rows: torch.Tensor, dose: dict) -> t
     return at_target / at_reference.clamp_min(1e-6)
 
 
+def disagreement_shrinkage(changes: torch.Tensor) -> torch.Tensor:
+    """The share of a transferred change kept, per cell, from the changes ``[C, B, G]`` that ``C``
+    contexts give it: positive-part James-Stein (Efron and Morris 1973) on the contexts' mean
+    change ``m``, ``max(0, 1 - se^2 / |m|^2)`` with ``se^2 = sum_c |d_c - m|^2 / (C (C - 1))`` the
+    squared standard error of that mean. Contexts that agree keep it whole; contexts whose
+    disagreement leaves the mean indistinguishable from zero shrink it to no change. One context
+    cannot show disagreement: 1."""
+    n = changes.shape[0]
+    if n < 2:
+        return torch.ones(changes.shape[1], dtype=changes.dtype, device=changes.device)
+    mean = changes.mean(0)
+    se2 = (changes - mean).pow(2).sum((0, 2)) / (n * (n - 1))
+    return (1 - se2 / mean.pow(2).sum(1).clamp_min(1e-12)).clamp(0, 1)
+
+
 def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
     """``(change [B, G], confidence [B])`` of one batch of cells of one context."""
     b, device = len(x), x.device
@@ -188,17 +206,14 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
             confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
             continue
         weights = model.effects.context_weights(model.encode(x), where)  # [B, C]
-        num, den = torch.zeros_like(x), torch.zeros(b, device=device)
-        for c, other in enumerate(where):
-            w = weights[:, c].to(x)
-            if float(w.max()) < 1e-3:
-                continue
-            ref = _with_context(src, ctx_keys, other, b, device)
-            d = reader.change(x, ref, {**ref, **dose, key: rows})
-            num, den = num + w[:, None] * d, den + w * d.pow(2).sum(1)
-        change = change + num
+        changes = [reader.change(x, ref, {**ref, **dose, key: rows})
+                   for ref in (_with_context(src, ctx_keys, other, b, device) for other in where)]
+        num = sum(weights[:, c].to(x)[:, None] * d for c, d in enumerate(changes))
+        den = sum(weights[:, c].to(x) * d.pow(2).sum(1) for c, d in enumerate(changes))
+        kept = disagreement_shrinkage(torch.stack(changes))
+        change = change + kept[:, None] * num
         agreement = num.pow(2).sum(1) / den.clamp_min(1e-12)
-        confidence = torch.minimum(confidence, agreement.cpu())
+        confidence = torch.minimum(confidence, torch.minimum(agreement, kept).cpu())
     for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
         w = _relative_dose_weights(model, key, _rows(n_of[key], singles, b, device), dose)
         change = change + model.effects.combination_term(key, w).to(x)
