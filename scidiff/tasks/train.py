@@ -1,7 +1,6 @@
 """The training verb: a model trained on an ``.h5ad`` file (or an AnnData), written as a run folder."""
 from __future__ import annotations
 
-import json
 import os
 
 import yaml
@@ -12,7 +11,6 @@ from ..data.io import atomic_path
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
-from ..training.trainer import SUMMARY_FILE
 
 
 def _streamed_model(path, config: Config, keys, progress: bool):
@@ -73,17 +71,6 @@ def effects_summary(report: dict) -> str:
         lines.append(f"perturbation effects ({key}): {r['singles_seen']} singles fitted; combinations "
                      f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors})")
     return "\n".join(lines)
-
-
-def _record_report(out_dir, entry: dict) -> None:
-    """Add ``entry`` to the run's training report (``training.json``), written atomically."""
-    path = os.path.join(out_dir, SUMMARY_FILE)
-    report = {}
-    if os.path.exists(path):
-        with open(path) as fh:
-            report = json.load(fh)
-    report.update(entry)
-    atomic_path(path, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=1, default=float)))
 
 
 def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
@@ -175,8 +162,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         print(f"effective batch {tc.batch_size} x {world} process(es) x {tc.gradient_accumulation} accumulation = "
               f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"
               + (f"; resuming at step {trainer.step} (epoch {trainer.epoch})" if trainer.step else ""))
+    trainer.report.update({k: v for k, v in (("perturbation_effects", effects_report),
+                                             ("perturbation_prior", prior_report)) if v})
     trainer.train(epochs if epochs is not None else tc.num_epochs)
-    if rank == 0 and (prior_report is not None or effects_report):
-        _record_report(out_dir, {k: v for k, v in (("perturbation_effects", effects_report),
-                                                   ("perturbation_prior", prior_report)) if v})
     return model

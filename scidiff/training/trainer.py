@@ -226,6 +226,7 @@ class ScIDiffTrainer:
         self.history: list[dict] = []
         self.best_val, self.best_state = math.inf, None
         self.weights_kept: dict | None = None  # set by train(): which epoch's weights the model holds
+        self.report: dict = {}  # more entries of training.json (e.g. the perturbation fits), set by the caller
         self._bad_epochs = 0
         self._batch_in_epoch = 0
         self._batches_per_epoch = None
@@ -460,7 +461,7 @@ class ScIDiffTrainer:
     def _write_summary(self, path: str) -> None:
         tmp = path + ".tmp"
         with open(tmp, "w") as fh:
-            json.dump(self.weights_kept, fh, indent=1)
+            json.dump({**self.weights_kept, **self.report}, fh, indent=1, default=float)
         os.replace(tmp, path)
 
     def _end_epoch(self, bar, total_steps: int) -> bool:
