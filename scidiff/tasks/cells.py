@@ -8,6 +8,11 @@ import torch
 from ..data import read_h5ad, transform_like
 
 
+def read_cells(cells) -> ad.AnnData:
+    """``cells`` as an AnnData: itself, or read from its ``.h5ad`` path."""
+    return cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
+
+
 def model_spec(model):
     """The model's :class:`~scidiff.data.DataSpec`, or a clear error when it has none."""
     spec = getattr(model, "data_spec", None)
@@ -20,8 +25,7 @@ def model_cells(model, adata, *, layer: str | None = None, use_raw: bool | None 
     """``(spec, adata, cells)``: ``adata`` (an AnnData or an ``.h5ad`` path) read and its cells
     brought into ``model``'s genes and normalisation (:func:`scidiff.data.transform_like`)."""
     spec = model_spec(model)
-    if not isinstance(adata, ad.AnnData):
-        adata = read_h5ad(adata)
+    adata = read_cells(adata)
     return spec, adata, transform_like(spec, adata, layer=layer, use_raw=use_raw)
 
 

@@ -11,7 +11,6 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data import read_h5ad
 from ..data.dataset import _log_expression
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
@@ -19,6 +18,7 @@ from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
 from ..evaluation.perturbation import discrimination_score, perturbation_metrics, rank_degs
 from ..evaluation.plots import report_plots
+from .cells import read_cells
 
 
 def log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
@@ -30,8 +30,7 @@ def log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
 def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: bool = True) -> dict:
     """Score generated cells against real ones on the generated file's genes; write
     ``metrics.json`` and the report plots into ``out_dir``."""
-    real_ad = real if isinstance(real, ad.AnnData) else read_h5ad(real)
-    gen_ad = generated if isinstance(generated, ad.AnnData) else read_h5ad(generated)
+    real_ad, gen_ad = read_cells(real), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
     known = set(map(str, real_ad.var_names))
     missing = [g for g in genes if g not in known]
@@ -61,11 +60,9 @@ CELL_EVAL_MISSING = "cell-eval is not installed: its metrics and scores are skip
 
 
 def _read(a, what: str) -> ad.AnnData:
-    if isinstance(a, ad.AnnData):
-        return a
     if a is None:
         raise ValueError(f"no {what} given")
-    return read_h5ad(a)
+    return read_cells(a)
 
 
 def _column(a: ad.AnnData, key: str, what: str) -> np.ndarray:

@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..data import read_h5ad
 from ..data.spec import describing_columns, lookup_label
 from ..evaluation.perturbation import predict_baseline
+from .cells import read_cells
 from .perturb import perturb
 
 TARGET_COLUMN = "scidiff_target"
@@ -127,10 +127,6 @@ def _drop_empty(obs: pd.DataFrame, columns: dict) -> None:
             del obs[c]
 
 
-def _read(cells) -> ad.AnnData:
-    return cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
-
-
 def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,
                    **perturb_kwargs) -> ad.AnnData:
     """Predict the control ``cells`` (an AnnData or ``.h5ad`` path, read once) under each of
@@ -139,7 +135,7 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     each target's rows equal a single call's), stacked as the module docstring describes.
     ``device``: run there (the model is moved)."""
     targets = _check_targets(targets)
-    cells = _read(cells)
+    cells = read_cells(cells)
     if device is not None:
         model.to(device)
         if "device" in inspect.signature(perturb).parameters:

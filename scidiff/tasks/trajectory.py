@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..data import read_h5ad
-from .cells import model_spec
+from .cells import model_spec, read_cells
 from .perturb import perturb
 
 SOURCE_COLUMN = "scidiff_source_cell"
@@ -73,7 +72,7 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     if outside:
         warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
                       f"there is an extrapolation", stacklevel=2)
-    adata = cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
+    adata = read_cells(cells)
     extra = {} if device is None else {"device": device}
     parts = []
     with warnings.catch_warnings():
