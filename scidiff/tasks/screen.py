@@ -19,7 +19,6 @@ model and stacks the predictions; :func:`baseline_screen` does the same with a b
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import anndata as ad
@@ -136,10 +135,6 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     ``device``: run there (the model is moved)."""
     targets = _check_targets(targets)
     cells = read_cells(cells)
-    if device is not None:
-        model.to(device)
-        if "device" in inspect.signature(perturb).parameters:
-            perturb_kwargs["device"] = device
     spec = model.data_spec
     columns = getattr(spec, "perturbation_columns", None) or {}
     texts = [target_text(t) for t in targets]
@@ -148,7 +143,7 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
     for target, text in bar:
         bar.set_postfix_str(text[:60])
-        pred = perturb(model, cells, target, progress=progress and not many, **perturb_kwargs)
+        pred = perturb(model, cells, target, progress=progress and not many, device=device, **perturb_kwargs)
         pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
                                             control_labels=spec.control_labels)
         parts.append(pred)

@@ -73,14 +73,13 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
         warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
                       f"there is an extrapolation", stacklevel=2)
     adata = read_cells(cells)
-    extra = {} if device is None else {"device": device}
     parts = []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*outside the range seen in training.*")  # said once above
         for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
             parts.append(perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
                                  seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
-                                 **extra))
+                                 device=device))
     first = parts[0]
     names = [str(v) for v in first.obs_names]
     obs = pd.concat([p.obs for p in parts], axis=0)
