@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import scidiff
-from scidiff.models.effects import PerturbationEffects, choose_combination, group_changes
+from scidiff.models.effects import PerturbationEffects, choose_combination, group_changes, seen_group_means
+from scidiff.models.shrinkage import adaptive_shrinkage
 from scidiff.tasks.perturb import disagreement_shrinkage, perturb
 
 G = 30
@@ -64,7 +65,7 @@ def test_single_effects_are_the_least_squares_fit_of_the_group_changes():
     report, eff, data = _effects_report(adata)
     vocab = data.spec.categorical["perturbation"]
     x, rows = data.x.double().numpy(), data.covariates["perturbation"][:, :-1].double().numpy()
-    _, design, changes, counts = group_changes(x, rows, np.zeros((len(x), 0), dtype=np.int64))
+    _, design, changes, counts, _ = group_changes(x, rows, np.zeros((len(x), 0), dtype=np.int64))
     expected = np.linalg.lstsq(np.sqrt(counts)[:, None] * design, np.sqrt(counts)[:, None] * changes, rcond=None)[0]
     np.testing.assert_allclose(eff.of("perturbation").single.numpy(), expected, atol=1e-4)
     # and they are close to the truth: 120 cells a group, noise 0.2 (clipped at 0)
@@ -128,6 +129,44 @@ def test_a_seen_context_reads_the_change_in_that_context(decoy):
     assert (pred.obs["scidiff_route"] == "seen").all()
     assert np.sqrt(np.mean((pred.X.mean(0) - line1.X.mean(0) - effect) ** 2)) < 0.25
     assert 0.75 < pred.obs["scidiff_confidence"].iloc[0] < 1  # 120 training cells: 120 / 150
+    # the cells' mean change is the group's estimated mean change (the network only spreads it);
+    # these cells are the context's reference cells, and the offset does not depend on batching
+    again = perturb(model, line1, {"perturbation": "P"}, steps=20, progress=False, batch_size=7)
+    np.testing.assert_allclose(again.X, pred.X, atol=1e-5)
+    vocab = model.data_spec.categorical
+    mean = model.effects.seen_change("perturbation", [vocab["perturbation"].index("P")], [vocab["line"].index("l1")])
+    np.testing.assert_allclose(pred.X.mean(0) - line1.X.mean(0), mean.numpy(), atol=1e-3)
+
+
+def test_adaptive_shrinkage_sets_noise_to_zero_and_keeps_measured_changes():
+    rng = np.random.default_rng(0)
+    s2 = np.full(2000, 0.1**2)
+    null = rng.normal(0, 0.1, 2000)  # a knockout that changes nothing
+    kept = adaptive_shrinkage(null, s2)
+    assert np.sum(kept**2) < 0.01 * np.sum(null**2)  # 99% of its (noise) change removed
+    truth = np.where(rng.random(2000) < 0.05, rng.normal(0, 1.0, 2000), 0.0)  # a few genes change
+    d = truth + rng.normal(0, 0.1, 2000)
+    post = adaptive_shrinkage(np.stack([d, null]), np.stack([s2, s2]))[0]
+    assert np.mean((post - truth) ** 2) < 0.4 * np.mean((d - truth) ** 2)
+    strong = np.abs(truth) > 0.5
+    assert np.abs(post[strong] - d[strong]).max() < 0.1 * np.abs(d[strong]).min()
+
+
+def test_seen_group_means_pool_agreeing_contexts_and_keep_a_real_difference():
+    rng = np.random.default_rng(1)
+    g, n = 400, 50
+    e_p = np.where(rng.random(g) < 0.1, rng.normal(0, 1.0, g), 0.0)  # P: the same in both contexts
+    e_q = np.where(rng.random(g) < 0.1, 1.5, 0.0)  # Q: opposite in the two contexts
+    truth = np.stack([e_p, e_p, e_q, -e_q])
+    design = np.array([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])  # Q in context 2 is its own column
+    design[3] = [0, 1, 0]
+    se2 = np.full((4, g), 2 * 0.5**2 / n)  # cell sd 0.5, n cells and n controls
+    changes = truth + rng.normal(0, np.sqrt(se2))
+    means = seen_group_means(design, changes, np.full(4, float(n)), se2)
+    assert np.mean((means - truth) ** 2) < 0.5 * np.mean((changes - truth) ** 2)
+    assert np.abs(means[0] - means[1]).max() < 0.05  # agreeing contexts share one estimate
+    on = e_q != 0
+    assert (np.sign(means[2][on]) == 1).all() and (np.sign(means[3][on]) == -1).all()  # a real difference kept
 
 
 def test_disagreement_shrinkage_is_positive_part_james_stein():

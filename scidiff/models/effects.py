@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .shrinkage import adaptive_shrinkage
+
 COMBINATIONS = ("additive", "scaled", "polynomial")
 MIN_GAIN = 0.05  # a combination term must remove this share of additive's held-out error
 REFERENCE_CELLS = 256  # control cells kept per context for the nearest-neighbour weights
@@ -56,28 +58,59 @@ def group_changes(x: np.ndarray, rows: np.ndarray, ctx: np.ndarray):
 
     ``x [N, G]`` cells, ``rows [N, n]`` single-perturbation weights (multi-hot times dose
     weight; all zero for control), ``ctx [N, K]`` context codes. Returns ``(contexts [M, K],
-    design [M, n], changes [M, G], counts [M])`` for the perturbed groups whose context has
-    control cells."""
+    design [M, n], changes [M, G], counts [M], se2 [M, G])`` for the perturbed groups whose
+    context has control cells; ``se2`` is each change's squared standard error (the group's and
+    the controls' variance over their counts; a group of one cell takes the variance of all cells)."""
     g_ctx, g_rows, index = _groups(rows, ctx)
     counts = np.bincount(index, minlength=len(g_rows)).astype(np.float64)
-    sums = np.zeros((len(g_rows), x.shape[1]))
+    sums, squares = np.zeros((len(g_rows), x.shape[1])), np.zeros((len(g_rows), x.shape[1]))
     np.add.at(sums, index, x)
+    np.add.at(squares, index, x**2)
     means = sums / counts[:, None]
+    variances = (squares - counts[:, None] * means**2) / np.maximum(counts - 1, 1)[:, None]
+    variances = np.where(counts[:, None] > 1, np.maximum(variances, 0), x.var(0, ddof=1) if len(x) > 1 else 0)
     control = g_rows.sum(1) == 0
-    base = {tuple(c): means[i] for i, c in enumerate(g_ctx) if control[i]}
+    base = {tuple(c): i for i, c in enumerate(g_ctx) if control[i]}
     keep = [i for i in range(len(g_rows)) if not control[i] and tuple(g_ctx[i]) in base]
-    changes = np.array([means[i] - base[tuple(g_ctx[i])] for i in keep]).reshape(len(keep), x.shape[1])
-    return g_ctx[keep], g_rows[keep], changes, counts[keep]
+    ref = [base[tuple(g_ctx[i])] for i in keep]
+    changes = (means[keep] - means[ref]).reshape(len(keep), x.shape[1])
+    se2 = (variances[keep] / counts[keep, None] + variances[ref] / counts[ref, None]).reshape(len(keep), x.shape[1])
+    return g_ctx[keep], g_rows[keep], changes, counts[keep], se2
 
 
 def fit_singles(design: np.ndarray, changes: np.ndarray, counts: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
     """Weighted least squares ``min sum_g n_g |c_g - d_g E|^2`` -> single effects ``E [n, G]``
     (a single never seen, alone or in a combination, gets 0)."""
-    w = counts[:, None]
-    gram = design.T @ (w * design)
-    rhs = design.T @ (w * changes)
+    return _pooling_weights(design, counts, ridge) @ changes
+
+
+def _pooling_weights(design: np.ndarray, counts: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """``A [n, M]`` with ``fit_singles(design, changes, counts) == A @ changes``."""
+    gram = design.T @ (counts[:, None] * design)
     scale = max(float(np.trace(gram)) / max(len(gram), 1), 1.0)
-    return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), rhs)
+    return np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), design.T * counts)
+
+
+def seen_group_means(design: np.ndarray, changes: np.ndarray, counts: np.ndarray, se2: np.ndarray,
+                     chunk: int = 512) -> np.ndarray:
+    """Each seen group's mean change ``[M, G]``, estimated by two-level empirical Bayes: the pooled
+    (additive least-squares) change of its perturbations, shrunk toward zero, plus the group's own
+    departure from it (the context's interaction), shrunk toward zero
+    (:func:`scidiff.models.shrinkage.adaptive_shrinkage`, each with its exact standard error
+    from ``se2``). Contexts that agree share one estimate; a context that truly differs keeps its
+    departure; a change within its noise is set to zero."""
+    pool = _pooling_weights(design, counts)
+    out = np.zeros_like(changes)
+    for start in range(0, len(design), chunk):
+        rows = slice(start, min(start + chunk, len(design)))
+        coef = design[rows] @ pool  # [c, M]: pooled change = coef @ changes
+        coef[np.abs(coef) < 1e-12] = 0.0
+        own = np.zeros_like(coef)
+        own[np.arange(len(coef)), np.arange(rows.start, rows.stop)] = 1.0
+        pooled, departure = coef @ changes, (own - coef) @ changes
+        out[rows] = (adaptive_shrinkage(pooled, coef**2 @ se2)
+                     + adaptive_shrinkage(departure, (own - coef) ** 2 @ se2))
+    return out
 
 
 def _candidate(kind: str, design: np.ndarray, effects: np.ndarray):
@@ -171,10 +204,12 @@ def _safe(key: str) -> str:
 class _KeyEffects(nn.Module):
     """One perturbation covariate's fitted effects (buffers sized when fitted or loaded):
     ``single [n, G]`` at the dose ``reference_dose [n]``; ``seen [S, K + n]`` the context codes and multi-hot of every perturbed
-    group seen in training, ``seen_counts [S]``; ``combination [3]`` (candidate index, coefficient
+    group seen in training, ``seen_counts [S]``, ``seen_change [S, G]`` its mean change estimated
+    by :func:`seen_group_means` and ``seen_dose [S]`` its dose (0 without one); ``combination [3]`` (candidate index, coefficient
     1, coefficient 2) and ``cv [3]`` (held-out error of each candidate; NaN: not run)."""
 
-    NAMES = ("single", "reference_dose", "seen", "seen_counts", "combination", "cv")
+    NAMES = ("single", "reference_dose", "seen", "seen_counts", "seen_change", "seen_dose", "combination", "cv")
+    OPTIONAL = ("seen_change", "seen_dose")  # absent from checkpoints written before them
 
     def __init__(self):
         super().__init__()
@@ -182,6 +217,8 @@ class _KeyEffects(nn.Module):
             self.register_buffer(name, torch.zeros(0))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.OPTIONAL:  # an older checkpoint: left empty (perturb then reads the network)
+            state_dict.setdefault(prefix + name, torch.zeros(0))
         for name in self.NAMES:  # sizes come from the data: take them from the checkpoint
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
@@ -235,8 +272,9 @@ class PerturbationEffects(nn.Module):
             others = [rows[k].sum(1) == 0 for k in self.keys if k != key]
             alone = np.logical_and.reduce(others) if others else np.ones(len(x), bool)
             columns, single_of, column_dose = _dose_columns(rows[key][alone], dose[alone])
-            g_ctx, design, changes, counts = group_changes(x[alone], columns, ctx[alone])
+            g_ctx, design, changes, counts, se2 = group_changes(x[alone], columns, ctx[alone])
             n = rows[key].shape[1]
+            means = seen_group_means(design, changes, counts, se2) if len(design) else changes
             if len(design):
                 fitted = fit_singles(design, changes, counts)
                 single, reference = np.zeros((n, x.shape[1])), np.zeros(n)
@@ -252,11 +290,15 @@ class PerturbationEffects(nn.Module):
             slot.reference_dose = torch.tensor(reference, dtype=torch.float32)
             slot.seen = torch.tensor(np.concatenate([g_ctx.astype(np.float64), hot], 1), dtype=torch.float32)
             slot.seen_counts = torch.tensor(counts, dtype=torch.float32)
+            slot.seen_change = torch.tensor(means, dtype=torch.float32)
+            slot.seen_dose = torch.tensor([column_dose[design[i] != 0].max() if design[i].any() else 0.0
+                                           for i in range(len(design))], dtype=torch.float32)
             slot.combination = torch.tensor([COMBINATIONS.index(kind), *coef], dtype=torch.float32)
             slot.cv = torch.tensor([cv[c] if cv else float("nan") for c in COMBINATIONS], dtype=torch.float32)
             report[key] = {"combination": kind, "coefficients": [float(c) for c in coef],
                            "cv_mse": cv, "seen_combinations": int(((hot != 0).sum(1) > 1).sum()),
-                           "singles_seen": int((hot.sum(0) > 0).sum())}
+                           "singles_seen": int((hot.sum(0) > 0).sum()),
+                           "seen_change_kept": float(np.sum(means**2) / max(np.sum(changes**2), 1e-30))}
         return report
 
     @torch.no_grad()
@@ -292,6 +334,22 @@ class PerturbationEffects(nn.Module):
         want[singles] = True
         match = (hot == want).all(1) if exact else hot[:, want].all(1)
         return np.unique(seen[match, :k].astype(np.int64), axis=0)
+
+    def seen_change(self, key: str, singles: list[int], context, dose: float | None = None):
+        """The estimated mean change ``[G]`` of the group seen in training as ``context`` under
+        exactly ``singles`` (at ``dose`` where the model has one), or ``None`` where no single
+        group matches (not seen, several doses and none asked for, or a checkpoint without it)."""
+        slot, k = self.of(key), len(self.context_keys)
+        seen = slot.seen.numpy()
+        if not len(seen) or slot.seen_change.shape[:1] != slot.seen.shape[:1]:
+            return None
+        want = np.zeros(seen.shape[1] - k, bool)
+        want[list(singles)] = True
+        match = (seen[:, :k] == np.asarray(context)).all(1) & ((seen[:, k:] != 0) == want).all(1)
+        if dose is not None:
+            match &= np.isclose(slot.seen_dose.numpy(), float(dose))
+        rows = np.flatnonzero(match)
+        return slot.seen_change[int(rows[0])] if len(rows) == 1 else None
 
     def combination_term(self, key: str, weights: torch.Tensor) -> torch.Tensor:
         """The chosen combination model's departure from the additive sum for perturbation rows

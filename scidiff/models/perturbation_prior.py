@@ -89,7 +89,7 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
         for o in pkeys:
             if o != k:
                 keep &= rows[o].sum(1) == 0
-        _, design, changes, n_group = group_changes(x[keep], (rows[k][keep] > 0).astype(np.float64), ctx[keep])
+        _, design, changes, n_group, _ = group_changes(x[keep], (rows[k][keep] > 0).astype(np.float64), ctx[keep])
         effects[k], counts[k] = {}, {}
         if not len(design):
             continue

@@ -8,9 +8,15 @@ expression outside the model's latent. How the change is found depends on what t
 (``obs['scidiff_route']``):
 
 - ``seen``: the target (this context, this perturbation or combination) was in the training
-  cells: the change under the target itself.
+  cells: the change under the target itself, moved by one offset per context so that its mean
+  over the context's reference control cells (training controls the model keeps) is the
+  group's estimated mean change (:func:`scidiff.models.effects.seen_group_means`: the training
+  cells' change, pooled over contexts and shrunk toward zero by empirical Bayes), so the
+  network gives how cells differ around a change the data measured, and a change within the
+  data's noise is predicted as none.
 - ``additive``: a combination never seen in this context whose singles were: the sum of the
-  singles' changes to the cell (CPA/GEARS' additive model), plus the combination term where
+  singles' changes to the cell (CPA/GEARS' additive model; each single seen in this context
+  centred as in ``seen``), plus the combination term where
   cross-validation over the seen combinations chose one (:mod:`scidiff.models.effects`).
 - ``transferred``: a perturbation never seen in this context: its change is read in the contexts
   where it was seen, each decoding done under that context for both the perturbed and the
@@ -109,6 +115,7 @@ class _Plan:
     def __init__(self, model, target_codes: dict, unseen: dict, context, sets_context: bool):
         spec, eff = model.data_spec, model.effects
         self.route, self.parts, self.extra = "direct", [], []
+        self.offsets = {}  # (key, singles) -> the network's mean change to the context's reference cells
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
             return
@@ -169,6 +176,27 @@ def _relative_dose_weights(model, key: str, rows: torch.Tensor, dose: dict) -> t
     return at_target / at_reference.clamp_min(1e-6)
 
 
+def _reference_offset(model, reader, plan, key, singles, context, src, target) -> torch.Tensor | None:
+    """The network's mean change to the context's reference control cells (kept in the model's
+    effects, :meth:`~scidiff.models.effects.PerturbationEffects.fit_reference`) under ``target``:
+    what a ``seen`` change is centred against, the same for every batch and every input. Cached
+    per plan; ``None`` where the context has no reference cells."""
+    cache = (key, tuple(singles))
+    if cache not in plan.offsets:
+        eff = model.effects
+        rows = (eff.reference_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
+            if eff.reference_context.numel() else torch.zeros(0, dtype=torch.bool)
+        if not bool(rows.any()):
+            plan.offsets[cache] = None
+        else:
+            device = src[next(iter(src))].device if src else None
+            x = model.decode(eff.reference_latent[rows].to(device))
+            first = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in src.items()}
+            aim = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in target.items()}
+            plan.offsets[cache] = reader.change(x, first, aim).mean(0)
+    return plan.offsets[cache]
+
+
 def disagreement_shrinkage(changes: torch.Tensor) -> torch.Tensor:
     """The share of a transferred change kept, per cell, from the changes ``[C, B, G]`` that ``C``
     contexts give it: positive-part James-Stein (Efron and Morris 1973) on the contexts' mean
@@ -202,7 +230,12 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
             continue
         rows = _rows(n_of[key], what, b, device)
         if kind == "seen":
-            change = change + reader.change(x, src, {**src, **dose, key: rows})
+            target = {**src, **dose, key: rows}
+            change = change + reader.change(x, src, target)
+            mean = model.effects.seen_change(key, what, context, float(dose[dose_key][0]) if dose else None)
+            offset = None if mean is None else _reference_offset(model, reader, plan, key, what, context, src, target)
+            if offset is not None:  # the network gives how cells differ, the data the mean change
+                change = change - offset + mean.to(x)
             confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
             continue
         weights = model.effects.context_weights(model.encode(x), where)  # [B, C]

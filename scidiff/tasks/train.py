@@ -63,13 +63,15 @@ def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = 
 
 def effects_summary(report: dict) -> str:
     """One line per perturbation covariate: the singles fitted and the combination rule that
-    leave-one-combination-out cross-validation chose (:mod:`scidiff.models.effects`)."""
+    leave-one-combination-out cross-validation chose, and the share of the seen groups' squared
+    change their empirical-Bayes estimates keep (:mod:`scidiff.models.effects`)."""
     lines = []
     for key, r in report.items():
         cv = r.get("cv_mse")
         errors = ", ".join(f"{k} {v:.4g}" for k, v in cv.items()) if cv else "no seen combination to cross-validate"
         lines.append(f"perturbation effects ({key}): {r['singles_seen']} singles fitted; combinations "
-                     f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors})")
+                     f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors}); seen groups' "
+                     f"change kept after shrinkage {r.get('seen_change_kept', 1.0):.0%}")
     return "\n".join(lines)
 
 
