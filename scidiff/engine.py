@@ -244,10 +244,11 @@ class SamplingEngine:
     # -- public API --------------------------------------------------------------------------------
     def stream(self, n: int, conditioning: dict | None = None, *, seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               progress: bool = False, to_cpu: bool = True, observed: bool = False) -> Iterator[torch.Tensor]:
+               progress: bool = False, to_cpu: bool = True, observed: bool | None = None) -> Iterator[torch.Tensor]:
         """Yield ``n`` generated cells as fp32 tensors of at most ``chunk_size`` rows, on the CPU
         (``to_cpu=False``: left on the engine's device, for consumers that stay on the GPU).
-        ``observed``: measured cells (:meth:`~scidiff.models.ScIDiffModel.observe`).
+        ``observed``: measured or smooth cells, by default measured where the model can
+        (:meth:`~scidiff.models.ScIDiffModel.resolve_observed`), as ``model.sample``.
 
         ``x_T`` (and, off CUDA graphs, the noise) come from ``generator`` (else one seeded with
         ``seed``) in the order ``model.sample`` would draw them for the same chunks; in a CUDA
@@ -255,6 +256,7 @@ class SamplingEngine:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         m = self.model
+        observed = m.resolve_observed(observed, return_expression)
         cond_all = {k: v.to(self.device) for k, v in m.encode_conditioning(conditioning, n).items()}
         if generator is None:
             generator = torch.Generator(device=self.device)

@@ -72,7 +72,7 @@ def synthetic_model():
 
 def test_low_strength_keeps_a_clean_model_sample(synthetic_model):
     _, model, _ = synthetic_model
-    x = model.sample(64, {"cell_type": "type1"}, steps=20, seed=0).numpy()
+    x = model.sample(64, {"cell_type": "type1"}, steps=20, seed=0, observed=False).numpy()  # smooth: clean
     cells = ad.AnnData(X=np.expm1(x) * 10.0, obs=pd.DataFrame({"cell_type": ["type1"] * 64}))  # log1p-consistent
     cells.X = x
     cells.var_names = model.data_spec.gene_names

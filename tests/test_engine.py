@@ -137,14 +137,16 @@ def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
     engine = SamplingEngine(model, "dpmpp_2m", 6, dtype=torch.float32, chunk_size=16)
     groups = [{"cell_type": "B", "condition": "stimulated"}, {"cell_type": "NK", "condition": "control"}]
     out = tmp_path / "gen.h5ad"
-    cells, genes = generate_to_file(engine, 40, out, groups, seed=7, progress=False)
+    cells, genes = generate_to_file(engine, 40, out, groups, seed=7, progress=False, observed=False)
     assert (cells, genes) == (80, 30) and sorted(os.listdir(tmp_path)) == ["gen.h5ad"]
     read = ad.read_h5ad(out)
     assert list(read.var_names) == list(data.spec.gene_names)
     assert read.obs["cell_type"].tolist() == ["B"] * 40 + ["NK"] * 40
     assert read.obs_names[0] == "generated_0-0" and read.uns["scidiff"]["sampler"] == "dpmpp_2m"
+    assert not read.uns["scidiff"]["observed"] and read.uns["scidiff"]["expression"].endswith(", smooth")
     for i, g in enumerate(groups):  # each group is what engine.sample gives with seed + i
-        np.testing.assert_allclose(read.X[40 * i:40 * (i + 1)], engine.sample(40, g, seed=7 + i).numpy(), atol=1e-6)
+        np.testing.assert_allclose(read.X[40 * i:40 * (i + 1)], engine.sample(40, g, seed=7 + i, observed=False).numpy(),
+                                   atol=1e-6)
     # and, chunk for chunk, what model.sample gives (as generate_to_file without the engine would write)
     np.testing.assert_allclose(read.X[:40], plain_chunks_expr(model, groups[0], 40, 16, 7), atol=2e-5)
     with pytest.raises(ValueError, match="no such type"):
@@ -155,7 +157,8 @@ def test_engine_streams_chunks_into_an_h5ad(tmp_path, kang_small):
 def plain_chunks_expr(model, cond, n, chunk, seed):
     gen, parts = torch.Generator().manual_seed(seed), []
     for start in range(0, n, chunk):
-        parts.append(model.sample(min(chunk, n - start), cond, sampler="dpmpp_2m", steps=6, generator=gen))
+        parts.append(model.sample(min(chunk, n - start), cond, sampler="dpmpp_2m", steps=6, generator=gen,
+                                  observed=False))
     return torch.cat(parts).numpy()
 
 
@@ -204,7 +207,7 @@ def test_cli_sample_with_the_engine(tmp_path, kang_small):
         out = tmp_path / f"gen{len(flag)}.h5ad"
         assert main(["sample", "--model", str(tmp_path / "model.pt"), "-n", "30", "--condition", "cell_type=B",
                      "--condition", "cell_type=NK", "--sampler", "dpmpp_2m", "--steps", "8", "--seed", "4",
-                     "--out", str(out), *flag]) == 0
+                     "--smooth", "--out", str(out), *flag]) == 0
         outs[len(flag)] = ad.read_h5ad(out)
     plain, fast = outs[0], outs[1]
     assert list(fast.obs_names) == list(plain.obs_names) and list(fast.var_names) == list(plain.var_names)

@@ -51,6 +51,12 @@ def test_export_writes_the_graph_and_everything_a_sampler_needs(kang_onnx):
         np.testing.assert_array_equal(dec["basis"], model.latent_basis.numpy())
         np.testing.assert_array_equal(dec["mean"], model.latent_mean.numpy())
         np.testing.assert_array_equal(dec["scale"], model.latent_scale.numpy())
+        # the fitted detection model's tables, named by the sidecar
+        assert meta["detection"]["arrays"] == ["detection_edges", "detection_rate", "detection_levels"]
+        assert (meta["detection"]["bins"], meta["detection"]["quantiles"]) == (16, 32)
+        np.testing.assert_array_equal(dec["detection_edges"], model.detection.edges.numpy())
+        np.testing.assert_array_equal(dec["detection_rate"], model.detection.detection.numpy())
+        np.testing.assert_array_equal(dec["detection_levels"], model.detection.levels.numpy())
     # the batch dimension is dynamic, and no temporary files are left behind
     sess = _session(path)
     shapes = {i.name: i.shape for i in sess.get_inputs()}
@@ -90,18 +96,67 @@ def test_the_graph_is_the_models_denoiser_seam(kang_onnx):
 
 def test_onnx_sampler_matches_the_torch_sampler(kang_onnx):
     """Same x_T: ``OnnxSampler`` (numpy + onnxruntime) vs ``ScIDiffModel.sample`` (torch), DDIM
-    with and without guidance and DPM-Solver++(2M)."""
+    with and without guidance and DPM-Solver++(2M), on the smooth cells (the measurements draw
+    from numpy's and torch's generators: test_runtime_measures_cells_by_default)."""
     model, path = kang_onnx
     sampler = OnnxSampler(path, threads=1)
     condition = {"cell_type": "B", "condition": "stimulated"}
     for name, steps, w in (("ddim", 6, 1.0), ("ddim", 4, 2.0), ("dpmpp_2m", 6, 1.5)):
         x_T = torch.randn(50, 16, generator=torch.Generator().manual_seed(7))
-        expected = model.sample(50, condition, sampler=name, steps=steps, guidance_scale=w,
+        expected = model.sample(50, condition, sampler=name, steps=steps, guidance_scale=w, observed=False,
                                 generator=torch.Generator().manual_seed(7)).numpy()
-        got = sampler.sample(50, condition, x_T=x_T.numpy(), steps=steps, guidance=w, sampler=name, output="arrays")
+        got = sampler.sample(50, condition, x_T=x_T.numpy(), steps=steps, guidance=w, sampler=name, observed=False,
+                             output="arrays")
         assert got["X"].shape == (50, 100) and float(np.abs(expected).max()) > 1.0
         np.testing.assert_allclose(got["X"], expected, atol=2e-4, rtol=0)
         assert got["obs"]["cell_type"] == ["B"] * 50
+
+
+def test_runtime_measures_cells_by_default(kang_onnx):
+    """With the detection tables exported, cells come back measured unless asked otherwise: the
+    model's measurement (DetectionModel.measure) of the smooth cells, on uniforms drawn from the
+    seed's generator after the start points, and sparse as the torch model's measured cells."""
+    model, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    assert sampler.resolve_observed() and sampler.describe()["observed_available"]
+    kwargs = dict(seed=0, steps=4, sampler="ddim", output="arrays")
+    measured = sampler.sample(300, {"cell_type": "B"}, **kwargs)
+    smooth = sampler.sample(300, {"cell_type": "B"}, observed=False, **kwargs)
+    note = "log1p-normalised, measured through the detection model"
+    assert measured["observed"] is True and measured["expression"] == note
+    assert smooth["observed"] is False and smooth["expression"] == "log1p-normalised, smooth"
+    z = sampler.sample(300, {"cell_type": "B"}, **{**kwargs, "output": "latent"})
+    np.testing.assert_array_equal(smooth["X"], sampler.to_expression(sampler.decode(z)))
+    rng = np.random.default_rng(0)
+    rng.standard_normal((300, 16), dtype=np.float32)  # x_T
+    detect_u, level_u = rng.random((300, 100), dtype=np.float32), rng.random((300, 100), dtype=np.float32)
+    cells = torch.from_numpy(sampler.to_expression(sampler.decode(z), clip=False))
+    expected = model.detection.measure(cells, torch.from_numpy(detect_u), torch.from_numpy(level_u)).numpy()
+    np.testing.assert_allclose(measured["X"], expected, rtol=0, atol=1e-6)
+    torch_zeros = float((model.sample(300, {"cell_type": "B"}, sampler="ddim", steps=4, seed=0) == 0).float().mean())
+    zeros = float((measured["X"] == 0).mean())
+    assert abs(zeros - torch_zeros) < 0.05 and zeros > float((smooth["X"] == 0).mean()) + 0.3
+    a = sampler.sample(5, {"cell_type": "B"}, **{**kwargs, "output": "anndata"})
+    assert a.uns["scidiff"]["observed"] and "detection model" in a.uns["scidiff"]["expression"]
+
+
+def test_an_export_without_detection_tables_gives_smooth_cells(kang_onnx, tmp_path):
+    """An export from before the detection tables (or of a model without a fitted detection
+    model): smooth cells by default, and asking for measured ones is an error that says why."""
+    _, path = kang_onnx
+    for name in ("model.onnx", "model.json", "model.decoder.npz"):
+        shutil.copy(path.parent / name, tmp_path / name)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["detection"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    old, new = OnnxSampler(tmp_path / "model.onnx", threads=1), OnnxSampler(path, threads=1)
+    assert not old.resolve_observed() and not old.describe()["observed_available"]
+    got = old.sample(6, {"cell_type": "B"}, seed=2, steps=3, output="arrays")
+    assert got["observed"] is False and got["expression"].endswith("smooth")
+    np.testing.assert_array_equal(got["X"], new.sample(6, {"cell_type": "B"}, seed=2, steps=3, observed=False,
+                                                       output="arrays")["X"])
+    with pytest.raises(ValueError, match="need a detection model, and the export 'model.json' has none"):
+        old.sample(2, observed=True)
 
 
 def test_stochastic_ddim_matches_torch_with_the_same_noise(kang_onnx):

@@ -75,6 +75,37 @@ def test_measurement_conditioned_on_an_interval_is_the_free_one_restricted_to_it
     torch.testing.assert_close(det.region_probability(cell[:1], both), expected)
 
 
+def test_sample_is_measure_on_uniforms_drawn_gene_major():
+    """``sample`` draws the detection uniforms, then the level uniforms, each ``[G, N]``, and
+    applies the deterministic map ``measure``."""
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(5_000, 3, generator=gen)
+    det = DetectionModel(3).fit(smooth, hurdle(smooth, gen))
+    fresh = torch.randn(400, 3, generator=gen) * 1.5
+    draws = torch.Generator().manual_seed(4)
+    detect_u, level_u = torch.rand(3, 400, generator=draws), torch.rand(3, 400, generator=draws)
+    torch.testing.assert_close(det.sample(fresh, torch.Generator().manual_seed(4)),
+                               det.measure(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
+
+
+def test_numpy_measure_equals_the_torch_map_on_the_same_uniforms():
+    """The ONNX runtime's measurement (numpy, no torch) is DetectionModel.measure: same tables,
+    same uniforms, same cells to 1e-6, for smooth values inside, outside and on the bin edges."""
+    from scidiff.export.onnx import detection_arrays
+    from scidiff.export.runtime import measure
+
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(5_000, 4, generator=gen)
+    det = DetectionModel(4).fit(smooth, hurdle(smooth, gen))
+    fresh = torch.cat([torch.randn(2_000, 4, generator=gen) * 2, det.edges.T])  # edges: ties in the search
+    detect_u, level_u = torch.rand(fresh.shape, generator=gen), torch.rand(fresh.shape, generator=gen)
+    expected = det.measure(fresh, detect_u, level_u).numpy()
+    got = measure(detection_arrays(det), fresh.numpy(), detect_u.numpy(), level_u.numpy())
+    assert got.dtype == np.float32 and 0.2 < float((got == 0).mean()) < 0.8
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(got == 0, expected == 0)
+
+
 def test_detection_model_errors():
     det = DetectionModel(4)
     with pytest.raises(RuntimeError, match="fit_detection"):
@@ -89,7 +120,7 @@ def test_observed_samples_have_the_data_sparsity_and_old_checkpoints_load(tmp_pa
     data = scidiff.setup_anndata(kang_small, n_top_genes=200, condition_keys=["cell_type"])
     model = ScIDiffModel.from_data(data, latent_dim=16, hidden_dim=32, num_layers=1, num_timesteps=100)
     real_zeros = float((data.log_expression() == 0).mean())
-    smooth = model.sample(300, steps=5, seed=0)
+    smooth = model.sample(300, steps=5, seed=0, observed=False)
     observed = model.sample(300, steps=5, seed=0, observed=True)
     assert float((smooth == 0).float().mean()) < real_zeros - 0.3  # the smooth state is dense
     assert abs(float((observed == 0).float().mean()) - real_zeros) < 0.05

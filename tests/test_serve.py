@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def test_health_and_model(url, sampler):
     assert "B" in info["conditions"]["cell_type"] and sorted(info["conditions"]["condition"]) == ["control", "stimulated"]
     assert info["version"] == sampler.meta["scidiff_version"] and info["samplers"] == ["ddim", "dpmpp_2m"]
     assert info["defaults"]["steps"] == 8
+    assert info["observed_available"] is True and "measured" in info["expression"]
 
 
 def test_generate_json_is_the_samplers_output(url, sampler):
@@ -101,6 +103,51 @@ def test_generate_npz_and_h5ad_downloads(url, sampler, tmp_path):
     assert a.shape == (6, 100) and list(a.var_names) == sampler.genes
     np.testing.assert_allclose(a.X, expected, atol=1e-6)
     assert a.uns["scidiff"]["sampler"] == "dpmpp_2m" and int(a.uns["scidiff"]["seed"]) == 9
+
+
+def test_generate_says_which_expression_it_returns(url, sampler, tmp_path):
+    """Measured cells by default (the export has a detection model), smooth ones with
+    ``observed: false``; the JSON, the header and both downloads say which."""
+    import anndata as ad
+
+    body = {"n": 40, "condition": {"cell_type": "B"}, "seed": 4, "steps": 4}
+    measured = httpx.post(f"{url}/generate", json=body, timeout=60)
+    smooth = httpx.post(f"{url}/generate", json={**body, "observed": False}, timeout=60)
+    assert measured.status_code == smooth.status_code == 200, measured.text + smooth.text
+    assert measured.headers["x-scidiff-expression"] == "measured" and smooth.headers["x-scidiff-expression"] == "smooth"
+    m, s = measured.json(), smooth.json()
+    assert m["observed"] is True and m["expression"] == "log1p-normalised, measured through the detection model"
+    assert s["observed"] is False and s["expression"] == "log1p-normalised, smooth"
+    np.testing.assert_allclose(np.asarray(m["X"]), sampler.sample(40, {"cell_type": "B"}, seed=4, steps=4,
+                                                                  output="arrays")["X"], atol=2e-6)
+    np.testing.assert_allclose(np.asarray(s["X"]), sampler.sample(40, {"cell_type": "B"}, seed=4, steps=4,
+                                                                  observed=False, output="arrays")["X"], atol=2e-6)
+    assert float((np.asarray(m["X"]) == 0).mean()) > float((np.asarray(s["X"]) == 0).mean()) + 0.3
+    assert httpx.post(f"{url}/generate", json={**body, "observed": True}, timeout=60).json()["X"] == m["X"]
+    z = np.load(io.BytesIO(httpx.post(f"{url}/generate", json={**body, "format": "npz"}, timeout=60).content))
+    assert bool(z["observed"]) and "measured" in str(z["expression"])
+    r = httpx.post(f"{url}/generate", json={**body, "observed": False, "format": "h5ad"}, timeout=60)
+    assert r.headers["x-scidiff-expression"] == "smooth"
+    (tmp_path / "g.h5ad").write_bytes(r.content)
+    uns = ad.read_h5ad(tmp_path / "g.h5ad").uns["scidiff"]
+    assert not uns["observed"] and uns["expression"] == "log1p-normalised, smooth"
+
+
+def test_an_export_without_detection_serves_smooth_cells(kang_onnx, tmp_path):
+    """An export without detection tables: ``GET /model`` says measured cells are unavailable,
+    cells are smooth by default and ``observed: true`` is a 400 that says why."""
+    for path in kang_onnx[1].parent.iterdir():
+        shutil.copy(path, tmp_path / path.name)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    del meta["detection"]
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with serving(create_app(OnnxSampler(tmp_path / "model.onnx", threads=1), max_cells=CAP)) as address:
+        assert httpx.get(f"{address}/model", timeout=10).json()["observed_available"] is False
+        r = httpx.post(f"{address}/generate", json={"n": 2, "steps": 2}, timeout=60)
+        assert r.status_code == 200 and r.headers["x-scidiff-expression"] == "smooth" and not r.json()["observed"]
+        r = httpx.post(f"{address}/generate", json={"n": 2, "steps": 2, "observed": True}, timeout=60)
+        assert r.status_code == 400 and "need a detection model" in r.json()["detail"]
+        assert str(tmp_path) not in r.text  # the server's paths stay private
 
 
 @pytest.mark.parametrize("body,status,message", [
@@ -299,6 +346,8 @@ def test_the_body_limit_is_exact_and_set_by_max_body_bytes(sampler):
     ({"n": 2, "eta": 1.5}, 422, "eta", "less than or equal to 1"),
     ({"n": 2, "eta": -0.1}, 422, "eta", "greater than or equal to 0"),
     ({"n": 2, "sampler": 3}, 422, "sampler", "valid string"),
+    ({"n": 2, "observed": 1}, 422, "observed", "valid boolean"),
+    ({"n": 2, "observed": "true"}, 422, "observed", "valid boolean"),
     ({"n": 2, "format": None}, 422, "format", "'json', 'npz' or 'h5ad'"),
     ({"n": 2, "condition": "B"}, 422, "condition", "valid dictionary"),
     ({"n": 2, "condition": {"cell_type": True}}, 422, "condition", "got a boolean"),

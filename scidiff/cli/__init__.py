@@ -14,7 +14,7 @@ import warnings
 from typing import Callable, NamedTuple
 
 from .. import __version__
-from . import demo, denoise, design, evaluate, export_onnx, predict, sample, serve, train
+from . import demo, denoise, design, distil, evaluate, export_onnx, predict, sample, serve, train
 from .common import (SAMPLER_CHOICES, check_out, device_name, finite_float, nonnegative_float, nonnegative_int,
                      parse_conditioning, parse_conditions, positive_int, sampling_settings, seed_value, unit_interval,
                      user_error)
@@ -32,8 +32,8 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {name: Command(module.add, module.run) for name, module in (
-    ("train", train), ("sample", sample), ("evaluate", evaluate), ("predict", predict), ("denoise", denoise),
-    ("design", design), ("demo", demo), ("export-onnx", export_onnx), ("serve", serve))}
+    ("train", train), ("distil", distil), ("sample", sample), ("evaluate", evaluate), ("predict", predict),
+    ("denoise", denoise), ("design", design), ("demo", demo), ("export-onnx", export_onnx), ("serve", serve))}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,10 +11,12 @@ def add(sub):
     p.add_argument("--out", default="demo_out")
     p.add_argument("--epochs", type=positive_int, default=400)
     p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--smooth", action="store_true",
+                   help="generate each cell's smooth expression instead of measured (sparse) cells")
 
 
 def run(args):
     from ..tasks.demo import run_demo  # lazy: keeps --help light (torch, anndata)
 
     check_out(args.out, folder=True)
-    run_demo(args.out, epochs=args.epochs, seed=args.seed)
+    run_demo(args.out, epochs=args.epochs, seed=args.seed, observed=False if args.smooth else None)

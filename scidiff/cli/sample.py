@@ -9,7 +9,8 @@ from .common import (SAMPLER_CHOICES, check_out, device_name, finite_float, nonn
 def add(sub):
     p = sub.add_parser("sample", help="generate cells from a trained model",
                        description="Generate cells; the output .h5ad has the model's genes as var_names "
-                                   "and the conditions in obs.")
+                                   "and the conditions in obs. Cells are measured (sparse) where the model has a "
+                                   "detection model, else smooth; uns['scidiff'] says which.")
     p.add_argument("--model", required=True, help="run folder or model.pt")
     p.add_argument("-n", type=positive_int, required=True, help="cells per condition")
     p.add_argument("--condition", action="append", default=None,
@@ -25,9 +26,12 @@ def add(sub):
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--device", type=device_name, default="cpu")
-    p.add_argument("--observed", action="store_true",
-                   help="write measured cells (sparse, with the training data's detection rates; principal-axes "
-                        "models) instead of their smooth expression")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--observed", action="store_true",
+                      help="measured cells (sparse, with the training data's detection rates): the default for "
+                           "principal-axes models; with this flag, an error for a model that cannot measure")
+    kind.add_argument("--smooth", action="store_true",
+                      help="each cell's smooth expression instead of a measurement of it")
     p.add_argument("--engine", action="store_true",
                    help="the fast sampling engine (bf16 network where supported, per-condition caching; "
                         "CUDA graphs and Triton kernels on a GPU)")
@@ -36,6 +40,16 @@ def add(sub):
                         "shard per process (each its share of the cells and its own seed stream) + manifest.json")
     p.add_argument("--merge", action="store_true",
                    help="with a folder: also concatenate the shards into FOLDER/generated.h5ad")
+
+
+def _observed(args) -> bool | None:
+    """``--observed`` / ``--smooth`` as the ``observed`` argument (``None``: the model's default)."""
+    return True if args.observed else False if args.smooth else None
+
+
+def _kind(observed: bool) -> str:
+    """What the written cells are, for the closing line."""
+    return "measured cells" if observed else "smooth cells (--smooth)"
 
 
 def _sharded_output(out: str) -> bool:
@@ -67,14 +81,14 @@ def _sample_sharded(args, model, groups, settings):
     try:
         manifest = generate_sharded(model, args.n, args.out, groups, rank=distributed.rank(), world_size=world,
                                     seed=args.seed, merge=args.merge, progress=distributed.is_main_process(),
-                                    observed=args.observed, **settings)
+                                    observed=_observed(args), **settings)
     finally:
         if world > 1 and distributed.is_distributed():
             dist.destroy_process_group()
     if manifest is not None:
+        files = f"{len(manifest['shards'])} shard(s), {MANIFEST}" + (f", {MERGED_FILE}" if args.merge else "")
         print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
-              f"({len(manifest['shards'])} shard(s), {MANIFEST}"
-              + (f", {MERGED_FILE})" if args.merge else ")"))
+              f"({files}; {_kind(manifest['observed'])})")
 
 
 def run(args):
@@ -90,6 +104,7 @@ def run(args):
     if sharded:
         return _sample_sharded(args, model, groups, settings)
     # written chunk by chunk (bounded memory, progress bar); the file appears when complete
-    cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=args.observed,
+    observed = model.resolve_observed(_observed(args))
+    cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=observed,
                                     engine=args.engine, **settings)
-    print(f"wrote {cells} cells x {genes} genes to {args.out}")
+    print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed)})")

@@ -6,7 +6,9 @@
 - :mod:`.samplers`: DDIM, DDPM, DPM-Solver++(2M), Heun, Euler-Maruyama as plan + walker, and
   DDIM inversion;
 - :mod:`.guidance`: classifier-free guidance, objective guidance, guidance schedules, the Polyak step;
-- :mod:`.smc`: sequential Monte Carlo resampling, walking with the walker's hook.
+- :mod:`.smc`: sequential Monte Carlo resampling, walking with the walker's hook;
+- :mod:`.distillation`: progressive distillation's grid, target and loss weight, and the
+  distilled :class:`~.distillation.Student` (Salimans & Ho 2022).
 
 Names load on first use (PEP 562), so that :mod:`.plans` imports without torch (the ONNX runtime
 uses it).
@@ -25,6 +27,7 @@ _NAMES = {
     "guidance": ["SCHEDULES", "cfg_combine", "classifier_free_guidance", "double_rows", "guidance_interval",
                  "objective_guidance", "polyak_step"],
     "smc": ["systematic_resample", "walk_smc"],
+    "distillation": ["Student", "halving_timesteps"],
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 

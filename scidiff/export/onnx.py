@@ -25,8 +25,11 @@ Output ``x0``: float32 ``[B, D]``, the guided prediction of the clean sample.
 Beside ``model.onnx`` the exporter writes ``model.json`` (the sidecar: genes, normalisation and
 scaling, vocabularies, the noise schedule, input names, default sampler and steps, versions and
 checksums) and, for latent models, ``model.decoder.npz`` (``mean [G]``, ``basis [L, G]``,
-``scale [L]``: ``genes = (z * scale) @ basis + mean``). Every file is written to a temporary name
-and renamed; the sidecar is written last.
+``scale [L]``: ``genes = (z * scale) @ basis + mean``; with a fitted detection model also its
+tables, ``detection_edges [G, bins + 1]``, ``detection_rate [G, bins]`` and
+``detection_levels [G, bins, quantiles]``, from which the runtime measures cells, as
+:class:`~scidiff.models.observation.DetectionModel` does). Every file is written to a temporary
+name and renamed; the sidecar is written last.
 """
 from __future__ import annotations
 
@@ -252,16 +255,28 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
                      "alphas_cumprod": [float(v) for v in model.scheduler.alphas_cumprod.double()]},
         "sampling": {"sampler": sampler, "steps": int(steps), "eta": float(eta),
                      "guidance_scale": float(guidance_scale), "samplers": list(SAMPLER_NAMES)},
-        "latent": None,
+        "latent": None, "detection": None,
         "model_config": model.config(),
     }
+
+
+def detection_arrays(detection) -> dict:
+    """A fitted :class:`~scidiff.models.observation.DetectionModel`'s tables as the decoder file
+    holds them (empty for ``None`` or an unfitted one)."""
+    if detection is None or not bool(detection.fitted):
+        return {}
+    return {"detection_edges": detection.edges.cpu().numpy().astype(np.float32),
+            "detection_rate": detection.detection.cpu().numpy().astype(np.float32),
+            "detection_levels": detection.levels.cpu().numpy().astype(np.float32)}
 
 
 def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
                 guidance_scale: float = 1.0, opset: int | None = None, check: bool = True,
                 verbose: bool = False) -> dict:
     """Export ``model`` (a :class:`ScIDiffModel` or a checkpoint path) to ``path`` (``.onnx``),
-    with the sidecar ``.json`` and, for latent models, the ``.decoder.npz`` beside it.
+    with the sidecar ``.json`` and, for latent models, the ``.decoder.npz`` beside it (with the
+    detection model's tables when it is fitted: the runtime then returns measured cells by
+    default).
 
     ``sampler``/``steps``/``eta``/``guidance_scale`` are the defaults recorded for samplers.
     With ``check`` the saved graph is loaded by onnxruntime and compared with torch on a probe
@@ -299,10 +314,14 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
         dec = decoder_path(path)
         arrays = {"mean": model.latent_mean.numpy().astype(np.float32),
                   "basis": model.latent_basis.numpy().astype(np.float32),
-                  "scale": model.latent_scale.numpy().astype(np.float32)}
+                  "scale": model.latent_scale.numpy().astype(np.float32), **detection_arrays(model.detection)}
         atomic_path(dec, lambda tmp: _savez(tmp, arrays))
         sidecar["latent"] = {"dim": int(model.latent_dim), "file": os.path.basename(dec), "sha256": sha256_of(dec),
                              "decode": "genes = (z * scale) @ basis + mean"}
+        if "detection_rate" in arrays:  # its tables are in the decoder file
+            sidecar["detection"] = {"bins": model.detection.bins, "quantiles": model.detection.quantiles,
+                                    "arrays": ["detection_edges", "detection_rate", "detection_levels"],
+                                    "measure": "scidiff.models.observation.DetectionModel.measure"}
         written["decoder"] = dec
     atomic_path(path, lambda tmp: _readable(tmp, program.save(tmp, external_data=False)))
     sidecar["onnx_sha256"] = sha256_of(path)

@@ -6,6 +6,10 @@ label with DDIM or DPM-Solver++(2M), classifier-free guidance and a seed. The sa
 functions over a numpy denoiser ``denoiser(x, t) -> x0_hat``, the same seam as
 :mod:`scidiff.diffusion.samplers`, and walk the same plans (:mod:`scidiff.diffusion.plans`, torch-
 free: the same grid and coefficients, the same walker), so the same ``x_T`` gives the same cells.
+Where the export carries a fitted detection model, cells come back measured (sparse) by default,
+through :func:`measure`, the numpy twin of
+:meth:`~scidiff.models.observation.DetectionModel.measure`; ``observed=False`` gives the smooth
+expression.
 
 Execution provider: CUDA with IO binding when onnxruntime-gpu *and* a working GPU are present,
 CPU otherwise. onnxruntime-gpu lists ``CUDAExecutionProvider`` even on machines without a GPU, so
@@ -28,7 +32,7 @@ import numpy as np
 from ..diffusion.plans import PlanStep, logsnr_timesteps, sampler_plan, step_update, timesteps, walk
 
 __all__ = ["Batch", "OnnxSampler", "Plan", "Trajectory", "ddim", "dpmpp_2m", "load_sidecar", "logsnr_timesteps",
-           "make_session", "sampler_name", "timesteps"]
+           "make_session", "measure", "sampler_name", "timesteps"]
 
 SIDECAR_FORMAT = "scidiff.onnx"
 SAMPLERS = ("ddim", "dpmpp_2m")
@@ -97,6 +101,26 @@ def sampler_name(name: str | None, default: str = "ddim") -> str:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {list(SAMPLERS)} (or 'dpm-solver++')")
     return name
+
+
+# -- measured cells -----------------------------------------------------------------------------
+def measure(tables: dict[str, np.ndarray], smooth: np.ndarray, detect_u: np.ndarray,
+            level_u: np.ndarray) -> np.ndarray:
+    """:meth:`DetectionModel.measure <scidiff.models.observation.DetectionModel.measure>` in
+    numpy: the measured profile ``[N, G]`` of smooth expression ``[N, G]`` given uniforms
+    ``detect_u`` and ``level_u`` ``[N, G]``, from the exported ``tables`` (``detection_edges``,
+    ``detection_rate``, ``detection_levels``)."""
+    edges, rate, levels = tables["detection_edges"], tables["detection_rate"], tables["detection_levels"]
+    smooth = np.asarray(smooth, np.float32)
+    genes, q = np.arange(smooth.shape[1]), levels.shape[2]
+    b = np.empty(smooth.shape, np.int64)  # each value's bin: the inner edges at or below it
+    for j in genes:
+        b[:, j] = np.searchsorted(edges[j, 1:-1], smooth[:, j], side="right")
+    v = np.asarray(level_u, np.float32) * np.float32(q - 1)
+    lo = np.minimum(np.floor(v).astype(np.int64), q - 2)
+    left, right = levels[genes, b, lo], levels[genes, b, lo + 1]
+    level = left + (v - lo.astype(np.float32)) * (right - left)
+    return np.where(np.asarray(detect_u, np.float32) < rate[genes, b], level, np.float32(0)).astype(np.float32)
 
 
 # -- GPU detection ----------------------------------------------------------------------------
@@ -185,7 +209,8 @@ def sha256_of(path) -> str:
 @dataclass
 class Batch:
     """One sampling call's conditioning: a table of ``K`` distinct conditions, each cell's row
-    ``index [B]``, per-row guidance, and the ``B`` starting points and step noise."""
+    ``index [B]``, per-row guidance, the ``B`` starting points and step noise, and the generator
+    ``rng`` they come from (which then draws the cells' measurements)."""
 
     x_T: np.ndarray
     index: np.ndarray
@@ -193,6 +218,7 @@ class Batch:
     guidance: np.ndarray
     noise: Callable[[int], np.ndarray] | None = None
     obs: dict[str, list] = field(default_factory=dict)
+    rng: np.random.Generator | None = None
 
 
 class Trajectory:
@@ -302,7 +328,7 @@ class OnnxSampler:
         self.control_labels = [str(v) for v in pert.get("control_labels", ["control", "ctrl"])]
         self.separator = pert.get("separator", "+")
         self.dim = int(meta["diffusion_dim"])
-        self.decoder = None
+        self.decoder = self.detection = None
         if meta.get("latent"):
             dec = os.path.join(folder, meta["latent"]["file"])
             if not os.path.exists(dec):
@@ -311,6 +337,7 @@ class OnnxSampler:
                 raise ValueError(f"{dec!r} does not match its sidecar {meta['_path']!r} (SHA-256 differs)")
             with np.load(dec) as z:
                 self.decoder = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in ("mean", "basis", "scale")}
+                self.detection = self._detection_tables(z, dec)
             self.decoder["scaled_basis"] = self.decoder["scale"][:, None] * self.decoder["basis"]
         self.session, self.device_type = make_session(self.onnx_path, device, threads)
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
@@ -320,6 +347,18 @@ class OnnxSampler:
         if missing:
             raise ValueError(f"{self.onnx_path!r} lacks the inputs {missing} named in its sidecar")
         self.defaults = dict(meta["sampling"])
+
+    def _detection_tables(self, npz, path) -> dict[str, np.ndarray] | None:
+        """The detection model's tables the sidecar names, from the decoder file (``None``
+        when the export has none: a model without a fitted detection model, or an older export)."""
+        names = (self.meta.get("detection") or {}).get("arrays")
+        if not names:
+            return None
+        missing = [k for k in names if k not in npz]
+        if missing:
+            raise ValueError(f"{path!r} lacks the detection tables {missing} named in {self.meta['_path']!r}; "
+                             "export the model again")
+        return {k: np.ascontiguousarray(npz[k], dtype=np.float32) for k in names}
 
     # -- description ------------------------------------------------------------------------
     @property
@@ -334,7 +373,8 @@ class OnnxSampler:
                 "perturbations": [c["key"] for c in self.covariates if c["kind"] == "perturbation"],
                 "samplers": list(SAMPLERS), "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
                 "num_timesteps": self.num_timesteps, "latent_dim": (self.meta.get("latent") or {}).get("dim"),
-                "expression": self.meta["normalisation"].get("expression", "log1p-normalised"),
+                "observed_available": self.detection is not None,
+                "expression": self.expression_note(self.resolve_observed()),
                 "version": self.meta.get("scidiff_version"), "providers": self.providers}
 
     # -- conditions -------------------------------------------------------------------------
@@ -501,8 +541,19 @@ class OnnxSampler:
         return run_bound
 
     # -- sampling ---------------------------------------------------------------------------
-    def resolve(self, sampler=None, steps=None, eta=None, guidance=None) -> dict:
-        """Defaults from the sidecar, validated."""
+    def resolve_observed(self, observed: bool | None = None) -> bool:
+        """Whether cells come back measured: ``observed`` when given; by default (``None``)
+        when the export carries a detection model."""
+        if observed is None:
+            return self.detection is not None
+        if observed and self.detection is None:
+            side = os.path.basename(self.meta["_path"])
+            raise ValueError(f"observed (measured) cells need a detection model, and the export {side!r} has none: "
+                             "export a principal-axes model with a fitted detection model, or ask for smooth cells")
+        return bool(observed)
+
+    def resolve(self, sampler=None, steps=None, eta=None, guidance=None, observed=None) -> dict:
+        """Defaults from the sidecar, validated; ``observed`` resolved by :meth:`resolve_observed`."""
         d = self.defaults
         name = sampler_name(sampler, d.get("sampler", "ddim"))
         steps = int(d.get("steps", 50) if steps is None else steps)
@@ -516,12 +567,14 @@ class OnnxSampler:
         guidance = float(d.get("guidance_scale", 1.0) if guidance is None else guidance)
         if not math.isfinite(guidance):
             raise ValueError(f"guidance must be a finite number, got {guidance}")
-        return {"sampler": name, "steps": steps, "eta": eta, "guidance": guidance}
+        return {"sampler": name, "steps": steps, "eta": eta, "guidance": guidance,
+                "observed": self.resolve_observed(observed)}
 
     def prepare(self, n: int, condition: dict | None = None, *, seed: int | None = None, guidance: float = 1.0,
                 eta: float = 0.0, x_T: np.ndarray | None = None) -> Batch:
         """The inputs of one request: its condition table and, from ``seed``, its starting noise
-        ``x_T`` and step noise (drawn in order from one ``numpy.random.default_rng(seed)``)."""
+        ``x_T``, step noise and then measurements (drawn in order from one
+        ``numpy.random.default_rng(seed)``)."""
         n = int(n)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
@@ -533,7 +586,7 @@ class OnnxSampler:
         if x_T.shape != (n, self.dim):
             raise ValueError(f"x_T must have shape {(n, self.dim)}, got {x_T.shape}")
         noise = (lambda i: rng.standard_normal((n, self.dim), dtype=np.float32)) if eta > 0 else None
-        return Batch(x_T, index, table, np.full(int(index.max()) + 1, guidance, np.float32), noise, obs)
+        return Batch(x_T, index, table, np.full(int(index.max()) + 1, guidance, np.float32), noise, obs, rng)
 
     def grid(self, sampler: str, steps: int) -> list[int]:
         """The timesteps ``sampler`` evaluates the network at (one graph call each)."""
@@ -555,13 +608,33 @@ class OnnxSampler:
             return np.asarray(z, np.float32)
         return z.astype(np.float32) @ self.decoder["scaled_basis"] + self.decoder["mean"]
 
-    def to_expression(self, x: np.ndarray) -> np.ndarray:
-        """Model space -> log1p-normalised expression, clipped at 0."""
-        return np.maximum(x * self.gene_scale + self.gene_offset, 0.0).astype(np.float32)
+    def to_expression(self, x: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Model space -> log1p-normalised expression, clipped at 0 (unless ``clip=False``)."""
+        x = x * self.gene_scale + self.gene_offset
+        return (np.maximum(x, 0.0) if clip else x).astype(np.float32)
+
+    def express(self, z: np.ndarray, observed: bool | None = None,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+        """Samples in diffusion space -> the cells' log1p-normalised expression: measured
+        (:func:`measure`, its uniforms drawn from ``rng``) or smooth, as :meth:`resolve_observed`
+        decides."""
+        x = self.decode(z)
+        if not self.resolve_observed(observed):
+            return self.to_expression(x)
+        rng = np.random.default_rng() if rng is None else rng
+        smooth = self.to_expression(x, clip=False)
+        detect_u = rng.random(smooth.shape, dtype=np.float32)
+        level_u = rng.random(smooth.shape, dtype=np.float32)
+        return measure(self.detection, smooth, detect_u, level_u)
+
+    def expression_note(self, observed: bool) -> str:
+        """What the expression holds (``uns['scidiff']['expression']``, the server's ``expression``)."""
+        what = self.meta["normalisation"].get("expression", "log1p-normalised")
+        return what + (", measured through the detection model" if observed else ", smooth")
 
     def sample(self, n: int, condition: dict | None = None, *, seed: int | None = None, sampler: str | None = None,
                steps: int | None = None, eta: float | None = None, guidance: float | None = None,
-               x_T: np.ndarray | None = None, output: str = "anndata"):
+               x_T: np.ndarray | None = None, observed: bool | None = None, output: str = "anndata"):
         """Generate ``n`` cells.
 
         ``condition``: covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``), a
@@ -569,23 +642,26 @@ class OnnxSampler:
         where the vocabulary also has it as a different label), or a number for a numeric
         covariate; absent = null. (The HTTP server takes labels only.)
         ``sampler``: ``"ddim"`` or ``"dpmpp_2m"``; ``steps``, ``eta`` (DDIM), ``guidance``
-        (classifier-free guidance scale) default to the sidecar's. ``output``: ``"anndata"``
+        (classifier-free guidance scale) default to the sidecar's. ``observed``: measured cells,
+        the default where the export has a detection model, or smooth ones (``False``); ``uns``
+        (or the arrays) record which. ``output``: ``"anndata"``
         (falls back to ``"arrays"`` when anndata is not installed), ``"arrays"`` (a dict with
         ``X``, ``genes``, ``obs``, ``seed``) or ``"latent"`` (the raw ``[n, D]`` samples).
         """
-        opts = self.resolve(sampler, steps, eta, guidance)
+        opts = self.resolve(sampler, steps, eta, guidance, observed)
         seed = int(secrets.randbits(63)) if seed is None else int(seed)
         batch = self.prepare(n, condition, seed=seed, guidance=opts["guidance"], eta=opts["eta"], x_T=x_T)
         z = self.run(batch, opts["sampler"], opts["steps"], opts["eta"])
         if output == "latent":
             return z
-        return self.package(self.to_expression(self.decode(z)), batch.obs, seed, opts, output)
+        return self.package(self.express(z, opts["observed"], batch.rng), batch.obs, seed, opts, output)
 
     def package(self, x: np.ndarray, obs: dict, seed: int, opts: dict, output: str = "anndata"):
-        """Expression + labels -> AnnData (when importable and asked for) or a dict of arrays."""
+        """Expression + labels -> AnnData (when importable and asked for) or a dict of arrays;
+        ``opts`` as :meth:`resolve` gives them."""
         if output not in ("anndata", "arrays"):
             raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {output!r}")
-        info = {**opts, "seed": int(seed), "expression": self.meta["normalisation"].get("expression", "log1p-normalised"),
+        info = {**opts, "seed": int(seed), "expression": self.expression_note(opts["observed"]),
                 "scidiff_version": self.meta.get("scidiff_version")}
         if output == "anndata":
             try:

@@ -2,27 +2,31 @@
 
 Endpoints:
 
-- ``POST /generate`` ``{n, condition, seed, sampler, steps, guidance, eta, format}``: ``n`` cells of
-  one condition (labels by covariate), as JSON (``format: "json"``, values rounded to 6 decimals),
-  or as an ``.npz`` / ``.h5ad`` download (exact float32). The seed used is returned (JSON field,
-  ``X-Scidiff-Seed`` header), so a request without one can be repeated.
+- ``POST /generate`` ``{n, condition, seed, sampler, steps, guidance, eta, observed, format}``: ``n``
+  cells of one condition (labels by covariate), as JSON (``format: "json"``, values rounded to 6
+  decimals), or as an ``.npz`` / ``.h5ad`` download (exact float32). The cells are measured (sparse,
+  through the export's detection model) by default where the export has one, smooth with
+  ``observed: false`` (``observed: true`` is a 400 for an export without one); which one comes back
+  is said by the ``observed`` and ``expression`` fields (JSON; the npz's arrays; the h5ad's
+  ``uns['scidiff']``) and the ``X-Scidiff-Expression: measured|smooth`` header. The seed used is
+  returned (JSON field, ``X-Scidiff-Seed`` header), so a request without one can be repeated.
 - ``GET /health``: liveness and scheduler counters. ``GET /model``: genes, vocabularies, defaults,
-  version, limits.
+  version, limits, whether measured cells are available (``observed_available``).
 
-Limits. A request body over ``max_body_bytes`` (default 1 MiB) gets 413 before anything parses
-it, whether it declares a Content-Length or is sent chunked; ``POST /generate`` takes JSON only
-(415 otherwise). Types are strict: ``n``, ``steps`` and ``seed`` are JSON integers (``true`` or
-``2.0`` are refused), ``n`` lies in [1, ``max_cells``], ``steps`` in [1, min(``max_steps``, the
-model's timesteps)], ``seed`` in [0, 2**63), ``guidance`` in [0, 20] and ``eta`` in [0, 1] (finite
-numbers; NaN and infinities are refused). A condition is one value per covariate: a label (a JSON
-string of the model's vocabulary, recorded as such in ``obs``) for a categorical or perturbation
-covariate (a number there is refused, not read as a code), a finite number for a numeric one, or
-null. Unknown fields are refused. A body that is not JSON, a value of the wrong type or out of
-range gets 422 (``detail``: a list of ``{loc, field, msg, type}``); condition keys, labels or
-samplers the model does not know, and ``n`` or ``steps`` over the server's caps, get 400
-(``detail``: a message naming the field and, for labels, the vocabulary). No error echoes the
-request body or a long input value back: FastAPI's ``input`` is dropped from 422s and quoted
-values are cut to 60 characters.
+Limits. A request body over ``max_body_bytes`` (default 1 MiB) gets 413 before anything parses it,
+whether it declares a Content-Length or is sent chunked; ``POST /generate`` takes JSON only (415
+otherwise). Types are strict: ``n``, ``steps`` and ``seed`` are JSON integers (``true`` or ``2.0``
+are refused), ``observed`` a JSON boolean (``1`` or ``"true"`` are refused), ``n`` lies in
+[1, ``max_cells``], ``steps`` in [1, min(``max_steps``, the model's timesteps)], ``seed`` in
+[0, 2**63), ``guidance`` in [0, 20] and ``eta`` in [0, 1] (finite numbers; NaN and infinities are
+refused). A condition is one value per covariate: a label (a JSON string of the model's vocabulary,
+recorded as such in ``obs``) for a categorical or perturbation covariate (a number there is
+refused, not read as a code), a finite number for a numeric one, or null. Unknown fields are
+refused. A body that is not JSON, a value of the wrong type or out of range gets 422 (``detail``: a
+list of ``{loc, field, msg, type}``); condition keys, labels or samplers the model does not know,
+and ``n`` or ``steps`` over the server's caps, get 400 (``detail``: a message naming the field and,
+for labels, the vocabulary). No error echoes the request body or a long input value back: FastAPI's
+``input`` is dropped from 422s and quoted values are cut to 60 characters.
 
 Scheduling. A :class:`Batcher` worker thread runs every request in slices of at most
 ``slice_cell_steps`` cells x sampler steps (whole steps while they fit; a step over more cells in
@@ -96,6 +100,8 @@ class GenerateRequest(BaseModel):
     guidance: Optional[float] = Field(None, strict=True, ge=GUIDANCE_RANGE[0], le=GUIDANCE_RANGE[1],
                                       allow_inf_nan=False, description="classifier-free guidance scale")
     eta: Optional[float] = Field(None, strict=True, ge=0.0, le=1.0, allow_inf_nan=False)
+    observed: Optional[bool] = Field(None, strict=True, description="measured cells (default where the model "
+                                                                      "has a detection model) or smooth (false)")
     format: Literal["json", "npz", "h5ad"] = "json"
 
     @field_validator("condition")
@@ -124,7 +130,8 @@ class GenerateRequest(BaseModel):
 
 
 class Job:
-    """One request, prepared: its batch (noise from its seed), sampler settings and where its answer goes."""
+    """One request, prepared: its batch (noise and measurements from its seed), settings
+    (:meth:`OnnxSampler.resolve`'s, ``observed`` included) and where its answer goes."""
 
     def __init__(self, batch: Batch, opts: dict, seed: int):
         self.batch, self.opts, self.seed = batch, opts, seed
@@ -316,17 +323,18 @@ class Batcher:
                 self.stats["onnx_calls"] += calls
             if not group.trajectory.done:
                 return True
-            x = self.sampler.to_expression(self.sampler.decode(group.trajectory.x))
+            z, start, cells = group.trajectory.x, 0, []
+            for j in group.jobs:  # each request measured from its own generator
+                cells.append(self.sampler.express(z[start:start + j.n], j.opts["observed"], j.batch.rng))
+                start += j.n
             with self._lock:
                 self.stats["runs"] += 1
                 self.stats["requests"] += len(group.jobs)
-                self.stats["cells"] += len(x)
+                self.stats["cells"] += len(z)
                 self.stats["max_merged"] = max(self.stats["max_merged"], len(group.jobs))
                 self.stats["in_flight"] -= len(group.jobs)
-            start = 0
-            for j in group.jobs:
-                j.future.set_result(x[start:start + j.n])
-                start += j.n
+            for j, x in zip(group.jobs, cells):
+                j.future.set_result(x)
         except Exception as exc:  # one bad group must not stop the worker
             self._fail(group.jobs, exc)
         return False
@@ -537,7 +545,7 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
             raise bad(f"steps must lie in [1, {step_cap}], got {req.steps}")
         check_condition(req.condition)
         try:
-            opts = sampler.resolve(req.sampler, req.steps, req.eta, req.guidance)
+            opts = sampler.resolve(req.sampler, req.steps, req.eta, req.guidance, req.observed)
             if opts["steps"] > step_cap:
                 raise ValueError(f"the model's default steps ({opts['steps']}) exceed this server's cap of {step_cap}; "
                                  f"pass steps")
@@ -550,18 +558,19 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
             raise bad(str(exc)) from None
         job = Job(batch, opts, seed)
         x = await asyncio.wrap_future(batcher().submit(job))
-        headers = {"X-Scidiff-Seed": str(seed)}
+        expression = sampler.expression_note(opts["observed"])
+        headers = {"X-Scidiff-Seed": str(seed), "X-Scidiff-Expression": "measured" if opts["observed"] else "smooth"}
         if req.format == "json":
             def render() -> bytes:
                 body = {"n": req.n, "genes": sampler.genes, "obs": batch.obs, "X": np.round(x, 6).tolist(),
-                        "seed": seed, **{k: v for k, v in opts.items()},
-                        "expression": sampler.meta["normalisation"].get("expression", "log1p-normalised")}
+                        "seed": seed, **{k: v for k, v in opts.items()}, "expression": expression}
                 return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
             return Response(await asyncio.to_thread(render), media_type="application/json", headers=headers)
         if req.format == "npz":
             def pack() -> bytes:
                 buf = io.BytesIO()
                 np.savez(buf, X=x, genes=np.asarray(sampler.genes), seed=np.int64(seed),
+                         observed=np.bool_(opts["observed"]), expression=np.asarray(expression),
                          **{f"obs_{k}": np.asarray(v) for k, v in batch.obs.items()})
                 return buf.getvalue()
             return Response(await asyncio.to_thread(pack), media_type="application/octet-stream",

@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from ..data.spec import perturbation_rows
+from ..diffusion.distillation import distilled_student
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ..diffusion.samplers import SAMPLERS
+from ..diffusion.samplers import SAMPLERS, run_plan
 from ..diffusion.schedules import NoiseScheduler, get_scheduler
 from .conditioning import ConditionEncoder
 from .effects import PerturbationEffects, extra_axes
@@ -114,6 +115,8 @@ class ScIDiffModel(nn.Module):
                         if perturbations else None)
         # unseen perturbations from prior knowledge (scidiff.models.perturbation_prior), if fitted
         self.perturbation_prior = None
+        # a few-step student (scidiff.training.distillation.distil), if distilled
+        self.student = None
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float(), persistent=False)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -273,6 +276,15 @@ class ScIDiffModel(nn.Module):
             raise ValueError("observed expression needs a principal-axes model with a data spec (latent_dim)")
         return self.detection.sample(self.data_spec.to_expression(x, clip=False), generator, within)
 
+    def resolve_observed(self, observed: bool | None = None, return_expression: bool = True) -> bool:
+        """Whether generation returns measured cells (:meth:`observe`) rather than smooth
+        expression: ``observed`` when given; by default (``None``) measured cells when the model
+        has a fitted detection model and expression is asked for (``return_expression``)."""
+        if observed is not None:
+            return bool(observed)
+        fitted = self.detection is not None and bool(self.detection.fitted) and self.data_spec is not None
+        return bool(return_expression and fitted)
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Cells in model space ``[B, G]`` -> diffusion space ``[B, diffusion_dim]``."""
         if not self.latent_dim:
@@ -343,9 +355,9 @@ class ScIDiffModel(nn.Module):
     @torch.no_grad()
     def sample(self, batch_size: int, conditioning: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
                steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0,
-               seed: int | None = None,
+               seed: int | None = None, distilled: bool = False,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               observed: bool = False, progress: bool = False, device=None) -> torch.Tensor:
+               observed: bool | None = None, progress: bool = False, device=None) -> torch.Tensor:
         """Generate ``batch_size`` cells ``[B, G]``.
 
         ``conditioning``: covariate -> label, code or per-cell tensor (absent = unconditional).
@@ -354,13 +366,20 @@ class ScIDiffModel(nn.Module):
         ``"heun"`` (2 network evaluations a step) or ``"euler_maruyama"``; ``steps=None`` = all T.
         For many cells, :class:`scidiff.engine.SamplingEngine` gives the same cells faster.
         ``guidance_scale``: classifier-free guidance weight (1 = conditional model only).
-        Returns log1p-normalised expression (clipped at 0) when the model carries a data spec
-        and ``return_expression``; otherwise values in the model's space. ``observed``: return
-        a measurement of each cell instead of its smooth expression (:meth:`observe`: sparse,
-        with the data's detection rates; principal-axes models).
+        ``distilled``: sample with the model's distilled student (``model.student``, progressive
+        distillation: :func:`scidiff.training.distillation.distil`) in deterministic DDIM on its
+        own grid; ``steps`` must equal ``model.student.steps`` (``sampler`` does not apply).
+        Returns log1p-normalised expression when the model carries a data spec and
+        ``return_expression``; otherwise values in the model's space. The expression is measured
+        by default where the model can measure it (:meth:`resolve_observed`: principal-axes
+        models with a fitted detection model): a measurement of each cell (:meth:`observe`:
+        sparse, with the data's detection rates). ``observed=False``: each cell's smooth
+        expression (clipped at 0); ``observed=True``: measured, or an error where the model
+        cannot measure.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        student = distilled_student(self.student, steps, eta) if distilled else None
         device = torch.device(device) if device is not None else next(self.parameters()).device
         cond = {k: v.to(device) for k, v in self.encode_conditioning(conditioning, batch_size).items()}
         if generator is None:
@@ -370,18 +389,22 @@ class ScIDiffModel(nn.Module):
         self.eval()
         try:
             x_T = torch.randn(batch_size, self.diffusion_dim, generator=generator, device=device)
-            denoiser = self
+            denoiser = self if student is None else student.denoiser(self)
             if guidance_scale != 1.0:
                 null = self.condition_encoder.null_condition(batch_size, device)
                 cond = {**null, **cond}
-                denoiser = classifier_free_guidance(self, guidance_scale, null)
+                denoiser = classifier_free_guidance(denoiser, guidance_scale, null)
             kwargs = {"eta": eta} if sampler == "ddim" else {}
-            x = SAMPLERS[sampler](denoiser, x_T, self.scheduler, steps, cond=cond, generator=generator,
-                                  progress=progress, **kwargs)
+            if student is not None:
+                x = run_plan(denoiser, x_T, student.plan(self.scheduler), cond=cond, progress=progress,
+                             desc="distilled DDIM")
+            else:
+                x = SAMPLERS[sampler](denoiser, x_T, self.scheduler, steps, cond=cond, generator=generator,
+                                      progress=progress, **kwargs)
             x = self.decode(x)
         finally:
             self.train(was_training)
-        if observed:
+        if self.resolve_observed(observed, return_expression):
             return self.observe(x, generator)
         if return_expression and self.data_spec is not None:
             return self.data_spec.to_expression(x)

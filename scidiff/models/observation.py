@@ -144,27 +144,40 @@ class DetectionModel(nn.Module):
         return p_zero + p * (f_hi - f_lo), p_zero, p, levels, f_lo, f_hi
 
     @torch.no_grad()
+    def measure(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor) -> torch.Tensor:
+        """The deterministic half of :meth:`sample`: a measured profile ``[N, G]`` for smooth
+        expression ``[N, G]`` given uniforms ``detect_u`` and ``level_u`` ``[N, G]`` in [0, 1).
+        A gene is detected where ``detect_u`` is below its bin's detection probability, at the
+        level its bin's quantiles interpolate at ``level_u``, else measured 0
+        (:func:`scidiff.export.runtime.measure` is the same map in numpy)."""
+        self._check_fitted()
+        b = self._bin(smooth.float())                             # [G, N]
+        gene = torch.arange(self.edges.shape[0], device=b.device).unsqueeze(1).expand_as(b)
+        cell_bin = gene * self.bins + b
+        p = self.detection.reshape(-1)[cell_bin]
+        v = level_u.T * (self.quantiles - 1)
+        lo = v.floor().long().clamp_max(self.quantiles - 2)
+        flat, at = self.levels.reshape(-1), cell_bin * self.quantiles + lo
+        left, right = flat[at], flat[at + 1]
+        level = left + (v - lo) * (right - left)
+        return torch.where(detect_u.T < p, level, torch.zeros_like(level)).T.contiguous()
+
+    @torch.no_grad()
     def sample(self, smooth: torch.Tensor, generator: torch.Generator | None = None,
                within: dict[int, tuple[float, float]] | None = None) -> torch.Tensor:
-        """A measured profile ``[N, G]`` for each row of smooth expression ``[N, G]``.
+        """A measured profile ``[N, G]`` for each row of smooth expression ``[N, G]``: the
+        uniforms of :meth:`measure` drawn from ``generator`` (detection, then levels, each
+        gene-major ``[G, N]``).
 
         ``within``: ``{gene index: (lo, hi)}``; those genes' measurements are drawn from the
         detection model conditioned on landing in ``[lo, hi]`` (exactly: zero with probability
         ``(1 - p) / P``, else a level drawn between the interval's quantile positions). A cell for
         which a gene's interval has probability 0 keeps its free draw for that gene."""
         self._check_fitted()
-        g = self.edges.shape[0]
-        b = self._bin(smooth.float())                             # [G, N]
-        gene = torch.arange(g, device=b.device).unsqueeze(1).expand_as(b)
-        cell_bin = gene * self.bins + b
-        p = self.detection.reshape(-1)[cell_bin]
-        u = torch.rand(p.shape, generator=generator, device=p.device)
-        v = torch.rand(p.shape, generator=generator, device=p.device) * (self.quantiles - 1)
-        lo = v.floor().long().clamp_max(self.quantiles - 2)
-        flat, at = self.levels.reshape(-1), cell_bin * self.quantiles + lo
-        left, right = flat[at], flat[at + 1]
-        level = left + (v - lo) * (right - left)
-        out = torch.where(u < p, level, torch.zeros_like(level)).T.contiguous()
+        shape, dev = (smooth.shape[1], smooth.shape[0]), self.edges.device
+        detect_u = torch.rand(shape, generator=generator, device=dev)
+        level_u = torch.rand(shape, generator=generator, device=dev)
+        out = self.measure(smooth, detect_u.T, level_u.T)
         for gene, (lo_v, hi_v) in (within or {}).items():
             prob, p_zero, p_det, levels, f_lo, f_hi = self._interval(smooth, gene, lo_v, hi_v)
             w = torch.rand(prob.shape, generator=generator, device=prob.device) * prob

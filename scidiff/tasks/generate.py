@@ -64,12 +64,13 @@ def _chunks(model, engine, n: int, condition: dict, *, seed: int, chunk_size: in
 
 
 def expression_note(model, observed: bool) -> str:
-    """What generated ``X`` holds, for ``uns['scidiff']['expression']``."""
+    """What generated ``X`` holds (``observed``: whether the cells are measured), for
+    ``uns['scidiff']['expression']``."""
     what = "log1p-normalised" + (f" (target_sum {model.data_spec.target_sum:g})" if model.data_spec.target_sum else "")
     return what + (", measured through the detection model" if observed else ", smooth")
 
 
-def _generation_uns(model, settings: dict, seed, observed=False, engine=None) -> dict:
+def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) -> dict:
     steps = settings["steps"]
     uns = {"sampler": settings["sampler"], "steps": -1 if steps is None else int(steps), "eta": float(settings["eta"]),
            "guidance_scale": float(settings["guidance_scale"]), "seed": int(seed), "observed": bool(observed),
@@ -81,18 +82,21 @@ def _generation_uns(model, settings: dict, seed, observed=False, engine=None) ->
 
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
              steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-             chunk_size: int = 4096, progress: bool = True, observed: bool = False, engine=None,
+             chunk_size: int = 4096, progress: bool = True, observed: bool | None = None, engine=None,
              **deprecated) -> ad.AnnData:
     """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
     genes as ``var_names``, the condition in ``obs``), produced in chunks. ``condition``:
     covariate -> label (``conditioning=`` is its deprecated name). ``observed``: measured cells
-    (sparse, :meth:`ScIDiffModel.observe`) instead of smooth expression. ``engine``: ``True``
-    generates with a :class:`~scidiff.engine.SamplingEngine` made from the settings (or pass one,
-    or pass one as ``model``). For more cells than fit in memory use :func:`generate_to_file`."""
+    (sparse, :meth:`ScIDiffModel.observe`), the default where the model can measure
+    (:meth:`ScIDiffModel.resolve_observed`), or smooth expression (``False``); ``uns['scidiff']``
+    says which. ``engine``: ``True`` generates with a :class:`~scidiff.engine.SamplingEngine`
+    made from the settings (or pass one, or pass one as ``model``). For more cells than fit in
+    memory use :func:`generate_to_file`."""
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
     condition = _check_generate(model, n, condition)
+    observed = model.resolve_observed(observed)
     parts = []
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
         for x in _chunks(model, engine, n, condition, seed=seed, chunk_size=chunk_size, observed=observed,
@@ -110,15 +114,16 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
 def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
                      chunk_size: int = 4096, progress: bool = True, first_index: int = 0,
-                     observed: bool = False, engine=None) -> tuple[int, int]:
+                     observed: bool | None = None, engine=None) -> tuple[int, int]:
     """Generate ``n`` cells for each condition dict in ``groups`` (group ``i`` seeded with
     ``seed + i``) straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays
     bounded by the chunk. The file appears only when complete and holds what :func:`generate` +
     ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``, ``i`` counted from
-    ``first_index``). ``engine``: as in :func:`generate` (the one writer, engine or not). Returns
-    ``(cells, genes)``."""
+    ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
+    not). Returns ``(cells, genes)``."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
     groups = [_check_generate(model, n, g) for g in (groups or [{}])]
+    observed = model.resolve_observed(observed)
     several = len(groups) > 1
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
             tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
@@ -152,7 +157,7 @@ def _h5ad_cells(path: str) -> int:
 def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, world_size: int = 1,
                      sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS, eta: float = 0.0,
                      guidance_scale: float = 1.0, seed: int = 0, chunk_size: int = 4096, progress: bool = True,
-                     merge: bool = False, observed: bool = False, engine=None) -> dict | None:
+                     merge: bool = False, observed: bool | None = None, engine=None) -> dict | None:
     """Generation scaled out over ``world_size`` processes (e.g. ``torchrun``): this ``rank``
     generates its contiguous share of the ``n`` cells of each group into
     ``out_dir/shard-<rank>-of-<world_size>.h5ad`` (:func:`generate_to_file`), from its own seed
@@ -165,6 +170,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     :func:`read_generated` opens the result."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
     groups = [_check_generate(model, n, g) for g in (groups or [{}])]
+    observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
     out_dir = os.fspath(out_dir)
@@ -195,7 +201,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     manifest = {"format": "scidiff.generated", "format_version": 1, "cells": n * len(groups),
                 "cells_per_group": n, "genes": len(model.data_spec.gene_names),
                 "groups": [{k: str(v) for k, v in g.items()} for g in groups], "world_size": world_size,
-                **_generation_uns(model, settings, seed, engine=engine), "shards": shards}
+                **_generation_uns(model, settings, seed, observed, engine), "shards": shards}
     if merge:
         merge_generated(out_dir, manifest=manifest)
         manifest["merged"] = MERGED_FILE

@@ -16,6 +16,7 @@ import torch
 from .. import __version__
 from ..data.io import atomic_path
 from ..data.spec import DataSpec
+from ..diffusion.distillation import Student
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 
@@ -81,12 +82,14 @@ def atomic_torch_save(obj, path) -> None:
 
 
 PRIOR_ENTRY = "perturbation_prior"
+STUDENT_ENTRY = "student"
 
 
 def model_payload(model, state_dict=None) -> dict:
-    """A model's checkpoint entries: config, data spec, weights and, when the model carries one,
+    """A model's checkpoint entries: config, data spec, weights and, when the model carries them,
     its perturbation prior (:class:`~scidiff.models.perturbation_prior.PerturbationPrior`, as
-    tensors and plain values under ``"perturbation_prior"``)."""
+    tensors and plain values under ``"perturbation_prior"``) and its distilled student
+    (:class:`~scidiff.diffusion.distillation.Student`, under ``"student"``)."""
     spec = model.data_spec.to_dict() if model.data_spec is not None else None
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "scidiff_version": __version__,
                "config": json.dumps(model.config()), "data_spec": json.dumps(spec),
@@ -94,6 +97,9 @@ def model_payload(model, state_dict=None) -> dict:
     prior = getattr(model, "perturbation_prior", None)
     if prior is not None:
         payload[PRIOR_ENTRY] = prior.to_state()
+    student = getattr(model, "student", None)
+    if student is not None:
+        payload[STUDENT_ENTRY] = student.to_state()
     return payload
 
 
@@ -107,6 +113,19 @@ def save_model(model, path, state_dict=None, **extra) -> str:
     payload["digest"] = payload_digest(payload)
     atomic_torch_save(payload, path)
     return path
+
+
+def save_student(path, student: Student, out=None) -> str:
+    """Store ``student`` in the checkpoint at ``path`` beside its teacher (replacing any student
+    there), every other entry kept as it was; written atomically to ``out`` (default: ``path``
+    itself). Returns the path written."""
+    payload = read_checkpoint(path)
+    out = os.fspath(out) if out is not None else payload["path"]
+    payload = {k: v for k, v in payload.items() if k != "path"}
+    payload[STUDENT_ENTRY] = student.to_state()
+    payload["digest"] = payload_digest(payload)
+    atomic_torch_save(payload, out)
+    return out
 
 
 UNTRUSTED_ADVICE = ("never load a checkpoint you do not trust with torch.load(weights_only=False): unpickling "
@@ -189,7 +208,24 @@ def load_model(path, map_location="cpu", genes=None):
                              f"({type(exc).__name__}: {exc})") from None
         if spec is not None and model.perturbation_prior.genes != list(spec.gene_names):
             raise ValueError(f"{payload['path']!r} holds a perturbation prior over other genes than its model's")
-    return model.to(map_location).eval()
+    model.student = _read_student(payload, model)
+    model = model.to(map_location).eval()
+    if model.student is not None:
+        model.student = model.student.to(map_location)
+    return model
+
+
+def _read_student(payload: dict, model) -> Student | None:
+    """The checkpoint's distilled student (``None`` for a checkpoint written without one)."""
+    if payload.get(STUDENT_ENTRY) is None:
+        return None
+    try:
+        student = Student.from_state(payload[STUDENT_ENTRY])
+        student.check_fits(model)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{payload['path']!r} holds a distilled student this scidiff cannot use "
+                         f"({type(exc).__name__}: {exc})") from None
+    return student
 
 
 # -- training checkpoints ------------------------------------------------------------------------

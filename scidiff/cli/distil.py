@@ -1,0 +1,45 @@
+"""``scidiff distil``: a few-step student distilled from a trained model (progressive distillation,
+Salimans & Ho 2022), written into the model's checkpoint beside it."""
+from __future__ import annotations
+
+from .common import check_out, device_name, positive_int, seed_value, unit_interval
+
+
+def add(sub):
+    p = sub.add_parser("distil", help="distil a trained model into a few-step sampler",
+                       description="Progressive distillation (Salimans & Ho 2022): round by round, a student learns "
+                                   "to take in one deterministic DDIM step the teacher's two (--start-steps -> half "
+                                   "-> ... -> --steps), on the training cells. The final student is written into the "
+                                   "checkpoint beside the model (atomically; every other entry is kept); sample with "
+                                   "it in Python: model.sample(n, distilled=True, steps=N).")
+    p.add_argument("--model", required=True, help="run folder or model.pt")
+    p.add_argument("--data", required=True, help="the training cells (.h5ad)")
+    p.add_argument("--steps", type=positive_int, default=4, help="the student's sampling steps (default: 4)")
+    p.add_argument("--start-steps", type=positive_int, default=64,
+                   help="the teacher's DDIM steps in the first round: --steps times a power of two (default: 64)")
+    p.add_argument("--iterations", type=positive_int, default=2000,
+                   help="training iterations per round (default: 2000)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--learning-rate", type=unit_interval, default=1e-4,
+                   help="Adam's learning rate, annealed linearly to zero in each round (default: 1e-4)")
+    p.add_argument("--layer", default=None, help="read expression from this layer (e.g. counts)")
+    p.add_argument("--device", type=device_name, default="auto")
+    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--out", default=None, help="checkpoint to write (default: the --model checkpoint, replaced)")
+
+
+def run(args):
+    from ..tasks.cells import model_cells  # lazy: keeps --help light (torch, anndata)
+    from ..training import load_model  # lazy: keeps --help light (torch)
+    from ..training.checkpoint import save_student  # lazy: keeps --help light (torch)
+    from ..training.distillation import distil  # lazy: keeps --help light (torch)
+    from ..training.trainer import resolve_device  # lazy: keeps --help light (torch)
+
+    out = check_out(args.out) if args.out is not None else None
+    model = load_model(args.model, map_location=resolve_device(args.device))
+    _, _, cells = model_cells(model, args.data, layer=args.layer)
+    student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
+                     batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+    path = save_student(args.model, student, out)
+    print(f"wrote a {student.steps}-step student into {path} "
+          f"(sample with it: model.sample(n, distilled=True, steps={student.steps}))")
