@@ -8,11 +8,18 @@ random-forest AUC against the group's test cells, plus the pooled gene-mean Pear
 cells vs all generated cells). Next to the model: the floor (the group's real training cells;
 they are in the PCA's own fit, which inflates their scores a little, so the floor is
 conservative) and the baseline generator (a per-group Gaussian in 50 PCs of the group's training
-cells, mapped back to genes, negatives clipped to 0). ``model_observed``: the same generated
-cells measured through the model's detection model (``model.sample(..., observed=True)``, same
-seeds): sparse, with the training cells' detection rates. Intervals: per group, AUC from a bootstrap
+cells, mapped back to genes, negatives clipped to 0). ``model``: what ``model.sample`` returns
+by default (measured cells where the model has a fitted detection model: sparse, with the
+training cells' detection rates); ``model_smooth``: the same cells' smooth expression
+(``observed=False``, same seeds). Intervals: per group, AUC from a bootstrap
 of the out-of-fold scores and MMD/energy from 80% subsamples; for the averages, a bootstrap
-over groups. A memorisation check compares each generated cell's distance to its nearest
+over groups.
+
+Differential expression: per cell type, the top 100 DE genes between stimulated and control
+training cells (Welch's t), and on them the slope and Pearson of each generator's
+stimulated-vs-control log fold changes against the held-out cells' (``scidiff.evaluation.
+differential``); the training cells themselves are the ceiling (two disjoint real samples, the
+same gene choice). A memorisation check compares each generated cell's distance to its nearest
 training cell with the same distance for the test cells.
 
     python bench/bench_generation.py [--minutes 8] [--out bench/results/generation_kang.json]
@@ -86,6 +93,12 @@ def score_group(test_pcs, gen_pcs, seed, n_boot=50):
     return out
 
 
+def _expression_of(model) -> str:
+    """What ``model.sample`` returns by default: ``"measured"`` or ``"smooth"``."""
+    fitted = model.detection is not None and bool(model.detection.fitted)
+    return "measured" if fitted and model.data_spec is not None else "smooth"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA)
@@ -140,10 +153,13 @@ def main(argv=None):
 
     project = fit_pca(real_all[train_mask], 30, args.seed)
     pcs = project(real_all)
-    methods = ("model", "model_observed", "gaussian", "floor")
+    from scidiff.evaluation.differential import de_preservation
+
+    methods = ("model", "model_smooth", "gaussian", "floor")
     metric_names = ("mmd", "energy_distance", "classifier_auc")
     results = {"groups": {}}
-    pooled = {"real": [], "model": [], "model_observed": [], "gaussian": [], "floor": []}
+    pooled = {"real": [], "model": [], "model_smooth": [], "gaussian": [], "floor": []}
+    cells = {}  # (cell type, condition) -> method -> cells, for the DE table
     nn = {"test": [], "model": []}
     t_sample = 0.0
     for gi, g in enumerate(np.unique(groups)):
@@ -153,18 +169,20 @@ def main(argv=None):
         t1 = time.perf_counter()
         gen = model.sample(n_gen, {"cell_type": ct, "condition": cond}, steps=args.steps, seed=args.seed + gi).numpy()
         t_sample += time.perf_counter() - t1
-        observed = model.sample(n_gen, {"cell_type": ct, "condition": cond}, steps=args.steps, seed=args.seed + gi,
-                                observed=True).numpy()
+        smooth = model.sample(n_gen, {"cell_type": ct, "condition": cond}, steps=args.steps, seed=args.seed + gi,
+                              observed=False).numpy()
         gauss = gaussian_pca_generator(real_all[tr], n_gen, 50, seed=args.seed + gi)
-        sets = {"model": project(gen), "model_observed": project(observed), "gaussian": project(gauss),
+        sets = {"model": project(gen), "model_smooth": project(smooth), "gaussian": project(gauss),
                 "floor": pcs[tr]}
+        cells[(ct, cond)] = {"model": gen, "model_smooth": smooth, "gaussian": gauss, "floor": real_all[tr],
+                             "test": real_all[te]}
         row = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
         for m in methods:
             row[m] = score_group(pcs[te], sets[m], args.seed)
         results["groups"][g] = row
         pooled["real"].append(real_all[te])
         pooled["model"].append(gen)
-        pooled["model_observed"].append(observed)
+        pooled["model_smooth"].append(smooth)
         pooled["gaussian"].append(gauss)
         pooled["floor"].append(real_all[tr])
         # memorisation: nearest training cell (same group, 30-PC space), for generated vs test cells
@@ -185,6 +203,22 @@ def main(argv=None):
             summary[m][k] = {"mean": float(vals.mean()),
                              "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
         summary[m]["gene_mean_pearson"] = float(np.corrcoef(real_mean, np.concatenate(pooled[m]).mean(0))[0, 1])
+    de = {}
+    conditions = sorted({c for _, c in cells})
+    control, treated = ("control", "stimulated") if set(conditions) == {"control", "stimulated"} else conditions[:2]
+    for ct in sorted({t for t, _ in cells}):
+        if (ct, control) not in cells or (ct, treated) not in cells:
+            continue
+        a, b = cells[(ct, control)], cells[(ct, treated)]
+        row = de_preservation(a["test"], b["test"], {m: (a[m], b[m]) for m in methods},
+                              reference=(a["floor"], b["floor"]), n_genes=100)
+        row["genes"] = [genes[i] for i in row["genes"]]
+        de[ct] = row
+        print(f"DE {ct:20s} " + "  ".join(f"{m}: slope {row[m]['slope']:.2f} r {row[m]['pearson']:.2f}"
+                                          for m in methods), flush=True)
+    summary["de_preservation"] = {m: {k: float(np.nanmean([de[c][m][k] for c in de])) for k in ("slope", "pearson")}
+                                  for m in methods}
+    results["de_preservation"] = de
     test_nn, gen_nn = np.concatenate(nn["test"]), np.concatenate(nn["model"])
     summary["memorisation"] = {
         "median_nn_distance_test_to_train": float(np.median(test_nn)),
@@ -194,10 +228,14 @@ def main(argv=None):
     results.update({
         "summary": summary,
         "goal_met": bool(beats and summary["model"]["gene_mean_pearson"] >= 0.98),
+        "goals": {"default_beats_gaussian_on_mmd_energy_auc": bool(beats),
+                  "default_auc_at_most_0.52": bool(summary["model"]["classifier_auc"]["mean"] <= 0.52),
+                  "de_slope_and_pearson_at_least_0.9": bool(summary["de_preservation"]["model"]["slope"] >= 0.9
+                                                            and summary["de_preservation"]["model"]["pearson"] >= 0.9)},
         "setup": {"data": os.path.basename(args.data), "genes": len(genes), "gene_selection": args.genes,
                   "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
                   "latent_dim": args.latent_dim, "epochs": len(history), "train_seconds": round(train_s, 1),
-                  "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
+                  "default_output": _expression_of(model), "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
                   "final_train_loss": history[-1]["train_loss"], "seed": args.seed, "threads": args.threads,
                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                   "torch": torch.__version__},
@@ -211,6 +249,9 @@ def main(argv=None):
         print(f"{m:9s} " + "  ".join(f"{k} {summary[m][k]['mean']:.4f} [{summary[m][k]['ci95'][0]:.4f}, "
                                      f"{summary[m][k]['ci95'][1]:.4f}]" for k in metric_names)
               + f"  gene-mean r {summary[m]['gene_mean_pearson']:.4f}")
+    for m in methods:
+        print(f"DE {m:12s} slope {summary['de_preservation'][m]['slope']:.3f} "
+              f"pearson {summary['de_preservation'][m]['pearson']:.3f}")
     print("memorisation", summary["memorisation"], "goal met:", results["goal_met"])
 
 
