@@ -138,6 +138,24 @@ def test_a_seen_context_reads_the_change_in_that_context(decoy):
     np.testing.assert_allclose(pred.X.mean(0) - line1.X.mean(0), mean.numpy(), atol=1e-3)
 
 
+def test_a_screen_without_contexts_centres_seen_singles_on_their_estimate():
+    """One context (no covariate beside the perturbation): each seen single of an unseen double
+    moves the reference control cells by its estimated mean change, so their mean change is the
+    sum of the two estimates (the screen is additive: no combination term)."""
+    adata, _, _ = _screen(np.random.default_rng(2), lambda u: u)
+    torch.manual_seed(0)
+    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["perturbation"], scaling="none")
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=32, num_layers=2, num_timesteps=100, latent_dim=8)
+    scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
+                           learning_rate=2e-3, warmup_steps=20).train(5)
+    control = adata[(adata.obs["perturbation"] == "control").to_numpy()].copy()  # all of them are the reference
+    pred = perturb(model, control, {"perturbation": "A+C"}, steps=10, progress=False)
+    assert (pred.obs["scidiff_route"] == "additive").all()
+    vocab = model.data_spec.categorical["perturbation"]
+    expected = sum(model.effects.seen_change("perturbation", [vocab.index(p)], []) for p in "AC")
+    np.testing.assert_allclose(pred.X.mean(0) - control.X.mean(0), expected.numpy(), atol=1e-3)
+
+
 def test_adaptive_shrinkage_sets_noise_to_zero_and_keeps_measured_changes():
     rng = np.random.default_rng(0)
     s2 = np.full(2000, 0.1**2)

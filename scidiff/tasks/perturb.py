@@ -184,8 +184,9 @@ def _reference_offset(model, reader, plan, key, singles, context, src, target) -
     cache = (key, tuple(singles))
     if cache not in plan.offsets:
         eff = model.effects
+        # [R, K] codes; a model without context covariates has K = 0 and every row matches
         rows = (eff.reference_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
-            if eff.reference_context.numel() else torch.zeros(0, dtype=torch.bool)
+            if len(eff.reference_context) else torch.zeros(0, dtype=torch.bool)
         if not bool(rows.any()):
             plan.offsets[cache] = None
         else:
