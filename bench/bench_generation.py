@@ -93,12 +93,6 @@ def score_group(test_pcs, gen_pcs, seed, n_boot=50):
     return out
 
 
-def _expression_of(model) -> str:
-    """What ``model.sample`` returns by default: ``"measured"`` or ``"smooth"``."""
-    fitted = model.detection is not None and bool(model.detection.fitted)
-    return "measured" if fitted and model.data_spec is not None else "smooth"
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA)
@@ -235,7 +229,8 @@ def main(argv=None):
         "setup": {"data": os.path.basename(args.data), "genes": len(genes), "gene_selection": args.genes,
                   "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
                   "latent_dim": args.latent_dim, "epochs": len(history), "train_seconds": round(train_s, 1),
-                  "default_output": _expression_of(model), "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
+                  "default_output": "measured" if model.resolve_observed() else "smooth",
+                  "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
                   "final_train_loss": history[-1]["train_loss"], "seed": args.seed, "threads": args.threads,
                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                   "torch": torch.__version__},

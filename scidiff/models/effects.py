@@ -335,17 +335,24 @@ class PerturbationEffects(nn.Module):
         match = (hot == want).all(1) if exact else hot[:, want].all(1)
         return np.unique(seen[match, :k].astype(np.int64), axis=0)
 
+    def group_rows(self, key: str, singles, context) -> np.ndarray:
+        """Which seen groups ``[S]`` are ``context`` under exactly ``singles`` (any dose)."""
+        slot, k = self.of(key), len(self.context_keys)
+        seen = slot.seen.numpy()
+        if not len(seen):
+            return np.zeros(0, bool)
+        want = np.zeros(seen.shape[1] - k, bool)
+        want[list(singles)] = True
+        return (seen[:, :k] == np.asarray(context)).all(1) & ((seen[:, k:] != 0) == want).all(1)
+
     def seen_change(self, key: str, singles: list[int], context, dose: float | None = None):
         """The estimated mean change ``[G]`` of the group seen in training as ``context`` under
         exactly ``singles`` (at ``dose`` where the model has one), or ``None`` where no single
         group matches (not seen, several doses and none asked for, or a checkpoint without it)."""
-        slot, k = self.of(key), len(self.context_keys)
-        seen = slot.seen.numpy()
-        if not len(seen) or slot.seen_change.shape[:1] != slot.seen.shape[:1]:
+        slot = self.of(key)
+        if slot.seen_change.shape[:1] != slot.seen.shape[:1]:
             return None
-        want = np.zeros(seen.shape[1] - k, bool)
-        want[list(singles)] = True
-        match = (seen[:, :k] == np.asarray(context)).all(1) & ((seen[:, k:] != 0) == want).all(1)
+        match = self.group_rows(key, singles, context)
         if dose is not None:
             match &= np.isclose(slot.seen_dose.numpy(), float(dose))
         rows = np.flatnonzero(match)

@@ -154,12 +154,8 @@ def _has(contexts: np.ndarray, context) -> bool:
 
 def _support(model, key: str, singles, context) -> float:
     """Training cells of the group (context, exactly these singles), as ``n / (n + 30)``."""
-    slot, k = model.effects.of(key), len(model.effects.context_keys)
-    seen = slot.seen.numpy()
-    want = np.zeros(seen.shape[1] - k)
-    want[list(singles)] = 1
-    match = ((seen[:, :k] == np.asarray(context)).all(1)) & ((seen[:, k:] != 0) == (want != 0)).all(1)
-    n = float(slot.seen_counts.numpy()[match].sum())
+    match = model.effects.group_rows(key, singles, context)
+    n = float(model.effects.of(key).seen_counts.numpy()[match].sum())
     return n / (n + SUPPORT_CELLS)
 
 

@@ -61,12 +61,12 @@ def distillation_loss(model, teacher, student, batch, grid: TeacherGrid, generat
     if cond and model.cond_dropout > 0:
         cond = model.condition_encoder.drop(cond, model.cond_dropout, generator)
     i = torch.randint(0, grid.student_steps, (z0.shape[0],), device=device, generator=generator)
-    ab_t = grid.alpha_bars(i)[0]
+    t = grid.timesteps[2 * i]
     eps = torch.randn(z0.shape, device=device, dtype=z0.dtype, generator=generator)
-    z_t = ab_t.sqrt().to(z0) * z0 + (1 - ab_t).sqrt().to(z0) * eps
+    z_t = model.scheduler.add_noise(z0, eps, t)
     target = student_target(teacher, z_t, i, grid, cond)
-    x0_hat = student(z_t, grid.timesteps[2 * i], cond)
-    return (truncated_snr_weight(ab_t).to(z0) * (x0_hat - target) ** 2).mean()
+    x0_hat = student(z_t, t, cond)
+    return (truncated_snr_weight(grid.alpha_bars(i)[0]).to(z0) * (x0_hat - target) ** 2).mean()
 
 
 def distil_round(model, teacher: dict, batches, student_steps: int, *, iterations: int, learning_rate: float,
