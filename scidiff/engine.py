@@ -58,7 +58,9 @@ class SamplingEngine:
 
     Args:
         model: a trained ScIDiffModel (its weights are copied; later changes to it are not seen).
-        sampler, steps, eta, spacing: as in :func:`~scidiff.diffusion.plans.sampler_plan`.
+        sampler, steps, eta, spacing: as in :func:`~scidiff.diffusion.plans.sampler_plan`;
+            ``"distilled"`` runs the model's distilled student (its parameters in the network, its
+            own steps: :meth:`~scidiff.models.ScIDiffModel.sampling_steps`), CUDA graph included.
         guidance_scale: classifier-free guidance weight (1 = the conditional model).
         clip: optional ``(min, max)`` clamp of each prediction (in diffusion space).
         device: default the model's device.
@@ -80,6 +82,7 @@ class SamplingEngine:
         if dtype == "auto":
             dtype = torch.bfloat16 if self.device.type == "cuda" or cpu_has_bf16() else torch.float32
         self.dtype = dtype
+        steps = model.sampling_steps(sampler, steps, eta)
         self.sampler, self.steps, self.eta = sampler, steps, float(eta)
         self.spacing = spacing or DEFAULT_SPACING.get(sampler)
         self.guidance_scale = float(guidance_scale)
@@ -90,8 +93,12 @@ class SamplingEngine:
             raise ValueError("CUDA graphs need a CUDA device")
 
         self.model = copy.deepcopy(model).to(self.device).eval()
-        for p in self.model.parameters():
+        if sampler == "distilled":  # the student is the same network with other parameters
+            model.student.check_fits(self.model)
+        for name, p in self.model.named_parameters():
             p.requires_grad_(False)
+            if sampler == "distilled":
+                p.copy_(model.student.parameters[name])
         self.score = self.model.score.to(dtype)
         self.plan: list[PlanStep] = sampler_plan(sampler, self.model.scheduler, steps, eta=self.eta,
                                                  spacing=self.spacing)

@@ -91,7 +91,8 @@ def test_sampler_choices_agree_everywhere():
     from scidiff.config import _CHOICES
     from scidiff.diffusion.samplers import SAMPLERS
 
-    assert sorted(cli.SAMPLER_CHOICES) == sorted(SAMPLERS) == sorted(_CHOICES["sampling.sampler"])
+    every = sorted([*SAMPLERS, "distilled"])  # the distilled student's sampler besides the solvers
+    assert sorted(cli.SAMPLER_CHOICES) == every == sorted(_CHOICES["sampling.sampler"])
 
 
 def test_train_writes_a_self_contained_run(run):

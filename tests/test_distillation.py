@@ -10,9 +10,8 @@ import torch
 from scidiff.cli import main
 from scidiff.data import CellData, setup_anndata
 from scidiff.data.spec import DataSpec
-from scidiff.diffusion.distillation import (Student, TeacherGrid, ddim_step, halving_timesteps, student_target,
-                                            two_teacher_steps, x0_target)
-from scidiff.diffusion.plans import alphas_cumprod_of, ddim_plan, walk
+from scidiff.diffusion.distillation import Student, TeacherGrid, ddim_step, student_target, two_teacher_steps, x0_target
+from scidiff.diffusion.plans import alphas_cumprod_of, ddim_plan, halving_timesteps, sampler_plan, walk
 from scidiff.diffusion.samplers import predictor, run_plan
 from scidiff.models import ScIDiffModel
 from scidiff.training import ScIDiffTrainer, load_model, read_checkpoint, save_model
@@ -119,7 +118,7 @@ def test_the_student_follows_the_many_step_teacher_better_than_its_own_few_steps
         with torch.no_grad():
             many = model.decode(run_plan(model, x_T, ddim_plan(ab, halving_timesteps(T, 64)), cond=cond))
             own_grid = model.decode(run_plan(model, x_T, ddim_plan(ab, halving_timesteps(T, 4)), cond=cond))
-        student = _group_samples(model, {"distilled": True, "steps": 4}, group, n, code)
+        student = _group_samples(model, {"sampler": "distilled"}, group, n, code)
         default_grid = _group_samples(model, {"sampler": "ddim", "steps": 4}, group, n, code)
         mse = {k: float(((v - many) ** 2).mean())
                for k, v in {"student": student, "own": own_grid, "default": default_grid}.items()}
@@ -131,9 +130,9 @@ def test_the_student_follows_the_many_step_teacher_better_than_its_own_few_steps
 
 def test_guided_and_unconditional_sampling_work_with_the_student(distilled):
     model, _ = distilled
-    guided = model.sample(64, {"group": "B"}, distilled=True, steps=4, guidance_scale=2.0, seed=0,
+    guided = model.sample(64, {"group": "B"}, sampler="distilled", guidance_scale=2.0, seed=0,
                           return_expression=False, observed=False)
-    free = model.sample(64, distilled=True, steps=4, seed=0, return_expression=False, observed=False)
+    free = model.sample(64, sampler="distilled", seed=0, return_expression=False, observed=False)
     assert torch.isfinite(guided).all() and torch.isfinite(free).all()
     assert not torch.allclose(guided, free)
 
@@ -162,7 +161,7 @@ def test_the_student_survives_a_checkpoint_bit_for_bit(distilled, tmp_path):
     assert loaded.student.steps == 4 and loaded.student.rounds == model.student.rounds
     assert loaded.student.parameters.keys() == model.student.parameters.keys()
     assert all(torch.equal(v, model.student.parameters[k]) for k, v in loaded.student.parameters.items())
-    kw = dict(distilled=True, steps=4, seed=3, return_expression=False, observed=False)
+    kw = dict(sampler="distilled", seed=3, return_expression=False, observed=False)
     assert torch.equal(loaded.sample(32, {"group": "A"}, **kw), model.sample(32, {"group": "A"}, **kw))
 
 
@@ -191,18 +190,22 @@ def test_a_student_that_does_not_fit_its_model_is_refused(distilled, tmp_path):
 # -- (d) errors ------------------------------------------------------------------------------------
 def test_sampling_without_a_student_says_how_to_distil():
     model = tiny_model(two_groups(32))
-    with pytest.raises(ValueError, match="no distilled student: distil one with `scidiff distil"):
-        model.sample(4, distilled=True, steps=4)
+    with pytest.raises(ValueError, match="no distilled student for sampler='distilled': distil one with `scidiff distil"):
+        model.sample(4, sampler="distilled")
 
 
 def test_sampling_in_other_steps_names_the_students(distilled):
     model, _ = distilled
-    with pytest.raises(ValueError, match=r"exactly 4 steps; pass steps=4, not 25"):
-        model.sample(4, distilled=True)
-    with pytest.raises(ValueError, match=r"exactly 4 steps; pass steps=4, not 8"):
-        model.sample(4, distilled=True, steps=8)
+    kw = dict(seed=0, return_expression=False, observed=False)
+    own = model.sample(4, sampler="distilled", **kw)  # the default steps stand for the student's own
+    assert torch.equal(own, model.sample(4, sampler="distilled", steps=4, **kw))
+    assert torch.equal(own, model.sample(4, sampler="distilled", steps=None, **kw))
+    with pytest.raises(ValueError, match=r"exactly 4 steps, not 8: leave steps at its default or pass 4"):
+        model.sample(4, sampler="distilled", steps=8)
     with pytest.raises(ValueError, match="deterministic DDIM"):
-        model.sample(4, distilled=True, steps=4, eta=1.0)
+        model.sample(4, sampler="distilled", eta=1.0)
+    with pytest.raises(ValueError, match="halving grid"):
+        sampler_plan("distilled", model.scheduler, 4, spacing="trailing")
 
 
 @pytest.mark.parametrize("steps,start,match", [(4, 48, "power of two"), (4, 4, "power of two"),
@@ -230,7 +233,7 @@ def test_the_distil_command_writes_the_student_into_the_checkpoint(tmp_path, cap
     assert f"wrote a 2-step student into {path}" in capsys.readouterr().out
     loaded = load_model(path)
     assert loaded.student.steps == 2 and [r["steps"] for r in loaded.student.rounds] == [4, 2]
-    assert loaded.sample(3, {"group": "B"}, distilled=True, steps=2, seed=0).shape == (3, 12)
+    assert loaded.sample(3, {"group": "B"}, sampler="distilled", seed=0).shape == (3, 12)
     out = tmp_path / "other" / "model.pt"
     assert main(["distil", "--model", path, "--data", str(tmp_path / "train.h5ad"), "--steps", "1",
                  "--start-steps", "2", "--iterations", "2", "--device", "cpu", "--out", str(out)]) == 0
@@ -238,3 +241,109 @@ def test_the_distil_command_writes_the_student_into_the_checkpoint(tmp_path, cap
     assert main(["distil", "--model", path, "--data", str(tmp_path / "train.h5ad"), "--steps", "4",
                  "--start-steps", "6", "--device", "cpu"]) == 2
     assert "power of two" in capsys.readouterr().err
+
+
+# -- the student everywhere cells are sampled: engine, generation, ONNX, server ---------------------
+@pytest.fixture(scope="module")
+def distilled_run(tmp_path_factory):
+    """A run folder whose checkpoint holds a 2-step student, trained on counts of two groups."""
+    folder = tmp_path_factory.mktemp("distilled_run")
+    rng = np.random.default_rng(0)
+    means = np.r_[np.full(60, 2.0), np.full(60, 8.0)][:, None] * np.linspace(0.5, 1.5, 12)
+    adata = ad.AnnData(rng.poisson(means).astype(np.float32),
+                       obs=pd.DataFrame({"group": ["A"] * 60 + ["B"] * 60}, index=[f"c{i}" for i in range(120)]))
+    adata.var_names = [f"g{i}" for i in range(12)]
+    adata.write_h5ad(folder / "train.h5ad")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = setup_anndata(adata, condition_keys=["group"], n_top_genes=None)
+        torch.manual_seed(0)
+        model = ScIDiffModel.from_data(data, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=T,
+                                       conditioning_dim=8)
+        ScIDiffTrainer(model, data.loader(batch_size=40, seed=0), device="cpu", learning_rate=3e-3,
+                       early_stopping_patience=None, progress=False, seed=0).train(num_epochs=5)
+        model.eval()
+        model.student = distil(model, data, steps=2, start_steps=8, iterations_per_round=20, batch_size=40,
+                               progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    save_model(model, folder / "run")
+    return folder, load_model(folder / "run")
+
+
+def test_the_engine_samples_the_student_as_model_sample_does(distilled_run):
+    """fp32 on the CPU: the engine's distilled sampler walks the student's plan with the student's
+    parameters, so it reproduces ``model.sample(sampler="distilled")`` to float rounding, and not
+    the teacher's cells on the same grid."""
+    from scidiff.engine import SamplingEngine  # lazy: the engine module is only needed here
+
+    _, model = distilled_run
+    kw = dict(seed=5, return_expression=False, observed=False)
+    engine = SamplingEngine(model, "distilled", dtype=torch.float32, chunk_size=16)
+    assert engine.steps == 2 and len(engine.plan) == 2 and [st.t for st in engine.plan] == halving_timesteps(T, 2)
+    fast = engine.sample(40, {"group": "B"}, **kw)
+    assert torch.allclose(fast, model.sample(40, {"group": "B"}, sampler="distilled", **kw), atol=1e-5)
+    teacher = SamplingEngine(model, "ddim", 2, spacing="halving", dtype=torch.float32, chunk_size=16)
+    assert (teacher.sample(40, {"group": "B"}, **kw) - fast).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="exactly 2 steps, not 3"):
+        SamplingEngine(model, "distilled", 3)
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_scidiff_sample_with_the_distilled_sampler_records_it(distilled_run, tmp_path, engine, capsys):
+    folder, model = distilled_run
+    out = tmp_path / "cells.h5ad"
+    args = ["sample", "--model", str(folder / "run"), "-n", "7", "--condition", "group=B", "--sampler", "distilled",
+            "--seed", "2", "--smooth", "--out", str(out)] + (["--engine"] if engine else [])
+    assert main(args) == 0, capsys.readouterr().err
+    cells = ad.read_h5ad(out)
+    info = cells.uns["scidiff"]
+    assert cells.shape == (7, 12) and info["sampler"] == "distilled" and int(info["steps"]) == 2
+    if not engine:  # the plain writer: exactly model.sample's cells for that seed
+        expected = model.sample(7, {"group": "B"}, sampler="distilled", observed=False,
+                                generator=torch.Generator().manual_seed(2))
+        np.testing.assert_allclose(np.asarray(cells.X), expected.numpy(), atol=1e-6)
+    assert main(args[:-2 - engine] + ["--steps", "8", "--out", str(tmp_path / "x.h5ad")]) == 2
+    assert "exactly 2 steps, not 8" in capsys.readouterr().err
+
+
+def test_the_student_exports_to_onnx_and_serves(distilled_run, tmp_path):
+    """``export_onnx(sampler="distilled")``: the graph carries the student, onnxruntime's distilled
+    run from the same x_T lands on torch's, the export offers the distilled sampler alone (and a
+    teacher's export not at all), and the server generates with it."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from scidiff.export.onnx import export_onnx  # lazy: onnx is an optional extra
+    from scidiff.export.runtime import OnnxSampler  # lazy: onnxruntime is an optional extra
+
+    _, model = distilled_run
+    result = export_onnx(model, tmp_path / "student.onnx", sampler="distilled")
+    assert result["max_abs_error"] < 1e-4
+    runtime = OnnxSampler(tmp_path / "student.onnx", threads=1)
+    assert runtime.samplers == ["distilled"] and runtime.describe()["defaults"]["steps"] == 2
+    x_T = np.random.default_rng(0).standard_normal((9, model.diffusion_dim)).astype(np.float32)
+    z = runtime.sample(9, {"group": "A"}, seed=0, x_T=x_T, output="latent")
+    cond = {"group": torch.zeros(9, dtype=torch.long)}
+    with torch.no_grad():
+        ref = run_plan(model.student.denoiser(model), torch.from_numpy(x_T), model.student.plan(model.scheduler),
+                       cond=cond)
+    np.testing.assert_allclose(z, ref.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="samples with 'distilled' only"):
+        runtime.sample(2, sampler="ddim")
+    with pytest.raises(ValueError, match="exactly 2 steps, not 4"):
+        runtime.sample(2, steps=4)
+    export_onnx(model, tmp_path / "teacher.onnx", check=False)
+    with pytest.raises(ValueError, match="has no distilled student"):
+        OnnxSampler(tmp_path / "teacher.onnx", threads=1).sample(2, sampler="distilled")
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient  # lazy: fastapi is an optional extra
+    from scidiff.export.server import create_app  # lazy: fastapi is an optional extra
+
+    with TestClient(create_app(runtime, max_cells=20)) as client:
+        r = client.post("/generate", json={"n": 3, "condition": {"group": "B"}, "seed": 1})
+        assert r.status_code == 200 and r.json()["sampler"] == "distilled" and r.json()["steps"] == 2
+        assert np.asarray(r.json()["X"]).shape == (3, 12)
+        r = client.post("/generate", json={"n": 3, "sampler": "dpmpp_2m"})
+        assert r.status_code == 400 and "samples with 'distilled' only" in r.json()["detail"]

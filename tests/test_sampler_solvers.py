@@ -113,7 +113,9 @@ def test_logsnr_grid(steps):
 
 
 def test_every_sampler_is_registered_with_a_plan_and_runs_through_the_model():
-    assert set(SAMPLERS) == set(DEFAULT_SPACING) == {"ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"}
+    assert set(SAMPLERS) == {"ddim", "ddpm", "dpmpp_2m", "euler_maruyama", "heun"}
+    # and the distilled student's plan, walked with the student's parameters (tests/test_distillation.py)
+    assert set(DEFAULT_SPACING) == set(SAMPLERS) | {"distilled"}
     model = ScIDiffModel(gene_dim=12, hidden_dim=16, num_layers=1, num_timesteps=50)
     for name in SAMPLERS:
         x = model.sample(5, sampler=name, steps=6, seed=0)
@@ -128,4 +130,4 @@ def test_cli_offers_every_sampler():
 
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = next(a.choices for a in sample._actions if a.dest == "sampler")
-    assert sorted(choices) == sorted(SAMPLERS)
+    assert sorted(choices) == sorted([*SAMPLERS, "distilled"])

@@ -120,11 +120,15 @@ def parse_conditioning(model, text: str | None, flag: str) -> dict:
 
 def sampling_settings(args) -> dict:
     """``sampler``, ``steps``, ``eta`` and ``guidance_scale``: each flag given, else the sampling
-    section of ``--config``, else of the run's config.yaml, else the defaults."""
+    section of ``--config``, else of the run's config.yaml, else the defaults. The distilled
+    sampler walks its student's own steps unless ``--steps`` says otherwise (``steps`` ``None``)."""
     section = sampling_config(args.model, getattr(args, "config", None))
     given = {"sampler": getattr(args, "sampler", None), "steps": getattr(args, "steps", None),
              "eta": getattr(args, "eta", None), "guidance_scale": getattr(args, "guidance", None)}
-    return {k: v if v is not None else getattr(section, k) for k, v in given.items()}
+    settings = {k: v if v is not None else getattr(section, k) for k, v in given.items()}
+    if settings["sampler"] == "distilled" and given["steps"] is None:
+        settings["steps"] = None
+    return settings
 
 
 def user_error(exc: BaseException) -> str | None:

@@ -11,7 +11,8 @@ def add(sub):
                                    "to take in one deterministic DDIM step the teacher's two (--start-steps -> half "
                                    "-> ... -> --steps), on the training cells. The final student is written into the "
                                    "checkpoint beside the model (atomically; every other entry is kept); sample with "
-                                   "it in Python: model.sample(n, distilled=True, steps=N).")
+                                   "it: scidiff sample --sampler distilled (also --engine), scidiff export-onnx "
+                                   "--sampler distilled, or model.sample(n, sampler='distilled').")
     p.add_argument("--model", required=True, help="run folder or model.pt")
     p.add_argument("--data", required=True, help="the training cells (.h5ad)")
     p.add_argument("--steps", type=positive_int, default=4, help="the student's sampling steps (default: 4)")
@@ -42,4 +43,4 @@ def run(args):
                      batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
     path = save_student(args.model, student, out)
     print(f"wrote a {student.steps}-step student into {path} "
-          f"(sample with it: model.sample(n, distilled=True, steps={student.steps}))")
+          f"(sample with it: scidiff sample --sampler distilled, or model.sample(n, sampler='distilled'))")

@@ -12,8 +12,10 @@ def add(sub):
                                    "latent models, MODEL.decoder.npz.")
     p.add_argument("--model", required=True, help="run folder or model.pt")
     p.add_argument("--out", required=True, help="output .onnx path")
-    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"],
-                   help=f"default sampler recorded for clients (default: the run's config, else {DEFAULT_SAMPLER})")
+    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m", "distilled"],
+                   help=f"default sampler recorded for clients (default: the run's config, else {DEFAULT_SAMPLER}); "
+                        "distilled exports the model's distilled student (scidiff distil), which then samples in "
+                        "its own steps only")
     p.add_argument("--steps", type=int, default=None, help=f"default steps (default: the run's config, else {DEFAULT_STEPS})")
     p.add_argument("--eta", type=float, default=None)
     p.add_argument("--guidance", type=float, default=None, help="default classifier-free guidance scale")

@@ -20,7 +20,8 @@ def add(sub):
                         f"(default: the run's config.yaml, else {DEFAULT_SAMPLER}, {DEFAULT_STEPS} steps, eta 0, guidance 1)")
     p.add_argument("--sampler", default=None, choices=SAMPLER_CHOICES,
                    help="ddim, ddpm, dpmpp_2m (DPM-Solver++ 2M: 25 steps match DDPM's 1,000 on Kang), heun "
-                        "(probability-flow ODE, 2 evaluations a step), euler_maruyama (reverse SDE)")
+                        "(probability-flow ODE, 2 evaluations a step), euler_maruyama (reverse SDE), distilled (the "
+                        "model's few-step student from `scidiff distil`, in its own steps)")
     p.add_argument("--steps", type=positive_int, default=None)
     p.add_argument("--eta", type=nonnegative_float, default=None)
     p.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")

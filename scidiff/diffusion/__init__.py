@@ -19,7 +19,8 @@ import importlib
 
 _NAMES = {
     "plans": ["DEFAULT_SAMPLER", "DEFAULT_SPACING", "DEFAULT_STEPS", "PLANS", "SAMPLER_NAMES", "PlanStep", "WalkState",
-              "alphas_cumprod_of", "logsnr_timesteps", "sampler_plan", "step_update", "timesteps", "walk"],
+              "alphas_cumprod_of", "halving_timesteps", "logsnr_timesteps", "sampler_plan", "step_update", "timesteps",
+              "walk"],
     "schedules": ["BiologicalNoiseScheduler", "CosineNoiseScheduler", "LinearNoiseScheduler", "NoiseScheduler",
                   "get_scheduler"],
     "samplers": ["SAMPLERS", "Denoiser", "ddim", "ddim_invert", "ddpm", "dpmpp_2m", "euler_maruyama", "heun",
@@ -27,7 +28,7 @@ _NAMES = {
     "guidance": ["SCHEDULES", "cfg_combine", "classifier_free_guidance", "double_rows", "guidance_interval",
                  "objective_guidance", "polyak_step"],
     "smc": ["systematic_resample", "walk_smc"],
-    "distillation": ["Student", "halving_timesteps"],
+    "distillation": ["Student"],
 }
 _WHERE = {name: module for module, names in _NAMES.items() for name in names}
 

@@ -5,8 +5,9 @@ A student denoiser is trained so that one deterministic DDIM step of the student
 DDIM steps of its teacher; each round halves the number of steps and the student becomes the next
 round's teacher (the training loop is :func:`scidiff.training.distillation.distil`). Here:
 
-- :func:`halving_timesteps`: the grid of ``N`` steps whose every other point is the grid of
-  ``N / 2`` steps, from ``T - 1`` (pure noise) down to clean data;
+- :func:`~scidiff.diffusion.plans.halving_timesteps` (in :mod:`.plans`, the ``"distilled"``
+  sampler's grid): the grid of ``N`` steps whose every other point is the grid of ``N / 2``
+  steps, from ``T - 1`` (pure noise) down to clean data;
 - :func:`ddim_step`, :func:`two_teacher_steps`, :func:`x0_target`: the paper's target (Alg. 2):
   the teacher goes ``z_t -> z_t' -> z_t''`` and the student's target ``x~`` is the clean sample
   with which one DDIM step goes from ``z_t`` straight to that ``z_t''``;
@@ -21,17 +22,8 @@ from typing import NamedTuple
 import torch
 from torch.func import functional_call
 
-from .plans import PlanStep, alphas_cumprod_of, ddim_plan
+from .plans import DEFAULT_STEPS, PlanStep, alphas_cumprod_of, halving_timesteps, sampler_plan
 from .samplers import Denoiser
-
-
-def halving_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """``round(k T / steps) - 1`` for ``k = steps, ..., 1``, descending from ``T - 1``; the DDIM step
-    after the last one lands on clean data. For even ``steps`` the points of ``steps // 2`` are
-    exactly every other point of ``steps`` (from the first), so the rounds of distillation nest."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"steps must lie in [1, {num_timesteps}] (the schedule's timesteps), got {steps}")
-    return [(2 * k * num_timesteps + steps) // (2 * steps) - 1 for k in range(steps, 0, -1)]
 
 
 def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
@@ -124,9 +116,8 @@ class Student:
         return lambda x_t, t, cond=None: functional_call(network, params, (x_t, t, cond))
 
     def plan(self, schedule) -> list[PlanStep]:
-        """The student's sampler: DDIM (``eta = 0``) on ``halving_timesteps(T, steps)``."""
-        ab = alphas_cumprod_of(schedule)
-        return ddim_plan(ab, halving_timesteps(len(ab), self.steps))
+        """The student's sampler, ``"distilled"``: DDIM (``eta = 0``) on ``halving_timesteps(T, steps)``."""
+        return sampler_plan("distilled", schedule, self.steps)
 
     def to(self, device) -> "Student":
         return replace(self, parameters={k: v.to(device) for k, v in self.parameters.items()})
@@ -144,15 +135,17 @@ class Student:
         return cls(steps, dict(params), [dict(r) for r in state.get("rounds", [])])
 
 
-def distilled_student(student: Student | None, steps: int | None, eta: float = 0.0) -> Student:
-    """``student``, checked for sampling in ``steps`` steps with DDIM ``eta``; errors say what to do."""
+def distilled_student(student: Student | None, steps: int | None = None, eta: float = 0.0) -> Student:
+    """``student``, checked for the ``"distilled"`` sampler with ``steps`` and DDIM ``eta``; errors
+    say what to do. ``steps``: the student's own; ``None`` and the samplers' default
+    (:data:`~scidiff.diffusion.plans.DEFAULT_STEPS`) stand for it, any other number is an error."""
     if student is None:
-        raise ValueError("this model has no distilled student: distil one with `scidiff distil --model RUN/model.pt "
-                         "--data TRAIN.h5ad --steps 4`, or in Python `model.student = "
-                         "scidiff.training.distillation.distil(model, cells, steps=4)`")
-    if steps != student.steps:
-        raise ValueError(f"the distilled student samples in exactly {student.steps} steps; pass "
-                         f"steps={student.steps}, not {steps} (distil again for another number of steps)")
+        raise ValueError("this model has no distilled student for sampler='distilled': distil one with "
+                         "`scidiff distil --model RUN/model.pt --data TRAIN.h5ad --steps 4`, or in Python "
+                         "`model.student = scidiff.training.distillation.distil(model, cells, steps=4)`")
+    if steps not in (None, DEFAULT_STEPS, student.steps):
+        raise ValueError(f"the distilled student samples in exactly {student.steps} steps, not {steps}: leave steps "
+                         f"at its default or pass {student.steps} (distil again for another number of steps)")
     if eta != 0.0:
         raise ValueError(f"the distilled student samples with deterministic DDIM (eta=0), got eta={eta}")
     return student

@@ -3,7 +3,9 @@
 A *plan* is a list of :class:`PlanStep`: one denoiser evaluation each, followed by one linear
 update of the state, the prediction and the previous prediction. DDIM, DDPM, DPM-Solver++(2M),
 Euler-Maruyama and Heun are all plans (:data:`PLANS`); :func:`sampler_plan` builds any of them
-from a schedule's ``alphas_cumprod``. Nothing here imports torch or numpy: the coefficients are
+from a schedule's ``alphas_cumprod``. ``"distilled"`` is deterministic DDIM on the halving grid a
+progressively distilled student was trained for (:func:`halving_timesteps`); it is walked with the
+student's parameters (:class:`scidiff.diffusion.distillation.Student`). Nothing here imports torch or numpy: the coefficients are
 Python floats computed before the loop, and :func:`walk` (with :func:`step_update`) runs on
 anything with ``*`` and ``+`` (torch tensors in :mod:`scidiff.diffusion.samplers` and the engine,
 numpy arrays in :mod:`scidiff.export.runtime`), so every path walks the same plan.
@@ -125,7 +127,18 @@ def logsnr_timesteps(ab: list[float], steps: int | None) -> list[int]:
     return ts
 
 
-SPACINGS = {"trailing": lambda ab, steps: timesteps(len(ab), steps), "logsnr": logsnr_timesteps}
+def halving_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """``round(k T / steps) - 1`` for ``k = steps, ..., 1``, descending from ``T - 1``; the DDIM step
+    after the last one lands on clean data. For even ``steps`` the points of ``steps // 2`` are
+    exactly every other point of ``steps`` (from the first), so the rounds of progressive
+    distillation nest (Salimans & Ho 2022)."""
+    if steps is None or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must lie in [1, {num_timesteps}] (the schedule's timesteps), got {steps}")
+    return [(2 * k * num_timesteps + steps) // (2 * steps) - 1 for k in range(steps, 0, -1)]
+
+
+SPACINGS = {"trailing": lambda ab, steps: timesteps(len(ab), steps), "logsnr": logsnr_timesteps,
+            "halving": lambda ab, steps: halving_timesteps(len(ab), steps)}
 
 
 def ddim_plan(ab: list[float], ts: list[int], eta: float = 0.0) -> list[PlanStep]:
@@ -204,20 +217,24 @@ def heun_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
 
 
 PLANS = {"ddim": ddim_plan, "ddpm": ddpm_plan, "dpmpp_2m": dpmpp_2m_plan,
-         "euler_maruyama": euler_maruyama_plan, "heun": heun_plan}
+         "euler_maruyama": euler_maruyama_plan, "heun": heun_plan, "distilled": ddim_plan}
 SAMPLER_NAMES = tuple(PLANS)
 # the timestep spacing each sampler walks by default; the second-order solvers lose their order on
 # the trailing grid's large final log-SNR steps and use even log-SNR steps instead
 DEFAULT_SPACING = {"ddim": "trailing", "ddpm": "trailing", "dpmpp_2m": "logsnr", "euler_maruyama": "trailing",
-                   "heun": "logsnr"}
+                   "heun": "logsnr", "distilled": "halving"}
 
 
 def sampler_plan(sampler: str, schedule, steps: int | None, *, eta: float = 0.0,
                  spacing: str | None = None) -> list[PlanStep]:
     """The plan of any registered sampler on ``steps`` timesteps (``eta`` applies to DDIM only;
-    ``spacing``: ``"trailing"`` or ``"logsnr"``, default per sampler, :data:`DEFAULT_SPACING`)."""
+    ``spacing``: ``"trailing"``, ``"logsnr"`` or ``"halving"``, default per sampler,
+    :data:`DEFAULT_SPACING`). ``"distilled"`` is DDIM (``eta = 0``) on the halving grid only."""
     if sampler not in PLANS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(PLANS)}")
+    if sampler == "distilled" and (eta != 0.0 or spacing not in (None, "halving")):
+        raise ValueError(f"the distilled sampler is deterministic DDIM on its halving grid (eta=0, spacing "
+                         f"'halving'), got eta={eta}, spacing={spacing!r}")
     spacing = spacing or DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")

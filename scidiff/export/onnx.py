@@ -22,6 +22,9 @@ Graph inputs (``B`` and ``K`` are dynamic):
 
 Output ``x0``: float32 ``[B, D]``, the guided prediction of the clean sample.
 
+With ``sampler="distilled"`` the graph carries the model's distilled student (progressive
+distillation) and the export samples with it alone, in its own steps.
+
 Beside ``model.onnx`` the exporter writes ``model.json`` (the sidecar: genes, normalisation and
 scaling, vocabularies, the noise schedule, input names, default sampler and steps, versions and
 checksums) and, for latent models, ``model.decoder.npz`` (``mean [G]``, ``basis [L, G]``,
@@ -254,7 +257,8 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
         "schedule": {"config": model.scheduler.config(),
                      "alphas_cumprod": [float(v) for v in model.scheduler.alphas_cumprod.double()]},
         "sampling": {"sampler": sampler, "steps": int(steps), "eta": float(eta),
-                     "guidance_scale": float(guidance_scale), "samplers": list(SAMPLER_NAMES)},
+                     "guidance_scale": float(guidance_scale),
+                     "samplers": ["distilled"] if sampler == "distilled" else ["ddim", "dpmpp_2m"]},
         "latent": None, "detection": None,
         "model_config": model.config(),
     }
@@ -279,6 +283,9 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
     default).
 
     ``sampler``/``steps``/``eta``/``guidance_scale`` are the defaults recorded for samplers.
+    ``sampler="distilled"`` exports the model's distilled student instead (the same graph with the
+    student's parameters; the export then samples with ``"distilled"`` in the student's steps
+    only, and ``ddim``/``dpmpp_2m`` need an export of the teacher).
     With ``check`` the saved graph is loaded by onnxruntime and compared with torch on a probe
     batch (``max_abs_error`` in the result and the sidecar). Returns the paths and the check.
     """
@@ -290,11 +297,20 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
     _spec_dict(model)
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; the ONNX runtime has {list(SAMPLER_NAMES)}")
+    distilled = sampler == "distilled"
+    if distilled:
+        steps = model.sampling_steps(sampler, steps, eta)
     if not 1 <= int(steps) <= model.num_timesteps:
         raise ValueError(f"steps must lie in [1, {model.num_timesteps}], got {steps}")
+    student = model.student
     model = copy.deepcopy(model).float().cpu().eval()
-    for p in model.parameters():
+    model.student = None
+    if distilled:  # the student is the same network with other parameters
+        student.check_fits(model)
+    for name, p in model.named_parameters():
         p.requires_grad_(False)
+        if distilled:
+            p.copy_(student.parameters[name])
     wrapper = ConditionTableDenoiser(model).eval()
     sidecar = build_sidecar(model, path, sampler=sampler, steps=steps, eta=eta, guidance_scale=guidance_scale,
                             opset=opset)

@@ -35,7 +35,7 @@ __all__ = ["Batch", "OnnxSampler", "Plan", "Trajectory", "ddim", "dpmpp_2m", "lo
            "make_session", "measure", "sampler_name", "timesteps"]
 
 SIDECAR_FORMAT = "scidiff.onnx"
-SAMPLERS = ("ddim", "dpmpp_2m")
+SAMPLERS = ("ddim", "dpmpp_2m", "distilled")  # an export offers ddim + dpmpp_2m (teacher) or distilled (student)
 _ALIASES = {"dpm-solver++": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver_pp": "dpmpp_2m"}
 
 NumpyDenoiser = Callable[[np.ndarray, int], np.ndarray]
@@ -347,6 +347,7 @@ class OnnxSampler:
         if missing:
             raise ValueError(f"{self.onnx_path!r} lacks the inputs {missing} named in its sidecar")
         self.defaults = dict(meta["sampling"])
+        self.samplers = [sampler_name(v) for v in self.defaults.get("samplers", ("ddim", "dpmpp_2m"))]
 
     def _detection_tables(self, npz, path) -> dict[str, np.ndarray] | None:
         """The detection model's tables the sidecar names, from the decoder file (``None``
@@ -371,7 +372,7 @@ class OnnxSampler:
                 "conditions": {c["key"]: c["labels"] for c in self.covariates if c["kind"] != "continuous"},
                 "continuous": [c["key"] for c in self.covariates if c["kind"] == "continuous"],
                 "perturbations": [c["key"] for c in self.covariates if c["kind"] == "perturbation"],
-                "samplers": list(SAMPLERS), "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
+                "samplers": list(self.samplers), "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
                 "num_timesteps": self.num_timesteps, "latent_dim": (self.meta.get("latent") or {}).get("dim"),
                 "observed_available": self.detection is not None,
                 "expression": self.expression_note(self.resolve_observed()),
@@ -556,6 +557,13 @@ class OnnxSampler:
         """Defaults from the sidecar, validated; ``observed`` resolved by :meth:`resolve_observed`."""
         d = self.defaults
         name = sampler_name(sampler, d.get("sampler", "ddim"))
+        if name not in self.samplers:
+            what = ("a distilled student's export samples with 'distilled' only (export the model without "
+                    "sampler='distilled' for the others)" if self.samplers == ["distilled"] else
+                    "this export has no distilled student (export with sampler='distilled' for it)")
+            raise ValueError(f"unknown sampler {name!r} for this export; choose one of {self.samplers}: {what}")
+        if name == "distilled" and steps is not None and int(steps) != int(d["steps"]):
+            raise ValueError(f"the distilled student samples in exactly {d['steps']} steps, not {steps}")
         steps = int(d.get("steps", 50) if steps is None else steps)
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must lie in [1, {self.num_timesteps}], got {steps}")
@@ -641,7 +649,8 @@ class OnnxSampler:
         list of ``n`` labels, an integer code (``obs`` records the label it stands for; refused
         where the vocabulary also has it as a different label), or a number for a numeric
         covariate; absent = null. (The HTTP server takes labels only.)
-        ``sampler``: ``"ddim"`` or ``"dpmpp_2m"``; ``steps``, ``eta`` (DDIM), ``guidance``
+        ``sampler``: ``"ddim"`` or ``"dpmpp_2m"`` (``"distilled"`` for an export of a distilled
+        student, in its own steps); ``steps``, ``eta`` (DDIM), ``guidance``
         (classifier-free guidance scale) default to the sidecar's. ``observed``: measured cells,
         the default where the export has a detection model, or smooth ones (``False``); ``uns``
         (or the arrays) record which. ``output``: ``"anndata"``

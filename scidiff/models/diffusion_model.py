@@ -352,10 +352,16 @@ class ScIDiffModel(nn.Module):
         return out
 
     # -- sampling --------------------------------------------------------------------------------
+    def sampling_steps(self, sampler: str, steps: int | None, eta: float = 0.0) -> int | None:
+        """The steps ``sampler`` walks for a requested ``steps``: ``steps`` itself, except for
+        ``"distilled"``, which walks its student's own (``None`` and the default stand for them;
+        another number, a model without a student or ``eta != 0`` is an error naming the fix)."""
+        return distilled_student(self.student, steps, eta).steps if sampler == "distilled" else steps
+
     @torch.no_grad()
     def sample(self, batch_size: int, conditioning: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
                steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0,
-               seed: int | None = None, distilled: bool = False,
+               seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
                observed: bool | None = None, progress: bool = False, device=None) -> torch.Tensor:
         """Generate ``batch_size`` cells ``[B, G]``.
@@ -364,11 +370,11 @@ class ScIDiffModel(nn.Module):
         ``sampler``: ``"dpmpp_2m"`` (DPM-Solver++(2M), the default: at 25 steps it matches DDPM at
         1,000 on Kang, ``bench/bench_sampler_quality.py``), ``"ddim"`` (``eta``), ``"ddpm"``,
         ``"heun"`` (2 network evaluations a step) or ``"euler_maruyama"``; ``steps=None`` = all T.
+        ``"distilled"``: the model's few-step student (``model.student``, progressive distillation,
+        :func:`scidiff.training.distillation.distil`) in deterministic DDIM on its own grid, in
+        its own number of steps (:meth:`sampling_steps`).
         For many cells, :class:`scidiff.engine.SamplingEngine` gives the same cells faster.
         ``guidance_scale``: classifier-free guidance weight (1 = conditional model only).
-        ``distilled``: sample with the model's distilled student (``model.student``, progressive
-        distillation: :func:`scidiff.training.distillation.distil`) in deterministic DDIM on its
-        own grid; ``steps`` must equal ``model.student.steps`` (``sampler`` does not apply).
         Returns log1p-normalised expression when the model carries a data spec and
         ``return_expression``; otherwise values in the model's space. The expression is measured
         by default where the model can measure it (:meth:`resolve_observed`: principal-axes
@@ -377,9 +383,9 @@ class ScIDiffModel(nn.Module):
         expression (clipped at 0); ``observed=True``: measured, or an error where the model
         cannot measure.
         """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        student = distilled_student(self.student, steps, eta) if distilled else None
+        if sampler not in SAMPLERS and sampler != "distilled":
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
+        student = distilled_student(self.student, steps, eta) if sampler == "distilled" else None
         device = torch.device(device) if device is not None else next(self.parameters()).device
         cond = {k: v.to(device) for k, v in self.encode_conditioning(conditioning, batch_size).items()}
         if generator is None:
@@ -397,7 +403,7 @@ class ScIDiffModel(nn.Module):
             kwargs = {"eta": eta} if sampler == "ddim" else {}
             if student is not None:
                 x = run_plan(denoiser, x_T, student.plan(self.scheduler), cond=cond, progress=progress,
-                             desc="distilled DDIM")
+                             desc=f"distilled ({student.steps} steps)")
             else:
                 x = SAMPLERS[sampler](denoiser, x_T, self.scheduler, steps, cond=cond, generator=generator,
                                       progress=progress, **kwargs)

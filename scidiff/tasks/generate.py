@@ -44,6 +44,7 @@ def _runner(model, engine, sampler, steps, eta, guidance_scale):
         raise TypeError(f"engine must be True, False or a SamplingEngine, got {type(engine).__name__}")
     if engine is not None:
         sampler, steps, eta, guidance_scale = engine.sampler, engine.steps, engine.eta, engine.guidance_scale
+    steps = model.sampling_steps(sampler, steps, eta)  # "distilled": the student's own
     return model, engine, {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
 
 

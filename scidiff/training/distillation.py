@@ -8,7 +8,7 @@ dropout (so the student keeps an unconditional mode for guidance). Each round ha
 ``start_steps -> ... -> steps``, and its student is the next round's teacher. The student is the
 teacher's network with other parameters: ``model.student`` (a
 :class:`~scidiff.diffusion.distillation.Student`), stored in the checkpoint beside the teacher
-and sampled by ``model.sample(..., distilled=True, steps=student.steps)``.
+and sampled by ``model.sample(..., sampler="distilled")`` (also the engine, ONNX export and server).
 """
 from __future__ import annotations
 
