@@ -10,6 +10,12 @@ the deterministic samplers start from the same ``x_T``). Sampling runs through t
 :class:`~scidiff.engine.SamplingEngine`, which gives the plain samplers' cells (tests/test_engine.py);
 one bf16 row shows what the engine's bf16 network does to quality.
 
+The distilled rows: the model is distilled once (progressive distillation, Salimans & Ho 2022:
+64 -> 32 -> 16 -> 8 -> 4 DDIM steps, then on to 2 and 1, ``--distil-iterations`` per round, on the
+training cells; saved beside the model as ``<model>.students.pt`` and reused), and each student
+samples through the engine (``"distilled"``) at its own 4, 2 or 1 network evaluations. The
+distillation's CPU seconds are in ``setup.distillation``; ``ddim:4`` is the teacher's own 4 steps.
+
 Results are appended per configuration to the JSON (``--out``), so an interrupted run resumes;
 ``--configs`` picks a subset (``sampler:steps[:bf16]`` comma-separated).
 
@@ -32,7 +38,8 @@ from bench_generation import DATA, score_group, split_groups  # noqa: E402
 
 DEFAULT_CONFIGS = ("ddpm:1000,ddpm:250,ddpm:100,ddpm:50,ddpm:25,ddim:10,ddim:25,ddim:50,ddim:100,"
                    "dpmpp_2m:5,dpmpp_2m:10,dpmpp_2m:15,dpmpp_2m:25,dpmpp_2m:50,heun:5,heun:10,heun:13,heun:25,"
-                   "euler_maruyama:50,euler_maruyama:250,euler_maruyama:1000,dpmpp_2m:25:bf16")
+                   "euler_maruyama:50,euler_maruyama:250,euler_maruyama:1000,dpmpp_2m:25:bf16,"
+                   "ddim:4,distilled:4,distilled:2,distilled:1")
 METRICS = ("mmd", "energy_distance", "classifier_auc")
 REFERENCE = "ddpm:1000"  # the anchors' sampler
 
@@ -53,6 +60,30 @@ def train_or_load(args, data):
     return scidiff.load_model(args.model), seconds
 
 
+def distil_or_load(args, model, data) -> tuple[dict, dict | None]:
+    """Students of 4, 2 and 1 steps (each round halving the previous student), and the report."""
+    from scidiff.diffusion.distillation import Student
+    from scidiff.training.distillation import distil
+
+    path = os.path.splitext(args.model)[0] + ".students.pt"
+    if os.path.exists(path):
+        states = torch.load(path, weights_only=True)
+        return {int(k): Student.from_state(v) for k, v in states.items()}, None
+    students, seconds, previous = {}, {}, None
+    for steps in (4, 2, 1):
+        t0 = time.perf_counter()
+        previous = students[steps] = distil(model, data, steps=steps, start_steps=64, initial=previous,
+                                            iterations_per_round=args.distil_iterations, seed=args.seed, progress=False)
+        seconds[steps] = round(time.perf_counter() - t0, 1)
+        print(f"distilled to {steps} step(s) in {seconds[steps]:.0f} s", flush=True)
+    torch.save({str(k): v.to_state() for k, v in students.items()}, path)
+    report = {"method": "progressive distillation (Salimans & Ho 2022), 64 -> 4 -> 2 -> 1 DDIM steps",
+              "iterations_per_round": args.distil_iterations, "batch_size": 256, "threads": args.threads,
+              "seconds_to_reach": {str(k): round(sum(seconds[j] for j in seconds if j >= k), 1) for k in seconds},
+              "rounds": students[1].rounds}
+    return students, report
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=DATA)
@@ -61,6 +92,7 @@ def main(argv=None):
     p.add_argument("--configs", default=DEFAULT_CONFIGS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--distil-iterations", type=int, default=1000, help="distillation iterations per round")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sampler_quality.json"))
     args = p.parse_args(argv)
     if not os.path.exists(args.data):
@@ -93,6 +125,9 @@ def main(argv=None):
         "num_layers": model.num_layers})
     if train_seconds is not None:
         results["setup"]["train_seconds"] = round(train_seconds, 1)
+    students, distillation = distil_or_load(args, model, data)
+    if distillation is not None:
+        results["setup"]["distillation"] = distillation
 
     names = list(np.unique(groups))
     rng = np.random.default_rng(args.seed)
@@ -102,6 +137,8 @@ def main(argv=None):
         sampler, steps, bf16 = parts[0], int(parts[1]), len(parts) > 2 and parts[2] == "bf16"
         if spec in results["configs"]:
             continue
+        if sampler == "distilled":
+            model.student = students[steps]
         engine = SamplingEngine(model, sampler, steps, dtype=torch.bfloat16 if bf16 else torch.float32)
         nfe = len(sampler_plan(sampler, model.scheduler, steps))
         per_group, t_sample = {}, 0.0
@@ -167,8 +204,20 @@ def markdown(results: dict) -> str:
         d = paired_difference(results, spec)
         deltas = [(f"{d[k]['mean']:+.4f} [{d[k]['ci95'][0]:+.4f}, {d[k]['ci95'][1]:+.4f}]" if d else
                    "reference" if spec == REFERENCE else "-") for k in ("mmd", "classifier_auc")]
-        name = r["sampler"] + (" (bf16 engine)" if r["network"] == "bf16" else "")
+        name = ("distilled student" if r["sampler"] == "distilled" else r["sampler"]) + \
+            (" (bf16 engine)" if r["network"] == "bf16" else "")
         lines.append(f"| {name} | {r['steps']} | {r['network_evaluations']} | " + " | ".join(cells + deltas) + " |")
+    default = "dpmpp_2m:25"  # the students against the default sampler they replace
+    few = [spec for spec, r in rows if r["sampler"] == "distilled" or spec == "ddim:4"]
+    if default in results["configs"] and few:
+        lines += ["", f"Against the default sampler, DPM-Solver++(2M) with 25 steps (paired, 95% CI):", "",
+                  "| sampler | network evaluations | MMD difference | energy distance difference | AUC difference |",
+                  "|---|---:|---:|---:|---:|"]
+        for spec in few:
+            r, d = results["configs"][spec], paired_difference(results, spec, default)
+            name = "distilled student" if r["sampler"] == "distilled" else f"{r['sampler']} (teacher)"
+            lines.append(f"| {name} | {r['network_evaluations']} | " + " | ".join(
+                f"{d[k]['mean']:+.4f} [{d[k]['ci95'][0]:+.4f}, {d[k]['ci95'][1]:+.4f}]" for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,12 @@ ONNX runtime, one run, same model, same sampler (DDIM) and steps.
   ``engine_fp32`` leave the cells on the device.
 - ``onnx``: :class:`scidiff.export.runtime.OnnxSampler` on the exported model (onnxruntime,
   numpy loop), when ``scidiff.export`` is present.
+- ``engine_25``: the engine with the default sampler, DPM-Solver++(2M) in 25 steps (which matches
+  DDPM's 1,000 on Kang, ``bench/bench_sampler_quality.py``).
+- ``engine_distilled``: the engine with the distilled student (``"distilled"``, 4 steps by
+  default: ``--distilled-steps``; the saved model's own student with ``--model``, else the random
+  network standing in as its own student). Its quality beside DPM-Solver++ 25 is in
+  ``bench/results/sampler_quality.json``; the goal is 5x ``engine_25``'s cells/s.
 
 The model is the default configuration (2,000 highly variable genes of Kang PBMCs, a 64-dim
 latent, hidden 512, 6 blocks, 1,000 timesteps) with random weights: throughput does not depend
@@ -116,7 +122,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-seconds", type=float, default=90.0, help="skip a run projected to take longer")
     p.add_argument("--repeats", type=int, default=3, help="best of this many runs, for runs under 15 s")
-    p.add_argument("--methods", default="eager,engine,engine_fp32,engine_torch_ops,engine_to_cpu,onnx")
+    p.add_argument("--methods", default="eager,engine,engine_fp32,engine_torch_ops,engine_to_cpu,onnx,engine_25,"
+                                        "engine_distilled")
+    p.add_argument("--distilled-steps", type=int, default=4, help="the student's steps when the model has none")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for the fraction-of-peak column")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sampling.json"))
     args = p.parse_args(argv)
@@ -149,6 +157,18 @@ def main(argv=None):
         methods["engine_torch_ops"] = engine_torch_ops
     if "engine_to_cpu" in wanted and device.type == "cuda":
         methods["engine_to_cpu"] = lambda b, seed: engine.sample(b, cond, seed=seed)
+    evaluations = {name: args.steps for name in methods}
+    if "engine_25" in wanted:
+        engine25 = SamplingEngine(model, "dpmpp_2m", 25, threads=args.threads)
+        methods["engine_25"], evaluations["engine_25"] = (lambda b, seed: engine25.sample(b, cond, seed=seed,
+                                                                                          to_cpu=False)), 25
+    if "engine_distilled" in wanted:
+        if model.student is None:  # throughput does not depend on the weights: the network as its own student
+            from scidiff.diffusion.distillation import Student
+            model.student = Student(args.distilled_steps, {k: v.detach().clone() for k, v in model.named_parameters()})
+        student_engine = SamplingEngine(model, "distilled", threads=args.threads)
+        methods["engine_distilled"] = lambda b, seed: student_engine.sample(b, cond, seed=seed, to_cpu=False)
+        evaluations["engine_distilled"] = student_engine.steps
     onnx_info = None
     tmp = tempfile.TemporaryDirectory()
     if "onnx" in wanted:
@@ -166,6 +186,7 @@ def main(argv=None):
                          "max_abs_error_vs_torch": res.get("max_abs_error")}
             methods["onnx"] = lambda b, seed: onnx.sample(b, cond, seed=seed, sampler="ddim", steps=args.steps,
                                                           output="arrays")["X"]
+            evaluations["onnx"] = args.steps
 
     # the same cells: engine vs eager at the smallest batch (bf16 rounding only)
     b0 = int(args.batch_sizes.split(",")[0])
@@ -173,7 +194,8 @@ def main(argv=None):
     ref = np.asarray(methods["eager"](b0, 0).cpu()) if "eager" in methods else None
     for name, fn in methods.items():
         out = fn(b0, 0)  # also the warm-up (CUDA graph capture, Triton compilation, ORT session)
-        if ref is not None and name.startswith("engine"):  # (ONNX draws x_T from numpy's generator)
+        if ref is not None and name in ("engine", "engine_fp32", "engine_torch_ops", "engine_to_cpu"):
+            # (ONNX draws x_T from numpy's generator; engine_25 and engine_distilled sample otherwise)
             out = np.asarray(out.cpu() if isinstance(out, torch.Tensor) else out)
             agreement[name] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
@@ -197,8 +219,12 @@ def main(argv=None):
             cps = b / seconds
             last[name] = cps
             row[name] = {"seconds": round(seconds, 3), "cells_per_s": round(cps, 1),
-                         "model_tflops": round(cps * args.steps * flops["nominal"] / 1e12, 4)}
+                         "network_evaluations": evaluations[name],
+                         "model_tflops": round(cps * evaluations[name] * flops["nominal"] / 1e12, 4)}
             print(f"batch {b:6d} {name:12s} {seconds:8.2f} s {cps:10.0f} cells/s", flush=True)
+        if "cells_per_s" in row.get("engine_distilled", {}) and "cells_per_s" in row.get("engine_25", {}):
+            row["engine_distilled"]["speedup_vs_engine_25"] = round(
+                row["engine_distilled"]["cells_per_s"] / row["engine_25"]["cells_per_s"], 2)
         if "eager" in row and "cells_per_s" in row["eager"]:
             for name in methods:
                 if name != "eager" and "cells_per_s" in row.get(name, {}):
@@ -226,6 +252,15 @@ def main(argv=None):
             "executed_flops": round(best["engine"] * args.steps * flops["engine"] / (peak * 1e12), 4)}
     if device.type == "cpu" and best.get("engine") and best.get("eager"):
         result["goal_cpu_engine_1.5x_eager"] = bool(best["engine"] >= 1.5 * best["eager"])
+    if best.get("engine_distilled") and best.get("engine_25"):
+        result["distilled_steps"] = evaluations["engine_distilled"]
+        ratios = [r["engine_distilled"]["speedup_vs_engine_25"] for r in rows
+                  if "speedup_vs_engine_25" in r.get("engine_distilled", {})]
+        result["distilled_vs_engine_25"] = {"min": min(ratios), "max": max(ratios)}
+        if device.type == "cpu":
+            result["goal_cpu_distilled_5x_engine_25"] = bool(min(ratios) >= 5.0)
+    if device.type == "cuda" and best.get("engine_distilled"):
+        result["goal_gpu_distilled_5M_cells_per_s"] = bool(best["engine_distilled"] >= 5e6)
     if device.type == "cuda" and best.get("engine"):
         result["goal_gpu_1M_cells_per_s"] = bool(best["engine"] >= 1e6)
         if best.get("eager"):
@@ -249,6 +284,10 @@ def markdown_table(result: dict, methods: list[str]) -> str:
         cells = [f"{r[m]['cells_per_s']:,.0f}" if "cells_per_s" in r.get(m, {}) else "skipped" for m in methods]
         speed = r.get("engine", {}).get("speedup_vs_eager")
         lines.append(f"| {r['batch']:,} | " + " | ".join(cells) + f" | {speed if speed else '-'}x |")
+    if "distilled_vs_engine_25" in result:
+        d = result["distilled_vs_engine_25"]
+        lines += ["", f"engine_25: DPM-Solver++(2M), 25 steps; engine_distilled: the distilled student, "
+                      f"{result['distilled_steps']} steps; distilled / engine_25: {d['min']:.2f}x to {d['max']:.2f}x."]
     return "\n".join(lines) + "\n"
 
 

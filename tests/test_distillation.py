@@ -144,6 +144,28 @@ def test_the_report_has_one_row_per_round(distilled):
     assert all(r["iterations"] == 150 and np.isfinite(r["final_loss"]) and r["seconds"] > 0 for r in rounds)
 
 
+def test_going_on_from_a_student_is_the_same_as_distilling_through_it(distilled):
+    """``initial``: the 4-step student halved to 2 runs exactly the rounds a 64 -> 2 distillation
+    runs after its 4-step round, from the same parameters: one round, teacher = the student."""
+    model, data = distilled
+    kw = dict(iterations_per_round=3, batch_size=32, progress=False, seed=1)
+    two = distil(model, data, steps=2, initial=model.student, **kw)
+    assert two.steps == 2 and [r["steps"] for r in two.rounds] == [32, 16, 8, 4, 2]
+    from_scratch_of_the_round = distil_round_from(model, model.student, data, kw)
+    assert all(torch.equal(two.parameters[k], v) for k, v in from_scratch_of_the_round.items())
+
+
+def distil_round_from(model, student, data, kw):
+    """The one round 4 -> 2 with the student as the teacher, written out (what ``initial`` must run)."""
+    from scidiff.training.distillation import _batches, distil_round  # lazy: internals of this one check
+
+    generator = torch.Generator().manual_seed(kw["seed"])
+    params, _ = distil_round(model, student.parameters, _batches(data, kw["batch_size"], kw["seed"]), 2,
+                             iterations=kw["iterations_per_round"], learning_rate=1e-4, gradient_clip_val=1.0,
+                             generator=generator)
+    return params
+
+
 def test_distillation_leaves_the_teacher_unchanged():
     data = two_groups(64)
     model = tiny_model(data).eval()
@@ -238,6 +260,10 @@ def test_the_distil_command_writes_the_student_into_the_checkpoint(tmp_path, cap
     assert main(["distil", "--model", path, "--data", str(tmp_path / "train.h5ad"), "--steps", "1",
                  "--start-steps", "2", "--iterations", "2", "--device", "cpu", "--out", str(out)]) == 0
     assert load_model(out).student.steps == 1 and load_model(path).student.steps == 2
+    halved = tmp_path / "halved.pt"  # going on from the 2-step student: one more round, the report continued
+    assert main(["distil", "--model", path, "--data", str(tmp_path / "train.h5ad"), "--steps", "1", "--from-student",
+                 "--iterations", "2", "--device", "cpu", "--out", str(halved)]) == 0
+    assert [r["steps"] for r in load_model(halved).student.rounds] == [4, 2, 1]
     assert main(["distil", "--model", path, "--data", str(tmp_path / "train.h5ad"), "--steps", "4",
                  "--start-steps", "6", "--device", "cpu"]) == 2
     assert "power of two" in capsys.readouterr().err

@@ -27,6 +27,9 @@ def add(sub):
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", default=None, help="checkpoint to write (default: the --model checkpoint, replaced)")
+    p.add_argument("--from-student", action="store_true",
+                   help="go on from the checkpoint's distilled student (its steps replace --start-steps), e.g. "
+                        "halve a 4-step student to 2")
 
 
 def run(args):
@@ -39,8 +42,11 @@ def run(args):
     out = check_out(args.out) if args.out is not None else None
     model = load_model(args.model, map_location=resolve_device(args.device))
     _, _, cells = model_cells(model, args.data, layer=args.layer)
+    if args.from_student and model.student is None:
+        raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
     student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
-                     batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed)
+                     batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
+                     initial=model.student if args.from_student else None)
     path = save_student(args.model, student, out)
     print(f"wrote a {student.steps}-step student into {path} "
           f"(sample with it: scidiff sample --sampler distilled, or model.sample(n, sampler='distilled'))")

@@ -149,18 +149,26 @@ class DetectionModel(nn.Module):
         expression ``[N, G]`` given uniforms ``detect_u`` and ``level_u`` ``[N, G]`` in [0, 1).
         A gene is detected where ``detect_u`` is below its bin's detection probability, at the
         level its bin's quantiles interpolate at ``level_u``, else measured 0
-        (:func:`scidiff.export.runtime.measure` is the same map in numpy)."""
+        (:func:`scidiff.export.runtime.measure` is the same map in numpy).
+
+        Cell-major throughout: each value's bin is the number of its gene's (sorted) inner edges
+        at or below it, counted edge by edge (what ``searchsorted(right=True)`` returns, without
+        its per-gene search), and the tables are read by ``gather`` along their bin axis."""
         self._check_fitted()
-        b = self._bin(smooth.float())                             # [G, N]
-        gene = torch.arange(self.edges.shape[0], device=b.device).unsqueeze(1).expand_as(b)
-        cell_bin = gene * self.bins + b
-        p = self.detection.reshape(-1)[cell_bin]
-        v = level_u.T * (self.quantiles - 1)
+        smooth = smooth.float()
+        inner = self.edges[:, 1:-1]                               # [G, bins - 1], sorted per gene
+        count = torch.zeros(smooth.shape, dtype=torch.uint8, device=smooth.device)
+        for k in range(inner.shape[1]):
+            count += smooth >= inner[:, k]
+        b = count.long()                                          # [N, G]
+        p = self.detection.T.contiguous().gather(0, b)            # [bins, G] -> [N, G]
+        v = level_u * (self.quantiles - 1)
         lo = v.floor().long().clamp_max(self.quantiles - 2)
-        flat, at = self.levels.reshape(-1), cell_bin * self.quantiles + lo
-        left, right = flat[at], flat[at + 1]
+        levels = self.levels.permute(1, 2, 0).reshape(-1, self.levels.shape[0])  # [bins * Q, G]
+        at = b * self.quantiles + lo
+        left, right = levels.gather(0, at), levels.gather(0, at + 1)
         level = left + (v - lo) * (right - left)
-        return torch.where(detect_u.T < p, level, torch.zeros_like(level)).T.contiguous()
+        return torch.where(detect_u < p, level, torch.zeros_like(level))
 
     @torch.no_grad()
     def sample(self, smooth: torch.Tensor, generator: torch.Generator | None = None,

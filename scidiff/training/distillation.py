@@ -102,21 +102,29 @@ def distil_round(model, teacher: dict, batches, student_steps: int, *, iteration
 
 def distil(model, data, *, steps: int = 4, start_steps: int = 64, iterations_per_round: int = 2000,
            batch_size: int = 256, learning_rate: float = 1e-4, gradient_clip_val: float = 1.0, seed: int = 0,
-           progress: bool = True) -> Student:
+           progress: bool = True, initial: Student | None = None) -> Student:
     """Progressive distillation of ``model`` (a trained :class:`~scidiff.models.ScIDiffModel`, on
     its device) on ``data`` (the training cells: a :class:`~scidiff.data.CellData`, or a loader of
     batch dicts in model space) from DDIM with ``start_steps`` steps down to ``steps``, halving
     each round (Salimans & Ho 2022). Returns the final :class:`Student` (``rounds``: the report);
     assign it to ``model.student`` to sample with it and to save it with the model. The model's
-    own weights are not changed."""
+    own weights are not changed. ``initial``: a student of this model to go on from (its steps
+    replace ``start_steps``; its rounds head the report), e.g. a 4-step student halved to 2 and 1."""
+    if initial is not None:
+        initial.check_fits(model)
+        start_steps = initial.steps
     rounds = halving_rounds(steps, start_steps, model.num_timesteps)
     if isinstance(data, CellData) and data.x.shape[1] != model.gene_dim:
         raise ValueError(f"the data has {data.x.shape[1]} genes, the model {model.gene_dim}")
     device = model.alphas_cumprod.device
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = _batches(data, batch_size, seed)
-    teacher = {k: p.detach() for k, p in model.named_parameters()}
-    report = []
+    if initial is None:
+        teacher = {k: p.detach() for k, p in model.named_parameters()}
+    else:
+        teacher = {k: initial.parameters[k].detach().to(p.device) for k, p in model.named_parameters()}
+    report = [] if initial is None else [dict(r) for r in initial.rounds]
+    done = len(report)
     was_training = model.training
     model.eval()  # a deterministic teacher (no dropout), and the student in the mode it samples in
     bar = tqdm(total=len(rounds) * iterations_per_round, desc=f"distilling {start_steps} -> {steps} steps",
@@ -128,7 +136,7 @@ def distil(model, data, *, steps: int = 4, start_steps: int = 64, iterations_per
                                         generator=generator, bar=bar)
             report.append(row)
             if progress:
-                bar.write(f"round {len(report)}/{len(rounds)}: {row['teacher_steps']} -> {row['steps']} steps, "
+                bar.write(f"round {len(report) - done}/{len(rounds)}: {row['teacher_steps']} -> {row['steps']} steps, "
                           f"{row['iterations']} iterations, loss {row['final_loss']:.4g}, {row['seconds']:.1f} s")
     finally:
         bar.close()
