@@ -106,6 +106,46 @@ def test_numpy_measure_equals_the_torch_map_on_the_same_uniforms():
     np.testing.assert_array_equal(got == 0, expected == 0)
 
 
+@pytest.mark.parametrize("cells,genes,threads", [(1, 1, 1), (257, 37, 1), (300, 17, 2), (1000, 16, 3)])
+def test_the_compiled_measurement_equals_the_torch_reference_bit_for_bit(cells, genes, threads, monkeypatch):
+    """``scidiff.models._measure`` (tiles of 16 genes x 256 cells, several threads) is
+    ``DetectionModel.measure_reference`` exactly, for values inside, outside and on the bin edges
+    (ties), infinities and NaN, with contiguous or gene-major (as ``sample`` draws) uniforms; and
+    ``SCIDIFF_KERNELS=torch`` runs the reference."""
+    from scidiff.models import observation
+
+    if observation._native is None:
+        pytest.skip("scidiff.models._measure is not built (installed without a C++ compiler)")
+    gen = torch.Generator().manual_seed(cells + genes)
+    smooth = torch.randn(4_000, genes, generator=gen)
+    det = DetectionModel(genes).fit(smooth, hurdle(smooth, gen))
+    fresh = torch.randn(cells, genes, generator=gen) * 2
+    rows = min(cells, det.edges.shape[1])
+    fresh[:rows] = det.edges.T[:rows]
+    fresh[0, 0] = float("nan")
+    if cells > 2:
+        fresh[1, :] = float("inf")
+        fresh[2, :] = -float("inf")
+    detect_u, level_u = torch.rand(genes, cells, generator=gen).T, torch.rand(genes, cells, generator=gen).T
+    calls = []
+    monkeypatch.setattr(observation._native, "measure",
+                        lambda *a, _f=observation._native.measure: calls.append(a[-1]) or _f(*a), raising=True)
+    torch.set_num_threads(threads)
+    try:
+        native = det.measure(fresh, detect_u, level_u)
+        again = det.measure(fresh, detect_u.contiguous(), level_u.contiguous())
+    finally:
+        torch.set_num_threads(1)
+    assert calls == [threads, threads]
+    reference = det.measure_reference(fresh, detect_u, level_u)
+    assert torch.equal(native, reference) and torch.equal(again, reference)
+    if cells * genes > 100:  # enough values to see both outcomes
+        assert 0.1 < float((reference == 0).float().mean()) < 0.9
+    monkeypatch.setenv("SCIDIFF_KERNELS", "torch")
+    det.measure(fresh, detect_u, level_u)
+    assert len(calls) == 2
+
+
 def test_detection_model_errors():
     det = DetectionModel(4)
     with pytest.raises(RuntimeError, match="fit_detection"):

@@ -23,6 +23,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.dispatch import kernel_mode
+
+try:  # the compiled measurement (csrc/measure.cpp); absent when the package was installed without building it
+    from . import _measure as _native
+except ImportError:  # pragma: no cover - exercised by installs without a compiler
+    _native = None
+
 
 class DetectionModel(nn.Module):
     """Per-gene detection probability and detected-level quantiles, binned on smooth expression.
@@ -151,9 +158,29 @@ class DetectionModel(nn.Module):
         level its bin's quantiles interpolate at ``level_u``, else measured 0
         (:func:`scidiff.export.runtime.measure` is the same map in numpy).
 
-        Cell-major throughout: each value's bin is the number of its gene's (sorted) inner edges
-        at or below it, counted edge by edge (what ``searchsorted(right=True)`` returns, without
-        its per-gene search), and the tables are read by ``gather`` along their bin axis."""
+        On the CPU the compiled pass (``scidiff.models._measure``, one pass per value) runs where
+        it was built, unless ``SCIDIFF_KERNELS=torch``; :meth:`measure_reference` is the torch
+        definition it equals bit for bit (tests/test_observation.py)."""
+        self._check_fitted()
+        if _native is not None and smooth.device.type == "cpu" and kernel_mode() != "torch":
+            return self._measure_native(smooth, detect_u, level_u)
+        return self.measure_reference(smooth, detect_u, level_u)
+
+    def _measure_native(self, smooth, detect_u, level_u) -> torch.Tensor:
+        """The compiled pass: smooth cell-major, the uniforms gene-major (:meth:`sample` draws
+        them so: no copy), the tables as stored."""
+        arrays = [smooth.detach().float().contiguous(), detect_u.detach().float().T.contiguous(),
+                  level_u.detach().float().T.contiguous(), self.edges, self.detection, self.levels]
+        out = torch.empty(smooth.shape, dtype=torch.float32)
+        _native.measure(*(a.contiguous().numpy() for a in arrays), out.numpy(), torch.get_num_threads())
+        return out
+
+    @torch.no_grad()
+    def measure_reference(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor) -> torch.Tensor:
+        """:meth:`measure` in torch, cell-major: each value's bin is the number of its gene's
+        (sorted) inner edges at or below it, counted edge by edge (what ``searchsorted(right=True)``
+        returns, without its per-gene search), and the tables are read by ``gather`` along their
+        bin axis."""
         self._check_fitted()
         smooth = smooth.float()
         inner = self.edges[:, 1:-1]                               # [G, bins - 1], sorted per gene
