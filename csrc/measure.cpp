@@ -18,7 +18,7 @@ template <class T>
 using Array = py::array_t<T, py::array::c_style>;  // no forcecast: a wrong dtype is an error, not a copy
 
 void check(const py::array& a, int ndim, const char* what) {
-  if (a.ndim() != ndim) throw scidiff::FormatError(std::string(what) + ": expected " + std::to_string(ndim) + " dims");
+  if (a.ndim() != ndim) throw py::value_error(std::string(what) + ": expected " + std::to_string(ndim) + " dims");
 }
 
 // Per value: bin b = number of the gene's (sorted) inner edges at or below it, by binary search; detected when detect_u is
@@ -35,13 +35,13 @@ void measure(Array<float> smooth, Array<float> detect_u, Array<float> level_u, A
   const int64_t n = smooth.shape(0), g = smooth.shape(1), bins = detection.shape(1), q = levels.shape(2);
   for (const py::array* a : {&detect_u, &level_u})
     if (a->ndim() != 2 || a->shape(0) != g || a->shape(1) != n)
-      throw scidiff::FormatError("the uniforms must be gene-major [G, N]");
+      throw py::value_error("the uniforms must be gene-major [G, N]");
   if (out.ndim() != 2 || out.shape(0) != n || out.shape(1) != g)
-    throw scidiff::FormatError("out must have smooth's shape [N, G]");
+    throw py::value_error("out must have smooth's shape [N, G]");
   if (edges.shape(0) != g || edges.shape(1) != bins + 1 || detection.shape(0) != g || levels.shape(0) != g ||
       levels.shape(1) != bins || q < 2 || bins < 1)
-    throw scidiff::FormatError("edges [G, bins + 1], detection [G, bins] and levels [G, bins, Q >= 2] must agree");
-  if (!out.writeable()) throw scidiff::FormatError("out is read-only");
+    throw py::value_error("edges [G, bins + 1], detection [G, bins] and levels [G, bins, Q >= 2] must agree");
+  if (!out.writeable()) throw py::value_error("out is read-only");
   const float *x = smooth.data(), *du = detect_u.data(), *lu = level_u.data(), *e = edges.data();
   const float *rate = detection.data(), *lv = levels.data();
   float* o = out.mutable_data();
@@ -87,7 +87,6 @@ void measure(Array<float> smooth, Array<float> detect_u, Array<float> level_u, A
 
 PYBIND11_MODULE(_measure, m) {
   m.doc() = "The detection model's measurement in one pass (scidiff.models.observation)";
-  py::register_exception<scidiff::FormatError>(m, "FormatError", PyExc_ValueError);
   m.def("measure", &measure, py::arg("smooth"), py::arg("detect_u"), py::arg("level_u"), py::arg("edges"),
         py::arg("detection"), py::arg("levels"), py::arg("out"), py::arg("n_threads"));
 }

@@ -1,5 +1,7 @@
 """The detection model: measured (sparse) expression from the smooth expression a principal-axes
 model generates. Known answers on a synthetic hurdle, then the model-level wiring on Kang."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -144,6 +146,10 @@ def test_the_compiled_measurement_equals_the_torch_reference_bit_for_bit(cells, 
     monkeypatch.setenv("SCIDIFF_KERNELS", "torch")
     det.measure(fresh, detect_u, level_u)
     assert len(calls) == 2
+    arrays = [a.numpy() for a in (fresh, detect_u.contiguous(), level_u.T.contiguous(), det.edges, det.detection,
+                                  det.levels)]  # the uniforms cell-major: refused, not misread
+    with pytest.raises(ValueError, match="gene-major") if cells != genes else contextlib.nullcontext():
+        observation._native.measure(*arrays, np.empty((cells, genes), np.float32), 1)
 
 
 def test_detection_model_errors():
