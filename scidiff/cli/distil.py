@@ -41,9 +41,9 @@ def run(args):
 
     out = check_out(args.out) if args.out is not None else None
     model = load_model(args.model, map_location=resolve_device(args.device))
-    _, _, cells = model_cells(model, args.data, layer=args.layer)
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
+    _, _, cells = model_cells(model, args.data, layer=args.layer)
     student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
                      initial=model.student if args.from_student else None)
