@@ -190,6 +190,30 @@ def test_cuda_graph_engine_matches_model_sample_and_replays():
     assert abs(float(got.mean() - ref_ddpm.mean())) < 0.05 and abs(float(got.std() / ref_ddpm.std()) - 1) < 0.05
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_engine_samples_the_distilled_student():
+    """The student through the CUDA-graph path: the same cells as ``model.sample(sampler="distilled")``
+    to bf16 rounding, the student's own parameters (not the teacher's: another student gives
+    other cells), and the graph replayed."""
+    from scidiff.diffusion.distillation import Student  # lazy: only this test builds students by hand
+
+    model = random_model().cuda()
+    g = torch.Generator().manual_seed(3)
+    params = {k: (v + 0.05 * torch.randn(v.shape, generator=g).to(v)).detach() for k, v in model.named_parameters()}
+    model.student = Student(4, params)
+    cond = {"c": torch.tensor([0, 1, 2, 1] * 64)}
+    ref = model.sample(256, cond, sampler="distilled", seed=1)
+    engine = SamplingEngine(model, "distilled")
+    assert engine.cuda_graph and len(engine.plan) == 4
+    out, again = engine.sample(256, cond, seed=1), engine.sample(256, cond, seed=1)
+    torch.testing.assert_close(again, out)
+    assert float((out - ref.cpu()).norm() / ref.norm()) < 0.01
+    model.student = Student(4, {k: v.detach().clone() for k, v in model.named_parameters()})
+    own = SamplingEngine(model, "distilled").sample(256, cond, seed=1)
+    assert float((own - out).norm() / out.norm()) > 0.01
+
+
 def test_cli_sample_with_the_engine(tmp_path, kang_small):
     import anndata as ad
 
