@@ -194,3 +194,43 @@ def test_disagreement_shrinkage_is_positive_part_james_stein():
     assert torch.equal(disagreement_shrinkage(torch.stack([d[0], -d[0]])), torch.tensor([0.0]))  # cancel
     assert torch.equal(disagreement_shrinkage(d[:1]), torch.tensor([1.0]))  # one context shows nothing
 
+
+
+def test_a_knockdown_of_sparse_genes_keeps_its_predicted_mean_at_the_floor_of_zero():
+    """Sparse genes (expressed in 40% of control cells) halved by a seen knockdown: clipping the
+    moved cells at zero would leave their mean far above the prediction (cells that do not express
+    a gene cannot lose it); the floor scales the expressing cells instead, so every cell stays
+    >= 0, the predicted mean change is the model's estimate (its seen change) and batching does
+    not change a cell."""
+    rng = np.random.default_rng(5)
+    n = 240
+    sparse = np.arange(G) < 10
+    base = np.where(sparse, 0.0, 2.5)
+
+    def cells(rate):
+        on = rng.random((n, G)) < rate
+        x = np.where(sparse, on * (2.0 + 0.2 * rng.normal(size=(n, G))), base + 0.2 * rng.normal(size=(n, G)))
+        return np.maximum(x, 0)
+
+    x = np.vstack([cells(0.4), cells(0.2)]).astype(np.float32)
+    obs = pd.DataFrame({"perturbation": ["control"] * n + ["KD"] * n}, index=[f"c{i}" for i in range(2 * n)])
+    adata = ad.AnnData(X=x, obs=obs)
+    adata.var_names = [f"g{i}" for i in range(G)]
+    torch.manual_seed(0)
+    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["perturbation"], scaling="none")
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=32, num_layers=2, num_timesteps=100, latent_dim=8)
+    scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
+                           learning_rate=2e-3, warmup_steps=20).train(3)
+    control = adata[:n].copy()
+    pred = perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False)
+    assert (pred.obs["scidiff_route"] == "seen").all() and float(pred.X.min()) >= 0
+    vocab = model.data_spec.categorical["perturbation"]
+    change = model.effects.seen_change("perturbation", [vocab.index("KD")], []).numpy()
+    assert (change[sparse] < -0.2).all()  # the knockdown lowers every sparse gene by about 0.4
+    got = pred.X.mean(0) - control.X.mean(0)
+    np.testing.assert_allclose(got[sparse], change[sparse], atol=0.03)
+    clipped = np.maximum(pred.layers["control"] + change, 0).mean(0) - control.X.mean(0)
+    assert (clipped[sparse] - change[sparse] > 0.1).all()  # what a plain clip would predict instead
+    halves = [perturb(model, control[i:i + n // 2].copy(), {"perturbation": "KD"}, steps=10, progress=False,
+                      batch_size=37).X for i in (0, n // 2)]
+    np.testing.assert_allclose(np.vstack(halves), pred.X, atol=1e-5)

@@ -189,7 +189,7 @@ class ScIDiffModel(nn.Module):
             model.effects = effects
             model.effects_report = report
             model.init_responses()
-            model.effects.fit_reference(model.encode(data.x.to(torch.float32)), data.covariates)
+            model.effects.fit_reference(model.encode(data.x.to(torch.float32)), data.covariates, cells=data.x)
         return model
 
     @torch.no_grad()

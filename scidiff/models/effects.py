@@ -35,6 +35,8 @@ from .shrinkage import adaptive_shrinkage
 COMBINATIONS = ("additive", "scaled", "polynomial")
 MIN_GAIN = 0.05  # a combination term must remove this share of additive's held-out error
 REFERENCE_CELLS = 256  # control cells kept per context for the nearest-neighbour weights
+CONTROL_QUANTILES = 32  # quantiles kept per context and gene of the control cells' expression
+QUANTILE_CELLS = 5000  # control cells per context they are read from (a random subset beyond)
 
 
 def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
@@ -240,9 +242,14 @@ class PerturbationEffects(nn.Module):
         self.keys = list(perturbation_keys)
         self.register_buffer("reference_latent", torch.zeros(0))
         self.register_buffer("reference_context", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("control_quantiles", torch.zeros(0))
+        self.register_buffer("quantile_context", torch.zeros(0, dtype=torch.long))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        for name in ("reference_latent", "reference_context"):
+        # absent from checkpoints written before them: left empty (perturb then clips at zero)
+        state_dict.setdefault(prefix + "control_quantiles", torch.zeros(0))
+        state_dict.setdefault(prefix + "quantile_context", torch.zeros(0, dtype=torch.long))
+        for name in ("reference_latent", "reference_context", "control_quantiles", "quantile_context"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -303,9 +310,11 @@ class PerturbationEffects(nn.Module):
 
     @torch.no_grad()
     def fit_reference(self, latent: torch.Tensor, covariates: dict, per_context: int = REFERENCE_CELLS,
-                      seed: int = 0) -> None:
+                      seed: int = 0, cells: torch.Tensor | None = None) -> None:
         """Keep the latent codes of up to ``per_context`` control cells of every context (cells
-        with no perturbation), for :meth:`context_weights`."""
+        with no perturbation), for :meth:`context_weights`; with ``cells`` (the same cells in model
+        space), also the quantiles of every context's control cells per gene
+        (:meth:`control_quantiles_of`)."""
         n = len(latent)
         ctx = context_table({k: covariates[k].cpu() for k in self.context_keys}, self.context_keys, n)
         control = np.ones(n, bool)
@@ -319,6 +328,26 @@ class PerturbationEffects(nn.Module):
         keep = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
         self.reference_latent = latent[torch.as_tensor(keep)].detach().float().cpu()
         self.reference_context = torch.as_tensor(ctx[keep], dtype=torch.long)
+        if cells is not None:
+            levels = (np.arange(CONTROL_QUANTILES) + 0.5) / CONTROL_QUANTILES
+            contexts = np.unique(ctx[control], axis=0) if control.any() else np.zeros((0, ctx.shape[1]), np.int64)
+            table = []
+            for c in contexts:
+                idx = np.flatnonzero(control & (ctx == c).all(1))
+                if len(idx) > QUANTILE_CELLS:
+                    idx = np.sort(rng.choice(idx, QUANTILE_CELLS, replace=False))
+                table.append(np.quantile(cells[torch.as_tensor(idx)].double().cpu().numpy(), levels, axis=0).T)
+            self.control_quantiles = torch.as_tensor(np.stack(table), dtype=torch.float32) if table else torch.zeros(0)
+            self.quantile_context = torch.as_tensor(contexts, dtype=torch.long).reshape(len(contexts), ctx.shape[1])
+
+    def control_quantiles_of(self, context) -> torch.Tensor | None:
+        """``[G, Q]`` quantiles of the context's control cells per gene (model space), or ``None``
+        (no control cells there, or a checkpoint from before they were kept)."""
+        if not len(self.control_quantiles):
+            return None
+        rows = (self.quantile_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
+            if self.quantile_context.shape[1] else torch.ones(len(self.quantile_context), dtype=torch.bool)
+        return self.control_quantiles[rows][0] if bool(rows.any()) else None
 
     # -- what the fit says -------------------------------------------------------------------
     def seen_contexts(self, key: str, singles: list[int], exact: bool = True) -> np.ndarray:

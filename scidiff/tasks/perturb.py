@@ -39,6 +39,13 @@ singles'; ``prior``, the prior's own; ``direct``, ``NaN`` (not assessed).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
 own conditions instead of to the input cells.
+
+Expression cannot fall below zero, and clipping the moved cells there would raise a gene's mean
+above the predicted one wherever a change lowers a gene that many cells do not express (a
+knockdown in sparse data). So each gene is floored at zero and its expressing cells scaled to
+keep the predicted mean (:func:`_floor_scale`: read once per target and context from the
+context's control cells, kept as quantiles at training, moved by the prediction's mean change, so
+batching does not change it); a gene whose predicted mean is at or below zero is predicted off.
 """
 from __future__ import annotations
 
@@ -116,6 +123,7 @@ class _Plan:
         spec, eff = model.data_spec, model.effects
         self.route, self.parts, self.extra = "direct", [], []
         self.offsets = {}  # (key, singles) -> the network's mean change to the context's reference cells
+        self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
             return
@@ -179,19 +187,46 @@ def _reference_offset(model, reader, plan, key, singles, context, src, target) -
     per plan; ``None`` where the context has no reference cells."""
     cache = (key, tuple(singles))
     if cache not in plan.offsets:
-        eff = model.effects
-        # [R, K] codes; a model without context covariates has K = 0 and every row matches
-        rows = (eff.reference_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
-            if len(eff.reference_context) else torch.zeros(0, dtype=torch.bool)
-        if not bool(rows.any()):
+        x = _reference_cells(model, context, src[next(iter(src))].device if src else None)
+        if x is None:
             plan.offsets[cache] = None
         else:
-            device = src[next(iter(src))].device if src else None
-            x = model.decode(eff.reference_latent[rows].to(device))
             first = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in src.items()}
             aim = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in target.items()}
             plan.offsets[cache] = reader.change(x, first, aim).mean(0)
     return plan.offsets[cache]
+
+
+def _floor_scale(model, reader, plan, context, ctx_keys, src, tgt) -> torch.Tensor | None:
+    """Per gene, ``s = max(mean(e), 0) / mean(max(e, 0))`` (at most 1) for the context's control
+    cells (their stored quantiles) each moved by the prediction's mean change ``d`` (read on the
+    context's reference control cells), ``e`` their expression: cells floored at zero and then
+    scaled by ``s`` keep the mean ``max(mean(control) + d, 0)`` (module docstring). Cached per
+    plan; ``None`` where the model keeps no control quantiles or reference cells there."""
+    if plan.scale is False:
+        plan.scale = None
+        quantiles = model.effects.control_quantiles_of(context) if model.effects is not None else None
+        device = next(iter(src.values())).device if src else None
+        x = _reference_cells(model, context, device) if quantiles is not None else None
+        if x is not None:
+            first = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in src.items()}
+            aim = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in tgt.items()}
+            change, _ = _predict_batch(model, reader, x, first, aim, plan, context, ctx_keys)
+            e = model.data_spec.to_expression(quantiles.T.to(change) + change.mean(0), clip=False)  # [Q, G]
+            want, have = e.mean(0).clamp_min(0), e.clamp_min(0).mean(0)
+            plan.scale = torch.where(have > 0, want / have.clamp_min(1e-12), torch.ones_like(have))
+    return plan.scale
+
+
+def _reference_cells(model, context, device) -> torch.Tensor | None:
+    """The context's reference control cells in model space (``None`` where there are none)."""
+    eff = model.effects
+    if eff is None or not len(eff.reference_latent):
+        return None
+    # [R, K] codes; a model without context covariates has K = 0 and every row matches
+    rows = (eff.reference_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
+        if len(eff.reference_context) else torch.zeros(0, dtype=torch.bool)
+    return model.decode(eff.reference_latent[rows].to(device)) if bool(rows.any()) else None
 
 
 def disagreement_shrinkage(changes: torch.Tensor) -> torch.Tensor:
@@ -309,7 +344,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             plan = plans[key]
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
-            out[rows] = spec.to_expression(x + change).cpu().numpy()
+            moved = spec.to_expression(x + change, clip=False).clamp_min(0)
+            scale = _floor_scale(model, reader, plan, context, ctx_keys, src, tgt)
+            out[rows] = (moved if scale is None else moved * scale.to(moved)).cpu().numpy()
             confidence[rows] = conf.numpy()
             routes[rows] = plan.route
     obs = control_adata.obs.copy()
