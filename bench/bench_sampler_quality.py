@@ -210,7 +210,7 @@ def markdown(results: dict) -> str:
     default = "dpmpp_2m:25"  # the students against the default sampler they replace
     few = [spec for spec, r in rows if r["sampler"] == "distilled" or spec == "ddim:4"]
     if default in results["configs"] and few:
-        lines += ["", f"Against the default sampler, DPM-Solver++(2M) with 25 steps (paired, 95% CI):", "",
+        lines += ["", "Against the default sampler, DPM-Solver++(2M) with 25 steps (paired, 95% CI):", "",
                   "| sampler | network evaluations | MMD difference | energy distance difference | AUC difference |",
                   "|---|---:|---:|---:|---:|"]
         for spec in few:
