@@ -169,8 +169,8 @@ class DetectionModel(nn.Module):
     def _measure_native(self, smooth, detect_u, level_u) -> torch.Tensor:
         """The compiled pass: smooth cell-major, the uniforms gene-major (:meth:`sample` draws
         them so: no copy), the tables as stored."""
-        arrays = [smooth.detach().float().contiguous(), detect_u.detach().float().T.contiguous(),
-                  level_u.detach().float().T.contiguous(), self.edges, self.detection, self.levels]
+        arrays = [smooth.detach().float(), detect_u.detach().float().T, level_u.detach().float().T,
+                  self.edges, self.detection, self.levels]
         out = torch.empty(smooth.shape, dtype=torch.float32)
         _native.measure(*(a.contiguous().numpy() for a in arrays), out.numpy(), torch.get_num_threads())
         return out

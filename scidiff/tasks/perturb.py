@@ -184,6 +184,11 @@ def _relative_dose_weights(model, key: str, rows: torch.Tensor, dose: dict) -> t
     return at_target / at_reference.clamp_min(1e-6)
 
 
+def _first_rows(cond: dict, n: int) -> dict:
+    """``cond``'s first row repeated ``n`` times: one context's reference cells under one target."""
+    return {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
 def _reference_offset(model, reader, plan, key, singles, context, src, target) -> torch.Tensor | None:
     """The network's mean change to the context's reference control cells (kept in the model's
     effects, :meth:`~scidiff.models.effects.PerturbationEffects.fit_reference`) under ``target``:
@@ -191,34 +196,50 @@ def _reference_offset(model, reader, plan, key, singles, context, src, target) -
     per plan; ``None`` where the context has no reference cells."""
     cache = (key, tuple(singles))
     if cache not in plan.offsets:
-        x = _reference_cells(model, context, src[next(iter(src))].device if src else None)
-        if x is None:
-            plan.offsets[cache] = None
-        else:
-            first = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in src.items()}
-            aim = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in target.items()}
-            plan.offsets[cache] = reader.change(x, first, aim).mean(0)
+        x = _reference_cells(model, context, next(iter(src.values())).device if src else None)
+        plan.offsets[cache] = None if x is None else \
+            reader.change(x, _first_rows(src, len(x)), _first_rows(target, len(x))).mean(0)
     return plan.offsets[cache]
 
 
-def _floor_scale(model, reader, plan, context, ctx_keys, src, tgt) -> torch.Tensor | None:
+def _seen_mean_change(model, reader, plan, context, src, tgt) -> torch.Tensor | None:
+    """The mean change ``[G]`` a plan whose parts are all ``seen`` makes to the context's reference
+    cells, in closed form: each part's estimated mean change (its network part cancels against its
+    offset on those cells), the network's own mean where the group has none, plus the combination
+    term. ``None`` where a part has neither."""
+    dose_key = model.data_spec.dose_key
+    dose = {dose_key: tgt[dose_key][:1]} if dose_key and dose_key in tgt else {}
+    at = float(dose[dose_key][0]) if dose else None
+    n_of, device = model.condition_encoder.perturbations, next(iter(src.values())).device
+    total = 0.0
+    for _, key, what, _ in plan.parts:
+        mean = model.effects.seen_change(key, what, context, at)
+        if mean is None:
+            target = {**src, **dose, key: _rows(n_of[key], what, 1, device)}
+            mean = _reference_offset(model, reader, plan, key, what, context, src, target)
+        if mean is None:
+            return None
+        total = total + mean.to(device)
+    for key, singles in plan.extra:
+        w = _relative_dose_weights(model, key, _rows(n_of[key], singles, 1, device), dose)
+        total = total + model.effects.combination_term(key, w)[0].to(device)
+    return total
+
+
+def _floor_scale(model, reader, plan, context, src, tgt) -> torch.Tensor | None:
     """Per gene, ``s = max(mean(e), 0) / mean(max(e, 0))`` (at most 1) for the context's control
-    cells (their stored quantiles) each moved by the prediction's mean change ``d`` (read on the
-    context's reference control cells), ``e`` their expression: cells floored at zero and then
-    scaled by ``s`` keep the mean ``max(mean(control) + d, 0)`` (module docstring). Cached per
-    plan; ``None`` (clip at zero) unless every part of the plan is ``seen``, or where the model
-    keeps no control quantiles or reference cells there."""
+    cells (their stored quantiles) each moved by the prediction's mean change ``d``
+    (:func:`_seen_mean_change`), ``e`` their expression: cells floored at zero and then scaled by
+    ``s`` keep the mean ``max(mean(control) + d, 0)`` (module docstring). Cached per plan;
+    ``None`` (clip at zero) unless every part of the plan is ``seen``, or where the model keeps no
+    control quantiles there."""
     if plan.scale is False:
         plan.scale = None
         measured = bool(plan.parts) and all(kind == "seen" for kind, *_ in plan.parts)
         quantiles = model.effects.control_quantiles_of(context) if measured else None
-        device = next(iter(src.values())).device if src else None
-        x = _reference_cells(model, context, device) if quantiles is not None else None
-        if x is not None:
-            first = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in src.items()}
-            aim = {k: v[:1].expand(len(x), *v.shape[1:]) for k, v in tgt.items()}
-            change, _ = _predict_batch(model, reader, x, first, aim, plan, context, ctx_keys)
-            e = model.data_spec.to_expression(quantiles.T.to(change) + change.mean(0), clip=False)  # [Q, G]
+        change = None if quantiles is None else _seen_mean_change(model, reader, plan, context, src, tgt)
+        if change is not None:
+            e = model.data_spec.to_expression(quantiles.T.to(change) + change, clip=False)  # [Q, G]
             want, have = e.mean(0).clamp_min(0), e.clamp_min(0).mean(0)
             plan.scale = torch.where(have > 0, want / have.clamp_min(1e-12), torch.ones_like(have))
     return plan.scale
@@ -351,7 +372,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
             moved = spec.to_expression(x + change, clip=False).clamp_min(0)
-            scale = _floor_scale(model, reader, plan, context, ctx_keys, src, tgt)
+            scale = _floor_scale(model, reader, plan, context, src, tgt)
             out[rows] = (moved if scale is None else moved * scale.to(moved)).cpu().numpy()
             confidence[rows] = conf.numpy()
             routes[rows] = plan.route
