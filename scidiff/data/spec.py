@@ -38,7 +38,9 @@ class DataSpec:
     covariates that are perturbations; their vocabulary holds single perturbations, a label
     ``A+B`` (``separator``) is the combination and any of ``control_labels`` is no perturbation.
     ``continuous``: names of numeric covariates (dose, time), with the range seen in training in
-    ``continuous_range``; ``dose_key`` is the one that scales the perturbation embedding.
+    ``continuous_range`` and the values the model's embedding interpolates between in
+    ``continuous_knots`` (:func:`knots_of`); ``dose_key`` is the one that scales the perturbation
+    embedding.
     ``source``: where expression was read (layer / raw), for provenance. ``label_counts``:
     training cells per value of each categorical covariate (perturbations by their combination
     label), the prior over conditions (:meth:`condition_prior`). ``perturbation_columns``: per
@@ -62,6 +64,7 @@ class DataSpec:
     continuous_range: dict[str, list[float]] = field(default_factory=dict)
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     perturbation_columns: dict[str, dict[str, dict]] = field(default_factory=dict)
+    continuous_knots: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -357,6 +360,20 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
     return out
 
 
+MAX_KNOTS = 32
+
+
+def knots_of(values) -> list[float]:
+    """The values a numeric covariate's embedding interpolates between: each distinct value
+    seen in training (a time course's measured days), or, with more than ``MAX_KNOTS`` of them
+    (a pseudotime), that many quantiles."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = np.unique(v[np.isfinite(v)])
+    if len(v) > MAX_KNOTS:
+        v = np.unique(np.quantile(v, np.linspace(0, 1, MAX_KNOTS)))
+    return [float(x) for x in v]
+
+
 def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes: dict, *, continuous_keys,
                 layer, use_raw, perturbation_keys, control_labels, separator: str, dose_key, obs=None) -> DataSpec:
     """The :class:`DataSpec` of a set-up (in memory or streamed): chosen genes, input kind,
@@ -369,7 +386,8 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
                     source={"layer": layer, "use_raw": bool(use_raw)},
                     perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
                     separator=separator, dose_key=dose_key,
-                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys})
+                    continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys},
+                    continuous_knots={k: knots_of(codes[k]) for k in continuous_keys})
     spec.label_counts = spec.count_labels(codes)
     if obs is not None:
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)

@@ -2,6 +2,15 @@
 dose), numeric covariates (time) and the null condition used for classifier-free guidance
 (Ho & Salimans 2022).
 
+A numeric covariate such as time is embedded piecewise-linearly between the values training
+measured (:class:`PiecewiseLinearEmbedding`, a linear B-spline basis): the embedding at a
+measured day is that day's own, learned as a category's would be, and an unmeasured day between
+two measured ones gets the straight mix of theirs, so the condition moves monotonically from one
+to the next. A network of the value (an MLP of ``log1p(t)``, kept for checkpoints saved before
+the knots) is free to do anything between three measured days, and did: on Klein's time course
+(days 0, 2, 7 seen, day 4 asked for) it put day 3 on day 2 and its day-4 RMSE ranged 0.39-0.53
+over six seeds, the knots 0.39-0.42 (the linear-in-time baseline 0.449).
+
 Perturbations are encoded as in CPA (Lotfollahi et al. 2023): a cell's perturbation embedding
 is the sum of the embeddings of the single perturbations it received, each weighted by a learned
 sigmoid of its log dose, so ``A+B`` is representable from ``A`` and ``B`` alone. Each single
@@ -27,6 +36,33 @@ from torch import nn
 from ..data.spec import perturbation_rows  # noqa: F401  (re-exported: the encoder's input format)
 
 
+class PiecewiseLinearEmbedding(nn.Module):
+    """``e(v) = sum_k B_k(v) E_k``: one learned vector ``E_k`` per knot ``t_k`` (the covariate's
+    values seen in training) mixed by the hat functions of a linear B-spline (de Boor 1978),
+    ``B_k(v) = clip(min(1 + (v - t_k) / (t_k - t_{k-1}), 1 - (v - t_k) / (t_{k+1} - t_k)), 0, 1)``:
+    at a knot its own vector, between two knots their straight mix, beyond the ends the end's
+    vector (the data spec warns outside the training range). Elementwise operations only, so it
+    exports to ONNX and replays in CUDA graphs."""
+
+    def __init__(self, knots, dim: int):
+        super().__init__()
+        t = torch.as_tensor(sorted({float(k) for k in knots}), dtype=torch.float32)
+        gaps = t.diff()
+        inv = torch.where(gaps > 0, 1 / gaps.clamp_min(1e-12), torch.zeros_like(gaps))
+        self.register_buffer("knots", t)
+        self.register_buffer("inv_before", torch.cat([torch.zeros(1), inv]))  # 0: no knot before the first
+        self.register_buffer("inv_after", torch.cat([inv, torch.zeros(1)]))   # 0: none after the last
+        self.table = nn.Parameter(0.02 * torch.randn(len(t), dim))
+
+    def basis(self, v: torch.Tensor) -> torch.Tensor:
+        """``[B, K]`` hat-function weights of the values ``v [B]`` (each row sums to 1)."""
+        d = v.to(self.knots.dtype).unsqueeze(-1) - self.knots
+        return torch.minimum(1 + d * self.inv_before, 1 - d * self.inv_after).clamp(0, 1)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.basis(v) @ self.table
+
+
 class ConditionEncoder(nn.Module):
     """Sum of one embedding per covariate, ``[B, dim]``.
 
@@ -34,12 +70,15 @@ class ConditionEncoder(nn.Module):
     null value. Each perturbation covariate has one embedding per single perturbation and a null
     embedding (control is the zero vector); with ``dose_key`` the summed embedding is multiplied
     by ``2 * sigmoid(MLP(log1p(dose)))`` (1 at initialisation). A numeric covariate ``v`` (time)
-    is embedded by a small MLP of ``log1p(v)``; its null value is a learned vector. A covariate
-    absent from the ``cond`` dict is null, so ``cond={}`` is the unconditional model.
+    with ``knots`` (the values seen in training) is embedded by a
+    :class:`PiecewiseLinearEmbedding` of them, one without by a small MLP of ``log1p(v)``; its
+    null value is a learned vector. A covariate absent from the ``cond`` dict is null, so
+    ``cond={}`` is the unconditional model.
     """
 
     def __init__(self, categorical: dict[str, int] | None = None, continuous=(), dim: int = 128,
-                 perturbations: dict[str, int] | None = None, dose_key: str | None = None, response_dim: int = 0):
+                 perturbations: dict[str, int] | None = None, dose_key: str | None = None, response_dim: int = 0,
+                 knots: dict[str, list[float]] | None = None):
         super().__init__()
         self.categorical = dict(categorical or {})
         self.perturbations = dict(perturbations or {})
@@ -62,7 +101,9 @@ class ConditionEncoder(nn.Module):
             {k: nn.Parameter(torch.zeros(n + 1, self.response_dim)) for k, n in self.categorical.items()}
             if self.response_dim else {})
         self.response_bias = nn.Parameter(torch.zeros(self.response_dim)) if self.response_dim else None
-        self.numeric = nn.ModuleDict({k: nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
+        knots = knots or {}
+        self.numeric = nn.ModuleDict({k: PiecewiseLinearEmbedding(knots[k], dim) if knots.get(k) else
+                                      nn.Sequential(nn.Linear(1, dim), nn.SiLU(), nn.Linear(dim, dim))
                                       for k in self.continuous})
         self.numeric_null = nn.ParameterDict({k: nn.Parameter(torch.zeros(dim)) for k in self.continuous})
 
@@ -180,6 +221,8 @@ class ConditionEncoder(nn.Module):
                 continue
             v = self._numeric(v, batch_size, device)
             known = torch.isfinite(v)
-            h = self.numeric[k](torch.log1p(torch.where(known, v, 0).clamp_min(0)).unsqueeze(-1))
+            embed, value = self.numeric[k], torch.where(known, v, 0)
+            h = embed(value) if isinstance(embed, PiecewiseLinearEmbedding) else \
+                embed(torch.log1p(value.clamp_min(0)).unsqueeze(-1))
             out = out + torch.where(known.unsqueeze(-1), h, self.numeric_null[k])
         return out

@@ -98,8 +98,10 @@ class ScIDiffModel(nn.Module):
         self.cond_dropout, self.sigma_data = float(cond_dropout), float(sigma_data)
         self.data_spec = data_spec
         self.latent_dim = int(latent_dim) if latent_dim else None
+        knots = data_spec.continuous_knots if data_spec is not None else None
         self.condition_encoder = ConditionEncoder(covariates, continuous_covariates, conditioning_dim,
-                                                  perturbations, dose_key, response_dim=self.diffusion_dim)
+                                                  perturbations, dose_key, response_dim=self.diffusion_dim,
+                                                  knots=knots)
         self.time_mlp = nn.Sequential(nn.Linear(conditioning_dim, conditioning_dim), nn.SiLU(),
                                       nn.Linear(conditioning_dim, conditioning_dim))
         self.score = ScoreNetwork(self.diffusion_dim, hidden_dim, num_layers, conditioning_dim, dropout,
