@@ -332,11 +332,14 @@ def test_numpy_ddim_equals_torch_ddim_on_a_closed_form_denoiser():
 
 
 # -- every covariate kind, gene space, the Python API ------------------------------------------
-def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path):
+@pytest.mark.parametrize("knots", [None, [0.0, 1.0, 4.0]], ids=["mlp-of-time", "time-knots"])
+def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path, knots):
+    """Time embedded by the network of a checkpoint saved before the knots, and piecewise linearly
+    between knots (time 2.0 lies between two)."""
     torch.manual_seed(0)
     genes = [f"gene{i}" for i in range(30)]
     spec = dict(gene_names=genes, categorical={"cell_type": ["T", "B"], "drug": ["a", "b", "c"]},
-                continuous=["time"])
+                continuous=["time"], continuous_knots={"time": knots} if knots else {})
     if "perturbation_keys" in DataSpec.__dataclass_fields__:
         spec.update(perturbation_keys=["drug"], continuous=["time", "dose"], dose_key="dose")
     model = ScIDiffModel(gene_dim=30, hidden_dim=32, num_layers=2, num_timesteps=100, latent_dim=None,
