@@ -116,6 +116,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results", "generation_kang.json"))
+    p.add_argument("--save-model", default=None, help="also write the trained model here (a .pt checkpoint)")
     args = p.parse_args(argv)
     if args.dataset == "kang" and not os.path.exists(args.data):
         sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
@@ -156,6 +157,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     history = trainer.train(epochs)
     train_s = time.perf_counter() - t0
+    if args.save_model:
+        from scidiff.training.checkpoint import save_model
+
+        save_model(model, args.save_model, split_seed=args.seed)
 
     project = fit_pca(real_all[train_mask], 30, args.seed)
     pcs = project(real_all)
