@@ -98,3 +98,33 @@ def test_a_day_between_measured_days_is_predicted_between_them(seed):
     assert err < 0.5 * np.sqrt(np.mean(truth ** 2))  # day 2 is 0.5 away (RMSE 0.35), day 7 0.75
     along = {d: float(c @ slope / (slope @ slope)) for d, c in change.items()}
     assert along[3.0] < along[4.0] < along[5.0]
+
+
+def test_the_command_line_trains_on_a_time_course_and_predicts_an_unmeasured_day(tmp_path, capsys):
+    """``scidiff train --continuous-keys day_num`` names the days it embeds between and records them
+    in training.json; ``scidiff predict --target day_num=4`` writes day 4 into the cells' obs."""
+    import json
+
+    from scidiff.cli import main
+
+    adata, _ = _time_course(n=60)
+    data = tmp_path / "course.h5ad"
+    adata.write_h5ad(data)
+    config = tmp_path / "small.yaml"
+    config.write_text("model:\n  hidden_dim: 16\n  num_layers: 1\n  num_timesteps: 20\n  latent_dim: 4\n"
+                      "training:\n  batch_size: 64\n  warmup_steps: 2\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--continuous-keys", "day_num", "--out", str(run),
+                 "--config", str(config), "--epochs", "1"]) == 0
+    assert "day_num: embedded piecewise linearly between 3 training values (0, 2, 7)" in capsys.readouterr().out
+    assert json.loads((run / "training.json").read_text())["numeric_covariate_knots"] == {"day_num": [0.0, 2.0, 7.0]}
+    day2 = tmp_path / "day2.h5ad"
+    adata[adata.obs["day_num"] == 2.0].copy().write_h5ad(day2)
+    out = tmp_path / "day4.h5ad"
+    assert main(["predict", "--model", str(run), "--data", str(day2), "--target", "day_num=4", "--steps", "5",
+                 "--out", str(out)]) == 0
+    pred = ad.read_h5ad(out)
+    assert pred.n_obs == 60 and (pred.obs["day_num"] == 4.0).all()
+    assert main(["train", "--data", str(data), "--continuous-keys", "nothing", "--out", str(tmp_path / "r2"),
+                 "--config", str(config), "--epochs", "1"]) == 2
+    assert "nothing" in capsys.readouterr().err

@@ -25,6 +25,9 @@ def add(sub):
     p.add_argument("--perturbation-keys", default=None,
                    help="comma-separated condition keys that are perturbations (A+B = combination)")
     p.add_argument("--dose-key", default=None, help="numeric obs column with the perturbation dose")
+    p.add_argument("--continuous-keys", default=None,
+                   help="comma-separated numeric obs columns to condition on, e.g. a time course's day (embedded "
+                        "piecewise linearly between the values training saw)")
     p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
     p.add_argument("--perturbation-features", default=None, metavar="FILE.tsv",
                    help="prior knowledge of perturbations for unseen ones: a TSV with a header, one row per label "
@@ -73,6 +76,7 @@ def run(args):
                               "keep_checkpoints": args.keep_checkpoints, "log_every_steps": args.log_every_steps},
                  "data": {"layer": args.layer, "use_raw": True if args.use_raw else None,
                           "perturbation_keys": split(args.perturbation_keys), "dose_key": args.dose_key,
+                          "continuous_keys": split(args.continuous_keys),
                           "control_labels": split(args.control_labels),
                           "perturbation_features": args.perturbation_features, "smiles": args.smiles}}
     config = load_config(args.config, overrides)

@@ -31,6 +31,11 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     return cells, model
 
 
+def _time_knots(spec) -> dict[str, list[float]]:
+    """The values each numeric covariate (not the dose) is embedded between (``DataSpec.continuous_knots``)."""
+    return {k: v for k, v in spec.continuous_knots.items() if k != spec.dose_key and v}
+
+
 def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = True) -> dict | None:
     """Fit the model's :class:`~scidiff.models.perturbation_prior.PerturbationPrior` on the training
     set (closed form; data-derived gene features when a perturbation's labels are gene names, plus
@@ -131,6 +136,10 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         effects_report = getattr(model, "effects_report", None)
         if effects_report and progress and rank == 0:
             print(effects_summary(effects_report))
+        if progress and rank == 0:
+            for key, knots in _time_knots(cells.spec).items():
+                shown = ", ".join(f"{k:g}" for k in knots[:8]) + (", ..." if len(knots) > 8 else "")
+                print(f"{key}: embedded piecewise linearly between {len(knots)} training values ({shown})")
         prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
         del adata
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
@@ -165,6 +174,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
               f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"
               + (f"; resuming at step {trainer.step} (epoch {trainer.epoch})" if trainer.step else ""))
     trainer.report.update({k: v for k, v in (("perturbation_effects", effects_report),
-                                             ("perturbation_prior", prior_report)) if v})
+                                             ("perturbation_prior", prior_report),
+                                             ("numeric_covariate_knots", _time_knots(cells.spec))) if v})
     trainer.train(epochs if epochs is not None else tc.num_epochs)
     return model
