@@ -112,6 +112,7 @@ def main(argv=None):
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--latent-dim", type=int, default=64, help="0 = diffuse in gene space")
+    p.add_argument("--dropout", type=float, default=None, help="the score network's dropout (default: the model's)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (model.sample's default sampler)")
@@ -144,8 +145,9 @@ def main(argv=None):
     genes = data.spec.gene_names
     real_all = scidiff.transform_like(data.spec, adata).log_expression()
 
+    extra = {} if args.dropout is None else {"dropout": args.dropout}
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                                           latent_dim=args.latent_dim or None)
+                                           latent_dim=args.latent_dim or None, **extra)
     loader = data.loader(batch_size=args.batch_size, seed=args.seed)
     epochs = args.epochs
     if args.minutes is not None:  # as many epochs as fit the time budget, timed on a throwaway copy
