@@ -9,7 +9,7 @@ two measured ones gets the straight mix of theirs, so the condition moves monoto
 to the next. A network of the value (an MLP of ``log1p(t)``, kept for checkpoints saved before
 the knots) is free to do anything between three measured days, and did: on Klein's time course
 (days 0, 2, 7 seen, day 4 asked for) it put day 3 on day 2 and its day-4 RMSE ranged 0.39-0.53
-over six seeds, the knots 0.39-0.42 (the linear-in-time baseline 0.449).
+over six seeds, the knots 0.39-0.44 (the linear-in-time baseline 0.449).
 
 Perturbations are encoded as in CPA (Lotfollahi et al. 2023): a cell's perturbation embedding
 is the sum of the embeddings of the single perturbations it received, each weighted by a learned
