@@ -120,6 +120,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(HERE, "results", "generation_kang.json"))
     p.add_argument("--save-model", default=None, help="also write the trained model here (a .pt checkpoint)")
+    p.add_argument("--as-scidiff-train", action="store_true",
+                   help="train exactly as `scidiff train --condition-keys ...` does with the packaged config "
+                        "(its epochs, 10%% validation split and early stopping) instead of the flags above")
     args = p.parse_args(argv)
     if args.dataset == "kang" and not os.path.exists(args.data):
         sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
@@ -141,26 +144,43 @@ def main(argv=None):
     groups = adata.obs[keys].astype(str).agg(" | ".join, axis=1).to_numpy()
     train_mask, test_mask = split_groups(groups, 0.2, args.seed)
     train_ad = adata[train_mask].copy()
-    data = scidiff.setup_anndata(train_ad, condition_keys=keys, n_top_genes=n_top_genes)
-    genes = data.spec.gene_names
-    real_all = scidiff.transform_like(data.spec, adata).log_expression()
+    if args.as_scidiff_train:  # the default command, as a new user runs it
+        import tempfile
 
-    extra = {} if args.dropout is None else {"dropout": args.dropout}
-    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                                           latent_dim=args.latent_dim or None, **extra)
-    loader = data.loader(batch_size=args.batch_size, seed=args.seed)
-    epochs = args.epochs
-    if args.minutes is not None:  # as many epochs as fit the time budget, timed on a throwaway copy
-        probe = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                                               latent_dim=args.latent_dim or None)
+        from scidiff.config import load_config
+        from scidiff.tasks.train import train as scidiff_train
+
+        with tempfile.TemporaryDirectory() as run:
+            t0 = time.perf_counter()
+            model = scidiff_train(train_ad, run, load_config(overrides={"training": {"seed": args.seed}}),
+                                  condition_keys=keys, progress=False)
+            train_s = time.perf_counter() - t0
+            import csv
+
+            with open(os.path.join(run, "history.csv")) as fh:
+                history = [{"train_loss": float(row["train_loss"])} for row in csv.DictReader(fh)]
+        genes = model.data_spec.gene_names
+        real_all = scidiff.transform_like(model.data_spec, adata).log_expression()
+    else:
+        data = scidiff.setup_anndata(train_ad, condition_keys=keys, n_top_genes=n_top_genes)
+        genes = data.spec.gene_names
+        real_all = scidiff.transform_like(data.spec, adata).log_expression()
+        extra = {} if args.dropout is None else {"dropout": args.dropout}
+        model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                                               latent_dim=args.latent_dim or None, **extra)
+        loader = data.loader(batch_size=args.batch_size, seed=args.seed)
+        epochs = args.epochs
+        if args.minutes is not None:  # as many epochs as fit the time budget, timed on a throwaway copy
+            probe = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
+                                                   latent_dim=args.latent_dim or None)
+            t0 = time.perf_counter()
+            scidiff.ScIDiffTrainer(probe, loader, device="cpu", progress=False).train(3)
+            epochs = max(1, int(args.minutes * 60 / ((time.perf_counter() - t0) / 3)))
+        trainer = scidiff.ScIDiffTrainer(model, loader, device="cpu", learning_rate=args.lr,
+                                         early_stopping_patience=None, seed=args.seed, progress=False)
         t0 = time.perf_counter()
-        scidiff.ScIDiffTrainer(probe, loader, device="cpu", progress=False).train(3)
-        epochs = max(1, int(args.minutes * 60 / ((time.perf_counter() - t0) / 3)))
-    trainer = scidiff.ScIDiffTrainer(model, loader, device="cpu", learning_rate=args.lr,
-                                     early_stopping_patience=None, seed=args.seed, progress=False)
-    t0 = time.perf_counter()
-    history = trainer.train(epochs)
-    train_s = time.perf_counter() - t0
+        history = trainer.train(epochs)
+        train_s = time.perf_counter() - t0
     if args.save_model:
         from scidiff.training.checkpoint import save_model
 
@@ -256,7 +276,8 @@ def main(argv=None):
         "setup": {"data": os.path.basename(args.data) if args.dataset == "kang" else "scanpy pbmc68k_reduced (.raw)",
                   "condition_keys": keys, "genes": len(genes), "gene_selection": args.genes,
                   "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
-                  "latent_dim": args.latent_dim, "epochs": len(history), "train_seconds": round(train_s, 1),
+                  "latent_dim": args.latent_dim, "as_scidiff_train": bool(args.as_scidiff_train),
+                  "epochs": len(history), "train_seconds": round(train_s, 1),
                   "default_output": "measured" if model.resolve_observed() else "smooth",
                   "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
                   "final_train_loss": history[-1]["train_loss"], "seed": args.seed, "threads": args.threads,
