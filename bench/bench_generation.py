@@ -122,7 +122,10 @@ def main(argv=None):
     p.add_argument("--save-model", default=None, help="also write the trained model here (a .pt checkpoint)")
     p.add_argument("--as-scidiff-train", action="store_true",
                    help="train exactly as `scidiff train --condition-keys ...` does with the packaged config "
-                        "(its epochs, 10%% validation split and early stopping) instead of the flags above")
+                        "(its epochs and 10%% validation split) instead of the flags above")
+    p.add_argument("--early-stopping-patience", type=int, default=None,
+                   help="with --as-scidiff-train: stop on the validation loss (the packaged config's default before "
+                        "it was measured here was 50)")
     args = p.parse_args(argv)
     if args.dataset == "kang" and not os.path.exists(args.data):
         sys.exit(f"missing {args.data}: this benchmark needs ../shared/data beside the project")
@@ -152,7 +155,8 @@ def main(argv=None):
 
         with tempfile.TemporaryDirectory() as run:
             t0 = time.perf_counter()
-            model = scidiff_train(train_ad, run, load_config(overrides={"training": {"seed": args.seed}}),
+            overrides = {"training": {"seed": args.seed, "early_stopping_patience": args.early_stopping_patience}}
+            model = scidiff_train(train_ad, run, load_config(overrides=overrides),
                                   condition_keys=keys, progress=False)
             train_s = time.perf_counter() - t0
             import csv
@@ -277,6 +281,7 @@ def main(argv=None):
                   "condition_keys": keys, "genes": len(genes), "gene_selection": args.genes,
                   "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
                   "latent_dim": args.latent_dim, "as_scidiff_train": bool(args.as_scidiff_train),
+                  "early_stopping_patience": args.early_stopping_patience if args.as_scidiff_train else None,
                   "epochs": len(history), "train_seconds": round(train_s, 1),
                   "default_output": "measured" if model.resolve_observed() else "smooth",
                   "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),

@@ -55,7 +55,7 @@ class TrainingConfig:
     ema_decay: float = 0.999
     warmup_steps: int = 200
     val_fraction: float = 0.1
-    early_stopping_patience: int | None = 50
+    early_stopping_patience: int | None = None
     checkpoint_every: int = 25
     mixed_precision: str = "auto"
     seed: int = 0

@@ -100,7 +100,18 @@ def test_train_writes_a_self_contained_run(run):
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "config.yaml", "history.csv", "model.pt", "training.json"]
     assert len((out / "history.csv").read_text().strip().splitlines()) == 1 + 4
     kept = json.loads((out / "training.json").read_text())
-    assert kept["epochs_trained"] == 4 and kept["weights"] in ("best", "last")
+    # by default the validation loss is reported, not used to stop: the last EMA weights are kept
+    assert kept["epochs_trained"] == 4 and kept["weights"] == "last" and kept["early_stopping_patience"] is None
+    assert "best_val_loss" in kept
+
+
+def test_early_stopping_is_opt_in_from_the_command_line(run, tmp_path):
+    root, data, _ = run
+    out = tmp_path / "stopped"
+    assert main(["train", "--data", str(data), "--condition-keys", "cell_type,condition", "--out", str(out),
+                 "--config", str(root / "small.yaml"), "--epochs", "3", "--early-stopping-patience", "1"]) == 0
+    kept = json.loads((out / "training.json").read_text())
+    assert kept["early_stopping_patience"] == 1 and kept["weights"] == "best" and kept["epoch"] == kept["best_epoch"]
 
 
 def test_sample_and_evaluate(run, kang_small):

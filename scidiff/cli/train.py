@@ -22,6 +22,9 @@ def add(sub):
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--seed", type=seed_value, default=None,
                    help="seeds everything random in the run (default: training.seed)")
+    p.add_argument("--early-stopping-patience", type=positive_int, default=None, metavar="EPOCHS",
+                   help="stop after this many epochs without a better validation loss and keep the best weights "
+                        "(default: off, training.early_stopping_patience)")
     p.add_argument("--perturbation-keys", default=None,
                    help="comma-separated condition keys that are perturbations (A+B = combination)")
     p.add_argument("--dose-key", default=None, help="numeric obs column with the perturbation dose")
@@ -68,6 +71,7 @@ def run(args):
 
     overrides = {"model": {"gene_dim": args.n_genes},
                  "training": {"batch_size": args.batch_size, "seed": args.seed,
+                              "early_stopping_patience": args.early_stopping_patience,
                               "mixed_precision": args.mixed_precision,
                               "gradient_accumulation": args.gradient_accumulation,
                               "gradient_checkpointing": True if args.gradient_checkpointing else None,

@@ -140,7 +140,9 @@ class ScIDiffTrainer:
         early_stopping_patience: stop after this many epochs without a better validation loss
             (needs ``val_loader``); the best EMA weights are then restored, with an
             :class:`EarlyBestWarning` when they come from the first ``EARLY_BEST_FRACTION`` of
-            the run. ``None`` = off: the last EMA weights are kept.
+            the run. ``None`` (default) = off: the last EMA weights are kept. The validation
+            denoising loss turns up long before samples stop improving (bench/README.md,
+            conditional generation), so it is a monitor by default, not a stopping rule.
         checkpoint_dir, checkpoint_every: write ``checkpoint.pt`` every N epochs and
             ``model.pt`` + ``history.csv`` + ``training.json`` (which weights were kept) at the end.
         checkpoint_every_steps: also checkpoint every N optimizer steps, mid-epoch too (0 = off).
@@ -160,7 +162,7 @@ class ScIDiffTrainer:
     def __init__(self, model, train_loader, val_loader=None, device="auto", learning_rate: float = 1e-3,
                  weight_decay: float = 1e-4, gradient_clip_val: float = 1.0, ema_decay: float = 0.999,
                  warmup_steps: int = 200, mixed_precision: str = "auto",
-                 constraints: BiologicalConstraints | None = None, early_stopping_patience: int | None = 20,
+                 constraints: BiologicalConstraints | None = None, early_stopping_patience: int | None = None,
                  checkpoint_dir=None, checkpoint_every: int = 10, seed: int = 0, progress: bool = True, *,
                  checkpoint_every_steps: int = 0, keep_checkpoints: int = 1, use_ddp: bool = False,
                  gradient_accumulation: int = 1, gradient_checkpointing: bool = False, compile=False,
