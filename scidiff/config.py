@@ -49,7 +49,7 @@ class ModelConfig:
 class TrainingConfig:
     batch_size: int = 256
     learning_rate: float = 1e-3
-    num_epochs: int = 300
+    num_epochs: int | None = None  # None: default_epochs(training cells), scvi-tools' rule
     gradient_clip_val: float = 1.0
     weight_decay: float = 1e-4
     ema_decay: float = 0.999
@@ -127,7 +127,7 @@ _RULES = {
     "model.conditioning_dim": (lambda v: v >= 1, ">= 1"), "model.latent_dim": (lambda v: v >= 0, ">= 0"),
     "model.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"), "model.cond_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "training.batch_size": (lambda v: v >= 1, ">= 1"), "training.learning_rate": (lambda v: v > 0, "> 0"),
-    "training.num_epochs": (lambda v: v >= 1, ">= 1"), "training.gradient_clip_val": (lambda v: v >= 0, ">= 0"),
+    "training.num_epochs": (lambda v: v >= 1, ">= 1 (or null: by the number of cells)"), "training.gradient_clip_val": (lambda v: v >= 0, ">= 0"),
     "training.weight_decay": (lambda v: v >= 0, ">= 0"), "training.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "training.warmup_steps": (lambda v: v >= 0, ">= 0"), "training.val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "training.early_stopping_patience": (lambda v: v >= 1, ">= 1 (or null: off)"),

@@ -178,3 +178,12 @@ def test_cuda_request_falls_back_with_a_warning():
     with pytest.warns(UserWarning, match="CUDA was requested"):
         trainer = ScIDiffTrainer(model, [torch.zeros(2, 4)], device="cuda", progress=False)
     assert trainer.device.type == "cpu"
+
+
+def test_default_epochs_follow_the_number_of_cells():
+    """Without --epochs or training.num_epochs, scvi-tools' rule: min(400, round(20000 / cells x 400))."""
+    from scidiff.config import load_config
+    from scidiff.tasks.train import default_epochs
+
+    assert load_config().training.num_epochs is None
+    assert [default_epochs(n) for n in (1, 1_580, 20_000, 40_000, 1_000_000, 10**10)] == [400, 400, 400, 200, 8, 1]

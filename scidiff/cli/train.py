@@ -13,7 +13,8 @@ def add(sub):
     p.add_argument("--condition-keys", default=None,
                    help="comma-separated obs keys to condition on, e.g. cell_type,condition")
     p.add_argument("--config", default=None, help="YAML config (default: the packaged configs/default.yaml)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="override training.num_epochs")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs (default: training.num_epochs, else min(400, 20000 x 400 / training cells))")
     p.add_argument("--layer", default=None, help="read expression from this layer instead of X")
     p.add_argument("--use-raw", action="store_true", help="read expression from .raw")
     p.add_argument("--n-genes", type=positive_int, default=None,

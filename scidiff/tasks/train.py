@@ -31,6 +31,13 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     return cells, model
 
 
+def default_epochs(n_cells: int) -> int:
+    """Epochs when the config gives none: ``min(400, round(20000 / n_cells * 400))``, at least 1
+    (scvi-tools' rule): 400 for up to 20,000 cells, then a fixed budget of about 8 million cell
+    passes, so an atlas of a million cells trains 8 epochs."""
+    return max(1, min(400, round(20000 / max(n_cells, 1) * 400)))
+
+
 def _time_knots(spec) -> dict[str, list[float]]:
     """The values each numeric covariate (not the dose) is embedded between (``DataSpec.continuous_knots``)."""
     return {k: v for k, v in spec.continuous_knots.items() if k != spec.dose_key and v}
@@ -176,5 +183,10 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     trainer.report.update({k: v for k, v in (("perturbation_effects", effects_report),
                                              ("perturbation_prior", prior_report),
                                              ("numeric_covariate_knots", _time_knots(cells.spec))) if v})
-    trainer.train(epochs if epochs is not None else tc.num_epochs)
+    if epochs is None:
+        epochs = tc.num_epochs if tc.num_epochs is not None else default_epochs(len(train_cells))
+        if progress and rank == 0 and tc.num_epochs is None:
+            print(f"{epochs} epochs for {len(train_cells)} training cells (min(400, 20000 x 400 / cells); "
+                  "--epochs or training.num_epochs to choose)")
+    trainer.train(epochs)
     return model
