@@ -113,6 +113,7 @@ def main(argv=None):
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--latent-dim", type=int, default=64, help="0 = diffuse in gene space")
     p.add_argument("--dropout", type=float, default=None, help="the score network's dropout (default: the model's)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the trainer's default)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (model.sample's default sampler)")
@@ -181,7 +182,7 @@ def main(argv=None):
             scidiff.ScIDiffTrainer(probe, loader, device="cpu", progress=False).train(3)
             epochs = max(1, int(args.minutes * 60 / ((time.perf_counter() - t0) / 3)))
         trainer = scidiff.ScIDiffTrainer(model, loader, device="cpu", learning_rate=args.lr,
-                                         early_stopping_patience=None, seed=args.seed, progress=False)
+                                         weight_decay=args.weight_decay, early_stopping_patience=None, seed=args.seed, progress=False)
         t0 = time.perf_counter()
         history = trainer.train(epochs)
         train_s = time.perf_counter() - t0
