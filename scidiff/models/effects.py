@@ -39,6 +39,11 @@ CONTROL_QUANTILES = 32  # quantiles kept per context and gene of the control cel
 QUANTILE_CELLS = 5000  # control cells per context they are read from (a random subset beyond)
 
 
+def _rows_of(table: torch.Tensor, context) -> torch.Tensor:
+    """Which rows of a context table ``[R, K]`` are ``context`` (with ``K = 0``, every row)."""
+    return (table == torch.as_tensor(np.asarray(context), dtype=torch.long).reshape(1, -1)).all(1)
+
+
 def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
     """``[N, len(keys)]`` codes of the context covariates (no column without keys)."""
     if not keys:
@@ -345,9 +350,15 @@ class PerturbationEffects(nn.Module):
         (no control cells there, or a checkpoint from before they were kept)."""
         if not len(self.control_quantiles):
             return None
-        rows = (self.quantile_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
-            if self.quantile_context.shape[1] else torch.ones(len(self.quantile_context), dtype=torch.bool)
+        rows = _rows_of(self.quantile_context, context)
         return self.control_quantiles[rows][0] if bool(rows.any()) else None
+
+    def reference_latent_of(self, context) -> torch.Tensor | None:
+        """The latent codes of the context's reference control cells, or ``None`` where it has none."""
+        if not len(self.reference_latent):
+            return None
+        rows = _rows_of(self.reference_context, context)
+        return self.reference_latent[rows] if bool(rows.any()) else None
 
     # -- what the fit says -------------------------------------------------------------------
     def seen_contexts(self, key: str, singles: list[int], exact: bool = True) -> np.ndarray:

@@ -247,13 +247,8 @@ def _floor_scale(model, reader, plan, context, src, tgt) -> torch.Tensor | None:
 
 def _reference_cells(model, context, device) -> torch.Tensor | None:
     """The context's reference control cells in model space (``None`` where there are none)."""
-    eff = model.effects
-    if eff is None or not len(eff.reference_latent):
-        return None
-    # [R, K] codes; a model without context covariates has K = 0 and every row matches
-    rows = (eff.reference_context == torch.as_tensor(np.asarray(context), dtype=torch.long)).all(1) \
-        if len(eff.reference_context) else torch.zeros(0, dtype=torch.bool)
-    return model.decode(eff.reference_latent[rows].to(device)) if bool(rows.any()) else None
+    latent = model.effects.reference_latent_of(context) if model.effects is not None else None
+    return None if latent is None else model.decode(latent.to(device))
 
 
 def disagreement_shrinkage(changes: torch.Tensor) -> torch.Tensor:
