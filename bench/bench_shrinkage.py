@@ -8,8 +8,13 @@ column left out). B's noise adds the same to every estimator, so the ranking is 
 Estimators: the raw change (the mean shift), no change, the adaptive shrinkage of the seen route
 (:func:`scidiff.models.shrinkage.adaptive_shrinkage`), and three alternatives: positive-part
 James-Stein per knockout (the whole change scaled by ``max(0, 1 - (G - 2) / sum z^2)``), the
-midpoint of the raw and the shrunk change, and adaptive shrinkage in the principal axes of A's
-control cells (the changes rotated, each axis with its own exact standard error, rotated back). The standard errors' calibration is the mean
+midpoint of the raw and the shrunk change, adaptive shrinkage in the principal axes of A's
+control cells (the changes rotated, each axis with its own exact standard error, rotated back),
+the shrunk change rescaled to the unbiased estimate of the true change's norm
+(``sqrt(max(0, |d|^2 - sum s^2))``), and a whole-knockout selection (the raw change where the
+knockout's chi-square test of no change, ``sum z^2`` on G degrees of freedom, gives p < 0.01; no
+change elsewhere), which tells whether PDS is lost on the knockouts without an effect or by
+shrinking genes within those with one. The standard errors' calibration is the mean
 of ``(d_A - d_B)^2 / (s_A^2 + s_B^2)`` (1 when they are right). The test third is never read.
 
     python bench/bench_shrinkage.py
@@ -54,10 +59,22 @@ def main(argv=None):
         z2 = (d**2 / s2).sum(1, keepdims=True)
         return d * np.clip(1 - (d.shape[1] - 2) / z2, 0, 1)
 
+    def rescaled(d, s2):
+        shrunk = adaptive_shrinkage(d, s2)
+        target = np.sqrt(np.maximum((d**2).sum(1) - s2.sum(1), 0))
+        norm = np.sqrt((shrunk**2).sum(1))
+        return shrunk * np.where(norm > 0, target / np.maximum(norm, 1e-30), 0.0)[:, None]
+
+    def selected(d, s2):
+        from scipy.stats import chi2
+
+        return d * (chi2.sf((d**2 / s2).sum(1), d.shape[1]) < 0.01)[:, None]
+
     estimators = {"mean_shift": lambda d, s2: d, "no_change": lambda d, s2: np.zeros_like(d),
                   "adaptive_shrinkage": adaptive_shrinkage, "james_stein": james_stein,
                   "midpoint": lambda d, s2: 0.5 * (d + adaptive_shrinkage(d, s2)),
-                  "shrinkage_in_control_axes": None}
+                  "shrinkage_in_control_axes": None, "shrinkage_rescaled_to_norm": rescaled,
+                  "significant_knockouts_whole": selected}
     scores = {k: {"rmse": [], "mae": [], "pds_l1": []} for k in estimators}
     calibration = []
     for rep in range(args.repeats):
