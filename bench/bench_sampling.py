@@ -289,18 +289,20 @@ def main(argv=None):
 
 
 def markdown_table(result: dict, methods: list[str]) -> str:
+    versus_eager = "eager" in methods and "engine" in methods
     lines = [f"Device: {result['device']}, torch {result['torch']}, {result['threads']} thread(s); "
              f"DDIM, {result['steps']} steps; model {result['model']}; engine {result['engine']['dtype']}.", "",
-             "| batch | " + " | ".join(f"{m} cells/s" for m in methods) + " | engine / eager |",
-             "|---:|" + "---:|" * (len(methods) + 1)]
+             "| batch | " + " | ".join(f"{m} cells/s" for m in methods) + (" | engine / eager |" if versus_eager else " |"),
+             "|---:|" + "---:|" * (len(methods) + versus_eager)]
     for r in result["rows"]:
         cells = [f"{r[m]['cells_per_s']:,.0f}" if "cells_per_s" in r.get(m, {}) else "skipped" for m in methods]
         speed = r.get("engine", {}).get("speedup_vs_eager")
-        lines.append(f"| {r['batch']:,} | " + " | ".join(cells) + f" | {speed if speed else '-'}x |")
+        lines.append(f"| {r['batch']:,} | " + " | ".join(cells)
+                     + (f" | {speed if speed else '-'}x |" if versus_eager else " |"))
     if "distilled_vs_engine_25" in result:
-        d = result["distilled_vs_engine_25"]
+        d, steps = result["distilled_vs_engine_25"], result["distilled_steps"]
         lines += ["", f"engine_25: DPM-Solver++(2M), 25 steps; engine_distilled: the distilled student, "
-                      f"{result['distilled_steps']} steps; distilled / engine_25: {d['min']:.2f}x to {d['max']:.2f}x "
+                      f"{steps} step{'s' if steps != 1 else ''}; distilled / engine_25: {d['min']:.2f}x to {d['max']:.2f}x "
                       "(measured cells, the default output)."]
         if "distilled_vs_engine_25_smooth_output" in result:
             d = result["distilled_vs_engine_25_smooth_output"]
