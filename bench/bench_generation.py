@@ -114,6 +114,8 @@ def main(argv=None):
     p.add_argument("--latent-dim", type=int, default=64, help="0 = diffuse in gene space")
     p.add_argument("--dropout", type=float, default=None, help="the score network's dropout (default: the model's)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (the trainer's default)")
+    p.add_argument("--axis-sigma-data", action="store_true",
+                   help="precondition each latent axis with its own standard deviation (ScIDiffModel(axis_sigma_data=True))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=50, help="sampler steps (model.sample's default sampler)")
@@ -156,7 +158,8 @@ def main(argv=None):
 
         with tempfile.TemporaryDirectory() as run:
             t0 = time.perf_counter()
-            overrides = {"training": {"seed": args.seed, "early_stopping_patience": args.early_stopping_patience}}
+            overrides = {"training": {"seed": args.seed, "early_stopping_patience": args.early_stopping_patience},
+                         "model": {"axis_sigma_data": args.axis_sigma_data}}
             model = scidiff_train(train_ad, run, load_config(overrides=overrides),
                                   condition_keys=keys, progress=False)
             train_s = time.perf_counter() - t0
@@ -170,7 +173,7 @@ def main(argv=None):
         data = scidiff.setup_anndata(train_ad, condition_keys=keys, n_top_genes=n_top_genes)
         genes = data.spec.gene_names
         real_all = scidiff.transform_like(data.spec, adata).log_expression()
-        extra = {} if args.dropout is None else {"dropout": args.dropout}
+        extra = {"axis_sigma_data": args.axis_sigma_data, **({} if args.dropout is None else {"dropout": args.dropout})}
         model = scidiff.ScIDiffModel.from_data(data, hidden_dim=args.hidden_dim, num_layers=args.num_layers,
                                                latent_dim=args.latent_dim or None, **extra)
         loader = data.loader(batch_size=args.batch_size, seed=args.seed)
@@ -281,7 +284,8 @@ def main(argv=None):
         "setup": {"data": os.path.basename(args.data) if args.dataset == "kang" else "scanpy pbmc68k_reduced (.raw)",
                   "condition_keys": keys, "genes": len(genes), "gene_selection": args.genes,
                   "groups": len(results["groups"]), "hidden_dim": args.hidden_dim, "num_layers": args.num_layers,
-                  "latent_dim": args.latent_dim, "as_scidiff_train": bool(args.as_scidiff_train),
+                  "latent_dim": args.latent_dim, "axis_sigma_data": bool(args.axis_sigma_data),
+                  "as_scidiff_train": bool(args.as_scidiff_train),
                   "early_stopping_patience": args.early_stopping_patience if args.as_scidiff_train else None,
                   "epochs": len(history), "train_seconds": round(train_s, 1),
                   "default_output": "measured" if model.resolve_observed() else "smooth",

@@ -30,6 +30,7 @@ class ModelConfig:
     dropout: float = 0.0
     cond_dropout: float = 0.1
     latent_dim: int | None = 64
+    axis_sigma_data: bool = False
 
     def scheduler_config(self) -> dict:
         """The noise schedule by name, as :func:`scidiff.diffusion.schedules.get_scheduler` (and
@@ -42,7 +43,8 @@ class ModelConfig:
         builds nothing)."""
         return {"hidden_dim": self.hidden_dim, "num_layers": self.num_layers, "num_timesteps": self.num_timesteps,
                 "conditioning_dim": self.conditioning_dim, "noise_scheduler": self.scheduler_config(),
-                "dropout": self.dropout, "cond_dropout": self.cond_dropout, "latent_dim": self.latent_dim or None}
+                "dropout": self.dropout, "cond_dropout": self.cond_dropout, "latent_dim": self.latent_dim or None,
+                "axis_sigma_data": self.axis_sigma_data}
 
 
 @dataclass

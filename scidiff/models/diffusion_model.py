@@ -53,6 +53,13 @@ def principal_axes(x: torch.Tensor, k: int):
     return mean, axes, float(((x - mean) @ axes.T).std().clamp_min(1e-6))
 
 
+def axis_variance(x: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, scale: float) -> torch.Tensor:
+    """The unbiased variance of cells ``x [N, G]`` on each latent coordinate
+    ``(x - mean) @ axes.T / scale`` (``[k]``, float64)."""
+    z = (torch.as_tensor(x).double() - mean.double()) @ axes.double().T / scale
+    return z.var(0) if len(z) > 1 else torch.ones(z.shape[1], dtype=torch.float64)
+
+
 class ScIDiffModel(nn.Module):
     """Single-cell score-based diffusion model.
 
@@ -67,6 +74,11 @@ class ScIDiffModel(nn.Module):
         continuous_covariates: numeric covariate names (dose, time).
         cond_dropout: probability of dropping each covariate in training (classifier-free guidance).
         sigma_data: standard deviation of the (scaled) data, for the preconditioning.
+        axis_sigma_data: principal-axes models only: precondition each latent axis with its own
+            standard deviation (fitted with the latent; :mod:`scidiff.models.preconditioning`)
+            rather than one ``sigma_data`` for all, and weight the loss by :meth:`loss_scale`.
+            Off by default (``bench/README.md``, generation: measured on Kang, not yet on the
+            perturbation suite); checkpoints from before it load without.
         data_spec: the :class:`scidiff.data.DataSpec` (genes, normalisation, vocabularies); sets
             ``covariates`` and ``continuous_covariates`` when given.
         latent_dim: diffuse in this many principal axes of the training cells instead of in
@@ -79,7 +91,8 @@ class ScIDiffModel(nn.Module):
                  conditioning_dim: int = 128, noise_scheduler=None, dropout: float = 0.0,
                  covariates: dict[str, int] | None = None, continuous_covariates=(), cond_dropout: float = 0.1,
                  sigma_data: float = 1.0, data_spec=None, latent_dim: int | None = None,
-                 perturbations: dict[str, int] | None = None, dose_key: str | None = None):
+                 perturbations: dict[str, int] | None = None, dose_key: str | None = None,
+                 axis_sigma_data: bool = False):
         super().__init__()
         if data_spec is not None:
             if data_spec.n_genes != gene_dim:
@@ -110,6 +123,9 @@ class ScIDiffModel(nn.Module):
             self.register_buffer("latent_mean", torch.zeros(gene_dim))
             self.register_buffer("latent_basis", torch.zeros(self.latent_dim, gene_dim))
             self.register_buffer("latent_scale", torch.ones(self.latent_dim))
+        self.axis_sigma_data = bool(axis_sigma_data and self.latent_dim)
+        if self.axis_sigma_data:  # each axis's standard deviation, set with the latent
+            self.register_buffer("sigma_data_axes", torch.full((self.latent_dim,), self.sigma_data))
         # what a measurement looks like given the smooth (principal-axes) expression
         self.detection = DetectionModel(gene_dim) if self.latent_dim else None
         # the perturbations' gene-level effects, combination term and seen contexts (closed form)
@@ -154,7 +170,8 @@ class ScIDiffModel(nn.Module):
                 "continuous_covariates": list(self.condition_encoder.continuous),
                 "perturbations": dict(self.condition_encoder.perturbations),
                 "dose_key": self.condition_encoder.dose_key,
-                "cond_dropout": self.cond_dropout, "sigma_data": self.sigma_data, "latent_dim": self.latent_dim}
+                "cond_dropout": self.cond_dropout, "sigma_data": self.sigma_data, "latent_dim": self.latent_dim,
+                "axis_sigma_data": self.axis_sigma_data}
 
     @classmethod
     def from_data(cls, data, response_axes: int = 64, **kwargs) -> "ScIDiffModel":
@@ -185,7 +202,7 @@ class ScIDiffModel(nn.Module):
                 kwargs["latent_dim"] = len(axes)
         model = cls(gene_dim=data.spec.n_genes, data_spec=data.spec, **kwargs)
         if latent:
-            model.set_latent(mean, axes, scale)
+            model.set_latent(mean, axes, scale, axis_variance=axis_variance(data.x, mean, axes, scale))
             model.fit_detection(data.x)
         if effects is not None:
             model.effects = effects
@@ -222,16 +239,22 @@ class ScIDiffModel(nn.Module):
         standard deviation so its coordinates have unit mean variance (axes keep their ratios)."""
         if not self.latent_dim:
             raise ValueError("this model diffuses in gene space (latent_dim=None)")
-        self.set_latent(*principal_axes(x, self.latent_dim))
+        mean, axes, scale = principal_axes(x, self.latent_dim)
+        self.set_latent(mean, axes, scale, axis_variance=axis_variance(x, mean, axes, scale))
 
     @torch.no_grad()
-    def set_latent(self, mean: torch.Tensor, axes: torch.Tensor, scale: float) -> None:
-        """The latent map: ``mean [G]``, orthonormal ``axes [latent_dim, G]``, one ``scale``."""
+    def set_latent(self, mean: torch.Tensor, axes: torch.Tensor, scale: float,
+                   axis_variance: torch.Tensor | None = None) -> None:
+        """The latent map: ``mean [G]``, orthonormal ``axes [latent_dim, G]``, one ``scale``;
+        ``axis_variance [latent_dim]``: the cells' variance on each latent coordinate, for
+        per-axis preconditioning (``axis_sigma_data``; left as it is when not given)."""
         if axes.shape != self.latent_basis.shape:
             raise ValueError(f"{tuple(axes.shape)} axes for a latent of shape {tuple(self.latent_basis.shape)}")
         self.latent_mean.copy_(mean.float())
         self.latent_basis.copy_(axes.float())
         self.latent_scale.fill_(float(scale))
+        if self.axis_sigma_data and axis_variance is not None:
+            self.sigma_data_axes.copy_(torch.as_tensor(axis_variance).double().clamp_min(1e-6).sqrt().float())
 
     @torch.no_grad()
     def fit_latent_from_moments(self, mean, cov, n_cells: int) -> None:
@@ -246,9 +269,10 @@ class ScIDiffModel(nn.Module):
         lam = evals[top].clamp_min(0)
         # fit_latent's scale: the unbiased std of all N x k scores, whose mean is 0
         var = n_cells * float(lam.sum()) / max(n_cells * self.latent_dim - 1, 1)
-        self.latent_mean.copy_(torch.as_tensor(mean, dtype=torch.float64).float())
-        self.latent_basis.copy_(evecs[:, top].T.float())
-        self.latent_scale.fill_(max(var ** 0.5, 1e-6))
+        scale = max(var ** 0.5, 1e-6)
+        # each axis's unbiased variance in latent coordinates, as axis_variance gives it
+        self.set_latent(torch.as_tensor(mean, dtype=torch.float64), evecs[:, top].T, scale,
+                        axis_variance=lam * n_cells / max(n_cells - 1, 1) / scale**2)
 
     @torch.no_grad()
     def fit_detection(self, x: torch.Tensor, max_cells: int = 20_000, max_entries: int = 50_000_000,
@@ -302,8 +326,20 @@ class ScIDiffModel(nn.Module):
     # -- the denoiser seam -----------------------------------------------------------------------
     def precondition(self, t: torch.Tensor) -> Preconditioning:
         """The preconditioning at timesteps ``t [B]`` (``c_in``, ``c_skip``, ``c_out``,
-        ``sqrt_ab``, each ``[B, 1]``)."""
-        return Preconditioning.at(self.alphas_cumprod, t, self.sigma_data)
+        ``sqrt_ab``, each ``[B, 1]``; with ``axis_sigma_data`` the first three ``[B, D]``)."""
+        return Preconditioning.at(self.alphas_cumprod, t,
+                                  self.sigma_data_axes if self.axis_sigma_data else self.sigma_data)
+
+    def loss_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """What the denoising loss divides the error ``z0_hat - z0`` by at timesteps ``t [B]``:
+        ``c_out`` (EDM's weighting, Karras et al. 2022), ``[B, 1]``; with per-axis
+        preconditioning the geometric mean of each axis's ``c_out`` and the shared one's,
+        ``[B, D]``. Each axis's own ``c_out`` alone gives the top axes ``1 / sd_k^2`` of the weight
+        at high noise, and on Kang it cost the DE slope (0.903 -> 0.874); the shared one alone
+        lost the realism per-axis preconditioning gains (AUC 0.591); halfway kept both (0.899,
+        AUC 0.549; bench/README.md)."""
+        shared = Preconditioning.at(self.alphas_cumprod, t, self.sigma_data).c_out
+        return (self.precondition(t).c_out * shared).sqrt() if self.axis_sigma_data else shared
 
     def preconditioning(self, t: torch.Tensor):
         """``(c_in, c_skip, c_out)`` per row, each ``[B, 1]``."""

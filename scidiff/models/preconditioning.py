@@ -5,6 +5,12 @@ data scale ``sd``,
     x0_hat = c_skip x_t + c_out F(c_in x_t),
     c_in = 1 / sqrt(a^2 sd^2 + s^2),  c_skip = a sd^2 c_in^2,  c_out = sd s c_in;
 
+``sd`` is one number, or one per axis of the diffusion space (principal-axes models: each axis's
+own standard deviation, so that ``c_skip x_t`` is the exact posterior mean of a Gaussian with the
+data's per-axis variances and the network's input and target have unit variance on every axis,
+EDM's aim applied per axis; with one shared ``sd`` the top axes' ``c_skip`` is a fraction of
+their Gaussian slope and the network has to learn the rest);
+
 with a perturbation response ``m`` the model diffuses the residual around it,
 ``x0_hat = m + D(x_t - a m)``, and the network also reads ``m``.
 
@@ -30,16 +36,19 @@ class Preconditioning(NamedTuple):
     sqrt_ab: torch.Tensor | float
 
     @classmethod
-    def at(cls, alphas_cumprod: torch.Tensor, t: torch.Tensor, sigma_data: float) -> "Preconditioning":
-        """The coefficients at integer timesteps ``t [B]``, each ``[B, 1]``."""
+    def at(cls, alphas_cumprod: torch.Tensor, t: torch.Tensor, sigma_data) -> "Preconditioning":
+        """The coefficients at integer timesteps ``t [B]``: each ``[B, 1]`` for one ``sigma_data``
+        (a float); ``c_in``, ``c_skip`` and ``c_out`` ``[B, D]`` for one per axis (a tensor ``[D]``)."""
         ab = alphas_cumprod[t].unsqueeze(-1)
         a2, s2, sd2 = ab, 1.0 - ab, sigma_data ** 2
         c_in = torch.rsqrt(a2 * sd2 + s2)
         return cls(c_in, a2.sqrt() * sd2 * c_in**2, sigma_data * s2.sqrt() * c_in, ab.sqrt())
 
     def rows(self) -> list["Preconditioning"]:
-        """Each row as Python floats (each plan step's coefficients, for the engine)."""
-        return [Preconditioning(*row) for row in zip(*(v.flatten().tolist() for v in self))]
+        """Each row (each plan step's coefficients, for the engine): Python floats, or a tensor
+        ``[D]`` for a coefficient with one value per axis."""
+        return [Preconditioning(*row) for row in zip(*(v.flatten().tolist() if v.shape[-1] == 1 else list(v)
+                                                       for v in self))]
 
     def take(self, index: torch.Tensor) -> "Preconditioning":
         """The rows ``index`` (each cell's table row)."""

@@ -21,7 +21,8 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict | None, generator: torch.
     """Forward-diffuse cells ``x0`` (model space ``[B, G]``) to a uniform random timestep, predict
     them back and return ``(loss, x0_hat)`` with ``x0_hat`` in the same gene space. The loss is the
     squared error of the network output against its target under the model's preconditioning,
-    ``|z0_hat - z0|^2 / c_out^2`` in diffusion space (EDM weighting, Karras et al. 2022), with
+    ``|z0_hat - z0|^2 / c_out^2`` in diffusion space (EDM weighting, Karras et al. 2022;
+    :meth:`ScIDiffModel.loss_scale <scidiff.models.ScIDiffModel.loss_scale>`), with
     classifier-free condition dropout applied to ``cond``."""
     x0 = model.encode(x0)
     fit_responses = response_loss(model, x0, cond) if cond else None
@@ -35,8 +36,7 @@ def denoising_loss(model, x0: torch.Tensor, cond: dict | None, generator: torch.
     if cond and model.training and model.cond_dropout > 0:
         cond = model.condition_encoder.drop(cond, model.cond_dropout, generator)
     x0_hat = model(x_t, t, cond)
-    _, _, c_out = model.preconditioning(t)
-    loss = (((x0_hat.float() - x0.float()) / c_out) ** 2).mean()
+    loss = (((x0_hat.float() - x0.float()) / model.loss_scale(t)) ** 2).mean()
     if fit_responses is not None:
         loss = loss + fit_responses
     return loss, model.decode(x0_hat)
