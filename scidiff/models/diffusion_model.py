@@ -341,10 +341,6 @@ class ScIDiffModel(nn.Module):
         shared = Preconditioning.at(self.alphas_cumprod, t, self.sigma_data).c_out
         return (self.precondition(t).c_out * shared).sqrt() if self.axis_sigma_data else shared
 
-    def preconditioning(self, t: torch.Tensor):
-        """``(c_in, c_skip, c_out)`` per row, each ``[B, 1]``."""
-        return tuple(self.precondition(t)[:3])
-
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep part of the embedding, ``[B, conditioning_dim]``."""
         return self.time_mlp(timestep_embedding(t.float() * (1000.0 / self.num_timesteps), self.conditioning_dim))

@@ -81,7 +81,7 @@ class EarlyBestWarning(UserWarning):
 
 class _Denoiser:
     """The model as :func:`denoising_loss` sees it: calls go through the wrapped module (DDP
-    and/or compiled), attributes (schedule, encode, preconditioning) come from the model."""
+    and/or compiled), attributes (schedule, encode, loss_scale) come from the model."""
 
     def __init__(self, wrapped, model):
         self._wrapped, self._model = wrapped, model
