@@ -93,6 +93,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--distil-iterations", type=int, default=1000, help="distillation iterations per round")
+    p.add_argument("--auc-repeats", type=int, default=1,
+                   help="classifier repeats per group for the AUC (bench_generation.py uses 10; the committed "
+                        "sampler_quality.json used 1)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "sampler_quality.json"))
     args = p.parse_args(argv)
     if not os.path.exists(args.data):
@@ -119,7 +122,7 @@ def main(argv=None):
         with open(args.out) as fh:
             results = json.load(fh)
     results.setdefault("setup", {}).update({
-        "data": os.path.basename(args.data), "model": args.model, "epochs": args.epochs, "seed": args.seed,
+        "data": os.path.basename(args.data), "model": args.model, "epochs": args.epochs, "seed": args.seed, "auc_repeats": args.auc_repeats,
         "threads": args.threads, "torch": torch.__version__, "groups": len(np.unique(groups)),
         "genes": model.gene_dim, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
         "num_layers": model.num_layers})
@@ -148,7 +151,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             gen = engine.sample(int(tr.sum()), {"cell_type": ct, "condition": cond}, seed=args.seed + gi).numpy()
             t_sample += time.perf_counter() - t0
-            per_group[g] = score_group(pcs[te], project(gen), args.seed)
+            per_group[g] = score_group(pcs[te], project(gen), args.seed, repeats=args.auc_repeats)
         summary = {}
         for k in METRICS:
             vals = np.array([per_group[g][k] for g in names])
