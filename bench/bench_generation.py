@@ -16,9 +16,9 @@ by default (measured cells where the model has a fitted detection model: sparse,
 training cells' detection rates); ``model_smooth``: the same cells' smooth expression
 (``observed=False``, same seeds); ``projected``: the group's real training cells through the
 model's own output path (their projection on its principal axes, measured by its detection
-model), what a perfect generator would score through this latent and measurement. Intervals: per group, AUC from a bootstrap
-of the out-of-fold scores and MMD/energy from 80% subsamples; for the averages, a bootstrap
-over groups.
+model), what a perfect generator would score through this latent and measurement. Intervals:
+per group, AUC from a bootstrap of the out-of-fold scores and MMD/energy from 80% subsamples;
+for the averages, a bootstrap over groups.
 
 Differential expression: per cell type, the top 100 DE genes between stimulated and control
 training cells (Welch's t), and on them the slope and Pearson of each generator's
@@ -58,16 +58,7 @@ def split_groups(labels: np.ndarray, test_fraction: float, seed: int):
     return ~test, test
 
 
-AUC_REPEATS = 10  # classifier repeats per group: one repeat's 14-group mean spreads by about +-0.03
-
-
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic (ties count half, as sklearn's roc_auc_score)."""
-    from scipy.stats import rankdata
-
-    pos = labels == 1
-    n1, n0 = int(pos.sum()), int((~pos).sum())
-    return float((rankdata(scores)[pos].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+AUC_REPEATS = 10  # classifier draws per group (oof_auc_with_ci: one draw's 14-group mean is noisy)
 
 
 def oof_auc_with_ci(x, y, seed=0, n_boot=200, repeats=AUC_REPEATS):
@@ -79,6 +70,7 @@ def oof_auc_with_ci(x, y, seed=0, n_boot=200, repeats=AUC_REPEATS):
     being measured; ten draws bring that spread down about threefold. ``repeats=1`` is the
     scorer of results written before the repeats (same numbers)."""
     from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
     rng = np.random.default_rng(seed)
@@ -92,12 +84,12 @@ def oof_auc_with_ci(x, y, seed=0, n_boot=200, repeats=AUC_REPEATS):
             clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, random_state=seed + r, n_jobs=1)
             scores[te] = clf.fit(data[tr], labels[tr]).predict_proba(data[te])[:, 1]
         runs.append(scores)
-    auc = float(np.mean([_auc(labels, sc) for sc in runs]))
+    auc = float(np.mean([roc_auc_score(labels, sc) for sc in runs]))
     boots = []
     for _ in range(n_boot):
         i = rng.integers(0, 2 * n, 2 * n)
         if labels[i].min() != labels[i].max():
-            boots.append(np.mean([_auc(labels[i], sc[i]) for sc in runs]))
+            boots.append(np.mean([roc_auc_score(labels[i], sc[i]) for sc in runs]))
     return auc, np.asarray(boots)
 
 

@@ -122,8 +122,8 @@ def main(argv=None):
         with open(args.out) as fh:
             results = json.load(fh)
     results.setdefault("setup", {}).update({
-        "data": os.path.basename(args.data), "model": args.model, "epochs": args.epochs, "seed": args.seed, "auc_repeats": args.auc_repeats,
-        "threads": args.threads, "torch": torch.__version__, "groups": len(np.unique(groups)),
+        "data": os.path.basename(args.data), "model": args.model, "epochs": args.epochs, "seed": args.seed,
+        "auc_repeats": args.auc_repeats, "threads": args.threads, "torch": torch.__version__, "groups": len(np.unique(groups)),
         "genes": model.gene_dim, "latent_dim": model.latent_dim, "hidden_dim": model.hidden_dim,
         "num_layers": model.num_layers})
     if train_seconds is not None:

@@ -77,8 +77,9 @@ class ScIDiffModel(nn.Module):
         axis_sigma_data: principal-axes models only: precondition each latent axis with its own
             standard deviation (fitted with the latent; :mod:`scidiff.models.preconditioning`)
             rather than one ``sigma_data`` for all, and weight the loss by :meth:`loss_scale`.
-            Off by default (``bench/README.md``, generation: measured on Kang, not yet on the
-            perturbation suite); checkpoints from before it load without.
+            Off by default: on Kang it lowers MMD and energy distance at the same AUC, but the
+            perturbation suite loses Klein's unseen day 4 with it (``bench/README.md``,
+            generation); checkpoints from before it load without.
         data_spec: the :class:`scidiff.data.DataSpec` (genes, normalisation, vocabularies); sets
             ``covariates`` and ``continuous_covariates`` when given.
         latent_dim: diffuse in this many principal axes of the training cells instead of in
@@ -336,8 +337,9 @@ class ScIDiffModel(nn.Module):
         preconditioning the geometric mean of each axis's ``c_out`` and the shared one's,
         ``[B, D]``. Each axis's own ``c_out`` alone gives the top axes ``1 / sd_k^2`` of the weight
         at high noise, and on Kang it cost the DE slope (0.903 -> 0.874); the shared one alone
-        lost the realism per-axis preconditioning gains (AUC 0.591); halfway kept both (0.899,
-        AUC 0.549; bench/README.md)."""
+        lost the realism per-axis preconditioning gains (one classifier draw: AUC 0.591);
+        halfway kept both (DE slope 0.899, MMD 0.0084 against the default's 0.0103;
+        bench/README.md)."""
         shared = Preconditioning.at(self.alphas_cumprod, t, self.sigma_data).c_out
         return (self.precondition(t).c_out * shared).sqrt() if self.axis_sigma_data else shared
 
