@@ -132,7 +132,7 @@ def log_normalize(counts, target_sum: float | None = 1e4):
     factor = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
     if sp.issparse(counts):
         out = sp.csr_matrix(counts, dtype=np.float32, copy=True)
-        out.data *= np.repeat(factor, np.diff(out.indptr)).astype(np.float32)
+        out.data *= np.repeat(factor.astype(np.float32), np.diff(out.indptr))  # no float64 copy per value
         np.log1p(out.data, out=out.data)
         return out, float(target_sum)
     out = np.asarray(counts, dtype=np.float32) * factor[:, None].astype(np.float32)

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from .rows import unique_rows
+
 
 def perturbation_rows(codes, n: int) -> torch.Tensor:
     """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
@@ -242,7 +244,7 @@ class DataSpec:
             else:
                 t = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
                 if key in self.perturbation_keys:
-                    rows, counts = np.unique(t, axis=0, return_counts=True)
+                    (rows,), _, counts = unique_rows(t)
                 else:
                     n = len(self.categorical[key])
                     rows, counts = np.arange(n), np.bincount(t, minlength=n)

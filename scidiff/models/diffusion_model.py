@@ -42,21 +42,58 @@ from .preconditioning import Preconditioning
 from .score_network import ScoreNetwork, timestep_embedding
 
 
+SVD_MAX_CELLS = 50_000  # above this many cells, principal axes come from the covariance (eigh)
+CHUNK = 16_384  # cells converted to float64 at a time on the covariance path
+
+
 @torch.no_grad()
 def principal_axes(x: torch.Tensor, k: int):
     """``(mean [G], axes [k, G], scale)``: the top ``k`` principal axes of cells ``x [N, G]`` and
-    the standard deviation of all their scores (float64)."""
-    x = torch.as_tensor(x).double()
+    the standard deviation of all their scores (float64). Up to ``SVD_MAX_CELLS`` cells, by the
+    SVD of the centred cells; beyond, from their covariance accumulated in float64 over chunks of
+    cells (:func:`axes_from_moments`; scikit-learn's PCA makes the same choice for tall data),
+    so no float64 copy of the cells is made and the cost is ``N G^2`` rather than an SVD's."""
+    x = torch.as_tensor(x)
+    if len(x) > SVD_MAX_CELLS:
+        return principal_axes_from_covariance(x, k)
+    x = x.double()
     mean = x.mean(0)
     _, _, vt = torch.linalg.svd(x - mean, full_matrices=False)
     axes = vt[:k]
     return mean, axes, float(((x - mean) @ axes.T).std().clamp_min(1e-6))
 
 
+@torch.no_grad()
+def principal_axes_from_covariance(x: torch.Tensor, k: int):
+    """:func:`principal_axes` from the cells' covariance, accumulated in float64 over chunks of
+    ``CHUNK`` cells (the same axes, each up to its sign, and the same scale)."""
+    x = torch.as_tensor(x)
+    mean = sum(x[i:i + CHUNK].double().sum(0) for i in range(0, len(x), CHUNK)) / len(x)
+    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for i in range(0, len(x), CHUNK):
+        part = x[i:i + CHUNK].double() - mean
+        cov += part.T @ part
+    axes, scale, _ = axes_from_moments(cov / len(x), len(x), k)
+    return mean, axes, scale
+
+
+def axes_from_moments(cov, n_cells: int, k: int):
+    """``(axes [k, G], scale, variances [k])`` from the population covariance ``[G, G]`` of
+    ``n_cells`` cells: the top ``k`` eigenvectors, the unbiased standard deviation of all
+    ``n_cells x k`` scores (whose mean is 0) and each axis's population variance."""
+    cov = torch.as_tensor(cov, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+    top = torch.argsort(evals, descending=True)[:k]
+    lam = evals[top].clamp_min(0)
+    var = n_cells * float(lam.sum()) / max(n_cells * k - 1, 1)
+    return evecs[:, top].T, max(var ** 0.5, 1e-6), lam
+
+
 def axis_variance(x: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, scale: float) -> torch.Tensor:
     """The unbiased variance of cells ``x [N, G]`` on each latent coordinate
-    ``(x - mean) @ axes.T / scale`` (``[k]``, float64)."""
-    z = (torch.as_tensor(x).double() - mean.double()) @ axes.double().T / scale
+    ``(x - mean) @ axes.T / scale`` (``[k]``, float64; the cells are read in chunks)."""
+    x, mean, axes = torch.as_tensor(x), mean.double(), axes.double()
+    z = torch.cat([(x[i:i + CHUNK].double() - mean) @ axes.T / scale for i in range(0, max(len(x), 1), CHUNK)])
     return z.var(0) if len(z) > 1 else torch.ones(z.shape[1], dtype=torch.float64)
 
 
@@ -264,15 +301,9 @@ class ScIDiffModel(nn.Module):
         them). Same axes (each up to its sign) and scale as :meth:`fit_latent` on those cells."""
         if not self.latent_dim:
             raise ValueError("this model diffuses in gene space (latent_dim=None)")
-        cov = torch.as_tensor(cov, dtype=torch.float64)
-        evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
-        top = torch.argsort(evals, descending=True)[: self.latent_dim]
-        lam = evals[top].clamp_min(0)
-        # fit_latent's scale: the unbiased std of all N x k scores, whose mean is 0
-        var = n_cells * float(lam.sum()) / max(n_cells * self.latent_dim - 1, 1)
-        scale = max(var ** 0.5, 1e-6)
+        axes, scale, lam = axes_from_moments(cov, n_cells, self.latent_dim)
         # each axis's unbiased variance in latent coordinates, as axis_variance gives it
-        self.set_latent(torch.as_tensor(mean, dtype=torch.float64), evecs[:, top].T, scale,
+        self.set_latent(torch.as_tensor(mean, dtype=torch.float64), axes, scale,
                         axis_variance=lam * n_cells / max(n_cells - 1, 1) / scale**2)
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.rows import unique_rows
 from .shrinkage import adaptive_shrinkage
 
 COMBINATIONS = ("additive", "scaled", "polynomial")
@@ -52,12 +53,25 @@ def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
 
 
 def _groups(rows: np.ndarray, ctx: np.ndarray):
-    """Distinct (context, perturbation set) groups: their context rows, multi-hot rows and each
-    cell's group number."""
-    key = np.concatenate([ctx.astype(np.float64), rows], 1)
-    uniq, index = np.unique(key, axis=0, return_inverse=True)
-    k = ctx.shape[1]
-    return uniq[:, :k].astype(np.int64), uniq[:, k:], index.reshape(-1)
+    """Distinct (context, perturbation set) groups, in lexicographic order of (context codes,
+    multi-hot): their context rows, multi-hot rows (float64) and each cell's group number."""
+    (g_ctx, g_rows), index, _ = unique_rows(ctx, rows)
+    return g_ctx.astype(np.int64), g_rows.astype(np.float64), index
+
+
+def _group_moments(x: np.ndarray, index: np.ndarray, n_groups: int, chunk: int = 16_384):
+    """Per group, the sum and the sum of squares of the cells ``x [N, G]`` (float64, accumulated
+    in chunks of cells so that no float64 copy of ``x`` is made)."""
+    from scipy import sparse
+
+    sums, squares = np.zeros((n_groups, x.shape[1])), np.zeros((n_groups, x.shape[1]))
+    for start in range(0, len(x), chunk):
+        part = np.asarray(x[start:start + chunk], np.float64)
+        member = sparse.csr_matrix((np.ones(len(part)), (index[start:start + chunk], np.arange(len(part)))),
+                                   shape=(n_groups, len(part)))
+        sums += member @ part
+        squares += member @ (part * part)
+    return sums, squares
 
 
 def group_changes(x: np.ndarray, rows: np.ndarray, ctx: np.ndarray):
@@ -70,12 +84,15 @@ def group_changes(x: np.ndarray, rows: np.ndarray, ctx: np.ndarray):
     the controls' variance over their counts; a group of one cell takes the variance of all cells)."""
     g_ctx, g_rows, index = _groups(rows, ctx)
     counts = np.bincount(index, minlength=len(g_rows)).astype(np.float64)
-    sums, squares = np.zeros((len(g_rows), x.shape[1])), np.zeros((len(g_rows), x.shape[1]))
-    np.add.at(sums, index, x)
-    np.add.at(squares, index, x**2)
+    sums, squares = _group_moments(x, index, len(g_rows))
     means = sums / counts[:, None]
     variances = (squares - counts[:, None] * means**2) / np.maximum(counts - 1, 1)[:, None]
-    variances = np.where(counts[:, None] > 1, np.maximum(variances, 0), x.var(0, ddof=1) if len(x) > 1 else 0)
+    if (counts == 1).any():  # a group of one cell takes the variance of all cells
+        mean_all = sums.sum(0) / len(x)
+        everyone = ((squares.sum(0) - len(x) * mean_all**2) / (len(x) - 1) if len(x) > 1
+                    else np.zeros(x.shape[1]))
+        variances = np.where(counts[:, None] > 1, variances, np.maximum(everyone, 0))
+    variances = np.maximum(variances, 0)
     control = g_rows.sum(1) == 0
     base = {tuple(c): i for i, c in enumerate(g_ctx) if control[i]}
     keep = [i for i in range(len(g_rows)) if not control[i] and tuple(g_ctx[i]) in base]
@@ -107,16 +124,21 @@ def seen_group_means(design: np.ndarray, changes: np.ndarray, counts: np.ndarray
     from ``se2``). Contexts that agree share one estimate; a context that truly differs keeps its
     departure; a change within its noise is set to zero."""
     pool = _pooling_weights(design, counts)
-    out = np.zeros_like(changes)
+    # the pooled change depends on the group's perturbations alone: shrunk once per distinct design row
+    (distinct,), which, _ = unique_rows(design)
+    pooled = np.zeros((len(distinct), changes.shape[1]))
+    for start in range(0, len(distinct), chunk):
+        coef = distinct[start:start + chunk] @ pool
+        coef[np.abs(coef) < 1e-12] = 0.0
+        pooled[start:start + chunk] = adaptive_shrinkage(coef @ changes, coef**2 @ se2)
+    out = pooled[which]
     for start in range(0, len(design), chunk):
         rows = slice(start, min(start + chunk, len(design)))
         coef = design[rows] @ pool  # [c, M]: pooled change = coef @ changes
         coef[np.abs(coef) < 1e-12] = 0.0
         own = np.zeros_like(coef)
         own[np.arange(len(coef)), np.arange(rows.start, rows.stop)] = 1.0
-        pooled, departure = coef @ changes, (own - coef) @ changes
-        out[rows] = (adaptive_shrinkage(pooled, coef**2 @ se2)
-                     + adaptive_shrinkage(departure, (own - coef) ** 2 @ se2))
+        out[rows] += adaptive_shrinkage((own - coef) @ changes, (own - coef) ** 2 @ se2)
     return out
 
 
@@ -185,15 +207,14 @@ def extra_axes(effects: np.ndarray, basis: np.ndarray, max_axes: int, tol: float
 
 
 def _dose_columns(rows: np.ndarray, dose: np.ndarray):
-    """Each cell's (single, dose) multi-hot ``[N, m]`` and each column's single ``[m]``; the
-    columns are ordered by single, then dose."""
-    pairs = sorted({(int(p), float(dose[i])) for i in np.flatnonzero(rows.sum(1)) for p in np.flatnonzero(rows[i])})
-    index = {pair: j for j, pair in enumerate(pairs)}
-    out = np.zeros((len(rows), len(pairs)))
-    for i in np.flatnonzero(rows.sum(1)):
-        for p in np.flatnonzero(rows[i]):
-            out[i, index[(int(p), float(dose[i]))]] = 1.0
-    return out, np.array([p for p, _ in pairs], dtype=np.int64), np.array([d for _, d in pairs])
+    """Each cell's (single, dose) multi-hot ``[N, m]`` (float32) and each column's single ``[m]``
+    and dose ``[m]``; the columns are ordered by single, then dose."""
+    cells, singles = np.nonzero(rows)
+    pairs, column = np.unique(np.stack([singles.astype(np.float64), np.asarray(dose, np.float64)[cells]], 1),
+                              axis=0, return_inverse=True)
+    out = np.zeros((len(rows), len(pairs)), np.float32)
+    out[cells, column.reshape(-1)] = 1.0
+    return out, pairs[:, 0].astype(np.int64), pairs[:, 1]
 
 
 def _by_single(design: np.ndarray, single_of: np.ndarray, n: int) -> np.ndarray:
@@ -274,17 +295,18 @@ class PerturbationEffects(nn.Module):
         (the combination chosen and each candidate's cross-validated error). With ``dose_key``
         each (single, dose) is its own column of the fit, and a single's effect is the one at its
         highest dose (the model's dose response scales it to the others)."""
-        x = x.double().cpu().numpy()
+        x = x.detach().cpu().numpy()  # group_changes accumulates in float64 by chunks of cells
         ctx = context_table({k: covariates[k].cpu() for k in self.context_keys}, self.context_keys, len(x))
-        rows = {k: covariates[k][:, :-1].double().cpu().numpy() for k in self.keys}
+        rows = {k: covariates[k][:, :-1].cpu().numpy() for k in self.keys}
         dose = (covariates[dose_key].double().cpu().numpy() if dose_key and dose_key in covariates
                 else np.zeros(len(x)))
         report = {}
         for key in self.keys:
             others = [rows[k].sum(1) == 0 for k in self.keys if k != key]
             alone = np.logical_and.reduce(others) if others else np.ones(len(x), bool)
-            columns, single_of, column_dose = _dose_columns(rows[key][alone], dose[alone])
-            g_ctx, design, changes, counts, se2 = group_changes(x[alone], columns, ctx[alone])
+            cells = slice(None) if alone.all() else alone  # no copy of the cells when none is left out
+            columns, single_of, column_dose = _dose_columns(rows[key][cells], dose[cells])
+            g_ctx, design, changes, counts, se2 = group_changes(x[cells], columns, ctx[cells])
             n = rows[key].shape[1]
             means = seen_group_means(design, changes, counts, se2) if len(design) else changes
             if len(design):

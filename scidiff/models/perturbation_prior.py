@@ -70,10 +70,10 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
     covariate, cells perturbed in another are left out. Returns ``(effects[key][label],
     cells[key][label], control mean)``; a single seen in no context with controls is absent."""
     spec = cells.spec
-    x = np.asarray(cells.log_expression(), dtype=np.float64)
+    x = cells.log_expression()  # group_changes accumulates in float64 by chunks of cells
     n = len(x)
     pkeys = [k for k in spec.perturbation_keys if k in cells.covariates]
-    rows = {k: cells.covariates[k].numpy()[:, : len(spec.categorical[k])].astype(np.float64) for k in pkeys}
+    rows = {k: cells.covariates[k].numpy()[:, : len(spec.categorical[k])] for k in pkeys}
     control = np.ones(n, bool)
     for k in pkeys:
         control &= rows[k].sum(1) == 0
@@ -89,7 +89,8 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
         for o in pkeys:
             if o != k:
                 keep &= rows[o].sum(1) == 0
-        _, design, changes, n_group, _ = group_changes(x[keep], (rows[k][keep] > 0).astype(np.float64), ctx[keep])
+        part = slice(None) if keep.all() else keep  # no copy of the cells when none is left out
+        _, design, changes, n_group, _ = group_changes(x[part], (rows[k][part] > 0).astype(np.float32), ctx[part])
         effects[k], counts[k] = {}, {}
         if not len(design):
             continue
@@ -98,7 +99,7 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
         for j, label in enumerate(vocab):
             if cells_of[j] > 0:
                 effects[k][label], counts[k][label] = singles[j], int(round(cells_of[j]))
-    return effects, counts, x[control].mean(0)
+    return effects, counts, x[control].mean(0, dtype=np.float64)
 
 
 # -- fitting, per perturbation covariate ----------------------------------------------------------
