@@ -62,32 +62,23 @@ AUC_REPEATS = 10  # classifier draws per group (oof_auc_with_ci: one draw's 14-g
 
 
 def oof_auc_with_ci(x, y, seed=0, n_boot=200, repeats=AUC_REPEATS):
-    """Cross-validated AUC of a random forest telling ``x`` from ``y`` on equal-sized sets,
-    averaged over ``repeats`` draws of the subsample, the folds and the forest's seed, and a
+    """``scidiff.evaluation.metrics.classifier_auc`` (a random forest's cross-validated AUC,
+    averaged over ``repeats`` draws of the subsample, the folds and the forest's seed) with a
     bootstrap interval over cells (each draw's out-of-fold scores resampled, the draws' AUCs
     averaged). With tens of cells a group, one draw's mean over Kang's 14 groups moved by up to
     0.08 between scorer seeds (0.52-0.60 for the same real cells), the size of the differences
     being measured; ten draws bring that spread down about threefold. ``repeats=1`` is the
     scorer of results written before the repeats (same numbers)."""
-    from sklearn.ensemble import RandomForestClassifier
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
+
+    from scidiff.evaluation.metrics import classifier_scores
 
     rng = np.random.default_rng(seed)
-    n = min(len(x), len(y))
-    labels = np.r_[np.zeros(n), np.ones(n)]
-    runs = []
-    for r in range(repeats):
-        xs, ys = x[rng.choice(len(x), n, replace=False)], y[rng.choice(len(y), n, replace=False)]
-        data, scores = np.vstack([xs, ys]), np.zeros(2 * n)
-        for tr, te in StratifiedKFold(5, shuffle=True, random_state=seed + r).split(data, labels):
-            clf = RandomForestClassifier(n_estimators=100, min_samples_leaf=2, random_state=seed + r, n_jobs=1)
-            scores[te] = clf.fit(data[tr], labels[tr]).predict_proba(data[te])[:, 1]
-        runs.append(scores)
+    labels, runs = classifier_scores(x, y, seed=seed, repeats=repeats, rng=rng)
     auc = float(np.mean([roc_auc_score(labels, sc) for sc in runs]))
     boots = []
     for _ in range(n_boot):
-        i = rng.integers(0, 2 * n, 2 * n)
+        i = rng.integers(0, len(labels), len(labels))
         if labels[i].min() != labels[i].max():
             boots.append(np.mean([roc_auc_score(labels[i], sc[i]) for sc in runs]))
     return auc, np.asarray(boots)

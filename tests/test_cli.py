@@ -140,6 +140,13 @@ def test_sample_and_evaluate(run, kang_small):
     assert set(metrics["per_cell_type"]) == {"B", "CD4T"}
     for png in ("pca.png", "umap.png", "gene_means.png", "gene_variances.png"):
         assert (report / png).stat().st_size > 1000
+    assert metrics["auc_repeats"] == 1
+    # --auc-repeats averages draws of the classifier; the distances are those of one draw
+    assert main(["evaluate", "--real", str(data), "--generated", str(gen), "--groupby", "cell_type",
+                 "--auc-repeats", "3", "--no-plots", "--out", str(root / "report3")]) == 0
+    three = json.loads((root / "report3" / "metrics.json").read_text())
+    assert three["auc_repeats"] == 3 and three["classifier_auc"] != metrics["classifier_auc"]
+    assert {k: three[k] for k in ("mmd", "energy_distance")} == {k: metrics[k] for k in ("mmd", "energy_distance")}
 
 
 def test_errors_name_the_problem_and_leave_no_file(run, capsys, tmp_path):

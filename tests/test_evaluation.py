@@ -43,6 +43,20 @@ def test_classifier_auc_chance_and_separable():
     assert classifier_auc(x, y + 5) > 0.99
 
 
+def test_classifier_auc_averages_its_draws():
+    from sklearn.metrics import roc_auc_score
+
+    from scidiff.evaluation.metrics import classifier_scores
+
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(45, 4)) + 0.4
+    labels, runs = classifier_scores(x, y, seed=7, repeats=4)
+    assert len(runs) == 4 and len({tuple(np.round(r, 6)) for r in runs}) == 4  # four different draws
+    aucs = [roc_auc_score(labels, r) for r in runs]
+    assert classifier_auc(x, y, seed=7, repeats=4) == pytest.approx(np.mean(aucs), abs=1e-12)
+    assert classifier_auc(x, y, seed=7) == pytest.approx(aucs[0], abs=1e-12)  # one draw: the first
+
+
 def test_gene_correlation_preservation():
     rng = np.random.default_rng(4)
     z = rng.normal(size=(500, 1))

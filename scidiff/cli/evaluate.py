@@ -20,6 +20,8 @@ def add(sub):
     p.add_argument("--groupby", default=None, help="obs key present in both files, e.g. cell_type")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--auc-repeats", type=positive_int, default=1,
+                   help="draws of the classifier AUC to average (default 1; one draw over tens of cells a group is noisy)")
     g = p.add_argument_group("perturbation predictions (--perturbation)")
     g.add_argument("--perturbation", action="store_true", help="score predicted perturbation responses")
     g.add_argument("--predicted", default=None, help="predicted cells (.h5ad; --generated works too)")
@@ -59,7 +61,8 @@ def run(args):
     from ..tasks.evaluate import evaluate_files  # lazy: keeps --help light (torch, anndata)
 
     check_out(args.out, folder=True)
-    metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots)
+    metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots,
+                             auc_repeats=args.auc_repeats)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
 
 

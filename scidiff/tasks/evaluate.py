@@ -27,9 +27,11 @@ def log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
     return dense(matrix[:, gene_columns(var_names, genes)])
 
 
-def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: bool = True) -> dict:
+def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: bool = True,
+                   auc_repeats: int = 1) -> dict:
     """Score generated cells against real ones on the generated file's genes; write
-    ``metrics.json`` and the report plots into ``out_dir``."""
+    ``metrics.json`` and the report plots into ``out_dir``. ``auc_repeats``: draws of each
+    classifier AUC averaged (:func:`scidiff.evaluation.evaluate_generation_quality`)."""
     real_ad, gen_ad = read_cells(real), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
     known = set(map(str, real_ad.var_names))
@@ -45,7 +47,8 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
         labels = {"cell_types": real_ad.obs[groupby].astype(str).to_numpy(),
                   "generated_cell_types": gen_ad.obs[groupby].astype(str).to_numpy()}
     t0 = time.perf_counter()
-    metrics = evaluate_generation_quality(real_x, gen_x, **labels)
+    metrics = evaluate_generation_quality(real_x, gen_x, **labels, auc_repeats=auc_repeats)
+    metrics["auc_repeats"] = auc_repeats
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     os.makedirs(out_dir, exist_ok=True)
     if plots:
