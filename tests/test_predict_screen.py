@@ -139,6 +139,35 @@ def test_a_screen_of_three_targets_in_one_call(run, files):
     assert cli.obs["target"].isna().sum() == n
 
 
+def test_a_screen_inverts_the_control_cells_once_for_all_its_targets(run, files):
+    """The targets of a screen share the control cells' inversions (``perturb``'s ``store``): the
+    same predictions with fewer network evaluations than one call per target."""
+    from scidiff.tasks.perturb import perturb
+    from scidiff.tasks.screen import predict_screen
+
+    _, model = run
+    _, _, control = files
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    try:
+        single = [perturb(model, control, t, steps=4, seed=3, progress=False) for t in TARGETS]
+        apart = sum(calls)
+        calls.clear()
+        screen = predict_screen(model, control, TARGETS, steps=4, seed=3, progress=False)
+        together = sum(calls)
+        store = {}
+        perturb(model, control, TARGETS[0], steps=4, seed=3, progress=False, store=store)
+        calls.clear()
+        again = perturb(model, control, TARGETS[0], steps=4, seed=3, progress=False, store=store)
+        repeat = sum(calls)
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(screen.X, np.vstack([a.X for a in single]))
+    np.testing.assert_array_equal(again.X, single[0].X)
+    assert len(store) > 0 and together < 0.75 * apart
+    assert repeat < apart / len(TARGETS) / 2  # the same target again: its decodings alone
+
+
 BASELINE_CASES = [("no-change", "perturbation=STAT1"), ("mean-shift", "perturbation=STAT1"),
                   ("cell-mean", "perturbation=IFNGR1"), ("additive", "perturbation=STAT1+JAK2"),
                   ("linear", "perturbation=STAT1+CUL3")]

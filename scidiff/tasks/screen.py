@@ -131,19 +131,21 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     """Predict the control ``cells`` (an AnnData or ``.h5ad`` path, read once) under each of
     ``targets`` with one model: :func:`~scidiff.tasks.perturb.perturb` per target (same
     ``perturb_kwargs``, e.g. ``method``, ``steps``, ``guidance_scale``, ``seed``, ``batch_size``:
-    each target's rows equal a single call's), stacked as the module docstring describes.
+    each target's rows equal a single call's), stacked as the module docstring describes. The
+    control cells are inverted once for all targets (``perturb``'s ``store``).
     ``device``: run there (the model is moved)."""
     targets = _check_targets(targets)
     cells = read_cells(cells)
     spec = model.data_spec
     columns = getattr(spec, "perturbation_columns", None) or {}
     texts = [target_text(t) for t in targets]
-    parts = []
+    parts, store = [], {}  # the control cells' inversions, shared by the targets
     many = len(targets) > 1
     bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
     for target, text in bar:
         bar.set_postfix_str(text[:60])
-        pred = perturb(model, cells, target, progress=progress and not many, device=device, **perturb_kwargs)
+        pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
+                       **perturb_kwargs)
         pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
                                             control_labels=spec.control_labels)
         parts.append(pred)
