@@ -407,10 +407,12 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
                            seed=seed, progress=False).train(epochs)
     train_s = time.perf_counter() - t0
     out = {m: [] for m in methods}
+    store = {}  # the control cells' inversions, shared by the targets (identical predictions)
     for m in methods:
         for t in targets:
             try:
-                pred = perturb(model, control_adata.copy(), t, method=m, steps=steps, seed=seed, progress=False)
+                pred = perturb(model, control_adata.copy(), t, method=m, steps=steps, seed=seed, progress=False,
+                               store=store)
             except ValueError as exc:  # refused: e.g. an unseen perturbation nothing describes
                 out[m].append(str(exc))
                 continue
