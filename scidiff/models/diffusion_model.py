@@ -51,7 +51,7 @@ def principal_axes(x: torch.Tensor, k: int):
     """``(mean [G], axes [k, G], scale)``: the top ``k`` principal axes of cells ``x [N, G]`` and
     the standard deviation of all their scores (float64). Up to ``SVD_MAX_CELLS`` cells, by the
     SVD of the centred cells; beyond, from their covariance accumulated in float64 over chunks of
-    cells (:func:`axes_from_moments`; scikit-learn's PCA makes the same choice for tall data),
+    cells (:func:`axes_from_moments`; scikit-learn's PCA solver 'covariance_eigh'),
     so no float64 copy of the cells is made and the cost is ``N G^2`` rather than an SVD's."""
     x = torch.as_tensor(x)
     if len(x) > SVD_MAX_CELLS:
