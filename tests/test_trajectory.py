@@ -9,6 +9,7 @@ import torch
 
 from scidiff.data import setup_anndata
 from scidiff.models import ScIDiffModel
+from scidiff.tasks.perturb import perturb
 from scidiff.tasks.trajectory import trajectory
 from scidiff.training import ScIDiffTrainer
 
@@ -52,6 +53,9 @@ def test_the_same_cells_are_carried_across_the_grid(klein):
     assert out.obs["day"].astype(str).eq("d2").all()  # the cells' other covariates are kept
     again = trajectory(model, source, {"day_num": grid}, steps=10, progress=False)
     np.testing.assert_array_equal(again.X, out.X)  # deterministic
+    for i, t in enumerate(grid):  # the cells inverted once for all times: each time as a call on its own
+        single = perturb(model, source, {"day_num": t}, steps=10, progress=False)
+        np.testing.assert_array_equal(out.X[i * n:(i + 1) * n], single.X)
 
 
 def test_a_time_outside_training_warns_once_naming_the_range(klein):

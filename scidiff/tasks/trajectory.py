@@ -61,7 +61,8 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     ``layers['control']`` each row's source cell (the input expression, computed once and repeated
     per time); ``uns['scidiff_trajectory']`` the grid, the condition and the settings. A time
     outside the range the model was trained on warns once, naming the range (predictions there
-    are extrapolations). The prediction is deterministic for a given ``seed``."""
+    are extrapolations). The prediction is deterministic for a given ``seed``; the cells are
+    inverted once for all the times (``perturb``'s ``store``)."""
     spec = model_spec(model)
     key, grid = _grid(spec, times)
     condition = dict(condition or {})
@@ -73,13 +74,13 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
         warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
                       f"there is an extrapolation", stacklevel=2)
     adata = read_cells(cells)
-    parts = []
+    parts, store = [], {}  # the cells' inversions, shared by the time points
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*outside the range seen in training.*")  # said once above
         for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
             parts.append(perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
                                  seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
-                                 device=device))
+                                 device=device, store=store))
     first = parts[0]
     names = [str(v) for v in first.obs_names]
     obs = pd.concat([p.obs for p in parts], axis=0)
