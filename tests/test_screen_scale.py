@@ -114,3 +114,12 @@ def test_principal_axes_from_the_covariance_equal_the_svd(monkeypatch):
     assert scale_c == pytest.approx(scale, rel=1e-9)
     np.testing.assert_allclose(axis_variance(x, mean_c, axes_c, scale_c).numpy(),
                                axis_variance(x, mean, axes, scale).numpy(), rtol=1e-8)
+
+
+def test_principal_axes_keep_the_svd_for_many_genes(monkeypatch):
+    x = torch.as_tensor(np.random.default_rng(6).normal(size=(300, 12)), dtype=torch.float32)
+    mean, axes, scale = principal_axes(x, 3)
+    monkeypatch.setattr(diffusion_model, "SVD_MAX_CELLS", 100)
+    monkeypatch.setattr(diffusion_model, "COVARIANCE_MAX_GENES", 10)  # 12 genes: more than the covariance takes
+    mean_s, axes_s, scale_s = principal_axes(x, 3)
+    assert torch.equal(axes_s, axes) and torch.equal(mean_s, mean) and scale_s == scale

@@ -42,19 +42,21 @@ from .preconditioning import Preconditioning
 from .score_network import ScoreNetwork, timestep_embedding
 
 
-SVD_MAX_CELLS = 50_000  # above this many cells, principal axes come from the covariance (eigh)
+SVD_MAX_CELLS = 50_000  # above this many cells, principal axes come from the covariance (eigh) ...
+COVARIANCE_MAX_GENES = 8_192  # ... of at most this many genes (a 512 MiB float64 matrix)
 CHUNK = 16_384  # cells converted to float64 at a time on the covariance path
 
 
 @torch.no_grad()
 def principal_axes(x: torch.Tensor, k: int):
     """``(mean [G], axes [k, G], scale)``: the top ``k`` principal axes of cells ``x [N, G]`` and
-    the standard deviation of all their scores (float64). Up to ``SVD_MAX_CELLS`` cells, by the
-    SVD of the centred cells; beyond, from their covariance accumulated in float64 over chunks of
-    cells (:func:`axes_from_moments`; scikit-learn's PCA solver 'covariance_eigh'),
-    so no float64 copy of the cells is made and the cost is ``N G^2`` rather than an SVD's."""
+    the standard deviation of all their scores (float64). By the SVD of the centred cells, except
+    for more than ``SVD_MAX_CELLS`` cells of at most ``COVARIANCE_MAX_GENES`` genes: there from
+    their covariance accumulated in float64 over chunks of cells (:func:`axes_from_moments`;
+    scikit-learn's PCA solver 'covariance_eigh'), so no float64 copy of the cells is made and the
+    cost is ``N G^2`` rather than an SVD's."""
     x = torch.as_tensor(x)
-    if len(x) > SVD_MAX_CELLS:
+    if len(x) > SVD_MAX_CELLS and x.shape[1] <= COVARIANCE_MAX_GENES:
         return principal_axes_from_covariance(x, k)
     x = x.double()
     mean = x.mean(0)
