@@ -2,8 +2,8 @@
 
 Chunks are merged with Chan et al.'s pairwise update, each chunk centred on its own mean first,
 so a single pass over a file gives the moments of all its cells without cancellation. The
-covariance products run in float32 on the centred chunk (torch) and are accumulated in float64;
-means and variances are float64 throughout.
+covariance products run in float32 on the centred chunk (torch; ``products=torch.float64`` for
+full precision) and are accumulated in float64; means and variances are float64 throughout.
 """
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import torch
 
 
 class GeneMoments:
-    """Running moments of cells ``[n, G]``; ``covariance=False`` keeps only the diagonal."""
+    """Running moments of cells ``[n, G]``; ``covariance=False`` keeps only the diagonal;
+    ``products``: the dtype of the covariance products (module docstring)."""
 
-    def __init__(self, n_genes: int, covariance: bool = True):
+    def __init__(self, n_genes: int, covariance: bool = True, products: torch.dtype = torch.float32):
         self.n = 0
+        self.products = products
         self.mean = np.zeros(n_genes)
         self._m2_diag = np.zeros(n_genes)
         self._m2 = np.zeros((n_genes, n_genes)) if covariance else None
@@ -31,7 +33,7 @@ class GeneMoments:
         m2_diag_b = np.einsum("ij,ij->j", xc, xc)
         m2_b = None
         if self._m2 is not None:
-            xt = torch.from_numpy(xc.astype(np.float32))
+            xt = torch.from_numpy(xc).to(self.products)
             m2_b = (xt.T @ xt).double().numpy()
             np.fill_diagonal(m2_b, m2_diag_b)
         na, n = self.n, self.n + nb

@@ -29,6 +29,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
 from ..diffusion.guidance import classifier_free_guidance
@@ -68,15 +69,14 @@ def principal_axes(x: torch.Tensor, k: int):
 @torch.no_grad()
 def principal_axes_from_covariance(x: torch.Tensor, k: int):
     """:func:`principal_axes` from the cells' covariance, accumulated in float64 over chunks of
-    ``CHUNK`` cells (the same axes, each up to its sign, and the same scale)."""
+    ``CHUNK`` cells by :class:`~scidiff.data.moments.GeneMoments` (the same axes, each up to its
+    sign, and the same scale)."""
     x = torch.as_tensor(x)
-    mean = sum(x[i:i + CHUNK].double().sum(0) for i in range(0, len(x), CHUNK)) / len(x)
-    cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    moments = GeneMoments(x.shape[1], products=torch.float64)
     for i in range(0, len(x), CHUNK):
-        part = x[i:i + CHUNK].double() - mean
-        cov += part.T @ part
-    axes, scale, _ = axes_from_moments(cov / len(x), len(x), k)
-    return mean, axes, scale
+        moments.update(x[i:i + CHUNK].cpu().numpy())
+    axes, scale, _ = axes_from_moments(moments.cov, len(x), k)
+    return torch.as_tensor(moments.mean), axes, scale
 
 
 def axes_from_moments(cov, n_cells: int, k: int):
