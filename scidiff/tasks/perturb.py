@@ -351,7 +351,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     ``"counterfactual"`` (the input cells moved) or ``"population"`` (fresh cells of the input
     cells' own conditions, moved). ``device``: where to run (default: the model's). ``store``: a
     dict to keep the input cells' inversions in across calls (several targets for the same cells:
-    each further one costs a third of the first at 50 steps, with the same result;
+    each further one costs about a quarter of the network evaluations, with the same result;
     :func:`~scidiff.tasks.screen.predict_screen` passes one).
     """
     if method not in ("counterfactual", "population"):
