@@ -82,6 +82,7 @@ class DataConfig:
     condition_keys: list[str] = field(default_factory=list)
     perturbation_keys: list[str] = field(default_factory=list)
     control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
+    separator: str = "+"  # between the singles of a combination label (scPerturb: "_")
     dose_key: str | None = None
     continuous_keys: list[str] = field(default_factory=list)
     # prior knowledge of perturbations, for unseen ones (scidiff.models.perturbation_prior): a TSV of
@@ -92,6 +93,7 @@ class DataConfig:
     def covariate_kwargs(self) -> dict:
         """Perturbation, dose and numeric covariates, as :func:`scidiff.setup_anndata` takes them."""
         return {"perturbation_keys": list(self.perturbation_keys), "control_labels": list(self.control_labels),
+                "separator": self.separator,
                 "dose_key": self.dose_key, "continuous_keys": list(self.continuous_keys)}
 
     def all_condition_keys(self) -> list[str]:

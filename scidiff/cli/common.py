@@ -58,6 +58,18 @@ def device_name(text: str) -> str:
     return text
 
 
+def separator_text(text: str) -> str:
+    """argparse type of ``--separator``: the text between the singles of a combination label."""
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"the separator must be non-empty text without surrounding spaces, "
+                                         f"got {text!r}")
+    return text
+
+
+SEPARATOR_HELP = ("the text between the singles of a combination label (default: +, as in A+B and GEARS' A+ctrl; "
+                  "scPerturb writes A_B: --separator _)")
+
+
 def split(text):
     """``"a, b"`` -> ``["a", "b"]`` (``None`` stays ``None``)."""
     return [k.strip() for k in text.split(",") if k.strip()] if text is not None else None

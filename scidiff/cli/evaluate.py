@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import check_out, positive_int
+from .common import SEPARATOR_HELP, check_out, positive_int, separator_text, split
 
 
 def add(sub):
@@ -26,7 +26,9 @@ def add(sub):
     g.add_argument("--perturbation", action="store_true", help="score predicted perturbation responses")
     g.add_argument("--predicted", default=None, help="predicted cells (.h5ad; --generated works too)")
     g.add_argument("--perturbation-key", default=None, help="obs column of the perturbation in both files")
-    g.add_argument("--control-label", default="control", help="label of the real control cells (default: control)")
+    g.add_argument("--control-label", default="control",
+                   help="label of the real control cells, or several, comma-separated (default: control)")
+    g.add_argument("--separator", type=separator_text, default="+", help=SEPARATOR_HELP)
     g.add_argument("--context-key", default=None, help="obs column of the context (cell type, patient) in both files")
     g.add_argument("--baseline", action="append", default=None, metavar="NAME=FILE",
                    help="a baseline's predictions of the same perturbations (repeatable), e.g. "
@@ -80,7 +82,10 @@ def _run_perturbation(args):
     from ..tasks.evaluate import CELL_EVAL_MISSING, evaluate_perturbation  # lazy: keeps --help light (torch, anndata)
 
     check_out(args.out, folder=True)
-    result = evaluate_perturbation(args.real, predicted, args.perturbation_key, args.control_label,
+    controls = split(args.control_label)
+    if not controls:
+        raise ValueError("--control-label is empty; give the label of the real control cells")
+    result = evaluate_perturbation(args.real, predicted, args.perturbation_key, controls, separator=args.separator,
                                    context_key=args.context_key, baselines=baselines, out_dir=args.out,
                                    min_de_genes=args.min_de_genes)
     summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]), "prediction": result["mean"],

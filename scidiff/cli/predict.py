@@ -2,8 +2,8 @@
 many (one model load), by the model or by a baseline."""
 from __future__ import annotations
 
-from .common import (check_out, device_name, finite_float, parse_conditions, positive_int, sampling_settings,
-                     seed_value, split, user_error)
+from .common import (SEPARATOR_HELP, check_out, device_name, finite_float, parse_conditions, positive_int,
+                     sampling_settings, seed_value, separator_text, split, user_error)
 
 MODEL_METHODS = ("counterfactual", "population")
 # scidiff.evaluation.perturbation.BASELINES (not imported here: --help stays light; a test checks they agree)
@@ -43,6 +43,8 @@ def add(sub):
     p.add_argument("--control-labels", default=None,
                    help="baselines: comma-separated labels of the control cells (default: the model's, else "
                         "those of control,ctrl that the cells carry); one no cell carries is warned about")
+    p.add_argument("--separator", type=separator_text, default=None,
+                   help="baselines: " + SEPARATOR_HELP.replace("(default: +", "(default: the model's, else +"))
     p.add_argument("--time-key", default=None,
                    help="baselines: a numeric obs column (time) for --method linear (interpolation in time)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM inversion and decoding steps")
@@ -240,6 +242,7 @@ def _baselines(args, model, texts):
         columns = {pert_key: spec.perturbation_columns[pert_key]}
     out = baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
                           control_labels=controls, time_key=time_key, columns=columns,
+                          separator=args.separator or (spec.separator if spec is not None else "+"),
                           exclude_columns=[CONTEXT_COLUMN])
     if context_key == CONTEXT_COLUMN and CONTEXT_COLUMN in out.obs.columns:
         del out.obs[CONTEXT_COLUMN]

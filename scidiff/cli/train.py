@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..config import load_config
-from .common import check_out, device_name, nonnegative_int, positive_int, seed_value, split
+from .common import (SEPARATOR_HELP, check_out, device_name, nonnegative_int, positive_int, seed_value,
+                     separator_text, split)
 
 
 def add(sub):
@@ -33,6 +34,7 @@ def add(sub):
                    help="comma-separated numeric obs columns to condition on, e.g. a time course's day (embedded "
                         "piecewise linearly between the values training saw)")
     p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
+    p.add_argument("--separator", type=separator_text, default=None, help=SEPARATOR_HELP + " (data.separator)")
     p.add_argument("--perturbation-features", default=None, metavar="FILE.tsv",
                    help="prior knowledge of perturbations for unseen ones: a TSV with a header, one row per label "
                         "(first column), numeric features (a gene embedding, GO terms, a network row). Labels that "
@@ -82,7 +84,7 @@ def run(args):
                  "data": {"layer": args.layer, "use_raw": True if args.use_raw else None,
                           "perturbation_keys": split(args.perturbation_keys), "dose_key": args.dose_key,
                           "continuous_keys": split(args.continuous_keys),
-                          "control_labels": split(args.control_labels),
+                          "control_labels": split(args.control_labels), "separator": args.separator,
                           "perturbation_features": args.perturbation_features, "smiles": args.smiles}}
     config = load_config(args.config, overrides)
     check_out(args.out, folder=True)

@@ -144,6 +144,33 @@ def check_controls(key: str, labels, counts, control_labels, separator: str, sou
 
         warnings.warn(f"control label(s) {unused} of obs[{key!r}] in {source} match no cell "
                       f"(those that do: {sorted(carried)})", stacklevel=3)
+    _separator_hint(key, labels, controls, separator, source)
+
+
+OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
+
+
+def _separator_hint(key: str, labels, controls, separator: str, source: str) -> None:
+    """Warn when no label holds ``separator`` but some join two or more other labels (or control
+    labels) with another one (scPerturb's ``A_B``): read as single perturbations of their own,
+    they would be neither additive nor predictable from their parts."""
+    labels = {str(lab).strip() for lab in labels}
+    if any(separator in lab for lab in labels):
+        return
+    alone = labels | set(controls)
+    for other in OTHER_SEPARATORS:
+        if other == separator:
+            continue
+        joined = sorted(lab for lab in labels if len([p for p in lab.split(other) if p.strip()]) > 1
+                        and all(p.strip() in alone for p in lab.split(other) if p.strip()))
+        if joined:
+            import warnings
+
+            warnings.warn(f"obs[{key!r}] in {source}: {len(joined)} label(s) such as {joined[0]!r} join labels that "
+                          f"also stand alone with {other!r}, not the separator {separator!r}, so each is read as a "
+                          f"perturbation of its own; if they are combinations, pass --separator {other!r} "
+                          f"(data.separator, separator=)", stacklevel=4)
+            return
 
 
 def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None, perturbation_keys=(),

@@ -298,9 +298,10 @@ def _plain(value):
     return str(value)
 
 
-def _canonical(label, separator: str, control_labels) -> str:
-    """A label written the same way whatever the order of its singles (``B+A`` -> ``A+B``); any
-    control label -> the first one."""
+def canonical_label(label, separator: str = "+", control_labels=("control", "ctrl")) -> str:
+    """A perturbation label written one way whatever the notation: its singles sorted (``B+A`` ->
+    ``A+B``), control parts dropped (GEARS' ``A+ctrl`` -> ``A``), any control label -> the first
+    one, as :func:`scidiff.setup_anndata` reads labels."""
     parts = sorted({p.strip() for p in str(label).split(separator) if p.strip()} - set(control_labels))
     return separator.join(parts) if parts else (list(control_labels) or ["control"])[0]
 
@@ -310,9 +311,9 @@ def lookup_label(values: dict, label, separator: str = "+", control_labels=("con
     control; ``None`` when the label has no recorded value."""
     if str(label) in values:
         return values[str(label)]
-    want = _canonical(label, separator, control_labels)
+    want = canonical_label(label, separator, control_labels)
     for known, value in values.items():
-        if _canonical(known, separator, control_labels) == want:
+        if canonical_label(known, separator, control_labels) == want:
             return value
     return None
 

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from ..data.spec import canonical_label
 from .metrics import _pearson, mmd_rbf
 
 BASELINES = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
@@ -238,15 +239,36 @@ def _labels(adata, key: str) -> np.ndarray:
     return adata.obs[key].astype(str).to_numpy()
 
 
+def control_labels_of(control_label) -> tuple[str, ...]:
+    """``"control"`` or ``["ctrl", "control"]`` -> a tuple of labels, the first the canonical one."""
+    labels = (control_label,) if isinstance(control_label, str) else tuple(str(c) for c in control_label)
+    if not labels:
+        raise ValueError("no control label given; give the label(s) of the control cells")
+    return labels
+
+
+def perturbation_labels(adata, key: str, separator: str = "+", control_label="control") -> np.ndarray:
+    """``obs[key]`` of ``adata`` as canonical labels (:func:`scidiff.data.spec.canonical_label`:
+    ``B+A`` and ``A+B`` alike, GEARS' ``A+ctrl`` as ``A``, every control label as the first of
+    ``control_label``), so that groups match however a file writes them."""
+    controls = control_labels_of(control_label)
+    distinct, index = np.unique(_labels(adata, key), return_inverse=True)
+    return np.array([canonical_label(d, separator, controls) for d in distinct], dtype=object)[index.ravel()]
+
+
 def _contexts(adata, context_key: str | None) -> np.ndarray:
     return np.full(adata.n_obs, "all", dtype=object) if context_key is None else _labels(adata, context_key)
 
 
 def perturbation_deltas(train, perturbation_key: str, *, context_key: str | None = None,
-                        control_label: str = "control") -> dict[str, list[np.ndarray]]:
-    """Per perturbation label, the deltas (label mean - control mean) of every context of
-    ``train`` (an AnnData of log1p expression) that holds both the label and control cells."""
-    x, pert, ctx = _x(train), _labels(train, perturbation_key), _contexts(train, context_key)
+                        control_label="control", separator: str = "+") -> dict[str, list[np.ndarray]]:
+    """Per perturbation label (canonical, :func:`perturbation_labels`), the deltas (label mean -
+    control mean) of every context of ``train`` (an AnnData of log1p expression) that holds both
+    the label and control cells (``control_label``: one label or several)."""
+    controls = control_labels_of(control_label)
+    control_label = controls[0]
+    x, ctx = _x(train), _contexts(train, context_key)
+    pert = perturbation_labels(train, perturbation_key, separator, controls)
     out: dict[str, list[np.ndarray]] = {}
     for c in dict.fromkeys(ctx):
         in_c = ctx == c
@@ -269,7 +291,7 @@ def _multi_hot(labels: Sequence[str], vocab: list[str], separator: str) -> np.nd
 
 
 def predict_baseline(method: str, train, control, target: Mapping, *, perturbation_key: str | None = None,
-                     context_key: str | None = None, control_label: str = "control", time_key: str | None = None,
+                     context_key: str | None = None, control_label="control", time_key: str | None = None,
                      features: Mapping[str, np.ndarray] | None = None, alpha: float = 1.0, separator: str = "+"):
     """Predict ``control``'s cells under ``target`` with a baseline; returns an AnnData (one
     predicted cell per control cell, ``obs`` copied with the target written in, the control cells
@@ -277,7 +299,10 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
 
     ``train`` and ``control``: AnnData of log1p-normalised expression on the same genes.
     ``target``: e.g. ``{'condition': 'stimulated'}``, ``{'perturbation': 'A+B'}`` or
-    ``{'day_num': 4.0}``. ``method`` (see :data:`BASELINES`):
+    ``{'day_num': 4.0}``. Perturbation labels are matched in canonical form
+    (:func:`perturbation_labels`: ``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``, combinations
+    split at ``separator``); ``control_label``: the control cells' label, or several.
+    ``method`` (see :data:`BASELINES`):
 
     - ``no-change``: the control cells;
     - ``mean-shift``: + the mean over ``context_key`` values of the target's delta in ``train``;
@@ -311,8 +336,10 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
         if perturbation_key is None or perturbation_key not in target:
             raise ValueError(f"{method} needs perturbation_key and a target for it; got {perturbation_key!r}, "
                              f"{dict(target)}")
-        label = str(target[perturbation_key])
-        deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=control_label)
+        controls = control_labels_of(control_label)
+        label = canonical_label(target[perturbation_key], separator, controls)
+        deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=controls,
+                                     separator=separator)
         if method == "mean-shift":
             if label not in deltas:
                 raise ValueError(f"mean-shift: {label!r} has no training cells beside controls of the same context")
@@ -324,12 +351,13 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
                 raise ValueError(f"additive: single perturbations without training cells: {missing}")
             pred = additive(xc, [np.mean(deltas[s], axis=0) for s in singles])
         elif method == "cell-mean":
-            x, pert, ctx = _x(train), _labels(train, perturbation_key), _contexts(train, context_key)
+            x, ctx = _x(train), _contexts(train, context_key)
+            pert = perturbation_labels(train, perturbation_key, separator, controls)
             per_ctx = []
             for c in dict.fromkeys(ctx):
                 in_c = ctx == c
-                others = in_c & (pert != control_label) & (pert != label)
-                ctrl = in_c & (pert == control_label)
+                others = in_c & (pert != controls[0]) & (pert != label)
+                ctrl = in_c & (pert == controls[0])
                 if others.any() and ctrl.any():
                     per_ctx.append(x[others].mean(0) - x[ctrl].mean(0))
             if not per_ctx:

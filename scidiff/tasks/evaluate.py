@@ -16,7 +16,8 @@ from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
 from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
-from ..evaluation.perturbation import discrimination_score, perturbation_metrics, rank_degs
+from ..evaluation.perturbation import (control_labels_of, discrimination_score, perturbation_labels,
+                                       perturbation_metrics, rank_degs)
 from ..evaluation.plots import report_plots
 from .cells import read_cells
 
@@ -101,8 +102,9 @@ class _Cells:
         return np.flatnonzero((self.contexts == context) & (self.labels == label))
 
 
-def _cells(a, x, key, context_key, what) -> _Cells:
-    labels = _column(a, key, what)
+def _cells(a, x, key, context_key, what, separator, controls) -> _Cells:
+    _column(a, key, what)  # names a missing key or missing values
+    labels = perturbation_labels(a, key, separator, controls)
     contexts = _column(a, context_key, what) if context_key else np.full(a.n_obs, "all", dtype=object)
     return _Cells(x, labels, contexts, a)
 
@@ -173,8 +175,8 @@ def _run_cell_eval(real, pred, groups, key, control_label, context_key, min_de_g
     return CellEvalResult.concat(results) if context_key else results["all"]
 
 
-def evaluate_perturbation(real, predicted, perturbation_key: str, control_label: str = "control", *,
-                          context_key: str | None = None, baselines: dict | None = None, out_dir=None,
+def evaluate_perturbation(real, predicted, perturbation_key: str, control_label="control", *,
+                          separator: str = "+", context_key: str | None = None, baselines: dict | None = None, out_dir=None,
                           cell_eval: bool | str = "auto", min_de_genes: int = 10, num_threads: int = 1,
                           seed: int = 0) -> dict:
     """Score predicted perturbation responses against the real perturbed cells.
@@ -183,6 +185,9 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label:
     1e4 and log1p'd, log1p is taken as is); ``predicted``: predicted cells (``scidiff predict``'s
     output: log1p ``X``) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
     its rows labelled ``control_label`` are ignored (the real control cells are the reference).
+    Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
+    combinations split at ``separator``; ``control_label``: one label or several, all taken as
+    control), and groups are named by it.
     A group is one perturbation (in one context); a predicted group without real cells (or
     without real control cells in its context) is skipped and listed under ``skipped``.
 
@@ -202,21 +207,24 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label:
                                                                        for n, b in base_ad.items()]:
         for key in [perturbation_key] + ([context_key] if context_key else []):
             _column(a, key, what)  # the keys first: before any expression is read
-    real_labels = set(_column(real_ad, perturbation_key, "real file"))
+    controls = control_labels_of(control_label)
+    control_label = controls[0]
+    real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls))
     if control_label not in real_labels:
-        raise ValueError(f"no real cell has {perturbation_key} == {control_label!r} (--control-label); the real "
+        raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
                          f"file's labels include {sorted(real_labels)[:10]}")
     genes = [str(g) for g in pred_ad.var_names]
     known = set(map(str, real_ad.var_names))
     missing = [g for g in genes if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of the prediction are not in the real file: {missing[:20]}")
+    labelled = {"separator": separator, "controls": controls}
     real_c = _cells(real_ad, log_expression_of(real_ad, genes).astype(np.float64), perturbation_key, context_key,
-                    "real file")
+                    "real file", **labelled)
     pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
-                    "prediction")
+                    "prediction", **labelled)
     base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}"), perturbation_key, context_key,
-                        f"baseline {n!r}") for n, b in base_ad.items()}
+                        f"baseline {n!r}", **labelled) for n, b in base_ad.items()}
     groups, skipped = [], {}
     pairs = dict.fromkeys(zip(pred_c.contexts, pred_c.labels))
     for context, label in pairs:

@@ -183,18 +183,13 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     """Predict ``cells`` under each of ``targets`` with the baseline ``method``
     (:func:`~scidiff.evaluation.perturbation.predict_baseline`, from the ``train`` cells; both
     AnnData of log1p expression on the same genes), stacked like :func:`predict_screen`.
-    ``control_labels``: the first is the control label; the others are taken as the same control
-    (relabelled to it in a copy of ``train``). ``columns``: the obs columns that describe the
+    ``control_labels``: every one is taken as control (the first names it); labels are matched
+    in canonical form (:func:`~scidiff.evaluation.perturbation.perturbation_labels`). ``columns``: the obs columns that describe the
     perturbation (default: those of ``train``, :func:`~scidiff.data.spec.describing_columns`, the
     context, time and ``exclude_columns`` aside). ``baseline_kwargs``: ``alpha``, ``features``,
     ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
-    if train is not None and perturbation_key is not None and len(control_labels) > 1 \
-            and perturbation_key in train.obs.columns:
-        train = train.copy()
-        labels = train.obs[perturbation_key].astype(str).str.strip()
-        train.obs[perturbation_key] = labels.where(~labels.isin(control_labels), control_labels[0]).to_numpy()
     if columns is None:
         columns = {}
         if train is not None and perturbation_key is not None:
@@ -206,7 +201,7 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     for target in targets:
         pred = predict_baseline(method, train if train is not None else cells, cells, target,
                                 perturbation_key=perturbation_key, context_key=context_key,
-                                control_label=control_labels[0], time_key=time_key, **baseline_kwargs)
+                                control_label=control_labels, time_key=time_key, **baseline_kwargs)
         record = pred.uns.pop("baseline")
         pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=separator,
                                             control_labels=control_labels)
