@@ -303,6 +303,25 @@ def test_cli_train_streaming_and_chunked_sample(files, tmp_path):
     assert list(g.obs_names[:2]) == ["generated_0-0", "generated_1-0"] and "scidiff" in g.uns
 
 
+def test_a_streamed_model_measures_its_cells_like_an_in_memory_one(files, adata):
+    """The streamed set-up fits the detection model (so sampling returns measured cells by
+    default); on all of the file's cells it equals the in-memory model's up to the axes' rounding."""
+    from scidiff.config import load_config
+    from scidiff.models import ScIDiffModel
+    from scidiff.tasks.train import _streamed_model
+
+    config = load_config(None, {"model": {"gene_dim": 20, "hidden_dim": 16, "num_layers": 1, "latent_dim": 5}})
+    cells, model = _streamed_model(files["anndata"], config, ["cell_type"], progress=False)
+    assert model.resolve_observed() and bool(model.detection.fitted)
+    ref = ScIDiffModel.from_data(setup_anndata(adata, n_top_genes=20, condition_keys=["cell_type"]),
+                                 **config.model.model_kwargs())
+    assert len(cells.sample_x(10**6)) == N_CELLS  # the whole file: the same cells as in memory
+    np.testing.assert_allclose(model.detection.detection, ref.detection.detection, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(model.detection.levels, ref.detection.levels, rtol=0, atol=1e-4)
+    half = cells.sample_x(N_CELLS // 2, seed=1)
+    assert 0 < len(half) < N_CELLS and half.shape[1] == 20
+
+
 def test_generate_to_file_equals_generate_in_memory(files, adata, tmp_path):
     from scidiff.tasks import generate as generation
     from scidiff.models import ScIDiffModel

@@ -59,6 +59,20 @@ class StreamedCells:
                                shuffle=shuffle, seed=seed, drop_last=drop_last,
                                **{**self.loader_options, **options})
 
+    def sample_x(self, n_cells: int, seed: int = 0, batch_size: int = 4096):
+        """About ``n_cells`` of these cells (random whole blocks, all of them when there are fewer)
+        in model space, ``[n, G]`` float32 tensor: what a subsample-fitted part of the model reads."""
+        import torch
+
+        block = self.loader_options.get("block_size") or self.reader.default_block_size()
+        ids = self.cell_ids()
+        if n_cells < len(ids):
+            runs = _sample_runs(len(ids), n_cells, block, seed)
+            ids = ids[runs_to_ids(runs)]
+        loader = self.subset(ids).loader(batch_size, shuffle=False, fetch_batches=1, prefetch=1, pin_memory=False)
+        parts = [batch["x"] for batch in loader]
+        return torch.cat(parts) if parts else torch.zeros(0, self.spec.n_genes)
+
     def subset(self, cells) -> "StreamedCells":
         """These cells restricted to ``cells`` (sorted row numbers or runs)."""
         return StreamedCells(self.reader, self.spec, self.covariates, as_runs(cells), self.moments,

@@ -308,6 +308,11 @@ class ScIDiffModel(nn.Module):
         self.set_latent(torch.as_tensor(mean, dtype=torch.float64), axes, scale,
                         axis_variance=lam * n_cells / max(n_cells - 1, 1) / scale**2)
 
+    def detection_cells(self, max_cells: int = 20_000, max_entries: int = 50_000_000) -> int:
+        """How many cells :meth:`fit_detection` reads: at most ``max_cells`` and ``max_entries``
+        cell-gene values, at least 1,000 cells."""
+        return min(max_cells, max(1_000, max_entries // self.gene_dim))
+
     @torch.no_grad()
     def fit_detection(self, x: torch.Tensor, max_cells: int = 20_000, max_entries: int = 50_000_000,
                       seed: int = 0) -> None:
@@ -318,7 +323,7 @@ class ScIDiffModel(nn.Module):
         if self.detection is None or self.data_spec is None:
             raise ValueError("the detection model belongs to principal-axes models with a data spec (latent_dim)")
         x = torch.as_tensor(x, dtype=torch.float32, device=self.latent_basis.device)
-        keep = min(max_cells, max(1_000, max_entries // self.gene_dim))
+        keep = self.detection_cells(max_cells, max_entries)
         if len(x) > keep:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:keep].to(x.device)]
         measured = self.data_spec.to_expression(x)

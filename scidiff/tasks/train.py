@@ -15,7 +15,8 @@ from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_eve
 
 def _streamed_model(path, config: Config, keys, progress: bool):
     """Cells of a file that is streamed and a model set up on them without loading ``X``:
-    genes from a subsample, scaling and latent axes from one streamed pass."""
+    genes from a subsample, scaling and latent axes from one streamed pass, the detection model
+    (measured cells by default) from a subsample of whole blocks."""
     dc, kwargs = config.data, config.model.model_kwargs()
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise ValueError("streaming trains from an .h5ad path (--data FILE.h5ad), not an in-memory AnnData")
@@ -28,6 +29,9 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     if model.latent_dim:
         m = cells.moments
         model.fit_latent_from_moments(m["mean"], m["cov"], m["n"])
+        # the detection model, as from_data fits it, on a subsample of the file's cells
+        if model.detection is not None:
+            model.fit_detection(cells.sample_x(model.detection_cells(), seed=config.training.seed))
     return cells, model
 
 
