@@ -59,19 +59,29 @@ class StreamedCells:
                                shuffle=shuffle, seed=seed, drop_last=drop_last,
                                **{**self.loader_options, **options})
 
-    def sample_x(self, n_cells: int, seed: int = 0, batch_size: int = 4096):
+    def sample_x(self, n_cells: int, seed: int = 0):
         """About ``n_cells`` of these cells (random whole blocks, all of them when there are fewer)
         in model space, ``[n, G]`` float32 tensor: what a subsample-fitted part of the model reads."""
-        import torch
-
         block = self.loader_options.get("block_size") or self.reader.default_block_size()
         ids = self.cell_ids()
         if n_cells < len(ids):
-            runs = _sample_runs(len(ids), n_cells, block, seed)
-            ids = ids[runs_to_ids(runs)]
-        loader = self.subset(ids).loader(batch_size, shuffle=False, fetch_batches=1, prefetch=1, pin_memory=False)
-        parts = [batch["x"] for batch in loader]
-        return torch.cat(parts) if parts else torch.zeros(0, self.spec.n_genes)
+            ids = ids[runs_to_ids(_sample_runs(len(ids), n_cells, block, seed))]
+        return self.read_x(ids)
+
+    def read_x(self, rows, batch_size: int = 4096):
+        """The cells of file rows ``rows`` (any order, repeats allowed) in model space, ``[len(rows),
+        G]`` float32 tensor, in that order."""
+        import torch
+
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        distinct, back = np.unique(rows, return_inverse=True)
+        out = torch.zeros(len(distinct), self.spec.n_genes)
+        if len(distinct):
+            loader = StreamingLoader(self.reader, self.transform, None, as_runs(distinct), batch_size=batch_size,
+                                     shuffle=False, fetch_batches=1, prefetch=1, return_index=True, pin_memory=False)
+            for batch in loader:
+                out[torch.as_tensor(np.searchsorted(distinct, batch["cell_index"].numpy()))] = batch["x"]
+        return out[torch.as_tensor(back.reshape(-1))]
 
     def subset(self, cells) -> "StreamedCells":
         """These cells restricted to ``cells`` (sorted row numbers or runs)."""
@@ -184,6 +194,31 @@ def stream_moments(reader: MatrixReader, transform: Transform, runs, *, covarian
     for batch in tqdm(loader, desc="gene moments", unit="batch", disable=not progress):
         moments.update(batch["x"].numpy())
     return moments
+
+
+def stream_group_moments(cells: StreamedCells, groups: dict, *, cells_per_read: int = 4096,
+                         progress: bool = False) -> dict:
+    """One streamed pass over ``cells`` in model space: for each grouping of ``groups``
+    (``name -> (group number of every row of the file, -1 for none; number of groups)``), every
+    group's cell count, sum and sum of squares, float64 ``([M], [M, G], [M, G])``."""
+    from scipy import sparse
+    from tqdm.auto import tqdm
+
+    n_genes = cells.spec.n_genes
+    out = {k: (np.zeros(m), np.zeros((m, n_genes)), np.zeros((m, n_genes))) for k, (_, m) in groups.items()}
+    loader = StreamingLoader(cells.reader, cells.transform, {k: g for k, (g, _) in groups.items()}, cells.runs,
+                             batch_size=cells_per_read, shuffle=False, fetch_batches=1, prefetch=2, pin_memory=False)
+    for batch in tqdm(loader, desc="perturbation groups", unit="batch", disable=not progress):
+        x = batch["x"].numpy().astype(np.float64)
+        squares = x * x
+        for k, (counts, sums, sq) in out.items():
+            g = batch[k].numpy()
+            rows = np.flatnonzero(g >= 0)
+            member = sparse.csr_matrix((np.ones(len(rows)), (g[rows], rows)), shape=(len(counts), len(x)))
+            counts += np.bincount(g[rows], minlength=len(counts))
+            sums += member @ x
+            sq += member @ squares
+    return out
 
 
 def _scaling(moments: GeneMoments, scaling: str):

@@ -91,6 +91,26 @@ def axes_from_moments(cov, n_cells: int, k: int):
     return evecs[:, top].T, max(var ** 0.5, 1e-6), lam
 
 
+def _new_effects(spec) -> PerturbationEffects | None:
+    """Unfitted effects for a spec's perturbation covariates (the other categorical covariates
+    their contexts), or ``None`` without any."""
+    if not spec.perturbation_keys:
+        return None
+    return PerturbationEffects(spec.perturbation_keys, [k for k in spec.categorical if k not in spec.perturbation_keys])
+
+
+def _with_effect_axes(axes: torch.Tensor, effects, response_axes: int, n_genes: int, kwargs: dict) -> torch.Tensor:
+    """The principal ``axes`` widened by up to ``response_axes`` directions so that the latent
+    holds every fitted single effect exactly (``kwargs['latent_dim']`` set to the width)."""
+    if effects is None:
+        return axes
+    singles = torch.cat([effects.of(k).single for k in effects.keys]).double()
+    extra = extra_axes(singles.numpy(), axes.numpy(), min(response_axes, n_genes - len(axes)))
+    axes = torch.cat([axes, torch.as_tensor(extra)])
+    kwargs["latent_dim"] = len(axes)
+    return axes
+
+
 def axis_variance(x: torch.Tensor, mean: torch.Tensor, axes: torch.Tensor, scale: float) -> torch.Tensor:
     """The unbiased variance of cells ``x [N, G]`` on each latent coordinate
     ``(x - mean) @ axes.T / scale`` (``[k]``, float64; the cells are read in chunks)."""
@@ -227,29 +247,63 @@ class ScIDiffModel(nn.Module):
         latent = kwargs.get("latent_dim")
         if latent and latent > min(len(data), data.spec.n_genes):
             kwargs["latent_dim"] = latent = min(len(data), data.spec.n_genes)
-        effects, report = None, None
-        if data.spec.perturbation_keys:
-            contexts = [k for k in data.spec.categorical if k not in data.spec.perturbation_keys]
-            effects = PerturbationEffects(data.spec.perturbation_keys, contexts)
-            report = effects.fit(data.x, data.covariates, data.spec.dose_key)
-        axes = None
+        effects = _new_effects(data.spec)
+        report = effects.fit(data.x, data.covariates, data.spec.dose_key) if effects is not None else None
         if latent:
             mean, axes, scale = principal_axes(data.x, latent)
-            if effects is not None:
-                singles = torch.cat([effects.of(k).single for k in effects.keys]).double()
-                extra = extra_axes(singles.numpy(), axes.numpy(), min(response_axes, data.spec.n_genes - latent))
-                axes = torch.cat([axes, torch.as_tensor(extra)])
-                kwargs["latent_dim"] = len(axes)
+            axes = _with_effect_axes(axes, effects, response_axes, data.spec.n_genes, kwargs)
         model = cls(gene_dim=data.spec.n_genes, data_spec=data.spec, **kwargs)
         if latent:
             model.set_latent(mean, axes, scale, axis_variance=axis_variance(data.x, mean, axes, scale))
             model.fit_detection(data.x)
         if effects is not None:
-            model.effects = effects
-            model.effects_report = report
-            model.init_responses()
-            model.effects.fit_reference(model.encode(data.x.to(torch.float32)), data.covariates, cells=data.x)
+            model._attach_effects(effects, report, data.covariates, lambda rows: data.x[torch.as_tensor(rows)])
         return model
+
+    @classmethod
+    def from_streamed(cls, cells, response_axes: int = 64, seed: int = 0, progress: bool = False,
+                      **kwargs) -> "ScIDiffModel":
+        """:meth:`from_data` for cells streamed from a file (the :class:`scidiff.data.StreamedCells`
+        :func:`scidiff.data.setup_streaming` returns, with the mean and covariance of all the
+        file's cells, which are the cells set up on): the
+        principal axes from the covariance, the perturbation effects from one streamed pass
+        (:meth:`~scidiff.models.effects.PerturbationEffects.fit_streamed`), the detection model
+        from a subsample of whole blocks and the reference control cells read one by one, so
+        ``X`` is never loaded. ``seed`` draws the detection model's subsample."""
+        spec, moments = cells.spec, cells.moments or {}
+        if spec.dose_key or spec.continuous:
+            raise ValueError("streamed set-up takes categorical covariates and perturbations; a dose or numeric "
+                             "covariate needs the in-memory path")
+        latent = kwargs.get("latent_dim")
+        if latent and latent > min(len(cells), spec.n_genes):
+            kwargs["latent_dim"] = latent = min(len(cells), spec.n_genes)
+        if latent and moments.get("cov") is None:
+            raise ValueError("a latent model needs the cells' covariance: setup_streaming(..., covariance=True)")
+        effects = _new_effects(spec)
+        report = effects.fit_streamed(cells, progress) if effects is not None else None
+        if latent:
+            n = int(moments["n"])
+            mean = torch.as_tensor(moments["mean"], dtype=torch.float64)
+            axes, scale, _ = axes_from_moments(moments["cov"], n, latent)
+            axes = _with_effect_axes(axes, effects, response_axes, spec.n_genes, kwargs)
+            cov = torch.as_tensor(moments["cov"], dtype=torch.float64)
+            # each axis's unbiased variance in latent coordinates, as axis_variance gives it from the cells
+            variance = torch.einsum("kg,gh,kh->k", axes, cov, axes) * n / max(n - 1, 1) / scale**2
+        model = cls(gene_dim=spec.n_genes, data_spec=spec, **kwargs)
+        if latent:
+            model.set_latent(mean, axes, scale, axis_variance=variance)
+            model.fit_detection(cells.sample_x(model.detection_cells(), seed=seed))
+        if effects is not None:
+            model._attach_effects(effects, report, cells.covariates, cells.read_x)
+        return model
+
+    def _attach_effects(self, effects: PerturbationEffects, report: dict, covariates: dict, read) -> None:
+        """Take fitted effects: responses started at them, the reference control cells kept
+        (``read(rows)``: those cells in model space)."""
+        self.effects = effects
+        self.effects_report = report
+        self.init_responses()
+        self.effects.fit_reference(covariates, read, lambda x: self.encode(x.to(torch.float32)))
 
     @torch.no_grad()
     def init_responses(self) -> None:

@@ -52,6 +52,26 @@ def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
     return np.stack([np.asarray(covariates[k]).astype(np.int64) for k in keys], 1)
 
 
+def _label_rows(covariate) -> tuple[np.ndarray, np.ndarray]:
+    """A perturbation covariate as ``(rows [L, n], label [N])``: its distinct labels' multi-hot
+    rows (the null column dropped) and each cell's label; a streamed covariate
+    (:class:`scidiff.data.streaming.CodedCovariate`) is stored that way, a per-cell table is
+    reduced to it."""
+    table = getattr(covariate, "table", None)
+    if table is not None:
+        return np.asarray(table)[:, :-1], np.asarray(covariate.index)
+    (rows,), label, _ = unique_rows(np.asarray(covariate)[:, :-1])
+    return rows, label
+
+
+def _no_perturbation(covariate) -> np.ndarray:
+    """Which cells carry no perturbation of a covariate (per-cell table or streamed codes)."""
+    table = getattr(covariate, "table", None)
+    if table is not None:
+        return (np.asarray(table)[:, :-1].sum(1) == 0)[np.asarray(covariate.index)]
+    return np.asarray(covariate[:, :-1].sum(1)) == 0
+
+
 def _groups(rows: np.ndarray, ctx: np.ndarray):
     """Distinct (context, perturbation set) groups, in lexicographic order of (context codes,
     multi-hot): their context rows, multi-hot rows (float64) and each cell's group number."""
@@ -85,20 +105,29 @@ def group_changes(x: np.ndarray, rows: np.ndarray, ctx: np.ndarray):
     g_ctx, g_rows, index = _groups(rows, ctx)
     counts = np.bincount(index, minlength=len(g_rows)).astype(np.float64)
     sums, squares = _group_moments(x, index, len(g_rows))
-    means = sums / counts[:, None]
+    return changes_of_groups(g_ctx, g_rows, counts, sums, squares)
+
+
+def changes_of_groups(g_ctx: np.ndarray, g_rows: np.ndarray, counts: np.ndarray, sums: np.ndarray,
+                      squares: np.ndarray):
+    """:func:`group_changes` from every group's (in :func:`_groups`' order) context row, multi-hot
+    row, cell count, and sum and sum of squares of its cells (float64): what a streamed pass
+    accumulates (:func:`scidiff.data.stream_setup.stream_group_moments`)."""
+    n_cells, n_genes = float(counts.sum()), sums.shape[1]
+    means = sums / np.maximum(counts, 1)[:, None]
     variances = (squares - counts[:, None] * means**2) / np.maximum(counts - 1, 1)[:, None]
     if (counts == 1).any():  # a group of one cell takes the variance of all cells
-        mean_all = sums.sum(0) / len(x)
-        everyone = ((squares.sum(0) - len(x) * mean_all**2) / (len(x) - 1) if len(x) > 1
-                    else np.zeros(x.shape[1]))
+        mean_all = sums.sum(0) / n_cells
+        everyone = ((squares.sum(0) - n_cells * mean_all**2) / (n_cells - 1) if n_cells > 1
+                    else np.zeros(n_genes))
         variances = np.where(counts[:, None] > 1, variances, np.maximum(everyone, 0))
     variances = np.maximum(variances, 0)
     control = g_rows.sum(1) == 0
     base = {tuple(c): i for i, c in enumerate(g_ctx) if control[i]}
     keep = [i for i in range(len(g_rows)) if not control[i] and tuple(g_ctx[i]) in base]
     ref = [base[tuple(g_ctx[i])] for i in keep]
-    changes = (means[keep] - means[ref]).reshape(len(keep), x.shape[1])
-    se2 = (variances[keep] / counts[keep, None] + variances[ref] / counts[ref, None]).reshape(len(keep), x.shape[1])
+    changes = (means[keep] - means[ref]).reshape(len(keep), n_genes)
+    se2 = (variances[keep] / counts[keep, None] + variances[ref] / counts[ref, None]).reshape(len(keep), n_genes)
     return g_ctx[keep], g_rows[keep], changes, counts[keep], se2
 
 
@@ -306,66 +335,103 @@ class PerturbationEffects(nn.Module):
             alone = np.logical_and.reduce(others) if others else np.ones(len(x), bool)
             cells = slice(None) if alone.all() else alone  # no copy of the cells when none is left out
             columns, single_of, column_dose = _dose_columns(rows[key][cells], dose[cells])
-            g_ctx, design, changes, counts, se2 = group_changes(x[cells], columns, ctx[cells])
-            n = rows[key].shape[1]
-            means = seen_group_means(design, changes, counts, se2) if len(design) else changes
-            if len(design):
-                fitted = fit_singles(design, changes, counts)
-                single, reference = np.zeros((n, x.shape[1])), np.zeros(n)
-                for j, p in enumerate(single_of):  # columns run up the doses: the highest one is kept
-                    single[p], reference[p] = fitted[j], column_dose[j]
-                kind, coef, cv = choose_combination(design, changes, counts)
-            else:
-                single, reference = np.zeros((n, x.shape[1])), np.zeros(n)
-                kind, coef, cv = "additive", np.zeros(2), None
-            hot = _by_single(design, single_of, n)
-            slot = self.of(key)
-            slot.single = torch.tensor(single, dtype=torch.float32)
-            slot.reference_dose = torch.tensor(reference, dtype=torch.float32)
-            slot.seen = torch.tensor(np.concatenate([g_ctx.astype(np.float64), hot], 1), dtype=torch.float32)
-            slot.seen_counts = torch.tensor(counts, dtype=torch.float32)
-            slot.seen_change = torch.tensor(means, dtype=torch.float32)
-            slot.seen_dose = torch.tensor([column_dose[design[i] != 0].max() if design[i].any() else 0.0
-                                           for i in range(len(design))], dtype=torch.float32)
-            slot.combination = torch.tensor([COMBINATIONS.index(kind), *coef], dtype=torch.float32)
-            slot.cv = torch.tensor([cv[c] if cv else float("nan") for c in COMBINATIONS], dtype=torch.float32)
-            report[key] = {"combination": kind, "coefficients": [float(c) for c in coef],
-                           "cv_mse": cv, "seen_combinations": int(((hot != 0).sum(1) > 1).sum()),
-                           "singles_seen": int((hot.sum(0) > 0).sum()),
-                           "seen_change_kept": float(np.sum(means**2) / max(np.sum(changes**2), 1e-30))}
+            report[key] = self._fit_key(key, group_changes(x[cells], columns, ctx[cells]), single_of, column_dose,
+                                        rows[key].shape[1], x.shape[1])
         return report
 
     @torch.no_grad()
-    def fit_reference(self, latent: torch.Tensor, covariates: dict, per_context: int = REFERENCE_CELLS,
-                      seed: int = 0, cells: torch.Tensor | None = None) -> None:
-        """Keep the latent codes of up to ``per_context`` control cells of every context (cells
-        with no perturbation), for :meth:`context_weights`; with ``cells`` (the same cells in model
-        space), also the quantiles of every context's control cells per gene
-        (:meth:`control_quantiles_of`)."""
-        n = len(latent)
-        ctx = context_table({k: covariates[k].cpu() for k in self.context_keys}, self.context_keys, n)
+    def fit_streamed(self, cells, progress: bool = False) -> dict[str, dict]:
+        """:meth:`fit` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`, no
+        dose): each cell's group comes from the covariate codes held in memory (a perturbation
+        covariate as its distinct labels' rows and each cell's label), the groups' sums from one
+        streamed pass (:func:`scidiff.data.stream_setup.stream_group_moments`); the same fit as
+        :meth:`fit` on the same cells, up to the order of float64 sums."""
+        from ..data.stream_setup import stream_group_moments
+
+        ids = cells.cell_ids()
+        ctx = context_table({k: np.asarray(cells.covariates[k])[ids] for k in self.context_keys}, self.context_keys,
+                            len(ids))
+        coded = {k: _label_rows(cells.covariates[k]) for k in self.keys}  # (rows [L, n], label of each file row)
+        control = {k: (rows.sum(1) == 0)[label[ids]] for k, (rows, label) in coded.items()}
+        plans, groups = {}, {}
+        for key in self.keys:
+            rows, label = coded[key]
+            alone = np.logical_and.reduce([control[o] for o in self.keys if o != key] or [np.ones(len(ids), bool)])
+            distinct, row_of_label = np.unique(rows, axis=0, return_inverse=True)
+            (g_ctx, g_row), member, _ = unique_rows(ctx[alone], row_of_label.reshape(-1)[label[ids][alone]][:, None])
+            group = np.full(cells.reader.n_cells, -1, np.int64)
+            group[ids[alone]] = member
+            columns, single_of, column_dose = _dose_columns(distinct[g_row[:, 0]], np.zeros(len(g_row)))
+            order_ctx, order_rows, order = _groups(columns, g_ctx)  # the order fit's groups have
+            plans[key] = (order_ctx, order_rows, order, single_of, column_dose, rows.shape[1])
+            groups[key] = (group, len(g_row))
+        moments = stream_group_moments(cells, groups, progress=progress)
+        report = {}
+        for key, (g_ctx, g_rows, order, single_of, column_dose, n) in plans.items():
+            counts, sums, squares = (np.zeros_like(a) for a in moments[key])
+            counts[order], sums[order], squares[order] = moments[key]
+            report[key] = self._fit_key(key, changes_of_groups(g_ctx, g_rows, counts, sums, squares), single_of,
+                                        column_dose, n, cells.spec.n_genes)
+        return report
+
+    def _fit_key(self, key: str, grouped, single_of, column_dose, n: int, n_genes: int) -> dict:
+        """Store one covariate's fit from its groups' changes (:func:`group_changes`' output over
+        (single, dose) columns ``single_of`` / ``column_dose``, ``n`` singles); its report."""
+        g_ctx, design, changes, counts, se2 = grouped
+        means = seen_group_means(design, changes, counts, se2) if len(design) else changes
+        single, reference = np.zeros((n, n_genes)), np.zeros(n)
+        if len(design):
+            fitted = fit_singles(design, changes, counts)
+            for j, p in enumerate(single_of):  # columns run up the doses: the highest one is kept
+                single[p], reference[p] = fitted[j], column_dose[j]
+            kind, coef, cv = choose_combination(design, changes, counts)
+        else:
+            kind, coef, cv = "additive", np.zeros(2), None
+        hot = _by_single(design, single_of, n)
+        slot = self.of(key)
+        slot.single = torch.tensor(single, dtype=torch.float32)
+        slot.reference_dose = torch.tensor(reference, dtype=torch.float32)
+        slot.seen = torch.tensor(np.concatenate([g_ctx.astype(np.float64), hot], 1), dtype=torch.float32)
+        slot.seen_counts = torch.tensor(counts, dtype=torch.float32)
+        slot.seen_change = torch.tensor(means, dtype=torch.float32)
+        slot.seen_dose = torch.tensor([column_dose[design[i] != 0].max() if design[i].any() else 0.0
+                                       for i in range(len(design))], dtype=torch.float32)
+        slot.combination = torch.tensor([COMBINATIONS.index(kind), *coef], dtype=torch.float32)
+        slot.cv = torch.tensor([cv[c] if cv else float("nan") for c in COMBINATIONS], dtype=torch.float32)
+        return {"combination": kind, "coefficients": [float(c) for c in coef],
+                "cv_mse": cv, "seen_combinations": int(((hot != 0).sum(1) > 1).sum()),
+                "singles_seen": int((hot.sum(0) > 0).sum()),
+                "seen_change_kept": float(np.sum(means**2) / max(np.sum(changes**2), 1e-30))}
+
+    @torch.no_grad()
+    def fit_reference(self, covariates: dict, read, encode, per_context: int = REFERENCE_CELLS,
+                      seed: int = 0) -> None:
+        """Keep the latent codes of up to ``per_context`` control cells (cells with no
+        perturbation) of every context, for :meth:`context_weights`, and the quantiles per gene of
+        up to ``QUANTILE_CELLS`` of them (:meth:`control_quantiles_of`). ``covariates``: the cells'
+        codes; ``read(rows)``: those cells (sorted row numbers) in model space, ``[len(rows), G]``;
+        ``encode``: the model's map of cells to latent codes. Only the chosen cells are read."""
+        n = len(next(iter(covariates.values())))
+        ctx = context_table({k: np.asarray(covariates[k]) for k in self.context_keys}, self.context_keys, n)
         control = np.ones(n, bool)
         for k in self.keys:
-            control &= covariates[k][:, :-1].sum(1).cpu().numpy() == 0
+            control &= _no_perturbation(covariates[k])
         rng = np.random.default_rng(seed)
-        keep = []
-        for c in np.unique(ctx[control], axis=0):
-            idx = np.flatnonzero(control & (ctx == c).all(1))
-            keep.append(np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False)))
+        contexts = np.unique(ctx[control], axis=0) if control.any() else np.zeros((0, ctx.shape[1]), np.int64)
+        keep = [np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False))
+                for idx in (np.flatnonzero(control & (ctx == c).all(1)) for c in contexts)]
         keep = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
-        self.reference_latent = latent[torch.as_tensor(keep)].detach().float().cpu()
+        self.reference_latent = encode(read(keep)).detach().float().cpu()
         self.reference_context = torch.as_tensor(ctx[keep], dtype=torch.long)
-        if cells is not None:
-            levels = (np.arange(CONTROL_QUANTILES) + 0.5) / CONTROL_QUANTILES
-            contexts = np.unique(ctx[control], axis=0) if control.any() else np.zeros((0, ctx.shape[1]), np.int64)
-            table = []
-            for c in contexts:
-                idx = np.flatnonzero(control & (ctx == c).all(1))
-                if len(idx) > QUANTILE_CELLS:
-                    idx = np.sort(rng.choice(idx, QUANTILE_CELLS, replace=False))
-                table.append(np.quantile(cells[torch.as_tensor(idx)].double().cpu().numpy(), levels, axis=0).T)
-            self.control_quantiles = torch.as_tensor(np.stack(table), dtype=torch.float32) if table else torch.zeros(0)
-            self.quantile_context = torch.as_tensor(contexts, dtype=torch.long).reshape(len(contexts), ctx.shape[1])
+        levels = (np.arange(CONTROL_QUANTILES) + 0.5) / CONTROL_QUANTILES
+        table = []
+        for c in contexts:
+            idx = np.flatnonzero(control & (ctx == c).all(1))
+            if len(idx) > QUANTILE_CELLS:
+                idx = np.sort(rng.choice(idx, QUANTILE_CELLS, replace=False))
+            table.append(np.quantile(read(idx).double().cpu().numpy(), levels, axis=0).T)
+        self.control_quantiles = torch.as_tensor(np.stack(table), dtype=torch.float32) if table else torch.zeros(0)
+        self.quantile_context = torch.as_tensor(contexts, dtype=torch.long).reshape(len(contexts), ctx.shape[1])
 
     def control_quantiles_of(self, context) -> torch.Tensor | None:
         """``[G, Q]`` quantiles of the context's control cells per gene (model space), or ``None``

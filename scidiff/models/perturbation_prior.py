@@ -367,12 +367,63 @@ class PerturbationPrior:
         control = np.ones(len(cells), bool)
         for k in spec.perturbation_keys:
             control &= cells.covariates[k].numpy().sum(1) == 0
+        return cls._from_effects(spec, effects, counts, control_mean, adata, control, perturbation_features, smiles,
+                                 seed)
+
+    @classmethod
+    def from_streamed(cls, cells, effects, *, perturbation_features=None, smiles=None,
+                      seed: int = 0) -> "PerturbationPrior | None":
+        """:meth:`from_cells` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`
+        and the model's :class:`~scidiff.models.effects.PerturbationEffects` fitted on them, no
+        dose): the seen singles' effects are the model's own in log1p (the same fit as
+        :func:`single_effects`), the control cells' mean comes from a streamed pass over them, and
+        the data-derived gene features from the same seeded subsample of control cells
+        :meth:`from_cells` reads, read from the file."""
+        import anndata as ad
+        from dataclasses import replace
+
+        from ..data.block_order import as_runs
+        from ..data.perturbation_features import MAX_CONTROL_CELLS
+        from ..data.stream_setup import stream_moments
+        from .effects import _no_perturbation
+
+        spec = cells.spec
+        scale = np.asarray(spec.gene_scale, np.float64)
+        singles, counts = {}, {}
+        for k in spec.perturbation_keys:
+            slot = effects.of(k)
+            seen = (slot.seen[:, len(effects.context_keys):].numpy() != 0).astype(np.float64)
+            cells_of = seen.T @ slot.seen_counts.double().numpy()
+            single = slot.single.double().numpy() * scale
+            singles[k] = {lab: single[j] for j, lab in enumerate(spec.categorical[k]) if cells_of[j] > 0}
+            counts[k] = {lab: int(round(cells_of[j])) for j, lab in enumerate(spec.categorical[k]) if cells_of[j] > 0}
+        control = np.ones(cells.reader.n_cells, bool)
+        for k in spec.perturbation_keys:
+            control &= _no_perturbation(cells.covariates[k])
+        rows = np.flatnonzero(control)
+        if not len(rows):
+            raise ValueError("no control cell (every perturbation covariate at a control label) to measure effects "
+                             "against")
+        log1p = cells.transform.without_scaling()
+        control_mean = stream_moments(cells.reader, log1p, as_runs(rows), covariance=False).mean.astype(np.float64)
+        if len(rows) > MAX_CONTROL_CELLS:  # the subsample control_expression draws in memory
+            rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CONTROL_CELLS, replace=False))
+        holder = ad.AnnData(X=cells.reader.read_matrix(as_runs(rows)))
+        holder.var_names = [str(g) for g in cells.reader.var_names]
+        return cls._from_effects(replace(spec, source={**spec.source, "layer": None, "use_raw": False}), singles,
+                                 counts, control_mean, holder, np.ones(len(rows), bool), perturbation_features,
+                                 smiles, seed, model_spec=spec)
+
+    @classmethod
+    def _from_effects(cls, spec, effects, counts, control_mean, adata, control, perturbation_features, smiles, seed,
+                      model_spec=None) -> "PerturbationPrior | None":
         singles = {k: list(spec.categorical[k]) for k in spec.perturbation_keys}
         tables = build_feature_tables(adata, spec, singles, control, perturbation_features=perturbation_features,
                                       smiles=smiles, seed=seed)
         tables = {k: t for k, t in tables.items() if t.blocks}
         if not tables:
             return None
+        spec = model_spec or spec
         return cls.fit(spec.gene_names, effects, tables, control_mean=control_mean, gene_scale=spec.gene_scale,
                        n_cells=counts, separator=spec.separator, control_labels=spec.control_labels)
 

@@ -14,25 +14,19 @@ from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_eve
 
 
 def _streamed_model(path, config: Config, keys, progress: bool):
-    """Cells of a file that is streamed and a model set up on them without loading ``X``:
-    genes from a subsample, scaling and latent axes from one streamed pass, the detection model
-    (measured cells by default) from a subsample of whole blocks."""
+    """Cells of a file that is streamed and a model set up on them without loading ``X``
+    (:meth:`ScIDiffModel.from_streamed`): genes from a subsample, scaling and latent axes from one
+    streamed pass, perturbation effects from a second, the detection model from a subsample of
+    whole blocks."""
     dc, kwargs = config.data, config.model.model_kwargs()
     if path is None or not isinstance(path, (str, os.PathLike)):
         raise ValueError("streaming trains from an .h5ad path (--data FILE.h5ad), not an in-memory AnnData")
     cells = setup_streaming(path, layer=dc.layer, use_raw=dc.use_raw, n_top_genes=config.model.gene_dim,
                             condition_keys=keys, input_kind=dc.input, target_sum=dc.target_sum, scaling=dc.scaling,
-                            covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress)
-    if kwargs.get("latent_dim"):
-        kwargs["latent_dim"] = min(kwargs["latent_dim"], len(cells), cells.spec.n_genes)
-    model = ScIDiffModel(gene_dim=cells.spec.n_genes, data_spec=cells.spec, **kwargs)
-    if model.latent_dim:
-        m = cells.moments
-        model.fit_latent_from_moments(m["mean"], m["cov"], m["n"])
-        # the detection model, as from_data fits it, on a subsample of the file's cells
-        if model.detection is not None:
-            model.fit_detection(cells.sample_x(model.detection_cells(), seed=config.training.seed))
-    return cells, model
+                            covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress,
+                            perturbation_keys=dc.perturbation_keys, control_labels=dc.control_labels,
+                            separator=dc.separator)
+    return cells, ScIDiffModel.from_streamed(cells, seed=config.training.seed, progress=progress, **kwargs)
 
 
 def default_epochs(n_cells: int) -> int:
@@ -51,7 +45,8 @@ def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = 
     """Fit the model's :class:`~scidiff.models.perturbation_prior.PerturbationPrior` on the training
     set (closed form; data-derived gene features when a perturbation's labels are gene names, plus
     ``data.perturbation_features`` and ``data.smiles``), set ``model.perturbation_prior`` (``None``
-    without perturbations or without anything that describes them) and return its report."""
+    without perturbations or without anything that describes them) and return its report.
+    ``adata=None``: ``cells`` are streamed (:meth:`PerturbationPrior.from_streamed`)."""
     dc = config.data
     files = {"--perturbation-features / data.perturbation_features": dc.perturbation_features,
              "--smiles / data.smiles": dc.smiles}
@@ -62,8 +57,9 @@ def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = 
                              f"covariate: give --perturbation-keys (data.perturbation_keys)")
         model.perturbation_prior = None
         return None
-    prior = PerturbationPrior.from_cells(cells, adata, perturbation_features=dc.perturbation_features,
-                                         smiles=dc.smiles, seed=config.training.seed)
+    described = {"perturbation_features": dc.perturbation_features, "smiles": dc.smiles, "seed": config.training.seed}
+    prior = (PerturbationPrior.from_cells(cells, adata, **described) if adata is not None
+             else PerturbationPrior.from_streamed(cells, model.effects, **described))
     model.perturbation_prior = prior
     if prior is None:
         report = {"fitted": False, "reason": "the perturbation labels are not gene names of the input and no "
@@ -105,8 +101,10 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     the prior is saved inside ``model.pt``.
 
     ``streaming=True`` reads batches from the file on disk (:mod:`scidiff.data.streaming`) and
-    sets the model up from streamed statistics, so ``X`` is never loaded: for files larger than
-    memory. The validation cells are then whole blocks of cells.
+    sets the model up from streamed statistics (:meth:`ScIDiffModel.from_streamed`: perturbation
+    effects and prior included; a dose or numeric covariates need the in-memory path), so ``X``
+    is never loaded: for files larger than memory. The validation cells are then whole blocks
+    of cells.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process joins the process group, trains on its
     own shard of the cells with DDP, and rank 0 alone writes files (see
@@ -134,10 +132,14 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     source = data if data is not None else dc.dataset_path
     prior_report = effects_report = None
     if streaming:
-        if dc.perturbation_keys or dc.dose_key or dc.continuous_keys or dc.perturbation_features or dc.smiles:
-            raise ValueError("streaming training takes categorical condition keys only; perturbation, dose "
-                             "and numeric covariates (and --perturbation-features / --smiles) need the in-memory path")
+        if dc.dose_key or dc.continuous_keys:
+            raise ValueError("streaming training takes categorical condition and perturbation keys; a dose and "
+                             "numeric covariates need the in-memory path")
         cells, model = _streamed_model(source, config, keys, progress)
+        effects_report = getattr(model, "effects_report", None)
+        if effects_report and progress and rank == 0:
+            print(effects_summary(effects_report))
+        prior_report = fit_perturbation_prior(model, cells, None, config, verbose=progress and rank == 0)
     else:
         adata = read_h5ad(source) if isinstance(source, (str, os.PathLike)) else source
         cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,

@@ -1,0 +1,130 @@
+"""Perturbation screens trained from a file that is streamed (``scidiff train --streaming
+--perturbation-keys``): the set-up (effects, combination term, seen groups, latent with the
+effects' directions, detection model, reference control cells, the perturbation prior) equals the
+in-memory one on the same cells, up to the axes' signs and float rounding; then training and
+prediction through the command line."""
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scidiff.data import setup_anndata, setup_streaming
+from scidiff.models import ScIDiffModel
+from scidiff.models.perturbation_prior import PerturbationPrior
+
+N, G, P = 1500, 40, 10
+GENES = [f"G{i}" for i in range(G)]
+SETUP = dict(n_top_genes=None, condition_keys=["pert", "line"], perturbation_keys=["pert"], control_labels=["ctrl"])
+MODEL = dict(latent_dim=8, hidden_dim=16, num_layers=1, num_timesteps=50)
+
+
+def _screen() -> ad.AnnData:
+    """Counts of N cells in 3 lines: controls, P knockouts of the file's own genes (each lowers its
+    gene and moves two others) and 3 seen doubles."""
+    rng = np.random.default_rng(3)
+    labels = ["ctrl"] * 5 + GENES[:P] + [f"{GENES[i]}+{GENES[i + 1]}" for i in range(0, 6, 2)]
+    pert = np.array(labels)[rng.choice(len(labels), N)]
+    rate = rng.gamma(2.0, 1.0, (N, G))
+    for i, lab in enumerate(pert):
+        for gene in lab.split("+"):
+            if gene != "ctrl":
+                j = GENES.index(gene)
+                rate[i, j] *= 0.2
+                rate[i, (j + 7) % G] *= 2.0
+    obs = pd.DataFrame({"pert": pert, "line": rng.choice(["a", "b", "c"], N)}, index=[f"c{i}" for i in range(N)])
+    return ad.AnnData(X=sp.csr_matrix(rng.poisson(rate).astype(np.float32)), obs=obs, var=pd.DataFrame(index=GENES))
+
+
+@pytest.fixture(scope="module")
+def screen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("screen")
+    adata = _screen()
+    adata.write_h5ad(root / "screen.h5ad")
+    adata[adata.obs["pert"] == "ctrl"][:40].copy().write_h5ad(root / "control.h5ad")
+    return root, adata
+
+
+def _aligned(ref: torch.Tensor, got: torch.Tensor, sign: torch.Tensor, axis: int) -> torch.Tensor:
+    return got * (sign[:, None] if axis == 0 else sign[None, :]) - ref
+
+
+@pytest.mark.parametrize("axis_sigma_data", [False, True])
+def test_a_streamed_screen_is_set_up_as_in_memory(screen, axis_sigma_data):
+    root, adata = screen
+    ref = ScIDiffModel.from_data(setup_anndata(adata, **SETUP), axis_sigma_data=axis_sigma_data, **MODEL)
+    cells = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **SETUP)
+    got = ScIDiffModel.from_streamed(cells, axis_sigma_data=axis_sigma_data, **MODEL)
+    a, b = ref.state_dict(), got.state_dict()
+    assert set(a) == set(b) and ref.latent_dim == got.latent_dim > MODEL["latent_dim"]  # the effects' axes added
+    for name in [k for k in a if k.startswith("effects.per_key")]:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    sign = torch.sign((a["latent_basis"] * b["latent_basis"]).sum(1))  # each axis up to its sign
+    assert _aligned(a["latent_basis"], b["latent_basis"], sign, 0).abs().max() < 1e-5
+    assert _aligned(a["condition_encoder.responses.pert"], b["condition_encoder.responses.pert"], sign, 1).abs().max() < 1e-5
+    assert _aligned(a["effects.reference_latent"], b["effects.reference_latent"], sign, 1).abs().max() < 1e-4
+    torch.testing.assert_close(b["effects.reference_context"], a["effects.reference_context"])
+    torch.testing.assert_close(b["effects.control_quantiles"], a["effects.control_quantiles"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b["detection.detection"], a["detection.detection"], rtol=0, atol=1e-6)
+    if axis_sigma_data:
+        torch.testing.assert_close(b["sigma_data_axes"], a["sigma_data_axes"], rtol=1e-5, atol=0)
+    report_a, report_b = ref.effects_report["pert"], got.effects_report["pert"]
+    assert report_a["combination"] == report_b["combination"] and report_a["seen_combinations"] == 9  # 3 doubles x 3 lines
+    for cand, err in report_a["cv_mse"].items():
+        assert report_b["cv_mse"][cand] == pytest.approx(err, rel=1e-5)
+
+
+def test_the_streamed_prior_equals_the_in_memory_one(screen):
+    root, adata = screen
+    cells = setup_anndata(adata, **SETUP)
+    ref = PerturbationPrior.from_cells(cells, adata)
+    streamed = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **SETUP)
+    got = PerturbationPrior.from_streamed(streamed, ScIDiffModel.from_streamed(streamed, **MODEL).effects)
+    ra, rb = ref.report()["pert"], got.report()["pert"]
+    assert ra["n_seen"] == rb["n_seen"] == P and ra["self"]["kind"] == rb["self"]["kind"]
+    assert rb["cv_sse"] == pytest.approx(ra["cv_sse"], rel=1e-5)
+    for label in ("G25", "G3"):  # unseen (from the features) and seen (measured)
+        (ea, ca), (eb, cb) = ref.effect("pert", label), got.effect("pert", label)
+        np.testing.assert_allclose(np.asarray(eb), np.asarray(ea), rtol=0, atol=1e-6)
+        assert cb == pytest.approx(ca, abs=1e-6)
+
+
+def test_read_x_returns_the_rows_asked_for_in_their_order(screen):
+    root, adata = screen
+    streamed = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **SETUP)
+    in_memory = setup_anndata(adata, **SETUP).x
+    rows = np.array([1400, 3, 77, 3, 0, 1499])
+    torch.testing.assert_close(streamed.read_x(rows), in_memory[torch.as_tensor(rows)], rtol=0, atol=1e-5)
+    assert streamed.read_x([]).shape == (0, G)
+
+
+def test_train_streaming_with_perturbations_and_predict(screen, tmp_path):
+    from scidiff.cli import main
+
+    root, _ = screen
+    config = tmp_path / "small.yaml"
+    config.write_text("model: {hidden_dim: 16, num_layers: 1, latent_dim: 8, num_timesteps: 50}\n"
+                      "training: {batch_size: 128, warmup_steps: 2}\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root / "screen.h5ad"), "--streaming", "--condition-keys", "line",
+                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--config", str(config), "--epochs", "2",
+                 "--out", str(run)]) == 0
+    report = json.load(open(run / "training.json"))
+    assert report["perturbation_effects"]["pert"]["singles_seen"] == P
+    assert report["perturbation_prior"]["fitted"] is True
+    routes = {}
+    for target in ("G1", "G0+G2", "G30"):  # seen, an unseen double of seen singles, unseen (the prior)
+        out = tmp_path / f"{target.replace('+', '_')}.h5ad"
+        assert main(["predict", "--model", str(run), "--data", str(root / "control.h5ad"), "--target",
+                     f"pert={target}", "--steps", "3", "--out", str(out)]) == 0
+        pred = ad.read_h5ad(out)
+        assert pred.shape == (40, G) and np.isfinite(pred.X).all()
+        routes[target] = set(pred.obs["scidiff_route"])
+        assert np.isfinite(pred.obs["scidiff_confidence"]).all()
+    assert routes["G1"] == {"seen"} and routes["G30"] == {"prior"}
+    assert main(["train", "--data", str(root / "screen.h5ad"), "--streaming", "--condition-keys", "line",
+                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--continuous-keys", "line",
+                 "--config", str(config), "--out", str(tmp_path / "refused")]) == 2
