@@ -28,14 +28,16 @@ def _screen() -> ad.AnnData:
     rng = np.random.default_rng(3)
     labels = ["ctrl"] * 5 + GENES[:P] + [f"{GENES[i]}+{GENES[i + 1]}" for i in range(0, 6, 2)]
     pert = np.array(labels)[rng.choice(len(labels), N)]
+    dose = np.where(pert == "ctrl", 0.0, rng.choice([1.0, 10.0], N))
     rate = rng.gamma(2.0, 1.0, (N, G))
     for i, lab in enumerate(pert):
         for gene in lab.split("+"):
             if gene != "ctrl":
                 j = GENES.index(gene)
-                rate[i, j] *= 0.2
+                rate[i, j] *= 0.2 if dose[i] > 1 else 0.5
                 rate[i, (j + 7) % G] *= 2.0
-    obs = pd.DataFrame({"pert": pert, "line": rng.choice(["a", "b", "c"], N)}, index=[f"c{i}" for i in range(N)])
+    obs = pd.DataFrame({"pert": pert, "line": rng.choice(["a", "b", "c"], N), "dose": dose,
+                        "day": rng.choice([0.0, 2.0, 4.0], N)}, index=[f"c{i}" for i in range(N)])
     return ad.AnnData(X=sp.csr_matrix(rng.poisson(rate).astype(np.float32)), obs=obs, var=pd.DataFrame(index=GENES))
 
 
@@ -52,12 +54,16 @@ def _aligned(ref: torch.Tensor, got: torch.Tensor, sign: torch.Tensor, axis: int
     return got * (sign[:, None] if axis == 0 else sign[None, :]) - ref
 
 
-@pytest.mark.parametrize("axis_sigma_data", [False, True])
-def test_a_streamed_screen_is_set_up_as_in_memory(screen, axis_sigma_data):
+@pytest.mark.parametrize("axis_sigma_data,dose", [(False, False), (True, False), (False, True)])
+def test_a_streamed_screen_is_set_up_as_in_memory(screen, axis_sigma_data, dose):
     root, adata = screen
-    ref = ScIDiffModel.from_data(setup_anndata(adata, **SETUP), axis_sigma_data=axis_sigma_data, **MODEL)
-    cells = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **SETUP)
+    setup = {**SETUP, "dose_key": "dose"} if dose else SETUP
+    ref = ScIDiffModel.from_data(setup_anndata(adata, **setup), axis_sigma_data=axis_sigma_data, **MODEL)
+    cells = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **setup)
     got = ScIDiffModel.from_streamed(cells, axis_sigma_data=axis_sigma_data, **MODEL)
+    if dose:  # each single's effect at its highest dose, every (group, dose) seen
+        assert set(got.effects.of("pert").seen_dose.tolist()) == {1.0, 10.0}
+        assert set(got.effects.of("pert").reference_dose.tolist()) == {10.0}
     a, b = ref.state_dict(), got.state_dict()
     assert set(a) == set(b) and ref.latent_dim == got.latent_dim > MODEL["latent_dim"]  # the effects' axes added
     for name in [k for k in a if k.startswith("effects.per_key")]:
@@ -72,17 +78,19 @@ def test_a_streamed_screen_is_set_up_as_in_memory(screen, axis_sigma_data):
     if axis_sigma_data:
         torch.testing.assert_close(b["sigma_data_axes"], a["sigma_data_axes"], rtol=1e-5, atol=0)
     report_a, report_b = ref.effects_report["pert"], got.effects_report["pert"]
-    assert report_a["combination"] == report_b["combination"] and report_a["seen_combinations"] == 9  # 3 doubles x 3 lines
+    assert report_a["combination"] == report_b["combination"] and report_a["seen_combinations"] == 9 * (1 + dose)  # 3 doubles x 3 lines (x 2 doses)
     for cand, err in report_a["cv_mse"].items():
         assert report_b["cv_mse"][cand] == pytest.approx(err, rel=1e-5)
 
 
-def test_the_streamed_prior_equals_the_in_memory_one(screen):
+@pytest.mark.parametrize("dose", [False, True])
+def test_the_streamed_prior_equals_the_in_memory_one(screen, dose):
     root, adata = screen
-    cells = setup_anndata(adata, **SETUP)
+    setup = {**SETUP, "dose_key": "dose"} if dose else SETUP  # doses pooled, in memory as streamed
+    cells = setup_anndata(adata, **setup)
     ref = PerturbationPrior.from_cells(cells, adata)
-    streamed = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **SETUP)
-    got = PerturbationPrior.from_streamed(streamed, ScIDiffModel.from_streamed(streamed, **MODEL).effects)
+    streamed = setup_streaming(str(root / "screen.h5ad"), hvg_cells=10**9, **setup)
+    got = PerturbationPrior.from_streamed(streamed)
     ra, rb = ref.report()["pert"], got.report()["pert"]
     assert ra["n_seen"] == rb["n_seen"] == P and ra["self"]["kind"] == rb["self"]["kind"]
     assert rb["cv_sse"] == pytest.approx(ra["cv_sse"], rel=1e-5)
@@ -125,6 +133,24 @@ def test_train_streaming_with_perturbations_and_predict(screen, tmp_path):
         routes[target] = set(pred.obs["scidiff_route"])
         assert np.isfinite(pred.obs["scidiff_confidence"]).all()
     assert routes["G1"] == {"seen"} and routes["G30"] == {"prior"}
+
+
+def test_train_streaming_with_a_dose_and_time(screen, tmp_path):
+    from scidiff.cli import main
+    from scidiff.training.checkpoint import load_model
+
+    root, adata = screen
+    config = tmp_path / "small.yaml"
+    config.write_text("model: {hidden_dim: 16, num_layers: 1, latent_dim: 8, num_timesteps: 50}\n"
+                      "training: {batch_size: 128, warmup_steps: 2}\n")
+    run = tmp_path / "run"
     assert main(["train", "--data", str(root / "screen.h5ad"), "--streaming", "--condition-keys", "line",
-                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--continuous-keys", "line",
-                 "--config", str(config), "--out", str(tmp_path / "refused")]) == 2
+                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--dose-key", "dose",
+                 "--continuous-keys", "day", "--config", str(config), "--epochs", "1", "--out", str(run)]) == 0
+    model = load_model(run)
+    ref = setup_anndata(adata, **SETUP, dose_key="dose", continuous_keys=["day"]).spec
+    assert model.data_spec.dose_key == "dose" and model.data_spec.continuous_knots == ref.continuous_knots
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(run), "--data", str(root / "control.h5ad"), "--target",
+                 "pert=G1,dose=10,day=2", "--steps", "3", "--out", str(out)]) == 0
+    assert np.isfinite(ad.read_h5ad(out).X).all()

@@ -196,18 +196,19 @@ def stream_moments(reader: MatrixReader, transform: Transform, runs, *, covarian
     return moments
 
 
-def stream_group_moments(cells: StreamedCells, groups: dict, *, cells_per_read: int = 4096,
-                         progress: bool = False) -> dict:
-    """One streamed pass over ``cells`` in model space: for each grouping of ``groups``
-    (``name -> (group number of every row of the file, -1 for none; number of groups)``), every
-    group's cell count, sum and sum of squares, float64 ``([M], [M, G], [M, G])``."""
+def stream_group_moments(cells: StreamedCells, groups: dict, *, transform: Transform | None = None,
+                         cells_per_read: int = 4096, progress: bool = False) -> dict:
+    """One streamed pass over ``cells`` in model space (or ``transform``'s): for each grouping of
+    ``groups`` (``name -> (group number of every row of the file, -1 for none; number of
+    groups)``), every group's cell count, sum and sum of squares, float64 ``([M], [M, G], [M, G])``."""
     from scipy import sparse
     from tqdm.auto import tqdm
 
     n_genes = cells.spec.n_genes
     out = {k: (np.zeros(m), np.zeros((m, n_genes)), np.zeros((m, n_genes))) for k, (_, m) in groups.items()}
-    loader = StreamingLoader(cells.reader, cells.transform, {k: g for k, (g, _) in groups.items()}, cells.runs,
-                             batch_size=cells_per_read, shuffle=False, fetch_batches=1, prefetch=2, pin_memory=False)
+    loader = StreamingLoader(cells.reader, transform or cells.transform, {k: g for k, (g, _) in groups.items()},
+                             cells.runs, batch_size=cells_per_read, shuffle=False, fetch_batches=1, prefetch=2,
+                             pin_memory=False)
     for batch in tqdm(loader, desc="perturbation groups", unit="batch", disable=not progress):
         x = batch["x"].numpy().astype(np.float64)
         squares = x * x

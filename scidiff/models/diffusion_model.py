@@ -271,16 +271,13 @@ class ScIDiffModel(nn.Module):
         from a subsample of whole blocks and the reference control cells read one by one, so
         ``X`` is never loaded. ``seed`` draws the detection model's subsample."""
         spec, moments = cells.spec, cells.moments or {}
-        if spec.dose_key or spec.continuous:
-            raise ValueError("streamed set-up takes categorical covariates and perturbations; a dose or numeric "
-                             "covariate needs the in-memory path")
         latent = kwargs.get("latent_dim")
         if latent and latent > min(len(cells), spec.n_genes):
             kwargs["latent_dim"] = latent = min(len(cells), spec.n_genes)
         if latent and moments.get("cov") is None:
             raise ValueError("a latent model needs the cells' covariance: setup_streaming(..., covariance=True)")
         effects = _new_effects(spec)
-        report = effects.fit_streamed(cells, progress) if effects is not None else None
+        report = effects.fit_streamed(cells, spec.dose_key, progress) if effects is not None else None
         if latent:
             n = int(moments["n"])
             mean = torch.as_tensor(moments["mean"], dtype=torch.float64)

@@ -72,6 +72,58 @@ def _no_perturbation(covariate) -> np.ndarray:
     return np.asarray(covariate[:, :-1].sum(1)) == 0
 
 
+class StreamedGroups:
+    """One perturbation covariate's groups over cells streamed from a file: ``cell_group``, each
+    file row's fine group (context, label, dose; -1 for a row left out) of ``n_fine``; the
+    groups :func:`group_changes` would form (context rows ``g_ctx``, design rows ``g_rows`` over
+    (single, dose) columns ``single_of`` / ``column_dose``, ``n_singles`` singles) and ``order``,
+    each fine group's group (several fine groups of control cells at different doses share one)."""
+
+    def __init__(self, cell_group, n_fine, g_ctx, g_rows, order, single_of, column_dose, n_singles):
+        self.cell_group, self.n_fine, self.g_ctx, self.g_rows = cell_group, n_fine, g_ctx, g_rows
+        self.order, self.single_of, self.column_dose, self.n_singles = order, single_of, column_dose, n_singles
+
+    def changes(self, moments):
+        """:func:`group_changes`' output from the fine groups' ``(counts, sums, squares)``."""
+        merged = [np.zeros((len(self.g_rows),) + np.shape(a)[1:]) for a in moments]
+        for total, part in zip(merged, moments):
+            np.add.at(total, self.order, part)
+        return changes_of_groups(self.g_ctx, self.g_rows, *merged)
+
+
+def streamed_groups(cells, keys, context_keys, dose_key: str | None = None,
+                    dose_columns: bool = True) -> dict[str, StreamedGroups]:
+    """:class:`StreamedGroups` of every perturbation covariate ``keys`` of streamed ``cells``,
+    from their codes alone, as :meth:`PerturbationEffects.fit` groups cells in memory (for one
+    covariate, cells perturbed in another are left out; contexts are ``context_keys``).
+    ``dose_columns=False``: the design is the plain multi-hot over all singles, doses pooled
+    (:func:`scidiff.models.perturbation_prior.single_effects`' grouping)."""
+    ids = cells.cell_ids()
+    ctx = context_table({k: np.asarray(cells.covariates[k])[ids] for k in context_keys}, context_keys, len(ids))
+    dose = (np.asarray(cells.covariates[dose_key], np.float64)[ids] if dose_key and dose_columns
+            else np.zeros(len(ids)))
+    coded = {k: _label_rows(cells.covariates[k]) for k in keys}  # (rows [L, n], label of each file row)
+    control = {k: (rows.sum(1) == 0)[label[ids]] for k, (rows, label) in coded.items()}
+    out = {}
+    for key in keys:
+        rows, label = coded[key]
+        alone = np.logical_and.reduce([control[o] for o in keys if o != key] or [np.ones(len(ids), bool)])
+        distinct, row_of_label = np.unique(rows, axis=0, return_inverse=True)
+        (g_ctx, g_row, g_dose), member, _ = unique_rows(ctx[alone], row_of_label.reshape(-1)[label[ids][alone]][:, None],
+                                                        dose[alone][:, None])
+        cell_group = np.full(cells.reader.n_cells, -1, np.int64)
+        cell_group[ids[alone]] = member
+        design = distinct[g_row[:, 0]]
+        if dose_columns:
+            columns, single_of, column_dose = _dose_columns(design, g_dose[:, 0])
+        else:
+            columns, single_of, column_dose = design, np.arange(design.shape[1]), np.zeros(design.shape[1])
+        g_ctx, g_rows, order = _groups(columns, g_ctx)  # the groups group_changes would form
+        out[key] = StreamedGroups(cell_group, len(g_row), g_ctx, g_rows, order, single_of, column_dose,
+                                  rows.shape[1])
+    return out
+
+
 def _groups(rows: np.ndarray, ctx: np.ndarray):
     """Distinct (context, perturbation set) groups, in lexicographic order of (context codes,
     multi-hot): their context rows, multi-hot rows (float64) and each cell's group number."""
@@ -340,39 +392,19 @@ class PerturbationEffects(nn.Module):
         return report
 
     @torch.no_grad()
-    def fit_streamed(self, cells, progress: bool = False) -> dict[str, dict]:
-        """:meth:`fit` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`, no
-        dose): each cell's group comes from the covariate codes held in memory (a perturbation
-        covariate as its distinct labels' rows and each cell's label), the groups' sums from one
-        streamed pass (:func:`scidiff.data.stream_setup.stream_group_moments`); the same fit as
-        :meth:`fit` on the same cells, up to the order of float64 sums."""
+    def fit_streamed(self, cells, dose_key: str | None = None, progress: bool = False) -> dict[str, dict]:
+        """:meth:`fit` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`): each
+        cell's group comes from the covariate codes held in memory (:func:`streamed_groups`), the
+        groups' sums from one streamed pass
+        (:func:`scidiff.data.stream_setup.stream_group_moments`); the same fit as :meth:`fit` on
+        the same cells, up to the order of float64 sums."""
         from ..data.stream_setup import stream_group_moments
 
-        ids = cells.cell_ids()
-        ctx = context_table({k: np.asarray(cells.covariates[k])[ids] for k in self.context_keys}, self.context_keys,
-                            len(ids))
-        coded = {k: _label_rows(cells.covariates[k]) for k in self.keys}  # (rows [L, n], label of each file row)
-        control = {k: (rows.sum(1) == 0)[label[ids]] for k, (rows, label) in coded.items()}
-        plans, groups = {}, {}
-        for key in self.keys:
-            rows, label = coded[key]
-            alone = np.logical_and.reduce([control[o] for o in self.keys if o != key] or [np.ones(len(ids), bool)])
-            distinct, row_of_label = np.unique(rows, axis=0, return_inverse=True)
-            (g_ctx, g_row), member, _ = unique_rows(ctx[alone], row_of_label.reshape(-1)[label[ids][alone]][:, None])
-            group = np.full(cells.reader.n_cells, -1, np.int64)
-            group[ids[alone]] = member
-            columns, single_of, column_dose = _dose_columns(distinct[g_row[:, 0]], np.zeros(len(g_row)))
-            order_ctx, order_rows, order = _groups(columns, g_ctx)  # the order fit's groups have
-            plans[key] = (order_ctx, order_rows, order, single_of, column_dose, rows.shape[1])
-            groups[key] = (group, len(g_row))
-        moments = stream_group_moments(cells, groups, progress=progress)
-        report = {}
-        for key, (g_ctx, g_rows, order, single_of, column_dose, n) in plans.items():
-            counts, sums, squares = (np.zeros_like(a) for a in moments[key])
-            counts[order], sums[order], squares[order] = moments[key]
-            report[key] = self._fit_key(key, changes_of_groups(g_ctx, g_rows, counts, sums, squares), single_of,
-                                        column_dose, n, cells.spec.n_genes)
-        return report
+        groups = streamed_groups(cells, self.keys, self.context_keys, dose_key)
+        moments = stream_group_moments(cells, {k: (g.cell_group, g.n_fine) for k, g in groups.items()},
+                                       progress=progress)
+        return {key: self._fit_key(key, g.changes(moments[key]), g.single_of, g.column_dose, g.n_singles,
+                                   cells.spec.n_genes) for key, g in groups.items()}
 
     def _fit_key(self, key: str, grouped, single_of, column_dose, n: int, n_genes: int) -> dict:
         """Store one covariate's fit from its groups' changes (:func:`group_changes`' output over

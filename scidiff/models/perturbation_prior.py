@@ -371,46 +371,55 @@ class PerturbationPrior:
                                  seed)
 
     @classmethod
-    def from_streamed(cls, cells, effects, *, perturbation_features=None, smiles=None,
+    def from_streamed(cls, cells, *, perturbation_features=None, smiles=None,
                       seed: int = 0) -> "PerturbationPrior | None":
-        """:meth:`from_cells` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`
-        and the model's :class:`~scidiff.models.effects.PerturbationEffects` fitted on them, no
-        dose): the seen singles' effects are the model's own in log1p (the same fit as
-        :func:`single_effects`), the control cells' mean comes from a streamed pass over them, and
-        the data-derived gene features from the same seeded subsample of control cells
-        :meth:`from_cells` reads, read from the file."""
+        """:meth:`from_cells` for cells streamed from a file (a :class:`scidiff.data.StreamedCells`):
+        the seen singles' effects and the control cells' mean from one streamed pass in log1p
+        (grouped as :func:`single_effects` groups cells in memory,
+        :func:`scidiff.models.effects.streamed_groups`), and the data-derived gene features from
+        the same seeded subsample of control cells :meth:`from_cells` reads, read from the file."""
         import anndata as ad
         from dataclasses import replace
 
         from ..data.block_order import as_runs
         from ..data.perturbation_features import MAX_CONTROL_CELLS
-        from ..data.stream_setup import stream_moments
-        from .effects import _no_perturbation
+        from ..data.stream_setup import stream_group_moments
+        from .effects import _no_perturbation, streamed_groups
 
         spec = cells.spec
-        scale = np.asarray(spec.gene_scale, np.float64)
-        singles, counts = {}, {}
-        for k in spec.perturbation_keys:
-            slot = effects.of(k)
-            seen = (slot.seen[:, len(effects.context_keys):].numpy() != 0).astype(np.float64)
-            cells_of = seen.T @ slot.seen_counts.double().numpy()
-            single = slot.single.double().numpy() * scale
-            singles[k] = {lab: single[j] for j, lab in enumerate(spec.categorical[k]) if cells_of[j] > 0}
-            counts[k] = {lab: int(round(cells_of[j])) for j, lab in enumerate(spec.categorical[k]) if cells_of[j] > 0}
+        keys = list(spec.perturbation_keys)
+        contexts = [k for k in spec.categorical if k not in keys and k in cells.covariates]
+        groups = streamed_groups(cells, keys, contexts, dose_columns=False)
+        moments = stream_group_moments(cells, {k: (g.cell_group, g.n_fine) for k, g in groups.items()},
+                                       transform=cells.transform.without_scaling())
+        effects, counts = {}, {}
+        for k, g in groups.items():
+            _, design, changes, n_group, _ = g.changes(moments[k])
+            effects[k], counts[k] = {}, {}
+            if not len(design):
+                continue
+            singles, cells_of = fit_singles(design, changes, n_group), design.T @ n_group
+            for j, label in enumerate(spec.categorical[k]):
+                if cells_of[j] > 0:
+                    effects[k][label], counts[k][label] = singles[j], int(round(cells_of[j]))
         control = np.ones(cells.reader.n_cells, bool)
-        for k in spec.perturbation_keys:
+        for k in keys:
             control &= _no_perturbation(cells.covariates[k])
         rows = np.flatnonzero(control)
         if not len(rows):
             raise ValueError("no control cell (every perturbation covariate at a control label) to measure effects "
                              "against")
-        log1p = cells.transform.without_scaling()
-        control_mean = stream_moments(cells.reader, log1p, as_runs(rows), covariance=False).mean.astype(np.float64)
+        first = groups[keys[0]]
+        plain = first.g_rows.sum(1) == 0  # the control cells' groups, one per context
+        n_ctrl, sums_ctrl = np.zeros(len(first.g_rows)), np.zeros((len(first.g_rows), spec.n_genes))
+        np.add.at(n_ctrl, first.order, moments[keys[0]][0])
+        np.add.at(sums_ctrl, first.order, moments[keys[0]][1])
+        control_mean = sums_ctrl[plain].sum(0) / n_ctrl[plain].sum()
         if len(rows) > MAX_CONTROL_CELLS:  # the subsample control_expression draws in memory
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CONTROL_CELLS, replace=False))
         holder = ad.AnnData(X=cells.reader.read_matrix(as_runs(rows)))
         holder.var_names = [str(g) for g in cells.reader.var_names]
-        return cls._from_effects(replace(spec, source={**spec.source, "layer": None, "use_raw": False}), singles,
+        return cls._from_effects(replace(spec, source={**spec.source, "layer": None, "use_raw": False}), effects,
                                  counts, control_mean, holder, np.ones(len(rows), bool), perturbation_features,
                                  smiles, seed, model_spec=spec)
 

@@ -24,8 +24,7 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     cells = setup_streaming(path, layer=dc.layer, use_raw=dc.use_raw, n_top_genes=config.model.gene_dim,
                             condition_keys=keys, input_kind=dc.input, target_sum=dc.target_sum, scaling=dc.scaling,
                             covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress,
-                            perturbation_keys=dc.perturbation_keys, control_labels=dc.control_labels,
-                            separator=dc.separator)
+                            **dc.covariate_kwargs())
     return cells, ScIDiffModel.from_streamed(cells, seed=config.training.seed, progress=progress, **kwargs)
 
 
@@ -59,7 +58,7 @@ def fit_perturbation_prior(model, cells, adata, config: Config, verbose: bool = 
         return None
     described = {"perturbation_features": dc.perturbation_features, "smiles": dc.smiles, "seed": config.training.seed}
     prior = (PerturbationPrior.from_cells(cells, adata, **described) if adata is not None
-             else PerturbationPrior.from_streamed(cells, model.effects, **described))
+             else PerturbationPrior.from_streamed(cells, **described))
     model.perturbation_prior = prior
     if prior is None:
         report = {"fitted": False, "reason": "the perturbation labels are not gene names of the input and no "
@@ -102,9 +101,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
 
     ``streaming=True`` reads batches from the file on disk (:mod:`scidiff.data.streaming`) and
     sets the model up from streamed statistics (:meth:`ScIDiffModel.from_streamed`: perturbation
-    effects and prior included; a dose or numeric covariates need the in-memory path), so ``X``
-    is never loaded: for files larger than memory. The validation cells are then whole blocks
-    of cells.
+    effects, doses, numeric covariates and the prior included), so ``X`` is never loaded: for
+    files larger than memory. The validation cells are then whole blocks of cells.
 
     Under ``torchrun`` (``WORLD_SIZE > 1``) every process joins the process group, trains on its
     own shard of the cells with DDP, and rank 0 alone writes files (see
@@ -131,30 +129,24 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
     prior_report = effects_report = None
+    adata = None
     if streaming:
-        if dc.dose_key or dc.continuous_keys:
-            raise ValueError("streaming training takes categorical condition and perturbation keys; a dose and "
-                             "numeric covariates need the in-memory path")
         cells, model = _streamed_model(source, config, keys, progress)
-        effects_report = getattr(model, "effects_report", None)
-        if effects_report and progress and rank == 0:
-            print(effects_summary(effects_report))
-        prior_report = fit_perturbation_prior(model, cells, None, config, verbose=progress and rank == 0)
     else:
         adata = read_h5ad(source) if isinstance(source, (str, os.PathLike)) else source
         cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,
                               n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
                               target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
         model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
-        effects_report = getattr(model, "effects_report", None)
-        if effects_report and progress and rank == 0:
-            print(effects_summary(effects_report))
-        if progress and rank == 0:
-            for key, knots in _time_knots(cells.spec).items():
-                shown = ", ".join(f"{k:g}" for k in knots[:8]) + (", ..." if len(knots) > 8 else "")
-                print(f"{key}: embedded piecewise linearly between {len(knots)} training values ({shown})")
-        prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
-        del adata
+    effects_report = getattr(model, "effects_report", None)
+    if effects_report and progress and rank == 0:
+        print(effects_summary(effects_report))
+    if progress and rank == 0:
+        for key, knots in _time_knots(cells.spec).items():
+            shown = ", ".join(f"{k:g}" for k in knots[:8]) + (", ..." if len(knots) > 8 else "")
+            print(f"{key}: embedded piecewise linearly between {len(knots)} training values ({shown})")
+    prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
+    del adata
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
                               else (cells, None))
     trainer = ScIDiffTrainer(
