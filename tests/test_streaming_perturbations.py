@@ -109,17 +109,24 @@ def test_read_x_returns_the_rows_asked_for_in_their_order(screen):
     assert streamed.read_x([]).shape == (0, G)
 
 
-def test_train_streaming_with_perturbations_and_predict(screen, tmp_path):
+def _train_streaming(root, tmp_path, *flags):
     from scidiff.cli import main
 
-    root, _ = screen
     config = tmp_path / "small.yaml"
     config.write_text("model: {hidden_dim: 16, num_layers: 1, latent_dim: 8, num_timesteps: 50}\n"
                       "training: {batch_size: 128, warmup_steps: 2}\n")
     run = tmp_path / "run"
     assert main(["train", "--data", str(root / "screen.h5ad"), "--streaming", "--condition-keys", "line",
-                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--config", str(config), "--epochs", "2",
+                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--config", str(config), *flags,
                  "--out", str(run)]) == 0
+    return run
+
+
+def test_train_streaming_with_perturbations_and_predict(screen, tmp_path):
+    from scidiff.cli import main
+
+    root, _ = screen
+    run = _train_streaming(root, tmp_path, "--epochs", "2")
     report = json.load(open(run / "training.json"))
     assert report["perturbation_effects"]["pert"]["singles_seen"] == P
     assert report["perturbation_prior"]["fitted"] is True
@@ -140,13 +147,7 @@ def test_train_streaming_with_a_dose_and_time(screen, tmp_path):
     from scidiff.training.checkpoint import load_model
 
     root, adata = screen
-    config = tmp_path / "small.yaml"
-    config.write_text("model: {hidden_dim: 16, num_layers: 1, latent_dim: 8, num_timesteps: 50}\n"
-                      "training: {batch_size: 128, warmup_steps: 2}\n")
-    run = tmp_path / "run"
-    assert main(["train", "--data", str(root / "screen.h5ad"), "--streaming", "--condition-keys", "line",
-                 "--perturbation-keys", "pert", "--control-labels", "ctrl", "--dose-key", "dose",
-                 "--continuous-keys", "day", "--config", str(config), "--epochs", "1", "--out", str(run)]) == 0
+    run = _train_streaming(root, tmp_path, "--epochs", "1", "--dose-key", "dose", "--continuous-keys", "day")
     model = load_model(run)
     ref = setup_anndata(adata, **SETUP, dose_key="dose", continuous_keys=["day"]).spec
     assert model.data_spec.dose_key == "dose" and model.data_spec.continuous_knots == ref.continuous_knots
