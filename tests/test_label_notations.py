@@ -136,3 +136,18 @@ def test_the_command_line_takes_the_separator(tmp_path):
             main(["predict", "--method", "additive", "--data", "x.h5ad", "--target", "perturbation=A", "--separator",
                   bad, "--out", str(tmp_path / "x.h5ad")])
     assert load_config(None, {"data": {"separator": "_"}}).data.covariate_kwargs()["separator"] == "_"
+
+
+def test_a_name_that_holds_the_separator_is_warned_about():
+    """sci-Plex's (+)-JQ1 is one drug: read at '+' it would be a combination of '(' and ')-JQ1',
+    neither of which is a perturbation anywhere in the data."""
+    from scidiff import setup_anndata
+
+    drugs = {"control": "control", "A": "(+)-JQ1", "B": "Dacinostat", "A+B": "(+)-JQ1"}
+    cells = _cells(drugs, groups=("control", "A", "B"), n=10)
+    with pytest.warns(UserWarning, match=r"'\(\+\)-JQ1' are read as combinations \('\(' \+ '\)-JQ1'\)"):
+        setup_anndata(cells.copy(), n_top_genes=None, perturbation_keys=["perturbation"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read = setup_anndata(cells.copy(), n_top_genes=None, perturbation_keys=["perturbation"], separator="|")
+    assert read.spec.categorical["perturbation"] == ["(+)-JQ1", "Dacinostat"]

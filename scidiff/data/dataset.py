@@ -150,12 +150,32 @@ def check_controls(key: str, labels, counts, control_labels, separator: str, sou
 OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
 
 
+def _fragment_hint(key: str, labels: set, controls, separator: str, source: str) -> None:
+    """Warn about labels read as combinations none of whose parts is a perturbation on its own
+    anywhere in the data (a drug named ``(+)-JQ1`` split at ``+``): likely one perturbation whose
+    name holds the separator."""
+    controls = set(controls)
+    parts_of = {lab: [p.strip() for p in lab.split(separator) if p.strip() and p.strip() not in controls]
+                for lab in labels}
+    alone = {ps[0] for ps in parts_of.values() if len(ps) == 1}
+    split = sorted(lab for lab, ps in parts_of.items() if len(ps) > 1 and not alone.intersection(ps))
+    if split:
+        import warnings
+
+        shown = " + ".join(repr(p) for p in parts_of[split[0]])
+        warnings.warn(f"obs[{key!r}] in {source}: {len(split)} label(s) such as {split[0]!r} are read as combinations "
+                      f"({shown}) none of whose parts is a perturbation on its own in the data; if such a label "
+                      f"names one perturbation, pass a separator it does not hold (--separator, data.separator, "
+                      f"separator=)", stacklevel=6)
+
+
 def _separator_hint(key: str, labels, controls, separator: str, source: str) -> None:
     """Warn when no label holds ``separator`` but some join two or more other labels (or control
     labels) with another one (scPerturb's ``A_B``): read as single perturbations of their own,
     they would be neither additive nor predictable from their parts."""
     labels = {str(lab).strip() for lab in labels}
     if any(separator in lab for lab in labels):
+        _fragment_hint(key, labels, controls, separator, source)
         return
     alone = labels | set(controls)
     for other in OTHER_SEPARATORS:
@@ -169,7 +189,7 @@ def _separator_hint(key: str, labels, controls, separator: str, source: str) -> 
             warnings.warn(f"obs[{key!r}] in {source}: {len(joined)} label(s) such as {joined[0]!r} join labels that "
                           f"also stand alone with {other!r}, not the separator {separator!r}, so each is read as a "
                           f"perturbation of its own; if they are combinations, pass --separator {other!r} "
-                          f"(data.separator, separator=)", stacklevel=4)
+                          f"(data.separator, separator=)", stacklevel=5)
             return
 
 

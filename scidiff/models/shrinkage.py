@@ -5,7 +5,12 @@ Each row holds one group's estimated changes over the genes, ``d_g``, with their
 errors ``s_g^2``. The true changes are given the prior ``sum_k pi_k N(0, sigma_k^2)`` on a fixed
 grid of scales (a point mass at zero first), whose weights are fitted per row by EM on the
 marginal likelihood ``d_g ~ sum_k pi_k N(0, sigma_k^2 + s_g^2)``, with ashr's null-biased penalty
-(a Dirichlet weight of 10 on the point mass) so that a row without signal is set to zero. The
+(a Dirichlet weight of 10 on the point mass) so that a row without signal is set to zero. EM
+runs from uniform weights for at most ``iterations`` (100) steps, or until no weight moves by
+more than ``tol``; on a screen's rows the weights are still moving then, along directions the
+likelihood hardly tells apart, and the posterior means lie within 0.7% (Papalexi's knockouts) to
+6% (a synthetic screen of 300 knockouts) of the converged fit's (relative norm of the
+difference); SQUAREM acceleration (Varadhan & Roland 2008) still left 2% at 100 steps. The
 posterior mean ``sum_k w_gk d_g sigma_k^2 / (sigma_k^2 + s_g^2)`` keeps large, well-measured
 changes and sets noise to zero: a knockout that changes nothing is predicted to change nothing,
 one that changes a few genes keeps them.
