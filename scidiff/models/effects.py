@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..data.rows import unique_rows
+from ..data.stream_setup import stream_group_moments
 from .shrinkage import adaptive_shrinkage
 
 COMBINATIONS = ("additive", "scaled", "polynomial")
@@ -64,7 +65,7 @@ def _label_rows(covariate) -> tuple[np.ndarray, np.ndarray]:
     return rows, label
 
 
-def _no_perturbation(covariate) -> np.ndarray:
+def unperturbed_cells(covariate) -> np.ndarray:
     """Which cells carry no perturbation of a covariate (per-cell table or streamed codes)."""
     table = getattr(covariate, "table", None)
     if table is not None:
@@ -398,8 +399,6 @@ class PerturbationEffects(nn.Module):
         groups' sums from one streamed pass
         (:func:`scidiff.data.stream_setup.stream_group_moments`); the same fit as :meth:`fit` on
         the same cells, up to the order of float64 sums."""
-        from ..data.stream_setup import stream_group_moments
-
         groups = streamed_groups(cells, self.keys, self.context_keys, dose_key)
         moments = stream_group_moments(cells, {k: (g.cell_group, g.n_fine) for k, g in groups.items()},
                                        progress=progress)
@@ -447,7 +446,7 @@ class PerturbationEffects(nn.Module):
         ctx = context_table({k: np.asarray(covariates[k]) for k in self.context_keys}, self.context_keys, n)
         control = np.ones(n, bool)
         for k in self.keys:
-            control &= _no_perturbation(covariates[k])
+            control &= unperturbed_cells(covariates[k])
         rng = np.random.default_rng(seed)
         contexts = np.unique(ctx[control], axis=0) if control.any() else np.zeros((0, ctx.shape[1]), np.int64)
         keep = [np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False))

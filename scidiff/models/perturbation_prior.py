@@ -43,13 +43,16 @@ The seen singles' effects are fitted as the model's own (:func:`single_effects`,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+import anndata as ad
 import numpy as np
 import torch
 
-from ..data.perturbation_features import DATA_SOURCE, FeatureTable, build_feature_tables
-from .effects import context_table, fit_singles, group_changes
+from ..data.block_order import as_runs
+from ..data.perturbation_features import DATA_SOURCE, MAX_CONTROL_CELLS, FeatureTable, build_feature_tables
+from ..data.stream_setup import stream_group_moments
+from .effects import context_table, fit_singles, group_changes, streamed_groups, unperturbed_cells
 
 FORMAT = "scidiff.perturbation_prior"
 FORMAT_VERSION = 1
@@ -378,14 +381,6 @@ class PerturbationPrior:
         (grouped as :func:`single_effects` groups cells in memory,
         :func:`scidiff.models.effects.streamed_groups`), and the data-derived gene features from
         the same seeded subsample of control cells :meth:`from_cells` reads, read from the file."""
-        import anndata as ad
-        from dataclasses import replace
-
-        from ..data.block_order import as_runs
-        from ..data.perturbation_features import MAX_CONTROL_CELLS
-        from ..data.stream_setup import stream_group_moments
-        from .effects import _no_perturbation, streamed_groups
-
         spec = cells.spec
         keys = list(spec.perturbation_keys)
         contexts = [k for k in spec.categorical if k not in keys and k in cells.covariates]
@@ -404,7 +399,7 @@ class PerturbationPrior:
                     effects[k][label], counts[k][label] = singles[j], int(round(cells_of[j]))
         control = np.ones(cells.reader.n_cells, bool)
         for k in keys:
-            control &= _no_perturbation(cells.covariates[k])
+            control &= unperturbed_cells(cells.covariates[k])
         rows = np.flatnonzero(control)
         if not len(rows):
             raise ValueError("no control cell (every perturbation covariate at a control label) to measure effects "
