@@ -155,3 +155,29 @@ def test_train_streaming_with_a_dose_and_time(screen, tmp_path):
     assert main(["predict", "--model", str(run), "--data", str(root / "control.h5ad"), "--target",
                  "pert=G1,dose=10,day=2", "--steps", "3", "--out", str(out)]) == 0
     assert np.isfinite(ad.read_h5ad(out).X).all()
+
+
+def test_papalexi_streamed_is_set_up_as_in_memory():
+    """The real CRISPR screen (Papalexi et al. 2021, 20,729 cells, 25 knockouts, 2 replicates):
+    the streamed effects and prior equal the in-memory ones."""
+    from shared_data import shared_file
+
+    path = shared_file("papalexi21_thp1_sceptre_lowmoi.h5ad")
+    setup = dict(n_top_genes=None, condition_keys=["perturbation", "bio_rep"], perturbation_keys=["perturbation"],
+                 control_labels=["control"])
+    adata = ad.read_h5ad(path)
+    cells = setup_anndata(adata, **setup)
+    ref = ScIDiffModel.from_data(cells, **MODEL)
+    streamed = setup_streaming(path, **setup)
+    got = ScIDiffModel.from_streamed(streamed, **MODEL)
+    for name in ("single", "seen", "seen_counts", "seen_change"):
+        torch.testing.assert_close(getattr(got.effects.of("perturbation"), name),
+                                   getattr(ref.effects.of("perturbation"), name), rtol=0, atol=1e-6)
+    assert got.effects_report["perturbation"]["singles_seen"] == 25
+    prior_ref, prior_got = PerturbationPrior.from_cells(cells, adata), PerturbationPrior.from_streamed(streamed)
+    assert prior_got.report()["perturbation"]["cv_sse"] == pytest.approx(prior_ref.report()["perturbation"]["cv_sse"],
+                                                                         rel=1e-6)
+    unseen = next(g for g in cells.spec.gene_names if g not in cells.spec.categorical["perturbation"])
+    (ea, ca), (eb, cb) = prior_ref.effect("perturbation", unseen), prior_got.effect("perturbation", unseen)
+    np.testing.assert_allclose(np.asarray(eb), np.asarray(ea), rtol=0, atol=1e-6)
+    assert cb == pytest.approx(ca, abs=1e-6)
