@@ -43,7 +43,8 @@ def add(sub):
                    help="drugs for unseen ones: a CSV of name,smiles rows -> Morgan fingerprints (needs RDKit: "
                         "pip install 'scidiff[chem]')")
     p.add_argument("--streaming", action="store_true",
-                   help="stream batches from the file on disk instead of loading X (files larger than memory)")
+                   help="stream batches from the file on disk instead of loading X (atlases and screens larger "
+                        "than memory; perturbation effects, doses and the prior are fitted from streamed passes)")
     g = p.add_argument_group("scale and faults",
                              "Several processes: torchrun --nproc_per_node N -m scidiff train ... (DDP; each process "
                              "trains on its own shard; effective batch = batch size x N x gradient accumulation, the "
