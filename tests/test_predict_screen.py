@@ -221,3 +221,36 @@ def test_a_control_label_no_cell_carries_is_warned_about(files):
     # no cell carries any: an error, exit status 2
     with pytest.warns(UserWarning, match="ctrl_typo"):
         assert main(args[:-4] + ["--control-labels", "ctrl_typo", "--out", str(root / "none.h5ad")]) == 2
+
+
+@pytest.mark.parametrize("targets", [TARGETS, TARGETS[:1]])
+def test_a_screen_written_target_by_target_holds_the_stacked_screen(run, files, tmp_path, targets):
+    """``predict_screen_to_file`` (memory bounded by one target) writes what ``predict_screen``
+    stacks in memory: X, layers['control'], obs names and values (categorical and numeric,
+    missing where the stacked screen has none), uns."""
+    import pandas as pd
+
+    from scidiff.data import write_h5ad
+    from scidiff.tasks.screen import predict_screen, predict_screen_to_file
+
+    _, model = run
+    _, _, control = files
+    want_path = tmp_path / "stacked.h5ad"
+    write_h5ad(predict_screen(model, control, targets, steps=4, seed=3, progress=False), want_path)
+    want = ad.read_h5ad(want_path)
+    cells, genes = predict_screen_to_file(model, control, targets, tmp_path / "streamed.h5ad", steps=4, seed=3,
+                                          progress=False)
+    got = ad.read_h5ad(tmp_path / "streamed.h5ad")
+    assert (cells, genes) == want.shape and list(got.var_names) == list(want.var_names)
+    np.testing.assert_array_equal(got.X, want.X)
+    np.testing.assert_array_equal(got.layers["control"], want.layers["control"])
+    assert list(got.obs_names) == list(want.obs_names)
+    assert sorted(got.obs.columns) == sorted(want.obs.columns)
+    for c in want.obs.columns:
+        a, b = want.obs[c], got.obs[c]
+        if pd.api.types.is_numeric_dtype(a) and not isinstance(a.dtype, pd.CategoricalDtype):
+            np.testing.assert_allclose(b.to_numpy(dtype=float), a.to_numpy(dtype=float), err_msg=c)
+        else:
+            assert list(b.astype(object).where(b.notna(), None)) == list(a.astype(object).where(a.notna(), None)), c
+    assert got.uns["scidiff_prediction"].keys() == want.uns["scidiff_prediction"].keys()
+    assert list(got.uns["scidiff_prediction"].get("targets", [])) == list(want.uns["scidiff_prediction"].get("targets", []))

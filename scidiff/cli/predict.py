@@ -166,19 +166,22 @@ def run(args):
     model = load_model(args.model, map_location=str(device or "cpu")) if args.model is not None else None
     if baseline:
         out = _baselines(args, model, texts)
+        write_h5ad(out, args.out)
+        n_cells, n_genes = out.shape
     else:
-        from ..tasks.screen import predict_screen  # lazy: keeps --help light (torch, anndata)
+        from ..tasks.screen import predict_screen_to_file  # lazy: keeps --help light (torch, anndata)
 
         spec = model.data_spec
         if spec is None:
             raise ValueError(f"--model {args.model!r} carries no gene list; train it through scidiff train")
         targets = [_parse(w, t, _model_check(model), spec.continuous) for w, t in texts]
-        out = predict_screen(model, args.data, targets, method=args.method, steps=args.steps, guidance_scale=guidance,
-                             seed=args.seed, batch_size=args.batch_size, device=device)
-    write_h5ad(out, args.out)
+        # target by target into the file: memory holds one target's prediction, however many targets
+        n_cells, n_genes = predict_screen_to_file(model, args.data, targets, args.out, method=args.method,
+                                                  steps=args.steps, guidance_scale=guidance, seed=args.seed,
+                                                  batch_size=args.batch_size, device=device)
     n_targets = len(texts)
-    per = f" ({n_targets} targets x {out.n_obs // n_targets} cells)" if n_targets > 1 else ""
-    print(f"wrote {out.n_obs} predicted cells{per} x {out.n_vars} genes to {args.out}")
+    per = f" ({n_targets} targets x {n_cells // n_targets} cells)" if n_targets > 1 else ""
+    print(f"wrote {n_cells} predicted cells{per} x {n_genes} genes to {args.out}")
 
 
 def _baselines(args, model, texts):

@@ -1,7 +1,7 @@
 """Write an ``.h5ad`` chunk by chunk, with memory bounded by the chunk, not by the file.
 
-``X`` (dense float rows, or CSR) and the ``obs`` index and categorical columns grow as cells are
-appended; ``var`` and ``uns`` are written at the end. The file is written under a temporary name
+``X`` (dense float rows, or CSR), dense ``layers``, and the ``obs`` index, categorical and numeric
+columns grow as cells are appended; ``var`` and ``uns`` are written at the end. The file is written under a temporary name
 beside the target and renamed only when complete, so an interrupted run never leaves a partial file
 at the target.
 The layout follows anndata's on-disk format (``encoding-type`` attributes), so
@@ -34,6 +34,24 @@ def _write_elem_function():
     import anndata as ad
 
     return getattr(getattr(ad, "io", None), "write_elem", None) or ad.experimental.write_elem
+
+
+def _missing(value) -> bool:
+    """``None`` or a float NaN: a missing label (code -1)."""
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
+def _numeric(values) -> bool:
+    """Whether obs values make a numeric column: a number, a numeric array, or numbers and ``None``."""
+    if isinstance(values, (int, float, np.number)) and not isinstance(values, bool):
+        return True
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
+        return True
+    if isinstance(values, (list, tuple)):
+        present = [v for v in values if v is not None]
+        return bool(present) and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                     for v in present)
+    return False
 
 
 class _Growing1D:
@@ -108,10 +126,13 @@ class H5adWriter:
         self.n_genes, self.sparse, self.n_cells = len(self.var_names), bool(sparse), 0
         self._closed = False
         self.uns: dict = {}  # written at close
+        self.drop_if_empty: set = set()  # obs columns dropped at close when no cell has a value in them
         level = gzip_level if compression == "gzip" else None
         self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
         self.f = h5py.File(self._tmp, "w")
         _attrs(self.f, "anndata", "0.1.0")
+        self._dense_rows = chunk_cells or max(1, (1 << 18) // max(self.n_genes, 1))
+        self._dense_options = {"compression": "gzip", "compression_opts": gzip_level} if level is not None else {}
         if self.sparse:
             g = self.f.create_group("X")
             _attrs(g, "csr_matrix", "0.1.0")
@@ -119,25 +140,35 @@ class H5adWriter:
             self._indices = _Growing1D(g, "indices", index_dtype, chunk_values, level, self._pool)
             self._indptr = g.create_dataset("indptr", data=np.zeros(1, np.int64), maxshape=(None,), chunks=(65536,))
         else:
-            rows = chunk_cells or max(1, (1 << 18) // max(self.n_genes, 1))
-            kw = {"compression": "gzip", "compression_opts": gzip_level} if level is not None else {}
-            self._x = self.f.create_dataset("X", shape=(0, self.n_genes), maxshape=(None, self.n_genes), dtype=dtype,
-                                            chunks=(rows, max(self.n_genes, 1)), **kw)
-            _attrs(self._x, "array", "0.2.0")
+            self._x = self._dense(self.f, "X", dtype)
         obs = self.f.create_group("obs")
         self._obs_index = obs.create_dataset("_index", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(65536,))
         _attrs(self._obs_index, "string-array", "0.2.0")
-        self._columns: dict[str, tuple[h5py.Dataset, dict]] = {}  # name -> (codes, label -> code)
+        self._columns: dict[str, tuple[h5py.Dataset, dict | None]] = {}  # name -> (codes, label -> code) or (values, None)
+        self._layers: dict[str, h5py.Dataset] = {}
 
     # -- appending --------------------------------------------------------------------------------
-    def append(self, x, obs: dict | None = None, obs_names=None) -> None:
-        """Add cells ``x [n, G]``; ``obs``: column -> labels (one per cell, or one for all);
-        ``obs_names``: the cells' names (default ``cell_<row>``)."""
+    def append(self, x, obs: dict | None = None, obs_names=None, layers: dict | None = None) -> None:
+        """Add cells ``x [n, G]``; ``obs``: column -> labels (one per cell, or one for all; a
+        numeric array, or numbers with ``None`` for missing, makes a numeric column); ``obs_names``:
+        the cells' names (default ``cell_<row>``); ``layers``: name -> dense ``[n, G]`` (every
+        append gives the same layers)."""
         import scipy.sparse as sp
 
         n = x.shape[0]
         if x.shape[1] != self.n_genes:
             raise ValueError(f"cells have {x.shape[1]} genes, the file {self.n_genes}")
+        layers = dict(layers or {})
+        if self.n_cells and set(layers) != set(self._layers):
+            raise ValueError(f"layers {sorted(layers)} differ from the file's {sorted(self._layers)}")
+        for name, values in layers.items():
+            values = np.asarray(values.toarray() if sp.issparse(values) else values)
+            if values.shape != (n, self.n_genes):
+                raise ValueError(f"layer {name!r} has shape {values.shape}, the cells {(n, self.n_genes)}")
+            if name not in self._layers:
+                self._layers[name] = self._dense(self.f.require_group("layers"), name, values.dtype)
+            self._layers[name].resize((self.n_cells + n, self.n_genes))
+            self._layers[name][self.n_cells:] = values
         if self.sparse:
             m = sp.csr_matrix(x)
             m.sort_indices()
@@ -158,7 +189,31 @@ class H5adWriter:
             self._append_labels(key, (obs or {}).get(key), n)
         self.n_cells += n
 
+    def _dense(self, group, name: str, dtype) -> h5py.Dataset:
+        """A dense ``[0, G]`` matrix growing by rows."""
+        out = group.create_dataset(name, shape=(0, self.n_genes), maxshape=(None, self.n_genes), dtype=dtype,
+                                   chunks=(self._dense_rows, max(self.n_genes, 1)), **self._dense_options)
+        _attrs(out, "array", "0.2.0")
+        return out
+
     def _append_labels(self, key: str, labels, n: int) -> None:
+        if key not in self._columns and labels is not None and _numeric(labels):
+            values = self.f["obs"].create_dataset(key, data=np.full(self.n_cells, np.nan), maxshape=(None,),
+                                                  chunks=(65536,))
+            _attrs(values, "array", "0.2.0")
+            self._columns[key] = (values, None)
+        if key in self._columns and self._columns[key][1] is None:  # a numeric column
+            values = self._columns[key][0]
+            if labels is None:
+                new = np.full(n, np.nan)
+            elif not _numeric(labels):
+                raise ValueError(f"obs column {key!r} is numeric in the file; got labels {list(labels)[:3]}")
+            else:
+                new = np.broadcast_to(np.asarray([np.nan if v is None else v for v in np.atleast_1d(labels)],
+                                                 np.float64), (n,))
+            values.resize((self.n_cells + n,))
+            values[self.n_cells:] = new
+            return
         if key not in self._columns:
             col = self.f["obs"].create_group(key)
             _attrs(col, "categorical", "0.2.0")
@@ -174,7 +229,8 @@ class H5adWriter:
             labels = [labels] * n if isinstance(labels, (str, int, float)) else list(labels)
             if len(labels) != n:
                 raise ValueError(f"obs column {key!r} has {len(labels)} labels for {n} cells")
-            new = np.fromiter((vocab.setdefault(str(v), len(vocab)) for v in labels), np.int32, n)
+            new = np.fromiter((-1 if _missing(v) else vocab.setdefault(str(v), len(vocab)) for v in labels),
+                              np.int32, n)
         codes.resize((self.n_cells + n,))
         codes[self.n_cells:] = new
 
@@ -191,15 +247,24 @@ class H5adWriter:
                 self.f["X"].attrs["shape"] = np.array([self.n_cells, self.n_genes], np.int64)
             obs = self.f["obs"]
             obs.attrs["_index"] = "_index"
+            if self.drop_if_empty:
+                for key in [k for k, (d, vocab) in self._columns.items() if k in self.drop_if_empty
+                            and (not vocab if vocab is not None else bool(np.isnan(d[:]).all()))]:
+                    del obs[key]
+                    del self._columns[key]
             obs.attrs["column-order"] = np.array(list(self._columns), dtype=object) if self._columns \
                 else np.zeros(0, np.float64)
             _attrs(obs, "dataframe", "0.2.0")
             for key, (_, vocab) in self._columns.items():
+                if vocab is None:
+                    continue
                 cats = obs[key].create_dataset("categories", data=np.array(list(vocab), dtype=object), dtype=_STR)
                 _attrs(cats, "string-array", "0.2.0")
             write_elem(self.f, "var", pd.DataFrame(index=pd.Index(self.var_names)))
             write_elem(self.f, "uns", dict(self.uns if uns is None else uns))
-            for key in ("obsm", "varm", "obsp", "varp", "layers"):
+            layers = self.f.require_group("layers")
+            _attrs(layers, "dict", "0.1.0")
+            for key in ("obsm", "varm", "obsp", "varp"):
                 write_elem(self.f, key, {})
             self.f.close()
             os.replace(self._tmp, self.path)

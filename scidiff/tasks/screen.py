@@ -152,6 +152,59 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     return _stack(parts, texts, columns)
 
 
+def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: bool = True, device=None,
+                           **perturb_kwargs) -> tuple[int, int]:
+    """:func:`predict_screen` straight into the ``.h5ad`` at ``out``, one target at a time, so
+    memory holds one target's prediction however many targets there are (an in-silico screen of
+    thousands). The file holds what ``write_h5ad(predict_screen(...), out)`` would (the same
+    ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; categories in the order
+    met); it appears only when complete. Returns ``(cells, genes)``."""
+    from ..data.h5ad_writer import H5adWriter
+
+    targets = _check_targets(targets)
+    cells = read_cells(cells)
+    spec = model.data_spec
+    columns = getattr(spec, "perturbation_columns", None) or {}
+    described = {c for d in columns.values() for c in d}
+    texts = [target_text(t) for t in targets]
+    many, store, records = len(targets) > 1, {}, {}
+    bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
+    with H5adWriter(out, spec.gene_names) as writer:
+        writer.drop_if_empty = set(described)
+        for i, (target, text) in enumerate(bar):
+            bar.set_postfix_str(text[:60])
+            pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
+                           **perturb_kwargs)
+            obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
+                                           control_labels=spec.control_labels)
+            obs[TARGET_COLUMN] = text
+            names = [f"{name}-{i}" for name in pred.obs_names] if many else list(pred.obs_names)
+            writer.append(np.asarray(pred.X), obs={c: _file_values(obs[c], c in described) for c in obs.columns},
+                          obs_names=names, layers={"control": np.asarray(pred.layers["control"])})
+            records[str(i)] = dict(pred.uns.get("scidiff_prediction", {}))
+        first = dict(records["0"])
+        if many:
+            first.pop("target", None)
+            first = {**first, "targets": list(texts), "per_target": records}
+        writer.uns = {"scidiff_prediction": first}
+        n_cells = writer.n_cells
+    return n_cells, len(spec.gene_names)
+
+
+def _file_values(column: pd.Series, described: bool):
+    """One obs column of a target's prediction as the file's writer takes it: numbers as a float
+    array, anything else as labels (``None`` for missing), as :func:`_stack` makes them."""
+    values = [None if _missing(v) else v for v in column.astype(object)]
+    if (described or not isinstance(column.dtype, pd.CategoricalDtype)) and pd.api.types.is_numeric_dtype(column) \
+            and not pd.api.types.is_bool_dtype(column):
+        return column.to_numpy(dtype=np.float64)
+    present = [v for v in values if v is not None]
+    if described and present and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+                                     for v in present):
+        return np.array([np.nan if v is None else float(v) for v in values])
+    return [None if v is None else str(v) for v in values]
+
+
 # -- baselines -------------------------------------------------------------------------------------
 
 def check_control_labels(key: str, control_labels, files: dict, *, required: str | None = None) -> list[str]:
