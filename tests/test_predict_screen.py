@@ -227,21 +227,28 @@ def test_a_control_label_no_cell_carries_is_warned_about(files):
 def test_a_screen_written_target_by_target_holds_the_stacked_screen(run, files, tmp_path, targets):
     """``predict_screen_to_file`` (memory bounded by one target) writes what ``predict_screen``
     stacks in memory: X, layers['control'], obs names and values (categorical and numeric,
-    missing where the stacked screen has none), uns."""
-    import pandas as pd
-
+    missing where the stacked screen has none), uns; so does ``baseline_screen(out=...)``."""
     from scidiff.data import write_h5ad
-    from scidiff.tasks.screen import predict_screen, predict_screen_to_file
+    from scidiff.tasks.screen import baseline_screen, predict_screen, predict_screen_to_file
 
     _, model = run
-    _, _, control = files
+    _, train, control = files
     want_path = tmp_path / "stacked.h5ad"
     write_h5ad(predict_screen(model, control, targets, steps=4, seed=3, progress=False), want_path)
-    want = ad.read_h5ad(want_path)
     cells, genes = predict_screen_to_file(model, control, targets, tmp_path / "streamed.h5ad", steps=4, seed=3,
                                           progress=False)
-    got = ad.read_h5ad(tmp_path / "streamed.h5ad")
-    assert (cells, genes) == want.shape and list(got.var_names) == list(want.var_names)
+    _same_file(ad.read_h5ad(want_path), ad.read_h5ad(tmp_path / "streamed.h5ad"), (cells, genes))
+    baseline = dict(perturbation_key="perturbation", context_key="bio_rep", control_labels=["control"])
+    write_h5ad(baseline_screen("additive", train, control, targets, **baseline), want_path)
+    shape = baseline_screen("additive", train, control, targets, out=tmp_path / "baseline.h5ad", **baseline)
+    _same_file(ad.read_h5ad(want_path), ad.read_h5ad(tmp_path / "baseline.h5ad"), shape)
+
+
+def _same_file(want, got, shape):
+    """Two screens' files hold the same cells, values, names and settings."""
+    import pandas as pd
+
+    assert shape == want.shape and list(got.var_names) == list(want.var_names)
     np.testing.assert_array_equal(got.X, want.X)
     np.testing.assert_array_equal(got.layers["control"], want.layers["control"])
     assert list(got.obs_names) == list(want.obs_names)

@@ -142,7 +142,6 @@ def _device(name: str):
 def run(args):
     import torch  # lazy: keeps --help light (torch)
 
-    from ..data import write_h5ad  # lazy: keeps --help light (torch, anndata)
     from ..training import load_model  # lazy: keeps --help light (torch, anndata)
 
     baseline = args.method in BASELINE_METHODS
@@ -165,9 +164,7 @@ def run(args):
     check_out(args.out)
     model = load_model(args.model, map_location=str(device or "cpu")) if args.model is not None else None
     if baseline:
-        out = _baselines(args, model, texts)
-        write_h5ad(out, args.out)
-        n_cells, n_genes = out.shape
+        n_cells, n_genes = _baselines(args, model, texts)
     else:
         from ..tasks.screen import predict_screen_to_file  # lazy: keeps --help light (torch, anndata)
 
@@ -187,7 +184,8 @@ def run(args):
 def _baselines(args, model, texts):
     """``--method`` a baseline: ``--train`` and ``--data`` in log1p expression (the model's genes
     and normalisation with ``--model``, else ``--train``'s genes, counts normalised to 1e4 + log1p),
-    keys from the flags or the model's spec, then :func:`scidiff.tasks.screen.baseline_screen`."""
+    keys from the flags or the model's spec, then :func:`scidiff.tasks.screen.baseline_screen`
+    into ``--out``; returns ``(cells, genes)``."""
     import warnings
 
     from ..data import read_h5ad  # lazy: keeps --help light (torch, anndata)
@@ -243,13 +241,11 @@ def _baselines(args, model, texts):
     columns = None
     if spec is not None and pert_key in spec.perturbation_columns:
         columns = {pert_key: spec.perturbation_columns[pert_key]}
-    out = baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
-                          control_labels=controls, time_key=time_key, columns=columns,
-                          separator=args.separator or (spec.separator if spec is not None else "+"),
-                          exclude_columns=[CONTEXT_COLUMN])
-    if context_key == CONTEXT_COLUMN and CONTEXT_COLUMN in out.obs.columns:
-        del out.obs[CONTEXT_COLUMN]
-    return out
+    # target by target into the file; the context joined from several covariates is not written
+    return baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
+                           control_labels=controls, time_key=time_key, columns=columns, out=args.out,
+                           separator=args.separator or (spec.separator if spec is not None else "+"),
+                           exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN])
 
 
 def _log1p_pair(train, data, model, context_key, pert_key, time_key):

@@ -126,6 +126,22 @@ def _drop_empty(obs: pd.DataFrame, columns: dict) -> None:
             del obs[c]
 
 
+def _model_parts(model, cells, targets, progress, device, perturb_kwargs):
+    """Each target's prediction with its perturbation columns set, one at a time (the control
+    cells' inversions kept in one store, shared by the targets)."""
+    spec = model.data_spec
+    columns = getattr(spec, "perturbation_columns", None) or {}
+    store, many = {}, len(targets) > 1
+    bar = tqdm(targets, desc="targets", unit="target", disable=not (progress and many))
+    for target in bar:
+        bar.set_postfix_str(target_text(target)[:60])
+        pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
+                       **perturb_kwargs)
+        pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
+                                            control_labels=spec.control_labels)
+        yield pred
+
+
 def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,
                    **perturb_kwargs) -> ad.AnnData:
     """Predict the control ``cells`` (an AnnData or ``.h5ad`` path, read once) under each of
@@ -135,21 +151,8 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     control cells are inverted once for all targets (``perturb``'s ``store``).
     ``device``: run there (the model is moved)."""
     targets = _check_targets(targets)
-    cells = read_cells(cells)
-    spec = model.data_spec
-    columns = getattr(spec, "perturbation_columns", None) or {}
-    texts = [target_text(t) for t in targets]
-    parts, store = [], {}  # the control cells' inversions, shared by the targets
-    many = len(targets) > 1
-    bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
-    for target, text in bar:
-        bar.set_postfix_str(text[:60])
-        pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
-                       **perturb_kwargs)
-        pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
-                                            control_labels=spec.control_labels)
-        parts.append(pred)
-    return _stack(parts, texts, columns)
+    parts = list(_model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs))
+    return _stack(parts, [target_text(t) for t in targets], getattr(model.data_spec, "perturbation_columns", None) or {})
 
 
 def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: bool = True, device=None,
@@ -157,26 +160,28 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
     """:func:`predict_screen` straight into the ``.h5ad`` at ``out``, one target at a time, so
     memory holds one target's prediction however many targets there are (an in-silico screen of
     thousands). The file holds what ``write_h5ad(predict_screen(...), out)`` would (the same
-    ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; categories in the order
-    met); it appears only when complete. Returns ``(cells, genes)``."""
+    ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; numbers as floats,
+    categories in the order met); it appears only when complete. Returns ``(cells, genes)``."""
+    targets = _check_targets(targets)
+    parts = _model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs)
+    return _write_parts(out, parts, [target_text(t) for t in targets],
+                        getattr(model.data_spec, "perturbation_columns", None) or {})
+
+
+def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]:
+    """Per-target predictions (an iterable, read one at a time) into the ``.h5ad`` at ``out`` as
+    :func:`_stack` would stack them. Returns ``(cells, genes)``."""
     from ..data.h5ad_writer import H5adWriter
 
-    targets = _check_targets(targets)
-    cells = read_cells(cells)
-    spec = model.data_spec
-    columns = getattr(spec, "perturbation_columns", None) or {}
     described = {c for d in columns.values() for c in d}
-    texts = [target_text(t) for t in targets]
-    many, store, records = len(targets) > 1, {}, {}
-    bar = tqdm(list(zip(targets, texts)), desc="targets", unit="target", disable=not (progress and many))
-    with H5adWriter(out, spec.gene_names) as writer:
-        writer.drop_if_empty = set(described)
-        for i, (target, text) in enumerate(bar):
-            bar.set_postfix_str(text[:60])
-            pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
-                           **perturb_kwargs)
-            obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
-                                           control_labels=spec.control_labels)
+    many, records, writer, n_genes = len(texts) > 1, {}, None, 0
+    try:
+        for i, (pred, text) in enumerate(zip(parts, texts)):
+            if writer is None:
+                writer = H5adWriter(out, [str(g) for g in pred.var_names])
+                writer.drop_if_empty = set(described)
+                n_genes = pred.n_vars
+            obs = pred.obs.copy()
             obs[TARGET_COLUMN] = text
             names = [f"{name}-{i}" for name in pred.obs_names] if many else list(pred.obs_names)
             writer.append(np.asarray(pred.X), obs={c: _file_values(obs[c], c in described) for c in obs.columns},
@@ -188,7 +193,12 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
             first = {**first, "targets": list(texts), "per_target": records}
         writer.uns = {"scidiff_prediction": first}
         n_cells = writer.n_cells
-    return n_cells, len(spec.gene_names)
+        writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return n_cells, n_genes
 
 
 def _file_values(column: pd.Series, described: bool):
@@ -232,15 +242,18 @@ def check_control_labels(key: str, control_labels, files: dict, *, required: str
 
 def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbation_key: str | None = None,
                     context_key: str | None = None, control_labels=("control",), time_key: str | None = None,
-                    exclude_columns=(), columns: dict | None = None, **baseline_kwargs) -> ad.AnnData:
+                    exclude_columns=(), columns: dict | None = None, out=None, drop_obs=(), **baseline_kwargs):
     """Predict ``cells`` under each of ``targets`` with the baseline ``method``
     (:func:`~scidiff.evaluation.perturbation.predict_baseline`, from the ``train`` cells; both
-    AnnData of log1p expression on the same genes), stacked like :func:`predict_screen`.
-    ``control_labels``: every one is taken as control (the first names it); labels are matched
-    in canonical form (:func:`~scidiff.evaluation.perturbation.perturbation_labels`). ``columns``: the obs columns that describe the
-    perturbation (default: those of ``train``, :func:`~scidiff.data.spec.describing_columns`, the
-    context, time and ``exclude_columns`` aside). ``baseline_kwargs``: ``alpha``, ``features``,
-    ``separator``."""
+    AnnData of log1p expression on the same genes), stacked like :func:`predict_screen`, or with
+    ``out`` (an ``.h5ad`` path) written target by target like :func:`predict_screen_to_file`
+    (then ``(cells, genes)`` is returned). ``control_labels``: every one is taken as control (the
+    first names it); labels are matched in canonical form
+    (:func:`~scidiff.evaluation.perturbation.perturbation_labels`). ``columns``: the obs columns
+    that describe the perturbation (default: those of ``train``,
+    :func:`~scidiff.data.spec.describing_columns`, the context, time and ``exclude_columns``
+    aside); ``drop_obs``: obs columns of ``cells`` left out of the predictions. ``baseline_kwargs``:
+    ``alpha``, ``features``, ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
     if columns is None:
@@ -249,8 +262,22 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
             skip = {context_key, time_key, *exclude_columns} - {None}
             columns = {perturbation_key: describing_columns(train.obs, perturbation_key, exclude=skip)}
     separator = baseline_kwargs.get("separator", "+")
+    parts = _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key,
+                            columns, separator, baseline_kwargs)
+    if drop_obs:
+        parts = (_without(pred, drop_obs) for pred in parts)
     texts = [target_text(t) for t in targets]
-    parts = []
+    return _write_parts(out, parts, texts, columns) if out is not None else _stack(list(parts), texts, columns)
+
+
+def _without(pred: ad.AnnData, columns) -> ad.AnnData:
+    pred.obs = pred.obs.drop(columns=[c for c in columns if c in pred.obs.columns])
+    return pred
+
+
+def _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key, columns,
+                    separator, baseline_kwargs):
+    """Each target's baseline prediction, one at a time (:func:`baseline_screen`)."""
     for target in targets:
         pred = predict_baseline(method, train if train is not None else cells, cells, target,
                                 perturbation_key=perturbation_key, context_key=context_key,
@@ -265,5 +292,4 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
             "baseline": {"perturbation_key": perturbation_key or "", "context_key": context_key or "",
                          "control_label": control_labels[0], "time_key": time_key or ""},
             "confidence": "not assessed by a baseline (NaN)"}
-        parts.append(pred)
-    return _stack(parts, texts, columns)
+        yield pred
