@@ -52,7 +52,8 @@ def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, se
     depth = rng.lognormal(0, 0.3, n_cells).astype(np.float32)
     parts = []
     for s in range(0, n_cells, 10_000):
-        mu = base * np.exp(effect[label[s:s + 10_000]]) * depth[s:s + 10_000, None] * (1 + 0.2 * gem[s:s + 10_000, None])
+        part = slice(s, s + 10_000)
+        mu = base * np.exp(effect[label[part]]) * depth[part, None] * (1 + 0.2 * gem[part, None])
         parts.append(sp.csr_matrix(rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32)))
     obs = pd.DataFrame({"gene": labels[label], "gem_group": [f"gem{g}" for g in gem]},
                        index=[f"c{i}" for i in range(n_cells)])
@@ -121,7 +122,8 @@ def main(argv=None):
         runs = {}
         for mode, streaming in (("in_memory", False), ("streamed", True)):
             runs[mode] = set_up(path, args.n_genes, streaming)
-            print(f"{mode}: set-up {runs[mode]['seconds']:.1f} s, peak RSS {runs[mode]['peak_rss_gb']:.2f} GB", flush=True)
+            run = runs[mode]
+            print(f"{mode}: set-up {run['seconds']:.1f} s, peak RSS {run['peak_rss_gb']:.2f} GB", flush=True)
     shared = len(set(runs["in_memory"].pop("genes")) & set(runs["streamed"].pop("genes")))
     result = {"args": vars(args), "file_bytes": size, "runs": runs, "genes_shared": shared,
               "time_ratio": runs["in_memory"]["seconds"] / runs["streamed"]["seconds"],

@@ -1,9 +1,9 @@
 """Write an ``.h5ad`` chunk by chunk, with memory bounded by the chunk, not by the file.
 
 ``X`` (dense float rows, or CSR), dense ``layers``, and the ``obs`` index, categorical and numeric
-columns grow as cells are appended; ``var`` and ``uns`` are written at the end. The file is written under a temporary name
-beside the target and renamed only when complete, so an interrupted run never leaves a partial file
-at the target.
+columns grow as cells are appended; ``var`` and ``uns`` are written at the end. The file is
+written under a temporary name beside the target and renamed only when complete, so an
+interrupted run never leaves a partial file at the target.
 The layout follows anndata's on-disk format (``encoding-type`` attributes), so
 ``anndata.read_h5ad`` opens the result. With ``compression="gzip"`` the sparse arrays' chunks are
 compressed on several threads and stored directly (``write_direct_chunk``). The temporary name
@@ -144,7 +144,8 @@ class H5adWriter:
         obs = self.f.create_group("obs")
         self._obs_index = obs.create_dataset("_index", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(65536,))
         _attrs(self._obs_index, "string-array", "0.2.0")
-        self._columns: dict[str, tuple[h5py.Dataset, dict | None]] = {}  # name -> (codes, label -> code) or (values, None)
+        # name -> (codes, label -> code) for labels, (values, None) for numbers
+        self._columns: dict[str, tuple[h5py.Dataset, dict | None]] = {}
         self._layers: dict[str, h5py.Dataset] = {}
 
     # -- appending --------------------------------------------------------------------------------

@@ -110,8 +110,8 @@ def streamed_groups(cells, keys, context_keys, dose_key: str | None = None,
         rows, label = coded[key]
         alone = np.logical_and.reduce([control[o] for o in keys if o != key] or [np.ones(len(ids), bool)])
         distinct, row_of_label = np.unique(rows, axis=0, return_inverse=True)
-        (g_ctx, g_row, g_dose), member, _ = unique_rows(ctx[alone], row_of_label.reshape(-1)[label[ids][alone]][:, None],
-                                                        dose[alone][:, None])
+        label_row = row_of_label.reshape(-1)[label[ids][alone]][:, None]
+        (g_ctx, g_row, g_dose), member, _ = unique_rows(ctx[alone], label_row, dose[alone][:, None])
         cell_group = np.full(cells.reader.n_cells, -1, np.int64)
         cell_group[ids[alone]] = member
         design = distinct[g_row[:, 0]]

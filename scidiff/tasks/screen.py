@@ -152,7 +152,8 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     ``device``: run there (the model is moved)."""
     targets = _check_targets(targets)
     parts = list(_model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs))
-    return _stack(parts, [target_text(t) for t in targets], getattr(model.data_spec, "perturbation_columns", None) or {})
+    columns = getattr(model.data_spec, "perturbation_columns", None) or {}
+    return _stack(parts, [target_text(t) for t in targets], columns)
 
 
 def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: bool = True, device=None,
