@@ -262,3 +262,16 @@ def _same_file(want, got, shape):
     assert got.uns["scidiff_prediction"].keys() == want.uns["scidiff_prediction"].keys()
     texts = [list(f.uns["scidiff_prediction"].get("targets", [])) for f in (got, want)]
     assert texts[0] == texts[1]
+
+
+def test_the_screen_file_keeps_the_obs_columns_in_order(run, files, tmp_path):
+    """The columns come in the order the stacked screen has them (not a set's order, which
+    changes from run to run)."""
+    from scidiff.data import write_h5ad
+    from scidiff.tasks.screen import predict_screen, predict_screen_to_file
+
+    _, model = run
+    _, _, control = files
+    write_h5ad(predict_screen(model, control, TARGETS[:2], steps=2, progress=False), tmp_path / "a.h5ad")
+    predict_screen_to_file(model, control, TARGETS[:2], tmp_path / "b.h5ad", steps=2, progress=False)
+    assert list(ad.read_h5ad(tmp_path / "b.h5ad").obs.columns) == list(ad.read_h5ad(tmp_path / "a.h5ad").obs.columns)

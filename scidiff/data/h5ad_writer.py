@@ -186,7 +186,7 @@ class H5adWriter:
             raise ValueError(f"{len(names)} obs names for {n} cells")
         self._obs_index.resize((self.n_cells + n,))
         self._obs_index[self.n_cells:] = np.asarray(names, dtype=object)
-        for key in set(self._columns) | set(obs or {}):
+        for key in list(self._columns) + [k for k in (obs or {}) if k not in self._columns]:  # columns in order met
             self._append_labels(key, (obs or {}).get(key), n)
         self.n_cells += n
 
