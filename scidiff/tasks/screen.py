@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..data.h5ad_writer import H5adWriter
 from ..data.spec import describing_columns, lookup_label
 from ..evaluation.perturbation import predict_baseline
 from .cells import read_cells
@@ -172,8 +173,6 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
 def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]:
     """Per-target predictions (an iterable, read one at a time) into the ``.h5ad`` at ``out`` as
     :func:`_stack` would stack them. Returns ``(cells, genes)``."""
-    from ..data.h5ad_writer import H5adWriter
-
     described = {c for d in columns.values() for c in d}
     many, records, writer, n_genes = len(texts) > 1, {}, None, 0
     try:
