@@ -83,6 +83,7 @@ class DataConfig:
     perturbation_keys: list[str] = field(default_factory=list)
     control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
     separator: str = "+"  # between the singles of a combination label (scPerturb: "_")
+    hvg_cells: int = 20000  # streaming: cells the input kind and highly variable genes are read on
     dose_key: str | None = None
     continuous_keys: list[str] = field(default_factory=list)
     # prior knowledge of perturbations, for unseen ones (scidiff.models.perturbation_prior): a TSV of
@@ -139,7 +140,7 @@ _RULES = {
     "training.gradient_accumulation": (lambda v: v >= 1, ">= 1"),
     "training.checkpoint_every_steps": (lambda v: v >= 0, ">= 0"),
     "training.keep_checkpoints": (lambda v: v >= 1, ">= 1"), "training.log_every_steps": (lambda v: v >= 0, ">= 0"),
-    "data.target_sum": (lambda v: v > 0, "> 0 (or null)"),
+    "data.target_sum": (lambda v: v > 0, "> 0 (or null)"), "data.hvg_cells": (lambda v: v >= 1, ">= 1"),
     "sampling.steps": (lambda v: v >= 1, ">= 1"), "sampling.eta": (lambda v: v >= 0, ">= 0"),
 }
 

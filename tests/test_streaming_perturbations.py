@@ -183,3 +183,19 @@ def test_papalexi_streamed_is_set_up_as_in_memory():
     (ea, ca), (eb, cb) = prior_ref.effect("perturbation", unseen), prior_got.effect("perturbation", unseen)
     np.testing.assert_allclose(np.asarray(eb), np.asarray(ea), rtol=0, atol=1e-6)
     assert cb == pytest.approx(ca, abs=1e-6)
+
+
+def test_hvg_cells_sets_the_cells_the_streamed_genes_are_chosen_on(screen):
+    """``data.hvg_cells`` (``--hvg-cells``): on all the file's cells the streamed set-up keeps the
+    in-memory genes; a value below 1 is refused by the config."""
+    from scidiff.config import load_config
+    from scidiff.tasks.train import _streamed_model
+
+    root, adata = screen
+    config = load_config(None, {"model": {"gene_dim": 15, "hidden_dim": 16, "num_layers": 1, "latent_dim": 4},
+                                "data": {"hvg_cells": N, "perturbation_keys": ["pert"], "control_labels": ["ctrl"]}})
+    cells, _ = _streamed_model(str(root / "screen.h5ad"), config, ["pert", "line"], progress=False)
+    ref = setup_anndata(adata, **{**SETUP, "n_top_genes": 15})
+    assert list(cells.spec.gene_names) == list(ref.spec.gene_names)
+    with pytest.raises(ValueError, match="hvg_cells must be >= 1"):
+        load_config(None, {"data": {"hvg_cells": 0}})

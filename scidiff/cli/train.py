@@ -42,6 +42,9 @@ def add(sub):
     p.add_argument("--smiles", default=None, metavar="FILE.csv",
                    help="drugs for unseen ones: a CSV of name,smiles rows -> Morgan fingerprints (needs RDKit: "
                         "pip install 'scidiff[chem]')")
+    p.add_argument("--hvg-cells", type=positive_int, default=None,
+                   help="with --streaming: cells (random whole blocks) the highly variable genes are chosen on "
+                        "(default 20,000, data.hvg_cells; the in-memory path uses all)")
     p.add_argument("--streaming", action="store_true",
                    help="stream batches from the file on disk instead of loading X (atlases and screens larger "
                         "than memory; perturbation effects, doses and the prior are fitted from streamed passes)")
@@ -86,6 +89,7 @@ def run(args):
                           "perturbation_keys": split(args.perturbation_keys), "dose_key": args.dose_key,
                           "continuous_keys": split(args.continuous_keys),
                           "control_labels": split(args.control_labels), "separator": args.separator,
+                          "hvg_cells": args.hvg_cells,
                           "perturbation_features": args.perturbation_features, "smiles": args.smiles}}
     config = load_config(args.config, overrides)
     check_out(args.out, folder=True)

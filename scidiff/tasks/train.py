@@ -24,7 +24,7 @@ def _streamed_model(path, config: Config, keys, progress: bool):
     cells = setup_streaming(path, layer=dc.layer, use_raw=dc.use_raw, n_top_genes=config.model.gene_dim,
                             condition_keys=keys, input_kind=dc.input, target_sum=dc.target_sum, scaling=dc.scaling,
                             covariance=bool(kwargs.get("latent_dim")), seed=config.training.seed, progress=progress,
-                            **dc.covariate_kwargs())
+                            hvg_cells=dc.hvg_cells, **dc.covariate_kwargs())
     return cells, ScIDiffModel.from_streamed(cells, seed=config.training.seed, progress=progress, **kwargs)
 
 
