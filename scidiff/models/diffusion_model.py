@@ -91,6 +91,14 @@ def axes_from_moments(cov, n_cells: int, k: int):
     return evecs[:, top].T, max(var ** 0.5, 1e-6), lam
 
 
+def _latent_width(kwargs: dict, n_cells: int, n_genes: int) -> int | None:
+    """``kwargs['latent_dim']``, at most the number of cells and of genes (``kwargs`` set to it)."""
+    latent = kwargs.get("latent_dim")
+    if latent and latent > min(n_cells, n_genes):
+        kwargs["latent_dim"] = latent = min(n_cells, n_genes)
+    return latent
+
+
 def _new_effects(spec) -> PerturbationEffects | None:
     """Unfitted effects for a spec's perturbation covariates (the other categorical covariates
     their contexts), or ``None`` without any."""
@@ -244,9 +252,7 @@ class ScIDiffModel(nn.Module):
         ``model.effects_report``), the latent gains up to ``response_axes`` directions beyond
         the ``latent_dim`` principal axes so that it holds every single's effect exactly, and each
         single's response starts at its effect."""
-        latent = kwargs.get("latent_dim")
-        if latent and latent > min(len(data), data.spec.n_genes):
-            kwargs["latent_dim"] = latent = min(len(data), data.spec.n_genes)
+        latent = _latent_width(kwargs, len(data), data.spec.n_genes)
         effects = _new_effects(data.spec)
         report = effects.fit(data.x, data.covariates, data.spec.dose_key) if effects is not None else None
         if latent:
@@ -271,9 +277,7 @@ class ScIDiffModel(nn.Module):
         from a subsample of whole blocks and the reference control cells read one by one, so
         ``X`` is never loaded. ``seed`` draws the detection model's subsample."""
         spec, moments = cells.spec, cells.moments or {}
-        latent = kwargs.get("latent_dim")
-        if latent and latent > min(len(cells), spec.n_genes):
-            kwargs["latent_dim"] = latent = min(len(cells), spec.n_genes)
+        latent = _latent_width(kwargs, len(cells), spec.n_genes)
         if latent and moments.get("cov") is None:
             raise ValueError("a latent model needs the cells' covariance: setup_streaming(..., covariance=True)")
         effects = _new_effects(spec)

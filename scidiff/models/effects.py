@@ -53,24 +53,18 @@ def context_table(covariates: dict, keys: list[str], n: int) -> np.ndarray:
     return np.stack([np.asarray(covariates[k]).astype(np.int64) for k in keys], 1)
 
 
-def _label_rows(covariate) -> tuple[np.ndarray, np.ndarray]:
-    """A perturbation covariate as ``(rows [L, n], label [N])``: its distinct labels' multi-hot
-    rows (the null column dropped) and each cell's label; a streamed covariate
-    (:class:`scidiff.data.streaming.CodedCovariate`) is stored that way, a per-cell table is
-    reduced to it."""
-    table = getattr(covariate, "table", None)
-    if table is not None:
-        return np.asarray(table)[:, :-1], np.asarray(covariate.index)
-    (rows,), label, _ = unique_rows(np.asarray(covariate)[:, :-1])
-    return rows, label
-
-
 def unperturbed_cells(covariate) -> np.ndarray:
     """Which cells carry no perturbation of a covariate (per-cell table or streamed codes)."""
     table = getattr(covariate, "table", None)
     if table is not None:
         return (np.asarray(table)[:, :-1].sum(1) == 0)[np.asarray(covariate.index)]
     return np.asarray(covariate[:, :-1].sum(1)) == 0
+
+
+def control_cells(covariates: dict, keys) -> np.ndarray:
+    """Which cells carry no perturbation of any covariate ``keys`` (the control cells)."""
+    n = len(next(iter(covariates.values())))
+    return np.logical_and.reduce([unperturbed_cells(covariates[k]) for k in keys] or [np.ones(n, bool)])
 
 
 class StreamedGroups:
@@ -84,12 +78,16 @@ class StreamedGroups:
         self.cell_group, self.n_fine, self.g_ctx, self.g_rows = cell_group, n_fine, g_ctx, g_rows
         self.order, self.single_of, self.column_dose, self.n_singles = order, single_of, column_dose, n_singles
 
-    def changes(self, moments):
-        """:func:`group_changes`' output from the fine groups' ``(counts, sums, squares)``."""
+    def merged(self, moments) -> list[np.ndarray]:
+        """The groups' ``(counts, sums, squares)`` from the fine groups'."""
         merged = [np.zeros((len(self.g_rows),) + np.shape(a)[1:]) for a in moments]
         for total, part in zip(merged, moments):
             np.add.at(total, self.order, part)
-        return changes_of_groups(self.g_ctx, self.g_rows, *merged)
+        return merged
+
+    def changes(self, moments):
+        """:func:`group_changes`' output from the fine groups' ``(counts, sums, squares)``."""
+        return changes_of_groups(self.g_ctx, self.g_rows, *self.merged(moments))
 
 
 def streamed_groups(cells, keys, context_keys, dose_key: str | None = None,
@@ -103,11 +101,10 @@ def streamed_groups(cells, keys, context_keys, dose_key: str | None = None,
     ctx = context_table({k: np.asarray(cells.covariates[k])[ids] for k in context_keys}, context_keys, len(ids))
     dose = (np.asarray(cells.covariates[dose_key], np.float64)[ids] if dose_key and dose_columns
             else np.zeros(len(ids)))
-    coded = {k: _label_rows(cells.covariates[k]) for k in keys}  # (rows [L, n], label of each file row)
-    control = {k: (rows.sum(1) == 0)[label[ids]] for k, (rows, label) in coded.items()}
+    control = {k: unperturbed_cells(cells.covariates[k])[ids] for k in keys}
     out = {}
-    for key in keys:
-        rows, label = coded[key]
+    for key in keys:  # a streamed perturbation covariate: its labels' multi-hot rows, each file row's label
+        rows, label = np.asarray(cells.covariates[key].table)[:, :-1], np.asarray(cells.covariates[key].index)
         alone = np.logical_and.reduce([control[o] for o in keys if o != key] or [np.ones(len(ids), bool)])
         distinct, row_of_label = np.unique(rows, axis=0, return_inverse=True)
         label_row = row_of_label.reshape(-1)[label[ids][alone]][:, None]
@@ -444,9 +441,7 @@ class PerturbationEffects(nn.Module):
         ``encode``: the model's map of cells to latent codes. Only the chosen cells are read."""
         n = len(next(iter(covariates.values())))
         ctx = context_table({k: np.asarray(covariates[k]) for k in self.context_keys}, self.context_keys, n)
-        control = np.ones(n, bool)
-        for k in self.keys:
-            control &= unperturbed_cells(covariates[k])
+        control = control_cells(covariates, self.keys)
         rng = np.random.default_rng(seed)
         contexts = np.unique(ctx[control], axis=0) if control.any() else np.zeros((0, ctx.shape[1]), np.int64)
         keep = [np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False))

@@ -52,7 +52,7 @@ import torch
 from ..data.block_order import as_runs
 from ..data.perturbation_features import DATA_SOURCE, MAX_CONTROL_CELLS, FeatureTable, build_feature_tables
 from ..data.stream_setup import stream_group_moments
-from .effects import context_table, fit_singles, group_changes, streamed_groups, unperturbed_cells
+from .effects import context_table, control_cells, fit_singles, group_changes, streamed_groups
 
 FORMAT = "scidiff.perturbation_prior"
 FORMAT_VERSION = 1
@@ -77,9 +77,7 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
     n = len(x)
     pkeys = [k for k in spec.perturbation_keys if k in cells.covariates]
     rows = {k: cells.covariates[k].numpy()[:, : len(spec.categorical[k])] for k in pkeys}
-    control = np.ones(n, bool)
-    for k in pkeys:
-        control &= rows[k].sum(1) == 0
+    control = control_cells(cells.covariates, pkeys) if pkeys else np.ones(n, bool)
     if not control.any():
         raise ValueError("no control cell (every perturbation covariate at a control label) to measure "
                          "effects against")
@@ -367,9 +365,7 @@ class PerturbationPrior:
         given)."""
         spec = cells.spec
         effects, counts, control_mean = single_effects(cells)
-        control = np.ones(len(cells), bool)
-        for k in spec.perturbation_keys:
-            control &= cells.covariates[k].numpy().sum(1) == 0
+        control = control_cells(cells.covariates, spec.perturbation_keys)
         return cls._from_effects(spec, effects, counts, control_mean, adata, control, perturbation_features, smiles,
                                  seed)
 
@@ -397,19 +393,13 @@ class PerturbationPrior:
             for j, label in enumerate(spec.categorical[k]):
                 if cells_of[j] > 0:
                     effects[k][label], counts[k][label] = singles[j], int(round(cells_of[j]))
-        control = np.ones(cells.reader.n_cells, bool)
-        for k in keys:
-            control &= unperturbed_cells(cells.covariates[k])
-        rows = np.flatnonzero(control)
+        rows = np.flatnonzero(control_cells(cells.covariates, keys))
         if not len(rows):
             raise ValueError("no control cell (every perturbation covariate at a control label) to measure effects "
                              "against")
-        first = groups[keys[0]]
-        plain = first.g_rows.sum(1) == 0  # the control cells' groups, one per context
-        n_ctrl, sums_ctrl = np.zeros(len(first.g_rows)), np.zeros((len(first.g_rows), spec.n_genes))
-        np.add.at(n_ctrl, first.order, moments[keys[0]][0])
-        np.add.at(sums_ctrl, first.order, moments[keys[0]][1])
-        control_mean = sums_ctrl[plain].sum(0) / n_ctrl[plain].sum()
+        plain = groups[keys[0]].g_rows.sum(1) == 0  # the control cells' groups, one per context
+        n_group, sums, _ = groups[keys[0]].merged(moments[keys[0]])
+        control_mean = sums[plain].sum(0) / n_group[plain].sum()
         if len(rows) > MAX_CONTROL_CELLS:  # the subsample control_expression draws in memory
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CONTROL_CELLS, replace=False))
         holder = ad.AnnData(X=cells.reader.read_matrix(as_runs(rows)))

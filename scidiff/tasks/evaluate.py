@@ -103,7 +103,7 @@ class _Cells:
 
 
 def _cells(a, x, key, context_key, what, separator, controls) -> _Cells:
-    _column(a, key, what)  # names a missing key or missing values
+    """``a``'s cells with canonical labels (its keys checked by :func:`_column` beforehand)."""
     labels = perturbation_labels(a, key, separator, controls)
     contexts = _column(a, context_key, what) if context_key else np.full(a.n_obs, "all", dtype=object)
     return _Cells(x, labels, contexts, a)

@@ -106,12 +106,18 @@ def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnDa
     out = ad.AnnData(X=np.vstack([np.asarray(p.X) for p in parts]), obs=frame)
     out.var_names = list(parts[0].var_names)
     out.layers["control"] = np.vstack([np.asarray(p.layers["control"]) for p in parts])
-    first = dict(parts[0].uns.get("scidiff_prediction", {}))
-    first.pop("target", None)
-    out.uns["scidiff_prediction"] = {**first, "targets": list(texts),
-                                     "per_target": {str(i): dict(p.uns.get("scidiff_prediction", {}))
-                                                    for i, p in enumerate(parts)}}
+    out.uns["scidiff_prediction"] = _screen_record([p.uns.get("scidiff_prediction", {}) for p in parts], texts)
     return out
+
+
+def _screen_record(records: list[dict], texts: list[str]) -> dict:
+    """``uns['scidiff_prediction']`` of a screen: one target's own record, or for several the
+    first's settings with every target's text and record."""
+    first = dict(records[0])
+    if len(records) == 1:
+        return first
+    first.pop("target", None)
+    return {**first, "targets": list(texts), "per_target": {str(i): dict(r) for i, r in enumerate(records)}}
 
 
 def _missing(v) -> bool:
@@ -127,11 +133,15 @@ def _drop_empty(obs: pd.DataFrame, columns: dict) -> None:
             del obs[c]
 
 
-def _model_parts(model, cells, targets, progress, device, perturb_kwargs):
-    """Each target's prediction with its perturbation columns set, one at a time (the control
+def _perturbation_columns(model) -> dict:
+    """The obs columns that describe each perturbation covariate of the model's training cells."""
+    return getattr(model.data_spec, "perturbation_columns", None) or {}
+
+
+def _model_parts(model, cells, targets, columns, progress, device, perturb_kwargs):
+    """Each target's prediction with its perturbation ``columns`` set, one at a time (the control
     cells' inversions kept in one store, shared by the targets)."""
     spec = model.data_spec
-    columns = getattr(spec, "perturbation_columns", None) or {}
     store, many = {}, len(targets) > 1
     bar = tqdm(targets, desc="targets", unit="target", disable=not (progress and many))
     for target in bar:
@@ -151,9 +161,8 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     each target's rows equal a single call's), stacked as the module docstring describes. The
     control cells are inverted once for all targets (``perturb``'s ``store``).
     ``device``: run there (the model is moved)."""
-    targets = _check_targets(targets)
-    parts = list(_model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs))
-    columns = getattr(model.data_spec, "perturbation_columns", None) or {}
+    targets, columns = _check_targets(targets), _perturbation_columns(model)
+    parts = list(_model_parts(model, read_cells(cells), targets, columns, progress, device, perturb_kwargs))
     return _stack(parts, [target_text(t) for t in targets], columns)
 
 
@@ -164,17 +173,16 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
     thousands). The file holds what ``write_h5ad(predict_screen(...), out)`` would (the same
     ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; numbers as floats,
     categories in the order met); it appears only when complete. Returns ``(cells, genes)``."""
-    targets = _check_targets(targets)
-    parts = _model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs)
-    return _write_parts(out, parts, [target_text(t) for t in targets],
-                        getattr(model.data_spec, "perturbation_columns", None) or {})
+    targets, columns = _check_targets(targets), _perturbation_columns(model)
+    parts = _model_parts(model, read_cells(cells), targets, columns, progress, device, perturb_kwargs)
+    return _write_parts(out, parts, [target_text(t) for t in targets], columns)
 
 
 def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]:
     """Per-target predictions (an iterable, read one at a time) into the ``.h5ad`` at ``out`` as
     :func:`_stack` would stack them. Returns ``(cells, genes)``."""
     described = {c for d in columns.values() for c in d}
-    many, records, writer, n_genes = len(texts) > 1, {}, None, 0
+    many, records, writer, n_genes = len(texts) > 1, [], None, 0
     try:
         for i, (pred, text) in enumerate(zip(parts, texts)):
             if writer is None:
@@ -186,12 +194,8 @@ def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]
             names = [f"{name}-{i}" for name in pred.obs_names] if many else list(pred.obs_names)
             writer.append(np.asarray(pred.X), obs={c: _file_values(obs[c], c in described) for c in obs.columns},
                           obs_names=names, layers={"control": np.asarray(pred.layers["control"])})
-            records[str(i)] = dict(pred.uns.get("scidiff_prediction", {}))
-        first = dict(records["0"])
-        if many:
-            first.pop("target", None)
-            first = {**first, "targets": list(texts), "per_target": records}
-        writer.uns = {"scidiff_prediction": first}
+            records.append(pred.uns.get("scidiff_prediction", {}))
+        writer.uns = {"scidiff_prediction": _screen_record(records, texts)}
         n_cells = writer.n_cells
         writer.close()
     except BaseException:
@@ -204,14 +208,12 @@ def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]
 def _file_values(column: pd.Series, described: bool):
     """One obs column of a target's prediction as the file's writer takes it: numbers as a float
     array, anything else as labels (``None`` for missing), as :func:`_stack` makes them."""
-    values = [None if _missing(v) else v for v in column.astype(object)]
-    if (described or not isinstance(column.dtype, pd.CategoricalDtype)) and pd.api.types.is_numeric_dtype(column) \
-            and not pd.api.types.is_bool_dtype(column):
+    if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
         return column.to_numpy(dtype=np.float64)
-    present = [v for v in values if v is not None]
-    if described and present and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-                                     for v in present):
-        return np.array([np.nan if v is None else float(v) for v in values])
+    values = [None if _missing(v) else v for v in column.astype(object)]
+    made = _as_column(values) if described else None  # the stacked screen's reading of a described column
+    if isinstance(made, np.ndarray):
+        return made
     return [None if v is None else str(v) for v in values]
 
 
