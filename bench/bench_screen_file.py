@@ -24,10 +24,9 @@ sys.path.insert(0, HERE)
 
 CHILD = """
 import json, sys, time
-sys.path.insert(0, {root!r})
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) is this process's own from here
-def status(field):  # kB, from /proc/self/status
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
+import machine_info
+machine_info.reset_peak_memory()
 import torch
 torch.set_num_threads({threads})
 from scidiff.data import write_h5ad
@@ -41,7 +40,7 @@ if {stacked!r}:
     write_h5ad(predict_screen(model, {controls!r}, targets, steps={steps}, progress=False), {out!r})
 else:
     predict_screen_to_file(model, {controls!r}, targets, {out!r}, steps={steps}, progress=False)
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss_gb": status("VmHWM") / 1e6}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss_gb": machine_info.peak_rss_gb()}}))
 """
 
 
@@ -64,7 +63,6 @@ def main(argv=None):
     import scidiff
     from bench_screen_streaming import write_screen
     from scidiff.cli import main as cli
-    from scidiff.data.io import atomic_path
 
     root = os.path.join(HERE, "..")
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +78,7 @@ def main(argv=None):
                     "--epochs", "1", "--out", run]) == 0
         modes = {}
         for mode, stacked in (("stacked_in_memory", True), ("target_by_target", False)):
-            code = CHILD.format(root=root, threads=args.threads, run=run, targets=args.targets, stacked=stacked,
+            code = CHILD.format(root=root, bench=HERE, threads=args.threads, run=run, targets=args.targets, stacked=stacked,
                                 controls=controls, steps=args.steps, out=os.path.join(tmp, f"{mode}.h5ad"))
             done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
             modes[mode] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -91,10 +89,7 @@ def main(argv=None):
               "machine": machine_info.machine(scidiff=scidiff.__version__, torch=torch.__version__)}
     print(f"stacked / target by target: peak memory {result['memory_ratio']:.2f}x, time {result['time_ratio']:.2f}x")
 
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-    atomic_path(args.out, write)
+    machine_info.write_json(args.out, result)
     print(f"written {args.out}")
 
 

@@ -9,7 +9,6 @@ knockout predicted from the same control cells.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import anndata as ad
 
+    import machine_info
     import scidiff
     from scidiff.tasks.perturb import perturb
     from scidiff.tasks.screen import predict_screen
@@ -73,11 +73,7 @@ def main(argv=None):
     print(f"{len(targets)} targets x {controls.n_obs} control cells, {args.steps} DDIM steps: predict_screen "
           f"{screen_s:.1f} s, one perturb call per target {apart_s:.1f} s ({apart_s / screen_s:.2f}x); "
           f"same predictions: {same}", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, args.out)
+    machine_info.write_json(args.out, result)
     print(f"written {args.out}")
 
 

@@ -64,7 +64,7 @@ def timed(fn, *args, **kwargs):
 def from_data_child(args) -> dict:
     """``ScIDiffModel.from_data`` on the screen, timed with its peak memory, in a fresh process."""
     code = f"""
-import json, resource, sys, time, numpy as np, torch
+import json, sys, time, numpy as np, torch
 sys.path.insert(0, {os.path.join(HERE, '..')!r}); sys.path.insert(0, {HERE!r})
 from bench_screen_setup import screen
 from scidiff.data.dataset import CellData
@@ -78,14 +78,13 @@ spec = DataSpec(gene_names=[f"g{{i}}" for i in range({args.genes})], input_kind=
 cov = {{"gene": torch.from_numpy(np.hstack([rows, np.zeros((len(rows), 1), np.float32)])),
         "gem": torch.from_numpy(gem[:, 0])}}
 cells = CellData(torch.from_numpy(x), cov, spec, None)
-def status(field):  # kB, from /proc/self/status
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
-before = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+import machine_info
+before = machine_info.rss_gb()
+machine_info.reset_peak_memory()
 t = time.perf_counter()
 ScIDiffModel.from_data(cells, latent_dim=64, hidden_dim=64, num_layers=2)
-print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss_gb": status("VmHWM") / 1e6,
-                   "rss_before_gb": before / 1e6}}))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss_gb": machine_info.peak_rss_gb(),
+                   "rss_before_gb": before}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -102,7 +101,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results", "screen_setup.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from scidiff.data.io import atomic_path
+    import machine_info
     from scidiff.data.rows import unique_rows
     from scidiff.models.diffusion_model import principal_axes_from_covariance
     from scidiff.models.effects import _group_moments, _pooling_weights, group_changes
@@ -162,12 +161,7 @@ def main(argv=None):
     result = {"args": vars(args), "groups": int(len(g_rows)), "steps": steps, "from_data": whole,
               "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                           "cpus": os.cpu_count(), "torch": torch.__version__, "numpy": np.__version__}}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-    atomic_path(args.out, write)
+    machine_info.write_json(args.out, result)
     print(f"written {args.out}")
 
 

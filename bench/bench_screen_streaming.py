@@ -62,19 +62,18 @@ def write_screen(path: str, n_cells: int, n_genes: int, n_perturbations: int, se
 
 CHILD = """
 import json, sys, time
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 from scidiff.config import load_config
 from scidiff.data import read_h5ad, setup_anndata
 from scidiff.models import ScIDiffModel
 from scidiff.tasks.train import _streamed_model, fit_perturbation_prior
 
-def status(field):  # kB, from /proc/self/status
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field + ":"))
+import machine_info
 
 config = load_config(None, {{"model": {{"gene_dim": {n_genes}}},
                             "data": {{"perturbation_keys": ["gene"], "control_labels": ["non-targeting"]}}}})
 keys = ["gene", "gem_group"]
-open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+machine_info.reset_peak_memory()
 t = time.perf_counter()
 if {streaming!r}:
     cells, model = _streamed_model({path!r}, config, keys, progress=False)
@@ -86,14 +85,14 @@ else:
     model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
 prior = fit_perturbation_prior(model, cells, adata, config, verbose=False)
 seconds = time.perf_counter() - t
-print(json.dumps({{"seconds": seconds, "peak_rss_gb": status("VmHWM") / 1e6, "genes": list(cells.spec.gene_names),
+print(json.dumps({{"seconds": seconds, "peak_rss_gb": machine_info.peak_rss_gb(), "genes": list(cells.spec.gene_names),
                    "singles_seen": model.effects_report["gene"]["singles_seen"],
                    "prior_fitted": bool(prior and prior.get("fitted")), "latent_dim": model.latent_dim}}))
 """
 
 
 def set_up(path: str, n_genes: int, streaming: bool) -> dict:
-    code = CHILD.format(root=os.path.join(HERE, ".."), n_genes=n_genes, streaming=streaming, path=path)
+    code = CHILD.format(root=os.path.join(HERE, ".."), bench=HERE, n_genes=n_genes, streaming=streaming, path=path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -112,7 +111,6 @@ def main(argv=None):
 
     import machine_info
     import scidiff
-    from scidiff.data.io import atomic_path
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.file or os.path.join(tmp, "screen.h5ad")
@@ -132,10 +130,7 @@ def main(argv=None):
     print(f"in memory / streamed: time {result['time_ratio']:.2f}x, peak memory {result['memory_ratio']:.2f}x; "
           f"genes shared {shared} of {args.n_genes}")
 
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-    atomic_path(args.out, write)
+    machine_info.write_json(args.out, result)
     print(f"written {args.out}")
 
 

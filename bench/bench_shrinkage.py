@@ -22,7 +22,6 @@ of ``(d_A - d_B)^2 / (s_A^2 + s_B^2)`` (1 when they are right). The test third i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -99,11 +98,7 @@ def main(argv=None):
               "repeats": args.repeats, "se2_calibration": float(np.mean(calibration)), "summary": summary,
               "per_repeat": scores, "seconds": round(time.perf_counter() - t0, 1),
               "machine": machine_info.machine(scidiff=scidiff.__version__)}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(tmp, args.out)
+    machine_info.write_json(args.out, result)
     print(f"standard errors' calibration {result['se2_calibration']:.3f} (1 = right)")
     print("| estimator (on half A, scored on half B) | RMSE | MAE | PDS |\n|---|---|---|---|")
     for k, s in summary.items():
