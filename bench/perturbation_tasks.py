@@ -14,6 +14,9 @@ baseline figures; Kang's X already is). Tasks:
   held out, seed ``seed``;
 - ``papalexi_unseen``: the same cells, 25 folds: each knockout with no cell of it in training,
   predicted from all control cells;
+- ``papalexi_context``: the same cells, 3 folds, leave one replicate's knockout cells out, each
+  knockout predicted from that replicate's control cells (a new context where every perturbation
+  was seen in the other two: the shape of a screen run in several cell lines);
 - ``klein``: Klein et al. 2015 mESC after LIF withdrawal, day 4 held out, predicted from the
   day-2 cells (the time in ``day_num``);
 - ``combos_additive`` / ``combos_saturating``: a synthetic combination screen on real control
@@ -33,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"kang": "kang_ifnb_pbmc.h5ad", "zhao": "zhao21_glioblastoma_panobinostat_lemur.h5ad",
          "papalexi": "papalexi21_thp1_sceptre_lowmoi.h5ad", "klein": "klein15_mesc_lif_timecourse_tmscc.h5ad"}
-TASKS = ("kang", "zhao", "papalexi_seen", "papalexi_unseen", "klein", "combos_additive", "combos_saturating")
+TASKS = ("kang", "zhao", "papalexi_seen", "papalexi_unseen", "papalexi_context", "klein", "combos_additive", "combos_saturating")
 
 # The data README's baseline figures (normalize_total 1e4 + log1p, per-group means, all genes),
 # checked by the suite: task -> method -> metric -> value (3 decimals).
@@ -195,6 +198,23 @@ def papalexi_unseen_task(data_dir=DATA_DIR, seed=0, **_) -> Task:
                 shared_control=True,
                 info={"linear": "ridge on the knocked-out gene's loadings on 10 PCs of the fold's training cells; "
                                 "only the 9 knockouts of panel genes have one (the others: n/a)"})
+
+
+def papalexi_context_task(data_dir=DATA_DIR, **_) -> Task:
+    a = _papalexi(data_dir)
+    pert, rep = a.obs["perturbation"].to_numpy(), a.obs["bio_rep"].to_numpy()
+    kos = sorted(set(pert) - {"control"})
+    folds = []
+    for held in sorted(set(rep)):
+        out = (rep == held) & (pert != "control")
+        folds.append(Fold(held, a[~out].copy(), a[(rep == held) & (pert == "control")].copy(),
+                          [Target(k, {"perturbation": k}, a[out & (pert == k)].copy()) for k in kos]))
+    keys = dict(perturbation_key="perturbation", context_key="bio_rep", control_label="control")
+    return Task("papalexi_context", FILES["papalexi"], "Papalexi THP-1 screen: leave one replicate's knockout cells "
+                "out (3 folds), each knockout predicted from that replicate's control cells; cells with "
+                "grna_frac_top >= 0.8", folds, {"no_change": keys, "mean_shift": keys, "cell_mean": keys,
+                                                "linear": keys}, "mean_shift",
+                dict(condition_keys=["bio_rep"], perturbation_keys=["perturbation"], control_labels=["control"]))
 
 
 def klein_task(data_dir=DATA_DIR, **_) -> Task:
@@ -362,6 +382,8 @@ def build_task(name: str, **kw) -> Task:
         return papalexi_seen_task(**kw)
     if name == "papalexi_unseen":
         return papalexi_unseen_task(**kw)
+    if name == "papalexi_context":
+        return papalexi_context_task(**kw)
     if name == "klein":
         return klein_task(**kw)
     if name in ("combos_additive", "combos_saturating"):

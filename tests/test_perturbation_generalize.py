@@ -92,14 +92,20 @@ def decoy():
     groups += [(f"l{i}", "P", bases[i] + effect) for i in (1, 2)]
     train = _cells(groups, rng)
     truth = _cells([("l0", "P", bases[0] + effect)], rng)
+    model, control = _line_model(train)
+    return train, truth, control, bases, effect, model
+
+
+def _line_model(train):
+    """A small model of cells with ``obs['line']`` and ``obs['perturbation']`` (60 epochs), and
+    line 0's control cells."""
     torch.manual_seed(0)
     data = scidiff.setup_anndata(train, n_top_genes=None, condition_keys=["line"], perturbation_keys=["perturbation"],
                                  scaling="none")
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=64, num_layers=2, num_timesteps=100, latent_dim=8)
     scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
                            learning_rate=2e-3, warmup_steps=20).train(60)
-    control = train[(train.obs["line"] == "l0").to_numpy() & (train.obs["perturbation"] == "control").to_numpy()].copy()
-    return train, truth, control, bases, effect, model
+    return model, train[(train.obs["line"] == "l0").to_numpy() & (train.obs["perturbation"] == "control").to_numpy()].copy()
 
 
 def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(decoy):
@@ -120,6 +126,28 @@ def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(d
     assert own[nearest].mean() > 0.95
     # the two lines agree on the effect: high confidence
     assert pred.obs["scidiff_confidence"].mean() > 0.8
+
+
+def test_a_knockout_within_the_noise_of_every_context_transfers_as_no_change():
+    """Three alike lines (replicates); Q changes nothing and was seen, with 25 cells, in lines 1
+    and 2 only. Read in those lines, the network's change follows Q's training noise; centred on
+    each line's shrunk estimate (zero here), the prediction for line 0 is no change."""
+    rng = np.random.default_rng(0)
+    common = rng.uniform(1.0, 4.0, G)
+    bases = [common + 0.1 * rng.normal(size=G) for _ in range(3)]
+    train = ad.concat([_cells([(f"l{i}", "control", bases[i]) for i in range(3)], rng),
+                       _cells([(f"l{i}", "Q", bases[i]) for i in (1, 2)], rng, n=25)])
+    train.obs_names = [f"c{i}" for i in range(train.n_obs)]
+    model, control = _line_model(train)
+    line, pert = train.obs["line"].to_numpy(), train.obs["perturbation"].to_numpy()
+    noise = np.mean([train[(line == li) & (pert == "Q")].X.mean(0) - train[(line == li) & (pert == "control")].X.mean(0)
+                     for li in ("l1", "l2")], 0)
+    pred = perturb(model, control, {"perturbation": "Q"}, steps=20, progress=False)
+    assert (pred.obs["scidiff_route"] == "transferred").all()
+    change = pred.X.mean(0) - control.X.mean(0)
+    # uncentred, the change was Q's training noise (correlation 0.96, the same size, confidence 0.997)
+    assert np.sqrt(np.mean(change**2)) < 0.25 * np.sqrt(np.mean(noise**2))
+    assert np.corrcoef(change, noise)[0, 1] < 0.5
 
 
 def test_a_seen_context_reads_the_change_in_that_context(decoy):

@@ -21,7 +21,9 @@ expression outside the model's latent. How the change is found depends on what t
 - ``transferred``: a perturbation never seen in this context: its change is read in the contexts
   where it was seen, each decoding done under that context for both the perturbed and the
   control condition, so the difference holds the perturbation's effect and not the other
-  context's identity; the contexts are weighted, per cell, by the share of the cell's nearest
+  context's identity, and centred there as in ``seen`` on the group's estimated mean change in
+  that context (a knockout within the noise of every context carries no change); the contexts
+  are weighted, per cell, by the share of the cell's nearest
   training control cells (in the latent) that come from each. A cell like another context's
   cells takes that context's response; where the contexts disagree so much that their mean
   change is indistinguishable from zero, the change shrinks toward no change
@@ -155,7 +157,7 @@ class _Plan:
     def __init__(self, model, target_codes: dict, unseen: dict, context, sets_context: bool):
         spec, eff = model.data_spec, model.effects
         self.route, self.parts, self.extra = "direct", [], []
-        self.offsets = {}  # (key, singles) -> the network's mean change to the context's reference cells
+        self.offsets = {}  # (key, singles, context) -> the network's mean change to that context's reference cells
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
@@ -218,12 +220,24 @@ def _first_rows(cond: dict, n: int) -> dict:
     return {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
 
 
+def _centred_change(model, reader, plan, x, src, target, key, singles, context, dose) -> torch.Tensor:
+    """The network's change to cells ``x`` from ``src`` to ``target`` read in ``context``, where
+    that context saw the group, centred on the group's estimated mean change there: the network
+    gives how cells differ, the data (pooled and shrunk, :mod:`scidiff.models.effects`) the mean
+    change. Used as is where the group has no estimate or the context no reference cells."""
+    change = reader.change(x, src, target)
+    dose_key = model.data_spec.dose_key
+    mean = model.effects.seen_change(key, singles, context, float(dose[dose_key][0]) if dose else None)
+    offset = None if mean is None else _reference_offset(model, reader, plan, key, singles, context, src, target)
+    return change if offset is None else change - offset + mean.to(x)
+
+
 def _reference_offset(model, reader, plan, key, singles, context, src, target) -> torch.Tensor | None:
     """The network's mean change to the context's reference control cells (kept in the model's
     effects, :meth:`~scidiff.models.effects.PerturbationEffects.fit_reference`) under ``target``:
-    what a ``seen`` change is centred against, the same for every batch and every input. Cached
-    per plan; ``None`` where the context has no reference cells."""
-    cache = (key, tuple(singles))
+    what a change read in that context is centred against, the same for every batch and every
+    input. Cached per plan; ``None`` where the context has no reference cells."""
+    cache = (key, tuple(singles), tuple(np.asarray(context).tolist()))
     if cache not in plan.offsets:
         x = _reference_cells(model, context, next(iter(src.values())).device if src else None)
         plan.offsets[cache] = None if x is None else \
@@ -313,17 +327,13 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
             continue
         rows = _rows(n_of[key], what, b, device)
         if kind == "seen":
-            target = {**src, **dose, key: rows}
-            change = change + reader.change(x, src, target)
-            mean = model.effects.seen_change(key, what, context, float(dose[dose_key][0]) if dose else None)
-            offset = None if mean is None else _reference_offset(model, reader, plan, key, what, context, src, target)
-            if offset is not None:  # the network gives how cells differ, the data the mean change
-                change = change - offset + mean.to(x)
+            change = change + _centred_change(model, reader, plan, x, src, {**src, **dose, key: rows}, key, what,
+                                              context, dose)
             confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
             continue
         weights = model.effects.context_weights(model.encode(x), where)  # [B, C]
-        changes = [reader.change(x, ref, {**ref, **dose, key: rows})
-                   for ref in (_with_context(src, ctx_keys, other, b, device) for other in where)]
+        changes = [_centred_change(model, reader, plan, x, ref, {**ref, **dose, key: rows}, key, what, other, dose)
+                   for other, ref in ((o, _with_context(src, ctx_keys, o, b, device)) for o in where)]
         num = sum(weights[:, c].to(x)[:, None] * d for c, d in enumerate(changes))
         den = sum(weights[:, c].to(x) * d.pow(2).sum(1) for c, d in enumerate(changes))
         kept = disagreement_shrinkage(torch.stack(changes))
