@@ -2,7 +2,8 @@
 
 Tasks (``bench/perturbation_tasks.py``): ``kang`` (leave one cell type out, 7 folds), ``zhao``
 (panobinostat in an unseen patient, 5 folds), ``papalexi_seen`` (a third of each knockout's
-cells held out), ``papalexi_unseen`` (each knockout with no data of it, 25 folds), ``klein``
+cells held out), ``papalexi_unseen`` (each knockout with no data of it, 25 folds),
+``papalexi_context`` (each replicate's knockouts held out, 3 folds), ``klein``
 (day 4 held out), ``combos_additive`` / ``combos_saturating`` (a synthetic combination screen on
 real control cells, one fold per generator seed).
 

@@ -124,8 +124,8 @@ def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(d
     own = np.r_[np.ones(truth.n_obs, bool), np.zeros(real.shape[0] - truth.n_obs, bool)]
     nearest = ((pred.X[:, None, :] - real[None]) ** 2).sum(-1).argmin(1)
     assert own[nearest].mean() > 0.95
-    # the two lines agree on the effect: high confidence
-    assert pred.obs["scidiff_confidence"].mean() > 0.8
+    # the two lines agree on the effect: the confidence is their 120 training cells each, 120 / 150
+    np.testing.assert_allclose(pred.obs["scidiff_confidence"].to_numpy(), 0.8, atol=1e-6)
 
 
 def test_a_knockout_within_the_noise_of_every_context_transfers_as_no_change():
@@ -148,6 +148,7 @@ def test_a_knockout_within_the_noise_of_every_context_transfers_as_no_change():
     # uncentred, the change was Q's training noise (correlation 0.96, the same size, confidence 0.997)
     assert np.sqrt(np.mean(change**2)) < 0.25 * np.sqrt(np.mean(noise**2))
     assert np.corrcoef(change, noise)[0, 1] < 0.5
+    assert (pred.obs["scidiff_confidence"] <= 25 / 55 + 1e-6).all()  # 25 training cells in each line read
 
 
 def test_a_seen_context_reads_the_change_in_that_context(decoy):

@@ -34,9 +34,11 @@ expression outside the model's latent. How the change is found depends on what t
   the closed-form effects): the change under the target condition.
 
 ``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
-training cells of that group ``n / (n + 30)``; ``transferred``, the lower of the agreement of
-the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, and the share kept
-by the shrinkage; ``additive``, the least of its
+training cells of that group ``n / (n + 30)``; ``transferred``, the lowest of the agreement of
+the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, the share kept
+by the shrinkage and the training cells of the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the
+contexts' estimates are pooled where they agree, so agreement alone would not tell 20 cells from
+600); ``additive``, the least of its
 singles'; ``prior``, the prior's own; ``direct``, ``NaN`` (not assessed).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
@@ -339,7 +341,8 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
         kept = disagreement_shrinkage(torch.stack(changes))
         change = change + kept[:, None] * num
         agreement = num.pow(2).sum(1) / den.clamp_min(1e-12)
-        confidence = torch.minimum(confidence, torch.minimum(agreement, kept).cpu())
+        support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other) for other in where])
+        confidence = torch.minimum(confidence, torch.minimum(torch.minimum(agreement, kept).cpu(), support))
     for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
         w = _relative_dose_weights(model, key, _rows(n_of[key], singles, b, device), dose)
         change = change + model.effects.combination_term(key, w).to(x)
