@@ -99,7 +99,7 @@ def test_obs_columns_that_describe_the_perturbation_are_recorded(papalexi, tmp_p
     assert kang.perturbation_columns == {"condition": {}}
 
 
-def test_a_screen_of_three_targets_in_one_call(run, files):
+def test_a_screen_of_three_targets_in_one_call(run, files, capsys):
     """Stacked in the targets' order, each target's rows equal to a single ``perturb`` call;
     ``target`` set from the label (missing for the combination), ``grna`` never the control's;
     the command line gives the same from --target and --targets-file."""
@@ -135,6 +135,14 @@ def test_a_screen_of_three_targets_in_one_call(run, files):
                  "--device", "cpu", "--batch-size", "16", "--out", str(pred)]) == 0
     cli = ad.read_h5ad(pred)
     np.testing.assert_allclose(cli.X, out.X, atol=1e-5)  # the file: its own reading of the control cells
+    said = capsys.readouterr().out  # what each target rests on, from the file
+    for text in texts:
+        rows = cli.obs["scidiff_target"] == text
+        route = cli.obs.loc[rows, "scidiff_route"].astype(str).iloc[0]
+        conf = float(cli.obs.loc[rows, "scidiff_confidence"].mean())
+        assert f"  {text}: {route}, confidence {conf:.2f}" in said
+    from scidiff.cli.predict import what_predictions_rest_on
+    assert what_predictions_rest_on(str(pred), shown=1)[-1].startswith("  ... 2 more; targets per route: ")
     assert list(cli.obs["scidiff_target"]) == list(out.obs["scidiff_target"])
     assert cli.obs["target"].isna().sum() == n
 

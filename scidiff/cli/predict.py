@@ -179,6 +179,35 @@ def run(args):
     n_targets = len(texts)
     per = f" ({n_targets} targets x {n_cells // n_targets} cells)" if n_targets > 1 else ""
     print(f"wrote {n_cells} predicted cells{per} x {n_genes} genes to {args.out}")
+    if not baseline:
+        print("\n".join(what_predictions_rest_on(args.out)))
+
+
+def what_predictions_rest_on(path: str, shown: int = 20) -> list[str]:
+    """Lines for the terminal: per target of the prediction file at ``path``, its route(s) and
+    mean stated confidence (``obs['scidiff_route']``, ``obs['scidiff_confidence']``), the first
+    ``shown`` targets, then a count of targets per route."""
+    import anndata as ad  # lazy: keeps --help light (anndata)
+
+    backed = ad.read_h5ad(path, backed="r")
+    obs = backed.obs[["scidiff_target", "scidiff_route", "scidiff_confidence"]].copy()
+    backed.file.close()
+    lines, per_route = ["what each prediction rests on (route, mean confidence 0-1):"], {}
+    for i, (target, rows) in enumerate(obs.groupby("scidiff_target", observed=True, sort=False)):
+        routes = rows["scidiff_route"].astype(str).value_counts()
+        for route in routes.index:
+            per_route[route] = per_route.get(route, 0) + 1
+        if i < shown:
+            route = routes.index[0] if len(routes) == 1 else \
+                ", ".join(f"{r} ({n} cells)" for r, n in routes.items())
+            conf = rows["scidiff_confidence"].astype(float)
+            said = "not assessed" if conf.isna().all() else f"{conf.mean():.2f}"
+            lines.append(f"  {target}: {route}, confidence {said}")
+    n = sum(1 for _ in obs.groupby("scidiff_target", observed=True))
+    if n > shown:
+        lines.append(f"  ... {n - shown} more; targets per route: "
+                     + ", ".join(f"{r} {k}" for r, k in sorted(per_route.items())))
+    return lines
 
 
 def _baselines(args, model, texts):
