@@ -36,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"kang": "kang_ifnb_pbmc.h5ad", "zhao": "zhao21_glioblastoma_panobinostat_lemur.h5ad",
          "papalexi": "papalexi21_thp1_sceptre_lowmoi.h5ad", "klein": "klein15_mesc_lif_timecourse_tmscc.h5ad"}
-TASKS = ("kang", "zhao", "papalexi_seen", "papalexi_unseen", "papalexi_context", "klein", "combos_additive", "combos_saturating")
+TASKS = ("kang", "zhao", "papalexi_seen", "papalexi_unseen", "papalexi_context", "klein", "combos_additive",
+         "combos_saturating")
 
 # The data README's baseline figures (normalize_total 1e4 + log1p, per-group means, all genes),
 # checked by the suite: task -> method -> metric -> value (3 decimals).

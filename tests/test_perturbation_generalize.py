@@ -105,7 +105,8 @@ def _line_model(train):
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=64, num_layers=2, num_timesteps=100, latent_dim=8)
     scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
                            learning_rate=2e-3, warmup_steps=20).train(60)
-    return model, train[(train.obs["line"] == "l0").to_numpy() & (train.obs["perturbation"] == "control").to_numpy()].copy()
+    line, pert = train.obs["line"].to_numpy(), train.obs["perturbation"].to_numpy()
+    return model, train[(line == "l0") & (pert == "control")].copy()
 
 
 def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(decoy):

@@ -192,18 +192,17 @@ def what_predictions_rest_on(path: str, shown: int = 20) -> list[str]:
     backed = ad.read_h5ad(path, backed="r")
     obs = backed.obs[["scidiff_target", "scidiff_route", "scidiff_confidence"]].copy()
     backed.file.close()
-    lines, per_route = ["what each prediction rests on (route, mean confidence 0-1):"], {}
-    for i, (target, rows) in enumerate(obs.groupby("scidiff_target", observed=True, sort=False)):
+    lines, per_route, n = ["what each prediction rests on (route, mean confidence 0-1):"], {}, 0
+    for n, (target, rows) in enumerate(obs.groupby("scidiff_target", observed=True, sort=False), 1):
         routes = rows["scidiff_route"].astype(str).value_counts()
         for route in routes.index:
             per_route[route] = per_route.get(route, 0) + 1
-        if i < shown:
+        if n <= shown:
             route = routes.index[0] if len(routes) == 1 else \
-                ", ".join(f"{r} ({n} cells)" for r, n in routes.items())
+                ", ".join(f"{r} ({cells} cells)" for r, cells in routes.items())
             conf = rows["scidiff_confidence"].astype(float)
             said = "not assessed" if conf.isna().all() else f"{conf.mean():.2f}"
             lines.append(f"  {target}: {route}, confidence {said}")
-    n = sum(1 for _ in obs.groupby("scidiff_target", observed=True))
     if n > shown:
         lines.append(f"  ... {n - shown} more; targets per route: "
                      + ", ".join(f"{r} {k}" for r, k in sorted(per_route.items())))
