@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -127,6 +128,17 @@ def run_cell_eval_for(entries, methods, num_threads=1):
     return out
 
 
+def model_path(args, task_name, fold_name) -> str | None:
+    """Where ``--model-cache`` keeps the fold's trained model, named by what its training reads."""
+    if not args.model_cache:
+        return None
+    keys = ("epochs", "latent_dim", "hidden_dim", "num_layers", "seed", "combo_seeds")
+    tag = "_".join(f"{k}{getattr(args, k)}" for k in keys).replace(",", "-")
+    os.makedirs(os.path.join(args.model_cache, task_name), exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", fold_name)
+    return os.path.join(args.model_cache, task_name, f"{safe}_{tag}.pt")
+
+
 def run_fold(task, fold, fi, args, genes):
     """Predict and score one fold; returns (record, arrays for the cache, {method: [X | None]})."""
     import numpy as np
@@ -145,7 +157,8 @@ def run_fold(task, fold, fi, args, genes):
         res = predict_with_scidiff(fold.train, fold.control, [t.target for t in fold.targets], task.model_keys,
                                    seed=args.seed, epochs=args.epochs, method=MODEL_METHODS,
                                    hidden_dim=args.hidden_dim, num_layers=args.num_layers,
-                                   latent_dim=args.latent_dim, steps=args.steps)
+                                   latent_dim=args.latent_dim, steps=args.steps,
+                                   model_path=model_path(args, task.name, fold.name))
         for m, lst in res.items():
             preds[f"scidiff_{m}"] = [None if isinstance(p, str) else np.asarray(p[:, genes].X, dtype=np.float32)
                                      for p in lst]
@@ -470,6 +483,9 @@ def main(argv=None):
     p.add_argument("--folds", default=None, help="comma-separated fold names (default: all)")
     p.add_argument("--data-dir", default=DATA_DIR)
     p.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    p.add_argument("--model-cache", default=None,
+                   help="folder where each fold's trained model is kept and reused (prediction-side changes "
+                        "only: a kept model is read whatever the training code)")
     p.add_argument("--tag", default="", help="suffix of the result files: perturbation_<task><tag>.json")
     args = p.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]

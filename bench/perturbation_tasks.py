@@ -396,7 +396,7 @@ def build_task(name: str, **kw) -> Task:
 
 def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: int = 0, epochs: int = 200,
                          method="counterfactual", *, hidden_dim: int = 512, num_layers: int = 6, latent_dim: int = 64,
-                         steps: int = 50, batch_size: int = 256):
+                         steps: int = 50, batch_size: int = 256, model_path: str | None = None):
     """Train a scidiff model on ``train_adata`` and predict ``control_adata``'s cells under
     ``target`` (a dict of covariates, or a list of them: one model, every target).
 
@@ -407,7 +407,9 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     per target]}``, where a target the model refuses (an unseen perturbation nothing describes)
     is the refusal's message instead. The training time is in each prediction's ``.uns['train_seconds']``; each
     prediction carries ``perturb``'s ``obs['scidiff_confidence']`` and ``obs['scidiff_route']``
-    (:func:`prediction_record` summarises them).
+    (:func:`prediction_record` summarises them). ``model_path``: a checkpoint the trained model is
+    written to, and read from instead of training where it already exists (the caller keys it by
+    everything the training depends on).
     """
     import time
 
@@ -416,19 +418,25 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     import scidiff
     from scidiff.models.perturbation_prior import PerturbationPrior
     from scidiff.tasks.perturb import perturb
+    from scidiff.training.checkpoint import load_model, read_checkpoint, save_model
 
     targets = [target] if isinstance(target, dict) else list(target)
     methods = (method,) if isinstance(method, str) else tuple(method)
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    data = scidiff.setup_anndata(train_adata.copy(), n_top_genes=None, **keys)
-    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=hidden_dim, num_layers=num_layers,
-                                           latent_dim=latent_dim or None)
-    if data.spec.perturbation_keys:  # unseen perturbations: the prior, as `scidiff train` fits it
-        model.perturbation_prior = PerturbationPrior.from_cells(data, train_adata, seed=seed)
-    scidiff.ScIDiffTrainer(model, data.loader(batch_size, seed=seed), device="cpu", early_stopping_patience=None,
-                           seed=seed, progress=False).train(epochs)
-    train_s = time.perf_counter() - t0
+    if model_path is not None and os.path.exists(model_path):
+        model, train_s = load_model(model_path), float(read_checkpoint(model_path)["train_seconds"])
+    else:
+        torch.manual_seed(seed)
+        data = scidiff.setup_anndata(train_adata.copy(), n_top_genes=None, **keys)
+        model = scidiff.ScIDiffModel.from_data(data, hidden_dim=hidden_dim, num_layers=num_layers,
+                                               latent_dim=latent_dim or None)
+        if data.spec.perturbation_keys:  # unseen perturbations: the prior, as `scidiff train` fits it
+            model.perturbation_prior = PerturbationPrior.from_cells(data, train_adata, seed=seed)
+        scidiff.ScIDiffTrainer(model, data.loader(batch_size, seed=seed), device="cpu", early_stopping_patience=None,
+                               seed=seed, progress=False).train(epochs)
+        train_s = time.perf_counter() - t0
+        if model_path is not None:
+            save_model(model, model_path, train_seconds=train_s)
     out = {m: [] for m in methods}
     store = {}  # the control cells' inversions, shared by the targets (identical predictions)
     for m in methods:
@@ -449,7 +457,9 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
 def prediction_record(pred) -> dict:
     """What a model's prediction says about itself, for the results JSON: the mean of
     ``obs['scidiff_confidence']`` over the predicted cells (``None`` where it is absent or never
-    assessed, NaN throughout) and the number of cells per ``obs['scidiff_route']``."""
+    assessed, NaN throughout), the number of cells per ``obs['scidiff_route']`` and, where an
+    effect was transferred, how far the cells lie within each context read (the share of the
+    network's per-cell deviation kept)."""
     out = {"confidence_mean": None, "routes": {}}
     if "scidiff_confidence" in pred.obs.columns:
         conf = np.asarray(pred.obs["scidiff_confidence"], dtype=np.float64)
@@ -459,4 +469,7 @@ def prediction_record(pred) -> dict:
     if "scidiff_route" in pred.obs.columns:
         routes = pred.obs["scidiff_route"].astype(str).value_counts()
         out["routes"] = {str(k): int(v) for k, v in routes.items()}
+    inside = pred.uns.get("scidiff_prediction", {}).get("transferred_inside")
+    if inside:
+        out["transferred_inside"] = {c: dict(v) for c, v in inside.items()}
     return out

@@ -37,6 +37,7 @@ from .shrinkage import adaptive_shrinkage
 COMBINATIONS = ("additive", "scaled", "polynomial")
 MIN_GAIN = 0.05  # a combination term must remove this share of additive's held-out error
 REFERENCE_CELLS = 256  # control cells kept per context for the nearest-neighbour weights
+SUPPORT_NEIGHBOURS = 10  # neighbours whose mean distance tells a cell inside a context's cells from one outside
 CONTROL_QUANTILES = 32  # quantiles kept per context and gene of the control cells' expression
 QUANTILE_CELLS = 5000  # control cells per context they are read from (a random subset beyond)
 
@@ -349,8 +350,10 @@ class PerturbationEffects(nn.Module):
         self.register_buffer("reference_context", torch.zeros(0, dtype=torch.long))
         self.register_buffer("control_quantiles", torch.zeros(0))
         self.register_buffer("quantile_context", torch.zeros(0, dtype=torch.long))
+        self._spread = {}  # context -> the spread of its reference cells (context_support), read once
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._spread = {}
         # absent from checkpoints written before them: left empty (perturb then clips at zero)
         state_dict.setdefault(prefix + "control_quantiles", torch.zeros(0))
         state_dict.setdefault(prefix + "quantile_context", torch.zeros(0, dtype=torch.long))
@@ -447,6 +450,7 @@ class PerturbationEffects(nn.Module):
         keep = [np.sort(rng.choice(idx, min(per_context, len(idx)), replace=False))
                 for idx in (np.flatnonzero(control & (ctx == c).all(1)) for c in contexts)]
         keep = np.concatenate(keep) if keep else np.zeros(0, dtype=np.int64)
+        self._spread = {}
         self.reference_latent = encode(read(keep)).detach().float().cpu()
         self.reference_context = torch.as_tensor(ctx[keep], dtype=torch.long)
         levels = (np.arange(CONTROL_QUANTILES) + 0.5) / CONTROL_QUANTILES
@@ -531,6 +535,25 @@ class PerturbationEffects(nn.Module):
             term = a * (s**2 - w**2 @ e**2) + b * (s**3 - w**3 @ e**3)
         combined = (w != 0).sum(-1, keepdim=True) > 1
         return torch.where(combined, term, out)
+
+    def context_support(self, latent: torch.Tensor, context, k: int = SUPPORT_NEIGHBOURS) -> torch.Tensor:
+        """How far cells ``latent [B, d]`` lie within the spread of ``context``'s reference control
+        cells, ``[B]`` in [0, 1]: with ``rho`` a cell's mean distance to its ``k`` nearest of them
+        and ``q`` the 95th percentile of the same distance among those cells themselves (each
+        left out of its own), ``clip(2 - rho / q, 0, 1)``: 1 inside the context's cells, falling
+        to 0 at twice the edge of their spread (a kNN outlier score, Ramaswamy et al. 2000).
+        1 where the context has too few reference cells to tell."""
+        ref = self.reference_latent_of(context)
+        if ref is None or len(ref) <= k:
+            return torch.ones(len(latent), dtype=latent.dtype, device=latent.device)
+        ref = ref.to(latent.device).float()
+        name = tuple(np.asarray(context).tolist())
+        if name not in self._spread:
+            d = torch.cdist(ref, ref)
+            d.fill_diagonal_(float("inf"))
+            self._spread[name] = float(torch.quantile(d.topk(k, largest=False).values.mean(1), 0.95))
+        rho = torch.cdist(latent.float(), ref).topk(k, largest=False).values.mean(1)
+        return (2 - rho / max(self._spread[name], 1e-12)).clamp(0, 1).to(latent.dtype)
 
     def context_weights(self, latent: torch.Tensor, contexts: np.ndarray, k: int = 30) -> torch.Tensor:
         """For cells ``latent [B, d]``: the share of each cell's ``k`` nearest reference control

@@ -27,7 +27,11 @@ expression outside the model's latent. How the change is found depends on what t
   training control cells (in the latent) that come from each. A cell like another context's
   cells takes that context's response; where the contexts disagree so much that their mean
   change is indistinguishable from zero, the change shrinks toward no change
-  (:func:`disagreement_shrinkage`).
+  (:func:`disagreement_shrinkage`). The network's per-cell deviation around a context's mean
+  change is kept only as far as the cell lies within that context's own control cells
+  (:meth:`~scidiff.models.effects.PerturbationEffects.context_support`): beyond them it is the
+  network's extrapolation, and a cell unlike every context read (another cell line) takes their
+  mean change alone.
 - ``prior``: a perturbation never seen at all, described by prior knowledge
   (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
@@ -160,6 +164,7 @@ class _Plan:
         spec, eff = model.data_spec, model.effects
         self.route, self.parts, self.extra = "direct", [], []
         self.offsets = {}  # (key, singles, context) -> the network's mean change to that context's reference cells
+        self.inside = {}  # context read -> per cell, how far the cell lies within its control cells
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
@@ -222,16 +227,22 @@ def _first_rows(cond: dict, n: int) -> dict:
     return {k: v[:1].expand(n, *v.shape[1:]) for k, v in cond.items()}
 
 
-def _centred_change(model, reader, plan, x, src, target, key, singles, context, dose) -> torch.Tensor:
+def _centred_change(model, reader, plan, x, src, target, key, singles, context, dose,
+                    deviation: float | torch.Tensor = 1.0) -> torch.Tensor:
     """The network's change to cells ``x`` from ``src`` to ``target`` read in ``context``, where
     that context saw the group, centred on the group's estimated mean change there: the network
     gives how cells differ, the data (pooled and shrunk, :mod:`scidiff.models.effects`) the mean
-    change. Used as is where the group has no estimate or the context no reference cells."""
-    change = reader.change(x, src, target)
+    change. Used as is where the group has no estimate or the context no reference cells.
+    ``deviation`` (a number, or one per cell) scales the network's part around the mean; at 0
+    the mean change alone, without reading the network."""
     dose_key = model.data_spec.dose_key
     mean = model.effects.seen_change(key, singles, context, float(dose[dose_key][0]) if dose else None)
+    deviation = torch.as_tensor(deviation, dtype=x.dtype, device=x.device).expand(len(x))
+    if mean is not None and not deviation.any():
+        return mean.to(x).expand_as(x)
+    change = reader.change(x, src, target)
     offset = None if mean is None else _reference_offset(model, reader, plan, key, singles, context, src, target)
-    return change if offset is None else change - offset + mean.to(x)
+    return change if offset is None else deviation[:, None] * (change - offset) + mean.to(x)
 
 
 def _reference_offset(model, reader, plan, key, singles, context, src, target) -> torch.Tensor | None:
@@ -333,14 +344,21 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
                                               context, dose)
             confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
             continue
-        weights = model.effects.context_weights(model.encode(x), where)  # [B, C]
-        changes = [_centred_change(model, reader, plan, x, ref, {**ref, **dose, key: rows}, key, what, other, dose)
-                   for other, ref in ((o, _with_context(src, ctx_keys, o, b, device)) for o in where)]
+        latent = model.encode(x)
+        weights = model.effects.context_weights(latent, where)  # [B, C]
+        changes = []
+        for other in where:
+            inside = model.effects.context_support(latent, other)  # the share of its deviation kept, per cell
+            plan.inside.setdefault(tuple(np.asarray(other).tolist()), []).append(inside.cpu())
+            ref = _with_context(src, ctx_keys, other, b, device)
+            changes.append(_centred_change(model, reader, plan, x, ref, {**ref, **dose, key: rows}, key, what, other,
+                                           dose, inside))
         num = sum(weights[:, c].to(x)[:, None] * d for c, d in enumerate(changes))
         den = sum(weights[:, c].to(x) * d.pow(2).sum(1) for c, d in enumerate(changes))
         kept = disagreement_shrinkage(torch.stack(changes))
         change = change + kept[:, None] * num
-        agreement = num.pow(2).sum(1) / den.clamp_min(1e-12)
+        # contexts that all carry no change agree on it
+        agreement = torch.where(den > 0, num.pow(2).sum(1) / den.clamp_min(1e-30), torch.ones_like(den))
         support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other) for other in where])
         confidence = torch.minimum(confidence, torch.minimum(torch.minimum(agreement, kept).cpu(), support))
     for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
@@ -429,21 +447,27 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     result.uns["scidiff_prediction"] = {
         "method": method, "steps": int(steps), "guidance_scale": float(guidance_scale), "seed": int(seed),
         "target": {k: str(v) for k, v in condition.items()},
-        "transferred_from": _transfers(model, plans, ctx_keys)}
+        **_transfers(model, plans, ctx_keys)}
     return result
 
 
 def _transfers(model, plans: dict, ctx_keys) -> dict:
-    """For each context whose prediction was transferred: the contexts it was read in, as labels."""
+    """For each context whose prediction was transferred: the contexts it was read in
+    (``transferred_from``) and, per context read, the predicted cells' mean share of the network's
+    per-cell deviation kept (``transferred_inside``: 1 for cells within that context's control
+    cells, 0 for cells unlike them), as labels."""
     vocab = model.data_spec.categorical
-    out = {}
+
+    def label(row):
+        return ",".join(f"{k}={vocab[k][int(c)]}" for k, c in zip(ctx_keys, row)) or "all"
+
+    sources, inside = {}, {}
     for context, plan in plans.items():
         where = [w for kind, _, _, w in plan.parts if kind == "transferred"]
         if where:
-            name = ",".join(f"{k}={vocab[k][c]}" for k, c in zip(ctx_keys, context)) or "all"
-            out[name] = sorted({",".join(f"{k}={vocab[k][int(c)]}" for k, c in zip(ctx_keys, row))
-                                for w in where for row in w})
-    return out
+            sources[label(context)] = sorted({label(row) for w in where for row in w})
+            inside[label(context)] = {label(c): round(float(torch.cat(v).mean()), 4) for c, v in plan.inside.items()}
+    return {"transferred_from": sources, "transferred_inside": inside}
 
 
 def predict_perturbation(model, control_adata, target: dict, *, method: str = "counterfactual", steps: int = 50,
