@@ -131,6 +131,19 @@ def test_an_unseen_context_moves_its_own_cells_by_the_effect_learned_elsewhere(d
     np.testing.assert_allclose(pred.obs["scidiff_confidence"].to_numpy(), 0.8, atol=1e-6)
 
 
+def test_the_predict_summary_says_a_new_line_lies_outside_the_lines_read(decoy, tmp_path):
+    from scidiff.cli.predict import what_predictions_rest_on
+    from scidiff.tasks.screen import predict_screen_to_file
+
+    train, truth, control, bases, effect, model = decoy
+    out = tmp_path / "pred.h5ad"
+    predict_screen_to_file(model, control, [{"perturbation": "P"}, {"perturbation": "control"}], out, steps=20,
+                           progress=False)
+    said = what_predictions_rest_on(str(out))
+    assert said[1] == "  perturbation=P: transferred, confidence 0.80; inside the contexts read: line=l1 0.00, line=l2 0.00"
+    assert said[2] == "  perturbation=control: control, confidence 1.00"  # the cells as they are
+
+
 def test_a_knockout_within_the_noise_of_every_context_transfers_as_no_change():
     """Three alike lines (replicates); Q changes nothing and was seen, with 25 cells, in lines 1
     and 2 only. Read in those lines, the network's change follows Q's training noise; centred on

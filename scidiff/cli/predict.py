@@ -185,13 +185,17 @@ def run(args):
 
 def what_predictions_rest_on(path: str, shown: int = 20) -> list[str]:
     """Lines for the terminal: per target of the prediction file at ``path``, its route(s) and
-    mean stated confidence (``obs['scidiff_route']``, ``obs['scidiff_confidence']``), the first
+    mean stated confidence (``obs['scidiff_route']``, ``obs['scidiff_confidence']``) and, for a
+    transferred one, how far its cells lie inside each context read (:func:`_inside`), the first
     ``shown`` targets, then a count of targets per route."""
     import anndata as ad  # lazy: keeps --help light (anndata)
 
     backed = ad.read_h5ad(path, backed="r")
     obs = backed.obs[["scidiff_target", "scidiff_route", "scidiff_confidence"]].copy()
+    record = dict(backed.uns.get("scidiff_prediction", {}))
     backed.file.close()
+    per_target = record.get("per_target")
+    records = {t: per_target[str(i)] for i, t in enumerate(record.get("targets", []))} if per_target else None
     lines, per_route, n = ["what each prediction rests on (route, mean confidence 0-1):"], {}, 0
     for n, (target, rows) in enumerate(obs.groupby("scidiff_target", observed=True, sort=False), 1):
         routes = rows["scidiff_route"].astype(str).value_counts()
@@ -202,11 +206,24 @@ def what_predictions_rest_on(path: str, shown: int = 20) -> list[str]:
                 ", ".join(f"{r} ({cells} cells)" for r, cells in routes.items())
             conf = rows["scidiff_confidence"].astype(float)
             said = "not assessed" if conf.isna().all() else f"{conf.mean():.2f}"
-            lines.append(f"  {target}: {route}, confidence {said}")
+            inside = _inside(records.get(target, {}) if records is not None else record)
+            lines.append(f"  {target}: {route}, confidence {said}" + (f"; inside the contexts read: {inside}" if inside else ""))
     if n > shown:
         lines.append(f"  ... {n - shown} more; targets per route: "
                      + ", ".join(f"{r} {k}" for r, k in sorted(per_route.items())))
     return lines
+
+
+def _inside(record: dict, shown: int = 4) -> str:
+    """A transferred target's mean share of the predicted cells inside each context read
+    (``transferred_inside``, averaged over the contexts predicted), as ``"line=A 0.97, ..."``; ``""``
+    for other routes."""
+    shares = {}
+    for read in dict(record.get("transferred_inside") or {}).values():
+        for name, share in dict(read).items():
+            shares.setdefault(str(name), []).append(float(share))
+    said = [f"{name} {sum(v) / len(v):.2f}" for name, v in shares.items()]
+    return ", ".join(said[:shown]) + (f", ... {len(said) - shown} more" if len(said) > shown else "")
 
 
 def _baselines(args, model, texts):

@@ -34,6 +34,7 @@ expression outside the model's latent. How the change is found depends on what t
   mean change alone.
 - ``prior``: a perturbation never seen at all, described by prior knowledge
   (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect.
+- ``control``: the target is the control itself (no perturbation): the cells as they are.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
   the closed-form effects): the change under the target condition.
 
@@ -43,7 +44,7 @@ the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, t
 by the shrinkage and the training cells of the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the
 contexts' estimates are pooled where they agree, so agreement alone would not tell 20 cells from
 600); ``additive``, the least of its
-singles'; ``prior``, the prior's own; ``direct``, ``NaN`` (not assessed).
+singles'; ``prior``, the prior's own; ``control``, 1; ``direct``, ``NaN`` (not assessed).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
 own conditions instead of to the input cells.
@@ -195,7 +196,8 @@ class _Plan:
         for key, label in unseen.items():
             routes.append("prior")
             self.parts.append(("prior", key, label, None))
-        self.route = routes[0] if len(set(routes)) == 1 else "+".join(routes)
+        # every perturbation asked for is the control: the cells themselves
+        self.route = "control" if not routes else routes[0] if len(set(routes)) == 1 else "+".join(routes)
 
 
 def _has(contexts: np.ndarray, context) -> bool:
