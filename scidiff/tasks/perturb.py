@@ -165,7 +165,7 @@ class _Plan:
         spec, eff = model.data_spec, model.effects
         self.route, self.parts, self.extra = "direct", [], []
         self.offsets = {}  # (key, singles, context) -> the network's mean change to that context's reference cells
-        self.inside = {}  # context read -> per cell, how far the cell lies within its control cells
+        self.inside = {}  # context read -> [sum over predicted cells of how far each lies within its controls, cells]
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
@@ -351,7 +351,8 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
         changes = []
         for other in where:
             inside = model.effects.context_support(latent, other)  # the share of its deviation kept, per cell
-            plan.inside.setdefault(tuple(np.asarray(other).tolist()), []).append(inside.cpu())
+            seen = plan.inside.setdefault(tuple(np.asarray(other).tolist()), [0.0, 0])
+            seen[0], seen[1] = seen[0] + float(inside.sum()), seen[1] + len(inside)
             ref = _with_context(src, ctx_keys, other, b, device)
             changes.append(_centred_change(model, reader, plan, x, ref, {**ref, **dose, key: rows}, key, what, other,
                                            dose, inside))
@@ -468,7 +469,7 @@ def _transfers(model, plans: dict, ctx_keys) -> dict:
         where = [w for kind, _, _, w in plan.parts if kind == "transferred"]
         if where:
             sources[label(context)] = sorted({label(row) for w in where for row in w})
-            inside[label(context)] = {label(c): round(float(torch.cat(v).mean()), 4) for c, v in plan.inside.items()}
+            inside[label(context)] = {label(c): round(total / n, 4) for c, (total, n) in plan.inside.items() if n}
     return {"transferred_from": sources, "transferred_inside": inside}
 
 
