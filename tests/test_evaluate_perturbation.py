@@ -93,3 +93,15 @@ def test_per_context_and_without_cell_eval(example, monkeypatch, capsys):
     assert "cell-eval is not installed" in said and "pip install 'scidiff[celleval]'" in said
     m = json.loads((out / "metrics.json").read_text())
     assert m["cell_eval"]["installed"] is False and m["mean"]["pearson_delta_all"] == pytest.approx(1)
+
+    # GEARS' spelling (ctrl, STAT1+ctrl) is read without --control-label
+    for name, obj in (("real", real), ("oracle", oracle)):
+        gears = obj.copy()
+        labels = gears.obs["perturbation"].astype(str)
+        gears.obs["perturbation"] = np.where(labels == "control", "ctrl", labels + "+ctrl")
+        gears.write_h5ad(root / f"{name}_gears.h5ad")
+    out = root / "report_gears"
+    assert main(["evaluate", "--perturbation", "--real", str(root / "real_gears.h5ad"), "--predicted",
+                 str(root / "oracle_gears.h5ad"), "--perturbation-key", "perturbation", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(m["per_perturbation"]) == sorted(KOS) and m["mean"]["rmse_all"] == pytest.approx(0, abs=1e-6)

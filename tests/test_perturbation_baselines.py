@@ -70,6 +70,11 @@ def test_baselines_over_anndata_closed_forms(screen):
     t0 = np.mean([eff["A"], eff["B"], eff["C"], eff["A"] + eff["C"]], axis=0)
     t1 = np.mean([eff["A"], eff["B"]], axis=0) + 0.1
     np.testing.assert_allclose(cm, c + (t0 + t1) / 2, atol=1e-5)
+    # the control itself is the control cells under every baseline
+    for method in ("mean-shift", "additive", "cell-mean", "linear"):
+        same = predict_baseline(method, train, control, {"drug": "control"}, **kw)
+        np.testing.assert_array_equal(same.X, c.astype(np.float32))
+        assert (same.obs["drug"] == "control").all()
 
 
 def test_linear_multi_hot_is_exact_on_additive_truth():

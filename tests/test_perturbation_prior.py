@@ -272,6 +272,28 @@ def test_an_unseen_gene_target_end_to_end_through_the_command_line(papalexi, tmp
                  "perturbation=TP53", "--out", str(tmp_path / "tp53.h5ad")]) == 2
     assert "'TP53'" in capsys.readouterr().err and not (tmp_path / "tp53.h5ad").exists()
 
+    # GEARS' spelling of the unseen single (STAT1+control), and a combination of a seen single with
+    # the unseen one: the seen change plus the prior's effect; each label written as asked for
+    targets = ["STAT1+control", "IRF1", "STAT1+IRF1"]
+    screen = tmp_path / "screen.h5ad"
+    assert main(["predict", "--model", str(run), "--data", str(tmp_path / "control.h5ad"), "--out", str(screen),
+                 *[a for t in targets for a in ("--target", f"perturbation={t}")]]) == 0, capsys.readouterr().err
+    import anndata as ad
+
+    out = ad.read_h5ad(screen)
+    part = {t: out[out.obs["scidiff_target"] == f"perturbation={t}"] for t in targets}
+    assert [part[t].obs["scidiff_route"].unique().tolist() for t in targets] == [["prior"], ["seen"], ["seen+prior"]]
+    assert all((part[t].obs["perturbation"] == t).all() for t in targets)
+    np.testing.assert_allclose(np.asarray(part["STAT1+control"].X), np.asarray(pred.X), atol=1e-6)
+    np.testing.assert_allclose(part["STAT1+IRF1"].obs["scidiff_confidence"], min(
+        float(part["IRF1"].obs["scidiff_confidence"].iloc[0]), prior.predict("perturbation", "STAT1")[1]), rtol=1e-6)
+    # where neither prediction sits at the floor at zero (and IRF1's mean change does not lower the
+    # gene, so the seen route's mean-keeping scale is 1), the two differ by the prior's effect
+    alone, both = np.asarray(part["IRF1"].X), np.asarray(part["STAT1+IRF1"].X)
+    clear = (alone > 0) & (both > 0) & ((alone - np.asarray(pred.layers["control"])).mean(0) >= 0)
+    assert clear.sum() > 1000 and clear[:, effect != 0].any()
+    np.testing.assert_allclose((both - alone)[clear], np.broadcast_to(effect, both.shape)[clear], atol=1e-4)
+
 
 def test_an_unseen_drug_from_its_smiles_end_to_end_through_the_command_line(tmp_path, capsys):
     """Ten sci-Plex drugs seen, an eleventh predicted from its SMILES alone (Morgan fingerprints)."""

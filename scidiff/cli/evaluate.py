@@ -26,8 +26,9 @@ def add(sub):
     g.add_argument("--perturbation", action="store_true", help="score predicted perturbation responses")
     g.add_argument("--predicted", default=None, help="predicted cells (.h5ad; --generated works too)")
     g.add_argument("--perturbation-key", default=None, help="obs column of the perturbation in both files")
-    g.add_argument("--control-label", default="control",
-                   help="label of the real control cells, or several, comma-separated (default: control)")
+    g.add_argument("--control-label", default="control,ctrl",
+                   help="label of the real control cells, or several, comma-separated (default: control,ctrl, "
+                        "every one taken as control)")
     g.add_argument("--separator", type=separator_text, default="+", help=SEPARATOR_HELP)
     g.add_argument("--context-key", default=None, help="obs column of the context (cell type, patient) in both files")
     g.add_argument("--baseline", action="append", default=None, metavar="NAME=FILE",

@@ -108,19 +108,11 @@ def _parse(where: str, text: str, check=None, numeric=()) -> dict:
 def _model_check(model):
     """Refuse a target the model cannot predict, before any work: unknown keys and labels (an
     unseen perturbation only where the model has no prior that describes it)."""
-    spec = model.data_spec
-    prior = getattr(model, "perturbation_prior", None)
+    from ..tasks.perturb import split_target  # lazy: keeps --help light (torch)
 
     def check(target):
-        known = dict(target)
-        for key in spec.perturbation_keys:
-            if key in target and prior is not None:
-                parts = [q.strip() for q in str(target[key]).split(spec.separator) if q.strip()]
-                if any(q not in spec.categorical[key] and not spec.is_control(q) for q in parts):
-                    if len(parts) == 1:
-                        prior.effect(key, str(target[key]))  # raises naming the label where nothing is known
-                        known.pop(key)
-        spec.encode_conditions(known, 1)
+        known, _ = split_target(model, target)
+        model.data_spec.encode_conditions(known, 1)
 
     return check
 

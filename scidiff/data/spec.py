@@ -149,8 +149,8 @@ class DataSpec:
             return [self.encode_label(key, label)]
         if self.is_control(label):
             return []
-        parts = [p.strip() for p in str(label).split(self.separator) if p.strip()]
-        unseen = [p for p in parts if p not in vocab and not self.is_control(p)]
+        parts = [p.strip() for p in str(label).split(self.separator) if p.strip() and not self.is_control(p)]
+        unseen = [p for p in parts if p not in vocab]
         if unseen:
             what = ("a combination with an unseen single perturbation cannot be predicted"
                     if len(parts) > 1 else "unknown perturbation")

@@ -313,6 +313,8 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
       vector to the delta, fitted on every (context, perturbation) group of ``train``: the
       multi-hot of single perturbations, or ``features[label]`` (labels without features are
       left out of the fit).
+
+    A target that is the control itself is the control cells under every method.
     """
     import anndata as ad
     import pandas as pd
@@ -340,7 +342,9 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
         label = canonical_label(target[perturbation_key], separator, controls)
         deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=controls,
                                      separator=separator)
-        if method == "mean-shift":
+        if label == controls[0]:  # the control itself, under every baseline
+            pred = no_change(xc)
+        elif method == "mean-shift":
             if label not in deltas:
                 raise ValueError(f"mean-shift: {label!r} has no training cells beside controls of the same context")
             pred = mean_shift(xc, deltas[label])

@@ -33,7 +33,8 @@ expression outside the model's latent. How the change is found depends on what t
   network's extrapolation, and a cell unlike every context read (another cell line) takes their
   mean change alone.
 - ``prior``: a perturbation never seen at all, described by prior knowledge
-  (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect.
+  (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect. Beside seen
+  singles (``A+B``, A seen, B not) each part's change is added (route ``seen+prior``).
 - ``control``: the target is the control itself (no perturbation): the cells as they are.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
   the closed-form effects): the change under the target condition.
@@ -141,19 +142,31 @@ def _with_context(cond: dict, keys, context, b: int, device) -> dict:
     return out
 
 
-def _split_target(model, target: dict):
-    """``(known, unseen)``: the target with every label the model knows, and ``{key: label}`` for
-    perturbation labels whose singles are not in its vocabulary (for the prior)."""
+def split_target(model, target: dict) -> tuple[dict, dict]:
+    """``(known, unseen)``: the target with the perturbation singles the model saw, and
+    ``{key: label}`` of the singles it never saw (the ``prior`` route's part). Control parts are
+    dropped (GEARS' ``A+ctrl`` is ``A``); a combination of seen and unseen singles is predicted as
+    the sum of both parts. Without a perturbation prior an unseen single is an error that names it;
+    with one, a label the prior cannot describe is too (:meth:`PerturbationPrior.effect`)."""
     spec, known, unseen = model.data_spec, dict(target), {}
+    prior = getattr(model, "perturbation_prior", None)
     for key in spec.perturbation_keys:
-        if key not in target:
+        if key not in target or isinstance(target[key], (int, np.integer)):
             continue
         vocab = set(spec.categorical[key])
-        parts = [p.strip() for p in str(target[key]).split(spec.separator) if p.strip()]
-        if any(p not in vocab and not spec.is_control(p) for p in parts):
-            if len(parts) > 1 or getattr(model, "perturbation_prior", None) is None:
-                spec.perturbation_singles(key, target[key])  # raises the error that names the label
-            unseen[key] = str(target[key])
+        parts = [p.strip() for p in str(target[key]).split(spec.separator)
+                 if p.strip() and not spec.is_control(p)]
+        new = [p for p in parts if p not in vocab]
+        if not new:
+            continue
+        if prior is None:
+            spec.perturbation_singles(key, target[key])  # raises the error that names the label
+        unseen[key] = spec.separator.join(new)
+        prior.effect(key, unseen[key])  # raises naming a label nothing describes
+        seen = [p for p in parts if p in vocab]
+        if seen:
+            known[key] = spec.separator.join(seen)
+        else:
             known.pop(key)
     return known, unseen
 
@@ -396,7 +409,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         model.to(device)
     spec, control_adata, cells = model_cells(model, cells, layer=layer, use_raw=use_raw)
     n = len(cells)
-    known, unseen = _split_target(model, condition)
+    known, unseen = split_target(model, condition)
     target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)
     cond_target = {**source_codes, **target_codes}
@@ -440,8 +453,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     obs = control_adata.obs.copy()
     for key, labels in spec.decode_conditions(target_codes).items():
         obs[key] = pd.Categorical(labels) if key in spec.categorical else labels
-    for key, label in unseen.items():
-        obs[key] = pd.Categorical([label] * n)
+    for key in spec.perturbation_keys:  # a label as asked for (the data's own spelling: GEARS' A+ctrl)
+        if isinstance(condition.get(key), str):
+            obs[key] = pd.Categorical([condition[key]] * n)
     obs["scidiff_route"] = pd.Categorical(routes.astype(str))
     obs["scidiff_confidence"] = confidence
     result = ad.AnnData(X=out, obs=obs)
