@@ -505,16 +505,42 @@ class PerturbationEffects(nn.Module):
 
     def seen_change(self, key: str, singles: list[int], context, dose: float | None = None):
         """The estimated mean change ``[G]`` of the group seen in training as ``context`` under
-        exactly ``singles`` (at ``dose`` where the model has one), or ``None`` where no single
-        group matches (not seen, several doses and none asked for, or a checkpoint without it)."""
+        exactly ``singles`` (at ``dose`` where the model has one), or ``None`` where no group
+        matches (not seen, several doses and none asked for, or a checkpoint without it).
+
+        A dose the group was not measured at in ``context``, beside doses it was, is read between
+        them: linearly in ``log(1 + dose)`` between the two measured doses around it, and below the
+        lowest between no change at dose 0 and the lowest's change; above the highest, the
+        highest's change (:func:`scidiff.tasks.perturb` scales it by the model's dose response)."""
         slot = self.of(key)
         if slot.seen_change.shape[:1] != slot.seen.shape[:1]:
             return None
         match = self.group_rows(key, singles, context)
-        if dose is not None:
-            match &= np.isclose(slot.seen_dose.numpy(), float(dose))
+        if dose is None:
+            rows = np.flatnonzero(match)
+            return slot.seen_change[int(rows[0])] if len(rows) == 1 else None
+        rows = np.flatnonzero(match & np.isclose(slot.seen_dose.numpy(), float(dose)))
+        if len(rows) == 1:
+            return slot.seen_change[int(rows[0])]
         rows = np.flatnonzero(match)
-        return slot.seen_change[int(rows[0])] if len(rows) == 1 else None
+        if len(rows) == 0 or len(rows) != len(np.unique(slot.seen_dose.numpy()[rows])):
+            return None
+        rows = rows[np.argsort(slot.seen_dose.numpy()[rows])]
+        at = np.log1p(slot.seen_dose.numpy()[rows].astype(np.float64))
+        t = float(np.log1p(max(float(dose), 0.0)))
+        if t >= at[-1]:
+            return slot.seen_change[int(rows[-1])]
+        i = int(np.searchsorted(at, t))  # at[i - 1] < t < at[i]
+        lo_t, lo = (0.0, torch.zeros_like(slot.seen_change[0])) if i == 0 else (at[i - 1], slot.seen_change[int(rows[i - 1])])
+        frac = (t - lo_t) / (at[i] - lo_t)
+        return lo + float(frac) * (slot.seen_change[int(rows[i])] - lo)
+
+    def seen_doses(self, key: str, singles: list[int], context) -> np.ndarray:
+        """The doses (sorted) at which the group ``singles`` was measured in ``context``."""
+        slot = self.of(key)
+        if slot.seen_dose.shape[:1] != slot.seen.shape[:1]:
+            return np.zeros(0)
+        return np.sort(slot.seen_dose.numpy()[self.group_rows(key, singles, context)])
 
     def combination_term(self, key: str, weights: torch.Tensor) -> torch.Tensor:
         """The chosen combination model's departure from the additive sum for perturbation rows

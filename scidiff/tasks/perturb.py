@@ -251,13 +251,29 @@ def _centred_change(model, reader, plan, x, src, target, key, singles, context, 
     ``deviation`` (a number, or one per cell) scales the network's part around the mean; at 0
     the mean change alone, without reading the network."""
     dose_key = model.data_spec.dose_key
-    mean = model.effects.seen_change(key, singles, context, float(dose[dose_key][0]) if dose else None)
+    mean = _seen_mean(model, key, singles, context, float(dose[dose_key][0]) if dose else None)
     deviation = torch.as_tensor(deviation, dtype=x.dtype, device=x.device).expand(len(x))
     if mean is not None and not deviation.any():
         return mean.to(x).expand_as(x)
     change = reader.change(x, src, target)
     offset = None if mean is None else _reference_offset(model, reader, plan, key, singles, context, src, target)
     return change if offset is None else deviation[:, None] * (change - offset) + mean.to(x)
+
+
+def _seen_mean(model, key, singles, context, dose):
+    """The group's estimated mean change in ``context`` at ``dose``
+    (:meth:`~scidiff.models.effects.PerturbationEffects.seen_change`: read between the doses
+    measured there); above the highest dose measured, the highest's change scaled by the model's
+    dose response from that dose to this one (the ratio of the singles' summed dose weights)."""
+    mean = model.effects.seen_change(key, singles, context, dose)
+    doses = model.effects.seen_doses(key, singles, context) if mean is not None and dose is not None else []
+    if len(doses) and dose > doses[-1] > 0:
+        enc = model.condition_encoder
+        rows = _rows(enc.perturbations[key], singles, 1, mean.device)
+        at = [enc.single_weights(key, rows, {enc.dose_key: torch.tensor([d], device=mean.device)}, 1,
+                                 mean.device).sum() for d in (dose, float(doses[-1]))]
+        mean = mean * (at[0] / at[1].clamp_min(1e-6))
+    return mean
 
 
 def _reference_offset(model, reader, plan, key, singles, context, src, target) -> torch.Tensor | None:
@@ -284,7 +300,7 @@ def _seen_mean_change(model, reader, plan, context, src, tgt) -> torch.Tensor | 
     n_of, device = model.condition_encoder.perturbations, next(iter(src.values())).device
     total = 0.0
     for _, key, what, _ in plan.parts:
-        mean = model.effects.seen_change(key, what, context, at)
+        mean = _seen_mean(model, key, what, context, at)
         if mean is None:
             target = {**src, **dose, key: _rows(n_of[key], what, 1, device)}
             mean = _reference_offset(model, reader, plan, key, what, context, src, target)
