@@ -82,3 +82,29 @@ def test_bad_grids_are_refused_by_name(klein, times, condition, match):
     model, source = klein
     with pytest.raises(ValueError, match=match):
         trajectory(model, source, times, condition=condition, steps=2, progress=False)
+
+
+def test_a_column_that_names_the_day_follows_the_time(tmp_path):
+    """Trained on day_num alone, Klein's ``day`` (d0, d2, d7) describes the time: a trajectory's
+    cells at a measured day carry its name, at day 4 (never measured) none, never the source cells'
+    d2; ``scidiff predict`` over days does the same."""
+    import anndata as ad
+
+    from scidiff.cli import main
+    from scidiff.training import save_model
+
+    a = ad.read_h5ad(shared_file("klein15_mesc_lif_timecourse_tmscc.h5ad"))
+    day = a.obs["day_num"].to_numpy()
+    cells = setup_anndata(a[day != 4].copy(), n_top_genes=100, continuous_keys=["day_num"])
+    assert cells.spec.perturbation_columns["day_num"] == {"day": {"0.0": "d0", "2.0": "d2", "7.0": "d7"}}
+    torch.manual_seed(0)
+    model = ScIDiffModel.from_data(cells, hidden_dim=32, num_layers=2, num_timesteps=50, conditioning_dim=16,
+                                   latent_dim=8)
+    source = a[np.flatnonzero(day == 2)[:10]].copy()
+    out = trajectory(model, source, {"day_num": [0, 4.0, 7.0]}, steps=5, progress=False)
+    assert [v if isinstance(v, str) else None for v in out.obs["day"]] == ["d0"] * 10 + [None] * 10 + ["d7"] * 10
+    source.write_h5ad(tmp_path / "d2.h5ad")
+    save_model(model, tmp_path / "run")
+    assert main(["predict", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "d2.h5ad"), "--steps", "5",
+                 "--target", "day_num=4", "--out", str(tmp_path / "d4.h5ad")]) == 0
+    assert "day" not in ad.read_h5ad(tmp_path / "d4.h5ad").obs.columns  # no name for day 4, and not d2

@@ -46,9 +46,10 @@ class DataSpec:
     ``source``: where expression was read (layer / raw), for provenance. ``label_counts``:
     training cells per value of each categorical covariate (perturbations by their combination
     label), the prior over conditions (:meth:`condition_prior`). ``perturbation_columns``: per
-    perturbation key, the other ``obs`` columns that describe the perturbation in the training
-    cells, each with its value per perturbation label (``{key: {column: {label: value}}}``,
-    :func:`describing_columns`): what a predicted cell's ``obs`` gets for its target label.
+    perturbation key (and time key, its values as float text: ``'4.0'``), the other ``obs``
+    columns that describe it in the training cells, each with its value per label (``{key:
+    {column: {label: value}}}``, :func:`describing_columns`): what a predicted cell's ``obs``
+    gets for its target.
     """
 
     gene_names: list[str]
@@ -309,6 +310,8 @@ def canonical_label(label, separator: str = "+", control_labels=("control", "ctr
 def lookup_label(values: dict, label, separator: str = "+", control_labels=("control", "ctrl")):
     """``values[label]`` with ``label`` matched up to the order of its singles and the spelling of
     control; ``None`` when the label has no recorded value."""
+    if isinstance(label, (int, float, np.number)) and not isinstance(label, bool):
+        label = str(float(label))  # a time, recorded as its float's text
     if str(label) in values:
         return values[str(label)]
     want = canonical_label(label, separator, control_labels)
@@ -382,7 +385,8 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
     """The :class:`DataSpec` of a set-up (in memory or streamed): chosen genes, input kind,
     normalisation and scaling, vocabularies, numeric ranges and label counts from ``codes``, and,
     from the training cells' ``obs`` (a DataFrame) where given, the columns that describe each
-    perturbation (:func:`describing_columns`)."""
+    perturbation and each time (a numeric covariate other than the dose with fewer than
+    ``MAX_KNOTS`` values, read as floats; :func:`describing_columns`)."""
     spec = DataSpec(gene_names=list(genes), input_kind=kind, target_sum=target_sum,
                     gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
                     categorical=vocabs, continuous=list(continuous_keys),
@@ -396,4 +400,10 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
         spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates)
                                      for key in perturbation_keys if key in obs.columns}
+        for key in continuous_keys:  # a time course's measured days (Klein's day for day_num)
+            if key != dose_key and key in obs.columns and len(spec.continuous_knots[key]) < MAX_KNOTS:
+                import pandas as pd
+
+                times = obs.assign(**{key: pd.to_numeric(obs[key], errors="coerce").astype(float)})
+                spec.perturbation_columns[key] = describing_columns(times, key, exclude=covariates)
     return spec

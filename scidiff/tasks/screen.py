@@ -93,21 +93,30 @@ def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnDa
         o = p.obs.copy()
         o.index = [f"{name}-{i}" for name in p.obs_names]
         obs.append(o)
-    described = {c for d in columns.values() for c in d}
-    frame = pd.concat([o.astype({c: object for c in o.columns if isinstance(o[c].dtype, pd.CategoricalDtype)})
-                       for o in obs], axis=0, join="outer")
-    for c in frame.columns:
-        if c in described:
-            frame[c] = _as_column([None if _missing(v) else v for v in frame[c]])
-        elif frame[c].dtype == object:  # labels (categorical in the parts, or strings)
-            frame[c] = pd.Categorical([None if _missing(v) else str(v) for v in frame[c]])
+    frame = stack_obs(obs, columns)
     frame[TARGET_COLUMN] = pd.Categorical(np.repeat(texts, [p.n_obs for p in parts]), categories=texts)
-    _drop_empty(frame, columns)
     out = ad.AnnData(X=np.vstack([np.asarray(p.X) for p in parts]), obs=frame)
     out.var_names = list(parts[0].var_names)
     out.layers["control"] = np.vstack([np.asarray(p.layers["control"]) for p in parts])
     out.uns["scidiff_prediction"] = _screen_record([p.uns.get("scidiff_prediction", {}) for p in parts], texts)
     return out
+
+
+def stack_obs(frames: list[pd.DataFrame], columns: dict) -> pd.DataFrame:
+    """The ``obs`` of several targets' predictions, one below the other: label columns
+    categorical, each column describing a target (``columns``, as
+    :func:`set_perturbation_columns` takes) a column of its recorded values with missing ones,
+    dropped where none has a value."""
+    described = {c for d in columns.values() for c in d}
+    frame = pd.concat([o.astype({c: object for c in o.columns if isinstance(o[c].dtype, pd.CategoricalDtype)})
+                       for o in frames], axis=0, join="outer")
+    for c in frame.columns:
+        if c in described:
+            frame[c] = _as_column([None if _missing(v) else v for v in frame[c]])
+        elif frame[c].dtype == object:  # labels (categorical in the parts, or strings)
+            frame[c] = pd.Categorical([None if _missing(v) else str(v) for v in frame[c]])
+    _drop_empty(frame, columns)
+    return frame
 
 
 def _screen_record(records: list[dict], texts: list[str]) -> dict:

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .cells import model_spec, read_cells
 from .perturb import perturb
+from .screen import set_perturbation_columns, stack_obs
 
 SOURCE_COLUMN = "scidiff_source_cell"
 
@@ -74,16 +75,20 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
         warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
                       f"there is an extrapolation", stacklevel=2)
     adata = read_cells(cells)
+    columns = getattr(spec, "perturbation_columns", None) or {}  # obs columns set from each time (Klein's day)
     parts, store = [], {}  # the cells' inversions, shared by the time points
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*outside the range seen in training.*")  # said once above
         for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
-            parts.append(perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
-                                 seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
-                                 device=device, store=store))
+            part = perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
+                           seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
+                           device=device, store=store)
+            part.obs = set_perturbation_columns(part.obs, columns, {key: t, **condition}, separator=spec.separator,
+                                                control_labels=spec.control_labels)
+            parts.append(part)
     first = parts[0]
     names = [str(v) for v in first.obs_names]
-    obs = pd.concat([p.obs for p in parts], axis=0)
+    obs = stack_obs([p.obs for p in parts], columns)
     obs[key] = np.repeat(np.asarray(grid, dtype=np.float64), len(names))
     obs[SOURCE_COLUMN] = np.tile(np.asarray(names, dtype=object), len(grid))
     obs.index = [f"{n}@{key}={t:g}" for t in grid for n in names]
