@@ -432,6 +432,21 @@ def test_screen_ranks_the_causal_perturbation_first(perturbed):
     assert table["condition"].tolist()[0] == "drug=tcr_block"
 
 
+def test_screen_candidates_read_each_label_once_in_any_notation(perturbed):
+    """GEARS' ``ifn+ctrl`` is the single ``ifn`` and ``tcr_block+ifn`` the combination
+    ``ifn+tcr_block``: each condition is screened once (a single was listed twice)."""
+    from scidiff.tasks.design import candidate_conditions, seen_combinations
+
+    model = perturbed[0]
+    cells = ad.AnnData(X=np.zeros((4, 1), np.float32), obs=pd.DataFrame(
+        {"drug": ["ctrl", "ifn+ctrl", "tcr_block+ifn", "ifn+tcr_block"]}, index=list("abcd")))
+    assert seen_combinations(model, cells) == {"drug": ["ifn+tcr_block"]}
+    labels = [c["drug"] for c in candidate_conditions(model, seen_combinations(model, cells))]
+    assert labels == ["control", "ifn", "tcr_block", "ifn+tcr_block"]
+    assert candidate_conditions(model, ["tcr_block+ifn", "ifn+ctrl"]) == \
+        [{"drug": lab} for lab in ["control", "ifn", "tcr_block", "ifn+tcr_block"]]
+
+
 def test_select_decodes_under_the_condition_the_target_needs(perturbed):
     model, adata, _, run = perturbed
     counts = {"drug": {"control": 150, "ifn": 150, "tcr_block": 150}, "cell_type": {"T": 450}}

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...data.spec import canonical_label
 from ...diffusion.samplers import ddim, ddim_invert
 from .sources import decoding_condition, source_cells
 from .targets import PhenotypeTarget, met_every_target
@@ -35,6 +36,7 @@ def candidate_conditions(model, combinations=None, doses=None) -> list[dict]:
         combos = combinations.get(key, []) if isinstance(combinations, dict) else (combinations or [])
         for combo in combos:
             spec.perturbation_singles(key, combo)  # a clear error for an unknown single
+            combo = canonical_label(combo, spec.separator, spec.control_labels)  # B+A as A+B, A+ctrl as A
             if combo not in labels:
                 labels.append(combo)
         if spec.dose_key:
@@ -54,12 +56,14 @@ def candidate_conditions(model, combinations=None, doses=None) -> list[dict]:
 
 
 def seen_combinations(model, adata) -> dict[str, list[str]]:
-    """The combination labels (``A+B``) of each perturbation key present in ``adata.obs``."""
+    """The combinations of two or more singles (``A+B``, canonical: ``B+A`` and GEARS' ``A+B`` read
+    alike, ``A+ctrl`` is the single ``A``) of each perturbation key present in ``adata.obs``."""
     spec, out = model.data_spec, {}
     for key in spec.perturbation_keys:
         if key in adata.obs:
-            labels = sorted(set(adata.obs[key].astype(str)))
-            out[key] = [lab for lab in labels if spec.separator in lab]
+            labels = {canonical_label(lab, spec.separator, spec.control_labels)
+                      for lab in set(adata.obs[key].astype(str))}
+            out[key] = sorted(lab for lab in labels if spec.separator in lab)
     return out
 
 
