@@ -151,3 +151,22 @@ def test_a_name_that_holds_the_separator_is_warned_about():
         warnings.simplefilter("error")
         read = setup_anndata(cells.copy(), n_top_genes=None, perturbation_keys=["perturbation"], separator="|")
     assert read.spec.categorical["perturbation"] == ["(+)-JQ1", "Dacinostat"]
+
+
+@pytest.mark.parametrize("notation", [GEARS, PLAIN])
+def test_a_screen_given_as_a_plain_covariate_is_warned_about(notation):
+    """GEARS' A+ctrl, or A+B beside A and B, as a plain covariate (no perturbation_keys): each label
+    a category of its own; the warning names the key and the flag. Cell types holding '+'
+    (Kang's CD14+Mono) and perturbation keys are not warned about."""
+    from scidiff import setup_anndata
+
+    cells = _cells(notation, groups=("control", "A", "B", "A+B"), n=10)
+    with pytest.warns(UserWarning, match=r"obs\['perturbation'\] .* reads as a perturbation screen .*"
+                                         r"--perturbation-keys perturbation"):
+        setup_anndata(cells.copy(), n_top_genes=None, condition_keys=["perturbation"])
+    types = cells.copy()
+    types.obs["cell_type"] = np.where(np.arange(types.n_obs) % 2, "CD14+Mono", "FCGR3A+Mono")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup_anndata(types.copy(), n_top_genes=None, condition_keys=["cell_type"])
+        setup_anndata(types, n_top_genes=None, condition_keys=["cell_type"], perturbation_keys=["perturbation"])

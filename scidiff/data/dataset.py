@@ -193,6 +193,22 @@ def _separator_hint(key: str, labels, controls, separator: str, source: str) -> 
             return
 
 
+def _perturbation_hint(key: str, labels: set, controls: set, separator: str, source: str) -> None:
+    """Warn when a plain covariate's labels read as a perturbation screen's (GEARS' ``A+ctrl``, or
+    ``A+B`` beside ``A`` and ``B``): without ``--perturbation-keys`` each label is a category of
+    its own, and combinations, new contexts and unseen perturbations cannot be predicted."""
+    for lab in sorted(labels):
+        parts = [p.strip() for p in lab.split(separator) if p.strip()]
+        if len(parts) > 1 and (set(parts) & controls or set(parts) <= labels):
+            import warnings
+
+            warnings.warn(f"obs[{key!r}] in {source} reads as a perturbation screen ({lab!r} joins "
+                          f"{' and '.join(repr(p) for p in parts)}), but it is a plain covariate: each label is a "
+                          f"category of its own. To predict combinations, new contexts and unseen perturbations, "
+                          f"pass it as a perturbation (--perturbation-keys {key}, perturbation_keys=)", stacklevel=5)
+            return
+
+
 def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None, perturbation_keys=(),
                 control_labels=DEFAULT_CONTROLS, separator="+", check_control=True):
     """obs columns -> tensors and vocabularies. Categorical: ``LongTensor`` codes; perturbation:
@@ -237,6 +253,7 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
                                  f"known values: {vocab[key]}")
             vocabs[key] = list(vocab[key])
         else:
+            _perturbation_hint(key, set(labels), controls, separator, _name(adata))
             cats = (list(col.cat.categories.astype(str)) if isinstance(col.dtype, pd.CategoricalDtype)
                     else sorted(set(labels)))
             vocabs[key] = [c for c in cats if c in set(labels)]
