@@ -271,6 +271,11 @@ def test_an_unseen_gene_target_end_to_end_through_the_command_line(papalexi, tmp
     assert main(["predict", "--model", str(run), "--data", str(tmp_path / "control.h5ad"), "--target",
                  "perturbation=TP53", "--out", str(tmp_path / "tp53.h5ad")]) == 2
     assert "'TP53'" in capsys.readouterr().err and not (tmp_path / "tp53.h5ad").exists()
+    # cells are drawn only under seen perturbations: the refusal says how to predict the unseen one
+    assert main(["sample", "--model", str(run), "-n", "4", "--condition", "perturbation=STAT1", "--out",
+                 str(tmp_path / "s.h5ad")]) == 2
+    assert "the model's prior describes ['STAT1']: predict control cells under it with scidiff predict " \
+           "--target perturbation=STAT1" in capsys.readouterr().err
 
     # GEARS' spelling of the unseen single (STAT1+control), and a combination of a seen single with
     # the unseen one: the seen change plus the prior's effect; each label written as asked for

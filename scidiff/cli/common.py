@@ -115,6 +115,7 @@ def parse_conditions(text: str | None) -> dict[str, str]:
 def parse_conditioning(model, text: str | None, flag: str) -> dict:
     """``key=value[,key=value]`` of ``flag`` as conditioning the model accepts (numeric
     covariates as numbers); a bad key, label or number is an error naming the flag."""
+    conditions = {}
     try:
         conditions = parse_conditions(text)
         spec = model.data_spec
@@ -126,8 +127,28 @@ def parse_conditioning(model, text: str | None, flag: str) -> dict:
                     raise ValueError(f"{key} must be a number, got {conditions[key]!r}") from None
             spec.encode_conditions(conditions, 1)
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"{flag} {text!r}: {user_error(exc) or exc}") from None
+        raise ValueError(f"{flag} {text!r}: {user_error(exc) or exc}{_prior_hint(model, conditions)}") from None
     return conditions
+
+
+def _prior_hint(model, conditions: dict) -> str:
+    """Where a perturbation asked for was never seen but the model's prior describes it: how to
+    predict it instead (cells are drawn only under seen conditions)."""
+    spec, prior = model.data_spec, getattr(model, "perturbation_prior", None)
+    for key in (spec.perturbation_keys if spec is not None and prior is not None else []):
+        if not isinstance(conditions.get(key), str):
+            continue
+        parts = [q.strip() for q in conditions[key].split(spec.separator) if q.strip() and not spec.is_control(q)]
+        unseen = [q for q in parts if q not in spec.categorical.get(key, [])]
+        try:
+            if unseen:
+                prior.effect(key, spec.separator.join(unseen))
+                return (f". Cells are drawn only under perturbations seen in training; the model's prior describes "
+                        f"{unseen}: predict control cells under it with scidiff predict --target {key}="
+                        f"{conditions[key]} (--method population for fresh cells)")
+        except ValueError:
+            return ""
+    return ""
 
 
 def sampling_settings(args) -> dict:
