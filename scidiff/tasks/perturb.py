@@ -252,12 +252,15 @@ def _centred_change(model, reader, plan, x, src, target, key, singles, context, 
     the mean change alone, without reading the network."""
     dose_key = model.data_spec.dose_key
     mean = _seen_mean(model, key, singles, context, float(dose[dose_key][0]) if dose else None)
+    whole = isinstance(deviation, (int, float)) and deviation == 1
     deviation = torch.as_tensor(deviation, dtype=x.dtype, device=x.device).expand(len(x))
     if mean is not None and not deviation.any():
         return mean.to(x).expand_as(x)
     change = reader.change(x, src, target)
     offset = None if mean is None else _reference_offset(model, reader, plan, key, singles, context, src, target)
-    return change if offset is None else deviation[:, None] * (change - offset) + mean.to(x)
+    if offset is None:
+        return change
+    return (change - offset if whole else deviation[:, None] * (change - offset)) + mean.to(x)
 
 
 def _seen_mean(model, key, singles, context, dose):
