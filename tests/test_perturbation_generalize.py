@@ -10,7 +10,7 @@ import torch
 import scidiff
 from scidiff.models.effects import PerturbationEffects, choose_combination, group_changes, seen_group_means
 from scidiff.models.shrinkage import adaptive_shrinkage
-from scidiff.tasks.perturb import disagreement_shrinkage, perturb
+from scidiff.tasks.perturb import disagreement_shrinkage, perturb, transfer_evidence
 
 G = 30
 
@@ -259,6 +259,31 @@ def test_context_support_is_one_inside_a_contexts_cells_and_zero_far_outside():
 
     assert abs(float(eff.context_support(at(1.5 * q), [0])) - 0.5) < 1e-3
     assert torch.equal(eff.context_support(torch.zeros(0, 8), [1]), torch.ones(0))  # no reference cells: 1
+
+
+def test_transfer_evidence_closed_forms():
+    d = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # two contexts, one cell, orthogonal changes of one size
+    outside, half = torch.tensor([0.0]), torch.tensor([0.5])
+    assert torch.allclose(transfer_evidence(d, outside), torch.tensor([0.5]))  # |(1/2, 1/2)|^2 / 1
+    assert torch.allclose(transfer_evidence(d, half), torch.tensor([0.75]))
+    assert torch.equal(transfer_evidence(d, torch.tensor([1.0])), torch.tensor([1.0]))  # within a context read
+    assert torch.equal(transfer_evidence(torch.stack([d[0], d[0]]), outside), torch.tensor([1.0]))  # alike
+    assert torch.equal(transfer_evidence(torch.stack([d[0], -d[0]]), outside), torch.tensor([0.0]))  # opposite
+    assert torch.equal(transfer_evidence(torch.zeros(3, 1, 2), outside), torch.tensor([1.0]))  # no change anywhere
+    assert torch.equal(transfer_evidence(d[:1], outside), torch.tensor([0.0]))  # one context cannot tell
+
+
+def test_a_change_seen_in_one_line_states_no_confidence_for_a_line_unlike_it(decoy):
+    """P seen in line 1 alone: line 0's cells, unlike line 1's, take its mean change, and nothing in
+    the data says that carries (with lines 1 and 2 agreeing, the decoy states 0.8)."""
+    train = decoy[0]
+    line, pert = train.obs["line"].to_numpy(), train.obs["perturbation"].to_numpy()
+    model, control = _line_model(train[~((line == "l2") & (pert == "P"))].copy())
+    pred = perturb(model, control, {"perturbation": "P"}, steps=20, progress=False)
+    assert pred.uns["scidiff_prediction"]["transferred_inside"] == {"line=l0": {"line=l1": 0.0}}
+    assert (pred.obs["scidiff_confidence"] < 0.05).all()
+    change = pred.X.mean(0) - control.X.mean(0)
+    assert np.sqrt(np.mean((change - decoy[4]) ** 2)) < 0.1  # the prediction itself is line 1's effect
 
 
 def test_disagreement_shrinkage_is_positive_part_james_stein():

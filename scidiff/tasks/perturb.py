@@ -42,9 +42,10 @@ expression outside the model's latent. How the change is found depends on what t
 ``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
 training cells of that group ``n / (n + 30)``; ``transferred``, the lowest of the agreement of
 the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, the share kept
-by the shrinkage and the training cells of the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the
+by the shrinkage, the training cells of the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the
 contexts' estimates are pooled where they agree, so agreement alone would not tell 20 cells from
-600); ``additive``, the least of its
+600), and, for a cell outside every context read, the contexts' agreement among themselves
+(:func:`transfer_evidence`: none from one context); ``additive``, the least of its
 singles'; ``prior``, the prior's own; ``control``, 1; ``direct``, ``NaN`` (not assessed).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
@@ -356,6 +357,24 @@ def disagreement_shrinkage(changes: torch.Tensor) -> torch.Tensor:
     return (1 - se2 / mean.pow(2).sum(1).clamp_min(1e-12)).clamp(0, 1)
 
 
+def transfer_evidence(changes: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    """How far the data supports carrying a change to each cell, ``[B]`` in [0, 1], from the
+    changes ``[C, B, G]`` the ``C`` contexts read give it and ``inside [B]``, how far the cell lies
+    within the nearest of them (:meth:`~scidiff.models.effects.PerturbationEffects.context_support`):
+    ``s + (1 - s) a``, with ``a`` the contexts' agreement among themselves, equally weighted,
+    ``|mean_c d_c|^2 / mean_c |d_c|^2`` (1 where they all carry no change). A cell within a context
+    read takes that context's response (1); a cell unlike every one takes their mean response,
+    which only contexts that respond alike say carries to other contexts; one context read cannot
+    say it (``a = 0``)."""
+    if changes.shape[0] < 2:
+        between = torch.zeros_like(inside)
+    else:
+        spread = changes.pow(2).sum(2).mean(0)
+        between = torch.where(spread > 0, changes.mean(0).pow(2).sum(1) / spread.clamp_min(1e-30),
+                              torch.ones_like(spread)).to(inside)
+    return inside + (1 - inside) * between
+
+
 def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
     """``(change [B, G], confidence [B])`` of one batch of cells of one context."""
     b, device = len(x), x.device
@@ -380,9 +399,10 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
             continue
         latent = model.encode(x)
         weights = model.effects.context_weights(latent, where)  # [B, C]
-        changes = []
+        changes, insides = [], []
         for other in where:
             inside = model.effects.context_support(latent, other)  # the share of its deviation kept, per cell
+            insides.append(inside)
             seen = plan.inside.setdefault(tuple(np.asarray(other).tolist()), [0.0, 0])
             seen[0], seen[1] = seen[0] + float(inside.sum()), seen[1] + len(inside)
             ref = _with_context(src, ctx_keys, other, b, device)
@@ -395,7 +415,9 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
         # contexts that all carry no change agree on it
         agreement = torch.where(den > 0, num.pow(2).sum(1) / den.clamp_min(1e-30), torch.ones_like(den))
         support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other) for other in where])
+        carried = transfer_evidence(torch.stack(changes), torch.stack(insides).amax(0))
         confidence = torch.minimum(confidence, torch.minimum(torch.minimum(agreement, kept).cpu(), support))
+        confidence = torch.minimum(confidence, carried.cpu().float())
     for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
         w = _relative_dose_weights(model, key, _rows(n_of[key], singles, b, device), dose)
         change = change + model.effects.combination_term(key, w).to(x)
