@@ -141,6 +141,10 @@ def test_bad_input_at_predict_time(synthetic):
         predict_perturbation(model, control, {"drug": "A", "cell_type": "t9"}, progress=False)
     with pytest.warns(UserWarning, match=r"dose \[1000.0\] is outside the range seen in training \[0, 100\]"):
         predict_perturbation(model, control[:5], {"drug": "A", "dose": 1000.0}, steps=5, progress=False)
+    mixed = adata[(adata.obs["cell_type"] == "t0") & adata.obs["drug"].isin(["control", "A"])].copy()
+    with pytest.raises(ValueError, match=r"300 of the 450 input cells are perturbed in obs\['drug'\] \('A' \(300\)\); "
+                                         r"predictions start from control cells"):
+        predict_perturbation(model, mixed, {"drug": "B"}, progress=False)
     with pytest.raises(KeyError, match="g3"):
         predict_perturbation(model, control[:, [g for g in control.var_names if g != "g3"]].copy(), {"drug": "A"},
                              progress=False)

@@ -453,6 +453,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     known, unseen = split_target(model, condition)
     target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)
+    _check_control_cells(spec, source_codes, condition, control_adata)
     cond_target = {**source_codes, **target_codes}
     if spec.dose_key and spec.dose_key not in condition and spec.dose_key in source_codes:
         cond_target.pop(spec.dose_key)  # a dose belongs to the perturbation it came with
@@ -507,6 +508,22 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         "target": {k: str(v) for k, v in condition.items()},
         **_transfers(model, plans, ctx_keys)}
     return result
+
+
+def _check_control_cells(spec, source_codes: dict, condition: dict, adata) -> None:
+    """Refuse input cells already perturbed under a perturbation the target sets: every route
+    moves a cell by the target's change against control, so a perturbed cell would keep its own
+    perturbation's change on top (the error counts them and names their labels)."""
+    for key in spec.perturbation_keys:
+        if key not in condition or key not in source_codes:
+            continue
+        perturbed = source_codes[key][:, :-1].ne(0).any(1).numpy()
+        if perturbed.any():
+            labels = pd.Series(adata.obs[key].astype(str).to_numpy()[perturbed]).value_counts()
+            shown = ", ".join(f"{lab!r} ({n})" for lab, n in labels.head(5).items())
+            raise ValueError(f"{int(perturbed.sum())} of the {len(perturbed)} input cells are perturbed in obs[{key!r}] "
+                             f"({shown}{', ...' if len(labels) > 5 else ''}); predictions start from control cells: "
+                             f"pass only the cells labelled {list(spec.control_labels)}")
 
 
 def _transfers(model, plans: dict, ctx_keys) -> dict:
