@@ -105,3 +105,34 @@ def test_per_context_and_without_cell_eval(example, monkeypatch, capsys):
                  str(root / "oracle_gears.h5ad"), "--perturbation-key", "perturbation", "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert sorted(m["per_perturbation"]) == sorted(KOS) and m["mean"]["rmse_all"] == pytest.approx(0, abs=1e-6)
+
+
+def test_each_dose_is_a_group_with_a_dose_key():
+    """A at doses 1 and 100 (gene 0 up by 1 and 3): a prediction right at each dose but with other
+    proportions of the two scores 0 per (perturbation, dose) and not when the doses are pooled."""
+    from scidiff.tasks.evaluate import evaluate_perturbation
+
+    rng = np.random.default_rng(0)
+
+    def cells(groups):
+        x, obs = [], []
+        for label, dose, n in groups:
+            block = np.full((n, 5), 1.0) + 0.01 * rng.normal(size=(n, 5))
+            block[:, 0] += {0.0: 0.0, 1.0: 1.0, 100.0: 3.0}[dose]
+            x.append(block)
+            obs += [(label, dose)] * n
+        a = ad.AnnData(np.vstack(x).astype(np.float32), obs=pd.DataFrame(obs, columns=["drug", "dose"],
+                                                                           index=[f"c{i}" for i in range(len(obs))]))
+        a.var_names = [f"g{i}" for i in range(5)]
+        return a
+
+    real = cells([("control", 0.0, 50), ("A", 1.0, 50), ("A", 100.0, 50)])
+    pred = cells([("A", 1.0, 10), ("A", 100.0, 90)])
+    m = evaluate_perturbation(real, pred, "drug", dose_key="dose", cell_eval=False)
+    assert sorted(m["per_perturbation"]) == ["A @ 1", "A @ 100"] and m["dose_key"] == "dose"
+    assert all(r["rmse_all"] < 0.01 for r in m["per_perturbation"].values())
+    pooled = evaluate_perturbation(real, pred, "drug", cell_eval=False)
+    assert pooled["per_perturbation"]["A"]["rmse_all"] > 0.3
+    pred.obs["dose"] = "high"
+    with pytest.raises(ValueError, match=r"obs\['dose'\] of the prediction must be a number"):
+        evaluate_perturbation(real, pred, "drug", dose_key="dose", cell_eval=False)

@@ -31,6 +31,9 @@ def add(sub):
                         "every one taken as control)")
     g.add_argument("--separator", type=separator_text, default="+", help=SEPARATOR_HELP)
     g.add_argument("--context-key", default=None, help="obs column of the context (cell type, patient) in both files")
+    g.add_argument("--dose-key", default=None,
+                   help="numeric obs column of the dose in both files: each perturbation at each dose is a group "
+                        "(A @ 10), its control cells those of its context")
     g.add_argument("--baseline", action="append", default=None, metavar="NAME=FILE",
                    help="a baseline's predictions of the same perturbations (repeatable), e.g. "
                         "mean-shift=ms.h5ad (scidiff predict --method mean-shift)")
@@ -87,8 +90,8 @@ def _run_perturbation(args):
     if not controls:
         raise ValueError("--control-label is empty; give the label of the real control cells")
     result = evaluate_perturbation(args.real, predicted, args.perturbation_key, controls, separator=args.separator,
-                                   context_key=args.context_key, baselines=baselines, out_dir=args.out,
-                                   min_de_genes=args.min_de_genes)
+                                   context_key=args.context_key, dose_key=args.dose_key, baselines=baselines,
+                                   out_dir=args.out, min_de_genes=args.min_de_genes)
     summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]), "prediction": result["mean"],
                **{f"baseline {n}": b["mean"] for n, b in result["baselines"].items()}}
     ce = result["cell_eval"]

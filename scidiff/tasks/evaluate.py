@@ -102,9 +102,16 @@ class _Cells:
         return np.flatnonzero((self.contexts == context) & (self.labels == label))
 
 
-def _cells(a, x, key, context_key, what, separator, controls) -> _Cells:
-    """``a``'s cells with canonical labels (its keys checked by :func:`_column` beforehand)."""
+def _cells(a, x, key, context_key, what, separator, controls, dose_key=None) -> _Cells:
+    """``a``'s cells with canonical labels (its keys checked by :func:`_column` beforehand); with
+    ``dose_key`` a perturbed cell's label carries its dose (``A @ 10``), so each dose is a group."""
     labels = perturbation_labels(a, key, separator, controls)
+    if dose_key:
+        dose = pd.to_numeric(a.obs[dose_key], errors="coerce").to_numpy(np.float64)
+        perturbed = labels != controls[0]
+        if not np.isfinite(dose[perturbed]).all():
+            raise ValueError(f"obs[{dose_key!r}] of the {what} must be a number for every perturbed cell")
+        labels = np.array([f"{lab} @ {d:g}" if p else lab for lab, d, p in zip(labels, dose, perturbed)], dtype=object)
     contexts = _column(a, context_key, what) if context_key else np.full(a.n_obs, "all", dtype=object)
     return _Cells(x, labels, contexts, a)
 
@@ -176,7 +183,8 @@ def _run_cell_eval(real, pred, groups, key, control_label, context_key, min_de_g
 
 
 def evaluate_perturbation(real, predicted, perturbation_key: str, control_label="control", *,
-                          separator: str = "+", context_key: str | None = None, baselines: dict | None = None, out_dir=None,
+                          separator: str = "+", context_key: str | None = None, dose_key: str | None = None,
+                          baselines: dict | None = None, out_dir=None,
                           cell_eval: bool | str = "auto", min_de_genes: int = 10, num_threads: int = 1,
                           seed: int = 0) -> dict:
     """Score predicted perturbation responses against the real perturbed cells.
@@ -188,7 +196,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
     combinations split at ``separator``; ``control_label``: one label or several, all taken as
     control), and groups are named by it.
-    A group is one perturbation (in one context); a predicted group without real cells (or
+    A group is one perturbation (in one context; with ``dose_key``, at one dose: ``A @ 10``); a predicted group without real cells (or
     without real control cells in its context) is skipped and listed under ``skipped``.
 
     Returns (and writes to ``out_dir/metrics.json``): per group and averaged over groups, the
@@ -205,7 +213,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
     for a, what in [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}")
                                                                        for n, b in base_ad.items()]:
-        for key in [perturbation_key] + ([context_key] if context_key else []):
+        for key in [perturbation_key] + [k for k in (context_key, dose_key) if k]:
             _column(a, key, what)  # the keys first: before any expression is read
     controls = control_labels_of(control_label)
     control_label = controls[0]
@@ -218,7 +226,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     missing = [g for g in genes if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of the prediction are not in the real file: {missing[:20]}")
-    labelled = {"separator": separator, "controls": controls}
+    labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
     real_c = _cells(real_ad, log_expression_of(real_ad, genes).astype(np.float64), perturbation_key, context_key,
                     "real file", **labelled)
     pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
@@ -243,8 +251,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     project = fit_pca(real_c.x, 30, seed)
     per, mean = _project_metrics(real_c, pred_c, groups, genes, control_label, project)
     result = {"mode": "perturbation", "perturbation_key": perturbation_key, "control_label": control_label,
-              "context_key": context_key, "n_genes": len(genes), "n_real_cells": int(real_ad.n_obs),
-              "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups), "skipped": skipped,
+              "context_key": context_key, "dose_key": dose_key, "n_genes": len(genes),
+              "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups), "skipped": skipped,
               "mean": mean, "per_perturbation": per, "baselines": {}}
     for n, b in base_c.items():
         have = [g for g in groups if len(b.rows(g[0], g[1]))]
