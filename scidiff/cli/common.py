@@ -134,20 +134,18 @@ def parse_conditioning(model, text: str | None, flag: str) -> dict:
 def _prior_hint(model, conditions: dict) -> str:
     """Where a perturbation asked for was never seen but the model's prior describes it: how to
     predict it instead (cells are drawn only under seen conditions)."""
-    spec, prior = model.data_spec, getattr(model, "perturbation_prior", None)
-    for key in (spec.perturbation_keys if spec is not None and prior is not None else []):
-        if not isinstance(conditions.get(key), str):
-            continue
-        parts = [q.strip() for q in conditions[key].split(spec.separator) if q.strip() and not spec.is_control(q)]
-        unseen = [q for q in parts if q not in spec.categorical.get(key, [])]
-        try:
-            if unseen:
-                prior.effect(key, spec.separator.join(unseen))
-                return (f". Cells are drawn only under perturbations seen in training; the model's prior describes "
-                        f"{unseen}: predict control cells under it with scidiff predict --target {key}="
-                        f"{conditions[key]} (--method population for fresh cells)")
-        except ValueError:
-            return ""
+    if model.data_spec is None or getattr(model, "perturbation_prior", None) is None:
+        return ""
+    from ..tasks.perturb import split_target  # lazy: keeps --help light (torch)
+
+    try:
+        _, unseen = split_target(model, conditions)  # raises where nothing describes the label
+    except (KeyError, ValueError):
+        return ""
+    for key, label in unseen.items():
+        return (f". Cells are drawn only under perturbations seen in training; the model's prior describes "
+                f"{label.split(model.data_spec.separator)}: predict control cells under it with scidiff predict "
+                f"--target {key}={conditions[key]} (--method population for fresh cells)")
     return ""
 
 

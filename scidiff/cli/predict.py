@@ -199,7 +199,8 @@ def what_predictions_rest_on(path: str, shown: int = 20) -> list[str]:
             conf = rows["scidiff_confidence"].astype(float)
             said = "not assessed" if conf.isna().all() else f"{conf.mean():.2f}"
             inside = _inside(records.get(target, {}) if records is not None else record)
-            lines.append(f"  {target}: {route}, confidence {said}" + (f"; inside the contexts read: {inside}" if inside else ""))
+            lines.append(f"  {target}: {route}, confidence {said}"
+                         + (f"; inside the contexts read: {inside}" if inside else ""))
     if n > shown:
         lines.append(f"  ... {n - shown} more; targets per route: "
                      + ", ".join(f"{r} {k}" for r, k in sorted(per_route.items())))

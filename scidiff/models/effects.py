@@ -519,21 +519,21 @@ class PerturbationEffects(nn.Module):
         if dose is None:
             rows = np.flatnonzero(match)
             return slot.seen_change[int(rows[0])] if len(rows) == 1 else None
-        rows = np.flatnonzero(match & np.isclose(slot.seen_dose.numpy(), float(dose)))
+        doses = slot.seen_dose.numpy().astype(np.float64)
+        rows = np.flatnonzero(match & np.isclose(doses, float(dose)))
         if len(rows) == 1:
             return slot.seen_change[int(rows[0])]
         rows = np.flatnonzero(match)
-        if len(rows) == 0 or len(rows) != len(np.unique(slot.seen_dose.numpy()[rows])):
+        if len(rows) == 0 or len(rows) != len(np.unique(doses[rows])):
             return None
-        rows = rows[np.argsort(slot.seen_dose.numpy()[rows])]
-        at = np.log1p(slot.seen_dose.numpy()[rows].astype(np.float64))
-        t = float(np.log1p(max(float(dose), 0.0)))
+        rows = rows[np.argsort(doses[rows])]
+        at, t = np.log1p(doses[rows]), float(np.log1p(max(float(dose), 0.0)))
         if t >= at[-1]:
             return slot.seen_change[int(rows[-1])]
         i = int(np.searchsorted(at, t))  # at[i - 1] < t < at[i]
-        lo_t, lo = (0.0, torch.zeros_like(slot.seen_change[0])) if i == 0 else (at[i - 1], slot.seen_change[int(rows[i - 1])])
-        frac = (t - lo_t) / (at[i] - lo_t)
-        return lo + float(frac) * (slot.seen_change[int(rows[i])] - lo)
+        hi = slot.seen_change[int(rows[i])]
+        lo_t, lo = (0.0, torch.zeros_like(hi)) if i == 0 else (at[i - 1], slot.seen_change[int(rows[i - 1])])
+        return lo + float((t - lo_t) / (at[i] - lo_t)) * (hi - lo)
 
     def seen_doses(self, key: str, singles: list[int], context) -> np.ndarray:
         """The doses (sorted) at which the group ``singles`` was measured in ``context``."""

@@ -196,8 +196,9 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
     combinations split at ``separator``; ``control_label``: one label or several, all taken as
     control), and groups are named by it.
-    A group is one perturbation (in one context; with ``dose_key``, at one dose: ``A @ 10``); a predicted group without real cells (or
-    without real control cells in its context) is skipped and listed under ``skipped``.
+    A group is one perturbation (in one context; with ``dose_key``, at one dose: ``A @ 10``); a
+    predicted group without real cells (or without real control cells in its context) is skipped
+    and listed under ``skipped``.
 
     Returns (and writes to ``out_dir/metrics.json``): per group and averaged over groups, the
     project's metrics (:mod:`scidiff.evaluation.perturbation`: RMSE / MAE of the per-gene means,
@@ -252,7 +253,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     per, mean = _project_metrics(real_c, pred_c, groups, genes, control_label, project)
     result = {"mode": "perturbation", "perturbation_key": perturbation_key, "control_label": control_label,
               "context_key": context_key, "dose_key": dose_key, "n_genes": len(genes),
-              "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups), "skipped": skipped,
+              "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups),
+              "skipped": skipped,
               "mean": mean, "per_perturbation": per, "baselines": {}}
     for n, b in base_c.items():
         have = [g for g in groups if len(b.rows(g[0], g[1]))]

@@ -410,12 +410,13 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
                                            dose, inside))
         num = sum(weights[:, c].to(x)[:, None] * d for c, d in enumerate(changes))
         den = sum(weights[:, c].to(x) * d.pow(2).sum(1) for c, d in enumerate(changes))
-        kept = disagreement_shrinkage(torch.stack(changes))
+        stacked = torch.stack(changes)
+        kept = disagreement_shrinkage(stacked)
         change = change + kept[:, None] * num
         # contexts that all carry no change agree on it
         agreement = torch.where(den > 0, num.pow(2).sum(1) / den.clamp_min(1e-30), torch.ones_like(den))
         support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other) for other in where])
-        carried = transfer_evidence(torch.stack(changes), torch.stack(insides).amax(0))
+        carried = transfer_evidence(stacked, torch.stack(insides).amax(0))
         confidence = torch.minimum(confidence, torch.minimum(torch.minimum(agreement, kept).cpu(), support))
         confidence = torch.minimum(confidence, carried.cpu().float())
     for key, singles in plan.extra:  # the combination term, on the singles at the target's dose
@@ -521,9 +522,10 @@ def _check_control_cells(spec, source_codes: dict, condition: dict, adata) -> No
         if perturbed.any():
             labels = pd.Series(adata.obs[key].astype(str).to_numpy()[perturbed]).value_counts()
             shown = ", ".join(f"{lab!r} ({n})" for lab, n in labels.head(5).items())
-            raise ValueError(f"{int(perturbed.sum())} of the {len(perturbed)} input cells are perturbed in obs[{key!r}] "
-                             f"({shown}{', ...' if len(labels) > 5 else ''}); predictions start from control cells: "
-                             f"pass only the cells labelled {list(spec.control_labels)}")
+            more = ", ..." if len(labels) > 5 else ""
+            raise ValueError(f"{int(perturbed.sum())} of the {len(perturbed)} input cells are perturbed in "
+                             f"obs[{key!r}] ({shown}{more}); predictions start from control cells: pass only the "
+                             f"cells labelled {list(spec.control_labels)}")
 
 
 def _transfers(model, plans: dict, ctx_keys) -> dict:
