@@ -83,6 +83,7 @@ class DataConfig:
     perturbation_keys: list[str] = field(default_factory=list)
     control_labels: list[str] = field(default_factory=lambda: ["control", "ctrl"])
     separator: str = "+"  # between the singles of a combination label (scPerturb: "_")
+    gene_symbols: str | None = "auto"  # var column of gene symbols beside Ensembl IDs (scanpy's gene_symbols=)
     hvg_cells: int = 20000  # streaming: cells the input kind and highly variable genes are read on
     dose_key: str | None = None
     continuous_keys: list[str] = field(default_factory=list)
@@ -94,7 +95,7 @@ class DataConfig:
     def covariate_kwargs(self) -> dict:
         """Perturbation, dose and numeric covariates, as :func:`scidiff.setup_anndata` takes them."""
         return {"perturbation_keys": list(self.perturbation_keys), "control_labels": list(self.control_labels),
-                "separator": self.separator,
+                "separator": self.separator, "gene_symbols": self.gene_symbols,
                 "dose_key": self.dose_key, "continuous_keys": list(self.continuous_keys)}
 
     def all_condition_keys(self) -> list[str]:

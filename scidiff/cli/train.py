@@ -35,6 +35,10 @@ def add(sub):
                         "piecewise linearly between the values training saw)")
     p.add_argument("--control-labels", default=None, help="comma-separated labels meaning no perturbation")
     p.add_argument("--separator", type=separator_text, default=None, help=SEPARATOR_HELP + " (data.separator)")
+    p.add_argument("--gene-symbols", default=None, metavar="COLUMN",
+                   help="var column with gene symbols where var_names are IDs (Ensembl), so that perturbation "
+                        "labels and design targets may name genes by symbol (default: auto, the first of "
+                        "feature_name, gene_symbols, gene_name... present; none: off) (data.gene_symbols)")
     p.add_argument("--perturbation-features", default=None, metavar="FILE.tsv",
                    help="prior knowledge of perturbations for unseen ones: a TSV with a header, one row per label "
                         "(first column), numeric features (a gene embedding, GO terms, a network row). Labels that "
@@ -89,6 +93,7 @@ def run(args):
                           "perturbation_keys": split(args.perturbation_keys), "dose_key": args.dose_key,
                           "continuous_keys": split(args.continuous_keys),
                           "control_labels": split(args.control_labels), "separator": args.separator,
+                          "gene_symbols": args.gene_symbols,
                           "hvg_cells": args.hvg_cells,
                           "perturbation_features": args.perturbation_features, "smiles": args.smiles}}
     config = load_config(args.config, overrides)

@@ -15,7 +15,7 @@ import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize,
                          read_h5ad, select_genes, _name)
-from .spec import DataSpec, _build_spec, covariate_keys
+from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 
 
 @dataclass
@@ -41,7 +41,7 @@ class CellData:
 
     def to_anndata(self) -> ad.AnnData:
         out = ad.AnnData(X=self.log_expression(), obs=self.obs.copy())
-        out.var_names = list(self.spec.gene_names)
+        out.var = self.spec.var_frame()
         return out
 
     def loader(self, batch_size: int = 256, shuffle: bool = True, seed: int = 0,
@@ -282,7 +282,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
                   n_top_genes: int | None = 2000, condition_keys=(), continuous_keys=(),
                   input_kind: str = "auto", target_sum: float | None = 1e4,
                   scaling: str = "global", perturbation_keys=(), control_labels=("control", "ctrl"),
-                  dose_key: str | None = None, separator: str = "+") -> CellData:
+                  dose_key: str | None = None, separator: str = "+", gene_symbols: str | None = "auto") -> CellData:
     """Read cells into the model's space and record how (scvi-tools' ``setup_anndata`` idea).
 
     ``adata``: an AnnData or a path to ``.h5ad``. Expression comes from ``X``, ``layers[layer]``
@@ -294,6 +294,9 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     Covariates: ``condition_keys`` are categorical obs columns; those also in
     ``perturbation_keys`` are perturbations (``A+B`` combinations, ``control_labels`` for none);
     ``continuous_keys`` are numeric (time); ``dose_key`` is numeric and scales its perturbation.
+    ``gene_symbols``: the ``var`` column with gene symbols where ``var_names`` are IDs (scanpy's
+    argument; ``"auto"`` finds ``feature_name``, ``gene_symbols``, ``gene_name``...; ``None``:
+    none), so that perturbation labels and design targets may name genes by symbol.
     """
     if not isinstance(adata, ad.AnnData):
         adata = read_h5ad(adata)
@@ -315,6 +318,8 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key, obs=adata.obs)
+    record_symbols(spec, adata.raw.var if use_raw else adata.var, gene_symbols,
+                   f"{'raw.var' if use_raw else 'var'} of {_name(adata)}")
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 

@@ -127,6 +127,7 @@ class H5adWriter:
         self._closed = False
         self.uns: dict = {}  # written at close
         self.drop_if_empty: set = set()  # obs columns dropped at close when no cell has a value in them
+        self.var: pd.DataFrame | None = None  # var columns (gene symbols) beside the names, written at close
         level = gzip_level if compression == "gzip" else None
         self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
         self.f = h5py.File(self._tmp, "w")
@@ -261,7 +262,10 @@ class H5adWriter:
                     continue
                 cats = obs[key].create_dataset("categories", data=np.array(list(vocab), dtype=object), dtype=_STR)
                 _attrs(cats, "string-array", "0.2.0")
-            write_elem(self.f, "var", pd.DataFrame(index=pd.Index(self.var_names)))
+            var = pd.DataFrame(index=pd.Index(self.var_names))
+            if self.var is not None:
+                var = self.var.reindex(var.index)
+            write_elem(self.f, "var", var)
             write_elem(self.f, "uns", dict(self.uns if uns is None else uns))
             layers = self.f.require_group("layers")
             _attrs(layers, "dict", "0.1.0")

@@ -32,6 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from .gene_symbols import symbol_index, symbols_of
 from .preprocess import dense, expression_matrix, gene_columns, log_normalize
 
 GENE_PCS = 10                # principal axes of the control cells whose loadings describe a target gene
@@ -109,9 +110,11 @@ class FeatureTable:
     blocks: list[FeatureBlock]
     gene_targets: bool = False
     target_genes: dict[str, str] = field(default_factory=dict)
+    gene_symbols: dict[str, str] = field(default_factory=dict)  # symbol -> gene ID, where genes are IDs
 
     def gene_of(self, label) -> str | None:
-        """The gene a label of a gene-target covariate names (exact, else case-insensitive), or ``None``."""
+        """The gene a label of a gene-target covariate names (exact, else case-insensitive, else by
+        its symbol), or ``None``."""
         if not self.gene_targets:
             return None
         label = str(label).strip()
@@ -120,6 +123,7 @@ class FeatureTable:
             for block in self.blocks:
                 if block.by == "gene" and block.index_of(label) is not None:
                     return block.labels[block.index_of(label)]
+            gene = self.gene_symbols.get(label)
         return gene
 
     def _row(self, block: FeatureBlock, label) -> int | None:
@@ -149,40 +153,50 @@ class FeatureTable:
 
     def to_state(self) -> dict:
         return {"key": self.key, "gene_targets": bool(self.gene_targets), "target_genes": dict(self.target_genes),
-                "blocks": [b.to_state() for b in self.blocks]}
+                "gene_symbols": dict(self.gene_symbols), "blocks": [b.to_state() for b in self.blocks]}
 
     @classmethod
     def from_state(cls, state: dict) -> "FeatureTable":
         return cls(key=state["key"], blocks=[FeatureBlock.from_state(b) for b in state["blocks"]],
-                   gene_targets=bool(state.get("gene_targets")), target_genes=dict(state.get("target_genes") or {}))
+                   gene_targets=bool(state.get("gene_targets")), target_genes=dict(state.get("target_genes") or {}),
+                   gene_symbols=dict(state.get("gene_symbols") or {}))
 
 
 # -- gene targets, from the data ------------------------------------------------------------------
 
-def resolve_genes(labels, genes) -> dict[str, str]:
-    """``label -> gene`` for each label that names one of ``genes`` (exactly, else
-    case-insensitively when only one gene matches)."""
+def resolve_genes(labels, genes, symbols: dict[str, str] | None = None) -> dict[str, str]:
+    """``label -> gene`` for each label that names one of ``genes`` (exactly, else by the symbol
+    of one gene, ``symbols``: :func:`scidiff.data.gene_symbols.symbol_index`, else
+    case-insensitively when only one gene or symbol matches)."""
     genes = [str(g) for g in genes]
+    symbols = symbols or {}
     exact = set(genes)
     folded: dict[str, list[str]] = {}
     for g in genes:
         folded.setdefault(_fold(g), []).append(g)
+    for symbol, g in symbols.items():
+        if _fold(symbol) != _fold(g):
+            folded.setdefault(_fold(symbol), []).append(g)
     out = {}
     for label in labels:
         label = str(label).strip()
         if label in exact:
             out[label] = label
-        elif len(folded.get(_fold(label), ())) == 1:
+        elif label in symbols:
+            out[label] = symbols[label]
+        elif len(set(folded.get(_fold(label), ()))) == 1:
             out[label] = folded[_fold(label)][0]
     return out
 
 
-def labels_are_genes(labels, genes, min_share: float = 0.1, min_count: int = 2) -> bool:
+def labels_are_genes(labels, genes, min_share: float = 0.1, min_count: int = 2,
+                     symbols: dict[str, str] | None = None) -> bool:
     """Whether a perturbation covariate's single labels name genes (a CRISPR screen): at least
-    ``min_count`` of them, and ``min_share`` of them, are genes of the input file. (A screen
-    measured on a gene panel names many genes outside it: Papalexi's 25 targets, 9 in its panel.)"""
+    ``min_count`` of them, and ``min_share`` of them, are genes of the input file (by ID or by
+    ``symbols``). (A screen measured on a gene panel names many genes outside it: Papalexi's 25
+    targets, 9 in its panel.)"""
     labels = list(dict.fromkeys(str(v) for v in labels))
-    hits = len(resolve_genes(labels, genes))
+    hits = len(resolve_genes(labels, genes, symbols))
     return bool(labels) and hits >= min_count and hits >= min_share * len(labels)
 
 
@@ -384,10 +398,13 @@ def build_feature_tables(adata, spec, singles: dict[str, list[str]], control_mas
         user.append(("--perturbation-features", read_feature_tsv(perturbation_features)))
     if smiles:
         user.append(("--smiles", morgan_fingerprints(smiles)))
-    input_genes = [str(g) for g in expression_matrix(adata, spec.source.get("layer"),
-                                                     bool(spec.source.get("use_raw")))[1]]
+    use_raw = bool(spec.source.get("use_raw"))
+    input_genes = [str(g) for g in expression_matrix(adata, spec.source.get("layer"), use_raw)[1]]
+    var = adata.raw.var if use_raw else adata.var
+    column = spec.gene_symbol_column if spec.gene_symbol_column in var.columns else None
+    symbols = symbol_index(input_genes, symbols_of(var, column, input_genes)) if column else {}
     tables: dict[str, FeatureTable] = {}
-    gene_keys = [k for k, labs in singles.items() if labels_are_genes(labs, input_genes)]
+    gene_keys = [k for k, labs in singles.items() if labels_are_genes(labs, input_genes, symbols=symbols)]
     assigned = {id(b): [] for _, b in user}
     for key, labels in singles.items():
         blocks = []
@@ -407,7 +424,7 @@ def build_feature_tables(adata, spec, singles: dict[str, list[str]], control_mas
         wanted = set()
         for key in gene_keys:
             labels = list(singles[key]) + [lab for b in tables[key].blocks for lab in b.labels]
-            tables[key].target_genes = resolve_genes(labels, input_genes)
+            tables[key].target_genes = resolve_genes(labels, input_genes, symbols)
             wanted.update(tables[key].target_genes.values())
         extra = sorted(wanted - set(model_genes))
         rest = [g for g in input_genes if g not in set(model_genes) and g not in wanted]
@@ -416,6 +433,8 @@ def build_feature_tables(adata, spec, singles: dict[str, list[str]], control_mas
         candidates = model_genes + extra
         x = control_expression(adata, spec, control_mask, candidates, seed=seed)
         gene_blocks = gene_target_blocks(x, candidates, model_genes, n_components)
+        known = set(candidates)
         for key in gene_keys:
             tables[key].blocks = gene_blocks + tables[key].blocks
+            tables[key].gene_symbols = {s: g for s, g in symbols.items() if g in known}
     return tables

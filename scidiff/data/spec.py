@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import pandas as pd
 import torch
 
+from .gene_symbols import resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
 
 
@@ -49,7 +51,9 @@ class DataSpec:
     perturbation key (and time key, its values as float text: ``'4.0'``), the other ``obs``
     columns that describe it in the training cells, each with its value per label (``{key:
     {column: {label: value}}}``, :func:`describing_columns`): what a predicted cell's ``obs``
-    gets for its target.
+    gets for its target. ``gene_symbol_column``: the ``var`` column of the training file that held
+    gene symbols beside the gene IDs of ``gene_names`` (:mod:`scidiff.data.gene_symbols`), and
+    ``gene_symbols`` each model gene's symbol (empty without one): a gene may be named by either.
     """
 
     gene_names: list[str]
@@ -68,6 +72,8 @@ class DataSpec:
     label_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     perturbation_columns: dict[str, dict[str, dict]] = field(default_factory=dict)
     continuous_knots: dict[str, list[float]] = field(default_factory=dict)
+    gene_symbol_column: str | None = None
+    gene_symbols: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -77,6 +83,8 @@ class DataSpec:
             self.gene_scale = [1.0] * n
         if len(self.gene_offset) != n or len(self.gene_scale) != n:
             raise ValueError("gene_offset and gene_scale need one value per gene")
+        if self.gene_symbols and len(self.gene_symbols) != n:
+            raise ValueError("gene_symbols needs one symbol per gene")
 
     @property
     def n_genes(self) -> int:
@@ -265,11 +273,37 @@ class DataSpec:
             raise ValueError(f"no training cell has any of {list(labels)} for {key!r}")
         return w / w.sum()
 
+    # -- gene names -----------------------------------------------------------------------------
+    def model_genes(self, names) -> list[str | None]:
+        """The model gene each of ``names`` names: a gene ID of :attr:`gene_names`, else a symbol
+        exactly one model gene carries (:attr:`gene_symbols`); ``None`` otherwise."""
+        known, symbols = set(self.gene_names), symbol_index(self.gene_names, self.gene_symbols)
+        return [resolve_gene(n, known, symbols) for n in names]
+
+    def model_gene(self, name) -> str | None:
+        """:meth:`model_genes` of one name."""
+        return self.model_genes([name])[0]
+
+    def var_frame(self) -> pd.DataFrame:
+        """``var`` for cells over the model's genes: the gene IDs as index, with the symbols column
+        of the training file where it had one."""
+        var = pd.DataFrame(index=pd.Index([str(g) for g in self.gene_names]))
+        if self.gene_symbol_column and self.gene_symbols:
+            var[self.gene_symbol_column] = list(self.gene_symbols)
+        return var
+
     def check_same_genes(self, other: "DataSpec", what: str = "checkpoint") -> None:
         if list(other.gene_names) != list(self.gene_names):
             missing = [g for g in self.gene_names if g not in set(other.gene_names)][:10]
             raise ValueError(f"{what} was built for a different gene set ({other.n_genes} genes vs "
                              f"{self.n_genes}); first genes not in it: {missing}")
+
+
+def record_symbols(spec: DataSpec, var: pd.DataFrame, requested: str | None = "auto", where: str = "var") -> None:
+    """Set ``spec``'s gene symbols from the input's ``var`` (:func:`scidiff.data.gene_symbols.symbol_column`)."""
+    column = symbol_column(var, requested, where)
+    if column is not None:
+        spec.gene_symbol_column, spec.gene_symbols = column, symbols_of(var, column, spec.gene_names)
 
 
 def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key) -> tuple[list[str], list[str]]:

@@ -21,7 +21,7 @@ from .dataset import _encode_obs, check_controls
 from .h5ad_layout import naming_file
 from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
-from .spec import DataSpec, _build_spec, covariate_keys
+from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 
 
@@ -93,6 +93,18 @@ class StreamedCells:
         block = self.loader_options.get("block_size") or self.reader.default_block_size()
         train, val = BlockOrder(self.runs, batch_size=1, block_size=block).split(val_fraction, seed)
         return self.subset(train), self.subset(val)
+
+
+def read_var(path: str, use_raw: bool = False) -> pd.DataFrame:
+    """The file's ``var`` (``raw/var`` with ``use_raw``): gene IDs and their columns."""
+    read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
+    group = "raw/var" if use_raw else "var"
+    with naming_file(path), h5py.File(path, "r") as f:
+        if group not in f:
+            raise KeyError(f"{path!r} has no {group!r} (gene names)")
+        var = read_elem(f[group])
+    var.index = var.index.astype(str)
+    return var
 
 
 def _read_obs(path: str, keys) -> pd.DataFrame:
@@ -238,7 +250,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                     target_sum: float | None = 1e4, scaling: str = "global", hvg_cells: int = 20000,
                     covariance: bool = True, seed: int = 0, backend: str = "auto", n_threads: int | None = None,
                     progress: bool = False, perturbation_keys=(), control_labels=("control", "ctrl"),
-                    dose_key: str | None = None, separator: str = "+", **loader_options) -> StreamedCells:
+                    dose_key: str | None = None, separator: str = "+", gene_symbols: str | None = "auto",
+                    **loader_options) -> StreamedCells:
     """:func:`~scidiff.data.setup_anndata` for a file that is streamed (arguments alike, and the
     same vocabularies, genes and scaling up to float rounding).
 
@@ -273,6 +286,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key,
                        obs=_read_obs(reader.path, None) if perturbation_keys else None)
+    record_symbols(spec, read_var(reader.path, use_raw), gene_symbols,
+                   f"{'raw/var' if use_raw else 'var'} of {reader.path!r}")
     off32 = np.asarray(spec.gene_offset, np.float32).astype(np.float64)
     sc32 = np.asarray(spec.gene_scale, np.float32).astype(np.float64)
     model_moments = {"mean": (moments.mean - off32) / sc32, "n": moments.n,

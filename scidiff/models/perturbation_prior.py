@@ -51,7 +51,7 @@ import torch
 
 from ..data.block_order import as_runs
 from ..data.perturbation_features import DATA_SOURCE, MAX_CONTROL_CELLS, FeatureTable, build_feature_tables
-from ..data.stream_setup import stream_group_moments
+from ..data.stream_setup import read_var, stream_group_moments
 from .effects import context_table, control_cells, fit_singles, group_changes, streamed_groups
 
 FORMAT = "scidiff.perturbation_prior"
@@ -404,6 +404,10 @@ class PerturbationPrior:
             rows = np.sort(np.random.default_rng(seed).choice(rows, MAX_CONTROL_CELLS, replace=False))
         holder = ad.AnnData(X=cells.reader.read_matrix(as_runs(rows)))
         holder.var_names = [str(g) for g in cells.reader.var_names]
+        if spec.gene_symbol_column:  # the symbols beside the IDs, for labels that name genes by symbol
+            var = read_var(cells.reader.path, cells.reader.layout.key == "raw/X")
+            if spec.gene_symbol_column in var.columns and list(var.index) == list(holder.var_names):
+                holder.var[spec.gene_symbol_column] = var[spec.gene_symbol_column].to_numpy()
         return cls._from_effects(replace(spec, source={**spec.source, "layer": None, "use_raw": False}), effects,
                                  counts, control_mean, holder, np.ones(len(rows), bool), perturbation_features,
                                  smiles, seed, model_spec=spec)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.dataset import _log_expression
+from ..data.gene_symbols import readable_names
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
 from ..evaluation import evaluate_generation_quality, fit_pca
@@ -97,6 +98,7 @@ class _Cells:
 
     def __init__(self, x, labels, contexts, adata):
         self.x, self.labels, self.contexts, self.adata = x, labels, contexts, adata
+        self.gene_names: list[str] = []  # the scored genes' names (the real file's symbols where it has them)
 
     def rows(self, context, label) -> np.ndarray:
         return np.flatnonzero((self.contexts == context) & (self.labels == label))
@@ -131,7 +133,7 @@ def _project_metrics(real: _Cells, pred: _Cells, groups, genes, control_label, p
         per[name] = {"n_predicted": int(len(p)), "n_real": int(len(true)), "n_control": int(len(ctrl)),
                      **perturbation_metrics(p, true, ctrl, genes, degs, project)}
         effects[name] = (context, label, p.mean(0) - ctrl.mean(0), true.mean(0) - ctrl.mean(0))
-    index = {g: i for i, g in enumerate(genes)}
+    index = {**{g: i for i, g in enumerate(genes)}, **{g: i for i, g in enumerate(real.gene_names)}}
     for context in dict.fromkeys(c for c, _, _ in groups):
         names = [n for c, _, n in groups if c == context]
         if len(names) < 2:
@@ -163,7 +165,7 @@ def _cell_eval_pair(real: _Cells, pred: _Cells, groups, context, key, control_la
 
     def frame(x, lab):
         a = ad.AnnData(X=x.astype(np.float32), obs=pd.DataFrame({key: lab}, index=[f"c{i}" for i in range(len(lab))]))
-        a.var_names = list(real.adata.var_names)
+        a.var_names = list(real.gene_names)  # by symbol where the file has them: cell-eval leaves a target gene out
         return a
 
     rows_p = np.concatenate([pred.rows(context, lab) for lab in labels])
@@ -230,6 +232,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
     real_c = _cells(real_ad, log_expression_of(real_ad, genes).astype(np.float64), perturbation_key, context_key,
                     "real file", **labelled)
+    real_c.gene_names = readable_names(real_ad.var, genes)
     pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
                     "prediction", **labelled)
     base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}"), perturbation_key, context_key,

@@ -107,7 +107,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     obs = pd.DataFrame({k: pd.Categorical([str(v)] * n) for k, v in condition.items()},
                        index=[f"generated_{i}" for i in range(n)])
     out = ad.AnnData(X=np.concatenate(parts), obs=obs)
-    out.var_names = list(model.data_spec.gene_names)
+    out.var = model.data_spec.var_frame()
     out.uns["scidiff"] = _generation_uns(model, settings, seed, observed, engine)
     return out
 
@@ -129,6 +129,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
             tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
         writer.uns = {"scidiff": _generation_uns(model, settings, seed, observed, engine)}
+        writer.var = model.data_spec.var_frame()
         for i, cond in enumerate(groups):
             start = int(first_index)
             for x in _chunks(model, engine, n, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,

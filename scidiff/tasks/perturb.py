@@ -502,7 +502,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     obs["scidiff_route"] = pd.Categorical(routes.astype(str))
     obs["scidiff_confidence"] = confidence
     result = ad.AnnData(X=out, obs=obs)
-    result.var_names = list(spec.gene_names)
+    result.var = spec.var_frame()
     result.layers["control"] = cells.log_expression().astype(np.float32)
     result.uns["scidiff_prediction"] = {
         "method": method, "steps": int(steps), "guidance_scale": float(guidance_scale), "seed": int(seed),

@@ -96,7 +96,7 @@ def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnDa
     frame = stack_obs(obs, columns)
     frame[TARGET_COLUMN] = pd.Categorical(np.repeat(texts, [p.n_obs for p in parts]), categories=texts)
     out = ad.AnnData(X=np.vstack([np.asarray(p.X) for p in parts]), obs=frame)
-    out.var_names = list(parts[0].var_names)
+    out.var = parts[0].var.copy()
     out.layers["control"] = np.vstack([np.asarray(p.layers["control"]) for p in parts])
     out.uns["scidiff_prediction"] = _screen_record([p.uns.get("scidiff_prediction", {}) for p in parts], texts)
     return out
@@ -196,6 +196,7 @@ def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]
         for i, (pred, text) in enumerate(zip(parts, texts)):
             if writer is None:
                 writer = H5adWriter(out, [str(g) for g in pred.var_names])
+                writer.var = pred.var.copy()
                 writer.drop_if_empty = set(described)
                 n_genes = pred.n_vars
             obs = pred.obs.copy()

@@ -142,6 +142,9 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     if effects_report and progress and rank == 0:
         print(effects_summary(effects_report))
     if progress and rank == 0:
+        if cells.spec.gene_symbol_column:
+            print(f"genes: IDs in var_names, symbols in var[{cells.spec.gene_symbol_column!r}]; perturbation labels "
+                  "and design targets may name a gene by either (--gene-symbols none: IDs only)")
         for key, knots in _time_knots(cells.spec).items():
             shown = ", ".join(f"{k:g}" for k in knots[:8]) + (", ..." if len(knots) > 8 else "")
             print(f"{key}: embedded piecewise linearly between {len(knots)} training values ({shown})")

@@ -81,6 +81,8 @@ def gene_attribution(designer, target: PhenotypeTarget, source_expression, desig
         model.train(was_training)
     table = pd.DataFrame({"gene": spec.gene_names, "attribution": attr.mean(0),
                           "mean_change": (dst - src).mean(0).numpy()})
+    if spec.gene_symbols:
+        table.insert(1, "symbol", spec.gene_symbols)
     table = table.sort_values("attribution", kind="mergesort").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     table.attrs["objective_change"] = float(change.mean())

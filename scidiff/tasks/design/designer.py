@@ -85,6 +85,7 @@ class DesignResult:
     condition: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     path: torch.Tensor | None = None
+    var: pd.DataFrame | None = None  # the genes' var (symbols beside IDs), else names only
 
     @property
     def all_met(self) -> np.ndarray:
@@ -99,6 +100,8 @@ class DesignResult:
             obs[k] = pd.Categorical([str(s) for s in v]) if isinstance(v, list) else str(v)
         out = ad.AnnData(X=self.expression.astype(np.float32), obs=obs)
         out.var_names = list(self.gene_names)
+        if self.var is not None:
+            out.var = self.var.reindex(out.var_names)
         if self.source is not None:
             out.layers["source"] = self.source.astype(np.float32)
         out.uns["scidiff_design"] = _h5_keys({"target": _jsonable(self.target.to_dict()),
@@ -180,7 +183,8 @@ class InverseDesigner:
         """Validate ``target`` against the model's genes and every objective."""
         if not isinstance(target, PhenotypeTarget):
             raise TypeError(f"target must be a PhenotypeTarget, got {type(target).__name__}")
-        target.check(self.gene_names)
+        spec = self.model.data_spec
+        target.use_gene_ids(spec.model_gene).check(self.gene_names + [s for s in spec.gene_symbols if s])
         active = []
         for obj in self.objectives:
             if isinstance(obj, ObjectiveFunction):
@@ -543,6 +547,7 @@ class InverseDesigner:
                     "objectives": [getattr(o, "name", type(o).__name__) for o in self.objectives],
                     "constraints": {o.name: o.weight for o in self.constraints}}
         return DesignResult(expression=expr, gene_names=self.gene_names, target=target,
+                            var=self.model.data_spec.var_frame(),
                             met=self.hits(expr, target), loss=loss.cpu().numpy(),
                             source=source_expr, condition=labels, settings=settings,
                             path=torch.cat(paths, dim=1) if record_path else None)

@@ -76,6 +76,18 @@ def _write_tsv(table, path) -> str:
     return atomic_path(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
 
 
+def _targets_as_model_genes(network: pd.DataFrame, spec) -> pd.DataFrame:
+    """The network with its target genes named as the model names them (a symbol -> the model's
+    gene ID where the training file had symbols beside IDs)."""
+    if not spec.gene_symbols or "target" not in network.columns:
+        return network
+    out = network.copy()
+    names = network["target"].astype(str).tolist()
+    out["target"] = [m or g for m, g in zip(spec.model_genes(names), names)]
+    out.attrs = dict(network.attrs)
+    return out
+
+
 def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
                tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
@@ -112,10 +124,12 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         target = PhenotypeTarget.parse(target, cell_type=cell_type, tolerance=tolerance)
     elif cell_type is not None:
         target.cell_type = cell_type
-    if target.constraints:
-        target.check(spec.gene_names)  # fail on a bad gene before any work
+    if target.constraints:  # fail on a bad gene before any work
+        target.use_gene_ids(spec.model_gene).check(list(spec.gene_names) + [s for s in spec.gene_symbols if s])
     if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
         tf_network = read_tf_network(tf_network)
+    if tf_network is not None:
+        tf_network = _targets_as_model_genes(tf_network, spec)
         tf_weight_matrix(tf_network, spec.gene_names)  # no overlap with the model's genes: fail now
     adata = None if data is None else (data if not isinstance(data, (str, os.PathLike)) else read_h5ad(data))
     condition = dict(condition or {})

@@ -168,6 +168,19 @@ class PhenotypeTarget:
                 "suppressed_genes": dict(self.suppressed_genes), "cell_type": self.cell_type,
                 "tolerance": self.tolerance, "constraints": [str(c) for c in self.constraints]}
 
+    def use_gene_ids(self, model_gene) -> "PhenotypeTarget":
+        """Name each gene as the model does, in place: ``model_gene(name)`` gives the model gene a
+        name stands for (a gene ID named by its symbol, :meth:`scidiff.data.DataSpec.model_gene`);
+        a name it does not resolve stays, for :meth:`check` to report."""
+        def renamed(levels: dict) -> dict:
+            return {(model_gene(g) or g): v for g, v in levels.items()}
+
+        self.gene_targets, self.marker_genes = renamed(self.gene_targets), renamed(self.marker_genes)
+        self.suppressed_genes = renamed(self.suppressed_genes)
+        if isinstance(self.tolerance, dict):
+            self.tolerance = renamed(self.tolerance)
+        return self
+
     # -- validation --------------------------------------------------------------------------------
     def check(self, gene_names=None) -> "PhenotypeTarget":
         """Raise on an empty target, contradictory targets for one gene (e.g. the same gene up and

@@ -1,0 +1,81 @@
+"""Gene symbols beside gene IDs.
+
+CELLxGENE files (``var['feature_name']``), Cell Ranger's read with ``var_names='gene_ids'``
+(``gene_symbols``), and the Perturb-seq screens of GEARS and Replogle et al. 2022
+(``gene_name``) index their genes by Ensembl ID and keep the symbol in a column of ``var``,
+while perturbation labels (``STAT1``), design targets and regulatory networks name genes by
+symbol. :func:`symbol_column` finds that column (scanpy's ``gene_symbols=`` argument, by name,
+or among the usual names), and a name resolves to a gene by its ID first, else by a symbol that
+exactly one gene carries (:func:`symbol_index`, :func:`resolve_gene`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+KNOWN_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names", "symbol",
+                 "gene_short_name")
+
+
+def symbol_column(var: pd.DataFrame, requested: str | None = "auto", where: str = "var") -> str | None:
+    """The ``var`` column holding gene symbols. ``requested``: a column name (an error naming
+    ``where`` and its columns when absent), ``"auto"`` (the first of :data:`KNOWN_COLUMNS` that
+    holds text differing from the index for some gene; ``None`` when none does) or ``None`` /
+    ``"none"`` (no symbols)."""
+    if requested is None or str(requested).lower() == "none":
+        return None
+    if requested != "auto":
+        if requested not in var.columns:
+            raise KeyError(f"gene symbols column {requested!r} is not in {where} (its columns: "
+                           f"{list(map(str, var.columns))}); name one of them, or 'none'")
+        return str(requested)
+    index = var.index.astype(str)
+    for column in KNOWN_COLUMNS:
+        if column not in var.columns or pd.api.types.is_numeric_dtype(var[column]) \
+                or pd.api.types.is_bool_dtype(var[column]):
+            continue
+        if np.any(var[column].astype(str).to_numpy() != index.to_numpy()):
+            return column
+    return None
+
+
+def symbols_of(var: pd.DataFrame, column: str | None, genes=None) -> list[str]:
+    """The symbol of each of ``genes`` (default: every gene of ``var``); ``""`` where missing."""
+    genes = list(map(str, var.index if genes is None else genes))
+    if column is None:
+        return [""] * len(genes)
+    values = var[column].astype(object).where(var[column].notna(), "").astype(str)
+    values.index = var.index.astype(str)
+    return [values.get(g, "") for g in genes]
+
+
+def symbol_index(genes, symbols) -> dict[str, str]:
+    """``symbol -> gene`` for each symbol that exactly one of ``genes`` carries (a symbol shared by
+    several IDs, as Ensembl has a few, names none of them; empty symbols are skipped)."""
+    seen: dict[str, list[str]] = {}
+    for g, s in zip(map(str, genes), map(str, symbols)):
+        if s and s.lower() != "nan":
+            seen.setdefault(s, []).append(g)
+    return {s: gs[0] for s, gs in seen.items() if len(gs) == 1}
+
+
+def resolve_gene(name, genes, symbols: dict[str, str] | None = None) -> str | None:
+    """The gene ``name`` names among ``genes`` (a set or list of IDs): itself, else the one gene
+    carrying it as symbol (``symbols``: :func:`symbol_index`), else ``None``."""
+    name = str(name).strip()
+    if name in genes:
+        return name
+    return (symbols or {}).get(name)
+
+
+def readable_names(var: pd.DataFrame, genes) -> list[str]:
+    """``genes`` (IDs of ``var``) by symbol where ``var`` has a symbols column (auto) and the symbol
+    is carried by one of them only, else by ID: unique names, as cell-eval matches a knockout's
+    label against them to leave its own gene out."""
+    genes = [str(g) for g in genes]
+    column = symbol_column(var)
+    if column is None:
+        return genes
+    index = symbol_index(genes, symbols_of(var, column, genes))
+    by_gene = {g: s for s, g in index.items() if s not in set(genes)}
+    return [by_gene.get(g, g) for g in genes]
