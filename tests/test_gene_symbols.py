@@ -116,7 +116,8 @@ def test_evaluate_leaves_a_knockout_gene_out_by_its_symbol_on_a_file_indexed_by_
     """A knockout's own gene is left out of the PDS (the project's and cell-eval's) through its
     symbol on a file indexed by ID, as on the file indexed by symbol: a prediction right in every
     gene but its own, which is far off, is ranked first (it would rank last with the gene in).
-    The prediction holds fewer genes than the real file."""
+    The prediction holds fewer genes than the real file, and may name them by ID where the real file
+    names them by symbol."""
     from scidiff.tasks.evaluate import evaluate_perturbation
 
     rng = np.random.default_rng(0)
@@ -131,12 +132,34 @@ def test_evaluate_leaves_a_knockout_gene_out_by_its_symbol_on_a_file_indexed_by_
     pred_x = x[:, :7].copy()
     pred_x[labels == "K0", 0] += 5.0
     results = []
-    for names in (symbols, ids):
-        var = pd.DataFrame({"gene_name": symbols}, index=names)
-        real = ad.AnnData(X=x.astype(np.float32), obs=obs, var=var)
-        pred = ad.AnnData(X=pred_x.astype(np.float32), obs=obs, var=var.iloc[:7])
+    for real_names, pred_names in ((symbols, symbols), (ids, ids), (symbols, ids)):  # the last: named unalike
+        real = ad.AnnData(X=x.astype(np.float32), obs=obs, var=pd.DataFrame({"gene_name": symbols}, index=real_names))
+        pred = ad.AnnData(X=pred_x.astype(np.float32), obs=obs,
+                          var=pd.DataFrame({"gene_name": symbols[:7]}, index=pred_names[:7]))
         results.append(evaluate_perturbation(real, pred, "pert", "ctrl", cell_eval="auto"))
     for out in results:
         assert out["per_perturbation"]["K0"]["pds_l1"] == 1.0
         if out["cell_eval"].get("installed"):
             assert out["cell_eval"]["prediction"]["per_perturbation"]["K0"]["discrimination_score_l1"] == 1.0
+
+
+def test_cells_named_the_other_way_are_read_into_the_model_genes(tmp_path):
+    """A model trained on a file indexed by ID reads cells indexed by symbol (scanpy's read_10x_h5),
+    and a model indexed by symbol reads cells indexed by ID with a symbols column: the same values
+    as from a file named like its own, in memory and streamed. Genes found neither way are named."""
+    from scidiff.data import stream_like, transform_like
+
+    by_symbol, by_id = _screen(), _by_id(_screen(), "gene_name")
+    id_spec = setup_anndata(by_id, **SETUP).spec
+    symbol_spec = setup_anndata(by_symbol, **SETUP).spec
+    by_symbol.write_h5ad(tmp_path / "symbols.h5ad")
+    by_id.write_h5ad(tmp_path / "ids.h5ad")
+    for spec, own, other in ((id_spec, "ids", "symbols"), (symbol_spec, "symbols", "ids")):
+        ref = transform_like(spec, by_id if own == "ids" else by_symbol).x
+        got = transform_like(spec, by_symbol if own == "ids" else by_id).x
+        np.testing.assert_array_equal(got.numpy(), ref.numpy())
+        streamed = stream_like(spec, str(tmp_path / f"{other}.h5ad"))
+        np.testing.assert_allclose(streamed.read_x(np.arange(50)).numpy(), ref[:50].numpy(), rtol=0, atol=1e-5)
+    partial = by_symbol[:, GENES[:-1]].copy()  # one gene short: named as the file names genes
+    with pytest.raises(KeyError, match=r"1 of the model's genes are not in the data: \['G39'\]"):
+        transform_like(id_spec, partial)

@@ -336,7 +336,8 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
         if use_raw and adata.raw is None:
             use_raw = False
     matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, spec.target_sum or 1e4)
-    x = dense(matrix[:, gene_columns(var_names, spec.gene_names)])
+    var = adata.raw.var if use_raw else adata.var
+    x = dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))])
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,

@@ -79,3 +79,25 @@ def readable_names(var: pd.DataFrame, genes) -> list[str]:
     index = symbol_index(genes, symbols_of(var, column, genes))
     by_gene = {g: s for s, g in index.items() if s not in set(genes)}
     return [by_gene.get(g, g) for g in genes]
+
+
+def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = None) -> list[str]:
+    """The name in ``var_names`` (another file's genes) of each of a model's ``gene_names``: the
+    model's own names, else the model's ``gene_symbols`` (a model trained on a file indexed by ID,
+    cells read by scanpy's ``read_10x_h5``, indexed by symbol), else the model's names looked up
+    in the file's own symbols column of ``var`` (a model indexed by symbol, cells indexed by ID):
+    whichever finds the most genes, the model's own names on a tie (a caller's error then names the
+    genes still missing, as that file would name them)."""
+    gene_names = [str(g) for g in gene_names]
+    names = [str(v) for v in var_names]
+    have = set(names)
+    candidates = [gene_names]
+    symbols = [str(s) for s in gene_symbols]
+    if len(symbols) == len(gene_names):
+        candidates.append([s if s else g for s, g in zip(symbols, gene_names)])
+    column = symbol_column(var) if var is not None else None
+    if column is not None:
+        index = symbol_index(names, symbols_of(var, column, names))
+        candidates.append([g if g in have else index.get(g, g) for g in gene_names])
+    found = [sum(n in have for n in c) if len(set(c)) == len(c) else -1 for c in candidates]
+    return candidates[int(np.argmax(found))]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .gene_symbols import resolve_gene, symbol_column, symbol_index, symbols_of
+from .gene_symbols import names_in, resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
 
 
@@ -283,6 +283,11 @@ class DataSpec:
     def model_gene(self, name) -> str | None:
         """:meth:`model_genes` of one name."""
         return self.model_genes([name])[0]
+
+    def names_in(self, var_names, var: pd.DataFrame | None = None) -> list[str]:
+        """Each model gene's name among another file's ``var_names`` (by ID, else by symbol either
+        way; :func:`scidiff.data.gene_symbols.names_in`)."""
+        return names_in(var_names, self.gene_names, self.gene_symbols, var)
 
     def var_frame(self) -> pd.DataFrame:
         """``var`` for cells over the model's genes: the gene IDs as index, with the symbols column

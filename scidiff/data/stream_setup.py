@@ -40,13 +40,14 @@ class StreamedCells:
     runs: np.ndarray
     moments: dict | None = None
     loader_options: dict = field(default_factory=dict)
+    file_var: pd.DataFrame | None = None  # the file's var where its genes are named unlike the model's
 
     def __len__(self) -> int:
         return int((self.runs[:, 1] - self.runs[:, 0]).sum())
 
     @property
     def transform(self) -> Transform:
-        return Transform.from_spec(self.spec, self.reader.var_names)
+        return Transform.from_spec(self.spec, self.reader.var_names, self.file_var)
 
     def cell_ids(self) -> np.ndarray:
         return runs_to_ids(self.runs)
@@ -86,7 +87,7 @@ class StreamedCells:
     def subset(self, cells) -> "StreamedCells":
         """These cells restricted to ``cells`` (sorted row numbers or runs)."""
         return StreamedCells(self.reader, self.spec, self.covariates, as_runs(cells), self.moments,
-                             dict(self.loader_options))
+                             dict(self.loader_options), self.file_var)
 
     def split(self, val_fraction: float = 0.1, seed: int = 0):
         """Random train/validation split by whole blocks of cells (they stay contiguous on disk)."""
@@ -313,7 +314,8 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
     kind = _sample_kind(reader, sample, input_kind, "check_cells")
     transform_spec = DataSpec(**{**spec.to_dict(), "input_kind": kind,
                                  "target_sum": (spec.target_sum or 1e4) if kind == "counts" else None})
-    Transform.from_spec(transform_spec, reader.var_names)  # names missing genes now
+    file_var = None if set(spec.gene_names) <= set(reader.var_names) else read_var(reader.path, bool(use_raw))
+    Transform.from_spec(transform_spec, reader.var_names, file_var)  # names missing genes now
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys)]
     with naming_file(reader.path), h5py.File(reader.path, "r") as f:
         present = set(f["obs"].attrs.get("column-order", [])) if isinstance(f["obs"], h5py.Group) else set()
@@ -322,4 +324,4 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
     codes, _ = _encode_covariates(reader, keys, cont, spec.categorical, spec.perturbation_keys, spec.control_labels,
                                   spec.separator)
     return StreamedCells(reader, transform_spec, codes, np.array([[0, reader.n_cells]], np.int64), None,
-                         dict(loader_options))
+                         dict(loader_options), file_var)

@@ -68,8 +68,10 @@ class Transform:
     scale: np.ndarray | None = None
 
     @classmethod
-    def build(cls, var_names, genes, *, counts: bool, target_sum: float | None = 1e4, offset=None, scale=None):
-        cols = gene_columns(var_names, genes)
+    def build(cls, var_names, genes, *, counts: bool, target_sum: float | None = 1e4, offset=None, scale=None,
+              names=None):
+        """``names``: each gene's name among ``var_names`` where it differs (default ``genes``)."""
+        cols = gene_columns(var_names, genes if names is None else names)
         gene_map = np.full(len(var_names), -1, np.int32)
         gene_map[cols] = np.arange(len(cols), dtype=np.int32)
         if counts and not (target_sum and target_sum > 0):
@@ -79,10 +81,13 @@ class Transform:
         return cls(list(genes), cols, gene_map, bool(counts), float(target_sum or 0.0), off, sc)
 
     @classmethod
-    def from_spec(cls, spec, var_names) -> "Transform":
-        """The transform of a :class:`~scidiff.data.DataSpec` (its genes, normalisation, scaling)."""
+    def from_spec(cls, spec, var_names, var=None) -> "Transform":
+        """The transform of a :class:`~scidiff.data.DataSpec` (its genes, normalisation, scaling),
+        for a file with ``var_names`` (and ``var``, where genes are named by symbol on one side and
+        by ID on the other: :meth:`~scidiff.data.DataSpec.names_in`)."""
         return cls.build(var_names, spec.gene_names, counts=spec.input_kind == "counts",
-                         target_sum=spec.target_sum, offset=spec.gene_offset, scale=spec.gene_scale)
+                         target_sum=spec.target_sum, offset=spec.gene_offset, scale=spec.gene_scale,
+                         names=spec.names_in(var_names, var))
 
     def without_scaling(self) -> "Transform":
         return Transform(self.genes, self.gene_cols, self.gene_map, self.normalize, self.target_sum)

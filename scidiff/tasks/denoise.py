@@ -101,7 +101,8 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
             raise ValueError(f"{where} holds log-normalised values; the posterior method needs raw counts "
                              "(pass layer='counts' or use method='sdedit')")
         library = torch.from_numpy(np.asarray(matrix.sum(1)).ravel().astype(np.float32))
-        counts = torch.from_numpy(dense(matrix[:, gene_columns(var_names, spec.gene_names)]))
+        var = adata.raw.var if use_raw else adata.var
+        counts = torch.from_numpy(dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))]))
     model.eval()
     device = next(model.parameters()).device
     ts = timesteps(model.num_timesteps, steps)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.dataset import _log_expression
-from ..data.gene_symbols import readable_names
+from ..data.gene_symbols import names_in, readable_names, symbol_column, symbols_of
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
 from ..evaluation import evaluate_generation_quality, fit_pca
@@ -225,14 +225,16 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
                          f"file's labels include {sorted(real_labels)[:10]}")
     genes = [str(g) for g in pred_ad.var_names]
+    column = symbol_column(pred_ad.var)  # a prediction by ID scored on a real file by symbol, or the reverse
+    in_real = names_in(real_ad.var_names, genes, symbols_of(pred_ad.var, column) if column else (), real_ad.var)
     known = set(map(str, real_ad.var_names))
-    missing = [g for g in genes if g not in known]
+    missing = [g for g in in_real if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of the prediction are not in the real file: {missing[:20]}")
     labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
-    real_c = _cells(real_ad, log_expression_of(real_ad, genes).astype(np.float64), perturbation_key, context_key,
+    real_c = _cells(real_ad, log_expression_of(real_ad, in_real).astype(np.float64), perturbation_key, context_key,
                     "real file", **labelled)
-    real_c.gene_names = readable_names(real_ad.var, genes)
+    real_c.gene_names = readable_names(real_ad.var, in_real)
     pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
                     "prediction", **labelled)
     base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}"), perturbation_key, context_key,
