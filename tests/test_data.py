@@ -337,8 +337,16 @@ def test_10x_h5_is_read_and_duplicated_symbols_made_unique(tmp_path, capsys):
 
 def test_a_perturbation_needs_its_control_cells(kang_small):
     with pytest.raises(ValueError, match=r"no cell of obs\['condition'\] in the AnnData carries a control label "
-                                         r"\['ctl'\].*'stimulated' \(\d+ cells\), 'control' \(\d+ cells\)"):
+                                         r"\['ctl'\].*'stimulated' \(\d+ cells\), 'control' \(\d+ cells\).*"
+                                         r"\('control' reads as a control label: --control-labels control\)"):
         setup_anndata(kang_small, n_top_genes=20, perturbation_keys=["condition"], control_labels=["ctl"])
+    screen = kang_small.copy()  # a CRISPR screen's guides that target nothing, by default labels: named, not taken
+    screen.obs["condition"] = screen.obs["condition"].astype(str).replace({"control": "Non-Targeting"})
+    with pytest.raises(ValueError, match=r"'Non-Targeting' reads as a control label: --control-labels Non-Targeting"):
+        setup_anndata(screen, n_top_genes=20, perturbation_keys=["condition"])
+    screen.obs["condition"] = screen.obs["condition"].replace({"Non-Targeting": "KO1"})
+    with pytest.raises(ValueError, match=r"Pass the label of the unperturbed cells$"):
+        setup_anndata(screen, n_top_genes=20, perturbation_keys=["condition"])
     with pytest.warns(UserWarning, match=r"control label\(s\) \['ctl'\] of obs\['condition'\].*match no cell"):
         data = setup_anndata(kang_small, n_top_genes=20, perturbation_keys=["condition"],
                              control_labels=["control", "ctl"])

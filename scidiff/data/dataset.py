@@ -122,6 +122,21 @@ class InMemoryLoader:
 DEFAULT_CONTROLS = ("control", "ctrl")
 
 
+# how screens name their unperturbed cells (CRISPR guides that target nothing, a drug's vehicle), by
+# label folded to lower case without separators: named in the error, never taken without being asked
+USUAL_CONTROLS = {"control", "ctrl", "nontargeting", "nt", "ntc", "safetargeting", "intergenic", "vehicle",
+                  "dmso", "unperturbed", "untreated", "mock", "scramble", "scrambled", "negctrl", "negativecontrol"}
+
+
+def control_hint(labels, flag: str = "--control-labels") -> str:
+    """`` ('non-targeting' reads as a control label: --control-labels non-targeting)`` for the
+    labels among ``labels`` that read as a control (:data:`USUAL_CONTROLS`), else ``""``."""
+    usual = [str(lab) for lab in labels if "".join(ch for ch in str(lab).lower() if ch.isalnum()) in USUAL_CONTROLS]
+    if not usual:
+        return ""
+    return f" ({', '.join(map(repr, usual[:3]))} reads as a control label: {flag} {','.join(usual[:3])})"
+
+
 def check_controls(key: str, labels, counts, control_labels, separator: str, source: str) -> None:
     """A perturbation covariate being set up for training must have control cells: refuse when
     no cell of ``key`` carries any of ``control_labels`` (naming the most frequent values), and
@@ -137,7 +152,7 @@ def check_controls(key: str, labels, counts, control_labels, separator: str, sou
         common = ", ".join(f"{str(labels[i])!r} ({int(counts[i])} cells)" for i in order)
         raise ValueError(f"no cell of obs[{key!r}] in {source} carries a control label {controls} "
                          f"(--control-labels / control_labels=); its most frequent values: {common}. "
-                         "Pass the label of the unperturbed cells")
+                         f"Pass the label of the unperturbed cells{control_hint(labels)}")
     unused = [c for c in controls if c not in carried]
     if unused and tuple(controls) != DEFAULT_CONTROLS:
         import warnings

@@ -11,7 +11,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data.dataset import _log_expression
+from ..data.dataset import _log_expression, control_hint
 from ..data.gene_symbols import names_in, readable_names, symbol_column, symbols_of
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
@@ -222,8 +222,9 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     control_label = controls[0]
     real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls))
     if control_label not in real_labels:
+        hint = control_hint(real_labels, "--control-label")
         raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
-                         f"file's labels include {sorted(real_labels)[:10]}")
+                         f"file's labels include {sorted(real_labels)[:10]}{hint}")
     genes = [str(g) for g in pred_ad.var_names]
     column = symbol_column(pred_ad.var)  # a prediction by ID scored on a real file by symbol, or the reverse
     in_real = names_in(real_ad.var_names, genes, symbols_of(pred_ad.var, column) if column else (), real_ad.var)

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
 from ..data.spec import describing_columns, lookup_label
 from ..evaluation.perturbation import predict_baseline
@@ -248,7 +249,7 @@ def check_control_labels(key: str, control_labels, files: dict, *, required: str
                           f"{common}{' ...' if len(carried) > 8 else ''})", stacklevel=2)
     if required is not None and not set(control_labels) & present[required]:
         raise ValueError(f"no cell of {required} carries a control label {list(control_labels)} in obs[{key!r}]; "
-                         "the baselines need its control cells (--control-labels)")
+                         f"the baselines need its control cells (--control-labels){control_hint(present[required])}")
     return [c for c in control_labels if c in carried]
 
 
