@@ -128,3 +128,19 @@ def test_the_command_line_trains_on_a_time_course_and_predicts_an_unmeasured_day
     assert main(["train", "--data", str(data), "--continuous-keys", "nothing", "--out", str(tmp_path / "r2"),
                  "--config", str(config), "--epochs", "1"]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_a_time_written_as_text_is_refused_naming_its_values_and_the_numeric_twin(tmp_path):
+    """Klein's file holds the day twice: ``day`` as text (d0, d2, d7) and ``day_num`` as numbers."""
+    adata, _ = _time_course(n=20)
+    adata.obs["day"] = pd.Categorical([f"d{d:g}" for d in adata.obs["day_num"]])
+    adata.obs["n_genes"] = np.arange(adata.n_obs)  # numeric, but not the same grouping
+    with pytest.raises(ValueError, match=r"obs\['day'\] of the AnnData must be numeric and finite: 60 cells hold "
+                                         r"\['d0', 'd2', 'd7'\]; obs\['day_num'\] holds the same groups as numbers"):
+        scidiff.setup_anndata(adata, n_top_genes=None, continuous_keys=["day"])
+    adata.write_h5ad(tmp_path / "course.h5ad")  # streamed alike
+    with pytest.raises(ValueError, match=r"obs\['day'\] of '.*course\.h5ad' must be numeric and finite: 60 cells"):
+        scidiff.data.setup_streaming(str(tmp_path / "course.h5ad"), n_top_genes=None, continuous_keys=["day"])
+    del adata.obs["day_num"]
+    with pytest.raises(ValueError, match=r"\['d0', 'd2', 'd7'\]; write its values as numbers"):
+        scidiff.setup_anndata(adata, n_top_genes=None, continuous_keys=["day"])

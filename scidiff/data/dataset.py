@@ -277,9 +277,26 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
     for key in continuous_keys:
         vals = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float32)
         if not np.isfinite(vals).all():
-            raise ValueError(f"obs[{key!r}] of {_name(adata)} must be numeric and finite")
+            raise _not_numeric(adata.obs, key, vals, _name(adata))
         codes[key] = torch.from_numpy(vals)
     return codes, vocabs
+
+
+def _not_numeric(obs: pd.DataFrame, key: str, vals: np.ndarray, source: str) -> ValueError:
+    """The error for a numeric covariate (time, dose) with values that are not finite numbers:
+    how many, which, and a numeric column that groups the cells the same way where there is one
+    (Klein's ``day`` = ``d0, d2, ...`` beside ``day_num`` = ``0, 2, ...``)."""
+    bad = ~np.isfinite(vals)
+    shown = list(dict.fromkeys(str(v) for v in obs[key].to_numpy()[bad]))[:5]
+    text = obs[key].astype(str)
+    same = [c for c in obs.columns if c != key and pd.api.types.is_numeric_dtype(obs[c])
+            and not pd.api.types.is_bool_dtype(obs[c]) and np.isfinite(obs[c].to_numpy(np.float64)).all()
+            and (pd.DataFrame({"a": text, "b": obs[c]}).groupby("a", observed=True)["b"].nunique() == 1).all()
+            and (pd.DataFrame({"a": text, "b": obs[c]}).groupby("b", observed=True)["a"].nunique() == 1).all()]
+    hint = (f"; obs[{same[0]!r}] holds the same groups as numbers: pass {same[0]!r} instead" if same
+            else "; write its values as numbers (e.g. days or hours, a dose in one unit)")
+    return ValueError(f"obs[{key!r}] of {source} must be numeric and finite: {int(bad.sum())} cells hold "
+                      f"{shown}{hint}")
 
 
 def _log_expression(adata, layer, use_raw, input_kind, target_sum):
