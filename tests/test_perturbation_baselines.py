@@ -213,3 +213,53 @@ def test_zhao_baselines_reproduce_the_data_readme():
             err[m].append(rmse(pred.X.mean(0), true))
     assert np.mean(err["no-change"]) == pytest.approx(0.589, abs=0.005)
     assert np.mean(err["mean-shift"]) == pytest.approx(0.562, abs=0.005)
+
+
+def test_linear_on_gene_pca_predicts_an_unseen_knockout_as_the_reference_ridge(tmp_path, capsys):
+    """``scidiff predict --method linear --linear-features gene-pca`` (Ahlmann-Eltze et al. 2025):
+    an unseen knockout's change is ridge (alpha 1, no intercept) from the seen knockouts' target-gene
+    loadings on the training cells' top 10 principal components to their mean changes, evaluated at
+    its own gene's loadings; computed here with scikit-learn from scratch. The training file may
+    name its genes by ID with symbols in var, the cells by symbol."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+
+    from scidiff.cli import main
+
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(30)]
+    labels = np.repeat(["ctrl"] + genes[:12], 40)
+    x = np.abs(1.5 + 0.4 * rng.normal(size=(len(labels), 30)))
+    for j in range(12):
+        rows = labels == genes[j]
+        x[rows, j] *= 0.3
+        x[rows, (j + 5) % 30] += 0.5
+    obs = pd.DataFrame({"pert": labels}, index=[f"c{i}" for i in range(len(x))])
+    train = ad.AnnData(X=x.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
+    control = train[train.obs["pert"] == "ctrl"][:25].copy()
+    train.write_h5ad(tmp_path / "train.h5ad")
+    control.write_h5ad(tmp_path / "control.h5ad")
+    by_id = train.copy()
+    by_id.var = pd.DataFrame({"gene_name": genes}, index=[f"ENSG{i:011d}" for i in range(30)])
+    by_id.write_h5ad(tmp_path / "train_ids.h5ad")
+
+    xt = train.X.astype(np.float64)
+    loadings = PCA(n_components=10, svd_solver="full", random_state=0).fit(xt).components_.T
+    seen = genes[:12]
+    deltas = np.stack([xt[labels == g].mean(0) - xt[labels == "ctrl"].mean(0) for g in seen])
+    ridge = Ridge(alpha=1.0, fit_intercept=False).fit(loadings[:12], deltas)
+    expected = control.X + ridge.predict(loadings[[20]])[0]
+    for name in ("train.h5ad", "train_ids.h5ad"):
+        out = tmp_path / f"linear_{name}"
+        assert main(["predict", "--method", "linear", "--linear-features", "gene-pca", "--train", str(tmp_path / name),
+                     "--data", str(tmp_path / "control.h5ad"), "--perturbation-key", "pert", "--control-labels", "ctrl",
+                     "--target", "pert=G20", "--out", str(out)]) == 0
+        pred = ad.read_h5ad(out)
+        np.testing.assert_allclose(pred.X, expected, rtol=0, atol=1e-5)
+    for target, message in (("G3+G20", "predicts single gene targets"), ("NOTAGENE", "name no gene of --train")):
+        capsys.readouterr()
+        assert main(["predict", "--method", "linear", "--linear-features", "gene-pca", "--train",
+                     str(tmp_path / "train.h5ad"), "--data", str(tmp_path / "control.h5ad"), "--perturbation-key",
+                     "pert", "--control-labels", "ctrl", "--target", f"pert={target}", "--out",
+                     str(tmp_path / "x.h5ad")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()

@@ -8,7 +8,7 @@ from .common import (SEPARATOR_HELP, check_out, device_name, finite_float, parse
 MODEL_METHODS = ("counterfactual", "population")
 # scidiff.evaluation.perturbation.BASELINES (not imported here: --help stays light; a test checks they agree)
 BASELINE_METHODS = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
-BASELINE_FLAGS = ("train", "perturbation_key", "context_key", "control_labels", "time_key")
+BASELINE_FLAGS = ("train", "perturbation_key", "context_key", "control_labels", "time_key", "linear_features")
 CONTEXT_COLUMN = "scidiff_context"
 
 
@@ -45,6 +45,11 @@ def add(sub):
                         "those of control,ctrl that the cells carry); one no cell carries is warned about")
     p.add_argument("--separator", type=separator_text, default=None,
                    help="baselines: " + SEPARATOR_HELP.replace("(default: +", "(default: the model's, else +"))
+    p.add_argument("--linear-features", default=None, choices=["multi-hot", "gene-pca"],
+                   help="baselines: what --method linear regresses the changes on: multi-hot (default: the "
+                        "singles seen in --train) or gene-pca (the target gene's loadings on the top 10 principal "
+                        "components of --train, Ahlmann-Eltze et al. 2025: predicts knockouts never seen, of "
+                        "genes measured in --train)")
     p.add_argument("--time-key", default=None,
                    help="baselines: a numeric obs column (time) for --method linear (interpolation in time)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM inversion and decoding steps")
@@ -276,6 +281,14 @@ def _baselines(args, model, texts):
     if time_key is not None and train is not None and time_key not in train.obs.columns:
         raise KeyError(f"--time-key {time_key!r} is not an obs column of --train {args.train!r}; available obs "
                        f"keys: {list(train.obs.columns)}")
+    features = None
+    if args.linear_features is not None and args.method != "linear":
+        raise ValueError(f"--linear-features applies to --method linear, not --method {args.method}")
+    if args.linear_features == "gene-pca":
+        if time_key is not None:
+            raise ValueError("--linear-features gene-pca describes gene targets; with a time (--time-key "
+                             f"{time_key!r}) --method linear interpolates in time")
+        features = _gene_pca(train, targets, pert_key, controls, args.separator or (spec.separator if spec else "+"))
     columns = None
     if spec is not None and pert_key in spec.perturbation_columns:
         columns = {pert_key: spec.perturbation_columns[pert_key]}
@@ -283,7 +296,34 @@ def _baselines(args, model, texts):
     return baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
                            control_labels=controls, time_key=time_key, columns=columns, out=args.out,
                            separator=args.separator or (spec.separator if spec is not None else "+"),
-                           exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN])
+                           exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN], features=features)
+
+
+def _gene_pca(train, targets, pert_key, controls, separator) -> dict:
+    """``--linear-features gene-pca``: the gene-PCA features of every single of ``train`` and of
+    the targets (:func:`scidiff.evaluation.perturbation.gene_pca_features`); a target that is a
+    combination or names no gene of ``train`` is refused by name."""
+    from ..data.spec import canonical_label  # lazy: keeps --help light (torch, anndata)
+    from ..evaluation.perturbation import gene_pca_features, perturbation_labels
+
+    wanted = [canonical_label(t[pert_key], separator, controls) for t in targets]
+    wanted = [w for w in wanted if w != controls[0]]
+    combos = [w for w in wanted if separator in w]
+    if combos:
+        raise ValueError(f"--linear-features gene-pca predicts single gene targets; {combos[:3]} are combinations "
+                         "(--method additive sums the singles' changes)")
+    seen = {s for lab in perturbation_labels(train, pert_key, separator, controls) for s in lab.split(separator)}
+    features = gene_pca_features(train, sorted((seen - {controls[0]}) | set(wanted)))
+    unknown = [w for w in wanted if w not in features]
+    if unknown:
+        measured = [w for w in unknown if w in seen]
+        hint = f"; {measured[:5]} have cells in --train: --linear-features multi-hot predicts them" if measured else ""
+        raise ValueError(f"--linear-features gene-pca: {unknown[:5]} name no gene of --train ({train.n_vars} genes, "
+                         f"by name or symbol); the baseline describes a target by its own gene's loadings{hint}")
+    if not any(s in features for s in seen):
+        raise ValueError("--linear-features gene-pca: no perturbation of --train names one of its genes; the "
+                         "ridge learns from seen targets' loadings")
+    return features
 
 
 def _log1p_pair(train, data, model, context_key, pert_key, time_key):
@@ -293,11 +333,14 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
     import anndata as ad  # lazy: keeps --help light (anndata)
 
     from ..data import transform_like  # lazy: keeps --help light (torch, anndata)
+    from ..data.gene_symbols import names_in, symbol_column, symbols_of  # lazy: keeps --help light
     from ..tasks.evaluate import log_expression_of  # lazy: keeps --help light (torch, anndata)
 
     def lean(a, x, genes):
         out = ad.AnnData(X=x, obs=a.obs.copy())
         out.var_names = list(genes)
+        if a is train:  # its var columns (gene symbols) stay
+            out.var = a.var.set_axis(a.var.index.astype(str)).reindex(list(genes))
         return out
 
     if model is not None:
@@ -316,10 +359,14 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
                 context_key = CONTEXT_COLUMN
         return train, data, context_key
     genes = [str(g) for g in (train if train is not None else data).var_names]
+    in_data = genes
+    if train is not None:  # --data may name the genes the other way (by symbol for IDs, or the reverse)
+        column = symbol_column(train.var)
+        in_data = names_in(data.var_names, genes, symbols_of(train.var, column) if column else (), data.var)
     known = set(map(str, data.var_names))
-    missing = [g for g in genes if g not in known]
+    missing = [g for g in in_data if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of --train are not in --data: {missing[:20]}")
     if train is not None:
         train = lean(train, log_expression_of(train, genes), genes)
-    return train, lean(data, log_expression_of(data, genes), genes), context_key
+    return train, lean(data, log_expression_of(data, in_data), genes), context_key

@@ -225,6 +225,25 @@ def pca_gene_embedding(x: np.ndarray, n_components: int = 10, seed: int = 0) -> 
     return PCA(n_components=k, random_state=seed, svd_solver="full").fit(np.asarray(x, float)).components_.T
 
 
+def gene_pca_features(train, labels, n_components: int = 10, seed: int = 0) -> dict[str, np.ndarray]:
+    """The linear baseline's features for gene targets (Ahlmann-Eltze et al. 2025): for each of
+    ``labels`` that names a gene of ``train`` (an AnnData of log1p expression; by name, by a
+    symbol of its ``var``, or case-insensitively), that gene's loadings on the top
+    ``n_components`` principal components of ``train``'s cells (:func:`pca_gene_embedding`).
+    Labels naming no gene of ``train`` get none."""
+    from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
+    from ..data.perturbation_features import resolve_genes
+
+    genes = [str(g) for g in train.var_names]
+    column = symbol_column(train.var)
+    found = resolve_genes(labels, genes, symbol_index(genes, symbols_of(train.var, column, genes)) if column else {})
+    if not found:
+        return {}
+    embedding = pca_gene_embedding(_x(train), n_components, seed)
+    index = {g: i for i, g in enumerate(genes)}
+    return {label: embedding[index[gene]] for label, gene in found.items()}
+
+
 # -- baselines over AnnData -----------------------------------------------------------------------
 
 def _x(adata) -> np.ndarray:
