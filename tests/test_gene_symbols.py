@@ -163,3 +163,18 @@ def test_cells_named_the_other_way_are_read_into_the_model_genes(tmp_path):
     partial = by_symbol[:, GENES[:-1]].copy()  # one gene short: named as the file names genes
     with pytest.raises(KeyError, match=r"1 of the model's genes are not in the data: \['G39'\]"):
         transform_like(id_spec, partial)
+
+
+def test_symbols_kept_in_var_beside_a_raw_that_holds_only_ids(tmp_path):
+    """``.raw`` often keeps only the gene IDs while ``var`` has the symbols: --use-raw reads them
+    from ``var`` for the genes both hold (in memory and streamed)."""
+    base = _by_id(_screen())
+    adata = ad.AnnData(X=base.X.astype(np.float32), obs=base.obs, var=pd.DataFrame(index=IDS))
+    adata.raw = adata.copy()  # raw: IDs only
+    adata = adata[:, IDS[:35]].copy()  # var: fewer genes, with their symbols
+    adata.var["feature_name"] = GENES[:35]
+    spec = setup_anndata(adata, use_raw=True, **SETUP).spec
+    assert spec.gene_symbol_column == "feature_name" and spec.gene_symbols == GENES[:35] + [""] * 5
+    adata.write_h5ad(tmp_path / "raw.h5ad")
+    streamed = setup_streaming(str(tmp_path / "raw.h5ad"), use_raw=True, hvg_cells=10**9, **SETUP).spec
+    assert streamed.gene_symbols == spec.gene_symbols

@@ -304,7 +304,7 @@ def _gene_pca(train, targets, pert_key, controls, separator) -> dict:
     the targets (:func:`scidiff.evaluation.perturbation.gene_pca_features`); a target that is a
     combination or names no gene of ``train`` is refused by name."""
     from ..data.spec import canonical_label  # lazy: keeps --help light (torch, anndata)
-    from ..evaluation.perturbation import gene_pca_features, perturbation_labels
+    from ..evaluation.perturbation import gene_pca_features, perturbation_labels  # lazy: keeps --help light
 
     wanted = [canonical_label(t[pert_key], separator, controls) for t in targets]
     wanted = [w for w in wanted if w != controls[0]]

@@ -15,6 +15,7 @@ import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize,
                          read_h5ad, select_genes, _name)
+from .gene_symbols import var_of
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 
 
@@ -350,7 +351,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key, obs=adata.obs)
-    record_symbols(spec, adata.raw.var if use_raw else adata.var, gene_symbols,
+    record_symbols(spec, var_of(adata, use_raw), gene_symbols,
                    f"{'raw.var' if use_raw else 'var'} of {_name(adata)}")
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
@@ -368,7 +369,7 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
         if use_raw and adata.raw is None:
             use_raw = False
     matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, spec.target_sum or 1e4)
-    var = adata.raw.var if use_raw else adata.var
+    var = var_of(adata, bool(use_raw))
     x = dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))])
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]

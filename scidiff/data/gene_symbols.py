@@ -101,3 +101,25 @@ def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = 
         candidates.append([g if g in have else index.get(g, g) for g in gene_names])
     found = [sum(n in have for n in c) if len(set(c)) == len(c) else -1 for c in candidates]
     return candidates[int(np.argmax(found))]
+
+
+def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame | None) -> pd.DataFrame:
+    """``raw.var`` with the columns of ``var`` it lacks, for the genes both hold (``.raw`` often
+    keeps only the gene IDs while ``var`` has their symbols); ``""`` for genes only in ``.raw``."""
+    if var is None:
+        return raw_var
+    extra = [c for c in var.columns if c not in raw_var.columns and not pd.api.types.is_numeric_dtype(var[c])]
+    if not extra:
+        return raw_var
+    out = raw_var.copy()
+    index = var.index.astype(str)
+    for c in extra:
+        values = pd.Series(var[c].astype(object).to_numpy(), index=index)
+        out[c] = values.reindex(out.index.astype(str)).fillna("").to_numpy()
+    return out
+
+
+def var_of(adata, use_raw: bool = False) -> pd.DataFrame:
+    """The ``var`` of the matrix read: ``adata.var``, or with ``use_raw`` ``adata.raw.var`` with
+    ``var``'s text columns it lacks (:func:`with_var_columns`)."""
+    return with_var_columns(adata.raw.var, adata.var) if use_raw else adata.var

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from .gene_symbols import symbol_index, symbols_of
+from .gene_symbols import symbol_index, symbols_of, var_of
 from .preprocess import dense, expression_matrix, gene_columns, log_normalize
 
 GENE_PCS = 10                # principal axes of the control cells whose loadings describe a target gene
@@ -400,7 +400,7 @@ def build_feature_tables(adata, spec, singles: dict[str, list[str]], control_mas
         user.append(("--smiles", morgan_fingerprints(smiles)))
     use_raw = bool(spec.source.get("use_raw"))
     input_genes = [str(g) for g in expression_matrix(adata, spec.source.get("layer"), use_raw)[1]]
-    var = adata.raw.var if use_raw else adata.var
+    var = var_of(adata, use_raw)
     column = spec.gene_symbol_column if spec.gene_symbol_column in var.columns else None
     symbols = symbol_index(input_genes, symbols_of(var, column, input_genes)) if column else {}
     tables: dict[str, FeatureTable] = {}

@@ -18,6 +18,7 @@ import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
 from .dataset import _encode_obs, check_controls
+from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file
 from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
@@ -97,15 +98,17 @@ class StreamedCells:
 
 
 def read_var(path: str, use_raw: bool = False) -> pd.DataFrame:
-    """The file's ``var`` (``raw/var`` with ``use_raw``): gene IDs and their columns."""
+    """The file's ``var`` (``raw/var`` with ``use_raw``, with ``var``'s text columns it lacks:
+    :func:`~scidiff.data.gene_symbols.with_var_columns`): gene IDs and their columns."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
     group = "raw/var" if use_raw else "var"
     with naming_file(path), h5py.File(path, "r") as f:
         if group not in f:
             raise KeyError(f"{path!r} has no {group!r} (gene names)")
         var = read_elem(f[group])
+        main = read_elem(f["var"]) if use_raw and "var" in f else None
     var.index = var.index.astype(str)
-    return var
+    return with_var_columns(var, main)
 
 
 def _read_obs(path: str, keys) -> pd.DataFrame:

@@ -32,6 +32,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
+from ..data.perturbation_features import resolve_genes
 from ..data.spec import canonical_label
 from .metrics import _pearson, mmd_rbf
 
@@ -231,9 +233,6 @@ def gene_pca_features(train, labels, n_components: int = 10, seed: int = 0) -> d
     symbol of its ``var``, or case-insensitively), that gene's loadings on the top
     ``n_components`` principal components of ``train``'s cells (:func:`pca_gene_embedding`).
     Labels naming no gene of ``train`` get none."""
-    from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
-    from ..data.perturbation_features import resolve_genes
-
     genes = [str(g) for g in train.var_names]
     column = symbol_column(train.var)
     found = resolve_genes(labels, genes, symbol_index(genes, symbols_of(train.var, column, genes)) if column else {})

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from ..data.gene_symbols import var_of
 from ..data.preprocess import dense, detect_input, expression_matrix, gene_columns
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
@@ -101,7 +102,7 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
             raise ValueError(f"{where} holds log-normalised values; the posterior method needs raw counts "
                              "(pass layer='counts' or use method='sdedit')")
         library = torch.from_numpy(np.asarray(matrix.sum(1)).ravel().astype(np.float32))
-        var = adata.raw.var if use_raw else adata.var
+        var = var_of(adata, bool(use_raw))
         counts = torch.from_numpy(dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))]))
     model.eval()
     device = next(model.parameters()).device
