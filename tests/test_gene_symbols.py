@@ -178,3 +178,17 @@ def test_symbols_kept_in_var_beside_a_raw_that_holds_only_ids(tmp_path):
     adata.write_h5ad(tmp_path / "raw.h5ad")
     streamed = setup_streaming(str(tmp_path / "raw.h5ad"), use_raw=True, hvg_cells=10**9, **SETUP).spec
     assert streamed.gene_symbols == spec.gene_symbols
+
+
+def test_generated_cells_named_by_id_are_scored_against_real_cells_named_by_symbol(tmp_path):
+    from scidiff.tasks.evaluate import evaluate_files
+
+    real = _screen()[:400].copy()
+    generated = _screen()[400:700].copy()
+    by_id = _by_id(generated, "gene_name")
+    same = evaluate_files(real, generated, tmp_path / "a", plots=False)
+    crossed = evaluate_files(real, by_id, tmp_path / "b", plots=False)
+    for key in ("mmd", "energy_distance", "fid", "classifier_auc", "mean_correlation", "gene_correlation"):
+        assert crossed[key] == pytest.approx(same[key])
+    with pytest.raises(KeyError, match=r"1 genes of the generated file are not in the real file: \['G39'\]"):
+        evaluate_files(real[:, GENES[:-1]].copy(), by_id, tmp_path / "c", plots=False)

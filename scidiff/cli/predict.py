@@ -333,7 +333,7 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
     import anndata as ad  # lazy: keeps --help light (anndata)
 
     from ..data import transform_like  # lazy: keeps --help light (torch, anndata)
-    from ..data.gene_symbols import names_in, symbol_column, symbols_of  # lazy: keeps --help light
+    from ..data.gene_symbols import genes_of_in  # lazy: keeps --help light (pandas)
     from ..tasks.evaluate import log_expression_of  # lazy: keeps --help light (torch, anndata)
 
     def lean(a, x, genes):
@@ -359,14 +359,8 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
                 context_key = CONTEXT_COLUMN
         return train, data, context_key
     genes = [str(g) for g in (train if train is not None else data).var_names]
-    in_data = genes
-    if train is not None:  # --data may name the genes the other way (by symbol for IDs, or the reverse)
-        column = symbol_column(train.var)
-        in_data = names_in(data.var_names, genes, symbols_of(train.var, column) if column else (), data.var)
-    known = set(map(str, data.var_names))
-    missing = [g for g in in_data if g not in known]
-    if missing:
-        raise KeyError(f"{len(missing)} genes of --train are not in --data: {missing[:20]}")
+    # --data may name the genes the other way (by symbol for IDs, or the reverse)
+    in_data = genes if train is None else genes_of_in(train, data, "genes of --train are not in --data")
     if train is not None:
         train = lean(train, log_expression_of(train, genes), genes)
     return train, lean(data, log_expression_of(data, in_data), genes), context_key

@@ -123,3 +123,18 @@ def var_of(adata, use_raw: bool = False) -> pd.DataFrame:
     """The ``var`` of the matrix read: ``adata.var``, or with ``use_raw`` ``adata.raw.var`` with
     ``var``'s text columns it lacks (:func:`with_var_columns`)."""
     return with_var_columns(adata.raw.var, adata.var) if use_raw else adata.var
+
+
+def genes_of_in(source, target, what: str) -> list[str]:
+    """The name in ``target`` (an AnnData) of each gene of ``source`` (another): the same name,
+    else through gene symbols either way (:func:`names_in`); ``what`` says, in the error naming
+    the genes found neither way, which genes are missing from where (``"genes of --train are not
+    in --data"``)."""
+    genes = [str(g) for g in source.var_names]
+    column = symbol_column(source.var)
+    found = names_in(target.var_names, genes, symbols_of(source.var, column) if column else (), target.var)
+    known = set(map(str, target.var_names))
+    missing = [g for g in found if g not in known]
+    if missing:
+        raise KeyError(f"{len(missing)} {what}: {missing[:20]}")
+    return found

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.dataset import _log_expression, control_hint
-from ..data.gene_symbols import names_in, readable_names, symbol_column, symbols_of
+from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
 from ..evaluation import evaluate_generation_quality, fit_pca
@@ -36,11 +36,8 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     classifier AUC averaged (:func:`scidiff.evaluation.evaluate_generation_quality`)."""
     real_ad, gen_ad = read_cells(real), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
-    known = set(map(str, real_ad.var_names))
-    missing = [g for g in genes if g not in known]
-    if missing:
-        raise KeyError(f"{len(missing)} genes of the generated file are not in the real file: {missing[:20]}")
-    real_x, gen_x = log_expression_of(real_ad, genes), log_expression_of(gen_ad, genes)
+    in_real = genes_of_in(gen_ad, real_ad, "genes of the generated file are not in the real file")
+    real_x, gen_x = log_expression_of(real_ad, in_real), log_expression_of(gen_ad, genes)
     labels = {}
     if groupby:
         for name, a in (("real", real_ad), ("generated", gen_ad)):
@@ -226,12 +223,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
                          f"file's labels include {sorted(real_labels)[:10]}{hint}")
     genes = [str(g) for g in pred_ad.var_names]
-    column = symbol_column(pred_ad.var)  # a prediction by ID scored on a real file by symbol, or the reverse
-    in_real = names_in(real_ad.var_names, genes, symbols_of(pred_ad.var, column) if column else (), real_ad.var)
-    known = set(map(str, real_ad.var_names))
-    missing = [g for g in in_real if g not in known]
-    if missing:
-        raise KeyError(f"{len(missing)} genes of the prediction are not in the real file: {missing[:20]}")
+    in_real = genes_of_in(pred_ad, real_ad, "genes of the prediction are not in the real file")
     labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
     real_c = _cells(real_ad, log_expression_of(real_ad, in_real).astype(np.float64), perturbation_key, context_key,
                     "real file", **labelled)
