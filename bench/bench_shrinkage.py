@@ -14,7 +14,13 @@ the shrunk change rescaled to the unbiased estimate of the true change's norm
 (``sqrt(max(0, |d|^2 - sum s^2))``), and a whole-knockout selection (the raw change where the
 knockout's chi-square test of no change, ``sum z^2`` on G degrees of freedom, gives p < 0.01; no
 change elsewhere), which tells whether PDS is lost on the knockouts without an effect or by
-shrinking genes within those with one. The standard errors' calibration is the mean
+shrinking genes within those with one; adaptive shrinkage with one prior over the whole screen
+(every knockout and gene) and with one prior per gene (over the knockouts), which let strong
+knockouts teach the prior of weak ones; the shrunk change plus the raw residual's top 8 singular
+directions (whitened), for a weak effect shared by knockouts; and the replicates' composition
+alone (each knockout's mix of replicates applied to the replicates' control means), for whether
+the raw change's PDS comes from the knockouts' cells sitting in other replicates than the
+controls'. The standard errors' calibration is the mean
 of ``(d_A - d_B)^2 / (s_A^2 + s_B^2)`` (1 when they are right). The test third is never read.
 
     python bench/bench_shrinkage.py
@@ -54,6 +60,7 @@ def main(argv=None):
     rows = cells.covariates["perturbation"][:, :-1].double().numpy()
     no_context = np.zeros((len(x), 0), dtype=np.int64)
     vocab, genes = cells.spec.categorical["perturbation"], list(cells.spec.gene_names)
+    reps = fold.train.obs["bio_rep"].astype(str).to_numpy()
     def james_stein(d, s2):
         z2 = (d**2 / s2).sum(1, keepdims=True)
         return d * np.clip(1 - (d.shape[1] - 2) / z2, 0, 1)
@@ -69,11 +76,20 @@ def main(argv=None):
 
         return d * (chi2.sf((d**2 / s2).sum(1), d.shape[1]) < 0.01)[:, None]
 
+    def residual_axes(d, s2, k=8):
+        shrunk = adaptive_shrinkage(d, s2)
+        u, s, vt = np.linalg.svd((d - shrunk) / np.sqrt(s2), full_matrices=False)
+        return shrunk + ((u[:, :k] * s[:k]) @ vt[:k]) * np.sqrt(s2)
+
     estimators = {"mean_shift": lambda d, s2: d, "no_change": lambda d, s2: np.zeros_like(d),
                   "adaptive_shrinkage": adaptive_shrinkage, "james_stein": james_stein,
                   "midpoint": lambda d, s2: 0.5 * (d + adaptive_shrinkage(d, s2)),
                   "shrinkage_in_control_axes": None, "shrinkage_rescaled_to_norm": rescaled,
-                  "significant_knockouts_whole": selected}
+                  "significant_knockouts_whole": selected,
+                  "shrinkage_one_prior_for_the_screen":
+                      lambda d, s2: adaptive_shrinkage(d.reshape(1, -1), s2.reshape(1, -1)).reshape(d.shape),
+                  "shrinkage_one_prior_per_gene": lambda d, s2: adaptive_shrinkage(d.T.copy(), s2.T.copy()).T,
+                  "shrinkage_plus_residual_top8": residual_axes, "replicate_composition_only": None}
     scores = {k: {"rmse": [], "mae": [], "pds_l1": []} for k in estimators}
     calibration = []
     for rep in range(args.repeats):
@@ -88,8 +104,12 @@ def main(argv=None):
         control = x[half][rows[half].sum(1) == 0]
         axes = np.linalg.svd(control - control.mean(0), full_matrices=False)[2].T  # [G, G] orthonormal
         _, _, d_rot, _, s2_rot = group_changes(x[half] @ axes, rows[half], no_context[half])
+        composition = _composition(x[half], rows[half], reps[half], design_a)
         for name, estimate in estimators.items():
-            pred = adaptive_shrinkage(d_rot, s2_rot) @ axes.T if estimate is None else estimate(d_a, s2_a)
+            if name == "replicate_composition_only":
+                pred = composition
+            else:
+                pred = adaptive_shrinkage(d_rot, s2_rot) @ axes.T if estimate is None else estimate(d_a, s2_a)
             scores[name]["rmse"].append(float(np.sqrt(((pred - d_b) ** 2).mean(1)).mean()))
             scores[name]["mae"].append(float(np.abs(pred - d_b).mean()))
             scores[name]["pds_l1"].append(float(discrimination_score(pred, d_b, "l1", exclude=exclude).mean()))
@@ -104,6 +124,23 @@ def main(argv=None):
     for k, s in summary.items():
         print(f"| {k} | {s['rmse']:.4f} | {s['mae']:.4f} | {s['pds_l1']:.3f} |")
     print(f"-> {args.out}")
+
+
+def _composition(x, rows, reps, design):
+    """Per knockout (the rows of ``design``, group_changes' order), its cells' mix of replicates
+    applied to the replicates' control means, minus the controls' mean."""
+    import numpy as np
+
+    control = rows.sum(1) == 0
+    names = sorted(set(reps))
+    means = {r: x[control & (reps == r)].mean(0) for r in names}
+    base = x[control].mean(0)
+    out = []
+    for row in design:
+        cells = rows[:, int(np.flatnonzero(row)[0])] > 0
+        share = {r: float(np.mean(reps[cells] == r)) for r in names}
+        out.append(sum(share[r] * means[r] for r in names) - base)
+    return np.stack(out)
 
 
 if __name__ == "__main__":
