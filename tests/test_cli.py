@@ -305,3 +305,25 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         write_h5ad(ad.AnnData(X=np.zeros((5, 2), np.float32)), path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["out.h5ad"]
+
+
+def test_labels_with_commas_are_named_on_the_command_line(tmp_path, kang_small):
+    """Cell Ontology labels hold commas (CELLxGENE's ``CD4-positive, alpha-beta T cell``): a comma
+    starts a new ``key=value`` only where an ``=`` follows."""
+    from scidiff.cli.common import parse_conditions
+
+    assert parse_conditions("cell_type=CD4-positive, alpha-beta T cell,condition=stimulated") == {
+        "cell_type": "CD4-positive, alpha-beta T cell", "condition": "stimulated"}
+    assert parse_conditions("drug=A+B, dose=10") == {"drug": "A+B", "dose": "10"}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_conditions("B cell,condition=stimulated")
+    a = kang_small.copy()
+    a.obs["cell_type"] = a.obs["cell_type"].astype(str).replace({"CD4T": "CD4-positive, alpha-beta T cell"})
+    a.write_h5ad(tmp_path / "cl.h5ad")
+    (tmp_path / "small.yaml").write_text(SMALL_CONFIG)
+    assert main(["train", "--data", str(tmp_path / "cl.h5ad"), "--condition-keys", "cell_type,condition", "--out",
+                 str(tmp_path / "run"), "--config", str(tmp_path / "small.yaml"), "--epochs", "1"]) == 0
+    assert main(["sample", "--model", str(tmp_path / "run"), "-n", "5", "--steps", "3", "--condition",
+                 "cell_type=CD4-positive, alpha-beta T cell,condition=stimulated", "--out",
+                 str(tmp_path / "g.h5ad")]) == 0
+    assert set(ad.read_h5ad(tmp_path / "g.h5ad").obs["cell_type"]) == {"CD4-positive, alpha-beta T cell"}

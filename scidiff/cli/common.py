@@ -99,9 +99,17 @@ def check_out(path, folder: bool = False) -> str:
 
 
 def parse_conditions(text: str | None) -> dict[str, str]:
-    """``"cell_type=B,condition=stimulated"`` -> ``{"cell_type": "B", "condition": "stimulated"}``."""
+    """``"cell_type=B,condition=stimulated"`` -> ``{"cell_type": "B", "condition": "stimulated"}``.
+    A comma starts a new ``key=value`` only where an ``=`` follows before the next comma, so a
+    label may hold commas (Cell Ontology's ``CD8-positive, alpha-beta T cell``)."""
+    pieces: list[str] = []
+    for piece in (text or "").split(","):
+        if pieces and "=" not in piece:
+            pieces[-1] += "," + piece
+        else:
+            pieces.append(piece)
     out = {}
-    for part in (text or "").split(","):
+    for part in pieces:
         part = part.strip()
         if not part:
             continue
