@@ -160,6 +160,10 @@ def test_cells_named_the_other_way_are_read_into_the_model_genes(tmp_path):
         np.testing.assert_array_equal(got.numpy(), ref.numpy())
         streamed = stream_like(spec, str(tmp_path / f"{other}.h5ad"))
         np.testing.assert_allclose(streamed.read_x(np.arange(50)).numpy(), ref[:50].numpy(), rtol=0, atol=1e-5)
+    versioned = by_id.copy()  # GENCODE's IDs carry a version: matched to the model's unversioned ones
+    versioned.var_names = [f"{g}.{i % 7 + 1}" for i, g in enumerate(IDS)]
+    np.testing.assert_array_equal(transform_like(id_spec, versioned).x.numpy(),
+                                  transform_like(id_spec, by_id).x.numpy())
     partial = by_symbol[:, GENES[:-1]].copy()  # one gene short: named as the file names genes
     with pytest.raises(KeyError, match=r"1 of the model's genes are not in the data: \['G39'\]"):
         transform_like(id_spec, partial)

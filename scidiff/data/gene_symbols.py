@@ -6,13 +6,18 @@ CELLxGENE files (``var['feature_name']``), Cell Ranger's read with ``var_names='
 while perturbation labels (``STAT1``), design targets and regulatory networks name genes by
 symbol. :func:`symbol_column` finds that column (scanpy's ``gene_symbols=`` argument, by name,
 or among the usual names), and a name resolves to a gene by its ID first, else by a symbol that
-exactly one gene carries (:func:`symbol_index`, :func:`resolve_gene`).
+exactly one gene carries (:func:`symbol_index`, :func:`resolve_gene`). Two files whose genes are
+named unalike (by ID and by symbol, or by ID with and without GENCODE's version suffix) are
+matched gene for gene by :func:`names_in`.
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 
+_VERSIONED = re.compile(r"(ENS[A-Z]*G\d{11})\.\d+")
 KNOWN_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names", "symbol",
                  "gene_short_name")
 
@@ -85,9 +90,10 @@ def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = 
     """The name in ``var_names`` (another file's genes) of each of a model's ``gene_names``: the
     model's own names, else the model's ``gene_symbols`` (a model trained on a file indexed by ID,
     cells read by scanpy's ``read_10x_h5``, indexed by symbol), else the model's names looked up
-    in the file's own symbols column of ``var`` (a model indexed by symbol, cells indexed by ID):
-    whichever finds the most genes, the model's own names on a tie (a caller's error then names the
-    genes still missing, as that file would name them)."""
+    in the file's own symbols column of ``var`` (a model indexed by symbol, cells indexed by ID),
+    else the IDs without their version (``ENSG00000115415.19`` as GENCODE writes it, for
+    ``ENSG00000115415``): whichever finds the most genes, the model's own names on a tie (a
+    caller's error then names the genes still missing, as that file would name them)."""
     gene_names = [str(g) for g in gene_names]
     names = [str(v) for v in var_names]
     have = set(names)
@@ -99,8 +105,17 @@ def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = 
     if column is not None:
         index = symbol_index(names, symbols_of(var, column, names))
         candidates.append([g if g in have else index.get(g, g) for g in gene_names])
+    unversioned = symbol_index(names, [_unversioned(n) for n in names])
+    candidates.append([g if g in have else unversioned.get(_unversioned(g), g) for g in gene_names])
     found = [sum(n in have for n in c) if len(set(c)) == len(c) else -1 for c in candidates]
     return candidates[int(np.argmax(found))]
+
+
+def _unversioned(gene_id: str) -> str:
+    """An Ensembl gene ID without its version (``ENSG00000115415.19`` -> ``ENSG00000115415``,
+    any species' prefix); other names as they are."""
+    match = _VERSIONED.fullmatch(gene_id)
+    return match.group(1) if match else gene_id
 
 
 def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame | None) -> pd.DataFrame:
