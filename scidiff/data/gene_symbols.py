@@ -81,8 +81,8 @@ def readable_names(var: pd.DataFrame, genes) -> list[str]:
     column = symbol_column(var)
     if column is None:
         return genes
-    index = symbol_index(genes, symbols_of(var, column, genes))
-    by_gene = {g: s for s, g in index.items() if s not in set(genes)}
+    index, ids = symbol_index(genes, symbols_of(var, column, genes)), set(genes)
+    by_gene = {g: s for s, g in index.items() if s not in ids}
     return [by_gene.get(g, g) for g in genes]
 
 

@@ -426,8 +426,9 @@ def build_feature_tables(adata, spec, singles: dict[str, list[str]], control_mas
             labels = list(singles[key]) + [lab for b in tables[key].blocks for lab in b.labels]
             tables[key].target_genes = resolve_genes(labels, input_genes, symbols)
             wanted.update(tables[key].target_genes.values())
-        extra = sorted(wanted - set(model_genes))
-        rest = [g for g in input_genes if g not in set(model_genes) and g not in wanted]
+        in_model = set(model_genes)
+        extra = sorted(wanted - in_model)
+        rest = [g for g in input_genes if g not in in_model and g not in wanted]
         if (len(model_genes) + len(extra) + len(rest)) * len(model_genes) <= GENE_TABLE_BUDGET:
             extra = sorted((wanted | set(rest)) - set(model_genes))  # every measured gene is a possible target
         candidates = model_genes + extra
