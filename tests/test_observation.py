@@ -284,3 +284,21 @@ def test_detection_fit_subsamples_large_data(kang_small, monkeypatch):
     model.fit_detection(data.x, max_cells=120)
     model.fit_detection(data.x)  # 300 cells: all of them
     assert rows == [120, len(data)]
+
+
+def test_the_tables_are_sized_to_the_training_cells_and_load_at_their_size(tmp_path):
+    """About 100 training cells a bin, 4 to 16 bins (pbmc68k_reduced's 560 cells: 6; Kang's
+    1,580: 16); a model fitted on few cells saves and loads its smaller tables, measuring alike."""
+    assert [DetectionModel.bins_for(n) for n in (50, 560, 1580, 20_000)] == [4, 6, 16, 16]
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.randn(560, 3, generator=gen)
+    det = DetectionModel(3).fit(smooth, hurdle(smooth, gen))
+    assert det.bins == 6 and det.edges.shape == (3, 7) and det.levels.shape == (3, 6, 32)
+    fresh = DetectionModel(3)
+    fresh.load_state_dict(det.state_dict())
+    assert fresh.bins == 6 and bool(fresh.fitted)
+    u = torch.rand(2, 50, 3, generator=gen)
+    x = torch.randn(50, 3, generator=gen)
+    assert torch.equal(fresh.measure(x, u[0], u[1]), det.measure(x, u[0], u[1]))
+    many = torch.randn(4_000, 3, generator=gen)
+    assert DetectionModel(3).fit(many, hurdle(many, gen)).bins == 16

@@ -8,7 +8,9 @@ hurdle model (a detection probability and a distribution of detected levels) est
 training cells, where both the smooth expression (the cell's own projection) and the
 measurement are known:
 
-- the smooth values of each gene are cut into ``bins`` quantile bins;
+- the smooth values of each gene are cut into quantile bins, about ``CELLS_PER_BIN`` (100)
+  training cells each, 4 to ``bins`` (16) of them: a bin's detection rate and detected levels
+  are read from enough cells (pbmc68k_reduced's 560 training cells: 6 bins; Kang's 1,580: 16);
 - in each bin, the fraction of cells in which the gene is detected (non-zero), and the
   ``quantiles`` quantiles of its detected levels.
 
@@ -30,21 +32,41 @@ try:  # the compiled measurement (csrc/measure.cpp); absent when the package was
 except ImportError:  # pragma: no cover - exercised by installs without a compiler
     _native = None
 
+CELLS_PER_BIN = 100  # training cells a bin of smooth values is read from, about
+MIN_BINS = 4
+
 
 class DetectionModel(nn.Module):
     """Per-gene detection probability and detected-level quantiles, binned on smooth expression.
 
     Buffers: ``edges [G, bins + 1]`` (bin edges of the smooth values), ``detection [G, bins]``
-    and ``levels [G, bins, quantiles]``; ``fitted`` says whether :meth:`fit` has run.
+    and ``levels [G, bins, quantiles]``; ``fitted`` says whether :meth:`fit` has run. ``bins``
+    is the most bins :meth:`fit` uses (it sizes the tables to the cells it is given).
     """
 
     def __init__(self, n_genes: int, bins: int = 16, quantiles: int = 32):
         super().__init__()
-        self.bins, self.quantiles = int(bins), int(quantiles)
-        self.register_buffer("edges", torch.zeros(n_genes, self.bins + 1))
-        self.register_buffer("detection", torch.zeros(n_genes, self.bins))
-        self.register_buffer("levels", torch.zeros(n_genes, self.bins, self.quantiles))
+        self.max_bins, self.quantiles = int(bins), int(quantiles)
+        self._size(n_genes, self.max_bins, torch.device("cpu"))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+
+    def _size(self, n_genes: int, bins: int, device) -> None:
+        """(Re)allocate the tables for ``bins`` bins."""
+        self.bins = int(bins)
+        self.register_buffer("edges", torch.zeros(n_genes, self.bins + 1, device=device))
+        self.register_buffer("detection", torch.zeros(n_genes, self.bins, device=device))
+        self.register_buffer("levels", torch.zeros(n_genes, self.bins, self.quantiles, device=device))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "detection")
+        if saved is not None and saved.ndim == 2 and saved.shape[1] != self.bins:  # fitted on fewer cells
+            self._size(self.edges.shape[0], saved.shape[1], self.edges.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def bins_for(n_cells: int, most: int = 16) -> int:
+        """Bins for ``n_cells`` training cells: about ``CELLS_PER_BIN`` each, ``MIN_BINS`` to ``most``."""
+        return int(min(most, max(MIN_BINS, round(n_cells / CELLS_PER_BIN))))
 
     def _bin(self, smooth: torch.Tensor) -> torch.Tensor:
         """Bin index ``[G, N]`` of each value of ``smooth [N, G]`` (values outside the training
@@ -62,8 +84,9 @@ class DetectionModel(nn.Module):
         dev = self.edges.device
         smooth, measured = smooth.float().to(dev), measured.float().to(dev)
         n, g = smooth.shape
-        if n < self.bins:
-            raise ValueError(f"the detection model needs at least {self.bins} cells, got {n}")
+        if n < self.max_bins:
+            raise ValueError(f"the detection model needs at least {self.max_bins} cells, got {n}")
+        self._size(g, self.bins_for(n, self.max_bins), dev)
         # quantile bin edges per gene (from the sorted column: no size limit, unlike torch.quantile)
         ranks = torch.linspace(0, n - 1, self.bins + 1, device=dev).round().long()
         self.edges.copy_(smooth.sort(0).values[ranks].T)
