@@ -27,6 +27,8 @@ def test_the_symbols_column_is_found_named_or_refused_by_name():
     assert symbol_column(var) == "gene_name"  # auto: a known name holding text unlike the index
     assert symbol_column(var, None) is None and symbol_column(var, "none") is None
     assert symbol_column(pd.DataFrame({"gene_name": ["A", "B"]}, index=["A", "B"])) is None  # index already symbols
+    made_unique = pd.DataFrame({"gene_name": ["A", "B", "B", "C"]}, index=["A", "B", "B-1", "C"])
+    assert symbol_column(made_unique) is None  # symbols as var_names, one made unique: not symbols beside IDs
     assert symbol_column(pd.DataFrame({"gene_symbols": [1, 2]}, index=["ENSG1", "ENSG2"])) is None  # not text
     with pytest.raises(KeyError, match=r"'symbol_col' is not in var of x\.h5ad.*'n_cells', 'gene_name'"):
         symbol_column(var, "symbol_col", "var of x.h5ad")

@@ -25,7 +25,8 @@ KNOWN_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "ge
 def symbol_column(var: pd.DataFrame, requested: str | None = "auto", where: str = "var") -> str | None:
     """The ``var`` column holding gene symbols. ``requested``: a column name (an error naming
     ``where`` and its columns when absent), ``"auto"`` (the first of :data:`KNOWN_COLUMNS` that
-    holds text differing from the index for some gene; ``None`` when none does) or ``None`` /
+    holds text differing from the index for at least half the genes: symbols beside IDs, not the
+    same symbols before ``var_names_make_unique``; ``None`` when none does) or ``None`` /
     ``"none"`` (no symbols)."""
     if requested is None or str(requested).lower() == "none":
         return None
@@ -39,7 +40,7 @@ def symbol_column(var: pd.DataFrame, requested: str | None = "auto", where: str 
         if column not in var.columns or pd.api.types.is_numeric_dtype(var[column]) \
                 or pd.api.types.is_bool_dtype(var[column]):
             continue
-        if np.any(var[column].astype(str).to_numpy() != index.to_numpy()):
+        if np.mean(var[column].astype(str).to_numpy() != index.to_numpy()) >= 0.5:
             return column
     return None
 
