@@ -281,6 +281,7 @@ def _baselines(args, model, texts):
     if time_key is not None and train is not None and time_key not in train.obs.columns:
         raise KeyError(f"--time-key {time_key!r} is not an obs column of --train {args.train!r}; available obs "
                        f"keys: {list(train.obs.columns)}")
+    separator = args.separator or (spec.separator if spec is not None else "+")
     features = None
     if args.linear_features is not None and args.method != "linear":
         raise ValueError(f"--linear-features applies to --method linear, not --method {args.method}")
@@ -288,15 +289,15 @@ def _baselines(args, model, texts):
         if time_key is not None:
             raise ValueError("--linear-features gene-pca describes gene targets; with a time (--time-key "
                              f"{time_key!r}) --method linear interpolates in time")
-        features = _gene_pca(train, targets, pert_key, controls, args.separator or (spec.separator if spec else "+"))
+        features = _gene_pca(train, targets, pert_key, controls, separator)
     columns = None
     if spec is not None and pert_key in spec.perturbation_columns:
         columns = {pert_key: spec.perturbation_columns[pert_key]}
     # target by target into the file; the context joined from several covariates is not written
     return baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
                            control_labels=controls, time_key=time_key, columns=columns, out=args.out,
-                           separator=args.separator or (spec.separator if spec is not None else "+"),
-                           exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN], features=features)
+                           separator=separator, exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN],
+                           features=features)
 
 
 def _gene_pca(train, targets, pert_key, controls, separator) -> dict:

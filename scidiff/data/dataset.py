@@ -290,10 +290,15 @@ def _not_numeric(obs: pd.DataFrame, key: str, vals: np.ndarray, source: str) -> 
     bad = ~np.isfinite(vals)
     shown = list(dict.fromkeys(str(v) for v in obs[key].to_numpy()[bad]))[:5]
     text = obs[key].astype(str)
+
+    def same_groups(c) -> bool:
+        pairs = pd.DataFrame({"a": text, "b": obs[c]})
+        return bool((pairs.groupby("a", observed=True)["b"].nunique() == 1).all()
+                    and (pairs.groupby("b", observed=True)["a"].nunique() == 1).all())
+
     same = [c for c in obs.columns if c != key and pd.api.types.is_numeric_dtype(obs[c])
             and not pd.api.types.is_bool_dtype(obs[c]) and np.isfinite(obs[c].to_numpy(np.float64)).all()
-            and (pd.DataFrame({"a": text, "b": obs[c]}).groupby("a", observed=True)["b"].nunique() == 1).all()
-            and (pd.DataFrame({"a": text, "b": obs[c]}).groupby("b", observed=True)["a"].nunique() == 1).all()]
+            and same_groups(c)]
     hint = (f"; obs[{same[0]!r}] holds the same groups as numbers: pass {same[0]!r} instead" if same
             else "; write its values as numbers (e.g. days or hours, a dose in one unit)")
     return ValueError(f"obs[{key!r}] of {source} must be numeric and finite: {int(bad.sum())} cells hold "

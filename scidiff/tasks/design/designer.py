@@ -183,8 +183,7 @@ class InverseDesigner:
         """Validate ``target`` against the model's genes and every objective."""
         if not isinstance(target, PhenotypeTarget):
             raise TypeError(f"target must be a PhenotypeTarget, got {type(target).__name__}")
-        spec = self.model.data_spec
-        target.use_gene_ids(spec.model_gene).check(self.gene_names + [s for s in spec.gene_symbols if s])
+        target.check_in(self.model.data_spec)
         active = []
         for obj in self.objectives:
             if isinstance(obj, ObjectiveFunction):

@@ -125,7 +125,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     elif cell_type is not None:
         target.cell_type = cell_type
     if target.constraints:  # fail on a bad gene before any work
-        target.use_gene_ids(spec.model_gene).check(list(spec.gene_names) + [s for s in spec.gene_symbols if s])
+        target.check_in(spec)
     if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
         tf_network = read_tf_network(tf_network)
     if tf_network is not None:

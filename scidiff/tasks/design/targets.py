@@ -181,6 +181,11 @@ class PhenotypeTarget:
             self.tolerance = renamed(self.tolerance)
         return self
 
+    def check_in(self, spec) -> "PhenotypeTarget":
+        """:meth:`check` against a model's genes (its :class:`~scidiff.data.DataSpec`), each gene
+        named by ID or by symbol and renamed to the ID (:meth:`use_gene_ids`)."""
+        return self.use_gene_ids(spec.model_gene).check(list(spec.gene_names) + [s for s in spec.gene_symbols if s])
+
     # -- validation --------------------------------------------------------------------------------
     def check(self, gene_names=None) -> "PhenotypeTarget":
         """Raise on an empty target, contradictory targets for one gene (e.g. the same gene up and
