@@ -441,3 +441,21 @@ def test_a_crash_hang_or_runaway_allocation_of_the_probe_is_a_clean_error(child,
         read_h5ad(path)
     monkeypatch.undo()
     assert read_h5ad(path).shape == (5, 5)  # the real probe passes the file
+
+
+def test_a_condition_that_teaches_little_is_warned_about(kang_small):
+    import warnings
+
+    cells = kang_small.copy()
+    cells.obs["batch"] = "b1"
+    with pytest.warns(UserWarning, match=r"obs\['batch'\] of the AnnData has one value \('b1'\) for every cell"):
+        setup_anndata(cells, n_top_genes=20, condition_keys=["batch"])
+    labels = cells.obs["cell_type"].astype(str).to_numpy().copy()
+    labels[:3], labels[3] = "Rare", "Rarer"
+    cells.obs["cell_type"] = labels
+    with pytest.warns(UserWarning, match=r"2 value\(s\) with fewer than 10 cells \('Rarer' \(1 cell\), "
+                                         r"'Rare' \(3 cells\)\)"):
+        setup_anndata(cells, n_top_genes=20, condition_keys=["cell_type"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Kang's 300 cells: every type has 14 or more
+        setup_anndata(kang_small, n_top_genes=20, condition_keys=["cell_type", "condition"])

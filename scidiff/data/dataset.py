@@ -17,6 +17,7 @@ from .preprocess import (dense, detect_input, expression_matrix, gene_columns, l
                          read_h5ad, select_genes, _name)
 from .gene_symbols import var_of
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
+from .validate import check_labelled
 
 
 @dataclass
@@ -163,6 +164,28 @@ def check_controls(key: str, labels, counts, control_labels, separator: str, sou
     _separator_hint(key, labels, controls, separator, source)
 
 
+FEW_CELLS = 10  # a condition with fewer training cells than this is learnt from too few examples
+
+
+def _thin_labels(key: str, labels: np.ndarray, source: str) -> None:
+    """Warn where a condition key cannot teach the model much: one value for every cell (it
+    conditions on nothing), or values carried by fewer than ``FEW_CELLS`` cells (their generated
+    cells rest on that few examples)."""
+    import warnings  # lazy: only on the warning's path
+
+    values, counts = np.unique(labels, return_counts=True)
+    if len(values) == 1:
+        warnings.warn(f"obs[{key!r}] of {source} has one value ({str(values[0])!r}) for every cell: conditioning on "
+                      f"it changes nothing; leave it out of the condition keys", stacklevel=4)
+        return
+    few = np.argsort(counts, kind="stable")[: int((counts < FEW_CELLS).sum())]
+    if len(few):
+        shown = ", ".join(f"{str(values[i])!r} ({int(counts[i])} cell{'s' if counts[i] > 1 else ''})" for i in few[:5])
+        warnings.warn(f"obs[{key!r}] of {source}: {len(few)} value(s) with fewer than {FEW_CELLS} cells ({shown}"
+                      f"{' ...' if len(few) > 5 else ''}); cells generated under them rest on that few examples",
+                      stacklevel=4)
+
+
 OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
 
 
@@ -241,8 +264,7 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
     codes, vocabs = {}, {}
     for key in categorical_keys:
         col = adata.obs[key]
-        if col.isna().any():
-            raise ValueError(f"obs[{key!r}] of {_name(adata)} has {int(col.isna().sum())} missing values")
+        check_labelled(col, key, _name(adata))
         labels = col.astype(str).to_numpy()
         if key in perturbation_keys and vocab is None and check_control:
             check_controls(key, *np.unique(labels, return_counts=True), control_labels, separator, _name(adata))
@@ -270,6 +292,7 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
             vocabs[key] = list(vocab[key])
         else:
             _perturbation_hint(key, set(labels), controls, separator, _name(adata))
+            _thin_labels(key, labels, _name(adata))
             cats = (list(col.cat.categories.astype(str)) if isinstance(col.dtype, pd.CategoricalDtype)
                     else sorted(set(labels)))
             vocabs[key] = [c for c in cats if c in set(labels)]

@@ -24,6 +24,7 @@ from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
+from .validate import check_labelled
 
 
 @dataclass
@@ -150,8 +151,7 @@ def _encode_covariates(reader, keys, continuous, vocab=None, perturbation_keys=(
     codes = {k: v.numpy() for k, v in codes.items()}
     for key in pert:
         col = obs[key]
-        if col.isna().any():
-            raise ValueError(f"obs[{key!r}] of {reader.path!r} has {int(col.isna().sum())} missing values")
+        check_labelled(col, key, repr(reader.path))
         labels, inverse = np.unique(col.astype(str).to_numpy(), return_inverse=True)
         if vocab is None:  # training: the control cells must be there
             check_controls(key, labels, np.bincount(inverse, minlength=len(labels)), control_labels, separator,

@@ -121,3 +121,17 @@ def check_unique_genes(var_names, where: str) -> None:
     raise ValueError(f"{where} has {len(dup)} duplicated gene name(s): {shown}"
                      + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
                      + "; make them unique first, e.g. `adata.var_names_make_unique()` before writing the file")
+
+
+def check_labelled(col, key: str, where: str) -> None:
+    """Every cell has a label in ``obs[key]``; otherwise the error names how many cells miss one,
+    the first few, and the two ways out (cells without a label cannot be conditioned on)."""
+    missing = np.asarray(col.isna())
+    if not missing.any():
+        return
+    cells = [str(c) for c in col.index[missing][:3]]
+    more = f" and {int(missing.sum()) - 3} more" if missing.sum() > 3 else ""
+    raise ValueError(f"obs[{key!r}] of {where} has {int(missing.sum())} missing values (cells {cells}{more}): "
+                     f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`) or give them a label "
+                     f"of their own (`adata.obs[{key!r}] = adata.obs[{key!r}].cat.add_categories('unknown')"
+                     f".fillna('unknown')`)")

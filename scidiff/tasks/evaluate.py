@@ -15,6 +15,7 @@ from ..data.dataset import _log_expression, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
 from ..data.preprocess import dense, gene_columns
+from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
 from ..evaluation.perturbation import (control_labels_of, discrimination_score, perturbation_labels,
@@ -71,8 +72,7 @@ def _column(a: ad.AnnData, key: str, what: str) -> np.ndarray:
     if key not in a.obs.columns:
         raise KeyError(f"obs key {key!r} is not in the {what}; available obs keys: {list(a.obs.columns)}")
     col = a.obs[key]
-    if col.isna().any():
-        raise ValueError(f"obs[{key!r}] of the {what} has {int(col.isna().sum())} missing values")
+    check_labelled(col, key, f"the {what}")
     return col.astype(str).str.strip().to_numpy()
 
 

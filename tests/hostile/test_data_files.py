@@ -109,6 +109,13 @@ def _with_raw(a: ad.AnnData) -> None:
     a.raw = a.copy()
 
 
+def _unlabelled(a: ad.AnnData) -> None:
+    """Ten cells without a cell type (a file whose annotation left some cells out)."""
+    labels = a.obs["cell_type"].astype(object)
+    labels.iloc[:10] = np.nan
+    a.obs["cell_type"] = labels.astype("category")
+
+
 def _csc(a: ad.AnnData) -> None:
     a.X = sp.csc_matrix(a.X)
 
@@ -129,6 +136,7 @@ def files(tmp_path_factory, kang_file):
         "all_zero": rewritten(kang_file, root, "all_zero.h5ad", _all_zero),
         "tpm": rewritten(kang_file, root, "tpm.h5ad", _tpm),
         "csc": rewritten(kang_file, root, "csc.h5ad", _csc),
+        "unlabelled": rewritten(kang_file, root, "unlabelled.h5ad", _unlabelled),
     }
     raw = rewritten(kang_file, root, "with_raw.h5ad", _with_raw)
     out["raw_out_of_range"] = broken(raw, root, "raw_out_of_range.h5ad", lambda f: out_of_range(f, "raw/X"))
@@ -203,6 +211,8 @@ CASES = [  # file, extra train flags, what the message must name
     ("nan", [], ["X of", "1 NaN or infinite"]),
     ("negative", [], ["X of", "negative values", "--use-raw"]),
     ("csc", ["--streaming"], ["X of", "CSC", "csr_matrix"]),
+    ("unlabelled", [], ["obs['cell_type']", "10 missing values", "and 7 more", ".notna()", ".fillna('unknown')"]),
+    ("unlabelled", ["--streaming"], ["obs['cell_type']", "10 missing values", "and 7 more", ".notna()"]),
     ("truncated", [], ["could not read"]),
     ("truncated", ["--streaming"], ["truncated"]),
     ("empty", [], ["could not read"]),
