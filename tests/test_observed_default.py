@@ -73,9 +73,10 @@ def test_models_that_cannot_measure_give_smooth_cells_and_say_so(fitted, kang_sm
     gene_space = ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1, num_timesteps=50)
     for m in (unfitted, gene_space):
         assert not m.resolve_observed()
-        out = scidiff.generate(m, 10, steps=3, seed=1, progress=False)
+        cond = {"cell_type": "NK"} if m.data_spec.categorical else {}  # one group, drawn as model.sample draws it
+        out = scidiff.generate(m, 10, cond, steps=3, seed=1, progress=False)
         assert out.uns["scidiff"]["observed"] is False and out.uns["scidiff"]["expression"] == SMOOTH
-        np.testing.assert_array_equal(out.X, m.sample(10, steps=3, seed=1, observed=False).numpy())
+        np.testing.assert_array_equal(out.X, m.sample(10, cond, steps=3, seed=1, observed=False).numpy())
 
 
 def test_generate_records_what_it_returned(fitted):

@@ -12,7 +12,10 @@ def add(sub):
                                    "and the conditions in obs. Cells are measured (sparse) where the model has a "
                                    "detection model, else smooth; uns['scidiff'] says which.")
     p.add_argument("--model", required=True, help="run folder or model.pt")
-    p.add_argument("-n", type=positive_int, required=True, help="cells per condition")
+    p.add_argument("-n", type=positive_int, required=True,
+                   help="cells per condition. Covariates a condition leaves out (all of them without --condition) "
+                        "are drawn like the training data: its groups (e.g. cell type x condition) that carry the "
+                        "condition, in their proportions, labelled in obs")
     p.add_argument("--condition", action="append", default=None,
                    help="key=value[,key=value]; repeat the flag for several groups")
     p.add_argument("--config", default=None,
@@ -108,4 +111,13 @@ def run(args):
     observed = model.resolve_observed(_observed(args))
     cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=observed,
                                     engine=args.engine, **settings)
-    print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed)})")
+    note = _mixture_note(model, args.n, groups)
+    print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed)}{note})")
+
+
+def _mixture_note(model, n: int, groups: list) -> str:
+    """Where conditions left covariates out, how many training groups their cells were drawn from."""
+    from ..tasks.generate import plan_groups  # lazy: keeps --help light (torch, anndata)
+
+    plan = plan_groups(model, n, groups)
+    return f"; drawn from {len(plan)} training groups in their proportions" if len(plan) > len(groups) else ""

@@ -74,6 +74,7 @@ class DataSpec:
     continuous_knots: dict[str, list[float]] = field(default_factory=dict)
     gene_symbol_column: str | None = None
     gene_symbols: list[str] = field(default_factory=list)
+    training_groups: dict = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -264,6 +265,63 @@ class DataSpec:
                 out[key][label] = out[key].get(label, 0) + int(c)
         return out
 
+    def _values_of(self, key: str, t) -> tuple[list, np.ndarray]:
+        """One covariate of ``codes`` as its distinct values (labels; numbers for a continuous
+        covariate) and each cell's index into them."""
+        if hasattr(t, "table"):  # distinct rows + each cell's row number
+            return [self.perturbation_label(key, row) for row in np.asarray(t.table)], np.asarray(t.index)
+        t = t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        if key in self.perturbation_keys:
+            (rows,), inverse, _ = unique_rows(t)
+            return [self.perturbation_label(key, row) for row in rows], inverse
+        if key in self.categorical:
+            return list(self.categorical[key]), t.astype(np.int64)
+        values, inverse = np.unique(t, return_inverse=True)
+        return [float(v) for v in values], inverse
+
+    def count_groups(self, codes: dict) -> dict:
+        """The training cells' distinct combinations of covariate values and how many cells
+        carry each: ``{"keys": [...], "values": [[value per key], ...], "cells": [...]}``; empty
+        without covariates, or where more than ``MAX_GROUPS`` combinations make each too thin to
+        stand for a group (a covariate with a value per cell)."""
+        keys = [k for k in list(self.categorical) + list(self.continuous) if k in codes]
+        if not keys:
+            return {}
+        names, inverses = zip(*(self._values_of(k, codes[k]) for k in keys))
+        groups, cells = np.unique(np.stack(inverses, axis=1), axis=0, return_counts=True)
+        if len(groups) > MAX_GROUPS:
+            return {}
+        values = [[names[j][i] for j, i in enumerate(row)] for row in groups.tolist()]
+        return {"keys": keys, "values": values, "cells": cells.tolist()}
+
+    def _same_value(self, key: str, a, b) -> bool:
+        if key in self.continuous:
+            return float(a) == float(b)
+        if key in self.perturbation_keys:
+            return (canonical_label(a, self.separator, self.control_labels)
+                    == canonical_label(b, self.separator, self.control_labels))
+        return str(a) == str(b)
+
+    def training_mixture(self, n: int, condition: dict | None = None) -> list[tuple[dict, int]]:
+        """``n`` cells shared out over the training groups (:meth:`count_groups`) that agree
+        with ``condition`` (all of them without one), in their training proportions, largest
+        remainders first: ``[(condition, cells), ...]`` for the groups that get any. Empty where
+        the groups are unknown, ``condition`` names every grouped covariate already, or no
+        training group carries it (an unseen combination, a time between measured ones)."""
+        groups, condition = self.training_groups, dict(condition or {})
+        if not groups or set(groups["keys"]) <= set(condition):
+            return []
+        keys = groups["keys"]
+        rows = [(values, c) for values, c in zip(groups["values"], groups["cells"])
+                if all(self._same_value(k, v, condition[k]) for k, v in zip(keys, values) if k in condition)]
+        if not rows:
+            return []
+        share = n * np.asarray([c for _, c in rows], float) / sum(c for _, c in rows)
+        cells = np.floor(share).astype(int)
+        extra = np.argsort(-(share - cells), kind="stable")[: n - int(cells.sum())]
+        cells[extra] += 1
+        return [({**dict(zip(keys, values)), **condition}, int(c)) for (values, _), c in zip(rows, cells) if c]
+
     def condition_prior(self, key: str, labels) -> np.ndarray:
         """The share of training cells under each of ``labels`` of covariate ``key`` (normalised
         over ``labels``; uniform when the counts are unknown, as in models saved without them)."""
@@ -406,6 +464,7 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
 
 
 MAX_KNOTS = 32
+MAX_GROUPS = 10_000  # more combinations of covariate values than this are not groups (see count_groups)
 
 
 def knots_of(values) -> list[float]:
@@ -435,6 +494,7 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
                     continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys},
                     continuous_knots={k: knots_of(codes[k]) for k in continuous_keys})
     spec.label_counts = spec.count_labels(codes)
+    spec.training_groups = spec.count_groups(codes)
     if obs is not None:
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
         spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates)

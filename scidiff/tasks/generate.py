@@ -81,14 +81,32 @@ def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) ->
     return uns
 
 
+def plan_groups(model, n: int, groups=None) -> list[tuple[dict, int]]:
+    """The groups to generate and the cells of each: ``n`` for each condition dict of ``groups``.
+    Where a condition leaves out covariates the model was trained on (or there is none), its
+    ``n`` cells are shared out over the training groups that carry it, in their training
+    proportions, each labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`): cells
+    like the training data. On Kang this mixture scores better against held-out cells than
+    leaving the missing covariates to classifier-free guidance's null condition, which is learnt
+    from the few training steps that dropped them (``bench/bench_unconditional.py``); that
+    distribution stays ``model.sample``'s. Labels are checked before any work."""
+    plan = []
+    for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
+        mixture = model.data_spec.training_mixture(n, condition) if model.data_spec is not None else []
+        plan += [(_check_generate(model, c, g), c) for g, c in mixture] or [(condition, n)]
+    return plan
+
+
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
              steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
              chunk_size: int = 4096, progress: bool = True, observed: bool | None = None, engine=None,
              **deprecated) -> ad.AnnData:
     """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
     genes as ``var_names``, the condition in ``obs``), produced in chunks. ``condition``:
-    covariate -> label (``conditioning=`` is its deprecated name). ``observed``: measured cells
-    (sparse, :meth:`ScIDiffModel.observe`), the default where the model can measure
+    covariate -> label (``conditioning=`` is its deprecated name); without one, a model trained
+    on covariates gives cells like its training data, its groups in their proportions and
+    labelled in ``obs`` (:func:`plan_groups`). ``observed``: measured cells (sparse,
+    :meth:`ScIDiffModel.observe`), the default where the model can measure
     (:meth:`ScIDiffModel.resolve_observed`), or smooth expression (``False``); ``uns['scidiff']``
     says which. ``engine``: ``True`` generates with a :class:`~scidiff.engine.SamplingEngine`
     made from the settings (or pass one, or pass one as ``model``). For more cells than fit in
@@ -96,16 +114,21 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    condition = _check_generate(model, n, condition)
+    plan = plan_groups(model, n, [condition])
     observed = model.resolve_observed(observed)
-    parts = []
+    parts, labels = [], []
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
-        for x in _chunks(model, engine, n, condition, seed=seed, chunk_size=chunk_size, observed=observed,
-                         settings=settings):
-            parts.append(x)
-            bar.update(len(x))
-    obs = pd.DataFrame({k: pd.Categorical([str(v)] * n) for k, v in condition.items()},
-                       index=[f"generated_{i}" for i in range(n)])
+        for i, (cond, cells) in enumerate(plan):
+            for x in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,
+                             settings=settings):
+                parts.append(x)
+                labels.append((cond, len(x)))
+                bar.update(len(x))
+    keys = list(dict.fromkeys(k for cond, _ in plan for k in cond))
+    names = [f"generated_{j}" + (f"-{i}" if len(plan) > 1 else "") for i, (_, cells) in enumerate(plan)
+             for j in range(cells)]  # as generate_to_file names them
+    obs = pd.DataFrame({k: pd.Categorical([str(c[k]) for c, m in labels for _ in range(m)]) for k in keys},
+                       index=names)
     out = ad.AnnData(X=np.concatenate(parts), obs=obs)
     out.var = model.data_spec.var_frame()
     out.uns["scidiff"] = _generation_uns(model, settings, seed, observed, engine)
@@ -117,22 +140,31 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
                      chunk_size: int = 4096, progress: bool = True, first_index: int = 0,
                      observed: bool | None = None, engine=None) -> tuple[int, int]:
     """Generate ``n`` cells for each condition dict in ``groups`` (group ``i`` seeded with
-    ``seed + i``) straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays
-    bounded by the chunk. The file appears only when complete and holds what :func:`generate` +
+    ``seed + i``; without a condition, ``n`` cells like the training data, :func:`plan_groups`)
+    straight into the ``.h5ad`` at ``out``, one chunk at a time: memory stays bounded by the
+    chunk. The file appears only when complete and holds what :func:`generate` +
     ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``, ``i`` counted from
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    groups = [_check_generate(model, n, g) for g in (groups or [{}])]
-    observed = model.resolve_observed(observed)
-    several = len(groups) > 1
+    plan = [(cond, int(first_index), cells) for cond, cells in plan_groups(model, n, groups)]
+    return _write_groups(model, engine, out, plan, seed=seed, chunk_size=chunk_size, progress=progress,
+                         observed=model.resolve_observed(observed), settings=settings)
+
+
+def _write_groups(model, engine, out, plan, *, seed: int, chunk_size: int, progress: bool, observed: bool,
+                  settings: dict) -> tuple[int, int]:
+    """The writer of :func:`generate_to_file`: ``plan`` lists ``(condition, first cell index,
+    cells)`` per group."""
+    several = len(plan) > 1
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
-            tqdm(total=n * len(groups), desc="sampling", unit="cell", disable=not progress) as bar:
+            tqdm(total=sum(c for _, _, c in plan), desc="sampling", unit="cell", disable=not progress) as bar:
         writer.uns = {"scidiff": _generation_uns(model, settings, seed, observed, engine)}
         writer.var = model.data_spec.var_frame()
-        for i, cond in enumerate(groups):
-            start = int(first_index)
-            for x in _chunks(model, engine, n, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,
+        for i, (cond, start, cells) in enumerate(plan):
+            if not cells:  # a group with no cells in this shard keeps its index (names, seeds)
+                continue
+            for x in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,
                              settings=settings):
                 names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
                 writer.append(x, obs={k: str(v) for k, v in cond.items()}, obs_names=names)
@@ -171,24 +203,26 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     on disk (bounded memory). Returns the manifest on rank 0, ``None`` elsewhere.
     :func:`read_generated` opens the result."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    groups = [_check_generate(model, n, g) for g in (groups or [{}])]
+    plan = plan_groups(model, n, groups)
     observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    first, count = distributed.share(n, rank, world_size)
-    rank_seed = distributed.derived_seed(seed, rank)
-    if count:
-        generate_to_file(engine or model, count, os.path.join(out_dir, shard_name(rank, world_size)), groups,
-                         seed=rank_seed, chunk_size=chunk_size, progress=progress, first_index=first,
-                         observed=observed, **({} if engine is not None else settings))
+
+    def share(r: int) -> list[tuple[dict, int, int]]:  # rank r's (condition, first index, cells) per group
+        return [(cond, *distributed.share(cells, r, world_size)) for cond, cells in plan]
+
+    if sum(c for _, _, c in share(rank)):
+        _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), share(rank),
+                      seed=distributed.derived_seed(seed, rank), chunk_size=chunk_size, progress=progress,
+                      observed=observed, settings=settings)
     distributed.barrier()  # every shard is complete past this point
     if rank != 0:
         return None
     shards = []
     for r in range(world_size):
-        f, c = distributed.share(n, r, world_size)
+        c = sum(c for _, _, c in share(r))
         if not c:
             continue
         name = shard_name(r, world_size)
@@ -196,13 +230,15 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard {path!r} of rank {r} is missing; did every rank finish?")
         found = _h5ad_cells(path)
-        if found != c * len(groups):
-            raise ValueError(f"shard {path!r} holds {found} cells, expected {c * len(groups)}")
-        shards.append({"file": name, "rank": r, "cells": found, "first_index": f,
+        if found != c:
+            raise ValueError(f"shard {path!r} holds {found} cells, expected {c}")
+        shards.append({"file": name, "rank": r, "cells": found, "first_index": min(f for _, f, _ in share(r)),
                        "seed": distributed.derived_seed(seed, r)})
-    manifest = {"format": "scidiff.generated", "format_version": 1, "cells": n * len(groups),
-                "cells_per_group": n, "genes": len(model.data_spec.gene_names),
-                "groups": [{k: str(v) for k, v in g.items()} for g in groups], "world_size": world_size,
+    cells = [c for _, c in plan]
+    manifest = {"format": "scidiff.generated", "format_version": 1, "cells": sum(cells),
+                "cells_per_group": n if len(set(cells)) == 1 else None, "group_cells": cells,
+                "genes": len(model.data_spec.gene_names),
+                "groups": [{k: str(v) for k, v in g.items()} for g, _ in plan], "world_size": world_size,
                 **_generation_uns(model, settings, seed, observed, engine), "shards": shards}
     if merge:
         merge_generated(out_dir, manifest=manifest)

@@ -1,0 +1,111 @@
+"""Generation without a condition from a model trained on covariates: cells like the training
+data, its groups (combinations of covariate values) in their training proportions and labelled,
+the same from ``generate``, ``generate_to_file`` and the sharded writer; the groups are counted
+alike in memory and streamed."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import scidiff.data.spec as spec_module
+from scidiff.data import setup_anndata, setup_streaming
+from scidiff.models import ScIDiffModel
+from scidiff.tasks import generate as generation
+
+SIZES = {("a", "ctrl"): 30, ("a", "stim"): 12, ("b", "ctrl"): 9, ("b", "stim"): 21, ("c", "stim"): 10}
+
+
+def _cells() -> ad.AnnData:
+    rng = np.random.default_rng(0)
+    labels = [key for key, n in SIZES.items() for _ in range(n)]
+    counts = rng.poisson(3.0, (len(labels), 20)).astype(np.float32)
+    obs = pd.DataFrame({"cell_type": [t for t, _ in labels], "condition": [c for _, c in labels]},
+                       index=[f"cell{i}" for i in range(len(labels))])
+    obs["dose"] = np.where(obs["condition"] == "stim", 1.0, 0.0)
+    return ad.AnnData(sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(20)]))
+
+
+@pytest.fixture(scope="module")
+def model():
+    data = setup_anndata(_cells(), condition_keys=["cell_type", "condition"])
+    torch.manual_seed(0)
+    return ScIDiffModel.from_data(data, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=50).eval()
+
+
+def _group_counts(obs: pd.DataFrame) -> dict:
+    return {k: int(v) for k, v in obs.groupby(["cell_type", "condition"], observed=True).size().items()}
+
+
+def test_the_training_groups_are_counted_with_their_cells(model, tmp_path):
+    groups = model.data_spec.training_groups
+    assert groups["keys"] == ["cell_type", "condition"]
+    assert dict(zip(map(tuple, groups["values"]), groups["cells"])) == SIZES
+    path = tmp_path / "cells.h5ad"
+    _cells().write_h5ad(path)
+    streamed = setup_streaming(str(path), condition_keys=["cell_type", "condition"], batch_size=16)
+    assert streamed.spec.training_groups == groups
+    with_numbers = setup_anndata(_cells(), condition_keys=["condition"], perturbation_keys=["condition"],
+                                 control_labels=["ctrl"], continuous_keys=["dose"])
+    assert with_numbers.spec.training_groups == {"keys": ["condition", "dose"], "values": [["ctrl", 0.0],
+                                                                                           ["stim", 1.0]],
+                                                 "cells": [39, 43]}
+
+
+def test_too_many_groups_are_not_groups(monkeypatch):
+    monkeypatch.setattr(spec_module, "MAX_GROUPS", 4)  # 5 combinations here
+    assert setup_anndata(_cells(), condition_keys=["cell_type", "condition"]).spec.training_groups == {}
+
+
+@pytest.mark.parametrize("n", [1, 7, 80, 1001])
+def test_the_mixture_shares_n_cells_by_the_training_proportions(model, n):
+    mixture = model.data_spec.training_mixture(n)
+    cells = {tuple(c.values()): k for c, k in mixture}
+    assert sum(cells.values()) == n and all(k > 0 for k in cells.values())
+    total = sum(SIZES.values())
+    for group, k in cells.items():
+        assert abs(k - n * SIZES[group] / total) < 1  # largest remainders: within one cell of the share
+    assert len(cells) == min(n, len(SIZES))
+
+
+def test_generate_without_a_condition_draws_each_training_group_labelled(model):
+    out = generation.generate(model, 80, steps=3, seed=4, progress=False)
+    expected = {tuple(c.values()): k for c, k in model.data_spec.training_mixture(80)}
+    assert out.shape == (80, 20) and _group_counts(out.obs) == expected
+    start = 0
+    for i, (condition, k) in enumerate(model.data_spec.training_mixture(80)):  # group i: seed + i, as listed
+        one = generation.generate(model, k, condition, steps=3, seed=4 + i, progress=False)
+        np.testing.assert_array_equal(out.X[start:start + k], one.X)
+        start += k
+    # the condition-free distribution stays model.sample's
+    assert model.sample(5, {}, steps=3, seed=0).shape == (5, 20)
+
+
+def test_a_partial_condition_draws_the_other_keys_among_the_groups_that_carry_it(model):
+    stim = {g: k for g, k in SIZES.items() if g[1] == "stim"}  # 12, 21, 10 cells of a, b, c
+    partial = generation.generate(model, 43, {"condition": "stim"}, steps=3, seed=4, progress=False)
+    assert _group_counts(partial.obs) == stim
+    control_b = generation.generate(model, 5, {"cell_type": "b", "condition": "ctrl"}, steps=3, seed=4,
+                                    progress=False)  # every key given: that one group
+    assert _group_counts(control_b.obs) == {("b", "ctrl"): 5}
+    plan = generation.plan_groups(model, 10, [{"cell_type": "c"}, {"condition": "ctrl"}])
+    assert [(tuple(c.values()), k) for c, k in plan] == [(("c", "stim"), 10), (("a", "ctrl"), 8), (("b", "ctrl"), 2)]
+    # every key given: drawn as asked, even a combination never trained on
+    assert model.data_spec.training_mixture(4, {"cell_type": "c", "condition": "ctrl"}) == []
+
+
+def test_the_file_writers_hold_the_same_cells(model, tmp_path):
+    ref = generation.generate(model, 80, steps=3, seed=4, chunk_size=7, progress=False)
+    generation.generate_to_file(model, 80, tmp_path / "one.h5ad", steps=3, seed=4, chunk_size=7, progress=False)
+    one = ad.read_h5ad(tmp_path / "one.h5ad")
+    np.testing.assert_array_equal(one.X, ref.X)
+    assert list(one.obs_names) == list(ref.obs_names) and ref.obs_names.is_unique
+    assert _group_counts(one.obs) == _group_counts(ref.obs)
+    for rank in (1, 0):  # no process group: rank 0 last, as the barrier would order it
+        manifest = generation.generate_sharded(model, 80, tmp_path / "shards", rank=rank, world_size=2, steps=3,
+                                               seed=4, progress=False, merge=rank == 0)
+    merged = ad.read_h5ad(tmp_path / "shards" / "generated.h5ad")
+    assert manifest["cells"] == 80 and sum(s["cells"] for s in manifest["shards"]) == 80
+    assert manifest["cells_per_group"] is None and sum(manifest["group_cells"]) == 80
+    assert merged.obs_names.is_unique and _group_counts(merged.obs) == _group_counts(ref.obs)
