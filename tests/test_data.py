@@ -1,3 +1,5 @@
+import re
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -5,7 +7,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from scidiff.data import DataSpec, detect_input, log_normalize, read_h5ad, setup_anndata, transform_like
+from scidiff.data import (DataSpec, detect_input, log_normalize, read_h5ad, setup_anndata, setup_streaming,
+                          transform_like)
 
 
 def test_normalisation_matches_scanpy(kang):
@@ -459,3 +462,35 @@ def test_a_condition_that_teaches_little_is_warned_about(kang_small):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Kang's 300 cells: every type has 14 or more
         setup_anndata(kang_small, n_top_genes=20, condition_keys=["cell_type", "condition"])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_empty_cells_and_unfiltered_matrices_are_warned_about(kang_small, tmp_path, streamed):
+    import warnings
+
+    def set_up(cells):
+        if not streamed:
+            return setup_anndata(cells, n_top_genes=20, layer="counts")
+        path = tmp_path / "cells.h5ad"
+        cells.write_h5ad(path)
+        return setup_streaming(str(path), n_top_genes=20, layer="counts", batch_size=32)
+
+    cells = kang_small.copy()
+    counts = cells.layers["counts"].tolil()
+    counts[[4, 9]] = 0  # two cells without a count
+    cells.layers["counts"] = counts.tocsr()
+    first = "'row 4'" if streamed else repr(str(cells.obs_names[4]))
+    with pytest.warns(UserWarning, match=r"counts\W* of .*: 2 of 300 cells have no detected gene "
+                                         rf"\(e.g. \[{re.escape(first)}, .*min_genes=1"):
+        set_up(cells)
+    rng = np.random.default_rng(0)  # an unfiltered droplet matrix: 300 cells beside 900 barcodes of 1-3 counts
+    droplets = sp.random(900, cells.n_vars, density=2 / cells.n_vars, format="csr", random_state=rng,
+                         data_rvs=lambda k: rng.integers(1, 3, k))
+    barcodes = ad.AnnData(droplets.astype(np.float32), layers={"counts": droplets.astype(np.float32)},
+                          obs=pd.DataFrame(index=[f"droplet{i}" for i in range(900)]), var=cells.var[[]])
+    raw = ad.concat([kang_small[:, :], barcodes], join="inner")
+    with pytest.warns(UserWarning, match=r"the median cell has [0-9] detected genes .*unfiltered droplet matrix"):
+        set_up(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # filtered cells: no warning
+        set_up(kang_small)

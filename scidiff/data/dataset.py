@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize,
+from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
                          read_h5ad, select_genes, _name)
 from .gene_symbols import var_of
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
@@ -328,10 +328,14 @@ def _not_numeric(obs: pd.DataFrame, key: str, vals: np.ndarray, source: str) -> 
                       f"{shown}{hint}")
 
 
-def _log_expression(adata, layer, use_raw, input_kind, target_sum):
+def _log_expression(adata, layer, use_raw, input_kind, target_sum, check_cells: bool = False):
+    """The chosen matrix of ``adata`` as log1p values (counts normalised to ``target_sum``), its
+    genes, its input kind and the target sum; ``check_cells``: warn about empty cells (training)."""
     matrix, var_names, where = expression_matrix(adata, layer, use_raw)
     where = f"{where} of {_name(adata)}"
     kind = detect_input(matrix, where, input_kind)
+    if check_cells:
+        warn_empty_cells(matrix, where, adata.obs_names)
     if kind == "counts":
         matrix, target_sum = log_normalize(matrix, target_sum)
     else:
@@ -361,7 +365,8 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     """
     if not isinstance(adata, ad.AnnData):
         adata = read_h5ad(adata)
-    matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum)
+    matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum,
+                                                          check_cells=True)
     chosen = select_genes(matrix, var_names, genes, n_top_genes)
     x = dense(matrix[:, gene_columns(var_names, chosen)])
     if scaling == "none":

@@ -86,6 +86,30 @@ def _other(where: str, v: np.ndarray, nonint: np.ndarray) -> ValueError:
                       f"below {LOG1P_MAX:g}); it looks like TPM, CPM or raw intensities{hint}. {_INSIST}")
 
 
+MIN_MEDIAN_GENES = 10  # a median cell with fewer detected genes (or 1% of them) is an empty droplet: unfiltered
+
+
+def warn_empty_cells(matrix, where: str, names=None, sampled_from: int | None = None) -> None:
+    """Warn where training cells carry no expression: a median cell with fewer than
+    ``MIN_MEDIAN_GENES`` detected genes, or 1% of the genes where that is fewer (an unfiltered
+    droplet matrix, mostly empty barcodes: 1-3 genes each), or cells with none at all.
+    ``sampled_from``: the file's cell count where ``matrix`` is a sample."""
+    detected = matrix.getnnz(axis=1) if sp.issparse(matrix) else np.count_nonzero(np.asarray(matrix), axis=1)
+    of = f"of the {len(detected)} cells sampled from {sampled_from}" if sampled_from else f"of {len(detected)} cells"
+    median = float(np.median(detected)) if len(detected) else 0.0
+    if median < min(MIN_MEDIAN_GENES, 0.01 * matrix.shape[1]):
+        warnings.warn(f"{where}: the median cell has {median:g} detected genes ({of}): this looks like an unfiltered "
+                      f"droplet matrix (mostly empty barcodes, as Cell Ranger's raw_feature_bc_matrix); use the "
+                      f"filtered matrix, or filter the cells first (`sc.pp.filter_cells(adata, min_genes=200)`)",
+                      stacklevel=3)
+        return
+    empty = np.flatnonzero(detected == 0)
+    if len(empty):
+        shown = [str(names[i]) for i in empty[:3]] if names is not None else empty[:3].tolist()
+        warnings.warn(f"{where}: {len(empty)} {of} have no detected gene (e.g. {shown}); they enter training as "
+                      f"empty profiles: filter them first (`sc.pp.filter_cells(adata, min_genes=1)`)", stacklevel=3)
+
+
 def detect_input(matrix, where: str, input_kind: str = "auto") -> str:
     """Classify the values of ``matrix`` and return ``"counts"`` or ``"log1p"``.
 

@@ -21,7 +21,7 @@ from .dataset import _encode_obs, check_controls
 from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file
 from .moments import GeneMoments
-from .preprocess import AllZeroError, detect_input, log_normalize, select_genes
+from .preprocess import AllZeroError, detect_input, log_normalize, select_genes, warn_empty_cells
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 from .validate import check_labelled
@@ -271,9 +271,12 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     codes, vocabs = _encode_covariates(reader, condition_keys, continuous_keys, None, perturbation_keys,
                                        control_labels, separator)
     block = loader_options.get("block_size") or reader.default_block_size()
-    sample = reader.read_matrix(_sample_runs(reader.n_cells, hvg_cells, block, seed))
+    sampled = _sample_runs(reader.n_cells, hvg_cells, block, seed)
+    sample = reader.read_matrix(sampled)
     all_cells = np.array([[0, reader.n_cells]], np.int64)
     kind = _sample_kind(reader, sample, input_kind, "hvg_cells")
+    warn_empty_cells(sample, reader.layout.where, [f"row {i}" for i in runs_to_ids(sampled)],
+                     sampled_from=reader.n_cells if sample.shape[0] < reader.n_cells else None)
     if kind == "counts":
         if target_sum is None:
             totals = library_sizes(reader, all_cells)
