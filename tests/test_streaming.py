@@ -75,6 +75,9 @@ LAYOUTS = {
                                                                        compression="gzip", shuffle=True)),
     "dense-int32-chunked": lambda a, p: (a.write_h5ad(p), write_dense(p, a.X.toarray().astype(np.int32),
                                                                       chunks=(50, N_GENES))),
+    # half precision, as some tools store it: widened to float32 before the compiled densify
+    "dense-float16": lambda a, p: (a.write_h5ad(p), write_dense(p, a.X.toarray().astype(np.float16))),
+    "csr-float16": lambda a, p: (a.write_h5ad(p), rewrite_csr(p, data_dtype=np.float16)),
 }
 SOURCES = [("anndata", {}), ("anndata", {"layer": "counts"}), ("anndata", {"use_raw": True}),
            ("anndata", {"layer": "lognorm"})] + [(name, {}) for name in LAYOUTS if name != "anndata"]

@@ -35,6 +35,12 @@ except ImportError:  # pragma: no cover - exercised by installs without a compil
 _NATIVE_DTYPES = set("fiu")
 
 
+def _native(dtype) -> bool:
+    """Whether the compiled densify reads values of ``dtype`` (integers, float32/64; float16 is
+    widened to float32 first)."""
+    return dtype.kind in _NATIVE_DTYPES and not (dtype.kind == "f" and dtype.itemsize < 4)
+
+
 def extension_available() -> bool:
     """Whether the C++ reader was built."""
     return _ext is not None
@@ -254,7 +260,7 @@ class MatrixReader:
         L = self.layout
         return (self.backend == "native" and L.encoding == "csr" and "data" in self._arrays
                 and "indices" in self._arrays and not L.arrays["data"].filters
-                and not L.arrays["indices"].filters and L.arrays["data"].dtype.kind in _NATIVE_DTYPES)
+                and not L.arrays["indices"].filters and _native(L.arrays["data"].dtype))
 
     def read_densify(self, runs, dest, transform: Transform, out: np.ndarray) -> np.ndarray:
         """Read the cells of ``runs`` and densify cell ``j`` (of the runs concatenated) into
@@ -303,10 +309,10 @@ class MatrixReader:
     def _densify_native(self, block, rows, t, out):
         args = (out, t.normalize, t.target_sum or 1.0, t.normalize, t.offset, t.scale, self.n_threads)
         if block.x is not None:
-            x = block.x if block.x.dtype.kind in _NATIVE_DTYPES else block.x.astype(np.float32)
+            x = block.x if _native(block.x.dtype) else block.x.astype(np.float32)
             _ext.densify_dense(x, rows, t.gene_cols, *args)
         else:
-            data = block.data if block.data.dtype.kind in _NATIVE_DTYPES else block.data.astype(np.float32)
+            data = block.data if _native(block.data.dtype) else block.data.astype(np.float32)
             _ext.densify_csr(block.indptr, block.indices, data, rows, t.gene_map, *args)
 
     def _densify_python(self, block, rows, t, out):
@@ -315,7 +321,8 @@ class MatrixReader:
         if block.x is not None:
             m = block.x[rows]
         else:
-            m = sp.csr_matrix((block.data, block.indices, block.indptr), shape=(block.n, self.layout.n_genes))[rows]
+            data = block.data if _native(block.data.dtype) else block.data.astype(np.float32)  # scipy has no float16
+            m = sp.csr_matrix((data, block.indices, block.indptr), shape=(block.n, self.layout.n_genes))[rows]
         if t.normalize:
             m, _ = log_normalize(m, t.target_sum)
         x = dense(m[:, t.gene_cols])
