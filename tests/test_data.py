@@ -494,3 +494,16 @@ def test_empty_cells_and_unfiltered_matrices_are_warned_about(kang_small, tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # filtered cells: no warning
         set_up(kang_small)
+
+
+def test_an_unknown_label_names_the_closest_known_ones_and_a_long_vocabulary_is_cut():
+    spec = DataSpec(gene_names=["g0"], categorical={"stim": ["False", "True"],
+                                                    "guide": [f"GENE{i}" for i in range(100)]})
+    with pytest.raises(ValueError, match=r"unknown value 'true' for condition 'stim'; did you mean 'True'\? "
+                                         r"known values: \['False', 'True'\]$"):
+        spec.encode_label("stim", "true")
+    with pytest.raises(ValueError, match=r"did you mean 'GENE12' or 'GENE2' or 'GENE1'\? known values: "
+                                         r"\['GENE0', .*'GENE39'\]\.\.\. \(100 in all\)$"):
+        spec.encode_label("guide", "GENE12x")
+    with pytest.raises(ValueError, match=r"unknown value 'Neuron' for condition 'stim'; known values: \["):
+        spec.encode_label("stim", "Neuron")  # nothing close: no guess

@@ -16,7 +16,7 @@ import torch
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
                          read_h5ad, select_genes, _name)
 from .gene_symbols import var_of
-from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
+from .spec import DataSpec, _build_spec, covariate_keys, known_values, record_symbols
 from .validate import check_labelled
 
 
@@ -288,7 +288,7 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
             unknown = sorted(set(labels) - set(known))
             if unknown:
                 raise ValueError(f"obs[{key!r}] has values the model does not know: {unknown[:10]}; "
-                                 f"known values: {vocab[key]}")
+                                 f"{known_values(unknown[0], vocab[key])}")
             vocabs[key] = list(vocab[key])
         else:
             _perturbation_hint(key, set(labels), controls, separator, _name(adata))

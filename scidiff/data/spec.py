@@ -145,7 +145,7 @@ class DataSpec:
                 return int(value)
             raise ValueError(f"code {value} is out of range for condition {key!r} ({len(vocab)} values)")
         if str(value) not in vocab:
-            raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {vocab}")
+            raise ValueError(f"unknown value {value!r} for condition {key!r}; {known_values(value, vocab)}")
         return vocab.index(str(value))
 
     def is_control(self, label) -> bool:
@@ -165,7 +165,8 @@ class DataSpec:
             what = ("a combination with an unseen single perturbation cannot be predicted"
                     if len(parts) > 1 else "unknown perturbation")
             raise ValueError(f"{what}: {unseen} in {str(label)!r} for condition {key!r} never appeared in "
-                             f"training; known single perturbations: {vocab} (control: {self.control_labels})")
+                             f"training; {known_values(unseen[0], vocab, 'single perturbations')} (control: "
+                             f"{self.control_labels})")
         return sorted({vocab.index(p) for p in parts if not self.is_control(p)})
 
     def perturbation_label(self, key: str, row) -> str:
@@ -374,6 +375,20 @@ def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
     set-up encodes, each once, in order."""
     return (list(dict.fromkeys(list(condition_keys) + list(perturbation_keys))),
             list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else []))))
+
+
+def known_values(value, vocab, what: str = "values", limit: int = 40) -> str:
+    """The values a label could have been, for an error: the closest ones first (``did you mean
+    'True'?`` for ``true``), then the vocabulary, cut to ``limit`` with a count."""
+    import difflib  # lazy: only on the error's path
+
+    vocab = [str(v) for v in vocab]
+    folded = {v.casefold(): v for v in vocab}
+    close = ([folded[str(value).casefold()]] if str(value).casefold() in folded
+             else difflib.get_close_matches(str(value), vocab, n=3, cutoff=0.6))
+    hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+    shown = str(vocab) if len(vocab) <= limit else f"{vocab[:limit]}... ({len(vocab)} in all)"
+    return f"{hint}known {what}: {shown}"
 
 
 def _plain(value):
