@@ -149,6 +149,17 @@ def test_sample_and_evaluate(run, kang_small):
     assert {k: three[k] for k in ("mmd", "energy_distance")} == {k: metrics[k] for k in ("mmd", "energy_distance")}
 
 
+def test_sample_without_a_condition_draws_the_training_groups(run, kang_small, capsys):
+    root, _, out = run
+    gen = root / "like_the_data.h5ad"
+    assert main(["sample", "--model", str(out), "-n", "300", "--steps", "2", "--out", str(gen)]) == 0
+    assert "drawn from 14 training groups in their proportions" in capsys.readouterr().out
+    counts = ad.read_h5ad(gen).obs.groupby(["cell_type", "condition"], observed=True).size()
+    real = kang_small.obs.groupby(["cell_type", "condition"], observed=True).size()
+    assert counts.sum() == 300 and set(counts.index) == set(real.index)
+    assert (abs(counts - real.loc[counts.index] / real.sum() * 300) < 4).all()  # the training split's shares
+
+
 def test_errors_name_the_problem_and_leave_no_file(run, capsys, tmp_path):
     root, data, out = run
     target = tmp_path / "never.h5ad"

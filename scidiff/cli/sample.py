@@ -92,7 +92,7 @@ def _sample_sharded(args, model, groups, settings):
     if manifest is not None:
         files = f"{len(manifest['shards'])} shard(s), {MANIFEST}" + (f", {MERGED_FILE}" if args.merge else "")
         print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
-              f"({files}; {_kind(manifest['observed'])})")
+              f"({files}; {_kind(manifest['observed'])}{_mixture_note(model, args.n, groups)})")
 
 
 def run(args):
