@@ -53,7 +53,6 @@ def main(argv=None):
     from scidiff.config import load_config
     from scidiff.evaluation import fit_pca
     from scidiff.evaluation.metrics import distribution_metrics
-    from scidiff.tasks.generate import plan_groups
     from scidiff.tasks.train import train
     from scidiff.training import load_model
 
@@ -73,9 +72,8 @@ def main(argv=None):
     pcs = project(real)
     stimulated = adata.obs["condition"].astype(str).to_numpy() == "stimulated"
 
-    def mixture(n, seed, condition=None):  # what scidiff.generate / scidiff sample draw
-        return np.concatenate([model.sample(k, c, steps=args.steps, seed=seed + i).numpy()
-                               for i, (c, k) in enumerate(plan_groups(model, n, [condition]))])
+    def mixture(n, seed, condition=None):  # what scidiff.generate and scidiff sample draw
+        return scidiff.generate(model, n, condition, steps=args.steps, seed=seed, progress=False).X
 
     def score(cells, test):
         m = distribution_metrics(pcs[test], project(cells), seed=0, auc_repeats=3)

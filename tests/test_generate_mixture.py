@@ -71,15 +71,29 @@ def test_the_mixture_shares_n_cells_by_the_training_proportions(model, n):
 
 def test_generate_without_a_condition_draws_each_training_group_labelled(model):
     out = generation.generate(model, 80, steps=3, seed=4, progress=False)
-    expected = {tuple(c.values()): k for c, k in model.data_spec.training_mixture(80)}
-    assert out.shape == (80, 20) and _group_counts(out.obs) == expected
-    start = 0
-    for i, (condition, k) in enumerate(model.data_spec.training_mixture(80)):  # group i: seed + i, as listed
-        one = generation.generate(model, k, condition, steps=3, seed=4 + i, progress=False)
-        np.testing.assert_array_equal(out.X[start:start + k], one.X)
-        start += k
+    shares = model.data_spec.training_mixture(80)
+    assert out.shape == (80, 20) and _group_counts(out.obs) == {tuple(c.values()): k for c, k in shares}
+    # one stream: the cells model.sample draws under each cell's own labels, groups in turn
+    labels = {key: [c[key] for c, k in shares for _ in range(k)] for key in ("cell_type", "condition")}
+    np.testing.assert_array_equal(out.X, model.sample(80, labels, steps=3, seed=4).numpy())
+    assert [list(out.obs[k]) for k in labels] == list(labels.values())
+    # in chunks, from one generator, as the engine draws them
+    chunked = generation.generate(model, 80, steps=3, seed=4, chunk_size=7, progress=False)
+    gen = torch.Generator().manual_seed(4)
+    mixture = generation.plan_groups(model, 80)[0][0]
+    np.testing.assert_array_equal(chunked.X, np.concatenate(
+        [model.sample(min(7, 80 - a), mixture.labels(a, min(a + 7, 80)), steps=3, generator=gen).numpy()
+         for a in range(0, 80, 7)]))
     # the condition-free distribution stays model.sample's
     assert model.sample(5, {}, steps=3, seed=0).shape == (5, 20)
+
+
+def test_a_mixture_is_cut_into_parts_with_their_labels():
+    mixture = generation.Mixture([{"t": "a"}, {"t": "b"}, {"t": "c"}], [2, 3, 1])
+    assert len(mixture) == 6 and mixture.labels(1, 5) == {"t": ["a", "b", "b", "b"]}
+    part = mixture.part(4, 6)
+    assert part.conditions == [{"t": "b"}, {"t": "c"}] and part.cells.tolist() == [1, 1]
+    assert len(mixture.part(2, 2)) == 0
 
 
 def test_a_partial_condition_draws_the_other_keys_among_the_groups_that_carry_it(model):
@@ -89,8 +103,11 @@ def test_a_partial_condition_draws_the_other_keys_among_the_groups_that_carry_it
     control_b = generation.generate(model, 5, {"cell_type": "b", "condition": "ctrl"}, steps=3, seed=4,
                                     progress=False)  # every key given: that one group
     assert _group_counts(control_b.obs) == {("b", "ctrl"): 5}
-    plan = generation.plan_groups(model, 10, [{"cell_type": "c"}, {"condition": "ctrl"}])
-    assert [(tuple(c.values()), k) for c, k in plan] == [(("c", "stim"), 10), (("a", "ctrl"), 8), (("b", "ctrl"), 2)]
+    (one, n1), (two, n2) = generation.plan_groups(model, 10, [{"cell_type": "c"}, {"condition": "ctrl"}])
+    assert (n1, n2) == (10, 10) and list(zip(one.conditions, one.cells.tolist())) == [
+        ({"cell_type": "c", "condition": "stim"}, 10)]
+    assert [(tuple(c.values()), k) for c, k in zip(two.conditions, two.cells.tolist())] == [
+        (("a", "ctrl"), 8), (("b", "ctrl"), 2)]
     # every key given: drawn as asked, even a combination never trained on
     assert model.data_spec.training_mixture(4, {"cell_type": "c", "condition": "ctrl"}) == []
 
@@ -107,5 +124,17 @@ def test_the_file_writers_hold_the_same_cells(model, tmp_path):
                                                seed=4, progress=False, merge=rank == 0)
     merged = ad.read_h5ad(tmp_path / "shards" / "generated.h5ad")
     assert manifest["cells"] == 80 and sum(s["cells"] for s in manifest["shards"]) == 80
-    assert manifest["cells_per_group"] is None and sum(manifest["group_cells"]) == 80
+    assert manifest["cells_per_group"] == 80 and sum(manifest["group_cells"]) == 80 and len(manifest["groups"]) == 5
     assert merged.obs_names.is_unique and _group_counts(merged.obs) == _group_counts(ref.obs)
+
+
+def test_the_engine_draws_a_mixture_as_its_own_stream(model, tmp_path):
+    from scidiff.engine import SamplingEngine
+
+    engine = SamplingEngine(model, "ddim", 3, chunk_size=16)
+    mixture = generation.plan_groups(model, 40)[0][0]
+    generation.generate_to_file(engine, 40, tmp_path / "e.h5ad", seed=2, progress=False)
+    out = ad.read_h5ad(tmp_path / "e.h5ad")
+    assert out.obs["cell_type"].tolist() == mixture.labels(0, 40)["cell_type"]
+    # chunk by chunk from one generator is the engine's own stream over every cell's labels
+    np.testing.assert_array_equal(out.X, engine.sample(40, mixture.labels(0, 40), seed=2).numpy())

@@ -117,7 +117,7 @@ def run(args):
 
 def _mixture_note(model, n: int, groups: list) -> str:
     """Where conditions left covariates out, how many training groups their cells were drawn from."""
-    from ..tasks.generate import plan_groups  # lazy: keeps --help light (torch, anndata)
+    from ..tasks.generate import Mixture, plan_groups  # lazy: keeps --help light (torch, anndata)
 
-    plan = plan_groups(model, n, groups)
-    return f"; drawn from {len(plan)} training groups in their proportions" if len(plan) > len(groups) else ""
+    mixed = [len(c.conditions) for c, _ in plan_groups(model, n, groups) if isinstance(c, Mixture)]
+    return f"; drawn from {sum(mixed)} training groups in their proportions" if mixed else ""

@@ -479,7 +479,7 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
 
 
 MAX_KNOTS = 32
-MAX_GROUPS = 10_000  # more combinations of covariate values than this are not groups (see count_groups)
+MAX_GROUPS = 100_000  # more combinations of covariate values than this are not groups (see count_groups)
 
 
 def knots_of(values) -> list[float]:

@@ -48,20 +48,52 @@ def _runner(model, engine, sampler, steps, eta, guidance_scale):
     return model, engine, {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
 
 
-def _chunks(model, engine, n: int, condition: dict, *, seed: int, chunk_size: int, observed: bool, settings: dict):
-    """``n`` generated cells as numpy chunks: the engine's chunks (its ``chunk_size``), else
-    ``model.sample`` on chunks of at most ``chunk_size`` cells, one generator seeded with ``seed``
-    across them (the engine draws in the same order)."""
-    if engine is not None:
+class Mixture:
+    """Cells of several groups drawn as one stream: ``conditions[i]`` labels ``cells[i]``
+    consecutive cells. The network sees each cell's own labels (one batch holds many groups), so
+    a mixture over thousands of training groups costs what one group of its size costs."""
+
+    def __init__(self, conditions: list[dict], cells):
+        self.conditions, self.cells = list(conditions), np.asarray(cells, dtype=np.int64)
+        self.ends = np.cumsum(self.cells)
+        self.keys = list(dict.fromkeys(k for c in self.conditions for k in c))
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def part(self, a: int, b: int) -> "Mixture":
+        """Cells ``a`` to ``b`` of the stream, as a mixture of their own."""
+        starts = self.ends - self.cells
+        cells = np.clip(np.minimum(self.ends, b) - np.maximum(starts, a), 0, None)
+        return Mixture([c for c, k in zip(self.conditions, cells) if k], cells[cells > 0])
+
+    def labels(self, a: int, b: int) -> dict[str, list]:
+        """Each label of cells ``a`` to ``b``, per covariate."""
+        part = self.part(a, b)
+        return {k: [c[k] for c, m in zip(part.conditions, part.cells.tolist()) for _ in range(m)] for k in self.keys}
+
+
+def _chunks(model, engine, n: int, condition, *, seed: int, chunk_size: int, observed: bool, settings: dict):
+    """``n`` generated cells as ``(numpy chunk, its labels)``: the engine's chunks (its
+    ``chunk_size``), else ``model.sample`` on chunks of at most ``chunk_size`` cells, one
+    generator seeded with ``seed`` across them (the engine draws in the same order). A
+    :class:`Mixture` is drawn the same way, each chunk under its cells' own labels."""
+    mixture = condition if isinstance(condition, Mixture) else None
+    if engine is not None and mixture is None:
         for x in engine.stream(n, condition, seed=seed, observed=observed):
-            yield x.numpy()
+            yield x.numpy(), condition
         return
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    for start in range(0, n, chunk_size):
-        b = min(chunk_size, n - start)
-        x = model.sample(b, condition, generator=gen, observed=observed, **settings)
-        yield x.cpu().numpy().astype(np.float32, copy=False)
+    size = engine.chunk_size if engine is not None else chunk_size
+    gen = torch.Generator(device=engine.device if engine is not None else next(model.parameters()).device)
+    gen.manual_seed(int(seed))
+    for start in range(0, n, size):
+        b = min(size, n - start)
+        cond = mixture.labels(start, start + b) if mixture is not None else condition
+        if engine is not None:  # one chunk of the engine's stream, from the shared generator
+            x = next(engine.stream(b, cond, generator=gen, observed=observed))
+        else:
+            x = model.sample(b, cond, generator=gen, observed=observed, **settings)
+        yield x.cpu().numpy().astype(np.float32, copy=False), cond
 
 
 def expression_note(model, observed: bool) -> str:
@@ -81,20 +113,27 @@ def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) ->
     return uns
 
 
-def plan_groups(model, n: int, groups=None) -> list[tuple[dict, int]]:
-    """The groups to generate and the cells of each: ``n`` for each condition dict of ``groups``.
-    Where a condition leaves out covariates the model was trained on (or there is none), its
-    ``n`` cells are shared out over the training groups that carry it, in their training
-    proportions, each labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`): cells
-    like the training data. On Kang this mixture scores better against held-out cells than
-    leaving the missing covariates to classifier-free guidance's null condition, which is learnt
-    from the few training steps that dropped them (``bench/bench_unconditional.py``); that
-    distribution stays ``model.sample``'s. Labels are checked before any work."""
+def plan_groups(model, n: int, groups=None) -> list[tuple[dict | Mixture, int]]:
+    """What to generate: ``n`` cells for each condition dict of ``groups``. Where a condition
+    leaves out covariates the model was trained on (or there is none), its ``n`` cells are a
+    :class:`Mixture` of the training groups that carry it, in their training proportions, each
+    labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`): cells like the training
+    data. On Kang this scores better against held-out cells than leaving the missing covariates
+    to classifier-free guidance's null condition, which is learnt from the few training steps
+    that dropped them (``bench/bench_unconditional.py``); that distribution stays
+    ``model.sample``'s. Labels are checked before any work."""
     plan = []
     for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
-        mixture = model.data_spec.training_mixture(n, condition) if model.data_spec is not None else []
-        plan += [(_check_generate(model, c, g), c) for g, c in mixture] or [(condition, n)]
+        shares = model.data_spec.training_mixture(n, condition) if model.data_spec is not None else []
+        for g, c in shares:
+            _check_generate(model, c, g)
+        plan.append((Mixture(*zip(*shares)) if shares else condition, n))
     return plan
+
+
+def _obs(labels: dict, m: int) -> dict:
+    """A chunk's labels (one per covariate, or one per cell) as ``m`` strings per covariate."""
+    return {k: [str(x) for x in v] if isinstance(v, list) else [str(v)] * m for k, v in labels.items()}
 
 
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
@@ -114,21 +153,17 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    plan = plan_groups(model, n, [condition])
+    ((condition, _),) = plan_groups(model, n, [condition])
     observed = model.resolve_observed(observed)
     parts, labels = [], []
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
-        for i, (cond, cells) in enumerate(plan):
-            for x in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,
-                             settings=settings):
-                parts.append(x)
-                labels.append((cond, len(x)))
-                bar.update(len(x))
-    keys = list(dict.fromkeys(k for cond, _ in plan for k in cond))
-    names = [f"generated_{j}" + (f"-{i}" if len(plan) > 1 else "") for i, (_, cells) in enumerate(plan)
-             for j in range(cells)]  # as generate_to_file names them
-    obs = pd.DataFrame({k: pd.Categorical([str(c[k]) for c, m in labels for _ in range(m)]) for k in keys},
-                       index=names)
+        for x, cond in _chunks(model, engine, n, condition, seed=seed, chunk_size=chunk_size, observed=observed,
+                               settings=settings):
+            parts.append(x)
+            labels.append(_obs(cond, len(x)))
+            bar.update(len(x))
+    obs = pd.DataFrame({k: pd.Categorical([v for chunk in labels for v in chunk[k]]) for k in labels[0]},
+                       index=[f"generated_{i}" for i in range(n)])
     out = ad.AnnData(X=np.concatenate(parts), obs=obs)
     out.var = model.data_spec.var_frame()
     out.uns["scidiff"] = _generation_uns(model, settings, seed, observed, engine)
@@ -164,10 +199,10 @@ def _write_groups(model, engine, out, plan, *, seed: int, chunk_size: int, progr
         for i, (cond, start, cells) in enumerate(plan):
             if not cells:  # a group with no cells in this shard keeps its index (names, seeds)
                 continue
-            for x in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size, observed=observed,
-                             settings=settings):
+            for x, labels in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size,
+                                     observed=observed, settings=settings):
                 names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
-                writer.append(x, obs={k: str(v) for k, v in cond.items()}, obs_names=names)
+                writer.append(x, obs=_obs(labels, len(x)), obs_names=names)
                 start += len(x)
                 bar.update(len(x))
         cells = writer.n_cells
@@ -210,8 +245,12 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
-    def share(r: int) -> list[tuple[dict, int, int]]:  # rank r's (condition, first index, cells) per group
-        return [(cond, *distributed.share(cells, r, world_size)) for cond, cells in plan]
+    def share(r: int) -> list[tuple[dict | Mixture, int, int]]:  # rank r's (condition, first index, cells)
+        out = []
+        for cond, cells in plan:
+            first, count = distributed.share(cells, r, world_size)
+            out.append((cond.part(first, first + count) if isinstance(cond, Mixture) else cond, first, count))
+        return out
 
     if sum(c for _, _, c in share(rank)):
         _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), share(rank),
@@ -234,11 +273,12 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
             raise ValueError(f"shard {path!r} holds {found} cells, expected {c}")
         shards.append({"file": name, "rank": r, "cells": found, "first_index": min(f for _, f, _ in share(r)),
                        "seed": distributed.derived_seed(seed, r)})
-    cells = [c for _, c in plan]
-    manifest = {"format": "scidiff.generated", "format_version": 1, "cells": sum(cells),
-                "cells_per_group": n if len(set(cells)) == 1 else None, "group_cells": cells,
+    groups = [(g, int(k)) for cond, cells in plan for g, k in (zip(cond.conditions, cond.cells)
+                                                                if isinstance(cond, Mixture) else [(cond, cells)])]
+    manifest = {"format": "scidiff.generated", "format_version": 1, "cells": n * len(plan), "cells_per_group": n,
                 "genes": len(model.data_spec.gene_names),
-                "groups": [{k: str(v) for k, v in g.items()} for g, _ in plan], "world_size": world_size,
+                "groups": [{k: str(v) for k, v in g.items()} for g, _ in groups], "group_cells": [k for _, k in groups],
+                "world_size": world_size,
                 **_generation_uns(model, settings, seed, observed, engine), "shards": shards}
     if merge:
         merge_generated(out_dir, manifest=manifest)
