@@ -387,3 +387,20 @@ def test_cli_errors_and_python_api_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="must end with .onnx"):
         export_onnx(model, tmp_path / "m.bin")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_missing_covariate_is_drawn_like_the_training_data(kang_onnx):
+    """As ``scidiff sample``: the covariates a request leaves out are drawn over the training
+    groups that carry it, in their proportions, each cell labelled; an export without groups
+    (older) leaves them to the null condition."""
+    model, path = kang_onnx
+    sampler = OnnxSampler(path, threads=1)
+    shares = model.data_spec.training_mixture(60)
+    labels = {k: [c[k] for c, m in shares for _ in range(m)] for k in ("cell_type", "condition")}
+    got = sampler.sample(60, seed=3, steps=3, output="arrays")
+    assert {k: got["obs"][k] for k in labels} == labels and len(shares) == 14
+    np.testing.assert_array_equal(got["X"], sampler.sample(60, labels, seed=3, steps=3, output="arrays")["X"])
+    partial = sampler.sample(40, {"condition": "stimulated"}, seed=1, steps=3, output="arrays")
+    assert set(partial["obs"]["condition"]) == {"stimulated"} and len(set(partial["obs"]["cell_type"])) == 7
+    sampler.meta["training_groups"] = {}
+    assert list(sampler.sample(4, seed=3, steps=3, output="arrays")["obs"]) == []

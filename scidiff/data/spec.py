@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..groups import mixture
 from .gene_symbols import names_in, resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
 
@@ -305,23 +306,10 @@ class DataSpec:
 
     def training_mixture(self, n: int, condition: dict | None = None) -> list[tuple[dict, int]]:
         """``n`` cells shared out over the training groups (:meth:`count_groups`) that agree
-        with ``condition`` (all of them without one), in their training proportions, largest
-        remainders first: ``[(condition, cells), ...]`` for the groups that get any. Empty where
-        the groups are unknown, ``condition`` names every grouped covariate already, or no
-        training group carries it (an unseen combination, a time between measured ones)."""
-        groups, condition = self.training_groups, dict(condition or {})
-        if not groups or set(groups["keys"]) <= set(condition):
-            return []
-        keys = groups["keys"]
-        rows = [(values, c) for values, c in zip(groups["values"], groups["cells"])
-                if all(self._same_value(k, v, condition[k]) for k, v in zip(keys, values) if k in condition)]
-        if not rows:
-            return []
-        share = n * np.asarray([c for _, c in rows], float) / sum(c for _, c in rows)
-        cells = np.floor(share).astype(int)
-        extra = np.argsort(-(share - cells), kind="stable")[: n - int(cells.sum())]
-        cells[extra] += 1
-        return [({**dict(zip(keys, values)), **condition}, int(c)) for (values, _), c in zip(rows, cells) if c]
+        with ``condition`` (all of them without one), in their training proportions
+        (:func:`scidiff.groups.mixture`): ``[(condition, cells), ...]``; empty where the groups
+        are unknown, ``condition`` names every grouped covariate, or no group carries it."""
+        return mixture(self.training_groups, n, condition, self._same_value)
 
     def condition_prior(self, key: str, labels) -> np.ndarray:
         """The share of training cells under each of ``labels`` of covariate ``key`` (normalised

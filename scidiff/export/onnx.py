@@ -254,6 +254,7 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
                           "gene_offset": [float(v) for v in spec["gene_offset"]],
                           "gene_scale": [float(v) for v in spec["gene_scale"]]},
         "continuous_range": spec.get("continuous_range", {}),
+        "training_groups": spec.get("training_groups", {}),
         "schedule": {"config": model.scheduler.config(),
                      "alphas_cumprod": [float(v) for v in model.scheduler.alphas_cumprod.double()]},
         "sampling": {"sampler": sampler, "steps": int(steps), "eta": float(eta),

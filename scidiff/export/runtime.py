@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 
 from ..diffusion.plans import PlanStep, logsnr_timesteps, sampler_plan, step_update, timesteps, walk
+from ..groups import mixture
 
 __all__ = ["Batch", "OnnxSampler", "Plan", "Trajectory", "ddim", "dpmpp_2m", "load_sidecar", "logsnr_timesteps",
            "make_session", "measure", "sampler_name", "timesteps"]
@@ -439,6 +440,19 @@ class OnnxSampler:
             raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {labels}")
         return labels.index(str(value))
 
+    def like_training(self, condition: dict | None, n: int) -> dict:
+        """A condition that leaves covariates out (or none) as per-cell labels over the training
+        groups that carry it, in their training proportions (:func:`scidiff.groups.mixture`), as
+        ``scidiff sample`` draws them; as given where it names every covariate, holds per-cell
+        lists, or the export carries no groups (older exports: the null condition fills in)."""
+        condition = dict(condition or {})
+        if any(isinstance(v, (list, tuple, np.ndarray)) for v in condition.values()):
+            return condition
+        asked = {k: self.encode_value(k, v) for k, v in condition.items()}
+        shares = mixture(self.meta.get("training_groups") or {}, n, condition,
+                         lambda k, a, _: np.array_equal(self.encode_value(k, a), asked[k]))
+        return {k: [c[k] for c, m in shares for _ in range(m)] for k in shares[0][0]} if shares else condition
+
     def _obs_label(self, key: str, value):
         """What ``obs`` records for a value: the number for a numeric covariate, else the label
         (the label a code stands for, never the code itself)."""
@@ -586,7 +600,7 @@ class OnnxSampler:
         n = int(n)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        table, index, obs = self.condition_table(condition, n)
+        table, index, obs = self.condition_table(self.like_training(condition, n), n)
         rng = np.random.default_rng(seed)
         if x_T is None:
             x_T = rng.standard_normal((n, self.dim), dtype=np.float32)
@@ -648,7 +662,8 @@ class OnnxSampler:
         ``condition``: covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``), a
         list of ``n`` labels, an integer code (``obs`` records the label it stands for; refused
         where the vocabulary also has it as a different label), or a number for a numeric
-        covariate; absent = null. (The HTTP server takes labels only.)
+        covariate; a covariate left out is drawn like the training data (:meth:`like_training`).
+        (The HTTP server takes labels only.)
         ``sampler``: ``"ddim"`` or ``"dpmpp_2m"`` (``"distilled"`` for an export of a distilled
         student, in its own steps); ``steps``, ``eta`` (DDIM), ``guidance``
         (classifier-free guidance scale) default to the sidecar's. ``observed``: measured cells,
