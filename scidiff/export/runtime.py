@@ -448,9 +448,15 @@ class OnnxSampler:
         condition = dict(condition or {})
         if any(isinstance(v, (list, tuple, np.ndarray)) for v in condition.values()):
             return condition
-        asked = {k: self.encode_value(k, v) for k, v in condition.items()}
-        shares = mixture(self.meta.get("training_groups") or {}, n, condition,
-                         lambda k, a, _: np.array_equal(self.encode_value(k, a), asked[k]))
+        asked = {k: self.encode_value(k, v).tobytes() for k, v in condition.items()}
+        seen: dict = {}  # each distinct group value encoded once (a screen repeats its labels)
+
+        def same(key, value, _) -> bool:
+            if (key, value) not in seen:
+                seen[key, value] = self.encode_value(key, value).tobytes() == asked[key]
+            return seen[key, value]
+
+        shares = mixture(self.meta.get("training_groups") or {}, n, condition, same)
         return {k: [c[k] for c, m in shares for _ in range(m)] for k in shares[0][0]} if shares else condition
 
     def _obs_label(self, key: str, value):
