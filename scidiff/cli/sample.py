@@ -119,5 +119,5 @@ def _mixture_note(model, n: int, groups: list) -> str:
     """Where conditions left covariates out, how many training groups their cells were drawn from."""
     from ..tasks.generate import Mixture, plan_groups  # lazy: keeps --help light (torch, anndata)
 
-    mixed = [len(c.conditions) for c, _ in plan_groups(model, n, groups) if isinstance(c, Mixture)]
+    mixed = [len(c.conditions) for c in plan_groups(model, n, groups) if isinstance(c, Mixture)]
     return f"; drawn from {sum(mixed)} training groups in their proportions" if mixed else ""

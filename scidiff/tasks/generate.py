@@ -113,8 +113,8 @@ def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) ->
     return uns
 
 
-def plan_groups(model, n: int, groups=None) -> list[tuple[dict | Mixture, int]]:
-    """What to generate: ``n`` cells for each condition dict of ``groups``. Where a condition
+def plan_groups(model, n: int, groups=None) -> list[dict | Mixture]:
+    """What to generate, ``n`` cells of each: the condition dicts of ``groups``. Where a condition
     leaves out covariates the model was trained on (or there is none), its ``n`` cells are a
     :class:`Mixture` of the training groups that carry it, in their training proportions, each
     labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`): cells like the training
@@ -127,7 +127,7 @@ def plan_groups(model, n: int, groups=None) -> list[tuple[dict | Mixture, int]]:
         shares = model.data_spec.training_mixture(n, condition) if model.data_spec is not None else []
         for g, c in shares:
             _check_generate(model, c, g)
-        plan.append((Mixture(*zip(*shares)) if shares else condition, n))
+        plan.append(Mixture(*zip(*shares)) if shares else condition)
     return plan
 
 
@@ -153,7 +153,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    ((condition, _),) = plan_groups(model, n, [condition])
+    (condition,) = plan_groups(model, n, [condition])
     observed = model.resolve_observed(observed)
     parts, labels = [], []
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
@@ -182,23 +182,22 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    plan = [(cond, int(first_index), cells) for cond, cells in plan_groups(model, n, groups)]
-    return _write_groups(model, engine, out, plan, seed=seed, chunk_size=chunk_size, progress=progress,
-                         observed=model.resolve_observed(observed), settings=settings)
+    return _write_groups(model, engine, out, plan_groups(model, n, groups), int(first_index), n, seed=seed,
+                         chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
+                         settings=settings)
 
 
-def _write_groups(model, engine, out, plan, *, seed: int, chunk_size: int, progress: bool, observed: bool,
-                  settings: dict) -> tuple[int, int]:
-    """The writer of :func:`generate_to_file`: ``plan`` lists ``(condition, first cell index,
-    cells)`` per group."""
+def _write_groups(model, engine, out, plan, first: int, cells: int, *, seed: int, chunk_size: int, progress: bool,
+                  observed: bool, settings: dict) -> tuple[int, int]:
+    """The writer of :func:`generate_to_file`: ``cells`` cells of each condition of ``plan``,
+    named from ``first`` on."""
     several = len(plan) > 1
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
-            tqdm(total=sum(c for _, _, c in plan), desc="sampling", unit="cell", disable=not progress) as bar:
+            tqdm(total=cells * len(plan), desc="sampling", unit="cell", disable=not progress) as bar:
         writer.uns = {"scidiff": _generation_uns(model, settings, seed, observed, engine)}
         writer.var = model.data_spec.var_frame()
-        for i, (cond, start, cells) in enumerate(plan):
-            if not cells:  # a group with no cells in this shard keeps its index (names, seeds)
-                continue
+        for i, cond in enumerate(plan):
+            start = first
             for x, labels in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size,
                                      observed=observed, settings=settings):
                 names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
@@ -245,15 +244,10 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
 
-    def share(r: int) -> list[tuple[dict | Mixture, int, int]]:  # rank r's (condition, first index, cells)
-        out = []
-        for cond, cells in plan:
-            first, count = distributed.share(cells, r, world_size)
-            out.append((cond.part(first, first + count) if isinstance(cond, Mixture) else cond, first, count))
-        return out
-
-    if sum(c for _, _, c in share(rank)):
-        _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), share(rank),
+    first, count = distributed.share(n, rank, world_size)
+    if count:  # this rank's cells of each condition; of a mixture, its slice of the stream
+        mine = [cond.part(first, first + count) if isinstance(cond, Mixture) else cond for cond in plan]
+        _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), mine, first, count,
                       seed=distributed.derived_seed(seed, rank), chunk_size=chunk_size, progress=progress,
                       observed=observed, settings=settings)
     distributed.barrier()  # every shard is complete past this point
@@ -261,7 +255,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
         return None
     shards = []
     for r in range(world_size):
-        c = sum(c for _, _, c in share(r))
+        f, c = distributed.share(n, r, world_size)
         if not c:
             continue
         name = shard_name(r, world_size)
@@ -269,12 +263,12 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard {path!r} of rank {r} is missing; did every rank finish?")
         found = _h5ad_cells(path)
-        if found != c:
-            raise ValueError(f"shard {path!r} holds {found} cells, expected {c}")
-        shards.append({"file": name, "rank": r, "cells": found, "first_index": min(f for _, f, _ in share(r)),
+        if found != c * len(plan):
+            raise ValueError(f"shard {path!r} holds {found} cells, expected {c * len(plan)}")
+        shards.append({"file": name, "rank": r, "cells": found, "first_index": f,
                        "seed": distributed.derived_seed(seed, r)})
-    groups = [(g, int(k)) for cond, cells in plan for g, k in (zip(cond.conditions, cond.cells)
-                                                                if isinstance(cond, Mixture) else [(cond, cells)])]
+    groups = [(g, int(k)) for cond in plan for g, k in (zip(cond.conditions, cond.cells)
+                                                         if isinstance(cond, Mixture) else [(cond, n)])]
     manifest = {"format": "scidiff.generated", "format_version": 1, "cells": n * len(plan), "cells_per_group": n,
                 "genes": len(model.data_spec.gene_names),
                 "groups": [{k: str(v) for k, v in g.items()} for g, _ in groups], "group_cells": [k for _, k in groups],
