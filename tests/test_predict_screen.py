@@ -99,6 +99,36 @@ def test_obs_columns_that_describe_the_perturbation_are_recorded(papalexi, tmp_p
     assert kang.perturbation_columns == {"condition": {}}
 
 
+def test_a_column_numbered_per_context_is_not_left_at_the_controls_value(tmp_path):
+    """Zhao et al. 2021 numbers its samples per patient: ``treatment_id`` 701 is one patient's
+    vehicle and another's (PW036) vehicle too, 711 one patient's panobinostat and another's
+    vehicle, so it is no function of the treatment and the treatment none of it, yet within each
+    patient it names the treatment. Recorded with the patient as context (no value for any label,
+    so a prediction drops it), as is ``sample_id``; the patient's own columns (age, gender) and
+    the per-cell ``id`` are not. Without the context it was kept at the control cells' value."""
+    import scidiff
+    from scidiff.data.spec import describing_columns
+    from scidiff.tasks.screen import baseline_screen
+
+    zhao = ad.read_h5ad(shared_file("zhao21_glioblastoma_panobinostat_lemur.h5ad"))
+    spec = scidiff.setup_anndata(zhao, n_top_genes=None, condition_keys=["patient_id", "treatment"],
+                                 perturbation_keys=["treatment"], control_labels=["vehicle (DMSO)"]).spec
+    record = spec.perturbation_columns["treatment"]
+    assert sorted(record) == ["condition", "sample_id", "treatment_id"]
+    assert record["treatment_id"] == {} and record["sample_id"] == {}
+    assert record["condition"] == {"vehicle (DMSO)": "ctrl", "0.2 uM panobinostat": "panobinostat"}
+    assert "treatment_id" not in describing_columns(zhao.obs, "treatment", exclude={"patient_id"})
+    x = zhao.layers["logcounts"]
+    log = ad.AnnData(X=x.toarray() if hasattr(x, "toarray") else np.asarray(x), obs=zhao.obs.copy())
+    control = log[(log.obs["patient_id"] == "PW030") & (log.obs["condition"] == "ctrl")][:20].copy()
+    assert set(control.obs["treatment_id"]) == {"701"}
+    pred = baseline_screen("mean-shift", log, control, [{"treatment": "0.2 uM panobinostat"}],
+                           perturbation_key="treatment", context_key="patient_id",
+                           control_labels=["vehicle (DMSO)"])
+    assert "treatment_id" not in pred.obs and "sample_id" not in pred.obs
+    assert set(pred.obs["condition"]) == {"panobinostat"} and set(pred.obs["age"]) == set(control.obs["age"])
+
+
 def test_a_screen_of_three_targets_in_one_call(run, files, capsys):
     """Stacked in the targets' order, each target's rows equal to a single ``perturb`` call;
     ``target`` set from the label (missing for the combination), ``grna`` never the control's;

@@ -421,7 +421,7 @@ def lookup_label(values: dict, label, separator: str = "+", control_labels=("con
     return None
 
 
-def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
+def describing_columns(obs, key: str, exclude=(), contexts=()) -> dict[str, dict]:
     """The ``obs`` columns that describe perturbation ``key`` in these cells, each with its value
     per label: ``{column: {label: value}}``.
 
@@ -429,10 +429,14 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
     function of the label (every label's cells carry a single value: Papalexi's ``target`` for
     ``perturbation``) or, for a column of labels or integers with at most half as many values as
     cells, the label is a function of it (it refines the perturbation: Papalexi's ``grna``,
-    several guides per target). A label is recorded with its value only where its cells carry a
-    single one (never for a guide column's targets), so a predicted cell gets that value or none.
-    ``key`` itself and ``exclude`` (the model's covariates: a cell keeps its own context) are
-    never recorded; missing values count as a value (recorded as ``None``)."""
+    several guides per target), or, with ``contexts`` (obs columns of the context covariates), it
+    is a function of the context and label but not of the context alone, with at most half as
+    many such groups as cells (a sample or treatment ID numbered per patient: Zhao's
+    ``treatment_id``, 701 for one patient's vehicle and another's panobinostat). A label is
+    recorded with its value only where its cells carry a single one (never for a guide column's
+    targets), so a predicted cell gets that value or none, never its control's. ``key`` itself
+    and ``exclude`` (the model's covariates: a cell keeps its own context) are never recorded;
+    missing values count as a value (recorded as ``None``)."""
     import pandas as pd
     from pandas.api.types import is_float_dtype
 
@@ -441,13 +445,16 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
     labels = obs[key].astype(str).str.strip().to_numpy()
     lab_codes, lab_uniques = pd.factorize(labels)
     n_labels, n_cells = len(lab_uniques), len(labels)
+    contexts = [c for c in contexts if c in obs.columns and c != key]
+    ctx_codes = (pd.MultiIndex.from_frame(obs[contexts].astype(str)).factorize()[0] if contexts
+                 else np.zeros(n_cells, dtype=np.int64))
+    group_codes, group_uniques = pd.factorize(ctx_codes.astype(np.int64) * n_labels + lab_codes)
     out = {}
     for column in obs.columns:
         if column == key or column in set(exclude):
             continue
-        col = obs[column]
         try:
-            val_codes, val_uniques = pd.factorize(col, use_na_sentinel=False)
+            val_codes, val_uniques = pd.factorize(obs[column], use_na_sentinel=False)
         except TypeError:  # unhashable values
             continue
         n_values = len(val_uniques)
@@ -456,14 +463,25 @@ def describing_columns(obs, key: str, exclude=()) -> dict[str, dict]:
         pairs = np.unique(lab_codes.astype(np.int64) * n_values + val_codes)
         per_label = np.bincount(pairs // n_values, minlength=n_labels)
         per_value = np.bincount(pairs % n_values, minlength=n_values)
-        discrete = not is_float_dtype(col.dtype)  # labels, booleans, integers (a categorical's too)
+        discrete = not is_float_dtype(obs[column].dtype)  # labels, booleans, integers (a categorical's too)
         forward = bool((per_label == 1).all())
         refines = discrete and bool((per_value == 1).all()) and 2 * n_values <= n_cells
-        if not (forward or refines):
+        if not (forward or refines or _within_contexts(ctx_codes, group_codes, len(group_uniques), val_codes)):
             continue
         single = {int(p // n_values): int(p % n_values) for p in pairs if per_label[p // n_values] == 1}
         out[str(column)] = {str(lab_uniques[li]): _plain(val_uniques[vi]) for li, vi in sorted(single.items())}
     return out
+
+
+def _within_contexts(ctx_codes: np.ndarray, group_codes: np.ndarray, n_groups: int, val_codes: np.ndarray) -> bool:
+    """Whether a column (``val_codes``) is a function of the (context, label) groups but not of
+    the contexts alone, over groups of two cells or more on average (:func:`describing_columns`)."""
+    if ctx_codes.max(initial=0) == 0 or 2 * n_groups > len(val_codes):
+        return False
+    n_values = int(val_codes.max()) + 1
+    per_group = np.bincount(np.unique(group_codes * n_values + val_codes) // n_values, minlength=n_groups)
+    per_context = np.bincount(np.unique(ctx_codes * n_values + val_codes) // n_values)
+    return bool((per_group == 1).all() and (per_context > 1).any())
 
 
 MAX_KNOTS = 32
@@ -500,12 +518,13 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
     spec.training_groups = spec.count_groups(codes)
     if obs is not None:
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
-        spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates)
+        contexts = [k for k in vocabs if k not in perturbation_keys]
+        spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates, contexts=contexts)
                                      for key in perturbation_keys if key in obs.columns}
         for key in continuous_keys:  # a time course's measured days (Klein's day for day_num)
             if key != dose_key and key in obs.columns and len(spec.continuous_knots[key]) < MAX_KNOTS:
                 import pandas as pd
 
                 times = obs.assign(**{key: pd.to_numeric(obs[key], errors="coerce").astype(float)})
-                spec.perturbation_columns[key] = describing_columns(times, key, exclude=covariates)
+                spec.perturbation_columns[key] = describing_columns(times, key, exclude=covariates, contexts=contexts)
     return spec

@@ -273,7 +273,8 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
         columns = {}
         if train is not None and perturbation_key is not None:
             skip = {context_key, time_key, *exclude_columns} - {None}
-            columns = {perturbation_key: describing_columns(train.obs, perturbation_key, exclude=skip)}
+            columns = {perturbation_key: describing_columns(train.obs, perturbation_key, exclude=skip,
+                                                            contexts=[context_key] if context_key else ())}
     separator = baseline_kwargs.get("separator", "+")
     parts = _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key,
                             columns, separator, baseline_kwargs)
