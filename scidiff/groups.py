@@ -9,20 +9,25 @@ from collections.abc import Callable
 import numpy as np
 
 
-def share_out(n: int, weights) -> np.ndarray:
-    """``n`` whole cells split in proportion to ``weights``, largest remainders first (ties in
-    the listed order): each share within one cell of ``n * w / sum(w)``, summing to ``n``."""
+def share_out(n: int, weights, seed: int | None = 0) -> np.ndarray:
+    """``n`` whole cells split in proportion to ``weights`` by systematic rounding (Madow 1949):
+    the shares laid end to end, each group's cells the whole numbers that fall in its stretch
+    after one uniform offset drawn from ``seed``. Each share is the floor or the ceiling of
+    ``n * w / sum(w)``, they sum to ``n``, and each is right in expectation over seeds, so that a
+    request for fewer cells than there are groups draws small groups too (largest remainders
+    would give the cells to the largest groups every time)."""
     w = np.asarray(weights, float)
-    share = n * w / w.sum()
-    cells = np.floor(share).astype(int)
-    cells[np.argsort(-(share - cells), kind="stable")[: n - int(cells.sum())]] += 1
-    return cells
+    ends = np.concatenate([[0.0], np.cumsum(n * w / w.sum())])
+    ends[-1] = n  # the last end exactly, whatever the rounding of the sum
+    offset = np.random.default_rng(seed).random()
+    return np.diff(np.floor(ends + offset)).astype(int)
 
 
-def mixture(groups: dict, n: int, condition: dict | None, same: Callable[[str, object, object], bool]
-            ) -> list[tuple[dict, int]]:
+def mixture(groups: dict, n: int, condition: dict | None, same: Callable[[str, object, object], bool],
+            seed: int | None = 0) -> list[tuple[dict, int]]:
     """``n`` cells over the training ``groups`` (``{"keys", "values", "cells"}``) that agree with
-    ``condition`` (``same(key, group value, asked value)``), in their training proportions:
+    ``condition`` (``same(key, group value, asked value)``), in their training proportions
+    (:func:`share_out` from ``seed``):
     ``[(full condition, cells), ...]`` for the groups that get any, the asked values kept as
     given. Empty where there are no groups, ``condition`` names every grouped covariate already,
     or no group carries it (an unseen combination, a time between measured ones)."""
@@ -34,5 +39,5 @@ def mixture(groups: dict, n: int, condition: dict | None, same: Callable[[str, o
             if all(same(k, v, condition[k]) for k, v in zip(keys, values) if k in condition)]
     if not rows:
         return []
-    cells = share_out(n, [c for _, c in rows])
+    cells = share_out(n, [c for _, c in rows], seed)
     return [({**dict(zip(keys, values)), **condition}, int(c)) for (values, _), c in zip(rows, cells) if c]

@@ -395,7 +395,7 @@ def test_a_missing_covariate_is_drawn_like_the_training_data(kang_onnx):
     (older) leaves them to the null condition."""
     model, path = kang_onnx
     sampler = OnnxSampler(path, threads=1)
-    shares = model.data_spec.training_mixture(60)
+    shares = model.data_spec.training_mixture(60, seed=3)
     labels = {k: [c[k] for c, m in shares for _ in range(m)] for k in ("cell_type", "condition")}
     got = sampler.sample(60, seed=3, steps=3, output="arrays")
     assert {k: got["obs"][k] for k in labels} == labels and len(shares) == 14

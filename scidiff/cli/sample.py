@@ -92,7 +92,7 @@ def _sample_sharded(args, model, groups, settings):
     if manifest is not None:
         files = f"{len(manifest['shards'])} shard(s), {MANIFEST}" + (f", {MERGED_FILE}" if args.merge else "")
         print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
-              f"({files}; {_kind(manifest['observed'])}{_mixture_note(model, args.n, groups)})")
+              f"({files}; {_kind(manifest['observed'])}{_mixture_note(model, args.n, groups, args.seed)})")
 
 
 def run(args):
@@ -111,13 +111,13 @@ def run(args):
     observed = model.resolve_observed(_observed(args))
     cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=observed,
                                     engine=args.engine, **settings)
-    note = _mixture_note(model, args.n, groups)
+    note = _mixture_note(model, args.n, groups, args.seed)
     print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed)}{note})")
 
 
-def _mixture_note(model, n: int, groups: list) -> str:
+def _mixture_note(model, n: int, groups: list, seed: int) -> str:
     """Where conditions left covariates out, how many training groups their cells were drawn from."""
     from ..tasks.generate import Mixture, plan_groups  # lazy: keeps --help light (torch, anndata)
 
-    mixed = [len(c.conditions) for c in plan_groups(model, n, groups) if isinstance(c, Mixture)]
+    mixed = [len(c.conditions) for c in plan_groups(model, n, groups, seed) if isinstance(c, Mixture)]
     return f"; drawn from {sum(mixed)} training groups in their proportions" if mixed else ""

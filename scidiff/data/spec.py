@@ -304,12 +304,13 @@ class DataSpec:
                     == canonical_label(b, self.separator, self.control_labels))
         return str(a) == str(b)
 
-    def training_mixture(self, n: int, condition: dict | None = None) -> list[tuple[dict, int]]:
+    def training_mixture(self, n: int, condition: dict | None = None, seed: int | None = 0) -> list[tuple[dict, int]]:
         """``n`` cells shared out over the training groups (:meth:`count_groups`) that agree
         with ``condition`` (all of them without one), in their training proportions
-        (:func:`scidiff.groups.mixture`): ``[(condition, cells), ...]``; empty where the groups
-        are unknown, ``condition`` names every grouped covariate, or no group carries it."""
-        return mixture(self.training_groups, n, condition, self._same_value)
+        (:func:`scidiff.groups.mixture`, its rounding drawn from ``seed``): ``[(condition, cells),
+        ...]``; empty where the groups are unknown, ``condition`` names every grouped covariate,
+        or no group carries it."""
+        return mixture(self.training_groups, n, condition, self._same_value, seed)
 
     def condition_prior(self, key: str, labels) -> np.ndarray:
         """The share of training cells under each of ``labels`` of covariate ``key`` (normalised

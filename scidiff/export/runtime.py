@@ -440,11 +440,12 @@ class OnnxSampler:
             raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {labels}")
         return labels.index(str(value))
 
-    def like_training(self, condition: dict | None, n: int) -> dict:
+    def like_training(self, condition: dict | None, n: int, seed: int | None = 0) -> dict:
         """A condition that leaves covariates out (or none) as per-cell labels over the training
-        groups that carry it, in their training proportions (:func:`scidiff.groups.mixture`), as
-        ``scidiff sample`` draws them; as given where it names every covariate, holds per-cell
-        lists, or the export carries no groups (older exports: the null condition fills in)."""
+        groups that carry it, in their training proportions (:func:`scidiff.groups.mixture`,
+        rounded from ``seed``), as ``scidiff sample`` draws them; as given where it names every
+        covariate, holds per-cell lists, or the export carries no groups (older exports: the null
+        condition fills in)."""
         condition = dict(condition or {})
         if any(isinstance(v, (list, tuple, np.ndarray)) for v in condition.values()):
             return condition
@@ -456,7 +457,7 @@ class OnnxSampler:
                 seen[key, value] = self.encode_value(key, value).tobytes() == asked[key]
             return seen[key, value]
 
-        shares = mixture(self.meta.get("training_groups") or {}, n, condition, same)
+        shares = mixture(self.meta.get("training_groups") or {}, n, condition, same, seed)
         return {k: [c[k] for c, m in shares for _ in range(m)] for k in shares[0][0]} if shares else condition
 
     def _obs_label(self, key: str, value):
@@ -600,13 +601,14 @@ class OnnxSampler:
 
     def prepare(self, n: int, condition: dict | None = None, *, seed: int | None = None, guidance: float = 1.0,
                 eta: float = 0.0, x_T: np.ndarray | None = None) -> Batch:
-        """The inputs of one request: its condition table and, from ``seed``, its starting noise
-        ``x_T``, step noise and then measurements (drawn in order from one
+        """The inputs of one request: its condition table (covariates left out shared over the
+        training groups, rounded from ``seed``: :meth:`like_training`) and, from ``seed``, its
+        starting noise ``x_T``, step noise and then measurements (drawn in order from one
         ``numpy.random.default_rng(seed)``)."""
         n = int(n)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        table, index, obs = self.condition_table(self.like_training(condition, n), n)
+        table, index, obs = self.condition_table(self.like_training(condition, n, seed), n)
         rng = np.random.default_rng(seed)
         if x_T is None:
             x_T = rng.standard_normal((n, self.dim), dtype=np.float32)

@@ -113,18 +113,18 @@ def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) ->
     return uns
 
 
-def plan_groups(model, n: int, groups=None) -> list[dict | Mixture]:
+def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict | Mixture]:
     """What to generate, ``n`` cells of each: the condition dicts of ``groups``. Where a condition
     leaves out covariates the model was trained on (or there is none), its ``n`` cells are a
     :class:`Mixture` of the training groups that carry it, in their training proportions, each
-    labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`): cells like the training
-    data. On Kang this scores better against held-out cells than leaving the missing covariates
-    to classifier-free guidance's null condition, which is learnt from the few training steps
-    that dropped them (``bench/bench_unconditional.py``); that distribution stays
+    labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`, rounded from ``seed``):
+    cells like the training data. On Kang this scores better against held-out cells than
+    leaving the missing covariates to classifier-free guidance's null condition, which is learnt
+    from the few training steps that dropped them (``bench/bench_unconditional.py``); that distribution stays
     ``model.sample``'s. Labels are checked before any work."""
     plan = []
     for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
-        shares = model.data_spec.training_mixture(n, condition) if model.data_spec is not None else []
+        shares = model.data_spec.training_mixture(n, condition, seed) if model.data_spec is not None else []
         for g, c in shares:
             _check_generate(model, c, g)
         plan.append(Mixture(*zip(*shares)) if shares else condition)
@@ -153,7 +153,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    (condition,) = plan_groups(model, n, [condition])
+    (condition,) = plan_groups(model, n, [condition], seed)
     observed = model.resolve_observed(observed)
     parts, labels = [], []
     with tqdm(total=n, desc="sampling", unit="cell", disable=not progress) as bar:
@@ -182,7 +182,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    return _write_groups(model, engine, out, plan_groups(model, n, groups), int(first_index), n, seed=seed,
+    return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
 
@@ -237,7 +237,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     on disk (bounded memory). Returns the manifest on rank 0, ``None`` elsewhere.
     :func:`read_generated` opens the result."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
-    plan = plan_groups(model, n, groups)
+    plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")

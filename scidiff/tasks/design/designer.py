@@ -56,6 +56,7 @@ from ...diffusion.guidance import classifier_free_guidance, objective_guidance
 from ...diffusion.plans import sampler_plan
 from ...diffusion.samplers import Denoiser, ddim_invert, run_plan
 from ...diffusion.smc import systematic_resample, walk_smc
+from ...groups import share_out
 from .._keywords import no_other_keywords, renamed
 from .classifier import CellTypeClassifier
 from .objectives import (CellTypeObjective, GeneExpressionObjective, MarkerGeneObjective, NonNegativityObjective,
@@ -355,12 +356,11 @@ class InverseDesigner:
                              "prior": prior / prior.sum(), "fraction_met": rate, "posterior": joint / joint.sum()})
 
     @staticmethod
-    def _selected_condition(table, num_samples: int) -> tuple[dict, dict]:
-        """Cells per condition in proportion to the posterior (largest remainder), as per-cell
-        label lists ``{key: [...]}`` and the counts per condition label."""
-        share = table["posterior"].to_numpy() * num_samples
-        counts = np.floor(share).astype(int)
-        counts[np.argsort(-(share - counts), kind="stable")[: num_samples - counts.sum()]] += 1
+    def _selected_condition(table, num_samples: int, seed: int | None = 0) -> tuple[dict, dict]:
+        """Cells per condition in proportion to the posterior (:func:`scidiff.groups.share_out`,
+        rounded from ``seed``), as per-cell label lists ``{key: [...]}`` and the counts per
+        condition label."""
+        counts = share_out(num_samples, table["posterior"].to_numpy(), seed)
         cells: dict[str, list] = {}
         keys = list(dict.fromkeys(k for c in table["condition"] for k in c))
         for cond, k in zip(table["condition"], counts):
@@ -449,7 +449,7 @@ class InverseDesigner:
             table = self.condition_posterior(target, select, source, condition=condition, n_cells=screen_cells,
                                              steps=steps, seed=seed)
             screen_steps = (len(table) + (source is not None)) * screen_cells * steps  # decodings (+ inversion)
-            cells, per_condition = self._selected_condition(table, num_samples)
+            cells, per_condition = self._selected_condition(table, num_samples, seed)
             cond_all.update(model.encode_conditioning(cells, num_samples))
             selection = {"key": select, "cells": per_condition,
                          "posterior": {k: round(float(v), 4) for k, v in zip(table["label"], table["posterior"])},
