@@ -264,7 +264,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
     codes, vocabs = {}, {}
     for key in categorical_keys:
         col = adata.obs[key]
-        check_labelled(col, key, _name(adata))
+        control = (list(control_labels) or [None])[0] if key in perturbation_keys else None
+        check_labelled(col, key, _name(adata), control)
         labels = col.astype(str).to_numpy()
         if key in perturbation_keys and vocab is None and check_control:
             check_controls(key, *np.unique(labels, return_counts=True), control_labels, separator, _name(adata))

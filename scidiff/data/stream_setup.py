@@ -151,7 +151,7 @@ def _encode_covariates(reader, keys, continuous, vocab=None, perturbation_keys=(
     codes = {k: v.numpy() for k, v in codes.items()}
     for key in pert:
         col = obs[key]
-        check_labelled(col, key, repr(reader.path))
+        check_labelled(col, key, repr(reader.path), (list(control_labels) or [None])[0])
         labels, inverse = np.unique(col.astype(str).to_numpy(), return_inverse=True)
         if vocab is None:  # training: the control cells must be there
             check_controls(key, labels, np.bincount(inverse, minlength=len(labels)), control_labels, separator,

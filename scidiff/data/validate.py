@@ -123,15 +123,21 @@ def check_unique_genes(var_names, where: str) -> None:
                      + "; make them unique first, e.g. `adata.var_names_make_unique()` before writing the file")
 
 
-def check_labelled(col, key: str, where: str) -> None:
+def check_labelled(col, key: str, where: str, control: str | None = None) -> None:
     """Every cell has a label in ``obs[key]``; otherwise the error names how many cells miss one,
-    the first few, and the two ways out (cells without a label cannot be conditioned on)."""
+    the first few, and the ways out (cells without a label cannot be conditioned on). For a
+    perturbation (``control``: its control label) the third way out is to call them control, where
+    a screen leaves the unperturbed cells unlabelled."""
     missing = np.asarray(col.isna())
     if not missing.any():
         return
     cells = [str(c) for c in col.index[missing][:3]]
     more = f" and {int(missing.sum()) - 3} more" if missing.sum() > 3 else ""
+    drop = f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`)"
+    if control is None:
+        fill, way = "unknown", "give them a label of their own"
+    else:
+        fill, way = control, "where a missing value means no perturbation (not an undetected guide), call them control"
     raise ValueError(f"obs[{key!r}] of {where} has {int(missing.sum())} missing values (cells {cells}{more}): "
-                     f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`) or give them a label "
-                     f"of their own (`adata.obs[{key!r}] = adata.obs[{key!r}].cat.add_categories('unknown')"
-                     f".fillna('unknown')`)")
+                     f"{drop} or {way} (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(object)"
+                     f".fillna({fill!r}).astype('category')`)")

@@ -116,6 +116,13 @@ def _unlabelled(a: ad.AnnData) -> None:
     a.obs["cell_type"] = labels.astype("category")
 
 
+def _unperturbed_unlabelled(a: ad.AnnData) -> None:
+    """The control cells without a perturbation label (screens that write none for no guide)."""
+    labels = a.obs["condition"].astype(object)
+    labels[labels == "control"] = np.nan
+    a.obs["condition"] = labels.astype("category")
+
+
 def _csc(a: ad.AnnData) -> None:
     a.X = sp.csc_matrix(a.X)
 
@@ -137,6 +144,7 @@ def files(tmp_path_factory, kang_file):
         "tpm": rewritten(kang_file, root, "tpm.h5ad", _tpm),
         "csc": rewritten(kang_file, root, "csc.h5ad", _csc),
         "unlabelled": rewritten(kang_file, root, "unlabelled.h5ad", _unlabelled),
+        "unperturbed_unlabelled": rewritten(kang_file, root, "unperturbed_unlabelled.h5ad", _unperturbed_unlabelled),
     }
     raw = rewritten(kang_file, root, "with_raw.h5ad", _with_raw)
     out["raw_out_of_range"] = broken(raw, root, "raw_out_of_range.h5ad", lambda f: out_of_range(f, "raw/X"))
@@ -213,6 +221,10 @@ CASES = [  # file, extra train flags, what the message must name
     ("csc", ["--streaming"], ["X of", "CSC", "csr_matrix"]),
     ("unlabelled", [], ["obs['cell_type']", "10 missing values", "and 7 more", ".notna()", ".fillna('unknown')"]),
     ("unlabelled", ["--streaming"], ["obs['cell_type']", "10 missing values", "and 7 more", ".notna()"]),
+    ("unperturbed_unlabelled", ["--perturbation-keys", "condition", "--control-labels", "control"],
+     ["obs['condition']", "missing values", ".notna()", "call them control", ".fillna('control')"]),
+    ("unperturbed_unlabelled", ["--perturbation-keys", "condition", "--control-labels", "control", "--streaming"],
+     ["obs['condition']", "missing values", ".notna()", "call them control", ".fillna('control')"]),
     ("truncated", [], ["could not read"]),
     ("truncated", ["--streaming"], ["truncated"]),
     ("empty", [], ["could not read"]),
