@@ -158,7 +158,8 @@ def test_a_screen_of_three_targets_in_one_call(run, files, capsys):
     assert np.isfinite(out.obs["scidiff_confidence"].to_numpy()).any()
 
     tfile = root / "targets.txt"
-    tfile.write_text("# a screen\nperturbation=JAK2   # second\n\nperturbation=STAT1+JAK2\n")
+    # as a spreadsheet program saves it: a byte-order mark and Windows line ends
+    tfile.write_bytes("\ufeffperturbation=JAK2   # second\r\n# a screen\r\n\r\nperturbation=STAT1+JAK2\r\n".encode())
     pred = root / "screen.h5ad"
     assert main(["predict", "--model", str(path), "--data", str(root / "control.h5ad"), "--target",
                  "perturbation=STAT1", "--targets-file", str(tfile), "--steps", "4", "--seed", "3", "--threads", "1",

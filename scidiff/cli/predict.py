@@ -66,9 +66,9 @@ def add(sub):
 
 def read_targets_file(path: str) -> list[tuple[str, str]]:
     """``(where, text)`` per target line of ``path``: ``key=value[,key=value]``; ``#`` starts a
-    comment, blank lines are skipped."""
+    comment, blank lines are skipped (a byte-order mark, as spreadsheet programs write, too)."""
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             lines = fh.read().splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"--targets-file {path!r} is not a UTF-8 text file") from None
