@@ -20,7 +20,8 @@ knockouts teach the prior of weak ones; the shrunk change plus the raw residual'
 directions (whitened), for a weak effect shared by knockouts; and the replicates' composition
 alone (each knockout's mix of replicates applied to the replicates' control means), for whether
 the raw change's PDS comes from the knockouts' cells sitting in other replicates than the
-controls'. The standard errors' calibration is the mean
+controls'; and the raw change times 0.6, 0.8, 1.2, 1.5 and 2, for how PDS answers the size of a
+predicted change whatever its accuracy. The standard errors' calibration is the mean
 of ``(d_A - d_B)^2 / (s_A^2 + s_B^2)`` (1 when they are right). The test third is never read.
 
     python bench/bench_shrinkage.py
@@ -35,6 +36,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
+
+
+SCALES = (0.6, 0.8, 1.2, 1.5, 2.0)
 
 
 def main(argv=None):
@@ -90,6 +94,8 @@ def main(argv=None):
                       lambda d, s2: adaptive_shrinkage(d.reshape(1, -1), s2.reshape(1, -1)).reshape(d.shape),
                   "shrinkage_one_prior_per_gene": lambda d, s2: adaptive_shrinkage(d.T.copy(), s2.T.copy()).T,
                   "shrinkage_plus_residual_top8": residual_axes, "replicate_composition_only": None}
+    for c in SCALES:  # PDS against the size of the change: the raw change shrunk or inflated
+        estimators[f"mean_shift_times_{c}"] = lambda d, s2, c=c: c * d
     scores = {k: {"rmse": [], "mae": [], "pds_l1": []} for k in estimators}
     calibration = []
     for rep in range(args.repeats):
