@@ -52,10 +52,12 @@ def test_export_writes_the_graph_and_everything_a_sampler_needs(kang_onnx):
         np.testing.assert_array_equal(dec["mean"], model.latent_mean.numpy())
         np.testing.assert_array_equal(dec["scale"], model.latent_scale.numpy())
         # the fitted detection model's tables, named by the sidecar
-        assert meta["detection"]["arrays"] == ["detection_edges", "detection_rate", "detection_levels"]
+        assert meta["detection"]["arrays"] == ["detection_edges", "detection_centres", "detection_rate",
+                                               "detection_levels"]
         assert (meta["detection"]["bins"], meta["detection"]["quantiles"]) == (model.detection.bins, 32)
         assert model.detection.edges.shape[1] == model.detection.bins + 1  # sized to the training cells
         np.testing.assert_array_equal(dec["detection_edges"], model.detection.edges.numpy())
+        np.testing.assert_array_equal(dec["detection_centres"], model.detection.centres.numpy())
         np.testing.assert_array_equal(dec["detection_rate"], model.detection.detection.numpy())
         np.testing.assert_array_equal(dec["detection_levels"], model.detection.levels.numpy())
     # the batch dimension is dynamic, and no temporary files are left behind

@@ -108,20 +108,43 @@ def sampler_name(name: str | None, default: str = "ddim") -> str:
 def measure(tables: dict[str, np.ndarray], smooth: np.ndarray, detect_u: np.ndarray,
             level_u: np.ndarray) -> np.ndarray:
     """:meth:`DetectionModel.measure <scidiff.models.observation.DetectionModel.measure>` in
-    numpy: the measured profile ``[N, G]`` of smooth expression ``[N, G]`` given uniforms
-    ``detect_u`` and ``level_u`` ``[N, G]``, from the exported ``tables`` (``detection_edges``,
-    ``detection_rate``, ``detection_levels``)."""
-    edges, rate, levels = tables["detection_edges"], tables["detection_rate"], tables["detection_levels"]
-    smooth = np.asarray(smooth, np.float32)
-    genes, q = np.arange(smooth.shape[1]), levels.shape[2]
-    b = np.empty(smooth.shape, np.int64)  # each value's bin: the inner edges at or below it
-    for j in genes:
-        b[:, j] = np.searchsorted(edges[j, 1:-1], smooth[:, j], side="right")
+    numpy, in the same float32 operations: the measured profile ``[N, G]`` of smooth expression
+    ``[N, G]`` given uniforms ``detect_u`` and ``level_u`` ``[N, G]``, from the exported
+    ``tables`` (``detection_centres``, ``detection_rate``, ``detection_levels``; an export
+    without centres, written before they were kept, reads between the midpoints of
+    ``detection_edges``)."""
+    rate, levels = tables["detection_rate"], tables["detection_levels"]
+    centres = tables.get("detection_centres")
+    if centres is None:
+        edges = tables["detection_edges"]
+        centres = (edges[:, :-1] + edges[:, 1:]) * np.float32(0.5)
+    centres, smooth = np.asarray(centres, np.float32), np.asarray(smooth, np.float32)
+    bins, q = rate.shape[1], levels.shape[2]
+    genes = np.arange(smooth.shape[1])
+    count = np.zeros(smooth.shape, np.int64)  # the centres at or below each value
+    for k in range(bins):
+        count += smooth >= centres[:, k]
+    k = np.clip(count - 1, 0, max(bins - 2, 0))
+    k1 = np.minimum(k + 1, bins - 1)
+    c0 = centres[genes, k]
+    gap = centres[genes, k1] - c0
+    with np.errstate(invalid="ignore"):
+        t = (smooth - c0) / np.where(gap > 0, gap, np.float32(1))
+        w = np.where(gap > 0, np.where(t < 0, np.float32(0), np.where(t > 1, np.float32(1), t)), np.float32(0))
+    r0 = rate[genes, k]
+    p = r0 + w * (rate[genes, k1] - r0)
     v = np.asarray(level_u, np.float32) * np.float32(q - 1)
     lo = np.minimum(np.floor(v).astype(np.int64), q - 2)
-    left, right = levels[genes, b, lo], levels[genes, b, lo + 1]
-    level = left + (v - lo.astype(np.float32)) * (right - left)
-    return np.where(np.asarray(detect_u, np.float32) < rate[genes, b], level, np.float32(0)).astype(np.float32)
+    frac = v - lo.astype(np.float32)
+
+    def level_of(b):
+        left, right = levels[genes, b, lo], levels[genes, b, lo + 1]
+        return left + frac * (right - left)
+
+    l0 = level_of(k)
+    level = l0 + w * (level_of(k1) - l0)
+    with np.errstate(invalid="ignore"):
+        return np.where(np.asarray(detect_u, np.float32) < p, level, np.float32(0)).astype(np.float32)
 
 
 # -- GPU detection ----------------------------------------------------------------------------

@@ -11,11 +11,25 @@ measurement are known:
 - the smooth values of each gene are cut into quantile bins, about ``CELLS_PER_BIN`` (100)
   training cells each, 4 to ``bins`` (16) of them: a bin's detection rate and detected levels
   are read from enough cells (pbmc68k_reduced's 560 training cells: 6 bins; Kang's 1,580: 16);
-- in each bin, the fraction of cells in which the gene is detected (non-zero), and the
-  ``quantiles`` quantiles of its detected levels.
+- in each bin, the mean smooth value of its cells (the bin's centre), the fraction of them in
+  which the gene is detected (non-zero), and the ``quantiles`` quantiles of its detected levels.
 
-Sampling a measurement draws, per gene, detection with the bin's probability and a detected level
-by inverse-CDF interpolation between the bin's quantiles. This is the empirical analogue of a
+Sampling a measurement reads each gene's tables *between* the two bins whose centres flank the
+smooth value, linearly in it: the detection probability as a frequency polygon through the
+bins' rates (Scott 1985, "Frequency polygons", JASA 80:348; the histogram's step would give every
+cell of a bin the same rate, however far apart their smooth values), and the detected level's
+quantile function as the same mix of the two bins' (the displacement interpolation of their
+level distributions); beyond the outer centres the outer bin's tables hold. The rates stored at
+the centres are solved so that each bin's own cells average to the rate the bin measured
+(:meth:`DetectionModel._match_bin_means`). It then draws detection with that probability and a
+detected level by inverse-CDF interpolation between the mixed quantiles. Scored on held-out
+cells by proper scoring rules (``bench/bench_detection.py``), the interpolated tables predict
+their measurement better than the step: on Kang's 396 held-out cells, detection log-loss 0.1420
+against 0.1472, Brier 0.0349 against 0.0351, detected-level CRPS 0.155 against 0.163; on
+pbmc68k_reduced's 142, 0.425 / 0.132 / 0.220 against 0.437 / 0.135 / 0.225. Real cells sent
+through the latent and this measurement (``bench/bench_generation.py``'s ``projected`` row) score
+Kang's classifier AUC 0.518 and MMD 0.0040 (step: 0.524 / 0.0065; the real cells' own floor
+0.499 / 0.0042). This is the empirical analogue of a
 zero-inflated observation model (as scVI's ZINB likelihood, Lopez et al. 2018), with no
 parametric form to misfit: a cell's measured profile comes back with the data's sparsity and
 detected levels, while its smooth state keeps the model's biology.
@@ -54,6 +68,7 @@ class DetectionModel(nn.Module):
         """(Re)allocate the tables for ``bins`` bins."""
         self.bins = int(bins)
         self.register_buffer("edges", torch.zeros(n_genes, self.bins + 1, device=device))
+        self.register_buffer("centres", torch.zeros(n_genes, self.bins, device=device))
         self.register_buffer("detection", torch.zeros(n_genes, self.bins, device=device))
         self.register_buffer("levels", torch.zeros(n_genes, self.bins, self.quantiles, device=device))
 
@@ -61,6 +76,9 @@ class DetectionModel(nn.Module):
         saved = state_dict.get(prefix + "detection")
         if saved is not None and saved.ndim == 2 and saved.shape[1] != self.bins:  # fitted on fewer cells
             self._size(self.edges.shape[0], saved.shape[1], self.edges.device)
+        edges = state_dict.get(prefix + "edges")
+        if edges is not None and prefix + "centres" not in state_dict:  # saved before the centres were kept
+            state_dict[prefix + "centres"] = (edges[:, :-1] + edges[:, 1:]) * 0.5
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
@@ -94,6 +112,9 @@ class DetectionModel(nn.Module):
         group = (torch.arange(g, device=dev).unsqueeze(1) * self.bins + b).reshape(-1)
         detected = (measured.T > 0).reshape(-1)
         cells = torch.bincount(group, minlength=g * self.bins).float()
+        sums = torch.bincount(group, weights=smooth.T.reshape(-1), minlength=g * self.bins)
+        midpoints = ((self.edges[:, :-1] + self.edges[:, 1:]) * 0.5).reshape(-1)  # a bin without cells (ties)
+        self.centres.copy_(torch.where(cells > 0, sums / cells.clamp_min(1), midpoints).reshape(g, self.bins))
         hits = torch.bincount(group[detected], minlength=g * self.bins).float()
         self.detection.copy_((hits / cells.clamp_min(1)).reshape(g, self.bins))
         # detected-level quantiles per (gene, bin): sort by value, then stably by group
@@ -118,19 +139,73 @@ class DetectionModel(nn.Module):
             for k in torch.nonzero(~has[gene]).flatten().tolist():
                 levels[gene, k] = levels[gene, full[(full - k).abs().argmin()]]
         self.levels.copy_(levels)
+        self._match_bin_means(smooth, b, cells.reshape(g, self.bins))
         self.fitted.fill_(True)
         return self
+
+    def _match_bin_means(self, smooth: torch.Tensor, b: torch.Tensor, cells: torch.Tensor,
+                         entries: int = 1 << 21) -> None:
+        """Replace each bin's detection rate by the rate at its centre that makes the interpolated
+        rate average, over the bin's own training cells, to the bin's measured rate: per gene,
+        ``A r = rate`` with ``A[b, j]`` the mean weight :meth:`_between` gives centre ``j`` over bin
+        ``b``'s cells (clipped to [0, 1]; a gene whose system is singular keeps its rates). Read
+        at the centres alone, a rate that rises steeply with the smooth value is underestimated in
+        the top bin, whose cells mostly lie below its mean and beyond which the outer rate holds:
+        Kang's held-out cells were predicted 2.9% fewer detections than the step tables predict
+        (0.889 against 0.914 of those observed), now 0.918. The level quantiles are left as
+        measured: solving them too lowered no held-out score (``CRPS`` 0.1575 against 0.1551)."""
+        g, bins = cells.shape
+        if bins < 2:
+            return
+        weights = torch.zeros(g * bins * bins, dtype=torch.float64, device=smooth.device)
+        row = (torch.arange(g, device=smooth.device) * bins).unsqueeze(0)  # [1, G]
+        chunk = max(1, entries // g)  # cells at a time: about ``entries`` values in each temporary
+        for start in range(0, smooth.shape[0], chunk):
+            k, k1, w = self._between(smooth[start:start + chunk], self.centres)  # [n, G]
+            at = (row + b.T[start:start + chunk]) * bins                          # (gene, bin) row of A
+            w = w.double()
+            weights += torch.bincount((at + k).reshape(-1), weights=(1 - w).reshape(-1), minlength=len(weights))
+            weights += torch.bincount((at + k1).reshape(-1), weights=w.reshape(-1), minlength=len(weights))
+        a = weights.reshape(g, bins, bins) / cells.double().clamp_min(1).unsqueeze(2)
+        empty = cells == 0  # a bin without cells keeps its own rate
+        a[empty] = torch.eye(bins, dtype=a.dtype, device=a.device)[torch.nonzero(empty)[:, 1]]
+        rate, info = torch.linalg.solve_ex(a, self.detection.double().unsqueeze(2))
+        rate = rate.squeeze(2).float()
+        ok = (info == 0) & rate.isfinite().all(1)
+        self.detection.copy_(torch.where(ok[:, None], rate.clamp(0, 1), self.detection))
 
     def _check_fitted(self):
         if not bool(self.fitted):
             raise RuntimeError("the detection model is not fitted: call model.fit_detection(cells) on training "
                                "cells first (ScIDiffModel.from_data does it for principal-axes models)")
 
+    def _between(self, smooth: torch.Tensor, centres: torch.Tensor):
+        """Where each value of ``smooth [N, G]`` lies among its gene's bin centres (``centres
+        [G, bins]``): the lower bin ``k``, the upper ``k1`` and the upper one's weight ``w``,
+        each ``[N, G]``. ``k`` is the count of centres at or below the value, less one, within
+        ``[0, bins - 2]``; ``w = (s - c_k) / (c_k1 - c_k)`` clipped to ``[0, 1]`` (0 where the
+        centres tie; NaN stays NaN and measures as not detected). The compiled pass and the numpy
+        runtime compute the same in the same float32 operations."""
+        centres = centres.T.contiguous()                          # [bins, G]
+        count = torch.zeros(smooth.shape, dtype=torch.long, device=smooth.device)
+        for c in centres:
+            count += smooth >= c
+        k = (count - 1).clamp(0, max(self.bins - 2, 0))
+        k1 = (k + 1).clamp_max(self.bins - 1)
+        c0 = centres.gather(0, k)
+        gap = centres.gather(0, k1) - c0
+        t = (smooth - c0) / torch.where(gap > 0, gap, torch.ones_like(gap))
+        inside = torch.where(t < 0, torch.zeros_like(t), torch.where(t > 1, torch.ones_like(t), t))
+        return k, k1, torch.where(gap > 0, inside, torch.zeros_like(t))
+
     def _gene_tables(self, smooth: torch.Tensor, gene: int):
-        """Detection probability ``[N]`` and detected-level quantiles ``[N, Q]`` of one gene."""
-        inner = self.edges[gene, 1:-1].contiguous()
-        b = torch.searchsorted(inner, smooth[:, gene].float().contiguous(), right=True)
-        return self.detection[gene, b], self.levels[gene, b]
+        """Detection probability ``[N]`` and detected-level quantiles ``[N, Q]`` of one gene, read
+        between the flanking bins as :meth:`measure` reads them."""
+        one = slice(gene, gene + 1)
+        k, k1, w = (a[:, 0] for a in self._between(smooth[:, one].float(), self.centres[one]))
+        rate, levels = self.detection[gene], self.levels[gene]
+        p = rate[k] + w * (rate[k1] - rate[k])
+        return p, levels[k] + w[:, None] * (levels[k1] - levels[k])
 
     def _level_cdf(self, levels: torch.Tensor, value: float) -> torch.Tensor:
         """``P(level <= value | detected)`` per row of quantile tables ``levels [N, Q]``, the
@@ -177,8 +252,9 @@ class DetectionModel(nn.Module):
     def measure(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor) -> torch.Tensor:
         """The deterministic half of :meth:`sample`: a measured profile ``[N, G]`` for smooth
         expression ``[N, G]`` given uniforms ``detect_u`` and ``level_u`` ``[N, G]`` in [0, 1).
-        A gene is detected where ``detect_u`` is below its bin's detection probability, at the
-        level its bin's quantiles interpolate at ``level_u``, else measured 0
+        A gene is detected where ``detect_u`` is below its detection probability, at the level
+        its quantiles interpolate at ``level_u``, both read between the two bins that flank its
+        smooth value (module docstring), else measured 0
         (:func:`scidiff.export.runtime.measure` is the same map in numpy).
 
         On the CPU the compiled pass (``scidiff.models._measure``, one pass per value) runs where
@@ -193,31 +269,34 @@ class DetectionModel(nn.Module):
         """The compiled pass: smooth cell-major, the uniforms gene-major (:meth:`sample` draws
         them so: no copy), the tables as stored."""
         arrays = [smooth.detach().float(), detect_u.detach().float().T, level_u.detach().float().T,
-                  self.edges, self.detection, self.levels]
+                  self.centres, self.detection, self.levels]
         out = torch.empty(smooth.shape, dtype=torch.float32)
         _native.measure(*(a.contiguous().numpy() for a in arrays), out.numpy(), torch.get_num_threads())
         return out
 
     @torch.no_grad()
     def measure_reference(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor) -> torch.Tensor:
-        """:meth:`measure` in torch, cell-major: each value's bin is the number of its gene's
-        (sorted) inner edges at or below it, counted edge by edge (what ``searchsorted(right=True)``
-        returns, without its per-gene search), and the tables are read by ``gather`` along their
-        bin axis."""
+        """:meth:`measure` in torch, cell-major: each value's flanking bins and weight
+        (:meth:`_between`, the centres counted one by one), the tables read by ``gather`` along
+        their bin axis, the two bins' rates and interpolated levels mixed by the weight."""
         self._check_fitted()
         smooth = smooth.float()
-        inner = self.edges[:, 1:-1]                               # [G, bins - 1], sorted per gene
-        count = torch.zeros(smooth.shape, dtype=torch.uint8, device=smooth.device)
-        for k in range(inner.shape[1]):
-            count += smooth >= inner[:, k]
-        b = count.long()                                          # [N, G]
-        p = self.detection.T.contiguous().gather(0, b)            # [bins, G] -> [N, G]
+        k, k1, w = self._between(smooth, self.centres)           # [N, G] each
+        rate = self.detection.T.contiguous()                      # [bins, G]
+        r0 = rate.gather(0, k)
+        p = r0 + w * (rate.gather(0, k1) - r0)
         v = level_u * (self.quantiles - 1)
         lo = v.floor().long().clamp_max(self.quantiles - 2)
+        frac = v - lo
         levels = self.levels.permute(1, 2, 0).reshape(-1, self.levels.shape[0])  # [bins * Q, G]
-        at = b * self.quantiles + lo
-        left, right = levels.gather(0, at), levels.gather(0, at + 1)
-        level = left + (v - lo) * (right - left)
+
+        def level_of(b):
+            at = b * self.quantiles + lo
+            left, right = levels.gather(0, at), levels.gather(0, at + 1)
+            return left + frac * (right - left)
+
+        l0 = level_of(k)
+        level = l0 + w * (level_of(k1) - l0)
         return torch.where(detect_u < p, level, torch.zeros_like(level))
 
     @torch.no_grad()
