@@ -112,6 +112,9 @@ def test_sample_is_measure_on_uniforms_drawn_gene_major():
     detect_u, level_u = torch.rand(3, 400, generator=draws), torch.rand(3, 400, generator=draws)
     torch.testing.assert_close(det.sample(fresh, torch.Generator().manual_seed(4)),
                                det.measure(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
+    # the torch reference a few cells at a time (bounded temporaries) is the same map
+    torch.testing.assert_close(det.measure_reference(fresh, detect_u.T, level_u.T, entries=50),
+                               det.measure_reference(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
 
 
 def test_numpy_measure_equals_the_torch_map_on_the_same_uniforms():

@@ -275,12 +275,23 @@ class DetectionModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def measure_reference(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor) -> torch.Tensor:
+    def measure_reference(self, smooth: torch.Tensor, detect_u: torch.Tensor, level_u: torch.Tensor,
+                          entries: int = 1 << 22) -> torch.Tensor:
         """:meth:`measure` in torch, cell-major: each value's flanking bins and weight
         (:meth:`_between`, the centres counted one by one), the tables read by ``gather`` along
-        their bin axis, the two bins' rates and interpolated levels mixed by the weight."""
+        their bin axis, the two bins' rates and interpolated levels mixed by the weight; about
+        ``entries`` values at a time (its temporaries take some 90 bytes a value: a GPU batch of
+        65,536 cells x 2,000 genes whole would hold 12 GB)."""
         self._check_fitted()
         smooth = smooth.float()
+        out = torch.empty_like(smooth)
+        rows = max(1, entries // max(smooth.shape[1], 1))
+        for start in range(0, smooth.shape[0], rows):
+            part = slice(start, start + rows)
+            out[part] = self._measure_rows(smooth[part], detect_u[part], level_u[part])
+        return out
+
+    def _measure_rows(self, smooth, detect_u, level_u) -> torch.Tensor:
         k, k1, w = self._between(smooth, self.centres)           # [N, G] each
         rate = self.detection.T.contiguous()                      # [bins, G]
         r0 = rate.gather(0, k)
