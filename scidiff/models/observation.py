@@ -151,9 +151,10 @@ class DetectionModel(nn.Module):
         ``b``'s cells (clipped to [0, 1]; a gene whose system is singular keeps its rates). Read
         at the centres alone, a rate that rises steeply with the smooth value is underestimated in
         the top bin, whose cells mostly lie below its mean and beyond which the outer rate holds:
-        Kang's held-out cells were predicted 2.9% fewer detections than the step tables predict
-        (0.889 against 0.914 of those observed), now 0.918. The level quantiles are left as
-        measured: solving them too lowered no held-out score (``CRPS`` 0.1575 against 0.1551)."""
+        Kang's held-out cells were predicted 2.7% fewer detections than the step tables predict
+        (0.889 against 0.914 of those observed), now 0.918 (``bench/bench_detection.py``). The
+        level quantiles are left as measured: solving them too raised the held-out CRPS (0.1575
+        against 0.1551)."""
         g, bins = cells.shape
         if bins < 2:
             return
@@ -184,8 +185,8 @@ class DetectionModel(nn.Module):
         [G, bins]``): the lower bin ``k``, the upper ``k1`` and the upper one's weight ``w``,
         each ``[N, G]``. ``k`` is the count of centres at or below the value, less one, within
         ``[0, bins - 2]``; ``w = (s - c_k) / (c_k1 - c_k)`` clipped to ``[0, 1]`` (0 where the
-        centres tie; NaN stays NaN and measures as not detected). The compiled pass and the numpy
-        runtime compute the same in the same float32 operations."""
+        centres tie; a NaN value keeps a NaN weight, which measures as not detected). The
+        compiled pass and the numpy runtime compute the same in the same float32 operations."""
         centres = centres.T.contiguous()                          # [bins, G]
         count = torch.zeros(smooth.shape, dtype=torch.long, device=smooth.device)
         for c in centres:
