@@ -23,21 +23,29 @@ def share_out(n: int, weights, seed: int | None = 0) -> np.ndarray:
     return np.diff(np.floor(ends + offset)).astype(int)
 
 
-def mixture(groups: dict, n: int, condition: dict | None, same: Callable[[str, object, object], bool],
-            seed: int | None = 0) -> list[tuple[dict, int]]:
-    """``n`` cells over the training ``groups`` (``{"keys", "values", "cells"}``) that agree with
-    ``condition`` (``same(key, group value, asked value)``), in their training proportions
-    (:func:`share_out` from ``seed``):
-    ``[(full condition, cells), ...]`` for the groups that get any, the asked values kept as
-    given. Empty where there are no groups, ``condition`` names every grouped covariate already,
-    or no group carries it (an unseen combination, a time between measured ones)."""
+def carrying(groups: dict, condition: dict | None, same: Callable[[str, object, object], bool]
+             ) -> list[tuple[list, int]]:
+    """The training ``groups`` (``{"keys", "values", "cells"}``) that agree with ``condition``
+    (``same(key, group value, asked value)``), as ``(values, cells)``. Empty where there are no
+    groups, ``condition`` names every grouped covariate already, or no group carries it (an unseen
+    combination, a time between measured ones)."""
     condition = dict(condition or {})
     if not groups or set(groups["keys"]) <= set(condition):
         return []
     keys = groups["keys"]
-    rows = [(values, c) for values, c in zip(groups["values"], groups["cells"])
+    return [(values, c) for values, c in zip(groups["values"], groups["cells"])
             if all(same(k, v, condition[k]) for k, v in zip(keys, values) if k in condition)]
+
+
+def mixture(groups: dict, n: int, condition: dict | None, same: Callable[[str, object, object], bool],
+            seed: int | None = 0, rows: list | None = None) -> list[tuple[dict, int]]:
+    """``n`` cells over the training ``groups`` that carry ``condition`` (:func:`carrying`, or
+    ``rows`` where the caller kept them), in their training proportions (:func:`share_out` from
+    ``seed``): ``[(full condition, cells), ...]`` for the groups that get any, the asked values
+    kept as given; empty where no group carries it."""
+    condition = dict(condition or {})
+    rows = carrying(groups, condition, same) if rows is None else rows
     if not rows:
         return []
     cells = share_out(n, [c for _, c in rows], seed)
-    return [({**dict(zip(keys, values)), **condition}, int(c)) for (values, _), c in zip(rows, cells) if c]
+    return [({**dict(zip(groups["keys"], values)), **condition}, int(c)) for (values, _), c in zip(rows, cells) if c]

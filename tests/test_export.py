@@ -404,5 +404,12 @@ def test_a_missing_covariate_is_drawn_like_the_training_data(kang_onnx):
     np.testing.assert_array_equal(got["X"], sampler.sample(60, labels, seed=3, steps=3, output="arrays")["X"])
     partial = sampler.sample(40, {"condition": "stimulated"}, seed=1, steps=3, output="arrays")
     assert set(partial["obs"]["condition"]) == {"stimulated"} and len(set(partial["obs"]["cell_type"])) == 7
-    sampler.meta["training_groups"] = {}
-    assert list(sampler.sample(4, seed=3, steps=3, output="arrays")["obs"]) == []
+    # the groups a condition keeps are read once: a second request encodes only what it asks
+    calls, encode = [], sampler.encode_value
+    sampler.encode_value = lambda k, v: calls.append((k, v)) or encode(k, v)
+    again = sampler.like_training({"condition": "stimulated"}, 40, seed=1)
+    assert calls == [("condition", "stimulated")]
+    assert again["cell_type"] == list(partial["obs"]["cell_type"])
+    older = OnnxSampler(path, threads=1)
+    older.meta["training_groups"] = {}
+    assert list(older.sample(4, seed=3, steps=3, output="arrays")["obs"]) == []
