@@ -65,7 +65,7 @@ def _dataset(name: str, seed: int) -> dict:
     import torch
 
     import scidiff
-    from bench_generation import split_groups
+    from bench_generation import held_out_split
 
     if name == "kang":
         adata, keys, n_top = scidiff.data.read_h5ad(KANG), ["cell_type", "condition"], 2000
@@ -73,8 +73,7 @@ def _dataset(name: str, seed: int) -> dict:
         import scanpy as sc
 
         adata, keys, n_top = sc.datasets.pbmc68k_reduced().raw.to_adata(), ["bulk_labels"], None
-    groups = adata.obs[keys].astype(str).agg(" | ".join, axis=1).to_numpy()
-    train, test = split_groups(groups, 0.2, seed)
+    _, train, test = held_out_split(adata, keys, seed)
     data = scidiff.setup_anndata(adata[train].copy(), condition_keys=keys, n_top_genes=n_top)
     torch.manual_seed(seed)
     model = scidiff.ScIDiffModel.from_data(data, hidden_dim=32, num_layers=1, latent_dim=64)

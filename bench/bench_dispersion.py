@@ -52,14 +52,13 @@ def main(argv=None):
 
     import machine_info
     import scidiff
-    from bench_generation import split_groups
+    from bench_generation import held_out_split
     from scidiff.evaluation import fit_pca
     from scidiff.training.checkpoint import load_model
 
     torch.set_num_threads(args.threads)
     adata = scidiff.data.read_h5ad(args.data)
-    groups = adata.obs[KEYS].astype(str).agg(" | ".join, axis=1).to_numpy()
-    train_mask, _ = split_groups(groups, 0.2, args.seed)
+    groups, train_mask, _ = held_out_split(adata, KEYS, args.seed)
     model = load_model(args.model)
     spec, ab = model.data_spec, model.alphas_cumprod.double()
     cells = scidiff.transform_like(spec, adata)

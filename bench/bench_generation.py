@@ -58,6 +58,13 @@ def split_groups(labels: np.ndarray, test_fraction: float, seed: int):
     return ~test, test
 
 
+def held_out_split(adata, keys, seed: int, test_fraction: float = 0.2):
+    """Each cell's group (its ``keys`` values joined by `` | ``) and the split of every group into
+    training and held-out cells (:func:`split_groups`): ``(groups, train, test)``."""
+    groups = adata.obs[list(keys)].astype(str).agg(" | ".join, axis=1).to_numpy()
+    return (groups, *split_groups(groups, test_fraction, seed))
+
+
 AUC_REPEATS = 10  # classifier draws per group (oof_auc_with_ci: one draw's 14-group mean is noisy)
 
 
@@ -166,8 +173,7 @@ def main(argv=None):
         import scanpy as sc
 
         adata, keys, n_top_genes = sc.datasets.pbmc68k_reduced().raw.to_adata(), ["bulk_labels"], None
-    groups = adata.obs[keys].astype(str).agg(" | ".join, axis=1).to_numpy()
-    train_mask, test_mask = split_groups(groups, 0.2, args.seed)
+    groups, train_mask, test_mask = held_out_split(adata, keys, args.seed)
     train_ad = adata[train_mask].copy()
     if args.as_scidiff_train:  # the default command, as a new user runs it
         import tempfile

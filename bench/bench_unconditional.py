@@ -48,7 +48,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     import scidiff
-    from bench_generation import split_groups
+    from bench_generation import held_out_split
     from machine_info import machine, write_json
     from scidiff.config import load_config
     from scidiff.evaluation import fit_pca
@@ -57,8 +57,7 @@ def main(argv=None):
     from scidiff.training import load_model
 
     adata = scidiff.data.read_h5ad(args.data)
-    groups = adata.obs[KEYS].astype(str).agg(" | ".join, axis=1).to_numpy()
-    train_mask, test_mask = split_groups(groups, 0.2, 0)
+    _, train_mask, test_mask = held_out_split(adata, KEYS, 0)
     t0 = time.perf_counter()
     if args.model:
         model = load_model(args.model)
