@@ -433,7 +433,7 @@ def describing_columns(obs, key: str, exclude=(), contexts=()) -> dict[str, dict
     several guides per target), or, with ``contexts`` (obs columns of the context covariates), it
     is a function of the context and label but not of the context alone, with at most half as
     many such groups as cells (a sample or treatment ID numbered per patient: Zhao's
-    ``treatment_id``, 701 for one patient's vehicle and another's panobinostat). A label is
+    ``treatment_id``, 711 for one patient's panobinostat and another's vehicle). A label is
     recorded with its value only where its cells carry a single one (never for a guide column's
     targets), so a predicted cell gets that value or none, never its control's. ``key`` itself
     and ``exclude`` (the model's covariates: a cell keeps its own context) are never recorded;

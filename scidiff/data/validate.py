@@ -125,9 +125,9 @@ def check_unique_genes(var_names, where: str) -> None:
 
 def check_labelled(col, key: str, where: str, control: str | None = None) -> None:
     """Every cell has a label in ``obs[key]``; otherwise the error names how many cells miss one,
-    the first few, and the ways out (cells without a label cannot be conditioned on). For a
-    perturbation (``control``: its control label) the third way out is to call them control, where
-    a screen leaves the unperturbed cells unlabelled."""
+    the first few, and the two ways out (cells without a label cannot be conditioned on): drop
+    them, or label them ('unknown'; for a perturbation, ``control``, its control label, where a
+    screen leaves the unperturbed cells unlabelled)."""
     missing = np.asarray(col.isna())
     if not missing.any():
         return
