@@ -108,3 +108,21 @@ def test_a_column_that_names_the_day_follows_the_time(tmp_path):
     assert main(["predict", "--model", str(tmp_path / "run"), "--data", str(tmp_path / "d2.h5ad"), "--steps", "5",
                  "--target", "day_num=4", "--out", str(tmp_path / "d4.h5ad")]) == 0
     assert "day" not in ad.read_h5ad(tmp_path / "d4.h5ad").obs.columns  # no name for day 4, and not d2
+
+
+def test_a_time_between_measured_days_rests_on_both_and_none_beyond(klein):
+    """The ``direct`` route's confidence: the training cells of the group asked for, ``n / (n + 30)``,
+    read linearly between measured days (here the cells keep ``day`` d2, so only the day-2 group
+    carries them: its weight is 1 at day 2, 0.6 at day 4 on the way to day 7, 0 at day 7 and 9)."""
+    import anndata as ad
+
+    model, source = klein
+    obs = ad.read_h5ad(shared_file("klein15_mesc_lif_timecourse_tmscc.h5ad"), backed="r").obs
+    n2 = float((obs["day_num"] == 2).sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # day 9 is outside training
+        out = trajectory(model, source[:3], {"day_num": [2.0, 4.0, 7.0, 9.0]}, steps=5, progress=False)
+    assert out.obs["scidiff_route"].astype(str).eq("direct").all()
+    conf = out.obs["scidiff_confidence"].to_numpy().reshape(4, 3)
+    expected = [n2 / (n2 + 30), 0.6 * n2 / (0.6 * n2 + 30), 0.0, 0.0]
+    np.testing.assert_allclose(conf, np.repeat(np.array(expected)[:, None], 3, 1), rtol=1e-6)

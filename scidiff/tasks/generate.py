@@ -121,12 +121,11 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     cells like the training data. On Kang this scores better against held-out cells than
     leaving the missing covariates to classifier-free guidance's null condition, which is learnt
     from the few training steps that dropped them (``bench/bench_unconditional.py``); that distribution stays
-    ``model.sample``'s. Labels are checked before any work."""
+    ``model.sample``'s. The labels of ``groups`` are checked before any work (the training
+    groups' own come from the model's spec)."""
     plan = []
     for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
         shares = model.data_spec.training_mixture(n, condition, seed) if model.data_spec is not None else []
-        for g, c in shares:
-            _check_generate(model, c, g)
         plan.append(Mixture(*zip(*shares)) if shares else condition)
     return plan
 

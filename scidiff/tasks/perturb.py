@@ -46,7 +46,10 @@ by the shrinkage, the training cells of the groups read, ``sum_c w_c n_c / (n_c 
 contexts' estimates are pooled where they agree, so agreement alone would not tell 20 cells from
 600), and, for a cell outside every context read, the contexts' agreement among themselves
 (:func:`transfer_evidence`: none from one context); ``additive``, the least of its
-singles'; ``prior``, the prior's own; ``control``, 1; ``direct``, ``NaN`` (not assessed).
+singles'; ``prior``, the prior's own; ``control``, 1; ``direct``, the training cells of the group
+asked for, ``n / (n + 30)``, for a time between two measured ones the two groups around it read
+linearly (as the time embedding is), none beyond the measured times
+(:func:`direct_support`; ``NaN``, not assessed, for a model saved without its training groups).
 
 ``method="population"`` applies the same changes to fresh cells sampled under the input cells'
 own conditions instead of to the input cells.
@@ -225,6 +228,46 @@ def _support(model, key: str, singles, context) -> float:
     return n / (n + SUPPORT_CELLS)
 
 
+def direct_support(spec, codes: dict) -> torch.Tensor:
+    """Per cell, the confidence of a prediction decoded under the condition ``codes`` itself (the
+    ``direct`` route): the training cells of that group ``n``, as ``n / (n + 30)`` (as for
+    ``seen``), from the spec's training groups. Along a numeric covariate (a time, a dose) ``n`` is
+    read linearly between the measured values (each measured value's group weighted by its hat
+    function: 1 there, falling to 0 at the measured values beside it), so a day between two
+    measured days rests on both in proportion to nearness, and a value beyond the measured ones on
+    none; a covariate ``codes`` leaves out is summed over. ``NaN`` where the spec keeps no training
+    groups (a model saved before them, or a covariate with a value per cell)."""
+    groups = spec.training_groups
+    n = len(next(iter(codes.values())))
+    if not groups:
+        return torch.full((n,), float("nan"))
+    keys = [k for k in groups["keys"] if k in codes]
+    labels = spec.decode_conditions({k: codes[k].cpu() for k in keys})
+    weight = np.ones((n, len(groups["cells"])))
+    for key in keys:
+        values = [row[groups["keys"].index(key)] for row in groups["values"]]
+        if key in spec.continuous:
+            weight *= _hat_weights(np.asarray(labels[key], np.float64), np.asarray(values, np.float64))
+        else:
+            asked = np.asarray([str(v) for v in labels[key]], object)
+            weight *= asked[:, None] == np.asarray([str(v) for v in values], object)[None, :]
+    cells = weight @ np.asarray(groups["cells"], np.float64)
+    return torch.as_tensor(cells / (cells + SUPPORT_CELLS), dtype=torch.float32)
+
+
+def _hat_weights(asked: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``[len(asked), len(values)]``: each value's weight in the linear interpolation between the
+    distinct measured ``values`` at each ``asked`` point (0 outside their range)."""
+    knots = np.unique(values)
+    k = np.searchsorted(knots, values)
+    lower = np.where(k > 0, knots[np.maximum(k - 1, 0)], knots[k])
+    upper = np.where(k < len(knots) - 1, knots[np.minimum(k + 1, len(knots) - 1)], knots[k])
+    t, v = asked[:, None], values[None, :]
+    rising = np.divide(t - lower, v - lower, out=np.zeros(np.broadcast(t, v).shape), where=(v > lower) & (t < v))
+    falling = np.divide(upper - t, upper - v, out=np.zeros_like(rising), where=(upper > v) & (t > v))
+    return np.where(t == v, 1.0, np.clip(np.where(t < v, rising, falling), 0.0, 1.0))
+
+
 def _relative_dose_weights(model, key: str, rows: torch.Tensor, dose: dict) -> torch.Tensor:
     """``rows``' singles weighted by the model's dose response at the target dose, relative to
     the dose their effect was fitted at (1 without a dose), ``[B, n]``."""
@@ -381,7 +424,7 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
     dose_key = model.data_spec.dose_key
     dose = {dose_key: tgt[dose_key]} if dose_key and dose_key in tgt else {}
     if plan.route == "direct":
-        return reader.change(x, src, tgt), torch.full((b,), float("nan"))
+        return reader.change(x, src, tgt), direct_support(model.data_spec, tgt)
     change = torch.zeros_like(x)
     confidence = torch.ones(b)
     n_of = model.condition_encoder.perturbations
