@@ -8,12 +8,16 @@ scored on the held-out 20%, whose smooth expression and measurement are both kno
 scoring rules: the Bernoulli log-loss and the Brier score of detection, and the CRPS of the
 detected level (the mean pinball loss over the table's quantiles, times 2), lower better; beside
 them the predicted over the observed number of detections, and the spread (sd) of detected
-genes per cell in one draw of the measurement over that of the real cells. Three readings of
-the same fitted tables: ``step`` (each bin's rate and levels for every value in the bin, the
+genes per cell in one draw of the measurement over that of the real cells. Readings of the
+same fitted tables: ``step`` (each bin's rate and levels for every value in the bin, the
 measurement before the tables were interpolated), ``interpolated`` (linear between the two bin
-centres that flank the value) and ``interpolated, matched`` (the package's: the rates at the
-centres solved so that each bin's cells average to its measured rate). No network is trained:
-only the principal axes and the tables are read.
+centres that flank the value), ``interpolated, matched`` (the rates at the centres solved so
+that each bin's cells average to its measured rate), and the last with the
+detections drawn through the capture factor's copula (``interpolated, matched, capture factor``:
+the package's measurement, whose draws share one factor per cell), which changes no gene's rate
+and so only the per-cell columns: the sd of genes detected and the CRPS of that number, its
+predictive distribution from 100 draws of the measurement. No network is trained: only the
+principal axes and the tables are read.
 
     python bench/bench_detection.py
 """
@@ -52,10 +56,11 @@ def main(argv=None):
         print(f"{name} ({scores['bins']} bins, {scores['held_out_cells']} held-out cells; one measurement of 1,024 "
               f"cells on one thread: " + ", ".join(f"{k} {v}" for k, v in ms.items()) + ")")
         print("| reading | detection log-loss | Brier | level CRPS | predicted / observed detections | "
-              "detected genes per cell, sd vs real |\n|---|---|---|---|---|---|")
+              "detected genes per cell, sd vs real | CRPS of genes per cell |\n|---|---|---|---|---|---|---|")
         for reading, s in scores["readings"].items():
             print(f"| {reading} | {s['log_loss']:.5f} | {s['brier']:.5f} | {s['level_crps']:.4f} | "
-                  f"{s['detections_ratio']:.3f} | {s['genes_per_cell_sd_ratio']:.2f} |")
+                  f"{s['detections_ratio']:.3f} | {s['genes_per_cell_sd_ratio']:.2f} | "
+                  f"{s['genes_per_cell_crps']:.2f} |")
     machine_info.write_json(args.out, result)
     print(f"-> {args.out}")
 
@@ -83,7 +88,7 @@ def _dataset(name: str, seed: int) -> dict:
     smooth, measured = _pairs(model, cells.x[torch.as_tensor(np.flatnonzero(test))])
     step_rates, matched = _bin_rates(det, s_train, m_train), det.detection.clone()
     readings = {}
-    for reading in ("step", "interpolated", "interpolated, matched"):
+    for reading in ("step", "interpolated", "interpolated, matched", "interpolated, matched, capture factor"):
         if reading == "step":  # lower and upper bin the value's own, no weight on the upper
             k = k1 = det._bin(smooth).T                               # [N, G]
             w = torch.zeros(smooth.shape)
@@ -93,8 +98,10 @@ def _dataset(name: str, seed: int) -> dict:
             rates = step_rates if reading == "interpolated" else matched
         r = rates.T
         rate = r.gather(0, k) + w * (r.gather(0, k1) - r.gather(0, k))
-        readings[reading] = _score(det, rate, (k, k1, w), smooth, measured, seed)
-    return {"bins": det.bins, "genes": int(smooth.shape[1]), "held_out_cells": int(smooth.shape[0]),
+        rho = float(det.capture) if reading.endswith("capture factor") else 0.0
+        readings[reading] = _score(det, rate, (k, k1, w), smooth, measured, seed, rho=rho)
+    return {"bins": det.bins, "capture": float(det.capture), "genes": int(smooth.shape[1]),
+            "held_out_cells": int(smooth.shape[0]),
             "readings": readings, "measure_1024_cells_one_thread_ms": _timing(det, smooth)}
 
 
@@ -150,7 +157,32 @@ def _bin_rates(det, smooth, measured):
     return (hits / cells.clamp_min(1)).reshape(g, det.bins)
 
 
-def _score(det, rate, between, smooth, measured, seed: int, max_levels: int = 200_000) -> dict:
+def _draws(rate, rho: float, gen):
+    """One measurement's detections ``[N, G]`` at ``rate``: independent, or through the capture
+    factor's copula (``DetectionModel.sample``)."""
+    import torch
+
+    if rho > 0:
+        u = torch.special.ndtr(rho ** 0.5 * torch.randn(rate.shape[0], 1, generator=gen)
+                               + (1 - rho) ** 0.5 * torch.randn(rate.shape, generator=gen))
+    else:
+        u = torch.rand(rate.shape, generator=gen)
+    return u < rate
+
+
+def _count_crps(rate, y, rho: float, seed: int, draws: int = 100) -> float:
+    """Mean over cells of the CRPS of the number of genes a cell detects, its predictive
+    distribution from ``draws`` measurements (``E|X - y| - E|X - X'| / 2``)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n = torch.stack([_draws(rate, rho, gen).sum(1).float() for _ in range(draws)], 1)  # [N, draws]
+    observed = y.sum(1, keepdim=True)
+    spread = (n[:, :, None] - n[:, None, :]).abs().mean((1, 2))
+    return float(((n - observed).abs().mean(1) - spread / 2).mean())
+
+
+def _score(det, rate, between, smooth, measured, seed: int, max_levels: int = 200_000, rho: float = 0.0) -> dict:
     import torch
 
     y = (measured > 0).float()
@@ -165,10 +197,11 @@ def _score(det, rate, between, smooth, measured, seed: int, max_levels: int = 20
     q = torch.linspace(0, 1, table.shape[1])
     diff = measured[i, j, None] - table
     crps = 2 * torch.maximum(q * diff, (q - 1) * diff).mean(1).mean()
-    draw = torch.rand(rate.shape, generator=torch.Generator().manual_seed(seed)) < rate
+    draw = _draws(rate, rho, torch.Generator().manual_seed(seed))
     return {"log_loss": float(log_loss), "brier": float(brier), "level_crps": float(crps),
             "detections_ratio": float(rate.sum() / y.sum()),
-            "genes_per_cell_sd_ratio": float(draw.float().sum(1).std() / y.sum(1).std())}
+            "genes_per_cell_sd_ratio": float(draw.float().sum(1).std() / y.sum(1).std()),
+            "genes_per_cell_crps": _count_crps(rate, y, rho, seed)}
 
 
 if __name__ == "__main__":

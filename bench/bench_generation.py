@@ -8,8 +8,11 @@ Per group, in a 30-PC space fitted on the real training cells (never on generate
 on the test cells, so that test and generated cells are both new to it; see
 scidiff.evaluation.metrics): RBF-MMD, energy distance and a cross-validated real-vs-generated
 random-forest AUC against the group's test cells, plus the pooled gene-mean Pearson (all test
-cells vs all generated cells). Next to the model: the floor (the group's real training cells;
-they are in the PCA's own fit, which inflates their scores a little, so the floor is
+cells vs all generated cells) and, in expression, SimBench's measured properties
+(Kolmogorov-Smirnov statistics of genes detected and total expression per cell, detection
+fraction, mean and variance per gene against the group's test cells:
+``scidiff.evaluation.measurement_properties``). Next to the model: the floor (the group's real
+training cells; they are in the PCA's own fit, which inflates their scores a little, so the floor is
 conservative) and the baseline generator (a per-group Gaussian in 50 PCs of the group's training
 cells, mapped back to genes, negatives clipped to 0). ``model``: what ``model.sample`` returns
 by default (measured cells where the model has a fitted detection model: sparse, with the
@@ -142,13 +145,16 @@ def main(argv=None):
                    help="precondition each latent axis with its own standard deviation (ScIDiffModel(axis_sigma_data=True))")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (model.sample's default sampler)")
+    p.add_argument("--sampler", default=None, help="the sampler (default: model.sample's)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--auc-repeats", type=int, default=AUC_REPEATS,
                    help="classifier repeats per group for the AUC (1: the scorer of results written before them)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "generation_kang.json"))
     p.add_argument("--save-model", default=None, help="also write the trained model here (a .pt checkpoint)")
+    p.add_argument("--load-model", default=None,
+                   help="score this checkpoint (from --save-model with the same --seed) instead of training")
     p.add_argument("--as-scidiff-train", action="store_true",
                    help="train exactly as `scidiff train --condition-keys ...` does with the packaged config "
                         "(its epochs and 10%% validation split) instead of the flags above")
@@ -162,7 +168,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     import scidiff
-    from scidiff.evaluation import fit_pca
+    from scidiff.evaluation import fit_pca, measurement_properties
     from scidiff.evaluation.baselines import gaussian_pca_generator
     from scidiff.diffusion.plans import DEFAULT_SAMPLER
 
@@ -175,7 +181,14 @@ def main(argv=None):
         adata, keys, n_top_genes = sc.datasets.pbmc68k_reduced().raw.to_adata(), ["bulk_labels"], None
     groups, train_mask, test_mask = held_out_split(adata, keys, args.seed)
     train_ad = adata[train_mask].copy()
-    if args.as_scidiff_train:  # the default command, as a new user runs it
+    sampler = args.sampler or DEFAULT_SAMPLER
+    if args.load_model:
+        from scidiff.training.checkpoint import load_model
+
+        model, history, train_s = load_model(args.load_model), None, 0.0
+        genes = model.data_spec.gene_names
+        cells_all = scidiff.transform_like(model.data_spec, adata)
+    elif args.as_scidiff_train:  # the default command, as a new user runs it
         import tempfile
 
         from scidiff.config import load_config
@@ -214,7 +227,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         history = trainer.train(epochs)
         train_s = time.perf_counter() - t0
-    if args.save_model:
+    if args.save_model and not args.load_model:
         from scidiff.training.checkpoint import save_model
 
         save_model(model, args.save_model, split_seed=args.seed)
@@ -241,9 +254,10 @@ def main(argv=None):
             continue
         n_gen = int(tr.sum())
         t1 = time.perf_counter()
-        gen = model.sample(n_gen, condition, steps=args.steps, seed=args.seed + gi).numpy()
+        gen = model.sample(n_gen, condition, sampler=sampler, steps=args.steps, seed=args.seed + gi).numpy()
         t_sample += time.perf_counter() - t1
-        smooth = model.sample(n_gen, condition, steps=args.steps, seed=args.seed + gi, observed=False).numpy()
+        smooth = model.sample(n_gen, condition, sampler=sampler, steps=args.steps, seed=args.seed + gi,
+                              observed=False).numpy()
         gauss = gaussian_pca_generator(real_all[tr], n_gen, 50, seed=args.seed + gi)
         projected = projected_cells(model, cells_all.x[torch.as_tensor(np.flatnonzero(tr))], args.seed + gi)
         sets = {"model": project(gen), "model_smooth": project(smooth), "projected": project(projected),
@@ -253,6 +267,7 @@ def main(argv=None):
         row = {"n_train": int(tr.sum()), "n_test": int(te.sum())}
         for m in methods:
             row[m] = score_group(pcs[te], sets[m], args.seed, repeats=args.auc_repeats)
+            row[m]["measurement"] = measurement_properties(real_all[te], cells[labels][m])
         results["groups"][g] = row
         pooled["real"].append(real_all[te])
         for m in methods:
@@ -275,6 +290,8 @@ def main(argv=None):
             summary[m][k] = {"mean": float(vals.mean()),
                              "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))]}
         summary[m]["gene_mean_pearson"] = float(np.corrcoef(real_mean, np.concatenate(pooled[m]).mean(0))[0, 1])
+        summary[m]["measurement"] = {k: float(np.mean([results["groups"][g][m]["measurement"][k] for g in names]))
+                                     for k in results["groups"][names[0]][m]["measurement"]}
     de = {}
     conditions = sorted({labels[-1] for labels in cells}) if len(keys) == 2 else []
     control, treated = ("control", "stimulated") if set(conditions) == {"control", "stimulated"} else \
@@ -312,10 +329,11 @@ def main(argv=None):
                   "latent_dim": args.latent_dim, "axis_sigma_data": bool(args.axis_sigma_data),
                   "as_scidiff_train": bool(args.as_scidiff_train),
                   "early_stopping_patience": args.early_stopping_patience if args.as_scidiff_train else None,
-                  "epochs": len(history), "train_seconds": round(train_s, 1),
+                  "epochs": len(history) if history else None, "train_seconds": round(train_s, 1),
                   "default_output": "measured" if model.resolve_observed() else "smooth",
-                  "sampler": DEFAULT_SAMPLER, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
-                  "final_train_loss": history[-1]["train_loss"], "seed": args.seed, "threads": args.threads,
+                  "sampler": sampler, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),
+                  "final_train_loss": history[-1]["train_loss"] if history else None, "seed": args.seed,
+                  "threads": args.threads,
                   "auc_repeats": args.auc_repeats,
                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                   "torch": torch.__version__},
@@ -329,6 +347,8 @@ def main(argv=None):
         print(f"{m:9s} " + "  ".join(f"{k} {summary[m][k]['mean']:.4f} [{summary[m][k]['ci95'][0]:.4f}, "
                                      f"{summary[m][k]['ci95'][1]:.4f}]" for k in metric_names)
               + f"  gene-mean r {summary[m]['gene_mean_pearson']:.4f}")
+    for m in methods:
+        print(f"{m:9s} KS " + "  ".join(f"{k} {v:.3f}" for k, v in summary[m]["measurement"].items()))
     for m in methods if de else []:
         print(f"DE {m:12s} slope {summary['de_preservation'][m]['slope']:.3f} "
               f"pearson {summary['de_preservation'][m]['pearson']:.3f}")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from scidiff.evaluation import (classifier_auc, energy_distance, evaluate_generation_quality, frechet_distance,
-                                gene_correlation_preservation, mmd_rbf)
+                                gene_correlation_preservation, measurement_properties, mmd_rbf)
 from scidiff.evaluation.baselines import gaussian_pca_generator
 
 
@@ -55,6 +55,21 @@ def test_classifier_auc_averages_its_draws():
     aucs = [roc_auc_score(labels, r) for r in runs]
     assert classifier_auc(x, y, seed=7, repeats=4) == pytest.approx(np.mean(aucs), abs=1e-12)
     assert classifier_auc(x, y, seed=7) == pytest.approx(aucs[0], abs=1e-12)  # one draw: the first
+
+
+def test_measurement_properties_are_kolmogorov_smirnov_statistics():
+    """Real cell i detects genes 0..(i mod 10) at 1 (1-10 genes, evenly); generated cells all
+    detect genes 0-4: per cell, the detected (and total) counts' distribution functions differ
+    most at 5 genes, 0.5 against 1; per gene, the real detection fractions are 0.1-1.0 and the
+    generated ones 0 or 1 (half each), which differ most at 0: 0 against 0.5."""
+    real = (np.arange(10)[None, :] <= (np.arange(200) % 10)[:, None]).astype(float)
+    generated = np.tile((np.arange(10) < 5).astype(float), (50, 1))
+    got = measurement_properties(real, generated)
+    assert got["detected_per_cell"] == pytest.approx(0.5) and got["total_per_cell"] == pytest.approx(0.5)
+    assert got["detection_per_gene"] == pytest.approx(0.5)
+    assert all(v == 0 for v in measurement_properties(real, real[::-1]).values())
+    with pytest.raises(ValueError, match="real cells have 10 genes and generated cells 9"):
+        measurement_properties(real, generated[:, :9])
 
 
 def test_gene_correlation_preservation():

@@ -53,13 +53,14 @@ def test_export_writes_the_graph_and_everything_a_sampler_needs(kang_onnx):
         np.testing.assert_array_equal(dec["scale"], model.latent_scale.numpy())
         # the fitted detection model's tables, named by the sidecar
         assert meta["detection"]["arrays"] == ["detection_edges", "detection_centres", "detection_rate",
-                                               "detection_levels"]
+                                               "detection_levels", "detection_capture"]
         assert (meta["detection"]["bins"], meta["detection"]["quantiles"]) == (model.detection.bins, 32)
         assert model.detection.edges.shape[1] == model.detection.bins + 1  # sized to the training cells
         np.testing.assert_array_equal(dec["detection_edges"], model.detection.edges.numpy())
         np.testing.assert_array_equal(dec["detection_centres"], model.detection.centres.numpy())
         np.testing.assert_array_equal(dec["detection_rate"], model.detection.detection.numpy())
         np.testing.assert_array_equal(dec["detection_levels"], model.detection.levels.numpy())
+        assert float(dec["detection_capture"]) == float(model.detection.capture) > 0
     # the batch dimension is dynamic, and no temporary files are left behind
     sess = _session(path)
     shapes = {i.name: i.shape for i in sess.get_inputs()}
@@ -118,7 +119,10 @@ def test_onnx_sampler_matches_the_torch_sampler(kang_onnx):
 def test_runtime_measures_cells_by_default(kang_onnx):
     """With the detection tables exported, cells come back measured unless asked otherwise: the
     model's measurement (DetectionModel.measure) of the smooth cells, on uniforms drawn from the
-    seed's generator after the start points, and sparse as the torch model's measured cells."""
+    seed's generator after the start points (the detection uniforms through the capture factor's
+    copula), and sparse as the torch model's measured cells."""
+    from scipy.special import ndtr
+
     model, path = kang_onnx
     sampler = OnnxSampler(path, threads=1)
     assert sampler.resolve_observed() and sampler.describe()["observed_available"]
@@ -132,7 +136,10 @@ def test_runtime_measures_cells_by_default(kang_onnx):
     np.testing.assert_array_equal(smooth["X"], sampler.to_expression(sampler.decode(z)))
     rng = np.random.default_rng(0)
     rng.standard_normal((300, 16), dtype=np.float32)  # x_T
-    detect_u, level_u = rng.random((300, 100), dtype=np.float32), rng.random((300, 100), dtype=np.float32)
+    rho = float(model.detection.capture)
+    shared, own = rng.standard_normal(300, dtype=np.float32)[:, None], rng.standard_normal((300, 100), dtype=np.float32)
+    detect_u = ndtr(np.float32(rho ** 0.5) * shared + np.float32((1 - rho) ** 0.5) * own).astype(np.float32)
+    level_u = rng.random((300, 100), dtype=np.float32)
     cells = torch.from_numpy(sampler.to_expression(sampler.decode(z), clip=False))
     expected = model.detection.measure(cells, torch.from_numpy(detect_u), torch.from_numpy(level_u)).numpy()
     np.testing.assert_allclose(measured["X"], expected, rtol=0, atol=1e-6)

@@ -103,18 +103,51 @@ def test_measurement_conditioned_on_an_interval_is_the_free_one_restricted_to_it
 
 def test_sample_is_measure_on_uniforms_drawn_gene_major():
     """``sample`` draws the detection uniforms, then the level uniforms, each ``[G, N]``, and
-    applies the deterministic map ``measure``."""
+    applies the deterministic map ``measure``; with a capture factor the detection uniforms come
+    through its copula (a normal per cell, then one per value)."""
     gen = torch.Generator().manual_seed(0)
     smooth = torch.randn(5_000, 3, generator=gen)
     det = DetectionModel(3).fit(smooth, hurdle(smooth, gen))
     fresh = torch.randn(400, 3, generator=gen) * 1.5
+    det.capture.zero_()
     draws = torch.Generator().manual_seed(4)
     detect_u, level_u = torch.rand(3, 400, generator=draws), torch.rand(3, 400, generator=draws)
+    torch.testing.assert_close(det.sample(fresh, torch.Generator().manual_seed(4)),
+                               det.measure(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
+    det.capture.fill_(0.3)
+    rho = float(det.capture)  # 0.3 in float32
+    draws = torch.Generator().manual_seed(4)
+    shared, own = torch.randn(400, generator=draws), torch.randn(3, 400, generator=draws)
+    detect_u = torch.special.ndtr(rho ** 0.5 * shared + (1 - rho) ** 0.5 * own)
+    level_u = torch.rand(3, 400, generator=draws)
     torch.testing.assert_close(det.sample(fresh, torch.Generator().manual_seed(4)),
                                det.measure(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
     # the torch reference a few cells at a time (bounded temporaries) is the same map
     torch.testing.assert_close(det.measure_reference(fresh, detect_u.T, level_u.T, entries=50),
                                det.measure_reference(fresh, detect_u.T, level_u.T), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.05])
+def test_the_capture_factor_is_recovered_and_keeps_every_genes_rate(rho):
+    """Cells whose genes share a capture factor (a one-factor Gaussian copula of correlation
+    ``rho`` on the detection draws, 300 genes, detection ``sigmoid(s - 2)``): the fit recovers
+    ``rho``, and measurements of new cells spread the number of genes detected as the truth does
+    while each gene keeps its detection rate; without a shared factor the fit finds none."""
+    gen = torch.Generator().manual_seed(1)
+
+    def truth(smooth):
+        u = torch.special.ndtr(rho ** 0.5 * torch.randn(len(smooth), 1, generator=gen)
+                               + (1 - rho) ** 0.5 * torch.randn(smooth.shape, generator=gen))
+        return torch.where(u < torch.sigmoid(smooth - 2), 1 + smooth.abs(), torch.zeros_like(smooth))
+
+    smooth = torch.randn(4_000, 300, generator=gen)
+    det = DetectionModel(300).fit(smooth, truth(smooth))
+    assert abs(float(det.capture) - rho) < 0.01
+    fresh = torch.randn(4_000, 300, generator=gen)
+    want, got = truth(fresh) > 0, det.sample(fresh, torch.Generator().manual_seed(2)) > 0
+    assert abs(float(got.sum(1).float().std() / want.sum(1).float().std()) - 1) < 0.1
+    assert (got.float().mean(0) - want.float().mean(0)).abs().max() < 0.04
+    assert abs(float(got.float().mean() - want.float().mean())) < 0.005
 
 
 def test_numpy_measure_equals_the_torch_map_on_the_same_uniforms():

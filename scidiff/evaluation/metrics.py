@@ -15,7 +15,9 @@ PCA. The metrics:
   Heusel et al. 2017, on PCs instead of Inception features);
 - a cross-validated real-vs-generated classifier AUC (0.5 = indistinguishable);
 - gene-level: Pearson of per-gene means and variances, and preservation of the gene-gene
-  correlation matrix (Pearson between the two matrices' upper triangles).
+  correlation matrix (Pearson between the two matrices' upper triangles);
+- in expression, not PCs, the properties a simulator of counts is judged on
+  (:func:`measurement_properties`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 from scipy.spatial.distance import cdist
+from scipy.stats import ks_2samp
 
 
 def _dense(x) -> np.ndarray:
@@ -133,6 +136,26 @@ def gene_correlation_preservation(real: np.ndarray, generated: np.ndarray, max_g
     cr, cg = np.corrcoef(real[:, idx], rowvar=False), np.corrcoef(generated[:, idx], rowvar=False)
     iu = np.triu_indices(len(idx), 1)
     return _pearson(cr[iu], cg[iu])
+
+
+def measurement_properties(real, generated, detected: float = 1e-5) -> dict[str, float]:
+    """How far generated cells' measured properties lie from real cells', as SimBench scores
+    simulators of single-cell data (Cao et al. 2021, Nat. Commun. 12:6911): per property, the
+    two-sample Kolmogorov-Smirnov statistic (0 = the same distribution, 1 = disjoint) between its
+    values in the real and in the generated cells. Per cell: the number of genes detected (above
+    ``detected``) and the total expression; per gene: the fraction of cells detecting it, its mean
+    and its variance. Expression (log1p), cells x the same genes."""
+    real, generated = _dense(real), _dense(generated)
+    if real.shape[1] != generated.shape[1]:
+        raise ValueError(f"real cells have {real.shape[1]} genes and generated cells {generated.shape[1]}")
+
+    def properties(x):
+        on = x > detected
+        return {"detected_per_cell": on.sum(1), "total_per_cell": x.sum(1), "detection_per_gene": on.mean(0),
+                "mean_per_gene": x.mean(0), "variance_per_gene": x.var(0)}
+
+    a, b = properties(real), properties(generated)
+    return {k: float(ks_2samp(a[k], b[k]).statistic) for k in a}
 
 
 def distribution_metrics(real_pcs: np.ndarray, gen_pcs: np.ndarray, seed: int = 0, auc_repeats: int = 1) -> dict:

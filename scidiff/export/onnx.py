@@ -29,8 +29,9 @@ Beside ``model.onnx`` the exporter writes ``model.json`` (the sidecar: genes, no
 scaling, vocabularies, the noise schedule, input names, default sampler and steps, versions and
 checksums) and, for latent models, ``model.decoder.npz`` (``mean [G]``, ``basis [L, G]``,
 ``scale [L]``: ``genes = (z * scale) @ basis + mean``; with a fitted detection model also its
-tables, ``detection_edges [G, bins + 1]``, ``detection_centres [G, bins]``, ``detection_rate [G, bins]``
-and ``detection_levels [G, bins, quantiles]``, from which the runtime measures cells, as
+tables, ``detection_edges [G, bins + 1]``, ``detection_centres [G, bins]``, ``detection_rate [G, bins]``,
+``detection_levels [G, bins, quantiles]`` and the capture factor's correlation ``detection_capture``
+(a scalar), from which the runtime measures cells, as
 :class:`~scidiff.models.observation.DetectionModel` does). Every file is written to a temporary
 name and renamed; the sidecar is written last.
 """
@@ -273,7 +274,8 @@ def detection_arrays(detection) -> dict:
     return {"detection_edges": detection.edges.cpu().numpy().astype(np.float32),
             "detection_centres": detection.centres.cpu().numpy().astype(np.float32),
             "detection_rate": detection.detection.cpu().numpy().astype(np.float32),
-            "detection_levels": detection.levels.cpu().numpy().astype(np.float32)}
+            "detection_levels": detection.levels.cpu().numpy().astype(np.float32),
+            "detection_capture": detection.capture.cpu().numpy().astype(np.float32)}
 
 
 def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
@@ -339,7 +341,7 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
         if "detection_rate" in arrays:  # its tables are in the decoder file
             sidecar["detection"] = {"bins": model.detection.bins, "quantiles": model.detection.quantiles,
                                     "arrays": ["detection_edges", "detection_centres", "detection_rate",
-                                               "detection_levels"],
+                                               "detection_levels", "detection_capture"],
                                     "measure": "scidiff.models.observation.DetectionModel.measure"}
         written["decoder"] = dec
     atomic_path(path, lambda tmp: _readable(tmp, program.save(tmp, external_data=False)))

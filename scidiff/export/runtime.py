@@ -685,7 +685,15 @@ class OnnxSampler:
             return self.to_expression(x)
         rng = np.random.default_rng() if rng is None else rng
         smooth = self.to_expression(x, clip=False)
-        detect_u = rng.random(smooth.shape, dtype=np.float32)
+        rho = float(np.ravel(self.detection.get("detection_capture", 0.0))[0])
+        if rho > 0:  # the capture factor's copula (DetectionModel.sample): one normal per cell, then per value
+            from scipy.special import ndtr
+
+            shared = rng.standard_normal(smooth.shape[0], dtype=np.float32)[:, None]
+            own = rng.standard_normal(smooth.shape, dtype=np.float32)
+            detect_u = ndtr(np.float32(rho ** 0.5) * shared + np.float32((1 - rho) ** 0.5) * own).astype(np.float32)
+        else:
+            detect_u = rng.random(smooth.shape, dtype=np.float32)
         level_u = rng.random(smooth.shape, dtype=np.float32)
         return measure(self.detection, smooth, detect_u, level_u)
 
