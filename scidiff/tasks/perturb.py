@@ -243,16 +243,21 @@ def direct_support(spec, codes: dict) -> torch.Tensor:
         return torch.full((n,), float("nan"))
     keys = [k for k in groups["keys"] if k in codes]
     labels = spec.decode_conditions({k: codes[k].cpu() for k in keys})
-    weight = np.ones((n, len(groups["cells"])))
-    for key in keys:
+    distinct = {}  # the distinct conditions asked for, and each cell's
+    row_of = np.array([distinct.setdefault(tuple(labels[k][i] for k in keys), len(distinct)) for i in range(n)],
+                      np.int64)
+    asked = list(distinct)
+    weight = np.ones((len(asked), len(groups["cells"])))
+    for j, key in enumerate(keys):
         values = [row[groups["keys"].index(key)] for row in groups["values"]]
+        column = [c[j] for c in asked]
         if key in spec.continuous:
-            weight *= _hat_weights(np.asarray(labels[key], np.float64), np.asarray(values, np.float64))
+            weight *= _hat_weights(np.asarray(column, np.float64), np.asarray(values, np.float64))
         else:
-            asked = np.asarray([str(v) for v in labels[key]], object)
-            weight *= asked[:, None] == np.asarray([str(v) for v in values], object)[None, :]
+            weight *= np.asarray([str(v) for v in column], object)[:, None] == \
+                np.asarray([str(v) for v in values], object)[None, :]
     cells = weight @ np.asarray(groups["cells"], np.float64)
-    return torch.as_tensor(cells / (cells + SUPPORT_CELLS), dtype=torch.float32)
+    return torch.as_tensor((cells / (cells + SUPPORT_CELLS))[row_of], dtype=torch.float32)
 
 
 def _hat_weights(asked: np.ndarray, values: np.ndarray) -> np.ndarray:
