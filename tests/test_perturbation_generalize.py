@@ -333,3 +333,19 @@ def test_a_knockdown_of_sparse_genes_keeps_its_predicted_mean_at_the_floor_of_ze
     halves = [perturb(model, control[i:i + n // 2].copy(), {"perturbation": "KD"}, steps=10, progress=False,
                       batch_size=37).X for i in (0, n // 2)]
     np.testing.assert_allclose(np.vstack(halves), pred.X, atol=1e-5)
+
+
+def test_a_prediction_that_names_another_context_states_that_groups_support(kang_small):
+    """Asking control cells of one cell type for another type's stimulated cells is decoded under
+    the target itself (route ``direct``); its confidence is the training cells of the group asked
+    for, ``n / (n + 30)``, counted from the data."""
+    data = scidiff.setup_anndata(kang_small, n_top_genes=50, condition_keys=["cell_type"],
+                                 perturbation_keys=["condition"], control_labels=["control"])
+    torch.manual_seed(0)
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1, num_timesteps=20, latent_dim=8)
+    obs = kang_small.obs
+    source = kang_small[((obs["cell_type"] == "CD4T") & (obs["condition"] == "control")).to_numpy()][:6].copy()
+    pred = perturb(model, source, {"cell_type": "B", "condition": "stimulated"}, steps=4, progress=False)
+    n = float(((obs["cell_type"] == "B") & (obs["condition"] == "stimulated")).sum())
+    assert pred.obs["scidiff_route"].astype(str).eq("direct").all() and n > 0
+    np.testing.assert_allclose(pred.obs["scidiff_confidence"].to_numpy(), n / (n + 30), rtol=1e-6)
