@@ -137,6 +137,9 @@ def test_sample_and_evaluate(run, kang_small):
     metrics = json.loads((report / "metrics.json").read_text())
     for k in ("mmd", "energy_distance", "fid", "classifier_auc", "mean_correlation", "gene_correlation"):
         assert np.isfinite(metrics[k])
+    assert set(metrics["measurement"]) == {"detected_per_cell", "total_per_cell", "detection_per_gene",
+                                           "mean_per_gene", "variance_per_gene"}
+    assert all(0 <= v <= 1 for v in metrics["measurement"].values())
     assert set(metrics["per_cell_type"]) == {"B", "CD4T"}
     for png in ("pca.png", "umap.png", "gene_means.png", "gene_variances.png"):
         assert (report / png).stat().st_size > 1000

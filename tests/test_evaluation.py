@@ -92,10 +92,18 @@ def test_evaluate_generation_quality_on_real_cells(kang):
     same = evaluate_generation_quality(a, b, labels[idx[:600]], labels[idx[600:1200]])
     assert same["classifier_auc"] < 0.6 and same["mean_correlation"] > 0.99 and same["gene_correlation"] > 0.8
     assert set(same) >= {"mmd", "energy_distance", "fid", "classifier_auc", "mean_correlation", "var_correlation",
-                         "gene_correlation", "per_cell_type"}
+                         "gene_correlation", "measurement", "per_cell_type"}
     assert "CD4T" in same["per_cell_type"]
+    assert same["measurement"] == measurement_properties(a, b)
+    assert same["per_cell_type"]["CD4T"]["measurement"] == measurement_properties(
+        a[labels[idx[:600]] == "CD4T"], b[labels[idx[600:1200]] == "CD4T"])
+    assert same["measurement"]["detected_per_cell"] < 0.15  # real against real
     broken = b[:, rng.permutation(b.shape[1])]
     worse = evaluate_generation_quality(a, broken)
+    # each property's distribution over cells or over genes: blind to which gene is which, not to sparsity
+    assert max(worse["measurement"].values()) < 0.15
+    dense = measurement_properties(a, b + 0.05)
+    assert dense["detected_per_cell"] == 1.0 and dense["detection_per_gene"] > 0.5
     for k in ("mmd", "energy_distance", "fid"):
         assert worse[k] > 5 * max(same[k], 1e-3)
     assert worse["classifier_auc"] > 0.95 and worse["mean_correlation"] < 0.5

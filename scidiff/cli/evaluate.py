@@ -70,6 +70,8 @@ def run(args):
     metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots,
                              auc_repeats=args.auc_repeats)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
+    print("measured properties, KS against the real cells (0 = the same distribution): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in metrics["measurement"].items()))
 
 
 def _run_perturbation(args):

@@ -193,8 +193,10 @@ def evaluate_generation_quality(real_data, generated_data, cell_types=None, gene
 
     Returns ``mmd``, ``energy_distance``, ``fid``, ``classifier_auc`` (in ``n_pcs`` PCs of real
     cells, cross-fitted over two halves of the real cells; see the module notes),
-    ``mean_correlation``, ``var_correlation`` (per-gene Pearson over all cells) and
-    ``gene_correlation``. With ``cell_types`` (labels of the real cells) and
+    ``mean_correlation``, ``var_correlation`` (per-gene Pearson over all cells),
+    ``gene_correlation`` and ``measurement`` (:func:`measurement_properties`: how far the genes
+    detected and the total expression per cell, and each gene's detection, mean and variance, lie
+    from the real cells'). With ``cell_types`` (labels of the real cells) and
     ``generated_cell_types``, also ``per_cell_type`` with the same distances per label; when the
     generated cells are one per real cell (same count), ``generated_cell_types`` defaults to
     ``cell_types``. Each classifier AUC averages ``auc_repeats`` draws of the subsample, folds and
@@ -232,6 +234,7 @@ def evaluate_generation_quality(real_data, generated_data, cell_types=None, gene
     out.update({"mean_correlation": _pearson(real.mean(0), gen.mean(0)),
                 "var_correlation": _pearson(real.var(0), gen.var(0)),
                 "gene_correlation": gene_correlation_preservation(real, gen),
+                "measurement": measurement_properties(real, gen),
                 "n_real": len(real), "n_generated": len(gen), "n_pcs": folds[0]["n_pcs"]})
     if ct_r is not None:
         labels = sorted(set(folds[0]["per_cell_type"]) & set(folds[1]["per_cell_type"]))
@@ -240,6 +243,7 @@ def evaluate_generation_quality(real_data, generated_data, cell_types=None, gene
             m = _mean_of([f["per_cell_type"][label] for f in folds])
             r, g = ct_r == label, ct_g == label
             m.update({"mean_correlation": _pearson(real[r].mean(0), gen[g].mean(0)),
+                      "measurement": measurement_properties(real[r], gen[g]),
                       "n_real": int(r.sum()), "n_generated": int(g.sum())})
             per[label] = m
         out["per_cell_type"] = per
