@@ -182,14 +182,9 @@ class DetectionModel(nn.Module):
             keep = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:cells].to(smooth.device)
             smooth, detected = smooth[keep], detected[keep]
         rows = max(1, entries // max(smooth.shape[1], 1))
-        z = []
-        for start in range(0, len(smooth), rows):
-            k, k1, w = self._between(smooth[start:start + rows], self.centres)
-            rate = self.detection.T.contiguous()
-            r0 = rate.gather(0, k)
-            z.append(torch.special.ndtri((r0 + w * (rate.gather(0, k1) - r0)).double().clamp(0, 1)))
-        z = torch.cat(z)                                            # [n, G], Phi^-1 of each probability
-        p = torch.special.ndtr(z)
+        p = torch.cat([self._rate(*self._between(smooth[start:start + rows], self.centres)).double().clamp(0, 1)
+                       for start in range(0, len(smooth), rows)])  # [n, G]
+        z = torch.special.ndtri(p)
         wanted = float(detected.sum(1).double().var() - p.sum(1).var())  # the draws' variance around p
         if not wanted > float((p * (1 - p)).sum(1).mean()):
             return 0.0
@@ -363,11 +358,16 @@ class DetectionModel(nn.Module):
             out[part] = self._measure_rows(smooth[part], detect_u[part], level_u[part])
         return out
 
-    def _measure_rows(self, smooth, detect_u, level_u) -> torch.Tensor:
-        k, k1, w = self._between(smooth, self.centres)           # [N, G] each
+    def _rate(self, k, k1, w) -> torch.Tensor:
+        """The detection probability ``[N, G]`` between the bins ``k`` and ``k1`` at weight ``w``
+        (:meth:`_between`)."""
         rate = self.detection.T.contiguous()                      # [bins, G]
         r0 = rate.gather(0, k)
-        p = r0 + w * (rate.gather(0, k1) - r0)
+        return r0 + w * (rate.gather(0, k1) - r0)
+
+    def _measure_rows(self, smooth, detect_u, level_u) -> torch.Tensor:
+        k, k1, w = self._between(smooth, self.centres)           # [N, G] each
+        p = self._rate(k, k1, w)
         v = level_u * (self.quantiles - 1)
         lo = v.floor().long().clamp_max(self.quantiles - 2)
         frac = v - lo

@@ -249,7 +249,8 @@ def direct_support(spec, codes: dict) -> torch.Tensor:
     asked = list(distinct)
     weight = np.ones((len(asked), len(groups["cells"])))
     for j, key in enumerate(keys):
-        values = [row[groups["keys"].index(key)] for row in groups["values"]]
+        at = groups["keys"].index(key)
+        values = [row[at] for row in groups["values"]]
         column = [c[j] for c in asked]
         if key in spec.continuous:
             weight *= _hat_weights(np.asarray(column, np.float64), np.asarray(values, np.float64))
