@@ -71,6 +71,29 @@ def test_tables_read_between_bin_centres_follow_a_smooth_detection_rate():
     torch.testing.assert_close(means, measured, rtol=0, atol=1e-5)
 
 
+def test_cells_that_tie_on_a_smooth_value_measure_at_their_own_rate():
+    """A gene whose smooth value is the same in every cell (one never detected has one), or in
+    half of them: the tied cells are shared between the bins their ranks span and read at their
+    pooled rate, not at an empty bin's 0 (gene 1: 0 before) nor at the one bin that held them all
+    (gene 2: 0.20 where the measured rate was 0.385)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 20_000
+    smooth = torch.randn(n, 3, generator=gen)
+    smooth[:, 1] = 0.7
+    smooth[: n // 2, 2] = 0.0
+    rate = torch.tensor([0.4, 0.3, 0.6])
+    detect = torch.rand(n, 3, generator=gen) < rate
+    measured = torch.where(detect, 1 + torch.rand(n, 3, generator=gen), torch.zeros(n, 3))
+    det = DetectionModel(3, bins=8).fit(smooth, measured)
+    tied = (measured[:, 1] > 0).float().mean()
+    torch.testing.assert_close(det.detection[1], tied.expand(det.bins), rtol=0, atol=1e-6)
+    for j in range(3):
+        read = det._gene_tables(smooth, j)[0].mean()
+        assert abs(float(read - (measured[:, j] > 0).float().mean())) < 0.01, j
+    drawn = (det.sample(smooth, torch.Generator().manual_seed(1)) > 0).float().mean(0)
+    torch.testing.assert_close(drawn, rate, rtol=0, atol=0.015)
+
+
 def test_measurement_conditioned_on_an_interval_is_the_free_one_restricted_to_it():
     """Conditioned draws land in the interval and match free draws that happened to land there
     (zero share and detected-level quartiles); the region probability is the free draws' hit

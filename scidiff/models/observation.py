@@ -127,18 +127,29 @@ class DetectionModel(nn.Module):
         if n < self.max_bins:
             raise ValueError(f"the detection model needs at least {self.max_bins} cells, got {n}")
         self._size(g, self.bins_for(n, self.max_bins), dev)
-        # quantile bin edges per gene (from the sorted column: no size limit, unlike torch.quantile)
+        # quantile bins per gene by rank in the sorted column (no size limit, unlike torch.quantile):
+        # cells that tie on a smooth value (a gene never detected has one) are shared between the
+        # bins their ranks span, not piled into the last of them
         ranks = torch.linspace(0, n - 1, self.bins + 1, device=dev).round().long()
-        self.edges.copy_(smooth.sort(0).values[ranks].T)
-        b = self._bin(smooth)                                     # [G, N]
+        order = smooth.argsort(dim=0, stable=True)                  # [N, G]
+        self.edges.copy_(smooth.gather(0, order)[ranks].T)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=dev).unsqueeze(1).expand(n, g))
+        b = torch.searchsorted(ranks[1:-1].contiguous(), rank.T.contiguous(), right=True)  # [G, N]
         group = (torch.arange(g, device=dev).unsqueeze(1) * self.bins + b).reshape(-1)
         detected = (measured.T > 0).reshape(-1)
         cells = torch.bincount(group, minlength=g * self.bins).float()
         sums = torch.bincount(group, weights=smooth.T.reshape(-1), minlength=g * self.bins)
-        midpoints = ((self.edges[:, :-1] + self.edges[:, 1:]) * 0.5).reshape(-1)  # a bin without cells (ties)
-        self.centres.copy_(torch.where(cells > 0, sums / cells.clamp_min(1), midpoints).reshape(g, self.bins))
+        midpoints = ((self.edges[:, :-1] + self.edges[:, 1:]) * 0.5).reshape(-1)  # a bin without cells
+        centres = torch.where(cells > 0, sums / cells.clamp_min(1), midpoints).reshape(g, self.bins)
+        lo, hi = self.edges[:, :-1], self.edges[:, 1:]
+        self.centres.copy_(torch.where(lo == hi, lo, centres))    # a bin of tied values: exactly their value
         hits = torch.bincount(group[detected], minlength=g * self.bins).float()
-        self.detection.copy_((hits / cells.clamp_min(1)).reshape(g, self.bins))
+        # bins whose centres tie are read as one (the reading takes the last of them): their pooled rate
+        tie_run = torch.cat([torch.zeros(g, 1, dtype=torch.long, device=dev),
+                             (self.centres[:, 1:] != self.centres[:, :-1]).long()], 1).cumsum(1)
+        run = (torch.arange(g, device=dev).unsqueeze(1) * self.bins + tie_run).reshape(-1)
+        pooled = torch.bincount(run, hits, g * self.bins) / torch.bincount(run, cells, g * self.bins).clamp_min(1)
+        self.detection.copy_(pooled[run].reshape(g, self.bins))
         # detected-level quantiles per (gene, bin): sort by value, then stably by group
         values = measured.T.reshape(-1)[detected]
         order = torch.argsort(values, stable=True)
