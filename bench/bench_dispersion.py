@@ -7,8 +7,14 @@ Kang cell type x condition group:
 - **variance kept**: the variance of the generated smooth cells (``observed=False``, the default
   sampler, 50 steps) over that of the group's real training cells' own latent projections
   (``decode(encode(x))``), per PC of the real training cells (the 30 the generation scores use),
-  averaged over the top 10 and over all 30; 1 = as dispersed as the real cells, below 1 =
-  under-dispersed;
+  averaged over the top 10 and over all 30; and the total variance over the 30 PCs of the group's
+  *held-out* cells' projections, the fair reference: the principal axes and the PCs were fitted on the training
+  cells, whose projections carry the part of their noise those axes fitted (in-sample), so new
+  cells from the same distribution hold less variance on them (``held_out_over_training``);
+- **local structure** in the latent, at the held-out group's size (random subsets of the larger
+  sets): the median distance from a cell to its nearest neighbour within its own set (training,
+  held-out, generated: lower = locally tighter) and from a generated or held-out cell to its
+  nearest training cell (generated below held-out = drawn toward the training cells);
 - **along the reverse process**: DDIM (eta 0, 50 steps) from pure noise, by hand in the latent; at
   each step the variance of ``x_t`` on the group's top 5 latent directions over the forward
   process's own, ``alpha_bar Var(z0) + 1 - alpha_bar`` (1 all the way down for an exact score),
@@ -35,6 +41,29 @@ KEYS = ["cell_type", "condition"]
 REPORT_STEPS = (0, 5, 10, 15, 20, 25, 30, 40, 49)  # plan steps whose ratios are kept (of 50)
 
 
+LOCAL_KEYS = ("nn_within_training", "nn_within_held_out", "nn_within_generated",
+              "generated_to_training", "held_out_to_training")
+
+
+def local_structure(train, held, gen, rng, repeats: int = 20) -> dict:
+    """Median nearest-neighbour distances (module docstring), the within-set ones on subsets of
+    the held-out set's size (averaged over ``repeats`` draws for the larger sets)."""
+    from scipy.spatial.distance import cdist, pdist, squareform
+    import numpy as np
+
+    def within(a, draws):
+        meds = []
+        for _ in range(draws):
+            d = squareform(pdist(a[rng.choice(len(a), len(held), replace=False)]))
+            np.fill_diagonal(d, np.inf)
+            meds.append(np.median(d.min(1)))
+        return float(np.mean(meds))
+
+    return dict(zip(LOCAL_KEYS, (within(train, repeats), within(held, 1), within(gen, repeats),
+                                 float(np.median(cdist(gen, train).min(1))),
+                                 float(np.median(cdist(held, train).min(1))))))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a checkpoint from bench_generation.py --save-model")
@@ -58,7 +87,7 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     adata = scidiff.data.read_h5ad(args.data)
-    groups, train_mask, _ = held_out_split(adata, KEYS, args.seed)
+    groups, train_mask, test_mask = held_out_split(adata, KEYS, args.seed)
     model = load_model(args.model)
     spec, ab = model.data_spec, model.alphas_cumprod.double()
     cells = scidiff.transform_like(spec, adata)
@@ -67,11 +96,15 @@ def main(argv=None):
     out = {"model": os.path.basename(args.model), "groups": {}}
     for gi, g in enumerate(np.unique(groups)):
         rows = torch.as_tensor(np.flatnonzero(train_mask & (groups == g)))
+        held = torch.as_tensor(np.flatnonzero(test_mask & (groups == g)))
         cond = dict(zip(KEYS, g.split(" | ")))
         with torch.no_grad():
             z0 = model.encode(cells.x[rows].float()).double()
-            own = project(spec.to_expression(model.decode(z0.float()), clip=False).numpy())
-            gen = project(model.sample(len(rows), cond, steps=50, seed=args.seed + gi, observed=False).numpy())
+            z_held = model.encode(cells.x[held].float()).double()
+            own, own_held = (project(spec.to_expression(model.decode(z.float()), clip=False).numpy())
+                             for z in (z0, z_held))
+            smooth = model.sample(len(rows), cond, steps=50, seed=args.seed + gi, return_expression=False)
+            gen, z_gen = project(spec.to_expression(smooth).numpy()), model.encode(smooth).double()
             directions = torch.linalg.svd(z0 - z0.mean(0), full_matrices=False)[2][:5].T  # [D, 5]
             v = ((z0 - z0.mean(0)) @ directions).var(0)
             gen_cond = model.encode_conditioning(cond, args.cells)
@@ -97,15 +130,29 @@ def main(argv=None):
             x0 = model(x.float(), torch.zeros(args.cells, dtype=torch.long), gen_cond).double()
             final = (((x0 - x0.mean(0)) @ directions).var(0) / v).tolist()
         ratio = gen.var(0) / own.var(0)
+        # totals over the 30 PCs: a ratio per PC over 11-71 held-out cells is biased up (E[1/s^2] > 1/sigma^2)
+        held_ratio, gen_held = own_held.var(0).sum() / own.var(0).sum(), gen.var(0).sum() / own_held.var(0).sum()
         kept = ratio[:10]
+        local = local_structure(z0.numpy(), z_held.numpy(), z_gen.numpy(), np.random.default_rng(args.seed + gi))
         out["groups"][g] = {"variance_kept_top10_pcs": kept.tolist(), "variance_kept_30_pcs": float(ratio.mean()),
-                            "reverse_process": steps,
+                            "held_out_over_training_total_30_pcs": float(held_ratio),
+                            "generated_over_held_out_total_30_pcs": float(gen_held),
+                            "n_held_out": len(held), "local_structure": local, "reverse_process": steps,
                             "final_over_real_top5_directions": final}
-        print(f"{g:24s} variance kept (top 10 PCs) {kept.mean():.3f}; DDIM end / real on the group's top 5 "
-              f"directions {np.round(final, 2).tolist()}", flush=True)
+        print(f"{g:24s} variance kept (top 10 PCs) {kept.mean():.3f}; over 30 PCs {ratio.mean():.3f} of the "
+              f"training cells', held-out cells' total {held_ratio:.3f}; nearest neighbour within (train / held-out "
+              f"/ generated) {local['nn_within_training']:.2f} / {local['nn_within_held_out']:.2f} / "
+              f"{local['nn_within_generated']:.2f}; DDIM end / real on the group's top 5 directions "
+              f"{np.round(final, 2).tolist()}", flush=True)
     kept_all = [np.mean(r["variance_kept_top10_pcs"]) for r in out["groups"].values()]
+    def mean_of(key, *inner):
+        return float(np.mean([r[key][inner[0]] if inner else r[key] for r in out["groups"].values()]))
+
     out["summary"] = {"variance_kept_top10_pcs": float(np.mean(kept_all)),
-                      "variance_kept_30_pcs": float(np.mean([r["variance_kept_30_pcs"] for r in out["groups"].values()])),
+                      "variance_kept_30_pcs": mean_of("variance_kept_30_pcs"),
+                      "held_out_over_training_total_30_pcs": mean_of("held_out_over_training_total_30_pcs"),
+                      "generated_over_held_out_total_30_pcs": mean_of("generated_over_held_out_total_30_pcs"),
+                      "local_structure": {k: mean_of("local_structure", k) for k in LOCAL_KEYS},
                       "final_over_real_top5_directions": float(np.mean(
                           [r["final_over_real_top5_directions"] for r in out["groups"].values()]))}
     for k in REPORT_STEPS:
@@ -119,9 +166,14 @@ def main(argv=None):
     with open(args.out + ".tmp", "w") as fh:
         json.dump(out, fh, indent=1)
     os.replace(args.out + ".tmp", args.out)
-    print(f"variance kept {out['summary']['variance_kept_top10_pcs']:.3f} (top 10 PCs), "
-          f"{out['summary']['variance_kept_30_pcs']:.3f} (30 PCs); DDIM end / real "
-          f"{out['summary']['final_over_real_top5_directions']:.3f}")
+    summary = out["summary"]
+    print(f"variance kept {summary['variance_kept_top10_pcs']:.3f} (top 10 PCs), "
+          f"{summary['variance_kept_30_pcs']:.3f} (30 PCs) of the training cells'; total over 30 PCs, held-out "
+          f"over training {summary['held_out_over_training_total_30_pcs']:.3f}, generated over held-out "
+          f"{summary['generated_over_held_out_total_30_pcs']:.3f}; DDIM end / real "
+          f"{summary['final_over_real_top5_directions']:.3f}")
+    print("local structure (latent, median distances at the held-out size): " +
+          ", ".join(f"{k} {v:.3f}" for k, v in summary["local_structure"].items()))
     print("| t | alpha_bar | Var(x_t) / forward | denoiser slope / Gaussian |\n|---|---|---|---|")
     for k in REPORT_STEPS:
         s = out["summary"][f"t={ts[k]}"]

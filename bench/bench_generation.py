@@ -158,6 +158,10 @@ def main(argv=None):
     p.add_argument("--as-scidiff-train", action="store_true",
                    help="train exactly as `scidiff train --condition-keys ...` does with the packaged config "
                         "(its epochs and 10%% validation split) instead of the flags above")
+    p.add_argument("--final-sigma", default="0",
+                   help="with --as-scidiff-train: training.final_sigma, the noise level generation ends at (0: clean "
+                        "data, the packaged default; auto: fitted on the validation cells); with --load-model: a "
+                        "level to end at (0: the model's own)")
     p.add_argument("--early-stopping-patience", type=int, default=None,
                    help="with --as-scidiff-train: stop on the validation loss (the packaged config's default before "
                         "it was measured here was 50)")
@@ -186,6 +190,8 @@ def main(argv=None):
         from scidiff.training.checkpoint import load_model
 
         model, history, train_s = load_model(args.load_model), None, 0.0
+        if args.final_sigma != "auto":  # a level to end at (the model's own where 0)
+            model.final_sigma.fill_(float(args.final_sigma) or float(model.final_sigma))
         genes = model.data_spec.gene_names
         cells_all = scidiff.transform_like(model.data_spec, adata)
     elif args.as_scidiff_train:  # the default command, as a new user runs it
@@ -196,7 +202,8 @@ def main(argv=None):
 
         with tempfile.TemporaryDirectory() as run:
             t0 = time.perf_counter()
-            overrides = {"training": {"seed": args.seed, "early_stopping_patience": args.early_stopping_patience},
+            overrides = {"training": {"seed": args.seed, "early_stopping_patience": args.early_stopping_patience,
+                                      "final_sigma": args.final_sigma},
                          "model": {"axis_sigma_data": args.axis_sigma_data}}
             model = scidiff_train(train_ad, run, load_config(overrides=overrides),
                                   condition_keys=keys, progress=False)
@@ -329,6 +336,7 @@ def main(argv=None):
                   "latent_dim": args.latent_dim, "axis_sigma_data": bool(args.axis_sigma_data),
                   "as_scidiff_train": bool(args.as_scidiff_train),
                   "early_stopping_patience": args.early_stopping_patience if args.as_scidiff_train else None,
+                  "final_sigma": float(model.final_sigma),
                   "epochs": len(history) if history else None, "train_seconds": round(train_s, 1),
                   "default_output": "measured" if model.resolve_observed() else "smooth",
                   "sampler": sampler, "sampler_steps": args.steps, "sample_seconds": round(t_sample, 1),

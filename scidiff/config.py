@@ -67,6 +67,7 @@ class TrainingConfig:
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 1
     log_every_steps: int = 0
+    final_sigma: float | str = 0.0  # where generation ends: 0 = clean data; "auto" = fitted on the validation cells
 
 
 @dataclass
@@ -141,6 +142,7 @@ _RULES = {
     "training.gradient_accumulation": (lambda v: v >= 1, ">= 1"),
     "training.checkpoint_every_steps": (lambda v: v >= 0, ">= 0"),
     "training.keep_checkpoints": (lambda v: v >= 1, ">= 1"), "training.log_every_steps": (lambda v: v >= 0, ">= 0"),
+    "training.final_sigma": (lambda v: v == "auto" or (not isinstance(v, str) and v >= 0), "'auto' or >= 0"),
     "data.target_sum": (lambda v: v > 0, "> 0 (or null)"), "data.hvg_cells": (lambda v: v >= 1, ">= 1"),
     "sampling.steps": (lambda v: v >= 1, ">= 1"), "sampling.eta": (lambda v: v >= 0, ">= 0"),
 }

@@ -101,7 +101,7 @@ class SamplingEngine:
                 p.copy_(model.student.parameters[name])
         self.score = self.model.score.to(dtype)
         self.plan: list[PlanStep] = sampler_plan(sampler, self.model.scheduler, steps, eta=self.eta,
-                                                 spacing=self.spacing)
+                                                 spacing=self.spacing, final_sigma=float(model.final_sigma))
         self._precompute_plan()
         self._graphs: dict = {}
 

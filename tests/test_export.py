@@ -420,3 +420,29 @@ def test_a_missing_covariate_is_drawn_like_the_training_data(kang_onnx):
     older = OnnxSampler(path, threads=1)
     older.meta["training_groups"] = {}
     assert list(older.sample(4, seed=3, steps=3, output="arrays")["obs"]) == []
+
+
+def test_an_export_ends_where_the_model_does(kang_onnx, tmp_path):
+    """``final_sigma`` travels in the sidecar and the runtime walks the same plan as the torch
+    model; a sidecar written before it existed reads as 0 (clean data)."""
+    import copy
+
+    model, _ = kang_onnx
+    model = copy.deepcopy(model)
+    model.final_sigma.fill_(0.25)
+    path = str(tmp_path / "model.onnx")
+    export_onnx(model, path)
+    sampler = OnnxSampler(path, threads=1)
+    assert sampler.final_sigma == pytest.approx(0.25)
+    condition = {"cell_type": "B", "condition": "stimulated"}
+    x_T = torch.randn(30, 16, generator=torch.Generator().manual_seed(7))
+    for name in ("ddim", "dpmpp_2m"):
+        expected = model.sample(30, condition, sampler=name, steps=6, observed=False,
+                                generator=torch.Generator().manual_seed(7)).numpy()
+        got = sampler.sample(30, condition, x_T=x_T.numpy(), steps=6, sampler=name, observed=False, output="arrays")
+        np.testing.assert_allclose(got["X"], expected, atol=2e-4, rtol=0)
+    meta = json.loads(open(sidecar_path(path)).read())
+    del meta["sampling"]["final_sigma"]
+    with open(sidecar_path(path), "w") as fh:
+        json.dump(meta, fh)
+    assert OnnxSampler(path, threads=1, verify=False).final_sigma == 0.0

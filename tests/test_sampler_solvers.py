@@ -131,3 +131,37 @@ def test_cli_offers_every_sampler():
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = next(a.choices for a in sample._actions if a.dest == "sampler")
     assert sorted(choices) == sorted([*SAMPLERS, "distilled"])
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 200), ("dpmpp_2m", 100), ("heun", 100), ("euler_maruyama", 500),
+                                           ("ddpm", 500)])
+def test_a_walk_that_ends_at_a_noise_level_draws_the_noised_distribution(sampler, steps):
+    """Ended at ``final_sigma`` the walk returns ``x / sqrt(alpha_bar)`` there: for Gaussian data,
+    N(mu, sd^2 + final_sigma^2); the probability-flow ODE's map onto it is the affine quantile map.
+    A plan ended at 0 is the plan as before."""
+    schedule, sigma = SCHEDULES[0], 0.3
+    plan = sampler_plan(sampler, schedule, steps, final_sigma=sigma)
+    x_T = x_T_of(4000, 8, seed=4)
+    x = run_plan(gaussian_denoiser(schedule), x_T, plan, generator=torch.Generator().manual_seed(5))
+    assert float(x.mean()) == pytest.approx(MU, abs=0.02)
+    assert float(x.std()) == pytest.approx(math.sqrt(SD**2 + sigma**2), rel=0.03)
+    if sampler in ("ddim", "dpmpp_2m", "heun"):
+        a2 = schedule.alphas_cumprod[-1]
+        exact = MU + math.sqrt(SD**2 + sigma**2) * (x_T - a2.sqrt() * MU) / (a2 * SD**2 + 1 - a2).sqrt()
+        assert float((x - exact).abs().max()) < 0.02
+    assert sampler_plan(sampler, schedule, steps, final_sigma=0.0) == sampler_plan(sampler, schedule, steps)
+    ab = schedule.alphas_cumprod.tolist()
+    assert min(ab[st.t] for st in plan) < 1 / (1 + sigma**2)  # every evaluation above the final level
+    assert max(ab[st.t] for st in plan) < 1 / (1 + sigma**2)
+    with pytest.raises(ValueError, match="final_sigma"):
+        sampler_plan(sampler, schedule, steps, final_sigma=-0.1)
+
+
+def test_the_distilled_plan_is_deterministic_ddim_on_its_grid_and_can_end_above_clean_data():
+    schedule = SCHEDULES[0]
+    ab = schedule.alphas_cumprod.tolist()
+    grid = [999, 749, 499, 249]
+    assert sampler_plan("distilled", schedule, 4) == ddim_plan(ab, grid)
+    ended = sampler_plan("distilled", schedule, 4, final_sigma=0.2)
+    assert [st.t for st in ended] == grid and all(st.noise_coef == 0 for st in ended)
+    assert ended[:-1] == ddim_plan(ab, grid)[:-1]

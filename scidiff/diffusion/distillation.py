@@ -115,9 +115,10 @@ class Student:
         params = {k: v.to(own[k].device) for k, v in self.parameters.items()}
         return lambda x_t, t, cond=None: functional_call(network, params, (x_t, t, cond))
 
-    def plan(self, schedule) -> list[PlanStep]:
-        """The student's sampler, ``"distilled"``: DDIM (``eta = 0``) on ``halving_timesteps(T, steps)``."""
-        return sampler_plan("distilled", schedule, self.steps)
+    def plan(self, schedule, final_sigma: float = 0.0) -> list[PlanStep]:
+        """The student's sampler, ``"distilled"``: DDIM (``eta = 0``) on ``halving_timesteps(T, steps)``
+        (ending at ``final_sigma``, :func:`~scidiff.diffusion.plans.sampler_plan`)."""
+        return sampler_plan("distilled", schedule, self.steps, final_sigma=final_sigma)
 
     def to(self, device) -> "Student":
         return replace(self, parameters={k: v.to(device) for k, v in self.parameters.items()})

@@ -13,7 +13,7 @@ numpy arrays in :mod:`scidiff.export.runtime`), so every path walks the same pla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 # the default, from the quality-vs-steps curve on Kang (bench/results/sampler_quality.json): at 25
@@ -48,25 +48,25 @@ def timesteps(num_timesteps: int, steps: int | None) -> list[int]:
     return sorted(set(ts), reverse=True)
 
 
-def ddim_coefficients(ab: list[float], ts: list[int], eta: float = 0.0) -> list[tuple]:
+def ddim_coefficients(ab: list[float], ts: list[int], eta: float = 0.0, a_end: float = 1.0) -> list[tuple]:
     """Per step ``(t, c_x0, c_eps, sigma)`` of ``x_s = c_x0 x0 + c_eps eps + sigma z`` (Song et
-    al. 2021, eq. 12); the step after the last timestep lands on clean data (``ab = 1``)."""
+    al. 2021, eq. 12); the step after the last timestep lands on ``ab = a_end`` (1: clean data)."""
     coefs = []
     for i, t in enumerate(ts):
         a_t = ab[t]
-        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else a_end
         sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)) if a_s < 1.0 else 0.0
         c_eps = math.sqrt(max(1 - a_s - sigma**2, 0.0))
         coefs.append((t, math.sqrt(a_s), c_eps, sigma))
     return coefs
 
 
-def ddpm_coefficients(ab: list[float], ts: list[int]) -> list[tuple]:
+def ddpm_coefficients(ab: list[float], ts: list[int], a_end: float = 1.0) -> list[tuple]:
     """Per step ``(t, c_x0, c_xt, sigma)`` of the posterior ``q(x_s | x_t, x0)`` mean
     ``c_x0 x0 + c_xt x_t`` and its standard deviation (Ho et al. 2020, eq. 7), on grid ``ts``."""
     coefs = []
     for i, t in enumerate(ts):
-        a_t, a_s = ab[t], (ab[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+        a_t, a_s = ab[t], (ab[ts[i + 1]] if i + 1 < len(ts) else a_end)
         beta = 1.0 - a_t / a_s
         coefs.append((t, math.sqrt(a_s) * beta / (1 - a_t), math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t),
                       math.sqrt((1 - a_s) / (1 - a_t) * beta)))
@@ -141,28 +141,28 @@ SPACINGS = {"trailing": lambda ab, steps: timesteps(len(ab), steps), "logsnr": l
             "halving": lambda ab, steps: halving_timesteps(len(ab), steps)}
 
 
-def ddim_plan(ab: list[float], ts: list[int], eta: float = 0.0) -> list[PlanStep]:
+def ddim_plan(ab: list[float], ts: list[int], eta: float = 0.0, a_end: float = 1.0) -> list[PlanStep]:
     """:func:`ddim` as a plan: ``x_s = c_x0 x0 + c_eps (x - sqrt(ab_t) x0) / sqrt(1 - ab_t) + sigma z``."""
     plan = []
-    for t, c_x0, c_eps, sigma in ddim_coefficients(ab, ts, eta):
+    for t, c_x0, c_eps, sigma in ddim_coefficients(ab, ts, eta, a_end):
         k = c_eps / math.sqrt(1.0 - ab[t])
         plan.append(PlanStep(t, k, c_x0 - k * math.sqrt(ab[t]), noise_coef=sigma))
     return plan
 
 
-def ddpm_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
+def ddpm_plan(ab: list[float], ts: list[int], a_end: float = 1.0) -> list[PlanStep]:
     """:func:`ddpm` as a plan."""
-    return [PlanStep(t, c_xt, c_x0, noise_coef=sigma) for t, c_x0, c_xt, sigma in ddpm_coefficients(ab, ts)]
+    return [PlanStep(t, c_xt, c_x0, noise_coef=sigma) for t, c_x0, c_xt, sigma in ddpm_coefficients(ab, ts, a_end)]
 
 
-def dpmpp_2m_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
+def dpmpp_2m_plan(ab: list[float], ts: list[int], a_end: float = 1.0) -> list[PlanStep]:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2) in log-SNR time
     ``lambda = log(alpha / sigma)``: ``x_s = (sigma_s / sigma_t) x + alpha_s (1 - e^-h) D`` with
     ``D = (1 + 1/2r) x0 - (1/2r) x0_prev``, ``r = h_prev / h``. The first step is first order
     (it equals DDIM) and so is the last, onto clean data, where ``h`` is infinite."""
     plan, h_prev = [], None
     for i, t in enumerate(ts):
-        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else a_end
         if a_s >= 1.0:
             plan.append(PlanStep(t, 0.0, 1.0))
             continue
@@ -179,7 +179,7 @@ def dpmpp_2m_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
     return plan
 
 
-def euler_maruyama_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
+def euler_maruyama_plan(ab: list[float], ts: list[int], a_end: float = 1.0) -> list[PlanStep]:
     """Euler-Maruyama on the reverse-time VP SDE (Song et al. 2021, "Score-based generative
     modeling through SDEs", eq. 6): ``x_s = x + beta (x / 2 + score) + sqrt(beta) z`` with
     ``beta = 1 - ab_t / ab_s`` the step's integrated noise rate and
@@ -187,7 +187,7 @@ def euler_maruyama_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
     (the usual noise-free final step)."""
     plan = []
     for i, t in enumerate(ts):
-        a_t, a_s = ab[t], (ab[ts[i + 1]] if i + 1 < len(ts) else 1.0)
+        a_t, a_s = ab[t], (ab[ts[i + 1]] if i + 1 < len(ts) else a_end)
         if a_s >= 1.0:
             plan.append(PlanStep(t, 0.0, 1.0))
             continue
@@ -197,19 +197,20 @@ def euler_maruyama_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
     return plan
 
 
-def heun_plan(ab: list[float], ts: list[int]) -> list[PlanStep]:
+def heun_plan(ab: list[float], ts: list[int], a_end: float = 1.0) -> list[PlanStep]:
     """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, EDM, Alg. 1)
     in ``x / alpha`` against ``sigma = sqrt((1 - ab) / ab)``: an Euler step to ``sigma_s`` (which
     is DDIM), then the trapezoidal correction with the denoiser re-evaluated there. The last step,
-    onto ``sigma = 0``, is Euler. ``2 * len(ts) - 1`` network evaluations."""
+    onto ``sigma = 0`` (or the walk's final level), is Euler. ``2 * len(ts) - 1`` network evaluations."""
     plan = []
     for i, t in enumerate(ts):
-        a_s = ab[ts[i + 1]] if i + 1 < len(ts) else 1.0
-        if a_s >= 1.0:
-            plan.append(PlanStep(t, 0.0, 1.0))
-            continue
+        last = i + 1 == len(ts)
+        a_s = a_end if last else ab[ts[i + 1]]
         alpha_t, alpha_s = math.sqrt(ab[t]), math.sqrt(a_s)
         r = math.sqrt((1.0 - a_s) / a_s) / math.sqrt((1.0 - ab[t]) / ab[t])  # sigma_s / sigma_t
+        if last:  # Euler (DDIM) onto the end: sigma = 0, or the walk's final noise level
+            plan.append(PlanStep(t, alpha_s * r / alpha_t, alpha_s * (1.0 - r)))
+            continue
         plan.append(PlanStep(t, alpha_s * r / alpha_t, alpha_s * (1.0 - r), to_mid=True))
         plan.append(PlanStep(ts[i + 1], alpha_s * r / alpha_t, alpha_s * (1.0 - r) / (2.0 * r),
                              alpha_s * (1.0 - r) * (2.0 - 1.0 / r) / 2.0, from_mid=True))
@@ -226,10 +227,17 @@ DEFAULT_SPACING = {"ddim": "trailing", "ddpm": "trailing", "dpmpp_2m": "logsnr",
 
 
 def sampler_plan(sampler: str, schedule, steps: int | None, *, eta: float = 0.0,
-                 spacing: str | None = None) -> list[PlanStep]:
+                 spacing: str | None = None, final_sigma: float = 0.0) -> list[PlanStep]:
     """The plan of any registered sampler on ``steps`` timesteps (``eta`` applies to DDIM only;
     ``spacing``: ``"trailing"``, ``"logsnr"`` or ``"halving"``, default per sampler,
-    :data:`DEFAULT_SPACING`). ``"distilled"`` is DDIM (``eta = 0``) on the halving grid only."""
+    :data:`DEFAULT_SPACING`). ``"distilled"`` is DDIM (``eta = 0``) on the halving grid only.
+
+    ``final_sigma > 0`` ends the walk at that noise level instead of on clean data: the grid
+    spans the timesteps above it, the last step lands on ``alpha_bar = 1 / (1 + final_sigma^2)``
+    and the plan returns ``x / sqrt(alpha_bar)``, a draw of the model's distribution at that noise
+    (``x0 + final_sigma eps``); the distilled student keeps its own grid and lands there. The
+    model's fitted level (:meth:`ScIDiffModel.fit_final_sigma
+    <scidiff.models.ScIDiffModel.fit_final_sigma>`) is where it stops generalising to new cells."""
     if sampler not in PLANS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(PLANS)}")
     if sampler == "distilled" and (eta != 0.0 or spacing not in (None, "halving")):
@@ -238,9 +246,22 @@ def sampler_plan(sampler: str, schedule, steps: int | None, *, eta: float = 0.0,
     spacing = spacing or DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
+    if not final_sigma >= 0.0:
+        raise ValueError(f"final_sigma must be >= 0, got {final_sigma}")
     ab = alphas_cumprod_of(schedule)
-    ts = SPACINGS[spacing](ab, steps)
-    return PLANS[sampler](ab, ts, eta) if sampler == "ddim" else PLANS[sampler](ab, ts)
+    a_end = 1.0 / (1.0 + final_sigma ** 2)
+    # the grid spans the timesteps noisier than the end (all of them for final_sigma = 0)
+    first = next((t for t, a in enumerate(ab) if a < a_end), len(ab) - 1) if final_sigma > 0 else 0
+    if spacing == "halving" or first == 0:
+        ts = SPACINGS[spacing](ab, steps)
+    else:
+        ts = [first + t for t in SPACINGS[spacing](ab[first:], steps)]
+    plan = PLANS[sampler](ab, ts, eta=eta, a_end=a_end) if sampler == "ddim" else PLANS[sampler](ab, ts, a_end=a_end)
+    if final_sigma > 0:  # return x / sqrt(a_end): the last step's coefficients scaled
+        st, k = plan[-1], 1.0 / math.sqrt(a_end)
+        plan[-1] = replace(st, x_coef=k * st.x_coef, x0_coef=k * st.x0_coef, prev_coef=k * st.prev_coef,
+                           noise_coef=k * st.noise_coef)
+    return plan
 
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from .plans import (DEFAULT_STEPS, PlanStep, _progress, alphas_cumprod_of, ddim_plan, ddpm_plan, sampler_plan,
+from .plans import (DEFAULT_STEPS, PlanStep, _progress, alphas_cumprod_of, sampler_plan,
                     timesteps, walk)
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, dict | None], torch.Tensor]
@@ -66,23 +66,26 @@ def run_plan(denoiser: Denoiser, x_T: torch.Tensor, plan: list[PlanStep], *, con
 @torch.no_grad()
 def ddim(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int | None = 50, *, eta: float = 0.0,
          cond: dict | None = None, noise=None, generator: torch.Generator | None = None,
-         clip: tuple[float, float] | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+         clip: tuple[float, float] | None = None, callback=None, progress: bool = False,
+         final_sigma: float = 0.0) -> torch.Tensor:
     """DDIM (Song, Meng & Ermon 2021). ``eta=0`` is the deterministic probability-flow
-    sampler; ``eta=1`` equals DDPM's ancestral step on the same timestep grid."""
-    ab = alphas_cumprod_of(schedule)
-    return run_plan(denoiser, x_T, ddim_plan(ab, timesteps(len(ab), steps), eta), cond=cond, noise=noise,
+    sampler; ``eta=1`` equals DDPM's ancestral step on the same timestep grid. ``final_sigma``:
+    end at that noise level (:func:`~scidiff.diffusion.plans.sampler_plan`), as every sampler here."""
+    plan = sampler_plan("ddim", schedule, steps, eta=eta, final_sigma=final_sigma)
+    return run_plan(denoiser, x_T, plan, cond=cond, noise=noise,
                     generator=generator, clip=clip, callback=callback, progress=progress, desc="DDIM")
 
 
 @torch.no_grad()
 def ddpm(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int | None = None, *,
          cond: dict | None = None, noise=None, generator: torch.Generator | None = None,
-         clip: tuple[float, float] | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+         clip: tuple[float, float] | None = None, callback=None, progress: bool = False,
+         final_sigma: float = 0.0) -> torch.Tensor:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) from the posterior
     ``q(x_s | x_t, x0_hat)``; ``steps=None`` walks all T timesteps, fewer respaces them
     (Nichol & Dhariwal 2021)."""
-    ab = alphas_cumprod_of(schedule)
-    return run_plan(denoiser, x_T, ddpm_plan(ab, timesteps(len(ab), steps)), cond=cond, noise=noise,
+    plan = sampler_plan("ddpm", schedule, steps, final_sigma=final_sigma)
+    return run_plan(denoiser, x_T, plan, cond=cond, noise=noise,
                     generator=generator, clip=clip, callback=callback, progress=progress, desc="DDPM")
 
 
@@ -113,22 +116,25 @@ def ddim_invert(denoiser: Denoiser, x0: torch.Tensor, schedule, steps: int | Non
 @torch.no_grad()
 def dpmpp_2m(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int | None = DEFAULT_STEPS, *,
              cond: dict | None = None, clip: tuple[float, float] | None = None, callback=None, progress: bool = False,
-             noise=None, generator: torch.Generator | None = None) -> torch.Tensor:
+             noise=None, generator: torch.Generator | None = None, final_sigma: float = 0.0) -> torch.Tensor:
     """DPM-Solver++(2M), deterministic second-order multistep (Lu et al. 2022); see
     :func:`~scidiff.diffusion.plans.dpmpp_2m_plan`. ``noise`` and ``generator`` are accepted and
     unused (no noise)."""
-    return run_plan(denoiser, x_T, sampler_plan("dpmpp_2m", schedule, steps), cond=cond, clip=clip,
+    plan = sampler_plan("dpmpp_2m", schedule, steps, final_sigma=final_sigma)
+    return run_plan(denoiser, x_T, plan, cond=cond, clip=clip,
                     callback=callback, progress=progress, desc="DPM-Solver++(2M)")
 
 
 @torch.no_grad()
 def euler_maruyama(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int | None = None, *,
                    cond: dict | None = None, noise=None, generator: torch.Generator | None = None,
-                   clip: tuple[float, float] | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+                   clip: tuple[float, float] | None = None, callback=None, progress: bool = False,
+                   final_sigma: float = 0.0) -> torch.Tensor:
     """Reverse-time VP SDE by Euler-Maruyama (Song et al. 2021); see
     :func:`~scidiff.diffusion.plans.euler_maruyama_plan`. First order and stochastic: it needs many
     steps (``steps=None`` walks all T)."""
-    return run_plan(denoiser, x_T, sampler_plan("euler_maruyama", schedule, steps), cond=cond, noise=noise,
+    plan = sampler_plan("euler_maruyama", schedule, steps, final_sigma=final_sigma)
+    return run_plan(denoiser, x_T, plan, cond=cond, noise=noise,
                     generator=generator, clip=clip, callback=callback, progress=progress,
                     desc="reverse SDE (Euler-Maruyama)")
 
@@ -136,11 +142,12 @@ def euler_maruyama(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int |
 @torch.no_grad()
 def heun(denoiser: Denoiser, x_T: torch.Tensor, schedule, steps: int | None = DEFAULT_STEPS, *,
          cond: dict | None = None, clip: tuple[float, float] | None = None, callback=None, progress: bool = False,
-         noise=None, generator: torch.Generator | None = None) -> torch.Tensor:
+         noise=None, generator: torch.Generator | None = None, final_sigma: float = 0.0) -> torch.Tensor:
     """Probability-flow ODE by Heun's method (Karras et al. 2022); ``2 * steps - 1`` network
     evaluations; see :func:`~scidiff.diffusion.plans.heun_plan`. ``noise`` and ``generator`` are
     accepted and unused."""
-    return run_plan(denoiser, x_T, sampler_plan("heun", schedule, steps), cond=cond, clip=clip,
+    plan = sampler_plan("heun", schedule, steps, final_sigma=final_sigma)
+    return run_plan(denoiser, x_T, plan, cond=cond, clip=clip,
                     callback=callback, progress=progress, desc="probability-flow ODE (Heun)")
 
 

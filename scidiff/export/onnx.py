@@ -259,7 +259,7 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
         "schedule": {"config": model.scheduler.config(),
                      "alphas_cumprod": [float(v) for v in model.scheduler.alphas_cumprod.double()]},
         "sampling": {"sampler": sampler, "steps": int(steps), "eta": float(eta),
-                     "guidance_scale": float(guidance_scale),
+                     "guidance_scale": float(guidance_scale), "final_sigma": float(model.final_sigma),
                      "samplers": ["distilled"] if sampler == "distilled" else ["ddim", "dpmpp_2m"]},
         "latent": None, "detection": None,
         "model_config": model.config(),

@@ -75,10 +75,11 @@ class Plan:
     a step, at a time (:class:`Trajectory`) and give the same points as the whole walk
     (:func:`ddim`, :func:`dpmpp_2m`)."""
 
-    def __init__(self, name: str, alphas_cumprod, steps: int | None, eta: float = 0.0):
+    def __init__(self, name: str, alphas_cumprod, steps: int | None, eta: float = 0.0, final_sigma: float = 0.0):
         self.name = sampler_name(name)
         self.eta = float(eta) if self.name == "ddim" else 0.0
-        self.steps: list[PlanStep] = sampler_plan(self.name, alphas_cumprod, steps, eta=self.eta)
+        self.steps: list[PlanStep] = sampler_plan(self.name, alphas_cumprod, steps, eta=self.eta,
+                                                  final_sigma=final_sigma)
         self.ts = [st.t for st in self.steps]
 
     def __len__(self) -> int:
@@ -259,7 +260,7 @@ class Trajectory:
 
     def __init__(self, sampler: "OnnxSampler", batch: Batch, name: str, steps: int | None, eta: float = 0.0):
         self.sampler, self.batch = sampler, batch
-        self.plan = Plan(name, sampler.alphas_cumprod, steps, eta)
+        self.plan = Plan(name, sampler.alphas_cumprod, steps, eta, sampler.final_sigma)
         if self.plan.eta > 0 and batch.noise is None:
             raise ValueError("DDIM with eta > 0 needs a noise source")
         self.x = batch.x_T
@@ -374,6 +375,7 @@ class OnnxSampler:
         if missing:
             raise ValueError(f"{self.onnx_path!r} lacks the inputs {missing} named in its sidecar")
         self.defaults = dict(meta["sampling"])
+        self.final_sigma = float(self.defaults.pop("final_sigma", 0.0))  # exported before it existed: 0
         self.samplers = [sampler_name(v) for v in self.defaults.get("samplers", ("ddim", "dpmpp_2m"))]
 
     def _detection_tables(self, npz, path) -> dict[str, np.ndarray] | None:
@@ -652,7 +654,7 @@ class OnnxSampler:
 
     def grid(self, sampler: str, steps: int) -> list[int]:
         """The timesteps ``sampler`` evaluates the network at (one graph call each)."""
-        return Plan(sampler, self.alphas_cumprod, steps).ts
+        return Plan(sampler, self.alphas_cumprod, steps, final_sigma=self.final_sigma).ts
 
     def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
         """Sample one (possibly merged) batch; returns points in diffusion space ``[B, D]``."""

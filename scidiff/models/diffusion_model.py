@@ -38,6 +38,7 @@ from ..diffusion.samplers import SAMPLERS, run_plan
 from ..diffusion.schedules import NoiseScheduler, get_scheduler
 from .conditioning import ConditionEncoder
 from .effects import PerturbationEffects, extra_axes
+from .final_noise import fit_final_sigma
 from .observation import DetectionModel
 from .preconditioning import Preconditioning
 from .score_network import ScoreNetwork, timestep_embedding
@@ -204,6 +205,8 @@ class ScIDiffModel(nn.Module):
         # a few-step student (scidiff.training.distillation.distil), if distilled
         self.student = None
         self.register_buffer("alphas_cumprod", noise_scheduler.alphas_cumprod.float(), persistent=False)
+        # the noise level generation ends at (0: clean data; fit_final_sigma sets it)
+        self.register_buffer("final_sigma", torch.zeros(()))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """As :meth:`torch.nn.Module.load_state_dict`; a checkpoint's learned combination term
@@ -212,6 +215,8 @@ class ScIDiffModel(nn.Module):
         effects loads with them unfitted (:func:`scidiff.tasks.perturb.perturb` then decodes
         under the target directly)."""
         old = [k for k in state_dict if k.startswith("condition_encoder.interaction.")]
+        if "final_sigma" not in state_dict:  # saved before generation could end above clean data
+            state_dict = {**state_dict, "final_sigma": torch.zeros(())}
         if self.effects is not None and not any(k.startswith("effects.") for k in state_dict):
             state_dict = {**state_dict, **{f"effects.{k}": v for k, v in self.effects.state_dict().items()}}
         if old:
@@ -459,6 +464,14 @@ class ScIDiffModel(nn.Module):
                                           self.response(cond, x_t.shape[0], x_t.device))
 
     # -- conditions ------------------------------------------------------------------------------
+    def fit_final_sigma(self, training: torch.Tensor, held_out: torch.Tensor, conditioning: dict | None = None,
+                        **kwargs) -> float:
+        """Set :attr:`final_sigma` from training cells and held-out cells (model space) and the
+        held-out cells' conditions: :func:`scidiff.models.final_noise.fit_final_sigma`."""
+        sigma = fit_final_sigma(self, training, held_out, conditioning, **kwargs)
+        self.final_sigma.fill_(sigma)
+        return sigma
+
     def encode_conditioning(self, conditioning: dict | None, batch_size: int) -> dict[str, torch.Tensor]:
         """Labels (``{'cell_type': 'B'}``), codes or tensors -> code tensors of length ``batch_size``."""
         if not conditioning:
@@ -492,7 +505,8 @@ class ScIDiffModel(nn.Module):
                steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0,
                seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
-               observed: bool | None = None, progress: bool = False, device=None) -> torch.Tensor:
+               observed: bool | None = None, progress: bool = False, device=None,
+               final_sigma: float | None = None) -> torch.Tensor:
         """Generate ``batch_size`` cells ``[B, G]``.
 
         ``conditioning``: covariate -> label, code or per-cell tensor (absent = unconditional).
@@ -510,7 +524,8 @@ class ScIDiffModel(nn.Module):
         models with a fitted detection model): a measurement of each cell (:meth:`observe`:
         sparse, with the data's detection rates). ``observed=False``: each cell's smooth
         expression (clipped at 0); ``observed=True``: measured, or an error where the model
-        cannot measure.
+        cannot measure. ``final_sigma``: the noise level the walk ends at (``None``: the model's
+        own, :meth:`fit_final_sigma`; 0: clean data).
         """
         if sampler not in SAMPLERS and sampler != "distilled":
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
@@ -530,12 +545,13 @@ class ScIDiffModel(nn.Module):
                 cond = {**null, **cond}
                 denoiser = classifier_free_guidance(denoiser, guidance_scale, null)
             kwargs = {"eta": eta} if sampler == "ddim" else {}
+            end = float(self.final_sigma) if final_sigma is None else float(final_sigma)
             if student is not None:
-                x = run_plan(denoiser, x_T, student.plan(self.scheduler), cond=cond, progress=progress,
+                x = run_plan(denoiser, x_T, student.plan(self.scheduler, end), cond=cond, progress=progress,
                              desc=f"distilled ({student.steps} steps)")
             else:
                 x = SAMPLERS[sampler](denoiser, x_T, self.scheduler, steps, cond=cond, generator=generator,
-                                      progress=progress, **kwargs)
+                                      progress=progress, final_sigma=end, **kwargs)
             x = self.decode(x)
         finally:
             self.train(was_training)

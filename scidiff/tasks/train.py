@@ -161,7 +161,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         checkpoint_dir=out_dir, checkpoint_every=tc.checkpoint_every, seed=tc.seed, progress=progress and rank == 0,
         checkpoint_every_steps=tc.checkpoint_every_steps, keep_checkpoints=tc.keep_checkpoints, use_ddp=use_ddp,
         gradient_accumulation=tc.gradient_accumulation, gradient_checkpointing=tc.gradient_checkpointing,
-        compile=tc.compile, log_every_steps=tc.log_every_steps)
+        compile=tc.compile, log_every_steps=tc.log_every_steps, final_sigma=tc.final_sigma)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         resolved = config.to_dict()
@@ -190,4 +190,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
             print(f"{epochs} epochs for {len(train_cells)} training cells (min(400, 20000 x 400 / cells); "
                   "--epochs or training.num_epochs to choose)")
     trainer.train(epochs)
+    fitted = (trainer.weights_kept or {}).get("final_sigma")
+    if fitted and progress and rank == 0:
+        print(f"generation ends at noise level {fitted['fitted']:.3f}: where generated cells lie as far from the "
+              f"training cells as the {fitted['validation_cells']} validation cells do (training.final_sigma)")
     return model

@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from . import distributed
+from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
 from .checkpoint import (atomic_torch_save, model_payload, payload_digest, read_training_checkpoint,
                          remove_partial_files, save_model, write_training_checkpoint)
 from .ema import EMA
@@ -58,6 +59,22 @@ def split_batch(batch, model) -> tuple[torch.Tensor, dict]:
 def _batch_cells(batch) -> int:
     x = batch["x"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
     return int(x.shape[0])
+
+
+def _collect_cells(loader, model, most: int) -> tuple[torch.Tensor, dict]:
+    """Up to ``most`` cells of ``loader`` and their conditions (``(x, cond)``, on the CPU)."""
+    xs, conds, n = [], [], 0
+    for batch in loader:
+        x, cond = split_batch(batch, model)
+        xs.append(x.detach().cpu())
+        conds.append({k: v.detach().cpu() for k, v in cond.items()})
+        n += len(x)
+        if n >= most:
+            break
+    if not xs:
+        return torch.zeros(0), {}
+    cond = {k: torch.cat([c[k] for c in conds])[:most] for k in conds[0]}
+    return torch.cat(xs)[:most], cond
 
 
 def enable_determinism() -> None:
@@ -166,7 +183,7 @@ class ScIDiffTrainer:
                  checkpoint_dir=None, checkpoint_every: int = 10, seed: int = 0, progress: bool = True, *,
                  checkpoint_every_steps: int = 0, keep_checkpoints: int = 1, use_ddp: bool = False,
                  gradient_accumulation: int = 1, gradient_checkpointing: bool = False, compile=False,
-                 log_every_steps: int = 0, find_unused_parameters: bool = False):
+                 log_every_steps: int = 0, find_unused_parameters: bool = False, final_sigma=0.0):
         if mixed_precision not in ("auto", "bf16", "no"):
             raise ValueError("mixed_precision must be 'auto', 'bf16' or 'no'")
         if gradient_accumulation < 1:
@@ -219,6 +236,9 @@ class ScIDiffTrainer:
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, int(checkpoint_every)
         self.checkpoint_every_steps, self.keep_checkpoints = int(checkpoint_every_steps), int(keep_checkpoints)
         self.log_every_steps = int(log_every_steps)
+        if final_sigma != "auto" and not float(final_sigma) >= 0:
+            raise ValueError(f"final_sigma must be 'auto' or a noise level >= 0, got {final_sigma!r}")
+        self.final_sigma = final_sigma
         # one noise stream per micro-batch slot of this rank (see the module docstring)
         self.generators = [torch.Generator(device=self.device).manual_seed(
             distributed.derived_seed(seed, a * self.world_size + self.rank)) for a in range(self.gradient_accumulation)]
@@ -427,6 +447,7 @@ class ScIDiffTrainer:
         self.model.load_state_dict(self.best_state if self.weights_kept["weights"] == "best"
                                    else self.ema.state_dict_for(self.model))
         self.model.eval()
+        self._set_final_sigma()
         if self.checkpoint_dir and self.is_main_process:
             save_model(self.model, self.checkpoint_dir, training=self.weights_kept)
             self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
@@ -434,6 +455,25 @@ class ScIDiffTrainer:
         if self.use_ddp:
             distributed.barrier()
         return self.history
+
+    def _set_final_sigma(self) -> None:
+        """Where the trained model's generation ends (:mod:`scidiff.models.final_noise`): the
+        level given, or with ``"auto"`` fitted on the validation cells against the training cells
+        (left at 0 without validation cells), recorded with :attr:`weights_kept`."""
+        if not hasattr(self.model, "fit_final_sigma"):
+            return
+        if self.final_sigma != "auto":
+            self.model.final_sigma.fill_(float(self.final_sigma))
+            return
+        if self.val_loader is None:
+            return
+        training, _ = _collect_cells(self.train_loader, self.model, REFERENCE_CELLS)
+        held_out, cond = _collect_cells(self.val_loader, self.model, HELD_OUT_CELLS)
+        if len(held_out) < 2:
+            return
+        sigma = self.model.fit_final_sigma(training, held_out, cond, seed=self.seed)
+        self.weights_kept["final_sigma"] = {"fitted": sigma, "validation_cells": len(held_out),
+                                            "training_cells": len(training)}
 
     def _weights_to_keep(self) -> dict:
         """Which EMA weights the trained model keeps: the best by validation loss when early
