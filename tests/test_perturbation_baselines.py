@@ -77,6 +77,21 @@ def test_baselines_over_anndata_closed_forms(screen):
         assert (same.obs["drug"] == "control").all()
 
 
+def test_baselines_refuse_perturbed_input_cells(screen):
+    """Baselines start from control cells, as the model does: input cells labelled with a
+    perturbation (here 4 cells of A and 2 of A+C among 12) are refused, every method alike."""
+    train, _, _, _ = screen
+    obs = train.obs
+    t0 = np.flatnonzero(np.isin(obs["drug"], ["control", "A"]) & (obs["cell_type"] == "t0").to_numpy())
+    mixed = train[np.r_[t0, np.flatnonzero(obs["drug"] == "A+C")[:2]]].copy()
+    assert dict(mixed.obs["drug"].value_counts()) == {"control": 4, "A": 4, "A+C": 2}
+    for method in ("no-change", "mean-shift", "linear"):
+        with pytest.raises(ValueError, match=r"6 of the 10 input cells are perturbed in obs\['drug'\] "
+                                             r"\('A' \(4\), 'A\+C' \(2\)\); predictions start from control cells"):
+            predict_baseline(method, train, mixed, {"drug": "B"}, perturbation_key="drug", context_key="cell_type",
+                             control_label="control")
+
+
 def test_linear_multi_hot_is_exact_on_additive_truth():
     rng = np.random.default_rng(1)
     base, eff = rng.uniform(2, 4, G), {p: rng.normal(0, 1, G) for p in "ABC"}

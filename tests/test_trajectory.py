@@ -110,10 +110,33 @@ def test_a_column_that_names_the_day_follows_the_time(tmp_path):
     assert "day" not in ad.read_h5ad(tmp_path / "d4.h5ad").obs.columns  # no name for day 4, and not d2
 
 
-def test_a_time_between_measured_days_rests_on_both_and_none_beyond(klein):
+def test_a_time_between_measured_days_rests_on_both_and_none_beyond():
     """The ``direct`` route's confidence: the training cells of the group asked for, ``n / (n + 30)``,
-    read linearly between measured days (here the cells keep ``day`` d2, so only the day-2 group
-    carries them: its weight is 1 at day 2, 0.6 at day 4 on the way to day 7, 0 at day 7 and 9)."""
+    read linearly between the days measured in that group's line. Line L1 was measured at days 0,
+    2 and 7 (20, 40, 60 cells), L2 at 0 and 4: L1 at day 4 rests on its days 2 and 7 (0.6 x 40 +
+    0.4 x 60 cells; read between the days of both lines, it rested on none, since L2's day 4 lay
+    between), L2 at day 4 on its own 30 cells, L2 at day 6 (beyond L2's days, inside L1's) on none."""
+    import anndata as ad
+    import pandas as pd
+
+    from scidiff.tasks.perturb import direct_support
+
+    design = [("L1", 0.0, 20), ("L1", 2.0, 40), ("L1", 7.0, 60), ("L2", 0.0, 50), ("L2", 4.0, 30)]
+    obs = pd.DataFrame([(line, day) for line, day, n in design for _ in range(n)], columns=["line", "day_num"])
+    obs.index = [f"c{i}" for i in range(len(obs))]
+    counts = np.random.default_rng(0).poisson(2.0, (len(obs), 12)).astype(np.float32)
+    spec = setup_anndata(ad.AnnData(counts, obs=obs), n_top_genes=None, condition_keys=["line"],
+                         continuous_keys=["day_num"]).spec
+    asked = [("L1", 4.0), ("L1", 2.0), ("L2", 4.0), ("L2", 6.0), ("L1", 1.0)]
+    codes = spec.encode_conditions({"line": [a for a, _ in asked], "day_num": [d for _, d in asked]}, len(asked))
+    n = np.array([0.6 * 40 + 0.4 * 60, 40, 30, 0, 0.5 * 20 + 0.5 * 40])
+    np.testing.assert_allclose(direct_support(spec, codes).numpy(), n / (n + 30), rtol=1e-6)
+
+
+def test_a_time_course_reads_the_groups_of_the_line_its_cells_keep(klein):
+    """In a trajectory the cells keep their other covariates (here ``day`` d2, a label measured at
+    day 2 alone), so its confidence counts the d2 group at day 2 and nothing at the days d2 never
+    had (4, 7 and 9)."""
     import anndata as ad
 
     model, source = klein
@@ -124,5 +147,5 @@ def test_a_time_between_measured_days_rests_on_both_and_none_beyond(klein):
         out = trajectory(model, source[:3], {"day_num": [2.0, 4.0, 7.0, 9.0]}, steps=5, progress=False)
     assert out.obs["scidiff_route"].astype(str).eq("direct").all()
     conf = out.obs["scidiff_confidence"].to_numpy().reshape(4, 3)
-    expected = [n2 / (n2 + 30), 0.6 * n2 / (0.6 * n2 + 30), 0.0, 0.0]
+    expected = [n2 / (n2 + 30), 0.0, 0.0, 0.0]
     np.testing.assert_allclose(conf, np.repeat(np.array(expected)[:, None], 3, 1), rtol=1e-6)

@@ -408,6 +408,17 @@ def canonical_label(label, separator: str = "+", control_labels=("control", "ctr
     return separator.join(parts) if parts else (list(control_labels) or ["control"])[0]
 
 
+def perturbed_input_error(key: str, labels, controls) -> ValueError:
+    """The refusal of input cells already perturbed: ``labels``, each input cell's label of
+    ``key`` (``None`` for a control cell); predictions start from control cells, and a perturbed
+    cell would keep its own perturbation's change on top of the target's."""
+    perturbed = pd.Series([str(v) for v in labels if v is not None])
+    counts = perturbed.value_counts()
+    shown = ", ".join(f"{lab!r} ({n})" for lab, n in counts.head(5).items()) + (", ..." if len(counts) > 5 else "")
+    return ValueError(f"{len(perturbed)} of the {len(labels)} input cells are perturbed in obs[{key!r}] ({shown}); "
+                      f"predictions start from control cells: pass only the cells labelled {list(controls)}")
+
+
 def lookup_label(values: dict, label, separator: str = "+", control_labels=("control", "ctrl")):
     """``values[label]`` with ``label`` matched up to the order of its singles and the spelling of
     control; ``None`` when the label has no recorded value."""

@@ -34,7 +34,7 @@ from scipy.spatial.distance import cdist
 
 from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
 from ..data.perturbation_features import resolve_genes
-from ..data.spec import canonical_label
+from ..data.spec import canonical_label, perturbed_input_error
 from .metrics import _pearson, mmd_rbf
 
 BASELINES = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
@@ -308,6 +308,21 @@ def _multi_hot(labels: Sequence[str], vocab: list[str], separator: str) -> np.nd
     return f
 
 
+def _refuse_perturbed(train, control, key: str | None, control_label, separator: str) -> None:
+    """Raise where cells of ``control`` carry, under ``key``, a label with a single perturbation
+    that ``train`` holds (a label ``train`` does not know, such as another spelling of control, is
+    left to the user)."""
+    if key is None or key not in control.obs.columns or key not in train.obs.columns:
+        return
+    controls = control_labels_of(control_label)
+    seen = {p for lab in set(perturbation_labels(train, key, separator, controls)) - {controls[0]}
+            for p in lab.split(separator)}
+    labels = perturbation_labels(control, key, separator, controls)
+    perturbed = [lab if seen & set(lab.split(separator)) else None for lab in labels]
+    if any(lab is not None for lab in perturbed):
+        raise perturbed_input_error(key, perturbed, controls)
+
+
 def predict_baseline(method: str, train, control, target: Mapping, *, perturbation_key: str | None = None,
                      context_key: str | None = None, control_label="control", time_key: str | None = None,
                      features: Mapping[str, np.ndarray] | None = None, alpha: float = 1.0, separator: str = "+"):
@@ -332,7 +347,8 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
       multi-hot of single perturbations, or ``features[label]`` (labels without features are
       left out of the fit).
 
-    A target that is the control itself is the control cells under every method.
+    A target that is the control itself is the control cells under every method. Cells of
+    ``control`` labelled with a perturbation of ``train`` are refused (the error names them).
     """
     import anndata as ad
     import pandas as pd
@@ -342,6 +358,7 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
         raise ValueError(f"unknown baseline {method!r}; choose from {list(BASELINES)}")
     if list(map(str, train.var_names)) != list(map(str, control.var_names)):
         raise ValueError("train and control must hold the same genes in the same order")
+    _refuse_perturbed(train, control, perturbation_key, control_label, separator)
     xc = _x(control)
     if method == "no-change":
         pred = no_change(xc)

@@ -219,7 +219,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     control_label = controls[0]
     real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls))
     if control_label not in real_labels:
-        hint = control_hint(real_labels, "--control-label")
+        hint = control_hint(real_labels, "--control-label") or (
+            "; the changes are scored against the real control cells: include them in the real file")
         raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
                          f"file's labels include {sorted(real_labels)[:10]}{hint}")
     genes = [str(g) for g in pred_ad.var_names]

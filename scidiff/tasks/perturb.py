@@ -77,6 +77,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
+from ..data.spec import perturbed_input_error
 from ..models.effects import context_table
 from .cells import model_cells, own_codes
 
@@ -233,9 +234,11 @@ def direct_support(spec, codes: dict) -> torch.Tensor:
     ``direct`` route): the training cells of that group ``n``, as ``n / (n + 30)`` (as for
     ``seen``), from the spec's training groups. Along a numeric covariate (a time, a dose) ``n`` is
     read linearly between the measured values (each measured value's group weighted by its hat
-    function: 1 there, falling to 0 at the measured values beside it), so a day between two
-    measured days rests on both in proportion to nearness, and a value beyond the measured ones on
-    none; a covariate ``codes`` leaves out is summed over. ``NaN`` where the spec keeps no training
+    function: 1 there, falling to 0 at the measured values beside it among the groups that agree
+    with it on every other covariate asked for), so a day between two measured days rests on both
+    in proportion to nearness, and a value beyond the measured ones on none (a drug's dose beyond
+    those it was measured at, whatever doses other drugs had); a covariate ``codes`` leaves out is
+    summed over. ``NaN`` where the spec keeps no training
     groups (a model saved before them, or a covariate with a value per cell)."""
     groups = spec.training_groups
     n = len(next(iter(codes.values())))
@@ -253,7 +256,9 @@ def direct_support(spec, codes: dict) -> torch.Tensor:
         values = [row[at] for row in groups["values"]]
         column = [c[j] for c in asked]
         if key in spec.continuous:
-            weight *= _hat_weights(np.asarray(column, np.float64), np.asarray(values, np.float64))
+            others = [groups["keys"].index(k) for k in keys if k != key]
+            peers = [tuple(str(row[o]) for o in others) for row in groups["values"]]
+            weight *= _hat_weights(np.asarray(column, np.float64), np.asarray(values, np.float64), peers)
         else:
             weight *= np.asarray([str(v) for v in column], object)[:, None] == \
                 np.asarray([str(v) for v in values], object)[None, :]
@@ -261,13 +266,20 @@ def direct_support(spec, codes: dict) -> torch.Tensor:
     return torch.as_tensor((cells / (cells + SUPPORT_CELLS))[row_of], dtype=torch.float32)
 
 
-def _hat_weights(asked: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``[len(asked), len(values)]``: each value's weight in the linear interpolation between the
-    distinct measured ``values`` at each ``asked`` point (0 outside their range)."""
-    knots = np.unique(values)
-    k = np.searchsorted(knots, values)
-    lower = np.where(k > 0, knots[np.maximum(k - 1, 0)], knots[k])
-    upper = np.where(k < len(knots) - 1, knots[np.minimum(k + 1, len(knots) - 1)], knots[k])
+def _hat_weights(asked: np.ndarray, values: np.ndarray, peers: list) -> np.ndarray:
+    """``[len(asked), len(values)]``: each value's weight in the linear interpolation, at each
+    ``asked`` point, between the distinct measured values of its peers (the values whose ``peers``
+    entry is the same as its own; 0 outside their range)."""
+    lower, upper = values.copy(), values.copy()
+    same: dict = {}
+    for i, p in enumerate(peers):
+        same.setdefault(p, []).append(i)
+    for rows in same.values():
+        own = values[rows]
+        knots = np.unique(own)
+        k = np.searchsorted(knots, own)
+        lower[rows] = np.where(k > 0, knots[np.maximum(k - 1, 0)], own)
+        upper[rows] = np.where(k < len(knots) - 1, knots[np.minimum(k + 1, len(knots) - 1)], own)
     t, v = asked[:, None], values[None, :]
     rising = np.divide(t - lower, v - lower, out=np.zeros(np.broadcast(t, v).shape), where=(v > lower) & (t < v))
     falling = np.divide(upper - t, upper - v, out=np.zeros_like(rising), where=(upper > v) & (t > v))
@@ -569,12 +581,9 @@ def _check_control_cells(spec, source_codes: dict, condition: dict, adata) -> No
             continue
         perturbed = source_codes[key][:, :-1].ne(0).any(1).numpy()
         if perturbed.any():
-            labels = pd.Series(adata.obs[key].astype(str).to_numpy()[perturbed]).value_counts()
-            shown = ", ".join(f"{lab!r} ({n})" for lab, n in labels.head(5).items())
-            more = ", ..." if len(labels) > 5 else ""
-            raise ValueError(f"{int(perturbed.sum())} of the {len(perturbed)} input cells are perturbed in "
-                             f"obs[{key!r}] ({shown}{more}); predictions start from control cells: pass only the "
-                             f"cells labelled {list(spec.control_labels)}")
+            labels = adata.obs[key].astype(str).to_numpy()
+            raise perturbed_input_error(key, [lab if p else None for lab, p in zip(labels, perturbed)],
+                                        spec.control_labels)
 
 
 def _transfers(model, plans: dict, ctx_keys) -> dict:

@@ -41,6 +41,8 @@ def junk(tmp_path_factory, tiny_run, kang_file):
     cells = ad.read_h5ad(kang_file)[:30].copy()
     cells.obs = cells.obs[[]]
     cells.write_h5ad(root / "no_labels.h5ad")
+    kang = ad.read_h5ad(kang_file)
+    kang[(kang.obs["condition"] == "stimulated").to_numpy()][:30].copy().write_h5ad(root / "stimulated_only.h5ad")
     return root
 
 
@@ -150,7 +152,15 @@ CASES = [
     ("predict baseline unknown perturbation key", ["predict", "--method", "mean-shift", "--train", "{data}", "--data",
                                                    "{data}", "--target", "drug=A", "--out", "{out}/p.h5ad"],
      ["'drug'"]),
+    ("predict baseline from perturbed cells", ["predict", "--method", "mean-shift", "--train", "{data}", "--data",
+                                               "{data}", "--target", "condition=stimulated", "--perturbation-key",
+                                               "condition", "--out", "{out}/p.h5ad"],
+     ["obs['condition']", "'stimulated'", "start from control cells"]),
     # scoring perturbation predictions (scidiff evaluate --perturbation)
+    ("evaluate perturbation real file without controls", ["evaluate", "--perturbation", "--real",
+                                                          "{junk}/stimulated_only.h5ad", "--predicted", "{data}",
+                                                          "--perturbation-key", "condition", "--out", "{out}/report"],
+     ["--control-label", "include them in the real file"]),
     ("evaluate perturbation without key", ["evaluate", "--perturbation", "--real", "{data}", "--predicted", "{data}",
                                            "--out", "{out}/report"], ["--perturbation-key"]),
     ("evaluate perturbation unknown key", ["evaluate", "--perturbation", "--real", "{data}", "--predicted", "{data}",
