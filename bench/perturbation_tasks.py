@@ -394,6 +394,36 @@ def build_task(name: str, **kw) -> Task:
 
 # -- the model --------------------------------------------------------------------------------------
 
+def train_scidiff(train_adata, keys: dict, seed: int = 0, epochs: int = 200, *, hidden_dim: int = 512,
+                  num_layers: int = 6, latent_dim: int = 64, batch_size: int = 256, model_path: str | None = None):
+    """``(model, training seconds)``: a scidiff model trained on ``train_adata`` (``keys`` and the
+    rest as :func:`predict_with_scidiff` takes them), with the perturbation prior ``scidiff train``
+    fits; read from ``model_path`` instead where that checkpoint exists, else written there."""
+    import time
+
+    import torch
+
+    import scidiff
+    from scidiff.models.perturbation_prior import PerturbationPrior
+    from scidiff.training.checkpoint import load_model, read_checkpoint, save_model
+
+    if model_path is not None and os.path.exists(model_path):
+        return load_model(model_path), float(read_checkpoint(model_path)["train_seconds"])
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    data = scidiff.setup_anndata(train_adata.copy(), n_top_genes=None, **keys)
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=hidden_dim, num_layers=num_layers,
+                                           latent_dim=latent_dim or None)
+    if data.spec.perturbation_keys:  # unseen perturbations: the prior, as `scidiff train` fits it
+        model.perturbation_prior = PerturbationPrior.from_cells(data, train_adata, seed=seed)
+    scidiff.ScIDiffTrainer(model, data.loader(batch_size, seed=seed), device="cpu", early_stopping_patience=None,
+                           seed=seed, progress=False).train(epochs)
+    train_s = time.perf_counter() - t0
+    if model_path is not None:
+        save_model(model, model_path, train_seconds=train_s)
+    return model, train_s
+
+
 def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: int = 0, epochs: int = 200,
                          method="counterfactual", *, hidden_dim: int = 512, num_layers: int = 6, latent_dim: int = 64,
                          steps: int = 50, batch_size: int = 256, model_path: str | None = None):
@@ -411,32 +441,12 @@ def predict_with_scidiff(train_adata, control_adata, target, keys: dict, seed: i
     written to, and read from instead of training where it already exists (the caller keys it by
     everything the training depends on).
     """
-    import time
-
-    import torch
-
-    import scidiff
-    from scidiff.models.perturbation_prior import PerturbationPrior
     from scidiff.tasks.perturb import perturb
-    from scidiff.training.checkpoint import load_model, read_checkpoint, save_model
 
     targets = [target] if isinstance(target, dict) else list(target)
     methods = (method,) if isinstance(method, str) else tuple(method)
-    t0 = time.perf_counter()
-    if model_path is not None and os.path.exists(model_path):
-        model, train_s = load_model(model_path), float(read_checkpoint(model_path)["train_seconds"])
-    else:
-        torch.manual_seed(seed)
-        data = scidiff.setup_anndata(train_adata.copy(), n_top_genes=None, **keys)
-        model = scidiff.ScIDiffModel.from_data(data, hidden_dim=hidden_dim, num_layers=num_layers,
-                                               latent_dim=latent_dim or None)
-        if data.spec.perturbation_keys:  # unseen perturbations: the prior, as `scidiff train` fits it
-            model.perturbation_prior = PerturbationPrior.from_cells(data, train_adata, seed=seed)
-        scidiff.ScIDiffTrainer(model, data.loader(batch_size, seed=seed), device="cpu", early_stopping_patience=None,
-                               seed=seed, progress=False).train(epochs)
-        train_s = time.perf_counter() - t0
-        if model_path is not None:
-            save_model(model, model_path, train_seconds=train_s)
+    model, train_s = train_scidiff(train_adata, keys, seed, epochs, hidden_dim=hidden_dim, num_layers=num_layers,
+                                   latent_dim=latent_dim, batch_size=batch_size, model_path=model_path)
     out = {m: [] for m in methods}
     store = {}  # the control cells' inversions, shared by the targets (identical predictions)
     for m in methods:

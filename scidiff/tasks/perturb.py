@@ -75,9 +75,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..data.spec import perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
-from ..data.spec import perturbed_input_error
 from ..models.effects import context_table
 from .cells import model_cells, own_codes
 
