@@ -182,7 +182,7 @@ def kang(args, results):
     hits = hits_fn(target, genes)
     refs = [stim_label, ctrl_label]
     source = adata[labels == ctrl_label].copy()
-    designer = scidiff.InverseDesigner(model)
+    designer = scidiff.InverseDesigner(model, observed=False)
     n = args.n
 
     # a stimulated-vs-control classifier trained on the real CD4T cells
@@ -300,7 +300,7 @@ def pbmc(args, results):
                                      tolerance=0.1)
     hits = hits_fn(target, genes)
     refs = ["CD8 T"]
-    designer = scidiff.InverseDesigner(model)
+    designer = scidiff.InverseDesigner(model, observed=False)
     n = args.n
     out = {"target": [str(c) for c in target.constraints], "model": train_info, "methods": {},
            "matching_type": "CD8 T (CD8+ Cytotoxic T and CD8+/CD45RA+ Naive Cytotoxic)"}

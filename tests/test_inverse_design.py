@@ -529,6 +529,32 @@ def test_cli_design_writes_cells_report_and_rankings(perturbed, tmp_path, capsys
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
+def test_designs_are_measured_by_default_where_the_model_measures(perturbed, tmp_path, capsys):
+    """As generation: a principal-axes model with a fitted detection model designs measured cells
+    (sparse, as real ones) unless asked for smooth ones (``observed=False``, ``--smooth``); a
+    gene-space model, with nothing to measure through, designs smooth ones."""
+    from scidiff.cli import main
+
+    model, adata, _, _ = perturbed
+    assert not InverseDesigner(model).observed
+    sparse = adata.copy()
+    sparse.X[np.random.default_rng(0).random(sparse.shape) < 0.6] = 0  # 60% of values not detected
+    cells = scidiff.setup_anndata(sparse, n_top_genes=None, perturbation_keys=["drug"], scaling="none")
+    latent = scidiff.ScIDiffModel.from_data(cells, hidden_dim=16, num_layers=1, num_timesteps=20, latent_dim=6)
+    assert bool(latent.detection.fitted) and InverseDesigner(latent).observed
+    assert not InverseDesigner(latent, observed=False).observed
+    run = tmp_path / "run"
+    scidiff.save_model(latent, str(run))
+    zeros = {}
+    for flags, kind in (([], "measured"), (["--smooth"], "smooth")):
+        out = tmp_path / f"{kind}.h5ad"
+        assert main(["design", "--model", str(run), "--target", "ISG15>=1", "-n", "16", "--steps", "2",
+                     "--no-screen", "--out", str(out), *flags]) == 0, capsys.readouterr().err
+        assert f"designed 16 {kind} cells" in capsys.readouterr().out
+        zeros[kind] = float((np.asarray(ad.read_h5ad(out).X) == 0).mean())
+    assert zeros["measured"] > 0.4 > 0.1 > zeros["smooth"]
+
+
 def test_cli_design_select_and_retries(perturbed, tmp_path, capsys):
     from scidiff.cli import main
 

@@ -44,9 +44,12 @@ def add(sub) -> None:
                                                    "cell from its posterior given the target (a screen)")
     p.add_argument("--retries", type=nonnegative_int, default=2, help="restart cells that miss the target up to this many "
                                                           "times from 70%% noise (default 2; 0 keeps the first draw)")
-    p.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
-                   "detection rates (principal-axes models; guidance acts on the smooth expression)")
-    p.add_argument("--free-measurement", action="store_true", help="with --observed: measure the target genes "
+    measured = p.add_mutually_exclusive_group()
+    measured.add_argument("--observed", action="store_true", help="design measured cells: sparse, with the data's "
+                          "detection rates (the default where the model has a fitted detection model; guidance acts "
+                          "on the smooth expression)")
+    measured.add_argument("--smooth", action="store_true", help="design each cell's smooth expression instead")
+    p.add_argument("--free-measurement", action="store_true", help="measured cells: measure the target genes "
                    "unconditioned (default: conditioned on meeting their targets)")
     p.add_argument("--tolerance", type=nonnegative_float, default=0.1,
                    help="slack when checking a target (log1p units)")
@@ -67,9 +70,11 @@ def run(args) -> None:
                         n=args.n, steps=args.steps, objective_scale=args.objective_scale,
                         backward_steps=args.backward_steps, guidance_scale=args.guidance, tolerance=args.tolerance,
                         realism_weight=args.realism, eta=args.eta,
-                        select=args.select, retries=args.retries, observed=args.observed,
+                        select=args.select, retries=args.retries,
+                        observed=True if args.observed else False if args.smooth else None,
                         condition_measurement=not args.free_measurement, seed=args.seed, screen=not args.no_screen)
-    line = f"designed {report['n_designed']} cells; all targets met by {report['fraction_met_all']:.1%}"
+    kind = "measured" if report["settings"].get("observed") else "smooth"
+    line = f"designed {report['n_designed']} {kind} cells; all targets met by {report['fraction_met_all']:.1%}"
     if "realism" in report:
         r = report["realism"]
         line += f"; nearest real type {r['nearest_type']!r} (classifier AUC {r['classifier_auc']:.2f})"

@@ -143,7 +143,9 @@ class InverseDesigner:
     ``nonnegativity_weight`` (on by default), ``sparsity_weight`` (L1 pull of genes below
     ``sparsity_threshold`` to 0) and ``realism_weight`` (:class:`RealismObjective`).
 
-    ``observed``: design measured cells. Guidance works on each cell's smooth expression (the
+    ``observed``: design measured cells (the default, ``None``, where the model has a fitted
+    detection model, as generation does: :meth:`scidiff.models.ScIDiffModel.resolve_observed`;
+    ``False`` designs smooth expression). Guidance works on each cell's smooth expression (the
     model's output, differentiable); the designed cell, the targets' check (for retries and the
     screen) and the report then use a measurement of it through the model's detection model
     (:meth:`scidiff.models.ScIDiffModel.observe`: sparse, with the data's detection rates and
@@ -153,13 +155,15 @@ class InverseDesigner:
 
     def __init__(self, model, objectives=None, *, classifier: CellTypeClassifier | None = None,
                  nonnegativity_weight: float = 1.0, sparsity_weight: float = 0.0, sparsity_threshold: float = 0.1,
-                 realism_weight: float = 0.0, realism_t: int | None = None, observed: bool = False):
+                 realism_weight: float = 0.0, realism_t: int | None = None, observed: bool | None = None):
         if getattr(model, "data_spec", None) is None:
             raise ValueError("inverse design needs a model with a gene list (train it through scidiff.setup_anndata)")
         detection = getattr(model, "detection", None)
         if observed and (detection is None or not bool(detection.fitted)):
             raise ValueError("observed=True needs a principal-axes model with a fitted detection model "
                              "(model.fit_detection(cells); ScIDiffModel.from_data fits it)")
+        if observed is None:
+            observed = model.resolve_observed() if hasattr(model, "resolve_observed") else False
         self.model, self.observed = model, bool(observed)
         self.gene_names = list(model.data_spec.gene_names)
         self.gene_to_idx = gene_index(self.gene_names)
@@ -554,7 +558,7 @@ class InverseDesigner:
 
 def design(model, target, n: int | None = None, *, condition: dict | None = None, source=None, sampler: str = "ddim",
            steps: int = 50, guidance_scale: float | None = None, objective_scale: float = 10.0, seed: int = 0,
-           progress: bool = False, classifier: CellTypeClassifier | None = None, observed: bool = False,
+           progress: bool = False, classifier: CellTypeClassifier | None = None, observed: bool | None = None,
            retries: int = 2, **options) -> ad.AnnData:
     """Design ``n`` cells (default 256) toward ``target`` (a :class:`PhenotypeTarget` or its text,
     ``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"``) with ``model``; returns them as an AnnData (per-target hits

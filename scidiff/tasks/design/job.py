@@ -93,7 +93,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
                backward_steps: int = 0, guidance_scale: float | None = None, tolerance: float = 0.1,
                realism_weight: float = 0.0, eta: float | None = None,
-               select: str | None = None, retries: int = 2, observed: bool = False,
+               select: str | None = None, retries: int = 2, observed: bool | None = None,
                condition_measurement: bool = True, seed: int = 0, screen: bool = True, attribution: bool = True,
                progress: bool = True, **deprecated) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
@@ -109,15 +109,21 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     the target; ``guidance_scale``: classifier-free guidance on the condition (default 1;
     ``cfg_scale=`` is its deprecated name). ``eta``, ``select``, ``retries``: see
     :meth:`~scidiff.tasks.design.InverseDesigner.design`; ``observed``: design measured cells
-    (see :class:`~scidiff.tasks.design.InverseDesigner`), their target genes measured within the
-    targets unless ``condition_measurement=False``."""
+    (see :class:`~scidiff.tasks.design.InverseDesigner`; by default where the model has a fitted
+    detection model), their target genes measured within the targets unless
+    ``condition_measurement=False``."""
     (guidance_scale,) = renamed("run_design", deprecated, {"cfg_scale": ("guidance_scale", guidance_scale)})
     no_other_keywords("run_design", deprecated)
     cfg_scale = 1.0 if guidance_scale is None else float(guidance_scale)
-    if not observed and not condition_measurement:
+    if observed is False and not condition_measurement:
         raise ValueError("a free measurement (--free-measurement) applies to measured cells: add --observed")
     if not isinstance(model, torch.nn.Module):
         model = load_model(model)
+    if observed is None:
+        observed = model.resolve_observed()
+        if not observed and not condition_measurement:
+            raise ValueError("a free measurement (--free-measurement) applies to measured cells, and this model "
+                             "designs smooth ones (no fitted detection model): add --observed (with --data to fit it)")
     spec = model.data_spec
     paths = output_paths(out)
     if not isinstance(target, PhenotypeTarget):
