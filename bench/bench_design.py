@@ -55,6 +55,7 @@ KANG_OBSERVED = "observed " + KANG_SELECT
 PBMC_SELECT = "design, select=bulk_labels, guidance 1, eta 1, no resampling, retries 10"
 PBMC_SELECT_KW = {"select": "bulk_labels", "objective_scale": 1.0, "eta": 1.0, "resample": False, "retries": 10}
 PBMC_OBSERVED = "observed " + PBMC_SELECT
+OBSERVED_DEFAULTS = "observed design, retries 2 (scidiff design as packaged)"
 FREE = ", free measurement"
 FREE_KW = {"condition_measurement": False}
 
@@ -223,6 +224,8 @@ def kang(args, results):
                             **{"select": "condition", **kw})
         add(name, r.expression, {"settings": r.settings})
     observed_designer = scidiff.InverseDesigner(model, observed=True)
+    r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, retries=2)
+    add(OBSERVED_DEFAULTS, r.expression, {"settings": r.settings})
     r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, **KANG_SELECT_KW)
     add(KANG_OBSERVED, r.expression, {"settings": r.settings})
     r = observed_designer.design(target, n, source=source, steps=args.steps, seed=args.seed, **KANG_SELECT_KW,
@@ -330,6 +333,8 @@ def pbmc(args, results):
         r = designer.design(target, n, steps=args.steps, seed=args.seed, **{"select": "bulk_labels", **kw})
         add(name, r.expression, {"settings": r.settings})
     observed_designer = scidiff.InverseDesigner(model, observed=True)
+    r = observed_designer.design(target, n, steps=args.steps, seed=args.seed, retries=2)
+    add(OBSERVED_DEFAULTS, r.expression, {"settings": r.settings})
     for name, kw in ((PBMC_OBSERVED, {}), (PBMC_OBSERVED + FREE, FREE_KW),
                      (PBMC_OBSERVED + ", reweighted measurement", {"reweight_measurement": True})):
         r = observed_designer.design(target, n, steps=args.steps, seed=args.seed, **PBMC_SELECT_KW, **kw)
