@@ -88,6 +88,8 @@ CASES = [
     ("denoise samples zero", DENOISE + ["--samples", "0"], ["argument --samples"]),
     ("design n zero", DESIGN + ["--target", "{gene}>=2", "-n", "0"], ["argument -n"]),
     ("design retries negative", DESIGN + ["--target", "{gene}>=2", "--retries", "-1"], ["argument --retries"]),
+    ("design measured and smooth", DESIGN + ["--target", "{gene}>=2", "--observed", "--smooth"],
+     ["--smooth", "--observed"]),
     ("demo epochs zero", ["demo", "--epochs", "0", "--out", "{out}/demo"], ["argument --epochs"]),
     # conditions and labels the model does not know
     ("sample unknown condition key", SAMPLE + ["--condition", "cell_typo=B"], ["--condition", "cell_typo"]),
