@@ -115,15 +115,13 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     (guidance_scale,) = renamed("run_design", deprecated, {"cfg_scale": ("guidance_scale", guidance_scale)})
     no_other_keywords("run_design", deprecated)
     cfg_scale = 1.0 if guidance_scale is None else float(guidance_scale)
-    if observed is False and not condition_measurement:
-        raise ValueError("a free measurement (--free-measurement) applies to measured cells: add --observed")
     if not isinstance(model, torch.nn.Module):
         model = load_model(model)
-    if observed is None:
-        observed = model.resolve_observed()
-        if not observed and not condition_measurement:
-            raise ValueError("a free measurement (--free-measurement) applies to measured cells, and this model "
-                             "designs smooth ones (no fitted detection model): add --observed (with --data to fit it)")
+    observed = model.resolve_observed(observed)
+    if not observed and not condition_measurement:
+        raise ValueError("a free measurement (--free-measurement) applies to measured cells, and these are smooth "
+                         "(--smooth, or a model without a fitted detection model): add --observed (with --data to "
+                         "fit one)")
     spec = model.data_spec
     paths = output_paths(out)
     if not isinstance(target, PhenotypeTarget):
