@@ -50,7 +50,8 @@ MODEL_METHODS = ("counterfactual", "population")
 TABLE = (("rmse_all", "RMSE"), ("mae_all", "MAE"), ("pearson_delta_all", "Pearson Δ"), ("pds_l1", "PDS"),
          ("e_distance", "E-dist"), ("scgen_r2_top100", "R² top100"), ("confidence_mean", "confidence"))
 CE_TABLE = (("pearson_delta", "ce Pearson Δ"), ("mae", "ce MAE"), ("discrimination_score_l1", "ce PDS"),
-            ("overlap_at_N", "ce overlap@N"))
+            ("overlap_at_N", "ce overlap@N"), ("precision_at_N", "ce precision@N"),
+            ("de_nsig_counts_pred", "ce DE genes"))
 
 
 def _finite(v):

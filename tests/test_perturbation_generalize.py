@@ -180,7 +180,8 @@ def test_a_seen_context_reads_the_change_in_that_context(decoy):
     np.testing.assert_allclose(again.X, pred.X, atol=1e-5)
     vocab = model.data_spec.categorical
     mean = model.effects.seen_change("perturbation", [vocab["perturbation"].index("P")], [vocab["line"].index("l1")])
-    np.testing.assert_allclose(pred.X.mean(0) - line1.X.mean(0), mean.numpy(), atol=1e-3)
+    shifted = perturb(model, line1, {"perturbation": "P"}, steps=20, progress=False, observed=False)
+    np.testing.assert_allclose(shifted.X.mean(0) - line1.X.mean(0), mean.numpy(), atol=1e-3)
 
 
 def test_a_screen_without_contexts_centres_seen_singles_on_their_estimate():
@@ -194,7 +195,7 @@ def test_a_screen_without_contexts_centres_seen_singles_on_their_estimate():
     scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
                            learning_rate=2e-3, warmup_steps=20).train(5)
     control = adata[(adata.obs["perturbation"] == "control").to_numpy()].copy()  # all of them are the reference
-    pred = perturb(model, control, {"perturbation": "A+C"}, steps=10, progress=False)
+    pred = perturb(model, control, {"perturbation": "A+C"}, steps=10, progress=False, observed=False)
     assert (pred.obs["scidiff_route"] == "additive").all()
     vocab = model.data_spec.categorical["perturbation"]
     expected = sum(model.effects.seen_change("perturbation", [vocab.index(p)], []) for p in "AC")
@@ -296,7 +297,8 @@ def test_disagreement_shrinkage_is_positive_part_james_stein():
 
 
 def test_a_knockdown_of_sparse_genes_keeps_its_predicted_mean_at_the_floor_of_zero():
-    """Sparse genes (expressed in 40% of control cells) halved by a seen knockdown: clipping the
+    """Sparse genes (expressed in 40% of control cells) halved by a seen knockdown, predicted as
+    shifted cells (``observed=False``; the measured ones: tests/test_measured_change.py): clipping the
     moved cells at zero would leave their mean far above the prediction (cells that do not express
     a gene cannot lose it); the floor scales the expressing cells instead, so every cell stays
     >= 0, the predicted mean change is the model's estimate (its seen change) and batching does
@@ -321,7 +323,7 @@ def test_a_knockdown_of_sparse_genes_keeps_its_predicted_mean_at_the_floor_of_ze
     scidiff.ScIDiffTrainer(model, data.loader(128), device="cpu", progress=False, early_stopping_patience=None,
                            learning_rate=2e-3, warmup_steps=20).train(3)
     control = adata[:n].copy()
-    pred = perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False)
+    pred = perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False, observed=False)
     assert (pred.obs["scidiff_route"] == "seen").all() and float(pred.X.min()) >= 0
     vocab = model.data_spec.categorical["perturbation"]
     change = model.effects.seen_change("perturbation", [vocab.index("KD")], []).numpy()
@@ -331,7 +333,7 @@ def test_a_knockdown_of_sparse_genes_keeps_its_predicted_mean_at_the_floor_of_ze
     clipped = np.maximum(pred.layers["control"] + change, 0).mean(0) - control.X.mean(0)
     assert (clipped[sparse] - change[sparse] > 0.1).all()  # what a plain clip would predict instead
     halves = [perturb(model, control[i:i + n // 2].copy(), {"perturbation": "KD"}, steps=10, progress=False,
-                      batch_size=37).X for i in (0, n // 2)]
+                      batch_size=37, observed=False).X for i in (0, n // 2)]
     np.testing.assert_allclose(np.vstack(halves), pred.X, atol=1e-5)
 
 

@@ -224,17 +224,29 @@ TINY = ("model: {hidden_dim: 32, num_layers: 2, num_timesteps: 50, conditioning_
 
 
 def _predict_unseen(tmp_path, capsys, run, cells, key, label):
-    """``scidiff predict`` of ``label`` (never seen) for ``cells``: the output, and the model's prior."""
+    """``scidiff predict --shifted`` of ``label`` (never seen) for ``cells``: the output, and the
+    model's prior; the default (measured cells) checked against it: the same cells' zeros, the
+    same mean change within sampling."""
     from scidiff.cli import main
 
     control = tmp_path / "control.h5ad"
     cells.write_h5ad(control)
-    out = tmp_path / f"{label}.h5ad"
+    out, measured = tmp_path / f"{label}.h5ad", tmp_path / f"{label}_measured.h5ad"
     assert main(["predict", "--model", str(run), "--data", str(control), "--target", f"{key}={label}",
-                 "--out", str(out)]) == 0, capsys.readouterr().err
+                 "--out", str(out), "--shifted"]) == 0, capsys.readouterr().err
+    assert "(shifted cells, --shifted)" in capsys.readouterr().out
+    assert main(["predict", "--model", str(run), "--data", str(control), "--target", f"{key}={label}",
+                 "--out", str(measured)]) == 0, capsys.readouterr().err
+    assert "(measured cells)" in capsys.readouterr().out
     import anndata as ad
 
-    return ad.read_h5ad(out), load_model(run).perturbation_prior
+    shifted, observed = ad.read_h5ad(out), ad.read_h5ad(measured)
+    assert not shifted.uns["scidiff_prediction"]["observed"] and observed.uns["scidiff_prediction"]["observed"]
+    x, c = np.asarray(observed.X), np.asarray(cells.X.toarray() if hasattr(cells.X, "toarray") else cells.X)
+    assert abs(float((x > 0).mean() - (c > 0).mean())) < 0.05  # as sparse as the cells
+    se = np.asarray(shifted.X).std(0) / len(c) ** 0.5
+    assert np.mean(np.abs(x.mean(0) - np.asarray(shifted.X).mean(0)) < 4 * se + 0.02) > 0.95
+    return shifted, load_model(run).perturbation_prior
 
 
 def _check_prior_prediction(pred, prior, key, label):
@@ -282,7 +294,8 @@ def test_an_unseen_gene_target_end_to_end_through_the_command_line(papalexi, tmp
     targets = ["STAT1+control", "IRF1", "STAT1+IRF1"]
     screen = tmp_path / "screen.h5ad"
     assert main(["predict", "--model", str(run), "--data", str(tmp_path / "control.h5ad"), "--out", str(screen),
-                 *[a for t in targets for a in ("--target", f"perturbation={t}")]]) == 0, capsys.readouterr().err
+                 "--shifted", *[a for t in targets for a in ("--target", f"perturbation={t}")]]) == 0, \
+        capsys.readouterr().err
     import anndata as ad
 
     out = ad.read_h5ad(screen)

@@ -61,6 +61,13 @@ def add(sub):
     p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--batch-size", type=positive_int, default=4096, help="cells per model call")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--observed", action="store_true",
+                      help="measured cells: each input cell's measurement carried to its predicted state through "
+                           "the model's detection model (sparse as the data; the default where the model has one)")
+    kind.add_argument("--shifted", action="store_true",
+                      help="each input cell shifted by the predicted change in log1p expression instead (lifts "
+                           "every zero of a gene the change raises)")
     p.add_argument("--out", required=True, help="output .h5ad")
 
 
@@ -151,6 +158,9 @@ def run(args):
         if args.model is None:
             raise ValueError(f"--method {args.method} needs --model (a run folder or model.pt); the baselines "
                              f"({', '.join(BASELINE_METHODS)}) predict without one")
+    elif args.observed or args.shifted:
+        raise ValueError(f"--{'observed' if args.observed else 'shifted'} applies to the model's methods "
+                         f"(counterfactual, population), not to the baseline --method {args.method}")
     elif args.train is None and args.method != "no-change":
         raise ValueError(f"--method {args.method} needs --train TRAIN.h5ad (the cells the baseline is computed from)")
     if args.threads:
@@ -169,13 +179,15 @@ def run(args):
         if spec is None:
             raise ValueError(f"--model {args.model!r} carries no gene list; train it through scidiff train")
         targets = [_parse(w, t, _model_check(model), spec.continuous) for w, t in texts]
+        observed = model.resolve_observed(True if args.observed else False if args.shifted else None)
         # target by target into the file: memory holds one target's prediction, however many targets
         n_cells, n_genes = predict_screen_to_file(model, args.data, targets, args.out, method=args.method,
                                                   steps=args.steps, guidance_scale=guidance, seed=args.seed,
-                                                  batch_size=args.batch_size, device=device)
+                                                  batch_size=args.batch_size, device=device, observed=observed)
     n_targets = len(texts)
     per = f" ({n_targets} targets x {n_cells // n_targets} cells)" if n_targets > 1 else ""
-    print(f"wrote {n_cells} predicted cells{per} x {n_genes} genes to {args.out}")
+    kind = "" if baseline else " (measured cells)" if observed else " (shifted cells, --shifted)"
+    print(f"wrote {n_cells} predicted cells{per} x {n_genes} genes to {args.out}{kind}")
     if not baseline:
         print("\n".join(what_predictions_rest_on(args.out)))
 

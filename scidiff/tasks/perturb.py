@@ -63,7 +63,15 @@ context from the context's control cells, kept as quantiles at training, moved b
 prediction's mean change, so batching does not change it); a gene whose predicted mean is at or
 below zero is predicted off. Other routes clip at zero: their change is carried from elsewhere,
 and on Zhao's unseen patients keeping its decreases whole raised the RMSE (0.510 to 0.525) and
-took one patient above no change.
+took one patient above no change. This is the ``observed=False`` output (each cell shifted).
+
+By default (``observed``, where the model has a fitted detection model) the predicted cells are
+measured: each input cell's measurement is carried from its smooth expression (its projection on
+the model's latent) to that moved by the change, keeping its detection and level noise
+(:mod:`scidiff.models.measured_change`), so zeros stay zeros unless a gene's detection rises and
+a gene lowered far enough is switched off. Their expected mean per gene is the shifted output's:
+one shift of the detection log-odds and a level factor per gene, fitted once per target and
+context on the context's reference control cells (:func:`_mean_keeping`).
 """
 from __future__ import annotations
 
@@ -79,9 +87,11 @@ from ..data.spec import perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
 from ..models.effects import context_table
+from ..models.measured_change import Carried, cell_uniforms, fit_mean_keeping
 from .cells import model_cells, own_codes
 
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
+FIT_CELLS = 512  # cells of a batch the measured cells' mean keeping is fitted on, without reference cells
 
 
 def _denoiser(model, guidance_scale: float, n: int):
@@ -185,6 +195,7 @@ class _Plan:
         self.offsets = {}  # (key, singles, context) -> the network's mean change to that context's reference cells
         self.inside = {}  # context read -> [sum over predicted cells of how far each lies within its controls, cells]
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
+        self.keeping = None  # per gene, the measured cells' detection shift and level factor (not read yet)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
             return
@@ -397,6 +408,86 @@ def _floor_scale(model, reader, plan, context, src, tgt) -> torch.Tensor | None:
     return plan.scale
 
 
+def _moved(model, reader, plan, context, src, tgt, x, change) -> torch.Tensor:
+    """Cells ``x`` moved by ``change`` in log1p expression, floored at zero keeping the predicted
+    mean where it was measured (:func:`_floor_scale`), else clipped (module docstring)."""
+    moved = model.data_spec.to_expression(x + change, clip=False).clamp_min(0)
+    scale = _floor_scale(model, reader, plan, context, src, tgt)
+    return moved if scale is None else moved * scale.to(moved)
+
+
+def _in_expression(model, x, change, smooth=None):
+    """``(measured, smooth, moved)`` log1p expression of cells ``x`` (model space) moved by
+    ``change``: the cells as measured (exact zeros back), their smooth expression (by default the
+    projection on the model's latent) and that moved by the change."""
+    spec = model.data_spec
+    at = spec.to_expression(x, clip=False)
+    measured = torch.where(at < 1e-5, torch.zeros_like(at), at)
+    if smooth is None:
+        smooth = spec.to_expression(model.decode(model.encode(x)), clip=False)
+    return measured, smooth, smooth + (spec.to_expression(x + change, clip=False) - at)
+
+
+def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int = 1 << 21) -> torch.Tensor:
+    """The measured cells carried from ``smooth`` to ``moved`` (:mod:`scidiff.models.measured_change`),
+    their draws keyed by ``rows``, about ``entries`` values at a time."""
+    shift, factor = keep if keep is not None else (None, None)
+    out = torch.empty_like(measured)
+    step = max(1, entries // max(measured.shape[1], 1))
+    n_genes = measured.shape[1]
+    for start in range(0, len(measured), step):
+        part = slice(start, start + step)
+        carried = Carried(model.detection, measured[part], smooth[part], moved[part],
+                          cell_uniforms(seed, rows[part], n_genes, 1).to(measured))
+        out[part] = carried.draw(cell_uniforms(seed, rows[part], n_genes, 0).to(measured), shift, factor)
+    return out
+
+
+def _measured_cells(model, x, change, rows, seed: int, population: bool, keep) -> torch.Tensor:
+    """Measured predicted cells (``perturb(observed=True)``): each input cell's measurement carried
+    to its moved smooth expression; a fresh cell (``population``) is measured first, from draws
+    keyed by its row."""
+    measured, smooth, moved = _in_expression(model, x, change)
+    if population:
+        n_genes = smooth.shape[1]
+        measured = model.detection.measure(smooth, cell_uniforms(seed, rows, n_genes, 2).to(smooth),
+                                           cell_uniforms(seed, rows, n_genes, 3).to(smooth))
+    return _carry(model, measured, smooth, moved, rows, seed, keep)
+
+
+def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change):
+    """Per gene, the detection shift and level factor (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
+    that give the measured predictions the mean of :func:`_moved`'s: fitted once per plan on the
+    context's reference control cells (measured from draws keyed by their rows), so batching does
+    not change it; on the batch's own cells where the model keeps no reference cells."""
+    if plan.keeping is not None:
+        return plan.keeping
+    ref = _reference_cells(model, context, x.device)
+    fitted_here = ref is None
+    if fitted_here:  # a sample of the batch is enough for a shift per gene
+        x, change = x[:FIT_CELLS], change[:FIT_CELLS]
+    if not fitted_here:
+        inside = {k: list(v) for k, v in plan.inside.items()}  # the reference cells are not predicted cells
+        x, src, tgt = ref, _first_rows(src, len(ref)), _first_rows(tgt, len(ref))
+        change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
+        plan.inside = inside
+        smooth = model.data_spec.to_expression(x, clip=False)
+        rows = torch.arange(len(x))
+        x = model.data_spec.to_model_space(model.detection.measure(
+            smooth, cell_uniforms(seed, rows, smooth.shape[1], 4).to(smooth),
+            cell_uniforms(seed, rows, smooth.shape[1], 5).to(smooth)))
+    else:
+        smooth = None
+    target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
+    measured, smooth, moved = _in_expression(model, x, change, smooth)
+    carried = Carried(model.detection, measured, smooth, moved,
+                      cell_uniforms(seed, torch.arange(len(x)), smooth.shape[1], 6).to(smooth))
+    keep = fit_mean_keeping(carried, target)
+    if not fitted_here:
+        plan.keeping = keep
+    return keep
+
+
 def _reference_cells(model, context, device) -> torch.Tensor | None:
     """The context's reference control cells in model space (``None`` where there are none)."""
     latent = model.effects.reference_latent_of(context) if model.effects is not None else None
@@ -489,7 +580,8 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
 @torch.no_grad()
 def perturb(model, cells, condition: dict, *, method: str = "counterfactual", steps: int = 50,
             guidance_scale: float = 1.0, seed: int = 0, layer: str | None = None, use_raw: bool | None = None,
-            batch_size: int = 4096, progress: bool = True, device=None, store: dict | None = None) -> ad.AnnData:
+            batch_size: int = 4096, progress: bool = True, device=None, store: dict | None = None,
+            observed: bool | None = None) -> ad.AnnData:
     """Predict how the control ``cells`` (an AnnData or ``.h5ad`` path) respond to ``condition``
     (e.g. ``{'condition': 'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``; module docstring).
 
@@ -502,7 +594,12 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     cells' own conditions, moved). ``device``: where to run (default: the model's). ``store``: a
     dict to keep the input cells' inversions in across calls (several targets for the same cells:
     each further one costs about a quarter of the network evaluations, with the same result;
-    :func:`~scidiff.tasks.screen.predict_screen` passes one).
+    :func:`~scidiff.tasks.screen.predict_screen` passes one). ``observed``: measured cells, each
+    input cell's measurement carried to its moved smooth expression through the model's detection
+    model (:mod:`scidiff.models.measured_change`; the default where the model has a fitted one, as
+    for generation), or each cell shifted by the change in log1p expression (``False``), which
+    lifts every zero of a gene the change raises; ``uns['scidiff_prediction']['observed']`` says
+    which.
     """
     if method not in ("counterfactual", "population"):
         raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
@@ -525,6 +622,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         if all(k in source_codes for k in ctx_keys) else np.zeros((n, 0), dtype=np.int64)
     device = next(model.parameters()).device
     model.eval()
+    observed = model.resolve_observed(observed)
+    if observed and (model.detection is None or not bool(model.detection.fitted)):
+        raise ValueError("observed=True needs a model with a fitted detection model (a principal-axes model)")
     reader = _Reader(model, steps, guidance_scale, store)
     out = np.empty((n, spec.n_genes), dtype=np.float32)
     confidence = np.empty(n, dtype=np.float32)
@@ -549,9 +649,12 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             plan = plans[key]
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
-            moved = spec.to_expression(x + change, clip=False).clamp_min(0)
-            scale = _floor_scale(model, reader, plan, context, src, tgt)
-            out[rows] = (moved if scale is None else moved * scale.to(moved)).cpu().numpy()
+            if observed:
+                keep = _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change)
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), method == "population",
+                                            keep).cpu().numpy()
+            else:
+                out[rows] = _moved(model, reader, plan, context, src, tgt, x, change).cpu().numpy()
             confidence[rows] = conf.numpy()
             routes[rows] = plan.route
     obs = control_adata.obs.copy()
@@ -566,7 +669,8 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     result.var = spec.var_frame()
     result.layers["control"] = cells.log_expression().astype(np.float32)
     result.uns["scidiff_prediction"] = {
-        "method": method, "steps": int(steps), "guidance_scale": float(guidance_scale), "seed": int(seed),
+        "method": method, "observed": bool(observed), "steps": int(steps), "guidance_scale": float(guidance_scale),
+        "seed": int(seed),
         "target": {k: str(v) for k, v in condition.items()},
         **_transfers(model, plans, ctx_keys)}
     return result

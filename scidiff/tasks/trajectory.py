@@ -50,7 +50,8 @@ def _grid(spec, times) -> tuple[str, list[float]]:
 
 def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict | None = None, steps: int = 50,
                guidance_scale: float = 1.0, seed: int = 0, progress: bool = True, layer: str | None = None,
-               use_raw: bool | None = None, batch_size: int = 4096, device=None) -> ad.AnnData:
+               use_raw: bool | None = None, batch_size: int = 4096, device=None,
+               observed: bool | None = None) -> ad.AnnData:
     """Carry ``cells`` (an AnnData or ``.h5ad`` path; typically control or early-time cells)
     across a grid of a numeric covariate: ``times={'day_num': [2, 3, 4, 5]}``, under the other
     covariates of ``condition`` (e.g. a perturbation) when given.
@@ -82,7 +83,7 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
         for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
             part = perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
                            seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
-                           device=device, store=store)
+                           device=device, store=store, observed=observed)
             part.obs = set_perturbation_columns(part.obs, columns, {key: t, **condition}, separator=spec.separator,
                                                 control_labels=spec.control_labels)
             parts.append(part)
