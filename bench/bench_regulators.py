@@ -46,7 +46,8 @@ def measured_fraction(cells, gene: str, level: float, key: str = "perturbation")
 def predicted_fractions(model, target, source, knockouts: list[str], steps: int, seed: int) -> dict[str, float]:
     """The alternative measured beside the screen: each knockout predicted for the source cells as
     ``scidiff predict`` predicts it (:func:`scidiff.perturb`: a seen knockout centred on its
-    estimated mean change, the floor at zero keeping the predicted mean), fraction meeting ``target``."""
+    estimated mean change; measured cells, each control cell's measurement carried to its moved
+    state), fraction meeting ``target``."""
     from scidiff.tasks.design.targets import constraint_hits, met_every_target
     from scidiff.tasks.perturb import perturb
 

@@ -106,6 +106,11 @@ def test_mean_keeping_reaches_the_target_by_detection_then_levels(fitted):
     drawn = carried.draw(cell_uniforms(0, rows, 3, 0), *fit_mean_keeping(carried, free * 0.6))
     se = measured.std(0) / len(cells) ** 0.5
     assert ((drawn.mean(0) - free * 0.6).abs() < 4 * se).all()
+    # the expected mean is the mean over the draws (a newly detected level's mean included)
+    shift = torch.tensor([1.5, -0.5, 3.0])
+    draws = torch.stack([Carried(det, measured, cells, cells - 0.3, cell_uniforms(s, rows, 3, 1)).draw(
+        cell_uniforms(s, rows, 3, 0), shift).mean(0) for s in range(64)])
+    torch.testing.assert_close(draws.mean(0), carried.expected_mean(shift), atol=float(se.max()), rtol=0)
 
 
 def _sparse_screen(seed: int = 0, n: int = 600, genes: int = 40):

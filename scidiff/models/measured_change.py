@@ -34,7 +34,8 @@ _MASK = (1 << 62) - 1
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser (Steele, Lea and Flood 2014) on non-negative int64, kept in 62 bits."""
+    """A finaliser after splitmix64's (Steele, Lea and Flood 2014: xor-shift, multiply, twice), on
+    non-negative int64 kept in 62 bits (shorter multipliers: torch has no unsigned 64-bit product)."""
     x = x & _MASK
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B) & _MASK
     x = ((x ^ (x >> 27)) * 0x94D049BB13311) & _MASK
@@ -102,7 +103,8 @@ class Carried:
         at = torch.where(self.on, _position(before, measured), level_u)
         beyond = torch.where(self.on, measured - _level_at(before, at), torch.zeros_like(measured))
         self.level = (_level_at(after, at) + beyond).clamp_min(0)
-        self.level_mean = after.mean(-1)  # the mean level of a newly detected value, near enough
+        q = after.shape[-1]  # the mean of a newly detected value's level: its quantile function's (trapezoids)
+        self.level_mean = (after.sum(-1) - 0.5 * (after[..., 0] + after[..., -1])) / (q - 1)
         del before, after
 
     def detected_probability(self, shift=None) -> torch.Tensor:

@@ -113,6 +113,7 @@ class _Reader:
     def __init__(self, model, steps: int, guidance_scale: float, store: dict | None = None):
         self.model, self.steps, self.guidance = model, steps, guidance_scale
         self.store = {} if store is None else store
+        self.changes = {}  # this call's changes to the reference cells, read twice by measured predictions
 
     def decode(self, z_T, cond):
         m = self.model
@@ -139,9 +140,17 @@ class _Reader:
             self.store[key] = (z_T, self._walk_down(z_T, reference))
         return self.store[key]
 
-    def change(self, x, reference: dict, target: dict) -> torch.Tensor:
+    def change(self, x, reference: dict, target: dict, keep: bool = False) -> torch.Tensor:
+        """The change; ``keep``: kept for this call (the context's reference cells, read by the
+        centring and again by the measured cells' mean keeping)."""
+        key = (self._key(x, reference), self._key(x[:0], target)) if keep else None
+        if key is not None and key in self.changes:
+            return self.changes[key]
         z_T, at_reference = self._inverted(x, reference)
-        return self.decode(z_T, target) - self.model.decode(at_reference)
+        out = self.decode(z_T, target) - self.model.decode(at_reference)
+        if key is not None:
+            self.changes[key] = out
+        return out
 
 
 def _rows(n_singles: int, singles, b: int, device) -> torch.Tensor:
@@ -316,20 +325,21 @@ def _first_rows(cond: dict, n: int) -> dict:
 
 
 def _centred_change(model, reader, plan, x, src, target, key, singles, context, dose,
-                    deviation: float | torch.Tensor = 1.0) -> torch.Tensor:
+                    deviation: float | torch.Tensor = 1.0, keep: bool = False) -> torch.Tensor:
     """The network's change to cells ``x`` from ``src`` to ``target`` read in ``context``, where
     that context saw the group, centred on the group's estimated mean change there: the network
     gives how cells differ, the data (pooled and shrunk, :mod:`scidiff.models.effects`) the mean
     change. Used as is where the group has no estimate or the context no reference cells.
     ``deviation`` (a number, or one per cell) scales the network's part around the mean; at 0
-    the mean change alone, without reading the network."""
+    the mean change alone, without reading the network. ``keep``: ``x`` are the context's
+    reference cells (their change is kept for the call)."""
     dose_key = model.data_spec.dose_key
     mean = _seen_mean(model, key, singles, context, float(dose[dose_key][0]) if dose else None)
     whole = isinstance(deviation, (int, float)) and deviation == 1
     deviation = torch.as_tensor(deviation, dtype=x.dtype, device=x.device).expand(len(x))
     if mean is not None and not deviation.any():
         return mean.to(x).expand_as(x)
-    change = reader.change(x, src, target)
+    change = reader.change(x, src, target, keep)
     offset = None if mean is None else _reference_offset(model, reader, plan, key, singles, context, src, target)
     if offset is None:
         return change
@@ -361,7 +371,7 @@ def _reference_offset(model, reader, plan, key, singles, context, src, target) -
     if cache not in plan.offsets:
         x = _reference_cells(model, context, next(iter(src.values())).device if src else None)
         plan.offsets[cache] = None if x is None else \
-            reader.change(x, _first_rows(src, len(x)), _first_rows(target, len(x))).mean(0)
+            reader.change(x, _first_rows(src, len(x)), _first_rows(target, len(x)), keep=True).mean(0)
     return plan.offsets[cache]
 
 
@@ -428,7 +438,7 @@ def _in_expression(model, x, change, smooth=None):
     return measured, smooth, smooth + (spec.to_expression(x + change, clip=False) - at)
 
 
-def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int = 1 << 21) -> torch.Tensor:
+def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int = 1 << 19) -> torch.Tensor:
     """The measured cells carried from ``smooth`` to ``moved`` (:mod:`scidiff.models.measured_change`),
     their draws keyed by ``rows``, about ``entries`` values at a time."""
     shift, factor = keep if keep is not None else (None, None)
@@ -455,7 +465,7 @@ def _measured_cells(model, x, change, rows, seed: int, population: bool, keep) -
     return _carry(model, measured, smooth, moved, rows, seed, keep)
 
 
-def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change):
+def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change, population: bool):
     """Per gene, the detection shift and level factor (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
     that give the measured predictions the mean of :func:`_moved`'s: fitted once per plan on the
     context's reference control cells (measured from draws keyed by their rows), so batching does
@@ -463,27 +473,26 @@ def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x
     if plan.keeping is not None:
         return plan.keeping
     ref = _reference_cells(model, context, x.device)
-    fitted_here = ref is None
-    if fitted_here:  # a sample of the batch is enough for a shift per gene
-        x, change = x[:FIT_CELLS], change[:FIT_CELLS]
-    if not fitted_here:
+    if ref is not None:
         inside = {k: list(v) for k, v in plan.inside.items()}  # the reference cells are not predicted cells
         x, src, tgt = ref, _first_rows(src, len(ref)), _first_rows(tgt, len(ref))
-        change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
+        change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, reference=True)
         plan.inside = inside
+    else:  # a sample of the batch is enough for a shift per gene
+        x, change = x[:FIT_CELLS], change[:FIT_CELLS]
+    smooth = None
+    if ref is not None or population:  # smooth cells: measured first
         smooth = model.data_spec.to_expression(x, clip=False)
         rows = torch.arange(len(x))
         x = model.data_spec.to_model_space(model.detection.measure(
             smooth, cell_uniforms(seed, rows, smooth.shape[1], 4).to(smooth),
             cell_uniforms(seed, rows, smooth.shape[1], 5).to(smooth)))
-    else:
-        smooth = None
     target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
     measured, smooth, moved = _in_expression(model, x, change, smooth)
     carried = Carried(model.detection, measured, smooth, moved,
                       cell_uniforms(seed, torch.arange(len(x)), smooth.shape[1], 6).to(smooth))
     keep = fit_mean_keeping(carried, target)
-    if not fitted_here:
+    if ref is not None:
         plan.keeping = keep
     return keep
 
@@ -527,8 +536,9 @@ def transfer_evidence(changes: torch.Tensor, inside: torch.Tensor) -> torch.Tens
     return inside + (1 - inside) * between
 
 
-def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
-    """``(change [B, G], confidence [B])`` of one batch of cells of one context."""
+def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, reference: bool = False):
+    """``(change [B, G], confidence [B])`` of one batch of cells of one context (``reference``:
+    the context's reference cells)."""
     b, device = len(x), x.device
     dose_key = model.data_spec.dose_key
     dose = {dose_key: tgt[dose_key]} if dose_key and dose_key in tgt else {}
@@ -546,7 +556,7 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys):
         rows = _rows(n_of[key], what, b, device)
         if kind == "seen":
             change = change + _centred_change(model, reader, plan, x, src, {**src, **dose, key: rows}, key, what,
-                                              context, dose)
+                                              context, dose, keep=reference)
             confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
             continue
         latent = model.encode(x)
@@ -650,9 +660,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
             if observed:
-                keep = _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change)
-                out[rows] = _measured_cells(model, x, change, idx, int(seed), method == "population",
-                                            keep).cpu().numpy()
+                population = method == "population"
+                keep = _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change, population)
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), population, keep).cpu().numpy()
             else:
                 out[rows] = _moved(model, reader, plan, context, src, tgt, x, change).cpu().numpy()
             confidence[rows] = conf.numpy()
