@@ -1,28 +1,32 @@
 """A measured cell carried to another smooth state: the counterfactual of its measurement.
 
 Pearl's abduction, action and prediction (Pearl 2009, *Causality*, sec. 7.1) through the
-detection model (:mod:`scidiff.models.observation`). Each gene of a measured cell is explained by
-the cell's smooth expression ``s`` and by the measurement's noise: whether the gene was detected,
-and where its level lies among the levels the model gives a detected gene at ``s``. The noise is
-kept while the smooth expression moves to ``s' = s + d``, and the measurement is read again:
+detection model (:mod:`scidiff.models.observation`). Each gene of a measured cell is a draw from
+the distribution the model gives a measurement at the cell's smooth expression ``s``: zero with
+probability ``1 - p``, else a level from the detected-level quantiles ``F_s``. Its position in that
+distribution is abducted, the smooth expression moves to ``s' = s + d``, and the value at the same
+position is read: the quantile map of changes-in-changes (Athey and Imbens 2006, *Econometrica*
+74:431), ``y = G_s'^-1(G_s(x))``, with ``G`` the whole measured distribution, its atom at zero
+included (a zero's position drawn uniformly within the atom, as a randomised probability integral
+transform). In terms of ``v = 1 - G_s(x)``, in ``[0, 1]``:
 
-- the level by the quantile map of changes-in-changes (Athey and Imbens 2006, *Econometrica*
-  74:431), ``y = F_s'^-1(F_s(x))``, with ``F`` the detected-level distribution the model reads at
-  that smooth value (plus whatever of ``x`` lay beyond the tables' range);
-- detection by the monotone coupling of the two draws: a detected gene stays detected with
-  probability ``min(1, p'/p)``, an undetected one becomes detected with probability
-  ``max(0, (p' - p) / (1 - p))``, ``p`` and ``p'`` the detection probabilities at ``s`` and ``s'``.
+- a detected value has ``v = p (1 - F_s(x))``; it stays detected where ``v <= p'`` (a lowered
+  gene switches off first in the cells lowest in its level distribution, on average in a share
+  ``1 - p'/p`` of them) at the level of quantile ``1 - v / p'`` (plus whatever of ``x`` lay beyond
+  the tables' range);
+- a zero has ``v`` drawn in ``(p, 1)``; it is detected where ``v < p'`` (with probability
+  ``(p' - p) / (1 - p)`` where detection rises), at a level low in the distribution.
 
-With ``d = 0`` every cell comes back as it was; a gene lowered to where the model rarely detects
-it is switched off in most cells; a zero stays a zero unless the gene's detection rises. Adding a
-change to every value instead would lift every zero of a gene the change raises, and a rank test
-(scanpy's Wilcoxon) would call almost every gene of the predicted cells differentially expressed.
+With ``d = 0`` every cell comes back as it was; a zero stays a zero unless the gene's detection
+rises. Adding a change to every value instead would lift every zero of a gene the change raises,
+and a rank test (scanpy's Wilcoxon) would call almost every gene of the predicted cells
+differentially expressed.
 
 The mean a prediction keeps per gene is met by one shift per gene of the detection log-odds
-(solved by bisection on the expected mean) and, where detection cannot move it further, a
-factor on the detected levels (:func:`fit_mean_keeping`).
+(bisection on the carried cells' mean) and, where detection cannot move it further, a factor on
+the detected levels (:func:`fit_mean_keeping`).
 
-The draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
+The zeros' draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
 so a prediction does not depend on how the cells are batched.
 """
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import torch
 
 ODDS_BOUND = 20.0  # the log-odds shift is sought in [-ODDS_BOUND, ODDS_BOUND]
+TIE = 1e-6  # relative float32 rounding within which two probabilities, or two means, are taken as equal
 _MASK = (1 << 62) - 1
 
 
@@ -85,61 +90,60 @@ def _odds(p: torch.Tensor, shift) -> torch.Tensor:
     """``p`` with its log-odds moved by ``shift`` (``p`` kept where the shift is 0)."""
     if shift is None:
         return p
-    p = p.clamp(1e-7, 1 - 1e-7)
-    return torch.sigmoid(torch.logit(p) + shift)
+    moved = torch.sigmoid(torch.logit(p.clamp(1e-7, 1 - 1e-7)) + shift)
+    return torch.where(torch.as_tensor(shift, device=p.device) == 0, p, moved)
 
 
 class Carried:
-    """What a batch of measured cells needs to be carried from ``smooth`` to ``moved`` (each
-    ``[N, G]``, log1p expression): per value, its detection probabilities before and after, its
-    level after if it stays detected, and the mean level of a newly detected one."""
+    """A batch of measured cells carried from ``smooth`` to ``moved`` (each ``[N, G]``, log1p
+    expression) by the quantile map of each value's whole measured distribution (module
+    docstring): per value, its position ``v`` (``p (1 - F_s(x))`` for a detected value, drawn
+    from ``offset`` in ``(p, 1)`` for a zero), the detection probability after and the level
+    tables after."""
 
     def __init__(self, det, measured: torch.Tensor, smooth: torch.Tensor, moved: torch.Tensor,
-                 level_u: torch.Tensor):
+                 offset: torch.Tensor):
         self.on = measured > 0
         p, before = _tables(det, smooth)
-        self.p = p
-        self.p_moved, after = _tables(det, moved)
-        at = torch.where(self.on, _position(before, measured), level_u)
-        beyond = torch.where(self.on, measured - _level_at(before, at), torch.zeros_like(measured))
-        self.level = (_level_at(after, at) + beyond).clamp_min(0)
-        q = after.shape[-1]  # the mean of a newly detected value's level: its quantile function's (trapezoids)
-        self.level_mean = (after.sum(-1) - 0.5 * (after[..., 0] + after[..., -1])) / (q - 1)
-        del before, after
+        self.p_moved, self.after = _tables(det, moved)
+        at = _position(before, measured)
+        self.unknown = self.on & (p <= 0)  # detected where the model says never: its level read as it lies
+        self.at = at
+        self.v = torch.where(self.on, p * (1 - at), p + (1 - p) * offset)
+        self.beyond = torch.where(self.on, measured - _level_at(before, at), torch.zeros_like(measured))
+        del before
 
-    def detected_probability(self, shift=None) -> torch.Tensor:
-        """``P(detected after)`` per value, the log-odds of ``p'`` moved by ``shift [G]``."""
+    def carry(self, shift=None, factor=None) -> torch.Tensor:
+        """The carried measurement ``[N, G]``: detected where ``v`` lies within the detection
+        probability after (its log-odds moved by ``shift [G]``), at the level of quantile
+        ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
         p2 = _odds(self.p_moved, shift)
-        keep = torch.where(self.p > 0, (p2 / self.p.clamp_min(1e-12)).clamp_max(1), torch.ones_like(p2))
-        gain = torch.where(self.p < 1, ((p2 - self.p) / (1 - self.p).clamp_min(1e-12)).clamp_min(0),
-                           torch.zeros_like(p2))
-        return torch.where(self.on, keep, gain)
+        # a value at the bottom of its level distribution sits at v = p: kept at p' = p up to rounding
+        detected = torch.where(self.on, self.v <= p2 * (1 + TIE), self.v < p2) | self.unknown
+        u = torch.where(self.unknown, self.at, (1 - self.v / p2.clamp_min(1e-12)).clamp(0, 1))
+        level = (_level_at(self.after, u) + self.beyond).clamp_min(0)
+        if factor is not None:
+            level = level * factor
+        return torch.where(detected, level, torch.zeros_like(level))
 
-    def expected_mean(self, shift=None) -> torch.Tensor:
-        """The carried cells' expected expression per gene ``[G]``."""
-        level = torch.where(self.on, self.level, self.level_mean)
-        return (self.detected_probability(shift) * level).mean(0)
-
-    def draw(self, detect_u: torch.Tensor, shift=None, factor=None) -> torch.Tensor:
-        """The carried measurement ``[N, G]``: detected where ``detect_u`` falls below
-        :meth:`detected_probability` (the coupling of the module docstring), at its carried level
-        (a newly detected value: the level the caller put in ``level_u``), times ``factor [G]``."""
-        level = self.level if factor is None else self.level * factor
-        return torch.where(detect_u < self.detected_probability(shift), level, torch.zeros_like(level))
+    def mean(self, shift=None) -> torch.Tensor:
+        """The carried cells' mean expression per gene ``[G]``."""
+        return self.carry(shift).mean(0)
 
 
 def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 40):
-    """``(shift [G], factor [G])`` that bring the carried cells' expected mean to ``target [G]``:
-    the detection log-odds shift by bisection in ``[-ODDS_BOUND, ODDS_BOUND]`` (the mean rises with
-    it), then the detected levels' factor for what detection could not reach (1 where it could;
-    1 where no value is detected)."""
+    """``(shift [G], factor [G])`` that bring the carried cells' mean to ``target [G]``: the
+    detection log-odds shift by bisection in ``[-ODDS_BOUND, ODDS_BOUND]`` (the mean rises with
+    it: more values detected, each at a higher quantile), then the detected levels' factor for the
+    rest (1 where the shift reached the target; 1 where no value is detected)."""
     lo = torch.full_like(target, -ODDS_BOUND)
     hi = torch.full_like(target, ODDS_BOUND)
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        low = carried.expected_mean(mid) < target
+        low = carried.mean(mid) < target
         lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
-    shift = (lo + hi) / 2
-    reached = carried.expected_mean(shift)
+    met = (carried.mean(torch.zeros_like(target)) - target).abs() <= TIE * target.abs()
+    shift = torch.where(met, torch.zeros_like(hi), hi)  # a target met as the cells are: no shift
+    reached = carried.mean(shift)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))
     return shift, factor

@@ -67,11 +67,12 @@ took one patient above no change. This is the ``observed=False`` output (each ce
 
 By default (``observed``, where the model has a fitted detection model) the predicted cells are
 measured: each input cell's measurement is carried from its smooth expression (its projection on
-the model's latent) to that moved by the change, keeping its detection and level noise
-(:mod:`scidiff.models.measured_change`), so zeros stay zeros unless a gene's detection rises and
-a gene lowered far enough is switched off. Their expected mean per gene is the shifted output's:
-one shift of the detection log-odds and a level factor per gene, fitted once per target and
-context on the context's reference control cells (:func:`_mean_keeping`).
+the model's latent) to that moved by the change, at the same position in the measured
+distribution the detection model gives there (:mod:`scidiff.models.measured_change`), so zeros
+stay zeros unless a gene's detection rises and a gene lowered far enough is switched off, first in
+the cells lowest in it. Their mean per gene is the shifted output's: one shift of the detection
+log-odds and a level factor per gene, fitted once per target and context on the context's
+reference control cells (:func:`_mean_keeping`).
 """
 from __future__ import annotations
 
@@ -449,7 +450,7 @@ def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int =
         part = slice(start, start + step)
         carried = Carried(model.detection, measured[part], smooth[part], moved[part],
                           cell_uniforms(seed, rows[part], n_genes, 1).to(measured))
-        out[part] = carried.draw(cell_uniforms(seed, rows[part], n_genes, 0).to(measured), shift, factor)
+        out[part] = carried.carry(shift, factor)
     return out
 
 
