@@ -22,9 +22,10 @@ rises. Adding a change to every value instead would lift every zero of a gene th
 and a rank test (scanpy's Wilcoxon) would call almost every gene of the predicted cells
 differentially expressed.
 
-The mean a prediction keeps per gene is met by one shift per gene of the detection log-odds
-(bisection on the carried cells' mean) and, where detection cannot move it further, a factor on
-the detected levels (:func:`fit_mean_keeping`).
+The mean a prediction keeps per gene is met by one shift per gene of the moved smooth
+expression (bisection on the carried cells' mean: the change the detection model needs to show
+that mean) and, where the tables cannot move it further, a factor on the detected levels
+(:func:`fit_mean_keeping`).
 
 The zeros' draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
 so a prediction does not depend on how the cells are batched.
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import torch
 
-ODDS_BOUND = 20.0  # the log-odds shift is sought in [-ODDS_BOUND, ODDS_BOUND]
 TIE = 1e-6  # relative float32 rounding within which two probabilities, or two means, are taken as equal
 _MASK = (1 << 62) - 1
 
@@ -86,42 +86,34 @@ def _level_at(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return left + (v - lo) * (levels.gather(-1, (lo + 1)[..., None])[..., 0] - left)
 
 
-def _odds(p: torch.Tensor, shift) -> torch.Tensor:
-    """``p`` with its log-odds moved by ``shift`` (``p`` kept where the shift is 0)."""
-    if shift is None:
-        return p
-    moved = torch.sigmoid(torch.logit(p.clamp(1e-7, 1 - 1e-7)) + shift)
-    return torch.where(torch.as_tensor(shift, device=p.device) == 0, p, moved)
-
-
 class Carried:
     """A batch of measured cells carried from ``smooth`` to ``moved`` (each ``[N, G]``, log1p
     expression) by the quantile map of each value's whole measured distribution (module
     docstring): per value, its position ``v`` (``p (1 - F_s(x))`` for a detected value, drawn
-    from ``offset`` in ``(p, 1)`` for a zero), the detection probability after and the level
-    tables after."""
+    from ``offset`` in ``(p, 1)`` for a zero) and what of it lay beyond the tables; the tables
+    after are read where the value is carried (:meth:`carry`)."""
 
     def __init__(self, det, measured: torch.Tensor, smooth: torch.Tensor, moved: torch.Tensor,
                  offset: torch.Tensor):
-        self.on = measured > 0
+        self.det, self.moved, self.on = det, moved, measured > 0
         p, before = _tables(det, smooth)
-        self.p_moved, self.after = _tables(det, moved)
-        at = _position(before, measured)
+        self.p = p
+        self.at = _position(before, measured)
         self.unknown = self.on & (p <= 0)  # detected where the model says never: its level read as it lies
-        self.at = at
-        self.v = torch.where(self.on, p * (1 - at), p + (1 - p) * offset)
-        self.beyond = torch.where(self.on, measured - _level_at(before, at), torch.zeros_like(measured))
+        self.v = torch.where(self.on, p * (1 - self.at), p + (1 - p) * offset)
+        self.beyond = torch.where(self.on, measured - _level_at(before, self.at), torch.zeros_like(measured))
         del before
 
     def carry(self, shift=None, factor=None) -> torch.Tensor:
-        """The carried measurement ``[N, G]``: detected where ``v`` lies within the detection
-        probability after (its log-odds moved by ``shift [G]``), at the level of quantile
-        ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
-        p2 = _odds(self.p_moved, shift)
+        """The carried measurement ``[N, G]`` at the moved expression plus ``shift [G]`` (smooth
+        units): detected where ``v`` lies within the detection probability ``p'`` there, at the
+        level of quantile ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
+        moved = self.moved if shift is None else self.moved + shift
+        p2, after = _tables(self.det, moved)
         # a value at the bottom of its level distribution sits at v = p: kept at p' = p up to rounding
         detected = torch.where(self.on, self.v <= p2 * (1 + TIE), self.v < p2) | self.unknown
         u = torch.where(self.unknown, self.at, (1 - self.v / p2.clamp_min(1e-12)).clamp(0, 1))
-        level = (_level_at(self.after, u) + self.beyond).clamp_min(0)
+        level = (_level_at(after, u) + self.beyond).clamp_min(0)
         if factor is not None:
             level = level * factor
         return torch.where(detected, level, torch.zeros_like(level))
@@ -131,19 +123,21 @@ class Carried:
         return self.carry(shift).mean(0)
 
 
-def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 40):
-    """``(shift [G], factor [G])`` that bring the carried cells' mean to ``target [G]``: the
-    detection log-odds shift by bisection in ``[-ODDS_BOUND, ODDS_BOUND]`` (the mean rises with
-    it: more values detected, each at a higher quantile), then the detected levels' factor for the
-    rest (1 where the shift reached the target; 1 where no value is detected)."""
-    lo = torch.full_like(target, -ODDS_BOUND)
-    hi = torch.full_like(target, ODDS_BOUND)
+def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 30):
+    """``(shift [G], factor [G])`` that bring the carried cells' mean to ``target [G]``: a shift of
+    the moved smooth expression per gene, by bisection (the mean rises with it where the gene's
+    detection and levels rise with its smooth expression: the change the detection model needs
+    to show the target's mean), then the detected levels' factor for the rest (1 where the shift
+    reached the target; 1 where no value is detected). A target met as the cells are keeps no
+    shift."""
+    span = carried.det.centres.amax(1) - carried.det.centres.amin(1)
+    lo, hi = -span - 1e-3, span + 1e-3
     for _ in range(iterations):
         mid = (lo + hi) / 2
         low = carried.mean(mid) < target
         lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
-    met = (carried.mean(torch.zeros_like(target)) - target).abs() <= TIE * target.abs()
-    shift = torch.where(met, torch.zeros_like(hi), hi)  # a target met as the cells are: no shift
+    met = (carried.mean() - target).abs() <= TIE * target.abs()
+    shift = torch.where(met, torch.zeros_like(hi), hi)
     reached = carried.mean(shift)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))
     return shift, factor

@@ -70,8 +70,8 @@ measured: each input cell's measurement is carried from its smooth expression (i
 the model's latent) to that moved by the change, at the same position in the measured
 distribution the detection model gives there (:mod:`scidiff.models.measured_change`), so zeros
 stay zeros unless a gene's detection rises and a gene lowered far enough is switched off, first in
-the cells lowest in it. Their mean per gene is the shifted output's: one shift of the detection
-log-odds and a level factor per gene, fitted once per target and context on the context's
+the cells lowest in it. Their mean per gene is the shifted output's: one shift of the moved smooth
+expression and a level factor per gene, fitted once per target and context on the context's
 reference control cells (:func:`_mean_keeping`).
 """
 from __future__ import annotations
@@ -467,7 +467,7 @@ def _measured_cells(model, x, change, rows, seed: int, population: bool, keep) -
 
 
 def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change, population: bool):
-    """Per gene, the detection shift and level factor (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
+    """Per gene, the smooth shift and level factor (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
     that give the measured predictions the mean of :func:`_moved`'s: fitted once per plan on the
     context's reference control cells (measured from draws keyed by their rows), so batching does
     not change it; on the batch's own cells where the model keeps no reference cells."""
