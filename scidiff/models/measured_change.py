@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from .observation import level_at as _level_at
+
 TIE = 1e-6  # relative float32 rounding within which two probabilities, or two means, are taken as equal
 _MASK = (1 << 62) - 1
 
@@ -68,22 +70,13 @@ def _tables(det, smooth: torch.Tensor):
 
 def _position(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``F(x)``: where ``x [N, G]`` lies in the piecewise-linear quantile tables ``levels [N, G, Q]``
-    (the inverse of :func:`_level_at`), in [0, 1]."""
+    (the inverse of :func:`~scidiff.models.observation.level_at`), in [0, 1]."""
     q = levels.shape[-1]
     k = (torch.searchsorted(levels.contiguous(), x[..., None].contiguous(), right=True)[..., 0] - 1).clamp(0, q - 2)
     left = levels.gather(-1, k[..., None])[..., 0]
     right = levels.gather(-1, (k + 1)[..., None])[..., 0]
     frac = torch.where(right > left, ((x - left) / (right - left).clamp_min(1e-12)).clamp(0, 1), (x >= right).float())
     return (torch.where(x < levels[..., 0], torch.zeros_like(frac), k + frac) / (q - 1)).clamp(0, 1)
-
-
-def _level_at(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The level at cumulative probability ``u [N, G]`` of the tables ``levels [N, G, Q]``."""
-    q = levels.shape[-1]
-    v = u * (q - 1)
-    lo = v.floor().long().clamp(0, q - 2)
-    left = levels.gather(-1, lo[..., None])[..., 0]
-    return left + (v - lo) * (levels.gather(-1, (lo + 1)[..., None])[..., 0] - left)
 
 
 class Carried:
@@ -97,7 +90,6 @@ class Carried:
                  offset: torch.Tensor):
         self.det, self.moved, self.on = det, moved, measured > 0
         p, before = _tables(det, smooth)
-        self.p = p
         self.at = _position(before, measured)
         self.unknown = self.on & (p <= 0)  # detected where the model says never: its level read as it lies
         self.v = torch.where(self.on, p * (1 - self.at), p + (1 - p) * offset)

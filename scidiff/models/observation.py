@@ -68,6 +68,16 @@ CAPTURE_CELLS = 1000  # training cells the capture factor's spread is fitted on,
 CAPTURE_NODES = 16  # Gauss-Hermite nodes over the capture factor
 
 
+def level_at(levels: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The level at cumulative probability ``u [...]`` of piecewise-linear quantile tables
+    ``levels [..., Q]`` (``Q`` quantiles at even steps of probability)."""
+    q = levels.shape[-1]
+    v = u * (q - 1)
+    lo = v.floor().long().clamp(0, q - 2)
+    left = levels.gather(-1, lo[..., None])[..., 0]
+    return left + (v - lo) * (levels.gather(-1, (lo + 1)[..., None])[..., 0] - left)
+
+
 class DetectionModel(nn.Module):
     """Per-gene detection probability and detected-level quantiles, binned on smooth expression.
 
@@ -304,11 +314,7 @@ class DetectionModel(nn.Module):
 
     def _level_at(self, levels: torch.Tensor, cdf: torch.Tensor) -> torch.Tensor:
         """The detected level at cumulative probability ``cdf [N]`` (interpolated quantiles)."""
-        v = cdf * (self.quantiles - 1)
-        lo = v.floor().long().clamp(0, self.quantiles - 2)
-        left = levels.gather(1, lo[:, None]).squeeze(1)
-        right = levels.gather(1, (lo + 1)[:, None]).squeeze(1)
-        return left + (v - lo) * (right - left)
+        return level_at(levels, cdf)
 
     @torch.no_grad()
     def region_probability(self, smooth: torch.Tensor, within: dict[int, tuple[float, float]]) -> torch.Tensor:

@@ -460,10 +460,15 @@ def _measured_cells(model, x, change, rows, seed: int, population: bool, keep) -
     keyed by its row."""
     measured, smooth, moved = _in_expression(model, x, change)
     if population:
-        n_genes = smooth.shape[1]
-        measured = model.detection.measure(smooth, cell_uniforms(seed, rows, n_genes, 2).to(smooth),
-                                           cell_uniforms(seed, rows, n_genes, 3).to(smooth))
+        measured = _measure_keyed(model, smooth, rows, seed, (2, 3))
     return _carry(model, measured, smooth, moved, rows, seed, keep)
+
+
+def _measure_keyed(model, smooth, rows, seed: int, streams: tuple[int, int]) -> torch.Tensor:
+    """A measurement of smooth cells (log1p expression) from draws keyed by their ``rows``
+    (detection and level uniforms from the two ``streams``)."""
+    n_genes = smooth.shape[1]
+    return model.detection.measure(smooth, *(cell_uniforms(seed, rows, n_genes, k).to(smooth) for k in streams))
 
 
 def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change, population: bool):
@@ -484,10 +489,7 @@ def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x
     smooth = None
     if ref is not None or population:  # smooth cells: measured first
         smooth = model.data_spec.to_expression(x, clip=False)
-        rows = torch.arange(len(x))
-        x = model.data_spec.to_model_space(model.detection.measure(
-            smooth, cell_uniforms(seed, rows, smooth.shape[1], 4).to(smooth),
-            cell_uniforms(seed, rows, smooth.shape[1], 5).to(smooth)))
+        x = model.data_spec.to_model_space(_measure_keyed(model, smooth, torch.arange(len(x)), seed, (4, 5)))
     target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
     measured, smooth, moved = _in_expression(model, x, change, smooth)
     carried = Carried(model.detection, measured, smooth, moved,
