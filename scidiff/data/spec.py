@@ -14,6 +14,8 @@ from ..groups import mixture
 from .gene_symbols import names_in, resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
 
+MEASURED_ZERO = 1e-5  # log1p expression below which a measured cell's value is its zero, come back from model space
+
 
 def perturbation_rows(codes, n: int) -> torch.Tensor:
     """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
@@ -130,6 +132,13 @@ class DataSpec:
         off, scale = self._vectors(z)
         x = z * scale + off
         return x.clamp_min(0.0) if clip else x
+
+    def to_measured(self, z: torch.Tensor) -> torch.Tensor:
+        """Measured cells in model space back to log1p expression, their zeros exact: a zero comes
+        back from the standardisation's round trip within float32 rounding of it (below
+        ``MEASURED_ZERO``), and the detection model counts exact zeros as not detected."""
+        x = self.to_expression(z, clip=False)
+        return torch.where(x < MEASURED_ZERO, torch.zeros_like(x), x)
 
     # -- covariates -----------------------------------------------------------------------------
     def _unknown_key(self, key):

@@ -386,8 +386,7 @@ class ScIDiffModel(nn.Module):
         keep = self.detection_cells(max_cells, max_entries)
         if len(x) > keep:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:keep].to(x.device)]
-        measured = self.data_spec.to_expression(x)
-        measured = torch.where(measured < 1e-5, torch.zeros_like(measured), measured)  # exact zeros back
+        measured = self.data_spec.to_measured(x)
         smooth = self.data_spec.to_expression(self.decode(self.encode(x)), clip=False)
         self.detection.fit(smooth, measured)
 

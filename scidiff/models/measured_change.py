@@ -24,8 +24,9 @@ differentially expressed.
 
 The mean a prediction keeps per gene is met by one shift per gene of the moved smooth
 expression (bisection on the carried cells' mean: the change the detection model needs to show
-that mean) and, where the tables cannot move it further, a factor on the detected levels
-(:func:`fit_mean_keeping`).
+that mean); below the lowest mean the tables hold, by a share of the detection kept (the gene
+switched off in more cells, as a knockdown does, its detected levels as they are); and above the
+highest, by a factor on the detected levels (:func:`fit_mean_keeping`).
 
 The zeros' draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
 so a prediction does not depend on how the cells are batched.
@@ -59,15 +60,6 @@ def cell_uniforms(seed: int, rows: torch.Tensor, n_genes: int, stream: int) -> t
     return ((x >> 38) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
 
 
-def _tables(det, smooth: torch.Tensor):
-    """Detection probability ``[N, G]`` and detected-level quantiles ``[N, G, Q]`` at ``smooth``,
-    read between the flanking bins as the detection model's ``measure`` reads them."""
-    k, k1, w = det._between(smooth.float(), det.centres)
-    genes = torch.arange(smooth.shape[1], device=smooth.device)[None, :]
-    l0 = det.levels[genes, k]
-    return det._rate(k, k1, w), l0 + w[..., None] * (det.levels[genes, k1] - l0)
-
-
 def _position(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``F(x)``: where ``x [N, G]`` lies in the piecewise-linear quantile tables ``levels [N, G, Q]``
     (the inverse of :func:`~scidiff.models.observation.level_at`), in [0, 1]."""
@@ -89,19 +81,22 @@ class Carried:
     def __init__(self, det, measured: torch.Tensor, smooth: torch.Tensor, moved: torch.Tensor,
                  offset: torch.Tensor):
         self.det, self.moved, self.on = det, moved, measured > 0
-        p, before = _tables(det, smooth)
+        p, before = det.tables(smooth)
         self.at = _position(before, measured)
         self.unknown = self.on & (p <= 0)  # detected where the model says never: its level read as it lies
         self.v = torch.where(self.on, p * (1 - self.at), p + (1 - p) * offset)
         self.beyond = torch.where(self.on, measured - _level_at(before, self.at), torch.zeros_like(measured))
         del before
 
-    def carry(self, shift=None, factor=None) -> torch.Tensor:
+    def carry(self, shift=None, share=None, factor=None) -> torch.Tensor:
         """The carried measurement ``[N, G]`` at the moved expression plus ``shift [G]`` (smooth
-        units): detected where ``v`` lies within the detection probability ``p'`` there, at the
-        level of quantile ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
+        units), with the detection probability there times ``share [G]`` (``p'``): detected where
+        ``v`` lies within ``p'``, at the level of quantile ``1 - v / p'`` plus what lay beyond the
+        tables, times ``factor [G]``."""
         moved = self.moved if shift is None else self.moved + shift
-        p2, after = _tables(self.det, moved)
+        p2, after = self.det.tables(moved)
+        if share is not None:
+            p2 = p2 * share
         # a value at the bottom of its level distribution sits at v = p: kept at p' = p up to rounding
         detected = torch.where(self.on, self.v <= p2 * (1 + TIE), self.v < p2) | self.unknown
         u = torch.where(self.unknown, self.at, (1 - self.v / p2.clamp_min(1e-12)).clamp(0, 1))
@@ -110,26 +105,37 @@ class Carried:
             level = level * factor
         return torch.where(detected, level, torch.zeros_like(level))
 
-    def mean(self, shift=None) -> torch.Tensor:
+    def mean(self, shift=None, share=None) -> torch.Tensor:
         """The carried cells' mean expression per gene ``[G]``."""
-        return self.carry(shift).mean(0)
+        return self.carry(shift, share).mean(0)
+
+
+def _bisect(mean_at, target: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Per gene, the upper end of the bracket ``[lo, hi]`` where ``mean_at`` (rising) meets ``target``."""
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        low = mean_at(mid) < target
+        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    return hi
 
 
 def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 30):
-    """``(shift [G], factor [G])`` that bring the carried cells' mean to ``target [G]``: a shift of
-    the moved smooth expression per gene, by bisection (the mean rises with it where the gene's
-    detection and levels rise with its smooth expression: the change the detection model needs
-    to show the target's mean), then the detected levels' factor for the rest (1 where the shift
-    reached the target; 1 where no value is detected). A target met as the cells are keeps no
-    shift."""
+    """``(shift [G], share [G], factor [G])`` that bring the carried cells' mean to ``target [G]``:
+    a shift of the moved smooth expression per gene, by bisection (the mean rises with it where the
+    gene's detection and levels rise with its smooth expression: the change the detection model
+    needs to show the target's mean); where even the lowest shift leaves the mean above the target,
+    the share of detection kept, by bisection (fewer cells detected, their levels as they are);
+    then the detected levels' factor for the rest (1 where the shift or share reached the target,
+    or where no value is detected). A target met as the cells are keeps no shift."""
     span = carried.det.centres.amax(1) - carried.det.centres.amin(1)
-    lo, hi = -span - 1e-3, span + 1e-3
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        low = carried.mean(mid) < target
-        lo, hi = torch.where(low, mid, lo), torch.where(low, hi, mid)
+    shift = _bisect(carried.mean, target, -span - 1e-3, span + 1e-3, iterations)
     met = (carried.mean() - target).abs() <= TIE * target.abs()
-    shift = torch.where(met, torch.zeros_like(hi), hi)
-    reached = carried.mean(shift)
+    shift = torch.where(met, torch.zeros_like(shift), shift)
+    above = carried.mean(shift) > target * (1 + TIE)
+    share = torch.ones_like(shift)
+    if above.any():
+        fitted = _bisect(lambda k: carried.mean(shift, k), target, torch.zeros_like(shift), share, iterations)
+        share = torch.where(above, fitted, share)
+    reached = carried.mean(shift, share)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))
-    return shift, factor
+    return shift, share, factor

@@ -286,14 +286,21 @@ class DetectionModel(nn.Module):
         inside = torch.where(t < 0, torch.zeros_like(t), torch.where(t > 1, torch.ones_like(t), t))
         return k, k1, torch.where(gap > 0, inside, torch.zeros_like(t))
 
-    def _gene_tables(self, smooth: torch.Tensor, gene: int):
-        """Detection probability ``[N]`` and detected-level quantiles ``[N, Q]`` of one gene, read
+    def tables(self, smooth: torch.Tensor, genes: slice = slice(None)):
+        """Detection probability ``[N, G']`` and detected-level quantiles ``[N, G', Q]`` of the
+        genes ``genes`` (all by default) at their smooth expression ``smooth [N, G']``, read
         between the flanking bins as :meth:`measure` reads them."""
-        one = slice(gene, gene + 1)
-        k, k1, w = (a[:, 0] for a in self._between(smooth[:, one].float(), self.centres[one]))
-        rate, levels = self.detection[gene], self.levels[gene]
-        p = rate[k] + w * (rate[k1] - rate[k])
-        return p, levels[k] + w[:, None] * (levels[k1] - levels[k])
+        k, k1, w = self._between(smooth.float(), self.centres[genes])
+        rate, levels = self.detection[genes].T, self.levels[genes]    # [bins, G'], [G', bins, Q]
+        r0 = rate.gather(0, k)
+        index = torch.arange(levels.shape[0], device=smooth.device)[None, :]
+        l0 = levels[index, k]
+        return r0 + w * (rate.gather(0, k1) - r0), l0 + w[..., None] * (levels[index, k1] - l0)
+
+    def _gene_tables(self, smooth: torch.Tensor, gene: int):
+        """:meth:`tables` of one gene: ``[N]`` and ``[N, Q]``."""
+        p, levels = self.tables(smooth[:, gene:gene + 1], slice(gene, gene + 1))
+        return p[:, 0], levels[:, 0]
 
     def _level_cdf(self, levels: torch.Tensor, value: float) -> torch.Tensor:
         """``P(level <= value | detected)`` per row of quantile tables ``levels [N, Q]``, the

@@ -71,8 +71,9 @@ the model's latent) to that moved by the change, at the same position in the mea
 distribution the detection model gives there (:mod:`scidiff.models.measured_change`), so zeros
 stay zeros unless a gene's detection rises and a gene lowered far enough is switched off, first in
 the cells lowest in it. Their mean per gene is the shifted output's: one shift of the moved smooth
-expression and a level factor per gene, fitted once per target and context on the context's
-reference control cells (:func:`_mean_keeping`).
+expression per gene, a share of its detection kept where the shift cannot lower the mean enough,
+and a level factor where it cannot raise it enough, fitted once per target and context on the
+context's reference control cells (:func:`_mean_keeping`).
 """
 from __future__ import annotations
 
@@ -205,7 +206,7 @@ class _Plan:
         self.offsets = {}  # (key, singles, context) -> the network's mean change to that context's reference cells
         self.inside = {}  # context read -> [sum over predicted cells of how far each lies within its controls, cells]
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
-        self.keeping = None  # per gene, the measured cells' detection shift and level factor (not read yet)
+        self.keeping = None  # per gene, the measured cells' smooth shift, detection share, level factor (unread)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
         if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
             return
@@ -433,7 +434,7 @@ def _in_expression(model, x, change, smooth=None):
     projection on the model's latent) and that moved by the change."""
     spec = model.data_spec
     at = spec.to_expression(x, clip=False)
-    measured = torch.where(at < 1e-5, torch.zeros_like(at), at)
+    measured = spec.to_measured(x)
     if smooth is None:
         smooth = spec.to_expression(model.decode(model.encode(x)), clip=False)
     return measured, smooth, smooth + (spec.to_expression(x + change, clip=False) - at)
@@ -442,7 +443,7 @@ def _in_expression(model, x, change, smooth=None):
 def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int = 1 << 19) -> torch.Tensor:
     """The measured cells carried from ``smooth`` to ``moved`` (:mod:`scidiff.models.measured_change`),
     their draws keyed by ``rows``, about ``entries`` values at a time."""
-    shift, factor = keep if keep is not None else (None, None)
+    shift, share, factor = keep if keep is not None else (None, None, None)
     out = torch.empty_like(measured)
     step = max(1, entries // max(measured.shape[1], 1))
     n_genes = measured.shape[1]
@@ -450,7 +451,7 @@ def _carry(model, measured, smooth, moved, rows, seed: int, keep, entries: int =
         part = slice(start, start + step)
         carried = Carried(model.detection, measured[part], smooth[part], moved[part],
                           cell_uniforms(seed, rows[part], n_genes, 1).to(measured))
-        out[part] = carried.carry(shift, factor)
+        out[part] = carried.carry(shift, share, factor)
     return out
 
 
@@ -472,7 +473,8 @@ def _measure_keyed(model, smooth, rows, seed: int, streams: tuple[int, int]) -> 
 
 
 def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change, population: bool):
-    """Per gene, the smooth shift and level factor (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
+    """Per gene, the smooth shift, detection share and level factor
+    (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
     that give the measured predictions the mean of :func:`_moved`'s: fitted once per plan on the
     context's reference control cells (measured from draws keyed by their rows), so batching does
     not change it; on the batch's own cells where the model keeps no reference cells."""
