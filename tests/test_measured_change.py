@@ -192,7 +192,8 @@ def test_measured_predictions_switch_genes_off_and_keep_the_others_zeros(sparse_
     assert np.abs(detected[8:] - (c[:, 8:] > 0).mean(0)).max() < 0.06
     assert ((x > 0) <= (c > 0)).mean() > 0.99  # a knockdown lifts (almost) no zero
     assert (np.asarray(shifted.X)[:, 8:] > 0).mean() > (c[:, 8:] > 0).mean() + 0.2  # the shift lifts zeros
-    np.testing.assert_allclose(x.mean(0), np.asarray(shifted.X).mean(0), atol=0.15)  # the same mean, in expectation
+    # the same mean per gene as the shifted cells, on the cells predicted (the fit is on them)
+    np.testing.assert_allclose(x.mean(0), np.asarray(shifted.X).mean(0), rtol=1e-3, atol=1e-4)
 
     def de_genes(pred_x):
         both = ad.AnnData(np.vstack([pred_x, c]), obs=pd.DataFrame(

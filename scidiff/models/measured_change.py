@@ -88,26 +88,33 @@ class Carried:
         self.beyond = torch.where(self.on, measured - _level_at(before, self.at), torch.zeros_like(measured))
         del before
 
-    def carry(self, shift=None, share=None, factor=None) -> torch.Tensor:
-        """The carried measurement ``[N, G]`` at the moved expression plus ``shift [G]`` (smooth
-        units), with the detection probability there times ``share [G]`` (``p'``): detected where
-        ``v`` lies within ``p'``, at the level of quantile ``1 - v / p'`` plus what lay beyond the
-        tables, times ``factor [G]``."""
+    def read(self, shift=None):
+        """Where the moved expression plus ``shift [G]`` lies among each gene's bins
+        (:meth:`~scidiff.models.observation.DetectionModel._between`) and the detection
+        probability there."""
         moved = self.moved if shift is None else self.moved + shift
-        p2, after = self.det.tables(moved)
+        between = self.det._between(moved.float(), self.det.centres)
+        return between, self.det._rate(*between)
+
+    def carry(self, shift=None, share=None, factor=None, read=None) -> torch.Tensor:
+        """The carried measurement ``[N, G]`` at the moved expression plus ``shift [G]`` (smooth
+        units; or at ``read``, :meth:`read`'s), with the detection probability there times
+        ``share [G]`` (``p'``): detected where ``v`` lies within ``p'``, at the level of quantile
+        ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
+        between, p2 = read if read is not None else self.read(shift)
         if share is not None:
             p2 = p2 * share
         # a value at the bottom of its level distribution sits at v = p: kept at p' = p up to rounding
         detected = torch.where(self.on, self.v <= p2 * (1 + TIE), self.v < p2) | self.unknown
         u = torch.where(self.unknown, self.at, (1 - self.v / p2.clamp_min(1e-12)).clamp(0, 1))
-        level = (_level_at(after, u) + self.beyond).clamp_min(0)
+        level = (self.det.level_between(between, u) + self.beyond).clamp_min(0)
         if factor is not None:
             level = level * factor
         return torch.where(detected, level, torch.zeros_like(level))
 
-    def mean(self, shift=None, share=None) -> torch.Tensor:
+    def mean(self, shift=None, share=None, read=None) -> torch.Tensor:
         """The carried cells' mean expression per gene ``[G]``."""
-        return self.carry(shift, share).mean(0)
+        return self.carry(shift, share, read=read).mean(0)
 
 
 def _bisect(mean_at, target: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -134,7 +141,8 @@ def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 3
     above = carried.mean(shift) > target * (1 + TIE)
     share = torch.ones_like(shift)
     if above.any():
-        fitted = _bisect(lambda k: carried.mean(shift, k), target, torch.zeros_like(shift), share, iterations)
+        at = carried.read(shift)
+        fitted = _bisect(lambda k: carried.mean(share=k, read=at), target, torch.zeros_like(shift), share, iterations)
         share = torch.where(above, fitted, share)
     reached = carried.mean(shift, share)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))

@@ -297,6 +297,26 @@ class DetectionModel(nn.Module):
         l0 = levels[index, k]
         return r0 + w * (rate.gather(0, k1) - r0), l0 + w[..., None] * (levels[index, k1] - l0)
 
+    def level_between(self, between, u: torch.Tensor) -> torch.Tensor:
+        """The detected level at quantile ``u [N, G]`` of every gene, read between the flanking
+        bins ``between = (k, k1, w)`` (:meth:`_between`): :meth:`tables` read at ``u``, from the
+        four table entries around it alone."""
+        k, k1, w = between
+        q = self.quantiles
+        v = u * (q - 1)
+        j = v.floor().long().clamp(0, q - 2)
+        frac = v - j
+        flat = self.levels.reshape(-1)
+        row = torch.arange(self.levels.shape[0], device=u.device)[None, :] * self.levels.shape[1]
+
+        def at(bin_):
+            start = (row + bin_) * q + j
+            left = flat[start]
+            return left + frac * (flat[start + 1] - left)
+
+        low = at(k)
+        return low + w * (at(k1) - low)
+
     def _gene_tables(self, smooth: torch.Tensor, gene: int):
         """:meth:`tables` of one gene: ``[N]`` and ``[N, Q]``."""
         p, levels = self.tables(smooth[:, gene:gene + 1], slice(gene, gene + 1))

@@ -73,7 +73,10 @@ stay zeros unless a gene's detection rises and a gene lowered far enough is swit
 the cells lowest in it. Their mean per gene is the shifted output's: one shift of the moved smooth
 expression per gene, a share of its detection kept where the shift cannot lower the mean enough,
 and a level factor where it cannot raise it enough, fitted once per target and context on the
-context's reference control cells (:func:`_mean_keeping`).
+context's input cells (up to ``FIT_CELLS`` of them, evenly spaced, carried with the draws they
+are predicted with: :func:`_counterfactual_keeping`), so the mean holds on the cells predicted
+whatever batches they come in; fresh cells (``population``) on the context's reference control
+cells measured by the detection model (:func:`_population_keeping`).
 """
 from __future__ import annotations
 
@@ -93,7 +96,8 @@ from ..models.measured_change import Carried, cell_uniforms, fit_mean_keeping
 from .cells import model_cells, own_codes
 
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
-FIT_CELLS = 512  # cells of a batch the measured cells' mean keeping is fitted on, without reference cells
+FIT_CELLS = 512  # input cells per context a measured counterfactual's mean keeping is fitted on (and batch cells
+# a population's, without reference cells)
 
 
 def _denoiser(model, guidance_scale: float, n: int):
@@ -472,12 +476,39 @@ def _measure_keyed(model, smooth, rows, seed: int, streams: tuple[int, int]) -> 
     return model.detection.measure(smooth, *(cell_uniforms(seed, rows, n_genes, k).to(smooth) for k in streams))
 
 
-def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change, population: bool):
+def _fit_rows(contexts: np.ndarray, context: np.ndarray, most: int = FIT_CELLS) -> np.ndarray:
+    """The input rows of ``context`` a counterfactual's mean keeping is fitted on: all of them, or
+    ``most`` evenly spaced among them (chosen from the whole input, so batching does not change them)."""
+    rows = np.flatnonzero((contexts == context).all(1))
+    return rows if len(rows) <= most else rows[np.linspace(0, len(rows) - 1, most).round().astype(np.int64)]
+
+
+def _counterfactual_keeping(model, reader, plan, context, ctx_keys, seed: int, fit, cells, batch):
     """Per gene, the smooth shift, detection share and level factor
-    (:func:`~scidiff.models.measured_change.fit_mean_keeping`)
-    that give the measured predictions the mean of :func:`_moved`'s: fitted once per plan on the
-    context's reference control cells (measured from draws keyed by their rows), so batching does
-    not change it; on the batch's own cells where the model keeps no reference cells."""
+    (:func:`~scidiff.models.measured_change.fit_mean_keeping`) that give the measured
+    counterfactuals of the input cells at rows ``fit`` (:func:`_fit_rows`) the mean of their
+    shifted ones (:func:`_moved`): the cells as measured, carried with the draws they are predicted
+    with, so the fit holds on the cells the prediction is made of, whatever the detection model
+    says of their measurement. ``cells``: a function of rows to ``(x, src, tgt)``; ``batch``:
+    ``(rows, change)`` of the batch at hand, whose change is used where it holds the same rows."""
+    rows, change = batch
+    x, src, tgt = cells(fit)
+    if not np.array_equal(rows, fit):
+        inside = {k: list(v) for k, v in plan.inside.items()}  # counted when the cells are predicted
+        change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
+        plan.inside = inside
+    target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
+    measured, smooth, moved = _in_expression(model, x, change)
+    return fit_mean_keeping(Carried(model.detection, measured, smooth, moved,
+                                    cell_uniforms(seed, torch.as_tensor(fit), smooth.shape[1], 1).to(smooth)), target)
+
+
+def _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change):
+    """Per gene, the smooth shift, detection share and level factor
+    (:func:`~scidiff.models.measured_change.fit_mean_keeping`) that give measured fresh cells the
+    mean of :func:`_moved`'s: fitted once per plan on the context's reference control cells
+    (measured from draws keyed by their rows), so batching does not change it; on the batch's own
+    cells where the model keeps no reference cells."""
     if plan.keeping is not None:
         return plan.keeping
     ref = _reference_cells(model, context, x.device)
@@ -488,10 +519,8 @@ def _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x
         plan.inside = inside
     else:  # a sample of the batch is enough for a shift per gene
         x, change = x[:FIT_CELLS], change[:FIT_CELLS]
-    smooth = None
-    if ref is not None or population:  # smooth cells: measured first
-        smooth = model.data_spec.to_expression(x, clip=False)
-        x = model.data_spec.to_model_space(_measure_keyed(model, smooth, torch.arange(len(x)), seed, (4, 5)))
+    smooth = model.data_spec.to_expression(x, clip=False)
+    x = model.data_spec.to_model_space(_measure_keyed(model, smooth, torch.arange(len(x)), seed, (4, 5)))
     target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
     measured, smooth, moved = _in_expression(model, x, change, smooth)
     carried = Carried(model.detection, measured, smooth, moved,
@@ -646,6 +675,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     routes = np.empty(n, dtype=object)
     plans = {}
     gen = torch.Generator(device=device).manual_seed(int(seed))
+    population = method == "population"
     for start in tqdm(range(0, n, batch_size), desc=f"predicting ({method})", disable=not progress):
         stop = min(start + batch_size, n)
         for context in np.unique(contexts[start:stop], axis=0):
@@ -654,7 +684,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             src = {k: v[idx].to(device) for k, v in source_codes.items()}
             tgt = {k: v[idx].to(device) for k, v in cond_target.items()}
             x = cells.x[idx].to(device)
-            if method == "population":  # fresh cells of the input cells' own conditions
+            if population:  # fresh cells of the input cells' own conditions
                 z_T = torch.randn(len(x), model.diffusion_dim, generator=gen, device=device)
                 x = reader.decode(z_T, src)
             key = tuple(context.tolist())
@@ -664,10 +694,18 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             plan = plans[key]
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
-            if observed:
-                population = method == "population"
-                keep = _mean_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change, population)
-                out[rows] = _measured_cells(model, x, change, idx, int(seed), population, keep).cpu().numpy()
+            if observed and population:
+                keep = _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change)
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), True, keep).cpu().numpy()
+            elif observed:
+                if plan.keeping is None:
+                    def read(at):
+                        at = torch.as_tensor(at)
+                        return (cells.x[at].to(device), {k: v[at].to(device) for k, v in source_codes.items()},
+                                {k: v[at].to(device) for k, v in cond_target.items()})
+                    plan.keeping = _counterfactual_keeping(model, reader, plan, context, ctx_keys, int(seed),
+                                                           _fit_rows(contexts, context), read, (rows, change))
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), False, plan.keeping).cpu().numpy()
             else:
                 out[rows] = _moved(model, reader, plan, context, src, tgt, x, change).cpu().numpy()
             confidence[rows] = conf.numpy()
