@@ -116,23 +116,37 @@ def test_mean_keeping_reaches_the_target_by_detection_then_levels(fitted):
     carried = Carried(det, measured, cells, cells - 0.3, cell_uniforms(0, rows, 3, 1))
     free = carried.mean()
     span = det.centres.amax(1) - det.centres.amin(1)
-    floor = carried.mean(-span - 1e-3)
-    for target in (free * 0.6, free * 1.3, measured.mean(0) * 1e3, floor * 0.3):
+    floor, top = carried.mean(-span - 1e-3), carried.mean(span + 1e-3)
+    ceiling = torch.maximum(measured, det.levels.amax((1, 2))[None, :])
+    for target in (free * 0.6, free * 1.3, floor * 0.3, top * 1.1):
         shift, share, factor = fit_mean_keeping(carried, target)
         out = carried.carry(shift, share, factor)
         torch.testing.assert_close(out.mean(0), target, rtol=2e-3, atol=1e-5)
-        below = target < floor
-        reachable = (target < carried.mean(span)) & ~below
+        below, above = target < floor, target > top
+        reachable = ~below & ~above
         assert torch.allclose(factor[reachable], torch.ones_like(factor[reachable]), atol=2e-3)
+        assert torch.equal(share[reachable], torch.ones_like(share[reachable]))
         # below the tables' lowest mean the gene is switched off in more cells, its levels as they
         # were (up to the last cell switched off: the mean falls in steps of one cell)
         assert ((factor[below] - 1).abs() < 0.05).all()
-        assert torch.equal(share[~below], torch.ones_like(share[~below]))
         if below.any():
             assert (share[below] < 0.5).all()
             detected = (out > 0).float().mean(0)
             at_floor = (carried.carry(-span - 1e-3) > 0).float().mean(0)
             torch.testing.assert_close(detected[below], 0.3 * at_floor[below], rtol=0.1, atol=0.02)
+        # above the highest, more cells detect it before any detected level is raised
+        if above.any():
+            assert (share[above] > 1).all()
+            more = (out > 0).float().mean(0) > (carried.carry(span + 1e-3) > 0).float().mean(0)
+            assert more[above].all()
+    # beyond what full detection at the tables' top levels gives: every cell detected, and the
+    # factor raises levels that lie at most at the larger of the cell's own value and the gene's
+    # highest tabled level
+    shift, share, factor = fit_mean_keeping(carried, measured.mean(0) * 1e3)
+    out = carried.carry(shift, share, factor)
+    torch.testing.assert_close(out.mean(0), measured.mean(0) * 1e3, rtol=2e-3, atol=1e-5)
+    assert (out > 0).all() and torch.equal(share, torch.full((3,), 2.0))
+    assert (out <= ceiling * factor).all() and (carried.carry(shift, share) <= ceiling).all()
     # the mean rises with the shift of the smooth expression (this hurdle's rate and levels rise with it)
     means = torch.stack([carried.mean(torch.full((3,), a)) for a in (-1.0, -0.5, 0.0, 0.5, 1.0)])
     assert (means.diff(dim=0) > 0).all()

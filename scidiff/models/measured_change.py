@@ -25,8 +25,11 @@ differentially expressed.
 The mean a prediction keeps per gene is met by one shift per gene of the moved smooth
 expression (bisection on the carried cells' mean: the change the detection model needs to show
 that mean); below the lowest mean the tables hold, by a share of the detection kept (the gene
-switched off in more cells, as a knockdown does, its detected levels as they are); and above the
-highest, by a factor on the detected levels (:func:`fit_mean_keeping`).
+switched off in more cells, as a knockdown does, its detected levels as they are); above the
+highest, by a share of the undetected values detected, then a factor on the detected levels
+(:func:`fit_mean_keeping`). What lay beyond a cell's tables is carried as it was, up to the larger
+of the cell's own value and the highest level the gene's tables hold (before the factor): a value
+far above the tables at a low smooth state would otherwise land beyond anything measured.
 
 The zeros' draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
 so a prediction does not depend on how the cells are batched.
@@ -86,6 +89,7 @@ class Carried:
         self.unknown = self.on & (p <= 0)  # detected where the model says never: its level read as it lies
         self.v = torch.where(self.on, p * (1 - self.at), p + (1 - p) * offset)
         self.beyond = torch.where(self.on, measured - _level_at(before, self.at), torch.zeros_like(measured))
+        self.ceiling = torch.maximum(measured, det.levels.amax((1, 2))[None, :])
         del before
 
     def read(self, shift=None):
@@ -98,16 +102,17 @@ class Carried:
 
     def carry(self, shift=None, share=None, factor=None, read=None) -> torch.Tensor:
         """The carried measurement ``[N, G]`` at the moved expression plus ``shift [G]`` (smooth
-        units; or at ``read``, :meth:`read`'s), with the detection probability there times
-        ``share [G]`` (``p'``): detected where ``v`` lies within ``p'``, at the level of quantile
-        ``1 - v / p'`` plus what lay beyond the tables, times ``factor [G]``."""
+        units; or at ``read``, :meth:`read`'s), with the detection probability ``p`` there moved
+        by ``share [G]`` in [0, 2] (``p' = share p`` up to 1, ``p + (share - 1)(1 - p)`` above):
+        detected where ``v`` lies within ``p'``, at the level of quantile ``1 - v / p'`` plus what
+        lay beyond the tables (at most the cell's ceiling), times ``factor [G]``."""
         between, p2 = read if read is not None else self.read(shift)
         if share is not None:
-            p2 = p2 * share
+            p2 = torch.where(share <= 1, p2 * share, p2 + (share - 1) * (1 - p2))
         # a value at the bottom of its level distribution sits at v = p: kept at p' = p up to rounding
         detected = torch.where(self.on, self.v <= p2 * (1 + TIE), self.v < p2) | self.unknown
         u = torch.where(self.unknown, self.at, (1 - self.v / p2.clamp_min(1e-12)).clamp(0, 1))
-        level = (self.det.level_between(between, u) + self.beyond).clamp_min(0)
+        level = torch.minimum(self.det.level_between(between, u) + self.beyond, self.ceiling).clamp_min(0)
         if factor is not None:
             level = level * factor
         return torch.where(detected, level, torch.zeros_like(level))
@@ -131,19 +136,22 @@ def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 3
     a shift of the moved smooth expression per gene, by bisection (the mean rises with it where the
     gene's detection and levels rise with its smooth expression: the change the detection model
     needs to show the target's mean); where even the lowest shift leaves the mean above the target,
-    the share of detection kept, by bisection (fewer cells detected, their levels as they are);
-    then the detected levels' factor for the rest (1 where the shift or share reached the target,
-    or where no value is detected). A target met as the cells are keeps no shift."""
+    the share of detection kept (fewer cells detected, their levels as they are), and where even
+    the highest leaves it below, the share of undetected values detected, by bisection; then the
+    detected levels' factor for the rest (1 where the shift or share reached the target, or where
+    no value is detected). A target met as the cells are keeps no shift."""
     span = carried.det.centres.amax(1) - carried.det.centres.amin(1)
     shift = _bisect(carried.mean, target, -span - 1e-3, span + 1e-3, iterations)
     met = (carried.mean() - target).abs() <= TIE * target.abs()
     shift = torch.where(met, torch.zeros_like(shift), shift)
-    above = carried.mean(shift) > target * (1 + TIE)
+    reached = carried.mean(shift)
+    above, below = reached > target * (1 + TIE), reached < target * (1 - TIE)
     share = torch.ones_like(shift)
-    if above.any():
+    if (above | below).any():
         at = carried.read(shift)
-        fitted = _bisect(lambda k: carried.mean(share=k, read=at), target, torch.zeros_like(shift), share, iterations)
-        share = torch.where(above, fitted, share)
+        lo, hi = torch.where(below, share, torch.zeros_like(share)), torch.where(above, share, 2 * share)
+        share = torch.where(above | below, _bisect(lambda k: carried.mean(share=k, read=at), target, lo, hi,
+                                                   iterations), share)
     reached = carried.mean(shift, share)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))
     return shift, share, factor
