@@ -490,10 +490,13 @@ def _counterfactual_keeping(model, reader, plan, context, ctx_keys, seed: int, f
     shifted ones (:func:`_moved`): the cells as measured, carried with the draws they are predicted
     with, so the fit holds on the cells the prediction is made of, whatever the detection model
     says of their measurement. ``cells``: a function of rows to ``(x, src, tgt)``; ``batch``:
-    ``(rows, change)`` of the batch at hand, whose change is used where it holds the same rows."""
+    ``(rows, change)`` of the batch at hand, whose change is read where it holds every fitted row."""
     rows, change = batch
     x, src, tgt = cells(fit)
-    if not np.array_equal(rows, fit):
+    at = np.searchsorted(rows, fit).clip(0, len(rows) - 1)  # both sorted
+    if np.array_equal(rows[at], fit):  # the batch holds them: their change is read
+        change = change[torch.as_tensor(at, device=change.device)]
+    else:
         inside = {k: list(v) for k, v in plan.inside.items()}  # counted when the cells are predicted
         change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
         plan.inside = inside
