@@ -291,11 +291,10 @@ class DetectionModel(nn.Module):
         genes ``genes`` (all by default) at their smooth expression ``smooth [N, G']``, read
         between the flanking bins as :meth:`measure` reads them."""
         k, k1, w = self._between(smooth.float(), self.centres[genes])
-        rate, levels = self.detection[genes].T, self.levels[genes]    # [bins, G'], [G', bins, Q]
-        r0 = rate.gather(0, k)
+        levels = self.levels[genes]                                   # [G', bins, Q]
         index = torch.arange(levels.shape[0], device=smooth.device)[None, :]
         l0 = levels[index, k]
-        return r0 + w * (rate.gather(0, k1) - r0), l0 + w[..., None] * (levels[index, k1] - l0)
+        return self._rate(k, k1, w, genes), l0 + w[..., None] * (levels[index, k1] - l0)
 
     def level_between(self, between, u: torch.Tensor) -> torch.Tensor:
         """The detected level at quantile ``u [N, G]`` of every gene, read between the flanking
@@ -402,10 +401,10 @@ class DetectionModel(nn.Module):
             out[part] = self._measure_rows(smooth[part], detect_u[part], level_u[part])
         return out
 
-    def _rate(self, k, k1, w) -> torch.Tensor:
-        """The detection probability ``[N, G]`` between the bins ``k`` and ``k1`` at weight ``w``
-        (:meth:`_between`)."""
-        rate = self.detection.T.contiguous()                      # [bins, G]
+    def _rate(self, k, k1, w, genes: slice = slice(None)) -> torch.Tensor:
+        """The detection probability ``[N, G']`` of the genes ``genes`` (all by default) between
+        the bins ``k`` and ``k1`` at weight ``w`` (:meth:`_between`)."""
+        rate = self.detection[genes].T.contiguous()               # [bins, G']
         r0 = rate.gather(0, k)
         return r0 + w * (rate.gather(0, k1) - r0)
 
