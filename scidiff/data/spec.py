@@ -17,6 +17,12 @@ from .rows import unique_rows
 MEASURED_ZERO = 1e-5  # log1p expression below which a measured cell's value is its zero, come back from model space
 
 
+def exact_zeros(x: torch.Tensor) -> torch.Tensor:
+    """Log1p expression come back from model space with its measured zeros exact (below
+    ``MEASURED_ZERO``: the standardisation's round trip leaves a zero within float32 rounding)."""
+    return torch.where(x < MEASURED_ZERO, torch.zeros_like(x), x)
+
+
 def perturbation_rows(codes, n: int) -> torch.Tensor:
     """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
     ``[B, n + 1]``; a float ``[B, n + 1]`` tensor is returned as is."""
@@ -137,8 +143,7 @@ class DataSpec:
         """Measured cells in model space back to log1p expression, their zeros exact: a zero comes
         back from the standardisation's round trip within float32 rounding of it (below
         ``MEASURED_ZERO``), and the detection model counts exact zeros as not detected."""
-        x = self.to_expression(z, clip=False)
-        return torch.where(x < MEASURED_ZERO, torch.zeros_like(x), x)
+        return exact_zeros(self.to_expression(z, clip=False))
 
     # -- covariates -----------------------------------------------------------------------------
     def _unknown_key(self, key):

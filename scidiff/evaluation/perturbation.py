@@ -376,7 +376,7 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
         controls = control_labels_of(control_label)
         label = canonical_label(target[perturbation_key], separator, controls)
         deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=controls,
-                                     separator=separator)
+                                     separator=separator) if method != "cell-mean" else {}
         if label == controls[0]:  # the control itself, under every baseline
             pred = no_change(xc)
         elif method == "mean-shift":

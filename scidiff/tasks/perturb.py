@@ -88,7 +88,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data.spec import perturbed_input_error
+from ..data.spec import exact_zeros, perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
 from ..models.effects import context_table
@@ -438,7 +438,7 @@ def _in_expression(model, x, change, smooth=None):
     projection on the model's latent) and that moved by the change."""
     spec = model.data_spec
     at = spec.to_expression(x, clip=False)
-    measured = spec.to_measured(x)
+    measured = exact_zeros(at)
     if smooth is None:
         smooth = spec.to_expression(model.decode(model.encode(x)), clip=False)
     return measured, smooth, smooth + (spec.to_expression(x + change, clip=False) - at)
@@ -509,11 +509,9 @@ def _counterfactual_keeping(model, reader, plan, context, ctx_keys, seed: int, f
 def _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change):
     """Per gene, the smooth shift, detection share and level factor
     (:func:`~scidiff.models.measured_change.fit_mean_keeping`) that give measured fresh cells the
-    mean of :func:`_moved`'s: fitted once per plan on the context's reference control cells
-    (measured from draws keyed by their rows), so batching does not change it; on the batch's own
-    cells where the model keeps no reference cells."""
-    if plan.keeping is not None:
-        return plan.keeping
+    mean of :func:`_moved`'s, fitted once per plan: on the context's reference control cells
+    (measured from draws keyed by their rows), so batching does not change it; on the first batch's
+    fresh cells (up to ``FIT_CELLS``) where the model keeps no reference cells."""
     ref = _reference_cells(model, context, x.device)
     if ref is not None:
         inside = {k: list(v) for k, v in plan.inside.items()}  # the reference cells are not predicted cells
@@ -528,10 +526,7 @@ def _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: 
     measured, smooth, moved = _in_expression(model, x, change, smooth)
     carried = Carried(model.detection, measured, smooth, moved,
                       cell_uniforms(seed, torch.arange(len(x)), smooth.shape[1], 6).to(smooth))
-    keep = fit_mean_keeping(carried, target)
-    if ref is not None:
-        plan.keeping = keep
-    return keep
+    return fit_mean_keeping(carried, target)
 
 
 def _reference_cells(model, context, device) -> torch.Tensor | None:
@@ -698,8 +693,10 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
             if observed and population:
-                keep = _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed), x, change)
-                out[rows] = _measured_cells(model, x, change, idx, int(seed), True, keep).cpu().numpy()
+                if plan.keeping is None:
+                    plan.keeping = _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed),
+                                                       x, change)
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), True, plan.keeping).cpu().numpy()
             elif observed:
                 if plan.keeping is None:
                     def read(at):
