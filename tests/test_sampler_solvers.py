@@ -9,21 +9,9 @@ from scidiff.models import ScIDiffModel
 from scidiff.models.noise_scheduler import CosineNoiseScheduler, LinearNoiseScheduler
 from scidiff.diffusion.plans import DEFAULT_SPACING, ddim_plan, ddpm_plan, logsnr_timesteps, sampler_plan, timesteps
 from scidiff.diffusion.samplers import SAMPLERS, ddim, ddpm, dpmpp_2m, euler_maruyama, heun, run_plan
+from gaussian_target import MU, SD, gaussian_denoiser
 
-MU, SD = 1.5, 0.5
 SCHEDULES = [CosineNoiseScheduler(1000), LinearNoiseScheduler(1000)]
-
-
-def gaussian_denoiser(schedule, mu=MU, sd=SD):
-    """E[x0 | x_t] for x0 ~ N(mu, sd^2) and x_t = a x0 + s eps."""
-    ab = schedule.alphas_cumprod
-
-    def denoise(x, t, cond):
-        a2 = ab[t].to(x.dtype).unsqueeze(-1)
-        a = a2.sqrt()
-        return mu + a * sd**2 / (a2 * sd**2 + 1 - a2) * (x - a * mu)
-
-    return denoise
 
 
 def exact_ode_endpoint(schedule, x_T):

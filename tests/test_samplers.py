@@ -6,20 +6,7 @@ from scidiff.models.noise_scheduler import CosineNoiseScheduler, LinearNoiseSche
 from scidiff.diffusion.guidance import classifier_free_guidance
 from scidiff.diffusion.plans import timesteps
 from scidiff.diffusion.samplers import ddim, ddim_invert, ddpm
-
-MU, SD = 1.5, 0.5
-
-
-def gaussian_denoiser(schedule, mu=MU, sd=SD):
-    """E[x0 | x_t] for x0 ~ N(mu, sd^2) and x_t = a x0 + s eps."""
-    ab = schedule.alphas_cumprod
-
-    def denoise(x, t, cond):
-        a2 = ab[t].to(x.dtype).unsqueeze(-1)
-        a = a2.sqrt()
-        return mu + a * sd**2 / (a2 * sd**2 + 1 - a2) * (x - a * mu)
-
-    return denoise
+from gaussian_target import MU, SD, gaussian_denoiser
 
 
 @pytest.mark.parametrize("schedule", [CosineNoiseScheduler(1000), LinearNoiseScheduler(1000)])
