@@ -5,7 +5,9 @@ mean taken over the targets the model predicts (the unseen knockouts: the 9 the 
 and over the baselines that predict all of them; cell-eval's score against the task's reference
 baseline; on additive-truth combinations, the RMSE within 5% of the additive baseline's; in new
 contexts, every fold's RMSE below no change's. Means are compared as the tables print them
-(3 decimals): a tie meets the goal. Nothing is re-run.
+(3 decimals): a tie meets the goal; beside each, the paired difference to that baseline over the
+targets with its 95% bootstrap interval (so a loss within the targets' spread shows as one).
+Nothing is re-run.
 
     python bench/perturbation_goals.py [--out bench/results/perturbation_goals.json]
 """
@@ -22,6 +24,7 @@ TASKS = ("kang_suite", "zhao", "papalexi_context", "papalexi_seen", "papalexi_un
          "combos_additive", "combos_saturating")
 NEW_CONTEXTS = ("kang_suite", "zhao", "papalexi_context")
 MODEL = "scidiff_counterfactual"
+BOOTSTRAP = 4000  # resamples of the targets for the paired differences' intervals
 # (key, label, lower is better); project metrics per target, then cell-eval's per perturbation
 METRICS = (("rmse_all", "RMSE", True), ("mae_all", "MAE", True), ("pearson_delta_all", "Pearson Δ", False),
            ("pds_l1", "PDS", False))
@@ -45,6 +48,19 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
+def paired_interval(model, baseline, draws: int = BOOTSTRAP, seed: int = 0) -> dict | None:
+    """The mean of the per-target differences ``model - baseline`` and its 95% bootstrap interval
+    over targets (targets where either is missing are left out; ``None`` for fewer than 2)."""
+    d = np.array([a - b for a, b in zip(model, baseline) if a is not None and b is not None
+                  and not (np.isnan(a) or np.isnan(b))], float)
+    if len(d) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (draws, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(d.mean()), "low": float(lo), "high": float(hi), "targets": len(d)}
+
+
 def check_task(result) -> dict:
     """The goals of one task's result (module docstring)."""
     targets = _targets(result)
@@ -52,22 +68,23 @@ def check_task(result) -> dict:
     baselines = sorted(m for m in methods if not m.startswith("scidiff_")
                        and all("n/a" not in ms.get(m, {"n/a": True}) for _, _, ms in targets))
     def project(m, key):
-        return _mean([ms[m].get(key) for _, _, ms in targets])
+        return [ms[m].get(key) for _, _, ms in targets]
 
     def cell_eval(m, key):
-        return _mean([(_cell_eval_row(result, m, f, t) or {}).get(key) for f, t, _ in targets])
+        return [(_cell_eval_row(result, m, f, t) or {}).get(key) for f, t, _ in targets]
 
     metrics = {}
-    for (key, label, lower), value in [(row, project) for row in METRICS] + [(row, cell_eval) for row in CELL_EVAL]:
-        model = value(MODEL, key)
-        scores = {m: value(m, key) for m in baselines}
+    for (key, label, lower), values in [(row, project) for row in METRICS] + [(row, cell_eval) for row in CELL_EVAL]:
+        model = _mean(values(MODEL, key))
+        scores = {m: _mean(values(m, key)) for m in baselines}
         scores = {m: v for m, v in scores.items() if v is not None}
         if model is None or not scores:
             continue
         best = (min if lower else max)(scores, key=scores.get)
         a, b = round(model, 3), round(scores[best], 3)
         metrics[label] = {"model": model, "best_baseline": best, "baseline": scores[best],
-                          "met": a <= b if lower else a >= b}
+                          "met": a <= b if lower else a >= b,
+                          "difference": paired_interval(values(MODEL, key), values(best, key))}
     out = {"targets": len(targets), "baselines": baselines, "metrics": metrics}
     score = result.get("cell_eval", {}).get("score_vs_reference", {}).get(MODEL, {}).get("avg_score")
     if score is not None:
@@ -94,8 +111,13 @@ def markdown(goals: dict) -> str:
         cells = []
         for lab in labels:
             m = g["metrics"].get(lab)
-            cells.append("-" if m is None else f"{'met' if m['met'] else '**lost**'} {m['model']:.3f} "
-                         f"({m['best_baseline'].replace('_', ' ')} {m['baseline']:.3f})")
+            if m is None:
+                cells.append("-")
+                continue
+            d = m["difference"]
+            interval = "" if d is None else f"; {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
+            cells.append(f"{'met' if m['met'] else '**lost**'} {m['model']:.3f} "
+                         f"({m['best_baseline'].replace('_', ' ')} {m['baseline']:.3f}{interval})")
         s = g.get("cell_eval_score")
         cells.append("-" if s is None else f"{'met' if s['met'] else '**lost**'} {s['score']:.3f}")
         other = []
