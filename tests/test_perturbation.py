@@ -1,4 +1,6 @@
 """Perturbation prediction against a known ground truth, the metrics' closed forms, bad input."""
+import re
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -112,6 +114,22 @@ def test_unseen_saturating_combination_beats_the_additive_baseline(saturating):
         assert model_err < 0.75 * baseline, (method, model_err, baseline)
 
 
+def test_a_perturbation_asked_for_without_its_dose(synthetic):
+    """A target without a dose on a model that scales perturbations by one: the dose its groups
+    were measured at, written into obs (A+B: 100 only); several doses are an error naming them
+    (B: 1 and 100; B+C, never measured together: its singles')."""
+    adata, mean, model, control = synthetic
+    cells = control[:20].copy()
+    implied = predict_perturbation(model, cells, {"drug": "A+B"}, steps=5, progress=False)
+    given = predict_perturbation(model, cells, {"drug": "A+B", "dose": 100.0}, steps=5, progress=False)
+    np.testing.assert_array_equal(implied.X, given.X)
+    assert (implied.obs["dose"] == 100.0).all() and implied.uns["scidiff_prediction"]["target"]["dose"] == "100.0"
+    for drug in ("B", "B+C"):
+        with pytest.raises(ValueError, match=rf"drug={re.escape(drug)} was measured at dose \['1', '100'\]: give "
+                                             rf"the dose to predict, e.g. drug={re.escape(drug)},dose=100"):
+            predict_perturbation(model, cells, {"drug": drug}, steps=5, progress=False)
+
+
 def test_unseen_dose_is_interpolated(synthetic):
     """A dose between the measured ones (10, between 1 and 100) takes the measured changes read
     linearly in log(1 + dose) (the truth here: exact), one below them (0.5) the line from no change
@@ -137,6 +155,9 @@ def test_bad_input_at_predict_time(synthetic):
         predict_perturbation(model, control, {"drug": "D"}, progress=False)
     with pytest.raises(ValueError, match=r"combination with an unseen single perturbation cannot be predicted: \['D'\]"):
         predict_perturbation(model, control, {"drug": "A+D"}, progress=False)
+    with pytest.raises(ValueError, match=r"drug='a\+B': 'a' is not a label the model saw; it saw 'A' \(labels are "
+                                         r"case-sensitive\)"):
+        predict_perturbation(model, control, {"drug": "a+B"}, progress=False)
     with pytest.raises(ValueError, match=r"unknown value 't9' for condition 'cell_type'; known values: \['t0', 't1'\]"):
         predict_perturbation(model, control, {"drug": "A", "cell_type": "t9"}, progress=False)
     with pytest.warns(UserWarning, match=r"dose \[1000.0\] is outside the range seen in training \[0, 100\]"):

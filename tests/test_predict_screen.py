@@ -272,11 +272,14 @@ def test_a_screen_written_target_by_target_holds_the_stacked_screen(run, files, 
 
     _, model = run
     _, train, control = files
+    control = control.copy()
+    control.obs["lane"] = np.arange(control.n_obs, dtype=np.int64) % 3  # an integer column stays integer
     want_path = tmp_path / "stacked.h5ad"
     write_h5ad(predict_screen(model, control, targets, steps=4, seed=3, progress=False), want_path)
     cells, genes = predict_screen_to_file(model, control, targets, tmp_path / "streamed.h5ad", steps=4, seed=3,
                                           progress=False)
     _same_file(ad.read_h5ad(want_path), ad.read_h5ad(tmp_path / "streamed.h5ad"), (cells, genes))
+    assert ad.read_h5ad(tmp_path / "streamed.h5ad").obs["lane"].dtype == np.int64
     baseline = dict(perturbation_key="perturbation", context_key="bio_rep", control_labels=["control"])
     write_h5ad(baseline_screen("additive", train, control, targets, **baseline), want_path)
     shape = baseline_screen("additive", train, control, targets, out=tmp_path / "baseline.h5ad", **baseline)
@@ -296,6 +299,7 @@ def _same_file(want, got, shape):
         a, b = want.obs[c], got.obs[c]
         if pd.api.types.is_numeric_dtype(a) and not isinstance(a.dtype, pd.CategoricalDtype):
             np.testing.assert_allclose(b.to_numpy(dtype=float), a.to_numpy(dtype=float), err_msg=c)
+            assert b.dtype.kind == a.dtype.kind, (c, a.dtype, b.dtype)
         else:
             assert list(b.astype(object).where(b.notna(), None)) == list(a.astype(object).where(a.notna(), None)), c
     assert got.uns["scidiff_prediction"].keys() == want.uns["scidiff_prediction"].keys()

@@ -70,6 +70,14 @@ SEPARATOR_HELP = ("the text between the singles of a combination label (default:
                   "scPerturb writes A_B: --separator _)")
 
 
+def add_expression_source(p, data: str = "--data") -> None:
+    """``--layer`` / ``--use-raw``: where ``data``'s expression lies in its file (default ``X``)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--layer", default=None, help=f"read {data}'s expression from this layer (e.g. counts) "
+                                                      "instead of X")
+    where.add_argument("--use-raw", action="store_true", help=f"read {data}'s expression from .raw instead of X")
+
+
 def split(text):
     """``"a, b"`` -> ``["a", "b"]`` (``None`` stays ``None``)."""
     return [k.strip() for k in text.split(",") if k.strip()] if text is not None else None

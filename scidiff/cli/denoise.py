@@ -1,7 +1,7 @@
 """``scidiff denoise``: cells denoised with a trained model as the prior."""
 from __future__ import annotations
 
-from .common import check_out, nonnegative_float, positive_int, seed_value, unit_interval
+from .common import add_expression_source, check_out, nonnegative_float, positive_int, seed_value, unit_interval
 
 
 def add(sub):
@@ -17,7 +17,7 @@ def add(sub):
                    help="noise level in (0, 1] (default: chosen by MCV)")
     p.add_argument("--likelihood-weight", type=nonnegative_float, default=1.0)
     p.add_argument("--samples", type=positive_int, default=1, help="posterior samples to average")
-    p.add_argument("--layer", default=None, help="read expression from this layer (e.g. counts)")
+    add_expression_source(p)
     p.add_argument("--seed", type=seed_value, default=0)
 
 
@@ -30,6 +30,7 @@ def run(args):
     model = load_model(args.model)
     strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
     out = denoise(model, args.data, method=args.method, strength=strength,
-                  likelihood_weight=args.likelihood_weight, n_samples=args.samples, layer=args.layer, seed=args.seed)
+                  likelihood_weight=args.likelihood_weight, n_samples=args.samples, layer=args.layer,
+                  use_raw=args.use_raw, seed=args.seed)
     write_h5ad(out, args.out)
     print(f"wrote {out.n_obs} denoised cells x {out.n_vars} genes to {args.out} (layers['scidiff_denoised'])")

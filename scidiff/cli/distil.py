@@ -2,7 +2,7 @@
 Salimans & Ho 2022), written into the model's checkpoint beside it."""
 from __future__ import annotations
 
-from .common import check_out, device_name, positive_int, seed_value, unit_interval
+from .common import add_expression_source, check_out, device_name, positive_int, seed_value, unit_interval
 
 
 def add(sub):
@@ -23,7 +23,7 @@ def add(sub):
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--learning-rate", type=unit_interval, default=1e-4,
                    help="Adam's learning rate, annealed linearly to zero in each round (default: 1e-4)")
-    p.add_argument("--layer", default=None, help="read expression from this layer (e.g. counts)")
+    add_expression_source(p)
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", default=None, help="checkpoint to write (default: the --model checkpoint, replaced)")
@@ -43,7 +43,7 @@ def run(args):
     model = load_model(args.model, map_location=resolve_device(args.device))
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
-    _, _, cells = model_cells(model, args.data, layer=args.layer)
+    _, _, cells = model_cells(model, args.data, layer=args.layer, use_raw=args.use_raw)
     student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
                      initial=model.student if args.from_student else None)

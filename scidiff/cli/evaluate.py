@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .common import SEPARATOR_HELP, check_out, positive_int, separator_text, split
+from .common import SEPARATOR_HELP, add_expression_source, check_out, positive_int, separator_text, split
 
 
 def add(sub):
@@ -16,6 +16,7 @@ def add(sub):
                                    "--baseline, and, where cell-eval is installed, cell-eval's metrics and its score "
                                    "of the prediction against each baseline.")
     p.add_argument("--real", required=True, help="real cells (.h5ad); with --perturbation: perturbed and control cells")
+    add_expression_source(p, "--real")
     p.add_argument("--generated", default=None, help="generated cells (.h5ad)")
     p.add_argument("--groupby", default=None, help="obs key present in both files, e.g. cell_type")
     p.add_argument("--out", required=True, help="report folder")
@@ -68,7 +69,7 @@ def run(args):
 
     check_out(args.out, folder=True)
     metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots,
-                             auc_repeats=args.auc_repeats)
+                             auc_repeats=args.auc_repeats, layer=args.layer, use_raw=args.use_raw)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
     print("measured properties, KS against the real cells (0 = the same distribution): "
           + ", ".join(f"{k} {v:.3f}" for k, v in metrics["measurement"].items()))
@@ -93,7 +94,8 @@ def _run_perturbation(args):
         raise ValueError("--control-label is empty; give the label of the real control cells")
     result = evaluate_perturbation(args.real, predicted, args.perturbation_key, controls, separator=args.separator,
                                    context_key=args.context_key, dose_key=args.dose_key, baselines=baselines,
-                                   out_dir=args.out, min_de_genes=args.min_de_genes)
+                                   out_dir=args.out, min_de_genes=args.min_de_genes, layer=args.layer,
+                                   use_raw=args.use_raw)
     summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]), "prediction": result["mean"],
                **{f"baseline {n}": b["mean"] for n, b in result["baselines"].items()}}
     ce = result["cell_eval"]

@@ -2,8 +2,8 @@
 many (one model load), by the model or by a baseline."""
 from __future__ import annotations
 
-from .common import (SEPARATOR_HELP, check_out, device_name, finite_float, parse_conditions, positive_int,
-                     sampling_settings, seed_value, separator_text, split, user_error)
+from .common import (SEPARATOR_HELP, add_expression_source, check_out, device_name, finite_float, parse_conditions,
+                     positive_int, sampling_settings, seed_value, separator_text, split, user_error)
 
 MODEL_METHODS = ("counterfactual", "population")
 # scidiff.evaluation.perturbation.BASELINES (not imported here: --help stays light; a test checks they agree)
@@ -24,6 +24,7 @@ def add(sub):
                                    "additive|linear) predict from --train without a model.")
     p.add_argument("--model", default=None, help="run folder or model.pt (required by counterfactual/population)")
     p.add_argument("--data", required=True, help="control cells (.h5ad)")
+    add_expression_source(p, "--data (and --train)")
     p.add_argument("--target", action="append", default=None,
                    help="key=value[,key=value], e.g. condition=stimulated or drug=A+B,dose=10; repeat for a screen")
     p.add_argument("--targets-file", default=None,
@@ -125,6 +126,7 @@ def _model_check(model):
     def check(target):
         known, _ = split_target(model, target)
         model.data_spec.encode_conditions(known, 1)
+        model.data_spec.with_dose(target)
 
     return check
 
@@ -183,7 +185,8 @@ def run(args):
         # target by target into the file: memory holds one target's prediction, however many targets
         n_cells, n_genes = predict_screen_to_file(model, args.data, targets, args.out, method=args.method,
                                                   steps=args.steps, guidance_scale=guidance, seed=args.seed,
-                                                  batch_size=args.batch_size, device=device, observed=observed)
+                                                  batch_size=args.batch_size, device=device, observed=observed,
+                                                  layer=args.layer, use_raw=True if args.use_raw else None)
     n_targets = len(texts)
     per = f" ({n_targets} targets x {n_cells // n_targets} cells)" if n_targets > 1 else ""
     kind = "" if baseline else " (measured cells)" if observed else " (shifted cells, --shifted)"
@@ -244,10 +247,11 @@ def _baselines(args, model, texts):
     import warnings
 
     from ..data import read_h5ad  # lazy: keeps --help light (torch, anndata)
+    from ..data.preprocess import expression_as_x  # lazy: keeps --help light (torch, anndata)
     from ..tasks.screen import baseline_screen, check_control_labels  # lazy: keeps --help light (torch, anndata)
 
-    data = read_h5ad(args.data)
-    train = read_h5ad(args.train) if args.train is not None else None
+    data = expression_as_x(read_h5ad(args.data), args.layer, args.use_raw)
+    train = expression_as_x(read_h5ad(args.train), args.layer, args.use_raw) if args.train is not None else None
     spec = model.data_spec if model is not None else None
     time_key = args.time_key
     if time_key is None and spec is not None and args.method == "linear":

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..config import load_config
-from .common import (SEPARATOR_HELP, check_out, device_name, nonnegative_int, positive_int, seed_value,
-                     separator_text, split)
+from .common import (SEPARATOR_HELP, add_expression_source, check_out, device_name, nonnegative_int, positive_int,
+                     seed_value, separator_text, split)
 
 
 def add(sub):
@@ -16,8 +16,7 @@ def add(sub):
     p.add_argument("--config", default=None, help="YAML config (default: the packaged configs/default.yaml)")
     p.add_argument("--epochs", type=positive_int, default=None,
                    help="epochs (default: training.num_epochs, else min(400, 20000 x 400 / training cells))")
-    p.add_argument("--layer", default=None, help="read expression from this layer instead of X")
-    p.add_argument("--use-raw", action="store_true", help="read expression from .raw")
+    add_expression_source(p)
     p.add_argument("--n-genes", type=positive_int, default=None,
                    help="number of highly variable genes (model.gene_dim)")
     p.add_argument("--batch-size", type=positive_int, default=None)

@@ -147,6 +147,7 @@ class H5adWriter:
         _attrs(self._obs_index, "string-array", "0.2.0")
         # name -> (codes, label -> code) for labels, (values, None) for numbers
         self._columns: dict[str, tuple[h5py.Dataset, dict | None]] = {}
+        self._integer: set[str] = set()  # numeric columns given integers by every append: stored as int64 at close
         self._layers: dict[str, h5py.Dataset] = {}
 
     # -- appending --------------------------------------------------------------------------------
@@ -199,12 +200,17 @@ class H5adWriter:
         return out
 
     def _append_labels(self, key: str, labels, n: int) -> None:
+        integers = isinstance(labels, np.ndarray) and labels.dtype.kind in "iu"
         if key not in self._columns and labels is not None and _numeric(labels):
             values = self.f["obs"].create_dataset(key, data=np.full(self.n_cells, np.nan), maxshape=(None,),
                                                   chunks=(65536,))
             _attrs(values, "array", "0.2.0")
             self._columns[key] = (values, None)
+            if integers and self.n_cells == 0:
+                self._integer.add(key)
         if key in self._columns and self._columns[key][1] is None:  # a numeric column
+            if not integers:
+                self._integer.discard(key)
             values = self._columns[key][0]
             if labels is None:
                 new = np.full(n, np.nan)
@@ -254,6 +260,8 @@ class H5adWriter:
                             and (not vocab if vocab is not None else bool(np.isnan(d[:]).all()))]:
                     del obs[key]
                     del self._columns[key]
+            for key in self._integer & set(self._columns):
+                self._store_integers(obs, key)
             obs.attrs["column-order"] = np.array(list(self._columns), dtype=object) if self._columns \
                 else np.zeros(0, np.float64)
             _attrs(obs, "dataframe", "0.2.0")
@@ -280,6 +288,19 @@ class H5adWriter:
             self._pool.shutdown()
         self._closed = True
         return self.path
+
+    def _store_integers(self, obs, key: str, rows: int = 1 << 20) -> None:
+        """Rewrite the numeric column ``key`` (float64 as appended) as int64: every append gave it
+        integers, as the input's obs column held them."""
+        old = self._columns[key][0]
+        new = obs.create_dataset(f"{key}__int64__", shape=old.shape, maxshape=(None,), dtype=np.int64,
+                                 chunks=(65536,))
+        for start in range(0, len(old), rows):
+            new[start:start + rows] = old[start:start + rows].astype(np.int64)
+        del obs[key]
+        obs.move(new.name, f"{obs.name}/{key}")
+        _attrs(obs[key], "array", "0.2.0")
+        self._columns[key] = (obs[key], None)
 
     def abort(self) -> None:
         """Drop the partial file."""

@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from .gene_symbols import var_of
 from .io import read_h5ad  # noqa: F401  (re-exported)
 from .validate import check_sparse, check_unique_genes
 
@@ -44,6 +45,18 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     check_sparse(matrix, _name(adata), key, adata.obs_names, var_names)
     check_unique_genes(var_names, f"{key} of {_name(adata)}")
     return matrix, var_names, key
+
+
+def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False) -> ad.AnnData:
+    """``adata`` itself, or an AnnData of its cells whose ``X`` is ``layers[layer]`` or ``.raw``'s
+    matrix (with ``.raw``'s genes), the matrix not copied: for readers of ``X``. Errors name the
+    file and where the matrix lies in it."""
+    if not layer and not use_raw:
+        return adata
+    matrix, _, key = expression_matrix(adata, layer, use_raw)
+    src = adata.uns.get("scidiff_source") if adata.uns is not None else None
+    return ad.AnnData(X=matrix, obs=adata.obs, var=var_of(adata, use_raw),
+                      uns={"scidiff_source": f"{src or 'the AnnData'} ({key})"})
 
 
 def _values(m) -> np.ndarray:

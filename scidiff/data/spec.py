@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..groups import mixture
+from ..groups import carrying, mixture
 from .gene_symbols import names_in, resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
 
@@ -317,6 +317,38 @@ class DataSpec:
             return (canonical_label(a, self.separator, self.control_labels)
                     == canonical_label(b, self.separator, self.control_labels))
         return str(a) == str(b)
+
+    def with_dose(self, condition: dict) -> dict:
+        """``condition`` with its dose, where the model scales perturbations by one (``dose_key``)
+        and ``condition`` sets a perturbation but no dose: the dose its training groups were
+        measured at (a combination never measured together: its singles'), when they agree on
+        one. A perturbation's response without a dose is none of its doses', so several doses, or
+        none recorded, are an error that names them and says how to give one."""
+        key = self.dose_key
+        if not key or key in condition:
+            return condition
+        perturbed = {k: condition[k] for k in self.perturbation_keys if k in condition and any(
+            p.strip() and not self.is_control(p) for p in str(condition[k]).split(self.separator))}
+        if not perturbed:
+            return condition
+        groups = self.training_groups
+        doses = set()
+        if groups and key in groups["keys"]:
+            at = groups["keys"].index(key)
+            rows = carrying(groups, perturbed, self._same_value)
+            for k, label in perturbed.items() if not rows else []:  # never measured together: its singles
+                for part in [p.strip() for p in str(label).split(self.separator) if p.strip()]:
+                    rows += carrying(groups, {k: part}, self._same_value)
+            doses = {float(values[at]) for values, _ in rows}
+        asked = ", ".join(f"{k}={v}" for k, v in perturbed.items())
+        if len(doses) == 1:
+            return {**condition, key: doses.pop()}
+        if doses:
+            measured = sorted(doses)
+            raise ValueError(f"{asked} was measured at {key} {[f'{d:g}' for d in measured]}: give the dose to "
+                             f"predict, e.g. {asked},{key}={measured[-1]:g}")
+        raise ValueError(f"the model scales perturbations by {key!r} and records no dose {asked} was measured "
+                         f"at: give one, e.g. {asked},{key}=10")
 
     def training_mixture(self, n: int, condition: dict | None = None, seed: int | None = 0) -> list[tuple[dict, int]]:
         """``n`` cells shared out over the training groups (:meth:`count_groups`) that agree

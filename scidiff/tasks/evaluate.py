@@ -14,7 +14,7 @@ import pandas as pd
 from ..data.dataset import _log_expression, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
-from ..data.preprocess import dense, gene_columns
+from ..data.preprocess import dense, expression_as_x, gene_columns
 from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
@@ -31,11 +31,12 @@ def log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
 
 
 def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: bool = True,
-                   auc_repeats: int = 1) -> dict:
+                   auc_repeats: int = 1, layer: str | None = None, use_raw: bool = False) -> dict:
     """Score generated cells against real ones on the generated file's genes; write
     ``metrics.json`` and the report plots into ``out_dir``. ``auc_repeats``: draws of each
-    classifier AUC averaged (:func:`scidiff.evaluation.evaluate_generation_quality`)."""
-    real_ad, gen_ad = read_cells(real), read_cells(generated)
+    classifier AUC averaged (:func:`scidiff.evaluation.evaluate_generation_quality`); ``layer`` /
+    ``use_raw``: where the real cells' expression lies (default ``X``)."""
+    real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
     in_real = genes_of_in(gen_ad, real_ad, "genes of the generated file are not in the real file")
     real_x, gen_x = log_expression_of(real_ad, in_real), log_expression_of(gen_ad, genes)
@@ -185,11 +186,12 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
                           separator: str = "+", context_key: str | None = None, dose_key: str | None = None,
                           baselines: dict | None = None, out_dir=None,
                           cell_eval: bool | str = "auto", min_de_genes: int = 10, num_threads: int = 1,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, layer: str | None = None, use_raw: bool = False) -> dict:
     """Score predicted perturbation responses against the real perturbed cells.
 
     ``real``: real perturbed and control cells (AnnData or ``.h5ad``; counts are normalised to
-    1e4 and log1p'd, log1p is taken as is); ``predicted``: predicted cells (``scidiff predict``'s
+    1e4 and log1p'd, log1p is taken as is; from ``X``, or ``layers[layer]`` or ``.raw`` with
+    ``use_raw``); ``predicted``: predicted cells (``scidiff predict``'s
     output: log1p ``X``) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
     its rows labelled ``control_label`` are ignored (the real control cells are the reference).
     Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
@@ -209,7 +211,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     the real cells have at least ``min_de_genes`` significant DE genes).
     """
     t0 = time.perf_counter()
-    real_ad, pred_ad = _read(real, "real cells"), _read(predicted, "prediction")
+    real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
     for a, what in [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}")
                                                                        for n, b in base_ad.items()]:

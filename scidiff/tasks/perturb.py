@@ -189,6 +189,11 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
         new = [p for p in parts if p not in vocab]
         if not new:
             continue
+        folded = {str(v).casefold(): v for v in vocab}
+        meant = {p: folded[p.casefold()] for p in new if p.casefold() in folded}
+        if meant:  # not a perturbation never seen: the same label spelt in another case
+            raise ValueError(f"{key}={target[key]!r}: {', '.join(f'{p!r}' for p in meant)} is not a label the model "
+                             f"saw; it saw {', '.join(f'{v!r}' for v in meant.values())} (labels are case-sensitive)")
         if prior is None:
             spec.perturbation_singles(key, target[key])  # raises the error that names the label
         unseen[key] = spec.separator.join(new)
@@ -655,6 +660,10 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)
     _check_control_cells(spec, source_codes, condition, control_adata)
+    dosed = spec.with_dose(condition)  # a perturbation asked for without its dose: the one it was measured at
+    if dosed is not condition:
+        condition, known = dosed, {**known, spec.dose_key: dosed[spec.dose_key]}
+        target_codes = spec.encode_conditions(known, n)
     cond_target = {**source_codes, **target_codes}
     if spec.dose_key and spec.dose_key not in condition and spec.dose_key in source_codes:
         cond_target.pop(spec.dose_key)  # a dose belongs to the perturbation it came with

@@ -181,8 +181,9 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
     """:func:`predict_screen` straight into the ``.h5ad`` at ``out``, one target at a time, so
     memory holds one target's prediction however many targets there are (an in-silico screen of
     thousands). The file holds what ``write_h5ad(predict_screen(...), out)`` would (the same
-    ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; numbers as floats,
-    categories in the order met); it appears only when complete. Returns ``(cells, genes)``."""
+    ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; numbers as floats, integer
+    columns as integers, categories in the order met); it appears only when complete. Returns
+    ``(cells, genes)``."""
     targets, columns = _check_targets(targets), _perturbation_columns(model)
     parts = _model_parts(model, read_cells(cells), targets, columns, progress, device, perturb_kwargs)
     return _write_parts(out, parts, [target_text(t) for t in targets], columns)
@@ -218,8 +219,11 @@ def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]
 
 def _file_values(column: pd.Series, described: bool):
     """One obs column of a target's prediction as the file's writer takes it: numbers as a float
-    array, anything else as labels (``None`` for missing), as :func:`_stack` makes them."""
+    array (integers without a missing value as integers), anything else as labels (``None`` for
+    missing), as :func:`_stack` makes them."""
     if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(column):
+        if pd.api.types.is_integer_dtype(column) and not column.isna().any():
+            return column.to_numpy(dtype=np.int64)
         return column.to_numpy(dtype=np.float64)
     values = [None if _missing(v) else v for v in column.astype(object)]
     made = _as_column(values) if described else None  # the stacked screen's reading of a described column
