@@ -65,6 +65,29 @@ def test_transform_like_brings_new_cells_into_the_same_space(kang_small, kang):
                        torch.tensor([data.spec.categorical["cell_type"].index(c) for c in kang.obs.cell_type[:50]]))
 
 
+def test_counts_for_a_model_trained_on_log1p_values_take_their_scale(kang_small):
+    """A model set up on log1p values normalised to 1,000 per cell, given the same cells' counts:
+    they are normalised to that scale (warned), not to 10,000, so the model sees its own values;
+    a model set up on counts normalises new counts as it did, without a word."""
+    import warnings
+
+    counts = kang_small.layers["counts"]
+    per_cell = np.asarray(counts.sum(1)).ravel()
+    log1p = np.log1p(np.asarray(counts.multiply(1e3 / per_cell[:, None]).todense(), np.float32))
+    cells = ad.AnnData(X=log1p, obs=kang_small.obs[["cell_type"]].copy(), layers={"counts": counts.copy()})
+    cells.var_names = kang_small.var_names
+    spec = setup_anndata(cells, n_top_genes=100).spec
+    want = cells[:, spec.gene_names].X
+    with pytest.warns(UserWarning, match=r"normalised to 1,000 per cell, not 10,000: the model was trained on "
+                                         r"log1p values of that scale"):
+        got = transform_like(spec, cells, layer="counts").log_expression()
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    spec = setup_anndata(cells, layer="counts", n_top_genes=100).spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transform_like(spec, cells, layer="counts")
+
+
 def test_loader_visits_every_cell_once_and_is_reproducible(kang_small):
     data = setup_anndata(kang_small, n_top_genes=50, condition_keys=["cell_type"])
     seen = [b["x"] for b in data.loader(batch_size=64, seed=3)]

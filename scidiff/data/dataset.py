@@ -6,6 +6,7 @@ per covariate (``LongTensor[B]`` codes, or ``FloatTensor[B]`` for dose/time). Ev
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import anndata as ad
@@ -125,6 +126,7 @@ class InMemoryLoader:
 
 
 DEFAULT_CONTROLS = ("control", "ctrl")
+SCALE_TOLERANCE = 1.5  # counts for a log1p-trained model: normalised to its scale beyond this factor off it
 
 
 # how screens name their unperturbed cells (CRISPR guides that target nothing, a drug's vehicle), by
@@ -388,15 +390,29 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key, obs=adata.obs)
+    spec.log_total = log_total(x)
     record_symbols(spec, var_of(adata, use_raw), gene_symbols,
                    f"{'raw.var' if use_raw else 'var'} of {_name(adata)}")
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 
+def log_total(x: np.ndarray, rows: int = 65536) -> float | None:
+    """The mean ``log`` of the cells' total normalised expression, from their log1p values ``x [N,
+    G]`` (by blocks of ``rows`` cells), over the cells with any (``None`` without one): counts
+    normalised to ``c`` times the total move it by exactly ``log(c)``."""
+    totals = np.concatenate([np.expm1(x[i:i + rows].astype(np.float64)).sum(1) for i in range(0, len(x), rows)]) \
+        if len(x) else np.zeros(0)
+    totals = totals[totals > 0]
+    return float(np.log(totals).mean()) if len(totals) else None
+
+
 def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: bool | None = None,
                    condition_keys=None, input_kind: str = "auto") -> CellData:
     """Bring new cells into an existing model's gene space (same genes, normalisation, scaling,
-    vocabularies). Missing genes and unknown covariate values are errors that name them."""
+    vocabularies). Missing genes and unknown covariate values are errors that name them. Counts
+    for a model trained on log1p values are normalised to those values' scale (their mean log
+    total on the model's genes, :attr:`DataSpec.log_total`), with a warning, where 10,000 per
+    cell would put them more than ``SCALE_TOLERANCE`` times off it."""
     if not isinstance(adata, ad.AnnData):
         adata = read_h5ad(adata)
     if layer is None and use_raw is None:
@@ -405,9 +421,22 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
             layer = None
         if use_raw and adata.raw is None:
             use_raw = False
-    matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, spec.target_sum or 1e4)
+    target_sum = spec.target_sum or 1e4
+    matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)
     var = var_of(adata, bool(use_raw))
-    x = dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))])
+    columns = gene_columns(var_names, spec.names_in(var_names, var))
+    x = dense(matrix[:, columns])
+    new_total = log_total(x) if kind == "counts" and spec.input_kind == "log1p" else None
+    if new_total is not None and spec.log_total is not None:
+        # counts for a model trained on log1p values: normalised to the scale those values had
+        factor = float(np.exp(spec.log_total - new_total))
+        if abs(np.log(factor)) > np.log(SCALE_TOLERANCE):
+            target_sum *= factor
+            warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum:,.0f} per cell, not "
+                          f"{target_sum / factor:,.0f}: the model was trained on log1p values of that scale "
+                          f"(their totals on its genes)", stacklevel=2)
+            matrix, _, _, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)
+            x = dense(matrix[:, columns])
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,

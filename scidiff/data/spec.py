@@ -63,6 +63,10 @@ class DataSpec:
     gets for its target. ``gene_symbol_column``: the ``var`` column of the training file that held
     gene symbols beside the gene IDs of ``gene_names`` (:mod:`scidiff.data.gene_symbols`), and
     ``gene_symbols`` each model gene's symbol (empty without one): a gene may be named by either.
+    ``log_total``: the training cells' mean ``log`` of their total normalised expression on the
+    model's genes (``None`` for a model set up before it, or streamed): the scale counts of
+    new cells are normalised to where the model was trained on log1p values
+    (:func:`~scidiff.data.transform_like`).
     """
 
     gene_names: list[str]
@@ -84,6 +88,7 @@ class DataSpec:
     gene_symbol_column: str | None = None
     gene_symbols: list[str] = field(default_factory=list)
     training_groups: dict = field(default_factory=dict)
+    log_total: float | None = None
 
     def __post_init__(self):
         n = len(self.gene_names)
