@@ -248,6 +248,7 @@ def test_setup_streaming_matches_setup_anndata(files, adata, scaling, target_sum
     assert st.spec.label_counts == mem.spec.label_counts == {"cell_type": adata.obs["cell_type"].value_counts().to_dict()}
     np.testing.assert_allclose(st.spec.gene_offset, mem.spec.gene_offset, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(st.spec.gene_scale, mem.spec.gene_scale, rtol=1e-5)
+    assert st.spec.log_total == pytest.approx(mem.spec.log_total, rel=1e-5)
     x = mem.x.double().numpy()
     np.testing.assert_allclose(st.moments["mean"], x.mean(0), atol=1e-5)
     np.testing.assert_allclose(st.moments["cov"], np.cov(x, rowvar=False, bias=True), rtol=1e-4, atol=1e-5)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
@@ -396,12 +397,15 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())
 
 
-def log_total(x: np.ndarray, rows: int = 65536) -> float | None:
+def log_total(x, rows: int = 65536) -> float | None:
     """The mean ``log`` of the cells' total normalised expression, from their log1p values ``x [N,
-    G]`` (by blocks of ``rows`` cells), over the cells with any (``None`` without one): counts
-    normalised to ``c`` times the total move it by exactly ``log(c)``."""
-    totals = np.concatenate([np.expm1(x[i:i + rows].astype(np.float64)).sum(1) for i in range(0, len(x), rows)]) \
-        if len(x) else np.zeros(0)
+    G]`` (dense, by blocks of ``rows`` cells, or sparse), over the cells with any (``None`` without
+    one): counts normalised to ``c`` times the total move it by exactly ``log(c)``."""
+    if sp.issparse(x):
+        totals = np.asarray(x.expm1().sum(1), np.float64).ravel()
+    else:
+        totals = np.concatenate([np.expm1(x[i:i + rows].astype(np.float64)).sum(1)
+                                 for i in range(0, len(x), rows)]) if len(x) else np.zeros(0)
     totals = totals[totals > 0]
     return float(np.log(totals).mean()) if len(totals) else None
 

@@ -64,7 +64,8 @@ class DataSpec:
     gene symbols beside the gene IDs of ``gene_names`` (:mod:`scidiff.data.gene_symbols`), and
     ``gene_symbols`` each model gene's symbol (empty without one): a gene may be named by either.
     ``log_total``: the training cells' mean ``log`` of their total normalised expression on the
-    model's genes (``None`` for a model set up before it, or streamed): the scale counts of
+    model's genes (streamed: on the cells the genes were chosen on; ``None`` for a model set up
+    before it): the scale counts of
     new cells are normalised to where the model was trained on log1p values
     (:func:`~scidiff.data.transform_like`).
     """

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
-from .dataset import _encode_obs, check_controls
+from .dataset import _encode_obs, check_controls, log_total
 from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file
 from .moments import GeneMoments
-from .preprocess import AllZeroError, detect_input, log_normalize, select_genes, warn_empty_cells
+from .preprocess import AllZeroError, detect_input, gene_columns, log_normalize, select_genes, warn_empty_cells
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 from .validate import check_labelled
@@ -285,6 +285,7 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     else:
         target_sum = None
     chosen = select_genes(sample, reader.var_names, genes, n_top_genes)
+    total = log_total(sample[:, gene_columns(reader.var_names, chosen)])  # on the sampled cells
     del sample
     plain = Transform.build(reader.var_names, chosen, counts=kind == "counts", target_sum=target_sum)
     moments = stream_moments(reader, plain, all_cells, covariance=covariance, progress=progress)
@@ -293,6 +294,7 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key,
                        obs=_read_obs(reader.path, None) if perturbation_keys else None)
+    spec.log_total = total
     record_symbols(spec, read_var(reader.path, use_raw), gene_symbols,
                    f"{'raw/var' if use_raw else 'var'} of {reader.path!r}")
     off32 = np.asarray(spec.gene_offset, np.float32).astype(np.float64)
