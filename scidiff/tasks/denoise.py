@@ -6,8 +6,8 @@ data under the cell's own covariates. ``method="posterior"`` adds guidance by th
 log-likelihood of the cell's observed counts given the predicted clean expression and its
 library size (diffusion posterior sampling, Chung et al. 2023), so the reverse process stays
 consistent with what was measured. Several posterior samples can be averaged; with DDIM
-(``eta=0``) and a fixed seed the result is deterministic. The default strength is the one chosen
-by molecular cross-validation in ``bench/bench_denoise.py``.
+(``eta=0``), a fixed seed and the same batch size the result is deterministic. The default
+strength is the one chosen by molecular cross-validation in ``bench/bench_denoise.py``.
 """
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     ``strength`` in (0, 1]: how far along the noise schedule each cell is taken before the
     reverse process (0 keeps it, 1 forgets it). ``method``: ``"sdedit"`` or ``"posterior"``
     (Poisson likelihood guidance, weight ``likelihood_weight``; needs raw counts). ``n_samples``
-    posterior samples are averaged (DDIM, deterministic for a fixed ``seed``).
+    posterior samples are averaged (DDIM, deterministic for a fixed ``seed`` and ``batch_size``: the
+    noise is drawn batch by batch).
 
     Returns a copy of ``adata`` restricted to the model's genes, cells in their order, with the
     denoised log1p-normalised expression in ``layers[key_added]`` and the input's log1p values in
