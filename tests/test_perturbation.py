@@ -124,7 +124,7 @@ def test_a_perturbation_asked_for_without_its_dose(synthetic):
     given = predict_perturbation(model, cells, {"drug": "A+B", "dose": 100.0}, steps=5, progress=False)
     np.testing.assert_array_equal(implied.X, given.X)
     assert (implied.obs["dose"] == 100.0).all() and implied.uns["scidiff_prediction"]["target"]["dose"] == "100.0"
-    for drug in ("B", "B+C"):
+    for drug in ("B", "B+C", "B+C+control"):  # a control part names no dose (the controls' 0)
         with pytest.raises(ValueError, match=rf"drug={re.escape(drug)} was measured at dose \['1', '100'\]: give "
                                              rf"the dose to predict, e.g. drug={re.escape(drug)},dose=100"):
             predict_perturbation(model, cells, {"drug": drug}, steps=5, progress=False)

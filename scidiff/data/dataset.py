@@ -428,19 +428,18 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
     target_sum = spec.target_sum or 1e4
     matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)
     var = var_of(adata, bool(use_raw))
-    columns = gene_columns(var_names, spec.names_in(var_names, var))
-    x = dense(matrix[:, columns])
-    new_total = log_total(x) if kind == "counts" and spec.input_kind == "log1p" else None
-    if new_total is not None and spec.log_total is not None:
-        # counts for a model trained on log1p values: normalised to the scale those values had
+    x = dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))])
+    new_total = log_total(x) if kind == "counts" and spec.input_kind == "log1p" and spec.log_total is not None \
+        else None
+    if new_total is not None:
+        # counts for a model trained on log1p values: normalised to the scale those values had (the
+        # normalisation is linear in its target: the cells' values rescaled, not the file read again)
         factor = float(np.exp(spec.log_total - new_total))
         if abs(np.log(factor)) > np.log(SCALE_TOLERANCE):
-            target_sum *= factor
-            warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum:,.0f} per cell, not "
-                          f"{target_sum / factor:,.0f}: the model was trained on log1p values of that scale "
-                          f"(their totals on its genes)", stacklevel=2)
-            matrix, _, _, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)
-            x = dense(matrix[:, columns])
+            warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum * factor:,.0f} per cell, "
+                          f"not {target_sum:,.0f}: the model was trained on log1p values of that scale (their "
+                          f"totals on its genes)", stacklevel=2)
+            x = np.log1p(np.expm1(x) * np.float32(factor))
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,

@@ -172,6 +172,10 @@ class DataSpec:
     def is_control(self, label) -> bool:
         return str(label).strip() in set(self.control_labels)
 
+    def label_parts(self, label) -> list[str]:
+        """The single perturbations a label names, as written (``"A + ctrl"`` -> ``["A"]``)."""
+        return [p.strip() for p in str(label).split(self.separator) if p.strip() and not self.is_control(p)]
+
     def perturbation_singles(self, key: str, label) -> list[int]:
         """Indices of the single perturbations in ``label`` (``"A+B"`` -> ``[iA, iB]``; control
         -> ``[]``); a single the model never saw is an error, never a guess."""
@@ -180,7 +184,7 @@ class DataSpec:
             return [self.encode_label(key, label)]
         if self.is_control(label):
             return []
-        parts = [p.strip() for p in str(label).split(self.separator) if p.strip() and not self.is_control(p)]
+        parts = self.label_parts(label)
         unseen = [p for p in parts if p not in vocab]
         if unseen:
             what = ("a combination with an unseen single perturbation cannot be predicted"
@@ -333,8 +337,8 @@ class DataSpec:
         key = self.dose_key
         if not key or key in condition:
             return condition
-        perturbed = {k: condition[k] for k in self.perturbation_keys if k in condition and any(
-            p.strip() and not self.is_control(p) for p in str(condition[k]).split(self.separator))}
+        perturbed = {k: condition[k] for k in self.perturbation_keys if k in condition
+                     and self.label_parts(condition[k])}
         if not perturbed:
             return condition
         groups = self.training_groups
@@ -343,7 +347,7 @@ class DataSpec:
             at = groups["keys"].index(key)
             rows = carrying(groups, perturbed, self._same_value)
             for k, label in perturbed.items() if not rows else []:  # never measured together: its singles
-                for part in [p.strip() for p in str(label).split(self.separator) if p.strip()]:
+                for part in self.label_parts(label):
                     rows += carrying(groups, {k: part}, self._same_value)
             doses = {float(values[at]) for values, _ in rows}
         asked = ", ".join(f"{k}={v}" for k, v in perturbed.items())

@@ -184,8 +184,7 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
         if key not in target or isinstance(target[key], (int, np.integer)):
             continue
         vocab = set(spec.categorical[key])
-        parts = [p.strip() for p in str(target[key]).split(spec.separator)
-                 if p.strip() and not spec.is_control(p)]
+        parts = spec.label_parts(target[key])
         new = [p for p in parts if p not in vocab]
         if not new:
             continue
