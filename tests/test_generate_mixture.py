@@ -124,6 +124,22 @@ def test_a_partial_condition_draws_the_other_keys_among_the_groups_that_carry_it
     assert model.data_spec.training_mixture(4, {"cell_type": "c", "condition": "ctrl"}) == []
 
 
+def test_a_label_per_cell_draws_what_model_sample_draws(model):
+    """One label per cell, as ``model.sample`` takes them: the cells model.sample draws, each
+    labelled in ``obs``; a list of the wrong length, or an unknown label, is refused by name."""
+    types = ["a", "b", "b", "c", "a"]
+    labels = {"cell_type": types, "condition": "ctrl"}
+    out = generation.generate(model, 5, labels, steps=3, seed=2, progress=False)
+    np.testing.assert_array_equal(out.X, model.sample(5, labels, steps=3, seed=2).numpy())
+    assert list(out.obs["cell_type"]) == types and set(out.obs["condition"]) == {"ctrl"}
+    (runs,) = generation.plan_groups(model, 5, [labels])
+    assert runs.cells.tolist() == [1, 2, 1, 1]
+    with pytest.raises(ValueError, match="'cell_type' has 4 values for a batch of 5"):
+        generation.generate(model, 5, {"cell_type": types[:4]}, steps=3, progress=False)
+    with pytest.raises(ValueError, match="unknown value 'z' for condition 'cell_type'"):
+        generation.generate(model, 5, {"cell_type": types[:4] + ["z"]}, steps=3, progress=False)
+
+
 def test_the_file_writers_hold_the_same_cells(model, tmp_path):
     ref = generation.generate(model, 80, steps=3, seed=4, chunk_size=7, progress=False)
     generation.generate_to_file(model, 80, tmp_path / "one.h5ad", steps=3, seed=4, chunk_size=7, progress=False)

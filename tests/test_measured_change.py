@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 import scidiff
-from scidiff.models.measured_change import Carried, cell_uniforms, fit_mean_keeping
+from scidiff.models.cell_draws import cell_normals, cell_uniforms
+from scidiff.models.measured_change import Carried, fit_mean_keeping
 from scidiff.models.observation import DetectionModel
 from scidiff.tasks.perturb import perturb
 
@@ -41,6 +42,17 @@ def test_cell_uniforms_are_uniform_and_keyed_by_row_not_batch():
     assert torch.equal(cell_uniforms(7, rows[1234:1240], 4, stream=0), u[1234:1240])  # any batch
     assert not torch.equal(cell_uniforms(7, rows[:100], 4, stream=1), u[:100])
     assert not torch.equal(cell_uniforms(8, rows[:100], 4, stream=0), u[:100])
+
+
+def test_cell_normals_are_standard_normal_and_keyed_by_row_not_batch():
+    rows = torch.arange(40_000)
+    z = cell_normals(3, rows, 3, stream=7)
+    for j in range(3):
+        assert stats.kstest(z[:, j].numpy(), "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(z[:, 0].numpy(), z[:, 1].numpy())[0, 1]) < 0.02
+    assert float(z.abs().max()) < 5.8  # 24-bit uniforms
+    assert torch.equal(cell_normals(3, rows[777:790], 3, stream=7), z[777:790])
+    assert not torch.equal(cell_normals(3, rows[:50], 3, stream=9), z[:50])
 
 
 def test_a_cell_carried_nowhere_comes_back_exactly(fitted):
@@ -198,6 +210,9 @@ def test_measured_predictions_switch_genes_off_and_keep_the_others_zeros(sparse_
     assert pred.uns["scidiff_prediction"]["observed"] is True
     again = perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False, batch_size=37)
     np.testing.assert_allclose(again.X, pred.X, atol=1e-5)
+    fresh = [perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False, method="population",
+                     batch_size=size).X for size in (4096, 37)]
+    np.testing.assert_allclose(fresh[1], fresh[0], atol=1e-5)  # fresh cells drawn keyed by their rows
     shifted = perturb(model, control, {"perturbation": "KD"}, steps=10, progress=False, observed=False)
     assert shifted.uns["scidiff_prediction"]["observed"] is False
     x, c = np.asarray(pred.X), np.asarray(control.X)
@@ -232,3 +247,25 @@ def test_the_control_target_returns_the_cells_and_a_model_without_detection_is_r
     with pytest.raises(ValueError, match="fitted detection model"):
         perturb(gene_space, kang_small[:5].copy(), {"condition": "stimulated"}, steps=2, progress=False,
                 observed=True)
+
+
+def test_a_fitted_mean_keeping_leaves_no_cell_on_its_detection_threshold(fitted):
+    """The mean of few cells rises in steps (one cell detected more), so the fit's bisection ends
+    on one cell's threshold; the fit steps past it, so the moved expression changed by float
+    rounding (as a network's output changes with the batch size) detects the same values."""
+    det, cells, measured = fitted
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.arange(40)
+    flips = 0
+    for d in (-0.6, -0.2, 0.3, 0.7):
+        moved = cells[:40] + d
+        carried = Carried(det, measured[:40], cells[:40], moved, cell_uniforms(0, rows, 3, 1))
+        free = carried.mean()
+        for target in (free * 0.5, free * 0.9, free * 1.2, free * 2.0):
+            keep = fit_mean_keeping(carried, target)
+            before = carried.carry(*keep) > 0
+            for _ in range(4):
+                rounded = moved * (1 + 2e-6 * torch.randn(moved.shape, generator=gen))
+                again = Carried(det, measured[:40], cells[:40], rounded, cell_uniforms(0, rows, 3, 1))
+                flips += int(((again.carry(*keep) > 0) != before).sum())
+    assert flips == 0

@@ -31,8 +31,10 @@ highest, by a share of the undetected values detected, then a factor on the dete
 of the cell's own value and the highest level the gene's tables hold (before the factor): a value
 far above the tables at a low smooth state would otherwise land beyond anything measured.
 
-The zeros' draws are keyed by each cell's row, not by its place in a batch (:func:`cell_uniforms`),
-so a prediction does not depend on how the cells are batched.
+The zeros' draws are keyed by each cell's row, not by its place in a batch
+(:func:`~scidiff.models.cell_draws.cell_uniforms`), and the fitted mean keeping leaves no cell on
+a detection threshold (``PAST_THRESHOLD``), so a prediction does not depend on how the cells are
+batched.
 """
 from __future__ import annotations
 
@@ -41,26 +43,10 @@ import torch
 from .observation import level_at as _level_at
 
 TIE = 1e-6  # relative float32 rounding within which two probabilities, or two means, are taken as equal
-_MASK = (1 << 62) - 1
-
-
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A finaliser after splitmix64's (Steele, Lea and Flood 2014: xor-shift, multiply, twice), on
-    non-negative int64 kept in 62 bits (shorter multipliers: torch has no unsigned 64-bit product)."""
-    x = x & _MASK
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B) & _MASK
-    x = ((x ^ (x >> 27)) * 0x94D049BB13311) & _MASK
-    return x ^ (x >> 31)
-
-
-def cell_uniforms(seed: int, rows: torch.Tensor, n_genes: int, stream: int) -> torch.Tensor:
-    """Uniforms in [0, 1) ``[len(rows), n_genes]``, a function of ``(seed, stream, row, gene)``
-    only: counter-based, so a cell draws the same numbers in any batch and on any device."""
-    rows = rows.to(torch.int64)
-    genes = torch.arange(n_genes, dtype=torch.int64, device=rows.device)
-    key = _mix(torch.tensor(((int(seed) & 0xFFFFFFFF) << 8) | (int(stream) & 0xFF), dtype=torch.int64))
-    x = _mix(_mix(key.to(rows.device) + rows[:, None] * 0x9E3779B9) + genes[None, :] * 0x632BE5AB)
-    return ((x >> 38) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
+# a fitted shift (smooth units) or share is stepped this far past where its bisection ends: the mean of
+# a few cells rises in steps, so the bisection ends on one cell's detection threshold, where the float
+# rounding of the moved expression (a network's output changes with its batch size) would decide it
+PAST_THRESHOLD = 1e-4
 
 
 def _position(levels: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -138,20 +124,24 @@ def fit_mean_keeping(carried: Carried, target: torch.Tensor, iterations: int = 3
     needs to show the target's mean); where even the lowest shift leaves the mean above the target,
     the share of detection kept (fewer cells detected, their levels as they are), and where even
     the highest leaves it below, the share of undetected values detected, by bisection; then the
-    detected levels' factor for the rest (1 where the shift or share reached the target, or where
-    no value is detected). A target met as the cells are keeps no shift."""
+    detected levels' factor for the rest (near 1 where the shift or share reached the target, the
+    mean of a few cells rising in steps of one cell; 1 where no value is detected). The shift and
+    share are stepped ``PAST_THRESHOLD`` past where their bisection ends, on a cell's threshold.
+    A target met as the cells are keeps no shift."""
     span = carried.det.centres.amax(1) - carried.det.centres.amin(1)
-    shift = _bisect(carried.mean, target, -span - 1e-3, span + 1e-3, iterations)
+    lowest, highest = -span - 1e-3, span + 1e-3
     met = (carried.mean() - target).abs() <= TIE * target.abs()
-    shift = torch.where(met, torch.zeros_like(shift), shift)
-    reached = carried.mean(shift)
-    above, below = reached > target * (1 + TIE), reached < target * (1 - TIE)
+    shift = torch.where(met, torch.zeros_like(span), _bisect(carried.mean, target, lowest, highest, iterations)
+                        + PAST_THRESHOLD)
+    # a step of the mean past the target where the shift meets it is left to the factor
+    above = ~met & (carried.mean(lowest) > target * (1 + TIE))
+    below = ~met & (carried.mean(highest) < target * (1 - TIE))
     share = torch.ones_like(shift)
     if (above | below).any():
         at = carried.read(shift)
         lo, hi = torch.where(below, share, torch.zeros_like(share)), torch.where(above, share, 2 * share)
-        share = torch.where(above | below, _bisect(lambda k: carried.mean(share=k, read=at), target, lo, hi,
-                                                   iterations), share)
+        fitted = _bisect(lambda k: carried.mean(share=k, read=at), target, lo, hi, iterations)
+        share = torch.where(above | below, (fitted + PAST_THRESHOLD).clamp_max(2), share)
     reached = carried.mean(shift, share)
     factor = torch.where(reached > 0, target.clamp_min(0) / reached.clamp_min(1e-12), torch.ones_like(reached))
     return shift, share, factor

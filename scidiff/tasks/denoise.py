@@ -6,7 +6,8 @@ data under the cell's own covariates. ``method="posterior"`` adds guidance by th
 log-likelihood of the cell's observed counts given the predicted clean expression and its
 library size (diffusion posterior sampling, Chung et al. 2023), so the reverse process stays
 consistent with what was measured. Several posterior samples can be averaged; with DDIM
-(``eta=0``), a fixed seed and the same batch size the result is deterministic. The default
+(``eta=0``) and a fixed seed the result is deterministic, each cell's noise keyed by its row in
+the input (:mod:`scidiff.models.cell_draws`), so the batch size does not change it. The default
 strength is the one chosen by molecular cross-validation in ``bench/bench_denoise.py``.
 """
 from __future__ import annotations
@@ -23,9 +24,11 @@ from ..data.gene_symbols import var_of
 from ..data.preprocess import dense, detect_input, expression_matrix, gene_columns
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
+from ..models.cell_draws import cell_normals
 from .cells import model_cells
 
 DEFAULT_STRENGTH = 0.3
+NOISE_STREAM = 9  # the forward process's noise (scidiff.models.cell_draws)
 
 
 def binomial_split(counts, p: float = 0.5, seed: int = 0):
@@ -84,8 +87,8 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     ``strength`` in (0, 1]: how far along the noise schedule each cell is taken before the
     reverse process (0 keeps it, 1 forgets it). ``method``: ``"sdedit"`` or ``"posterior"``
     (Poisson likelihood guidance, weight ``likelihood_weight``; needs raw counts). ``n_samples``
-    posterior samples are averaged (DDIM, deterministic for a fixed ``seed`` and ``batch_size``: the
-    noise is drawn batch by batch).
+    posterior samples are averaged (DDIM, deterministic for a fixed ``seed``; each cell's noise is
+    keyed by its row in the input, so the batch size does not change it).
 
     Returns a copy of ``adata`` restricted to the model's genes, cells in their order, with the
     denoised log1p-normalised expression in ``layers[key_added]`` and the input's log1p values in
@@ -117,7 +120,6 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     sub_ab = model.alphas_cumprod.double()[: t_start + 1]
     n = len(cells)
     out = np.zeros((n, spec.n_genes), dtype=np.float32)
-    gen = torch.Generator(device=device).manual_seed(int(seed))
     for start in tqdm(range(0, n, batch_size), desc=f"denoising ({method})", disable=not progress):
         sl = slice(start, min(start + batch_size, n))
         cond = {k: v[sl].to(device) for k, v in cells.covariates.items() if k in model.condition_encoder.keys}
@@ -126,9 +128,10 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
         if method == "posterior":
             den = _PoissonGuided(model, counts[sl].to(device), library[sl].to(device), likelihood_weight)
         acc = torch.zeros(sl.stop - sl.start, spec.n_genes, device=device)
-        for _ in range(n_samples):
-            noise = torch.randn(z0.shape, generator=gen, device=device)
-            z_t = math.sqrt(ab_start) * z0 + math.sqrt(1 - ab_start) * noise
+        # each cell's noise keyed by its row and sample: the result does not depend on the batching
+        noise = cell_normals(seed, torch.arange(sl.start, sl.stop), n_samples * z0.shape[1], NOISE_STREAM)
+        for draw in noise.to(device).reshape(len(z0), n_samples, -1).unbind(1):
+            z_t = math.sqrt(ab_start) * z0 + math.sqrt(1 - ab_start) * draw
             z = ddim(den, z_t, sub_ab, len(grid), cond=cond)
             acc += spec.to_expression(model.decode(z))
         out[sl] = (acc / n_samples).cpu().numpy()

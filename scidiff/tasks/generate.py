@@ -23,12 +23,32 @@ from ._keywords import no_other_keywords, renamed
 from .cells import model_spec
 
 
+def _per_cell(value) -> bool:
+    """Whether a condition's value gives one label per cell (as ``model.sample`` takes them)."""
+    return isinstance(value, (list, tuple, np.ndarray, pd.Series, pd.Index, torch.Tensor))
+
+
 def _check_generate(model: ScIDiffModel, n: int, condition: dict | None) -> dict:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     condition = dict(condition or {})
-    model_spec(model).encode_conditions(condition, 1)  # validate labels before any work
+    per_cell = any(_per_cell(v) for v in condition.values())
+    model_spec(model).encode_conditions(condition, n if per_cell else 1)  # validate labels before any work
     return condition
+
+
+def _runs(n: int, condition: dict) -> list[tuple[dict, int]]:
+    """``[(labels, cells), ...]``: the runs of consecutive cells that ``condition`` labels alike
+    (one label per cell where a value is a list, the same label elsewhere)."""
+    cells = [{k: (v[i].item() if isinstance(v, torch.Tensor) else list(v)[i]) if _per_cell(v) else v
+              for k, v in condition.items()} for i in range(n)]
+    runs: list[tuple[dict, int]] = []
+    for labels in cells:
+        if runs and runs[-1][0] == labels:
+            runs[-1] = (labels, runs[-1][1] + 1)
+        else:
+            runs.append((labels, 1))
+    return runs
 
 
 def _runner(model, engine, sampler, steps, eta, guidance_scale):
@@ -121,12 +141,18 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     cells like the training data. On Kang this scores better against held-out cells than
     leaving the missing covariates to classifier-free guidance's null condition, which is learnt
     from the few training steps that dropped them (``bench/bench_unconditional.py``); that distribution stays
-    ``model.sample``'s. The labels of ``groups`` are checked before any work (the training
-    groups' own come from the model's spec)."""
+    ``model.sample``'s. A condition may give one label per cell (a list of ``n``), as
+    ``model.sample`` takes them. The labels of ``groups`` are checked before any work (the
+    training groups' own come from the model's spec)."""
     plan = []
     for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
-        shares = model.data_spec.training_mixture(n, condition, seed) if model.data_spec is not None else []
-        plan.append(Mixture(*zip(*shares)) if shares else condition)
+        mixed = any(_per_cell(v) for v in condition.values())  # one label per cell: runs of alike cells
+        shares = []
+        for labels, cells in _runs(n, condition) if mixed else [(condition, n)]:
+            found = model.data_spec.training_mixture(cells, labels, seed) if model.data_spec is not None else []
+            mixed |= bool(found)
+            shares += found or [(labels, cells)]
+        plan.append(Mixture(*zip(*shares)) if mixed else condition)
     return plan
 
 

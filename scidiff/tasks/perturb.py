@@ -91,11 +91,13 @@ from tqdm.auto import tqdm
 from ..data.spec import exact_zeros, perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
+from ..models.cell_draws import cell_normals, cell_uniforms
 from ..models.effects import context_table
-from ..models.measured_change import Carried, cell_uniforms, fit_mean_keeping
+from ..models.measured_change import Carried, fit_mean_keeping
 from .cells import model_cells, own_codes
 
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
+POPULATION_STREAM = 7  # the fresh cells' z_T (streams 1-6 are the measured cells' draws)
 FIT_CELLS = 512  # input cells per context a measured counterfactual's mean keeping is fitted on (and batch cells
 # a population's, without reference cells)
 
@@ -487,43 +489,52 @@ def _fit_rows(contexts: np.ndarray, context: np.ndarray, most: int = FIT_CELLS) 
     return rows if len(rows) <= most else rows[np.linspace(0, len(rows) - 1, most).round().astype(np.int64)]
 
 
+def _fit_cells(model, reader, plan, context, ctx_keys, fit, cells, batch):
+    """``(x, src, tgt, change)`` of the input rows ``fit`` (:func:`_fit_rows`): ``cells`` gives the
+    first three of any rows; their change is read from the batch at hand ``batch = (rows,
+    change)`` where it holds every one of them, else predicted (not counted as predicted cells)."""
+    rows, change = batch
+    x, src, tgt = cells(fit)
+    at = np.searchsorted(rows, fit).clip(0, len(rows) - 1)  # both sorted
+    if np.array_equal(rows[at], fit):
+        return x, src, tgt, change[torch.as_tensor(at, device=change.device)]
+    inside = {k: list(v) for k, v in plan.inside.items()}  # counted when the cells are predicted
+    change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
+    plan.inside = inside
+    return x, src, tgt, change
+
+
 def _counterfactual_keeping(model, reader, plan, context, ctx_keys, seed: int, fit, cells, batch):
     """Per gene, the smooth shift, detection share and level factor
     (:func:`~scidiff.models.measured_change.fit_mean_keeping`) that give the measured
     counterfactuals of the input cells at rows ``fit`` (:func:`_fit_rows`) the mean of their
     shifted ones (:func:`_moved`): the cells as measured, carried with the draws they are predicted
     with, so the fit holds on the cells the prediction is made of, whatever the detection model
-    says of their measurement. ``cells``: a function of rows to ``(x, src, tgt)``; ``batch``:
-    ``(rows, change)`` of the batch at hand, whose change is read where it holds every fitted row."""
-    rows, change = batch
-    x, src, tgt = cells(fit)
-    at = np.searchsorted(rows, fit).clip(0, len(rows) - 1)  # both sorted
-    if np.array_equal(rows[at], fit):  # the batch holds them: their change is read
-        change = change[torch.as_tensor(at, device=change.device)]
-    else:
-        inside = {k: list(v) for k, v in plan.inside.items()}  # counted when the cells are predicted
-        change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
-        plan.inside = inside
+    says of their measurement (``cells``, ``batch``: :func:`_fit_cells`)."""
+    x, src, tgt, change = _fit_cells(model, reader, plan, context, ctx_keys, fit, cells, batch)
     target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
     measured, smooth, moved = _in_expression(model, x, change)
     return fit_mean_keeping(Carried(model.detection, measured, smooth, moved,
                                     cell_uniforms(seed, torch.as_tensor(fit), smooth.shape[1], 1).to(smooth)), target)
 
 
-def _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, seed: int, x, change):
+def _population_keeping(model, reader, plan, context, ctx_keys, seed: int, fit, cells, batch):
     """Per gene, the smooth shift, detection share and level factor
     (:func:`~scidiff.models.measured_change.fit_mean_keeping`) that give measured fresh cells the
     mean of :func:`_moved`'s, fitted once per plan: on the context's reference control cells
-    (measured from draws keyed by their rows), so batching does not change it; on the first batch's
-    fresh cells (up to ``FIT_CELLS``) where the model keeps no reference cells."""
-    ref = _reference_cells(model, context, x.device)
+    (measured from draws keyed by their rows), or where the model keeps none, on the fresh cells
+    of the input rows ``fit`` (:func:`_fit_rows`; ``cells``, ``batch``: :func:`_fit_cells`), so
+    batching does not change it."""
+    device = batch[1].device
+    ref = _reference_cells(model, context, device)
     if ref is not None:
+        _, src, tgt = cells(fit[:1])
         inside = {k: list(v) for k, v in plan.inside.items()}  # the reference cells are not predicted cells
         x, src, tgt = ref, _first_rows(src, len(ref)), _first_rows(tgt, len(ref))
         change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, reference=True)
         plan.inside = inside
-    else:  # a sample of the batch is enough for a shift per gene
-        x, change = x[:FIT_CELLS], change[:FIT_CELLS]
+    else:
+        x, src, tgt, change = _fit_cells(model, reader, plan, context, ctx_keys, fit, cells, batch)
     smooth = model.data_spec.to_expression(x, clip=False)
     x = model.data_spec.to_model_space(_measure_keyed(model, smooth, torch.arange(len(x)), seed, (4, 5)))
     target = _moved(model, reader, plan, context, src, tgt, x, change).mean(0)
@@ -680,19 +691,24 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     confidence = np.empty(n, dtype=np.float32)
     routes = np.empty(n, dtype=object)
     plans = {}
-    gen = torch.Generator(device=device).manual_seed(int(seed))
     population = method == "population"
+
+    def read(at):
+        """``(x, src, tgt)`` of the input rows ``at``: the cells (fresh cells of their own
+        conditions, drawn keyed by their rows, for ``population``) and their codes."""
+        at = torch.as_tensor(at)
+        src = {k: v[at].to(device) for k, v in source_codes.items()}
+        tgt = {k: v[at].to(device) for k, v in cond_target.items()}
+        if not population:
+            return cells.x[at].to(device), src, tgt
+        return reader.decode(cell_normals(seed, at, model.diffusion_dim, POPULATION_STREAM).to(device), src), src, tgt
+
     for start in tqdm(range(0, n, batch_size), desc=f"predicting ({method})", disable=not progress):
         stop = min(start + batch_size, n)
         for context in np.unique(contexts[start:stop], axis=0):
             rows = start + np.flatnonzero((contexts[start:stop] == context).all(1))
             idx = torch.as_tensor(rows)
-            src = {k: v[idx].to(device) for k, v in source_codes.items()}
-            tgt = {k: v[idx].to(device) for k, v in cond_target.items()}
-            x = cells.x[idx].to(device)
-            if population:  # fresh cells of the input cells' own conditions
-                z_T = torch.randn(len(x), model.diffusion_dim, generator=gen, device=device)
-                x = reader.decode(z_T, src)
+            x, src, tgt = read(rows)
             key = tuple(context.tolist())
             if key not in plans:
                 plans[key] = _Plan(model, {k: v[:1] for k, v in tgt.items() if k in target_codes}, unseen,
@@ -700,20 +716,12 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             plan = plans[key]
 
             change, conf = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys)
-            if observed and population:
+            if observed:
                 if plan.keeping is None:
-                    plan.keeping = _population_keeping(model, reader, plan, context, src, tgt, ctx_keys, int(seed),
-                                                       x, change)
-                out[rows] = _measured_cells(model, x, change, idx, int(seed), True, plan.keeping).cpu().numpy()
-            elif observed:
-                if plan.keeping is None:
-                    def read(at):
-                        at = torch.as_tensor(at)
-                        return (cells.x[at].to(device), {k: v[at].to(device) for k, v in source_codes.items()},
-                                {k: v[at].to(device) for k, v in cond_target.items()})
-                    plan.keeping = _counterfactual_keeping(model, reader, plan, context, ctx_keys, int(seed),
-                                                           _fit_rows(contexts, context), read, (rows, change))
-                out[rows] = _measured_cells(model, x, change, idx, int(seed), False, plan.keeping).cpu().numpy()
+                    keeping = _population_keeping if population else _counterfactual_keeping
+                    plan.keeping = keeping(model, reader, plan, context, ctx_keys, int(seed),
+                                           _fit_rows(contexts, context), read, (rows, change))
+                out[rows] = _measured_cells(model, x, change, idx, int(seed), population, plan.keeping).cpu().numpy()
             else:
                 out[rows] = _moved(model, reader, plan, context, src, tgt, x, change).cpu().numpy()
             confidence[rows] = conf.numpy()
