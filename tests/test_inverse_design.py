@@ -259,6 +259,10 @@ def test_bad_targets_get_clear_errors():
     assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
     # a band (up to one level, down from a higher one) is not a contradiction
     PhenotypeTarget.parse("CD4>=1,CD4<=3").check(genes)
+    # a target that is neither text nor a PhenotypeTarget is named, not an AttributeError from str.split
+    for bad in ({"CD4": 1.0}, ["CD4>=1"], 5):
+        with pytest.raises(TypeError, match=f"a target is text .* got {type(bad).__name__}"):
+            PhenotypeTarget.parse(bad)
 
 
 def test_designer_rejects_what_it_cannot_score(mixture):
@@ -273,6 +277,13 @@ def test_designer_rejects_what_it_cannot_score(mixture):
         InverseDesigner(mixture, classifier=clf).design(PhenotypeTarget(cell_type="b"), 4)
     with pytest.raises(ValueError, match="strength"):
         designer.design(PhenotypeTarget(marker_genes=["g0"]), 4, strength=0)
+    # steps=0 was read as one step and then blamed on the sampler ("resampling needs a stochastic sampler")
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        designer.design(PhenotypeTarget(marker_genes=["g0"]), 4, steps=0)
+    with pytest.raises(ValueError, match="retries must be >= 0, got -1"):  # was silently no retries
+        designer.design(PhenotypeTarget(marker_genes=["g0"]), 4, retries=-1)
+    with pytest.raises(TypeError, match="a target is text .* got dict"):
+        scidiff.design(mixture, {"g0": 1.0}, n=4)
 
 
 # -- integrated gradients ---------------------------------------------------------------------------
@@ -354,6 +365,12 @@ def test_tf_network_errors(tmp_path):
         tf_weight_matrix(few, genes)
     with pytest.raises(FileNotFoundError, match="no such TF network"):
         read_tf_network(tmp_path / "missing.tsv")
+    # a bad weight is shown as written, with its row (it was shown as nan)
+    words = tmp_path / "words.tsv"
+    words.write_text("source\ttarget\tweight\nA\tG1\t1\nA\tG2\tstrong\nA\tG3\n")
+    with pytest.raises(ValueError, match=r"2 non-numeric or missing weight\(s\): row 2: A -> G2, weight 'strong'; "
+                                         r"row 3: A -> G3, weight '\(missing\)'"):
+        read_tf_network(words)
 
 
 # -- a trained model with a known perturbation response ----------------------------------------------
@@ -472,9 +489,12 @@ def test_select_decodes_under_the_condition_the_target_needs(perturbed):
         assert abs(res.expression[:, i].mean() - stim.X[:, i].mean()) < 0.25, g
     with pytest.raises(ValueError, match=r"cannot select over 'dose'.*\['cell_type', 'drug'\]"):
         designer.design(target, 8, source=control, select="dose")
-    with pytest.raises(ValueError, match="no value of 'drug' gave a cell meeting"):
+    with pytest.raises(ValueError, match="no value of 'drug' gave a cell meeting .* raise screen_cells"):
         designer.design(PhenotypeTarget(marker_genes={"ISG15": 50.0}), 8, source=control, select="drug",
                         screen_cells=16, steps=10)
+    # a covariate both fixed and drawn: the condition was silently overridden by the selection
+    with pytest.raises(ValueError, match="select='drug' .* fixes it to 'control'"):
+        designer.design(target, 8, source=control, select="drug", condition={"drug": "control"}, steps=10)
 
 
 def test_selection_splits_cells_by_the_posterior():
@@ -600,6 +620,54 @@ def test_cli_design_bad_input(perturbed, tmp_path, capsys):
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
+def test_cli_design_cell_type_and_select_are_not_dropped_silently(perturbed, tmp_path, capsys):
+    """--cell-type with a wrong --cell-type-key was blamed on the cell type; --cell-type alone (no
+    --data) was called an empty target; --select over the cell type's covariate (no --data) and
+    --select over a --condition key silently decoded other values than the ones asked for."""
+    from scidiff.cli import main
+
+    _, _, data, run = perturbed
+    out = tmp_path / "designed.h5ad"
+    base = ["design", "--model", str(run), "-n", "8", "--steps", "4", "--no-screen", "--out", str(out)]
+    cases = [(["--target", "ISG15>=1", "--cell-type", "T", "--cell-type-key", "celltype", "--data", str(data)],
+              "--cell-type-key 'celltype' is neither a covariate of the model (['cell_type', 'drug'])"),
+             (["--target", "", "--cell-type", "T"], "--cell-type 'T' alone"),
+             (["--target", "ISG15>=1", "--cell-type", "T", "--select", "cell_type"],
+              "without --data nothing scores --cell-type 'T'"),
+             (["--target", "ISG15>=1", "--select", "drug", "--condition", "drug=control"],
+              "fixes it to 'control'"),
+             (["--target", "ISG15>=40", "--data", str(data), "--source", "drug=control", "--select", "drug",
+               "--screen-cells", "2"], "in a screen of 2 cells each: raise screen_cells (--screen-cells)")]
+    for flags, message in cases:
+        assert main(base + flags) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not out.exists()
+
+
+def test_design_from_noise_compares_with_unguided_cells_of_the_same_noise(perturbed, tmp_path):
+    """Without source cells, the comparison is unguided sampling from the same noise: the report's
+    ``source_*`` over every noise draw, ``layers['source']`` row by row the unguided cell of the
+    noise each designed cell descends from. It was drawn with the design's SMC resampling toward
+    the target, so it was steered, not unguided."""
+    from scidiff.tasks.design import run_design
+
+    model, adata, _, _ = perturbed
+    lv = _levels(adata, "ifn", ["ISG15", "IFIT1"])
+    target = PhenotypeTarget(marker_genes=lv)
+    designer = InverseDesigner(model)
+    designed = designer.design(target, 48, steps=10, seed=0)  # what run_design designs from noise
+    assert designed.settings["resampling_events"] > 0 and designed.settings["distinct_ancestors"] < 48
+    unguided = designer.design(target, 48, steps=10, seed=0, objective_scale=0.0, resample=False, eta=1.0)
+    out = tmp_path / "noise.h5ad"
+    report = run_design(model, target, out, n=48, steps=10, seed=0, retries=0, screen=False, attribution=False,
+                        progress=False)
+    cells = ad.read_h5ad(out)
+    np.testing.assert_allclose(cells.X, designed.expression, atol=1e-6)
+    np.testing.assert_allclose(cells.layers["source"], unguided.expression[designed.ancestors], atol=1e-5)
+    assert report["source_fraction_met_all"] == pytest.approx(unguided.all_met.mean())
+    assert report["source_fraction_met_all"] < 0.6 < report["fraction_met_all"]
+
+
 def test_nearest_type_vote_breaks_ties_the_same_way_in_every_process():
     """The realism report's nearest type is a majority vote over neighbours; a tie must not
     depend on Python's per-process string hashing (set order), so it goes to the first label."""
@@ -615,7 +683,8 @@ def test_nearest_type_vote_breaks_ties_the_same_way_in_every_process():
 
 def test_design_result_writes_labels_with_slashes_to_h5ad(tmp_path):
     """Condition labels such as pbmc68k's 'CD8+/CD45RA+ Naive Cytotoxic' key the selection in the
-    settings; in ``.uns`` they become names/values lists, which HDF5 stores as written."""
+    settings; in ``.uns`` they become names/values lists, which HDF5 stores as written, and in the
+    cell-type hit's obs column a '/' is written as '_'."""
     import warnings
 
     import anndata as ad
@@ -624,13 +693,19 @@ def test_design_result_writes_labels_with_slashes_to_h5ad(tmp_path):
 
     label = "bulk_labels=CD8+/CD45RA+ Naive Cytotoxic"
     res = DesignResult(expression=np.ones((2, 3)), gene_names=["A", "B", "C"],
-                       target=PhenotypeTarget(marker_genes={"A": 0.5}), met={"A>=0.5": np.array([True, False])},
+                       target=PhenotypeTarget(marker_genes={"A": 0.5}, cell_type="CD8+/CD45RA+ Naive Cytotoxic"),
+                       met={"A>=0.5": np.array([True, False]),
+                            "cell_type=CD8+/CD45RA+ Naive Cytotoxic": np.array([True, True])},
                        loss=np.zeros(2), condition={"bulk_labels": ["CD8+/CD45RA+ Naive Cytotoxic"] * 2},
                        settings={"select": {"key": "bulk_labels", "cells": {label: 2}, "posterior": {label: 1.0}}})
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         res.to_anndata().write_h5ad(tmp_path / "d.h5ad")
-    select = ad.read_h5ad(tmp_path / "d.h5ad").uns["scidiff_design"]["settings"]["select"]
+    cells = ad.read_h5ad(tmp_path / "d.h5ad")
+    # the cell-type hit, a column of obs, was written under its '/' (a FutureWarning, an error in later anndata)
+    assert cells.obs["met_cell_type=CD8+_CD45RA+ Naive Cytotoxic"].tolist() == [True, True]
+    assert cells.obs["met_all"].tolist() == [True, False]
+    select = cells.uns["scidiff_design"]["settings"]["select"]
     assert select["key"] == "bulk_labels"
     assert list(select["cells"]["names"]) == [label] and list(select["cells"]["values"]) == [2]
     assert list(select["posterior"]["names"]) == [label]

@@ -42,6 +42,8 @@ def add(sub) -> None:
                                                            "0 from source cells, 1 with resampling from noise)")
     p.add_argument("--select", default=None, help="a covariate (cell type, perturbation) whose value is drawn per "
                                                    "cell from its posterior given the target (a screen)")
+    p.add_argument("--screen-cells", type=positive_int, default=128,
+                   help="--select: unguided cells per value in the screen that scores each value (default 128)")
     p.add_argument("--retries", type=nonnegative_int, default=2, help="restart cells that miss the target up to this many "
                                                           "times from 70%% noise (default 2; 0 keeps the first draw)")
     measured = p.add_mutually_exclusive_group()
@@ -70,7 +72,7 @@ def run(args) -> None:
                         n=args.n, steps=args.steps, objective_scale=args.objective_scale,
                         backward_steps=args.backward_steps, guidance_scale=args.guidance, tolerance=args.tolerance,
                         realism_weight=args.realism, eta=args.eta,
-                        select=args.select, retries=args.retries,
+                        select=args.select, screen_cells=args.screen_cells, retries=args.retries,
                         observed=True if args.observed else False if args.smooth else None,
                         condition_measurement=not args.free_measurement, seed=args.seed, screen=not args.no_screen)
     kind = "measured" if report["settings"].get("observed") else "smooth"

@@ -111,10 +111,15 @@ def read_tf_network(path) -> pd.DataFrame:
                          f"(decoupler/CollecTRI layout); found {list(net.columns)}")
     net = net[["source", "target", "weight"]].copy()
     net["source"], net["target"] = net["source"].astype(str), net["target"].astype(str)
-    net["weight"] = pd.to_numeric(net["weight"], errors="coerce")
-    if net["weight"].isna().any():
-        bad = net[net["weight"].isna()].head(3).to_dict("records")
-        raise ValueError(f"TF network {path!r} has non-numeric weights, e.g. {bad}")
+    weight = pd.to_numeric(net["weight"], errors="coerce")
+    if weight.isna().any():
+        bad = net[weight.isna()].head(3)  # as written; rows counted after the header
+        edges = bad[["source", "target", "weight"]].itertuples(index=False)
+        rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {w if pd.notna(w) else '(missing)'!r}"
+                         for i, (s, t, w) in zip(bad.index, edges))
+        raise ValueError(f"TF network {path!r} has {int(weight.isna().sum())} non-numeric or missing weight(s): "
+                         f"{rows}")
+    net["weight"] = weight
     net.attrs["path"] = path
     return net
 

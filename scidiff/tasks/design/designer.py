@@ -87,13 +87,17 @@ class DesignResult:
     settings: dict = field(default_factory=dict)
     path: torch.Tensor | None = None
     var: pd.DataFrame | None = None  # the genes' var (symbols beside IDs), else names only
+    ancestors: np.ndarray | None = None  # per cell, the batch row (starting noise or source cell) it descends from
 
     @property
     def all_met(self) -> np.ndarray:
         return met_every_target(self.met, len(self.expression))
 
     def to_anndata(self):
-        obs = pd.DataFrame({f"met_{k}": v for k, v in self.met.items()},
+        """The designed cells as an AnnData: per target ``obs['met_<target>']`` (a ``/`` in a label,
+        such as ``cell_type=CD8+/CD45RA+``, written as ``_``: HDF5 reads ``/`` as a path), ``met_all``,
+        ``objective``, the condition labels; ``layers['source']``; ``uns['scidiff_design']``."""
+        obs = pd.DataFrame({f"met_{k}".replace("/", "_"): v for k, v in self.met.items()},
                            index=[f"designed_{i}" for i in range(len(self.expression))])
         obs["met_all"] = self.all_met
         obs["objective"] = self.loss
@@ -355,7 +359,7 @@ class InverseDesigner:
         joint = prior * rate
         if joint.sum() == 0:
             raise ValueError(f"no value of {key!r} gave a cell meeting {target!r} in a screen of {n_cells} cells "
-                             "each: raise n_cells, or design without select")
+                             "each: raise screen_cells (--screen-cells), or design without select")
         return pd.DataFrame({"condition": candidates, "label": [condition_label(c) for c in candidates],
                              "prior": prior / prior.sum(), "fraction_met": rate, "posterior": joint / joint.sum()})
 
@@ -437,6 +441,13 @@ class InverseDesigner:
         self.check(target)
         if num_samples < 1:
             raise ValueError(f"n must be >= 1, got {num_samples}")
+        if int(steps) < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if int(retries) < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if select is not None and condition and select in condition:
+            raise ValueError(f"select={select!r} (--select) draws {select!r} per cell, but condition (--condition) "
+                             f"fixes it to {condition[select]!r}: give one or the other")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must lie in (0, 1], got {strength}")
         resample = (source is None) if resample is None else bool(resample)
@@ -553,7 +564,7 @@ class InverseDesigner:
                             var=self.model.data_spec.var_frame(),
                             met=self.hits(expr, target), loss=loss.cpu().numpy(),
                             source=source_expr, condition=labels, settings=settings,
-                            path=torch.cat(paths, dim=1) if record_path else None)
+                            path=torch.cat(paths, dim=1) if record_path else None, ancestors=ancestry.numpy())
 
 
 def design(model, target, n: int | None = None, *, condition: dict | None = None, source=None, sampler: str = "ddim",

@@ -93,7 +93,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
                backward_steps: int = 0, guidance_scale: float | None = None, tolerance: float = 0.1,
                realism_weight: float = 0.0, eta: float | None = None,
-               select: str | None = None, retries: int = 2, observed: bool | None = None,
+               select: str | None = None, screen_cells: int = 128, retries: int = 2,
+               observed: bool | None = None,
                condition_measurement: bool = True, seed: int = 0, screen: bool = True, attribution: bool = True,
                progress: bool = True, **deprecated) -> dict:
     """Design ``n`` cells toward ``target`` (``"IL2RA>=5,FOXP3>=4,CD8A<=0.1"`` or a
@@ -107,7 +108,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     design is conditioned on it where the model knows it, and a classifier trained on ``data``
     scores it. ``tf_network``: a TSV of TF -> target edges. ``objective_scale``: the pull toward
     the target; ``guidance_scale``: classifier-free guidance on the condition (default 1;
-    ``cfg_scale=`` is its deprecated name). ``eta``, ``select``, ``retries``: see
+    ``cfg_scale=`` is its deprecated name). ``eta``, ``select``, ``screen_cells``, ``retries``: see
     :meth:`~scidiff.tasks.design.InverseDesigner.design`; ``observed``: design measured cells
     (see :class:`~scidiff.tasks.design.InverseDesigner`; by default where the model has a fitted
     detection model), their target genes measured within the targets unless
@@ -139,9 +140,14 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     condition = dict(condition or {})
     classifier = None
     if target.cell_type is not None:
+        if cell_type_key is not None and cell_type_key not in spec.categorical and (
+                adata is None or cell_type_key not in adata.obs):
+            raise ValueError(f"--cell-type-key {cell_type_key!r} is neither a covariate of the model "
+                             f"({sorted(spec.categorical)}) nor an obs key of --data"
+                             + (f" ({list(adata.obs.columns)})" if adata is not None else " (none given)"))
         key = _cell_type_key(model, adata, target.cell_type, cell_type_key)
         in_model = key in spec.categorical and target.cell_type in spec.categorical.get(key, [])
-        if in_model:
+        if in_model and key != select:  # a selected covariate is drawn per cell, scored by the classifier
             condition.setdefault(key, target.cell_type)
         if adata is not None and key is not None and key in adata.obs:
             classifier = CellTypeClassifier.fit_anndata(adata, key, model, seed=seed)
@@ -150,6 +156,15 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                              f"{ {k: v for k, v in spec.categorical.items()} } nor found in obs of the data; give "
                              "--data with the labelled real cells (and --cell-type-key)")
         if classifier is None:
+            if key == select:
+                raise ValueError(f"--select {select} would draw the cell type per cell, but without --data nothing "
+                                 f"scores --cell-type {target.cell_type!r}: give --data with the labelled real "
+                                 f"cells, or drop --select to decode every cell under {key}={target.cell_type}")
+            if not target.constraints:
+                raise ValueError(f"--cell-type {target.cell_type!r} alone: the design is decoded under "
+                                 f"{key}={target.cell_type}, but without --data nothing scores the cell type and "
+                                 "there is no gene target to guide toward; add gene targets (--target) or --data "
+                                 "with the labelled real cells")
             target.cell_type = None  # conditioning carries it; nothing can score it without real cells
     if target.is_empty():
         target.check()
@@ -170,12 +185,15 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         source_cells = _select(adata, source, "source")
     kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
     result = designer.design(target, n, source=source_cells, condition=condition or None,
-                             objective_scale=objective_scale, eta=eta, select=select, retries=retries,
+                             objective_scale=objective_scale, eta=eta, select=select, screen_cells=screen_cells,
+                             retries=retries,
                              condition_measurement=condition_measurement, **kw)
-    start = result.source
-    if start is None:  # the comparison: the unguided samples from the same noise
-        start = designer.design(target, n, condition=condition or None, objective_scale=0.0,
-                                **{**kw, "backward_steps": 0}).expression
+    start = paired = result.source
+    if start is None:  # the comparison: the unguided samples from the same noise (not resampled toward the target)
+        start = designer.design(target, n, condition=condition or None, objective_scale=0.0, resample=False,
+                                eta=result.settings["eta"], **{**kw, "backward_steps": 0}).expression
+        # row by row, the unguided cell of the noise each designed cell descends from (resampling copies some)
+        paired = start if result.ancestors is None else start[result.ancestors]
     real = labels = None
     if adata is not None:
         cells = transform_like(spec, adata, condition_keys=[])
@@ -205,12 +223,12 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         written["screen"] = _write_tsv(table, paths["screen"])
         report["screen_top"] = table.head(10).to_dict("records")
     if attribution and target.constraints:
-        genes = gene_attribution(designer, target, start, result.expression)
+        genes = gene_attribution(designer, target, paired, result.expression)
         written["genes"] = _write_tsv(genes, paths["genes"])
         report["genes_top"] = genes.head(20).to_dict("records")
         report["attribution_totals"] = dict(genes.attrs)
     if tf_network is not None:
-        tfs = tf_activity_change(start, result.expression, tf_network, spec.gene_names)
+        tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names)
         written["tfs"] = _write_tsv(tfs, paths["tfs"])
         report["tfs_top"] = tfs.head(20).to_dict("records")
     if target.constraints:
@@ -222,7 +240,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
                                           "nearest_type", "real"))
     cells = result.to_anndata()
     if result.source is None:
-        cells.layers["source"] = start.astype(np.float32)
+        cells.layers["source"] = paired.astype(np.float32)
         cells.uns["scidiff_design"]["source"] = "unguided samples from the same noise"
     written["cells"] = write_h5ad(cells, paths["cells"])
     report["files"] = {k: os.path.abspath(v) for k, v in {**written, "report": paths["report"]}.items()}

@@ -117,6 +117,9 @@ class PhenotypeTarget:
     def parse(cls, text: str, cell_type: str | None = None, tolerance=0.1) -> "PhenotypeTarget":
         """``"IL2RA>=5,FOXP3>=4,CD8A<=0.1,GATA3=2"``: ``>=`` makes a marker with that minimum,
         ``<=`` a suppressed gene with that maximum, ``=`` (or ``==``) a level to reach."""
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"a target is text such as 'IL2RA>=5,FOXP3>=4,CD8A<=0.1' or a PhenotypeTarget; got "
+                            f"{type(text).__name__} {text!r}")
         markers, suppressed, levels = {}, {}, {}
         for part in (text or "").split(","):
             part = part.strip()
