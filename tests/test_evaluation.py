@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,36 @@ def test_gaussian_baseline_matches_moments():
     assert gen.min() >= 0
     np.testing.assert_allclose(gen.mean(0), train.mean(0), atol=0.05)
     np.testing.assert_allclose(gen.std(0), train.std(0), rtol=0.08)
+
+
+def test_evaluate_names_the_generated_groups_it_cannot_score(tmp_path):
+    """``scidiff evaluate --groupby`` of generated cells (a server's .h5ad, say) whose labels the
+    real file spells otherwise, or whose group is too small, says so (a warning naming each group
+    and metrics.json's ``per_cell_type_skipped``) instead of leaving ``per_cell_type`` short in silence."""
+    import anndata as ad
+    import pandas as pd
+
+    from scidiff.cli import main
+
+    rng = np.random.default_rng(0)
+    genes = [f"g{i}" for i in range(20)]
+
+    def cells(labels):
+        x = np.log1p(rng.poisson(2.0, (len(labels), len(genes))).astype(np.float32) * 1.5)
+        a = ad.AnnData(X=x, obs=pd.DataFrame({"cell_type": pd.Categorical(labels)},
+                                             index=[f"c{i}" for i in range(len(labels))]))
+        a.var_names = genes
+        return a
+
+    cells(["A"] * 20 + ["B"] * 20).write_h5ad(tmp_path / "real.h5ad")
+    cells(["A"] * 8 + ["B cells"] * 5 + ["B"] * 2).write_h5ad(tmp_path / "generated.h5ad")
+    report = tmp_path / "report"
+    with pytest.warns(UserWarning) as caught:
+        assert main(["evaluate", "--real", str(tmp_path / "real.h5ad"), "--generated", str(tmp_path / "generated.h5ad"),
+                     "--groupby", "cell_type", "--no-plots", "--out", str(report)]) == 0
+    said = " ".join(str(w.message) for w in caught)
+    assert "--groupby cell_type: 2 group(s) of the generated cells have no per-group scores (1 scored)" in said
+    assert "'B cells': not among the real cells' labels" in said and "'B': too few cells to score: 2 generated" in said
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics["per_cell_type"]) == {"A"}
+    assert set(metrics["per_cell_type_skipped"]) == {"B", "B cells"}

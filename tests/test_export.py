@@ -19,6 +19,7 @@ from scidiff.export.onnx import (ConditionTableDenoiser, decoder_path, example_i
                                  sidecar_path, torch_reference)
 from scidiff.export.runtime import OnnxSampler, ddim, dpmpp_2m  # noqa: E402
 from scidiff.models import ScIDiffModel  # noqa: E402
+from scidiff.training import save_model  # noqa: E402
 from scidiff.diffusion.guidance import classifier_free_guidance  # noqa: E402
 from scidiff.diffusion.plans import timesteps  # noqa: E402
 from scidiff.diffusion.samplers import ddim as torch_ddim  # noqa: E402
@@ -387,6 +388,30 @@ def test_gene_space_model_with_numeric_and_perturbation_covariates(tmp_path, kno
                                    rtol=2e-6)
 
 
+def test_a_model_without_covariates_exports_and_samples(tmp_path):
+    """``scidiff train`` without --condition-keys gives a model with no covariates: its export
+    has no cond_* inputs (tracing once failed naming a ``covariates`` argument it did not have)
+    and the runtime samples it like the torch model."""
+    torch.manual_seed(0)
+    genes = [f"gene{i}" for i in range(12)]
+    model = ScIDiffModel(gene_dim=12, hidden_dim=16, num_layers=1, num_timesteps=50, latent_dim=None,
+                         data_spec=DataSpec(gene_names=genes)).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    out = tmp_path / "plain.onnx"
+    assert export_onnx(model, out, sampler="ddim", steps=3)["max_abs_error"] < 1e-3  # random weights: outputs ~10
+    meta = json.loads(open(sidecar_path(out)).read())
+    assert meta["covariates"] == []
+    sampler = OnnxSampler(out, threads=1)
+    x_T = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
+    got = sampler.sample(6, x_T=x_T.numpy(), steps=3, output="latent")
+    expected = model.sample(6, None, sampler="ddim", steps=3, return_expression=False,
+                            generator=torch.Generator().manual_seed(3)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
+    with pytest.raises(KeyError, match="knows no covariates"):
+        sampler.sample(2, {"cell_type": "B"}, seed=0)
+
+
 def test_cli_errors_and_python_api_errors(tmp_path, capsys):
     assert main(["export-onnx", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
@@ -396,6 +421,48 @@ def test_cli_errors_and_python_api_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="must end with .onnx"):
         export_onnx(model, tmp_path / "m.bin")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--guidance", "inf", "argument --guidance: expected a finite number"),
+    ("--guidance", "-1", "argument --guidance: must be >= 0"),
+    ("--eta", "nan", "argument --eta: expected a finite number"),
+    ("--eta", "5", "eta must be a finite number in [0, 1]"),
+])
+def test_export_refuses_defaults_the_runtime_cannot_use(tmp_path, capsys, flag, value, message):
+    """The sampling defaults go into the sidecar for every client: a non-finite or out-of-range
+    eta or guidance would be written as ``Infinity`` (not JSON), make ``GET /model`` fail and get
+    every request that leaves it out refused. Refused before anything is traced or written."""
+    run = tmp_path / "run"
+    model = ScIDiffModel(gene_dim=5, hidden_dim=8, num_layers=1, num_timesteps=10,
+                         data_spec=DataSpec(gene_names=[f"g{i}" for i in range(5)]))
+    save_model(model, run)
+    out = tmp_path / "export" / "model.onnx"
+    try:
+        status = main(["export-onnx", "--model", str(run), "--out", str(out), flag, value])
+    except SystemExit as exc:  # argparse's refusal of the flag
+        status = exc.code
+    assert status == 2
+    assert message in capsys.readouterr().err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+    kwargs = {"eta": float(value)} if flag == "--eta" else {"guidance_scale": float(value)}
+    with pytest.raises(ValueError, match="must be a finite number"):
+        export_onnx(model, out, **kwargs)
+
+
+def test_export_refuses_a_folder_as_the_output_before_any_work(tmp_path, capsys):
+    """``--out x.onnx`` where x.onnx is a folder: one clear error before the model is even loaded,
+    no decoder file left beside it (it once traced, wrote x.decoder.npz, then failed to rename)."""
+    folder = tmp_path / "x.onnx"
+    folder.mkdir()
+    assert main(["export-onnx", "--model", str(tmp_path / "nothing"), "--out", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and str(folder) in err and "no checkpoint" not in err
+    model = ScIDiffModel(gene_dim=5, hidden_dim=8, num_layers=1, num_timesteps=10,
+                         data_spec=DataSpec(gene_names=[f"g{i}" for i in range(5)]))
+    with pytest.raises(ValueError, match="is a folder"):
+        export_onnx(model, folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"] and not any(folder.iterdir())
 
 
 def test_a_missing_covariate_is_drawn_like_the_training_data(kang_onnx):
@@ -446,3 +513,4 @@ def test_an_export_ends_where_the_model_does(kang_onnx, tmp_path):
     with open(sidecar_path(path), "w") as fh:
         json.dump(meta, fh)
     assert OnnxSampler(path, threads=1, verify=False).final_sigma == 0.0
+

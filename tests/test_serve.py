@@ -169,6 +169,15 @@ def test_bad_requests_get_4xx_with_a_message(url, body, status, message):
     assert message in r.text
 
 
+def test_an_unknown_sampler_is_told_the_samplers_this_export_offers(url, sampler):
+    """The 400 lists what this export offers (a teacher's: ddim, dpmpp_2m), not 'distilled',
+    which the next request would then be refused for."""
+    r = httpx.post(f"{url}/generate", json={"n": 2, "sampler": "heun"}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["detail"] == "unknown sampler 'heun'; this export offers ['ddim', 'dpmpp_2m']"
+    assert sampler.samplers == ["ddim", "dpmpp_2m"]
+
+
 def test_malformed_json_gets_422(url):
     r = httpx.post(f"{url}/generate", content=b'{"n": 3,', headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 422 and "JSON" in r.text

@@ -3,6 +3,7 @@ with ``--perturbation``, predicted perturbation responses against the real pertu
 from __future__ import annotations
 
 import json
+import warnings
 
 from .common import SEPARATOR_HELP, add_expression_source, check_out, positive_int, separator_text, split
 
@@ -71,8 +72,22 @@ def run(args):
     metrics = evaluate_files(args.real, args.generated, args.out, args.groupby, plots=not args.no_plots,
                              auc_repeats=args.auc_repeats, layer=args.layer, use_raw=args.use_raw)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
+    _warn_skipped(args.groupby, metrics)
     print("measured properties, KS against the real cells (0 = the same distribution): "
           + ", ".join(f"{k} {v:.3f}" for k, v in metrics["measurement"].items()))
+
+
+def _warn_skipped(groupby, metrics: dict):
+    """Say which generated groups of ``--groupby`` have no per-group scores, and why."""
+    skipped = metrics.get("per_cell_type_skipped") or {}
+    if not skipped:
+        return
+    items = list(skipped.items())
+    listed = "; ".join(f"{label!r}: {why}" for label, why in items[:10])
+    more = f"; and {len(items) - 10} more (metrics.json lists them)" if len(items) > 10 else ""
+    scored = len(metrics.get("per_cell_type") or {})
+    warnings.warn(f"--groupby {groupby}: {len(items)} group(s) of the generated cells have no per-group scores "
+                  f"({scored} scored): {listed}{more}", stacklevel=2)
 
 
 def _run_perturbation(args):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
-from .common import sampling_settings
+from .common import check_out, nonnegative_float, positive_int, sampling_settings
 
 
 def add(sub):
@@ -16,9 +16,10 @@ def add(sub):
                    help=f"default sampler recorded for clients (default: the run's config, else {DEFAULT_SAMPLER}); "
                         "distilled exports the model's distilled student (scidiff distil), which then samples in "
                         "its own steps only")
-    p.add_argument("--steps", type=int, default=None, help=f"default steps (default: the run's config, else {DEFAULT_STEPS})")
-    p.add_argument("--eta", type=float, default=None)
-    p.add_argument("--guidance", type=float, default=None, help="default classifier-free guidance scale")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help=f"default steps (default: the run's config, else {DEFAULT_STEPS})")
+    p.add_argument("--eta", type=nonnegative_float, default=None, help="DDIM eta in [0, 1]")
+    p.add_argument("--guidance", type=nonnegative_float, default=None, help="default classifier-free guidance scale")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
 
 
@@ -26,6 +27,9 @@ def run(args):
     from ..export.onnx import SAMPLER_NAMES, export_onnx  # lazy: keeps --help light (torch, onnx)
     from ..training import load_model  # lazy: keeps --help light (torch)
 
+    if not args.out.endswith(".onnx"):
+        raise ValueError(f"--out must end with .onnx, got {args.out!r}")
+    check_out(args.out)  # a folder in the way or no permission: refused before the model is traced
     model = load_model(args.model)
     settings = sampling_settings(args)  # the flags, else the run's config.yaml, else the defaults
     if settings["sampler"] not in SAMPLER_NAMES:

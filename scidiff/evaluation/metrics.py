@@ -199,14 +199,16 @@ def evaluate_generation_quality(real_data, generated_data, cell_types=None, gene
     from the real cells'). With ``cell_types`` (labels of the real cells) and
     ``generated_cell_types``, also ``per_cell_type`` with the same distances per label; when the
     generated cells are one per real cell (same count), ``generated_cell_types`` defaults to
-    ``cell_types``. Each classifier AUC averages ``auc_repeats`` draws of the subsample, folds and
-    forest (each draw fits 5 forests: 10 draws steady a group of tens of cells at ten times the cost).
+    ``cell_types``; ``per_cell_type_skipped`` then names each generated label left out of it and
+    why (not a label of the real cells, or too few cells). Each classifier AUC averages
+    ``auc_repeats`` draws of the subsample, folds and forest (each draw fits 5 forests: 10 draws
+    steady a group of tens of cells at ten times the cost).
     """
     real, gen = _dense(real_data), _dense(generated_data)
     if real.ndim != 2 or gen.ndim != 2 or real.shape[1] != gen.shape[1]:
         raise ValueError(f"real and generated data need the same genes: shapes {real.shape} vs {gen.shape}")
     if len(real) < 6 or len(gen) < 3:
-        raise ValueError("need at least 6 real and 3 generated cells")
+        raise ValueError(f"need at least 6 real and 3 generated cells; got {len(real)} real and {len(gen)} generated")
     ct_r = ct_g = None
     if cell_types is not None:
         if generated_cell_types is None:
@@ -247,4 +249,20 @@ def evaluate_generation_quality(real_data, generated_data, cell_types=None, gene
                       "n_real": int(r.sum()), "n_generated": int(g.sum())})
             per[label] = m
         out["per_cell_type"] = per
+        out["per_cell_type_skipped"] = _skipped_labels(ct_r, ct_g, per)
+    return out
+
+
+def _skipped_labels(ct_r: np.ndarray, ct_g: np.ndarray, scored) -> dict[str, str]:
+    """Each label of the generated cells that ``per_cell_type`` leaves out, and why (so that a
+    label the two files spell differently, or a group too small to score, is not dropped in silence)."""
+    real_labels, out = set(ct_r), {}
+    for label in sorted(set(ct_g) - set(scored)):
+        label = str(label)
+        if label not in real_labels:
+            out[label] = "not among the real cells' labels"
+        else:
+            out[label] = (f"too few cells to score: {int((ct_g == label).sum())} generated and "
+                          f"{int((ct_r == label).sum())} real (at least 3 generated, and 3 real in each half of "
+                          f"the real cells)")
     return out

@@ -298,6 +298,9 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
     path = os.fspath(path)
     if not path.endswith(".onnx"):
         raise ValueError(f"the output path must end with .onnx, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"the output path {path!r} is a folder; give the path of the .onnx file to write")
+    _check_defaults(eta, guidance_scale)
     _spec_dict(model)
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; the ONNX runtime has {list(SAMPLER_NAMES)}")
@@ -355,11 +358,26 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
     return {**written, **({"max_abs_error": sidecar["export_check"]["max_abs_error"]} if check else {})}
 
 
+def _check_defaults(eta, guidance_scale):
+    """The sampling defaults recorded for clients must be ones the runtime and the server accept
+    (a JSON sidecar holds no NaN or infinity): ``eta`` in [0, 1], a finite ``guidance_scale`` >= 0."""
+    for name, value, lo, hi in (("eta", eta, 0.0, 1.0), ("guidance_scale", guidance_scale, 0.0, math.inf)):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not (math.isfinite(v) and lo <= v <= hi):
+            where = "in [0, 1]" if hi == 1.0 else ">= 0"
+            raise ValueError(f"{name} must be a finite number {where} (the default recorded for clients), "
+                             f"got {value!r}")
+
+
 def _trace(wrapper, probe, sidecar, opset, verbose):
     batch, table = torch.export.Dim("batch", min=1), torch.export.Dim("table", min=1)
     names = ["x_t", "t", "cond_index", "guidance"] + [c["input"] for c in sidecar["covariates"]]
     shapes = {"x_t": {0: batch}, "t": {0: table}, "cond_index": {0: batch}, "guidance": {0: table}}
-    shapes["covariates"] = tuple({0: table} for _ in sidecar["covariates"])
+    if sidecar["covariates"]:  # a model without covariates has no *covariates argument to name
+        shapes["covariates"] = tuple({0: table} for _ in sidecar["covariates"])
     kwargs = {"opset_version": opset} if opset else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -611,7 +611,10 @@ class OnnxSampler:
     def resolve(self, sampler=None, steps=None, eta=None, guidance=None, observed=None) -> dict:
         """Defaults from the sidecar, validated; ``observed`` resolved by :meth:`resolve_observed`."""
         d = self.defaults
-        name = sampler_name(sampler, d.get("sampler", "ddim"))
+        try:
+            name = sampler_name(sampler, d.get("sampler", "ddim"))
+        except ValueError:  # name the samplers this export offers, not every one an export can have
+            raise ValueError(f"unknown sampler {str(sampler)[:60]!r}; this export offers {self.samplers}") from None
         if name not in self.samplers:
             what = ("a distilled student's export samples with 'distilled' only (export the model without "
                     "sampler='distilled' for the others)" if self.samplers == ["distilled"] else
