@@ -358,6 +358,27 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["out.h5ad"]
 
 
+def test_sigterm_stops_a_command_with_its_file_unwritten(tmp_path, monkeypatch, capsys):
+    """A batch scheduler's time limit sends SIGTERM: the command stops as on Ctrl-C, the file it
+    was writing leaves no temporary name behind, and the exit status is 143."""
+    import signal
+
+    from scidiff.data.h5ad_writer import H5adWriter
+
+    def writing(args):
+        with H5adWriter(tmp_path / "g.h5ad", ["a", "b"]) as writer:
+            writer.append(np.ones((3, 2), np.float32))
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between these
+                writer.append(np.ones((3, 2), np.float32))
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setitem(COMMANDS, "sample", cli.Command(COMMANDS["sample"].add, writing))
+    assert main(["sample", "--model", "m", "-n", "3", "--out", str(tmp_path / "g.h5ad")]) == 143
+    assert "scidiff sample: terminated" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_labels_with_commas_are_named_on_the_command_line(tmp_path, kang_small):
     """Cell Ontology labels hold commas (CELLxGENE's ``CD4-positive, alpha-beta T cell``): a comma
     starts a new ``key=value`` only where an ``=`` follows."""

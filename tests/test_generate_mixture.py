@@ -120,6 +120,11 @@ def test_a_partial_condition_draws_the_other_keys_among_the_groups_that_carry_it
         ({"cell_type": "c", "condition": "stim"}, 10)]
     assert [tuple(c.values()) for c in two.conditions] == [("a", "ctrl"), ("b", "ctrl")]
     assert two.cells.tolist() in ([8, 2], [7, 3])  # 10 x 30/39 = 7.7 and 10 x 9/39 = 2.3
+    # group i's shares are rounded from seed + i, as its cells are drawn (a one-group run with that seed)
+    groups = generation.plan_groups(model, 10, [{"condition": "ctrl"}] * 3, seed=1)
+    assert [g.cells.tolist() for g in groups] == [
+        generation.plan_groups(model, 10, [{"condition": "ctrl"}], seed=s)[0].cells.tolist() for s in (1, 2, 3)]
+    assert [g.cells.tolist() for g in groups] == [[8, 2], [7, 3], [7, 3]]
     # every key given: drawn as asked, even a combination never trained on
     assert model.data_spec.training_mixture(4, {"cell_type": "c", "condition": "ctrl"}) == []
 

@@ -2,14 +2,17 @@
 its arguments, how to run it), one module per command (:mod:`.train`, :mod:`.sample`, ...): the
 parser is built from it and :func:`main` dispatches through it. :func:`main` turns bad input into
 ``scidiff CMD: error: ...`` and exit status 2 (:func:`user_error`); anything else is a bug and
-keeps its traceback. Importing this package does not import torch (``scidiff --help`` is fast):
+keeps its traceback. Ctrl-C (status 130) and SIGTERM (143) stop a command with its files'
+temporary names removed. Importing this package does not import torch (``scidiff --help`` is fast):
 each command imports its task when it runs."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Callable, NamedTuple
 
@@ -69,6 +72,27 @@ def _plain_warnings(command: str):
         warnings.formatwarning = original
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit, ``kill``) while a command runs: unwound as Ctrl-C
+    is, so every file being written removes its temporary name."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -76,8 +100,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
-        with _plain_warnings(args.command):
+        with _plain_warnings(args.command), _terminate_as_interrupt():
             COMMANDS[args.command].run(args)
+    except Terminated:
+        print(f"scidiff {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"scidiff {args.command}: interrupted", file=sys.stderr)
         return 130

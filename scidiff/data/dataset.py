@@ -18,7 +18,7 @@ import torch
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
                          read_h5ad, select_genes, _name)
 from .gene_symbols import var_of
-from .spec import MEASURED_ZERO, DataSpec, _build_spec, covariate_keys, known_values, record_symbols
+from .spec import DataSpec, _build_spec, covariate_keys, exact_zeros, known_values, record_symbols
 from .validate import check_labelled
 
 
@@ -42,9 +42,7 @@ class CellData:
     def log_expression(self) -> np.ndarray:
         """log1p-normalised expression ``[N, G]`` (numpy), the measured zeros exact (the round
         trip from model space leaves them within float32 rounding, some below zero)."""
-        x = self.spec.to_expression(self.x.numpy(), clip=False)
-        x[x < MEASURED_ZERO] = 0
-        return x
+        return exact_zeros(self.spec.to_expression(self.x.numpy(), clip=False))
 
     def to_anndata(self) -> ad.AnnData:
         out = ad.AnnData(X=self.log_expression(), obs=self.obs.copy())

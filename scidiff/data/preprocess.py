@@ -18,9 +18,13 @@ from .io import read_h5ad  # noqa: F401  (re-exported)
 from .validate import check_sparse, check_unique_genes
 
 
+def _source(adata: ad.AnnData) -> str | None:
+    """The file ``adata`` was read from (``uns['scidiff_source']``), if known."""
+    return adata.uns.get("scidiff_source") if adata.uns is not None else None
+
+
 def _name(adata: ad.AnnData) -> str:
-    src = adata.uns.get("scidiff_source") if adata.uns is not None else None
-    return f"{src!r}" if src else "the AnnData"
+    return f"{_source(adata)!r}" if _source(adata) else "the AnnData"
 
 
 def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False):
@@ -54,9 +58,8 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
     if not layer and not use_raw:
         return adata
     matrix, _, key = expression_matrix(adata, layer, use_raw)
-    src = adata.uns.get("scidiff_source") if adata.uns is not None else None
     return ad.AnnData(X=matrix, obs=adata.obs, var=var_of(adata, use_raw),
-                      uns={"scidiff_source": f"{src or 'the AnnData'} ({key})"})
+                      uns={"scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
 
 
 def _values(m) -> np.ndarray:
@@ -87,7 +90,7 @@ def _check_finite(v: np.ndarray, where: str) -> None:
     finite = np.isfinite(v)
     if not finite.all():
         bad = int((~finite).sum())
-        raise ValueError(f"{where} holds {bad} NaN or infinite values; clean them before training")
+        raise ValueError(f"{where} holds {bad} NaN or infinite values; remove or replace them first")
 
 
 def _other(where: str, v: np.ndarray, nonint: np.ndarray) -> ValueError:

@@ -17,9 +17,12 @@ from .rows import unique_rows
 MEASURED_ZERO = 1e-5  # log1p expression below which a measured cell's value is its zero, come back from model space
 
 
-def exact_zeros(x: torch.Tensor) -> torch.Tensor:
-    """Log1p expression come back from model space with its measured zeros exact (below
-    ``MEASURED_ZERO``: the standardisation's round trip leaves a zero within float32 rounding)."""
+def exact_zeros(x):
+    """Log1p expression (a tensor or a numpy array) come back from model space with its measured
+    zeros exact (below ``MEASURED_ZERO``: the standardisation's round trip leaves a zero within
+    float32 rounding, some below zero)."""
+    if isinstance(x, np.ndarray):
+        return np.where(x < MEASURED_ZERO, np.zeros((), x.dtype), x)
     return torch.where(x < MEASURED_ZERO, torch.zeros_like(x), x)
 
 

@@ -137,7 +137,8 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     """What to generate, ``n`` cells of each: the condition dicts of ``groups``. Where a condition
     leaves out covariates the model was trained on (or there is none), its ``n`` cells are a
     :class:`Mixture` of the training groups that carry it, in their training proportions, each
-    labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`, rounded from ``seed``):
+    labelled in full (:meth:`~scidiff.data.DataSpec.training_mixture`, rounded from ``seed + i``
+    for the ``i``-th group, as the group's cells are drawn):
     cells like the training data. On Kang this scores better against held-out cells than
     leaving the missing covariates to classifier-free guidance's null condition, which is learnt
     from the few training steps that dropped them (``bench/bench_unconditional.py``); that distribution stays
@@ -145,11 +146,11 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     ``model.sample`` takes them. The labels of ``groups`` are checked before any work (the
     training groups' own come from the model's spec)."""
     plan = []
-    for condition in [_check_generate(model, n, g) for g in (groups or [{}])]:
+    for i, condition in enumerate([_check_generate(model, n, g) for g in (groups or [{}])]):
         mixed = any(_per_cell(v) for v in condition.values())  # one label per cell: runs of alike cells
-        shares = []
+        shares, group_seed = [], None if seed is None else seed + i  # group i is seeded with seed + i
         for labels, cells in _runs(n, condition) if mixed else [(condition, n)]:
-            found = model.data_spec.training_mixture(cells, labels, seed) if model.data_spec is not None else []
+            found = model.data_spec.training_mixture(cells, labels, group_seed) if model.data_spec is not None else []
             mixed |= bool(found)
             shares += found or [(labels, cells)]
         plan.append(Mixture(*zip(*shares)) if mixed else condition)
