@@ -329,6 +329,10 @@ def test_out_that_cannot_be_written_fails_before_any_work(run, tmp_path, capsys,
     assert main(["sample", "--model", str(out), "-n", "2", "--out", str(tmp_path / "new" / "deep" / "g.h5ad"),
                  "--steps", "2"]) == 0  # missing parent folders are made
     assert (tmp_path / "new" / "deep" / "g.h5ad").exists()
+    # ... by the writer: a run refused after the check leaves no empty folder behind
+    assert main(["sample", "--model", str(out), "-n", "2", "--condition", "cell_type=NotAType", "--out",
+                 str(tmp_path / "never" / "g.h5ad")]) == 2
+    assert "NotAType" in capsys.readouterr().err and not (tmp_path / "never").exists()
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access  # permissions cannot be taken away from root: pretend the folder is read-only

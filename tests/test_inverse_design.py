@@ -547,6 +547,15 @@ def test_cli_design_writes_cells_report_and_rankings(perturbed, tmp_path, capsys
     tfs = pd.read_csv(tmp_path / "designed.tfs.tsv", sep="\t")
     assert tfs["tf"].iloc[0] == "IRF9" and tfs["change"].iloc[0] > 0
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    # run again to the same --out without the screen and the TF network: their old tables, which
+    # describe the first run's cells, go with it
+    rc = main(["design", "--model", str(run), "--data", str(data), "--source", "drug=control", "--no-screen",
+               "--target", f"ISG15>={lv['ISG15']:.3f}", "-n", "8", "--steps", "4", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    left = sorted(f for f in os.listdir(tmp_path) if f.startswith("designed"))
+    assert left == ["designed.genes.tsv", "designed.h5ad", "designed.report.json", "designed.report.png"]
+    assert set(json.loads((tmp_path / "designed.report.json").read_text())["files"]) == {"genes", "plot", "cells",
+                                                                                         "report"}
 
 
 def test_designs_are_measured_by_default_where_the_model_measures(perturbed, tmp_path, capsys):
@@ -626,11 +635,17 @@ def test_cli_design_cell_type_and_select_are_not_dropped_silently(perturbed, tmp
     --select over a --condition key silently decoded other values than the ones asked for."""
     from scidiff.cli import main
 
-    _, _, data, run = perturbed
+    _, adata, data, run = perturbed
     out = tmp_path / "designed.h5ad"
+    numeric = tmp_path / "numeric.h5ad"  # a numeric obs column given as the cell type's
+    with_counts = adata.copy()
+    with_counts.obs["n_genes"] = np.arange(with_counts.n_obs) % 7
+    with_counts.write_h5ad(numeric)
     base = ["design", "--model", str(run), "-n", "8", "--steps", "4", "--no-screen", "--out", str(out)]
     cases = [(["--target", "ISG15>=1", "--cell-type", "T", "--cell-type-key", "celltype", "--data", str(data)],
               "--cell-type-key 'celltype' is neither a covariate of the model (['cell_type', 'drug'])"),
+             (["--target", "ISG15>=1", "--cell-type", "5", "--cell-type-key", "n_genes", "--data", str(numeric)],
+              "--cell-type-key 'n_genes' is a numeric column of --data"),
              (["--target", "", "--cell-type", "T"], "--cell-type 'T' alone"),
              (["--target", "ISG15>=1", "--cell-type", "T", "--select", "cell_type"],
               "without --data nothing scores --cell-type 'T'"),

@@ -87,7 +87,8 @@ def split(text):
 def check_out(path, folder: bool = False) -> str:
     """Fail before any work when ``--out`` cannot be written: a file where a folder is needed or
     the other way round, a file in the way of its folder, or a folder without write permission.
-    A file's missing parent folders are created. Returns the path."""
+    Nothing is created here (a run refused later leaves no empty folder): the writers create a
+    file's missing parent folders. Returns the path."""
     path = os.fspath(path)
     full = os.path.abspath(path)
     if folder and os.path.exists(full) and not os.path.isdir(full):
@@ -101,8 +102,6 @@ def check_out(path, folder: bool = False) -> str:
         raise ValueError(f"cannot write --out {path!r}: {existing!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write --out {path!r}: no permission to write in {existing!r}")
-    if not folder:
-        os.makedirs(os.path.dirname(full), exist_ok=True)
     return path
 
 

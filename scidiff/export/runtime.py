@@ -207,6 +207,9 @@ def make_session(path: str, device: str = "auto", threads: int | None = None):
 def load_sidecar(path) -> dict:
     """The sidecar of ``model.onnx`` (``model.json``), or of the given ``.json``; checked."""
     path = os.fspath(path)
+    if path.endswith((".pt", ".pth")) or os.path.isdir(path):
+        raise ValueError(f"{path!r} is a PyTorch model or its run folder, not an ONNX export: export it first "
+                         f"(scidiff export-onnx --model {path} --out model.onnx) and serve model.onnx")
     side = os.path.splitext(path)[0] + ".json" if path.endswith(".onnx") else path
     if not os.path.exists(side):
         raise FileNotFoundError(f"no sidecar {side!r} beside the ONNX model; export with `scidiff export-onnx`")

@@ -499,7 +499,8 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
     async def http_error(request, exc):
         detail = exc.detail
         if detail == "There was an error parsing the body":  # FastAPI's words for a body json cannot read
-            detail = "the body could not be read as JSON (invalid UTF-8, or a number with too many digits)"
+            detail = ("the body could not be read as JSON (invalid UTF-8, a number with too many digits, or "
+                      "nesting too deep)")
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     def bad(message: str) -> HTTPException:

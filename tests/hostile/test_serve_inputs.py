@@ -54,6 +54,14 @@ def test_a_text_file_passed_as_the_model(tmp_path):
                        "not a readable scidiff ONNX sidecar")
 
 
+def test_a_pytorch_checkpoint_passed_as_the_model(tmp_path):
+    """A run's model.pt is what a user has before exporting: told to export it first."""
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"PK\x03\x04 not read")
+    assert_clean_error(run_cli("serve", "--model", checkpoint, timeout=TIMEOUT), str(checkpoint),
+                       "not an ONNX export", "scidiff export-onnx")
+
+
 def test_a_corrupted_onnx_file_beside_its_sidecar(model, tmp_path):
     """Garbage in place of the graph: the sidecar's SHA-256 catches it; without the checksum,
     onnxruntime's own parse error is reported, naming the file."""

@@ -150,6 +150,9 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         if in_model and key != select:  # a selected covariate is drawn per cell, scored by the classifier
             condition.setdefault(key, target.cell_type)
         if adata is not None and key is not None and key in adata.obs:
+            if pd.api.types.is_numeric_dtype(adata.obs[key]) and not pd.api.types.is_bool_dtype(adata.obs[key]):
+                raise ValueError(f"--cell-type-key {key!r} is a numeric column of --data; give the obs column "
+                                 f"of the cell-type labels")
             classifier = CellTypeClassifier.fit_anndata(adata, key, model, seed=seed)
         elif not in_model:
             raise ValueError(f"cell type {target.cell_type!r} is neither a value of the model's covariates "
@@ -186,8 +189,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     kw = dict(steps=steps, backward_steps=backward_steps, cfg_scale=cfg_scale, seed=seed, progress=False)
     result = designer.design(target, n, source=source_cells, condition=condition or None,
                              objective_scale=objective_scale, eta=eta, select=select, screen_cells=screen_cells,
-                             retries=retries,
-                             condition_measurement=condition_measurement, **kw)
+                             retries=retries, condition_measurement=condition_measurement,
+                             **{**kw, "progress": progress})  # the comparison below runs quietly
     start = paired = result.source
     if start is None:  # the comparison: the unguided samples from the same noise (not resampled toward the target)
         start = designer.design(target, n, condition=condition or None, objective_scale=0.0, resample=False,
@@ -214,23 +217,21 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         report["cell_type_classifier"] = {"key": cell_type_key or _cell_type_key(model, adata, target.cell_type, None),
                                           "classes": classifier.classes,
                                           "validation_accuracy": classifier.validation_accuracy}
-    written = {}
+    tables = {}  # computed first, then every file written: a failure on the way leaves the last run's files
     if screen and spec.perturbation_keys:
-        table = screen_perturbations(designer, target, source_cells if source_cells is not None else None,
-                                     combinations=seen_combinations(model, adata) if adata is not None else None,
-                                     condition=condition or None, n_cells=min(n, 256), steps=steps, seed=seed,
-                                     progress=progress)
-        written["screen"] = _write_tsv(table, paths["screen"])
-        report["screen_top"] = table.head(10).to_dict("records")
+        tables["screen"] = screen_perturbations(designer, target, source_cells if source_cells is not None else None,
+                                                combinations=seen_combinations(model, adata) if adata is not None
+                                                else None, condition=condition or None, n_cells=min(n, 256),
+                                                steps=steps, seed=seed, progress=progress)
+        report["screen_top"] = tables["screen"].head(10).to_dict("records")
     if attribution and target.constraints:
-        genes = gene_attribution(designer, target, paired, result.expression)
-        written["genes"] = _write_tsv(genes, paths["genes"])
+        tables["genes"] = genes = gene_attribution(designer, target, paired, result.expression)
         report["genes_top"] = genes.head(20).to_dict("records")
         report["attribution_totals"] = dict(genes.attrs)
     if tf_network is not None:
-        tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names)
-        written["tfs"] = _write_tsv(tfs, paths["tfs"])
+        tables["tfs"] = tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names)
         report["tfs_top"] = tfs.head(20).to_dict("records")
+    written = {name: _write_tsv(table, paths[name]) for name, table in tables.items()}
     if target.constraints:
         reference = None
         if real is not None:
@@ -243,6 +244,9 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         cells.layers["source"] = paired.astype(np.float32)
         cells.uns["scidiff_design"]["source"] = "unguided samples from the same noise"
     written["cells"] = write_h5ad(cells, paths["cells"])
+    for name, path in paths.items():  # an earlier run's file this run does not write would sit beside other cells
+        if name not in written and name != "report" and os.path.exists(path):
+            os.remove(path)
     report["files"] = {k: os.path.abspath(v) for k, v in {**written, "report": paths["report"]}.items()}
     atomic_path(paths["report"], lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(report), indent=1)))
     return report
