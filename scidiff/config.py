@@ -9,6 +9,7 @@ num_epochs, gradient_clip_val; data: dataset_path, batch_key, cell_type_key) and
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -125,6 +126,7 @@ class Config:
 
 _CHOICES = {"model.noise_schedule": ("cosine", "linear", "biological"),
             "training.mixed_precision": ("auto", "bf16", "no"),
+            "data.input": ("auto", "counts", "log1p"), "data.scaling": ("global", "gene", "none"),
             "sampling.sampler": SAMPLER_NAMES}
 
 # value rules checked after the type: (test, what it means); None passes where the type allows it
@@ -150,12 +152,15 @@ _RULES = {
 
 def _number(value, kind: type):
     """``value`` as ``kind`` (int or float), or ``None`` when it is not one. YAML reads ``1e-3``
-    as a string, so numeric strings count; an int must be integral; booleans are no numbers."""
+    as a string, so numeric strings count; an int must be integral; booleans are no numbers, nor
+    are infinities and NaN (``.inf`` as a learning rate trains a model of NaNs)."""
     if isinstance(value, bool):
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
         return None
     if kind is float:
         return number
@@ -182,6 +187,8 @@ def _typed(value, annotation: str, where: str):
         elif kind == "list[str]" and isinstance(value, list) and all(isinstance(v, (str, int)) for v in value):
             return [str(v) for v in value]
     hint = " (a YAML list, e.g. [a, b])" if "list[str]" in kinds else ""
+    if {"int", "float"} & set(kinds) and isinstance(value, float) and not math.isfinite(value):
+        hint = " (a finite number)"
     raise ValueError(f"{where} must be {annotation}{hint}, got {value!r}")
 
 
@@ -252,7 +259,9 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
         set_values = {k: v for k, v in values.items() if v is not None}
         if set_values:
             _coerce(SECTIONS[section], section, set_values, "command line")  # blame the flag, not the file
-            raw[section] = {**(raw[section] if isinstance(raw[section], dict) else {}), **set_values}
+            if not isinstance(raw[section], dict):  # the file's section is refused, not replaced by the flags
+                raise ValueError(f"{path}: section '{section}' must be a mapping of keys, got {raw[section]!r}")
+            raw[section] = {**raw[section], **set_values}
     return Config(**{s: _coerce(c, s, raw[s], path) for s, c in SECTIONS.items()})
 
 

@@ -272,6 +272,10 @@ def test_sample_takes_its_defaults_from_the_config_and_flags_override(run, tmp_p
     ("model: 5\n", "section 'model' must be a mapping of keys, got 5"),
     ("- model\n- training\n", "a config is a mapping of sections"),
     ("model: {gene_dim: [\n", "not valid YAML (line 2"),
+    ("training: {learning_rate: .inf}\n", "training.learning_rate must be float (a finite number), got inf"),
+    ("data: {target_sum: .nan}\n", "data.target_sum must be float | None (a finite number), got nan"),
+    ("data: {input: logp}\n", "data.input must be one of ['auto', 'counts', 'log1p'], got 'logp'"),
+    ("data: {scaling: foo}\n", "data.scaling must be one of ['global', 'gene', 'none'], got 'foo'"),
 ])
 def test_config_errors_name_the_file_and_the_key(tmp_path, text, culprit):
     from scidiff.config import load_config
@@ -282,6 +286,16 @@ def test_config_errors_name_the_file_and_the_key(tmp_path, text, culprit):
         load_config(path)
     message = cli.user_error(caught.value)
     assert message is not None and str(path) in message and culprit in message
+
+
+def test_a_malformed_section_is_refused_even_where_a_flag_sets_one_of_its_keys(tmp_path):
+    from scidiff.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  - hidden_dim: 64\n")  # a list, not a mapping: it used to be dropped silently
+    with pytest.raises(ValueError) as caught:
+        load_config(path, {"model": {"gene_dim": 50}})  # as `scidiff train --n-genes 50 --config bad.yaml`
+    assert str(path) in str(caught.value) and "section 'model' must be a mapping of keys" in str(caught.value)
 
 
 def test_config_accepts_yaml_numbers_and_nulls(tmp_path):
@@ -403,3 +417,16 @@ def test_labels_with_commas_are_named_on_the_command_line(tmp_path, kang_small):
                  "cell_type=CD4-positive, alpha-beta T cell,condition=stimulated", "--out",
                  str(tmp_path / "g.h5ad")]) == 0
     assert set(ad.read_h5ad(tmp_path / "g.h5ad").obs["cell_type"]) == {"CD4-positive, alpha-beta T cell"}
+
+
+def test_a_refused_resume_leaves_the_runs_config_as_it_was(run, tmp_path, capsys):
+    """``--resume`` with settings that do not fit the run's checkpoint is refused, and the run's
+    config.yaml still describes its model.pt (it was replaced before the resume was tried)."""
+    _, data, out = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = (copy / "config.yaml").read_text()
+    assert main(["train", "--data", str(data), "--condition-keys", "cell_type,condition", "--out", str(copy),
+                 "--n-genes", "60", "--epochs", "1", "--resume"]) == 2
+    assert "error" in capsys.readouterr().err
+    assert (copy / "config.yaml").read_text() == before

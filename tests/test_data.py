@@ -144,6 +144,24 @@ def test_requested_genes_absent(kang_small):
         setup_anndata(kang_small, genes=["CD3D", "NOTAGENE"])
 
 
+@pytest.mark.parametrize("setup", [setup_anndata, setup_streaming])
+def test_one_name_given_as_a_string_is_that_name_not_its_characters(tmp_path, setup):
+    rng = np.random.default_rng(0)
+    a = ad.AnnData(X=sp.csr_matrix(rng.poisson(1.0, (40, 12)).astype(np.float32)),
+                   obs=pd.DataFrame({"cell_type": pd.Categorical(["B", "T"] * 20),
+                                     "drug": pd.Categorical(["ctl", "ctl", "x", "y"] * 10)},
+                                    index=[f"c{i}" for i in range(40)]))
+    a.var_names = [f"g{i}" for i in range(12)]
+    path = str(tmp_path / "tiny.h5ad")
+    a.write_h5ad(path)
+    given = setup(path, n_top_genes=10, genes="g3", condition_keys="cell_type")
+    assert list(given.spec.gene_names) == ["g3"] and given.spec.categorical == {"cell_type": ["B", "T"]}
+    screen = setup(path, n_top_genes=10, condition_keys="drug", perturbation_keys="drug", control_labels="ctl")
+    listed = setup(path, n_top_genes=10, condition_keys=["drug"], perturbation_keys=["drug"], control_labels=["ctl"])
+    assert screen.spec.to_dict() == listed.spec.to_dict()
+    assert list(screen.spec.perturbation_keys) == ["drug"] and list(screen.spec.control_labels) == ["ctl"]
+
+
 def _tiny(x, **obs):
     a = ad.AnnData(X=x, obs=pd.DataFrame(obs or None, index=[f"c{i}" for i in range(x.shape[0])]))
     a.var_names = [f"g{i}" for i in range(x.shape[1])]

@@ -479,6 +479,24 @@ def test_streamed_and_in_memory_readers_name_the_same_cell(files, tmp_path):
         assert str(loaded.value) == str(in_memory.value)
 
 
+@pytest.mark.parametrize("perturbation", [False, True])
+def test_streamed_and_in_memory_name_the_same_unlabelled_cells(tmp_path, adata, perturbation):
+    a = adata.copy()
+    labels = a.obs["cell_type"].astype(object).to_numpy()
+    labels[[5, 9]] = None
+    a.obs["cell_type"] = pd.Categorical(labels.tolist() if not perturbation else
+                                        [v if v is None or v != "B" else "control" for v in labels])
+    path = str(tmp_path / "unlabelled.h5ad")
+    a.write_h5ad(path)
+    kw = {"condition_keys": ["cell_type"], "perturbation_keys": ["cell_type"] if perturbation else []}
+    with pytest.raises(ValueError) as in_memory:
+        setup_anndata(path, **kw)
+    with pytest.raises(ValueError) as streamed:
+        setup_streaming(path, **kw)
+    assert "cells ['c5', 'c9']" in str(in_memory.value)  # obs names, not positions
+    assert str(streamed.value) == str(in_memory.value)
+
+
 def test_streaming_refuses_all_zero_and_duplicated_genes(tmp_path, adata):
     zero = adata.copy()
     zero.X = sp.csr_matrix(zero.shape, dtype=np.float32)

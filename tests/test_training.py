@@ -187,3 +187,25 @@ def test_default_epochs_follow_the_number_of_cells():
 
     assert load_config().training.num_epochs is None
     assert [default_epochs(n) for n in (1, 1_580, 20_000, 40_000, 1_000_000, 10**10)] == [400, 400, 400, 200, 8, 1]
+
+
+def _training_payload(step: int) -> dict:
+    from scidiff.training.checkpoint import FORMAT, FORMAT_VERSION
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "trainer": {}, "live_state_dict": {},
+            "optimizer": {}, "ema": {}, "step": step, "epoch": 0}
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_a_new_run_in_an_old_run_folder_resumes_from_its_own_checkpoint(tmp_path, keep):
+    """A run trained into the folder of an earlier one (with kept step files of later steps):
+    its own checkpoints are neither pruned as the oldest nor shadowed on resume by the old run's."""
+    from scidiff.training.checkpoint import list_checkpoints, read_training_checkpoint, write_training_checkpoint
+
+    for step in (18, 27, 36):  # the earlier run, --keep-checkpoints 3
+        write_training_checkpoint(_training_payload(step), tmp_path, step, keep=3)
+    for step in (9, 12):  # the new run
+        write_training_checkpoint(_training_payload(step), tmp_path, step, keep=keep)
+    assert read_training_checkpoint(tmp_path)["step"] == 12
+    assert [s for s, _ in list_checkpoints(tmp_path)] == ([9, 12] if keep == 3 else [])
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 12

@@ -348,6 +348,12 @@ def _log_expression(adata, layer, use_raw, input_kind, target_sum, check_cells: 
     return matrix, var_names, kind, target_sum
 
 
+def as_names(value):
+    """A list argument of names (keys, labels, genes): one name given as a string is that name
+    alone, not its characters (``condition_keys="cell_type"`` means ``["cell_type"]``)."""
+    return [value] if isinstance(value, str) else value
+
+
 def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, genes=None,
                   n_top_genes: int | None = 2000, condition_keys=(), continuous_keys=(),
                   input_kind: str = "auto", target_sum: float | None = 1e4,
@@ -368,6 +374,8 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     argument; ``"auto"`` finds ``feature_name``, ``gene_symbols``, ``gene_name``...; ``None``:
     none), so that perturbation labels and design targets may name genes by symbol.
     """
+    genes, condition_keys, continuous_keys, perturbation_keys, control_labels = map(
+        as_names, (genes, condition_keys, continuous_keys, perturbation_keys, control_labels))
     if not isinstance(adata, ad.AnnData):
         adata = read_h5ad(adata)
     matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum,

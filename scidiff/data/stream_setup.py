@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
-from .dataset import _encode_obs, check_controls, log_total
+from .dataset import _encode_obs, as_names, check_controls, log_total
 from .gene_symbols import with_var_columns
-from .h5ad_layout import naming_file
+from .h5ad_layout import naming_file, obs_name_reader
 from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, gene_columns, log_normalize, select_genes, warn_empty_cells
 from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
@@ -147,11 +147,13 @@ def _encode_covariates(reader, keys, continuous, vocab=None, perturbation_keys=(
     if len(obs) != reader.n_cells:
         raise ValueError(f"{reader.path!r}: obs has {len(obs)} rows but {reader.layout.key} has {reader.n_cells} cells")
     pert = [k for k in perturbation_keys if k in keys]
+    for key in keys:  # before the codes: name the unlabelled cells as obs names, not as positions
+        check_labelled(obs[key], key, repr(reader.path), (list(control_labels) or [None])[0] if key in pert else None,
+                       names=obs_name_reader(reader.path))
     codes, vocabs = _encode_obs(_holder(obs, reader.path), [k for k in keys if k not in pert], continuous, vocab=vocab)
     codes = {k: v.numpy() for k, v in codes.items()}
     for key in pert:
         col = obs[key]
-        check_labelled(col, key, repr(reader.path), (list(control_labels) or [None])[0])
         labels, inverse = np.unique(col.astype(str).to_numpy(), return_inverse=True)
         if vocab is None:  # training: the control cells must be there
             check_controls(key, labels, np.bincount(inverse, minlength=len(labels)), control_labels, separator,
@@ -264,6 +266,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     ``setup_anndata``'s. ``covariance``: also accumulate the gene x gene covariance a latent
     model needs. ``loader_options`` go to every :class:`StreamingLoader` made from the result.
     """
+    genes, condition_keys, continuous_keys, perturbation_keys, control_labels = map(
+        as_names, (genes, condition_keys, continuous_keys, perturbation_keys, control_labels))
     reader = MatrixReader(path, layer=layer, use_raw=use_raw, backend=backend, n_threads=n_threads)
     if reader.n_cells == 0 or reader.layout.n_genes == 0:
         raise ValueError(f"{reader.layout.where} is empty ({reader.n_cells} cells x {reader.layout.n_genes} genes)")

@@ -123,15 +123,28 @@ def check_unique_genes(var_names, where: str) -> None:
                      + "; make them unique first, e.g. `adata.var_names_make_unique()` before writing the file")
 
 
-def check_labelled(col, key: str, where: str, control: str | None = None) -> None:
+def _cell_name(names: Callable[[int], str | None], row: int) -> str:
+    try:
+        name = names(int(row))
+    except Exception:  # a name that cannot be read must not hide the real error
+        name = None
+    return str(name) if name is not None else f"row {int(row)}"
+
+
+def check_labelled(col, key: str, where: str, control: str | None = None,
+                   names: Callable[[int], str | None] | None = None) -> None:
     """Every cell has a label in ``obs[key]``; otherwise the error names how many cells miss one,
     the first few, and the two ways out (cells without a label cannot be conditioned on): drop
     them, or label them ('unknown'; for a perturbation, ``control``, its control label, where a
-    screen leaves the unperturbed cells unlabelled)."""
+    screen leaves the unperturbed cells unlabelled). ``names(row)``: the cells' names where
+    ``col``'s index does not hold them (a streamed file's obs, read without its index)."""
     missing = np.asarray(col.isna())
     if not missing.any():
         return
-    cells = [str(c) for c in col.index[missing][:3]]
+    if names is None:
+        cells = [str(c) for c in col.index[missing][:3]]
+    else:
+        cells = [_cell_name(names, i) for i in np.flatnonzero(missing)[:3]]
     more = f" and {int(missing.sum()) - 3} more" if missing.sum() > 3 else ""
     drop = f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`)"
     if control is None:

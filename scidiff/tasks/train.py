@@ -162,13 +162,6 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         checkpoint_every_steps=tc.checkpoint_every_steps, keep_checkpoints=tc.keep_checkpoints, use_ddp=use_ddp,
         gradient_accumulation=tc.gradient_accumulation, gradient_checkpointing=tc.gradient_checkpointing,
         compile=tc.compile, log_every_steps=tc.log_every_steps, final_sigma=tc.final_sigma)
-    if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        resolved = config.to_dict()
-        resolved["model"]["gene_dim"] = cells.spec.n_genes
-        resolved["data"]["condition_keys"] = keys
-        atomic_path(os.path.join(out_dir, "config.yaml"),
-                    lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
     if resume:
         try:
             trainer.resume(out_dir if resume is True else resume)
@@ -177,6 +170,13 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
                 raise
             if progress and rank == 0:
                 print(f"no checkpoint in {out_dir}; training from the start")
+    if rank == 0:  # after the resume: a refused one leaves the run's config as it was
+        os.makedirs(out_dir, exist_ok=True)
+        resolved = config.to_dict()
+        resolved["model"]["gene_dim"] = cells.spec.n_genes
+        resolved["data"]["condition_keys"] = keys
+        atomic_path(os.path.join(out_dir, "config.yaml"),
+                    lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
     if progress and rank == 0:
         print(f"effective batch {tc.batch_size} x {world} process(es) x {tc.gradient_accumulation} accumulation = "
               f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"

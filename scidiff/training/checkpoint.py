@@ -235,13 +235,20 @@ def write_training_checkpoint(payload: dict, folder, step: int, keep: int = 1) -
     ``keep == 1``: one file, ``folder/checkpoint.pt``, replaced atomically. ``keep > 1``: the
     file goes to ``folder/checkpoints/step-<step>.pt``, ``checkpoint.pt`` becomes a hard link to
     it (a copy where links are not supported), and only the newest ``keep`` step files remain.
-    Every file carries a SHA-256 digest of its contents, checked on load."""
+    Every file carries a SHA-256 digest of its contents, checked on load.
+
+    Step files this run cannot have written before this one are removed, so that resuming (which
+    prefers step files, newest first) finds this checkpoint: those of a later step (a previous
+    run trained into the same folder, or the steps after the checkpoint a run resumed from), and
+    with ``keep == 1`` all of them (``checkpoint.pt`` is then the newest)."""
     folder = os.fspath(folder)
     payload = dict(payload)
     payload["digest"] = payload_digest(payload)
     latest = os.path.join(folder, CHECKPOINT_FILE)
     if keep <= 1:
         atomic_torch_save(payload, latest)
+        for _, old in list_checkpoints(folder):
+            os.remove(old)
         return latest
     path = os.path.join(folder, CHECKPOINT_DIR, f"step-{int(step):09d}.pt")
     atomic_torch_save(payload, path)
@@ -254,7 +261,13 @@ def write_training_checkpoint(payload: dict, folder, step: int, keep: int = 1) -
         shutil.copyfile(path, tmp)
     os.replace(tmp, latest)
     _fsync_dir(folder)
-    for _, old in list_checkpoints(folder)[:-keep]:
+    ours = []
+    for other, old in list_checkpoints(folder):
+        if other > int(step):
+            os.remove(old)
+        else:
+            ours.append(old)
+    for old in ours[:-keep]:
         os.remove(old)
     return path
 
