@@ -209,3 +209,29 @@ def test_a_new_run_in_an_old_run_folder_resumes_from_its_own_checkpoint(tmp_path
     assert read_training_checkpoint(tmp_path)["step"] == 12
     assert [s for s, _ in list_checkpoints(tmp_path)] == ([9, 12] if keep == 3 else [])
     assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 12
+
+
+def test_a_diverged_training_stops_with_its_last_finite_checkpoint(tmp_path, kang_small):
+    """A learning rate that sends the weights out of the finite range: training stops at the
+    epoch whose loss is NaN with an error that says so, history.csv shows that epoch, and the
+    checkpoint and model.pt hold the weights of the last finite epoch (it trained on to the end
+    and saved a model of NaNs)."""
+    from scidiff.training.checkpoint import read_training_checkpoint
+    from scidiff.training.trainer import DivergedError
+
+    torch.manual_seed(0)
+    data = scidiff.setup_anndata(kang_small, n_top_genes=50, condition_keys=["cell_type"])
+    model = ScIDiffModel.from_data(data, hidden_dim=16, num_layers=1, num_timesteps=50, latent_dim=None)
+    trainer = ScIDiffTrainer(model, data.loader(64), device="cpu", learning_rate=2e-3, warmup_steps=0,
+                             checkpoint_dir=tmp_path, checkpoint_every=1, early_stopping_patience=None,
+                             progress=False, gradient_clip_val=0)
+    trainer.train(1)
+    good = read_training_checkpoint(tmp_path)["step"]
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = float("inf")
+    trainer.learning_rate = float("inf")
+    with pytest.raises(DivergedError, match="training diverged: the training loss is nan at epoch 2"):
+        trainer.train(3)
+    assert (tmp_path / "history.csv").read_text().splitlines()[-1].startswith("2,")
+    assert read_training_checkpoint(tmp_path)["step"] == good
+    assert all(bool(torch.isfinite(p).all()) for p in scidiff.load_model(tmp_path).parameters())  # epoch 1's

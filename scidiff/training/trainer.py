@@ -26,9 +26,10 @@ import warnings
 import torch
 
 from . import distributed
+from ..data.io import atomic_path
 from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
-from .checkpoint import (atomic_torch_save, model_payload, payload_digest, read_training_checkpoint,
-                         remove_partial_files, save_model, write_training_checkpoint)
+from .checkpoint import (CHECKPOINT_FILE, atomic_torch_save, model_payload, payload_digest,
+                         read_training_checkpoint, remove_partial_files, save_model, write_training_checkpoint)
 from .ema import EMA
 from .losses import BiologicalConstraints, denoising_loss
 from .rng import capture_rng_state, restore_rng_state
@@ -89,6 +90,11 @@ def enable_determinism() -> None:
 # early stopping keeps the best weights; when they come from this early in the run (or earlier), say so
 EARLY_BEST_FRACTION = 0.5
 SUMMARY_FILE = "training.json"
+
+
+class DivergedError(ValueError):
+    """The training loss is no longer a number: the weights have left the finite range (a learning
+    rate too high for the data), so training stops before a checkpoint keeps them."""
 
 
 class EarlyBestWarning(UserWarning):
@@ -501,10 +507,10 @@ class ScIDiffTrainer:
         return kept
 
     def _write_summary(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump({**self.weights_kept, **self.report}, fh, indent=1, default=float)
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w") as fh:
+                json.dump({**self.weights_kept, **self.report}, fh, indent=1, default=float)
+        atomic_path(path, write)
 
     def _end_epoch(self, bar, total_steps: int) -> bool:
         """Epoch bookkeeping: history row, validation, checkpoint; True to stop early."""
@@ -514,6 +520,15 @@ class ScIDiffTrainer:
             seconds /= self.world_size
         row = {"epoch": self.epoch, "step": self.step, "train_loss": loss_sum / max(cells, 1),
                "cells_per_s": cells / max(seconds, 1e-9), "lr": self._lr(total_steps)}
+        if not math.isfinite(row["train_loss"]):
+            self.history.append(row)
+            if self.checkpoint_dir and self.is_main_process:
+                self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
+            saved = self.checkpoint_dir and os.path.exists(os.path.join(self.checkpoint_dir, CHECKPOINT_FILE))
+            kept = f"; the checkpoint in {self.checkpoint_dir!r} holds finite weights of before" if saved else ""
+            raise DivergedError(f"training diverged: the training loss is {row['train_loss']} at epoch {self.epoch} "
+                                f"(step {self.step}, learning rate {row['lr']:.3g}); lower training.learning_rate "
+                                f"or set training.gradient_clip_val{kept}")
         if self.val_loader is not None:
             row["val_loss"] = self.validation_loss()
             if row["val_loss"] < self.best_val:
@@ -675,12 +690,13 @@ class ScIDiffTrainer:
         if not self.history:
             return
         keys = list(dict.fromkeys(k for row in self.history for k in row))
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.history)
+        atomic_path(path, write)
 
 
 class _StepLog:
@@ -728,9 +744,10 @@ class _StepLog:
             return
         with open(path, newline="") as fh:
             rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=_StepLog.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=_StepLog.FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+        atomic_path(path, write)
