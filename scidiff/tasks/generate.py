@@ -40,8 +40,9 @@ def _check_generate(model: ScIDiffModel, n: int, condition: dict | None) -> dict
 def _runs(n: int, condition: dict) -> list[tuple[dict, int]]:
     """``[(labels, cells), ...]``: the runs of consecutive cells that ``condition`` labels alike
     (one label per cell where a value is a list, the same label elsewhere)."""
-    cells = [{k: (v[i].item() if isinstance(v, torch.Tensor) else list(v)[i]) if _per_cell(v) else v
-              for k, v in condition.items()} for i in range(n)]
+    columns = {k: (v.tolist() if hasattr(v, "tolist") else list(v)) if _per_cell(v) else [v] * n
+               for k, v in condition.items()}
+    cells = [dict(zip(columns, labels)) for labels in zip(*columns.values())]
     runs: list[tuple[dict, int]] = []
     for labels in cells:
         if runs and runs[-1][0] == labels:

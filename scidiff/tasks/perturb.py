@@ -528,7 +528,7 @@ def _population_keeping(model, reader, plan, context, ctx_keys, seed: int, fit, 
     device = batch[1].device
     ref = _reference_cells(model, context, device)
     if ref is not None:
-        _, src, tgt = cells(fit[:1])
+        _, src, tgt = cells(fit[:1], expression=False)  # the codes alone: no fresh cell decoded for them
         inside = {k: list(v) for k, v in plan.inside.items()}  # the reference cells are not predicted cells
         x, src, tgt = ref, _first_rows(src, len(ref)), _first_rows(tgt, len(ref))
         change, _ = _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, reference=True)
@@ -693,12 +693,15 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     plans = {}
     population = method == "population"
 
-    def read(at):
+    def read(at, expression: bool = True):
         """``(x, src, tgt)`` of the input rows ``at``: the cells (fresh cells of their own
-        conditions, drawn keyed by their rows, for ``population``) and their codes."""
+        conditions, drawn keyed by their rows, for ``population``; ``None`` without
+        ``expression``) and their codes."""
         at = torch.as_tensor(at)
         src = {k: v[at].to(device) for k, v in source_codes.items()}
         tgt = {k: v[at].to(device) for k, v in cond_target.items()}
+        if not expression:
+            return None, src, tgt
         if not population:
             return cells.x[at].to(device), src, tgt
         return reader.decode(cell_normals(seed, at, model.diffusion_dim, POPULATION_STREAM).to(device), src), src, tgt
