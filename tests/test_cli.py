@@ -430,3 +430,25 @@ def test_a_refused_resume_leaves_the_runs_config_as_it_was(run, tmp_path, capsys
                  "--n-genes", "60", "--epochs", "1", "--resume"]) == 2
     assert "error" in capsys.readouterr().err
     assert (copy / "config.yaml").read_text() == before
+
+
+def test_a_fresh_run_over_a_finished_one_keeps_the_old_pair_until_it_ends(run, tmp_path, monkeypatch, capsys):
+    """A new run written into a finished run's folder replaces its config.yaml with its model.pt:
+    interrupted, the folder still holds the old model with the config that made it; finished, the
+    new pair."""
+    from scidiff.training import ScIDiffTrainer
+    from scidiff.training.checkpoint import load_model
+    root, data, out = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    before = (copy / "config.yaml").read_text()
+    args = ["train", "--data", str(data), "--condition-keys", "cell_type,condition", "--out", str(copy),
+            "--config", str(root / "small.yaml"), "--n-genes", "60", "--epochs", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(ScIDiffTrainer, "train", lambda self, epochs: (_ for _ in ()).throw(KeyboardInterrupt))
+        assert main(args) == 130
+    assert "replaced when this run ends" in capsys.readouterr().out
+    assert (copy / "config.yaml").read_text() == before
+    assert main(args) == 0
+    assert yaml.safe_load((copy / "config.yaml").read_text())["model"]["gene_dim"] == 60
+    assert load_model(str(copy)).data_spec.n_genes == 60

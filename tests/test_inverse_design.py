@@ -626,6 +626,9 @@ def test_cli_design_bad_input(perturbed, tmp_path, capsys):
     assert main(["design", "--model", str(run), "--target", "ISG15>=2", "--free-measurement", "-n", "8",
                  "--out", str(out)]) == 2
     assert "add --observed" in capsys.readouterr().err
+    assert main(["design", "--model", str(run), "--target", "ISG15>=2", "--condition", "drugs=ifn", "-n", "8",
+                 "--out", str(out)]) == 2
+    assert "--condition 'drugs=ifn': unknown condition key 'drugs'" in capsys.readouterr().err
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 

@@ -103,6 +103,8 @@ def test_generate_npz_and_h5ad_downloads(url, sampler, tmp_path):
     assert a.shape == (6, 100) and list(a.var_names) == sampler.genes
     np.testing.assert_allclose(a.X, expected, atol=1e-6)
     assert a.uns["scidiff"]["sampler"] == "dpmpp_2m" and int(a.uns["scidiff"]["seed"]) == 9
+    # the keys scidiff sample writes (its guidance is guidance_scale there too)
+    assert {"sampler", "steps", "eta", "guidance_scale", "seed", "observed", "expression"} <= set(a.uns["scidiff"])
 
 
 def test_generate_says_which_expression_it_returns(url, sampler, tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import (check_out, finite_float, nonnegative_float, nonnegative_int, parse_conditions, positive_int,
-                     seed_value)
+from .common import (check_out, finite_float, nonnegative_float, nonnegative_int, parse_conditioning,
+                     parse_conditions, positive_int, seed_value)
 
 
 def add(sub) -> None:
@@ -64,10 +64,12 @@ def add(sub) -> None:
 
 def run(args) -> None:
     from ..tasks.design.job import output_paths, run_design  # lazy: keeps --help light (torch, anndata)
+    from ..training.checkpoint import load_model  # lazy: as above
 
     check_out(output_paths(args.out)["cells"])
-    report = run_design(args.model, args.target, args.out, data=args.data,
-                        source=parse_conditions(args.source) or None, condition=parse_conditions(args.condition) or None,
+    model = load_model(args.model)
+    report = run_design(model, args.target, args.out, data=args.data, source=parse_conditions(args.source) or None,
+                        condition=parse_conditioning(model, args.condition, "--condition") or None,
                         cell_type=args.cell_type, cell_type_key=args.cell_type_key, tf_network=args.tf_network,
                         n=args.n, steps=args.steps, objective_scale=args.objective_scale,
                         backward_steps=args.backward_steps, guidance_scale=args.guidance, tolerance=args.tolerance,

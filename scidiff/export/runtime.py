@@ -754,6 +754,8 @@ class OnnxSampler:
                                       for k, v in obs.items()}, index=[f"generated_{i}" for i in range(len(x))])
                 out = ad.AnnData(X=x, obs=frame)
                 out.var_names = self.genes
-                out.uns["scidiff"] = {k: v for k, v in info.items() if v is not None}
+                # uns in scidiff sample's words: the guidance is its guidance_scale
+                uns = {("guidance_scale" if k == "guidance" else k): v for k, v in info.items()}
+                out.uns["scidiff"] = {k: v for k, v in uns.items() if v is not None}
                 return out
         return {"X": x, "genes": self.genes, "obs": obs, **info}

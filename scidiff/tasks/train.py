@@ -86,6 +86,12 @@ def effects_summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _write_config(out_dir, resolved: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_path(os.path.join(out_dir, "config.yaml"),
+                lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
+
+
 def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
           device="auto", progress: bool = True, streaming: bool = False, resume=False,
           deterministic: bool = False):
@@ -170,13 +176,16 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
                 raise
             if progress and rank == 0:
                 print(f"no checkpoint in {out_dir}; training from the start")
-    if rank == 0:  # after the resume: a refused one leaves the run's config as it was
-        os.makedirs(out_dir, exist_ok=True)
-        resolved = config.to_dict()
-        resolved["model"]["gene_dim"] = cells.spec.n_genes
-        resolved["data"]["condition_keys"] = keys
-        atomic_path(os.path.join(out_dir, "config.yaml"),
-                    lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
+    resolved = config.to_dict()
+    resolved["model"]["gene_dim"] = cells.spec.n_genes
+    resolved["data"]["condition_keys"] = keys
+    # a fresh run over a finished one writes its config.yaml with its model.pt, so that the folder's
+    # model and config always belong together (an interrupted run leaves the old pair as it was)
+    replaces = not resume and os.path.exists(os.path.join(out_dir, "model.pt"))
+    if rank == 0 and replaces and progress:
+        print(f"{out_dir} holds a finished run: its model.pt and config.yaml are replaced when this run ends")
+    if rank == 0 and not replaces:  # after the resume: a refused one leaves the run's config as it was
+        _write_config(out_dir, resolved)
     if progress and rank == 0:
         print(f"effective batch {tc.batch_size} x {world} process(es) x {tc.gradient_accumulation} accumulation = "
               f"{tc.batch_size * world * tc.gradient_accumulation} cells per step; learning rate {tc.learning_rate:g}"
@@ -190,6 +199,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
             print(f"{epochs} epochs for {len(train_cells)} training cells (min(400, 20000 x 400 / cells); "
                   "--epochs or training.num_epochs to choose)")
     trainer.train(epochs)
+    if rank == 0 and replaces:
+        _write_config(out_dir, resolved)
     fitted = (trainer.weights_kept or {}).get("final_sigma")
     if fitted and progress and rank == 0:
         print(f"generation ends at noise level {fitted['fitted']:.3f}: where generated cells lie as far from the "
