@@ -125,7 +125,7 @@ class InMemoryLoader:
 
 
 DEFAULT_CONTROLS = ("control", "ctrl")
-SCALE_TOLERANCE = 1.5  # counts for a log1p-trained model: normalised to its scale beyond this factor off it
+SCALE_TOLERANCE = 1.5  # counts for a log1p-trained model (log1p for a counts one): rescaled beyond this factor off
 
 
 # how screens name their unperturbed cells (CRISPR guides that target nothing, a drug's vehicle), by
@@ -269,7 +269,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
     for key in categorical_keys:
         col = adata.obs[key]
         control = (list(control_labels) or [None])[0] if key in perturbation_keys else None
-        check_labelled(col, key, _name(adata), control)
+        check_labelled(col, key, _name(adata), control,
+                       known=vocab[key] if vocab is not None and key in vocab else None)
         labels = col.astype(str).to_numpy()
         if key in perturbation_keys and vocab is None and check_control:
             check_controls(key, *np.unique(labels, return_counts=True), control_labels, separator, _name(adata))
@@ -280,7 +281,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
             known_list = list(vocab[key]) if vocab is not None and key in vocab else seen
             unknown = sorted(set(seen) - set(known_list))
             if unknown:
-                raise ValueError(f"obs[{key!r}] has perturbations the model never saw: {unknown[:10]}; known "
+                raise ValueError(f"obs[{key!r}] has perturbations the model never saw: {unknown[:10]} (in "
+                                 f"{_name(adata)}); known "
                                  f"single perturbations: {known_list}")
             index = {p: i for i, p in enumerate(known_list)}
             rows = torch.zeros(len(labels), len(known_list) + 1)
@@ -292,8 +294,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
             known = {v: i for i, v in enumerate(vocab[key])}
             unknown = sorted(set(labels) - set(known))
             if unknown:
-                raise ValueError(f"obs[{key!r}] has values the model does not know: {unknown[:10]}; "
-                                 f"{known_values(unknown[0], vocab[key])}")
+                raise ValueError(f"obs[{key!r}] has values the model does not know: {unknown[:10]} (in "
+                                 f"{_name(adata)}); {known_values(unknown[0], vocab[key])}")
             vocabs[key] = list(vocab[key])
         else:
             _perturbation_hint(key, set(labels), controls, separator, _name(adata))
@@ -416,36 +418,69 @@ def log_total(x, rows: int = 65536) -> float | None:
     return float(np.log(totals).mean()) if len(totals) else None
 
 
-def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: bool | None = None,
-                   condition_keys=None, input_kind: str = "auto") -> CellData:
-    """Bring new cells into an existing model's gene space (same genes, normalisation, scaling,
-    vocabularies). Missing genes and unknown covariate values are errors that name them. Counts
-    for a model trained on log1p values are normalised to those values' scale (their mean log
-    total on the model's genes, :attr:`DataSpec.log_total`), with a warning, where 10,000 per
-    cell would put them more than ``SCALE_TOLERANCE`` times off it."""
-    if not isinstance(adata, ad.AnnData):
-        adata = read_h5ad(adata)
+def source_like(spec: DataSpec, adata: ad.AnnData, layer: str | None = None,
+                use_raw: bool | None = None) -> tuple[str | None, bool]:
+    """Where new cells' expression is read, ``(layer, use_raw)``: as given, or, with neither
+    given, where the model's training cells were read (``spec.source``) where ``adata`` has it,
+    else ``X``."""
     if layer is None and use_raw is None:
         layer, use_raw = spec.source.get("layer"), spec.source.get("use_raw", False)
         if layer and layer not in adata.layers:
             layer = None
         if use_raw and adata.raw is None:
             use_raw = False
+    return layer, bool(use_raw)
+
+
+def _raw_hint(spec: DataSpec, adata: ad.AnnData, use_raw: bool) -> str:
+    """Where genes the model needs are missing from ``X`` but ``.raw`` (scanpy's layout: ``X`` on
+    the highly variable genes, ``.raw`` on all) holds them all: how to read it."""
+    if use_raw or adata.raw is None:
+        return ""
+    raw_var = var_of(adata, True)
+    names, have = spec.names_in(raw_var.index, raw_var), set(map(str, raw_var.index))
+    return "; the file's .raw holds them all: pass --use-raw / use_raw=True" if set(names) <= have else ""
+
+
+def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: bool | None = None,
+                   condition_keys=None, input_kind: str = "auto") -> CellData:
+    """Bring new cells into an existing model's gene space (same genes, normalisation, scaling,
+    vocabularies). Missing genes and unknown covariate values are errors that name them. Counts
+    for a model trained on log1p values are normalised to those values' scale (their mean log
+    total on the model's genes, :attr:`DataSpec.log_total`), with a warning, where 10,000 per
+    cell would put them more than ``SCALE_TOLERANCE`` times off it; log1p values for a model
+    trained on counts are rescaled to the counts' scale alike (normalised to another total than
+    ``target_sum``, as scanpy's ``normalize_total`` does by default: the median)."""
+    if not isinstance(adata, ad.AnnData):
+        adata = read_h5ad(adata)
+    layer, use_raw = source_like(spec, adata, layer, use_raw)
     target_sum = spec.target_sum or 1e4
     matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)
     var = var_of(adata, bool(use_raw))
-    x = dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))])
-    new_total = log_total(x) if kind == "counts" and spec.input_kind == "log1p" and spec.log_total is not None \
-        else None
+    try:
+        columns = gene_columns(var_names, spec.names_in(var_names, var))
+    except KeyError as exc:
+        raise KeyError(f"{exc.args[0]} (read from {'raw/X' if use_raw else f'layers/{layer}' if layer else 'X'} of "
+                       f"{_name(adata)}){_raw_hint(spec, adata, use_raw)}") from None
+    x = dense(matrix[:, columns])
+    new_total = log_total(x) if kind != spec.input_kind and spec.log_total is not None else None
     if new_total is not None:
-        # counts for a model trained on log1p values: normalised to the scale those values had (the
+        # counts for a model trained on log1p values, or log1p values (normalised to a total of their
+        # own) for a model trained on counts: brought to the scale the training cells had (the
         # normalisation is linear in its target: the cells' values rescaled, not the file read again)
         factor = float(np.exp(spec.log_total - new_total))
         if abs(np.log(factor)) > np.log(SCALE_TOLERANCE):
-            warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum * factor:,.0f} per cell, "
-                          f"not {target_sum:,.0f}: the model was trained on log1p values of that scale (their "
-                          f"totals on its genes)", stacklevel=2)
             x = np.log1p(np.expm1(x) * np.float32(factor))
+            if kind == "counts":
+                warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum * factor:,.0f} per cell, "
+                              f"not {target_sum:,.0f}: the model was trained on log1p values of that scale (their "
+                              f"totals on its genes)", stacklevel=2)
+            else:
+                warnings.warn(f"the log1p values of {_name(adata)} look normalised to about {target_sum / factor:,.0f} "
+                              f"per cell (their totals on the model's genes), not the {target_sum:,.0f} of the "
+                              f"model's training counts: rescaled {factor:.3g}-fold to that scale; pass their raw "
+                              f"counts (--layer NAME / layer=..., or --use-raw / use_raw=True) to read them exactly",
+                              stacklevel=2)
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,

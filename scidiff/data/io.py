@@ -51,6 +51,20 @@ def _read_10x(path: str) -> ad.AnnData:
     return adata
 
 
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k {path}"), b"PK\x03\x04": ("zip", "unzip {path}")}
+
+
+def _check_not_compressed(path: str) -> None:
+    """Refuse a compressed file (GEO's ``.h5ad.gz``) with how to decompress it: HDF5 reads only the
+    file itself, and libhdf5's own message would be ``file signature not found``."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    for prefix, (kind, command) in _COMPRESSED.items():
+        if magic.startswith(prefix):
+            raise ValueError(f"{path!r} is {kind}-compressed, not an .h5ad or 10x .h5 file itself: decompress it "
+                             f"first (`{command.format(path=path)}`) and pass the file it holds")
+
+
 def check_matrices(adata: ad.AnnData, source: str) -> None:
     """Check every sparse matrix of ``adata`` (``X``, layers, ``raw.X``) (:func:`check_sparse`)."""
     check_sparse(adata.X, source, "X", adata.obs_names, adata.var_names)
@@ -68,6 +82,7 @@ def read_h5ad(path) -> ad.AnnData:
         raise FileNotFoundError(f"no such file: {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"{path!r} is a folder, not an .h5ad file")
+    _check_not_compressed(path)
     check_hdf5_file(path)  # damaged metadata can crash or hang libhdf5: probed in a child first
     if _is_10x_h5(path):
         adata = _read_10x(path)

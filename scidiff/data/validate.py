@@ -132,12 +132,14 @@ def _cell_name(names: Callable[[int], str | None], row: int) -> str:
 
 
 def check_labelled(col, key: str, where: str, control: str | None = None,
-                   names: Callable[[int], str | None] | None = None) -> None:
+                   names: Callable[[int], str | None] | None = None, known=None) -> None:
     """Every cell has a label in ``obs[key]``; otherwise the error names how many cells miss one,
     the first few, and the two ways out (cells without a label cannot be conditioned on): drop
     them, or label them ('unknown'; for a perturbation, ``control``, its control label, where a
     screen leaves the unperturbed cells unlabelled). ``names(row)``: the cells' names where
-    ``col``'s index does not hold them (a streamed file's obs, read without its index)."""
+    ``col``'s index does not hold them (a streamed file's obs, read without its index).
+    ``known``: a trained model's labels of ``key`` (cells given to a model): a label of their own
+    is then no way out, one of these is."""
     missing = np.asarray(col.isna())
     if not missing.any():
         return
@@ -147,7 +149,12 @@ def check_labelled(col, key: str, where: str, control: str | None = None,
         cells = [_cell_name(names, i) for i in np.flatnonzero(missing)[:3]]
     more = f" and {int(missing.sum()) - 3} more" if missing.sum() > 3 else ""
     drop = f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`)"
-    if control is None:
+    if control is None and known is not None:
+        known = [str(v) for v in known]
+        fill = known[0] if known else "unknown"
+        way = (f"give them one of the labels the model knows ({known[:10]}"
+               + (f" and {len(known) - 10} more" if len(known) > 10 else "") + ")")
+    elif control is None:
         fill, way = "unknown", "give them a label of their own"
     else:
         fill, way = control, "where a missing value means no perturbation (not an undetected guide), call them control"

@@ -12,20 +12,23 @@ strength is the one chosen by molecular cross-validation in ``bench/bench_denois
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
 from ..data.gene_symbols import var_of
-from ..data.preprocess import dense, detect_input, expression_matrix, gene_columns
+from ..data.dataset import source_like
+from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
 from ..models.cell_draws import cell_normals
-from .cells import model_cells
+from .cells import model_cells, model_spec, read_cells
 
 DEFAULT_STRENGTH = 0.3
 NOISE_STREAM = 9  # the forward process's noise (scidiff.models.cell_draws)
@@ -77,6 +80,21 @@ class _PoissonGuided:
         return (x0 + self.weight * (1 - ab) * grad / rms).detach()
 
 
+def _keep_input(result: ad.AnnData, adata: ad.AnnData, spec, use_raw: bool) -> None:
+    """What the output keeps of the input beside its ``obs``: each model gene's columns of the
+    input's ``var`` (the gene matched by ID or symbol, :meth:`~scidiff.data.DataSpec.names_in`),
+    ``obsm`` (embeddings, cells in the same order) and ``uns``."""
+    var = var_of(adata, use_raw)
+    names = spec.names_in([str(g) for g in var.index], var)
+    rows = var.reindex(pd.Index(names))  # every name is in var: transform_like found them all
+    for column in var.columns:
+        if column not in result.var.columns:
+            result.var[column] = rows[column].to_numpy()
+    for key in adata.obsm.keys():
+        result.obsm[key] = adata.obsm[key].copy()
+    result.uns.update(copy.deepcopy({k: v for k, v in adata.uns.items() if k != "scidiff_source"}))
+
+
 @torch.no_grad()
 def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "sdedit", n_samples: int = 1,
             likelihood_weight: float = 1.0, steps: int = 50, seed: int = 0, layer: str | None = None,
@@ -98,15 +116,20 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if method not in ("sdedit", "posterior"):
         raise ValueError(f"method must be 'sdedit' or 'posterior', got {method!r}")
+    spec, adata = model_spec(model), read_cells(adata)
+    # the matrix the cells are read from, the model's own by default (its training layer or .raw)
+    layer, use_raw = source_like(spec, adata, layer, use_raw)
     spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
     counts = library = None
     if method == "posterior":
-        matrix, var_names, where = expression_matrix(adata, layer, bool(use_raw))
-        if detect_input(matrix, where) != "counts":
-            raise ValueError(f"{where} holds log-normalised values; the posterior method needs raw counts "
-                             "(pass layer='counts' or use method='sdedit')")
+        matrix, var_names, where = expression_matrix(adata, layer, use_raw)
+        if detect_input(matrix, f"{where} of {_name(adata)}") != "counts":
+            raise ValueError(f"{where} of {_name(adata)} holds log-normalised values; the posterior method needs raw "
+                             f"counts: pass the counts' layer (--layer NAME / layer=...; layers in the file: "
+                             f"{list(adata.layers) or 'none'}) or .raw (--use-raw / use_raw=True), or use "
+                             "--method sdedit / method='sdedit'")
         library = torch.from_numpy(np.asarray(matrix.sum(1)).ravel().astype(np.float32))
-        var = var_of(adata, bool(use_raw))
+        var = var_of(adata, use_raw)
         counts = torch.from_numpy(dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))]))
     model.eval()
     device = next(model.parameters()).device
@@ -137,6 +160,7 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
         out[sl] = (acc / n_samples).cpu().numpy()
     result = cells.to_anndata()
     result.obs_names = adata.obs_names
+    _keep_input(result, adata, spec, use_raw)
     result.layers[key_added] = out
     result.uns["scidiff_denoise"] = {"method": method, "strength": float(strength), "n_samples": int(n_samples),
                                      "likelihood_weight": float(likelihood_weight), "steps": int(steps),
