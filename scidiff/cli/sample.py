@@ -46,6 +46,17 @@ def add(sub):
                    help="with a folder: also concatenate the shards into FOLDER/generated.h5ad")
 
 
+def _ddim_eta(args, settings: dict) -> dict:
+    """``eta`` is DDIM's alone: ``--eta`` with another sampler is an error (it would be ignored);
+    an ``eta`` of the config's sampling section does not follow ``--sampler`` to another sampler."""
+    if settings["sampler"] != "ddim":
+        if args.eta:
+            raise ValueError(f"--eta applies to --sampler ddim only; the sampler is {settings['sampler']!r} "
+                             f"(leave --eta out, or add --sampler ddim)")
+        settings = {**settings, "eta": 0.0}
+    return settings
+
+
 def _observed(args) -> bool | None:
     """``--observed`` / ``--smooth`` as the ``observed`` argument (``None``: the model's default)."""
     return True if args.observed else False if args.smooth else None
@@ -100,7 +111,7 @@ def run(args):
     from ..training import load_model  # lazy: keeps --help light (torch, anndata)
     from ..training.trainer import resolve_device  # lazy: keeps --help light (torch, anndata)
 
-    settings = sampling_settings(args)  # a bad --config fails before the model loads
+    settings = _ddim_eta(args, sampling_settings(args))  # a bad --config fails before the model loads
     sharded = _sharded_output(args.out)
     check_out(args.out, folder=sharded)
     model = load_model(args.model, map_location=str(resolve_device(args.device)))

@@ -63,10 +63,12 @@ def run_demo(out_dir: str = "demo_out", epochs: int = 400, seed: int = 0, progre
     parts, gen_labels = [], []
     for i, ct in enumerate(sorted(set(labels))):
         n = int((labels == ct).sum())
-        parts.append(generate(model, n, {"bulk_labels": ct}, seed=seed + i, progress=False, observed=observed))
+        part = generate(model, n, {"bulk_labels": ct}, seed=seed + i, progress=False, observed=observed)
+        part.obs_names = [f"{name}-{i}" for name in part.obs_names]  # as scidiff sample names several groups
+        parts.append(part)
         gen_labels += [ct] * n
-    generated = ad.concat(parts, index_unique=None, uns_merge="same")  # uns: what the groups share
-    generated.obs_names_make_unique()
+    # uns: the first group's, as scidiff sample records them (seed: the first group's; group i: seed + i)
+    generated = ad.concat(parts, index_unique=None, uns_merge="first")
     write_h5ad(generated, os.path.join(out_dir, "generated.h5ad"))
 
     real = log_expression_of(adata.raw.to_adata(), model.data_spec.gene_names)

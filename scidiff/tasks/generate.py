@@ -25,15 +25,44 @@ from .cells import model_spec
 
 def _per_cell(value) -> bool:
     """Whether a condition's value gives one label per cell (as ``model.sample`` takes them)."""
-    return isinstance(value, (list, tuple, np.ndarray, pd.Series, pd.Index, torch.Tensor))
+    return isinstance(value, (list, tuple, np.ndarray, pd.Series, pd.Index, pd.Categorical, torch.Tensor))
+
+
+def _as_labels(spec, condition: dict) -> dict:
+    """``condition`` with per-cell values as lists and categorical codes (an int, a code tensor,
+    multi-hot perturbation rows) as the labels they stand for, so that ``obs`` and the training
+    groups a mixture is drawn from see labels (``{"cell_type": 2}`` is the vocabulary's third
+    label, not a cell type ``"2"``), and a list of one label as that label for every cell. Labels
+    given as text stay as written."""
+    out = {}
+    for key, value in condition.items():
+        if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+            value = value.item()
+        per_cell = _per_cell(value)
+        if per_cell and not isinstance(value, torch.Tensor):
+            value = value.tolist() if hasattr(value, "tolist") else list(value)
+        values = value if isinstance(value, list) else [value]
+        if key in spec.categorical and not all(isinstance(v, str) for v in values):
+            rows = len(value) if per_cell else 1
+            labels = spec.decode_conditions(spec.encode_conditions({key: value}, rows))[key]
+            value = labels if per_cell else labels[0]
+        elif isinstance(value, torch.Tensor):
+            value = value.tolist()
+        if isinstance(value, list) and len(value) == 1:  # one label broadcast to every cell, as model.sample
+            value = value[0]
+        out[key] = value
+    return out
 
 
 def _check_generate(model: ScIDiffModel, n: int, condition: dict | None) -> dict:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an integer number of cells, got {n!r}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    condition = dict(condition or {})
+    spec = model_spec(model)
+    condition = _as_labels(spec, dict(condition or {}))
     per_cell = any(_per_cell(v) for v in condition.values())
-    model_spec(model).encode_conditions(condition, n if per_cell else 1)  # validate labels before any work
+    spec.encode_conditions(condition, n if per_cell else 1)  # validate labels before any work
     return condition
 
 
@@ -52,13 +81,19 @@ def _runs(n: int, condition: dict) -> list[tuple[dict, int]]:
     return runs
 
 
-def _runner(model, engine, sampler, steps, eta, guidance_scale):
+def _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size=None):
     """``(model, engine or None, settings)``: ``model`` may be a :class:`SamplingEngine` (its
-    settings then apply), ``engine=True`` makes one from the settings."""
+    settings then apply), ``engine=True`` makes one from the settings. Off CUDA that engine draws
+    in ``chunk_size`` chunks, as the plain sampler does, so both give the same cells for a seed
+    (on CUDA it keeps its own large batches: its noise is the kernel's there)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if isinstance(model, SamplingEngine):
         engine, model = model, model.model
     elif engine is True:
-        engine = SamplingEngine(model, sampler, steps, eta=eta, guidance_scale=guidance_scale)
+        cuda = next(model.parameters()).device.type == "cuda"
+        engine = SamplingEngine(model, sampler, steps, eta=eta, guidance_scale=guidance_scale,
+                                chunk_size=None if cuda else chunk_size)
     elif engine in (None, False):
         engine = None
     elif not isinstance(engine, SamplingEngine):
@@ -125,8 +160,10 @@ def expression_note(model, observed: bool) -> str:
 
 
 def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) -> dict:
-    steps = settings["steps"]
-    uns = {"sampler": settings["sampler"], "steps": -1 if steps is None else int(steps), "eta": float(settings["eta"]),
+    steps, sampler = settings["steps"], settings["sampler"]
+    steps = model.num_timesteps if steps is None else min(int(steps), model.num_timesteps)  # None: all T
+    eta = float(settings["eta"]) if sampler == "ddim" else 0.0  # the other samplers have no eta
+    uns = {"sampler": sampler, "steps": steps, "eta": eta,
            "guidance_scale": float(settings["guidance_scale"]), "seed": int(seed), "observed": bool(observed),
            "expression": expression_note(model, observed)}
     if engine is not None:
@@ -179,7 +216,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     memory use :func:`generate_to_file`."""
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
+    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     (condition,) = plan_groups(model, n, [condition], seed)
     observed = model.resolve_observed(observed)
     parts, labels = [], []
@@ -208,7 +245,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``, ``i`` counted from
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
+    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
@@ -263,7 +300,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     ``out_dir/manifest.json`` and, with ``merge``, one ``out_dir/generated.h5ad`` concatenated
     on disk (bounded memory). Returns the manifest on rank 0, ``None`` elsewhere.
     :func:`read_generated` opens the result."""
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale)
+    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:

@@ -1,0 +1,157 @@
+"""Generating cells as a first-time user would: labels given as codes or as pandas columns, the
+engine against the plain sampler past one engine chunk, what ``uns['scidiff']`` records, and
+``scidiff sample``'s ``--eta`` with samplers that have none."""
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import scidiff
+from scidiff.cli import main
+from scidiff.data import setup_anndata
+from scidiff.models import ScIDiffModel
+from scidiff.tasks import generate as generation
+from scidiff.training.distillation import distil
+from test_generate_mixture import _cells  # the same five groups
+
+FAST = {"steps": 3, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return setup_anndata(_cells(), condition_keys=["cell_type", "condition"])
+
+
+@pytest.fixture(scope="module")
+def model(cells):
+    torch.manual_seed(0)
+    return ScIDiffModel.from_data(cells, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=50).eval()
+
+
+def _records(obs: pd.DataFrame) -> list:
+    return obs.astype(str).to_dict("records")
+
+
+def test_a_label_given_as_its_code_is_labelled_and_mixed_as_the_label(model):
+    code = model.data_spec.categorical["cell_type"].index("b")
+    by_label = generation.generate(model, 24, {"cell_type": "b"}, seed=2, **FAST)
+    for code_form in (code, np.int64(code), torch.tensor([code]), torch.tensor(code)):
+        by_code = generation.generate(model, 24, {"cell_type": code_form}, seed=2, **FAST)
+        assert list(by_code.obs.columns) == ["cell_type", "condition"]  # the mixture filled the condition
+        assert _records(by_code.obs) == _records(by_label.obs)
+        np.testing.assert_array_equal(by_code.X, by_label.X)
+
+
+def test_one_label_per_cell_as_codes_or_pandas_columns(model):
+    vocab = model.data_spec.categorical["cell_type"]
+    labels = ["a", "b", "b", "c"]
+    ref = generation.generate(model, 4, {"cell_type": labels}, seed=1, **FAST)
+    for per_cell in (pd.Series(labels, dtype="category"), pd.Categorical(labels), np.array(labels),
+                     torch.tensor([vocab.index(v) for v in labels])):
+        got = generation.generate(model, 4, {"cell_type": per_cell}, seed=1, **FAST)
+        assert got.obs["cell_type"].astype(str).tolist() == labels
+        np.testing.assert_array_equal(got.X, ref.X)
+
+
+def test_bad_n_and_chunk_size_are_named(model):
+    with pytest.raises(TypeError, match="n must be an integer"):
+        generation.generate(model, 5.0, **FAST)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        generation.generate(model, 5, chunk_size=0, **FAST)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
+def test_engine_gives_the_plain_cells_past_one_engine_chunk(model, sampler):
+    # the engine's own CPU chunk is 1,024 cells; the plain sampler's 4,096: the draws must line up
+    plain = generation.generate(model, 1100, {"cell_type": "a", "condition": "stim"}, sampler=sampler, seed=3,
+                                **FAST)
+    engine = generation.generate(model, 1100, {"cell_type": "a", "condition": "stim"}, sampler=sampler, seed=3,
+                                 engine=True, **FAST)
+    assert plain.uns["scidiff"]["observed"] and engine.uns["scidiff"]["observed"]
+    np.testing.assert_allclose(engine.X, plain.X, atol=1e-5)
+    small = generation.generate(model, 40, {"cell_type": "b"}, seed=3, chunk_size=16, engine=True, **FAST)
+    np.testing.assert_allclose(small.X, generation.generate(model, 40, {"cell_type": "b"}, seed=3, chunk_size=16,
+                                                            **FAST).X, atol=1e-5)
+
+
+def test_uns_records_the_steps_walked_and_eta_only_for_ddim(model):
+    every = generation.generate(model, 3, {"cell_type": "a", "condition": "ctrl"}, sampler="ddim",
+                                steps=None, progress=False)
+    assert every.uns["scidiff"]["steps"] == model.num_timesteps  # None: all T, not -1
+    heun = generation.generate(model, 3, {"cell_type": "a", "condition": "ctrl"}, sampler="heun", eta=0.5,
+                               **FAST)
+    assert heun.uns["scidiff"]["eta"] == 0.0  # heun has no eta: none was applied
+    ddim = generation.generate(model, 3, {"cell_type": "a", "condition": "ctrl"}, sampler="ddim", eta=0.5,
+                               **FAST)
+    assert ddim.uns["scidiff"]["eta"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, cells, tmp_path_factory):
+    """The model with a 2-step student, saved as a run whose config samples with DDIM, eta 0.5."""
+    run = tmp_path_factory.mktemp("run")
+    model.student = distil(model, cells, steps=2, start_steps=4, iterations_per_round=2, batch_size=16,
+                           progress=False)
+    try:
+        scidiff.save_model(model, run)
+    finally:
+        model.student = None
+    (run / "config.yaml").write_text(yaml.safe_dump({"sampling": {"sampler": "ddim", "steps": 3, "eta": 0.5}}))
+    return run
+
+
+def test_sample_refuses_eta_for_a_sampler_without_one(run_dir, tmp_path, capsys):
+    out = tmp_path / "x.h5ad"
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "dpmpp_2m", "--eta", "0.7",
+                 "--out", str(out)]) == 2
+    assert "--eta applies to --sampler ddim only" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_configs_ddim_eta_does_not_follow_another_sampler(run_dir, tmp_path):
+    out = tmp_path / "d.h5ad"
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "distilled", "--out", str(out)]) == 0
+    assert ad.read_h5ad(out).uns["scidiff"]["sampler"] == "distilled"
+    out = tmp_path / "h.h5ad"
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "heun", "--out", str(out)]) == 0
+    assert ad.read_h5ad(out).uns["scidiff"]["eta"] == 0.0
+    out = tmp_path / "c.h5ad"
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--out", str(out)]) == 0
+    assert ad.read_h5ad(out).uns["scidiff"]["eta"] == 0.5  # the config's DDIM keeps its eta
+
+
+def test_a_list_of_one_label_is_that_label_for_every_cell(model):
+    one = generation.generate(model, 40, {"cell_type": ["b"]}, seed=5, **FAST)
+    ref = generation.generate(model, 40, {"cell_type": "b"}, seed=5, **FAST)
+    assert set(one.obs["condition"]) == {"ctrl", "stim"}  # b's two training groups, not one drawn for 1 cell
+    assert _records(one.obs) == _records(ref.obs)
+    np.testing.assert_array_equal(one.X, ref.X)
+
+
+def test_the_demo_writes_its_cells_as_scidiff_sample_names_and_records_them(tmp_path, monkeypatch):
+    import warnings
+
+    import scanpy as sc
+
+    import scidiff.tasks.demo as demo
+
+    def tiny_train(adata, out_dir, config, epochs, progress):
+        data = setup_anndata(adata.raw.to_adata(), condition_keys=["bulk_labels"], n_top_genes=40)
+        torch.manual_seed(0)
+        return ScIDiffModel.from_data(data, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=20).eval()
+
+    metrics = {c: 0.0 for c in ["mmd", "energy_distance", "fid", "classifier_auc", "mean_correlation",
+                                "var_correlation", "gene_correlation"]}
+    monkeypatch.setattr(demo, "train", tiny_train)
+    monkeypatch.setattr(demo, "evaluate_generation_quality", lambda *a, **k: {**metrics, "per_cell_type": {}})
+    monkeypatch.setattr(demo, "report_plots", lambda *a, **k: None)
+    monkeypatch.setattr(demo, "generate", lambda *a, **k: generation.generate(*a, **{**k, "steps": 2}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Observation names are not unique")
+        demo.run_demo(str(tmp_path), epochs=1, seed=7, progress=False)
+    generated = ad.read_h5ad(tmp_path / "generated.h5ad")
+    assert generated.n_obs == sc.datasets.pbmc68k_reduced().n_obs and generated.obs_names.is_unique
+    assert generated.obs_names[0] == "generated_0-0" and generated.obs_names[-1].endswith(f"-{9}")
+    assert generated.uns["scidiff"]["seed"] == 7 and generated.uns["scidiff"]["steps"] == 2
