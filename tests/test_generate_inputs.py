@@ -155,3 +155,32 @@ def test_the_demo_writes_its_cells_as_scidiff_sample_names_and_records_them(tmp_
     assert generated.n_obs == sc.datasets.pbmc68k_reduced().n_obs and generated.obs_names.is_unique
     assert generated.obs_names[0] == "generated_0-0" and generated.obs_names[-1].endswith(f"-{9}")
     assert generated.uns["scidiff"]["seed"] == 7 and generated.uns["scidiff"]["steps"] == 2
+
+
+def test_model_sample_takes_obs_columns_and_refuses_a_bad_number_of_cells(model):
+    labels = ["a", "b", "b", "c"]
+    ref = model.sample(4, {"cell_type": labels}, steps=3, seed=1)
+    for column in (pd.Series(labels), pd.Series(labels, dtype="category"), pd.Categorical(labels), pd.Index(labels)):
+        torch.testing.assert_close(model.sample(4, {"cell_type": column}, steps=3, seed=1), ref, rtol=0, atol=0)
+    for bad in (0, -1, "3", 2.0, True):
+        with pytest.raises(ValueError, match="batch_size .* must be an integer >= 1"):
+            model.sample(bad, steps=3)
+
+
+def test_a_seed_left_out_is_drawn_and_recorded(model):
+    first = generation.generate(model, 6, {"cell_type": "a"}, seed=None, **FAST)
+    seed = first.uns["scidiff"]["seed"]
+    again = generation.generate(model, 6, {"cell_type": "a"}, seed=seed, **FAST)
+    np.testing.assert_array_equal(first.X, again.X)
+    assert generation.generate(model, 6, {"cell_type": "a"}, seed=None, **FAST).uns["scidiff"]["seed"] != seed
+
+
+def test_one_condition_with_a_key_twice_and_a_student_that_cannot_halve_are_named(run_dir, tmp_path, capsys):
+    out = tmp_path / "x.h5ad"
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--condition", "cell_type=a,cell_type=b",
+                 "--out", str(out)]) == 2
+    assert "'cell_type' is given twice in 'cell_type=a,cell_type=b'" in capsys.readouterr().err
+    assert main(["distil", "--model", str(run_dir), "--data", str(tmp_path / "cells.h5ad"), "--steps", "4",
+                 "--start-steps", "6", "--out", str(tmp_path / "s.pt")]) == 2
+    assert "--start-steps 6 with --steps 4: start_steps must be steps times a power of two" in capsys.readouterr().err
+    assert not out.exists()

@@ -119,3 +119,15 @@ def test_genes_missing_from_x_but_in_raw_say_use_raw():
         denoise(model, small, steps=5, progress=False)
     out = denoise(model, small, use_raw=True, method="posterior", steps=5, progress=False)
     assert out.n_vars == 30
+
+
+def test_cells_without_a_covariate_column_are_denoised_under_the_null_condition_with_a_warning():
+    adata = _cells()
+    model = _model(adata, layer="counts")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the column there: no word
+        denoise(model, adata, steps=5, progress=False)
+    bare = adata.copy()
+    del bare.obs["cell_type"]
+    with pytest.warns(UserWarning, match=r"has no column \['cell_type'\] of the model's covariates.*null condition"):
+        denoise(model, bare, steps=5, progress=False)

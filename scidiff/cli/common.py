@@ -123,6 +123,9 @@ def parse_conditions(text: str | None) -> dict[str, str]:
         if "=" not in part:
             raise ValueError(f"conditions are written key=value[,key=value]; got {part!r}")
         key, value = part.split("=", 1)
+        if key.strip() in out:
+            raise ValueError(f"{key.strip()!r} is given twice in {text!r}; one value per key (for several groups, "
+                             "repeat the flag)")
         out[key.strip()] = value.strip()
     return out
 

@@ -36,13 +36,18 @@ def run(args):
     from ..tasks.cells import model_cells  # lazy: keeps --help light (torch, anndata)
     from ..training import load_model  # lazy: keeps --help light (torch)
     from ..training.checkpoint import save_student  # lazy: keeps --help light (torch)
-    from ..training.distillation import distil  # lazy: keeps --help light (torch)
+    from ..training.distillation import distil, halving_rounds  # lazy: keeps --help light (torch)
     from ..training.trainer import resolve_device  # lazy: keeps --help light (torch)
 
     out = check_out(args.out) if args.out is not None else None
     model = load_model(args.model, map_location=resolve_device(args.device))
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
+    if not args.from_student:  # before the cells are read
+        try:
+            halving_rounds(args.steps, args.start_steps, model.num_timesteps)
+        except ValueError as exc:
+            raise ValueError(f"--start-steps {args.start_steps} with --steps {args.steps}: {exc}") from None
     _, _, cells = model_cells(model, args.data, layer=args.layer, use_raw=args.use_raw)
     student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,

@@ -220,6 +220,8 @@ class DataSpec:
         condition). A continuous value outside the training range warns, naming the range."""
         out: dict[str, torch.Tensor] = {}
         for key, value in (conditioning or {}).items():
+            if isinstance(value, (pd.Series, pd.Index, pd.Categorical)):  # an obs column: its labels
+                value = np.asarray(value, dtype=object if key in self.categorical else np.float32)
             if key in self.continuous:
                 t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
                 self._check_range(key, t)

@@ -526,6 +526,8 @@ class ScIDiffModel(nn.Module):
         cannot measure. ``final_sigma``: the noise level the walk ends at (``None``: the model's
         own, :meth:`fit_final_sigma`; 0: clean data).
         """
+        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
+            raise ValueError(f"batch_size (the number of cells) must be an integer >= 1, got {batch_size!r}")
         if sampler not in SAMPLERS and sampler != "distilled":
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
         student = distilled_student(self.student, steps, eta) if sampler == "distilled" else None

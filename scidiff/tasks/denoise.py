@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -120,6 +121,11 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     # the matrix the cells are read from, the model's own by default (its training layer or .raw)
     layer, use_raw = source_like(spec, adata, layer, use_raw)
     spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
+    missing = [k for k in (*spec.categorical, *spec.continuous) if k not in adata.obs]
+    if missing:
+        warnings.warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are "
+                      "denoised under the model's null condition for them (add the column to condition on it)",
+                      stacklevel=2)
     counts = library = None
     if method == "posterior":
         matrix, var_names, where = expression_matrix(adata, layer, use_raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 
 import anndata as ad
 import h5py
@@ -21,6 +22,11 @@ from ..models import ScIDiffModel
 from ..training import distributed
 from ._keywords import no_other_keywords, renamed
 from .cells import model_spec
+
+
+def fresh_seed() -> int:
+    """A seed for ``seed=None``: drawn from the operating system, then recorded with the cells."""
+    return secrets.randbits(63)
 
 
 def _per_cell(value) -> bool:
@@ -213,9 +219,11 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (:meth:`ScIDiffModel.resolve_observed`), or smooth expression (``False``); ``uns['scidiff']``
     says which. ``engine``: ``True`` generates with a :class:`~scidiff.engine.SamplingEngine`
     made from the settings (or pass one, or pass one as ``model``). For more cells than fit in
-    memory use :func:`generate_to_file`."""
+    memory use :func:`generate_to_file`. ``seed``: ``None`` draws a fresh one, recorded in
+    ``uns['scidiff']['seed']`` so that the cells can be drawn again."""
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
+    seed = fresh_seed() if seed is None else seed
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     (condition,) = plan_groups(model, n, [condition], seed)
     observed = model.resolve_observed(observed)
@@ -246,6 +254,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
+    seed = fresh_seed() if seed is None else seed  # recorded in the file's uns
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
@@ -300,6 +309,8 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     ``out_dir/manifest.json`` and, with ``merge``, one ``out_dir/generated.h5ad`` concatenated
     on disk (bounded memory). Returns the manifest on rank 0, ``None`` elsewhere.
     :func:`read_generated` opens the result."""
+    if seed is None:
+        raise ValueError("generate_sharded needs a seed: every rank draws its share from the same one")
     model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
