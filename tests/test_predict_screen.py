@@ -15,13 +15,17 @@ TARGETS = [{"perturbation": "STAT1"}, {"perturbation": "JAK2"}, {"perturbation":
 GROUPS = {"control": 400, "STAT1": 150, "JAK2": 150, "IFNGR1": 150, "CUL3": 150}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def single_thread():
     """Tiny models run fastest on one thread (several fight over a shared machine's cores)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    yield from single_thread()
 
 
 @pytest.fixture(scope="module")

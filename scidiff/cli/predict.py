@@ -80,6 +80,10 @@ def read_targets_file(path: str) -> list[tuple[str, str]]:
             lines = fh.read().splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"--targets-file {path!r} is not a UTF-8 text file") from None
+    except FileNotFoundError:
+        raise ValueError(f"--targets-file {path!r}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"--targets-file {path!r} is a folder; give a text file of targets") from None
     out = []
     for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
@@ -307,8 +311,8 @@ def _baselines(args, model, texts):
                              f"{time_key!r}) --method linear interpolates in time")
         features = _gene_pca(train, targets, pert_key, controls, separator)
     columns = None
-    if spec is not None and pert_key in spec.perturbation_columns:
-        columns = {pert_key: spec.perturbation_columns[pert_key]}
+    if spec is not None and (pert_key in spec.perturbation_columns or time_key in spec.perturbation_columns):
+        columns = {k: spec.perturbation_columns[k] for k in (pert_key, time_key) if k in spec.perturbation_columns}
     # target by target into the file; the context joined from several covariates is not written
     return baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
                            control_labels=controls, time_key=time_key, columns=columns, out=args.out,

@@ -271,7 +271,29 @@ def perturbation_labels(adata, key: str, separator: str = "+", control_label="co
     ``control_label``), so that groups match however a file writes them."""
     controls = control_labels_of(control_label)
     distinct, index = np.unique(_labels(adata, key), return_inverse=True)
+    if numeric_column(adata, key):  # a time or dose: 4, 4.0 and "4" are one label (a prediction writes floats)
+        numbers = {number_text(c) for c in controls}
+        return np.array([controls[0] if number_text(d) in numbers else number_text(d) for d in distinct],
+                        dtype=object)[index.ravel()]
     return np.array([canonical_label(d, separator, controls) for d in distinct], dtype=object)[index.ravel()]
+
+
+def numeric_column(adata, key: str) -> bool:
+    """Whether ``obs[key]`` holds numbers (a categorical of numbers too), not labels."""
+    import pandas as pd
+
+    col = adata.obs[key]
+    dtype = col.cat.categories.dtype if isinstance(col.dtype, pd.CategoricalDtype) else col.dtype
+    return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
+
+
+def number_text(value) -> str:
+    """``4``, ``4.0`` and ``"4"`` -> ``"4.0"`` (a float's text, as a float column reads); text that
+    is no number as it is."""
+    try:
+        return str(float(str(value).strip()))
+    except ValueError:
+        return str(value)
 
 
 def _contexts(adata, context_key: str | None) -> np.ndarray:
@@ -359,6 +381,10 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     if list(map(str, train.var_names)) != list(map(str, control.var_names)):
         raise ValueError("train and control must hold the same genes in the same order")
     _refuse_perturbed(train, control, perturbation_key, control_label, separator)
+    if perturbation_key is not None and perturbation_key in target \
+            and not str(target[perturbation_key]).replace(separator, "").strip():  # not control: nothing asked for
+        raise ValueError(f"{perturbation_key}={target[perturbation_key]!r} names no perturbation; give a label, or "
+                         f"{control_labels_of(control_label)[0]!r} for the control cells")
     xc = _x(control)
     if method == "no-change":
         pred = no_change(xc)
@@ -375,6 +401,9 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
                              f"{dict(target)}")
         controls = control_labels_of(control_label)
         label = canonical_label(target[perturbation_key], separator, controls)
+        if perturbation_key in train.obs.columns and numeric_column(train, perturbation_key):  # as the labels read
+            number = number_text(target[perturbation_key])
+            label = controls[0] if number in {number_text(c) for c in controls} else number
         deltas = perturbation_deltas(train, perturbation_key, context_key=context_key, control_label=controls,
                                      separator=separator) if method != "cell-mean" else {}
         if label == controls[0]:  # the control itself, under every baseline

@@ -198,8 +198,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     combinations split at ``separator``; ``control_label``: one label or several, all taken as
     control), and groups are named by it.
     A group is one perturbation (in one context; with ``dose_key``, at one dose: ``A @ 10``); a
-    predicted group without real cells (or without real control cells in its context) is skipped
-    and listed under ``skipped``.
+    predicted group without real cells (or without real control cells in its context), or with
+    only one of either (the DEGs' Wilcoxon test needs two), is skipped and listed under ``skipped``.
 
     Returns (and writes to ``out_dir/metrics.json``): per group and averaged over groups, the
     project's metrics (:mod:`scidiff.evaluation.perturbation`: RMSE / MAE of the per-gene means,
@@ -241,10 +241,14 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         if label == control_label:
             continue
         name = _group_name(context, label, context_key)
-        if not len(real_c.rows(context, label)):
+        n_real, n_control = len(real_c.rows(context, label)), len(real_c.rows(context, control_label))
+        if not n_real:
             skipped[name] = "no real cells of this perturbation" + (" in this context" if context_key else "")
-        elif not len(real_c.rows(context, control_label)):
+        elif not n_control:
             skipped[name] = "no real control cells in this context"
+        elif n_real < 2 or n_control < 2:  # the DEGs' Wilcoxon test needs two cells a side
+            skipped[name] = ("1 real cell of this perturbation" if n_real < 2 else "1 real control cell") + \
+                (" in this context" if context_key else "") + " (the DE ranking needs at least 2)"
         else:
             groups.append((context, label, name))
     if not groups:

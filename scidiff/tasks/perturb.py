@@ -185,6 +185,11 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
     for key in spec.perturbation_keys:
         if key not in target or isinstance(target[key], (int, np.integer)):
             continue
+        if not spec.label_parts(target[key]) and not any(spec.is_control(p) for p in
+                                                         str(target[key]).split(spec.separator)):
+            # an empty label (a shell variable unset: perturbation=) is no perturbation asked for, not control
+            raise ValueError(f"{key}={target[key]!r} names no perturbation; give a label, or "
+                             f"{spec.control_labels[0]!r} for the control cells")
         vocab = set(spec.categorical[key])
         parts = spec.label_parts(target[key])
         new = [p for p in parts if p not in vocab]
@@ -735,6 +740,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     for key in spec.perturbation_keys:  # a label as asked for (the data's own spelling: GEARS' A+ctrl)
         if isinstance(condition.get(key), str):
             obs[key] = pd.Categorical([condition[key]] * n)
+    obs = _described_columns_set(spec, obs, condition)
     obs["scidiff_route"] = pd.Categorical(routes.astype(str))
     obs["scidiff_confidence"] = confidence
     result = ad.AnnData(X=out, obs=obs)
@@ -746,6 +752,18 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         "target": {k: str(v) for k, v in condition.items()},
         **_transfers(model, plans, ctx_keys)}
     return result
+
+
+def _described_columns_set(spec, obs: pd.DataFrame, condition: dict) -> pd.DataFrame:
+    """``obs`` with each column that describes a perturbation or time of ``condition`` in the
+    training cells (:attr:`~scidiff.data.DataSpec.perturbation_columns`: Papalexi's ``target``,
+    Klein's ``day``) set from the target, never left at the control cell's value; missing where
+    the target gives it no value (a combination, an unseen label, a guide column, a day never
+    measured)."""
+    from .screen import set_perturbation_columns  # lazy: screen imports this module
+
+    return set_perturbation_columns(obs, getattr(spec, "perturbation_columns", None) or {}, condition,
+                                    separator=spec.separator, control_labels=spec.control_labels)
 
 
 def _check_control_cells(spec, source_codes: dict, condition: dict, adata) -> None:

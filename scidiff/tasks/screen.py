@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
 from ..data.spec import describing_columns, lookup_label
-from ..evaluation.perturbation import predict_baseline
+from ..evaluation.perturbation import number_text, numeric_column, predict_baseline
 from .cells import read_cells
 from .perturb import perturb
 
@@ -238,23 +238,26 @@ def check_control_labels(key: str, control_labels, files: dict, *, required: str
     """The labels of ``control_labels`` that some cell carries in ``obs[key]`` of the AnnData in
     ``files`` (``{name: adata}``; one without the column is passed over). Warns naming each label
     no cell of any of them carries; refuses when no cell of ``files[required]`` carries any."""
-    present = {}
+    present, numeric = {}, False
     for what, adata in files.items():
         if adata is not None and key in adata.obs.columns:
             present[what] = set(adata.obs[key].astype(str).str.strip())
+            if numeric_column(adata, key):  # a time or dose: '2' names day 2.0, as the labels read
+                numeric, present[what] = True, {number_text(v) for v in present[what]}
     if required is not None and required not in present:
         adata = files[required]
         raise KeyError(f"obs key {key!r} is not in {required}; available obs keys: {list(adata.obs.columns)}")
     carried = set().union(*present.values()) if present else set()
+    read = {c: number_text(c) if numeric else c for c in control_labels}
     for c in control_labels:
-        if present and c not in carried:
+        if present and read[c] not in carried:
             common = sorted(carried)[:8]
             warnings.warn(f"control label {c!r} matches no cell of {' or '.join(present)} (obs[{key!r}] holds "
                           f"{common}{' ...' if len(carried) > 8 else ''})", stacklevel=2)
-    if required is not None and not set(control_labels) & present[required]:
+    if required is not None and not set(read.values()) & present[required]:
         raise ValueError(f"no cell of {required} carries a control label {list(control_labels)} in obs[{key!r}]; "
                          f"the baselines need its control cells (--control-labels){control_hint(present[required])}")
-    return [c for c in control_labels if c in carried]
+    return [c for c in control_labels if read[c] in carried]
 
 
 def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbation_key: str | None = None,
@@ -267,18 +270,22 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     (then ``(cells, genes)`` is returned). ``control_labels``: every one is taken as control (the
     first names it); labels are matched in canonical form
     (:func:`~scidiff.evaluation.perturbation.perturbation_labels`). ``columns``: the obs columns
-    that describe the perturbation (default: those of ``train``,
-    :func:`~scidiff.data.spec.describing_columns`, the context, time and ``exclude_columns``
-    aside); ``drop_obs``: obs columns of ``cells`` left out of the predictions. ``baseline_kwargs``:
-    ``alpha``, ``features``, ``separator``."""
+    that describe the perturbation, and the time (default: those of ``train``,
+    :func:`~scidiff.data.spec.describing_columns`, the context and ``exclude_columns`` aside: a
+    time course's ``day`` for its ``time_key``); ``drop_obs``: obs columns of ``cells`` left out
+    of the predictions. ``baseline_kwargs``: ``alpha``, ``features``, ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
     if columns is None:
         columns = {}
-        if train is not None and perturbation_key is not None:
-            skip = {context_key, time_key, *exclude_columns} - {None}
-            columns = {perturbation_key: describing_columns(train.obs, perturbation_key, exclude=skip,
-                                                            contexts=[context_key] if context_key else ())}
+        contexts = [context_key] if context_key else ()
+        for key, obs in [(perturbation_key, None), (time_key, "time")]:
+            if train is None or key is None or key not in train.obs.columns:
+                continue
+            skip = {context_key, time_key, perturbation_key, *exclude_columns} - {None, key}
+            if obs == "time":  # Klein's day for day_num: the times read as floats, as the model's set-up reads them
+                obs = train.obs.assign(**{key: pd.to_numeric(train.obs[key], errors="coerce").astype(float)})
+            columns[key] = describing_columns(train.obs if obs is None else obs, key, exclude=skip, contexts=contexts)
     separator = baseline_kwargs.get("separator", "+")
     parts = _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key,
                             columns, separator, baseline_kwargs)

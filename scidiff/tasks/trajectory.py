@@ -94,7 +94,7 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     obs[SOURCE_COLUMN] = np.tile(np.asarray(names, dtype=object), len(grid))
     obs.index = [f"{n}@{key}={t:g}" for t in grid for n in names]
     out = ad.AnnData(X=np.vstack([np.asarray(p.X, dtype=np.float32) for p in parts]), obs=obs)
-    out.var_names = list(first.var_names)
+    out.var = first.var.copy()  # the gene IDs with the training file's symbols, as perturb writes them
     out.layers["control"] = np.tile(np.asarray(first.layers["control"], dtype=np.float32), (len(grid), 1))
     out.uns.update({k: v for k, v in first.uns.items() if k != "scidiff_prediction"})
     prediction = dict(first.uns.get("scidiff_prediction", {}))
