@@ -64,7 +64,7 @@ def test_bad_n_and_chunk_size_are_named(model):
 
 @pytest.mark.parametrize("sampler", ["dpmpp_2m", "ddpm"])
 def test_engine_gives_the_plain_cells_past_one_engine_chunk(model, sampler):
-    # the engine's own CPU chunk is 1,024 cells; the plain sampler's 4,096: the draws must line up
+    # past one chunk of 1,024 cells (the plain sampler drew in 4,096 before): the draws must line up
     plain = generation.generate(model, 1100, {"cell_type": "a", "condition": "stim"}, sampler=sampler, seed=3,
                                 **FAST)
     engine = generation.generate(model, 1100, {"cell_type": "a", "condition": "stim"}, sampler=sampler, seed=3,

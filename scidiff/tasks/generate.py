@@ -17,7 +17,7 @@ from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
 from ..data.io import atomic_path
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ..engine import SamplingEngine
+from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
 from ..training import distributed
 from ._keywords import no_other_keywords, renamed
@@ -88,16 +88,19 @@ def _runs(n: int, condition: dict) -> list[tuple[dict, int]]:
 
 
 def _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size=None):
-    """``(model, engine or None, settings)``: ``model`` may be a :class:`SamplingEngine` (its
-    settings then apply), ``engine=True`` makes one from the settings. Off CUDA that engine draws
-    in ``chunk_size`` chunks, as the plain sampler does, so both give the same cells for a seed
-    (on CUDA it keeps its own large batches: its noise is the kernel's there)."""
+    """``(model, engine or None, settings, chunk_size)``: ``model`` may be a
+    :class:`SamplingEngine` (its settings then apply), ``engine=True`` makes one from the settings.
+    ``chunk_size`` (cells drawn at a time; ``None``: the engine's CPU chunk, :data:`CPU_CHUNK`, off
+    CUDA, 4,096 on it): off CUDA an engine made here draws in the same chunks as the plain sampler,
+    so both give the same cells for a seed (on CUDA it keeps its own large batches: its noise is
+    the kernel's there)."""
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    cuda = next((model.model if isinstance(model, SamplingEngine) else model).parameters()).device.type == "cuda"
+    chunk_size = int(chunk_size or (4096 if cuda else CPU_CHUNK))
     if isinstance(model, SamplingEngine):
         engine, model = model, model.model
     elif engine is True:
-        cuda = next(model.parameters()).device.type == "cuda"
         engine = SamplingEngine(model, sampler, steps, eta=eta, guidance_scale=guidance_scale,
                                 chunk_size=None if cuda else chunk_size)
     elif engine in (None, False):
@@ -107,7 +110,7 @@ def _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size=None)
     if engine is not None:
         sampler, steps, eta, guidance_scale = engine.sampler, engine.steps, engine.eta, engine.guidance_scale
     steps = model.sampling_steps(sampler, steps, eta)  # "distilled": the student's own
-    return model, engine, {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}
+    return model, engine, {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}, chunk_size
 
 
 class Mixture:
@@ -208,7 +211,7 @@ def _obs(labels: dict, m: int) -> dict:
 
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
              steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-             chunk_size: int = 4096, progress: bool = True, observed: bool | None = None, engine=None,
+             chunk_size: int | None = None, progress: bool = True, observed: bool | None = None, engine=None,
              **deprecated) -> ad.AnnData:
     """``n`` generated cells as an AnnData (log1p-normalised expression in ``X``, the model's
     genes as ``var_names``, the condition in ``obs``), produced in chunks. ``condition``:
@@ -224,7 +227,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
     seed = fresh_seed() if seed is None else seed
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
+    model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     (condition,) = plan_groups(model, n, [condition], seed)
     observed = model.resolve_observed(observed)
     parts, labels = [], []
@@ -244,7 +247,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
 
 def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_SAMPLER,
                      steps: int | None = DEFAULT_STEPS, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0,
-                     chunk_size: int = 4096, progress: bool = True, first_index: int = 0,
+                     chunk_size: int | None = None, progress: bool = True, first_index: int = 0,
                      observed: bool | None = None, engine=None) -> tuple[int, int]:
     """Generate ``n`` cells for each condition dict in ``groups`` (group ``i`` seeded with
     ``seed + i``; without a condition, ``n`` cells like the training data, :func:`plan_groups`)
@@ -253,7 +256,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``, ``i`` counted from
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
+    model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     seed = fresh_seed() if seed is None else seed  # recorded in the file's uns
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
@@ -297,7 +300,7 @@ def _h5ad_cells(path: str) -> int:
 
 def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, world_size: int = 1,
                      sampler: str = DEFAULT_SAMPLER, steps: int | None = DEFAULT_STEPS, eta: float = 0.0,
-                     guidance_scale: float = 1.0, seed: int = 0, chunk_size: int = 4096, progress: bool = True,
+                     guidance_scale: float = 1.0, seed: int = 0, chunk_size: int | None = None, progress: bool = True,
                      merge: bool = False, observed: bool | None = None, engine=None) -> dict | None:
     """Generation scaled out over ``world_size`` processes (e.g. ``torchrun``): this ``rank``
     generates its contiguous share of the ``n`` cells of each group into
@@ -311,7 +314,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     :func:`read_generated` opens the result."""
     if seed is None:
         raise ValueError("generate_sharded needs a seed: every rank draws its share from the same one")
-    model, engine, settings = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
+    model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:
