@@ -148,19 +148,15 @@ def _perturbation_columns(model) -> dict:
     return getattr(model.data_spec, "perturbation_columns", None) or {}
 
 
-def _model_parts(model, cells, targets, columns, progress, device, perturb_kwargs):
-    """Each target's prediction with its perturbation ``columns`` set, one at a time (the control
-    cells' inversions kept in one store, shared by the targets)."""
-    spec = model.data_spec
+def _model_parts(model, cells, targets, progress, device, perturb_kwargs):
+    """Each target's prediction (its perturbation columns set by ``perturb``), one at a time (the
+    control cells' inversions kept in one store, shared by the targets)."""
     store, many = {}, len(targets) > 1
     bar = tqdm(targets, desc="targets", unit="target", disable=not (progress and many))
     for target in bar:
         bar.set_postfix_str(target_text(target)[:60])
-        pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
-                       **perturb_kwargs)
-        pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=spec.separator,
-                                            control_labels=spec.control_labels)
-        yield pred
+        yield perturb(model, cells, target, progress=progress and not many, device=device, store=store,
+                      **perturb_kwargs)
 
 
 def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,
@@ -172,7 +168,7 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     control cells are inverted once for all targets (``perturb``'s ``store``).
     ``device``: run there (the model is moved)."""
     targets, columns = _check_targets(targets), _perturbation_columns(model)
-    parts = list(_model_parts(model, read_cells(cells), targets, columns, progress, device, perturb_kwargs))
+    parts = list(_model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs))
     return _stack(parts, [target_text(t) for t in targets], columns)
 
 
@@ -185,7 +181,7 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
     columns as integers, categories in the order met); it appears only when complete. Returns
     ``(cells, genes)``."""
     targets, columns = _check_targets(targets), _perturbation_columns(model)
-    parts = _model_parts(model, read_cells(cells), targets, columns, progress, device, perturb_kwargs)
+    parts = _model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs)
     return _write_parts(out, parts, [target_text(t) for t in targets], columns)
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .cells import model_spec, read_cells
 from .perturb import perturb
-from .screen import set_perturbation_columns, stack_obs
+from .screen import stack_obs
 
 SOURCE_COLUMN = "scidiff_source_cell"
 
@@ -83,9 +83,7 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
         for t in tqdm(grid, desc=f"trajectory over {key}", disable=not progress):
             part = perturb(model, adata, {key: t, **condition}, steps=steps, guidance_scale=guidance_scale,
                            seed=seed, layer=layer, use_raw=use_raw, batch_size=batch_size, progress=False,
-                           device=device, store=store, observed=observed)
-            part.obs = set_perturbation_columns(part.obs, columns, {key: t, **condition}, separator=spec.separator,
-                                                control_labels=spec.control_labels)
+                           device=device, store=store, observed=observed)  # sets the columns of its time
             parts.append(part)
     first = parts[0]
     names = [str(v) for v in first.obs_names]
