@@ -2,7 +2,8 @@
 perturbation or a time set from the target by ``perturb`` and by the time-course baseline (never
 left at the control cell's value), an empty label refused rather than read as control, scoring
 that skips a group of one real cell and matches a numeric key's ``4`` with a prediction's ``4.0``,
-and a trajectory that keeps the model's gene symbols. Tiny synthetic data and models."""
+a trajectory that keeps the model's gene symbols, and a prediction that keeps the input's var
+columns. Tiny synthetic data and models."""
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -186,3 +187,27 @@ def test_control_labels_of_a_numeric_key_are_read_as_numbers(course, tmp_path, c
                  "--target", "day_num=7", "--out", str(tmp_path / "p.h5ad")]) == 0, capsys.readouterr().err
     pred = ad.read_h5ad(tmp_path / "p.h5ad")
     assert pred.n_obs == day2.n_obs and not np.allclose(pred.X, pred.layers["control"])
+
+
+def test_a_prediction_keeps_the_input_genes_var_columns(screen, tmp_path):
+    """A prediction's ``var`` held the model's gene IDs alone: the control cells' own columns
+    (feature types, highly-variable flags, IDs) were dropped, where ``denoise`` keeps them. Now
+    they follow each gene, the input's genes in another order, in memory and in a screen's file."""
+    from scidiff.cli import main
+
+    model, control = screen
+    cells = control[:, ::-1].copy()  # the input's genes in reverse order
+    cells.var["feature_types"] = pd.Categorical(["Gene Expression"] * GENES)
+    cells.var["highly_variable"] = np.arange(GENES)[::-1] % 2 == 0
+    cells.var["gene_ids"] = [f"ID-{g}" for g in cells.var_names]
+    pred = scidiff.perturb(model, cells, {"perturbation": "A"}, steps=5, progress=False)
+    assert list(pred.var_names) == [f"g{i}" for i in range(GENES)]
+    assert list(pred.var["gene_ids"]) == [f"ID-g{i}" for i in range(GENES)]
+    assert list(pred.var["highly_variable"]) == [i % 2 == 0 for i in range(GENES)]
+    cells.write_h5ad(tmp_path / "control.h5ad")
+    scidiff.save_model(model, tmp_path / "model.pt")
+    main(["predict", "--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "control.h5ad"), "--target",
+          "perturbation=A", "--target", "perturbation=B", "--steps", "5", "--out", str(tmp_path / "p.h5ad")])
+    var = ad.read_h5ad(tmp_path / "p.h5ad").var
+    assert list(var["gene_ids"]) == [f"ID-g{i}" for i in range(GENES)]
+    assert set(var["feature_types"]) == {"Gene Expression"}

@@ -3,9 +3,12 @@ and each cell's own covariate codes."""
 from __future__ import annotations
 
 import anndata as ad
+import pandas as pd
 import torch
 
 from ..data import read_h5ad, transform_like
+from ..data.dataset import source_like
+from ..data.gene_symbols import var_of
 
 
 def read_cells(cells) -> ad.AnnData:
@@ -37,3 +40,16 @@ def own_codes(model, cells) -> dict[str, torch.Tensor]:
     for key in spec.perturbation_keys:
         codes.setdefault(key, torch.zeros(len(cells), len(spec.categorical[key]) + 1))
     return codes
+
+
+def keep_var_columns(result: ad.AnnData, adata: ad.AnnData, spec, *, layer: str | None = None,
+                     use_raw: bool | None = None) -> None:
+    """Give ``result`` (cells over the model's genes) each column of the input's ``var`` that it
+    lacks (Ensembl IDs, feature types, highly-variable flags), gene for gene: the model's gene
+    matched in the ``var`` its cells were read from (``.raw``'s where they were) by ID or symbol
+    (:meth:`~scidiff.data.DataSpec.names_in`)."""
+    var = var_of(adata, source_like(spec, adata, layer, use_raw)[1])
+    rows = var.reindex(pd.Index(spec.names_in([str(g) for g in var.index], var)))
+    for column in var.columns:
+        if column not in result.var.columns:
+            result.var[column] = rows[column].to_numpy()

@@ -18,7 +18,6 @@ import warnings
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from ..data.preprocess import _name, dense, detect_input, expression_matrix, gen
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
 from ..models.cell_draws import cell_normals
-from .cells import model_cells, model_spec, read_cells
+from .cells import keep_var_columns, model_cells, model_spec, read_cells
 
 DEFAULT_STRENGTH = 0.3
 NOISE_STREAM = 9  # the forward process's noise (scidiff.models.cell_draws)
@@ -82,15 +81,10 @@ class _PoissonGuided:
 
 
 def _keep_input(result: ad.AnnData, adata: ad.AnnData, spec, use_raw: bool) -> None:
-    """What the output keeps of the input beside its ``obs``: each model gene's columns of the
-    input's ``var`` (the gene matched by ID or symbol, :meth:`~scidiff.data.DataSpec.names_in`),
-    ``obsm`` (embeddings, cells in the same order) and ``uns``."""
-    var = var_of(adata, use_raw)
-    names = spec.names_in([str(g) for g in var.index], var)
-    rows = var.reindex(pd.Index(names))  # every name is in var: transform_like found them all
-    for column in var.columns:
-        if column not in result.var.columns:
-            result.var[column] = rows[column].to_numpy()
+    """What the output keeps of the input beside its ``obs``: its ``var`` columns
+    (:func:`~scidiff.tasks.cells.keep_var_columns`), ``obsm`` (embeddings, cells in the same
+    order) and ``uns``."""
+    keep_var_columns(result, adata, spec, use_raw=use_raw)
     for key in adata.obsm.keys():
         result.obsm[key] = adata.obsm[key].copy()
     result.uns.update(copy.deepcopy({k: v for k, v in adata.uns.items() if k != "scidiff_source"}))

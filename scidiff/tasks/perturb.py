@@ -94,7 +94,7 @@ from ..diffusion.samplers import ddim, ddim_invert
 from ..models.cell_draws import cell_normals, cell_uniforms
 from ..models.effects import context_table
 from ..models.measured_change import Carried, fit_mean_keeping
-from .cells import model_cells, own_codes
+from .cells import keep_var_columns, model_cells, own_codes
 
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
 POPULATION_STREAM = 7  # the fresh cells' z_T (streams 1-6 are the measured cells' draws)
@@ -745,6 +745,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     obs["scidiff_confidence"] = confidence
     result = ad.AnnData(X=out, obs=obs)
     result.var = spec.var_frame()
+    keep_var_columns(result, control_adata, spec, layer=layer, use_raw=use_raw)
     result.layers["control"] = cells.log_expression().astype(np.float32)
     result.uns["scidiff_prediction"] = {
         "method": method, "observed": bool(observed), "steps": int(steps), "guidance_scale": float(guidance_scale),
