@@ -20,6 +20,7 @@ from scidiff.export.onnx import (ConditionTableDenoiser, decoder_path, example_i
 from scidiff.export.runtime import OnnxSampler, ddim, dpmpp_2m  # noqa: E402
 from scidiff.models import ScIDiffModel  # noqa: E402
 from scidiff.training import save_model  # noqa: E402
+from scidiff.tasks.generate import expression_note  # noqa: E402
 from scidiff.diffusion.guidance import classifier_free_guidance  # noqa: E402
 from scidiff.diffusion.plans import timesteps  # noqa: E402
 from scidiff.diffusion.samplers import ddim as torch_ddim  # noqa: E402
@@ -395,7 +396,7 @@ def test_a_model_without_covariates_exports_and_samples(tmp_path):
     torch.manual_seed(0)
     genes = [f"gene{i}" for i in range(12)]
     model = ScIDiffModel(gene_dim=12, hidden_dim=16, num_layers=1, num_timesteps=50, latent_dim=None,
-                         data_spec=DataSpec(gene_names=genes)).eval()
+                         data_spec=DataSpec(gene_names=genes, input_kind="counts", target_sum=1000.0)).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     out = tmp_path / "plain.onnx"
@@ -410,6 +411,8 @@ def test_a_model_without_covariates_exports_and_samples(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-4 * max(1.0, float(np.abs(expected).max())))
     with pytest.raises(KeyError, match="knows no covariates"):
         sampler.sample(2, {"cell_type": "B"}, seed=0)
+    # the library size the cells are normalised to, said as scidiff sample says it (scidiff evaluate reads it)
+    assert sampler.sample(2, seed=0, steps=3, output="arrays")["expression"] == expression_note(model, False)
 
 
 def test_cli_errors_and_python_api_errors(tmp_path, capsys):

@@ -211,3 +211,11 @@ def test_a_prediction_keeps_the_input_genes_var_columns(screen, tmp_path):
     var = ad.read_h5ad(tmp_path / "p.h5ad").var
     assert list(var["gene_ids"]) == [f"ID-g{i}" for i in range(GENES)]
     assert set(var["feature_types"]) == {"Gene Expression"}
+
+
+def test_a_prediction_records_the_library_size_it_is_normalised_to(screen):
+    """``scidiff evaluate --perturbation`` normalises real counts to the library size the
+    prediction records; a counts-trained model's prediction recorded none."""
+    model, control = screen
+    pred = scidiff.perturb(model, control, {"perturbation": "A"}, steps=5, progress=False)
+    assert model.data_spec.target_sum and pred.uns["scidiff_prediction"]["target_sum"] == model.data_spec.target_sum

@@ -23,7 +23,8 @@ def add(sub):
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--auc-repeats", type=positive_int, default=1,
-                   help="draws of the classifier AUC to average (default 1; one draw over tens of cells a group is noisy)")
+                   help="draws of the classifier AUC to average (default 1; one draw over tens of cells a group "
+                        "is noisy)")
     g = p.add_argument_group("perturbation predictions (--perturbation)")
     g.add_argument("--perturbation", action="store_true", help="score predicted perturbation responses")
     g.add_argument("--predicted", default=None, help="predicted cells (.h5ad; --generated works too)")
@@ -60,7 +61,8 @@ def run(args):
     if args.perturbation:
         return _run_perturbation(args)
     given = [f for f, v in (("--predicted", args.predicted), ("--perturbation-key", args.perturbation_key),
-                            ("--context-key", args.context_key), ("--baseline", args.baseline)) if v]
+                            ("--context-key", args.context_key), ("--dose-key", args.dose_key),
+                            ("--baseline", args.baseline)) if v]
     if given:
         raise ValueError(f"{', '.join(given)} score perturbation predictions: add --perturbation")
     if args.generated is None:
@@ -73,8 +75,17 @@ def run(args):
                              auc_repeats=args.auc_repeats, layer=args.layer, use_raw=args.use_raw)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=1, default=float))
     _warn_skipped(args.groupby, metrics)
+    print(_inputs_line(metrics.get("inputs") or {}, "generated"))
     print("measured properties, KS against the real cells (0 = the same distribution): "
           + ", ".join(f"{k} {v:.3f}" for k, v in metrics["measurement"].items()))
+
+
+def _inputs_line(inputs: dict, other: str) -> str:
+    """What each file's ``X`` was read as: counts are normalised and log1p'd, log1p taken as is."""
+    target = inputs.get("target_sum", 1e4)
+    said = {"counts": f"counts (normalised to {target:g} per cell, then log1p)", "log1p": "log1p (taken as is)"}
+    parts = [f"{name} {said.get(kind, kind)}" for name, kind in inputs.items() if name != "target_sum"]
+    return "X read as: " + "; ".join(parts) if parts else f"X of the real and {other} cells read as log1p or counts"
 
 
 def _warn_skipped(groupby, metrics: dict):
@@ -118,6 +129,7 @@ def _run_perturbation(args):
         summary["cell-eval"] = ce["prediction"]["mean"]
         summary.update({f"cell-eval score vs {n}": s.get("avg_score") for n, s in ce["score"].items()})
     print(json.dumps(summary, indent=1, default=float))
+    print(_inputs_line(result.get("inputs") or {}, "predicted"))
     if ce.get("installed") is False:
         print(f"scidiff evaluate: {CELL_EVAL_MISSING}")
     print(f"wrote {args.out}/metrics.json")

@@ -54,7 +54,9 @@ def _median_sq_dist(a: np.ndarray, max_n: int = 1000, seed: int = 0) -> float:
 def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None,
             scales=(0.25, 0.5, 1.0, 2.0, 4.0)) -> float:
     """Unbiased squared MMD with a sum of RBF kernels ``exp(-d^2 / (s * h))``, ``h`` the median
-    squared distance among ``x`` unless given."""
+    squared distance among ``x`` unless given; NaN where either set has fewer than two cells."""
+    if len(x) < 2 or len(y) < 2:  # the unbiased estimator needs two cells a side
+        return float("nan")
     h = bandwidth or _median_sq_dist(x)
     dxx, dyy, dxy = cdist(x, x, "sqeuclidean"), cdist(y, y, "sqeuclidean"), cdist(x, y, "sqeuclidean")
     m, n = len(x), len(y)

@@ -24,6 +24,8 @@ def _save(fig, path):
 
 def embedding_plot(real_emb, gen_emb, path, title="PCA", xlabel="PC1", ylabel="PC2"):
     plt = _pyplot()
+    real_emb, gen_emb = (np.column_stack([e, np.zeros(len(e))]) if e.shape[1] < 2 else e  # one gene: one PC
+                         for e in (np.asarray(real_emb), np.asarray(gen_emb)))
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.scatter(real_emb[:, 0], real_emb[:, 1], s=4, alpha=0.5, label=f"real ({len(real_emb)})", c="#1f77b4")
     ax.scatter(gen_emb[:, 0], gen_emb[:, 1], s=4, alpha=0.5, label=f"generated ({len(gen_emb)})", c="#d62728")

@@ -707,7 +707,10 @@ class OnnxSampler:
 
     def expression_note(self, observed: bool) -> str:
         """What the expression holds (``uns['scidiff']['expression']``, the server's ``expression``)."""
-        what = self.meta["normalisation"].get("expression", "log1p-normalised")
+        norm = self.meta["normalisation"]
+        what = norm.get("expression", "log1p-normalised")
+        if norm.get("target_sum") and "target_sum" not in what:  # as scidiff sample says it
+            what += f" (target_sum {float(norm['target_sum']):g})"
         return what + (", measured through the detection model" if observed else ", smooth")
 
     def sample(self, n: int, condition: dict | None = None, *, seed: int | None = None, sampler: str | None = None,

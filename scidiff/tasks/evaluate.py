@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -14,48 +16,98 @@ import pandas as pd
 from ..data.dataset import _log_expression, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
-from ..data.preprocess import dense, expression_as_x, gene_columns
+from ..data.preprocess import dense, detect_input, expression_as_x, gene_columns, log_normalize
 from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
-from ..evaluation.perturbation import (control_labels_of, discrimination_score, perturbation_labels,
-                                       perturbation_metrics, rank_degs)
+from ..evaluation.perturbation import (control_labels_of, discrimination_score, number_text, numeric_column,
+                                       perturbation_labels, perturbation_metrics, rank_degs)
 from ..evaluation.plots import report_plots
 from .cells import read_cells
 
 
-def log_expression_of(adata: ad.AnnData, genes) -> np.ndarray:
-    """The log1p-normalised expression of ``genes`` in ``adata`` (counts normalised to 10,000)."""
-    matrix, var_names, _, _ = _log_expression(adata, None, False, "auto", 1e4)
-    return dense(matrix[:, gene_columns(var_names, genes)])
+def log_expression_of(adata: ad.AnnData, genes, target_sum: float = 1e4) -> np.ndarray:
+    """The log1p-normalised expression of ``genes`` in ``adata`` (counts normalised to ``target_sum``)."""
+    return _log_and_kind(adata, genes, target_sum)[0]
+
+
+def _log_and_kind(adata: ad.AnnData, genes, target_sum: float = 1e4) -> tuple[np.ndarray, str]:
+    """:func:`log_expression_of` and what ``adata``'s ``X`` held (``"counts"`` or ``"log1p"``)."""
+    matrix, var_names, kind, _ = _log_expression(adata, None, False, "auto", target_sum)
+    return dense(matrix[:, gene_columns(var_names, genes)]), kind
+
+
+_TARGET_SUM = re.compile(r"target_sum ([0-9.eE+]+)")
+
+
+def generated_target_sum(adata: ad.AnnData, default: float = 1e4) -> float:
+    """The library size a scidiff file's log1p expression was normalised to, as a prediction's
+    ``uns['scidiff_prediction']['target_sum']`` or generated cells' ``uns['scidiff']['expression']``
+    (``log1p-normalised (target_sum 5000)``) records it, else ``default``: real counts are
+    normalised to it before the two are compared."""
+    generated, predicted = (adata.uns.get(k) for k in ("scidiff", "scidiff_prediction"))
+    value = predicted.get("target_sum") if isinstance(predicted, dict) else None
+    if value is None and isinstance(generated, dict) and generated.get("expression"):
+        found = _TARGET_SUM.search(str(generated["expression"]))
+        value = found.group(1) if found else None
+    try:
+        value = float(value) if value is not None else default
+    except (TypeError, ValueError):
+        return default
+    return value if np.isfinite(value) and value > 0 else default
+
+
+def _write_json(path, obj) -> None:
+    """``obj`` as strict JSON (NaN and infinities as ``null``, numpy scalars as numbers), written
+    under a temporary name then renamed."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+
+    atomic_path(path, write)
+
+
+def _group_labels(real_ad: ad.AnnData, gen_ad: ad.AnnData, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """``obs[key]`` of both files as text; where the column is numeric in either file and the two
+    spell the labels differently (``1`` against ``1.0``), each number as a float's text."""
+    real, gen = (a.obs[key].astype(str).to_numpy() for a in (real_ad, gen_ad))
+    if (numeric_column(real_ad, key) or numeric_column(gen_ad, key)) and not set(gen) <= set(real):
+        real, gen = (np.array([number_text(v) for v in labels], dtype=object) for labels in (real, gen))
+    return real, gen
 
 
 def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: bool = True,
                    auc_repeats: int = 1, layer: str | None = None, use_raw: bool = False) -> dict:
     """Score generated cells against real ones on the generated file's genes; write
-    ``metrics.json`` and the report plots into ``out_dir``. ``auc_repeats``: draws of each
-    classifier AUC averaged (:func:`scidiff.evaluation.evaluate_generation_quality`); ``layer`` /
-    ``use_raw``: where the real cells' expression lies (default ``X``)."""
+    ``metrics.json`` (strict JSON: NaN as ``null``) and the report plots into ``out_dir``.
+    ``auc_repeats``: draws of each classifier AUC averaged
+    (:func:`scidiff.evaluation.evaluate_generation_quality`); ``layer`` / ``use_raw``: where the
+    real cells' expression lies (default ``X``). Each file's counts are normalised (to the library
+    size the generated file records in ``uns['scidiff']['expression']``, else 10,000) and log1p'd,
+    log1p is taken as is; ``inputs`` says which each held. Numeric ``groupby`` labels match as
+    numbers (``1`` and ``1.0``)."""
     real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
-    in_real = genes_of_in(gen_ad, real_ad, "genes of the generated file are not in the real file")
-    real_x, gen_x = log_expression_of(real_ad, in_real), log_expression_of(gen_ad, genes)
     labels = {}
     if groupby:
         for name, a in (("real", real_ad), ("generated", gen_ad)):
             if groupby not in a.obs:
-                raise KeyError(f"obs key {groupby!r} is not in the {name} file; available obs keys: {list(a.obs.columns)}")
-        labels = {"cell_types": real_ad.obs[groupby].astype(str).to_numpy(),
-                  "generated_cell_types": gen_ad.obs[groupby].astype(str).to_numpy()}
+                raise KeyError(f"obs key {groupby!r} is not in the {name} file; available obs keys: "
+                               f"{list(a.obs.columns)}")
+        labels = dict(zip(("cell_types", "generated_cell_types"), _group_labels(real_ad, gen_ad, groupby)))
+    in_real = genes_of_in(gen_ad, real_ad, "genes of the generated file are not in the real file")
+    target_sum = generated_target_sum(gen_ad)  # real counts normalised as the generated cells were
+    (real_x, real_kind), (gen_x, gen_kind) = (_log_and_kind(real_ad, in_real, target_sum),
+                                              _log_and_kind(gen_ad, genes, target_sum))
     t0 = time.perf_counter()
     metrics = evaluate_generation_quality(real_x, gen_x, **labels, auc_repeats=auc_repeats)
     metrics["auc_repeats"] = auc_repeats
+    metrics["inputs"] = {"real": real_kind, "generated": gen_kind, "target_sum": target_sum}
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
     os.makedirs(out_dir, exist_ok=True)
     if plots:
         metrics["plots"] = [os.path.basename(p) for p in report_plots(real_x, gen_x, out_dir)]
-    atomic_path(os.path.join(out_dir, "metrics.json"),
-                lambda tmp: open(tmp, "w").write(json.dumps(metrics, indent=1, default=float)))
+    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 
@@ -77,17 +129,28 @@ def _column(a: ad.AnnData, key: str, what: str) -> np.ndarray:
     return col.astype(str).str.strip().to_numpy()
 
 
-def _predicted_matrix(a: ad.AnnData, genes, what: str) -> np.ndarray:
+def _predicted_matrix(a: ad.AnnData, genes, what: str, kinds: dict | None = None,
+                      target_sum: float = 1e4) -> np.ndarray:
     """A prediction's expression on ``genes``: its ``X``, taken as log1p (negative values, as a
-    mean shift can give, are kept)."""
+    mean shift can give, are kept), or, where it holds counts (non-negative integers only),
+    normalised to ``target_sum`` over all its genes and log1p'd as the real file's counts are; the kind
+    read goes into ``kinds[what]``."""
     names = [str(g) for g in a.var_names]
     known = set(names)
     missing = [g for g in genes if g not in known]
     if missing:
         raise KeyError(f"{len(missing)} genes of the prediction are not in the {what}: {missing[:20]}")
-    x = dense(a.X[:, gene_columns(names, genes)]).astype(np.float64)
+    columns = gene_columns(names, genes)
+    x = dense(a.X[:, columns]).astype(np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"the {what} holds NaN or infinite values")
+    kind = "log1p"
+    if x.any() and x.min() >= 0:
+        kind = detect_input(x, f"X of the {what}")
+    if kind == "counts":  # each cell's library size over all the file's genes, as the real file's
+        x = dense(log_normalize(a.X, target_sum)[0][:, columns]).astype(np.float64)
+    if kinds is not None:
+        kinds[what] = kind
     return x
 
 
@@ -190,9 +253,12 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     """Score predicted perturbation responses against the real perturbed cells.
 
     ``real``: real perturbed and control cells (AnnData or ``.h5ad``; counts are normalised to
-    1e4 and log1p'd, log1p is taken as is; from ``X``, or ``layers[layer]`` or ``.raw`` with
+    the library size the prediction records in ``uns['scidiff_prediction']['target_sum']``, else
+    1e4, and log1p'd, log1p is taken as is; from ``X``, or ``layers[layer]`` or ``.raw`` with
     ``use_raw``); ``predicted``: predicted cells (``scidiff predict``'s
-    output: log1p ``X``) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
+    output: log1p ``X``, taken as is; a prediction or baseline of counts, non-negative integers
+    only, is normalised and log1p'd as the real counts are, and ``inputs`` says which each file
+    held) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
     its rows labelled ``control_label`` are ignored (the real control cells are the reference).
     Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
     combinations split at ``separator``; ``control_label``: one label or several, all taken as
@@ -228,13 +294,20 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     genes = [str(g) for g in pred_ad.var_names]
     in_real = genes_of_in(pred_ad, real_ad, "genes of the prediction are not in the real file")
     labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
-    real_c = _cells(real_ad, log_expression_of(real_ad, in_real).astype(np.float64), perturbation_key, context_key,
-                    "real file", **labelled)
+    target_sum = generated_target_sum(pred_ad)  # real counts normalised as the predicted cells were
+    real_x, real_kind = _log_and_kind(real_ad, in_real, target_sum)
+    real_c = _cells(real_ad, real_x.astype(np.float64), perturbation_key, context_key, "real file", **labelled)
     real_c.gene_names = readable_names(real_ad.var, in_real)
-    pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction"), perturbation_key, context_key,
-                    "prediction", **labelled)
-    base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}"), perturbation_key, context_key,
-                        f"baseline {n!r}", **labelled) for n, b in base_ad.items()}
+    kinds = {"real file": real_kind, "target_sum": target_sum}
+    pred_c = _cells(pred_ad, _predicted_matrix(pred_ad, genes, "prediction", kinds, target_sum), perturbation_key,
+                    context_key, "prediction", **labelled)
+    base_c = {n: _cells(b, _predicted_matrix(b, genes, f"baseline {n!r}", kinds, target_sum), perturbation_key,
+                        context_key, f"baseline {n!r}", **labelled) for n, b in base_ad.items()}
+    for name, a in [("prediction", pred_ad), *((f"baseline {n!r}", b) for n, b in base_ad.items())]:
+        if kinds.get(name) == "counts" and a.n_vars < real_ad.n_vars:
+            warnings.warn(f"the {name} holds counts over {a.n_vars} genes and the real file over {real_ad.n_vars}: "
+                          "each cell is normalised over its file's genes, so the two scales differ; score "
+                          "log1p-normalised predictions, or counts over the real file's genes", stacklevel=2)
     groups, skipped = [], {}
     pairs = dict.fromkeys(zip(pred_c.contexts, pred_c.labels))
     for context, label in pairs:
@@ -259,7 +332,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     result = {"mode": "perturbation", "perturbation_key": perturbation_key, "control_label": control_label,
               "context_key": context_key, "dose_key": dose_key, "n_genes": len(genes),
               "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups),
-              "skipped": skipped,
+              "inputs": kinds, "skipped": skipped,
               "mean": mean, "per_perturbation": per, "baselines": {}}
     for n, b in base_c.items():
         have = [g for g in groups if len(b.rows(g[0], g[1]))]
@@ -274,8 +347,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
-        atomic_path(os.path.join(out_dir, "metrics.json"),
-                    lambda tmp: open(tmp, "w").write(json.dumps(_json_safe(result), indent=1)))
+        _write_json(os.path.join(out_dir, "metrics.json"), result)
     return result
 
 
@@ -311,6 +383,12 @@ def _json_safe(o):
         return [_json_safe(v) for v in o]
     if isinstance(o, (float, np.floating)):
         return None if not np.isfinite(o) else float(o)
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
     if isinstance(o, np.integer):
         return int(o)
+    if isinstance(o, np.ndarray):
+        return _json_safe(o.tolist())
+    if isinstance(o, np.str_):
+        return str(o)
     return o

@@ -751,6 +751,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         "method": method, "observed": bool(observed), "steps": int(steps), "guidance_scale": float(guidance_scale),
         "seed": int(seed),
         "target": {k: str(v) for k, v in condition.items()},
+        **({"target_sum": float(spec.target_sum)} if spec.target_sum else {}),  # the library size X is normalised to
         **_transfers(model, plans, ctx_keys)}
     return result
 
