@@ -31,6 +31,6 @@ def run(args):
     strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
     out = denoise(model, args.data, method=args.method, strength=strength,
                   likelihood_weight=args.likelihood_weight, n_samples=args.samples, layer=args.layer,
-                  use_raw=args.use_raw, seed=args.seed)
+                  use_raw=True if args.use_raw else None, seed=args.seed)  # neither flag: as the model was trained
     write_h5ad(out, args.out)
     print(f"wrote {out.n_obs} denoised cells x {out.n_vars} genes to {args.out} (layers['scidiff_denoised'])")

@@ -24,6 +24,9 @@ def add(sub):
     p.add_argument("--learning-rate", type=unit_interval, default=1e-4,
                    help="Adam's learning rate, annealed linearly to zero in each round (default: 1e-4)")
     add_expression_source(p)
+    p.add_argument("--streaming", action="store_true",
+                   help="read the cells' batches from the file on disk (an atlas larger than memory, as "
+                        "scidiff train --streaming does) instead of loading it")
     p.add_argument("--device", type=device_name, default="auto")
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--out", default=None, help="checkpoint to write (default: the --model checkpoint, replaced)")
@@ -33,7 +36,8 @@ def add(sub):
 
 
 def run(args):
-    from ..tasks.cells import model_cells  # lazy: keeps --help light (torch, anndata)
+    from ..data.stream_setup import stream_like  # lazy: keeps --help light (anndata, h5py)
+    from ..tasks.cells import model_cells, model_spec  # lazy: keeps --help light (torch, anndata)
     from ..training import load_model  # lazy: keeps --help light (torch)
     from ..training.checkpoint import save_student  # lazy: keeps --help light (torch)
     from ..training.distillation import distil, halving_rounds  # lazy: keeps --help light (torch)
@@ -43,15 +47,32 @@ def run(args):
     model = load_model(args.model, map_location=resolve_device(args.device))
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
-    if not args.from_student:  # before the cells are read
-        try:
-            halving_rounds(args.steps, args.start_steps, model.num_timesteps)
-        except ValueError as exc:
-            raise ValueError(f"--start-steps {args.start_steps} with --steps {args.steps}: {exc}") from None
-    _, _, cells = model_cells(model, args.data, layer=args.layer, use_raw=args.use_raw)
+    start = model.student.steps if args.from_student else args.start_steps
+    try:  # before the cells are read
+        halving_rounds(args.steps, start, model.num_timesteps)
+    except ValueError as exc:
+        if args.from_student:
+            raise ValueError(f"--from-student: the student in {args.model!r} samples in {start} steps, so --steps "
+                             f"must be that halved one or more times ({_halvings(start)}), got {args.steps}") from None
+        raise ValueError(f"--start-steps {args.start_steps} with --steps {args.steps}: {exc}") from None
+    use_raw = True if args.use_raw else None  # neither flag: where the model's training cells were read
+    if args.streaming:
+        cells = stream_like(model_spec(model), args.data, layer=args.layer, use_raw=use_raw).loader(
+            args.batch_size, seed=args.seed)
+    else:
+        _, _, cells = model_cells(model, args.data, layer=args.layer, use_raw=use_raw)
     student = distil(model, cells, steps=args.steps, start_steps=args.start_steps, iterations_per_round=args.iterations,
                      batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed,
                      initial=model.student if args.from_student else None)
     path = save_student(args.model, student, out)
     print(f"wrote a {student.steps}-step student into {path} "
           f"(sample with it: scidiff sample --sampler distilled, or model.sample(n, sampler='distilled'))")
+
+
+def _halvings(steps: int) -> str:
+    """``"2 or 1"``: the step counts a student of ``steps`` steps can be halved to."""
+    out = []
+    while steps % 2 == 0 and steps > 1:
+        steps //= 2
+        out.append(str(steps))
+    return " or ".join(out) if out else "none: it cannot be halved"

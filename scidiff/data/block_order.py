@@ -136,12 +136,13 @@ class BlockOrder:
 
     def split(self, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Split the cells into ``(train_runs, val_runs)`` by whole blocks, about ``val_fraction``
-        of the blocks (at least one when there are two or more) going to validation."""
+        of the blocks (at least one when there are two or more) going to validation, never all of
+        them (one block: all cells train)."""
         starts = np.arange(0, self.n_cells, self.block_size, dtype=np.int64)
         blocks = np.stack([starts, np.minimum(starts + self.block_size, self.n_cells)], 1)
-        n_val = int(round(len(blocks) * val_fraction))
+        n_val = min(int(round(len(blocks) * val_fraction)), max(len(blocks) - 1, 0))
         if val_fraction > 0 and len(blocks) >= 2:
-            n_val = min(max(n_val, 1), len(blocks) - 1)
+            n_val = max(n_val, 1)
         pick = np.zeros(len(blocks), bool)
         pick[np.random.default_rng(seed).choice(len(blocks), n_val, replace=False)] = True
         return self._positions_to_runs(blocks[~pick]), self._positions_to_runs(blocks[pick])

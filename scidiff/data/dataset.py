@@ -442,6 +442,31 @@ def _raw_hint(spec: DataSpec, adata: ad.AnnData, use_raw: bool) -> str:
     return "; the file's .raw holds them all: pass --use-raw / use_raw=True" if set(names) <= have else ""
 
 
+def training_scale(spec: DataSpec, x, kind: str, where: str, exact: str) -> float | None:
+    """The factor that brings new cells' log1p values ``x`` (on the model's genes; ``kind``: what
+    the file held) to the scale of the model's training cells, with a warning naming ``where``
+    they came from, or ``None`` where the kinds agree or it is within ``SCALE_TOLERANCE``: counts
+    for a model trained on log1p values, or log1p values normalised to a total of their own for a
+    model trained on counts (from the cells' mean log total, :attr:`DataSpec.log_total`).
+    ``exact``: how to pass the raw counts instead."""
+    new_total = log_total(x) if kind != spec.input_kind and spec.log_total is not None else None
+    if new_total is None:
+        return None
+    factor, target_sum = float(np.exp(spec.log_total - new_total)), spec.target_sum or 1e4
+    if abs(np.log(factor)) <= np.log(SCALE_TOLERANCE):
+        return None
+    if kind == "counts":
+        warnings.warn(f"the counts of {where} are normalised to {target_sum * factor:,.0f} per cell, not "
+                      f"{target_sum:,.0f}: the model was trained on log1p values of that scale (their totals on its "
+                      "genes)", stacklevel=3)
+    else:
+        warnings.warn(f"the log1p values of {where} look normalised to about {target_sum / factor:,.0f} per cell "
+                      f"(their totals on the model's genes), not the {target_sum:,.0f} of the model's training "
+                      f"counts: rescaled {factor:.3g}-fold to that scale; pass their raw counts ({exact}) to read "
+                      "them exactly", stacklevel=3)
+    return factor
+
+
 def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: bool | None = None,
                    condition_keys=None, input_kind: str = "auto") -> CellData:
     """Bring new cells into an existing model's gene space (same genes, normalisation, scaling,
@@ -463,24 +488,9 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
         raise KeyError(f"{exc.args[0]} (read from {'raw/X' if use_raw else f'layers/{layer}' if layer else 'X'} of "
                        f"{_name(adata)}){_raw_hint(spec, adata, use_raw)}") from None
     x = dense(matrix[:, columns])
-    new_total = log_total(x) if kind != spec.input_kind and spec.log_total is not None else None
-    if new_total is not None:
-        # counts for a model trained on log1p values, or log1p values (normalised to a total of their
-        # own) for a model trained on counts: brought to the scale the training cells had (the
-        # normalisation is linear in its target: the cells' values rescaled, not the file read again)
-        factor = float(np.exp(spec.log_total - new_total))
-        if abs(np.log(factor)) > np.log(SCALE_TOLERANCE):
-            x = np.log1p(np.expm1(x) * np.float32(factor))
-            if kind == "counts":
-                warnings.warn(f"the counts of {_name(adata)} are normalised to {target_sum * factor:,.0f} per cell, "
-                              f"not {target_sum:,.0f}: the model was trained on log1p values of that scale (their "
-                              f"totals on its genes)", stacklevel=2)
-            else:
-                warnings.warn(f"the log1p values of {_name(adata)} look normalised to about {target_sum / factor:,.0f} "
-                              f"per cell (their totals on the model's genes), not the {target_sum:,.0f} of the "
-                              f"model's training counts: rescaled {factor:.3g}-fold to that scale; pass their raw "
-                              f"counts (--layer NAME / layer=..., or --use-raw / use_raw=True) to read them exactly",
-                              stacklevel=2)
+    factor = training_scale(spec, x, kind, _name(adata), "--layer NAME / layer=..., or --use-raw / use_raw=True")
+    if factor is not None:  # the normalisation is linear in its target: the values rescaled, not the file read again
+        x = np.log1p(np.expm1(x) * np.float32(factor))
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
-from .dataset import _encode_obs, as_names, check_controls, log_total
+from .dataset import _encode_obs, as_names, check_controls, log_total, training_scale
 from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file, obs_name_reader
 from .moments import GeneMoments
@@ -43,13 +43,14 @@ class StreamedCells:
     moments: dict | None = None
     loader_options: dict = field(default_factory=dict)
     file_var: pd.DataFrame | None = None  # the file's var where its genes are named unlike the model's
+    rescale: float | None = None  # values brought to the model's scale (:func:`stream_like`)
 
     def __len__(self) -> int:
         return int((self.runs[:, 1] - self.runs[:, 0]).sum())
 
     @property
     def transform(self) -> Transform:
-        return Transform.from_spec(self.spec, self.reader.var_names, self.file_var)
+        return Transform.from_spec(self.spec, self.reader.var_names, self.file_var, rescale=self.rescale)
 
     def cell_ids(self) -> np.ndarray:
         return runs_to_ids(self.runs)
@@ -89,7 +90,7 @@ class StreamedCells:
     def subset(self, cells) -> "StreamedCells":
         """These cells restricted to ``cells`` (sorted row numbers or runs)."""
         return StreamedCells(self.reader, self.spec, self.covariates, as_runs(cells), self.moments,
-                             dict(self.loader_options), self.file_var)
+                             dict(self.loader_options), self.file_var, self.rescale)
 
     def split(self, val_fraction: float = 0.1, seed: int = 0):
         """Random train/validation split by whole blocks of cells (they stay contiguous on disk)."""
@@ -149,7 +150,7 @@ def _encode_covariates(reader, keys, continuous, vocab=None, perturbation_keys=(
     pert = [k for k in perturbation_keys if k in keys]
     for key in keys:  # before the codes: name the unlabelled cells as obs names, not as positions
         check_labelled(obs[key], key, repr(reader.path), (list(control_labels) or [None])[0] if key in pert else None,
-                       names=obs_name_reader(reader.path))
+                       names=obs_name_reader(reader.path), known=vocab.get(key) if vocab is not None else None)
     codes, vocabs = _encode_obs(_holder(obs, reader.path), [k for k in keys if k not in pert], continuous, vocab=vocab)
     codes = {k: v.numpy() for k, v in codes.items()}
     for key in pert:
@@ -313,7 +314,10 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
                 n_threads: int | None = None, **loader_options) -> StreamedCells:
     """Stream another file in an existing model's space (:func:`~scidiff.data.transform_like`
     for files on disk): same genes, normalisation, scaling and vocabularies; missing genes and
-    unknown labels are errors that name them. The input kind is checked on ``check_cells`` cells."""
+    unknown labels are errors that name them. The input kind is checked on ``check_cells`` cells,
+    and, where it is not the model's, the scale too: counts for a log1p model, or log1p values
+    normalised to another total for a counts model, are brought to the training cells' scale with
+    a warning, as ``transform_like`` does (the factor from those cells' mean log total)."""
     if layer is None and use_raw is None:
         layer, use_raw = spec.source.get("layer"), spec.source.get("use_raw", False)
         with naming_file(os.fspath(path)), h5py.File(path, "r") as f:
@@ -327,7 +331,8 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
     transform_spec = DataSpec(**{**spec.to_dict(), "input_kind": kind,
                                  "target_sum": (spec.target_sum or 1e4) if kind == "counts" else None})
     file_var = None if set(spec.gene_names) <= set(reader.var_names) else read_var(reader.path, bool(use_raw))
-    Transform.from_spec(transform_spec, reader.var_names, file_var)  # names missing genes now
+    columns = Transform.from_spec(transform_spec, reader.var_names, file_var).gene_cols  # names missing genes now
+    rescale = _rescale_like(spec, reader, sample, kind, columns)
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys)]
     with naming_file(reader.path), h5py.File(reader.path, "r") as f:
         present = set(f["obs"].attrs.get("column-order", [])) if isinstance(f["obs"], h5py.Group) else set()
@@ -336,4 +341,14 @@ def stream_like(spec: DataSpec, path, *, layer: str | None = None, use_raw: bool
     codes, _ = _encode_covariates(reader, keys, cont, spec.categorical, spec.perturbation_keys, spec.control_labels,
                                   spec.separator)
     return StreamedCells(reader, transform_spec, codes, np.array([[0, reader.n_cells]], np.int64), None,
-                         dict(loader_options), file_var)
+                         dict(loader_options), file_var, rescale)
+
+
+def _rescale_like(spec: DataSpec, reader: MatrixReader, sample, kind: str, columns) -> float | None:
+    """:func:`~scidiff.data.dataset.training_scale` of the sampled cells (on the model's genes)."""
+    if kind == spec.input_kind or spec.log_total is None:
+        return None
+    sample = sample.astype(np.float32)  # scipy indexes no float16 columns
+    if kind == "counts":
+        sample, _ = log_normalize(sample, spec.target_sum or 1e4)
+    return training_scale(spec, sample[:, columns], kind, reader.layout.where, "layer=..., or use_raw=True")

@@ -63,7 +63,9 @@ def default_threads() -> int:
 @dataclass
 class Transform:
     """Cells -> model space: keep ``genes`` (in order), normalise counts to ``target_sum`` and
-    log1p them when ``normalize``, then ``(x - offset) / scale`` when ``offset`` is given."""
+    log1p them when ``normalize``, then ``log1p(expm1(x) * rescale)`` when ``rescale`` is given
+    (log1p values normalised to another total than the model's), then ``(x - offset) / scale``
+    when ``offset`` is given."""
 
     genes: list[str]
     gene_cols: np.ndarray  # int64 [G]: stored column of each output gene
@@ -72,31 +74,64 @@ class Transform:
     target_sum: float
     offset: np.ndarray | None = None  # float32 [G]
     scale: np.ndarray | None = None
+    rescale: float | None = None  # factor on the normalised values of log1p input (counts: in target_sum)
 
     @classmethod
     def build(cls, var_names, genes, *, counts: bool, target_sum: float | None = 1e4, offset=None, scale=None,
-              names=None):
-        """``names``: each gene's name among ``var_names`` where it differs (default ``genes``)."""
+              names=None, rescale: float | None = None):
+        """``names``: each gene's name among ``var_names`` where it differs (default ``genes``).
+        ``rescale``: the factor by which normalised values are brought to the model's scale (counts
+        are normalised to ``target_sum * rescale``, exactly the same)."""
         cols = gene_columns(var_names, genes if names is None else names)
         gene_map = np.full(len(var_names), -1, np.int32)
         gene_map[cols] = np.arange(len(cols), dtype=np.int32)
         if counts and not (target_sum and target_sum > 0):
             raise ValueError(f"counts need a positive target_sum, got {target_sum!r}")
+        if rescale is not None and not (np.isfinite(rescale) and rescale > 0):
+            raise ValueError(f"rescale must be a positive number, got {rescale!r}")
+        if rescale is not None and counts:  # normalisation is linear in its target
+            target_sum, rescale = float(target_sum) * float(rescale), None
         off = None if offset is None else np.ascontiguousarray(offset, np.float32)
         sc = None if scale is None else np.ascontiguousarray(scale, np.float32)
-        return cls(list(genes), cols, gene_map, bool(counts), float(target_sum or 0.0), off, sc)
+        return cls(list(genes), cols, gene_map, bool(counts), float(target_sum or 0.0), off, sc,
+                   None if rescale is None else float(rescale))
 
     @classmethod
-    def from_spec(cls, spec, var_names, var=None) -> "Transform":
+    def from_spec(cls, spec, var_names, var=None, rescale: float | None = None) -> "Transform":
         """The transform of a :class:`~scidiff.data.DataSpec` (its genes, normalisation, scaling),
         for a file with ``var_names`` (and ``var``, where genes are named by symbol on one side and
         by ID on the other: :meth:`~scidiff.data.DataSpec.names_in`)."""
         return cls.build(var_names, spec.gene_names, counts=spec.input_kind == "counts",
                          target_sum=spec.target_sum, offset=spec.gene_offset, scale=spec.gene_scale,
-                         names=spec.names_in(var_names, var))
+                         names=spec.names_in(var_names, var), rescale=rescale)
 
     def without_scaling(self) -> "Transform":
+        return Transform(self.genes, self.gene_cols, self.gene_map, self.normalize, self.target_sum,
+                         rescale=self.rescale)
+
+    def before_rescale(self) -> "Transform":
+        """What the densify kernels do of this transform: all but ``rescale`` and what follows it
+        (:meth:`finish` does that on their output)."""
         return Transform(self.genes, self.gene_cols, self.gene_map, self.normalize, self.target_sum)
+
+    def finish(self, out):
+        """``rescale``, offset and scale, in place, on the output of :meth:`before_rescale`
+        (float32 numpy array or torch tensor); the same float32 steps as the in-memory path."""
+        if isinstance(out, np.ndarray):
+            np.expm1(out, out=out)
+            out *= np.float32(self.rescale)
+            np.log1p(out, out=out)
+            if self.offset is not None:
+                out -= self.offset
+                out /= self.scale
+            return out
+        out.expm1_().mul_(float(np.float32(self.rescale))).log1p_()
+        if self.offset is not None:
+            import torch
+
+            device = out.device
+            out.sub_(torch.as_tensor(self.offset, device=device)).div_(torch.as_tensor(self.scale, device=device))
+        return out
 
     @property
     def n_genes(self) -> int:
@@ -266,6 +301,8 @@ class MatrixReader:
         """Read the cells of ``runs`` and densify cell ``j`` (of the runs concatenated) into
         ``out[dest[j]]``, in one pass (:attr:`fused` readers only)."""
         runs = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        if transform.rescale is not None:
+            return transform.finish(self.read_densify(runs, dest, transform.before_rescale(), out))
         t, L = transform, self.layout
         try:
             _ext.read_densify_csr(self._arrays["data"], L.arrays["data"].dtype, self._arrays["indices"],
@@ -294,6 +331,8 @@ class MatrixReader:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if out is None:
             out = np.empty((len(rows), transform.n_genes), np.float32)
+        if transform.rescale is not None:
+            return transform.finish(self.densify(block, rows, transform.before_rescale(), out))
         if self.backend == "python":
             self.check(block)
             self._densify_python(block, rows, transform, out)
@@ -407,6 +446,8 @@ class _CudaDensify:
 
         if reader.layout.encoding != "csr":
             raise ValueError("the CUDA densify reads CSR matrices; dense X densifies on the CPU")
+        self.whole = transform  # rescale, offset and scale after the kernel where it rescales
+        transform = transform.before_rescale() if transform.rescale is not None else transform
         self.torch, self.reader, self.t, self.device = torch, reader, transform, torch.device(device)
         self.gene_map = torch.from_numpy(transform.gene_map).to(self.device)
         self.offset = None if transform.offset is None else torch.from_numpy(transform.offset).to(self.device)
@@ -436,7 +477,7 @@ class _CudaDensify:
                               self.t.target_sum or 1.0, self.t.normalize,
                               0 if self.offset is None else self.offset.data_ptr(),
                               0 if self.scale is None else self.scale.data_ptr(), stream)
-        return out
+        return self.whole.finish(out) if self.whole.rescale is not None else out
 
 
 class _End:
