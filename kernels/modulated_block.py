@@ -314,8 +314,8 @@ def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
     """``rstd (h2 W' - mean u) + v`` for ``h2 [M, K]`` and a folded weight ``weight_t [K, N]``
     (see ``scidiff.ops.fold_layer_norm``); with ``gate [N]`` (``N = K``) the residual block
     ``h2 + gate * SiLU(...)``. ``stats_out``: return ``(out, mean, rstd)`` with the output rows'
-    LayerNorm statistics, from the GEMM's epilogue where ``N <= 512`` and the rows fill the
-    device. ``config``: fixed tiles
+    LayerNorm statistics, from the GEMM's epilogue where ``N <= 512``, the rows fill the
+    device and one tile spans the row. ``config``: fixed tiles
     (``BLOCK_M/N/K``, ``num_warps``, ``num_stages``) instead of the autotuned ones."""
     M, K = h2.shape
     N = weight_t.shape[1]
@@ -324,7 +324,10 @@ def folded_linear(h2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weig
     if gate is not None and N != K:
         raise ValueError(f"the residual block needs N = K, got [{K}, {N}]")
     out = torch.empty((M, N), device=h2.device, dtype=out_dtype or h2.dtype)
-    fused_stats = stats_out and N <= STATS_OUT_MAX_N and _fills_the_device(h2.device, M)
+    # the epilogue's statistics are right only where one tile spans the row: a given ``config``
+    # with a narrower BLOCK_N takes the separate statistics kernel
+    fused_stats = (stats_out and N <= STATS_OUT_MAX_N and _fills_the_device(h2.device, M)
+                   and (config is None or int(config["BLOCK_N"]) >= N))
     out_mean = torch.empty(M, device=h2.device, dtype=torch.float32) if fused_stats else u
     out_rstd = torch.empty_like(out_mean) if fused_stats else u
     dot_fp32, precision = _dot_mode(weight_t)

@@ -42,8 +42,9 @@ def _sampler_step_kernel(x_ptr, c_ptr, u_ptr, prev_ptr, coef_ptr, noise_ptr, see
     if HAS_UNCOND:
         u = tl.load(u_ptr + r64[:, None] * stride_u + cols[None, :], mask=m, other=0.0).to(tl.float32)
         x0 = u + guidance * (x0 - u)
-    if CLAMP:
-        x0 = tl.minimum(tl.maximum(x0, clamp_lo), clamp_hi)
+    if CLAMP:  # a NaN prediction stays NaN, as torch.clamp keeps it (never silently a bound)
+        x0 = tl.minimum(tl.maximum(x0, clamp_lo, propagate_nan=tl.PropagateNan.ALL), clamp_hi,
+                        propagate_nan=tl.PropagateNan.ALL)
     out = ca[:, None] * x + cb[:, None] * x0
     if HAS_PREV:
         cp = tl.load(coef_ptr + r64 * stride_coef + 2, mask=rmask, other=0.0).to(tl.float32)

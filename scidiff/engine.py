@@ -36,6 +36,10 @@ stochastic samplers give different (equally distributed) draws than ``model.samp
 from __future__ import annotations
 
 import copy
+import math
+import platform
+import warnings
+from numbers import Integral, Real
 from typing import Iterator
 
 import torch
@@ -45,15 +49,105 @@ from .diffusion.guidance import double_rows
 from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX, via oneDNN)."""
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX, via oneDNN).
+    oneDNN's own check also says yes for plain AVX-512, where bf16 is emulated and slower than
+    fp32, so on x86 the instructions themselves are asked for."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        if _x86():
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return True  # Arm: oneDNN's check is the bf16 extension itself
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_has_fp16() -> bool:
+    """Whether this CPU runs fp16 matrix products natively (AVX512-FP16 or AMX-FP16, via oneDNN)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
 CPU_CHUNK = 1024  # cells per batch on CPU: the activations stay in cache (12-16% faster than 4,096)
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
+
+
+def _positive_int(name: str, value, what: str) -> int:
+    """``value`` as an int >= 1 (an integral number, not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or value != int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}")
+    return int(value)
+
+
+def _engine_device(device, model) -> torch.device:
+    """The engine's device: ``device`` or the model's, checked to exist here."""
+    if device is None:
+        return next(model.parameters()).device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:<index>'") from err
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
+                             f"CPU build or no GPU): use device='cpu' (the CPU engine) or leave device unset")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _engine_dtype(dtype, device: torch.device) -> torch.dtype:
+    """The network's dtype for ``dtype`` (``"auto"``, a name such as ``"bf16"``, or a torch float
+    dtype); a warning where the CPU would emulate it (slower than fp32)."""
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().replace("torch.", "")
+        if key == "auto":
+            return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
+        if key not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; choose 'auto', one of {sorted(DTYPES)} or a torch float dtype")
+        dtype = DTYPES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}; choose 'auto', one of {sorted(DTYPES)} or a torch float dtype")
+    if device.type == "cpu" and ((dtype == torch.bfloat16 and not cpu_has_bf16())
+                                 or (dtype == torch.float16 and not cpu_has_fp16())):
+        warnings.warn(f"dtype={str(dtype).replace('torch.', '')} on a CPU without native units for it: the "
+                      f"network runs emulated, several times slower than fp32 (dtype='auto' picks fp32 here)",
+                      stacklevel=3)
+    return dtype
+
+
+def _finite(name: str, value, what: str) -> float:
+    """``value`` as a finite float (not a bool or text), else a ValueError naming ``name``."""
+    try:
+        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number ({what}), got {value!r}")
+    return number
+
+
+def _check_clip(clip):
+    """``clip`` as ``(min, max)`` (either may be ``None``), checked."""
+    if clip is None:
+        return None
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2:
+        raise ValueError(f"clip must be a pair (min, max) or None, got {clip!r}")
+    lo, hi = (None if c is None else float(c) for c in clip)
+    if any(c is not None and math.isnan(c) for c in (lo, hi)) or (lo is not None and hi is not None and lo > hi):
+        raise ValueError(f"clip must be (min, max) with min <= max, got {clip!r}")
+    return lo, hi
+
 
 class SamplingEngine:
     """Generate cells from ``model`` with ``sampler`` on ``steps`` timesteps.
@@ -64,13 +158,16 @@ class SamplingEngine:
             ``"distilled"`` runs the model's distilled student (its parameters in the network, its
             own steps: :meth:`~scidiff.models.ScIDiffModel.sampling_steps`), CUDA graph included.
         guidance_scale: classifier-free guidance weight (1 = the conditional model).
-        clip: optional ``(min, max)`` clamp of each prediction (in diffusion space).
-        device: default the model's device.
-        dtype: ``"auto"`` (bf16 on CUDA and on CPUs with bf16 units, else fp32), or a dtype, for
-            the network; the sampler state is always fp32.
-        chunk_size: cells per batch (default 1,024 on CPU, where it keeps activations in cache;
-            65,536 on CUDA).
-        cuda_graph: capture the loop in a CUDA graph (default on CUDA).
+        clip: optional ``(min, max)`` clamp of each prediction (in diffusion space; either may be
+            ``None``).
+        device: default the model's device; ``"cuda"`` without CUDA is an error.
+        dtype: ``"auto"`` (bf16 on CUDA and on CPUs with bf16 units, else fp32), or the network's
+            dtype as a torch dtype or a name (``"bf16"``, ``"fp16"``, ``"fp32"``, ...); bf16 or fp16
+            on a CPU without units for them runs emulated (several times slower), with a warning.
+            The sampler state is always fp32.
+        chunk_size: cells per batch, a positive integer (default 1,024 on CPU, where it keeps
+            activations in cache; 65,536 on CUDA).
+        cuda_graph: capture the loop in a CUDA graph (default on CUDA; an error off CUDA).
         threads: set ``torch.set_num_threads`` (process-wide) before sampling.
     """
 
@@ -78,21 +175,23 @@ class SamplingEngine:
                  eta: float = 0.0, spacing: str | None = None, guidance_scale: float = 1.0,
                  clip: tuple[float, float] | None = None, device=None, dtype="auto", chunk_size: int | None = None,
                  cuda_graph: bool | None = None, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(int(threads))
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if dtype == "auto":
-            dtype = torch.bfloat16 if self.device.type == "cuda" or cpu_has_bf16() else torch.float32
-        self.dtype = dtype
+        if threads is not None:
+            threads = _positive_int("threads", threads, "torch.set_num_threads; None leaves it as it is")
+        self.device = _engine_device(device, model)
+        self.dtype = _engine_dtype(dtype, self.device)
         steps = model.sampling_steps(sampler, steps, eta)
         self.sampler, self.steps, self.eta = sampler, steps, float(eta)
         self.spacing = spacing or DEFAULT_SPACING.get(sampler)
-        self.guidance_scale = float(guidance_scale)
-        self.clip = clip
-        self.chunk_size = int(chunk_size or (65_536 if self.device.type == "cuda" else CPU_CHUNK))
+        self.guidance_scale = _finite("guidance_scale", guidance_scale, "1 = no guidance")
+        self.clip = _check_clip(clip)
+        self.chunk_size = (65_536 if self.device.type == "cuda" else CPU_CHUNK) if chunk_size is None else \
+            _positive_int("chunk_size", chunk_size, "cells per batch; None for the device's default")
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA device")
+            raise ValueError(f"cuda_graph=True needs a CUDA device, and this engine runs on {self.device}: "
+                             f"leave cuda_graph unset (or False) off CUDA")
+        if threads is not None:
+            torch.set_num_threads(threads)
 
         self.model = copy.deepcopy(model).to(self.device).eval()
         if sampler == "distilled":  # the student is the same network with other parameters
@@ -101,7 +200,7 @@ class SamplingEngine:
             p.requires_grad_(False)
             if sampler == "distilled":
                 p.copy_(model.student.parameters[name])
-        self.score = self.model.score.to(dtype)
+        self.score = self.model.score.to(self.dtype)
         self.plan: list[PlanStep] = sampler_plan(sampler, self.model.scheduler, steps, eta=self.eta,
                                                  spacing=self.spacing, final_sigma=float(model.final_sigma))
         self._precompute_plan()
@@ -250,6 +349,24 @@ class SamplingEngine:
         graph.replay()
         return out.clone()
 
+    def _encode(self, conditioning, n: int):
+        """``(shared, codes)``: labels that every cell shares encoded once, as one row
+        (``shared``), so that memory stays at one chunk for any ``n``; per-cell labels as ``n``
+        rows."""
+        m = self.model
+        if n > 1 and conditioning:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    one = m.encode_conditioning(conditioning, 1)
+                except ValueError:  # one value per cell: encoded below, for all n (warnings again)
+                    one = None
+            if one is not None and all(v.shape[0] == 1 for v in one.values()):
+                for w in caught:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                return True, {k: v.to(self.device) for k, v in one.items()}
+        return False, {k: v.to(self.device) for k, v in m.encode_conditioning(conditioning, n).items()}
+
     # -- public API --------------------------------------------------------------------------------
     def stream(self, n: int, conditioning: dict | None = None, *, seed: int | None = None,
                generator: torch.Generator | None = None, return_expression: bool = True,
@@ -262,11 +379,14 @@ class SamplingEngine:
         ``x_T`` (and, off CUDA graphs, the noise) come from ``generator`` (else one seeded with
         ``seed``) in the order ``model.sample`` would draw them for the same chunks; in a CUDA
         graph a stochastic sampler's noise is keyed by one more draw per chunk."""
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+            raise ValueError(f"n must be an integer number of cells >= 1, got {n!r}")
+        n = int(n)
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed or generator, not both (the generator would win and seed be ignored)")
         m = self.model
         observed = m.resolve_observed(observed, return_expression)
-        cond_all = {k: v.to(self.device) for k, v in m.encode_conditioning(conditioning, n).items()}
+        shared, cond_all = self._encode(conditioning, n)
         if generator is None:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
@@ -276,7 +396,8 @@ class SamplingEngine:
                   disable=not progress) as bar:
             for start in range(0, n, self.chunk_size):
                 b = min(self.chunk_size, n - start)
-                cond = {k: v[start:start + b] for k, v in cond_all.items()}
+                cond = ({k: v.expand(b, *v.shape[1:]).contiguous() for k, v in cond_all.items()} if shared
+                        else {k: v[start:start + b] for k, v in cond_all.items()})
                 x_T = torch.randn(b, m.diffusion_dim, generator=generator, device=self.device)
                 x = m.decode(self._run(x_T, cond, generator))
                 if observed:

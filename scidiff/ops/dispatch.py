@@ -45,6 +45,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _compiled_kernel_modules() -> list[str]:
+    """Loaded kernel modules whose kernels Triton compiled for a GPU: Triton fixes the mode when
+    the module is imported, so these cannot run on CPU tensors even with TRITON_INTERPRET=1 now."""
+    jit = sys.modules.get("triton.runtime.jit")
+    if jit is None:
+        return []
+    return sorted(name.rsplit(".", 1)[1] for name, module in list(sys.modules.items())
+                  if name.startswith("scidiff.kernels.") and module is not None
+                  and any(isinstance(v, jit.JITFunction) for v in vars(module).values()))
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """True when the Triton kernel should run for tensors like ``x``."""
     mode = kernel_mode()
@@ -56,6 +67,11 @@ def use_triton(x: torch.Tensor) -> bool:
         if not x.is_cuda and not interpreting():
             raise RuntimeError("SCIDIFF_KERNELS=triton with CPU tensors needs the Triton interpreter: "
                                "set TRITON_INTERPRET=1 before scidiff is imported")
+        compiled = [] if x.is_cuda else _compiled_kernel_modules()
+        if compiled:
+            raise RuntimeError(f"SCIDIFF_KERNELS=triton with CPU tensors, but the kernels {compiled} were loaded "
+                               "before TRITON_INTERPRET=1 was set (compiled for a GPU): set it before scidiff is "
+                               "imported, in a new process")
         if x.dtype not in TRITON_DTYPES:
             raise TypeError(f"the Triton kernels take {[str(d) for d in TRITON_DTYPES]}, got {x.dtype}")
         return True
