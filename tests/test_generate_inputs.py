@@ -184,3 +184,49 @@ def test_one_condition_with_a_key_twice_and_a_student_that_cannot_halve_are_name
                  "--start-steps", "6", "--out", str(tmp_path / "s.pt")]) == 2
     assert "--start-steps 6 with --steps 4: start_steps must be steps times a power of two" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_merged_sharded_generation_keeps_the_gene_symbols_and_numeric_columns(tmp_path):
+    """``merge_generated`` dropped the var columns (gene symbols) the shards hold, and read every
+    obs column as labels (a dose, numeric in each shard, stopped the merge)."""
+    a = _cells()
+    a.var["gene_symbols"] = [f"SYM{i}" for i in range(a.n_vars)]
+    data = setup_anndata(a, condition_keys=["cell_type"], continuous_keys=["dose"])
+    torch.manual_seed(0)
+    m = ScIDiffModel.from_data(data, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=50).eval()
+    for rank in (1, 0):  # no process group: rank 0 last, as the barrier would order it
+        generation.generate_sharded(m, 9, tmp_path, [{"cell_type": "b", "dose": 0.5}], rank=rank, world_size=2,
+                                    merge=rank == 0, **FAST)
+    merged = ad.read_h5ad(tmp_path / "generated.h5ad")
+    shards = ad.concat([ad.read_h5ad(p) for p in sorted(tmp_path.glob("shard-*.h5ad"))])
+    assert list(merged.var["gene_symbols"]) == [f"SYM{i}" for i in range(a.n_vars)]
+    assert merged.obs["dose"].dtype.kind == "f" and (merged.obs["dose"] == 0.5).all()
+    pd.testing.assert_frame_equal(merged.obs.astype(str), shards.obs.astype(str))
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # before any cell is drawn
+        generation.generate_to_file(m, 3, tmp_path, **FAST)
+
+
+def test_sample_says_why_its_cells_are_smooth(cells, tmp_path, capsys):
+    """A model that cannot measure its cells (gene space: no detection model) wrote them smooth,
+    and the closing line named ``--smooth``, a flag nobody gave."""
+    torch.manual_seed(0)
+    model = ScIDiffModel.from_data(cells, latent_dim=None, hidden_dim=16, num_layers=1, num_timesteps=50)
+    assert not model.resolve_observed(None)
+    scidiff.save_model(model, tmp_path / "run")
+    assert main(["sample", "--model", str(tmp_path / "run"), "-n", "3", "--steps", "2", "--out",
+                 str(tmp_path / "s.h5ad")]) == 0
+    out = capsys.readouterr().out
+    assert "no detection model" in out and "--smooth" not in out
+
+
+@pytest.mark.parametrize("kwargs,match", [({"sampler": "ddim", "eta": 2.0}, "eta must lie in"),
+                                          ({"sampler": "ddim", "eta": -1.0}, "eta must lie in"),
+                                          ({"guidance_scale": float("nan")}, "guidance_scale must be a finite"),
+                                          ({"guidance_scale": float("inf")}, "guidance_scale must be a finite")])
+def test_sampling_settings_that_give_nan_cells_are_refused(model, kwargs, match):
+    """DDIM's eta beyond [0, 1] and a NaN or infinite guidance scale gave all-NaN cells without a
+    word (the command line refused them, the Python API did not)."""
+    with pytest.raises(ValueError, match=match):
+        model.sample(3, {"cell_type": "b"}, steps=3, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        generation.generate(model, 3, {"cell_type": "b"}, **{**FAST, **kwargs})

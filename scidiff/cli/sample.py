@@ -62,9 +62,11 @@ def _observed(args) -> bool | None:
     return True if args.observed else False if args.smooth else None
 
 
-def _kind(observed: bool) -> str:
-    """What the written cells are, for the closing line."""
-    return "measured cells" if observed else "smooth cells (--smooth)"
+def _kind(observed: bool, args) -> str:
+    """What the written cells are, for the closing line (the flag that chose them, if one did)."""
+    if observed:
+        return "measured cells"
+    return "smooth cells (--smooth)" if args.smooth else "smooth cells: no detection model to measure them"
 
 
 def _sharded_output(out: str) -> bool:
@@ -103,7 +105,7 @@ def _sample_sharded(args, model, groups, settings):
     if manifest is not None:
         files = f"{len(manifest['shards'])} shard(s), {MANIFEST}" + (f", {MERGED_FILE}" if args.merge else "")
         print(f"wrote {manifest['cells']} cells x {manifest['genes']} genes to {args.out} "
-              f"({files}; {_kind(manifest['observed'])}{_mixture_note(model, args.n, groups, args.seed)})")
+              f"({files}; {_kind(manifest['observed'], args)}{_mixture_note(model, args.n, groups, args.seed)})")
 
 
 def run(args):
@@ -123,7 +125,7 @@ def run(args):
     cells, genes = generate_to_file(model, args.n, args.out, groups, seed=args.seed, observed=observed,
                                     engine=args.engine, **settings)
     note = _mixture_note(model, args.n, groups, args.seed)
-    print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed)}{note})")
+    print(f"wrote {cells} cells x {genes} genes to {args.out} ({_kind(observed, args)}{note})")
 
 
 def _mixture_note(model, n: int, groups: list, seed: int) -> str:

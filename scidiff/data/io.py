@@ -134,8 +134,11 @@ def remove_stale_temporaries(path) -> list[str]:
 def temporary_beside(path) -> str:
     """Create an empty temporary file beside ``path`` and return its name,
     ``.tmp-<pid>-<random>.<name>`` (traceable to its target and writer), with the normal mode
-    (``0o666`` less the umask). Stale temporaries of ``path`` are removed first."""
+    (``0o666`` less the umask). Stale temporaries of ``path`` are removed first. A folder at
+    ``path`` is refused here, before anything is written (the rename would fail at the end)."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; give a file path to write")
     folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(path)

@@ -243,6 +243,8 @@ def sampler_plan(sampler: str, schedule, steps: int | None, *, eta: float = 0.0,
     if sampler == "distilled" and (eta != 0.0 or spacing not in (None, "halving")):
         raise ValueError(f"the distilled sampler is deterministic DDIM on its halving grid (eta=0, spacing "
                          f"'halving'), got eta={eta}, spacing={spacing!r}")
+    if not 0.0 <= eta <= 1.0:  # beyond 1 the step's variance exceeds what the schedule leaves: NaN cells
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's ancestral step), got {eta}")
     spacing = spacing or DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")

@@ -204,9 +204,19 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     return plan
 
 
-def _obs(labels: dict, m: int) -> dict:
-    """A chunk's labels (one per covariate, or one per cell) as ``m`` strings per covariate."""
-    return {k: [str(x) for x in v] if isinstance(v, list) else [str(v)] * m for k, v in labels.items()}
+def _obs(labels: dict, m: int, continuous=()) -> dict:
+    """A chunk's labels (one per covariate, or one per cell) as ``m`` values per covariate:
+    numbers for the ``continuous`` covariates (a dose, a time), strings for the others."""
+    kind = {k: float if k in continuous else str for k in labels}
+    return {k: [kind[k](x) for x in v] if isinstance(v, list) else [kind[k](v)] * m for k, v in labels.items()}
+
+
+def _obs_frame(labels: list[dict], index) -> pd.DataFrame:
+    """The chunks' :func:`_obs` as one ``obs``: labels categorical, numbers as floats."""
+    def column(values):
+        return np.asarray(values, np.float64) if values and isinstance(values[0], float) else pd.Categorical(values)
+
+    return pd.DataFrame({k: column([v for chunk in labels for v in chunk[k]]) for k in labels[0]}, index=index)
 
 
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
@@ -235,11 +245,9 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
         for x, cond in _chunks(model, engine, n, condition, seed=seed, chunk_size=chunk_size, observed=observed,
                                settings=settings):
             parts.append(x)
-            labels.append(_obs(cond, len(x)))
+            labels.append(_obs(cond, len(x), model.data_spec.continuous))
             bar.update(len(x))
-    obs = pd.DataFrame({k: pd.Categorical([v for chunk in labels for v in chunk[k]]) for k in labels[0]},
-                       index=[f"generated_{i}" for i in range(n)])
-    out = ad.AnnData(X=np.concatenate(parts), obs=obs)
+    out = ad.AnnData(X=np.concatenate(parts), obs=_obs_frame(labels, [f"generated_{i}" for i in range(n)]))
     out.var = model.data_spec.var_frame()
     out.uns["scidiff"] = _generation_uns(model, settings, seed, observed, engine)
     return out
@@ -277,7 +285,7 @@ def _write_groups(model, engine, out, plan, first: int, cells: int, *, seed: int
             for x, labels in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size,
                                      observed=observed, settings=settings):
                 names = [f"generated_{j}" + (f"-{i}" if several else "") for j in range(start, start + len(x))]
-                writer.append(x, obs=_obs(labels, len(x)), obs_names=names)
+                writer.append(x, obs=_obs(labels, len(x), model.data_spec.continuous), obs_names=names)
                 start += len(x)
                 bar.update(len(x))
         cells = writer.n_cells
@@ -382,10 +390,11 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
     if not files:
         raise ValueError(f"the manifest of {os.fspath(out_dir)!r} lists no shards")
     with h5py.File(files[0], "r") as f:
-        genes = [str(g) for g in read_elem(f["var"]).index]
+        var = read_elem(f["var"])
         uns = read_elem(f["uns"]) if "uns" in f else {}
+    genes = [str(g) for g in var.index]
     with H5adWriter(out_file, genes) as writer:
-        writer.uns = uns
+        writer.uns, writer.var = uns, var  # the gene symbols beside the names
         for path in files:
             with h5py.File(path, "r") as f:
                 x = f["X"]
@@ -397,11 +406,15 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
                 names = obs[obs.attrs.get("_index", "_index")]
                 columns = {}
                 for key in [str(k) for k in obs.attrs.get("column-order", [])]:
-                    cats = np.append(obs[key]["categories"].asstr()[:], "nan")  # code -1 -> "nan"
-                    columns[key] = (obs[key]["codes"], cats)
+                    if isinstance(obs[key], h5py.Dataset):  # numbers (a dose, a time)
+                        columns[key] = (obs[key], None)
+                    else:  # labels; code -1 (missing) -> None
+                        cats = np.append(obs[key]["categories"].asstr()[:].astype(object), None)
+                        columns[key] = (obs[key]["codes"], cats)
                 for a in range(0, x.shape[0], chunk_cells):
                     b = min(x.shape[0], a + chunk_cells)
-                    writer.append(x[a:b], obs={k: cats[codes[a:b]] for k, (codes, cats) in columns.items()},
+                    writer.append(x[a:b], obs={k: values[a:b] if cats is None else cats[values[a:b]]
+                                               for k, (values, cats) in columns.items()},
                                   obs_names=names.asstr()[a:b])
     return out_file
 
