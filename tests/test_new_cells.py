@@ -129,5 +129,7 @@ def test_cells_without_a_covariate_column_are_denoised_under_the_null_condition_
         denoise(model, adata, steps=5, progress=False)
     bare = adata.copy()
     del bare.obs["cell_type"]
-    with pytest.warns(UserWarning, match=r"has no column \['cell_type'\] of the model's covariates.*null condition"):
+    said = r"has no column \['cell_type'\] of the model's covariates.*null condition"
+    with pytest.warns(UserWarning, match=said) as seen:
         denoise(model, bare, steps=5, progress=False)
+    assert seen[0].filename == __file__  # the caller's line, not torch.no_grad's wrapper (the CLI's format needs it)

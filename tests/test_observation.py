@@ -287,7 +287,7 @@ def test_observed_samples_have_the_data_sparsity_and_old_checkpoints_load(tmp_pa
     report = run_design(tmp_path / "run", f"{gene}>=0.5", tmp_path / "d.h5ad", data=kang_small, observed=True, n=4,
                         steps=2, screen=False, attribution=False, progress=False)
     assert report["detection_model"] == f"fitted on the {kang_small.n_obs} cells of --data (the checkpoint had none)"
-    old.fit_detection(data.x)
+    old.fit_detection(data)  # the cells, as the errors advise (it took only their .x)
     torch.testing.assert_close(old.sample(300, steps=5, seed=0, observed=True), observed)
 
 

@@ -380,10 +380,11 @@ class ScIDiffModel(nn.Module):
         """Fit the detection model (:class:`~scidiff.models.observation.DetectionModel`) on
         cells ``x [N, G]`` in model space (at most ``max_cells`` of them and ``max_entries``
         cell-gene values, drawn at random, at least 1,000 cells): each cell's smooth expression
-        is its projection on the principal axes, its measurement the cell itself."""
+        is its projection on the principal axes, its measurement the cell itself. ``x`` may be
+        the cells as :func:`~scidiff.data.transform_like` gives them (their ``.x``)."""
         if self.detection is None or self.data_spec is None:
             raise ValueError("the detection model belongs to principal-axes models with a data spec (latent_dim)")
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.latent_basis.device)
+        x = torch.as_tensor(getattr(x, "x", x), dtype=torch.float32, device=self.latent_basis.device)
         keep = self.detection_cells(max_cells, max_entries)
         if len(x) > keep:
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:keep].to(x.device)]

@@ -119,7 +119,7 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     if missing:
         warnings.warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are "
                       "denoised under the model's null condition for them (add the column to condition on it)",
-                      stacklevel=2)
+                      stacklevel=3)  # past torch.no_grad's wrapper: the caller
     counts = library = None
     if method == "posterior":
         matrix, var_names, where = expression_matrix(adata, layer, use_raw)
