@@ -223,6 +223,9 @@ def test_condition_errors_name_the_key_and_the_labels(kang_onnx):
         sampler.sample(2, steps=500)
     with pytest.raises(ValueError, match="3 values for 2 cells"):
         sampler.sample(2, {"cell_type": ["B", "NK", "B"]})
+    with pytest.raises(ValueError, match="eta applies to the ddim sampler only"):  # it was ignored
+        sampler.sample(2, sampler="dpmpp_2m", eta=0.5)
+    assert sampler.resolve(sampler="dpmpp_2m", eta=0)["eta"] == 0.0
 
 
 def test_files_that_do_not_match_are_refused(kang_onnx, tmp_path):

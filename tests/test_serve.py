@@ -158,6 +158,7 @@ def test_an_export_without_detection_serves_smooth_cells(kang_onnx, tmp_path):
     ({"n": 2, "condition": {"cell_type": "Neuron"}}, 400, "unknown value 'Neuron' for condition 'cell_type'"),
     ({"n": 2, "sampler": "euler"}, 400, "unknown sampler 'euler'"),
     ({"n": 2, "steps": 5000}, 400, "steps must lie in [1, 200]"),
+    ({"n": 2, "sampler": "dpmpp_2m", "eta": 0.5}, 400, "eta applies to the ddim sampler only"),
     ({"n": 0}, 422, "greater than or equal to 1"),
     ({"condition": {"cell_type": "B"}}, 422, "Field required"),
     ({"n": "many"}, 422, "valid integer"),

@@ -628,6 +628,8 @@ class OnnxSampler:
         steps = int(d.get("steps", 50) if steps is None else steps)
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must lie in [1, {self.num_timesteps}], got {steps}")
+        if name != "ddim" and eta is not None and float(eta) != 0.0:  # as scidiff sample --eta refuses it
+            raise ValueError(f"eta applies to the ddim sampler only, not {name!r}; got eta={eta}")
         eta = float(d.get("eta", 0.0) if eta is None or name != "ddim" else eta)
         if name != "ddim":
             eta = 0.0
