@@ -135,3 +135,13 @@ def test_dose_key_without_perturbation_is_refused(tmp_path, capsys):
     assert main(["evaluate", "--real", "r.h5ad", "--generated", "g.h5ad", "--dose-key", "dose",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--dose-key score perturbation predictions: add --perturbation" in capsys.readouterr().err
+
+
+def test_unlabelled_real_cells_are_offered_the_control_label():
+    """A screen that leaves its unperturbed cells unlabelled was told to fill them with
+    'unknown', a label that matches nothing; the control label is the way out offered."""
+    ctrl, a = _counts(20, 1), _counts(20, 2, boost=2)
+    real = _adata(np.vstack([ctrl, a]), "r", perturbation=[None] * 20 + ["A"] * 20)
+    pred = _adata(_log(a, 1e4), "p", perturbation=["A"] * 20)
+    with pytest.raises(ValueError, match="call them control.*fillna\\('ctrl'\\)"):
+        evaluate_perturbation(real, pred, "perturbation", "ctrl", cell_eval=False)

@@ -121,11 +121,13 @@ def _read(a, what: str) -> ad.AnnData:
     return read_cells(a)
 
 
-def _column(a: ad.AnnData, key: str, what: str) -> np.ndarray:
+def _column(a: ad.AnnData, key: str, what: str, control: str | None = None) -> np.ndarray:
+    """``obs[key]`` as text, every cell labelled (``control``: the perturbation's control label,
+    which the error offers for unlabelled cells)."""
     if key not in a.obs.columns:
         raise KeyError(f"obs key {key!r} is not in the {what}; available obs keys: {list(a.obs.columns)}")
     col = a.obs[key]
-    check_labelled(col, key, f"the {what}")
+    check_labelled(col, key, f"the {what}", control)
     return col.astype(str).str.strip().to_numpy()
 
 
@@ -279,11 +281,11 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     t0 = time.perf_counter()
     real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
+    controls = control_labels_of(control_label)
     for a, what in [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}")
                                                                        for n, b in base_ad.items()]:
         for key in [perturbation_key] + [k for k in (context_key, dose_key) if k]:
-            _column(a, key, what)  # the keys first: before any expression is read
-    controls = control_labels_of(control_label)
+            _column(a, key, what, controls[0] if key == perturbation_key else None)  # before any expression
     control_label = controls[0]
     real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls))
     if control_label not in real_labels:
