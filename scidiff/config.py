@@ -256,6 +256,7 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
         raise KeyError(f"{path}: unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
     raw = {s: {} if raw.get(s) is None else raw[s] for s in SECTIONS}
     for section, values in (overrides or {}).items():
+        _check_section(section, values, "overrides")
         set_values = {k: v for k, v in values.items() if v is not None}
         if set_values:
             _coerce(SECTIONS[section], section, set_values, "command line")  # blame the flag, not the file
@@ -263,6 +264,46 @@ def load_config(path=None, overrides: dict | None = None) -> Config:
                 raise ValueError(f"{path}: section '{section}' must be a mapping of keys, got {raw[section]!r}")
             raw[section] = {**raw[section], **set_values}
     return Config(**{s: _coerce(c, s, raw[s], path) for s, c in SECTIONS.items()})
+
+
+def _check_section(section, values, source: str) -> None:
+    """A section given in Python (overrides, a dict config): a known name holding a mapping."""
+    if section not in SECTIONS:
+        raise KeyError(f"{source}: unknown section {section!r}; known sections: {sorted(SECTIONS)}")
+    if not isinstance(values, dict):
+        raise ValueError(f"{source}: section {section!r} must be a mapping of keys, e.g. "
+                         f"{{{section!r}: {{key: value}}}}, got {values!r}")
+
+
+def check_config(config: Config, source: str = "config") -> Config:
+    """``config`` checked as :func:`load_config` checks a file (types, ranges, choices), for a
+    :class:`Config` built or changed in Python (``config.training.val_fraction = 1.5``); errors
+    name ``source`` and the key. Returns the checked copy (numbers of the field's type)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"{source} must be a scidiff Config (scidiff.config.load_config), got {type(config).__name__}")
+    out = {}
+    for section, cls in SECTIONS.items():
+        values = getattr(config, section)
+        if not isinstance(values, cls):
+            raise TypeError(f"{source}: section '{section}' must be a {cls.__name__}, got {type(values).__name__}")
+        out[section] = _coerce(cls, section, dataclasses.asdict(values), source)
+    return Config(**out)
+
+
+def as_config(config, source: str = "config") -> Config:
+    """A checked :class:`Config` from ``None`` (the defaults), a :class:`Config`, a path to a YAML
+    file, or a dict of sections applied on top of the defaults (``{"training": {"num_epochs": 5}}``)."""
+    if config is None:
+        return load_config()
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if isinstance(config, dict):  # unlike load_config's overrides, a None here is a value (latent_dim: None)
+        raw = load_config().to_dict()
+        for section, values in config.items():
+            _check_section(section, values, source)
+            raw[section].update(values)
+        return Config(**{s: _coerce(c, s, raw[s], source) for s, c in SECTIONS.items()})
+    return check_config(config, source)
 
 
 def run_config_path(model_path) -> str | None:

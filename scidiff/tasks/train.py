@@ -5,8 +5,9 @@ import os
 
 import yaml
 
-from ..config import Config, load_config
+from ..config import Config, as_config
 from ..data import read_h5ad, setup_anndata, setup_streaming
+from ..data.dataset import as_names
 from ..data.io import atomic_path
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
@@ -88,8 +89,10 @@ def effects_summary(report: dict) -> str:
 
 def _write_config(out_dir, resolved: dict) -> None:
     os.makedirs(out_dir, exist_ok=True)
-    atomic_path(os.path.join(out_dir, "config.yaml"),
-                lambda tmp: open(tmp, "w").write(yaml.safe_dump(resolved, sort_keys=False)))
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(yaml.safe_dump(resolved, sort_keys=False))
+    atomic_path(os.path.join(out_dir, "config.yaml"), write)
 
 
 def train(data, out_dir, config: Config | None = None, condition_keys=None, epochs: int | None = None,
@@ -97,6 +100,11 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
           deterministic: bool = False):
     """Train on an AnnData or .h5ad path and write ``out_dir/model.pt`` (EMA weights, genes,
     normalisation, vocabularies), ``config.yaml`` and ``history.csv``. Returns the model.
+
+    ``config``: a :class:`~scidiff.config.Config` (checked like a file, so a value changed in
+    Python out of range is refused with its key named), a path to a YAML file, or a dict of
+    sections on top of the defaults (``{"training": {"num_epochs": 5}}``); ``None``: the defaults.
+    ``condition_keys``: obs keys, a list or one key as a string.
 
     With perturbation covariates, the model's perturbation prior (unseen perturbations from
     prior knowledge, :mod:`scidiff.models.perturbation_prior`) is fitted in closed form before
@@ -122,7 +130,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     validation split; the loader's order; the trainer's noise streams), so a second run with the
     same seed, data and thread count repeats the first bit for bit. ``deterministic``:
     deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
-    config = config or load_config()
+    config = as_config(config)  # a Config (checked: one changed in Python too), a YAML path or a dict of sections
     dc, tc = config.data, config.training
     use_ddp = distributed.env_world_size() > 1
     if use_ddp:
@@ -132,7 +140,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     if deterministic:
         enable_determinism()
     seed_everything(tc.seed)  # before anything draws: weight init, split, loader order, noise
-    keys = list(condition_keys) if condition_keys is not None else dc.all_condition_keys()
+    keys = list(as_names(condition_keys)) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
     prior_report = effects_report = None
     adata = None

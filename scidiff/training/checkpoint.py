@@ -103,6 +103,24 @@ def model_payload(model, state_dict=None) -> dict:
     return payload
 
 
+def resolve_device(device) -> torch.device:
+    """``"auto"`` (or ``None``) -> CUDA if present else CPU; a CUDA or MPS request where that
+    device is not available warns and uses the CPU; a string torch does not know as a device
+    (``"gpu"``) is a ValueError that names it."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"unknown device {device!r}: give 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps is not None and mps.is_available())}
+    if not available.get(device.type, True):
+        warnings.warn(f"{device.type.upper()} was requested but is not available; running on the CPU", stacklevel=3)
+        return torch.device("cpu")
+    return device
+
+
 def save_model(model, path, state_dict=None, **extra) -> str:
     """Write ``model`` (or its weights ``state_dict``, e.g. EMA) to ``path``; a folder gets
     ``model.pt`` inside. Extra entries (training state) must be tensors or plain Python values."""
@@ -176,7 +194,9 @@ def read_checkpoint(path) -> dict:
 
 def load_model(path, map_location="cpu", genes=None):
     """A :class:`scidiff.models.ScIDiffModel` from a checkpoint file or run folder, in eval mode.
-    With ``genes``, the checkpoint must have been trained on exactly these genes."""
+    ``map_location``: the device it is put on (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
+    ``torch.device``; ``"auto"``: CUDA if present; CUDA or MPS where there is none: the CPU, with a
+    warning). With ``genes``, the checkpoint must have been trained on exactly these genes."""
     payload = read_checkpoint(path)
     try:
         config = json.loads(payload["config"])
@@ -209,9 +229,10 @@ def load_model(path, map_location="cpu", genes=None):
         if spec is not None and model.perturbation_prior.genes != list(spec.gene_names):
             raise ValueError(f"{payload['path']!r} holds a perturbation prior over other genes than its model's")
     model.student = _read_student(payload, model)
-    model = model.to(map_location).eval()
+    device = resolve_device(map_location)  # "auto"; "cuda" without CUDA falls back to the CPU with a warning
+    model = model.to(device).eval()
     if model.student is not None:
-        model.student = model.student.to(map_location)
+        model.student = model.student.to(device)
     return model
 
 

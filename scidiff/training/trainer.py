@@ -28,22 +28,12 @@ import torch
 from . import distributed
 from ..data.io import atomic_path
 from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
-from .checkpoint import (CHECKPOINT_FILE, atomic_torch_save, model_payload, payload_digest,
-                         read_training_checkpoint, remove_partial_files, save_model, write_training_checkpoint)
+from .checkpoint import (CHECKPOINT_FILE, atomic_torch_save, list_checkpoints, model_payload, payload_digest,
+                         read_training_checkpoint, remove_partial_files, resolve_device, save_model,
+                         write_training_checkpoint)
 from .ema import EMA
 from .losses import BiologicalConstraints, denoising_loss
 from .rng import capture_rng_state, restore_rng_state
-
-
-def resolve_device(device) -> torch.device:
-    """``"auto"`` -> CUDA if present else CPU; a CUDA request without CUDA warns and uses CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn("CUDA was requested but is not available; running on the CPU", stacklevel=3)
-        return torch.device("cpu")
-    return device
 
 
 def split_batch(batch, model) -> tuple[torch.Tensor, dict]:
@@ -264,6 +254,8 @@ class ScIDiffTrainer:
         self._schedule: dict | None = None
         self._resume: dict | None = None
         self._raw_state = None
+        self._own_checkpoints: set[str] = set()  # training checkpoints this trainer wrote
+        self._resumed = False
 
     @property
     def is_main_process(self) -> bool:
@@ -456,11 +448,24 @@ class ScIDiffTrainer:
         self._set_final_sigma()
         if self.checkpoint_dir and self.is_main_process:
             save_model(self.model, self.checkpoint_dir, training=self.weights_kept)
+            self._remove_foreign_checkpoints()
             self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
             self._write_summary(os.path.join(self.checkpoint_dir, SUMMARY_FILE))
         if self.use_ddp:
             distributed.barrier()
         return self.history
+
+    def _remove_foreign_checkpoints(self) -> None:
+        """After a run that did not resume: training checkpoints in ``checkpoint_dir`` that this
+        trainer did not write belong to an earlier run in the same folder; left beside the new
+        ``model.pt`` a resume would continue that other run, so they are removed."""
+        if self._resumed:
+            return
+        d = self.checkpoint_dir
+        found = [p for _, p in list_checkpoints(d)] + [os.path.join(d, CHECKPOINT_FILE)]
+        for path in found:
+            if os.path.exists(path) and os.path.abspath(path) not in self._own_checkpoints:
+                os.remove(path)
 
     def _set_final_sigma(self) -> None:
         """Where the trained model's generation ends (:mod:`scidiff.models.final_noise`): the
@@ -586,6 +591,8 @@ class ScIDiffTrainer:
                         "step": self.step, "epoch": self.epoch, "trainer": state})
         if path is None:
             path = write_training_checkpoint(payload, self.checkpoint_dir, self.step, self.keep_checkpoints)
+            self._own_checkpoints.update(os.path.abspath(p) for p in
+                                         (path, os.path.join(self.checkpoint_dir, CHECKPOINT_FILE)))
             if self.history:
                 self.write_history(os.path.join(self.checkpoint_dir, "history.csv"))
         else:
@@ -682,6 +689,7 @@ class ScIDiffTrainer:
         self._resume = {"path": payload["path"], "schedule": t["schedule"], "batch_in_epoch": self._batch_in_epoch,
                         "batches_per_epoch": t["batches_per_epoch"]}
         self._raw_state = None
+        self._resumed = True
         if self.log_every_steps > 0 and self.checkpoint_dir and self.is_main_process:
             _StepLog.truncate(os.path.join(self.checkpoint_dir, "steps.csv"), self.step)
         return self.step
@@ -713,6 +721,9 @@ class _StepLog:
         self.path = os.path.join(d, "steps.csv") if d and trainer.is_main_process else None
         if self.path:
             os.makedirs(d, exist_ok=True)
+            # rows of a later step were logged by another run into this folder (or by the steps a
+            # resumed run repeats): this run's rows follow its own step
+            self.truncate(self.path, trainer.step)
 
     def add(self, loss: torch.Tensor, cells: int) -> None:
         self.loss += loss.double() * cells
