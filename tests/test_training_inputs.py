@@ -117,3 +117,9 @@ def test_a_fresh_run_into_a_folder_holding_a_run_leaves_none_of_its_files(tmp_pa
     _train(_cells(), out, _config(num_epochs=1, checkpoint_every=1, keep_checkpoints=3, seed=1))
     assert read_training_checkpoint(out)["epoch"] == 1
     assert len(os.listdir(out / "checkpoints")) == 1
+
+
+def test_too_few_cells_for_a_detection_model_says_what_to_do(tmp_path):
+    """12 cells: 'the detection model needs at least 16 cells, got 12', and nothing more."""
+    with pytest.raises(ValueError, match=r"at least 16 cells, got 12.*latent_dim: null"):
+        _train(_cells(12), tmp_path / "run", _config(val_fraction=0.0))

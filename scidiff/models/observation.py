@@ -135,7 +135,8 @@ class DetectionModel(nn.Module):
         smooth, measured = smooth.float().to(dev), measured.float().to(dev)
         n, g = smooth.shape
         if n < self.max_bins:
-            raise ValueError(f"the detection model needs at least {self.max_bins} cells, got {n}")
+            raise ValueError(f"the detection model needs at least {self.max_bins} cells, got {n}: train on more "
+                             "cells, or in gene space (model.latent_dim: null, latent_dim=None), which has none")
         self._size(g, self.bins_for(n, self.max_bins), dev)
         # quantile bins per gene by rank in the sorted column (no size limit, unlike torch.quantile):
         # cells that tie on a smooth value (a gene never detected has one) are shared between the
