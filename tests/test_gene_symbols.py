@@ -71,7 +71,7 @@ def test_a_screen_indexed_by_ids_gets_the_prior_its_symbols_give(tmp_path, strea
 
 
 def test_design_targets_and_tf_networks_may_name_genes_by_symbol():
-    from scidiff.tasks.design.job import _targets_as_model_genes
+    from scidiff.tasks.design.attribution import tf_weight_matrix
 
     spec = setup_anndata(_by_id(_screen(), "gene_name"), **SETUP).spec
     target = PhenotypeTarget.parse("G3>=1,G5<=0.2," + IDS[7] + "=0.5", tolerance={"G3": 0.3})
@@ -82,7 +82,10 @@ def test_design_targets_and_tf_networks_may_name_genes_by_symbol():
     with pytest.raises(ValueError, match=r"'GX3' \(close matches: G3"):
         bad.check(list(spec.gene_names) + spec.gene_symbols)
     network = pd.DataFrame({"source": ["TF1"] * 3, "target": ["G1", IDS[2], "NOT_MEASURED"], "weight": [1.0, -1, 1]})
-    assert list(_targets_as_model_genes(network, spec)["target"]) == [IDS[1], IDS[2], "NOT_MEASURED"]
+    w, tfs, n_targets = tf_weight_matrix(network, spec.gene_names, min_targets=1, gene_symbols=spec.gene_symbols)
+    genes = list(spec.gene_names)
+    assert tfs == ["TF1"] and list(n_targets) == [2]  # G1 read as its ID, the unmeasured gene left out
+    assert w[genes.index(IDS[1]), 0] == 1.0 and w[genes.index(IDS[2]), 0] == -1.0 and np.abs(w).sum() == 2
 
 
 def test_train_and_predict_through_the_command_line_on_a_file_indexed_by_ids(tmp_path):

@@ -21,7 +21,8 @@ def add(sub) -> None:
                                                      "(conditioned on) and/or of --cell-type-key in --data "
                                                      "(scored by a classifier trained on those cells)")
     p.add_argument("--cell-type-key", default=None, help="obs key holding cell types (default: found by label)")
-    p.add_argument("--tf-network", default=None, help="TSV of TF -> target edges: source, target, weight")
+    p.add_argument("--tf-network", default=None, help="TSV of TF -> target edges: columns source, target, weight "
+                                                        "(or no header, those three first)")
     p.add_argument("-n", type=positive_int, default=256, help="cells to design")
     p.add_argument("--data", default=None, help="real cells (.h5ad): realism in the report, the cell-type "
                                                 "classifier and the source cells")

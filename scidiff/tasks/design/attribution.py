@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from ...data.gene_symbols import resolve_gene, symbol_index
 from .targets import PhenotypeTarget
 
 def integrated_gradients(fn, baseline: torch.Tensor, inputs: torch.Tensor, steps: int = 32) -> torch.Tensor:
@@ -41,6 +42,24 @@ def integrated_gradients(fn, baseline: torch.Tensor, inputs: torch.Tensor, steps
     return delta * total / steps
 
 
+def _cells_array(cells, what: str) -> np.ndarray:
+    """``cells`` (log1p expression, ``[cells, genes]``) as an array; a clear error for ``None``
+    (a design from noise has no source cells) or something that is not an array of numbers."""
+    if cells is None:
+        raise ValueError(f"{what} is None: a design started from noise has no source cells (result.source). Design "
+                         "from source= cells, or compare with unguided cells of the same noise: "
+                         "designer.design(target, n, objective_scale=0, resample=False, eta=result.settings['eta'], "
+                         "seed=...).expression[result.ancestors] (with the design's n, steps and seed)")
+    if hasattr(cells, "obs") and hasattr(cells, "var_names"):
+        raise TypeError(f"{what} must be a [cells, genes] array of log1p expression in the model's genes "
+                        "(result.source, result.expression); got an AnnData")
+    try:
+        return np.asarray(cells, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be a [cells, genes] array of log1p expression; got {type(cells).__name__} "
+                        f"({exc})") from None
+
+
 def gene_attribution(designer, target: PhenotypeTarget, source_expression, designed_expression, *,
                      cond: dict | None = None, through_model: bool = True, t: int | None = None,
                      steps: int = 32) -> pd.DataFrame:
@@ -53,8 +72,8 @@ def gene_attribution(designer, target: PhenotypeTarget, source_expression, desig
     ``rank`` (1 = most negative attribution). ``uns``-like totals are in ``table.attrs``."""
     model, spec = designer.model, designer.model.data_spec
     designer.check(target)
-    src = torch.as_tensor(np.asarray(source_expression), dtype=torch.float32)
-    dst = torch.as_tensor(np.asarray(designed_expression), dtype=torch.float32)
+    src = torch.as_tensor(_cells_array(source_expression, "source_expression"), dtype=torch.float32)
+    dst = torch.as_tensor(_cells_array(designed_expression, "designed_expression"), dtype=torch.float32)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != spec.n_genes:
         raise ValueError(f"source and designed cells must be paired [cells, {spec.n_genes}] arrays; got "
                          f"{tuple(src.shape)} and {tuple(dst.shape)}")
@@ -93,45 +112,99 @@ def gene_attribution(designer, target: PhenotypeTarget, source_expression, desig
 # -- transcription-factor activity -------------------------------------------------------------
 
 
+NETWORK_COLUMNS = ("source", "target", "weight")
+
+
+def _network_columns(net: pd.DataFrame) -> pd.DataFrame:
+    """``net`` with its columns named as the network needs: ``Source``/``TARGET``/... in any case,
+    decoupler's older ``mor`` for ``weight``."""
+    lower = {str(c).strip().lower(): c for c in net.columns}
+    rename = {lower[c]: c for c in NETWORK_COLUMNS if c in lower and c not in net.columns}
+    if "weight" not in net.columns and "weight" not in lower and "mor" in lower:
+        rename[lower["mor"]] = "weight"
+    return net.rename(columns=rename) if rename else net
+
+
+def _headerless(net: pd.DataFrame) -> bool:
+    """Whether a table read with a header is a headerless ``source, target, weight`` file: no
+    column is named source or target and the third column's name (the first row's weight) is a
+    number."""
+    names = {str(c).strip().lower() for c in net.columns}
+    if len(net.columns) < 3 or names & {"source", "target"}:
+        return False
+    try:
+        float(str(net.columns[2]))
+    except ValueError:
+        return False
+    return True
+
+
+def _bad_weights(net: pd.DataFrame, where: str) -> pd.Series:
+    """The weights of ``net`` as numbers; an error naming ``where`` and the first bad edges (as
+    written, rows counted after the header, if any) where one is not a finite number."""
+    weight = pd.to_numeric(net["weight"], errors="coerce")
+    bad = ~np.isfinite(weight.to_numpy(dtype=np.float64))
+    if bad.any():
+        what = "non-numeric or missing" if not np.isinf(weight.to_numpy(dtype=np.float64)).any() else \
+            "non-numeric, missing or infinite"
+        edges = net.loc[bad, ["source", "target", "weight"]].head(3)
+        rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {w if pd.notna(w) else '(missing)'!r}"
+                         for i, (s, t, w) in zip(np.flatnonzero(bad), edges.itertuples(index=False)))
+        raise ValueError(f"{where} has {int(bad.sum())} {what} weight(s): {rows}")
+    return weight.astype(np.float64)
+
+
 def read_tf_network(path) -> pd.DataFrame:
-    """A TF -> target network from a TSV with columns ``source``, ``target`` and ``weight`` (or
-    decoupler's older ``mor``); extra columns are ignored. Errors name the file."""
+    """A TF -> target network from a TSV with columns ``source``, ``target`` and ``weight`` (in
+    any case, or decoupler's older ``mor``); extra columns are ignored. A file without a header
+    is read as ``source, target, weight`` when its first row's third field is a number. Errors
+    name the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such TF network file: {path!r}")
     try:
         net = pd.read_csv(path, sep="\t")
+        if _headerless(net):
+            net = pd.read_csv(path, sep="\t", header=None)
+            net = net.rename(columns=dict(zip(net.columns[:3], NETWORK_COLUMNS)))
     except Exception as exc:
         raise ValueError(f"could not read {path!r} as a tab-separated table: {exc}") from exc
-    if "weight" not in net.columns and "mor" in net.columns:
-        net = net.rename(columns={"mor": "weight"})
-    missing = [c for c in ("source", "target", "weight") if c not in net.columns]
+    net = _network_columns(net)
+    missing = [c for c in NETWORK_COLUMNS if c not in net.columns]
     if missing:
+        hint = (" (it looks comma-separated; the network is a tab-separated file)"
+                if len(net.columns) == 1 and "," in str(net.columns[0]) else "")
         raise ValueError(f"TF network {path!r} lacks column(s) {missing}; it needs source, target and weight "
-                         f"(decoupler/CollecTRI layout); found {list(net.columns)}")
-    net = net[["source", "target", "weight"]].copy()
+                         f"(decoupler/CollecTRI layout; or no header and those three columns first); found "
+                         f"{list(net.columns)}{hint}")
+    net = net[list(NETWORK_COLUMNS)].copy()
     net["source"], net["target"] = net["source"].astype(str), net["target"].astype(str)
-    weight = pd.to_numeric(net["weight"], errors="coerce")
-    if weight.isna().any():
-        bad = net[weight.isna()].head(3)  # as written; rows counted after the header
-        edges = bad[["source", "target", "weight"]].itertuples(index=False)
-        rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {w if pd.notna(w) else '(missing)'!r}"
-                         for i, (s, t, w) in zip(bad.index, edges))
-        raise ValueError(f"TF network {path!r} has {int(weight.isna().sum())} non-numeric or missing weight(s): "
-                         f"{rows}")
-    net["weight"] = weight
+    net["weight"] = _bad_weights(net, f"TF network {path!r}")
     net.attrs["path"] = path
     return net
 
 
-def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5):
+def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, gene_symbols=None):
     """``(W [G, F], tfs, n_targets)``: edge weights of each TF over the model's genes, for TFs
-    with at least ``min_targets`` targets among them. Duplicate edges are an error; a network
-    that shares no (or too few) targets with the genes is an error that says so."""
+    with at least ``min_targets`` targets among them. ``gene_symbols``: each gene's symbol (``""``
+    where none; a model's ``data_spec.gene_symbols``), so that a network naming targets by symbol
+    matches genes named by Ensembl ID. Duplicate edges are an error; a network that shares no (or
+    too few) targets with the genes is an error that says so."""
     where = f"TF network {network.attrs['path']!r}" if network.attrs.get("path") else "the TF network"
-    for col in ("source", "target", "weight"):
+    network = _network_columns(network)
+    for col in NETWORK_COLUMNS:
         if col not in network.columns:
-            raise ValueError(f"{where} lacks column {col!r} (needs source, target, weight)")
+            raise ValueError(f"{where} lacks column {col!r} (needs source, target, weight); found "
+                             f"{list(network.columns)}")
+    network = network.reset_index(drop=True)
+    network = network.assign(weight=_bad_weights(network, where))  # a NaN weight scored its TF as unchanged
+    gene_names = [str(g) for g in gene_names]
+    if gene_symbols is not None and len(gene_symbols):
+        if len(gene_symbols) != len(gene_names):
+            raise ValueError(f"gene_symbols has {len(gene_symbols)} symbols for {len(gene_names)} genes")
+        known, symbols = set(gene_names), symbol_index(gene_names, gene_symbols)
+        targets = network["target"].astype(str)
+        network = network.assign(target=[resolve_gene(t, known, symbols) or t for t in targets])
     dup = network.duplicated(["source", "target"])
     if dup.any():
         raise ValueError(f"{where} has {int(dup.sum())} duplicate source-target edges, e.g. "
@@ -142,7 +215,8 @@ def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5):
         examples = list(network["target"].astype(str).unique()[:5])
         raise ValueError(f"{where} shares no target genes with the model's {len(index)} genes (network targets "
                          f"such as {examples}; model genes such as {list(index)[:5]}); check gene naming (symbols "
-                         "vs Ensembl IDs, species)")
+                         "vs Ensembl IDs, species" + ("; gene_symbols= matches symbols to IDs)" if gene_symbols is None
+                                                      else ")"))
     counts = inside.groupby("source")["target"].size()
     tfs = sorted(counts[counts >= min_targets].index.astype(str))
     if not tfs:
@@ -187,10 +261,12 @@ TF_METHODS = {"ulm": ulm, "wmean": wmean}
 
 
 def tf_activity_change(source_expression, designed_expression, network, gene_names, *, method: str = "ulm",
-                       min_targets: int = 5, paired: bool | None = None) -> pd.DataFrame:
+                       min_targets: int = 5, paired: bool | None = None, gene_symbols=None) -> pd.DataFrame:
     """Score TF activities in source and designed cells and rank TFs by the change.
 
     ``network``: a DataFrame (source, target, weight) or a TSV path (:func:`read_tf_network`).
+    ``gene_symbols``: the genes' symbols beside IDs (``model.data_spec.gene_symbols``), for a
+    network naming genes by symbol (:func:`tf_weight_matrix`).
     ``paired``: rows of the two sets are the same cells before and after (default: when the
     counts match); the test is then a paired t-test, otherwise Welch's. Columns: ``tf``,
     ``n_targets``, ``source_activity``, ``designed_activity`` (means), ``change``,
@@ -199,10 +275,11 @@ def tf_activity_change(source_expression, designed_expression, network, gene_nam
         raise ValueError(f"unknown TF scoring method {method!r}; choose one of {sorted(TF_METHODS)}")
     if not isinstance(network, pd.DataFrame):
         network = read_tf_network(network)
-    src, dst = np.asarray(source_expression, np.float64), np.asarray(designed_expression, np.float64)
+    src = _cells_array(source_expression, "source_expression")
+    dst = _cells_array(designed_expression, "designed_expression")
     if src.ndim != 2 or dst.ndim != 2 or src.shape[1] != len(gene_names) or dst.shape[1] != len(gene_names):
         raise ValueError(f"source and designed cells must be [cells, {len(gene_names)} genes]")
-    w, tfs, n_targets = tf_weight_matrix(network, gene_names, min_targets)
+    w, tfs, n_targets = tf_weight_matrix(network, gene_names, min_targets, gene_symbols)
     a_src, a_dst = TF_METHODS[method](src, w), TF_METHODS[method](dst, w)
     paired = (len(src) == len(dst)) if paired is None else paired
     with np.errstate(divide="ignore", invalid="ignore"):

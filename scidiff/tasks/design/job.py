@@ -76,18 +76,6 @@ def _write_tsv(table, path) -> str:
     return atomic_path(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
 
 
-def _targets_as_model_genes(network: pd.DataFrame, spec) -> pd.DataFrame:
-    """The network with its target genes named as the model names them (a symbol -> the model's
-    gene ID where the training file had symbols beside IDs)."""
-    if not spec.gene_symbols or "target" not in network.columns:
-        return network
-    out = network.copy()
-    names = network["target"].astype(str).tolist()
-    out["target"] = [m or g for m, g in zip(spec.model_genes(names), names)]
-    out.attrs = dict(network.attrs)
-    return out
-
-
 def run_design(model, target, out, *, data=None, source: dict | None = None,
                condition: dict | None = None, cell_type: str | None = None, cell_type_key: str | None = None,
                tf_network=None, n: int = 256, steps: int = 50, objective_scale: float = 10.0,
@@ -133,9 +121,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         target.check_in(spec)
     if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
         tf_network = read_tf_network(tf_network)
-    if tf_network is not None:
-        tf_network = _targets_as_model_genes(tf_network, spec)
-        tf_weight_matrix(tf_network, spec.gene_names)  # no overlap with the model's genes: fail now
+    if tf_network is not None:  # targets named by symbol match the model's IDs (gene_symbols)
+        tf_weight_matrix(tf_network, spec.gene_names, gene_symbols=spec.gene_symbols)  # no overlap: fail now
     adata = None if data is None else (data if not isinstance(data, (str, os.PathLike)) else read_h5ad(data))
     condition = dict(condition or {})
     classifier = None
@@ -229,7 +216,8 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         report["genes_top"] = genes.head(20).to_dict("records")
         report["attribution_totals"] = dict(genes.attrs)
     if tf_network is not None:
-        tables["tfs"] = tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names)
+        tables["tfs"] = tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names,
+                                                 gene_symbols=spec.gene_symbols)
         report["tfs_top"] = tfs.head(20).to_dict("records")
     written = {name: _write_tsv(table, paths[name]) for name, table in tables.items()}
     if target.constraints:

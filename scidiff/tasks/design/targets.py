@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
@@ -24,9 +25,11 @@ class UnknownGeneError(KeyError, ValueError):
         return str(self.args[0]) if self.args else ""
 
 
-def unknown_gene_error(genes, known, what: str = "the model's genes") -> UnknownGeneError:
-    """An error naming each unknown gene with its closest known names (difflib)."""
+def unknown_gene_error(genes, known, what: str = "the model's genes", n_genes: int | None = None) -> UnknownGeneError:
+    """An error naming each unknown gene with its closest known names (difflib); ``n_genes``: how
+    many genes ``what`` has (default ``len(known)``; less where ``known`` also holds symbols)."""
     known = [str(g) for g in known]
+    n_genes = len(known) if n_genes is None else int(n_genes)
     upper = {g.upper(): g for g in known}
     parts = []
     for g in genes:
@@ -34,7 +37,7 @@ def unknown_gene_error(genes, known, what: str = "the model's genes") -> Unknown
         if str(g).upper() in upper and upper[str(g).upper()] not in close:
             close.insert(0, upper[str(g).upper()])
         parts.append(f"{g!r} (close matches: {', '.join(close) if close else 'none'})")
-    return UnknownGeneError(f"gene(s) not in {what} ({len(known)} genes): " + "; ".join(parts))
+    return UnknownGeneError(f"gene(s) not in {what} ({n_genes} genes): " + "; ".join(parts))
 
 
 def gene_index(gene_to_idx) -> dict[str, int]:
@@ -77,13 +80,26 @@ class GeneConstraint:
         return (v >= lo - 1e-6) & (v <= hi + 1e-6)
 
 
-def _level_map(genes, default: float, what: str) -> dict[str, float]:
+def _level(gene, value, what: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: the level of {gene!r} must be a number (log1p-normalised); got {value!r}") from None
+
+
+def _level_map(genes, default: float | None, what: str) -> dict[str, float]:
     if genes is None:
         return {}
     if isinstance(genes, str):
         genes = [genes]
     if isinstance(genes, dict):
-        return {str(g): float(v) for g, v in genes.items()}
+        return {str(g): _level(g, v, what) for g, v in genes.items()}
+    if default is None:  # a list of gene_targets read as level 0, i.e. every gene switched off
+        genes = list(genes)
+        if genes:
+            raise TypeError(f"{what} needs a level per gene, e.g. {{{str(genes[0])!r}: 2.0}}; got the list {genes!r}"
+                            " (for genes up or down without a level use marker_genes / suppressed_genes)")
+        return {}
     out = {}
     for g in genes:
         if not isinstance(g, str):
@@ -105,7 +121,7 @@ class PhenotypeTarget:
     def __init__(self, gene_targets: dict | None = None, marker_genes=None, suppressed_genes=None,
                  cell_type: str | None = None, *, marker_level: float = 1.0, suppressed_level: float = 0.1,
                  tolerance=0.1):
-        self.gene_targets = _level_map(gene_targets, 0.0, "gene_targets")
+        self.gene_targets = _level_map(gene_targets, None, "gene_targets")
         self.marker_genes = _level_map(marker_genes, marker_level, "marker_genes")
         self.suppressed_genes = _level_map(suppressed_genes, suppressed_level, "suppressed_genes")
         self.cell_type = None if cell_type is None else str(cell_type)
@@ -187,18 +203,28 @@ class PhenotypeTarget:
     def check_in(self, spec) -> "PhenotypeTarget":
         """:meth:`check` against a model's genes (its :class:`~scidiff.data.DataSpec`), each gene
         named by ID or by symbol and renamed to the ID (:meth:`use_gene_ids`)."""
-        return self.use_gene_ids(spec.model_gene).check(list(spec.gene_names) + [s for s in spec.gene_symbols if s])
+        return self.use_gene_ids(spec.model_gene).check(list(spec.gene_names) + [s for s in spec.gene_symbols if s],
+                                                        n_genes=len(spec.gene_names))
 
     # -- validation --------------------------------------------------------------------------------
-    def check(self, gene_names=None) -> "PhenotypeTarget":
+    def check(self, gene_names=None, *, n_genes: int | None = None) -> "PhenotypeTarget":
         """Raise on an empty target, contradictory targets for one gene (e.g. the same gene up and
-        down), levels no log1p expression can meet (below 0), and genes not in ``gene_names``."""
+        down), levels no log1p expression can meet (below 0), a tolerance that is not a finite
+        number >= 0 or names a gene the target does not have, and genes not in ``gene_names``
+        (``n_genes``: the model's gene count, where ``gene_names`` also lists symbols)."""
         if self.is_empty():
             raise ValueError("the target is empty: give gene_targets, marker_genes, suppressed_genes or a cell_type "
                              "(e.g. PhenotypeTarget(marker_genes=['CD8A'], suppressed_genes=['CD4']))")
+        if isinstance(self.tolerance, dict):
+            stray = [g for g in self.tolerance if g not in set(self.genes)]
+            if stray:  # a misspelt gene's tolerance was silently the default
+                raise ValueError(f"tolerance names gene(s) {stray} that the target does not have; its genes: "
+                                 f"{self.genes}")
+        elif not isinstance(self.tolerance, numbers.Real) or isinstance(self.tolerance, bool):
+            raise TypeError(f"tolerance must be a number or a dict gene -> number; got {self.tolerance!r}")
         by_gene: dict[str, list[GeneConstraint]] = {}
         for c in self.constraints:
-            if not math.isfinite(c.value) or c.tolerance < 0:
+            if not math.isfinite(c.value) or not math.isfinite(c.tolerance) or c.tolerance < 0:
                 raise ValueError(f"target {c}: the level must be finite and the tolerance >= 0")
             by_gene.setdefault(c.gene, []).append(c)
         for gene, cs in by_gene.items():
@@ -219,7 +245,7 @@ class PhenotypeTarget:
             known = set(str(g) for g in gene_names)
             unknown = [g for g in self.genes if g not in known]
             if unknown:
-                raise unknown_gene_error(unknown, gene_names)
+                raise unknown_gene_error(unknown, gene_names, n_genes=n_genes)
         return self
 
 
