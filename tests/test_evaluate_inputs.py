@@ -145,3 +145,12 @@ def test_unlabelled_real_cells_are_offered_the_control_label():
     pred = _adata(_log(a, 1e4), "p", perturbation=["A"] * 20)
     with pytest.raises(ValueError, match="call them control.*fillna\\('ctrl'\\)"):
         evaluate_perturbation(real, pred, "perturbation", "ctrl", cell_eval=False)
+
+
+def test_a_report_without_plots_leaves_no_earlier_plots_beside_its_metrics(tmp_path):
+    """--no-plots into a folder of an earlier report kept its PNGs beside the new metrics.json."""
+    real, gen = _adata(_counts(40), "r"), _adata(_log(_counts(40, 5), 1e4), "g")
+    assert "pca.png" in evaluate_files(real, gen, tmp_path, plots=True)["plots"]
+    (tmp_path / "notes.txt").write_text("mine")
+    evaluate_files(real, gen, tmp_path, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "notes.txt"]

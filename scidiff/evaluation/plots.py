@@ -47,10 +47,24 @@ def gene_stat_plot(real_stat, gen_stat, path, what="mean"):
     plt.close(fig)
 
 
+REPORT_PLOTS = ("pca.png", "umap.png", "gene_means.png", "gene_variances.png")
+
+
+def remove_report_plots(out_dir) -> None:
+    """Remove the plots an earlier report left in ``out_dir`` (:data:`REPORT_PLOTS`), so that the
+    folder shows this report's alone."""
+    for name in REPORT_PLOTS:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def report_plots(real: np.ndarray, gen: np.ndarray, out_dir, umap: bool = True, seed: int = 0) -> list[str]:
     """Write ``pca.png``, ``umap.png`` (scanpy's UMAP on a PCA fitted on the real cells),
-    ``gene_means.png`` and ``gene_variances.png`` into ``out_dir``; returns the paths."""
+    ``gene_means.png`` and ``gene_variances.png`` into ``out_dir`` (an earlier report's removed
+    first); returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
+    remove_report_plots(out_dir)
     project = fit_pca(real, 30, seed)
     rp, gp = project(real), project(gen)
     paths = [os.path.join(out_dir, "pca.png")]

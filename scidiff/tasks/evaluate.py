@@ -22,7 +22,7 @@ from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
 from ..evaluation.perturbation import (control_labels_of, discrimination_score, number_text, numeric_column,
                                        perturbation_labels, perturbation_metrics, rank_degs)
-from ..evaluation.plots import report_plots
+from ..evaluation.plots import remove_report_plots, report_plots
 from .cells import read_cells
 
 
@@ -107,6 +107,8 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     os.makedirs(out_dir, exist_ok=True)
     if plots:
         metrics["plots"] = [os.path.basename(p) for p in report_plots(real_x, gen_x, out_dir)]
+    else:  # an earlier report's plots would stand beside these metrics
+        remove_report_plots(out_dir)
     _write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
