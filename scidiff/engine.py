@@ -45,8 +45,9 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .diffusion.guidance import double_rows
+from .diffusion.guidance import double_rows, guidance_weight
 from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
+from .ops.device import resolve_device
 
 
 def _x86() -> bool:
@@ -90,20 +91,9 @@ def _positive_int(name: str, value, what: str) -> int:
 
 
 def _engine_device(device, model) -> torch.device:
-    """The engine's device: ``device`` or the model's, checked to exist here."""
-    if device is None:
-        return next(model.parameters()).device
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device={device!r} is not a device: pass 'cpu', 'cuda' or 'cuda:<index>'") from err
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here (torch {torch.__version__}, "
-                             f"CPU build or no GPU): use device='cpu' (the CPU engine) or leave device unset")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+    """The engine's device: the model's where ``device`` is unset, else ``device``, refused
+    where it is absent here (an explicit request to be fast on it)."""
+    return next(model.parameters()).device if device is None else resolve_device(device, strict=True)
 
 
 def _engine_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -124,17 +114,6 @@ def _engine_dtype(dtype, device: torch.device) -> torch.dtype:
                       f"network runs emulated, several times slower than fp32 (dtype='auto' picks fp32 here)",
                       stacklevel=3)
     return dtype
-
-
-def _finite(name: str, value, what: str) -> float:
-    """``value`` as a finite float (not a bool or text), else a ValueError naming ``name``."""
-    try:
-        number = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number ({what}), got {value!r}")
-    return number
 
 
 def _check_clip(clip):
@@ -182,7 +161,7 @@ class SamplingEngine:
         steps = model.sampling_steps(sampler, steps, eta)
         self.sampler, self.steps, self.eta = sampler, steps, float(eta)
         self.spacing = spacing or DEFAULT_SPACING.get(sampler)
-        self.guidance_scale = _finite("guidance_scale", guidance_scale, "1 = no guidance")
+        self.guidance_scale = guidance_weight(guidance_scale)
         self.clip = _check_clip(clip)
         self.chunk_size = (65_536 if self.device.type == "cuda" else CPU_CHUNK) if chunk_size is None else \
             _positive_int("chunk_size", chunk_size, "cells per batch; None for the device's default")

@@ -33,7 +33,7 @@ def test_engine_refuses_chunk_sizes_that_are_not_positive_integers(chunk_size):
     ({"guidance_scale": float("inf")}, "guidance_scale must be a finite number"),
     ({"clip": (1.0, 0.0)}, r"min <= max"), ({"clip": 1.0}, "clip must be a pair"),
     ({"dtype": "int8"}, "dtype='int8'"), ({"dtype": torch.int32}, "dtype=torch.int32"),
-    ({"device": "gpu"}, "device='gpu' is not a device"),
+    ({"device": "gpu"}, "unknown device 'gpu'"),
 ])
 def test_engine_refuses_bad_options_naming_them(kwargs, match):
     """NaN guidance gave NaN cells and clip=(1, 0) all-zero cells, silently."""
@@ -48,6 +48,23 @@ def test_gpu_options_without_cuda_are_clear_errors():
         SamplingEngine(model, "ddim", 3, device="cuda")
     with pytest.raises(ValueError, match="cuda_graph=True needs a CUDA device"):
         SamplingEngine(model, "ddim", 3, cuda_graph=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only machine's rule")
+def test_engine_and_load_model_read_devices_by_one_rule(tmp_path):
+    """One resolver (scidiff.ops.device): 'auto' and ' cpu ' are devices to both (the engine refused
+    'auto'); a CUDA request without CUDA is refused by the engine (asked to be fast on it) and falls back
+    to the CPU with a warning in load_model; an unknown name is the same error in both."""
+    from scidiff.training.checkpoint import load_model, save_model
+    model = tiny_model()
+    assert SamplingEngine(model, "ddim", 3, device="auto").device == torch.device("cpu")
+    assert SamplingEngine(model, "ddim", 3, device=" cpu ").device == torch.device("cpu")
+    path = save_model(model, tmp_path / "m.pt")
+    with pytest.warns(UserWarning, match="CUDA was requested but is not available"):
+        assert next(load_model(path, map_location="cuda").parameters()).device == torch.device("cpu")
+    for make in (lambda: SamplingEngine(model, "ddim", 3, device="gpu"), lambda: load_model(path, map_location="gpu")):
+        with pytest.raises(ValueError, match="unknown device 'gpu'"):
+            make()
 
 
 def test_dtype_names_give_the_same_cells_as_torch_dtypes():
@@ -189,3 +206,17 @@ def test_dispatch_refuses_kernels_compiled_before_the_interpreter(monkeypatch):
         ops.use_triton(torch.zeros(2))
     monkeypatch.delitem(sys.modules, module.__name__)
     assert ops.use_triton(torch.zeros(2))  # the interpreted kernels of this process run
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "2", None, True])
+def test_one_guidance_check_serves_the_wrapper_the_model_and_the_engine(weight):
+    """classifier_free_guidance took a NaN weight (every prediction NaN); model.sample took the text '2'
+    that the engine refused. One check (diffusion.guidance.guidance_weight) for the three."""
+    from scidiff.diffusion.guidance import classifier_free_guidance
+    model = tiny_model()
+    makers = [lambda: classifier_free_guidance(lambda x, t, c: x, weight),
+              lambda: model.sample(2, {"c": 1}, steps=2, guidance_scale=weight),
+              lambda: SamplingEngine(model, "ddim", 3, guidance_scale=weight)]
+    for make in makers:
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
+            make()

@@ -415,7 +415,9 @@ def test_a_model_without_covariates_exports_and_samples(tmp_path):
     with pytest.raises(KeyError, match="knows no covariates"):
         sampler.sample(2, {"cell_type": "B"}, seed=0)
     # the library size the cells are normalised to, said as scidiff sample says it (scidiff evaluate reads it)
-    assert sampler.sample(2, seed=0, steps=3, output="arrays")["expression"] == expression_note(model, False)
+    arrays = sampler.sample(2, seed=0, steps=3, output="arrays")
+    assert arrays["expression"] == expression_note(model, False) and arrays["target_sum"] == 1000.0
+    assert sampler.sample(2, seed=0, steps=3).uns["scidiff"]["target_sum"] == 1000.0  # as scidiff sample writes
 
 
 def test_cli_errors_and_python_api_errors(tmp_path, capsys):

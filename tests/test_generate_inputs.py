@@ -230,3 +230,18 @@ def test_sampling_settings_that_give_nan_cells_are_refused(model, kwargs, match)
         model.sample(3, {"cell_type": "b"}, steps=3, **kwargs)
     with pytest.raises(ValueError, match=match):
         generation.generate(model, 3, {"cell_type": "b"}, **{**FAST, **kwargs})
+
+
+def test_generated_cells_record_their_library_size_as_a_number(model, tmp_path):
+    """uns['scidiff']['target_sum'] (scidiff evaluate normalises real counts to it); it used to be only
+    inside the expression note's text, which evaluate parsed. The number wins over the note; the note is
+    still read for files written before."""
+    from scidiff.tasks.evaluate import generated_target_sum
+    cells = generation.generate(model, 3, {"cell_type": "a", "condition": "ctrl"}, **FAST)
+    assert cells.uns["scidiff"]["target_sum"] == float(model.data_spec.target_sum) > 0
+    cells.write_h5ad(tmp_path / "g.h5ad")
+    cells = ad.read_h5ad(tmp_path / "g.h5ad")
+    cells.uns["scidiff"]["target_sum"] = 1000.0
+    assert generated_target_sum(cells) == 1000.0  # the note says the model's 10,000; the number is read
+    del cells.uns["scidiff"]["target_sum"]
+    assert generated_target_sum(cells) == float(model.data_spec.target_sum)  # an older file: the note

@@ -2,7 +2,7 @@
 
 - :func:`classifier_free_guidance`: ``u + w (c - u)`` over the conditional and null condition
   (Ho & Salimans 2022), both halves in one batched call (:func:`double_rows`, :func:`cfg_combine`,
-  which the engine and the ONNX graph use too).
+  which the engine and the ONNX graph use too; :func:`guidance_weight` checks the weight for all).
 - :func:`objective_guidance`: universal guidance (Bansal et al. 2023) toward a differentiable
   per-cell objective, with guidance-scale schedules (:data:`SCHEDULES`, :func:`guidance_interval`)
   and Polyak steps (:func:`polyak_step`) for backward guidance.
@@ -36,12 +36,24 @@ def cfg_combine(cond_out, uncond_out, w):
     return uncond_out + w * (cond_out - uncond_out)
 
 
+def guidance_weight(guidance_scale) -> float:
+    """The classifier-free guidance weight as a float, refused (naming it) unless a finite number:
+    a NaN or infinite weight makes every cell NaN."""
+    try:
+        w = math.nan if isinstance(guidance_scale, (bool, str, bytes)) else float(guidance_scale)
+    except (TypeError, ValueError):
+        w = math.nan
+    if not math.isfinite(w):
+        raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {guidance_scale!r}")
+    return w
+
+
 def classifier_free_guidance(denoiser: Denoiser, guidance_scale: float, null_cond: dict | None = None) -> Denoiser:
     """``u + w (c - u)`` with ``c`` the conditional and ``u`` the unconditional prediction
     (Ho & Salimans 2022). ``w = 1`` is the plain conditional model, ``w = 0`` unconditional.
     Both halves run in one batched call. Predictions are x0 here; the combine is linear, so it
     equals the same combine on eps."""
-    w = float(guidance_scale)
+    w = guidance_weight(guidance_scale)
     if w == 1.0:
         return denoiser
 

@@ -746,7 +746,9 @@ class OnnxSampler:
         ``opts`` as :meth:`resolve` gives them."""
         if output not in ("anndata", "arrays"):
             raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {output!r}")
+        target_sum = self.meta["normalisation"].get("target_sum")
         info = {**opts, "seed": int(seed), "expression": self.expression_note(opts["observed"]),
+                "target_sum": float(target_sum) if target_sum else None,
                 "scidiff_version": self.meta.get("scidiff_version")}
         if output == "anndata":
             try:

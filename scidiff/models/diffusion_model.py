@@ -24,7 +24,6 @@ gene-level objectives still differentiate through it. On Kang PBMCs this beats d
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
-from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.guidance import classifier_free_guidance, guidance_weight
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..diffusion.samplers import SAMPLERS, run_plan
 from ..diffusion.schedules import NoiseScheduler, get_scheduler
@@ -532,8 +531,7 @@ class ScIDiffModel(nn.Module):
             raise ValueError(f"batch_size (the number of cells) must be an integer >= 1, got {batch_size!r}")
         if sampler not in SAMPLERS and sampler != "distilled":
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
-        if isinstance(guidance_scale, bool) or not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be a finite number (1 = no guidance), got {guidance_scale!r}")
+        guidance_scale = guidance_weight(guidance_scale)
         student = distilled_student(self.student, steps, eta) if sampler == "distilled" else None
         device = torch.device(device) if device is not None else next(self.parameters()).device
         cond = {k: v.to(device) for k, v in self.encode_conditioning(conditioning, batch_size).items()}

@@ -42,11 +42,13 @@ _TARGET_SUM = re.compile(r"target_sum ([0-9.eE+]+)")
 
 def generated_target_sum(adata: ad.AnnData, default: float = 1e4) -> float:
     """The library size a scidiff file's log1p expression was normalised to, as a prediction's
-    ``uns['scidiff_prediction']['target_sum']`` or generated cells' ``uns['scidiff']['expression']``
-    (``log1p-normalised (target_sum 5000)``) records it, else ``default``: real counts are
-    normalised to it before the two are compared."""
+    ``uns['scidiff_prediction']['target_sum']`` or generated cells' ``uns['scidiff']['target_sum']``
+    record it (files written before that: the note ``uns['scidiff']['expression']``,
+    ``log1p-normalised (target_sum 5000)``), else ``default``: real counts are normalised to it
+    before the two are compared."""
     generated, predicted = (adata.uns.get(k) for k in ("scidiff", "scidiff_prediction"))
-    value = predicted.get("target_sum") if isinstance(predicted, dict) else None
+    value = next((d.get("target_sum") for d in (predicted, generated)
+                  if isinstance(d, dict) and d.get("target_sum") is not None), None)
     if value is None and isinstance(generated, dict) and generated.get("expression"):
         found = _TARGET_SUM.search(str(generated["expression"]))
         value = found.group(1) if found else None
@@ -83,7 +85,7 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     ``auc_repeats``: draws of each classifier AUC averaged
     (:func:`scidiff.evaluation.evaluate_generation_quality`); ``layer`` / ``use_raw``: where the
     real cells' expression lies (default ``X``). Each file's counts are normalised (to the library
-    size the generated file records in ``uns['scidiff']['expression']``, else 10,000) and log1p'd,
+    size the generated file records, :func:`generated_target_sum`, else 10,000) and log1p'd,
     log1p is taken as is; ``inputs`` says which each held. Numeric ``groupby`` labels match as
     numbers (``1`` and ``1.0``)."""
     real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)

@@ -175,6 +175,8 @@ def _generation_uns(model, settings: dict, seed, observed: bool, engine=None) ->
     uns = {"sampler": sampler, "steps": steps, "eta": eta,
            "guidance_scale": float(settings["guidance_scale"]), "seed": int(seed), "observed": bool(observed),
            "expression": expression_note(model, observed)}
+    if model.data_spec.target_sum:  # the library size X was normalised to, for scidiff evaluate
+        uns["target_sum"] = float(model.data_spec.target_sum)
     if engine is not None:
         uns.update(network_evaluations=len(engine.plan), engine_dtype=str(engine.dtype).replace("torch.", ""))
     return uns

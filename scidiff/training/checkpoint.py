@@ -19,6 +19,7 @@ from ..data.spec import DataSpec
 from ..diffusion.distillation import Student
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
+from ..ops.device import resolve_device
 
 FORMAT = "scidiff.checkpoint"
 FORMAT_VERSION = 1
@@ -101,24 +102,6 @@ def model_payload(model, state_dict=None) -> dict:
     if student is not None:
         payload[STUDENT_ENTRY] = student.to_state()
     return payload
-
-
-def resolve_device(device) -> torch.device:
-    """``"auto"`` (or ``None``) -> CUDA if present else CPU; a CUDA or MPS request where that
-    device is not available warns and uses the CPU; a string torch does not know as a device
-    (``"gpu"``) is a ValueError that names it."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"unknown device {device!r}: give 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
-    mps = getattr(torch.backends, "mps", None)
-    available = {"cuda": torch.cuda.is_available(), "mps": bool(mps is not None and mps.is_available())}
-    if not available.get(device.type, True):
-        warnings.warn(f"{device.type.upper()} was requested but is not available; running on the CPU", stacklevel=3)
-        return torch.device("cpu")
-    return device
 
 
 def save_model(model, path, state_dict=None, **extra) -> str:

@@ -139,19 +139,18 @@ def _headerless(net: pd.DataFrame) -> bool:
     return True
 
 
-def _bad_weights(net: pd.DataFrame, where: str) -> pd.Series:
+def _finite_weights(net: pd.DataFrame, where: str) -> pd.Series:
     """The weights of ``net`` as numbers; an error naming ``where`` and the first bad edges (as
     written, rows counted after the header, if any) where one is not a finite number."""
-    weight = pd.to_numeric(net["weight"], errors="coerce")
-    bad = ~np.isfinite(weight.to_numpy(dtype=np.float64))
+    weight = pd.to_numeric(net["weight"], errors="coerce").astype(np.float64)
+    bad = ~np.isfinite(weight.to_numpy())
     if bad.any():
-        what = "non-numeric or missing" if not np.isinf(weight.to_numpy(dtype=np.float64)).any() else \
-            "non-numeric, missing or infinite"
+        what = "non-numeric, missing or infinite" if np.isinf(weight.to_numpy()).any() else "non-numeric or missing"
         edges = net.loc[bad, ["source", "target", "weight"]].head(3)
         rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {w if pd.notna(w) else '(missing)'!r}"
                          for i, (s, t, w) in zip(np.flatnonzero(bad), edges.itertuples(index=False)))
         raise ValueError(f"{where} has {int(bad.sum())} {what} weight(s): {rows}")
-    return weight.astype(np.float64)
+    return weight
 
 
 def read_tf_network(path) -> pd.DataFrame:
@@ -179,7 +178,7 @@ def read_tf_network(path) -> pd.DataFrame:
                          f"{list(net.columns)}{hint}")
     net = net[list(NETWORK_COLUMNS)].copy()
     net["source"], net["target"] = net["source"].astype(str), net["target"].astype(str)
-    net["weight"] = _bad_weights(net, f"TF network {path!r}")
+    net["weight"] = _finite_weights(net, f"TF network {path!r}")
     net.attrs["path"] = path
     return net
 
@@ -197,7 +196,7 @@ def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, ge
             raise ValueError(f"{where} lacks column {col!r} (needs source, target, weight); found "
                              f"{list(network.columns)}")
     network = network.reset_index(drop=True)
-    network = network.assign(weight=_bad_weights(network, where))  # a NaN weight scored its TF as unchanged
+    network = network.assign(weight=_finite_weights(network, where))  # a NaN weight scored its TF as unchanged
     gene_names = [str(g) for g in gene_names]
     if gene_symbols is not None and len(gene_symbols):
         if len(gene_symbols) != len(gene_names):
