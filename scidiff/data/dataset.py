@@ -16,8 +16,9 @@ import scipy.sparse as sp
 import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
-                         read_h5ad, select_genes, _name)
+                         select_genes, _name)
 from .gene_symbols import var_of
+from .io import in_memory
 from .spec import DataSpec, _build_spec, covariate_keys, exact_zeros, known_values, record_symbols
 from .validate import check_labelled
 
@@ -378,8 +379,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     """
     genes, condition_keys, continuous_keys, perturbation_keys, control_labels = map(
         as_names, (genes, condition_keys, continuous_keys, perturbation_keys, control_labels))
-    if not isinstance(adata, ad.AnnData):
-        adata = read_h5ad(adata)
+    adata = in_memory(adata)  # a path, or a backed AnnData, read
     matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum,
                                                           check_cells=True)
     chosen = select_genes(matrix, var_names, genes, n_top_genes)
@@ -476,8 +476,7 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
     cell would put them more than ``SCALE_TOLERANCE`` times off it; log1p values for a model
     trained on counts are rescaled to the counts' scale alike (normalised to another total than
     ``target_sum``, as scanpy's ``normalize_total`` does by default: the median)."""
-    if not isinstance(adata, ad.AnnData):
-        adata = read_h5ad(adata)
+    adata = in_memory(adata)  # a path, or a backed AnnData, read
     layer, use_raw = source_like(spec, adata, layer, use_raw)
     target_sum = spec.target_sum or 1e4
     matrix, var_names, kind, _ = _log_expression(adata, layer, bool(use_raw), input_kind, target_sum)

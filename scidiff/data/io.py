@@ -96,6 +96,25 @@ def read_h5ad(path) -> ad.AnnData:
     return adata
 
 
+def in_memory(adata) -> ad.AnnData:
+    """An AnnData whose matrices are in memory: ``adata`` itself, read from its path
+    (:func:`read_h5ad`), or, for a backed one (``anndata.read_h5ad(path, backed="r")``, or a view
+    of one), its cells read from the file (``to_memory``) and checked as :func:`read_h5ad` checks a
+    file's (a backed ``X`` is no matrix scidiff can slice)."""
+    if not isinstance(adata, ad.AnnData):
+        return read_h5ad(adata)
+    if not adata.isbacked:
+        return adata
+    path = os.fspath(adata.filename)
+    try:
+        loaded = adata.to_memory()
+    except Exception as exc:  # h5py/anndata raise many kinds for a bad file
+        raise ValueError(f"could not read the backed AnnData of {path!r} into memory: {exc}") from exc
+    check_matrices(loaded, repr(path))
+    loaded.uns["scidiff_source"] = path
+    return loaded
+
+
 # -- atomic writes ---------------------------------------------------------------------------------
 
 def _alive(pid: int) -> bool:

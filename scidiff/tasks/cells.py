@@ -6,14 +6,16 @@ import anndata as ad
 import pandas as pd
 import torch
 
-from ..data import read_h5ad, transform_like
+from ..data import transform_like
+from ..data.io import in_memory
 from ..data.dataset import source_like
 from ..data.gene_symbols import var_of
 
 
 def read_cells(cells) -> ad.AnnData:
-    """``cells`` as an AnnData: itself, or read from its ``.h5ad`` path."""
-    return cells if isinstance(cells, ad.AnnData) else read_h5ad(cells)
+    """``cells`` as an AnnData in memory: itself, read from its ``.h5ad`` path, or a backed one's
+    cells read from its file (:func:`scidiff.data.io.in_memory`)."""
+    return in_memory(cells)
 
 
 def model_spec(model):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import os
 
+import anndata as ad
 import yaml
 
 from ..config import Config, as_config
-from ..data import read_h5ad, setup_anndata, setup_streaming
+from ..data import setup_anndata, setup_streaming
 from ..data.dataset import as_names
-from ..data.io import atomic_path
+from ..data.io import atomic_path, in_memory
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
@@ -142,12 +143,18 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     seed_everything(tc.seed)  # before anything draws: weight init, split, loader order, noise
     keys = list(as_names(condition_keys)) if condition_keys is not None else dc.all_condition_keys()
     source = data if data is not None else dc.dataset_path
+    if streaming and isinstance(source, ad.AnnData) and source.isbacked:  # its file, when it is the whole file
+        if source.is_view:
+            raise ValueError(f"streaming trains from a whole file, and this backed AnnData is a subset of "
+                             f"{os.fspath(source.filename)!r}: write the subset to a file first "
+                             f"(adata[...].write_h5ad(path)) and stream that, or train in memory (streaming=False)")
+        source = os.fspath(source.filename)
     prior_report = effects_report = None
     adata = None
     if streaming:
         cells, model = _streamed_model(source, config, keys, progress)
     else:
-        adata = read_h5ad(source) if isinstance(source, (str, os.PathLike)) else source
+        adata = in_memory(source)  # a path, or a backed AnnData (streaming=True reads batches from its file)
         cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,
                               n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
                               target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
