@@ -13,6 +13,7 @@ from scidiff.cli import main
 from scidiff.data import setup_anndata
 from scidiff.models import ScIDiffModel
 from scidiff.tasks import generate as generation
+from scidiff.training import load_model
 from scidiff.training.distillation import distil
 from test_generate_mixture import _cells  # the same five groups
 
@@ -245,3 +246,17 @@ def test_generated_cells_record_their_library_size_as_a_number(model, tmp_path):
     assert generated_target_sum(cells) == 1000.0  # the note says the model's 10,000; the number is read
     del cells.uns["scidiff"]["target_sum"]
     assert generated_target_sum(cells) == float(model.data_spec.target_sum)  # an older file: the note
+
+
+def test_sample_refuses_steps_the_distilled_student_does_not_walk(run_dir, tmp_path, capsys):
+    """``--sampler distilled --steps 25`` wrote the student's own steps and said steps=2 in uns: model.sample
+    reads its default 25 as "the student's own", so the command checks the flag it was given."""
+    out = tmp_path / "d.h5ad"
+    own = load_model(run_dir).student.steps
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "distilled", "--steps", "25",
+                 "--out", str(out)]) == 2
+    assert f"--steps: the distilled student samples in exactly {own} steps, not 25" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "distilled", "--steps", str(own),
+                 "--out", str(out)]) == 0
+    assert ad.read_h5ad(out).uns["scidiff"]["steps"] == own

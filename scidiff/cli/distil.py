@@ -2,6 +2,9 @@
 Salimans & Ho 2022), written into the model's checkpoint beside it."""
 from __future__ import annotations
 
+import os
+import zipfile
+
 from .common import add_expression_source, check_out, device_name, positive_int, seed_value, unit_interval
 
 
@@ -43,7 +46,7 @@ def run(args):
     from ..training.distillation import distil, halving_rounds  # lazy: keeps --help light (torch)
     from ..training.trainer import resolve_device  # lazy: keeps --help light (torch)
 
-    out = check_out(args.out) if args.out is not None else None
+    out = _check_student_out(args.out, args.data) if args.out is not None else None
     model = load_model(args.model, map_location=resolve_device(args.device))
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
@@ -67,6 +70,22 @@ def run(args):
     path = save_student(args.model, student, out)
     print(f"wrote a {student.steps}-step student into {path} "
           f"(sample with it: scidiff sample --sampler distilled, or model.sample(n, sampler='distilled'))")
+
+
+def _check_student_out(out: str, data: str) -> str:
+    """``--out``, refused before any work where writing a checkpoint there would fail at the end
+    (a folder, a path ending in a separator) or destroy a file that is not a checkpoint (the
+    ``--data`` file, any other existing file)."""
+    check_out(out)
+    if out.endswith(("/", os.sep)):
+        raise ValueError(f"--out {out!r} names a folder; give the checkpoint file to write, e.g. "
+                         f"{os.path.join(out, 'model.pt')!r}")
+    if os.path.exists(data) and os.path.exists(out) and os.path.samefile(out, data):
+        raise ValueError(f"--out {out!r} is the --data file; give the checkpoint file to write")
+    if os.path.isfile(out) and not zipfile.is_zipfile(out):
+        raise ValueError(f"--out {out!r} exists and is not a checkpoint; distil would replace it with one: "
+                         "give a new path, or a scidiff checkpoint to replace")
+    return out
 
 
 def _halvings(steps: int) -> str:

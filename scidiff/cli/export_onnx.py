@@ -20,16 +20,21 @@ def add(sub):
                    help=f"default steps (default: the run's config, else {DEFAULT_STEPS})")
     p.add_argument("--eta", type=nonnegative_float, default=None, help="DDIM eta in [0, 1]")
     p.add_argument("--guidance", type=nonnegative_float, default=None, help="default classifier-free guidance scale")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 18 or above (default: the exporter's)")
 
 
 def run(args):
-    from ..export.onnx import SAMPLER_NAMES, export_onnx  # lazy: keeps --help light (torch, onnx)
+    from ..export.onnx import SAMPLER_NAMES, check_opset, export_onnx  # lazy: keeps --help light (torch, onnx)
     from ..training import load_model  # lazy: keeps --help light (torch)
 
     if not args.out.endswith(".onnx"):
         raise ValueError(f"--out must end with .onnx, got {args.out!r}")
     check_out(args.out)  # a folder in the way or no permission: refused before the model is traced
+    try:
+        check_opset(args.opset)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
     model = load_model(args.model)
     settings = sampling_settings(args)  # the flags, else the run's config.yaml, else the defaults
     if settings["sampler"] not in SAMPLER_NAMES:

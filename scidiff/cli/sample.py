@@ -117,6 +117,11 @@ def run(args):
     sharded = _sharded_output(args.out)
     check_out(args.out, folder=sharded)
     model = load_model(args.model, map_location=str(resolve_device(args.device)))
+    if settings["sampler"] == "distilled" and args.steps is not None:  # model.sample reads 25 as "its own"
+        own = model.sampling_steps("distilled", None)
+        if args.steps != own:
+            raise ValueError(f"--steps: the distilled student samples in exactly {own} steps, not {args.steps} "
+                             f"(leave --steps out, or distil again for another number)")
     groups = [parse_conditioning(model, c, "--condition") for c in (args.condition or [None])]
     if sharded:
         return _sample_sharded(args, model, groups, settings)

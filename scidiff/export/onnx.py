@@ -44,6 +44,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -278,7 +279,7 @@ def detection_arrays(detection) -> dict:
             "detection_capture": detection.capture.cpu().numpy().astype(np.float32)}
 
 
-def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS, eta: float = 0.0,
+def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int | None = None, eta: float = 0.0,
                 guidance_scale: float = 1.0, opset: int | None = None, check: bool = True,
                 verbose: bool = False) -> dict:
     """Export ``model`` (a :class:`ScIDiffModel` or a checkpoint path) to ``path`` (``.onnx``),
@@ -286,10 +287,13 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
     detection model's tables when it is fitted: the runtime then returns measured cells by
     default).
 
-    ``sampler``/``steps``/``eta``/``guidance_scale`` are the defaults recorded for samplers.
+    ``sampler``/``steps``/``eta``/``guidance_scale`` are the defaults recorded for samplers
+    (``steps``: ``None`` is the samplers' default, 25, or the student's own for ``"distilled"``).
     ``sampler="distilled"`` exports the model's distilled student instead (the same graph with the
     student's parameters; the export then samples with ``"distilled"`` in the student's steps
-    only, and ``ddim``/``dpmpp_2m`` need an export of the teacher).
+    only, and ``ddim``/``dpmpp_2m`` need an export of the teacher). ``opset``: the ONNX opset the
+    graph is written in, from 18 (the exporter's lowest) to what the installed onnx knows; an
+    opset the exporter cannot write is refused before any file is written.
     With ``check`` the saved graph is loaded by onnxruntime and compared with torch on a probe
     batch (``max_abs_error`` in the result and the sidecar). Returns the paths and the check.
     """
@@ -302,11 +306,19 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
         raise ValueError(f"the output path {path!r} is a folder; give the path of the .onnx file to write")
     _check_defaults(eta, guidance_scale)
     _spec_dict(model)
+    _check_beside(path, model)
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; the ONNX runtime has {list(SAMPLER_NAMES)}")
+    opset = check_opset(opset)
     distilled = sampler == "distilled"
     if distilled:
-        steps = model.sampling_steps(sampler, steps, eta)
+        own = model.sampling_steps(sampler, None, eta)  # the student's (an error naming the fix without one)
+        if steps is not None and int(steps) != own:
+            raise ValueError(f"the distilled student samples in exactly {own} steps, not {steps}: leave steps "
+                             f"at its default or pass {own} (distil again for another number of steps)")
+        steps = own
+    elif steps is None:
+        steps = DEFAULT_STEPS
     if not 1 <= int(steps) <= model.num_timesteps:
         raise ValueError(f"steps must lie in [1, {model.num_timesteps}], got {steps}")
     student = model.student
@@ -331,8 +343,23 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
         program = _trace(wrapper, probe, sidecar, opset, verbose)
     sidecar["opset"] = next((int(o.version) for o in program.model_proto.opset_import if o.domain in ("", "ai.onnx")),
                             opset)
+    if opset is not None and sidecar["opset"] != opset:  # the exporter fell back to another opset, silently
+        raise ValueError(f"opset {opset}: the exporter could not write the graph in it (it wrote opset "
+                         f"{sidecar['opset']}); choose an opset from {MIN_OPSET} to {_max_opset()} or leave it unset")
 
     written = {}
+    check_error = None
+
+    def write_graph(tmp):  # checked under its temporary name: a graph that fails replaces no earlier export
+        nonlocal check_error
+        program.save(tmp, external_data=False)
+        _readable(tmp)
+        if check:
+            check_error = _check_saved(tmp, wrapper, model, name=path)
+
+    atomic_path(path, write_graph)
+    sidecar["onnx_sha256"] = sha256_of(path)
+    written["onnx"] = path
     if model.latent_dim:
         dec = decoder_path(path)
         arrays = {"mean": model.latent_mean.numpy().astype(np.float32),
@@ -347,15 +374,60 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEF
                                                "detection_levels", "detection_capture"],
                                     "measure": "scidiff.models.observation.DetectionModel.measure"}
         written["decoder"] = dec
-    atomic_path(path, lambda tmp: _readable(tmp, program.save(tmp, external_data=False)))
-    sidecar["onnx_sha256"] = sha256_of(path)
-    written["onnx"] = path
     if check:
-        sidecar["export_check"] = {"max_abs_error": _check_saved(path, wrapper, model)}
+        sidecar["export_check"] = {"max_abs_error": check_error}
     side = sidecar_path(path)
     atomic_path(side, lambda tmp: _write_json(tmp, sidecar))
     written["sidecar"] = side
     return {**written, **({"max_abs_error": sidecar["export_check"]["max_abs_error"]} if check else {})}
+
+
+def _check_beside(path: str, model) -> None:
+    """Refuse, before the trace, an export whose sidecar (``.json``) or decoder (``.decoder.npz``)
+    would replace a file that is not an earlier export's: ``--out RUN/training.onnx`` replaced the
+    run's ``training.json``."""
+    side = sidecar_path(path)
+    others = [(side, "sidecar")] + ([(decoder_path(path), "decoder")] if model.latent_dim else [])
+    for other, role in others:
+        if not os.path.lexists(other):
+            continue
+        ours = False
+        if os.path.isfile(other) and role == "sidecar":
+            try:
+                with open(other) as fh:
+                    ours = json.load(fh).get("format") == SIDECAR_FORMAT
+            except (OSError, ValueError, AttributeError):
+                ours = False
+        elif os.path.isfile(other):
+            ours = zipfile.is_zipfile(other)
+        if not ours:
+            raise ValueError(f"the export writes its {role} to {other!r}, which exists and is not an earlier "
+                             f"export's; choose another name for {os.path.basename(path)!r}")
+
+
+MIN_OPSET = 18  # torch.onnx.export(dynamo=True) has implementations from opset 18; lower ones are converted, or not
+
+
+def _max_opset() -> int:
+    """The newest opset the installed onnx knows."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset):
+    """``opset`` (``None``: the exporter's default) as an int the exporter can write, else a ValueError
+    naming the range: below 18 the exporter converts its graph down, which fails or falls back to 18
+    without telling (opset 13 gave 18; 17 an invalid graph)."""
+    if opset is None:
+        return None
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise ValueError(f"opset must be a whole number, got {opset!r}")
+    top = _max_opset()
+    if not MIN_OPSET <= int(opset) <= top:
+        raise ValueError(f"opset {opset} cannot be exported: the exporter writes opsets {MIN_OPSET} to {top} "
+                         f"(the installed onnx's newest); leave it unset for the exporter's default")
+    return int(opset)
 
 
 def _check_defaults(eta, guidance_scale):
@@ -385,12 +457,17 @@ def _trace(wrapper, probe, sidecar, opset, verbose):
                                  dynamic_shapes=shapes, verbose=verbose, **kwargs)
 
 
-def _check_saved(path, wrapper, model) -> float:
+def _check_saved(path, wrapper, model, name=None) -> float:
     """Load the saved file with onnx and onnxruntime; max |onnx - torch| over probe batches with
-    and without guidance and with a table smaller and as large as the batch."""
+    and without guidance and with a table smaller and as large as the batch. ``name``: the path
+    the errors name (the file's final one, where ``path`` is a temporary)."""
     import onnx
 
-    onnx.checker.check_model(path)
+    name = path if name is None else name
+    try:
+        onnx.checker.check_model(path)
+    except onnx.checker.ValidationError as exc:
+        raise RuntimeError(f"{name}: the exported graph is not valid ONNX ({str(exc).splitlines()[0]})") from None
     try:
         import onnxruntime as ort
     except ImportError:
@@ -410,7 +487,7 @@ def _check_saved(path, wrapper, model) -> float:
         worst = max(worst, float(np.abs(out - ref).max()))
         scale = max(scale, float(np.abs(ref).max()))
     if not math.isfinite(worst) or worst > 1e-4 * scale:  # a broken graph, not rounding (~1e-6 here)
-        raise RuntimeError(f"{path}: onnxruntime output differs from torch by {worst:.3g} "
+        raise RuntimeError(f"{name}: onnxruntime output differs from torch by {worst:.3g} "
                            f"(outputs up to {scale:.3g})")
     return worst
 

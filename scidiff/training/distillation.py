@@ -12,12 +12,14 @@ and sampled by ``model.sample(..., sampler="distilled")`` (also the engine, ONNX
 """
 from __future__ import annotations
 
+import numbers
 import time
 
+import anndata as ad
 import torch
 from tqdm.auto import tqdm
 
-from ..data import CellData
+from ..data import CellData, transform_like
 from ..diffusion.distillation import Student, TeacherGrid, student_target, truncated_snr_weight
 from .trainer import split_batch
 
@@ -25,18 +27,35 @@ from .trainer import split_batch
 def halving_rounds(steps: int, start_steps: int, num_timesteps: int) -> list[int]:
     """The students' steps, round by round: ``start_steps / 2, ..., steps`` (``start_steps`` must be
     ``steps`` times a power of two, at most the schedule's ``num_timesteps``)."""
+    for name, value in (("steps", steps), ("start_steps", start_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a whole number of sampling steps, got {value!r}")
+    steps, start_steps = int(steps), int(start_steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if 2 * steps > num_timesteps:
+        raise ValueError(f"steps={steps}: a student halves its teacher's steps, and the schedule has only "
+                         f"{num_timesteps} timesteps (steps can be at most {num_timesteps // 2})")
     if start_steps > num_timesteps:
-        raise ValueError(f"start_steps={start_steps} exceeds the schedule's {num_timesteps} timesteps")
+        raise ValueError(f"start_steps={start_steps} exceeds the schedule's {num_timesteps} timesteps; "
+                         f"e.g. start_steps={_largest_start(steps, num_timesteps)}")
     ratio = start_steps // steps
     if start_steps % steps or ratio < 2 or ratio & (ratio - 1):
         raise ValueError(f"start_steps must be steps times a power of two (at least 2 x): halving "
-                         f"{start_steps} steps never reaches {steps}; e.g. start_steps={steps * 16}")
+                         f"{start_steps} steps never reaches {steps}; e.g. "
+                         f"start_steps={_largest_start(steps, num_timesteps, 16)}")
     rounds = [start_steps // 2]
     while rounds[-1] > steps:
         rounds.append(rounds[-1] // 2)
     return rounds
+
+
+def _largest_start(steps: int, num_timesteps: int, ratio: int | None = None) -> int:
+    """``steps`` times the largest power of two (at most ``ratio``) within ``num_timesteps``."""
+    start = 2 * steps
+    while 2 * start <= num_timesteps and (ratio is None or 2 * start <= ratio * steps):
+        start *= 2
+    return start
 
 
 def _batches(data, batch_size: int, seed: int):
@@ -104,16 +123,32 @@ def distil(model, data, *, steps: int = 4, start_steps: int = 64, iterations_per
            batch_size: int = 256, learning_rate: float = 1e-4, gradient_clip_val: float = 1.0, seed: int = 0,
            progress: bool = True, initial: Student | None = None) -> Student:
     """Progressive distillation of ``model`` (a trained :class:`~scidiff.models.ScIDiffModel`, on
-    its device) on ``data`` (the training cells: a :class:`~scidiff.data.CellData`, or a loader of
-    batch dicts in model space) from DDIM with ``start_steps`` steps down to ``steps``, halving
-    each round (Salimans & Ho 2022). Returns the final :class:`Student` (``rounds``: the report);
-    assign it to ``model.student`` to sample with it and to save it with the model. The model's
-    own weights are not changed. ``initial``: a student of this model to go on from (its steps
-    replace ``start_steps``; its rounds head the report), e.g. a 4-step student halved to 2 and 1."""
+    its device) on ``data`` (the training cells: a :class:`~scidiff.data.CellData`, an AnnData read
+    like the model's training cells, or a loader of batch dicts in model space) from DDIM with
+    ``start_steps`` steps down to ``steps``, halving each round (Salimans & Ho 2022). Returns the
+    final :class:`Student` (``rounds``: the report); assign it to ``model.student`` to sample with
+    it and to save it with the model. The model's own weights are not changed. ``initial``: a
+    student of this model to go on from (its steps replace ``start_steps``; its rounds head the
+    report), e.g. a 4-step student halved to 2 and 1."""
+    if not isinstance(iterations_per_round, numbers.Integral) or iterations_per_round < 1:
+        raise ValueError(f"iterations_per_round must be a whole number >= 1, got {iterations_per_round!r}")
     if initial is not None:
+        if not isinstance(initial, Student):
+            raise ValueError(f"initial must be a distilled Student (model.student), got {type(initial).__name__}")
         initial.check_fits(model)
         start_steps = initial.steps
-    rounds = halving_rounds(steps, start_steps, model.num_timesteps)
+        try:
+            rounds = halving_rounds(steps, start_steps, model.num_timesteps)
+        except ValueError:
+            raise ValueError(f"the initial student samples in {initial.steps} steps: steps must be that halved one "
+                             f"or more times, got steps={steps!r}") from None
+    else:
+        rounds = halving_rounds(steps, start_steps, model.num_timesteps)
+    if isinstance(data, ad.AnnData):  # the training cells as read: into the model's genes and normalisation
+        if model.data_spec is None:
+            raise ValueError("this model carries no DataSpec to read an AnnData with; pass a CellData or a "
+                             "loader of batch dicts in model space")
+        data = transform_like(model.data_spec, data)
     if isinstance(data, CellData) and data.x.shape[1] != model.gene_dim:
         raise ValueError(f"the data has {data.x.shape[1]} genes, the model {model.gene_dim}")
     device = model.alphas_cumprod.device
