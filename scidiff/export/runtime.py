@@ -22,8 +22,10 @@ import ctypes
 import hashlib
 import json
 import math
+import operator
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,6 +44,63 @@ SAMPLERS = ("ddim", "dpmpp_2m", "distilled")  # an export offers ddim + dpmpp_2m
 _ALIASES = {"dpm-solver++": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver_pp": "dpmpp_2m"}
 
 NumpyDenoiser = Callable[[np.ndarray, int], np.ndarray]
+MAX_SEED = 2**63 - 1  # seeds are int64 in the server's npz and the h5ad's uns
+
+
+# -- arguments -----------------------------------------------------------------------------------
+def _shown(value) -> str:
+    """``repr(value)`` cut to 60 characters (errors never echo a long input back)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(name: str, value, low: int, high: int | None = None) -> int:
+    """``value`` as an int, refused (naming ``name``) unless an integer (a Python or numpy
+    integer; not a bool, a float such as ``2.5`` or ``2.0``, nor a string) in ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}")
+    try:
+        value = operator.index(value)
+    except TypeError:  # an integer array of more than one value
+        raise ValueError(f"{name} must be an integer, got {_shown(value)}") from None
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    if high is not None and not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    """``value`` as a float, refused (naming ``name``) unless a real number (not a bool or a string)."""
+    try:
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {_shown(value)}") from None
+
+
+def _as_condition(condition) -> dict:
+    """A condition as a dict (``None``: none), each value one label or a list of labels (a 0-d
+    array is one label; a numpy array, pandas Series or Categorical of labels a list)."""
+    if condition is None:
+        return {}
+    if not isinstance(condition, Mapping):
+        raise ValueError(f"condition must be a dict of covariate -> label (e.g. {{'cell_type': 'B'}}), "
+                         f"got {_shown(condition)}")
+    out = {}
+    for key, value in condition.items():
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value.item()
+        elif isinstance(value, (str, bytes, Mapping)) or not (hasattr(value, "__len__") and hasattr(value, "__iter__")):
+            pass  # one label (or code, or number)
+        elif np.ndim(value) > 1:
+            raise ValueError(f"condition {key!r} must be one label or a list of labels, one per cell; "
+                             f"got an array of shape {np.shape(value)}")
+        else:
+            value = [v.item() if isinstance(v, np.ndarray) and v.ndim == 0 else v for v in value]
+        out[key] = value
+    return out
 
 
 # -- samplers: diffusion's plans, walked over numpy arrays ----------------------------------------
@@ -181,10 +240,11 @@ def make_session(path: str, device: str = "auto", threads: int | None = None):
     import onnxruntime as ort
 
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {_shown(device)}")
+    threads = None if threads is None else _integer("threads", threads, 0)
     so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
+    if threads:  # 0 or None: onnxruntime's choice
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
     why = None
@@ -220,11 +280,52 @@ def load_sidecar(path) -> dict:
         raise ValueError(f"{side!r} is not a readable scidiff ONNX sidecar: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
         raise ValueError(f"{side!r} is not a scidiff ONNX sidecar (no '{SIDECAR_FORMAT}' format tag)")
-    for key in ("onnx_file", "genes", "normalisation", "schedule", "covariates", "sampling", "inputs"):
+    for key in ("onnx_file", "genes", "normalisation", "schedule", "covariates", "sampling", "inputs",
+                "diffusion_dim"):
         if key not in meta:
             raise ValueError(f"{side!r} lacks the key {key!r}")
+    _check_sidecar(meta, side)
     meta["_path"] = side
     return meta
+
+
+def _check_sidecar(meta: dict, side: str) -> None:
+    """The sidecar's parts the runtime reads, each present and of its kind: a hand-edited
+    sidecar is refused naming the key, not a ``KeyError`` mid-sampling."""
+    def need(where: str, value, kind, what: str):
+        if not isinstance(value, kind):
+            raise ValueError(f"{side!r}: {where} must be {what}, got {_shown(value)}; export the model again")
+
+    need("'genes'", meta["genes"], list, "a list of gene names")
+    for key in ("normalisation", "schedule", "sampling", "inputs"):
+        need(repr(key), meta[key], dict, "an object")
+    need("'covariates'", meta["covariates"], list, "a list")
+    for part, keys in (("normalisation", ("gene_offset", "gene_scale")), ("schedule", ("alphas_cumprod",)),
+                       ("inputs", ("x_t", "t", "cond_index", "guidance"))):
+        for key in keys:
+            if key not in meta[part]:
+                raise ValueError(f"{side!r} lacks the key {part}.{key}; export the model again")
+    for key in ("gene_offset", "gene_scale"):
+        value = meta["normalisation"][key]
+        if not isinstance(value, list) or len(value) != len(meta["genes"]):
+            raise ValueError(f"{side!r}: normalisation.{key} must hold one value per gene ({len(meta['genes'])}), "
+                             f"got {_shown(value)}; export the model again")
+    need("'schedule.alphas_cumprod'", meta["schedule"]["alphas_cumprod"], list, "a list")
+    if not meta["schedule"]["alphas_cumprod"]:
+        raise ValueError(f"{side!r}: schedule.alphas_cumprod is empty; export the model again")
+    for i, c in enumerate(meta["covariates"]):
+        need(f"covariates[{i}]", c, dict, "an object")
+        for key in ("key", "kind", "input", "size") + (("labels",) if c.get("kind") != "continuous" else ()):
+            if key not in c:
+                raise ValueError(f"{side!r}: covariates[{i}] ({c.get('key', '?')!r}) lacks the key {key!r}; "
+                                 "export the model again")
+        if c["kind"] not in ("categorical", "perturbation", "continuous"):
+            raise ValueError(f"{side!r}: covariates[{i}] ({c['key']!r}) has the unknown kind {_shown(c['kind'])}")
+        if c["kind"] != "continuous" and (not isinstance(c["labels"], list) or len(c["labels"]) != c["size"]):
+            raise ValueError(f"{side!r}: covariates[{i}] ({c['key']!r}) must have {c['size']} labels (its size), "
+                             f"got {_shown(c['labels'])}; export the model again")
+    if meta.get("latent") and "file" not in meta["latent"]:
+        raise ValueError(f"{side!r} lacks the key latent.file (the decoder's file); export the model again")
 
 
 def sha256_of(path) -> str:
@@ -289,7 +390,9 @@ class Trajectory:
 
     def advance(self, budget: int | None = None) -> int:
         """Run about ``budget`` cell-steps (all that are left when ``None``); returns the network calls made."""
-        block = self.n if budget is None else max(1, min(self.n, int(budget)))
+        if budget is not None:
+            budget = _integer("budget", budget, 1)
+        block = self.n if budget is None else min(self.n, budget)
         spent, calls = 0, 0
         while not self.done:
             lo = self.first
@@ -358,7 +461,7 @@ class OnnxSampler:
         pert = meta.get("perturbation") or {}
         self.control_labels = [str(v) for v in pert.get("control_labels", ["control", "ctrl"])]
         self.separator = pert.get("separator", "+")
-        self.dim = int(meta["diffusion_dim"])
+        self.dim = _integer(f"{meta['_path']!r}: diffusion_dim", meta["diffusion_dim"], 1)
         self.decoder = self.detection = None
         if meta.get("latent"):
             dec = os.path.join(folder, meta["latent"]["file"])
@@ -369,11 +472,18 @@ class OnnxSampler:
             with np.load(dec) as z:
                 self.decoder = {k: np.ascontiguousarray(z[k], dtype=np.float32) for k in ("mean", "basis", "scale")}
                 self.detection = self._detection_tables(z, dec)
+            if self.decoder["basis"].shape != (self.dim, len(self.genes)):
+                raise ValueError(f"the latent decoder {dec!r} has a basis of shape {self.decoder['basis'].shape}, "
+                                 f"not ({self.dim}, {len(self.genes)}) as {meta['_path']!r} says; export again")
             self.decoder["scaled_basis"] = self.decoder["scale"][:, None] * self.decoder["basis"]
+        elif self.dim != len(self.genes):
+            raise ValueError(f"{meta['_path']!r}: diffusion_dim {self.dim} of a gene-space model must be its "
+                             f"{len(self.genes)} genes; export the model again")
         self.session, self.device_type = make_session(self.onnx_path, device, threads)
         self.io_binding = (self.device_type == "cuda") if io_binding is None else bool(io_binding)
         names = {i.name for i in self.session.get_inputs()}
-        wanted = [meta["inputs"][k] for k in ("x_t", "t", "cond_index", "guidance")] + [c["input"] for c in self.covariates]
+        wanted = ([meta["inputs"][k] for k in ("x_t", "t", "cond_index", "guidance")]
+                  + [c["input"] for c in self.covariates])
         missing = [n for n in wanted if n not in names]
         if missing:
             raise ValueError(f"{self.onnx_path!r} lacks the inputs {missing} named in its sidecar")
@@ -404,7 +514,8 @@ class OnnxSampler:
                 "conditions": {c["key"]: c["labels"] for c in self.covariates if c["kind"] != "continuous"},
                 "continuous": [c["key"] for c in self.covariates if c["kind"] == "continuous"],
                 "perturbations": [c["key"] for c in self.covariates if c["kind"] == "perturbation"],
-                "samplers": list(self.samplers), "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
+                "samplers": list(self.samplers),
+                "defaults": {k: v for k, v in self.defaults.items() if k != "samplers"},
                 "num_timesteps": self.num_timesteps, "latent_dim": (self.meta.get("latent") or {}).get("dim"),
                 "observed_available": self.detection is not None,
                 "expression": self.expression_note(self.resolve_observed()),
@@ -432,11 +543,14 @@ class OnnxSampler:
         c = self.by_key[key]
         if value is None:
             return self.null_value(key)
-        if c["kind"] == "continuous":
+        if c["kind"] == "continuous":  # a number (NaN: the null condition, as None)
             try:
-                return np.float32(float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"condition {key!r} is numeric; got {value!r}") from None
+                number = _number(key, value)
+            except ValueError:
+                raise ValueError(f"condition {key!r} is numeric; got {_shown(value)}") from None
+            if math.isinf(number) or (math.isfinite(number) and abs(number) > float(np.finfo(np.float32).max)):
+                raise ValueError(f"condition {key!r} must be a finite number (or None), got {number}")
+            return np.float32(number)
         labels = c["labels"]
         if c["kind"] == "categorical":
             return np.int64(self._code(key, labels, value))
@@ -461,14 +575,19 @@ class OnnxSampler:
         """A label's code; an integer is taken as a code, and refused when it is also a different
         label (``3`` where the vocabulary has ``'3'`` elsewhere): pass the label as a string."""
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            if str(value) in labels and labels.index(str(value)) != int(value):
+            if 0 <= int(value) < len(labels) and str(value) in labels and labels.index(str(value)) != int(value):
                 raise ValueError(f"ambiguous value {value} for condition {key!r}: it is the label {str(value)!r} and "
                                  f"the code of another label; pass labels as strings. Known values: {labels}")
             if 0 <= int(value) < len(labels):
                 return int(value)
+            if str(value) in labels:
+                raise ValueError(f"{value} is no code for condition {key!r} ({len(labels)} values) but its label "
+                                 f"{str(value)!r}: pass labels as strings. Known values: {labels}")
             raise ValueError(f"code {value} is out of range for condition {key!r} ({len(labels)} values)")
         if str(value) not in labels:
-            raise ValueError(f"unknown value {value!r} for condition {key!r}; known values: {labels}")
+            folded = [v for v in labels if isinstance(value, str) and v.casefold() == value.strip().casefold()]
+            hint = f"; did you mean {folded[0]!r}? (labels are case-sensitive)" if folded else ""
+            raise ValueError(f"unknown value {_shown(value)} for condition {key!r}{hint}; known values: {labels}")
         return labels.index(str(value))
 
     def like_training(self, condition: dict | None, n: int, seed: int | None = 0) -> dict:
@@ -477,13 +596,14 @@ class OnnxSampler:
         rounded from ``seed``), as ``scidiff sample`` draws them; as given where it names every
         covariate, holds per-cell lists, or the export carries no groups (older exports: the null
         condition fills in)."""
-        condition = dict(condition or {})
-        if any(isinstance(v, (list, tuple, np.ndarray)) for v in condition.values()):
+        condition = _as_condition(condition)
+        if any(isinstance(v, list) for v in condition.values()):
             return condition
         groups = self.meta.get("training_groups") or {}
         asked = {k: self.encode_value(k, v).tobytes() for k, v in condition.items()}
         key = tuple(sorted(asked.items()))
-        if key not in self._carrying:  # the groups a condition keeps are read once (100,000 groups: 0.1 s)
+        rows = self._carrying.get(key)  # kept in a local: another thread may clear the cache meanwhile
+        if rows is None:  # the groups a condition keeps are read once (100,000 groups: 0.1 s)
             seen: dict = {}  # each distinct group value encoded once (a screen repeats its labels)
 
             def same(k, value, _) -> bool:
@@ -493,8 +613,8 @@ class OnnxSampler:
 
             if len(self._carrying) >= MAX_KEPT_CONDITIONS:
                 self._carrying.clear()
-            self._carrying[key] = carrying(groups, condition, same)
-        shares = mixture(groups, n, condition, None, seed, rows=self._carrying[key])
+            rows = self._carrying[key] = carrying(groups, condition, same)
+        shares = mixture(groups, n, condition, None, seed, rows=rows)
         return {k: [c[k] for c, m in shares for _ in range(m)] for k in shares[0][0]} if shares else condition
 
     def _obs_label(self, key: str, value):
@@ -502,7 +622,7 @@ class OnnxSampler:
         (the label a code stands for, never the code itself)."""
         c = self.by_key[key]
         if c["kind"] == "continuous":
-            return value
+            return None if value is None else float(value)
         if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) < len(c["labels"]):
             return str(c["labels"][int(value)])
         return str(value)
@@ -510,13 +630,13 @@ class OnnxSampler:
     def condition_table(self, condition: dict | None, n: int):
         """Labels per covariate (one value, or a list of ``n``) -> ``(table, index, obs)``: the
         distinct conditions as graph inputs (``K`` rows), each cell's row, and labels per cell."""
-        condition = dict(condition or {})
+        condition = _as_condition(condition)
         for key in condition:
             if key not in self.by_key:
                 raise self._unknown_key(key)
         per_cell, obs = {}, {}
         for key, value in condition.items():
-            values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+            values = value if isinstance(value, list) else [value]
             if len(values) not in (1, n):
                 raise ValueError(f"condition {key!r} has {len(values)} values for {n} cells")
             encoded = [self.encode_value(key, v) for v in values]
@@ -605,6 +725,9 @@ class OnnxSampler:
         when the export carries a detection model."""
         if observed is None:
             return self.detection is not None
+        if not isinstance(observed, (bool, np.bool_)):  # 'false' would read as True
+            raise ValueError(f"observed must be True, False or None (measured where the export can), "
+                             f"got {_shown(observed)}")
         if observed and self.detection is None:
             side = os.path.basename(self.meta["_path"])
             raise ValueError(f"observed (measured) cells need a detection model, and the export {side!r} has none: "
@@ -614,29 +737,38 @@ class OnnxSampler:
     def resolve(self, sampler=None, steps=None, eta=None, guidance=None, observed=None) -> dict:
         """Defaults from the sidecar, validated; ``observed`` resolved by :meth:`resolve_observed`."""
         d = self.defaults
+        side = os.path.basename(self.meta["_path"])
         try:
             name = sampler_name(sampler, d.get("sampler", "ddim"))
         except ValueError:  # name the samplers this export offers, not every one an export can have
+            if not sampler:
+                raise ValueError(f"the default sampler {_shown(d.get('sampler'))} in {side!r} is unknown; "
+                                 f"pass sampler= one of {self.samplers}") from None
             raise ValueError(f"unknown sampler {str(sampler)[:60]!r}; this export offers {self.samplers}") from None
         if name not in self.samplers:
             what = ("a distilled student's export samples with 'distilled' only (export the model without "
                     "sampler='distilled' for the others)" if self.samplers == ["distilled"] else
                     "this export has no distilled student (export with sampler='distilled' for it)")
             raise ValueError(f"unknown sampler {name!r} for this export; choose one of {self.samplers}: {what}")
-        if name == "distilled" and steps is not None and int(steps) != int(d["steps"]):
+        if steps is not None:
+            steps = _integer("steps", steps, 1, self.num_timesteps)
+        if name == "distilled" and steps is not None and steps != int(d["steps"]):
             raise ValueError(f"the distilled student samples in exactly {d['steps']} steps, not {steps}")
-        steps = int(d.get("steps", 50) if steps is None else steps)
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must lie in [1, {self.num_timesteps}], got {steps}")
-        if name != "ddim" and eta is not None and float(eta) != 0.0:  # as scidiff sample --eta refuses it
+        if steps is None:
+            try:
+                steps = _integer("steps", d.get("steps", 50), 1, self.num_timesteps)
+            except ValueError as exc:
+                raise ValueError(f"the default steps in {side!r} are unusable ({exc}); pass steps=") from None
+        eta = None if eta is None else _number("eta", eta)
+        if name != "ddim" and eta is not None and eta != 0.0:  # as scidiff sample --eta refuses it
             raise ValueError(f"eta applies to the ddim sampler only, not {name!r}; got eta={eta}")
         eta = float(d.get("eta", 0.0) if eta is None or name != "ddim" else eta)
         if name != "ddim":
             eta = 0.0
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must lie in [0, 1], got {eta}")
-        guidance = float(d.get("guidance_scale", 1.0) if guidance is None else guidance)
-        if not math.isfinite(guidance):
+        guidance = _number("guidance", d.get("guidance_scale", 1.0) if guidance is None else guidance)
+        if not abs(guidance) <= float(np.finfo(np.float32).max):  # the graph takes float32
             raise ValueError(f"guidance must be a finite number, got {guidance}")
         return {"sampler": name, "steps": steps, "eta": eta, "guidance": guidance,
                 "observed": self.resolve_observed(observed)}
@@ -647,21 +779,29 @@ class OnnxSampler:
         training groups, rounded from ``seed``: :meth:`like_training`) and, from ``seed``, its
         starting noise ``x_T``, step noise and then measurements (drawn in order from one
         ``numpy.random.default_rng(seed)``)."""
-        n = int(n)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        n = _integer("n", n, 1)
+        seed = None if seed is None else _integer("seed", seed, 0, MAX_SEED)
+        if x_T is not None:
+            x_T = np.asarray(x_T)
+            if x_T.dtype.kind not in "iuf":
+                raise ValueError(f"x_T must be an array of real numbers, got dtype {x_T.dtype}")
+            if x_T.shape != (n, self.dim):
+                raise ValueError(f"x_T must have shape {(n, self.dim)} (n cells x the model's {self.dim} dimensions), "
+                                 f"got {x_T.shape}")
+            with np.errstate(over="ignore"):  # values beyond float32 become infinite, refused below
+                x_T = x_T.astype(np.float32)
+            if not np.isfinite(x_T).all():
+                raise ValueError("x_T must be finite: it holds NaN or infinite values (or values beyond float32)")
         table, index, obs = self.condition_table(self.like_training(condition, n, seed), n)
         rng = np.random.default_rng(seed)
         if x_T is None:
             x_T = rng.standard_normal((n, self.dim), dtype=np.float32)
-        x_T = np.asarray(x_T, np.float32)
-        if x_T.shape != (n, self.dim):
-            raise ValueError(f"x_T must have shape {(n, self.dim)}, got {x_T.shape}")
         noise = (lambda i: rng.standard_normal((n, self.dim), dtype=np.float32)) if eta > 0 else None
         return Batch(x_T, index, table, np.full(int(index.max()) + 1, guidance, np.float32), noise, obs, rng)
 
     def grid(self, sampler: str, steps: int) -> list[int]:
         """The timesteps ``sampler`` evaluates the network at (one graph call each)."""
+        steps = _integer("steps", steps, 1, self.num_timesteps)
         return Plan(sampler, self.alphas_cumprod, steps, final_sigma=self.final_sigma).ts
 
     def run(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> np.ndarray:
@@ -672,6 +812,8 @@ class OnnxSampler:
 
     def trajectory(self, batch: Batch, sampler: str, steps: int, eta: float = 0.0) -> Trajectory:
         """A run of ``batch`` to advance a slice at a time (the server's scheduler; see :class:`Trajectory`)."""
+        if steps is not None:
+            steps = _integer("steps", steps, 1, self.num_timesteps)
         return Trajectory(self, batch, sampler, steps, eta)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
@@ -720,11 +862,15 @@ class OnnxSampler:
                x_T: np.ndarray | None = None, observed: bool | None = None, output: str = "anndata"):
         """Generate ``n`` cells.
 
-        ``condition``: covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``), a
-        list of ``n`` labels, an integer code (``obs`` records the label it stands for; refused
-        where the vocabulary also has it as a different label), or a number for a numeric
-        covariate; a covariate left out is drawn like the training data (:meth:`like_training`).
-        (The HTTP server takes labels only.)
+        ``n``, ``steps`` and ``seed`` are integers (Python or numpy; not ``2.0``, ``"10"`` or
+        ``True``), ``seed`` in [0, 2**63) as the server takes it; ``eta`` and ``guidance`` numbers;
+        ``observed`` ``True``, ``False`` or ``None``; anything else is refused naming the argument.
+        ``condition``: a dict of covariate -> label (``{"cell_type": "B", "condition": "stimulated"}``),
+        a list (numpy array, pandas Series) of ``n`` labels, an integer code (``obs`` records the
+        label it stands for; refused where the vocabulary also has it as a different label), a
+        finite number for a numeric covariate, or ``None`` for the null condition; a covariate
+        left out is drawn like the training data (:meth:`like_training`).
+        (The HTTP server takes labels only.) ``x_T``: the ``[n, D]`` start points, real and finite.
         ``sampler``: ``"ddim"`` or ``"dpmpp_2m"`` (``"distilled"`` for an export of a distilled
         student, in its own steps); ``steps``, ``eta`` (DDIM), ``guidance``
         (classifier-free guidance scale) default to the sidecar's. ``observed``: measured cells,
@@ -733,8 +879,10 @@ class OnnxSampler:
         (falls back to ``"arrays"`` when anndata is not installed), ``"arrays"`` (a dict with
         ``X``, ``genes``, ``obs``, ``seed``) or ``"latent"`` (the raw ``[n, D]`` samples).
         """
+        if output not in ("anndata", "arrays", "latent"):  # before the sampling, not after it
+            raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {_shown(output)}")
         opts = self.resolve(sampler, steps, eta, guidance, observed)
-        seed = int(secrets.randbits(63)) if seed is None else int(seed)
+        seed = int(secrets.randbits(63)) if seed is None else _integer("seed", seed, 0, MAX_SEED)
         batch = self.prepare(n, condition, seed=seed, guidance=opts["guidance"], eta=opts["eta"], x_T=x_T)
         z = self.run(batch, opts["sampler"], opts["steps"], opts["eta"])
         if output == "latent":
@@ -745,7 +893,7 @@ class OnnxSampler:
         """Expression + labels -> AnnData (when importable and asked for) or a dict of arrays;
         ``opts`` as :meth:`resolve` gives them."""
         if output not in ("anndata", "arrays"):
-            raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {output!r}")
+            raise ValueError(f"output must be 'anndata', 'arrays' or 'latent', got {_shown(output)}")
         target_sum = self.meta["normalisation"].get("target_sum")
         info = {**opts, "seed": int(seed), "expression": self.expression_note(opts["observed"]),
                 "target_sum": float(target_sum) if target_sum else None,
