@@ -103,14 +103,20 @@ def _target_texts(args) -> list[tuple[str, str]]:
     return texts
 
 
-def _parse(where: str, text: str, check=None, numeric=()) -> dict:
-    """One target: ``key=value`` pairs, the ``numeric`` keys as numbers, then ``check(target)``;
-    any error names ``where`` and the text."""
+def _parse(where: str, text: str, check=None, numeric=(), spec=None) -> dict:
+    """One target: ``key=value`` pairs, the ``numeric`` keys as numbers (with a model's ``spec``,
+    also a label that names a measured time: Klein's ``day_num=d2``), then ``check(target)``; any
+    error names ``where`` and the text."""
     try:
         target = parse_conditions(text)
         if not target:
             raise ValueError("no key=value in it")
         for key in [k for k in target if k in set(numeric)]:
+            if spec is not None:
+                from ..tasks.perturb import numeric_value  # lazy: keeps --help light (torch)
+
+                target[key] = numeric_value(spec, key, target[key])
+                continue
             try:
                 target[key] = float(target[key])
             except ValueError:
@@ -125,9 +131,10 @@ def _parse(where: str, text: str, check=None, numeric=()) -> dict:
 def _model_check(model):
     """Refuse a target the model cannot predict, before any work: unknown keys and labels (an
     unseen perturbation only where the model has no prior that describes it)."""
-    from ..tasks.perturb import split_target  # lazy: keeps --help light (torch)
+    from ..tasks.perturb import numeric_target, split_target  # lazy: keeps --help light (torch)
 
     def check(target):
+        numeric_target(model.data_spec, target)  # a negative dose, refused by name
         known, _ = split_target(model, target)
         model.data_spec.encode_conditions(known, 1)
         model.data_spec.with_dose(target)
@@ -184,7 +191,7 @@ def run(args):
         spec = model.data_spec
         if spec is None:
             raise ValueError(f"--model {args.model!r} carries no gene list; train it through scidiff train")
-        targets = [_parse(w, t, _model_check(model), spec.continuous) for w, t in texts]
+        targets = [_parse(w, t, _model_check(model), spec.continuous, spec) for w, t in texts]
         observed = model.resolve_observed(True if args.observed else False if args.shifted else None)
         # target by target into the file: memory holds one target's prediction, however many targets
         n_cells, n_genes = predict_screen_to_file(model, args.data, targets, args.out, method=args.method,
@@ -261,7 +268,7 @@ def _baselines(args, model, texts):
     if time_key is None and spec is not None and args.method == "linear":
         keys = {k for _, t in texts for k in parse_conditions(t)}
         time_key = next((k for k in spec.continuous if k in keys and k != spec.dose_key), None)
-    targets = [_parse(w, t, None, [time_key] if time_key else []) for w, t in texts]
+    targets = [_parse(w, t, None, [time_key] if time_key else [], spec) for w, t in texts]
     pert_key = args.perturbation_key
     if pert_key is None and spec is not None:
         pert_key = next((k for k in spec.perturbation_keys if all(k in t for t in targets)), None)

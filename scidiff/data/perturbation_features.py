@@ -14,11 +14,12 @@ Three sources, each a :class:`FeatureBlock` (rows = labels, columns = features):
   genes (``in_model_genes``: its own knockdown is then visible). A label whose gene is not
   measured gets only what a user file gives.
 - **a user table** (:func:`read_feature_tsv`, ``--perturbation-features FILE.tsv``): a
-  tab-separated file with a header; first column the perturbation label, then numeric features (a
-  gene embedding, GO-term indicators, a row of a regulatory network).
+  tab-separated file with a header (or none); first column the perturbation label, then numeric
+  features (a gene embedding, GO-term indicators, a row of a regulatory network).
 - **drugs** (:func:`morgan_fingerprints`, ``--smiles FILE.csv``): a CSV of ``name,smiles`` rows
-  (a header row is optional, further columns are ignored, as in sci-Plex's drug list) -> Morgan
-  fingerprints, radius 2, 2,048 bits, computed by RDKit (the ``chem`` extra).
+  (a header row, its second cell naming SMILES, is optional; further columns are ignored, as in
+  sci-Plex's drug list) -> Morgan fingerprints, radius 2, 2,048 bits, computed by RDKit (the
+  ``chem`` extra).
 
 Every error names the file, the row (1-based line of the file) or the label.
 """
@@ -274,31 +275,64 @@ def _text_rows(path: str, delimiter: str, what: str) -> list[list[str]]:
         raise ValueError(f"{path}: not a readable {what} file ({exc})") from None
 
 
+def _finite(cell: str) -> bool:
+    try:
+        return bool(np.isfinite(float(cell)))
+    except ValueError:
+        return False
+
+
+def _is_header(row: list[str]) -> bool:
+    """Whether the first row of a feature table names its columns: not when it reads as a row of
+    values (a label, then numbers that are not the column numbers ``0..n-1`` or ``1..n`` a
+    DataFrame without column names writes)."""
+    cells = [c.strip() for c in row[1:]]
+    missing = ("", "na", "nan", "null", "none", "inf", "-inf", "+inf")  # a row of values with a gap is still one
+    if not row[0].strip() or not any(_finite(c) for c in cells) or \
+            not all(_finite(c) or c.lower() in missing for c in cells):
+        return True
+    if not all(_finite(c) for c in cells):
+        return False
+    values = [float(c) for c in cells]
+    return values in (list(map(float, range(len(cells)))), list(map(float, range(1, len(cells) + 1))))
+
+
 def read_feature_tsv(path) -> FeatureBlock:
     """A user feature table: tab-separated, a header row (first cell: any name for the label
-    column, then one name per feature), then one row per perturbation label with numeric values.
-    Empty lines are skipped; a missing, non-numeric or non-finite value, a short or long row and a
-    label given twice are errors naming the file, line and label."""
+    column, then one name per feature; a file without one, whose first row is a label and its
+    values, names its columns ``feature1``, ``feature2``, ...), then one row per perturbation
+    label with numeric values. Empty lines are skipped, and so is a row repeated as is; a missing,
+    non-numeric or non-finite value, a short or long row and a label given twice with other values
+    are errors naming the file, line and label."""
     path = _check_file(path, "perturbation-features")
     rows = [(n, r) for n, r in enumerate(_text_rows(path, "\t", "tab-separated"), start=1)
             if any(c.strip() for c in r)]
     if not rows:
         raise ValueError(f"{path}: empty; expected a header row (label, feature names) and one row per perturbation")
-    (_, header), body = rows[0], rows[1:]
-    columns = [c.strip() for c in header[1:]]
+    if _is_header(rows[0][1]):
+        (_, header), body = rows[0], rows[1:]
+        columns = [c.strip() for c in header[1:]]
+    else:  # no header: the first row is a label and its values
+        body = rows
+        columns = [f"feature{j + 1}" for j in range(len(rows[0][1]) - 1)]
     if not columns:
         raise ValueError(f"{path}: line 1 (the header) names no feature column; expected tab-separated "
                          f"'label<TAB>feature1<TAB>feature2...' (is the file comma-separated?)")
     if not body:
         raise ValueError(f"{path}: a header but no perturbation rows")
     labels, values, seen = [], np.empty((len(body), len(columns)), dtype=np.float32), {}
-    for i, (line, row) in enumerate(body):
+    for line, row in body:
         label = row[0].strip()
         if not label:
             raise ValueError(f"{path}: line {line} has no label in its first column")
         if label in seen:
-            raise ValueError(f"{path}: line {line}: label {label!r} already given on line {seen[label]}")
-        seen[label] = line
+            first_line, first_row = seen[label]
+            if [c.strip() for c in row[1:]] == [c.strip() for c in first_row[1:]]:
+                continue  # listed twice alike (tables joined): once is enough
+            raise ValueError(f"{path}: line {line}: label {label!r} already given on line {first_line} with other "
+                             f"values")
+        seen[label] = (line, row)
+        i = len(labels)
         cells = row[1:]
         if len(cells) != len(columns):
             raise ValueError(f"{path}: line {line} ({label!r}) has {len(cells)} values for {len(columns)} feature "
@@ -313,12 +347,13 @@ def read_feature_tsv(path) -> FeatureBlock:
                 raise ValueError(f"{path}: line {line} ({label!r}), column {columns[j]!r}: {cell!r} is not finite")
             values[i, j] = v
         labels.append(label)
-    return FeatureBlock("user", path, labels, values, columns)
+    return FeatureBlock("user", path, labels, values[: len(labels)], columns)
 
 
 def read_smiles_csv(path) -> list[tuple[int, str, str]]:
     """``(line, name, smiles)`` rows of a drug list: comma-separated ``name,smiles`` (further
-    columns ignored; a first row whose second cell is ``smiles`` is a header). A row without a
+    columns ignored; a first row whose second cell names SMILES, ``smiles`` or
+    ``canonical_smiles``, is a header). A row without a
     name or a SMILES, and a name given twice with different SMILES, are errors naming the file
     and line (a row repeated as is counts once)."""
     path = _check_file(path, "SMILES")
@@ -326,7 +361,8 @@ def read_smiles_csv(path) -> list[tuple[int, str, str]]:
     for line, row in enumerate(_text_rows(path, ",", "CSV"), start=1):
         if not any(c.strip() for c in row):
             continue
-        if not out and not seen and len(row) >= 2 and row[1].strip().lower() == "smiles":
+        if not out and not seen and len(row) >= 2 and "smiles" in row[1].strip().lower():  # a header
+            # ('smiles', 'SMILES', 'canonical_smiles': no SMILES holds these letters together)
             seen["\0header"] = line
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():

@@ -480,7 +480,7 @@ class PerturbationPrior:
         label = str(label).strip()
         G = len(self.genes)
         parts = [p.strip() for p in label.split(self.separator) if p.strip()] if self.separator else [label]
-        parts = [p for p in parts if p not in self.control_labels]
+        parts = list(dict.fromkeys(p for p in parts if p not in self.control_labels))  # A+A is A, as when seen
         if not parts:
             self._key(key)
             return np.zeros(G), 1.0, {"route": "control"}

@@ -37,7 +37,10 @@ expression outside the model's latent. How the change is found depends on what t
   singles (``A+B``, A seen, B not) each part's change is added (route ``seen+prior``).
 - ``control``: the target is the control itself (no perturbation): the cells as they are.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
-  the closed-form effects): the change under the target condition.
+  the closed-form effects): the change under the target condition. With a perturbation never
+  seen in the target too (an unseen drug at a time, along a trajectory), the prior's effect is
+  added to it (route ``direct+prior``, the lower of the two confidences); at dose 0 a
+  perturbation the prior describes changes nothing, as a seen one at dose 0.
 
 ``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
 training cells of that group ``n / (n + 30)``; ``transferred``, the lowest of the agreement of
@@ -96,6 +99,7 @@ from ..models.effects import context_table
 from ..models.measured_change import Carried, fit_mean_keeping
 from .cells import keep_var_columns, model_cells, own_codes
 
+CONTROL_SPELLINGS = ("ctrl", "control", "non-targeting")  # how screens name the control: never a perturbation
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
 POPULATION_STREAM = 7  # the fresh cells' z_T (streams 1-6 are the measured cells' draws)
 FIT_CELLS = 512  # input cells per context a measured counterfactual's mean keeping is fitted on (and batch cells
@@ -174,6 +178,48 @@ def _with_context(cond: dict, keys, context, b: int, device) -> dict:
     return out
 
 
+def numeric_value(spec, key: str, value, where: str | None = None) -> float:
+    """``value`` of the numeric covariate ``key`` (a time, a dose) as a number: a number, its text
+    (``'4'``), or a label that names one measured value of it in the training cells' ``obs``
+    (Klein's ``day`` column: ``'d2'`` for ``day_num`` 2, :attr:`~scidiff.data.DataSpec.perturbation_columns`).
+    Anything else is a ValueError naming the key, the value (``where`` says where it was given) and
+    the labels it could have been."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.item())
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    columns = (getattr(spec, "perturbation_columns", None) or {}).get(key, {})
+    named = {column: sorted((float(number), str(label).strip()) for number, label in values.items()
+                            if label is not None) for column, values in columns.items()}
+    for fold in (str, str.casefold):  # exactly, else whatever the case
+        hits = {number for pairs in named.values() for number, label in pairs if fold(label) == fold(text)}
+        if len(hits) == 1:
+            return hits.pop()
+    said = "; ".join(f"{column}: " + ", ".join(f"{label!r} = {number:g}" for number, label in pairs)
+                     for column, pairs in named.items() if pairs)
+    where = where or f"{key}={value!r} is"
+    raise ValueError(f"{where} not a number" + (f" nor a label of a measured {key} ({said})" if said else
+                                                f"; {key} is a numeric covariate, e.g. {key}=4"))
+
+
+def numeric_target(spec, target: dict) -> dict:
+    """``target`` with each numeric covariate's value as a number (:func:`numeric_value`); a
+    negative or NaN dose is refused, naming it."""
+    out = dict(target)
+    for key in [k for k in out if k in spec.continuous]:
+        if not isinstance(out[key], (list, tuple, np.ndarray, pd.Series, torch.Tensor)) or \
+                isinstance(out[key], torch.Tensor) and out[key].numel() == 1:
+            out[key] = numeric_value(spec, key, out[key])
+            if key == spec.dose_key and not out[key] >= 0:  # NaN too: it ended in an IndexError for a seen drug
+                raise ValueError(f"{key}={target[key]!r}: a dose is a number >= 0 (0: the perturbation not given)")
+    return out
+
+
 def split_target(model, target: dict) -> tuple[dict, dict]:
     """``(known, unseen)``: the target with the perturbation singles the model saw, and
     ``{key: label}`` of the singles it never saw (the ``prior`` route's part). Control parts are
@@ -191,7 +237,7 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
             raise ValueError(f"{key}={target[key]!r} names no perturbation; give a label, or "
                              f"{spec.control_labels[0]!r} for the control cells")
         vocab = set(spec.categorical[key])
-        parts = spec.label_parts(target[key])
+        parts = list(dict.fromkeys(spec.label_parts(target[key])))  # A+A is A (a multi-hot sets A once)
         new = [p for p in parts if p not in vocab]
         if not new:
             continue
@@ -200,6 +246,11 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
         if meant:  # not a perturbation never seen: the same label spelt in another case
             raise ValueError(f"{key}={target[key]!r}: {', '.join(f'{p!r}' for p in meant)} is not a label the model "
                              f"saw; it saw {', '.join(f'{v!r}' for v in meant.values())} (labels are case-sensitive)")
+        other = [p for p in new if p.casefold() in CONTROL_SPELLINGS]
+        if other:  # GEARS' A+ctrl on data whose control is 'control': a control spelling, not a perturbation
+            write = spec.separator.join(p for p in parts if p not in other) or spec.control_labels[0]
+            raise ValueError(f"{key}={target[key]!r}: {other[0]!r} is not this model's control label (it knows the "
+                             f"control as {', '.join(map(repr, spec.control_labels))}); write {key}={write}")
         if prior is None:
             spec.perturbation_singles(key, target[key])  # raises the error that names the label
         unseen[key] = spec.separator.join(new)
@@ -223,10 +274,12 @@ class _Plan:
         self.scale = False  # per gene, the floor at zero's mean-keeping factor (False: not read yet)
         self.keeping = None  # per gene, the measured cells' smooth shift, detection share, level factor (unread)
         pert_keys = [k for k in spec.perturbation_keys if k in target_codes]
-        if sets_context or eff is None or not eff.fitted or not (pert_keys or unseen):
+        if (sets_context or eff is None or not eff.fitted or not (pert_keys or unseen)
+                or any(k in target_codes for k in spec.continuous if k != spec.dose_key)):  # a time: read under it
+            # decoded under the target itself; a perturbation never seen adds the prior's effect
+            self.parts = [("prior", key, label, None) for key, label in unseen.items()]
+            self.route = "direct+prior" if self.parts else "direct"
             return
-        if any(k in target_codes for k in spec.continuous if k != spec.dose_key):
-            return  # a time: read under the target itself
         routes = []
         for key in pert_keys:
             singles = torch.nonzero(target_codes[key][0, :-1]).flatten().tolist()
@@ -594,16 +647,19 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, referenc
     b, device = len(x), x.device
     dose_key = model.data_spec.dose_key
     dose = {dose_key: tgt[dose_key]} if dose_key and dose_key in tgt else {}
-    if plan.route == "direct":
-        return reader.change(x, src, tgt), direct_support(model.data_spec, tgt)
-    change = torch.zeros_like(x)
-    confidence = torch.ones(b)
+    direct = plan.route.startswith("direct")
+    change = reader.change(x, src, tgt) if direct else torch.zeros_like(x)
+    confidence = direct_support(model.data_spec, tgt) if direct else torch.ones(b)
     n_of = model.condition_encoder.perturbations
     for kind, key, what, where in plan.parts:
         if kind == "prior":
             delta, conf = model.perturbation_prior.effect(key, what)
-            change = change + delta.to(x)
-            confidence = torch.minimum(confidence, torch.tensor(float(conf)))
+            given = dose[dose_key].float().cpu() if dose else torch.ones(b)
+            # at dose 0 the drug is not given: no change, as for a seen perturbation (its effect is pooled over
+            # the doses it was measured at, which did not include none)
+            change = change + (given != 0).to(x)[:, None] * delta.to(x)
+            confidence = torch.minimum(confidence, torch.where(given != 0, torch.tensor(float(conf)),
+                                                               torch.ones(b)))
             continue
         rows = _rows(n_of[key], what, b, device)
         if kind == "seen":
@@ -671,6 +727,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         model.to(device)
     spec, control_adata, cells = model_cells(model, cells, layer=layer, use_raw=use_raw)
     n = len(cells)
+    condition = numeric_target(spec, condition)  # a time as text or as its label (Klein's 'd2')
     known, unseen = split_target(model, condition)
     target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)

@@ -12,11 +12,10 @@ import warnings
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 from tqdm.auto import tqdm
 
 from .cells import model_spec, read_cells
-from .perturb import perturb
+from .perturb import numeric_value, perturb
 from .screen import stack_obs
 
 SOURCE_COLUMN = "scidiff_source_cell"
@@ -29,17 +28,24 @@ def _grid(spec, times) -> tuple[str, list[float]]:
     (key, grid), = times.items()
     if key not in spec.continuous:
         kind = "a categorical covariate" if key in spec.categorical else "not a covariate of the model"
+        columns = getattr(spec, "perturbation_columns", None) or {}
+        names = [k for k in spec.continuous if key in (columns.get(k) or {})]
+        hint = (f" ({key!r} names the times of {names[0]!r} in the training cells: give {{{names[0]!r}: [...]}}, "
+                f"its labels such as {next(iter(columns[names[0]][key].values()))!r} read as "
+                f"their times)") if names else ""
         raise ValueError(f"{key!r} is {kind}; a trajectory runs over a numeric one: "
-                         f"{list(spec.continuous) or 'the model has none (train with continuous_keys / a dose)'}")
-    values = list(grid) if isinstance(grid, (list, tuple, np.ndarray, pd.Series)) else [grid]
+                         f"{list(spec.continuous) or 'the model has none (train with continuous_keys / a dose)'}{hint}")
+    if isinstance(grid, (str, bytes, dict)) or not hasattr(grid, "__iter__") or \
+            getattr(grid, "ndim", 1) == 0:  # one time (a number, its text or a label: 'd2')
+        grid = [grid]
+    # any sequence of times: a list, a range, a numpy array, a pandas Index or Series, a tensor
+    values = [v.item() if hasattr(v, "item") and getattr(v, "ndim", 0) == 0 else v for v in grid]
     if not values:
         raise ValueError(f"the grid of {key!r} is empty")
     out = []
     for v in values:
-        try:
-            f = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"the grid of {key!r} holds {v!r}, not a number") from None
+        # a number, its text, or a label of a measured time ('d2' for day 2)
+        f = numeric_value(spec, key, v, where=f"the grid of {key!r} holds {v!r},")
         if not math.isfinite(f):
             raise ValueError(f"the grid of {key!r} holds {v!r}, not a finite number")
         out.append(f)
@@ -53,11 +59,14 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
                use_raw: bool | None = None, batch_size: int = 4096, device=None,
                observed: bool | None = None) -> ad.AnnData:
     """Carry ``cells`` (an AnnData or ``.h5ad`` path; typically control or early-time cells)
-    across a grid of a numeric covariate: ``times={'day_num': [2, 3, 4, 5]}``, under the other
-    covariates of ``condition`` (e.g. a perturbation) when given.
+    across a grid of a numeric covariate: ``times={'day_num': [2, 3, 4, 5]}`` (any sequence: a
+    range, an array, a pandas Index; a time as a number, its text or the label the training cells
+    give it, Klein's ``'d2'``), under the other covariates of ``condition`` (e.g. a perturbation,
+    one never seen too: the prior's effect is added at every time) when given.
 
     Returns one AnnData of ``n_cells x len(grid)`` rows, time after time (all cells at the first
-    time, then all at the second, ...), with predicted log1p expression in ``X``; ``obs`` as :func:`~scidiff.tasks.perturb.perturb` writes it
+    time, then all at the second, ...), with predicted log1p expression in ``X``; ``obs`` as
+    :func:`~scidiff.tasks.perturb.perturb` writes it
     (the input cells' columns, target covariates set), ``obs[key]`` the time (float) and
     ``obs['scidiff_source_cell']`` the input cell's name (``obs_names`` are ``"<cell>@<key>=<t>"``);
     ``layers['control']`` each row's source cell (the input expression, computed once and repeated
