@@ -205,6 +205,9 @@ def test_a_merged_sharded_generation_keeps_the_gene_symbols_and_numeric_columns(
     pd.testing.assert_frame_equal(merged.obs.astype(str), shards.obs.astype(str))
     with pytest.raises(IsADirectoryError, match="is a folder"):  # before any cell is drawn
         generation.generate_to_file(m, 3, tmp_path, **FAST)
+    with pytest.raises(IsADirectoryError, match="is a folder"):  # a folder not made yet: the rename failed at the end
+        generation.generate_to_file(m, 3, f"{tmp_path}/new/", **FAST)
+    assert not (tmp_path / "new").exists()
 
 
 def test_sample_says_why_its_cells_are_smooth(cells, tmp_path, capsys):
@@ -260,3 +263,10 @@ def test_sample_refuses_steps_the_distilled_student_does_not_walk(run_dir, tmp_p
     assert main(["sample", "--model", str(run_dir), "-n", "3", "--sampler", "distilled", "--steps", str(own),
                  "--out", str(out)]) == 0
     assert ad.read_h5ad(out).uns["scidiff"]["steps"] == own
+
+
+@pytest.mark.parametrize("observed", ["false", "true", 1, 0])
+def test_observed_must_be_a_bool_or_none(model, observed):
+    """observed='false' returned measured cells (bool('false') is True), as the ONNX runtime did."""
+    with pytest.raises(ValueError, match="observed must be True, False or None"):
+        model.sample(2, {"cell_type": "a", "condition": "ctrl"}, steps=2, observed=observed)

@@ -632,3 +632,22 @@ def test_a_small_request_is_not_stuck_behind_a_big_one(fair_url, sampler):
     assert during.json()["X"] == alone.json()["X"]
     expected = sampler.sample(4, small["condition"], seed=7, steps=10, output="arrays")["X"]
     np.testing.assert_allclose(np.asarray(during.json()["X"]), expected, atol=2e-6)
+
+
+def test_npz_obs_columns_load_without_pickle():
+    """A null numeric covariate (None) made the npz's obs column an object array, which a client's
+    numpy.load refuses (allow_pickle=False): numbers go as floats (None: NaN), labels as text."""
+    from types import SimpleNamespace
+
+    from scidiff.export.server import npz_column
+    sampler = SimpleNamespace(by_key={"dose": {"kind": "continuous"}, "cell_type": {"kind": "categorical"}})
+    buf = io.BytesIO()
+    np.savez(buf, obs_dose=npz_column(sampler, "dose", [None, 1.5]),
+             obs_cell_type=npz_column(sampler, "cell_type", ["B", "NK"]))
+    z = np.load(io.BytesIO(buf.getvalue()))  # allow_pickle=False, numpy's default
+    np.testing.assert_array_equal(z["obs_dose"], [np.nan, 1.5])
+    assert z["obs_cell_type"].tolist() == ["B", "NK"]
+    with pytest.raises(ValueError, match="allow_pickle"):  # what the column was before
+        buf = io.BytesIO()
+        np.savez(buf, obs_dose=np.asarray([None, 1.5]))
+        np.load(io.BytesIO(buf.getvalue()))["obs_dose"]

@@ -156,7 +156,7 @@ def temporary_beside(path) -> str:
     (``0o666`` less the umask). Stale temporaries of ``path`` are removed first. A folder at
     ``path`` is refused here, before anything is written (the rename would fail at the end)."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):  # 'out/' names a folder, made or not
         raise IsADirectoryError(f"{path!r} is a folder; give a file path to write")
     folder, base = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

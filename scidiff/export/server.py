@@ -572,7 +572,7 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
                 buf = io.BytesIO()
                 np.savez(buf, X=x, genes=np.asarray(sampler.genes), seed=np.int64(seed),
                          observed=np.bool_(opts["observed"]), expression=np.asarray(expression),
-                         **{f"obs_{k}": np.asarray(v) for k, v in batch.obs.items()})
+                         **{f"obs_{k}": npz_column(sampler, k, v) for k, v in batch.obs.items()})
                 return buf.getvalue()
             return Response(await asyncio.to_thread(pack), media_type="application/octet-stream",
                             headers={**headers, "Content-Disposition": 'attachment; filename="generated.npz"'})
@@ -585,6 +585,15 @@ def create_app(model, *, max_cells: int = DEFAULT_MAX_CELLS, max_batch_cells: in
 
     app.add_middleware(BodyLimit, max_body_bytes=int(max_body_bytes))
     return app
+
+
+def npz_column(sampler, key: str, values) -> np.ndarray:
+    """One ``obs`` column for the npz download, as an array a client loads without pickle: a
+    numeric covariate as floats (a null one, ``None``, as NaN), labels as text (an array holding
+    ``None`` was an object array, which ``numpy.load`` refuses by default)."""
+    if sampler.by_key[key]["kind"] == "continuous":
+        return np.asarray([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    return np.asarray([str(v) for v in values], dtype=str)
 
 
 def _h5ad_bytes(adata) -> bytes:

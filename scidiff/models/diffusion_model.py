@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -406,6 +407,9 @@ class ScIDiffModel(nn.Module):
         expression: ``observed`` when given; by default (``None``) measured cells when the model
         has a fitted detection model and expression is asked for (``return_expression``)."""
         if observed is not None:
+            if not isinstance(observed, (bool, np.bool_)):  # 'false' would read as True
+                raise ValueError(f"observed must be True, False or None (measured where the model can), "
+                                 f"got {observed!r}")
             return bool(observed)
         fitted = self.detection is not None and bool(self.detection.fitted) and self.data_spec is not None
         return bool(return_expression and fitted)
