@@ -6,6 +6,7 @@ per covariate (``LongTensor[B]`` codes, or ``FloatTensor[B]`` for dose/time). Ev
 """
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import torch
 
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
                          select_genes, _name)
-from .gene_symbols import var_of
+from .gene_symbols import symbol_column, symbol_index, symbols_of, var_of
 from .io import in_memory
 from .spec import DataSpec, _build_spec, covariate_keys, exact_zeros, known_values, record_symbols
 from .validate import check_labelled
@@ -191,6 +192,38 @@ def _thin_labels(key: str, labels: np.ndarray, source: str) -> None:
                       stacklevel=4)
 
 
+MISSING_TEXT = ("nan", "NaN", "None", "<NA>", "NA")  # what str() or R writes for a missing value
+
+
+def _missing_as_text(key: str, labels: np.ndarray, source: str) -> None:
+    """Warn where cells carry a missing value written as text (``'nan'``: ``astype(str)`` of a
+    column with missing values, ``'NA'`` from R): read as a label (or a perturbation) of its
+    own, not as missing."""
+    values, counts = np.unique(labels, return_counts=True)
+    found = [(v, int(n)) for v, n in zip(values, counts) if v in MISSING_TEXT]
+    if found:
+        shown = ", ".join(f"{v!r} ({n} cells)" for v, n in found)
+        warnings.warn(f"obs[{key!r}] of {source} holds {shown}: a missing value written as text (as "
+                      f"`.astype(str)` writes NaN) is read as a label of its own; if those cells have no label, "
+                      f"drop them or name what they are", stacklevel=4)
+
+
+def _lookalike_labels(key: str, labels: np.ndarray, source: str) -> None:
+    """Warn where distinct labels of a plain covariate differ only by surrounding whitespace or
+    their Unicode form (``'B cell'`` beside ``'B cell '``, a composed ``'é'`` beside ``e`` plus an
+    accent): each is a condition of its own, though they read as one."""
+    groups: dict[str, list[str]] = {}
+    for lab in np.unique(labels):
+        groups.setdefault(unicodedata.normalize("NFC", str(lab)).strip(), []).append(str(lab))
+    alike = [sorted(v) for v in groups.values() if len(v) > 1]
+    if alike:
+        shown = "; ".join(" vs ".join(map(ascii, v)) for v in alike[:3])
+        warnings.warn(f"obs[{key!r}] of {source}: {len(alike)} label(s) are written in more than one way that "
+                      f"differ only by surrounding whitespace or Unicode form ({shown}), and each way is a condition "
+                      f"of its own; write each label one way (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
+                      f".str.strip().str.normalize('NFC')`)", stacklevel=4)
+
+
 OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
 
 
@@ -254,7 +287,7 @@ def _perturbation_hint(key: str, labels: set, controls: set, separator: str, sou
 
 
 def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None, perturbation_keys=(),
-                control_labels=DEFAULT_CONTROLS, separator="+", check_control=True):
+                control_labels=DEFAULT_CONTROLS, separator="+", check_control=True, dose_key=None):
     """obs columns -> tensors and vocabularies. Categorical: ``LongTensor`` codes; perturbation:
     multi-hot ``FloatTensor[N, n + 1]`` over single perturbations (see
     :mod:`scidiff.models.conditioning`); continuous: ``FloatTensor``. With ``vocab`` (a model's),
@@ -273,6 +306,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
         check_labelled(col, key, _name(adata), control,
                        known=vocab[key] if vocab is not None and key in vocab else None)
         labels = col.astype(str).to_numpy()
+        if vocab is None and check_control:  # (off where a streamed set-up passes one row per label)
+            _missing_as_text(key, labels, _name(adata))
         if key in perturbation_keys and vocab is None and check_control:
             check_controls(key, *np.unique(labels, return_counts=True), control_labels, separator, _name(adata))
         if key in perturbation_keys:
@@ -301,6 +336,7 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
         else:
             _perturbation_hint(key, set(labels), controls, separator, _name(adata))
             _thin_labels(key, labels, _name(adata))
+            _lookalike_labels(key, labels, _name(adata))
             cats = (list(col.cat.categories.astype(str)) if isinstance(col.dtype, pd.CategoricalDtype)
                     else sorted(set(labels)))
             vocabs[key] = [c for c in cats if c in set(labels)]
@@ -309,9 +345,29 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
     for key in continuous_keys:
         vals = pd.to_numeric(adata.obs[key], errors="coerce").to_numpy(dtype=np.float32)
         if not np.isfinite(vals).all():
+            if key == dose_key and perturbation_keys:
+                _undosed_controls(adata.obs, key, vals, perturbation_keys, controls, separator, _name(adata))
             raise _not_numeric(adata.obs, key, vals, _name(adata))
+        if vocab is None and len(vals) and (vals == vals[0]).all():
+            warnings.warn(f"obs[{key!r}] of {_name(adata)} has one value ({float(vals[0]):g}) for every cell: "
+                          f"conditioning on it changes nothing; leave it out of the numeric keys", stacklevel=3)
         codes[key] = torch.from_numpy(vals)
     return codes, vocabs
+
+
+def _undosed_controls(obs: pd.DataFrame, key: str, vals: np.ndarray, perturbation_keys, controls, separator: str,
+                      source: str) -> None:
+    """Where the cells without a dose (NaN) are all control cells of the perturbation keys (a
+    screen leaves its vehicle undosed): the error that says to give them dose 0."""
+    bad = ~np.isfinite(vals)
+    for pk in perturbation_keys:
+        labels = obs[pk].astype(str).to_numpy()[bad]
+        if any(p.strip() and p.strip() not in controls for lab in labels for p in lab.split(separator)):
+            return
+    if np.isnan(vals[bad]).all():
+        raise ValueError(f"obs[{key!r}] of {source} (the dose_key) has no dose for {int(bad.sum())} cells, all "
+                         f"of them control cells: a control cell's dose is 0; set it "
+                         f"(`adata.obs[{key!r}] = adata.obs[{key!r}].astype(float).fillna(0)`)")
 
 
 def _not_numeric(obs: pd.DataFrame, key: str, vals: np.ndarray, source: str) -> ValueError:
@@ -357,6 +413,89 @@ def as_names(value):
     return [value] if isinstance(value, str) else value
 
 
+def _gene_count(n_top_genes) -> int | None:
+    """``n_top_genes`` as an int (``10.0``, as a YAML or CSV may give it, is 10), or ``None``;
+    anything else (``10.5``, ``'10'``, ``True``) is a ``ValueError`` naming it."""
+    if n_top_genes is None:
+        return None
+    if not isinstance(n_top_genes, bool) and isinstance(n_top_genes, (int, np.integer)):
+        return int(n_top_genes)
+    if (not isinstance(n_top_genes, bool) and isinstance(n_top_genes, (float, np.floating))
+            and float(n_top_genes).is_integer()):
+        return int(n_top_genes)
+    raise ValueError(f"n_top_genes must be a whole number of genes (or None for all), got {n_top_genes!r}")
+
+
+def _gene_list(genes):
+    """``genes=`` as a list of names, or ``None``: an empty list, or a boolean mask (a
+    ``var['highly_variable']`` column), is a ``ValueError`` that says what to pass."""
+    if genes is None:
+        return None
+    values = np.asarray(list(genes) if not isinstance(genes, np.ndarray) else genes, dtype=object)
+    if len(values) == 0:
+        raise ValueError("genes= is an empty list: name the genes to keep, or pass genes=None to choose "
+                         "n_top_genes highly variable ones")
+    if all(isinstance(v, (bool, np.bool_)) for v in values):
+        raise ValueError(f"genes= takes gene names, got a boolean mask of {len(values)} values; pass the names it "
+                         f"selects, e.g. genes=adata.var_names[adata.var['highly_variable']]")
+    return [str(g) for g in values]
+
+
+def _by_id(genes: list[str], var_names, var: pd.DataFrame, gene_symbols) -> list[str]:
+    """``genes`` with each name that is not one of ``var_names`` but the symbol of exactly one of
+    them (``var``'s symbols column, :func:`scidiff.data.gene_symbols.symbol_column`) as that
+    gene's ID: a list may name genes by symbol where the file is indexed by ID."""
+    names = [str(g) for g in var_names]
+    have = set(names)
+    if all(g in have for g in genes):
+        return genes
+    try:
+        column = symbol_column(var, gene_symbols)
+    except KeyError:
+        return genes  # the set-up names the missing column itself (record_symbols)
+    if column is None:
+        return genes
+    index = symbol_index(names, symbols_of(var, column, names))
+    return [g if g in have else index.get(g, g) for g in genes]
+
+
+def key_names(value) -> list:
+    """A list argument of obs keys: ``None`` (scvi-tools' default) is none, one string is that key
+    alone; numpy strings are plain ones (the keys name the spec's covariates)."""
+    if value is None:
+        return []
+    return [str(k) if isinstance(k, str) else k for k in as_names(value)]
+
+
+def label_names(control_labels) -> list[str]:
+    """``control_labels`` as text, as obs labels are read: ``None`` is the default labels, one
+    label (a string, or a number such as a guide column's 0) is that label alone."""
+    if control_labels is None:
+        return list(DEFAULT_CONTROLS)
+    if isinstance(control_labels, (str, bytes, int, float, np.generic)):
+        control_labels = [control_labels]
+    return [str(c).strip() for c in control_labels]  # labels are read stripped: a label with spaces matches none
+
+
+def _separator(separator) -> str:
+    """The separator of combination labels: a non-empty string, else a ``ValueError``."""
+    if not isinstance(separator, str) or not separator:
+        raise ValueError(f"separator (what joins the singles of a combination label, '+' by default) must be a "
+                         f"non-empty string, got {separator!r}")
+    return separator
+
+
+def setup_arguments(genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels,
+                    separator) -> tuple:
+    """A set-up's arguments as it reads them, the same in memory and streamed: ``genes`` a list of
+    names or ``None``, ``n_top_genes`` an int or ``None``, the keys lists (``None``: none), the
+    control labels text (``None``: the defaults), the separator a non-empty string; errors name
+    the argument."""
+    return (_gene_list(as_names(genes)), _gene_count(n_top_genes),
+            *map(key_names, (condition_keys, continuous_keys, perturbation_keys)),
+            label_names(control_labels), _separator(separator))
+
+
 def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, genes=None,
                   n_top_genes: int | None = 2000, condition_keys=(), continuous_keys=(),
                   input_kind: str = "auto", target_sum: float | None = 1e4,
@@ -377,11 +516,17 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     argument; ``"auto"`` finds ``feature_name``, ``gene_symbols``, ``gene_name``...; ``None``:
     none), so that perturbation labels and design targets may name genes by symbol.
     """
-    genes, condition_keys, continuous_keys, perturbation_keys, control_labels = map(
-        as_names, (genes, condition_keys, continuous_keys, perturbation_keys, control_labels))
+    genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels, separator = \
+        setup_arguments(genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels,
+                        separator)
     adata = in_memory(adata)  # a path, or a backed AnnData, read
     matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum,
                                                           check_cells=True)
+    if genes is not None:
+        genes = _by_id(genes, var_names, var_of(adata, use_raw), gene_symbols)
+        twice = [g for g, n in pd.Series(genes).value_counts(sort=False).items() if n > 1]
+        if twice:
+            raise ValueError(f"genes= names {len(twice)} gene(s) more than once (by ID or symbol): {twice[:10]}")
     chosen = select_genes(matrix, var_names, genes, n_top_genes)
     x = dense(matrix[:, gene_columns(var_names, chosen)])
     if scaling == "none":
@@ -395,7 +540,7 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
         raise ValueError(f"scaling must be 'global', 'gene' or 'none', got {scaling!r}")
     condition_keys, continuous_keys = covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
     codes, vocabs = _encode_obs(adata, condition_keys, continuous_keys, perturbation_keys=perturbation_keys,
-                                control_labels=control_labels, separator=separator)
+                                control_labels=control_labels, separator=separator, dose_key=dose_key)
     spec = _build_spec(chosen, kind, target_sum, offset, scale, vocabs, codes, continuous_keys=continuous_keys,
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key, obs=adata.obs)
@@ -490,8 +635,18 @@ def transform_like(spec: DataSpec, adata, *, layer: str | None = None, use_raw: 
     factor = training_scale(spec, x, kind, _name(adata), "--layer NAME / layer=..., or --use-raw / use_raw=True")
     if factor is not None:  # the normalisation is linear in its target: the values rescaled, not the file read again
         x = np.log1p(np.expm1(x) * np.float32(factor))
+    if condition_keys is not None:
+        condition_keys = list(as_names(condition_keys))
+        unknown = [k for k in condition_keys if k not in spec.categorical]
+        if unknown:
+            raise KeyError(f"condition key(s) {unknown} are not covariates of the model; it knows "
+                           f"{sorted(spec.categorical) or 'no categorical covariates'}")
+        absent = [k for k in condition_keys if k not in adata.obs.columns]
+        if absent:
+            raise KeyError(f"obs key(s) {absent} not in {_name(adata)}; available obs keys: "
+                           f"{list(adata.obs.columns)}")
     keys = [k for k in (spec.categorical if condition_keys is None else condition_keys) if k in adata.obs]
     cont = [k for k in spec.continuous if k in adata.obs]
     codes, _ = _encode_obs(adata, keys, cont, vocab=spec.categorical, perturbation_keys=spec.perturbation_keys,
-                           control_labels=spec.control_labels, separator=spec.separator)
+                           control_labels=spec.control_labels, separator=spec.separator, dose_key=spec.dose_key)
     return CellData(torch.from_numpy(spec.to_model_space(x)), codes, spec, adata.obs.copy())

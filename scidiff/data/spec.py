@@ -422,9 +422,18 @@ def record_symbols(spec: DataSpec, var: pd.DataFrame, requested: str | None = "a
 
 def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key) -> tuple[list[str], list[str]]:
     """The categorical keys (perturbations among them) and numeric keys (the dose among them) a
-    set-up encodes, each once, in order."""
-    return (list(dict.fromkeys(list(condition_keys) + list(perturbation_keys))),
-            list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else []))))
+    set-up encodes, each once, in order. A key cannot be both (a column is read as labels or as
+    numbers), and ``dose_key`` names one column: either is a ``ValueError`` naming the key."""
+    if dose_key is not None and not isinstance(dose_key, str):
+        raise ValueError(f"dose_key names one obs column (a string), got {dose_key!r}")
+    categorical = list(dict.fromkeys(list(condition_keys) + list(perturbation_keys)))
+    numeric = list(dict.fromkeys(list(continuous_keys) + ([dose_key] if dose_key else [])))
+    both = [k for k in numeric if k in set(categorical)]
+    if both:
+        raise ValueError(f"obs key(s) {both} are given both as categorical (condition_keys / perturbation_keys) and "
+                         f"numeric (continuous_keys / dose_key) covariates; a column is read as labels or as numbers: "
+                         f"name each in one of them")
+    return categorical, numeric
 
 
 def known_values(value, vocab, what: str = "values", limit: int = 40) -> str:
@@ -435,10 +444,25 @@ def known_values(value, vocab, what: str = "values", limit: int = 40) -> str:
     vocab = [str(v) for v in vocab]
     folded = {v.casefold(): v for v in vocab}
     close = ([folded[str(value).casefold()]] if str(value).casefold() in folded
-             else difflib.get_close_matches(str(value), vocab, n=3, cutoff=0.6))
+             else _same_number(value, vocab) or difflib.get_close_matches(str(value), vocab, n=3, cutoff=0.6))
     hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
     shown = str(vocab) if len(vocab) <= limit else f"{vocab[:limit]}... ({len(vocab)} in all)"
     return f"{hint}known {what}: {shown}"
+
+
+def _same_number(value, vocab) -> list[str]:
+    """The labels of ``vocab`` that write the number ``value`` writes (``'1'`` for ``'1.0'``: an
+    integer column read back as floats), for :func:`known_values`."""
+    def number(v):
+        try:
+            return float(str(v).strip())
+        except ValueError:
+            return None
+
+    want = number(value)
+    if want is None or want != want:
+        return []
+    return [v for v in vocab if number(v) == want]
 
 
 def _plain(value):
@@ -579,11 +603,18 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
     from the training cells' ``obs`` (a DataFrame) where given, the columns that describe each
     perturbation and each time (a numeric covariate other than the dose with fewer than
     ``MAX_KNOTS`` values, read as floats; :func:`describing_columns`)."""
+    if dose_key and dose_key in codes:
+        doses = np.asarray(codes[dose_key], dtype=np.float64).reshape(-1)
+        if (doses < 0).any():
+            shown = sorted({float(v) for v in doses[doses < 0]})[:5]
+            raise ValueError(f"obs[{dose_key!r}] (the dose_key) holds negative doses in {int((doses < 0).sum())} "
+                             f"cells ({', '.join(f'{v:g}' for v in shown)}): a dose is a number >= 0 (a log dose "
+                             f"is not a dose: pass the dose itself; control cells take 0)")
     spec = DataSpec(gene_names=list(genes), input_kind=kind, target_sum=target_sum,
                     gene_offset=[float(v) for v in offset], gene_scale=[float(v) for v in scale],
                     categorical=vocabs, continuous=list(continuous_keys),
                     source={"layer": layer, "use_raw": bool(use_raw)},
-                    perturbation_keys=list(perturbation_keys), control_labels=list(control_labels),
+                    perturbation_keys=list(dict.fromkeys(perturbation_keys)), control_labels=list(control_labels),
                     separator=separator, dose_key=dose_key,
                     continuous_range={k: [float(codes[k].min()), float(codes[k].max())] for k in continuous_keys},
                     continuous_knots={k: knots_of(codes[k]) for k in continuous_keys})

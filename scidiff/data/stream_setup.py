@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .block_order import BlockOrder, as_runs, runs_to_ids
-from .dataset import _encode_obs, as_names, check_controls, log_total, training_scale
+from .dataset import _encode_obs, check_controls, log_total, setup_arguments, training_scale
 from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file, obs_name_reader
 from .moments import GeneMoments
@@ -267,8 +267,9 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     ``setup_anndata``'s. ``covariance``: also accumulate the gene x gene covariance a latent
     model needs. ``loader_options`` go to every :class:`StreamingLoader` made from the result.
     """
-    genes, condition_keys, continuous_keys, perturbation_keys, control_labels = map(
-        as_names, (genes, condition_keys, continuous_keys, perturbation_keys, control_labels))
+    genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels, separator = \
+        setup_arguments(genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels,
+                        separator)
     reader = MatrixReader(path, layer=layer, use_raw=use_raw, backend=backend, n_threads=n_threads)
     if reader.n_cells == 0 or reader.layout.n_genes == 0:
         raise ValueError(f"{reader.layout.where} is empty ({reader.n_cells} cells x {reader.layout.n_genes} genes)")
