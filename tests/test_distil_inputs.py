@@ -205,3 +205,12 @@ def test_an_export_does_not_replace_a_file_beside_it_that_is_not_an_export(run, 
     err = capsys.readouterr().err
     assert "sidecar" in err and "training.json" in err and "not an earlier export's" in err
     assert record.read_text() == '{"weights": "last", "epoch": 3}\n' and os.listdir(tmp_path) == ["training.json"]
+
+
+def test_every_commands_out_ending_in_a_slash_is_refused_before_the_work(tmp_path):
+    """The general rule under distil's own message: check_out, which every command's --out goes
+    through, refuses 'newdir/' for a file (export-onnx traced the model, then failed in the rename)."""
+    from scidiff.cli.common import check_out
+    with pytest.raises(ValueError, match="is a folder; give a file path"):
+        check_out(str(tmp_path / "newdir") + "/")
+    assert check_out(str(tmp_path / "newdir") + "/", folder=True) and not os.listdir(tmp_path)

@@ -93,7 +93,7 @@ def check_out(path, folder: bool = False) -> str:
     full = os.path.abspath(path)
     if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"--out {path!r} is a file; give a folder")
-    if not folder and os.path.isdir(full):
+    if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):  # 'out/': a folder, made or not
         raise ValueError(f"--out {path!r} is a folder; give a file path")
     existing = full if folder else os.path.dirname(full)
     while not os.path.exists(existing):

@@ -76,10 +76,10 @@ def _check_student_out(out: str, data: str) -> str:
     """``--out``, refused before any work where writing a checkpoint there would fail at the end
     (a folder, a path ending in a separator) or destroy a file that is not a checkpoint (the
     ``--data`` file, any other existing file)."""
-    check_out(out)
-    if out.endswith(("/", os.sep)):
+    if out.endswith(("/", os.sep)):  # before check_out's general refusal: the file a run folder holds
         raise ValueError(f"--out {out!r} names a folder; give the checkpoint file to write, e.g. "
                          f"{os.path.join(out, 'model.pt')!r}")
+    check_out(out)
     if os.path.exists(data) and os.path.exists(out) and os.path.samefile(out, data):
         raise ValueError(f"--out {out!r} is the --data file; give the checkpoint file to write")
     if os.path.isfile(out) and not zipfile.is_zipfile(out):
