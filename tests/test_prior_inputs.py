@@ -236,3 +236,16 @@ def test_another_spelling_of_control_is_named_as_such(dosed):
         with pytest.raises(ValueError, match=rf"drug='{re.escape(label)}': 'ctrl' is not this model's control label "
                                              rf"\(it knows the control as 'control'\); write drug={write}$"):
             _shifted(model, control, {"drug": label, "dose": 10.0})
+
+
+def test_a_time_or_dose_that_is_no_finite_number_is_refused(course, dosed):
+    """perturb(..., {'day': nan}) moved the cells to the network's null time (no time in
+    particular) and {'day': inf} decoded under an infinite time, where a trajectory refuses both;
+    a dose of inf took the prior's effect. Now each is refused naming the key."""
+    for (model, _, control), target in ((course, {"day": float("nan")}), (course, {"day": float("inf")}),
+                                        (course, {"day": "nan"}),
+                                        (dosed, {"drug": "dA", "dose": float("inf")}),
+                                        (dosed, {"drug": "dNew", "dose": np.inf})):
+        key = "day" if "day" in target else "dose"
+        with pytest.raises(ValueError, match=f"{key}=.* is not a finite number; leave {key} out"):
+            _shifted(model, control, target)

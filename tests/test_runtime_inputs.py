@@ -333,6 +333,24 @@ def test_unusable_sidecar_defaults_are_named(exported, tmp_path, edit, message):
     assert sampler.sample(2, seed=0, sampler="ddim", steps=2, output="latent").shape == (2, 8)
 
 
+def test_a_sidecar_without_defaults_samples_as_the_torch_side_does(exported, tmp_path):
+    """A sidecar without ``sampling.sampler`` / ``sampling.steps`` (hand-written, or older) sampled
+    with DDIM in 50 steps, where generation, the engine and the exporter default to
+    DPM-Solver++(2M) in 25 (:data:`scidiff.diffusion.plans.DEFAULT_STEPS`)."""
+    from scidiff.diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
+
+    def drop(meta):
+        meta["sampling"].pop("sampler")
+        meta["sampling"].pop("steps")
+
+    sampler = OnnxSampler(_edit(exported[1], tmp_path, drop), threads=1)
+    resolved = sampler.resolve()
+    assert (resolved["sampler"], resolved["steps"]) == (DEFAULT_SAMPLER, DEFAULT_STEPS) == ("dpmpp_2m", 25)
+    got = sampler.sample(3, {"cell_type": "B"}, seed=4, output="latent")
+    want = sampler.sample(3, {"cell_type": "B"}, seed=4, output="latent", sampler="dpmpp_2m", steps=25)
+    np.testing.assert_array_equal(got, want)
+
+
 # -- threads -----------------------------------------------------------------------------------
 def test_one_sampler_from_several_threads(exported):
     sampler = exported[2]

@@ -226,3 +226,32 @@ def test_a_streamed_set_up_reads_its_arguments_as_the_in_memory_one(tmp_path):
         setup_streaming(path, n_top_genes=None, genes=[])
     with pytest.raises(ValueError, match=r"carries a control label \['0'\]"):  # read as the label '0' (a TypeError)
         setup_streaming(path, n_top_genes=None, perturbation_keys="p", control_labels=0)
+
+
+def test_an_empty_perturbation_label_is_missing_not_control(tmp_path):
+    """Cells whose perturbation label is '' (or blank) were counted as control cells, silently (a
+    screen's cells without a detected guide joined the controls), where NaN is refused. Now both
+    are refused alike, in memory and streamed, and the two ways out the error gives work."""
+    from scidiff.data import setup_streaming
+
+    labels = SCREEN.copy()
+    labels[:3], labels[4] = "", "  "
+    adata = cells(drug=pd.Categorical(labels))
+    message = r"obs\['drug'\] of .* has 4 missing values \(4 of them empty labels\) \(cells \['c0', 'c1', 'c2'\]"
+    with pytest.raises(ValueError, match=message):
+        setup_anndata(adata, n_top_genes=None, perturbation_keys="drug", control_labels="ctrl")
+    path = tmp_path / "screen.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(ValueError, match=message.replace("of .*", "of '.*screen.h5ad'")):
+        setup_streaming(path, n_top_genes=None, perturbation_keys="drug", control_labels="ctrl")
+    # the error's own code: drop them, or call them control
+    kept = adata[adata.obs["drug"].fillna("").astype(str).str.strip() != ""].copy()
+    counts = setup_anndata(kept, n_top_genes=None, perturbation_keys="drug", control_labels="ctrl").spec.label_counts
+    assert counts["drug"]["ctrl"] == 30 - 2  # c0 and c4 were control-labelled rows of SCREEN's cycle
+    filled = adata.copy()
+    filled.obs["drug"] = filled.obs["drug"].astype(object).fillna("").replace(r"^\s*$", "ctrl",
+                                                                              regex=True).astype("category")
+    counts = setup_anndata(filled, n_top_genes=None, perturbation_keys="drug", control_labels="ctrl").spec.label_counts
+    assert counts["drug"]["ctrl"] == 30 - 2 + 4  # the four blank cells join them
+    # a plain covariate's '' stays a label of its own
+    assert "" in setup_anndata(cells(batch=labels), n_top_genes=None, condition_keys="batch").spec.categorical["batch"]

@@ -139,8 +139,13 @@ def check_labelled(col, key: str, where: str, control: str | None = None,
     screen leaves the unperturbed cells unlabelled). ``names(row)``: the cells' names where
     ``col``'s index does not hold them (a streamed file's obs, read without its index).
     ``known``: a trained model's labels of ``key`` (cells given to a model): a label of their own
-    is then no way out, one of these is."""
+    is then no way out, one of these is. A perturbation's empty label (``''``) is missing too: it
+    named no perturbation and was read as control."""
     missing = np.asarray(col.isna())
+    blank = np.zeros_like(missing)
+    if control is not None:
+        blank = np.asarray(col.astype(object).map(lambda v: isinstance(v, str) and not v.strip()), dtype=bool)
+        missing = missing | blank
     if not missing.any():
         return
     if names is None:
@@ -148,7 +153,9 @@ def check_labelled(col, key: str, where: str, control: str | None = None,
     else:
         cells = [_cell_name(names, i) for i in np.flatnonzero(missing)[:3]]
     more = f" and {int(missing.sum()) - 3} more" if missing.sum() > 3 else ""
-    drop = f"drop those cells (`adata = adata[adata.obs[{key!r}].notna()].copy()`)"
+    column = f"adata.obs[{key!r}]"
+    kept = f"{column}.fillna('').astype(str).str.strip() != ''" if blank.any() else f"{column}.notna()"
+    drop = f"drop those cells (`adata = adata[{kept}].copy()`)"
     if control is None and known is not None:
         known = [str(v) for v in known]
         fill = known[0] if known else "unknown"
@@ -158,6 +165,7 @@ def check_labelled(col, key: str, where: str, control: str | None = None,
         fill, way = "unknown", "give them a label of their own"
     else:
         fill, way = control, "where a missing value means no perturbation (not an undetected guide), call them control"
-    raise ValueError(f"obs[{key!r}] of {where} has {int(missing.sum())} missing values (cells {cells}{more}): "
-                     f"{drop} or {way} (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(object)"
-                     f".fillna({fill!r}).astype('category')`)")
+    filled = (f".fillna('').replace(r'^\\s*$', {fill!r}, regex=True)" if blank.any() else f".fillna({fill!r})")
+    what = f"missing values ({int(blank.sum())} of them empty labels)" if blank.any() else "missing values"
+    raise ValueError(f"obs[{key!r}] of {where} has {int(missing.sum())} {what} (cells {cells}{more}): "
+                     f"{drop} or {way} (`{column} = {column}.astype(object){filled}.astype('category')`)")

@@ -31,7 +31,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..diffusion.plans import PlanStep, logsnr_timesteps, sampler_plan, step_update, timesteps, walk
+from ..diffusion.plans import (DEFAULT_SAMPLER, DEFAULT_STEPS, PlanStep, logsnr_timesteps, sampler_plan, step_update,
+                               timesteps, walk)
 from ..groups import carrying, mixture
 
 MAX_KEPT_CONDITIONS = 1024  # conditions whose training groups a sampler keeps between requests
@@ -158,7 +159,7 @@ class Plan:
 SAMPLER_FUNCTIONS = {"ddim": ddim, "dpmpp_2m": dpmpp_2m}
 
 
-def sampler_name(name: str | None, default: str = "ddim") -> str:
+def sampler_name(name: str | None, default: str = DEFAULT_SAMPLER) -> str:
     """Canonical sampler name, accepting ``dpm-solver++`` for ``dpmpp_2m``."""
     name = _ALIASES.get(str(name).lower(), str(name).lower()) if name else default
     if name not in SAMPLERS:
@@ -739,7 +740,7 @@ class OnnxSampler:
         d = self.defaults
         side = os.path.basename(self.meta["_path"])
         try:
-            name = sampler_name(sampler, d.get("sampler", "ddim"))
+            name = sampler_name(sampler, d.get("sampler", DEFAULT_SAMPLER))
         except ValueError:  # name the samplers this export offers, not every one an export can have
             if not sampler:
                 raise ValueError(f"the default sampler {_shown(d.get('sampler'))} in {side!r} is unknown; "
@@ -756,7 +757,7 @@ class OnnxSampler:
             raise ValueError(f"the distilled student samples in exactly {d['steps']} steps, not {steps}")
         if steps is None:
             try:
-                steps = _integer("steps", d.get("steps", 50), 1, self.num_timesteps)
+                steps = _integer("steps", d.get("steps", DEFAULT_STEPS), 1, self.num_timesteps)
             except ValueError as exc:
                 raise ValueError(f"the default steps in {side!r} are unusable ({exc}); pass steps=") from None
         eta = None if eta is None else _number("eta", eta)

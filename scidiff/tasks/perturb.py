@@ -84,6 +84,7 @@ cells measured by the detection model (:func:`_population_keeping`).
 from __future__ import annotations
 
 import hashlib
+import math
 
 import anndata as ad
 import numpy as np
@@ -209,7 +210,8 @@ def numeric_value(spec, key: str, value, where: str | None = None) -> float:
 
 def numeric_target(spec, target: dict) -> dict:
     """``target`` with each numeric covariate's value as a number (:func:`numeric_value`); a
-    negative or NaN dose is refused, naming it."""
+    negative dose, NaN or an infinity is refused, naming it (NaN is the network's null value: the
+    cells were moved to no time in particular, where a trajectory refused it)."""
     out = dict(target)
     for key in [k for k in out if k in spec.continuous]:
         if not isinstance(out[key], (list, tuple, np.ndarray, pd.Series, torch.Tensor)) or \
@@ -217,6 +219,9 @@ def numeric_target(spec, target: dict) -> dict:
             out[key] = numeric_value(spec, key, out[key])
             if key == spec.dose_key and not out[key] >= 0:  # NaN too: it ended in an IndexError for a seen drug
                 raise ValueError(f"{key}={target[key]!r}: a dose is a number >= 0 (0: the perturbation not given)")
+            if not math.isfinite(out[key]):
+                raise ValueError(f"{key}={target[key]!r} is not a finite number; leave {key} out of the target to "
+                                 "keep each cell's own")
     return out
 
 
