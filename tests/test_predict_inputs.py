@@ -219,3 +219,39 @@ def test_a_prediction_records_the_library_size_it_is_normalised_to(screen):
     model, control = screen
     pred = scidiff.perturb(model, control, {"perturbation": "A"}, steps=5, progress=False)
     assert model.data_spec.target_sum and pred.uns["scidiff_prediction"]["target_sum"] == model.data_spec.target_sum
+
+
+def test_an_out_that_is_a_file_the_command_reads_is_refused(screen, tmp_path, capsys):
+    """`scidiff predict --out control.h5ad` (the --data file; or --train, or a run folder's model.pt)
+    replaced the user's cells with the predicted ones. Now each is refused before any work, naming
+    the flag, and the file is left as it was."""
+    from scidiff.cli import main
+
+    model, control = screen
+    data, train, run = tmp_path / "control.h5ad", tmp_path / "train.h5ad", tmp_path / "run"
+    control.write_h5ad(data)
+    control.write_h5ad(train)
+    scidiff.save_model(model, run)
+    kept = {p: p.read_bytes() for p in (data, train, run / "model.pt")}
+    model_args = ["--model", str(run), "--target", "perturbation=A", "--steps", "2"]
+    for args, flag in ((model_args + ["--out", str(data)], "--data"),
+                       (model_args + ["--out", str(run / "model.pt")], "--model"),
+                       (["--method", "mean-shift", "--train", str(train), "--target", "perturbation=A", "--out",
+                         str(train)], "--train")):
+        assert main(["predict", "--data", str(data), *args]) == 2
+        assert f"is the {flag} file, which the output would replace" in capsys.readouterr().err
+    assert all(p.read_bytes() == b for p, b in kept.items())
+
+
+def test_a_seed_outside_the_draws_range_is_refused(screen):
+    """perturb(seed=2**32) drew seed 0's numbers and seed=-1 those of 2**32 - 1 (the draws key on 32
+    bits), silently; 1.5 ran as 1. Now each is refused before any work; a numpy integer or 3.0 is 3."""
+    model, control = screen
+    for seed in (2**32, -1, 1.5, None, True):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\)"):
+            scidiff.perturb(model, control, {"perturbation": "A"}, steps=2, progress=False, seed=seed)
+    three = scidiff.perturb(model, control, {"perturbation": "A"}, steps=2, progress=False, seed=3, method="population")
+    for same in (np.int64(3), 3.0):
+        again = scidiff.perturb(model, control, {"perturbation": "A"}, steps=2, progress=False, seed=same,
+                                method="population")
+        np.testing.assert_array_equal(np.asarray(again.X), np.asarray(three.X))

@@ -84,13 +84,21 @@ def split(text):
 
 
 # -- what the handlers share -----------------------------------------------------------------------
-def check_out(path, folder: bool = False) -> str:
+def check_out(path, folder: bool = False, reads: dict | None = None) -> str:
     """Fail before any work when ``--out`` cannot be written: a file where a folder is needed or
-    the other way round, a file in the way of its folder, or a folder without write permission.
-    Nothing is created here (a run refused later leaves no empty folder): the writers create a
-    file's missing parent folders. Returns the path."""
+    the other way round, a file in the way of its folder, a folder without write permission, or
+    one of the files the command reads (``reads``: flag -> path; ``--model`` a run folder or its
+    checkpoint), which the output would replace. Nothing is created here (a run refused later
+    leaves no empty folder): the writers create a file's missing parent folders. Returns the path."""
     path = os.fspath(path)
     full = os.path.abspath(path)
+    for flag, given in (reads or {}).items():
+        if given is not None and flag == "--model" and os.path.isdir(given):
+            from ..training.checkpoint import MODEL_FILE  # lazy: keeps --help light (torch)
+
+            given = os.path.join(given, MODEL_FILE)
+        if given is not None and os.path.isfile(full) and os.path.exists(given) and os.path.samefile(full, given):
+            raise ValueError(f"--out {path!r} is the {flag} file, which the output would replace; give a new path")
     if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"--out {path!r} is a file; give a folder")
     if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):  # 'out/': a folder, made or not

@@ -26,7 +26,7 @@ def run(args):
     from ..tasks.denoise import DEFAULT_STRENGTH, denoise  # lazy: keeps --help light (torch, anndata)
     from ..training import load_model  # lazy: keeps --help light (torch, anndata)
 
-    check_out(args.out)
+    check_out(args.out, reads={"--data": args.data, "--model": args.model})
     model = load_model(args.model)
     strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
     out = denoise(model, args.data, method=args.method, strength=strength,

@@ -79,9 +79,7 @@ def _check_student_out(out: str, data: str) -> str:
     if out.endswith(("/", os.sep)):  # before check_out's general refusal: the file a run folder holds
         raise ValueError(f"--out {out!r} names a folder; give the checkpoint file to write, e.g. "
                          f"{os.path.join(out, 'model.pt')!r}")
-    check_out(out)
-    if os.path.exists(data) and os.path.exists(out) and os.path.samefile(out, data):
-        raise ValueError(f"--out {out!r} is the --data file; give the checkpoint file to write")
+    check_out(out, reads={"--data": data})
     if os.path.isfile(out) and not zipfile.is_zipfile(out):
         raise ValueError(f"--out {out!r} exists and is not a checkpoint; distil would replace it with one: "
                          "give a new path, or a scidiff checkpoint to replace")

@@ -181,7 +181,8 @@ def run(args):
     texts = _target_texts(args)
     guidance = sampling_settings(args)["guidance_scale"] if not baseline else None
     device = _device(args.device) if not baseline else None
-    check_out(args.out)
+    check_out(args.out, reads={"--data": args.data, "--train": args.train, "--targets-file": args.targets_file,
+                               "--model": args.model})
     model = load_model(args.model, map_location=str(device or "cpu")) if args.model is not None else None
     if baseline:
         n_cells, n_genes = _baselines(args, model, texts)

@@ -5,6 +5,7 @@ fresh cell or a denoised cell then depends on the cell and the seed only."""
 from __future__ import annotations
 
 import math
+from numbers import Real
 
 import torch
 
@@ -20,12 +21,23 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 31)
 
 
+def check_seed(seed) -> int:
+    """``seed`` as an int in ``[0, 2**32)`` (what every generator takes; numpy integers and
+    integral floats too), else a ValueError naming it: the draws key on 32 bits, so 2**32 would
+    draw seed 0's numbers and -1 those of 2**32 - 1."""
+    if isinstance(seed, bool) or not isinstance(seed, Real) or not math.isfinite(seed) or seed != int(seed) \
+            or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
 def cell_uniforms(seed: int, rows: torch.Tensor, n_genes: int, stream: int) -> torch.Tensor:
     """Uniforms in [0, 1) ``[len(rows), n_genes]``, a function of ``(seed, stream, row, gene)``
     only: counter-based, so a cell draws the same numbers in any batch and on any device."""
+    seed = check_seed(seed)
     rows = rows.to(torch.int64)
     genes = torch.arange(n_genes, dtype=torch.int64, device=rows.device)
-    key = _mix(torch.tensor(((int(seed) & 0xFFFFFFFF) << 8) | (int(stream) & 0xFF), dtype=torch.int64))
+    key = _mix(torch.tensor(((seed & 0xFFFFFFFF) << 8) | (int(stream) & 0xFF), dtype=torch.int64))
     x = _mix(_mix(key.to(rows.device) + rows[:, None] * 0x9E3779B9) + genes[None, :] * 0x632BE5AB)
     return ((x >> 38) & 0xFFFFFF).to(torch.float32) / float(1 << 24)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 
 import anndata as ad
@@ -27,7 +28,7 @@ from ..data.dataset import source_like
 from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
-from ..models.cell_draws import cell_normals
+from ..models.cell_draws import cell_normals, check_seed
 from .cells import keep_var_columns, model_cells, model_spec, read_cells
 
 DEFAULT_STRENGTH = 0.3
@@ -41,7 +42,7 @@ def binomial_split(counts, p: float = 0.5, seed: int = 0):
     rng = np.random.default_rng(seed)
     if sp.issparse(counts):
         c = sp.csr_matrix(counts)
-        if c.data.size and (np.any(c.data < 0) or np.any(c.data != np.round(c.data))):
+        if c.data.size and not _counts(c.data):
             raise ValueError("binomial thinning needs non-negative integer counts")
         a = c.copy()
         a.data = rng.binomial(c.data.astype(np.int64), p).astype(c.dtype)
@@ -50,10 +51,30 @@ def binomial_split(counts, p: float = 0.5, seed: int = 0):
         b.eliminate_zeros()
         return a, b
     c = np.asarray(counts)
-    if np.any(c < 0) or np.any(c != np.round(c)):
+    if not _counts(c):
         raise ValueError("binomial thinning needs non-negative integer counts")
     a = rng.binomial(c.astype(np.int64), p).astype(c.dtype)
     return a, c - a
+
+
+def _counts(values: np.ndarray) -> bool:
+    """Whether ``values`` are all finite non-negative integers (inf passes ``x == round(x)``)."""
+    return bool(np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(values == np.round(values)))
+
+
+def _whole(name: str, value, low: int) -> int:
+    """``value`` as an int >= ``low`` (an integral number, not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value != int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value, test, rule: str) -> float:
+    """``value`` as a float passing ``test`` (a real number, not a bool), else a ValueError: ``name`` must ``rule``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not test(float(value)):
+        raise ValueError(f"{name} must {rule}, got {value!r}")
+    return float(value)
 
 
 class _PoissonGuided:
@@ -82,11 +103,13 @@ class _PoissonGuided:
 
 def _keep_input(result: ad.AnnData, adata: ad.AnnData, spec, use_raw: bool) -> None:
     """What the output keeps of the input beside its ``obs``: its ``var`` columns
-    (:func:`~scidiff.tasks.cells.keep_var_columns`), ``obsm`` (embeddings, cells in the same
-    order) and ``uns``."""
+    (:func:`~scidiff.tasks.cells.keep_var_columns`), ``obsm`` (embeddings) and ``obsp`` (the
+    neighbour graph ``uns['neighbors']`` describes), cells in the same order, and ``uns``."""
     keep_var_columns(result, adata, spec, use_raw=use_raw)
     for key in adata.obsm.keys():
         result.obsm[key] = adata.obsm[key].copy()
+    for key in adata.obsp.keys():
+        result.obsp[key] = adata.obsp[key].copy()
     result.uns.update(copy.deepcopy({k: v for k, v in adata.uns.items() if k != "scidiff_source"}))
 
 
@@ -107,10 +130,15 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     denoised log1p-normalised expression in ``layers[key_added]`` and the input's log1p values in
     ``X``. Cells with zero counts are kept (their denoised values come from the prior alone).
     """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    strength = _real("strength", strength, lambda v: 0.0 < v <= 1.0, "be in (0, 1]")
+    likelihood_weight = _real("likelihood_weight", likelihood_weight, lambda v: 0.0 <= v < math.inf,
+                              "be finite and >= 0")
+    n_samples, steps = _whole("n_samples", n_samples, 1), _whole("steps", steps, 1)
+    seed, batch_size = check_seed(seed), _whole("batch_size", batch_size, 1)
     if method not in ("sdedit", "posterior"):
         raise ValueError(f"method must be 'sdedit' or 'posterior', got {method!r}")
+    if not isinstance(key_added, str) or not key_added or "/" in key_added:  # such a layer's .h5ad cannot be read
+        raise ValueError(f"key_added must be a layer name (non-empty text without '/'), got {key_added!r}")
     spec, adata = model_spec(model), read_cells(adata)
     # the matrix the cells are read from, the model's own by default (its training layer or .raw)
     layer, use_raw = source_like(spec, adata, layer, use_raw)
@@ -162,7 +190,8 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     result.obs_names = adata.obs_names
     _keep_input(result, adata, spec, use_raw)
     result.layers[key_added] = out
-    result.uns["scidiff_denoise"] = {"method": method, "strength": float(strength), "n_samples": int(n_samples),
-                                     "likelihood_weight": float(likelihood_weight), "steps": int(steps),
-                                     "seed": int(seed)}
+    result.uns["scidiff_denoise"] = {"method": method, "strength": strength, "n_samples": n_samples,
+                                     "likelihood_weight": likelihood_weight, "steps": steps, "seed": seed,
+                                     "input": "raw/X" if use_raw else f"layers/{layer}" if layer else "X",
+                                     "key_added": key_added}
     return result
