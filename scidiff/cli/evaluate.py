@@ -3,6 +3,7 @@ with ``--perturbation``, predicted perturbation responses against the real pertu
 from __future__ import annotations
 
 import json
+import os
 import warnings
 
 from .common import SEPARATOR_HELP, add_expression_source, check_out, positive_int, separator_text, split
@@ -122,7 +123,8 @@ def _run_perturbation(args):
                                    context_key=args.context_key, dose_key=args.dose_key, baselines=baselines,
                                    out_dir=args.out, min_de_genes=args.min_de_genes, layer=args.layer,
                                    use_raw=args.use_raw)
-    summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]), "prediction": result["mean"],
+    summary = {"groups": result["n_groups"], "skipped": len(result["skipped"]),
+               "not predicted": len(result["not_predicted"]), "prediction": result["mean"],
                **{f"baseline {n}": b["mean"] for n, b in result["baselines"].items()}}
     ce = result["cell_eval"]
     if ce.get("installed"):
@@ -132,4 +134,4 @@ def _run_perturbation(args):
     print(_inputs_line(result.get("inputs") or {}, "predicted"))
     if ce.get("installed") is False:
         print(f"scidiff evaluate: {CELL_EVAL_MISSING}")
-    print(f"wrote {args.out}/metrics.json")
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}")

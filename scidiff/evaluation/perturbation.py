@@ -265,13 +265,15 @@ def control_labels_of(control_label) -> tuple[str, ...]:
     return labels
 
 
-def perturbation_labels(adata, key: str, separator: str = "+", control_label="control") -> np.ndarray:
+def perturbation_labels(adata, key: str, separator: str = "+", control_label="control",
+                        numeric: bool | None = None) -> np.ndarray:
     """``obs[key]`` of ``adata`` as canonical labels (:func:`scidiff.data.spec.canonical_label`:
     ``B+A`` and ``A+B`` alike, GEARS' ``A+ctrl`` as ``A``, every control label as the first of
-    ``control_label``), so that groups match however a file writes them."""
+    ``control_label``), so that groups match however a file writes them. ``numeric``: read the
+    labels as numbers (default: where the column holds numbers; another file's may)."""
     controls = control_labels_of(control_label)
     distinct, index = np.unique(_labels(adata, key), return_inverse=True)
-    if numeric_column(adata, key):  # a time or dose: 4, 4.0 and "4" are one label (a prediction writes floats)
+    if numeric_column(adata, key) if numeric is None else numeric:  # a time or dose: 4, 4.0 and "4" are one label
         numbers = {number_text(c) for c in controls}
         return np.array([controls[0] if number_text(d) in numbers else number_text(d) for d in distinct],
                         dtype=object)[index.ravel()]

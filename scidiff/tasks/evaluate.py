@@ -12,8 +12,9 @@ import warnings
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
-from ..data.dataset import _log_expression, control_hint
+from ..data.dataset import MISSING_TEXT, _log_expression, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
 from ..data.preprocess import dense, detect_input, expression_as_x, gene_columns, log_normalize
@@ -37,6 +38,65 @@ def _log_and_kind(adata: ad.AnnData, genes, target_sum: float = 1e4) -> tuple[np
     return dense(matrix[:, gene_columns(var_names, genes)]), kind
 
 
+_SAME_TOTAL = 1e-3  # relative spread of the cells' totals under which one normalisation made them all
+_RESCALE = 1.01  # a log1p file normalised to a total this far off the reference is rescaled to it
+
+
+def _common_total(adata: ad.AnnData, where: str, rows: int = 4096) -> float | None:
+    """The one total all cells of ``adata``'s log1p ``X`` sum back to (``expm1``: its normalisation's
+    library size, where the file holds every gene it was normalised over), else ``None``. An
+    ``X`` whose totals agree in base 2 instead (log2(x + 1), as limma or Seurat users may write)
+    is refused, naming ``where``. Values shifted alike (a mean shift by a constant) keep the totals
+    equal too, but move the zeros: ``None`` without a zero or with a negative value, and where
+    fewer than half of the cells differ (a mean per group)."""
+    def totals(scale):
+        if sp.issparse(adata.X):
+            t = np.asarray((adata.X.astype(np.float64) * scale).expm1().sum(1)).ravel()
+        else:
+            t = np.concatenate([np.expm1(dense(adata.X[i:i + rows]).astype(np.float64) * scale).sum(1)
+                                for i in range(0, adata.n_obs, rows)]) if adata.n_obs else np.zeros(0)
+        t = t[t > 0]
+        return float(np.median(t)) if t.std() <= _SAME_TOTAL * t.mean() else None
+
+    m = adata.X
+    if len(np.unique(np.asarray(m.sum(1), np.float64))) < max(3, adata.n_obs / 2) or m.min() < 0:
+        return None
+    if (total := totals(1.0)) is not None:
+        zeros = m.nnz < np.prod(m.shape) or (m.data == 0).any() if sp.issparse(m) else (np.asarray(m) == 0).any()
+        return total if zeros else None
+    if (log2 := totals(np.log(2))) is not None:
+        raise ValueError(f"X of {where} looks log2-transformed: every cell's 2**x - 1 sums to {log2:,.0f}, not its "
+                         f"expm1; scores compare log1p (natural log) values: convert it "
+                         f"(`adata.X = adata.X * np.log(2)`) or pass its counts")
+    return None
+
+
+def _rescaled(x: np.ndarray, total: float | None, target_sum: float, where: str) -> tuple[np.ndarray, str]:
+    """Log1p values ``x`` normalised to ``total`` per cell brought to ``target_sum`` (with a warning),
+    and what was read."""
+    if total is None or abs(np.log(target_sum / total)) <= np.log(_RESCALE):
+        return x, "log1p"
+    warnings.warn(f"the log1p values of {where} are normalised to {total:,.0f} per cell (every cell's total), not "
+                  f"{target_sum:,.0f}: rescaled to {target_sum:,.0f}", stacklevel=3)
+    return np.log1p(np.expm1(x.astype(np.float64)) * (target_sum / total)), \
+        f"log1p (normalised to {total:g}, rescaled to {target_sum:g})"
+
+
+def _real_log(real_ad: ad.AnnData, genes, other: ad.AnnData) -> tuple[np.ndarray, str, float]:
+    """The real cells' log1p expression on ``genes``, what ``X`` held and the library size both
+    files are compared at: the one ``other`` (generated or predicted cells) records, else the real
+    log1p values' own (every cell's total, where one), else 10,000; real counts are normalised to
+    it, real log1p values normalised to another total rescaled to it."""
+    recorded = generated_target_sum(other, np.nan)
+    target_sum = recorded if np.isfinite(recorded) else 1e4
+    x, kind = _log_and_kind(real_ad, genes, target_sum)
+    if kind == "log1p":
+        total = _common_total(real_ad, "the real file")
+        target_sum = target_sum if np.isfinite(recorded) or total is None else total
+        x, kind = _rescaled(x, total, target_sum, "the real file")
+    return x, kind, target_sum
+
+
 _TARGET_SUM = re.compile(r"target_sum ([0-9.eE+]+)")
 
 
@@ -57,6 +117,15 @@ def generated_target_sum(adata: ad.AnnData, default: float = 1e4) -> float:
     except (TypeError, ValueError):
         return default
     return value if np.isfinite(value) and value > 0 else default
+
+
+def _unique_genes(adata: ad.AnnData, genes, what: str) -> None:
+    """Refuse ``genes`` that ``adata`` names twice (one of the copies would be scored as both)."""
+    names = pd.Index([str(g) for g in adata.var_names])
+    twice = sorted(set(names[names.duplicated()]) & set(map(str, genes)))
+    if twice:
+        raise ValueError(f"the {what} names {len(twice)} genes more than once: {twice[:20]}; keep one column of "
+                         f"each, or make the names unique (`adata.var_names_make_unique()`)")
 
 
 def _write_json(path, obj) -> None:
@@ -93,14 +162,16 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     labels = {}
     if groupby:
         for name, a in (("real", real_ad), ("generated", gen_ad)):
-            if groupby not in a.obs:
-                raise KeyError(f"obs key {groupby!r} is not in the {name} file; available obs keys: "
-                               f"{list(a.obs.columns)}")
+            _column(a, groupby, f"{name} file")  # there, and every cell labelled
         labels = dict(zip(("cell_types", "generated_cell_types"), _group_labels(real_ad, gen_ad, groupby)))
     in_real = genes_of_in(gen_ad, real_ad, "genes of the generated file are not in the real file")
-    target_sum = generated_target_sum(gen_ad)  # real counts normalised as the generated cells were
-    (real_x, real_kind), (gen_x, gen_kind) = (_log_and_kind(real_ad, in_real, target_sum),
-                                              _log_and_kind(gen_ad, genes, target_sum))
+    _unique_genes(gen_ad, genes, "generated file")
+    _unique_genes(real_ad, in_real, "real file")
+    real_x, real_kind, target_sum = _real_log(real_ad, in_real, gen_ad)
+    gen_x, gen_kind = _log_and_kind(gen_ad, genes, target_sum)
+    if gen_kind == "log1p":
+        gen_x, gen_kind = _rescaled(gen_x, _common_total(gen_ad, "the generated file"), target_sum,
+                                    "the generated file")
     t0 = time.perf_counter()
     metrics = evaluate_generation_quality(real_x, gen_x, **labels, auc_repeats=auc_repeats)
     metrics["auc_repeats"] = auc_repeats
@@ -125,14 +196,27 @@ def _read(a, what: str) -> ad.AnnData:
     return read_cells(a)
 
 
+def _has_key(a: ad.AnnData, key: str, what: str) -> None:
+    if key not in a.obs.columns:
+        raise KeyError(f"obs key {key!r} is not in the {what}; available obs keys: {list(a.obs.columns)}")
+
+
 def _column(a: ad.AnnData, key: str, what: str, control: str | None = None) -> np.ndarray:
     """``obs[key]`` as text, every cell labelled (``control``: the perturbation's control label,
     which the error offers for unlabelled cells)."""
-    if key not in a.obs.columns:
-        raise KeyError(f"obs key {key!r} is not in the {what}; available obs keys: {list(a.obs.columns)}")
+    _has_key(a, key, what)
     col = a.obs[key]
     check_labelled(col, key, f"the {what}", control)
-    return col.astype(str).str.strip().to_numpy()
+    text = col.astype(str).str.strip()
+    written = text.isin(MISSING_TEXT + ("",)).to_numpy()  # NaN saved as text: astype(str) writes 'nan'
+    if written.any():
+        found = sorted(set(text[written]))
+        cells = [str(c) for c in a.obs_names[written][:3]]
+        raise ValueError(f"obs[{key!r}] of the {what} labels {int(written.sum())} cells {found} (cells {cells}): a "
+                         f"missing value written as text, which would be scored as a group of its own; drop those "
+                         f"cells or give them a label" + (f" ({control!r} where they are unperturbed)" if control
+                                                          else ""))
+    return text.to_numpy()
 
 
 def _predicted_matrix(a: ad.AnnData, genes, what: str, kinds: dict | None = None,
@@ -150,11 +234,16 @@ def _predicted_matrix(a: ad.AnnData, genes, what: str, kinds: dict | None = None
     x = dense(a.X[:, columns]).astype(np.float64)
     if not np.isfinite(x).all():
         raise ValueError(f"the {what} holds NaN or infinite values")
+    if not x.any():
+        held = f"; its layers {list(a.layers)} may hold the prediction (`adata.X = adata.layers[NAME]`)"
+        raise ValueError(f"X of the {what} is all zeros on the {len(genes)} scored genes" + (held if a.layers else ""))
     kind = "log1p"
-    if x.any() and x.min() >= 0:
+    if x.min() >= 0:
         kind = detect_input(x, f"X of the {what}")
     if kind == "counts":  # each cell's library size over all the file's genes, as the real file's
         x = dense(log_normalize(a.X, target_sum)[0][:, columns]).astype(np.float64)
+    else:
+        x, kind = _rescaled(x, _common_total(a, f"the {what}"), target_sum, f"the {what}")
     if kinds is not None:
         kinds[what] = kind
     return x
@@ -171,10 +260,11 @@ class _Cells:
         return np.flatnonzero((self.contexts == context) & (self.labels == label))
 
 
-def _cells(a, x, key, context_key, what, separator, controls, dose_key=None) -> _Cells:
+def _cells(a, x, key, context_key, what, separator, controls, dose_key=None, numeric=()) -> _Cells:
     """``a``'s cells with canonical labels (its keys checked by :func:`_column` beforehand); with
-    ``dose_key`` a perturbed cell's label carries its dose (``A @ 10``), so each dose is a group."""
-    labels = perturbation_labels(a, key, separator, controls)
+    ``dose_key`` a perturbed cell's label carries its dose (``A @ 10``), so each dose is a group.
+    ``numeric``: the keys read as numbers, as some file holds them (``1`` in one, ``1.0`` in another)."""
+    labels = perturbation_labels(a, key, separator, controls, numeric=key in numeric)
     if dose_key:
         dose = pd.to_numeric(a.obs[dose_key], errors="coerce").to_numpy(np.float64)
         perturbed = labels != controls[0]
@@ -182,6 +272,8 @@ def _cells(a, x, key, context_key, what, separator, controls, dose_key=None) -> 
             raise ValueError(f"obs[{dose_key!r}] of the {what} must be a number for every perturbed cell")
         labels = np.array([f"{lab} @ {d:g}" if p else lab for lab, d, p in zip(labels, dose, perturbed)], dtype=object)
     contexts = _column(a, context_key, what) if context_key else np.full(a.n_obs, "all", dtype=object)
+    if context_key in numeric:
+        contexts = np.array([number_text(c) for c in contexts], dtype=object)
     return _Cells(x, labels, contexts, a)
 
 
@@ -260,18 +352,21 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
 
     ``real``: real perturbed and control cells (AnnData or ``.h5ad``; counts are normalised to
     the library size the prediction records in ``uns['scidiff_prediction']['target_sum']``, else
-    1e4, and log1p'd, log1p is taken as is; from ``X``, or ``layers[layer]`` or ``.raw`` with
-    ``use_raw``); ``predicted``: predicted cells (``scidiff predict``'s
-    output: log1p ``X``, taken as is; a prediction or baseline of counts, non-negative integers
-    only, is normalised and log1p'd as the real counts are, and ``inputs`` says which each file
-    held) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``) labels;
+    the real log1p values' own, else 1e4, and log1p'd, log1p is taken as is or, where every cell
+    sums back to another total, rescaled to it; log2 is refused; from ``X``, or ``layers[layer]``
+    or ``.raw`` with ``use_raw``); ``predicted``: predicted cells (``scidiff predict``'s
+    output: log1p ``X``, taken as is, or rescaled alike; a prediction or baseline of counts,
+    non-negative integers only, is normalised and log1p'd as the real counts are, and ``inputs``
+    says which each file held) with the same ``obs[perturbation_key]`` (and ``obs[context_key]``)
+    labels, numbers in one file matching their text in another;
     its rows labelled ``control_label`` are ignored (the real control cells are the reference).
     Labels are matched in canonical form (``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``,
     combinations split at ``separator``; ``control_label``: one label or several, all taken as
     control), and groups are named by it.
     A group is one perturbation (in one context; with ``dose_key``, at one dose: ``A @ 10``); a
     predicted group without real cells (or without real control cells in its context), or with
-    only one of either (the DEGs' Wilcoxon test needs two), is skipped and listed under ``skipped``.
+    only one of either (the DEGs' Wilcoxon test needs two), is skipped and listed under ``skipped``;
+    a real group the prediction has no cells of is listed under ``not_predicted``.
 
     Returns (and writes to ``out_dir/metrics.json``): per group and averaged over groups, the
     project's metrics (:mod:`scidiff.evaluation.perturbation`: RMSE / MAE of the per-gene means,
@@ -286,12 +381,16 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
     controls = control_labels_of(control_label)
-    for a, what in [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}")
-                                                                       for n, b in base_ad.items()]:
-        for key in [perturbation_key] + [k for k in (context_key, dose_key) if k]:
+    files = [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}") for n, b in base_ad.items()]
+    for a, what in files:
+        for key in [perturbation_key] + [k for k in (context_key,) if k]:
             _column(a, key, what, controls[0] if key == perturbation_key else None)  # before any expression
+        if dose_key:  # a number for every perturbed cell (_cells); control cells may have none
+            _has_key(a, dose_key, what)
     control_label = controls[0]
-    real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls))
+    numeric = {k for k in (perturbation_key, context_key) if k and any(numeric_column(a, k) for a, _ in files)}
+    real_labels = set(perturbation_labels(real_ad, perturbation_key, separator, controls,
+                                          numeric=perturbation_key in numeric))
     if control_label not in real_labels:
         hint = control_hint(real_labels, "--control-label") or (
             "; the changes are scored against the real control cells: include them in the real file")
@@ -299,9 +398,10 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
                          f"file's labels include {sorted(real_labels)[:10]}{hint}")
     genes = [str(g) for g in pred_ad.var_names]
     in_real = genes_of_in(pred_ad, real_ad, "genes of the prediction are not in the real file")
-    labelled = {"separator": separator, "controls": controls, "dose_key": dose_key}
-    target_sum = generated_target_sum(pred_ad)  # real counts normalised as the predicted cells were
-    real_x, real_kind = _log_and_kind(real_ad, in_real, target_sum)
+    for a, what in files:
+        _unique_genes(a, in_real if a is real_ad else genes, what)
+    labelled = {"separator": separator, "controls": controls, "dose_key": dose_key, "numeric": numeric}
+    real_x, real_kind, target_sum = _real_log(real_ad, in_real, pred_ad)
     real_c = _cells(real_ad, real_x.astype(np.float64), perturbation_key, context_key, "real file", **labelled)
     real_c.gene_names = readable_names(real_ad.var, in_real)
     kinds = {"real file": real_kind, "target_sum": target_sum}
@@ -339,6 +439,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
               "context_key": context_key, "dose_key": dose_key, "n_genes": len(genes),
               "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups),
               "inputs": kinds, "skipped": skipped,
+              "not_predicted": [_group_name(c, lab, context_key) for c, lab in dict.fromkeys(zip(real_c.contexts,
+                                real_c.labels)) if lab != control_label and (c, lab) not in pairs],
               "mean": mean, "per_perturbation": per, "baselines": {}}
     for n, b in base_c.items():
         have = [g for g in groups if len(b.rows(g[0], g[1]))]
