@@ -57,7 +57,8 @@ def add(sub):
                              "learning rate is not rescaled).")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --out (weights, optimizer, schedule, RNG states and "
-                        "position in the data); starts afresh when there is none. Give the same --epochs as before")
+                        "position in the data); starts afresh when there is none. Give the same --data, --seed and "
+                        "--epochs as before (more epochs to train on)")
     g.add_argument("--mixed-precision", choices=["auto", "bf16", "no"], default=None,
                    help="bf16 autocast (auto = on CUDA only)")
     g.add_argument("--gradient-accumulation", type=positive_int, default=None,

@@ -13,6 +13,7 @@ from ..data.io import atomic_path, in_memory
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
+from ..training.trainer import epoch_count
 
 
 def _streamed_model(path, config: Config, keys, progress: bool):
@@ -124,13 +125,17 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     :class:`~scidiff.training.ScIDiffTrainer` for the effective batch and learning rate).
     ``resume``: ``True`` continues from the newest checkpoint in ``out_dir`` (and starts afresh
     when there is none), a path continues from that checkpoint; ``epochs`` is then the same
-    number the interrupted run was given.
+    number the interrupted run was given (or more), and the data and seed the same.
 
     Randomness: everything is seeded from ``config.training.seed`` before any of it is drawn
     (Python, numpy and torch global generators, so the weight initialisation; the train and
     validation split; the loader's order; the trainer's noise streams), so a second run with the
     same seed, data and thread count repeats the first bit for bit. ``deterministic``:
     deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
+    if resume is not None and not isinstance(resume, (bool, str, os.PathLike)):
+        raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
+    if epochs is not None:
+        epochs = epoch_count(epochs)
     config = as_config(config)  # a Config (checked: one changed in Python too), a YAML path or a dict of sections
     dc, tc = config.data, config.training
     use_ddp = distributed.env_world_size() > 1
@@ -195,11 +200,14 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     resolved["model"]["gene_dim"] = cells.spec.n_genes
     resolved["data"]["condition_keys"] = keys
     # a fresh run over a finished one writes its config.yaml with its model.pt, so that the folder's
-    # model and config always belong together (an interrupted run leaves the old pair as it was)
-    replaces = not resume and os.path.exists(os.path.join(out_dir, "model.pt"))
+    # model and config always belong together (an interrupted run leaves the old pair as it was); a
+    # resumed run too, once training has accepted the epochs, data and batch size (a refused one leaves
+    # the run's config as it was)
+    replaces = not trainer.resumed and os.path.exists(os.path.join(out_dir, "model.pt"))
     if rank == 0 and replaces and progress:
         print(f"{out_dir} holds a finished run: its model.pt and config.yaml are replaced when this run ends")
-    if rank == 0 and not replaces:  # after the resume: a refused one leaves the run's config as it was
+    later = replaces or (trainer.resumed and os.path.exists(os.path.join(out_dir, "config.yaml")))
+    if rank == 0 and not later:
         _write_config(out_dir, resolved)
     if progress and rank == 0:
         print(f"effective batch {tc.batch_size} x {world} process(es) x {tc.gradient_accumulation} accumulation = "
@@ -214,7 +222,7 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
             print(f"{epochs} epochs for {len(train_cells)} training cells (min(400, 20000 x 400 / cells); "
                   "--epochs or training.num_epochs to choose)")
     trainer.train(epochs)
-    if rank == 0 and replaces:
+    if rank == 0 and later:
         _write_config(out_dir, resolved)
     fitted = (trainer.weights_kept or {}).get("final_sigma")
     if fitted and progress and rank == 0:

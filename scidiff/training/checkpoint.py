@@ -160,10 +160,14 @@ def _load_weights_only(path: str):
 def read_checkpoint(path) -> dict:
     """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files."""
     path = os.fspath(path)
-    if os.path.isdir(path):
+    folder = path if os.path.isdir(path) else None
+    if folder is not None:
         path = os.path.join(path, MODEL_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
+        latest = os.path.join(folder, CHECKPOINT_FILE) if folder is not None else None
+        hint = (f": the run has not finished; its latest training checkpoint is {latest!r} (load that file, or "
+                f"resume the run)" if latest is not None and os.path.exists(latest) else "")
+        raise FileNotFoundError(f"no checkpoint at {path!r}{hint}")
     payload = _load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a scidiff checkpoint (no '{FORMAT}' format tag)")

@@ -38,8 +38,9 @@ def restore_rng_state(state: dict, generators=()) -> None:
         raise ValueError(f"the checkpoint holds {len(state['generators'])} noise generators, this trainer has "
                          f"{len(generators)}")
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and torch.cuda.is_available():  # the devices this machine has (another may have more)
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]

@@ -22,11 +22,13 @@ import math
 import os
 import time
 import warnings
+from numbers import Integral
 
 import torch
 
 from . import distributed
 from ..data.io import atomic_path
+from ..data.spec import DataSpec
 from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
 from .checkpoint import (CHECKPOINT_FILE, atomic_torch_save, list_checkpoints, model_payload, payload_digest,
                          read_training_checkpoint, remove_partial_files, resolve_device, save_model,
@@ -123,6 +125,32 @@ def _restore_loader(loader, state) -> None:
         loader.load_state_dict(state["state_dict"])
     else:
         loader.set_epoch(state["epoch"])
+
+
+# what a data spec holds that gives the weights their meaning (not provenance, counts or symbols)
+_DATA_FIELDS = ("input_kind", "target_sum", "gene_offset", "gene_scale", "categorical", "continuous",
+                "continuous_knots", "perturbation_keys", "control_labels", "separator", "dose_key")
+
+
+def _same_spec_value(a, b) -> bool:
+    """Equal, numbers to float rounding (a normalisation computed with another thread count)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_spec_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_spec_value(a[k], b[k]) for k in a)
+    if isinstance(a, float) or isinstance(b, float):
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        return numbers and math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+    return a == b
+
+
+def epoch_count(num_epochs) -> int:
+    """``num_epochs`` as an int (``3.0`` is 3); anything else (``2.5``, ``0``, ``'3'``, ``True``) is a
+    ``ValueError`` naming it."""
+    if (isinstance(num_epochs, bool) or not isinstance(num_epochs, (Integral, float))
+            or not float(num_epochs).is_integer() or num_epochs < 1):
+        raise ValueError(f"the number of epochs must be a whole number >= 1, got {num_epochs!r}")
+    return int(num_epochs)
 
 
 def _iterate_from(loader, start: int):
@@ -229,6 +257,9 @@ class ScIDiffTrainer:
         spec = getattr(model, "data_spec", None)
         self.gene_sets = self.constraints.resolve(spec.gene_names if spec else None, self.device)
         self.early_stopping_patience = early_stopping_patience
+        if checkpoint_dir is not None and os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
+            raise NotADirectoryError(f"checkpoint_dir {os.fspath(checkpoint_dir)!r} is a file, not a folder to write "
+                                     f"checkpoints into")
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, int(checkpoint_every)
         self.checkpoint_every_steps, self.keep_checkpoints = int(checkpoint_every_steps), int(keep_checkpoints)
         self.log_every_steps = int(log_every_steps)
@@ -260,6 +291,11 @@ class ScIDiffTrainer:
     @property
     def is_main_process(self) -> bool:
         return self.rank == 0
+
+    @property
+    def resumed(self) -> bool:
+        """Whether :meth:`resume` loaded a checkpoint into this trainer."""
+        return self._resumed
 
     # -- one step --------------------------------------------------------------------------------
     def _lr(self, total_steps: int) -> float:
@@ -357,6 +393,11 @@ class ScIDiffTrainer:
                              f"but the loader now gives {micro}: resume with the same data, batch size and "
                              f"number of processes")
         end_epoch = old["call_start_epoch"] + num_epochs
+        if end_epoch < self.epoch:
+            raise ValueError(f"{r['path']!r} has trained {self.epoch - old['call_start_epoch']} epochs of this run "
+                             f"already, more than the {num_epochs} asked for: give the number of epochs the "
+                             f"interrupted run was given ({old['end_epoch'] - old['call_start_epoch']}), or more "
+                             f"to train on")
         total = old["call_start_step"] + num_epochs * steps_per_epoch
         if end_epoch == old["end_epoch"] and total != old["total_steps"]:
             raise ValueError(f"{r['path']!r}: the run planned {old['total_steps']} steps but the loader now "
@@ -382,12 +423,14 @@ class ScIDiffTrainer:
         and training continues from where the checkpoint stopped. Returns the per-epoch history."""
         from tqdm.auto import tqdm
 
+        num_epochs = epoch_count(num_epochs)
         micro = self._epoch_batches()
         if micro == 0:
             raise ValueError("the training loader yields no batches")
         accum = self.gradient_accumulation
         steps_per_epoch = -(-micro // accum)
         self._batches_per_epoch = micro
+        resumed_from = self._resume["path"] if self._resume is not None else None
         start_batch = self._plan(num_epochs, micro, steps_per_epoch)
         total_steps, end_epoch = self._schedule["total_steps"], self._schedule["end_epoch"]
         self.model.train()
@@ -395,6 +438,13 @@ class ScIDiffTrainer:
                    disable=not self.progress or not self.is_main_process)
         log = _StepLog(self, total_steps) if self.log_every_steps > 0 else None
         stopped = self._early_stop_due()  # a resumed run that had already stopped early
+        if resumed_from is not None and self.progress and self.is_main_process:
+            done = self.epoch - self._schedule["call_start_epoch"]
+            left = ("it had stopped early: nothing left to train" if stopped else
+                    f"{end_epoch - self.epoch} epoch(s) left" if self.epoch < end_epoch else
+                    "all trained already: nothing left to train")
+            bar.write(f"resuming {resumed_from}: {done} of {end_epoch - self._schedule['call_start_epoch']} epochs "
+                      f"done (step {self.step} of {total_steps}), {left}")
         while self.epoch < end_epoch and not stopped:
             if start_batch == 0:
                 self._epoch_loader_state = _loader_state(self.train_loader)
@@ -600,9 +650,24 @@ class ScIDiffTrainer:
             atomic_torch_save(payload, path)
         return path
 
+    def _check_same_data(self, payload: dict, where: str) -> None:
+        """Raise when ``payload`` was trained on other data than this model was set up on (other
+        genes, normalisation or labels): its weights would be saved beside this data's spec."""
+        mine = getattr(self.model, "data_spec", None)
+        saved = json.loads(payload["data_spec"]) if isinstance(payload.get("data_spec"), str) else None
+        if mine is None or not saved:
+            return
+        saved = DataSpec.from_dict(saved)
+        mine.check_same_genes(saved, what=where)
+        differ = [f for f in _DATA_FIELDS if not _same_spec_value(getattr(saved, f), getattr(mine, f))]
+        if differ:
+            raise ValueError(f"{where} was trained on other data: its {', '.join(differ)} differ from this data's; "
+                             f"resume with the data (cells, genes, labels, set-up) the run started on")
+
     def _check_resumable(self, payload: dict) -> None:
         """Raise before anything is loaded when ``payload`` does not fit this trainer."""
         where = repr(payload["path"])
+        self._check_same_data(payload, where)
         if hasattr(self.model, "config"):
             saved, mine = json.loads(payload["config"]), json.loads(json.dumps(self.model.config()))
             diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
@@ -633,6 +698,9 @@ class ScIDiffTrainer:
         if set(shadow) != set(self.ema.shadow):
             raise ValueError(f"{where}: the EMA weights do not match the model")
         t = payload["trainer"]
+        if t.get("seed", self.seed) != self.seed:
+            raise ValueError(f"{where} was trained with seed {t['seed']}, this trainer has seed {self.seed}: resume "
+                             f"with the same seed (training.seed, --seed; it also chose the validation cells)")
         missing = [k for k in ("batch_in_epoch", "batches_per_epoch", "loader", "schedule", "history", "best_val",
                                "best_state", "bad_epochs", "world_size", "gradient_accumulation", "ranks") if k not in t]
         if missing:
@@ -654,6 +722,12 @@ class ScIDiffTrainer:
                 raise ValueError(f"{where}: the data-order state {sorted(t['loader'])} does not fit this training "
                                  f"loader ({type(self.train_loader).__name__})")
 
+    def _streams_fit(self, states) -> bool:
+        """Whether saved noise-generator states fit this trainer's generators (a CUDA generator's
+        state is another size than a CPU one's)."""
+        return len(states) == len(self.generators) and all(
+            tuple(s.shape) == tuple(g.get_state().shape) for s, g in zip(states, self.generators))
+
     def resume(self, path) -> int:
         """Restore weights, optimizer, EMA, schedule, step, epoch, RNG states and the position in
         the data from a training checkpoint (a file, or a run folder: its newest readable one),
@@ -665,19 +739,29 @@ class ScIDiffTrainer:
         self._check_resumable(payload)
         t = payload["trainer"]
         self.model.load_state_dict(payload["live_state_dict"])
+        weight_decay = [g["weight_decay"] for g in self.optimizer.param_groups]
         self.optimizer.load_state_dict(payload["optimizer"])
+        for group, wd in zip(self.optimizer.param_groups, weight_decay):  # as the learning rate: this trainer's
+            group["weight_decay"] = wd
+        decay = self.ema.decay
         self.ema.load_state_dict(payload["ema"])
+        self.ema.decay = decay
         self.step, self.epoch = int(payload["step"]), int(payload["epoch"])
         self.history = [dict(r) for r in t["history"]]
         self.best_val, self._bad_epochs = float(t["best_val"]), int(t["bad_epochs"])
         self.best_state = ({k: v.to(self.device) for k, v in t["best_state"].items()}
                            if t["best_state"] is not None else None)
         same_layout = (t["world_size"] == self.world_size and t["gradient_accumulation"] == self.gradient_accumulation)
+        mine = t["ranks"][self.rank] if self.rank < len(t["ranks"]) else t["ranks"][0]
         if not same_layout:
             warnings.warn(f"{payload['path']!r} was written under {t['world_size']} process(es) with gradient "
                           f"accumulation {t['gradient_accumulation']}; the noise streams restart from the seed",
                           stacklevel=2)
-        mine = t["ranks"][self.rank] if self.rank < len(t["ranks"]) else t["ranks"][0]
+        elif not self._streams_fit(mine["rng"]["generators"]):
+            same_layout = False
+            warnings.warn(f"{payload['path']!r} was written on another kind of device than {self.device.type} (its "
+                          f"noise-generator states do not fit this trainer's); the noise streams restart from the seed",
+                          stacklevel=2)
         rng = mine["rng"] if same_layout else {**mine["rng"], "generators": []}
         restore_rng_state(rng, self.generators if same_layout else ())
         self._epoch_loss.fill_(mine["epoch_loss"] if t["batch_in_epoch"] else 0.0)
