@@ -39,12 +39,12 @@ import copy
 import math
 import platform
 import warnings
-from numbers import Integral, Real
 from typing import Iterator
 
 import torch
 
 from . import ops
+from .checks import whole_number
 from .diffusion.guidance import double_rows, guidance_weight
 from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
 from .ops.device import resolve_device
@@ -81,13 +81,6 @@ CPU_CHUNK = 1024  # cells per batch on CPU: the activations stay in cache (bf16:
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
           "fp64": torch.float64, "float64": torch.float64, "double": torch.float64}
-
-
-def _positive_int(name: str, value, what: str) -> int:
-    """``value`` as an int >= 1 (an integral number, not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Real) or value != int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer ({what}), got {value!r}")
-    return int(value)
 
 
 def _engine_device(device, model) -> torch.device:
@@ -155,7 +148,8 @@ class SamplingEngine:
                  clip: tuple[float, float] | None = None, device=None, dtype="auto", chunk_size: int | None = None,
                  cuda_graph: bool | None = None, threads: int | None = None):
         if threads is not None:
-            threads = _positive_int("threads", threads, "torch.set_num_threads; None leaves it as it is")
+            threads = whole_number("threads", threads, 1,
+                                   what="a positive integer (torch.set_num_threads; None leaves it as it is)")
         self.device = _engine_device(device, model)
         self.dtype = _engine_dtype(dtype, self.device)
         steps = model.sampling_steps(sampler, steps, eta)
@@ -164,7 +158,8 @@ class SamplingEngine:
         self.guidance_scale = guidance_weight(guidance_scale)
         self.clip = _check_clip(clip)
         self.chunk_size = (65_536 if self.device.type == "cuda" else CPU_CHUNK) if chunk_size is None else \
-            _positive_int("chunk_size", chunk_size, "cells per batch; None for the device's default")
+            whole_number("chunk_size", chunk_size, 1,
+                         what="a positive integer (cells per batch; None for the device's default)")
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, and this engine runs on {self.device}: "
@@ -358,9 +353,7 @@ class SamplingEngine:
         ``x_T`` (and, off CUDA graphs, the noise) come from ``generator`` (else one seeded with
         ``seed``) in the order ``model.sample`` would draw them for the same chunks; in a CUDA
         graph a stochastic sampler's noise is keyed by one more draw per chunk."""
-        if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
-            raise ValueError(f"n must be an integer number of cells >= 1, got {n!r}")
-        n = int(n)
+        n = whole_number("n", n, 1, what="an integer number of cells >= 1", integral_floats=False)
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both (the generator would win and seed be ignored)")
         m = self.model

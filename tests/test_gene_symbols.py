@@ -201,3 +201,21 @@ def test_generated_cells_named_by_id_are_scored_against_real_cells_named_by_symb
         assert crossed[key] == pytest.approx(same[key])
     with pytest.raises(KeyError, match=r"1 genes of the generated file are not in the real file: \['G39'\]"):
         evaluate_files(real[:, GENES[:-1]].copy(), by_id, tmp_path / "c", plots=False)
+
+
+def test_a_model_of_ids_without_symbols_reads_cells_named_by_symbol_with_their_ids():
+    """A model trained on a file indexed by ID with no symbols column could not read cells indexed
+    by symbol with their IDs in ``var['gene_ids']`` (scanpy's read_10x_h5): "40 of the model's
+    genes are not in the data". Now the ID column is read (versioned IDs too), giving the same
+    values as the file indexed by ID."""
+    from scidiff.data import transform_like
+
+    by_id = _screen()
+    by_id.var = pd.DataFrame(index=IDS)  # IDs only: the model records no symbols
+    spec = setup_anndata(by_id, **SETUP).spec
+    assert not spec.gene_symbols or not any(spec.gene_symbols)
+    ref = transform_like(spec, by_id).x.numpy()
+    for ids in (IDS, [f"{g}.{i % 5 + 1}" for i, g in enumerate(IDS)]):
+        by_symbol = _screen()[:, ::-1].copy()  # and in another order
+        by_symbol.var["gene_ids"] = ids[::-1]
+        np.testing.assert_array_equal(transform_like(spec, by_symbol).x.numpy(), ref)

@@ -255,3 +255,21 @@ def test_an_empty_perturbation_label_is_missing_not_control(tmp_path):
     assert counts["drug"]["ctrl"] == 30 - 2 + 4  # the four blank cells join them
     # a plain covariate's '' stays a label of its own
     assert "" in setup_anndata(cells(batch=labels), n_top_genes=None, condition_keys="batch").spec.categorical["batch"]
+
+
+def test_counts_of_only_the_models_genes_are_named():
+    """A file of only the model's 20 genes (of the 60 it was trained among) normalised each cell by
+    the total of those 20 alone: every log1p value too high (by log 3 here), silently. Now a
+    warning says so; the cells with all their genes give none."""
+    x = np.random.default_rng(1).poisson(2.0, size=(N, 60)).astype(np.float32)
+    adata = ad.AnnData(X=x)
+    adata.obs_names = [f"c{i}" for i in range(N)]
+    adata.var_names = [f"G{i}" for i in range(60)]
+    spec = setup_anndata(adata, genes=[f"G{i}" for i in range(20)]).spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = transform_like(spec, adata)
+    with pytest.warns(UserWarning, match=r"hold 3(\.\d)? times the training cells' share of their counts on the "
+                                         r"model's genes"):
+        part = transform_like(spec, adata[:, :20].copy())
+    assert float((part.log_expression() - whole.log_expression()).mean()) > 0.5  # what the warning is about

@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
+from ..checks import whole_number
 from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
                          select_genes, _name)
 from .gene_symbols import symbol_column, symbol_index, symbols_of, var_of
@@ -127,6 +128,7 @@ class InMemoryLoader:
 
 
 DEFAULT_CONTROLS = ("control", "ctrl")
+PARTIAL_TOTAL = 2.0  # counts of a counts-trained model this far above its share on the model's genes: a warning
 SCALE_TOLERANCE = 1.5  # counts for a log1p-trained model (log1p for a counts one): rescaled beyond this factor off
 
 
@@ -416,14 +418,8 @@ def as_names(value):
 def _gene_count(n_top_genes) -> int | None:
     """``n_top_genes`` as an int (``10.0``, as a YAML or CSV may give it, is 10), or ``None``;
     anything else (``10.5``, ``'10'``, ``True``) is a ``ValueError`` naming it."""
-    if n_top_genes is None:
-        return None
-    if not isinstance(n_top_genes, bool) and isinstance(n_top_genes, (int, np.integer)):
-        return int(n_top_genes)
-    if (not isinstance(n_top_genes, bool) and isinstance(n_top_genes, (float, np.floating))
-            and float(n_top_genes).is_integer()):
-        return int(n_top_genes)
-    raise ValueError(f"n_top_genes must be a whole number of genes (or None for all), got {n_top_genes!r}")
+    return None if n_top_genes is None else whole_number("n_top_genes", n_top_genes, 1,
+                                                         what="a whole number of genes (or None for all)")
 
 
 def _gene_list(genes):
@@ -593,9 +589,19 @@ def training_scale(spec: DataSpec, x, kind: str, where: str, exact: str) -> floa
     they came from, or ``None`` where the kinds agree or it is within ``SCALE_TOLERANCE``: counts
     for a model trained on log1p values, or log1p values normalised to a total of their own for a
     model trained on counts (from the cells' mean log total, :attr:`DataSpec.log_total`).
-    ``exact``: how to pass the raw counts instead."""
-    new_total = log_total(x) if kind != spec.input_kind and spec.log_total is not None else None
+    ``exact``: how to pass the raw counts instead. Counts for a model trained on counts are only
+    checked: normalised to a total far above the training cells' on the model's genes
+    (``PARTIAL_TOTAL``), they were likely normalised by the total of the model's genes alone (a
+    file of only those genes), which a warning says."""
+    new_total = log_total(x) if spec.log_total is not None else None
     if new_total is None:
+        return None
+    if kind == spec.input_kind:
+        if kind == "counts" and new_total - spec.log_total > np.log(PARTIAL_TOTAL):
+            warnings.warn(f"the cells of {where} hold {np.exp(new_total - spec.log_total):.2g} times the training "
+                          "cells' share of their counts on the model's genes: each cell is normalised by its own "
+                          "total, so a file of only some of the genes (the model's) normalises them too high; pass "
+                          "the cells with all their genes", stacklevel=3)
         return None
     factor, target_sum = float(np.exp(spec.log_total - new_total)), spec.target_sum or 1e4
     if abs(np.log(factor)) <= np.log(SCALE_TOLERANCE):

@@ -20,6 +20,7 @@ import pandas as pd
 _VERSIONED = re.compile(r"(ENS[A-Z]*G\d{11})\.\d+")
 KNOWN_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names", "symbol",
                  "gene_short_name")
+ID_COLUMNS = ("gene_ids", "gene_id", "feature_id", "ensembl_id")  # IDs beside symbols (scanpy's read_10x_h5)
 
 
 def symbol_column(var: pd.DataFrame, requested: str | None = "auto", where: str = "var") -> str | None:
@@ -92,9 +93,11 @@ def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = 
     model's own names, else the model's ``gene_symbols`` (a model trained on a file indexed by ID,
     cells read by scanpy's ``read_10x_h5``, indexed by symbol), else the model's names looked up
     in the file's own symbols column of ``var`` (a model indexed by symbol, cells indexed by ID),
-    else the IDs without their version (``ENSG00000115415.19`` as GENCODE writes it, for
-    ``ENSG00000115415``): whichever finds the most genes, the model's own names on a tie (a
-    caller's error then names the genes still missing, as that file would name them)."""
+    else in an ID column of ``var`` (:data:`ID_COLUMNS`: a model indexed by ID without symbols,
+    cells indexed by symbol as ``read_10x_h5`` reads them), else the IDs without their version
+    (``ENSG00000115415.19`` as GENCODE writes it, for ``ENSG00000115415``; in an ID column too):
+    whichever finds the most genes, the model's own names on a tie (a caller's error then names
+    the genes still missing, as that file would name them)."""
     gene_names = [str(g) for g in gene_names]
     names = [str(v) for v in var_names]
     have = set(names)
@@ -106,6 +109,10 @@ def names_in(var_names, gene_names, gene_symbols=(), var: pd.DataFrame | None = 
     if column is not None:
         index = symbol_index(names, symbols_of(var, column, names))
         candidates.append([g if g in have else index.get(g, g) for g in gene_names])
+    for column in [c for c in ID_COLUMNS if var is not None and c in var.columns
+                   and not pd.api.types.is_numeric_dtype(var[c])]:
+        index = symbol_index(names, [_unversioned(i) for i in symbols_of(var, column, names)])
+        candidates.append([g if g in have else index.get(_unversioned(g), g) for g in gene_names])
     unversioned = symbol_index(names, [_unversioned(n) for n in names])
     candidates.append([g if g in have else unversioned.get(_unversioned(g), g) for g in gene_names])
     found = [sum(n in have for n in c) if len(set(c)) == len(c) else -1 for c in candidates]

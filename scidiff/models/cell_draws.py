@@ -5,9 +5,10 @@ fresh cell or a denoised cell then depends on the cell and the seed only."""
 from __future__ import annotations
 
 import math
-from numbers import Real
 
 import torch
+
+from ..checks import whole_number
 
 _MASK = (1 << 62) - 1
 
@@ -25,10 +26,7 @@ def check_seed(seed) -> int:
     """``seed`` as an int in ``[0, 2**32)`` (what every generator takes; numpy integers and
     integral floats too), else a ValueError naming it: the draws key on 32 bits, so 2**32 would
     draw seed 0's numbers and -1 those of 2**32 - 1."""
-    if isinstance(seed, bool) or not isinstance(seed, Real) or not math.isfinite(seed) or seed != int(seed) \
-            or not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    return int(seed)
+    return whole_number("seed", seed, 0, 2**32 - 1, what="an integer in [0, 2**32)")
 
 
 def cell_uniforms(seed: int, rows: torch.Tensor, n_genes: int, stream: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import whole_number
 from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
@@ -531,8 +532,7 @@ class ScIDiffModel(nn.Module):
         cannot measure. ``final_sigma``: the noise level the walk ends at (``None``: the model's
         own, :meth:`fit_final_sigma`; 0: clean data).
         """
-        if isinstance(batch_size, bool) or not hasattr(batch_size, "__index__") or batch_size < 1:
-            raise ValueError(f"batch_size (the number of cells) must be an integer >= 1, got {batch_size!r}")
+        whole_number("batch_size (the number of cells)", batch_size, 1, what="an integer >= 1", integral_floats=False)
         if sampler not in SAMPLERS and sampler != "distilled":
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
         guidance_scale = guidance_weight(guidance_scale)

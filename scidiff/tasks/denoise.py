@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import whole_number
 from ..data.gene_symbols import var_of
 from ..data.dataset import source_like
 from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
@@ -60,14 +61,6 @@ def binomial_split(counts, p: float = 0.5, seed: int = 0):
 def _counts(values: np.ndarray) -> bool:
     """Whether ``values`` are all finite non-negative integers (inf passes ``x == round(x)``)."""
     return bool(np.all(np.isfinite(values)) and np.all(values >= 0) and np.all(values == np.round(values)))
-
-
-def _whole(name: str, value, low: int) -> int:
-    """``value`` as an int >= ``low`` (an integral number, not a bool), else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value != int(value) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
 
 
 def _real(name: str, value, test, rule: str) -> float:
@@ -133,8 +126,9 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     strength = _real("strength", strength, lambda v: 0.0 < v <= 1.0, "be in (0, 1]")
     likelihood_weight = _real("likelihood_weight", likelihood_weight, lambda v: 0.0 <= v < math.inf,
                               "be finite and >= 0")
-    n_samples, steps = _whole("n_samples", n_samples, 1), _whole("steps", steps, 1)
-    seed, batch_size = check_seed(seed), _whole("batch_size", batch_size, 1)
+    n_samples, steps, batch_size = (whole_number(name, v, 1, what="an integer >= 1") for name, v in
+                                    (("n_samples", n_samples), ("steps", steps), ("batch_size", batch_size)))
+    seed = check_seed(seed)
     if method not in ("sdedit", "posterior"):
         raise ValueError(f"method must be 'sdedit' or 'posterior', got {method!r}")
     if not isinstance(key_added, str) or not key_added or "/" in key_added:  # such a layer's .h5ad cannot be read

@@ -22,11 +22,11 @@ import math
 import os
 import time
 import warnings
-from numbers import Integral
 
 import torch
 
 from . import distributed
+from ..checks import whole_number
 from ..data.io import atomic_path
 from ..data.spec import DataSpec
 from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
@@ -147,10 +147,7 @@ def _same_spec_value(a, b) -> bool:
 def epoch_count(num_epochs) -> int:
     """``num_epochs`` as an int (``3.0`` is 3); anything else (``2.5``, ``0``, ``'3'``, ``True``) is a
     ``ValueError`` naming it."""
-    if (isinstance(num_epochs, bool) or not isinstance(num_epochs, (Integral, float))
-            or not float(num_epochs).is_integer() or num_epochs < 1):
-        raise ValueError(f"the number of epochs must be a whole number >= 1, got {num_epochs!r}")
-    return int(num_epochs)
+    return whole_number("the number of epochs", num_epochs, 1, what="a whole number >= 1")
 
 
 def _iterate_from(loader, start: int):
