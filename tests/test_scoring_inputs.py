@@ -203,3 +203,17 @@ def test_an_all_zero_prediction_is_refused_and_unpredicted_groups_are_listed():
         _score(_real(), pred)
     m = _score(_real(), _oracle()[:N].copy())
     assert sorted(m["per_perturbation"]) == ["A"] and m["not_predicted"] == ["B"]
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_scoring(tmp_path, monkeypatch):
+    """From Python, out_dir= an existing file did all the scoring and then failed in os.makedirs."""
+    import scidiff.tasks.evaluate as evaluate
+
+    path = tmp_path / "metrics"
+    path.write_text("keep me")
+    monkeypatch.setattr(evaluate, "_read", lambda *a: pytest.fail("read before out_dir was checked"))
+    with pytest.raises(ValueError, match="out_dir .*metrics' is a file"):
+        _score(_real(), _oracle(), out_dir=path)
+    with pytest.raises(ValueError, match="out_dir .*metrics' is a file"):
+        evaluate_files(_real(), _oracle(), path)
+    assert path.read_text() == "keep me"

@@ -131,7 +131,8 @@ def detect_input(matrix, where: str, input_kind: str = "auto") -> str:
 
     Refused: NaN/inf; a matrix where every cell is zero; negative values (scaled data, or presented
     as counts); non-integers presented as counts; and, unless ``input_kind="log1p"`` insists,
-    non-integer values above :data:`LOG1P_MAX` (TPM, CPM, intensities: neither counts nor log1p).
+    non-integer values above :data:`LOG1P_MAX` (TPM, CPM, intensities: neither counts nor log1p)
+    and log2(x + 1) values (:func:`common_total`: seen where ``matrix`` holds every gene).
     """
     if input_kind not in ("auto", "counts", "log1p"):
         raise ValueError(f"input must be 'auto', 'counts' or 'log1p', got {input_kind!r}")
@@ -157,7 +158,48 @@ def detect_input(matrix, where: str, input_kind: str = "auto") -> str:
         return "counts"
     if float(v.max()) > LOG1P_MAX:
         raise _other(where, v, nonint)
+    common_total(matrix, where)  # log2(x + 1) refused
     return "log1p"
+
+
+SAME_TOTAL = 1e-3  # relative spread of the cells' totals under which one normalisation made them all
+
+
+def _totals(m, scale: float, rows: int) -> np.ndarray:
+    """Every cell's total of ``expm1(scale * x)`` in float64, by blocks of ``rows`` cells."""
+    def block(b):
+        if sp.issparse(b):
+            return np.asarray((sp.csr_matrix(b, dtype=np.float64) * scale).expm1().sum(1)).ravel()
+        return np.expm1(np.asarray(b, np.float64) * scale).sum(1)
+
+    return np.concatenate([block(m[i:i + rows]) for i in range(0, m.shape[0], rows)]) if m.shape[0] else np.zeros(0)
+
+
+def common_total(matrix, where: str, rows: int = 4096) -> float | None:
+    """The one total all cells of log1p ``matrix`` (dense or sparse) sum back to (``expm1``: its
+    normalisation's library size, where it holds every gene it was normalised over), else ``None``.
+    A matrix whose totals agree in base 2 instead (log2(x + 1), as limma or Seurat users may write)
+    is refused, naming ``where``. Values shifted alike (a mean shift by a constant) keep the totals
+    equal too, but move the zeros: ``None`` without a zero or with a negative value, and where
+    fewer than half of the cells differ (a mean per group); ``None`` above :data:`LOG1P_MAX`."""
+    m = matrix.tocsr() if sp.issparse(matrix) and matrix.format not in ("csr", "csc") else matrix
+    n = m.shape[0]
+    if len(np.unique(np.asarray(m.sum(1), np.float64))) < max(3, n / 2) or m.min() < 0 or m.max() > LOG1P_MAX:
+        return None
+
+    def total(scale):
+        t = _totals(m, scale, rows)
+        t = t[t > 0]
+        return float(np.median(t)) if t.std() <= SAME_TOTAL * t.mean() else None
+
+    if (found := total(1.0)) is not None:
+        zeros = m.nnz < np.prod(m.shape) or (m.data == 0).any() if sp.issparse(m) else (np.asarray(m) == 0).any()
+        return found if zeros else None
+    if (log2 := total(np.log(2))) is not None:
+        raise ValueError(f"{where} looks log2-transformed: every cell's 2**x - 1 sums to {log2:,.0f}, not its expm1; "
+                         f"scidiff reads log1p (natural log) values: convert it (`adata.X = adata.X * np.log(2)`) "
+                         f"or pass its counts")
+    return None
 
 
 def log_normalize(counts, target_sum: float | None = 1e4):

@@ -12,12 +12,11 @@ import warnings
 import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 from ..data.dataset import MISSING_TEXT, _log_expression, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
-from ..data.preprocess import dense, detect_input, expression_as_x, gene_columns, log_normalize
+from ..data.preprocess import common_total, dense, detect_input, expression_as_x, gene_columns, log_normalize
 from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
 from ..evaluation.cell_eval import INSTALL_HINT, CellEvalResult, cell_eval_score, cell_eval_version, run_cell_eval
@@ -38,37 +37,7 @@ def _log_and_kind(adata: ad.AnnData, genes, target_sum: float = 1e4) -> tuple[np
     return dense(matrix[:, gene_columns(var_names, genes)]), kind
 
 
-_SAME_TOTAL = 1e-3  # relative spread of the cells' totals under which one normalisation made them all
 _RESCALE = 1.01  # a log1p file normalised to a total this far off the reference is rescaled to it
-
-
-def _common_total(adata: ad.AnnData, where: str, rows: int = 4096) -> float | None:
-    """The one total all cells of ``adata``'s log1p ``X`` sum back to (``expm1``: its normalisation's
-    library size, where the file holds every gene it was normalised over), else ``None``. An
-    ``X`` whose totals agree in base 2 instead (log2(x + 1), as limma or Seurat users may write)
-    is refused, naming ``where``. Values shifted alike (a mean shift by a constant) keep the totals
-    equal too, but move the zeros: ``None`` without a zero or with a negative value, and where
-    fewer than half of the cells differ (a mean per group)."""
-    def totals(scale):
-        if sp.issparse(adata.X):
-            t = np.asarray((adata.X.astype(np.float64) * scale).expm1().sum(1)).ravel()
-        else:
-            t = np.concatenate([np.expm1(dense(adata.X[i:i + rows]).astype(np.float64) * scale).sum(1)
-                                for i in range(0, adata.n_obs, rows)]) if adata.n_obs else np.zeros(0)
-        t = t[t > 0]
-        return float(np.median(t)) if t.std() <= _SAME_TOTAL * t.mean() else None
-
-    m = adata.X
-    if len(np.unique(np.asarray(m.sum(1), np.float64))) < max(3, adata.n_obs / 2) or m.min() < 0:
-        return None
-    if (total := totals(1.0)) is not None:
-        zeros = m.nnz < np.prod(m.shape) or (m.data == 0).any() if sp.issparse(m) else (np.asarray(m) == 0).any()
-        return total if zeros else None
-    if (log2 := totals(np.log(2))) is not None:
-        raise ValueError(f"X of {where} looks log2-transformed: every cell's 2**x - 1 sums to {log2:,.0f}, not its "
-                         f"expm1; scores compare log1p (natural log) values: convert it "
-                         f"(`adata.X = adata.X * np.log(2)`) or pass its counts")
-    return None
 
 
 def _rescaled(x: np.ndarray, total: float | None, target_sum: float, where: str) -> tuple[np.ndarray, str]:
@@ -89,9 +58,9 @@ def _real_log(real_ad: ad.AnnData, genes, other: ad.AnnData) -> tuple[np.ndarray
     it, real log1p values normalised to another total rescaled to it."""
     recorded = generated_target_sum(other, np.nan)
     target_sum = recorded if np.isfinite(recorded) else 1e4
+    total = common_total(real_ad.X, "X of the real file")  # before the kind is read: log2 refused naming it so
     x, kind = _log_and_kind(real_ad, genes, target_sum)
     if kind == "log1p":
-        total = _common_total(real_ad, "the real file")
         target_sum = target_sum if np.isfinite(recorded) or total is None else total
         x, kind = _rescaled(x, total, target_sum, "the real file")
     return x, kind, target_sum
@@ -128,6 +97,12 @@ def _unique_genes(adata: ad.AnnData, genes, what: str) -> None:
                          f"each, or make the names unique (`adata.var_names_make_unique()`)")
 
 
+def _check_out_dir(out_dir) -> None:
+    """Refuse, before any work, an ``out_dir`` that is a file (it failed at the end, after scoring)."""
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {os.fspath(out_dir)!r} is a file; give a folder to write metrics.json in")
+
+
 def _write_json(path, obj) -> None:
     """``obj`` as strict JSON (NaN and infinities as ``null``, numpy scalars as numbers), written
     under a temporary name then renamed."""
@@ -157,6 +132,7 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     size the generated file records, :func:`generated_target_sum`, else 10,000) and log1p'd,
     log1p is taken as is; ``inputs`` says which each held. Numeric ``groupby`` labels match as
     numbers (``1`` and ``1.0``)."""
+    _check_out_dir(out_dir)
     real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
     labels = {}
@@ -168,10 +144,10 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     _unique_genes(gen_ad, genes, "generated file")
     _unique_genes(real_ad, in_real, "real file")
     real_x, real_kind, target_sum = _real_log(real_ad, in_real, gen_ad)
+    gen_total = common_total(gen_ad.X, "X of the generated file")
     gen_x, gen_kind = _log_and_kind(gen_ad, genes, target_sum)
     if gen_kind == "log1p":
-        gen_x, gen_kind = _rescaled(gen_x, _common_total(gen_ad, "the generated file"), target_sum,
-                                    "the generated file")
+        gen_x, gen_kind = _rescaled(gen_x, gen_total, target_sum, "the generated file")
     t0 = time.perf_counter()
     metrics = evaluate_generation_quality(real_x, gen_x, **labels, auc_repeats=auc_repeats)
     metrics["auc_repeats"] = auc_repeats
@@ -243,7 +219,7 @@ def _predicted_matrix(a: ad.AnnData, genes, what: str, kinds: dict | None = None
     if kind == "counts":  # each cell's library size over all the file's genes, as the real file's
         x = dense(log_normalize(a.X, target_sum)[0][:, columns]).astype(np.float64)
     else:
-        x, kind = _rescaled(x, _common_total(a, f"the {what}"), target_sum, f"the {what}")
+        x, kind = _rescaled(x, common_total(a.X, f"X of the {what}"), target_sum, f"the {what}")
     if kinds is not None:
         kinds[what] = kind
     return x
@@ -378,6 +354,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     the real cells have at least ``min_de_genes`` significant DE genes).
     """
     t0 = time.perf_counter()
+    _check_out_dir(out_dir)
     real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
     controls = control_labels_of(control_label)
