@@ -30,9 +30,10 @@ def one_thread():
 
 def _screen(extra: str, values: tuple, tmp_path_factory):
     """Five drugs and control, 20 cells a group at each of ``values`` of the numeric covariate
-    ``extra`` (a dose: the drugs at 10, control at 0; or a day), the drugs' effects linear in 3
-    features; a tiny model trained one epoch, its prior from a feature table that also describes
-    ``dNew``. Returns ``(model, cells, control cells)``."""
+    ``extra`` (a dose: the drugs at each value, their log-effect times ``2 v / (v + 10)``, control
+    at 0; or a day), the drugs' effects linear in 3 features; a tiny model trained one epoch, its
+    prior from a feature table that also describes ``dNew``. Returns ``(model, cells, control
+    cells)``."""
     rng = np.random.default_rng(0)
     base = rng.uniform(2, 20, GENES)
     feat = {d: rng.normal(size=3) for d in DRUGS + ["dNew"]}
@@ -40,8 +41,9 @@ def _screen(extra: str, values: tuple, tmp_path_factory):
     xs, obs = [], []
     for drug in ["control"] + DRUGS:
         for v in values:
-            value = (0.0 if drug == "control" else 10.0) if extra == "dose" else v
-            effect = np.exp(feat[drug] @ w) if drug != "control" else 1.0
+            value = (0.0 if drug == "control" else v) if extra == "dose" else v
+            hill = 2 * value / (value + 10) if extra == "dose" else 1.0
+            effect = np.exp(hill * feat[drug] @ w) if drug != "control" else 1.0
             xs.append(rng.poisson(base * effect * (1 + 0.5 * value * (extra == "day")), (20, GENES)))
             obs += [(drug, value)] * 20
     a = ad.AnnData(np.vstack(xs).astype(np.float32), obs=pd.DataFrame(obs, columns=["drug", extra]))
@@ -67,7 +69,7 @@ def _screen(extra: str, values: tuple, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dosed(tmp_path_factory):
-    return _screen("dose", (0.0,), tmp_path_factory)
+    return _screen("dose", (10.0,), tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +251,19 @@ def test_a_time_or_dose_that_is_no_finite_number_is_refused(course, dosed):
         key = "day" if "day" in target else "dose"
         with pytest.raises(ValueError, match=f"{key}=.* is not a finite number; leave {key} out"):
             _shifted(model, control, target)
+
+
+def test_an_unseen_drug_at_a_dose_takes_the_seen_drugs_dose_curve(tmp_path_factory):
+    """Drugs measured at doses 1, 10 and 100 (their effects growing with the dose): an unseen drug
+    took its effect pooled over doses at any dose > 0, the same at 1 as at 100. Now perturb scales
+    it by the dose curve the seen drugs share (its fraction at each dose in the prior's report)."""
+    model, _, control = _screen("dose", (1.0, 10.0, 100.0), tmp_path_factory)
+    prior = model.perturbation_prior
+    assert prior.report()["drug"]["dose"]["kind"] == "shared"
+    low, high = prior.dose_scale("drug", np.array([1.0, 100.0]))
+    assert 0 < low < 0.5 < 1 < high  # the effect at dose 1 is a fraction of the pooled one; at 100 above it
+    effect = prior.predict("drug", "dNew")[0]  # log1p, pooled over doses
+    for dose, scale in ((1.0, low), (100.0, high), (30.0, prior.dose_scale("drug", [30.0])[0])):
+        out = _shifted(model, control, {"drug": "dNew", "dose": dose})
+        x, c = np.asarray(out.X), np.asarray(out.layers["control"])
+        np.testing.assert_allclose(x, np.maximum(c + scale * effect, 0), atol=1e-4)

@@ -96,6 +96,11 @@ def test_the_streamed_prior_equals_the_in_memory_one(screen, dose):
     ra, rb = ref.report()["pert"], got.report()["pert"]
     assert ra["n_seen"] == rb["n_seen"] == P and ra["self"]["kind"] == rb["self"]["kind"]
     assert rb["cv_sse"] == pytest.approx(ra["cv_sse"], rel=1e-5)
+    assert ra["dose"]["kind"] == rb["dose"]["kind"] == ("shared" if dose else "flat")
+    if dose:  # each knockout's effects at doses 1 and 10, read in the same pass
+        assert rb["dose"]["cv_sse_curve"] == pytest.approx(ra["dose"]["cv_sse_curve"], rel=1e-5)
+        np.testing.assert_allclose(got.dose_scale("pert", [1.0, 10.0]), ref.dose_scale("pert", [1.0, 10.0]),
+                                   rtol=1e-5)
     for label in ("G25", "G3"):  # unseen (from the features) and seen (measured)
         (ea, ca), (eb, cb) = ref.effect("pert", label), got.effect("pert", label)
         np.testing.assert_allclose(np.asarray(eb), np.asarray(ea), rtol=0, atol=1e-6)

@@ -52,7 +52,7 @@ import torch
 from ..data.block_order import as_runs
 from ..data.perturbation_features import DATA_SOURCE, MAX_CONTROL_CELLS, FeatureTable, build_feature_tables
 from ..data.stream_setup import read_var, stream_group_moments
-from .effects import context_table, control_cells, fit_singles, group_changes, streamed_groups
+from .effects import _dose_columns, context_table, control_cells, fit_singles, group_changes, streamed_groups
 
 FORMAT = "scidiff.perturbation_prior"
 FORMAT_VERSION = 1
@@ -71,7 +71,9 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
     weighted least-squares additive fit of the singles over the groups (for singles seen only
     alone: the cell-weighted mean of their changes over contexts). Doses are pooled; for one
     covariate, cells perturbed in another are left out. Returns ``(effects[key][label],
-    cells[key][label], control mean)``; a single seen in no context with controls is absent."""
+    cells[key][label], control mean, by_dose[key][label])``; a single seen in no context with
+    controls is absent. ``by_dose``: with a dose key, each single's effect at each dose it was
+    given at (:func:`dose_effects`; empty without one)."""
     spec = cells.spec
     x = cells.log_expression()  # group_changes accumulates in float64 by chunks of cells
     n = len(x)
@@ -83,7 +85,9 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
                          "effects against")
     others = [k for k in spec.categorical if k not in spec.perturbation_keys and k in cells.covariates]
     ctx = context_table({k: cells.covariates[k].numpy() for k in others}, others, n)
-    effects, counts = {}, {}
+    dose = (np.asarray(cells.covariates[spec.dose_key], np.float64)
+            if spec.dose_key and spec.dose_key in cells.covariates else None)
+    effects, counts, by_dose = {}, {}, {}
     for k in pkeys:
         vocab = spec.categorical[k]
         keep = np.ones(n, bool)
@@ -91,8 +95,9 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
             if o != k:
                 keep &= rows[o].sum(1) == 0
         part = slice(None) if keep.all() else keep  # no copy of the cells when none is left out
-        _, design, changes, n_group, _ = group_changes(x[part], (rows[k][part] > 0).astype(np.float32), ctx[part])
-        effects[k], counts[k] = {}, {}
+        hot = (rows[k][part] > 0).astype(np.float32)
+        _, design, changes, n_group, _ = group_changes(x[part], hot, ctx[part])
+        effects[k], counts[k], by_dose[k] = {}, {}, {}
         if not len(design):
             continue
         singles = fit_singles(design, changes, n_group)
@@ -100,7 +105,83 @@ def single_effects(cells) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, d
         for j, label in enumerate(vocab):
             if cells_of[j] > 0:
                 effects[k][label], counts[k][label] = singles[j], int(round(cells_of[j]))
-    return effects, counts, x[control].mean(0, dtype=np.float64)
+        if dose is not None:
+            columns, single_of, column_dose = _dose_columns(hot, dose[part])
+            by_dose[k] = dose_effects(group_changes(x[part], columns, ctx[part]), single_of, column_dose, vocab)
+    return effects, counts, x[control].mean(0, dtype=np.float64), by_dose
+
+
+def dose_effects(grouped, single_of, column_dose, vocab) -> dict[str, list[tuple[float, np.ndarray]]]:
+    """Each single's effect at each dose > 0 it was given at, ``{label: [(dose, effect [G]), ...]}``
+    (up the doses), from :func:`~scidiff.models.effects.group_changes`' output over (single, dose)
+    columns, fitted as the pooled effects are (:func:`~scidiff.models.effects.fit_singles`)."""
+    _, design, changes, n_group, _ = grouped
+    out: dict[str, list] = {}
+    if not len(design):
+        return out
+    fitted, cells_of = fit_singles(design, changes, n_group), design.T @ n_group
+    for j, (p, d) in enumerate(zip(single_of, column_dose)):
+        if cells_of[j] > 0 and d > 0:
+            out.setdefault(vocab[int(p)], []).append((float(d), fitted[j]))
+    return out
+
+
+# -- how an unseen perturbation's effect grows with its dose --------------------------------------
+
+@dataclass
+class DoseCurve:
+    """The dose response the prior gives an unseen perturbation: ``scale[i]``, its effect at
+    ``doses[i]`` as a fraction of its effect pooled over doses (what the map predicts), read
+    linearly in ``log1p(dose)`` (the network's dose axis) between the measured doses and held at
+    the ends; 0 at dose 0. One curve for the covariate: the least-squares scale of the seen
+    singles' pooled effects to their effects at each dose, over the singles measured at several
+    doses (drugs differ in potency; one shared curve is what can be said of a drug never seen).
+    Kept only where leave-one-perturbation-out cross-validation chooses it over a flat response
+    (the one-standard-error rule); flat (no ``doses``): the pooled effect at every dose > 0."""
+
+    doses: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    scale: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def __call__(self, dose) -> np.ndarray:
+        d = np.asarray(dose, np.float64)
+        s = (np.interp(np.log1p(np.clip(d, 0, None)), np.log1p(self.doses), self.scale) if len(self.doses)
+             else np.ones_like(d))
+        return np.where(d > 0, s, 0.0)
+
+
+def _shared_scale(pooled: dict, by_dose: dict, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(doses, scale)``: at each dose, ``sum_k <y_k(d), y_k> / sum_k <y_k, y_k>`` over ``labels``
+    measured there (``y_k`` pooled, ``y_k(d)`` at dose ``d``)."""
+    num, den = {}, {}
+    for label in labels:
+        y = pooled[label]
+        for d, yd in by_dose[label]:
+            num[d] = num.get(d, 0.0) + float(yd @ y)
+            den[d] = den.get(d, 0.0) + float(y @ y)
+    doses = np.array(sorted(d for d in den if den[d] > 0))
+    return doses, np.array([num[d] / den[d] for d in doses])
+
+
+def fit_dose_curve(pooled: dict[str, np.ndarray], by_dose: dict[str, list]) -> tuple[DoseCurve, dict]:
+    """The :class:`DoseCurve` of one covariate and its cross-validation report: each single
+    measured at two or more doses left out in turn, its effects at its doses predicted as the
+    pooled effect times the curve of the others, against the pooled effect alone (flat)."""
+    labels = sorted(k for k, v in by_dose.items() if k in pooled and len(v) >= 2 and pooled[k] @ pooled[k] > 0)
+    report = {"n_dosed": len(labels), "doses": sorted({d for k in labels for d, _ in by_dose[k]})}
+    if len(labels) < MIN_LABELS:
+        return DoseCurve(), {**report, "kind": "flat", "why": f"fewer than {MIN_LABELS} perturbations measured at "
+                                                                "two or more doses"}
+    flat, curve = np.zeros(len(labels)), np.zeros(len(labels))
+    for i, label in enumerate(labels):
+        held = DoseCurve(*_shared_scale(pooled, by_dose, labels[:i] + labels[i + 1:]))
+        y = pooled[label]
+        for d, yd in by_dose[label]:
+            flat[i] += float(np.sum((yd - y) ** 2))
+            curve[i] += float(np.sum((yd - held(d) * y) ** 2))
+    chosen = DoseCurve(*_shared_scale(pooled, by_dose, labels)) if _one_se([flat, curve]) == 1 else DoseCurve()
+    return chosen, {**report, "kind": "shared" if len(chosen.doses) else "flat", "cv_sse_flat": float(flat.sum()),
+                    "cv_sse_curve": float(curve.sum()),
+                    "scale": {f"{d:g}": float(v) for d, v in zip(chosen.doses, chosen.scale)}}
 
 
 # -- fitting, per perturbation covariate ----------------------------------------------------------
@@ -123,6 +204,7 @@ class _KeyPrior:
     self_kind: str                           # "none" | "constant" | "fraction"
     self_value: float
     cv: dict
+    dose: DoseCurve = field(default_factory=DoseCurve)
     _fit_x: np.ndarray = field(default=None, repr=False)  # centred, normalised features of the fit labels
 
     def __post_init__(self):
@@ -229,7 +311,7 @@ def _honest_shrink(target: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, fl
 
 
 def _fit_key(table: FeatureTable, effects: dict[str, np.ndarray], n_cells: dict[str, int], genes: list[str],
-             control_mean: np.ndarray, penalties=RIDGE_PENALTIES) -> _KeyPrior:
+             control_mean: np.ndarray, penalties=RIDGE_PENALTIES, by_dose: dict | None = None) -> _KeyPrior:
     seen = sorted(effects)
     Y_all = np.stack([np.asarray(effects[s], np.float64) for s in seen]) if seen else np.zeros((0, len(genes)))
     fit_labels = [s for s in seen if table.describes(s)]
@@ -311,8 +393,9 @@ def _fit_key(table: FeatureTable, effects: dict[str, np.ndarray], n_cells: dict[
         if not np.isinf(rel):
             penalty = rel * scale
             dual = np.linalg.solve(Xc @ Xc.T + penalty * np.eye(K), R - intercept)
+    dose, cv["dose"] = fit_dose_curve(effects, by_dose or {})
     return _KeyPrior(table, seen, Y_all, [n_cells.get(s, 0) for s in seen], norm, fit_labels, intercept * shrink,
-                     dual * shrink, mu, shrink, penalty, self_kind, self_value, cv)
+                     dual * shrink, mu, shrink, penalty, self_kind, self_value, cv, dose)
 
 
 # -- the prior ------------------------------------------------------------------------------------
@@ -338,11 +421,13 @@ class PerturbationPrior:
     @classmethod
     def fit(cls, genes, effects: dict[str, dict[str, np.ndarray]], tables: dict[str, FeatureTable], *,
             control_mean=None, gene_scale=None, n_cells: dict[str, dict[str, int]] | None = None,
-            separator: str = "+", control_labels=("control", "ctrl"), penalties=RIDGE_PENALTIES) -> "PerturbationPrior":
+            separator: str = "+", control_labels=("control", "ctrl"), penalties=RIDGE_PENALTIES,
+            by_dose: dict[str, dict[str, list]] | None = None) -> "PerturbationPrior":
         """Fit one prior per covariate of ``tables``: ``effects[key][label]`` are the seen singles'
         gene-level effects (log1p, over ``genes``), ``tables[key]`` what is known of each label.
         ``control_mean`` (log1p, per gene) scales the fractional self-effect; ``gene_scale``
-        converts effects to the model's space (default 1)."""
+        converts effects to the model's space (default 1); ``by_dose[key][label]``, the singles'
+        effects at each dose (:func:`dose_effects`), the dose curve (:func:`fit_dose_curve`)."""
         genes = [str(g) for g in genes]
         G = len(genes)
         control_mean = np.zeros(G) if control_mean is None else np.asarray(control_mean, np.float64)
@@ -352,7 +437,8 @@ class PerturbationPrior:
             bad = [k for k, v in eff.items() if v.shape != (G,)]
             if bad:
                 raise ValueError(f"effects of {bad[:5]} for {key!r} are not vectors over the {G} genes")
-            keys[key] = _fit_key(table, eff, (n_cells or {}).get(key, {}), genes, control_mean, penalties)
+            keys[key] = _fit_key(table, eff, (n_cells or {}).get(key, {}), genes, control_mean, penalties,
+                                 (by_dose or {}).get(key))
         return cls(genes, np.ones(G) if gene_scale is None else gene_scale, control_mean, keys, separator,
                    control_labels)
 
@@ -364,10 +450,10 @@ class PerturbationPrior:
         ``None`` when nothing describes any perturbation (labels are not gene names and no file is
         given)."""
         spec = cells.spec
-        effects, counts, control_mean = single_effects(cells)
+        effects, counts, control_mean, by_dose = single_effects(cells)
         control = control_cells(cells.covariates, spec.perturbation_keys)
         return cls._from_effects(spec, effects, counts, control_mean, adata, control, perturbation_features, smiles,
-                                 seed)
+                                 seed, by_dose=by_dose)
 
     @classmethod
     def from_streamed(cls, cells, *, perturbation_features=None, smiles=None,
@@ -381,8 +467,13 @@ class PerturbationPrior:
         keys = list(spec.perturbation_keys)
         contexts = [k for k in spec.categorical if k not in keys and k in cells.covariates]
         groups = streamed_groups(cells, keys, contexts, dose_columns=False)
-        moments = stream_group_moments(cells, {k: (g.cell_group, g.n_fine) for k, g in groups.items()},
-                                       transform=cells.transform.without_scaling())
+        dosed = ({f"{k} by dose": g for k, g in streamed_groups(cells, keys, contexts, spec.dose_key).items()}
+                 if spec.dose_key and spec.dose_key in cells.covariates else {})
+        moments = stream_group_moments(cells, {k: (g.cell_group, g.n_fine) for k, g in {**groups, **dosed}.items()},
+                                       transform=cells.transform.without_scaling())  # one pass for both
+        by_dose = {k: dose_effects(dosed[f"{k} by dose"].changes(moments[f"{k} by dose"]),
+                                   dosed[f"{k} by dose"].single_of, dosed[f"{k} by dose"].column_dose,
+                                   spec.categorical[k]) for k in keys if f"{k} by dose" in dosed}
         effects, counts = {}, {}
         for k, g in groups.items():
             _, design, changes, n_group, _ = g.changes(moments[k])
@@ -410,11 +501,11 @@ class PerturbationPrior:
                 holder.var[spec.gene_symbol_column] = var[spec.gene_symbol_column].to_numpy()
         return cls._from_effects(replace(spec, source={**spec.source, "layer": None, "use_raw": False}), effects,
                                  counts, control_mean, holder, np.ones(len(rows), bool), perturbation_features,
-                                 smiles, seed, model_spec=spec)
+                                 smiles, seed, model_spec=spec, by_dose=by_dose)
 
     @classmethod
     def _from_effects(cls, spec, effects, counts, control_mean, adata, control, perturbation_features, smiles, seed,
-                      model_spec=None) -> "PerturbationPrior | None":
+                      model_spec=None, by_dose=None) -> "PerturbationPrior | None":
         singles = {k: list(spec.categorical[k]) for k in spec.perturbation_keys}
         tables = build_feature_tables(adata, spec, singles, control, perturbation_features=perturbation_features,
                                       smiles=smiles, seed=seed)
@@ -423,7 +514,7 @@ class PerturbationPrior:
             return None
         spec = model_spec or spec
         return cls.fit(spec.gene_names, effects, tables, control_mean=control_mean, gene_scale=spec.gene_scale,
-                       n_cells=counts, separator=spec.separator, control_labels=spec.control_labels)
+                       n_cells=counts, separator=spec.separator, control_labels=spec.control_labels, by_dose=by_dose)
 
     # -- predicting -------------------------------------------------------------------------------
     def _key(self, key) -> _KeyPrior:
@@ -512,6 +603,11 @@ class PerturbationPrior:
         delta, confidence, _ = self.predict(key, label)
         return torch.from_numpy((delta / self.gene_scale).astype(np.float32)), float(confidence)
 
+    def dose_scale(self, key: str, dose) -> np.ndarray:
+        """The fraction of an unseen perturbation's effect (:meth:`effect`, pooled over doses) it
+        takes at ``dose`` (an array): its covariate's :class:`DoseCurve`; 0 at dose 0."""
+        return self._key(key).dose(dose)
+
     def describe(self, key: str, label) -> dict:
         """How :meth:`effect` treats ``label``: the route (measured, prior, self-effect only, no
         change), its confidence, similarity and nearest seen label, the feature blocks used."""
@@ -547,7 +643,7 @@ class PerturbationPrior:
                 f"perturbation prior for {key!r}: {cv['n_seen']} seen singles, {cv['n_fit']} with features; blocks: "
                 f"{blocks}. Leave-one-perturbation-out CV: MSE {cv['cv_mse']:.4g} vs {cv['cv_mse_no_change']:.4g} "
                 f"for no change (R2 {cv['cv_r2']:.3f}); map: {pen}, shrink {cv['shrink']:.2f}; self-effect: "
-                f"{self_txt}; {cv['n_described']} labels described")
+                f"{self_txt}; {cv['n_described']} labels described" + _dose_text(cv.get("dose")))
         return "\n".join(lines)
 
     # -- saving -----------------------------------------------------------------------------------
@@ -564,7 +660,8 @@ class PerturbationPrior:
                          "fit_labels": list(kp.fit_labels), "intercept": t(kp.intercept), "dual": t(kp.dual),
                          "feature_mean": t(kp.feature_mean), "shrink": float(kp.shrink),
                          "penalty": None if kp.penalty is None else float(kp.penalty),
-                         "self_kind": kp.self_kind, "self_value": float(kp.self_value), "cv": _plain(kp.cv)}
+                         "self_kind": kp.self_kind, "self_value": float(kp.self_value), "cv": _plain(kp.cv),
+                         "dose": {"doses": t(kp.dose.doses), "scale": t(kp.dose.scale)}}
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "genes": list(self.genes),
                 "gene_scale": t(self.gene_scale), "control_mean": t(self.control_mean), "separator": self.separator,
                 "control_labels": list(self.control_labels), "keys": keys}
@@ -582,9 +679,25 @@ class PerturbationPrior:
                                   {n: (v["mean"].numpy(), float(v["scale"])) for n, v in s["norm"].items()},
                                   list(s["fit_labels"]), s["intercept"].numpy(), s["dual"].numpy(),
                                   s["feature_mean"].numpy(), float(s["shrink"]), s["penalty"], s["self_kind"],
-                                  float(s["self_value"]), dict(s["cv"]))
+                                  float(s["self_value"]), dict(s["cv"]),
+                                  DoseCurve(s["dose"]["doses"].numpy(), s["dose"]["scale"].numpy()) if "dose" in s
+                                  else DoseCurve())  # written before the dose curve: flat
         return cls(state["genes"], state["gene_scale"].numpy(), state["control_mean"].numpy(), keys,
                    state.get("separator", "+"), state.get("control_labels", ("control", "ctrl")))
+
+
+def _dose_text(dose: dict | None) -> str:
+    """The summary's words on the dose curve (nothing where no perturbation had two doses)."""
+    if not dose or not dose.get("n_dosed"):
+        return ""
+    if dose["kind"] == "flat":
+        why = dose.get("why") or (f"the curve did not beat it in cross-validation (SSE {dose['cv_sse_curve']:.4g} vs "
+                                  f"{dose['cv_sse_flat']:.4g})")
+        return f"; dose response of an unseen perturbation: flat ({why})"
+    scale = ", ".join(f"{d}: {v:.2f}" for d, v in dose["scale"].items())
+    return (f"; dose response of an unseen perturbation: shared by {dose['n_dosed']} seen ones (CV SSE "
+            f"{dose['cv_sse_curve']:.4g} vs {dose['cv_sse_flat']:.4g} flat), fraction of the pooled effect at each "
+            f"dose {scale}")
 
 
 def _plain(value):

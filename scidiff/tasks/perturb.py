@@ -33,8 +33,10 @@ expression outside the model's latent. How the change is found depends on what t
   network's extrapolation, and a cell unlike every context read (another cell line) takes their
   mean change alone.
 - ``prior``: a perturbation never seen at all, described by prior knowledge
-  (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect. Beside seen
-  singles (``A+B``, A seen, B not) each part's change is added (route ``seen+prior``).
+  (:mod:`scidiff.models.perturbation_prior`): its predicted gene-level effect, at a dose scaled
+  by the dose curve the seen perturbations share where one cross-validated
+  (:class:`~scidiff.models.perturbation_prior.DoseCurve`). Beside seen singles (``A+B``, A seen,
+  B not) each part's change is added (route ``seen+prior``).
 - ``control``: the target is the control itself (no perturbation): the cells as they are.
 - ``direct``: anything else (a new cell type asked for, a time or a dose, a model saved before
   the closed-form effects): the change under the target condition. With a perturbation never
@@ -95,7 +97,7 @@ from tqdm.auto import tqdm
 from ..data.spec import exact_zeros, perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
-from ..models.cell_draws import cell_normals, cell_uniforms
+from ..models.cell_draws import cell_normals, cell_uniforms, check_seed
 from ..models.effects import context_table
 from ..models.measured_change import Carried, fit_mean_keeping
 from .cells import keep_var_columns, model_cells, own_codes
@@ -660,9 +662,11 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, referenc
         if kind == "prior":
             delta, conf = model.perturbation_prior.effect(key, what)
             given = dose[dose_key].float().cpu() if dose else torch.ones(b)
-            # at dose 0 the drug is not given: no change, as for a seen perturbation (its effect is pooled over
-            # the doses it was measured at, which did not include none)
-            change = change + (given != 0).to(x)[:, None] * delta.to(x)
+            # the effect (pooled over the doses seen ones were measured at) scaled by the dose curve the seen
+            # perturbations share (flat where it did not cross-validate); at dose 0 the drug is not given: none
+            scale = torch.from_numpy(model.perturbation_prior.dose_scale(key, given.double().numpy())) if dose \
+                else torch.ones(b)
+            change = change + scale.to(x)[:, None] * delta.to(x)
             confidence = torch.minimum(confidence, torch.where(given != 0, torch.tensor(float(conf)),
                                                                torch.ones(b)))
             continue
@@ -726,6 +730,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     """
     if method not in ("counterfactual", "population"):
         raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
+    seed = check_seed(seed)  # before any work (the draws key on 32 bits)
     if not condition:
         raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
     if device is not None:
