@@ -214,3 +214,22 @@ def test_every_commands_out_ending_in_a_slash_is_refused_before_the_work(tmp_pat
     with pytest.raises(ValueError, match="is a folder; give a file path"):
         check_out(str(tmp_path / "newdir") + "/")
     assert check_out(str(tmp_path / "newdir") + "/", folder=True) and not os.listdir(tmp_path)
+
+
+def test_training_over_a_distilled_run_says_the_student_is_left_out(run, tmp_path):
+    """`scidiff train --out RUN` (again, or --resume) after `scidiff distil` into RUN/model.pt wrote a
+    model.pt without the student, silently: few-step sampling then failed with 'no distilled
+    student'. Now a warning says so before training, naming the file and the way back."""
+    import shutil
+
+    from scidiff.config import load_config
+
+    root, _ = run
+    shutil.copytree(root / "run", tmp_path / "run")
+    config = load_config(overrides={"model": {"hidden_dim": 16, "num_layers": 1, "num_timesteps": 50,
+                                              "conditioning_dim": 8, "latent_dim": 8},
+                                    "training": {"num_epochs": 1, "batch_size": 64, "warmup_steps": 2}})
+    with pytest.warns(UserWarning, match=r"model.pt' holds a distilled student; .* distil again"):
+        model = scidiff.train(str(root / "train.h5ad"), str(tmp_path / "run"), config, progress=False,
+                              condition_keys=["cell_type"])
+    assert model.student is None and load_model(tmp_path / "run").student is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import anndata as ad
 import yaml
@@ -13,6 +14,7 @@ from ..data.io import atomic_path, in_memory
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
+from ..training.checkpoint import MODEL_FILE, STUDENT_ENTRY, read_checkpoint
 from ..training.trainer import epoch_count
 
 
@@ -87,6 +89,23 @@ def effects_summary(report: dict) -> str:
                      f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors}); seen groups' "
                      f"change kept after shrinkage {r.get('seen_change_kept', 1.0):.0%}")
     return "\n".join(lines)
+
+
+def _warn_student_left_out(out_dir) -> None:
+    """Warn where the run's ``model.pt`` holds a distilled student (``scidiff distil`` into it):
+    this training writes new weights there, and the student, distilled from the old ones, is not
+    kept with them."""
+    path = os.path.join(out_dir, MODEL_FILE)
+    if not os.path.exists(path):
+        return
+    try:
+        held = STUDENT_ENTRY in read_checkpoint(path)
+    except (OSError, ValueError):  # an unreadable model.pt is replaced as it was before
+        return
+    if held:
+        warnings.warn(f"{path!r} holds a distilled student; this training replaces the weights it was distilled "
+                      f"from, and the new model.pt has no student: distil again (scidiff distil --model {out_dir} "
+                      "...) for few-step sampling", stacklevel=3)
 
 
 def _write_config(out_dir, resolved: dict) -> None:
@@ -207,6 +226,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     if rank == 0 and replaces and progress:
         print(f"{out_dir} holds a finished run: its model.pt and config.yaml are replaced when this run ends")
     later = replaces or (trainer.resumed and os.path.exists(os.path.join(out_dir, "config.yaml")))
+    if rank == 0:
+        _warn_student_left_out(out_dir)
     if rank == 0 and not later:
         _write_config(out_dir, resolved)
     if progress and rank == 0:
