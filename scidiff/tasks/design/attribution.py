@@ -117,12 +117,28 @@ NETWORK_COLUMNS = ("source", "target", "weight")
 
 def _network_columns(net: pd.DataFrame) -> pd.DataFrame:
     """``net`` with its columns named as the network needs: ``Source``/``TARGET``/... in any case,
-    decoupler's older ``mor`` for ``weight``."""
+    decoupler's older ``mor`` for ``weight``, DoRothEA's ``tf`` for ``source``."""
     lower = {str(c).strip().lower(): c for c in net.columns}
     rename = {lower[c]: c for c in NETWORK_COLUMNS if c in lower and c not in net.columns}
-    if "weight" not in net.columns and "weight" not in lower and "mor" in lower:
-        rename[lower["mor"]] = "weight"
+    for column, alias in (("weight", "mor"), ("source", "tf")):  # decoupler's older mor, DoRothEA's tf
+        if column not in net.columns and column not in lower and alias in lower:
+            rename[lower[alias]] = column
     return net.rename(columns=rename) if rename else net
+
+
+def _edges(net: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The source, target and weight of ``net``: TF and target names as text without surrounding
+    blanks, weights as finite numbers (:func:`_finite_weights`). An error naming ``where`` and the
+    first edges (rows counted after the header, if any) that lack a TF or a target name."""
+    net = net.reset_index(drop=True)
+    names = {c: net[c].astype(object).where(net[c].notna(), "").astype(str).str.strip() for c in ("source", "target")}
+    bad = ((names["source"] == "") | (names["target"] == "")).to_numpy()
+    if bad.any():
+        rows = "; ".join(f"row {i + 1}: {names['source'][i] or '(missing)'} -> {names['target'][i] or '(missing)'}"
+                         for i in np.flatnonzero(bad)[:3])
+        raise ValueError(f"{where} has {int(bad.sum())} edge(s) without a TF (source) or target name: {rows}")
+    net = net.assign(**names)
+    return net.assign(weight=_finite_weights(net, where))[list(NETWORK_COLUMNS)]
 
 
 def _headerless(net: pd.DataFrame) -> bool:
@@ -147,7 +163,11 @@ def _finite_weights(net: pd.DataFrame, where: str) -> pd.Series:
     if bad.any():
         what = "non-numeric, missing or infinite" if np.isinf(weight.to_numpy()).any() else "non-numeric or missing"
         edges = net.loc[bad, ["source", "target", "weight"]].head(3)
-        rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {w if pd.notna(w) else '(missing)'!r}"
+
+        def shown(i, w):  # as written; an infinite one as the number (a file's 'inf' is read as text)
+            return float(weight.iloc[i]) if np.isinf(weight.iloc[i]) else w if pd.notna(w) else "(missing)"
+
+        rows = "; ".join(f"row {i + 1}: {s} -> {t}, weight {shown(i, w)!r}"
                          for i, (s, t, w) in zip(np.flatnonzero(bad), edges.itertuples(index=False)))
         raise ValueError(f"{where} has {int(bad.sum())} {what} weight(s): {rows}")
     return weight
@@ -155,16 +175,18 @@ def _finite_weights(net: pd.DataFrame, where: str) -> pd.Series:
 
 def read_tf_network(path) -> pd.DataFrame:
     """A TF -> target network from a TSV with columns ``source``, ``target`` and ``weight`` (in
-    any case, or decoupler's older ``mor``); extra columns are ignored. A file without a header
-    is read as ``source, target, weight`` when its first row's third field is a number. Errors
-    name the file."""
+    any case, or decoupler's older ``mor``, DoRothEA's ``tf``); extra columns are ignored. A file
+    without a header is read as ``source, target, weight`` when its first row's third field is a
+    number. Names are kept as written (:func:`_edges`). Errors name the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such TF network file: {path!r}")
     try:
-        net = pd.read_csv(path, sep="\t")
+        # names as written: a gene '7' was read as '7.0' beside a '2.5', an empty TF field as the TF 'nan'
+        text = dict(sep="\t", dtype=str, keep_default_na=False, na_values=[""])
+        net = pd.read_csv(path, **text)
         if _headerless(net):
-            net = pd.read_csv(path, sep="\t", header=None)
+            net = pd.read_csv(path, header=None, **text)
             net = net.rename(columns=dict(zip(net.columns[:3], NETWORK_COLUMNS)))
     except Exception as exc:
         raise ValueError(f"could not read {path!r} as a tab-separated table: {exc}") from exc
@@ -176,9 +198,7 @@ def read_tf_network(path) -> pd.DataFrame:
         raise ValueError(f"TF network {path!r} lacks column(s) {missing}; it needs source, target and weight "
                          f"(decoupler/CollecTRI layout; or no header and those three columns first); found "
                          f"{list(net.columns)}{hint}")
-    net = net[list(NETWORK_COLUMNS)].copy()
-    net["source"], net["target"] = net["source"].astype(str), net["target"].astype(str)
-    net["weight"] = _finite_weights(net, f"TF network {path!r}")
+    net = _edges(net, f"TF network {path!r}")
     net.attrs["path"] = path
     return net
 
@@ -195,8 +215,7 @@ def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, ge
         if col not in network.columns:
             raise ValueError(f"{where} lacks column {col!r} (needs source, target, weight); found "
                              f"{list(network.columns)}")
-    network = network.reset_index(drop=True)
-    network = network.assign(weight=_finite_weights(network, where))  # a NaN weight scored its TF as unchanged
+    network = _edges(network, where)  # a NaN weight scored its TF as unchanged; a numeric TF name failed
     gene_names = [str(g) for g in gene_names]
     if gene_symbols is not None and len(gene_symbols):
         if len(gene_symbols) != len(gene_names):
@@ -231,23 +250,22 @@ def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, ge
 def ulm(expression: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """decoupler's univariate linear model: per cell and TF, regress the cell's expression over
     genes on the TF's weight column (zero for non-targets) with an intercept; the activity is the
-    slope's t-value. ``expression [N, G]``, ``weights [G, F]`` -> ``[N, F]``."""
+    slope's t-value, from the correlation ``r`` over ``G - 2`` degrees of freedom as decoupler
+    computes it, ``r sqrt(df / ((1 - r + 1e-16) (1 + r + 1e-16)))`` (a cell that is exactly the
+    TF's program scores its largest value, not 0); 0 where the cell or the weights are constant.
+    ``expression [N, G]``, ``weights [G, F]`` -> ``[N, F]``."""
     y = np.asarray(expression, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     g = y.shape[1]
     if w.shape[0] != g:
         raise ValueError(f"weights have {w.shape[0]} rows for {g} genes")
     wc = w - w.mean(0)
-    sxx = (wc ** 2).sum(0)                       # [F]
     yc = y - y.mean(1, keepdims=True)
-    sxy = yc @ wc                                # [N, F]
-    syy = (yc ** 2).sum(1, keepdims=True)        # [N, 1]
-    slope = sxy / sxx
-    rss = np.maximum(syy - slope * sxy, 0.0)
-    se = np.sqrt(rss / max(g - 2, 1) / sxx)
+    scale = np.sqrt((yc ** 2).sum(1, keepdims=True) * (wc ** 2).sum(0))  # [N, F]
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(se > 0, slope / se, 0.0)
-    return t
+        r = np.clip(np.where(scale > 0, (yc @ wc) / scale, 0.0), -1.0, 1.0)
+    df = max(g - 2, 1)
+    return r * np.sqrt(df / ((1.0 - r + 1e-16) * (1.0 + r + 1e-16)))
 
 
 def wmean(expression: np.ndarray, weights: np.ndarray) -> np.ndarray:

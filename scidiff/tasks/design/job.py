@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ...data import transform_like
-from ...data.io import atomic_path, read_h5ad, write_h5ad
+from ...data.io import read_h5ad, temporary_beside, write_h5ad
 from ...evaluation.design import design_plot, design_report
 from ...training import load_model
 from .._keywords import no_other_keywords, renamed
@@ -72,8 +72,22 @@ def _cell_type_key(model, adata, cell_type: str, key: str | None) -> str | None:
     return None
 
 
-def _write_tsv(table, path) -> str:
-    return atomic_path(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
+def _staged(path, write) -> str:
+    """``write(tmp)`` to a temporary file beside ``path`` (:func:`temporary_beside`), its name
+    returned for the caller to rename once every file of the run is written; removed on an error."""
+    tmp = temporary_beside(path)
+    try:
+        write(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
+
+
+def _write_json(data, path) -> None:
+    with open(path, "w") as fh:
+        fh.write(json.dumps(_jsonable(data), indent=1))
 
 
 def run_design(model, target, out, *, data=None, source: dict | None = None,
@@ -204,7 +218,7 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         report["cell_type_classifier"] = {"key": cell_type_key or _cell_type_key(model, adata, target.cell_type, None),
                                           "classes": classifier.classes,
                                           "validation_accuracy": classifier.validation_accuracy}
-    tables = {}  # computed first, then every file written: a failure on the way leaves the last run's files
+    tables = {}  # computed first, then every file written, all renamed at the end
     if screen and spec.perturbation_keys:
         tables["screen"] = screen_perturbations(designer, target, source_cells if source_cells is not None else None,
                                                 combinations=seen_combinations(model, adata) if adata is not None
@@ -219,22 +233,35 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
         tables["tfs"] = tfs = tf_activity_change(paired, result.expression, tf_network, spec.gene_names,
                                                  gene_symbols=spec.gene_symbols)
         report["tfs_top"] = tfs.head(20).to_dict("records")
-    written = {name: _write_tsv(table, paths[name]) for name, table in tables.items()}
-    if target.constraints:
-        reference = None
-        if real is not None:
-            reference = real[labels == report["realism"]["nearest_type"]]
-        written["plot"] = design_plot(result.expression, spec.gene_names, target, paths["plot"], source=start,
-                                      reference=reference, reference_name=report.get("realism", {}).get(
-                                          "nearest_type", "real"))
-    cells = result.to_anndata()
-    if result.source is None:
-        cells.layers["source"] = paired.astype(np.float32)
-        cells.uns["scidiff_design"]["source"] = "unguided samples from the same noise"
-    written["cells"] = write_h5ad(cells, paths["cells"])
+        report["tfs_scored"] = {"network": tf_network.attrs.get("path", "a DataFrame"), "method": tfs.attrs["method"],
+                                "comparison": "designed - source cells, each TF's mean activity",
+                                "n_tfs": len(tfs)}
+    staged = {}  # a failure on the way (a full disk, the plot) leaves the last run's files, not a mix of two runs
+    try:
+        for name, table in tables.items():
+            staged[name] = _staged(paths[name], lambda tmp, t=table: t.to_csv(tmp, sep="\t", index=False))
+        if target.constraints:
+            reference = None
+            if real is not None:
+                reference = real[labels == report["realism"]["nearest_type"]]
+            staged["plot"] = _staged(paths["plot"], lambda tmp: design_plot(
+                result.expression, spec.gene_names, target, tmp, source=start, reference=reference,
+                reference_name=report.get("realism", {}).get("nearest_type", "real")))
+        cells = result.to_anndata()
+        if result.source is None:
+            cells.layers["source"] = paired.astype(np.float32)
+            cells.uns["scidiff_design"]["source"] = "unguided samples from the same noise"
+        staged["cells"] = _staged(paths["cells"], lambda tmp: write_h5ad(cells, tmp))
+        report["files"] = {k: os.path.abspath(paths[k]) for k in [*staged, "report"]}
+        staged["report"] = _staged(paths["report"], lambda tmp: _write_json(report, tmp))
+    except BaseException:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for name, tmp in staged.items():  # the report last
+        os.replace(tmp, paths[name])
     for name, path in paths.items():  # an earlier run's file this run does not write would sit beside other cells
-        if name not in written and name != "report" and os.path.exists(path):
+        if name not in staged and os.path.exists(path):
             os.remove(path)
-    report["files"] = {k: os.path.abspath(v) for k, v in {**written, "report": paths["report"]}.items()}
-    atomic_path(paths["report"], lambda tmp: open(tmp, "w").write(json.dumps(_jsonable(report), indent=1)))
     return report

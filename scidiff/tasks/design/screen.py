@@ -30,10 +30,17 @@ def candidate_conditions(model, combinations=None, doses=None) -> list[dict]:
     spec = model.data_spec
     if not spec.perturbation_keys:
         raise ValueError("the model has no perturbation covariates to screen (train it with perturbation_keys)")
+    if isinstance(combinations, str):  # one label: its characters were read as labels and the combination dropped
+        combinations = [combinations]
+    stray = sorted(set(combinations) - set(spec.perturbation_keys)) if isinstance(combinations, dict) else []
+    if stray:  # they were silently left out of the screen
+        raise ValueError(f"combinations name perturbation key(s) {stray} the model does not have; its perturbation "
+                         f"keys: {spec.perturbation_keys}")
     out = []
     for key in spec.perturbation_keys:
         labels = [spec.control_labels[0]] + list(spec.categorical[key])
         combos = combinations.get(key, []) if isinstance(combinations, dict) else (combinations or [])
+        combos = [combos] if isinstance(combos, str) else combos
         for combo in combos:
             spec.perturbation_singles(key, combo)  # a clear error for an unknown single
             combo = canonical_label(combo, spec.separator, spec.control_labels)  # B+A as A+B, A+ctrl as A

@@ -190,14 +190,23 @@ class PhenotypeTarget:
     def use_gene_ids(self, model_gene) -> "PhenotypeTarget":
         """Name each gene as the model does, in place: ``model_gene(name)`` gives the model gene a
         name stands for (a gene ID named by its symbol, :meth:`scidiff.data.DataSpec.model_gene`);
-        a name it does not resolve stays, for :meth:`check` to report."""
-        def renamed(levels: dict) -> dict:
-            return {(model_gene(g) or g): v for g, v in levels.items()}
+        a name it does not resolve stays, for :meth:`check` to report. One gene named twice (by
+        symbol and by ID) with different values is an error (the last one silently won)."""
+        def renamed(levels: dict, what: str) -> dict:
+            out, named = {}, {}
+            for g, v in levels.items():
+                gene = model_gene(g) or g
+                if gene in out and out[gene] != v:
+                    raise ValueError(f"{what}: {named[gene]!r} and {g!r} name the same gene {gene} with different "
+                                     f"values ({out[gene]!r} and {v!r}); give it once")
+                out[gene], named[gene] = v, named.get(gene, g)
+            return out
 
-        self.gene_targets, self.marker_genes = renamed(self.gene_targets), renamed(self.marker_genes)
-        self.suppressed_genes = renamed(self.suppressed_genes)
+        self.gene_targets = renamed(self.gene_targets, "gene_targets (GENE=v)")
+        self.marker_genes = renamed(self.marker_genes, "marker_genes (GENE>=v)")
+        self.suppressed_genes = renamed(self.suppressed_genes, "suppressed_genes (GENE<=v)")
         if isinstance(self.tolerance, dict):
-            self.tolerance = renamed(self.tolerance)
+            self.tolerance = renamed(self.tolerance, "tolerance")
         return self
 
     def check_in(self, spec) -> "PhenotypeTarget":
