@@ -525,16 +525,20 @@ class PerturbationPrior:
 
     def _refusal(self, key: str, label: str) -> ValueError:
         kp = self.keys[key]
-        files = [s for s in kp.table.sources() if s != DATA_SOURCE]
-        given = f" (given at training: {', '.join(files)})" if files else ""
+
+        def given(smiles: bool) -> str:  # each file under the flag it was given with
+            files = list(dict.fromkeys(b.source for b in kp.table.blocks
+                                       if b.source != DATA_SOURCE and (b.name == "morgan") == smiles))
+            return f" (given at training: {', '.join(files)})" if files else ""
+
         could = []
         if kp.table.gene_targets:
             could.append("as a target gene measured in the training file: data-derived features are kept for its "
                          "genes (for a file too large for all: the model's genes and those named as labels, seen or "
                          f"rows of a --perturbation-features TSV), and {label!r} is not among them")
-        could.append(f"as a row of a --perturbation-features TSV{given}")
+        could.append(f"as a row of a --perturbation-features TSV{given(False)}")
         if not kp.table.gene_targets:
-            could.append("as a drug of a --smiles CSV (name,smiles)")
+            could.append(f"as a drug of a --smiles CSV (name,smiles){given(True)}")
         return ValueError(f"no prior knowledge of perturbation {label!r} for {key!r}: it was not seen in training and "
                           f"no feature table describes it. It could be described " + "; or ".join(could) +
                           ": add it there and train again. Seen perturbations: "

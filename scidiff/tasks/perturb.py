@@ -45,12 +45,13 @@ expression outside the model's latent. How the change is found depends on what t
   perturbation the prior describes changes nothing, as a seen one at dose 0.
 
 ``obs['scidiff_confidence']`` (0-1) says how much the prediction rests on: ``seen``, the
-training cells of that group ``n / (n + 30)``; ``transferred``, the lowest of the agreement of
-the contexts' changes for the cell, ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, the share kept
-by the shrinkage, the training cells of the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the
-contexts' estimates are pooled where they agree, so agreement alone would not tell 20 cells from
-600), and, for a cell outside every context read, the contexts' agreement among themselves
-(:func:`transfer_evidence`: none from one context); ``additive``, the least of its
+training cells of that group ``n / (n + 30)`` (at the dose asked for: :func:`_support`);
+``transferred``, the lowest of the agreement of the contexts' changes for the cell,
+``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, the share kept by the shrinkage, the training cells of
+the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the contexts' estimates are pooled where they
+agree, so agreement alone would not tell 20 cells from 600), and, for a cell outside every
+context read, the contexts' agreement among themselves (:func:`transfer_evidence`: none from one
+context); ``additive``, the least of its
 singles'; ``prior``, the prior's own; ``control``, 1; ``direct``, the training cells of the group
 asked for, ``n / (n + 30)``, for a time between two measured ones the two groups around it read
 linearly (as the time embedding is), none beyond the measured times
@@ -319,10 +320,24 @@ def _has(contexts: np.ndarray, context) -> bool:
     return bool(len(contexts)) and bool((contexts == np.asarray(context)).all(1).any())
 
 
-def _support(model, key: str, singles, context) -> float:
-    """Training cells of the group (context, exactly these singles), as ``n / (n + 30)``."""
+def _support(model, key: str, singles, context, dose: float | None = None) -> float:
+    """Training cells of the group (context, exactly these singles), as ``n / (n + 30)``; at a
+    ``dose``, those of the group at that dose, not of all its doses: read linearly in
+    ``log(1 + dose)`` between the two measured doses around it (as its mean change is), the
+    lowest's below it, none beyond the highest (an extrapolation, as a dose beyond the measured ones
+    is for :func:`direct_support`); at dose 0 the perturbation is not given, and its no change is
+    certain (1)."""
+    slot = model.effects.of(key)
     match = model.effects.group_rows(key, singles, context)
-    n = float(model.effects.of(key).seen_counts.numpy()[match].sum())
+    counts = slot.seen_counts.numpy()[match].astype(np.float64)
+    if dose is not None and match.any() and slot.seen_dose.shape[:1] == slot.seen.shape[:1]:
+        if dose == 0:
+            return 1.0
+        doses = slot.seen_dose.numpy()[match].astype(np.float64)
+        order = np.argsort(doses)
+        at, t = np.log1p(doses[order]), math.log1p(dose)
+        counts = np.array([0.0 if t > at[-1] and not np.isclose(t, at[-1]) else np.interp(t, at, counts[order])])
+    n = float(counts.sum())
     return n / (n + SUPPORT_CELLS)
 
 
@@ -654,6 +669,7 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, referenc
     b, device = len(x), x.device
     dose_key = model.data_spec.dose_key
     dose = {dose_key: tgt[dose_key]} if dose_key and dose_key in tgt else {}
+    at = float(dose[dose_key][0]) if dose else None  # one target: one dose
     direct = plan.route.startswith("direct")
     change = reader.change(x, src, tgt) if direct else torch.zeros_like(x)
     confidence = direct_support(model.data_spec, tgt) if direct else torch.ones(b)
@@ -674,7 +690,7 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, referenc
         if kind == "seen":
             change = change + _centred_change(model, reader, plan, x, src, {**src, **dose, key: rows}, key, what,
                                               context, dose, keep=reference)
-            confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context)))
+            confidence = torch.minimum(confidence, torch.tensor(_support(model, key, what, context, at)))
             continue
         latent = model.encode(x)
         weights = model.effects.context_weights(latent, where)  # [B, C]
@@ -694,7 +710,7 @@ def _predict_batch(model, reader, x, src, tgt, plan, context, ctx_keys, referenc
         change = change + kept[:, None] * num
         # contexts that all carry no change agree on it
         agreement = torch.where(den > 0, num.pow(2).sum(1) / den.clamp_min(1e-30), torch.ones_like(den))
-        support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other) for other in where])
+        support = weights.cpu().float() @ torch.tensor([_support(model, key, what, other, at) for other in where])
         carried = transfer_evidence(stacked, torch.stack(insides).amax(0))
         confidence = torch.minimum(confidence, torch.minimum(torch.minimum(agreement, kept).cpu(), support))
         confidence = torch.minimum(confidence, carried.cpu().float())
