@@ -175,3 +175,46 @@ def test_a_drug_the_smiles_list_lacks_is_refused_naming_that_list(screen):
     with pytest.raises(ValueError, match=r"'Vorinostat'.*--perturbation-features TSV; or as a drug of a --smiles "
                                          r"CSV \(name,smiles\) \(given at training: .*smiles\.csv\)"):
         scidiff.perturb(model, control[:3], {"drug": "Vorinostat", "dose": 100}, steps=3, progress=False)
+
+
+def test_the_python_baseline_reads_the_dose_and_the_vehicle_has_none(screen, tmp_path, capsys):
+    """predict_baseline from Python pooled Belinostat's doses (the 10 nM and 10 uM mean shifts were
+    one prediction; only scidiff predict cut the cells at the dose); the vehicle asked for at 100 nM
+    came back as the control cells labelled 100 nM, from the model and from every baseline. Now
+    the Python baseline is the change measured at the dose asked for, and the vehicle at a dose its
+    cells were not measured at is refused, naming their dose (at 0 it is the control cells); a
+    dose beyond the measured ones is said once by scidiff predict (it was said twice)."""
+    from scidiff.cli import main
+    from scidiff.evaluation.perturbation import predict_baseline
+    from scidiff.training import save_model
+
+    model, log, control = screen
+    vehicle = log[(log.obs["drug"] == "Vehicle").to_numpy()].copy()
+    kw = dict(perturbation_key="drug", context_key="cell_line", control_label="Vehicle")
+    for dose in DOSES[::3]:
+        pred = predict_baseline("mean-shift", log, vehicle, {"drug": "Belinostat", "dose": dose}, **kw)
+        truth = np.mean([_real_change(log, line, "Belinostat", dose) for line in LINES], axis=0)
+        for change in _changes(pred).values():
+            np.testing.assert_allclose(change, truth, atol=1e-4)
+        assert pred.uns["baseline"]["at"] == {"dose": dose}
+    said = r"drug='Vehicle' is the control, whose training cells were measured at dose 0 only, not 100"
+    with pytest.raises(ValueError, match=said):
+        predict_baseline("mean-shift", log, vehicle, {"drug": "Vehicle", "dose": 100}, **kw)
+    with pytest.raises(ValueError, match=said):
+        scidiff.perturb(model, control, {"drug": "Vehicle", "dose": 100}, steps=3, progress=False, observed=False)
+    for pred in (predict_baseline("additive", log, vehicle, {"drug": "Vehicle", "dose": 0}, **kw),
+                 scidiff.perturb(model, control, {"drug": "Vehicle", "dose": 0}, steps=3, progress=False,
+                                 observed=False)):
+        np.testing.assert_array_equal(np.asarray(pred.X), np.asarray(pred.layers["control"]))
+    run, data = tmp_path / "run", tmp_path / "control.h5ad"
+    save_model(model, run)
+    control.write_h5ad(data)
+    assert main(["predict", "--model", str(run), "--data", str(data), "--target", "drug=Vehicle,dose=100", "--out",
+                 str(tmp_path / "no.h5ad")]) == 2
+    assert said in capsys.readouterr().err and not (tmp_path / "no.h5ad").exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["predict", "--model", str(run), "--data", str(data), "--target", "drug=Belinostat,dose=1e6",
+                     "--steps", "3", "--out", str(tmp_path / "far.h5ad")]) == 0
+    beyond = [w for w in caught if "outside the range seen in training" in str(w.message)]
+    assert len(beyond) == 1, [str(w.message) for w in caught]

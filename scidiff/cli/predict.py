@@ -2,6 +2,8 @@
 many (one model load), by the model or by a baseline."""
 from __future__ import annotations
 
+import warnings
+
 from .common import (SEPARATOR_HELP, add_expression_source, check_out, device_name, finite_float, parse_conditions,
                      positive_int, sampling_settings, seed_value, separator_text, split, user_error)
 
@@ -136,7 +138,9 @@ def _model_check(model):
     def check(target):
         numeric_target(model.data_spec, target)  # a negative dose, refused by name
         known, _ = split_target(model, target)
-        model.data_spec.encode_conditions(known, 1)
+        with warnings.catch_warnings():  # a dose beyond the measured ones: said once, by the prediction
+            warnings.simplefilter("ignore")
+            model.data_spec.encode_conditions(known, 1)
         model.data_spec.with_dose(target)
 
     return check

@@ -338,8 +338,11 @@ class DataSpec:
         and ``condition`` sets a perturbation but no dose: the dose its training groups were
         measured at (a combination never measured together: its singles'), when they agree on
         one. A perturbation's response without a dose is none of its doses', so several doses, or
-        none recorded, are an error that names them and says how to give one."""
+        none recorded, are an error that names them and says how to give one; so is the control
+        asked for at a dose its training cells were not measured at (the vehicle at 100 nM)."""
         key = self.dose_key
+        if key and key in condition:
+            self._check_control_dose(condition)
         if not key or key in condition:
             return condition
         perturbed = {k: condition[k] for k in self.perturbation_keys if k in condition
@@ -364,6 +367,24 @@ class DataSpec:
                              f"predict, e.g. {asked},{key}={measured[-1]:g}")
         raise ValueError(f"the model scales perturbations by {key!r} and records no dose {asked} was measured "
                          f"at: give one, e.g. {asked},{key}=10")
+
+    def _check_control_dose(self, condition: dict) -> None:
+        """Refuse ``condition`` where it asks for the control (every perturbation key it sets names
+        none) at a dose no control group of the training cells was measured at: a dose scales a
+        perturbation, and control cells labelled 100 nM would be the vehicle's cells mislabelled."""
+        asked = {k: condition[k] for k in self.perturbation_keys if k in condition}
+        groups = self.training_groups
+        if not asked or any(self.label_parts(v) for v in asked.values()) or not groups \
+                or self.dose_key not in groups["keys"] or np.ndim(condition[self.dose_key]) != 0:
+            return
+        at = groups["keys"].index(self.dose_key)
+        doses = {float(values[at]) for values, _ in carrying(groups, asked, self._same_value)}
+        doses = sorted(d for d in doses if not np.isnan(d))
+        dose = float(condition[self.dose_key])
+        if doses and dose not in doses:
+            said = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+            raise ValueError(f"{said} is the control, whose training cells were measured at {self.dose_key} "
+                             f"{', '.join(f'{d:g}' for d in doses)} only, not {dose:g}; leave {self.dose_key} out")
 
     def training_mixture(self, n: int, condition: dict | None = None, seed: int | None = 0) -> list[tuple[dict, int]]:
         """``n`` cells shared out over the training groups (:meth:`count_groups`) that agree

@@ -347,6 +347,49 @@ def _refuse_perturbed(train, control, key: str | None, control_label, separator:
         raise perturbed_input_error(key, perturbed, controls)
 
 
+def _at_dose(method: str, train, target: dict, perturbation_key, skip, controls, separator):
+    """``(train, target, at)`` for a baseline at a dose: each of the target's numeric covariates
+    that ``train`` holds (a dose; those in ``skip``, the context and the time, aside) read as a
+    number, and ``train`` cut to its control cells and the cells measured at that value, so that a
+    change is the one at the dose asked for, not that pooled over the doses (``at``: the values
+    read). A value no perturbed training cell was measured at is a ValueError naming the measured
+    ones, as is the control asked for at a value its cells were not measured at (the vehicle at
+    100 nM); ``no-change`` leaves ``train`` whole."""
+    keys = [k for k in target if k != perturbation_key and k not in skip and k in train.obs.columns
+            and numeric_column(train, k)]
+    if not keys or perturbation_key not in target or perturbation_key not in train.obs:
+        return train, target, {}
+    target = {**target, **{k: _number(k, target[k]) for k in keys}}
+    control = perturbation_labels(train, perturbation_key, separator, controls) == controls[0]
+    asked = canonical_label(target[perturbation_key], separator, controls) == controls[0]
+    if method == "no-change" and not asked:
+        return train, target, {k: target[k] for k in keys}
+    at = control if asked else ~control
+    for k in keys:
+        values = train.obs[k].astype(float).to_numpy()
+        if asked and np.isnan(values[at]).all():  # the control's cells carry no dose
+            continue
+        if not (at & (values == target[k])).any():
+            measured = ", ".join(f"{v:g}" for v in np.unique(values[at & ~np.isnan(values)]))
+            if asked:
+                raise ValueError(f"{perturbation_key}={target[perturbation_key]!r} is the control, whose training "
+                                 f"cells were measured at {k} {measured} only, not {target[k]:g}; leave {k} out")
+            raise ValueError(f"{method}: no perturbed training cell at {k}={target[k]:g} ({k} measured: {measured}); "
+                             f"a baseline reads the cells measured at the {k} asked for")
+        at &= values == target[k]
+    return (train if asked else train[control | at]), target, {k: target[k] for k in keys}
+
+
+def _number(key: str, value) -> float:
+    """A numeric covariate's value (a dose: ``100``, ``'1e2'``) as a float, else a ValueError naming it."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not a number; {key} is a numeric covariate, e.g. {key}=4") from None
+
+
 def predict_baseline(method: str, train, control, target: Mapping, *, perturbation_key: str | None = None,
                      context_key: str | None = None, control_label="control", time_key: str | None = None,
                      features: Mapping[str, np.ndarray] | None = None, alpha: float = 1.0, separator: str = "+"):
@@ -372,7 +415,10 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
       left out of the fit).
 
     A target that is the control itself is the control cells under every method. Cells of
-    ``control`` labelled with a perturbation of ``train`` are refused (the error names them).
+    ``control`` labelled with a perturbation of ``train`` are refused (the error names them). A
+    dose in ``target`` (a numeric covariate of ``train`` other than ``context_key`` and
+    ``time_key``) reads the training cells measured at it (:func:`_at_dose`; recorded in
+    ``uns['baseline']['at']``).
     """
     import anndata as ad
     import pandas as pd
@@ -383,11 +429,34 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     if list(map(str, train.var_names)) != list(map(str, control.var_names)):
         raise ValueError("train and control must hold the same genes in the same order")
     _refuse_perturbed(train, control, perturbation_key, control_label, separator)
+    controls = control_labels_of(control_label)
     if perturbation_key is not None and perturbation_key in target \
             and not str(target[perturbation_key]).replace(separator, "").strip():  # not control: nothing asked for
         raise ValueError(f"{perturbation_key}={target[perturbation_key]!r} names no perturbation; give a label, or "
-                         f"{control_labels_of(control_label)[0]!r} for the control cells")
+                         f"{controls[0]!r} for the control cells")
+    train, target, at = _at_dose(method, train, dict(target), perturbation_key, {context_key, time_key}, controls,
+                                 separator)
     xc = _x(control)
+    try:
+        pred = _baseline_x(method, train, xc, target, perturbation_key, context_key, control_label, time_key,
+                           features, alpha, separator)
+    except ValueError as error:
+        if not at:
+            raise
+        raise ValueError(f"{error} at " + ", ".join(f"{k}={v:g}" for k, v in at.items())) from error
+    obs = control.obs.copy()
+    for k, v in target.items():
+        obs[k] = pd.Categorical([v] * control.n_obs) if isinstance(v, str) else v
+    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var[[]].copy())
+    out.layers["control"] = xc.astype(np.float32)
+    out.uns["baseline"] = {"method": method, "target": {k: (v if isinstance(v, str) else float(v))
+                                                         for k, v in target.items()}, "at": at}
+    return out
+
+
+def _baseline_x(method, train, xc, target, perturbation_key, context_key, control_label, time_key, features, alpha,
+                separator) -> np.ndarray:
+    """The control cells ``xc`` moved by the baseline ``method`` (:func:`predict_baseline`)."""
     if method == "no-change":
         pred = no_change(xc)
     elif method == "linear" and time_key is not None:
@@ -455,11 +524,4 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
                 f_target = np.asarray(features[label], float)
             model = LinearPerturbationModel(alpha).fit(np.stack(feats), np.stack(ys))
             pred = model.predict(xc, f_target)
-    obs = control.obs.copy()
-    for k, v in target.items():
-        obs[k] = pd.Categorical([v] * control.n_obs) if isinstance(v, str) else v
-    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var[[]].copy())
-    out.layers["control"] = xc.astype(np.float32)
-    out.uns["baseline"] = {"method": method, "target": {k: (v if isinstance(v, str) else float(v))
-                                                         for k, v in target.items()}}
-    return out
+    return pred

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
-from ..data.spec import canonical_label, describing_columns, lookup_label
-from ..evaluation.perturbation import number_text, numeric_column, perturbation_labels, predict_baseline
+from ..data.spec import describing_columns, lookup_label
+from ..evaluation.perturbation import number_text, numeric_column, predict_baseline
 from .cells import read_cells
-from .perturb import numeric_value, perturb
+from .perturb import perturb
 
 TARGET_COLUMN = "scidiff_target"
 
@@ -269,8 +269,8 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     that describe the perturbation, and the time (default: those of ``train``,
     :func:`~scidiff.data.spec.describing_columns`, the context and ``exclude_columns`` aside: a
     time course's ``day`` for its ``time_key``); ``drop_obs``: obs columns of ``cells`` left out
-    of the predictions. A target's dose is read from the training cells measured at it
-    (:func:`_at_dose`). ``baseline_kwargs``: ``alpha``, ``features``, ``separator``."""
+    of the predictions. A target's dose is read from the training cells measured at it.
+    ``baseline_kwargs``: ``alpha``, ``features``, ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
     if columns is None:
@@ -297,46 +297,15 @@ def _without(pred: ad.AnnData, columns) -> ad.AnnData:
     return pred
 
 
-def _at_dose(method: str, train, target: dict, perturbation_key, skip, control_labels, separator):
-    """``(train, target, said)`` for a baseline of a perturbation at a dose: each of the target's
-    numeric covariates that ``train`` holds (a dose; the context and the time in ``skip`` aside)
-    read as a number, and ``train`` cut to its control cells and the cells measured at that value,
-    so that a change is the one at the dose asked for, not that pooled over the doses (``said``
-    names the values, for errors). A value no perturbed training cell was measured at is a
-    ValueError naming the measured ones; the control target, and ``no-change``, are left whole."""
-    keys = [k for k in target if k != perturbation_key and k not in skip and k in train.obs.columns
-            and numeric_column(train, k)]
-    if not keys or method == "no-change" or perturbation_key not in target or perturbation_key not in train.obs \
-            or canonical_label(target[perturbation_key], separator, control_labels) == control_labels[0]:
-        return train, target, ""
-    target = {**target, **{k: numeric_value(None, k, target[k]) for k in keys}}
-    control = perturbation_labels(train, perturbation_key, separator, control_labels) == control_labels[0]
-    at = ~control
-    for k in keys:
-        values = train.obs[k].astype(float).to_numpy()
-        if not (at & (values == target[k])).any():
-            measured = ", ".join(f"{v:g}" for v in np.unique(values[at & ~np.isnan(values)]))
-            raise ValueError(f"{method}: no perturbed training cell at {k}={target[k]:g} ({k} measured: {measured}); "
-                             f"a baseline reads the cells measured at the {k} asked for")
-        at &= values == target[k]
-    return train[control | at], target, ", ".join(f"{k}={target[k]:g}" for k in keys)
-
-
 def _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key, columns,
                     separator, baseline_kwargs):
     """Each target's baseline prediction, one at a time (:func:`baseline_screen`)."""
     for target in targets:
-        reference, target, at = _at_dose(method, train if train is not None else cells, target, perturbation_key,
-                                         {context_key, time_key}, control_labels, separator)
-        try:
-            pred = predict_baseline(method, reference, cells, target, perturbation_key=perturbation_key,
-                                    context_key=context_key, control_label=control_labels, time_key=time_key,
-                                    **baseline_kwargs)
-        except ValueError as error:
-            if not at:
-                raise
-            raise ValueError(f"{error} at {at}") from error
+        pred = predict_baseline(method, train if train is not None else cells, cells, target,
+                                perturbation_key=perturbation_key, context_key=context_key,
+                                control_label=control_labels, time_key=time_key, **baseline_kwargs)
         record = pred.uns.pop("baseline")
+        target = {**target, **record["at"]}  # a dose as the number it was read at
         pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=separator,
                                             control_labels=control_labels)
         pred.obs["scidiff_route"] = pd.Categorical([f"baseline:{record['method']}"] * pred.n_obs)
