@@ -191,3 +191,33 @@ def test_run_design_ranks_the_knockout_and_the_tf_behind_a_phenotype_by_symbol(s
             job.run_design(model, "S0>=1.5", out, seed=1, **kw)
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path) if f.startswith("designed")} == first
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_a_screen_keeps_the_perturbation_the_condition_sets():
+    """Screening drugs on a knockout's cells (condition={'ko': 'K1'}, candidates over 'drug') left the
+    knockout out: every perturbation key of ``condition`` was dropped, and the screen was that of the
+    control background (the mean objective 5.84 with condition ko=K1 and with ko=control, 2.06 for
+    the candidate {'drug': 'D1', 'ko': 'K1'} itself). Now a candidate's keys override the
+    condition's, and the others are kept: the screen under the condition is the candidate with it."""
+    rng = np.random.default_rng(0)
+    n = 240
+    drug, ko = rng.choice(["control", "D1", "D2"], n), rng.choice(["control", "K1"], n)
+    x = rng.poisson(np.where((ko == "K1")[:, None] & (np.arange(20) < 5), 8.0, 2.0), (n, 20)).astype(np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"drug": drug, "ko": ko}, index=[f"c{i}" for i in range(n)]),
+                       var=pd.DataFrame(index=[f"G{i}" for i in range(20)]))
+    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["drug", "ko"])
+    torch.manual_seed(0)
+    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=32, num_layers=1, num_timesteps=20)
+    scidiff.ScIDiffTrainer(model, data.loader(120), device="cpu", progress=False, early_stopping_patience=None,
+                           seed=0).train(3)
+    designer = InverseDesigner(model.eval(), observed=False)
+    up = PhenotypeTarget(marker_genes={"G0": 6.0, "G1": 6.0})
+
+    def objective(**kw):
+        return screen_perturbations(designer, up, n_cells=16, steps=5, **kw)["mean_objective"].item()
+
+    on_k1 = objective(condition={"ko": "K1"}, candidates=[{"drug": "D1"}])
+    assert on_k1 == objective(candidates=[{"drug": "D1", "ko": "K1"}])
+    assert abs(on_k1 - objective(condition={"ko": "control"}, candidates=[{"drug": "D1"}])) > 0.5
+    background = [{"ko": "control"}]  # a candidate's key wins over the condition's
+    assert objective(condition={"ko": "K1"}, candidates=background) == objective(candidates=background)

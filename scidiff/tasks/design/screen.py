@@ -84,14 +84,15 @@ def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, cond
     ``source``: an AnnData (in the data's genes) or :class:`scidiff.data.CellData` of starting
     cells with their covariates, each inverted under its own condition and decoded under every
     candidate (counterfactuals); without it, ``n_cells`` cells are sampled from the same noise
-    under every candidate. ``condition``: labels of the other covariates (e.g. the cell type);
+    under every candidate. ``condition``: labels of the covariates a candidate does not set (e.g.
+    the cell type, or a knockout the drugs are screened on);
     ``candidates``: condition dicts (default :func:`candidate_conditions`). Columns:
     ``condition``, ``fraction_met`` (all targets), ``fraction_met[<target>]`` per target,
     ``mean_objective``, ``rank`` (1 = best)."""
     from tqdm.auto import tqdm
 
     designer.check(target)
-    model, spec = designer.model, designer.model.data_spec
+    model = designer.model
     candidates = candidates if candidates is not None else candidate_conditions(model, combinations, doses)
     if not candidates:
         raise ValueError("no candidate conditions to screen")
@@ -106,13 +107,12 @@ def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, cond
         gen = torch.Generator(device=device).manual_seed(int(seed))
         z_T = torch.randn(n_cells, model.diffusion_dim, generator=gen, device=device)
     n = len(z_T)
-    keep = {k: v.to(device) for k, v in decoding_condition(model, condition, src_codes, n).items()
-            if k not in spec.perturbation_keys and k != spec.dose_key}
+    keep = {k: v.to(device) for k, v in decoding_condition(model, condition, src_codes, n).items()}
     loss_fn = designer.loss_fn(target, include_constraints=False)
     measure = torch.Generator(device=device).manual_seed(int(seed) + 1)  # observed designers' measurements
     rows = []
     for cand in tqdm(candidates, desc="screen", disable=not progress):
-        cond = {**keep, **{k: v.to(device) for k, v in model.encode_conditioning(cand, n).items()}}
+        cond = {**keep, **{k: v.to(device) for k, v in model.encode_conditioning(cand, n).items()}}  # cand's keys win
         z = ddim(model, z_T, model.scheduler, steps, cond=cond)
         expr = designer.designed_expression(z, generator=measure)
         loss = loss_fn(expr, cond).cpu().numpy()
