@@ -54,7 +54,9 @@ def add(sub):
                         "components of --train, Ahlmann-Eltze et al. 2025: predicts knockouts never seen, of "
                         "genes measured in --train)")
     p.add_argument("--time-key", default=None,
-                   help="baselines: a numeric obs column (time) for --method linear (interpolation in time)")
+                   help="baselines: a numeric obs column (time) for --method linear (interpolation in time; "
+                        "default: the model's time named in the targets, or the targets' one key where it is a "
+                        "numeric column of --train)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM inversion and decoding steps")
     p.add_argument("--config", default=None,
                    help="YAML whose sampling section gives the default of --guidance (default: the run's config.yaml)")
@@ -247,9 +249,11 @@ def _inside(record: dict, shown: int = 4) -> str:
     """A transferred target's mean share of the predicted cells inside each context read
     (``transferred_inside``, averaged over the contexts predicted), as ``"line=A 0.97, ..."``; ``""``
     for other routes."""
+    from ..tasks.cells import h5_mapping  # lazy: keeps --help light (torch, anndata)
+
     shares = {}
-    for read in dict(record.get("transferred_inside") or {}).values():
-        for name, share in dict(read).items():
+    for read in h5_mapping(record.get("transferred_inside")).values():
+        for name, share in h5_mapping(read).items():
             shares.setdefault(str(name), []).append(float(share))
     said = [f"{name} {sum(v) / len(v):.2f}" for name, v in shares.items()]
     return ", ".join(said[:shown]) + (f", ... {len(said) - shown} more" if len(said) > shown else "")
@@ -273,6 +277,9 @@ def _baselines(args, model, texts):
     if time_key is None and spec is not None and args.method == "linear":
         keys = {k for _, t in texts for k in parse_conditions(t)}
         time_key = next((k for k in spec.continuous if k in keys and k != spec.dose_key), None)
+    if time_key is None and args.method == "linear" and args.perturbation_key is None \
+            and args.control_labels is None:
+        time_key = _numeric_key(texts, train)  # day=4 on a numeric day of --train: interpolation in time
     targets = [_parse(w, t, None, [time_key] if time_key else [], spec) for w, t in texts]
     pert_key = args.perturbation_key
     if pert_key is None and spec is not None:
@@ -330,6 +337,21 @@ def _baselines(args, model, texts):
                            control_labels=controls, time_key=time_key, columns=columns, out=args.out,
                            separator=separator, exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN],
                            features=features)
+
+
+def _numeric_key(texts, train) -> str | None:
+    """The targets' one key where every cell of ``train`` holds a number in it (a time: ``day=4``;
+    numbers stored as text too), else ``None``."""
+    import pandas as pd  # lazy: keeps --help light (pandas)
+
+    try:
+        keys = {k for _, t in texts for k in parse_conditions(t)}
+    except ValueError:  # said with the target's place by _parse
+        return None
+    key = keys.pop() if len(keys) == 1 else None
+    if train is None or key not in train.obs.columns or train.obs[key].dtype == bool:
+        return None
+    return key if pd.to_numeric(train.obs[key].astype(str), errors="coerce").notna().all() else None
 
 
 def _gene_pca(train, targets, pert_key, controls, separator) -> dict:

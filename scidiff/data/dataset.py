@@ -17,8 +17,8 @@ import scipy.sparse as sp
 import torch
 
 from ..checks import whole_number
-from .preprocess import (dense, detect_input, expression_matrix, gene_columns, log_normalize, warn_empty_cells,
-                         select_genes, _name)
+from .preprocess import (check_log_base, dense, detect_input, expression_matrix, gene_columns, log_normalize,
+                         warn_empty_cells, select_genes, _name)
 from .gene_symbols import symbol_column, symbol_index, symbols_of, var_of
 from .io import in_memory
 from .spec import DataSpec, _build_spec, covariate_keys, exact_zeros, known_values, record_symbols
@@ -250,18 +250,20 @@ def _fragment_hint(key: str, labels: set, controls, separator: str, source: str)
 
 def _separator_hint(key: str, labels, controls, separator: str, source: str) -> None:
     """Warn when no label holds ``separator`` but some join two or more other labels (or control
-    labels) with another one (scPerturb's ``A_B``): read as single perturbations of their own,
-    they would be neither additive nor predictable from their parts."""
+    labels) with another one (scPerturb's ``A_B``; a single written with a control label, GEARS'
+    ``A|ctrl``, stands alone too): read as single perturbations of their own, they would be
+    neither additive nor predictable from their parts."""
     labels = {str(lab).strip() for lab in labels}
     if any(separator in lab for lab in labels):
         _fragment_hint(key, labels, controls, separator, source)
         return
-    alone = labels | set(controls)
     for other in OTHER_SEPARATORS:
         if other == separator:
             continue
-        joined = sorted(lab for lab in labels if len([p for p in lab.split(other) if p.strip()]) > 1
-                        and all(p.strip() in alone for p in lab.split(other) if p.strip()))
+        parts = {lab: [p.strip() for p in lab.split(other) if p.strip()] for lab in labels}
+        alone = labels | set(controls) | {p for ps in parts.values() for p in ps  # A|ctrl: A stands alone
+                                          if len(ps) > 1 and set(ps) - {p} <= set(controls)}
+        joined = sorted(lab for lab, ps in parts.items() if len(ps) > 1 and all(p in alone for p in ps))
         if joined:
             import warnings
 
@@ -397,9 +399,11 @@ def _not_numeric(obs: pd.DataFrame, key: str, vals: np.ndarray, source: str) -> 
 def _log_expression(adata, layer, use_raw, input_kind, target_sum, check_cells: bool = False):
     """The chosen matrix of ``adata`` as log1p values (counts normalised to ``target_sum``), its
     genes, its input kind and the target sum; ``check_cells``: warn about empty cells (training)."""
-    matrix, var_names, where = expression_matrix(adata, layer, use_raw)
-    where = f"{where} of {_name(adata)}"
+    matrix, var_names, key = expression_matrix(adata, layer, use_raw)
+    where = f"{key} of {_name(adata)}"
     kind = detect_input(matrix, where, input_kind)
+    if kind == "log1p" and input_kind == "auto":
+        check_log_base(adata, key, where)  # scanpy's log1p(base=2) on the highly variable genes alone
     if check_cells:
         warn_empty_cells(matrix, where, adata.obs_names)
     if kind == "counts":

@@ -62,6 +62,12 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
                       uns={"scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
 
 
+def spmatrix(m):
+    """A scipy sparse array (``csr_array``, as anndata may read ``X``) as the sparse matrix of its
+    format, sharing its arrays, for the methods only sparse matrices have (``getnnz``)."""
+    return sp.csc_matrix(m) if m.format == "csc" else sp.csr_matrix(m)
+
+
 def _values(m) -> np.ndarray:
     """The stored values (a sparse matrix's explicit entries, a dense array's all)."""
     if sp.issparse(m):
@@ -110,7 +116,7 @@ def warn_empty_cells(matrix, where: str, names=None, sampled_from: int | None = 
     ``MIN_MEDIAN_GENES`` detected genes, or 1% of the genes where that is fewer (an unfiltered
     droplet matrix, mostly empty barcodes: 1-3 genes each), or cells with none at all.
     ``sampled_from``: the file's cell count where ``matrix`` is a sample."""
-    detected = matrix.getnnz(axis=1) if sp.issparse(matrix) else np.count_nonzero(np.asarray(matrix), axis=1)
+    detected = spmatrix(matrix).getnnz(axis=1) if sp.issparse(matrix) else np.count_nonzero(np.asarray(matrix), axis=1)
     of = f"of the {len(detected)} cells sampled from {sampled_from}" if sampled_from else f"of {len(detected)} cells"
     median = float(np.median(detected)) if len(detected) else 0.0
     if median < min(MIN_MEDIAN_GENES, 0.01 * matrix.shape[1]):
@@ -202,13 +208,31 @@ def common_total(matrix, where: str, rows: int = 4096) -> float | None:
     return None
 
 
+def check_log_base(adata: ad.AnnData, key: str, where: str) -> None:
+    """Refuse log1p values of ``X`` (or ``.raw``, set after) that scanpy records as taken in another
+    base than e (``uns['log1p']['base']``, written by ``sc.pp.log1p(adata, base=2)``): the log2
+    check (:func:`common_total`) sees it only where the matrix holds every gene it was normalised
+    over, not after subsetting to the highly variable genes. ``key``: where the values were read."""
+    record = adata.uns.get("log1p") if key in ("X", "raw/X") else None
+    base = record.get("base") if isinstance(record, dict) else None
+    try:
+        base = None if base is None else float(base)
+    except (TypeError, ValueError):
+        return
+    if base is not None and base > 0 and abs(np.log(base) - 1) > 1e-6:
+        raise ValueError(f"{where} is log-transformed in base {base:g} (uns['log1p']['base'], as "
+                         f"`sc.pp.log1p(adata, base={base:g})` records it); scidiff reads log1p (natural log) values: "
+                         f"convert it (`adata.X = adata.X * np.log({base:g}); adata.uns['log1p']['base'] = None`) "
+                         f"or pass its counts")
+
+
 def log_normalize(counts, target_sum: float | None = 1e4):
     """``log1p(counts / total * target_sum)`` per cell (scanpy ``normalize_total`` + ``log1p``).
 
     ``target_sum=None`` uses the median total of cells with counts, as scanpy does. Returns the
     normalised matrix (sparse stays sparse) and the ``target_sum`` used.
     """
-    totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+    totals = np.asarray(counts.sum(axis=1, dtype=np.float64)).ravel()  # float16 counts' sums overflow past 65504
     if target_sum is None:
         target_sum = float(np.median(totals[totals > 0])) if (totals > 0).any() else 1.0
     factor = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)

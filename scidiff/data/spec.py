@@ -509,7 +509,10 @@ def _plain(value):
 def canonical_label(label, separator: str = "+", control_labels=("control", "ctrl")) -> str:
     """A perturbation label written one way whatever the notation: its singles sorted (``B+A`` ->
     ``A+B``), control parts dropped (GEARS' ``A+ctrl`` -> ``A``), any control label -> the first
-    one, as :func:`scidiff.setup_anndata` reads labels."""
+    one, as :func:`scidiff.setup_anndata` reads labels (a control label that holds the separator,
+    ``NTC_1`` at ``_``, too)."""
+    if str(label).strip() in set(control_labels):
+        return list(control_labels)[0]
     parts = sorted({p.strip() for p in str(label).split(separator) if p.strip()} - set(control_labels))
     return separator.join(parts) if parts else (list(control_labels) or ["control"])[0]
 
@@ -525,10 +528,20 @@ def perturbed_input_error(key: str, labels, controls) -> ValueError:
                       f"predictions start from control cells: pass only the cells labelled {list(controls)}")
 
 
+def _float32(text):
+    """``text`` as a float32, or ``None`` where it is no number."""
+    try:
+        return np.float32(float(text))
+    except (TypeError, ValueError):
+        return None
+
+
 def lookup_label(values: dict, label, separator: str = "+", control_labels=("control", "ctrl")):
     """``values[label]`` with ``label`` matched up to the order of its singles and the spelling of
     control; ``None`` when the label has no recorded value."""
     if isinstance(label, (int, float, np.number)) and not isinstance(label, bool):
+        if str(float(label)) not in values:  # as the model reads a time: a float32 column's 1.2 is 1.2000000476837158
+            return next((v for k, v in values.items() if _float32(k) == np.float32(label)), None)
         label = str(float(label))  # a time, recorded as its float's text
     if str(label) in values:
         return values[str(label)]
@@ -539,7 +552,8 @@ def lookup_label(values: dict, label, separator: str = "+", control_labels=("con
     return None
 
 
-def describing_columns(obs, key: str, exclude=(), contexts=()) -> dict[str, dict]:
+def describing_columns(obs, key: str, exclude=(), contexts=(), separator: str | None = None,
+                       control_labels=("control", "ctrl")) -> dict[str, dict]:
     """The ``obs`` columns that describe perturbation ``key`` in these cells, each with its value
     per label: ``{column: {label: value}}``.
 
@@ -554,13 +568,18 @@ def describing_columns(obs, key: str, exclude=(), contexts=()) -> dict[str, dict
     recorded with its value only where its cells carry a single one (never for a guide column's
     targets), so a predicted cell gets that value or none, never its control's. ``key`` itself
     and ``exclude`` (the model's covariates: a cell keeps its own context) are never recorded;
-    missing values count as a value (recorded as ``None``)."""
+    missing values count as a value (recorded as ``None``). With ``separator`` the labels are read
+    in canonical form (:func:`canonical_label`): Norman's ``KLF1+ctrl`` and ``ctrl+KLF1`` are one
+    label, whose value is recorded only where both spellings' cells carry it."""
     import pandas as pd
     from pandas.api.types import is_float_dtype
 
     if key not in obs.columns:
         return {}
     labels = obs[key].astype(str).str.strip().to_numpy()
+    if separator is not None:
+        written, distinct = pd.factorize(labels)
+        labels = np.array([canonical_label(d, separator, control_labels) for d in distinct], dtype=object)[written]
     lab_codes, lab_uniques = pd.factorize(labels)
     n_labels, n_cells = len(lab_uniques), len(labels)
     contexts = [c for c in contexts if c in obs.columns and c != key]
@@ -644,7 +663,8 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
     if obs is not None:
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
         contexts = [k for k in vocabs if k not in perturbation_keys]
-        spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates, contexts=contexts)
+        spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates, contexts=contexts,
+                                                             separator=separator, control_labels=control_labels)
                                      for key in perturbation_keys if key in obs.columns}
         for key in continuous_keys:  # a time course's measured days (Klein's day for day_num)
             if key != dose_key and key in obs.columns and len(spec.continuous_knots[key]) < MAX_KNOTS:

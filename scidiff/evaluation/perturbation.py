@@ -27,6 +27,7 @@ for time, interpolation between the flanking measured times).
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -175,15 +176,17 @@ def additive(control: np.ndarray, single_deltas: list[np.ndarray]) -> np.ndarray
 
 
 def interpolate_in_time(times: Sequence[float], means: np.ndarray, t: float) -> np.ndarray:
-    """Linear interpolation of per-time mean expression at ``t`` between the flanking measured times."""
+    """Linear interpolation of per-time mean expression at ``t`` between the flanking measured times;
+    a measured time is matched to float32 precision (a file's float32 day 0.7 is 0.699999988)."""
     times = np.asarray(times, float)
     order = np.argsort(times)
     times, means = times[order], np.asarray(means, float)[order]
-    if t in times:
-        return means[int(np.flatnonzero(times == t)[0])].copy()
+    at = np.flatnonzero(times.astype(np.float32) == np.float32(t))
+    if len(at):
+        return means[int(at[0])].copy()
     if t < times[0] or t > times[-1]:
-        raise ValueError(f"time {t} lies outside the measured times {times.tolist()}; no flanking times to "
-                         f"interpolate between")
+        raise ValueError(f"time {t:g} lies outside the measured times [{', '.join(f'{v:g}' for v in times)}]; no "
+                         f"flanking times to interpolate between")
     hi = int(np.searchsorted(times, t))
     lo = hi - 1
     w = (t - times[lo]) / (times[hi] - times[lo])
@@ -289,13 +292,23 @@ def numeric_column(adata, key: str) -> bool:
     return pd.api.types.is_numeric_dtype(dtype) and not pd.api.types.is_bool_dtype(dtype)
 
 
+DAY_LABEL = re.compile(r"(?:d|day)[\s_]?(\d+\.?\d*|\.\d+)", re.IGNORECASE)  # day4, D4, Klein's d4
+
+
 def number_text(value) -> str:
-    """``4``, ``4.0`` and ``"4"`` -> ``"4.0"`` (a float's text, as a float column reads); text that
-    is no number as it is."""
+    """``4``, ``4.0``, ``"4"`` and a day's label (``"day4"``, ``"D4"``, Klein's ``"d4"``) ->
+    ``"4.0"`` (a float's text, as a float column reads), a fraction to float32 precision, as the
+    model reads a number (a float32 column's day 2.4 widened to 2.4000000953674316 is ``"2.4"``;
+    whole numbers exactly); text that is no number as it is."""
+    text = str(value).strip()
+    day = DAY_LABEL.fullmatch(text)
     try:
-        return str(float(str(value).strip()))
+        number = float(day.group(1) if day else text) + 0.0  # -0.0 is 0.0
     except ValueError:
         return str(value)
+    if number.is_integer() or not abs(number) < 1e38:  # Entrez IDs as numbers: 100287102 is not 100287104
+        return str(number)
+    return str(np.float32(number))
 
 
 def _contexts(adata, context_key: str | None) -> np.ndarray:

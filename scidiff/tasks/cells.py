@@ -55,3 +55,27 @@ def keep_var_columns(result: ad.AnnData, adata: ad.AnnData, spec, *, layer: str 
     for column in var.columns:
         if column not in result.var.columns:
             result.var[column] = rows[column].to_numpy()
+
+
+def h5_keys(obj):
+    """``obj`` for ``.uns``: a mapping whose keys hold ``/`` (labels such as ``CD8+/CD45RA+``,
+    which HDF5 would read as a path) becomes ``{"names": [...], "values": [...]}``, the values
+    ``{"0": ..., "1": ...}`` where some are mappings or lists (no array HDF5 stores)."""
+    if not isinstance(obj, dict):
+        return obj
+    if any("/" in k for k in obj):
+        values = [h5_keys(v) for v in obj.values()]
+        if any(isinstance(v, (dict, list, tuple)) for v in values):
+            values = {str(i): v for i, v in enumerate(values)}
+        return {"names": list(obj), "values": values}
+    return {k: h5_keys(v) for k, v in obj.items()}
+
+
+def h5_mapping(obj) -> dict:
+    """A mapping of ``.uns`` as a dict, read back from :func:`h5_keys`'s ``names``/``values``."""
+    obj = dict(obj or {})
+    if set(obj) == {"names", "values"}:
+        values = obj["values"]
+        values = [values[str(i)] for i in range(len(values))] if isinstance(values, dict) else values
+        return dict(zip(map(str, obj["names"]), values))
+    return obj

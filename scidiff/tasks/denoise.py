@@ -150,7 +150,7 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
                              f"counts: pass the counts' layer (--layer NAME / layer=...; layers in the file: "
                              f"{list(adata.layers) or 'none'}) or .raw (--use-raw / use_raw=True), or use "
                              "--method sdedit / method='sdedit'")
-        library = torch.from_numpy(np.asarray(matrix.sum(1)).ravel().astype(np.float32))
+        library = torch.from_numpy(np.asarray(matrix.sum(1, dtype=np.float64)).ravel().astype(np.float32))
         var = var_of(adata, use_raw)
         counts = torch.from_numpy(dense(matrix[:, gene_columns(var_names, spec.names_in(var_names, var))]))
     model.eval()

@@ -13,7 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..data.dataset import MISSING_TEXT, _log_expression, control_hint
+from ..data.dataset import MISSING_TEXT, _log_expression, _separator_hint, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
 from ..data.preprocess import common_total, dense, detect_input, expression_as_x, gene_columns, log_normalize
@@ -257,9 +257,18 @@ def _group_name(context, label, context_key) -> str:
     return f"{context}/{label}" if context_key else str(label)
 
 
-def _project_metrics(real: _Cells, pred: _Cells, groups, genes, control_label, project) -> tuple[dict, dict]:
+def _own_genes(label, index: dict, separator: str) -> list[int] | None:
+    """The columns of the genes a perturbation ``label`` names (each single of a combination, a
+    dose's `` @ 10`` aside), which its PDS leaves out; ``None`` where it names none."""
+    own = [index[p] for p in str(label).split(" @ ")[0].split(separator) if p in index]
+    return own or None
+
+
+def _project_metrics(real: _Cells, pred: _Cells, groups, genes, control_label, project,
+                     separator: str = "+") -> tuple[dict, dict]:
     """Per group, :func:`~scidiff.evaluation.perturbation.perturbation_metrics` plus the PDS
-    (L1, cell-eval's definition) among the groups of the same context."""
+    (L1, cell-eval's definition) among the groups of the same context, each group's own genes
+    (:func:`_own_genes`) left out of its distances."""
     per, effects = {}, {}
     for context, label, name in groups:
         true, ctrl = real.x[real.rows(context, label)], real.x[real.rows(context, control_label)]
@@ -274,8 +283,7 @@ def _project_metrics(real: _Cells, pred: _Cells, groups, genes, control_label, p
         if len(names) < 2:
             continue
         pds = discrimination_score(np.stack([effects[n][2] for n in names]), np.stack([effects[n][3] for n in names]),
-                                   "l1", exclude=[[index[effects[n][1]]] if effects[n][1] in index else None
-                                                  for n in names])
+                                   "l1", exclude=[_own_genes(effects[n][1], index, separator) for n in names])
         for n, v in zip(names, pds):
             per[n]["pds_l1"] = float(v)
     return per, _mean(per)
@@ -373,6 +381,10 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
             "; the changes are scored against the real control cells: include them in the real file")
         raise ValueError(f"no real cell has {perturbation_key} in {list(controls)} (--control-label); the real "
                          f"file's labels include {sorted(real_labels)[:10]}{hint}")
+    written = set(real_ad.obs[perturbation_key].astype(str))
+    if perturbation_key not in numeric and not any(separator in lab for lab in written):
+        # A|B read at + is a group of its own, B|A another: the groups would not meet
+        _separator_hint(perturbation_key, written, controls, separator, "the real file")
     genes = [str(g) for g in pred_ad.var_names]
     in_real = genes_of_in(pred_ad, real_ad, "genes of the prediction are not in the real file")
     for a, what in files:
@@ -411,7 +423,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         raise ValueError(f"no predicted perturbation has real cells to be scored against (obs[{perturbation_key!r}]"
                          + (f" and obs[{context_key!r}]" if context_key else "") + f"); skipped: {skipped}")
     project = fit_pca(real_c.x, 30, seed)
-    per, mean = _project_metrics(real_c, pred_c, groups, genes, control_label, project)
+    per, mean = _project_metrics(real_c, pred_c, groups, genes, control_label, project, separator)
     result = {"mode": "perturbation", "perturbation_key": perturbation_key, "control_label": control_label,
               "context_key": context_key, "dose_key": dose_key, "n_genes": len(genes),
               "n_real_cells": int(real_ad.n_obs), "n_predicted_cells": int(pred_ad.n_obs), "n_groups": len(groups),
@@ -425,7 +437,7 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         if not have:
             names = [g[2] for g in groups][:10]
             raise ValueError(f"baseline {n!r} predicts none of the scored perturbations ({names})")
-        b_per, b_mean = _project_metrics(real_c, b, have, genes, control_label, project)
+        b_per, b_mean = _project_metrics(real_c, b, have, genes, control_label, project, separator)
         result["baselines"][n] = {"mean": b_mean, "per_perturbation": b_per, "missing": absent}
     result["cell_eval"] = _cell_eval_section(cell_eval, real_c, pred_c, base_c, groups, perturbation_key,
                                              control_label, context_key, min_de_genes, num_threads)

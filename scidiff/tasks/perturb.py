@@ -95,13 +95,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..data.dataset import OTHER_SEPARATORS
 from ..data.spec import exact_zeros, perturbed_input_error
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
 from ..models.cell_draws import cell_normals, cell_uniforms, check_seed
 from ..models.effects import context_table
 from ..models.measured_change import Carried, fit_mean_keeping
-from .cells import keep_var_columns, model_cells, own_codes
+from .cells import h5_keys, keep_var_columns, model_cells, own_codes
 
 CONTROL_SPELLINGS = ("ctrl", "control", "non-targeting")  # how screens name the control: never a perturbation
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
@@ -239,6 +240,10 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
     for key in spec.perturbation_keys:
         if key not in target or isinstance(target[key], (int, np.integer)):
             continue
+        if isinstance(target[key], (list, tuple, set, np.ndarray, pd.Series, pd.Index, torch.Tensor)):
+            # its text ("['A+B', 'B']") was read as a label and split at the separator
+            raise ValueError(f"{key}={target[key]!r}: a target gives one label per key ({key}='A+B'); for several "
+                             f"targets give one each (scidiff.tasks.screen.predict_screen, --targets-file)")
         if not spec.label_parts(target[key]) and not any(spec.is_control(p) for p in
                                                          str(target[key]).split(spec.separator)):
             # an empty label (a shell variable unset: perturbation=) is no perturbation asked for, not control
@@ -259,6 +264,14 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
             write = spec.separator.join(p for p in parts if p not in other) or spec.control_labels[0]
             raise ValueError(f"{key}={target[key]!r}: {other[0]!r} is not this model's control label (it knows the "
                              f"control as {', '.join(map(repr, spec.control_labels))}); write {key}={write}")
+        joined = _joined_otherwise(spec, new, vocab)
+        if joined:  # KLF1_CEBPA on a model whose combinations are KLF1+CEBPA: not a perturbation never seen
+            p, sep = joined
+            write = spec.separator.join(q for q in [*(q for q in parts if q != p), *(q.strip() for q in p.split(sep))]
+                                        if q and not spec.is_control(q)) or spec.control_labels[0]
+            raise ValueError(f"{key}={target[key]!r}: {p!r} joins singles the model saw with {sep!r}, but it reads "
+                             f"combinations joined with {spec.separator!r} (the separator it was trained with, "
+                             f"data.separator); write {key}={write}")
         if prior is None:
             spec.perturbation_singles(key, target[key])  # raises the error that names the label
         unseen[key] = spec.separator.join(new)
@@ -269,6 +282,18 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
         else:
             known.pop(key)
     return known, unseen
+
+
+def _joined_otherwise(spec, new: list, vocab: set):
+    """``(label, separator)`` for the first of ``new`` (labels the model never saw) that joins
+    singles it saw (or control labels) with another separator than its own, else ``None``."""
+    for p in new:
+        for sep in OTHER_SEPARATORS:
+            pieces = [q.strip() for q in p.split(sep) if q.strip()] if sep != spec.separator else []
+            if len(pieces) > 1 and any(q in vocab for q in pieces) \
+                    and all(q in vocab or spec.is_control(q) for q in pieces):
+                return p, sep
+    return None
 
 
 class _Plan:
@@ -819,7 +844,10 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             routes[rows] = plan.route
     obs = control_adata.obs.copy()
     for key, labels in spec.decode_conditions(target_codes).items():
-        obs[key] = pd.Categorical(labels) if key in spec.categorical else labels
+        obs[key] = _labels_like(obs.get(key), labels) if key in spec.categorical else labels
+    for key in spec.continuous:  # a time or dose as asked: its float32 code wrote day 0.7 as 0.699999988
+        if isinstance(condition.get(key), float):
+            obs[key] = condition[key]
     for key in spec.perturbation_keys:  # a label as asked for (the data's own spelling: GEARS' A+ctrl)
         if isinstance(condition.get(key), str):
             obs[key] = pd.Categorical([condition[key]] * n)
@@ -837,6 +865,26 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         **({"target_sum": float(spec.target_sum)} if spec.target_sum else {}),  # the library size X is normalised to
         **_transfers(model, plans, ctx_keys)}
     return result
+
+
+def _labels_like(column: pd.Series | None, labels):
+    """``labels`` (text, as the model reads ``obs``) in the type of the input's ``column`` where it
+    holds booleans or numbers (a boolean column, a cluster's integer categories), so that the
+    prediction concatenates and saves beside the input (a column of both ``2`` and ``'2'`` cannot
+    be written); else categorical text."""
+    text = pd.Categorical(labels)
+    if column is None:
+        return text
+    categorical = isinstance(column.dtype, pd.CategoricalDtype)
+    values = column.cat.categories if categorical else column
+    read = {"b": {"True": True, "False": False}.get, "i": int, "u": int, "f": float}.get(values.dtype.kind)
+    try:
+        typed = [read(v) for v in labels] if read is not None else None
+    except ValueError:  # '1.5' of an integer column: kept as text
+        typed = None
+    if typed is None or any(v is None for v in typed):
+        return text
+    return pd.Categorical(typed) if categorical else pd.array(typed, dtype=values.dtype)
 
 
 def _described_columns_set(spec, obs: pd.DataFrame, condition: dict) -> pd.DataFrame:
@@ -881,7 +929,7 @@ def _transfers(model, plans: dict, ctx_keys) -> dict:
         if where:
             sources[label(context)] = sorted({label(row) for w in where for row in w})
             inside[label(context)] = {label(c): round(total / n, 4) for c, (total, n) in plan.inside.items() if n}
-    return {"transferred_from": sources, "transferred_inside": inside}
+    return {"transferred_from": h5_keys(sources), "transferred_inside": h5_keys(inside)}  # labels with '/'
 
 
 def predict_perturbation(model, control_adata, target: dict, *, method: str = "counterfactual", steps: int = 50,

@@ -273,6 +273,7 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     ``baseline_kwargs``: ``alpha``, ``features``, ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
+    separator = baseline_kwargs.get("separator", "+")
     if columns is None:
         columns = {}
         contexts = [context_key] if context_key else ()
@@ -282,8 +283,9 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
             skip = {context_key, time_key, perturbation_key, *exclude_columns} - {None, key}
             if obs == "time":  # Klein's day for day_num: the times read as floats, as the model's set-up reads them
                 obs = train.obs.assign(**{key: pd.to_numeric(train.obs[key], errors="coerce").astype(float)})
-            columns[key] = describing_columns(train.obs if obs is None else obs, key, exclude=skip, contexts=contexts)
-    separator = baseline_kwargs.get("separator", "+")
+            columns[key] = describing_columns(train.obs if obs is None else obs, key, exclude=skip, contexts=contexts,
+                                              separator=separator if obs is None else None,
+                                              control_labels=control_labels)
     parts = _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key,
                             columns, separator, baseline_kwargs)
     if drop_obs:

@@ -84,9 +84,11 @@ def effects_summary(report: dict) -> str:
     lines = []
     for key, r in report.items():
         cv = r.get("cv_mse")
-        errors = ", ".join(f"{k} {v:.4g}" for k, v in cv.items()) if cv else "no seen combination to cross-validate"
+        n = r["seen_combinations"]
+        errors = ("CV MSE " + ", ".join(f"{k} {v:.4g}" for k, v in cv.items()) if cv else
+                  "too few to cross-validate: leaving one out needs two" if n else "none to cross-validate")
         lines.append(f"perturbation effects ({key}): {r['singles_seen']} singles fitted; combinations "
-                     f"{r['combination']} ({r['seen_combinations']} seen; CV MSE {errors}); seen groups' "
+                     f"{r['combination']} ({n} seen; {errors}); seen groups' "
                      f"change kept after shrinkage {r.get('seen_change_kept', 1.0):.0%}")
     return "\n".join(lines)
 

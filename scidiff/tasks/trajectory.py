@@ -49,8 +49,10 @@ def _grid(spec, times) -> tuple[str, list[float]]:
         if not math.isfinite(f):
             raise ValueError(f"the grid of {key!r} holds {v!r}, not a finite number")
         out.append(f)
-    if len(set(out)) != len(out):
-        raise ValueError(f"the grid of {key!r} repeats values: {sorted(v for v in set(out) if out.count(v) > 1)}")
+    read = [float(np.float32(v)) for v in out]  # as the model reads a time: 1.2 and float32 1.2 are one
+    if len(set(read)) != len(read):
+        raise ValueError(f"the grid of {key!r} repeats values: "
+                         f"{sorted({f'{v:g}' for v in read if read.count(v) > 1})}")
     return key, out
 
 
@@ -80,7 +82,8 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     if key in condition:
         raise ValueError(f"{key!r} is both the trajectory's axis and in condition=; give it in times= only")
     lo, hi = spec.continuous_range.get(key, (None, None))
-    outside = [t for t in grid if lo is not None and not lo <= t <= hi]
+    # in float32, as the range was measured and the model reads a time (day 0.7 is its measured 0.699999988)
+    outside = [t for t in grid if lo is not None and not lo <= float(np.float32(t)) <= hi]
     if outside:
         warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
                       f"there is an extrapolation", stacklevel=2)
@@ -99,7 +102,9 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     obs = stack_obs([p.obs for p in parts], columns)
     obs[key] = np.repeat(np.asarray(grid, dtype=np.float64), len(names))
     obs[SOURCE_COLUMN] = np.tile(np.asarray(names, dtype=object), len(grid))
-    obs.index = [f"{n}@{key}={t:g}" for t in grid for n in names]
+    said = [f"{t:g}" for t in grid]  # 6 digits, unless two times differ only beyond them (1234567 s, 1234568 s)
+    said = said if len(set(said)) == len(said) else [repr(t) for t in grid]
+    obs.index = [f"{n}@{key}={t}" for t in said for n in names]
     out = ad.AnnData(X=np.vstack([np.asarray(p.X, dtype=np.float32) for p in parts]), obs=obs)
     out.var = first.var.copy()  # the gene IDs with the training file's symbols, as perturb writes them
     out.layers["control"] = np.tile(np.asarray(first.layers["control"], dtype=np.float32), (len(grid), 1))

@@ -58,6 +58,7 @@ from ...diffusion.samplers import Denoiser, ddim_invert, run_plan
 from ...diffusion.smc import systematic_resample, walk_smc
 from ...groups import share_out
 from .._keywords import no_other_keywords, renamed
+from ..cells import h5_keys as _h5_keys
 from .classifier import CellTypeClassifier
 from .objectives import (CellTypeObjective, GeneExpressionObjective, MarkerGeneObjective, NonNegativityObjective,
                          ObjectiveFunction, RealismObjective, SparsityObjective, SuppressedGeneObjective)
@@ -112,16 +113,6 @@ class DesignResult:
         out.uns["scidiff_design"] = _h5_keys({"target": _jsonable(self.target.to_dict()),
                                               "settings": _jsonable(self.settings)})
         return out
-
-
-def _h5_keys(obj):
-    """``obj`` for ``.uns``: a mapping whose keys hold ``/`` (labels such as ``CD8+/CD45RA+``,
-    which HDF5 would read as a path) becomes ``{"names": [...], "values": [...]}``."""
-    if not isinstance(obj, dict):
-        return obj
-    if any("/" in k for k in obj):
-        return {"names": list(obj), "values": [_h5_keys(v) for v in obj.values()]}
-    return {k: _h5_keys(v) for k, v in obj.items()}
 
 
 def _jsonable(obj):
