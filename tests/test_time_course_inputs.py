@@ -208,3 +208,36 @@ def test_the_linear_baseline_at_a_day_without_time_key(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(pred.X, np.float64).mean(0), 1 + np.arange(1, GENES + 1) * 0.4 + 0.015,
                                atol=1e-5)
     assert pred.obs["day"].astype(float).eq(4.0).all()
+
+
+def test_the_linear_baseline_keeps_each_batch_to_its_own_course():
+    """Two batches, exactly linear in the day, batch B 1 higher and never measured at day 7: the
+    linear-in-time baseline pooled every training cell per day, so day 4 of batch A's cells was
+    [0.7 1.1 1.5 1.9 2.3] against the truth [0.4 0.8 1.2 1.6 2.0] (day 7 held batch A alone). Now
+    each batch is interpolated in its own cells, and B, not measured around day 4, is moved by A's
+    change from day 0 to day 4 (never to A's level). Days written 'D0' in the file and 'day4' in
+    the target were 'could not convert string to float'; a target's day as text came back as text
+    in obs beside numbers."""
+    from scidiff.tasks.screen import baseline_screen
+
+    slope = np.linspace(0.1, 0.5, 5)
+    rows, obs = [], []
+    for batch, offset in (("A", 0.0), ("B", 1.0)):
+        for day in (0.0, 2.0) + ((7.0,) if batch == "A" else ()):
+            rows.append(np.tile(offset + slope * day, (10, 1)))
+            obs += [(batch, day)] * 10
+    train = ad.AnnData(np.vstack(rows).astype(np.float32),
+                       obs=pd.DataFrame(obs, columns=["batch", "day"], index=[f"c{i}" for i in range(len(obs))]))
+    written = train.copy()
+    written.obs["day"] = [f"D{d:g}" for d in written.obs["day"]]
+    for data, day in ((train, 4), (written, "day4")):
+        control = data[(train.obs["day"] == 0).to_numpy()].copy()
+        pred = predict_baseline("linear", data, control, {"day": day}, time_key="day", context_key="batch")
+        assert pred.obs["day"].dtype == float and (pred.obs["day"] == 4.0).all()
+        for batch, offset in (("A", 0.0), ("B", 1.0)):
+            x = np.asarray(pred.X)[(pred.obs["batch"] == batch).to_numpy()]
+            np.testing.assert_allclose(x, np.broadcast_to(offset + slope * 4, x.shape), atol=1e-5)
+    control = train[(train.obs["day"] == 0).to_numpy()].copy()
+    screen = baseline_screen("linear", train, control, [{"day": 4}, {"day": "7"}], time_key="day",
+                             context_key="batch")
+    assert screen.obs["day"].dtype == float and set(screen.obs["day"]) == {4.0, 7.0}

@@ -199,6 +199,57 @@ def linear_in_time(control: np.ndarray, times: Sequence[float], means: np.ndarra
     return control + (interpolate_in_time(times, means, t) - np.mean(control, axis=0))
 
 
+def time_value(key: str, value) -> float:
+    """A time as a number: ``4``, ``"4"`` or a day's label (``"day4"``, ``"D4"``, Klein's ``"d4"``,
+    :func:`number_text`); anything else is a ValueError naming ``key``."""
+    try:
+        return float(number_text(value))
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is no time: a number, or a day's label such as 'day4'") from None
+
+
+def _times(adata, key: str, what: str) -> np.ndarray:
+    """``obs[key]`` of ``adata`` as numbers (:func:`time_value`), a ValueError naming ``what`` else."""
+    labels = _labels(adata, key)
+    distinct, index = np.unique(labels, return_inverse=True)
+    try:
+        return np.array([time_value(key, d) for d in distinct], dtype=np.float64)[index.ravel()]
+    except ValueError as error:
+        raise ValueError(f"obs[{key!r}] of the {what} cells: {error}") from None
+
+
+def _linear_in_time_by_context(train, control, xc: np.ndarray, t: float, time_key: str, context_key) -> np.ndarray:
+    """:func:`linear_in_time` for each context of the ``control`` cells (``context_key``: a batch,
+    a cell line) from the training cells of that context, so that no context is moved toward
+    another's baseline; a context whose training cells do not flank ``t`` takes the change from
+    the control cells' own time to ``t`` that the contexts flanking both measured (with no time
+    on the control cells, or no such context: every training cell pooled)."""
+    times, xt = _times(train, time_key, "training"), _x(train)
+    ctx_t, ctx_c = _contexts(train, context_key), _contexts(control, context_key)
+
+    def means(rows):
+        at = np.unique(times[rows])
+        return at, np.stack([xt[rows & (times == u)].mean(0) for u in at])
+
+    def flanks(rows, *ts):
+        return rows.any() and all(times[rows].min() <= v <= times[rows].max() for v in ts)
+
+    pred = np.empty_like(xc)
+    for c in dict.fromkeys(ctx_c):
+        rows = ctx_c == c
+        if flanks(ctx_t == c, t):
+            pred[rows] = linear_in_time(xc[rows], *means(ctx_t == c), t)
+            continue
+        t0 = np.unique(_times(control[rows], time_key, "control")) if time_key in control.obs else []
+        others = [ctx_t == o for o in dict.fromkeys(ctx_t) if len(t0) == 1 and flanks(ctx_t == o, t, t0[0])]
+        if others:
+            pred[rows] = xc[rows] + np.mean([interpolate_in_time(*means(o), t) - interpolate_in_time(*means(o), t0[0])
+                                             for o in others], axis=0)
+        else:
+            pred[rows] = linear_in_time(xc[rows], *means(np.ones(len(times), bool)), t)
+    return pred
+
+
 class LinearPerturbationModel:
     """Linear baseline (Ahlmann-Eltze et al. 2025): ridge regression from a perturbation feature
     vector (a multi-hot of single perturbations, optionally with covariate one-hots, or supplied
@@ -449,10 +500,12 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
                          f"{controls[0]!r} for the control cells")
     train, target, at = _at_dose(method, train, dict(target), perturbation_key, {context_key, time_key}, controls,
                                  separator)
+    if time_key is not None and time_key in target:  # written into obs as the number it was read as
+        target[time_key] = time_value(time_key, target[time_key])
     xc = _x(control)
     try:
-        pred = _baseline_x(method, train, xc, target, perturbation_key, context_key, control_label, time_key,
-                           features, alpha, separator)
+        pred = _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label,
+                           time_key, features, alpha, separator)
     except ValueError as error:
         if not at:
             raise
@@ -467,18 +520,16 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     return out
 
 
-def _baseline_x(method, train, xc, target, perturbation_key, context_key, control_label, time_key, features, alpha,
-                separator) -> np.ndarray:
-    """The control cells ``xc`` moved by the baseline ``method`` (:func:`predict_baseline`)."""
+def _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label, time_key, features,
+                alpha, separator) -> np.ndarray:
+    """The ``control`` cells (their expression ``xc``) moved by the baseline ``method`` (:func:`predict_baseline`)."""
     if method == "no-change":
         pred = no_change(xc)
     elif method == "linear" and time_key is not None:
         if time_key not in target:
             raise ValueError(f"target has no {time_key!r}: {dict(target)}")
-        times = train.obs[time_key].astype(float).to_numpy()
-        uniq = np.unique(times)
-        xt = _x(train)
-        pred = linear_in_time(xc, uniq, np.stack([xt[times == u].mean(0) for u in uniq]), float(target[time_key]))
+        pred = _linear_in_time_by_context(train, control, xc, time_value(time_key, target[time_key]), time_key,
+                                          context_key)
     else:
         if perturbation_key is None or perturbation_key not in target:
             raise ValueError(f"{method} needs perturbation_key and a target for it; got {perturbation_key!r}, "
