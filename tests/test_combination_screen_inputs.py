@@ -224,3 +224,33 @@ def test_a_control_label_that_holds_the_separator_is_control():
     x = np.asarray(train.X, float)
     want = x[:12] + (x[12:24].mean(0) - x[:12].mean(0)) + (x[24:].mean(0) - x[:12].mean(0))
     np.testing.assert_allclose(pred.X, want, atol=1e-5)
+
+
+def test_a_single_seen_only_inside_doubles_rests_on_their_cells():
+    """Training groups ctrl, A, A+B and A+C (60 cells each): B's change is A+B's minus A's, the
+    model's additive fit, and its prediction moves B's genes; but its confidence was 0 (no group
+    is B alone), and B+C's, resting on the same cells, 0 too. Now each such pair counts
+    ``1 / (1/60 + 1/60) = 30`` cells, ``30 / (30 + 30) = 0.5``; a seen group keeps its own count."""
+    genes = 20
+    rng = np.random.default_rng(0)
+    base = rng.uniform(3, 12, genes)
+    effect = {s: np.where(np.arange(genes) // 3 == i, 1.0, 0.0) for i, s in enumerate("ABC")}
+    groups = {"ctrl": [], "A": ["A"], "A+B": ["A", "B"], "A+C": ["A", "C"]}
+    x = np.vstack([rng.poisson(base * np.exp(sum((effect[p] for p in parts), np.zeros(genes))), (60, genes))
+                   for parts in groups.values()])
+    a = ad.AnnData(x.astype(np.float32), obs=pd.DataFrame({"condition": np.repeat(list(groups), 60)},
+                                                          index=[f"c{i}" for i in range(len(x))]))
+    a.var_names = [f"g{i}" for i in range(genes)]
+    cells = scidiff.setup_anndata(a, n_top_genes=None, perturbation_keys=["condition"], control_labels=["ctrl"])
+    torch.manual_seed(0)
+    model = scidiff.ScIDiffModel.from_data(cells, hidden_dim=16, num_layers=1, num_timesteps=10, conditioning_dim=8,
+                                           latent_dim=4)
+    scidiff.ScIDiffTrainer(model, cells.loader(128, seed=0), device="cpu", progress=False,
+                           early_stopping_patience=None, seed=0).train(1)
+    control = a[(a.obs["condition"] == "ctrl").to_numpy()][:20].copy()
+    for target, confidence in [("B", 0.5), ("C", 0.5), ("B+C", 0.5), ("A+B", 60 / 90)]:
+        pred = scidiff.perturb(model, control, {"condition": target}, steps=2, progress=False, observed=False)
+        np.testing.assert_allclose(pred.obs["scidiff_confidence"], confidence, rtol=1e-6, err_msg=target)
+        change = np.asarray(pred.X).mean(0) - np.asarray(pred.layers["control"]).mean(0)
+        own = sum(effect[s] for s in target.split("+")) > 0
+        assert change[own].min() > 0.3 and change[~own].max() < 0.3, target

@@ -48,7 +48,8 @@ expression outside the model's latent. How the change is found depends on what t
 training cells of that group ``n / (n + 30)`` (at the dose asked for: :func:`_support`);
 ``transferred``, the lowest of the agreement of the contexts' changes for the cell,
 ``|sum_c w_c d_c|^2 / sum_c w_c |d_c|^2``, the share kept by the shrinkage, the training cells of
-the groups read, ``sum_c w_c n_c / (n_c + 30)`` (the contexts' estimates are pooled where they
+the groups read, ``sum_c w_c n_c / (n_c + 30)`` (a single seen there only inside combinations:
+:func:`_within_combinations`; the contexts' estimates are pooled where they
 agree, so agreement alone would not tell 20 cells from 600), and, for a cell outside every
 context read, the contexts' agreement among themselves (:func:`transfer_evidence`: none from one
 context); ``additive``, the least of its
@@ -354,6 +355,9 @@ def _support(model, key: str, singles, context, dose: float | None = None) -> fl
     certain (1)."""
     slot = model.effects.of(key)
     match = model.effects.group_rows(key, singles, context)
+    if not match.any():  # seen here inside combinations only (B in A+B, beside A), or not at all
+        n = _within_combinations(model, key, singles, context)
+        return float(n / (n + SUPPORT_CELLS))
     counts = slot.seen_counts.numpy()[match].astype(np.float64)
     if dose is not None and match.any() and slot.seen_dose.shape[:1] == slot.seen.shape[:1]:
         if dose == 0:
@@ -364,6 +368,26 @@ def _support(model, key: str, singles, context, dose: float | None = None) -> fl
         counts = np.array([0.0 if t > at[-1] and not np.isclose(t, at[-1]) else np.interp(t, at, counts[order])])
     n = float(counts.sum())
     return n / (n + SUPPORT_CELLS)
+
+
+def _within_combinations(model, key: str, singles, context) -> float:
+    """Training cells behind ``singles`` of ``key`` in ``context`` where they were seen there only
+    inside combinations: B's change in A+B beside A is the combination's minus the rest's (the
+    additive fit of :mod:`scidiff.models.effects`), whose variance makes each such pair worth
+    ``1 / (1 / n_combination + 1 / n_rest)`` cells; summed over the pairs (0 where none)."""
+    slot, k = model.effects.of(key), len(model.effects.context_keys)
+    seen, counts = slot.seen.numpy(), slot.seen_counts.numpy().astype(np.float64)
+    if not len(seen):
+        return 0.0
+    here, hot = (seen[:, :k] == np.asarray(context)).all(1), seen[:, k:] != 0
+    want = np.zeros(hot.shape[1], bool)
+    want[list(singles)] = True
+    n = 0.0
+    for g in np.flatnonzero(here & hot[:, want].all(1) & (hot.sum(1) > want.sum())):
+        rest = here & (hot == (hot[g] & ~want)).all(1)
+        if rest.any() and counts[g] > 0:
+            n += 1.0 / (1.0 / counts[g] + 1.0 / counts[rest].sum())
+    return n
 
 
 def direct_support(spec, codes: dict) -> torch.Tensor:
