@@ -19,3 +19,10 @@ def whole_number(name: str, value, low: int | None = None, high: int | None = No
             or (low is not None and value < low) or (high is not None and value > high)):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
+
+
+def generator_seed(seed) -> int:
+    """``seed`` for a torch generator (``model.sample``, the engine) as an int in ``[0, 2**64)``,
+    the range torch takes (numpy integers too, which torch refuses), else a ValueError naming it:
+    a negative seed would wrap to another one."""
+    return whole_number("seed", seed, 0, 2**64 - 1, what="an integer in [0, 2**64)")

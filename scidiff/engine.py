@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .checks import whole_number
+from .checks import generator_seed, whole_number
 from .diffusion.guidance import double_rows, guidance_weight
 from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
 from .ops.device import resolve_device
@@ -361,7 +361,8 @@ class SamplingEngine:
         shared, cond_all = self._encode(conditioning, n)
         if generator is None:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            seed = generator_seed(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator.manual_seed(seed)
         from tqdm.auto import tqdm
 
         with tqdm(total=n, desc=f"sampling ({self.sampler}, {len(self.plan)} evaluations)", unit="cell",

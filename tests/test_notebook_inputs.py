@@ -11,23 +11,19 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scipy.sparse as sp
-import torch
 
 import scidiff
 from scidiff.cli.predict import _inside
 from scidiff.config import load_config
 from scidiff.tasks.cells import h5_mapping
+from test_predict_screen import single_thread
 
 RAW_GENES, GENES = 50, 36
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models run fastest on one thread (several fight over a shared machine's cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    yield from single_thread()
 
 
 def scanpy_cells(n: int = 240, seed: int = 0) -> ad.AnnData:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .io import temporary_beside
+from .spec import typed_labels
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -128,6 +129,7 @@ class H5adWriter:
         self.uns: dict = {}  # written at close
         self.drop_if_empty: set = set()  # obs columns dropped at close when no cell has a value in them
         self.var: pd.DataFrame | None = None  # var columns (gene symbols) beside the names, written at close
+        self.label_types: dict = {}  # obs column -> the type its labels are written as (spec.label_type)
         level = gzip_level if compression == "gzip" else None
         self._pool = ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1))
         self.f = h5py.File(self._tmp, "w")
@@ -266,10 +268,8 @@ class H5adWriter:
                 else np.zeros(0, np.float64)
             _attrs(obs, "dataframe", "0.2.0")
             for key, (_, vocab) in self._columns.items():
-                if vocab is None:
-                    continue
-                cats = obs[key].create_dataset("categories", data=np.array(list(vocab), dtype=object), dtype=_STR)
-                _attrs(cats, "string-array", "0.2.0")
+                if vocab is not None:
+                    self._write_categories(obs, key, list(vocab))
             var = pd.DataFrame(index=pd.Index(self.var_names))
             if self.var is not None:
                 var = self.var.reindex(var.index)
@@ -288,6 +288,24 @@ class H5adWriter:
             self._pool.shutdown()
         self._closed = True
         return self.path
+
+    def _write_categories(self, obs, key: str, labels: list) -> None:
+        """The categories of label column ``key``: text, or booleans or numbers where
+        :attr:`label_types` gives it a type (``'bool'`` or ``'int64'``, not categorical: the
+        values themselves, where no cell misses one), as ``anndata`` writes such a column."""
+        kind = self.label_types.get(key)
+        values = np.asarray(typed_labels(labels, kind))
+        if values.dtype.kind not in "biuf":
+            cats = obs[key].create_dataset("categories", data=np.array(labels, dtype=object), dtype=_STR)
+            _attrs(cats, "string-array", "0.2.0")
+            return
+        codes = obs[key]["codes"][:]
+        if kind.startswith("category:") or (codes < 0).any():
+            _attrs(obs[key].create_dataset("categories", data=values), "array", "0.2.0")
+            return
+        del obs[key]
+        _attrs(obs.create_dataset(key, data=values[codes]), "array", "0.2.0")
+        self._columns[key] = (obs[key], None)
 
     def _store_integers(self, obs, key: str, rows: int = 1 << 20) -> None:
         """Rewrite the numeric column ``key`` (float64 as appended) as int64: every append gave it

@@ -187,6 +187,11 @@ def atomic_path(path, write) -> str:
 
 
 def write_h5ad(adata: ad.AnnData, path) -> str:
-    """Write ``adata`` to ``path`` atomically."""
-    adata.uns.pop("scidiff_source", None)
-    return atomic_path(path, adata.write_h5ad)
+    """Write ``adata`` to ``path`` atomically, without ``uns['scidiff_source']`` (the file it was
+    read from, :func:`read_h5ad`'s note); the caller's ``adata`` keeps it."""
+    source = adata.uns.pop("scidiff_source", None)
+    try:
+        return atomic_path(path, adata.write_h5ad)
+    finally:
+        if source is not None:
+            adata.uns["scidiff_source"] = source

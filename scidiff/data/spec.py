@@ -26,6 +26,13 @@ def exact_zeros(x):
     return torch.where(x < MEASURED_ZERO, torch.zeros_like(x), x)
 
 
+def scanpy_log1p() -> dict:
+    """scanpy's record that ``X`` holds natural-log log1p values (``uns['log1p']``), for the cells
+    scidiff returns: ``sc.pp.log1p`` then warns that they are log-transformed already, and
+    ``sc.tl.rank_genes_groups`` reads their fold changes in the right base."""
+    return {"base": None}
+
+
 def perturbation_rows(codes, n: int) -> torch.Tensor:
     """Single-perturbation codes ``LongTensor[B]`` (``n`` = null, ``-1`` = control) -> multi-hot
     ``[B, n + 1]``; a float ``[B, n + 1]`` tensor is returned as is."""
@@ -71,6 +78,12 @@ class DataSpec:
     before it): the scale counts of
     new cells are normalised to where the model was trained on log1p values
     (:func:`~scidiff.data.transform_like`).
+    ``label_types``: each categorical covariate whose training ``obs`` column held booleans or
+    numbers, with its type (:func:`label_type`: ``'bool'``, ``'category:int64'``); the labels of
+    generated and designed cells are given that type (:meth:`labels_as_trained`), text without
+    one (a model saved before it). ``gene_var``: the training file's other ``var`` columns
+    (Ensembl IDs beside symbols, feature types), each model gene's value, for the ``var`` of
+    generated and designed cells (:meth:`var_frame`; empty in a model saved before it).
     """
 
     gene_names: list[str]
@@ -93,6 +106,8 @@ class DataSpec:
     gene_symbols: list[str] = field(default_factory=list)
     training_groups: dict = field(default_factory=dict)
     log_total: float | None = None
+    label_types: dict[str, str] = field(default_factory=dict)
+    gene_var: dict[str, list] = field(default_factory=dict)
 
     def __post_init__(self):
         n = len(self.gene_names)
@@ -115,6 +130,12 @@ class DataSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "DataSpec":
         return cls(**d)  # fields added later have defaults: older checkpoints load
+
+    def labels_as_trained(self, key: str, labels):
+        """``labels`` of covariate ``key`` (text, as the model reads them) as a column of the
+        training ``obs`` column's type (:attr:`label_types`), so that the cells concatenate and
+        save beside the training cells; categorical text where it held text."""
+        return typed_labels(labels, self.label_types.get(key))
 
     def perturbation_column_values(self, key: str, label) -> dict[str, object]:
         """The ``obs`` columns recorded for perturbation ``key`` (:attr:`perturbation_columns`)
@@ -419,12 +440,16 @@ class DataSpec:
         way; :func:`scidiff.data.gene_symbols.names_in`)."""
         return names_in(var_names, self.gene_names, self.gene_symbols, var)
 
-    def var_frame(self) -> pd.DataFrame:
+    def var_frame(self, training_columns: bool = False) -> pd.DataFrame:
         """``var`` for cells over the model's genes: the gene IDs as index, with the symbols column
-        of the training file where it had one."""
+        of the training file where it had one, and with ``training_columns`` its other columns
+        (:attr:`gene_var`: for cells drawn from the model, not read from a file of their own)."""
         var = pd.DataFrame(index=pd.Index([str(g) for g in self.gene_names]))
         if self.gene_symbol_column and self.gene_symbols:
             var[self.gene_symbol_column] = list(self.gene_symbols)
+        for column, values in (self.gene_var.items() if training_columns else ()):
+            values = pd.Series(values, index=var.index)
+            var[column] = pd.Categorical(values) if values.dtype == object and values.isna().any() else values
         return var
 
     def check_same_genes(self, other: "DataSpec", what: str = "checkpoint") -> None:
@@ -439,6 +464,22 @@ def record_symbols(spec: DataSpec, var: pd.DataFrame, requested: str | None = "a
     column = symbol_column(var, requested, where)
     if column is not None:
         spec.gene_symbol_column, spec.gene_symbols = column, symbols_of(var, column, spec.gene_names)
+    spec.gene_var = var_columns(var, spec.gene_names, skip={column})
+
+
+def var_columns(var: pd.DataFrame, genes, skip=()) -> dict[str, list]:
+    """Each column of ``var`` that holds booleans, numbers or text (Ensembl IDs, feature types,
+    highly-variable flags) but not in ``skip``, as the plain values of ``genes`` (``None`` where
+    missing): :attr:`DataSpec.gene_var`."""
+    var = var[~var.index.duplicated()].set_axis(var.index[~var.index.duplicated()].astype(str))
+    rows = var.reindex([str(g) for g in genes])
+    out = {}
+    for column in rows.columns:
+        col = rows[column]
+        values = col.cat.categories if isinstance(col.dtype, pd.CategoricalDtype) else col
+        if column not in set(skip) and values.dtype.kind in "biufOSU":
+            out[str(column)] = [_plain(v) for v in col.tolist()]
+    return out
 
 
 def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key) -> tuple[list[str], list[str]]:
@@ -455,6 +496,37 @@ def covariate_keys(condition_keys, continuous_keys, perturbation_keys, dose_key)
                          f"numeric (continuous_keys / dose_key) covariates; a column is read as labels or as numbers: "
                          f"name each in one of them")
     return categorical, numeric
+
+
+def label_type(column: pd.Series) -> str | None:
+    """The type of an ``obs`` column of labels that holds booleans or numbers (its values' dtype,
+    ``'category:'`` before it for a categorical column: ``'bool'``, ``'category:int64'``); ``None``
+    for text."""
+    categorical = isinstance(column.dtype, pd.CategoricalDtype)
+    values = column.cat.categories if categorical else column
+    if values.dtype.kind not in "biuf":
+        return None
+    return ("category:" if categorical else "") + str(values.dtype)
+
+
+def typed_labels(labels, kind: str | None):
+    """``labels`` (text, as the model reads ``obs``) as a column of type ``kind``
+    (:func:`label_type`): ``'True'`` as ``True``, ``'2'`` as ``2`` (a column of both ``2`` and
+    ``'2'`` cannot be written); categorical text without a type, or where a label is no value of
+    it (``'1.5'`` of an integer column)."""
+    text = pd.Categorical(labels)
+    if not kind:
+        return text
+    categorical = kind.startswith("category:")
+    dtype = pd.api.types.pandas_dtype(kind.removeprefix("category:"))
+    read = {"b": {"True": True, "False": False}.get, "i": int, "u": int, "f": float}.get(dtype.kind)
+    try:
+        typed = [read(v) for v in labels] if read is not None else None
+    except (TypeError, ValueError):
+        typed = None
+    if typed is None or any(v is None for v in typed):
+        return text
+    return pd.Categorical(typed) if categorical else pd.array(typed, dtype=dtype)
 
 
 def known_values(value, vocab, what: str = "values", limit: int = 40) -> str:
@@ -661,6 +733,7 @@ def _build_spec(genes, kind: str, target_sum, offset, scale, vocabs: dict, codes
     spec.label_counts = spec.count_labels(codes)
     spec.training_groups = spec.count_groups(codes)
     if obs is not None:
+        spec.label_types = {k: t for k in vocabs if k in obs.columns and (t := label_type(obs[k])) is not None}
         covariates = set(vocabs) | set(continuous_keys) | set(perturbation_keys)
         contexts = [k for k in vocabs if k not in perturbation_keys]
         spec.perturbation_columns = {key: describing_columns(obs, key, exclude=covariates, contexts=contexts,

@@ -22,7 +22,7 @@ from .gene_symbols import with_var_columns
 from .h5ad_layout import naming_file, obs_name_reader
 from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, gene_columns, log_normalize, select_genes, warn_empty_cells
-from .spec import DataSpec, _build_spec, covariate_keys, record_symbols
+from .spec import DataSpec, _build_spec, covariate_keys, label_type, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
 from .validate import check_labelled
 
@@ -300,6 +300,9 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
                        layer=layer, use_raw=use_raw, perturbation_keys=perturbation_keys,
                        control_labels=control_labels, separator=separator, dose_key=dose_key,
                        obs=_read_obs(reader.path, None) if perturbation_keys else None)
+    if not perturbation_keys and vocabs:  # the labels' types (booleans, integers), from their columns alone
+        spec.label_types = {k: t for k, col in _read_obs(reader.path, list(vocabs)).items()
+                            if (t := label_type(col)) is not None}
     spec.log_total = total
     record_symbols(spec, read_var(reader.path, use_raw), gene_symbols,
                    f"{'raw/var' if use_raw else 'var'} of {reader.path!r}")

@@ -1,7 +1,8 @@
 """Random draws keyed by a cell's row, not by its place in a batch: counter-based (a hash of
 ``(seed, stream, row, column)``, as Philox and Threefry are; Salmon et al. 2011, SC'11), so a cell
 draws the same numbers in any batch, beside any other cells and on any device. A prediction, a
-fresh cell or a denoised cell then depends on the cell and the seed only."""
+fresh cell or a denoised cell then depends on the cell, its row and the seed only (a cell moved to
+another row draws other numbers)."""
 from __future__ import annotations
 
 import math

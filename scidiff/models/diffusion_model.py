@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import whole_number
+from ..checks import generator_seed, whole_number
 from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
@@ -541,7 +541,8 @@ class ScIDiffModel(nn.Module):
         cond = {k: v.to(device) for k, v in self.encode_conditioning(conditioning, batch_size).items()}
         if generator is None:
             generator = torch.Generator(device=device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            seed = generator_seed(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
+            generator.manual_seed(seed)
         was_training = self.training
         self.eval()
         try:

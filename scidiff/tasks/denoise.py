@@ -27,6 +27,7 @@ from ..checks import whole_number
 from ..data.gene_symbols import var_of
 from ..data.dataset import source_like
 from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
+from ..data.spec import scanpy_log1p
 from ..diffusion.plans import timesteps
 from ..diffusion.samplers import ddim
 from ..models.cell_draws import cell_normals, check_seed
@@ -184,6 +185,7 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     result.obs_names = adata.obs_names
     _keep_input(result, adata, spec, use_raw)
     result.layers[key_added] = out
+    result.uns["log1p"] = scanpy_log1p()  # X (read from counts, a layer or raw) is log1p, as scanpy records it
     result.uns["scidiff_denoise"] = {"method": method, "strength": strength, "n_samples": n_samples,
                                      "likelihood_weight": likelihood_weight, "steps": steps, "seed": seed,
                                      "input": "raw/X" if use_raw else f"layers/{layer}" if layer else "X",

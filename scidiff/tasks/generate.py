@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
 from ..data.io import atomic_path
+from ..data.spec import scanpy_log1p
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
@@ -213,12 +214,15 @@ def _obs(labels: dict, m: int, continuous=()) -> dict:
     return {k: [kind[k](x) for x in v] if isinstance(v, list) else [kind[k](v)] * m for k, v in labels.items()}
 
 
-def _obs_frame(labels: list[dict], index) -> pd.DataFrame:
-    """The chunks' :func:`_obs` as one ``obs``: labels categorical, numbers as floats."""
-    def column(values):
-        return np.asarray(values, np.float64) if values and isinstance(values[0], float) else pd.Categorical(values)
+def _obs_frame(labels: list[dict], index, spec) -> pd.DataFrame:
+    """The chunks' :func:`_obs` as one ``obs``: numbers as floats, labels of the type of the
+    training column (:meth:`~scidiff.data.DataSpec.labels_as_trained`: a boolean column's
+    ``True``, a cluster's ``2``), else categorical text."""
+    def column(key, values):
+        return (np.asarray(values, np.float64) if values and isinstance(values[0], float)
+                else spec.labels_as_trained(key, values))
 
-    return pd.DataFrame({k: column([v for chunk in labels for v in chunk[k]]) for k in labels[0]}, index=index)
+    return pd.DataFrame({k: column(k, [v for chunk in labels for v in chunk[k]]) for k in labels[0]}, index=index)
 
 
 def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEFAULT_SAMPLER,
@@ -249,9 +253,11 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
             parts.append(x)
             labels.append(_obs(cond, len(x), model.data_spec.continuous))
             bar.update(len(x))
-    out = ad.AnnData(X=np.concatenate(parts), obs=_obs_frame(labels, [f"generated_{i}" for i in range(n)]))
-    out.var = model.data_spec.var_frame()
+    out = ad.AnnData(X=np.concatenate(parts),
+                     obs=_obs_frame(labels, [f"generated_{i}" for i in range(n)], model.data_spec))
+    out.var = model.data_spec.var_frame(training_columns=True)
     out.uns["scidiff"] = _generation_uns(model, settings, seed, observed, engine)
+    out.uns["log1p"] = scanpy_log1p()  # X is log1p, as scanpy records it
     return out
 
 
@@ -280,8 +286,8 @@ def _write_groups(model, engine, out, plan, first: int, cells: int, *, seed: int
     several = len(plan) > 1
     with H5adWriter(out, model.data_spec.gene_names) as writer, \
             tqdm(total=cells * len(plan), desc="sampling", unit="cell", disable=not progress) as bar:
-        writer.uns = {"scidiff": _generation_uns(model, settings, seed, observed, engine)}
-        writer.var = model.data_spec.var_frame()
+        writer.uns = {"scidiff": _generation_uns(model, settings, seed, observed, engine), "log1p": scanpy_log1p()}
+        writer.var, writer.label_types = model.data_spec.var_frame(training_columns=True), model.data_spec.label_types
         for i, cond in enumerate(plan):
             start = first
             for x, labels in _chunks(model, engine, cells, cond, seed=seed + i, chunk_size=chunk_size,
@@ -408,14 +414,20 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
                 names = obs[obs.attrs.get("_index", "_index")]
                 columns = {}
                 for key in [str(k) for k in obs.attrs.get("column-order", [])]:
-                    if isinstance(obs[key], h5py.Dataset):  # numbers (a dose, a time)
+                    if isinstance(obs[key], h5py.Dataset) and obs[key].dtype.kind == "b":  # a boolean covariate
+                        writer.label_types[key] = "bool"
+                        columns[key] = (obs[key], np.array([False, True], dtype=object))
+                    elif isinstance(obs[key], h5py.Dataset):  # numbers (a dose, a time)
                         columns[key] = (obs[key], None)
-                    else:  # labels; code -1 (missing) -> None
-                        cats = np.append(obs[key]["categories"].asstr()[:].astype(object), None)
-                        columns[key] = (obs[key]["codes"], cats)
+                    else:  # labels (text, or a covariate's booleans or numbers); code -1 (missing) -> None
+                        stored = obs[key]["categories"]
+                        if stored.dtype.kind in "biuf":
+                            writer.label_types[key] = f"category:{stored.dtype}"
+                        cats = stored.asstr()[:] if stored.dtype.kind not in "biuf" else stored[:]
+                        columns[key] = (obs[key]["codes"], np.append(cats.astype(object), None))
                 for a in range(0, x.shape[0], chunk_cells):
                     b = min(x.shape[0], a + chunk_cells)
-                    writer.append(x[a:b], obs={k: values[a:b] if cats is None else cats[values[a:b]]
+                    writer.append(x[a:b], obs={k: values[a:b] if cats is None else cats[values[a:b].astype(np.int64)]
                                                for k, (values, cats) in columns.items()},
                                   obs_names=names.asstr()[a:b])
     return out_file

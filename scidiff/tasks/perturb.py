@@ -97,7 +97,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.dataset import OTHER_SEPARATORS
-from ..data.spec import exact_zeros, perturbed_input_error
+from ..data.spec import exact_zeros, label_type, perturbed_input_error, scanpy_log1p, typed_labels
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
 from ..models.cell_draws import cell_normals, cell_uniforms, check_seed
@@ -118,13 +118,24 @@ def _denoiser(model, guidance_scale: float, n: int):
     return classifier_free_guidance(model, guidance_scale, model.condition_encoder.null_condition(n))
 
 
+def _weights_digest(model) -> str:
+    """A digest of ``model``'s parameters and buffers (names, types, shapes and values)."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, t in model.state_dict().items():
+        a = t.detach().cpu().contiguous()
+        digest.update(f"{name}:{a.dtype}:{tuple(a.shape)}".encode())
+        digest.update(a.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 class _Reader:
     """The model's change to a batch of cells ``x`` (model space) between two conditions, by
     inversion under the reference condition and two decodings of the same noise.
 
     The inversion and the decoding under the reference are the same for every target read
     against the same cells and reference, so they are kept in ``store`` (a dict; keyed by the
-    contents of the cells and of the condition, the device, the steps and the guidance): each
+    model's weights, the contents of the cells and of the condition, the device, the steps and
+    the guidance, so that a store passed to another model, or to one trained further, is not read): each
     further target costs one decoding instead of an inversion and two decodings, with identical
     results. :func:`~scidiff.tasks.screen.predict_screen` shares one store over its targets."""
 
@@ -132,6 +143,7 @@ class _Reader:
         self.model, self.steps, self.guidance = model, steps, guidance_scale
         self.store = {} if store is None else store
         self.changes = {}  # this call's changes to the reference cells, read twice by measured predictions
+        self.weights = "" if store is None else _weights_digest(model)  # a store of this call alone: one model
 
     def decode(self, z_T, cond):
         m = self.model
@@ -147,7 +159,7 @@ class _Reader:
             a = t.detach().cpu().contiguous().numpy()
             digest.update(f"{name}:{a.dtype}:{a.shape}".encode())
             digest.update(a.tobytes())
-        return digest.hexdigest(), str(x.device), int(self.steps), float(self.guidance)
+        return self.weights, digest.hexdigest(), str(x.device), int(self.steps), float(self.guidance)
 
     def _inverted(self, x, reference: dict):
         """``(z_T, the reference's decoding in the diffusion space)`` of cells ``x``, kept."""
@@ -868,7 +880,10 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
             routes[rows] = plan.route
     obs = control_adata.obs.copy()
     for key, labels in spec.decode_conditions(target_codes).items():
-        obs[key] = _labels_like(obs.get(key), labels) if key in spec.categorical else labels
+        if key in spec.categorical:  # the input's column's type, else the training column's
+            obs[key] = _labels_like(obs[key], labels) if key in obs else spec.labels_as_trained(key, labels)
+        else:
+            obs[key] = labels
     for key in spec.continuous:  # a time or dose as asked: its float32 code wrote day 0.7 as 0.699999988
         if isinstance(condition.get(key), float):
             obs[key] = condition[key]
@@ -882,6 +897,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     result.var = spec.var_frame()
     keep_var_columns(result, control_adata, spec, layer=layer, use_raw=use_raw)
     result.layers["control"] = cells.log_expression().astype(np.float32)
+    result.uns["log1p"] = scanpy_log1p()  # X is log1p, as scanpy records it
     result.uns["scidiff_prediction"] = {
         "method": method, "observed": bool(observed), "steps": int(steps), "guidance_scale": float(guidance_scale),
         "seed": int(seed),
@@ -894,21 +910,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
 def _labels_like(column: pd.Series | None, labels):
     """``labels`` (text, as the model reads ``obs``) in the type of the input's ``column`` where it
     holds booleans or numbers (a boolean column, a cluster's integer categories), so that the
-    prediction concatenates and saves beside the input (a column of both ``2`` and ``'2'`` cannot
-    be written); else categorical text."""
-    text = pd.Categorical(labels)
-    if column is None:
-        return text
-    categorical = isinstance(column.dtype, pd.CategoricalDtype)
-    values = column.cat.categories if categorical else column
-    read = {"b": {"True": True, "False": False}.get, "i": int, "u": int, "f": float}.get(values.dtype.kind)
-    try:
-        typed = [read(v) for v in labels] if read is not None else None
-    except ValueError:  # '1.5' of an integer column: kept as text
-        typed = None
-    if typed is None or any(v is None for v in typed):
-        return text
-    return pd.Categorical(typed) if categorical else pd.array(typed, dtype=values.dtype)
+    prediction concatenates and saves beside the input (:func:`~scidiff.data.spec.typed_labels`);
+    else categorical text."""
+    return typed_labels(labels, None if column is None else label_type(column))
 
 
 def _described_columns_set(spec, obs: pd.DataFrame, condition: dict) -> pd.DataFrame:

@@ -52,11 +52,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...data.spec import scanpy_log1p, typed_labels
 from ...diffusion.guidance import classifier_free_guidance, objective_guidance
 from ...diffusion.plans import sampler_plan
 from ...diffusion.samplers import Denoiser, ddim_invert, run_plan
 from ...diffusion.smc import systematic_resample, walk_smc
 from ...groups import share_out
+from ...models.cell_draws import check_seed
 from .._keywords import no_other_keywords, renamed
 from ..cells import h5_keys as _h5_keys
 from .classifier import CellTypeClassifier
@@ -89,6 +91,7 @@ class DesignResult:
     path: torch.Tensor | None = None
     var: pd.DataFrame | None = None  # the genes' var (symbols beside IDs), else names only
     ancestors: np.ndarray | None = None  # per cell, the batch row (starting noise or source cell) it descends from
+    label_types: dict = field(default_factory=dict)  # the type of each covariate's training column (DataSpec's)
 
     @property
     def all_met(self) -> np.ndarray:
@@ -102,14 +105,16 @@ class DesignResult:
                            index=[f"designed_{i}" for i in range(len(self.expression))])
         obs["met_all"] = self.all_met
         obs["objective"] = self.loss
-        for k, v in self.condition.items():
-            obs[k] = pd.Categorical([str(s) for s in v]) if isinstance(v, list) else str(v)
+        for k, v in self.condition.items():  # a boolean or integer covariate's labels as the training column held them
+            labels = [str(s) for s in v] if isinstance(v, list) else [str(v)] * len(obs)
+            obs[k] = typed_labels(labels, self.label_types.get(k))
         out = ad.AnnData(X=self.expression.astype(np.float32), obs=obs)
         out.var_names = list(self.gene_names)
         if self.var is not None:
             out.var = self.var.reindex(out.var_names)
         if self.source is not None:
             out.layers["source"] = self.source.astype(np.float32)
+        out.uns["log1p"] = scanpy_log1p()  # X is log1p, as scanpy records it
         out.uns["scidiff_design"] = _h5_keys({"target": _jsonable(self.target.to_dict()),
                                               "settings": _jsonable(self.settings)})
         return out
@@ -427,6 +432,7 @@ class InverseDesigner:
         num_samples, objective_scale = renamed("InverseDesigner.design", deprecated, {
             "num_samples": ("n", n), "guidance_scale": ("objective_scale", objective_scale)}, stacklevel=4)  # under no_grad
         no_other_keywords("InverseDesigner.design", deprecated)
+        seed = check_seed(seed)  # numpy's generator and torch's both draw from it (-1 or None: a named error)
         num_samples = 32 if num_samples is None else int(num_samples)
         objective_scale = 10.0 if objective_scale is None else float(objective_scale)
         self.check(target)
@@ -552,7 +558,7 @@ class InverseDesigner:
                     "objectives": [getattr(o, "name", type(o).__name__) for o in self.objectives],
                     "constraints": {o.name: o.weight for o in self.constraints}}
         return DesignResult(expression=expr, gene_names=self.gene_names, target=target,
-                            var=self.model.data_spec.var_frame(),
+                            var=spec.var_frame(training_columns=True), label_types=spec.label_types,
                             met=self.hits(expr, target), loss=loss.cpu().numpy(),
                             source=source_expr, condition=labels, settings=settings,
                             path=torch.cat(paths, dim=1) if record_path else None, ancestors=ancestry.numpy())
