@@ -5,6 +5,7 @@ seed, from ``model.sample``, the sampling engine, ``scidiff.generate(..., engine
 ``scidiff.design``."""
 import copy
 
+import anndata as ad
 import numpy as np
 import pytest
 import torch
@@ -68,6 +69,30 @@ def test_design_refuses_a_seed_outside_what_its_generators_take_by_name(model):
     b = scidiff.design(model, "g0>=1", 4, steps=3, seed=1, retries=0)
     np.testing.assert_array_equal(_x(a), _x(b))
     assert a.uns["scidiff_design"]["settings"]["seed"] == 1
+
+
+def test_a_fresh_seed_replays_from_the_cli_and_generate_refuses_the_seeds_that_alias(model, tmp_path):
+    """generate(seed=None) recorded a 63-bit seed (7396878550318969210) that scidiff sample --seed
+    refuses; generate(seed=2**32 + 3) gave seed 3's cells recorded as 4294967299, and seed=-1 those
+    of 2**32 - 1 recorded as -1. Now a fresh seed lies in [0, 2**32) and replays from the CLI, and
+    generate, generate_to_file and generate_sharded refuse the others by name."""
+    from scidiff.cli import main
+    from scidiff.tasks.generate import generate_to_file
+    from scidiff.training import save_model
+
+    fresh = scidiff.generate(model, 6, CONDITION, seed=None, steps=3, progress=False)
+    seed = fresh.uns["scidiff"]["seed"]
+    assert 0 <= seed < 2**32
+    run, out = tmp_path / "run", tmp_path / "again.h5ad"
+    save_model(model, run)
+    assert main(["sample", "--model", str(run), "-n", "6", "--condition", "cell_type=a,condition=stim",
+                 "--steps", "3", "--seed", str(seed), "--out", str(out)]) == 0
+    np.testing.assert_array_equal(_x(ad.read_h5ad(out)), _x(fresh))
+    for bad in (-1, 2**32 + 3):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\), got"):
+            scidiff.generate(model, 6, CONDITION, seed=bad, steps=3, progress=False)
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*32\), got"):
+            generate_to_file(model, 6, tmp_path / "no.h5ad", [CONDITION], seed=bad, steps=3, progress=False)
 
 
 def test_a_store_shared_with_another_model_is_not_read(model):

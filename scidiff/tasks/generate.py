@@ -20,14 +20,17 @@ from ..data.spec import scanpy_log1p
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
+from ..models.cell_draws import check_seed
 from ..training import distributed
 from ._keywords import no_other_keywords, renamed
 from .cells import model_spec
 
 
 def fresh_seed() -> int:
-    """A seed for ``seed=None``: drawn from the operating system, then recorded with the cells."""
-    return secrets.randbits(63)
+    """A seed for ``seed=None``: drawn from the operating system, then recorded with the cells, in
+    ``[0, 2**32)`` as every seed (:func:`~scidiff.models.cell_draws.check_seed`), so that
+    ``scidiff sample --seed`` draws them again."""
+    return secrets.randbits(32)
 
 
 def _per_cell(value) -> bool:
@@ -242,7 +245,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     ``uns['scidiff']['seed']`` so that the cells can be drawn again."""
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
-    seed = fresh_seed() if seed is None else seed
+    seed = fresh_seed() if seed is None else check_seed(seed)  # -1 and 2**32 + 3 drew other seeds' cells
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     (condition,) = plan_groups(model, n, [condition], seed)
     observed = model.resolve_observed(observed)
@@ -273,7 +276,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
-    seed = fresh_seed() if seed is None else seed  # recorded in the file's uns
+    seed = fresh_seed() if seed is None else check_seed(seed)  # recorded in the file's uns
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
@@ -330,6 +333,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     :func:`read_generated` opens the result."""
     if seed is None:
         raise ValueError("generate_sharded needs a seed: every rank draws its share from the same one")
+    seed = check_seed(seed)
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
