@@ -254,3 +254,18 @@ def test_a_single_seen_only_inside_doubles_rests_on_their_cells():
         change = np.asarray(pred.X).mean(0) - np.asarray(pred.layers["control"]).mean(0)
         own = sum(effect[s] for s in target.split("+")) > 0
         assert change[own].min() > 0.3 and change[~own].max() < 0.3, target
+
+
+def test_a_baseline_target_joined_with_another_separator_says_so():
+    """`scidiff predict --method additive --target condition=KLF1|GATA1` on `+` data said only
+    "single perturbations without training cells: ['KLF1|GATA1']"; now it names the separator and
+    what to write, as the model's refusal does."""
+    from scidiff.evaluation.perturbation import predict_baseline
+
+    train = _screen()
+    control = train[(train.obs["condition"] == "ctrl").to_numpy()].copy()
+    for method in ("additive", "mean-shift"):
+        with pytest.raises(ValueError, match=r"joins perturbations of the training cells with '\|', but combinations "
+                                             r"are read joined with '\+': write 'KLF1\+GATA1'"):
+            predict_baseline(method, train, control, {"condition": "KLF1|GATA1"}, perturbation_key="condition",
+                             control_label="ctrl")

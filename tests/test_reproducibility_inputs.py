@@ -112,3 +112,19 @@ def test_a_store_shared_with_another_model_is_not_read(model):
     assert len(store) == 2  # one inversion per model
     np.testing.assert_array_equal(scidiff.perturb(other, control, {"condition": "stim"}, store=store, **kw).X, want)
     assert len(store) == 2  # the second model's read back
+
+
+def test_the_training_record_says_the_seed(tmp_path):
+    """training.json (and the checkpoint's record of it) did not say the seed a run was trained
+    with; config.yaml did, for runs of scidiff train only."""
+    import json
+
+    from scidiff.training import ScIDiffTrainer
+    from scidiff.training.checkpoint import read_checkpoint
+
+    cells = setup_anndata(_cells(), condition_keys=["cell_type", "condition"])
+    model = ScIDiffModel.from_data(cells, latent_dim=4, hidden_dim=16, num_layers=1, num_timesteps=20)
+    ScIDiffTrainer(model, cells.loader(64, seed=5), device="cpu", progress=False, early_stopping_patience=None,
+                   seed=5, checkpoint_dir=str(tmp_path)).train(1)
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["seed"] == 5 and read_checkpoint(tmp_path)["training"]["seed"] == 5

@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from ..data.dataset import OTHER_SEPARATORS
 from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
 from ..data.perturbation_features import resolve_genes
 from ..data.spec import canonical_label, perturbed_input_error
@@ -520,6 +521,19 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     return out
 
 
+def _joined_hint(labels, known, separator: str) -> str:
+    """Where one of ``labels`` joins perturbations of ``known`` with another separator than
+    ``separator`` (``KLF1|CEBPA`` on ``+`` data), the note that says so; else ``""``."""
+    for label in labels:
+        for other in OTHER_SEPARATORS:
+            parts = [p.strip() for p in str(label).split(other) if p.strip()] if other != separator else []
+            if len(parts) > 1 and all(p in known for p in parts):
+                return (f"; {label!r} joins perturbations of the training cells with {other!r}, but combinations "
+                        f"are read joined with {separator!r}: write {separator.join(parts)!r} (or set the separator, "
+                        f"--separator)")
+    return ""
+
+
 def _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label, time_key, features,
                 alpha, separator) -> np.ndarray:
     """The ``control`` cells (their expression ``xc``) moved by the baseline ``method`` (:func:`predict_baseline`)."""
@@ -545,13 +559,17 @@ def _baseline_x(method, train, control, xc, target, perturbation_key, context_ke
             pred = no_change(xc)
         elif method == "mean-shift":
             if label not in deltas:
-                raise ValueError(f"mean-shift: {label!r} has no training cells beside controls of the same context")
+                raise ValueError(f"mean-shift: {label!r} has no training cells beside controls of the same context"
+                                 + _joined_hint([label], {s for lab in deltas for s in lab.split(separator)},
+                                                separator))
             pred = mean_shift(xc, deltas[label])
         elif method == "additive":
             singles = label.split(separator)
             missing = [s for s in singles if s not in deltas]
             if missing:
-                raise ValueError(f"additive: single perturbations without training cells: {missing}")
+                singles_seen = {s for lab in deltas for s in lab.split(separator)}
+                raise ValueError(f"additive: single perturbations without training cells: {missing}"
+                                 + _joined_hint(missing, singles_seen, separator))
             pred = additive(xc, [np.mean(deltas[s], axis=0) for s in singles])
         elif method == "cell-mean":
             x, ctx = _x(train), _contexts(train, context_key)

@@ -488,7 +488,7 @@ class ScIDiffTrainer:
             stopped = self._end_epoch(bar, total_steps)
         bar.close()
         self._raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.weights_kept = self._weights_to_keep()
+        self.weights_kept = {**self._weights_to_keep(), "seed": None if self.seed is None else int(self.seed)}
         self.model.load_state_dict(self.best_state if self.weights_kept["weights"] == "best"
                                    else self.ema.state_dict_for(self.model))
         self.model.eval()
