@@ -57,16 +57,22 @@ def _screen(labels=LABELS, separator: str = "+", n: int = 20, seed: int = 0) -> 
     return a
 
 
-@pytest.fixture(scope="module")
-def norman():
-    """``(model, control cells)``: a tiny model trained one epoch on the screen."""
-    a = _screen()
+def _tiny_model(a: ad.AnnData):
+    """A tiny model trained one epoch on the screen ``a`` (control ``ctrl``)."""
     cells = scidiff.setup_anndata(a, n_top_genes=None, perturbation_keys=["condition"], control_labels=["ctrl"])
     torch.manual_seed(0)
     model = scidiff.ScIDiffModel.from_data(cells, hidden_dim=16, num_layers=1, num_timesteps=10, conditioning_dim=8,
                                            latent_dim=4)
     scidiff.ScIDiffTrainer(model, cells.loader(128, seed=0), device="cpu", progress=False,
                            early_stopping_patience=None, seed=0).train(1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def norman():
+    """``(model, control cells)``: a tiny model trained one epoch on the screen."""
+    a = _screen()
+    model = _tiny_model(a)
     return model, a[(a.obs["condition"] == "ctrl").to_numpy()][:6].copy()
 
 
@@ -241,12 +247,7 @@ def test_a_single_seen_only_inside_doubles_rests_on_their_cells():
     a = ad.AnnData(x.astype(np.float32), obs=pd.DataFrame({"condition": np.repeat(list(groups), 60)},
                                                           index=[f"c{i}" for i in range(len(x))]))
     a.var_names = [f"g{i}" for i in range(genes)]
-    cells = scidiff.setup_anndata(a, n_top_genes=None, perturbation_keys=["condition"], control_labels=["ctrl"])
-    torch.manual_seed(0)
-    model = scidiff.ScIDiffModel.from_data(cells, hidden_dim=16, num_layers=1, num_timesteps=10, conditioning_dim=8,
-                                           latent_dim=4)
-    scidiff.ScIDiffTrainer(model, cells.loader(128, seed=0), device="cpu", progress=False,
-                           early_stopping_patience=None, seed=0).train(1)
+    model = _tiny_model(a)
     control = a[(a.obs["condition"] == "ctrl").to_numpy()][:20].copy()
     for target, confidence in [("B", 0.5), ("C", 0.5), ("B+C", 0.5), ("A+B", 60 / 90)]:
         pred = scidiff.perturb(model, control, {"condition": target}, steps=2, progress=False, observed=False)

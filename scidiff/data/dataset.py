@@ -229,6 +229,19 @@ def _lookalike_labels(key: str, labels: np.ndarray, source: str) -> None:
 OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
 
 
+def joined_otherwise(labels, known, separator: str, controls=()) -> tuple[str, str, list[str]] | None:
+    """``(label, its separator, its parts)`` for the first of ``labels`` that joins labels of
+    ``known`` (and control labels: GEARS' ``A|ctrl``) with another separator than ``separator``
+    (scPerturb's ``KLF1_CEBPA`` on ``+`` data), else ``None``."""
+    controls = set(controls)
+    for label in labels:
+        for other in OTHER_SEPARATORS:
+            parts = [p.strip() for p in str(label).split(other) if p.strip()] if other != separator else []
+            if len(parts) > 1 and any(p in known for p in parts) and all(p in known or p in controls for p in parts):
+                return str(label), other, parts
+    return None
+
+
 def _fragment_hint(key: str, labels: set, controls, separator: str, source: str) -> None:
     """Warn about labels read as combinations none of whose parts is a perturbation on its own
     anywhere in the data (a drug named ``(+)-JQ1`` split at ``+``): likely one perturbation whose

@@ -33,7 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.spatial.distance import cdist
 
-from ..data.dataset import OTHER_SEPARATORS
+from ..data.dataset import joined_otherwise
 from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
 from ..data.perturbation_features import resolve_genes
 from ..data.spec import canonical_label, perturbed_input_error
@@ -523,15 +523,14 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
 
 def _joined_hint(labels, known, separator: str) -> str:
     """Where one of ``labels`` joins perturbations of ``known`` with another separator than
-    ``separator`` (``KLF1|CEBPA`` on ``+`` data), the note that says so; else ``""``."""
-    for label in labels:
-        for other in OTHER_SEPARATORS:
-            parts = [p.strip() for p in str(label).split(other) if p.strip()] if other != separator else []
-            if len(parts) > 1 and all(p in known for p in parts):
-                return (f"; {label!r} joins perturbations of the training cells with {other!r}, but combinations "
-                        f"are read joined with {separator!r}: write {separator.join(parts)!r} (or set the separator, "
-                        f"--separator)")
-    return ""
+    ``separator`` (``KLF1|CEBPA`` on ``+`` data, :func:`~scidiff.data.dataset.joined_otherwise`),
+    the note that says so; else ``""``."""
+    joined = joined_otherwise(labels, known, separator)
+    if joined is None:
+        return ""
+    label, other, parts = joined
+    return (f"; {label!r} joins perturbations of the training cells with {other!r}, but combinations are read "
+            f"joined with {separator!r}: write {separator.join(parts)!r} (or set the separator, --separator)")
 
 
 def _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label, time_key, features,

@@ -96,7 +96,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..data.dataset import OTHER_SEPARATORS
+from ..data.dataset import joined_otherwise
 from ..data.spec import exact_zeros, label_type, perturbed_input_error, scanpy_log1p, typed_labels
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.samplers import ddim, ddim_invert
@@ -277,9 +277,9 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
             write = spec.separator.join(p for p in parts if p not in other) or spec.control_labels[0]
             raise ValueError(f"{key}={target[key]!r}: {other[0]!r} is not this model's control label (it knows the "
                              f"control as {', '.join(map(repr, spec.control_labels))}); write {key}={write}")
-        joined = _joined_otherwise(spec, new, vocab)
+        joined = joined_otherwise(new, vocab, spec.separator, spec.control_labels)
         if joined:  # KLF1_CEBPA on a model whose combinations are KLF1+CEBPA: not a perturbation never seen
-            p, sep = joined
+            p, sep, _ = joined
             write = spec.separator.join(q for q in [*(q for q in parts if q != p), *(q.strip() for q in p.split(sep))]
                                         if q and not spec.is_control(q)) or spec.control_labels[0]
             raise ValueError(f"{key}={target[key]!r}: {p!r} joins singles the model saw with {sep!r}, but it reads "
@@ -295,18 +295,6 @@ def split_target(model, target: dict) -> tuple[dict, dict]:
         else:
             known.pop(key)
     return known, unseen
-
-
-def _joined_otherwise(spec, new: list, vocab: set):
-    """``(label, separator)`` for the first of ``new`` (labels the model never saw) that joins
-    singles it saw (or control labels) with another separator than its own, else ``None``."""
-    for p in new:
-        for sep in OTHER_SEPARATORS:
-            pieces = [q.strip() for q in p.split(sep) if q.strip()] if sep != spec.separator else []
-            if len(pieces) > 1 and any(q in vocab for q in pieces) \
-                    and all(q in vocab or spec.is_control(q) for q in pieces):
-                return p, sep
-    return None
 
 
 class _Plan:
