@@ -21,8 +21,37 @@ def whole_number(name: str, value, low: int | None = None, high: int | None = No
     return int(value)
 
 
+def yes_no(name: str, value) -> bool:
+    """A yes/no argument as a bool: a Python or numpy bool (``np.False_ is False`` is false); text
+    such as ``'no'``, which reads as true, or a number is a ``ValueError`` naming it."""
+    kind = type(value)  # numpy's bool (np.bool_, named 'bool' since numpy 2), without importing numpy
+    if not isinstance(value, bool) and not (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def real_number(name: str, value, test=lambda v: True, *, what: str = "a finite number") -> float:
+    """``value`` as a float: a Python or numpy real number, finite, passing ``test``; a bool, text,
+    ``None`` or NaN is a ``ValueError``: ``"{name} must be {what}, got {value!r}"``."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not test(float(value)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
 def generator_seed(seed) -> int:
     """``seed`` for a torch generator (``model.sample``, the engine) as an int in ``[0, 2**64)``,
     the range torch takes (numpy integers too, which torch refuses), else a ValueError naming it:
     a negative seed would wrap to another one."""
     return whole_number("seed", seed, 0, 2**64 - 1, what="an integer in [0, 2**64)")
+
+
+def condition_mapping(value, name: str = "condition") -> dict:
+    """``value`` (covariate -> label: a dict, any mapping, a pandas Series) as a dict, ``None`` as
+    ``{}``; text or another sequence is a ValueError naming ``name``, as the ONNX runtime says it
+    (``dict("stim")`` read it letter by letter: "dictionary update sequence element #0 has length 1")."""
+    if value is None:
+        return {}
+    items = getattr(value, "items", None)
+    if isinstance(value, (str, bytes)) or not callable(items):
+        raise ValueError(f"{name} must be a dict of covariate -> label (e.g. {{'cell_type': 'B'}}), got {value!r}")
+    return dict(items())

@@ -46,7 +46,8 @@ import torch
 from . import ops
 from .checks import generator_seed, whole_number
 from .diffusion.guidance import double_rows, guidance_weight
-from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, sampler_plan, walk
+from .diffusion.plans import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, check_eta, check_steps,
+                              sampler_plan, walk)
 from .ops.device import resolve_device
 
 
@@ -152,8 +153,8 @@ class SamplingEngine:
                                    what="a positive integer (torch.set_num_threads; None leaves it as it is)")
         self.device = _engine_device(device, model)
         self.dtype = _engine_dtype(dtype, self.device)
-        steps = model.sampling_steps(sampler, steps, eta)
-        self.sampler, self.steps, self.eta = sampler, steps, float(eta)
+        steps = check_steps(model.sampling_steps(sampler, steps, eta))  # 5.0 steps: 5; True: an error
+        self.sampler, self.steps, self.eta = sampler, steps, check_eta(eta)
         self.spacing = spacing or DEFAULT_SPACING.get(sampler)
         self.guidance_scale = guidance_weight(guidance_scale)
         self.clip = _check_clip(clip)

@@ -173,3 +173,12 @@ def test_log2_values_of_the_highly_variable_genes_are_refused_by_scanpys_record(
     hvg.uns["log1p"]["base"] = None
     np.testing.assert_allclose(scidiff.setup_anndata(hvg, n_top_genes=None).log_expression(),
                                scidiff.setup_anndata(natural[:, :GENES], n_top_genes=None).log_expression(), atol=1e-5)
+
+
+def test_cell_data_prints_on_one_line(cells):
+    """``print(setup_anndata(...))`` in a notebook printed every tensor and the whole DataSpec
+    (hundreds of lines for 240 cells); it now says what AnnData's own repr says, on one line."""
+    data = scidiff.data.setup_anndata(cells, condition_keys=["cell_type", "condition"])
+    assert repr(data) == (f"CellData of 240 cells x {GENES} genes; covariates: cell_type (3 labels), "
+                          "condition (2 labels)")
+    assert repr(data.subset([0, 1, 2])).startswith("CellData of 3 cells x ")

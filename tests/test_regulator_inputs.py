@@ -17,6 +17,7 @@ from scidiff.data.spec import DataSpec
 from scidiff.tasks.design import (InverseDesigner, PhenotypeTarget, candidate_conditions, read_tf_network,
                                   screen_perturbations, tf_activity_change, tf_weight_matrix, ulm, wmean)
 from scidiff.tasks.design import job
+from training_helpers import drug_knockout_model
 
 GENES = [f"G{i}" for i in range(30)]
 
@@ -199,18 +200,8 @@ def test_a_screen_keeps_the_perturbation_the_condition_sets():
     control background (the mean objective 5.84 with condition ko=K1 and with ko=control, 2.06 for
     the candidate {'drug': 'D1', 'ko': 'K1'} itself). Now a candidate's keys override the
     condition's, and the others are kept: the screen under the condition is the candidate with it."""
-    rng = np.random.default_rng(0)
-    n = 240
-    drug, ko = rng.choice(["control", "D1", "D2"], n), rng.choice(["control", "K1"], n)
-    x = rng.poisson(np.where((ko == "K1")[:, None] & (np.arange(20) < 5), 8.0, 2.0), (n, 20)).astype(np.float32)
-    adata = ad.AnnData(x, obs=pd.DataFrame({"drug": drug, "ko": ko}, index=[f"c{i}" for i in range(n)]),
-                       var=pd.DataFrame(index=[f"G{i}" for i in range(20)]))
-    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["drug", "ko"])
-    torch.manual_seed(0)
-    model = scidiff.ScIDiffModel.from_data(data, hidden_dim=32, num_layers=1, num_timesteps=20)
-    scidiff.ScIDiffTrainer(model, data.loader(120), device="cpu", progress=False, early_stopping_patience=None,
-                           seed=0).train(3)
-    designer = InverseDesigner(model.eval(), observed=False)
+    model = drug_knockout_model(240, 20, 5, epochs=3)
+    designer = InverseDesigner(model, observed=False)
     up = PhenotypeTarget(marker_genes={"G0": 6.0, "G1": 6.0})
 
     def objective(**kw):

@@ -145,6 +145,33 @@ def test_a_resumed_run_says_how_many_epochs_are_done_and_left(tmp_path, capsys):
     assert done.step == 12 and done.history == history
 
 
+def test_a_finished_run_ends_on_a_checkpoint_that_a_resume_reads(tmp_path):
+    """A run checkpointing every 5 steps ended at step 12 with its newest checkpoint at step 10:
+    resuming the finished run retrained steps 11-12, and resuming it with fewer epochs was
+    accepted ('nothing left to train') and wrote model.pt back to the older weights."""
+    data = synthetic_cells()
+    run = tmp_path / "run"
+    trainer = ScIDiffTrainer(tiny_model(data), data.loader(16, seed=0), checkpoint_dir=run, checkpoint_every=0,
+                             checkpoint_every_steps=5, **TRAIN_KW)
+    trainer.train(3)
+    assert trainer.step == 12 and read_training_checkpoint(run)["step"] == 12
+    done = _fresh(run, checkpoint_every=0, checkpoint_every_steps=5)
+    done.resume(run)
+    history = [dict(r) for r in done.history]
+    done.train(3)
+    assert done.step == 12 and done.history == history
+    model = (run / "model.pt").read_bytes()
+    fewer = _fresh(run, checkpoint_every=0, checkpoint_every_steps=5)
+    fewer.resume(run)
+    with pytest.raises(ValueError, match=r"has trained 3 epochs .* more than the 2 asked for"):
+        fewer.train(2)
+    assert (run / "model.pt").read_bytes() == model
+    unsaved = ScIDiffTrainer(tiny_model(data), data.loader(16, seed=0), checkpoint_dir=tmp_path / "off",
+                             checkpoint_every=0, **TRAIN_KW)
+    unsaved.train(1)  # checkpointing off: none written at the end either
+    assert not (tmp_path / "off" / "checkpoint.pt").exists()
+
+
 def test_hyper_parameters_given_to_the_resuming_trainer_apply(tmp_path):
     """The learning rate given applied, the weight decay and EMA decay given were replaced by the
     checkpoint's without a word."""

@@ -227,6 +227,27 @@ def test_outputs_hold_the_same_cells(exported):
     assert list(adata.obs["cell_type"]) == ["NK"] * 4 and adata.uns["scidiff"]["seed"] == 3
 
 
+def test_the_anndata_carries_the_symbols_and_log1p_record_that_generate_writes(exported, tmp_path):
+    """``scidiff.generate`` writes the training file's gene symbols in ``var`` and scanpy's
+    ``uns['log1p']``; the runtime's AnnData had bare gene IDs and no record (``sc.pp.log1p`` on
+    served cells then logged them twice without a warning)."""
+    import pandas as pd
+
+    model, _, sampler = exported
+    adata = sampler.sample(3, {"cell_type": "NK"}, seed=3, observed=False)
+    assert adata.var.equals(model.data_spec.var_frame()) and adata.uns["log1p"] == {"base": None}
+    spec = model.data_spec  # the same model as trained on a file indexed by Ensembl IDs, symbols in a column
+    ids = [f"ENSG{i:011d}" for i in range(spec.n_genes)]
+    spec.gene_symbol_column, spec.gene_symbols, spec.gene_names = "gene_symbol", list(spec.gene_names), ids
+    try:
+        export_onnx(model, tmp_path / "ids.onnx", sampler="ddim", steps=3)
+    finally:
+        spec.gene_names, spec.gene_symbols, spec.gene_symbol_column = spec.gene_symbols, [], None
+    served = OnnxSampler(tmp_path / "ids.onnx", threads=1).sample(3, {"cell_type": "NK"}, seed=3, observed=False)
+    assert served.var.equals(pd.DataFrame({"gene_symbol": list(spec.gene_names)}, index=pd.Index(ids)))
+    np.testing.assert_array_equal(served.X, adata.X)
+
+
 # -- conditions ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("condition", ["B", ["B"], ("cell_type", "B"), 3])
 def test_condition_must_be_a_dict(exported, condition):

@@ -38,6 +38,28 @@ def tiny_model(data: CellData, hidden: int = 32) -> ScIDiffModel:
     return ScIDiffModel.from_data(data, hidden_dim=hidden, num_layers=2, num_timesteps=100, conditioning_dim=16)
 
 
+def drug_knockout_model(n: int, genes: int, raised: int, epochs: int) -> ScIDiffModel:
+    """A tiny model of a screen of two drugs (no effect) crossed with a knockout ``K1`` that raises
+    the first ``raised`` of ``genes`` (Poisson counts, 2 -> 8), trained ``epochs`` epochs."""
+    import anndata as ad
+    import numpy as np
+
+    import scidiff
+
+    rng = np.random.default_rng(0)
+    drug, ko = rng.choice(["control", "D1", "D2"], n), rng.choice(["control", "K1"], n)
+    x = rng.poisson(np.where((ko == "K1")[:, None] & (np.arange(genes) < raised), 8.0, 2.0),
+                    (n, genes)).astype(np.float32)
+    adata = ad.AnnData(x, obs=pd.DataFrame({"drug": drug, "ko": ko}, index=[f"c{i}" for i in range(n)]),
+                       var=pd.DataFrame(index=[f"G{i}" for i in range(genes)]))
+    data = scidiff.setup_anndata(adata, n_top_genes=None, perturbation_keys=["drug", "ko"])
+    torch.manual_seed(0)
+    model = ScIDiffModel.from_data(data, hidden_dim=32, num_layers=1, num_timesteps=20)
+    ScIDiffTrainer(model, data.loader(120), device="cpu", progress=False, early_stopping_patience=None,
+                   seed=0).train(epochs)
+    return model.eval()
+
+
 def cell_ids(batch) -> list[int]:
     n = 64
     return [int(round(float(v) * n)) for v in batch["x"][:, 0]]

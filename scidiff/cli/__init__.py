@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             raise RuntimeError(f"{command.add.__name__} did not register the command {name!r}")
     if set(sub.choices) != set(COMMANDS):
         raise RuntimeError(f"commands registered outside the table: {sorted(set(sub.choices) - set(COMMANDS))}")
+    parser.set_defaults(_command_parsers=sub.choices)
     return parser
 
 
@@ -95,7 +96,10 @@ def _terminate_as_interrupt():
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse reports these from the top-level parser: say them under the command's name and usage
+        (args._command_parsers[args.command] if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if not args.command:
         parser.print_help()
         return 0

@@ -16,7 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..checks import whole_number
+from ..checks import real_number, whole_number, yes_no
 from .preprocess import (check_log_base, dense, detect_input, expression_matrix, gene_columns, log_normalize,
                          warn_empty_cells, select_genes, _name)
 from .gene_symbols import symbol_column, symbol_index, symbols_of, var_of
@@ -36,6 +36,11 @@ class CellData:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    def __repr__(self) -> str:  # one line, as AnnData's (the dataclass's printed every tensor and the DataSpec)
+        covariates = ", ".join(f"{k} ({len(self.spec.categorical[k])} labels)" if k in self.spec.categorical else k
+                               for k in self.covariates) or "none"
+        return f"CellData of {len(self)} cells x {self.x.shape[1]} genes; covariates: {covariates}"
 
     def subset(self, index) -> "CellData":
         index = torch.as_tensor(np.asarray(index), dtype=torch.long)
@@ -428,7 +433,11 @@ def _log_expression(adata, layer, use_raw, input_kind, target_sum, check_cells: 
 
 def as_names(value):
     """A list argument of names (keys, labels, genes): one name given as a string is that name
-    alone, not its characters (``condition_keys="cell_type"`` means ``["cell_type"]``)."""
+    alone, not its characters (``condition_keys="cell_type"`` means ``["cell_type"]``); a set, whose
+    order changes from one Python process to the next (string hashing), is taken sorted, so that the
+    same set gives the same genes and covariates in the same order every run."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
     return [value] if isinstance(value, str) else value
 
 
@@ -532,6 +541,10 @@ def setup_anndata(adata, *, layer: str | None = None, use_raw: bool = False, gen
     genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels, separator = \
         setup_arguments(genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels,
                         separator)
+    use_raw = yes_no("use_raw", use_raw)  # 'no' read raw.X, as any non-empty text is true
+    if target_sum is not None:  # True normalised to 1 count per cell, -1 to NaN
+        target_sum = real_number("target_sum", target_sum, lambda v: v > 0,
+                                 what="a positive number of counts per cell (None: the median)")
     adata = in_memory(adata)  # a path, or a backed AnnData, read
     matrix, var_names, kind, target_sum = _log_expression(adata, layer, use_raw, input_kind, target_sum,
                                                           check_cells=True)

@@ -76,8 +76,8 @@ def check_matrices(adata: ad.AnnData, source: str) -> None:
 
 def read_h5ad(path) -> ad.AnnData:
     """``anndata.read_h5ad`` (or scanpy's 10x reader for a 10x ``.h5``) with errors that name the
-    file, and every sparse matrix checked."""
-    path = os.fspath(path)
+    file, and every sparse matrix checked. ``~`` is the home folder, as pandas and scanpy read it."""
+    path = os.path.expanduser(os.fspath(path))  # '~/cells.h5ad' was 'no such file'
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     if os.path.isdir(path):

@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from ..checks import yes_no
 from .gene_symbols import var_of
 from .io import read_h5ad  # noqa: F401  (re-exported)
 from .validate import check_sparse, check_unique_genes
@@ -55,6 +56,7 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
     """``adata`` itself, or an AnnData of its cells whose ``X`` is ``layers[layer]`` or ``.raw``'s
     matrix (with ``.raw``'s genes), the matrix not copied: for readers of ``X``. Errors name the
     file and where the matrix lies in it."""
+    use_raw = yes_no("use_raw", use_raw)  # 'no' read raw.X, as any non-empty text is true
     if not layer and not use_raw:
         return adata
     matrix, _, key = expression_matrix(adata, layer, use_raw)

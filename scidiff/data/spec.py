@@ -244,7 +244,13 @@ class DataSpec:
             if isinstance(value, (pd.Series, pd.Index, pd.Categorical)):  # an obs column: its labels
                 value = np.asarray(value, dtype=object if key in self.categorical else np.float32)
             if key in self.continuous:
-                t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+                try:  # '2' failed as "new(): invalid data type 'str'", True was a time of 1
+                    if isinstance(value, (str, bytes, bool, np.bool_)):
+                        raise TypeError
+                    t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+                except (TypeError, ValueError, RuntimeError):
+                    raise ValueError(f"condition {key!r} is a numeric covariate: give a number (or one per cell), "
+                                     f"got {value!r}") from None
                 self._check_range(key, t)
             elif key in self.perturbation_keys:
                 if isinstance(value, torch.Tensor):

@@ -13,6 +13,7 @@ numpy arrays in :mod:`scidiff.export.runtime`), so every path walks the same pla
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -28,6 +29,24 @@ def alphas_cumprod_of(schedule) -> list[float]:
     return [float(v) for v in (ab.tolist() if hasattr(ab, "tolist") else ab)]
 
 
+def check_steps(steps) -> int | None:
+    """``steps`` as an int (a Python or numpy integer, or a float without a fractional part) or
+    ``None`` (all timesteps), else a ValueError naming it: ``True`` is not one step, ``5.0`` is 5."""
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Real)
+                              or not math.isfinite(steps) or steps != int(steps) or steps < 1):
+        raise ValueError(f"steps must be an integer >= 1 or None (all timesteps), got {steps!r}")
+    return None if steps is None else int(steps)
+
+
+def check_eta(eta) -> float:
+    """``eta`` as a float in [0, 1], else a ValueError naming it: beyond 1 the step's variance exceeds
+    what the schedule leaves (NaN cells); ``True`` is not a number, and a numpy float32 ``eta`` made
+    the coefficients float32 (other cells than the same ``eta`` as a float)."""
+    if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's ancestral step), got {eta!r}")
+    return float(eta)
+
+
 def _grid_ends(num_timesteps: int, steps: int | None) -> list[int] | None:
     """The grids every spacing shares: all timesteps (``steps`` None or at least ``T``) or the
     last one alone (``steps == 1``); ``None`` otherwise. ``steps < 1`` is an error."""
@@ -41,6 +60,7 @@ def _grid_ends(num_timesteps: int, steps: int | None) -> list[int] | None:
 def timesteps(num_timesteps: int, steps: int | None) -> list[int]:
     """``steps`` timesteps evenly spaced over ``[0, T-1]``, descending, always from ``T-1`` to 0
     ("trailing" spacing, Lin et al. 2024), so few-step sampling starts from pure noise."""
+    steps = check_steps(steps)
     ends = _grid_ends(num_timesteps, steps)
     if ends is not None:
         return ends
@@ -243,8 +263,7 @@ def sampler_plan(sampler: str, schedule, steps: int | None, *, eta: float = 0.0,
     if sampler == "distilled" and (eta != 0.0 or spacing not in (None, "halving")):
         raise ValueError(f"the distilled sampler is deterministic DDIM on its halving grid (eta=0, spacing "
                          f"'halving'), got eta={eta}, spacing={spacing!r}")
-    if not 0.0 <= eta <= 1.0:  # beyond 1 the step's variance exceeds what the schedule leaves: NaN cells
-        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: DDPM's ancestral step), got {eta}")
+    eta, steps = check_eta(eta), check_steps(steps)
     spacing = spacing or DEFAULT_SPACING[sampler]
     if spacing not in SPACINGS:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")

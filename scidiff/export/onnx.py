@@ -251,6 +251,8 @@ def build_sidecar(model, onnx_file: str, *, sampler: str, steps: int, eta: float
                          "separator": spec.get("separator", "+")},
         "diffusion_dim": int(model.diffusion_dim),
         "genes": [str(g) for g in spec["gene_names"]],
+        "gene_symbols": ({"column": spec["gene_symbol_column"], "values": [str(v) for v in spec["gene_symbols"]]}
+                         if spec.get("gene_symbol_column") and spec.get("gene_symbols") else None),
         "normalisation": {"input_kind": spec.get("input_kind"), "target_sum": spec.get("target_sum"),
                           "expression": "log1p-normalised", "clip_min": 0.0,
                           "gene_offset": [float(v) for v in spec["gene_offset"]],

@@ -910,6 +910,10 @@ class OnnxSampler:
                                       for k, v in obs.items()}, index=[f"generated_{i}" for i in range(len(x))])
                 out = ad.AnnData(X=x, obs=frame)
                 out.var_names = self.genes
+                symbols = self.meta.get("gene_symbols")  # as scidiff.generate writes var (sidecars of 0.x lack it)
+                if symbols:
+                    out.var[symbols["column"]] = list(symbols["values"])
+                out.uns["log1p"] = {"base": None}  # X is natural-log log1p, as scanpy records it
                 # uns in scidiff sample's words: the guidance is its guidance_scale
                 uns = {("guidance_scale" if k == "guidance" else k): v for k, v in info.items()}
                 out.uns["scidiff"] = {k: v for k, v in uns.items() if v is not None}

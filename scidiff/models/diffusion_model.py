@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import generator_seed, whole_number
+from ..checks import condition_mapping, generator_seed, real_number, whole_number
 from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
@@ -479,6 +479,7 @@ class ScIDiffModel(nn.Module):
 
     def encode_conditioning(self, conditioning: dict | None, batch_size: int) -> dict[str, torch.Tensor]:
         """Labels (``{'cell_type': 'B'}``), codes or tensors -> code tensors of length ``batch_size``."""
+        conditioning = condition_mapping(conditioning, "conditioning")  # "B" is not a dict
         if not conditioning:
             return {}
         if self.data_spec is not None:
@@ -553,7 +554,8 @@ class ScIDiffModel(nn.Module):
                 cond = {**null, **cond}
                 denoiser = classifier_free_guidance(denoiser, guidance_scale, null)
             kwargs = {"eta": eta} if sampler == "ddim" else {}
-            end = float(self.final_sigma) if final_sigma is None else float(final_sigma)
+            end = float(self.final_sigma) if final_sigma is None else real_number(  # True was 1.0
+                "final_sigma", final_sigma, lambda v: v >= 0, what="a number >= 0 (None: the model's own)")
             if student is not None:
                 x = run_plan(denoiser, x_T, student.plan(self.scheduler, end), cond=cond, progress=progress,
                              desc=f"distilled ({student.steps} steps)")

@@ -15,3 +15,15 @@ The modules are named after their verbs, so the verbs themselves are reached thr
 from the top level: ``scidiff.generate``, ``scidiff.perturb``, ``scidiff.denoise``,
 ``scidiff.design``).
 """
+
+_MODULES = {"cells", "demo", "denoise", "design", "evaluate", "generate", "perturb", "screen", "train", "trajectory"}
+
+
+def __getattr__(name):
+    """Import a task module on first use (PEP 562), so that ``scidiff.tasks.screen.predict_screen``
+    and ``scidiff.tasks.trajectory.trajectory`` work after a bare ``import scidiff``."""
+    if name in _MODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from ..checks import whole_number, yes_no
 from ..data.dataset import MISSING_TEXT, _log_expression, _separator_hint, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
 from ..data.io import atomic_path
@@ -97,10 +98,20 @@ def _unique_genes(adata: ad.AnnData, genes, what: str) -> None:
                          f"each, or make the names unique (`adata.var_names_make_unique()`)")
 
 
-def _check_out_dir(out_dir) -> None:
-    """Refuse, before any work, an ``out_dir`` that is a file (it failed at the end, after scoring)."""
+def _check_out_dir(out_dir):
+    """``out_dir`` with ``~`` as the home folder (it wrote a folder named ``~``); refuse, before any
+    work, one that is a file (it failed at the end, after scoring)."""
+    out_dir = None if out_dir is None else os.path.expanduser(os.fspath(out_dir))
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"out_dir {os.fspath(out_dir)!r} is a file; give a folder to write metrics.json in")
+        raise ValueError(f"out_dir {out_dir!r} is a file; give a folder to write metrics.json in")
+    return out_dir
+
+
+def _key_argument(name: str, value) -> None:
+    """An obs column argument (``groupby``, ``perturbation_key``, ...): text or ``None``; a list
+    failed as "unhashable type: 'list'" without naming it."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{name} must be one obs column name (text), got {value!r}")
 
 
 def _write_json(path, obj) -> None:
@@ -132,7 +143,9 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     size the generated file records, :func:`generated_target_sum`, else 10,000) and log1p'd,
     log1p is taken as is; ``inputs`` says which each held. Numeric ``groupby`` labels match as
     numbers (``1`` and ``1.0``)."""
-    _check_out_dir(out_dir)
+    out_dir, plots, use_raw = _check_out_dir(out_dir), yes_no("plots", plots), yes_no("use_raw", use_raw)
+    _key_argument("groupby", groupby)
+    auc_repeats = whole_number("auc_repeats", auc_repeats, 1, what="an integer >= 1")
     real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)
     genes = [str(g) for g in gen_ad.var_names]
     labels = {}
@@ -362,7 +375,15 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
     the real cells have at least ``min_de_genes`` significant DE genes).
     """
     t0 = time.perf_counter()
-    _check_out_dir(out_dir)
+    out_dir, use_raw = _check_out_dir(out_dir), yes_no("use_raw", use_raw)
+    for name, column in (("perturbation_key", perturbation_key), ("context_key", context_key),
+                         ("dose_key", dose_key)):
+        _key_argument(name, column)
+    if isinstance(cell_eval, (bool, np.bool_)):  # np.False_ is not False: cell-eval ran
+        cell_eval = bool(cell_eval)
+    elif not (isinstance(cell_eval, str) and cell_eval == "auto"):  # 'no' ran it
+        raise ValueError(f"cell_eval must be True, False or 'auto', got {cell_eval!r}")
+    min_de_genes = whole_number("min_de_genes", min_de_genes, 0, what="an integer >= 0")
     real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
     base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
     controls = control_labels_of(control_label)

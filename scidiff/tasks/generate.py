@@ -17,7 +17,8 @@ from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
 from ..data.io import atomic_path
 from ..data.spec import scanpy_log1p
-from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ..checks import condition_mapping
+from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, check_steps
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
 from ..models.cell_draws import check_seed
@@ -70,7 +71,7 @@ def _check_generate(model: ScIDiffModel, n: int, condition: dict | None) -> dict
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     spec = model_spec(model)
-    condition = _as_labels(spec, dict(condition or {}))
+    condition = _as_labels(spec, condition_mapping(condition))
     per_cell = any(_per_cell(v) for v in condition.values())
     spec.encode_conditions(condition, n if per_cell else 1)  # validate labels before any work
     return condition
@@ -113,7 +114,7 @@ def _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size=None)
         raise TypeError(f"engine must be True, False or a SamplingEngine, got {type(engine).__name__}")
     if engine is not None:
         sampler, steps, eta, guidance_scale = engine.sampler, engine.steps, engine.eta, engine.guidance_scale
-    steps = model.sampling_steps(sampler, steps, eta)  # "distilled": the student's own
+    steps = check_steps(model.sampling_steps(sampler, steps, eta))  # "distilled": the student's own; 5.0: 5
     return model, engine, {"sampler": sampler, "steps": steps, "eta": eta, "guidance_scale": guidance_scale}, chunk_size
 
 
@@ -198,6 +199,8 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     ``model.sample``'s. A condition may give one label per cell (a list of ``n``), as
     ``model.sample`` takes them. The labels of ``groups`` are checked before any work (the
     training groups' own come from the model's spec)."""
+    if isinstance(groups, (str, bytes)) or callable(getattr(groups, "items", None)):  # one dict: its keys were groups
+        raise ValueError(f"groups must be a list of condition dicts, e.g. [{{'cell_type': 'B'}}], got {groups!r}")
     plan = []
     for i, condition in enumerate([_check_generate(model, n, g) for g in (groups or [{}])]):
         mixed = any(_per_cell(v) for v in condition.values())  # one label per cell: runs of alike cells
@@ -277,6 +280,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     not). Returns ``(cells, genes)``."""
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     seed = fresh_seed() if seed is None else check_seed(seed)  # recorded in the file's uns
+    out = os.path.expanduser(os.fspath(out))  # '~/cells.h5ad' was written under a folder named '~'
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
@@ -339,7 +343,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     observed = model.resolve_observed(observed)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
-    out_dir = os.fspath(out_dir)
+    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' made a folder named '~'
     os.makedirs(out_dir, exist_ok=True)
 
     first, count = distributed.share(n, rank, world_size)
@@ -396,8 +400,9 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
     (``out_dir/generated.h5ad`` by default), ``chunk_cells`` cells at a time (memory bounded by
     the chunk); the file appears only when complete."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
+    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' was no such folder
     manifest = manifest or _read_manifest(out_dir)
-    out_file = os.fspath(out_file) if out_file else os.path.join(os.fspath(out_dir), MERGED_FILE)
+    out_file = os.path.expanduser(os.fspath(out_file)) if out_file else os.path.join(out_dir, MERGED_FILE)
     files = [os.path.join(os.fspath(out_dir), s["file"]) for s in manifest["shards"]]
     if not files:
         raise ValueError(f"the manifest of {os.fspath(out_dir)!r} lists no shards")
@@ -440,6 +445,7 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
 def read_generated(out_dir) -> ad.AnnData:
     """The cells of a sharded generation folder as one AnnData (the merged file when there is
     one, else the shards concatenated in rank order)."""
+    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' was no such folder
     manifest = _read_manifest(out_dir)
     if manifest.get("merged"):
         return read_h5ad(os.path.join(os.fspath(out_dir), manifest["merged"]))

@@ -96,9 +96,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import condition_mapping, whole_number
 from ..data.dataset import joined_otherwise
 from ..data.spec import exact_zeros, label_type, perturbed_input_error, scanpy_log1p, typed_labels
 from ..diffusion.guidance import classifier_free_guidance
+from ..diffusion.plans import check_steps
 from ..diffusion.samplers import ddim, ddim_invert
 from ..models.cell_draws import cell_normals, cell_uniforms, check_seed
 from ..models.effects import context_table
@@ -796,6 +798,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     if method not in ("counterfactual", "population"):
         raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
     seed = check_seed(seed)  # before any work (the draws key on 32 bits)
+    condition = condition_mapping(condition)  # "stim" read as a dict failed letter by letter
+    steps = check_steps(steps)  # 5.0 steps are 5; True is not one step
+    batch_size = whole_number("batch_size", batch_size, 1, what="an integer >= 1")  # 7.0: range() refused it
     if not condition:
         raise ValueError("target is empty; give at least one covariate, e.g. {'condition': 'stimulated'}")
     if device is not None:

@@ -7,6 +7,7 @@ import warnings
 import anndata as ad
 import yaml
 
+from ..checks import yes_no
 from ..config import Config, as_config
 from ..data import setup_anndata, setup_streaming
 from ..data.dataset import as_names
@@ -155,6 +156,10 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
     if resume is not None and not isinstance(resume, (bool, str, os.PathLike)):
         raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
+    if isinstance(out_dir, (str, os.PathLike)):  # '~/run' wrote the model under a folder named '~'
+        out_dir = os.path.expanduser(os.fspath(out_dir))
+    progress, streaming, deterministic = (yes_no(name, value) for name, value in (  # 'no' read as true
+        ("progress", progress), ("streaming", streaming), ("deterministic", deterministic)))
     if epochs is not None:
         epochs = epoch_count(epochs)
     config = as_config(config)  # a Config (checked: one changed in Python too), a YAML path or a dict of sections

@@ -107,7 +107,7 @@ def model_payload(model, state_dict=None) -> dict:
 def save_model(model, path, state_dict=None, **extra) -> str:
     """Write ``model`` (or its weights ``state_dict``, e.g. EMA) to ``path``; a folder gets
     ``model.pt`` inside. Extra entries (training state) must be tensors or plain Python values."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # not a folder named '~'
     if os.path.isdir(path) or not path.endswith((".pt", ".pth", ".ckpt")):
         path = os.path.join(path, MODEL_FILE)
     payload = {**model_payload(model, state_dict), **extra}
@@ -158,8 +158,9 @@ def _load_weights_only(path: str):
 
 
 def read_checkpoint(path) -> dict:
-    """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files."""
-    path = os.fspath(path)
+    """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files. ``~``
+    is the home folder."""
+    path = os.path.expanduser(os.fspath(path))  # '~/run' was "no checkpoint at '~/run'"
     folder = path if os.path.isdir(path) else None
     if folder is not None:
         path = os.path.join(path, MODEL_FILE)

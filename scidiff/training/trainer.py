@@ -283,6 +283,7 @@ class ScIDiffTrainer:
         self._resume: dict | None = None
         self._raw_state = None
         self._own_checkpoints: set[str] = set()  # training checkpoints this trainer wrote
+        self._checkpoint_step = None  # the step of the run folder's newest checkpoint, written or resumed
         self._resumed = False
 
     @property
@@ -486,6 +487,9 @@ class ScIDiffTrainer:
             self.epoch += 1
             self._batch_in_epoch = 0
             stopped = self._end_epoch(bar, total_steps)
+        if (self.checkpoint_dir and (self.checkpoint_every > 0 or self.checkpoint_every_steps > 0)
+                and self._checkpoint_step != self.step):  # the end too, or a resume would read an older state
+            self.save_checkpoint()
         bar.close()
         self._raw_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.weights_kept = {**self._weights_to_keep(), "seed": None if self.seed is None else int(self.seed)}
@@ -629,6 +633,8 @@ class ScIDiffTrainer:
         with a digest. Under DDP every rank must call it; rank 0 writes and returns the path,
         the others return ``None``."""
         state = self._training_state()
+        if path is None:
+            self._checkpoint_step = self.step
         if not self.is_main_process:
             return None
         payload = model_payload(self.model, self.ema.state_dict_for(self.model))
@@ -770,6 +776,7 @@ class ScIDiffTrainer:
         self._resume = {"path": payload["path"], "schedule": t["schedule"], "batch_in_epoch": self._batch_in_epoch,
                         "batches_per_epoch": t["batches_per_epoch"]}
         self._raw_state = None
+        self._checkpoint_step = self.step
         self._resumed = True
         if self.log_every_steps > 0 and self.checkpoint_dir and self.is_main_process:
             _StepLog.truncate(os.path.join(self.checkpoint_dir, "steps.csv"), self.step)

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from ...checks import whole_number
 from ...data.gene_symbols import resolve_gene, symbol_index
 from .targets import PhenotypeTarget
 
@@ -79,7 +80,9 @@ def gene_attribution(designer, target: PhenotypeTarget, source_expression, desig
                          f"{tuple(src.shape)} and {tuple(dst.shape)}")
     loss = designer.loss_fn(target, include_constraints=False)
     device = next(model.parameters()).device
-    cond = {k: v.to(device) for k, v in (cond or {}).items()}
+    # labels ({'cell_type': 'B'}) failed as "'str' object has no attribute 'to'"; codes and tensors as before
+    cond = {k: v.to(device) for k, v in model.encode_conditioning(cond, len(src)).items()}
+    steps = whole_number("steps", steps, 1, what="an integer >= 1")  # True was one step
     tt = int(t if t is not None else max(1, model.num_timesteps // 10))
     a = float(model.alphas_cumprod[tt]) ** 0.5
 

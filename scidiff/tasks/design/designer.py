@@ -52,6 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...checks import condition_mapping, real_number, whole_number
 from ...data.spec import scanpy_log1p, typed_labels
 from ...diffusion.guidance import classifier_free_guidance, objective_guidance
 from ...diffusion.plans import sampler_plan
@@ -433,8 +434,15 @@ class InverseDesigner:
             "num_samples": ("n", n), "guidance_scale": ("objective_scale", objective_scale)}, stacklevel=4)  # under no_grad
         no_other_keywords("InverseDesigner.design", deprecated)
         seed = check_seed(seed)  # numpy's generator and torch's both draw from it (-1 or None: a named error)
-        num_samples = 32 if num_samples is None else int(num_samples)
-        objective_scale = 10.0 if objective_scale is None else float(objective_scale)
+        # int() read n=True as 1 cell and 8.7 as 8, retries=True as 1; 5.0 steps failed in range()
+        num_samples = 32 if num_samples is None else whole_number("n", num_samples, what="an integer",
+                                                                   integral_floats=False)
+        steps = whole_number("steps", steps, what="an integer")
+        retries = whole_number("retries", retries, what="an integer")
+        if condition is not None:  # 'B' was refused as "conditioning", a name design does not take
+            condition = condition_mapping(condition)
+        objective_scale = 10.0 if objective_scale is None else real_number(  # float() read True as 1
+            "objective_scale", objective_scale, what="a finite number (0: no pull toward the target)")
         self.check(target)
         if num_samples < 1:
             raise ValueError(f"n must be >= 1, got {num_samples}")

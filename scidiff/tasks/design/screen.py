@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...checks import condition_mapping, whole_number
 from ...data.spec import canonical_label
 from ...diffusion.samplers import ddim, ddim_invert
+from ...models.cell_draws import check_seed
 from .sources import decoding_condition, source_cells
 from .targets import PhenotypeTarget, met_every_target
 
@@ -93,6 +95,13 @@ def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, cond
 
     designer.check(target)
     model = designer.model
+    # n_cells=8.0 and True failed in torch.randn, seed=-1 as "expected non-negative integer" (True ran as 1)
+    n_cells = whole_number("n_cells", n_cells, 1, what="an integer >= 1", integral_floats=False)
+    seed = check_seed(seed)
+    if condition is not None:  # 'K1' was refused as "conditioning", a name the screen does not take
+        condition = condition_mapping(condition)
+    if isinstance(candidates, (str, bytes)) or callable(getattr(candidates, "items", None)):  # one dict: its keys
+        raise ValueError(f"candidates must be a list of condition dicts, e.g. [{{'drug': 'A'}}], got {candidates!r}")
     candidates = candidates if candidates is not None else candidate_conditions(model, combinations, doses)
     if not candidates:
         raise ValueError("no candidate conditions to screen")
