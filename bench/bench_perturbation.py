@@ -476,7 +476,8 @@ def main(argv=None):
     p.add_argument("--hidden-dim", type=int, default=512)
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--ridge-alpha", type=float, default=1.0, help="the linear baseline's ridge penalty")
+    p.add_argument("--ridge-alpha", type=lambda t: None if t == "cv" else float(t), default=None,
+                   help="the linear baseline's ridge penalty (default cv: leave-one-group-out cross-validation)")
     p.add_argument("--n-boot", type=int, default=0, help="per-cell bootstrap resamples per target (0: over targets)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--combo-seeds", default="0,1,2", help="generator seeds of the synthetic screens (one fold each)")

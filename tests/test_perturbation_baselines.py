@@ -108,6 +108,88 @@ def test_linear_multi_hot_is_exact_on_additive_truth():
         predict_baseline("median", train, control, {"drug": "A"}, perturbation_key="drug")
 
 
+def _replicated_screen(effect_scale: float, seed: int = 3):
+    """Four drugs, each measured in three contexts: delta = effect_scale * effect + N(0, 0.3) per
+    (context, drug) group; returns (train, control, the groups' deltas keyed (context, drug))."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(2, 4, G)
+    eff = {p: effect_scale * rng.normal(0, 1, G) for p in "ABCD"}
+    deltas = {(t, p): eff[p] + rng.normal(0, 0.3, G) for t in ("t0", "t1", "t2") for p in "ABCD"}
+    groups = [(t, "control", base, 2) for t in ("t0", "t1", "t2")]
+    groups += [(t, p, base + d, 2) for (t, p), d in deltas.items()]
+    return _adata(groups), _adata([("t3", "control", base, 2)]), deltas
+
+
+@pytest.mark.parametrize("effect_scale", [1.0, 0.0])
+def test_linear_penalty_is_chosen_by_leave_one_group_out(effect_scale):
+    """The linear baseline's ridge penalty is chosen by leave-one-group-out cross-validation (each
+    (context, drug) group's delta predicted from the other groups), as a brute-force loop over the
+    same penalties chooses it: little shrinkage where the drugs' effects repeat across contexts,
+    much where every group is noise around no effect (a screen where nothing happens)."""
+    from sklearn.linear_model import Ridge
+
+    from scidiff.evaluation.perturbation import RIDGE_ALPHAS
+
+    train, control, deltas = _replicated_screen(effect_scale)
+    keys = list(deltas)
+    X = np.array([[float(p == q) for q in "ABCD"] for _, p in keys])
+    Y = np.stack([deltas[k] for k in keys])
+    cv = [sum(float(np.sum((Ridge(alpha=a, fit_intercept=False).fit(np.delete(X, i, 0), np.delete(Y, i, 0))
+                            .predict(X[i:i + 1])[0] - Y[i]) ** 2)) for i in range(len(keys))) for a in RIDGE_ALPHAS]
+    best = RIDGE_ALPHAS[int(np.argmin(cv))]
+    kw = dict(perturbation_key="drug", context_key="cell_type", control_label="control")
+    pred = predict_baseline("linear", train, control, {"drug": "B"}, **kw)
+    assert pred.uns["baseline"]["alpha"] == pytest.approx(best, rel=1e-12)
+    expected = Ridge(alpha=best, fit_intercept=False).fit(X, Y).predict(np.array([[0.0, 1, 0, 0]]))[0]
+    np.testing.assert_allclose(pred.X, control.X + expected, atol=1e-5)
+    change = np.linalg.norm(expected)
+    mean_change = np.linalg.norm(np.mean([deltas[(t, "B")] for t in ("t0", "t1", "t2")], axis=0))
+    if effect_scale:  # the effects repeat: the mean over contexts nearly unshrunk
+        assert best <= 0.1 and change > 0.95 * mean_change
+    else:  # nothing happens: the baseline says so
+        assert best >= 10 and change < 0.3 * mean_change
+    fixed = predict_baseline("linear", train, control, {"drug": "B"}, alpha=1.0, **kw)
+    assert fixed.uns["baseline"]["alpha"] == 1.0
+    np.testing.assert_allclose(fixed.X, control.X + Ridge(alpha=1.0, fit_intercept=False).fit(X, Y).predict(
+        np.array([[0.0, 1, 0, 0]]))[0], atol=1e-5)
+
+
+def test_linear_penalty_on_features_leaves_out_each_perturbation():
+    """With features for perturbations never seen (gene embeddings), the penalty is chosen leaving
+    out each perturbation's rows at once, as a brute-force loop over the same penalties does: its
+    rows in other contexts would otherwise vouch for a fit that reads them, not the features (here
+    each perturbation's two rows share an effect the features do not explain, and leaving out one
+    row at a time picks a far smaller penalty)."""
+    from sklearn.linear_model import Ridge, RidgeCV
+
+    from scidiff.evaluation.perturbation import RIDGE_ALPHAS, LinearPerturbationModel
+
+    rng = np.random.default_rng(5)
+    n_labels, k, genes = 12, 6, 20
+    feats = rng.normal(size=(n_labels, k))
+    W = 0.3 * rng.normal(size=(k, genes))
+    own = rng.normal(size=(n_labels, genes))  # each perturbation's effect beyond its features
+    labels = np.repeat([f"P{i}" for i in range(n_labels)], 2)
+    X = feats[np.repeat(np.arange(n_labels), 2)]
+    Y = X @ W + own[np.repeat(np.arange(n_labels), 2)] + 0.05 * rng.normal(size=(2 * n_labels, genes))
+    errors = []
+    for a in RIDGE_ALPHAS:
+        err = 0.0
+        for lab in np.unique(labels):
+            out = labels == lab
+            fit = Ridge(alpha=a, fit_intercept=False).fit(X[~out], Y[~out])
+            err += float(np.sum((fit.predict(X[out]) - Y[out]) ** 2))
+        errors.append(err)
+    best = RIDGE_ALPHAS[int(np.argmin(errors))]
+    model = LinearPerturbationModel().fit(X, Y, groups=labels)
+    assert model.alpha_ == pytest.approx(best, rel=1e-12)
+    np.testing.assert_allclose(model.predict_delta(feats[0]),
+                               Ridge(alpha=best, fit_intercept=False).fit(X, Y).predict(feats[:1])[0], atol=1e-10)
+    by_row = RidgeCV(alphas=RIDGE_ALPHAS, fit_intercept=False).fit(X, Y).alpha_
+    assert LinearPerturbationModel().fit(X, Y).alpha_ == pytest.approx(by_row, rel=1e-12)
+    assert best >= 10 * by_row
+
+
 def test_linear_in_time_is_exact_on_a_linear_truth():
     a, b = np.linspace(1, 2, G), np.linspace(-0.3, 0.2, G)  # mean(t) = a + b t
     times = [0.0, 2.0, 7.0]
@@ -268,9 +350,10 @@ def test_linear_on_gene_pca_predicts_an_unseen_knockout_as_the_reference_ridge(t
         out = tmp_path / f"linear_{name}"
         assert main(["predict", "--method", "linear", "--linear-features", "gene-pca", "--train", str(tmp_path / name),
                      "--data", str(tmp_path / "control.h5ad"), "--perturbation-key", "pert", "--control-labels", "ctrl",
-                     "--target", "pert=G20", "--out", str(out)]) == 0
+                     "--target", "pert=G20", "--linear-alpha", "1", "--out", str(out)]) == 0
         pred = ad.read_h5ad(out)
         np.testing.assert_allclose(pred.X, expected, rtol=0, atol=1e-5)
+        assert pred.uns["scidiff_prediction"]["baseline"]["alpha"] == 1.0
     for target, message in (("G3+G20", "predicts single gene targets"), ("NOTAGENE", "name no gene of --train")):
         capsys.readouterr()
         assert main(["predict", "--method", "linear", "--linear-features", "gene-pca", "--train",
@@ -278,3 +361,17 @@ def test_linear_on_gene_pca_predicts_an_unseen_knockout_as_the_reference_ridge(t
                      "pert", "--control-labels", "ctrl", "--target", f"pert={target}", "--out",
                      str(tmp_path / "x.h5ad")]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()
+
+
+def test_baselines_read_paths_and_refuse_a_target_given_as_text(screen, tmp_path):
+    """A notebook user passing file paths got "'str' object has no attribute 'var_names'", and a
+    target written as text ("A") failed letter by letter ("dictionary update sequence element")."""
+    train, control, _, _ = screen
+    kw = dict(perturbation_key="drug", context_key="cell_type", control_label="control")
+    train.write_h5ad(tmp_path / "train.h5ad")
+    control.write_h5ad(tmp_path / "control.h5ad")
+    from_files = predict_baseline("mean-shift", str(tmp_path / "train.h5ad"), tmp_path / "control.h5ad",
+                                  {"drug": "A"}, **kw)
+    np.testing.assert_array_equal(from_files.X, predict_baseline("mean-shift", train, control, {"drug": "A"}, **kw).X)
+    with pytest.raises(ValueError, match=r"target must be a dict of covariate -> label .*, got 'A'"):
+        predict_baseline("mean-shift", train, control, "A", **kw)

@@ -49,6 +49,7 @@ nonnegative_int = _checked("nonnegative_int", _integer, lambda v: v >= 0, "be >=
 seed_value = _checked("seed_value", _integer, lambda v: 0 <= v < 2**32, "lie in [0, 2**32)")
 finite_float = _checked("finite_float", _real)
 nonnegative_float = _checked("nonnegative_float", _real, lambda v: v >= 0, "be >= 0")
+positive_float = _checked("positive_float", _real, lambda v: v > 0, "be > 0")
 unit_interval = _checked("unit_interval", _real, lambda v: 0 < v <= 1, "lie in (0, 1]")
 
 

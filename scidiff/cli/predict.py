@@ -5,12 +5,13 @@ from __future__ import annotations
 import warnings
 
 from .common import (SEPARATOR_HELP, add_expression_source, check_out, device_name, finite_float, parse_conditions,
-                     positive_int, sampling_settings, seed_value, separator_text, split, user_error)
+                     positive_float, positive_int, sampling_settings, seed_value, separator_text, split, user_error)
 
 MODEL_METHODS = ("counterfactual", "population")
 # scidiff.evaluation.perturbation.BASELINES (not imported here: --help stays light; a test checks they agree)
 BASELINE_METHODS = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
-BASELINE_FLAGS = ("train", "perturbation_key", "context_key", "control_labels", "time_key", "linear_features")
+BASELINE_FLAGS = ("train", "perturbation_key", "context_key", "control_labels", "time_key", "linear_features",
+                  "linear_alpha")
 CONTEXT_COLUMN = "scidiff_context"
 
 
@@ -53,6 +54,10 @@ def add(sub):
                         "singles seen in --train) or gene-pca (the target gene's loadings on the top 10 principal "
                         "components of --train, Ahlmann-Eltze et al. 2025: predicts knockouts never seen, of "
                         "genes measured in --train)")
+    p.add_argument("--linear-alpha", type=positive_float, default=None,
+                   help="baselines: the ridge penalty of --method linear (default: chosen from 1e-4 to 1e3 by "
+                        "leave-one-group-out cross-validation over the training groups; the penalty used is "
+                        "recorded in uns['scidiff_prediction'])")
     p.add_argument("--time-key", default=None,
                    help="baselines: a numeric obs column (time) for --method linear (interpolation in time; "
                         "default: the model's time named in the targets, or the targets' one key where it is a "
@@ -322,8 +327,9 @@ def _baselines(args, model, texts):
                        f"keys: {list(train.obs.columns)}")
     separator = args.separator or (spec.separator if spec is not None else "+")
     features = None
-    if args.linear_features is not None and args.method != "linear":
-        raise ValueError(f"--linear-features applies to --method linear, not --method {args.method}")
+    for flag in ("linear_features", "linear_alpha"):
+        if getattr(args, flag) is not None and args.method != "linear":
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --method linear, not --method {args.method}")
     if args.linear_features == "gene-pca":
         if time_key is not None:
             raise ValueError("--linear-features gene-pca describes gene targets; with a time (--time-key "
@@ -336,7 +342,7 @@ def _baselines(args, model, texts):
     return baseline_screen(args.method, train, data, targets, perturbation_key=pert_key, context_key=context_key,
                            control_labels=controls, time_key=time_key, columns=columns, out=args.out,
                            separator=separator, exclude_columns=[CONTEXT_COLUMN], drop_obs=[CONTEXT_COLUMN],
-                           features=features)
+                           features=features, alpha=args.linear_alpha)
 
 
 def _numeric_key(texts, train) -> str | None:

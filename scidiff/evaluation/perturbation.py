@@ -27,19 +27,23 @@ for time, interpolation between the flanking measured times).
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from ..checks import condition_mapping
 from ..data.dataset import joined_otherwise
+from ..data.io import read_h5ad
 from ..data.gene_symbols import symbol_column, symbol_index, symbols_of
 from ..data.perturbation_features import resolve_genes
 from ..data.spec import canonical_label, perturbed_input_error
 from .metrics import _pearson, mmd_rbf
 
 BASELINES = ("no-change", "mean-shift", "cell-mean", "additive", "linear")
+RIDGE_ALPHAS = tuple(10.0 ** np.arange(-4.0, 3.25, 0.25))  # the linear baseline's penalties tried (1e-4 to 1e3)
 
 
 def rank_degs(perturbed: np.ndarray, control: np.ndarray, genes, n: int = 100) -> list[str]:
@@ -255,15 +259,28 @@ class LinearPerturbationModel:
     """Linear baseline (Ahlmann-Eltze et al. 2025): ridge regression from a perturbation feature
     vector (a multi-hot of single perturbations, optionally with covariate one-hots, or supplied
     features such as gene embeddings) to the mean expression delta against control; predicts a
-    new group as its control cells plus the predicted delta."""
+    new group as its control cells plus the predicted delta.
 
-    def __init__(self, alpha: float = 1.0):
-        from sklearn.linear_model import Ridge
+    ``alpha``: the ridge penalty; ``None`` (the default) chooses it from :data:`RIDGE_ALPHAS` by
+    cross-validation over the training groups: with ``groups`` (the perturbation of each row, for
+    features that describe perturbations never seen) leaving out each perturbation's rows at
+    once, else each row (one (context, perturbation) group; sklearn's exact ``RidgeCV``), so a
+    screen whose groups predict one another gets little shrinkage and one whose groups are noise
+    gets much. The penalty used: ``alpha_``."""
 
-        self.model = Ridge(alpha=alpha, fit_intercept=False)
+    def __init__(self, alpha: float | None = None):
+        self.alpha = alpha
 
-    def fit(self, features: np.ndarray, deltas: np.ndarray) -> "LinearPerturbationModel":
-        self.model.fit(np.asarray(features, float), np.asarray(deltas, float))
+    def fit(self, features: np.ndarray, deltas: np.ndarray, groups=None) -> "LinearPerturbationModel":
+        from sklearn.linear_model import Ridge, RidgeCV
+
+        X, Y = np.asarray(features, float), np.asarray(deltas, float)
+        self.alpha_ = self.alpha
+        if self.alpha is None and groups is not None:
+            self.alpha_ = _left_out_groups_alpha(X, Y, np.asarray(groups))
+        elif self.alpha is None:
+            self.alpha_ = float(RidgeCV(alphas=RIDGE_ALPHAS, fit_intercept=False).fit(X, Y).alpha_)
+        self.model = Ridge(alpha=self.alpha_, fit_intercept=False).fit(X, Y)
         return self
 
     def predict_delta(self, features: np.ndarray) -> np.ndarray:
@@ -271,6 +288,20 @@ class LinearPerturbationModel:
 
     def predict(self, control: np.ndarray, features: np.ndarray) -> np.ndarray:
         return control + self.predict_delta(features)
+
+
+def _left_out_groups_alpha(X: np.ndarray, Y: np.ndarray, groups: np.ndarray) -> float:
+    """The penalty of :data:`RIDGE_ALPHAS` whose ridge (no intercept) predicts each group's rows of
+    ``Y`` best from the other groups' rows (summed squared error; the smallest among ties)."""
+    gram, cross = X.T @ X, X.T @ Y
+    errors = np.zeros(len(RIDGE_ALPHAS))
+    for g in np.unique(groups):
+        rows = groups == g
+        s, V = np.linalg.eigh(gram - X[rows].T @ X[rows])
+        XV, VB = X[rows] @ V, V.T @ (cross - X[rows].T @ Y[rows])
+        for i, alpha in enumerate(RIDGE_ALPHAS):
+            errors[i] += np.sum((XV @ (VB / (np.maximum(s, 0.0) + alpha)[:, None]) - Y[rows]) ** 2)
+    return float(RIDGE_ALPHAS[int(np.argmin(errors))])
 
 
 def pca_gene_embedding(x: np.ndarray, n_components: int = 10, seed: int = 0) -> np.ndarray:
@@ -457,12 +488,14 @@ def _number(key: str, value) -> float:
 
 def predict_baseline(method: str, train, control, target: Mapping, *, perturbation_key: str | None = None,
                      context_key: str | None = None, control_label="control", time_key: str | None = None,
-                     features: Mapping[str, np.ndarray] | None = None, alpha: float = 1.0, separator: str = "+"):
+                     features: Mapping[str, np.ndarray] | None = None, alpha: float | None = None,
+                     separator: str = "+"):
     """Predict ``control``'s cells under ``target`` with a baseline; returns an AnnData (one
     predicted cell per control cell, ``obs`` copied with the target written in, the control cells
     in ``layers['control']``), like :func:`scidiff.perturbation.predict_perturbation`.
 
-    ``train`` and ``control``: AnnData of log1p-normalised expression on the same genes.
+    ``train`` and ``control``: AnnData (or ``.h5ad`` paths) of log1p-normalised expression on the
+    same genes.
     ``target``: e.g. ``{'condition': 'stimulated'}``, ``{'perturbation': 'A+B'}`` or
     ``{'day_num': 4.0}``. Perturbation labels are matched in canonical form
     (:func:`perturbation_labels`: ``B+A`` as ``A+B``, GEARS' ``A+ctrl`` as ``A``, combinations
@@ -474,10 +507,11 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     - ``cell-mean``: + the mean over contexts of (all perturbed cells but the target's) - control;
     - ``additive``: + the sum of the target's singles' mean-shift deltas (``A+B`` -> ``dA + dB``);
     - ``linear``: with ``time_key``, interpolation in time between the flanking measured times
-      (``control`` shifted to the interpolated mean); otherwise ridge (``alpha``) from a feature
-      vector to the delta, fitted on every (context, perturbation) group of ``train``: the
-      multi-hot of single perturbations, or ``features[label]`` (labels without features are
-      left out of the fit).
+      (``control`` shifted to the interpolated mean); otherwise ridge from a feature vector to the
+      delta, fitted on every (context, perturbation) group of ``train``: the multi-hot of single
+      perturbations, or ``features[label]`` (labels without features are left out of the fit);
+      its penalty ``alpha``, or chosen by leave-one-group-out cross-validation when ``None``
+      (:class:`LinearPerturbationModel`; recorded in ``uns['baseline']['alpha']``).
 
     A target that is the control itself is the control cells under every method. Cells of
     ``control`` labelled with a perturbation of ``train`` are refused (the error names them). A
@@ -488,6 +522,8 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     import anndata as ad
     import pandas as pd
 
+    target = condition_mapping(target, "target")  # "stim" failed letter by letter
+    train, control = (read_h5ad(a) if isinstance(a, (str, os.PathLike)) else a for a in (train, control))
     method = method.replace("_", "-")
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose from {list(BASELINES)}")
@@ -505,8 +541,8 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
         target[time_key] = time_value(time_key, target[time_key])
     xc = _x(control)
     try:
-        pred = _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label,
-                           time_key, features, alpha, separator)
+        pred, fitted = _baseline_x(method, train, control, xc, target, perturbation_key, context_key,
+                                   control_label, time_key, features, alpha, separator)
     except ValueError as error:
         if not at:
             raise
@@ -517,7 +553,7 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var[[]].copy())
     out.layers["control"] = xc.astype(np.float32)
     out.uns["baseline"] = {"method": method, "target": {k: (v if isinstance(v, str) else float(v))
-                                                         for k, v in target.items()}, "at": at}
+                                                         for k, v in target.items()}, "at": at, **fitted}
     return out
 
 
@@ -535,7 +571,8 @@ def _joined_hint(labels, known, separator: str) -> str:
 
 def _baseline_x(method, train, control, xc, target, perturbation_key, context_key, control_label, time_key, features,
                 alpha, separator) -> np.ndarray:
-    """The ``control`` cells (their expression ``xc``) moved by the baseline ``method`` (:func:`predict_baseline`)."""
+    """The ``control`` cells (their expression ``xc``) moved by the baseline ``method`` (:func:`predict_baseline`),
+    and what was fitted for it (the linear ridge's ``{'alpha': penalty}``, else ``{}``)."""
     if method == "no-change":
         pred = no_change(xc)
     elif method == "linear" and time_key is not None:
@@ -603,6 +640,8 @@ def _baseline_x(method, train, control, xc, target, perturbation_key, context_ke
                 feats = [np.asarray(features[labels[i]], float) for i in keep]
                 ys = [ys[i] for i in keep]
                 f_target = np.asarray(features[label], float)
-            model = LinearPerturbationModel(alpha).fit(np.stack(feats), np.stack(ys))
-            pred = model.predict(xc, f_target)
-    return pred
+                labels = [labels[i] for i in keep]  # the target is unseen: cross-validated by perturbation
+            model = LinearPerturbationModel(alpha).fit(np.stack(feats), np.stack(ys),
+                                                       groups=labels if features is not None else None)
+            return model.predict(xc, f_target), {"alpha": model.alpha_}
+    return pred, {}

@@ -273,7 +273,8 @@ def baseline_screen(method: str, train, cells, targets: list[dict], *, perturbat
     :func:`~scidiff.data.spec.describing_columns`, the context and ``exclude_columns`` aside: a
     time course's ``day`` for its ``time_key``); ``drop_obs``: obs columns of ``cells`` left out
     of the predictions. A target's dose is read from the training cells measured at it.
-    ``baseline_kwargs``: ``alpha``, ``features``, ``separator``."""
+    ``baseline_kwargs``: ``alpha`` (the linear ridge's penalty; default: cross-validated, recorded
+    in ``uns['scidiff_prediction']``), ``features``, ``separator``."""
     targets = _check_targets(targets)
     control_labels = [str(c) for c in control_labels] or ["control"]
     separator = baseline_kwargs.get("separator", "+")
@@ -318,6 +319,7 @@ def _baseline_parts(method, train, cells, targets, perturbation_key, context_key
         pred.uns["scidiff_prediction"] = {
             "method": record["method"], "target": {k: str(v) for k, v in target.items()},
             "baseline": {"perturbation_key": perturbation_key or "", "context_key": context_key or "",
-                         "control_label": control_labels[0], "time_key": time_key or ""},
+                         "control_label": control_labels[0], "time_key": time_key or "",
+                         **({"alpha": record["alpha"]} if "alpha" in record else {})},
             "confidence": "not assessed by a baseline (NaN)"}
         yield pred
