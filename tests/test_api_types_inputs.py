@@ -296,3 +296,17 @@ def test_gene_attribution_takes_the_condition_as_labels(model, cells):
     pd.testing.assert_frame_equal(attribution({"cell_type": "B"}), attribution(codes))
     with pytest.raises(ValueError, match="^steps must be an integer >= 1, got True$"):
         attribution(codes, steps=True)
+
+
+def test_a_shard_rank_and_a_gene_level_given_as_booleans_are_refused(model, tmp_path):
+    """generate_sharded(rank=True) wrote shard 1 of 2, and PhenotypeTarget(marker_genes={'G': True})
+    asked for the level 1.0 (a NaN level for one no cell meets)."""
+    for kw, message in (({"rank": True, "world_size": 2}, "rank must be an integer, got True"),
+                        ({"rank": 0, "world_size": True}, "world_size must be an integer >= 1, got True")):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            generate_sharded(model, 4, tmp_path / "shards", seed=0, progress=False, steps=3, **kw)
+    assert not (tmp_path / "shards").exists()
+    for level in (True, float("nan"), "high"):
+        with pytest.raises(ValueError, match=r"the level of 'GENE0' must be a number \(log1p-normalised, finite\)"):
+            PhenotypeTarget(marker_genes={"GENE0": level})
+    assert PhenotypeTarget(marker_genes={"GENE0": np.float32(2.5)}).marker_genes == {"GENE0": 2.5}

@@ -17,7 +17,7 @@ from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
 from ..data.io import atomic_path
 from ..data.spec import scanpy_log1p
-from ..checks import condition_mapping
+from ..checks import condition_mapping, whole_number
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, check_steps
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
@@ -341,6 +341,8 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
+    world_size = whole_number("world_size", world_size, 1, what="an integer >= 1")  # True was one process
+    rank = whole_number("rank", rank, what="an integer")  # True was rank 1
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
     out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' made a folder named '~'

@@ -81,10 +81,13 @@ class GeneConstraint:
 
 
 def _level(gene, value, what: str) -> float:
-    try:
-        return float(value)
+    try:  # True read as the level 1.0, NaN as a level no cell meets
+        level = float(value) if not isinstance(value, (bool, np.bool_)) else math.nan
     except (TypeError, ValueError):
-        raise ValueError(f"{what}: the level of {gene!r} must be a number (log1p-normalised); got {value!r}") from None
+        level = math.nan
+    if not math.isfinite(level):
+        raise ValueError(f"{what}: the level of {gene!r} must be a number (log1p-normalised, finite); got {value!r}")
+    return level
 
 
 def _level_map(genes, default: float | None, what: str) -> dict[str, float]:
