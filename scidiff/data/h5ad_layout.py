@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from .gene_symbols import with_var_columns
 from .hdf5_guard import check_hdf5_file
-from .validate import Site, check_indptr, check_unique_genes
+from .validate import Site, check_indptr, check_unique_genes, rna_features
 
 FILTER_CODES = {h5py.h5z.FILTER_DEFLATE: 1, h5py.h5z.FILTER_SHUFFLE: 2}  # HDF5 id -> reader code
 FILTER_NAMES = {h5py.h5z.FILTER_DEFLATE: "gzip", h5py.h5z.FILTER_SHUFFLE: "shuffle",
@@ -64,6 +65,7 @@ class MatrixLayout:
     var_names: list[str]
     indptr: np.ndarray | None  # int64, csr only
     arrays: dict[str, StorageMap]  # "data" + "indices" (csr) or "x" (dense)
+    columns: np.ndarray | None = None  # stored columns read (RNA among other feature types), None: all
 
     @property
     def where(self) -> str:
@@ -152,13 +154,16 @@ def storage_map(ds: h5py.Dataset, file_size: int) -> StorageMap:
     return m
 
 
-def _var_names(f: h5py.File, group: str, path: str) -> list[str]:
+def _var(f: h5py.File, group: str, path: str):
+    """The ``var`` frame at ``group`` (``raw/var`` with ``var``'s text columns it lacks, as
+    :func:`~scidiff.data.gene_symbols.var_of` reads it in memory)."""
     import anndata as ad
 
     if group not in f:
         raise KeyError(f"{path!r} has no {group!r} (gene names)")
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
-    return [str(g) for g in read_elem(f[group]).index]
+    var = read_elem(f[group])
+    return with_var_columns(var, read_elem(f["var"]) if group == "raw/var" and "var" in f else None)
 
 
 def _sparse_kind(node) -> str | None:
@@ -237,7 +242,8 @@ def _layout(f: h5py.File, path: str, layer: str | None, use_raw: bool) -> Matrix
             raise KeyError(f"layer {layer!r} is not in {path!r}; layers available: {have or 'none'}")
         raise KeyError(f"{path!r} has no {key!r}" + ("; it has no .raw" if use_raw else ""))
     node = f[key]
-    var_names = _var_names(f, "raw/var" if use_raw else "var", path)
+    var = _var(f, "raw/var" if use_raw else "var", path)
+    var_names = [str(g) for g in var.index]
     size = os.path.getsize(path)
     where = f"{key} of {path!r}"
     if isinstance(node, h5py.Dataset):
@@ -250,6 +256,9 @@ def _layout(f: h5py.File, path: str, layer: str | None, use_raw: bool) -> Matrix
         encoding = "csr"
     if len(var_names) != n_genes:
         raise ValueError(f"{where} has {n_genes} genes (shape attribute) but var has {len(var_names)} names")
+    columns = rna_features(var, where)  # ADTs, guides, peaks left out, as in memory
+    if columns is not None:
+        var_names = [var_names[i] for i in columns]
     check_unique_genes(var_names, where)
     return MatrixLayout(path=path, key=key, encoding=encoding, n_cells=n_cells, n_genes=n_genes,
-                        var_names=var_names, indptr=indptr, arrays=arrays)
+                        var_names=var_names, indptr=indptr, arrays=arrays, columns=columns)

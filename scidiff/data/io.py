@@ -15,7 +15,7 @@ import sys
 import anndata as ad
 
 from .hdf5_guard import check_hdf5_file
-from .validate import check_sparse
+from .validate import check_sparse, rna_features
 
 _TMP = re.compile(r"^\.tmp-(\d+)-([0-9a-f]+)\.(.+)$")
 
@@ -35,14 +35,17 @@ def _is_10x_h5(path: str) -> bool:
 
 
 def _read_10x(path: str) -> ad.AnnData:
-    """A 10x HDF5 file through scanpy; duplicated gene symbols are made unique (scanpy's
-    convention), said in one line on stderr."""
+    """A 10x HDF5 file through scanpy, its Gene Expression features alone (others left out with a
+    warning); duplicated gene symbols are made unique (scanpy's convention), said in one line on stderr."""
     import scanpy as sc
 
     try:
-        adata = sc.read_10x_h5(path)
+        adata = sc.read_10x_h5(path, gex_only=False)  # gex_only=True drops ADTs, guides, peaks unsaid
     except Exception as exc:
         raise ValueError(f"could not read {path!r} as a 10x Genomics HDF5 file: {exc}") from exc
+    rna = rna_features(adata.var, repr(path))  # one warning naming the other feature types
+    if rna is not None:
+        adata = adata[:, rna].copy()
     dup = int(adata.var_names.duplicated().sum())
     if dup:
         adata.var_names_make_unique()

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from ..checks import yes_no
 from .gene_symbols import var_of
 from .io import read_h5ad  # noqa: F401  (re-exported)
-from .validate import check_sparse, check_unique_genes
+from .validate import check_sparse, check_unique_genes, feature_types, rna_features, rna_mask
 
 
 def _source(adata: ad.AnnData) -> str | None:
@@ -31,7 +31,8 @@ def _name(adata: ad.AnnData) -> str:
 def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool = False):
     """Return ``(matrix, var_names, key)`` from ``X``, ``layers[layer]`` or ``raw.X`` (``key``: where
     it is in the file, ``X``, ``layers/<layer>`` or ``raw/X``), its sparse arrays checked and its
-    gene names unique."""
+    gene names unique; only its Gene Expression features where var's feature types name others
+    (:func:`~scidiff.data.validate.rna_features`: ADTs, guides, hashtags, peaks left out)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{_name(adata)} is empty ({adata.n_obs} cells x {adata.n_vars} genes)")
     if use_raw and layer:
@@ -48,6 +49,9 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     else:
         matrix, var_names, key = adata.X, adata.var_names, "X"
     check_sparse(matrix, _name(adata), key, adata.obs_names, var_names)
+    rna = rna_features(var_of(adata, use_raw), f"{key} of {_name(adata)}")  # ADTs, guides, peaks: left out
+    if rna is not None:
+        matrix, var_names = matrix[:, rna], var_names[rna]
     check_unique_genes(var_names, f"{key} of {_name(adata)}")
     return matrix, var_names, key
 
@@ -57,10 +61,15 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
     matrix (with ``.raw``'s genes), the matrix not copied: for readers of ``X``. Errors name the
     file and where the matrix lies in it."""
     use_raw = yes_no("use_raw", use_raw)  # 'no' read raw.X, as any non-empty text is true
-    if not layer and not use_raw:
+    mixed = (types := feature_types(adata.var)) is not None and not rna_mask(types).all()
+    if not layer and not use_raw and not mixed:
         return adata
-    matrix, _, key = expression_matrix(adata, layer, use_raw)
-    return ad.AnnData(X=matrix, obs=adata.obs, var=var_of(adata, use_raw),
+    matrix, _, key = expression_matrix(adata, layer, use_raw)  # RNA features only (ADTs, guides left out)
+    var = var_of(adata, use_raw)
+    types = feature_types(var)
+    if types is not None and not rna_mask(types).all():
+        var = var.iloc[np.flatnonzero(rna_mask(types))]
+    return ad.AnnData(X=matrix, obs=adata.obs, var=var,
                       uns={"scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
 
 

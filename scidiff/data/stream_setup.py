@@ -24,7 +24,7 @@ from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, gene_columns, log_normalize, select_genes, warn_empty_cells
 from .spec import DataSpec, _build_spec, covariate_keys, label_type, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
-from .validate import check_labelled
+from .validate import GENE_EXPRESSION, check_labelled, feature_types, rna_mask
 
 
 @dataclass
@@ -101,7 +101,8 @@ class StreamedCells:
 
 def read_var(path: str, use_raw: bool = False) -> pd.DataFrame:
     """The file's ``var`` (``raw/var`` with ``use_raw``, with ``var``'s text columns it lacks:
-    :func:`~scidiff.data.gene_symbols.with_var_columns`): gene IDs and their columns."""
+    :func:`~scidiff.data.gene_symbols.with_var_columns`): gene IDs and their columns, its Gene
+    Expression features alone where it has others (the genes :class:`MatrixReader` reads)."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
     group = "raw/var" if use_raw else "var"
     with naming_file(path), h5py.File(path, "r") as f:
@@ -110,7 +111,9 @@ def read_var(path: str, use_raw: bool = False) -> pd.DataFrame:
         var = read_elem(f[group])
         main = read_elem(f["var"]) if use_raw and "var" in f else None
     var.index = var.index.astype(str)
-    return with_var_columns(var, main)
+    var = with_var_columns(var, main)
+    types = feature_types(var)  # the reader's genes: Gene Expression alone where ADTs, guides are beside them
+    return var[rna_mask(types)] if types is not None and (types == GENE_EXPRESSION).any() else var
 
 
 def _read_obs(path: str, keys) -> pd.DataFrame:

@@ -194,6 +194,7 @@ class MatrixReader:
         self._h5 = None
         self._h5_lock = threading.Lock()
         self._arrays = {}
+        self._column_map = None  # stored column -> column read, where only some are (RNA among ADTs)
         if self.backend == "native":
             file = _ext.File(self.layout.path)
             for name, m in self.layout.arrays.items():
@@ -277,7 +278,7 @@ class MatrixReader:
             m = L.arrays["x"]
             x = _buffer(scratch, "x", n * L.n_genes, m.dtype).reshape(n, L.n_genes)
             self._read_arrays([("x", starts, stops, x)])
-            return RowBlock(n, x=x)
+            return RowBlock(n, x=x if L.columns is None else np.ascontiguousarray(x[:, L.columns]))
         ip = L.indptr
         ids = runs_to_ids(runs)
         indptr = np.zeros(n + 1, np.int64)
@@ -286,14 +287,29 @@ class MatrixReader:
         data = _buffer(scratch, "data", int(indptr[-1]), L.arrays["data"].dtype)
         indices = _buffer(scratch, "indices", int(indptr[-1]), L.arrays["indices"].dtype)
         self._read_arrays([("data", el_starts, el_stops, data), ("indices", el_starts, el_stops, indices)])
-        return RowBlock(n, indptr=indptr, indices=indices, data=data, ids=ids)
+        block = RowBlock(n, indptr=indptr, indices=indices, data=data, ids=ids)
+        return block if L.columns is None else self._rna_only(block)
+
+    def _rna_only(self, block: RowBlock) -> RowBlock:
+        """``block`` on the stored columns the layout reads (its RNA features, :attr:`MatrixLayout.columns`),
+        renumbered: checked first against the file's full width."""
+        L = self.layout
+        check_block(block, L.n_genes, L.site)
+        if self._column_map is None:
+            self._column_map = np.full(L.n_genes, -1, np.int64)
+            self._column_map[L.columns] = np.arange(len(L.columns))
+        new = self._column_map[block.indices]
+        keep = new >= 0
+        kept = np.r_[0, np.cumsum(keep, dtype=np.int64)]
+        return RowBlock(block.n, indptr=kept[block.indptr], indices=new[keep].astype(block.indices.dtype),
+                        data=block.data[keep], ids=block.ids, checked=True)
 
     @property
     def fused(self) -> bool:
         """Whether :meth:`read_densify` applies: the native reader on CSR arrays stored without
         filters (cells are densified while their bytes are still in cache)."""
         L = self.layout
-        return (self.backend == "native" and L.encoding == "csr" and "data" in self._arrays
+        return (self.backend == "native" and L.encoding == "csr" and "data" in self._arrays and L.columns is None
                 and "indices" in self._arrays and not L.arrays["data"].filters
                 and not L.arrays["indices"].filters and _native(L.arrays["data"].dtype))
 
@@ -323,7 +339,7 @@ class MatrixReader:
 
     def read_matrix(self, runs):
         """The cells of ``runs`` as a scipy CSR matrix (or a dense array), values as stored."""
-        return self.read(runs).to_matrix(self.layout.n_genes, self.layout.site)
+        return self.read(runs).to_matrix(len(self.layout.var_names), self.layout.site)
 
     # -- densify --------------------------------------------------------------------------------
     def densify(self, block: RowBlock, rows, transform: Transform, out: np.ndarray | None = None) -> np.ndarray:

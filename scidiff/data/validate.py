@@ -169,3 +169,46 @@ def check_labelled(col, key: str, where: str, control: str | None = None,
     what = f"missing values ({int(blank.sum())} of them empty labels)" if blank.any() else "missing values"
     raise ValueError(f"obs[{key!r}] of {where} has {int(missing.sum())} {what} (cells {cells}{more}): "
                      f"{drop} or {way} (`{column} = {column}.astype(object){filled}.astype('category')`)")
+
+
+GENE_EXPRESSION = "Gene Expression"
+FEATURE_TYPE_COLUMNS = ("feature_types", "feature_type")  # scanpy's read_10x_h5(gex_only=False); 10x, cellxgene
+
+
+def feature_types(var) -> np.ndarray | None:
+    """Each feature's type from ``var``'s ``feature_types`` (or ``feature_type``) column as text, or
+    ``None`` where ``var`` has no such column."""
+    column = next((c for c in FEATURE_TYPE_COLUMNS if c in getattr(var, "columns", ())), None)
+    return None if column is None else np.asarray(var[column]).astype(str)
+
+
+def rna_mask(types: np.ndarray) -> np.ndarray:
+    """Which features of ``types`` (:func:`feature_types`) are RNA: ``Gene Expression``, or no type
+    given (``""``, a missing value: genes only ``.raw`` holds, its types from ``var``)."""
+    return np.isin(types, (GENE_EXPRESSION, "", "nan", "None"))
+
+
+def rna_features(var, where: str) -> np.ndarray | None:
+    """The positions of the RNA (``Gene Expression``) features of ``var`` where its feature types
+    name others too (CITE-seq's ``Antibody Capture``, ``CRISPR Guide Capture``, hashtags'
+    ``Multiplexing Capture``, multiome's ``Peaks``), with one warning naming ``where``, those types
+    and their counts; ``None`` where every feature is RNA or no column says. Only RNA is modelled
+    (scanpy's ``gex_only``, Seurat's assays): other features are neither genes nor library size.
+    A ``var`` without one Gene Expression feature is a ``ValueError`` naming ``where``."""
+    import warnings  # lazy: only on the warning's path
+
+    types = feature_types(var)
+    if types is None:
+        return None
+    rna = rna_mask(types)
+    if rna.all():
+        return None
+    names, counts = np.unique(types[~rna], return_counts=True)
+    found = ", ".join(f"{int(n)} {str(t)!r}" for t, n in zip(names, counts))
+    if not (types == GENE_EXPRESSION).any():
+        raise ValueError(f"{where} has no {GENE_EXPRESSION!r} feature (its feature types: {found}): scidiff models "
+                         f"RNA expression; pass a file with its Gene Expression features")
+    warnings.warn(f"{where}: left out {found} feature(s) of {len(types)}: only the {int(rna.sum())} "
+                  f"{GENE_EXPRESSION!r} features are modelled (genes chosen and cells normalised on them)",
+                  stacklevel=2)
+    return np.flatnonzero(rna)

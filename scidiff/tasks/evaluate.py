@@ -146,7 +146,7 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     out_dir, plots, use_raw = _check_out_dir(out_dir), yes_no("plots", plots), yes_no("use_raw", use_raw)
     _key_argument("groupby", groupby)
     auc_repeats = whole_number("auc_repeats", auc_repeats, 1, what="an integer >= 1")
-    real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), read_cells(generated)
+    real_ad, gen_ad = expression_as_x(read_cells(real), layer, use_raw), expression_as_x(read_cells(generated))
     genes = [str(g) for g in gen_ad.var_names]
     labels = {}
     if groupby:
@@ -385,7 +385,9 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
         raise ValueError(f"cell_eval must be True, False or 'auto', got {cell_eval!r}")
     min_de_genes = whole_number("min_de_genes", min_de_genes, 0, what="an integer >= 0")
     real_ad, pred_ad = expression_as_x(_read(real, "real cells"), layer, use_raw), _read(predicted, "prediction")
-    base_ad = {str(n): _read(b, f"baseline {n!r}") for n, b in (baselines or {}).items()}
+    # RNA alone in every file (a baseline of measured cells may carry ADTs, guides: they are no library size)
+    pred_ad = expression_as_x(pred_ad)
+    base_ad = {str(n): expression_as_x(_read(b, f"baseline {n!r}")) for n, b in (baselines or {}).items()}
     controls = control_labels_of(control_label)
     files = [(real_ad, "real file"), (pred_ad, "prediction")] + [(b, f"baseline {n!r}") for n, b in base_ad.items()]
     for a, what in files:
