@@ -45,6 +45,13 @@ def generator_seed(seed) -> int:
     return whole_number("seed", seed, 0, 2**64 - 1, what="an integer in [0, 2**64)")
 
 
+def refuse_one_condition(value, name: str, example: str, items: str = "condition dicts") -> None:
+    """Refuse text or one dict where a list of ``items`` is asked for (a dict was read as its keys,
+    text letter by letter): a ValueError naming ``name``, with ``example`` (e.g. ``{'drug': 'A'}``)."""
+    if isinstance(value, (str, bytes)) or callable(getattr(value, "items", None)):
+        raise ValueError(f"{name} must be a list of {items}, e.g. [{example}], got {value!r}")
+
+
 def condition_mapping(value, name: str = "condition") -> dict:
     """``value`` (covariate -> label: a dict, any mapping, a pandas Series) as a dict, ``None`` as
     ``{}``; text or another sequence is a ValueError naming ``name``, as the ONNX runtime says it

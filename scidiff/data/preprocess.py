@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from ..checks import yes_no
 from .gene_symbols import var_of
 from .io import read_h5ad  # noqa: F401  (re-exported)
-from .validate import check_sparse, check_unique_genes, feature_types, rna_features, rna_mask
+from .validate import check_sparse, check_unique_genes, feature_types, rna_features, rna_mask, rna_var
 
 
 def _source(adata: ad.AnnData) -> str | None:
@@ -65,11 +65,7 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
     if not layer and not use_raw and not mixed:
         return adata
     matrix, _, key = expression_matrix(adata, layer, use_raw)  # RNA features only (ADTs, guides left out)
-    var = var_of(adata, use_raw)
-    types = feature_types(var)
-    if types is not None and not rna_mask(types).all():
-        var = var.iloc[np.flatnonzero(rna_mask(types))]
-    return ad.AnnData(X=matrix, obs=adata.obs, var=var,
+    return ad.AnnData(X=matrix, obs=adata.obs, var=rna_var(var_of(adata, use_raw)),
                       uns={"scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
 
 

@@ -24,7 +24,7 @@ from .moments import GeneMoments
 from .preprocess import AllZeroError, detect_input, gene_columns, log_normalize, select_genes, warn_empty_cells
 from .spec import DataSpec, _build_spec, covariate_keys, label_type, record_symbols
 from .streaming import CodedCovariate, MatrixReader, StreamingLoader, Transform
-from .validate import GENE_EXPRESSION, check_labelled, feature_types, rna_mask
+from .validate import check_labelled, rna_var
 
 
 @dataclass
@@ -111,9 +111,7 @@ def read_var(path: str, use_raw: bool = False) -> pd.DataFrame:
         var = read_elem(f[group])
         main = read_elem(f["var"]) if use_raw and "var" in f else None
     var.index = var.index.astype(str)
-    var = with_var_columns(var, main)
-    types = feature_types(var)  # the reader's genes: Gene Expression alone where ADTs, guides are beside them
-    return var[rna_mask(types)] if types is not None and (types == GENE_EXPRESSION).any() else var
+    return rna_var(with_var_columns(var, main))  # the reader's genes: RNA alone where ADTs, guides are beside them
 
 
 def _read_obs(path: str, keys) -> pd.DataFrame:

@@ -188,6 +188,16 @@ def rna_mask(types: np.ndarray) -> np.ndarray:
     return np.isin(types, (GENE_EXPRESSION, "", "nan", "None"))
 
 
+def rna_var(var):
+    """``var`` on its RNA features (the rows :func:`rna_features` keeps, without its warning); as it
+    is where every feature is RNA, none is Gene Expression, or no column gives the types."""
+    types = feature_types(var)
+    if types is None or not (types == GENE_EXPRESSION).any():
+        return var
+    rna = rna_mask(types)
+    return var if rna.all() else var.iloc[np.flatnonzero(rna)]
+
+
 def rna_features(var, where: str) -> np.ndarray | None:
     """The positions of the RNA (``Gene Expression``) features of ``var`` where its feature types
     name others too (CITE-seq's ``Antibody Capture``, ``CRISPR Guide Capture``, hashtags'

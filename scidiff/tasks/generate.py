@@ -17,7 +17,7 @@ from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
 from ..data.io import atomic_path
 from ..data.spec import scanpy_log1p
-from ..checks import condition_mapping, whole_number
+from ..checks import condition_mapping, refuse_one_condition, whole_number
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, check_steps
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
@@ -199,8 +199,7 @@ def plan_groups(model, n: int, groups=None, seed: int | None = 0) -> list[dict |
     ``model.sample``'s. A condition may give one label per cell (a list of ``n``), as
     ``model.sample`` takes them. The labels of ``groups`` are checked before any work (the
     training groups' own come from the model's spec)."""
-    if isinstance(groups, (str, bytes)) or callable(getattr(groups, "items", None)):  # one dict: its keys were groups
-        raise ValueError(f"groups must be a list of condition dicts, e.g. [{{'cell_type': 'B'}}], got {groups!r}")
+    refuse_one_condition(groups, "groups", "{'cell_type': 'B'}")
     plan = []
     for i, condition in enumerate([_check_generate(model, n, g) for g in (groups or [{}])]):
         mixed = any(_per_cell(v) for v in condition.values())  # one label per cell: runs of alike cells

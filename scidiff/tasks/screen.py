@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..checks import condition_mapping
+from ..checks import condition_mapping, refuse_one_condition
 from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
 from ..data.spec import describing_columns, lookup_label
@@ -43,8 +43,7 @@ def target_text(target: dict) -> str:
 
 
 def _check_targets(targets) -> list[dict]:
-    if isinstance(targets, (str, bytes)) or callable(getattr(targets, "items", None)):  # one dict: its keys were read
-        raise ValueError(f"targets must be a list of dicts, e.g. [{{'condition': 'stimulated'}}], got {targets!r}")
+    refuse_one_condition(targets, "targets", "{'condition': 'stimulated'}", "dicts")
     targets = [condition_mapping(t, "each target") for t in targets]
     if not targets:
         raise ValueError("no targets given; give at least one, e.g. {'condition': 'stimulated'}")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...checks import condition_mapping, whole_number
+from ...checks import condition_mapping, refuse_one_condition, whole_number
 from ...data.spec import canonical_label
 from ...diffusion.samplers import ddim, ddim_invert
 from ...models.cell_draws import check_seed
@@ -100,8 +100,7 @@ def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, cond
     seed = check_seed(seed)
     if condition is not None:  # 'K1' was refused as "conditioning", a name the screen does not take
         condition = condition_mapping(condition)
-    if isinstance(candidates, (str, bytes)) or callable(getattr(candidates, "items", None)):  # one dict: its keys
-        raise ValueError(f"candidates must be a list of condition dicts, e.g. [{{'drug': 'A'}}], got {candidates!r}")
+    refuse_one_condition(candidates, "candidates", "{'drug': 'A'}")
     candidates = candidates if candidates is not None else candidate_conditions(model, combinations, doses)
     if not candidates:
         raise ValueError("no candidate conditions to screen")
