@@ -1,10 +1,18 @@
 """Checks of the whole numbers users pass from Python (a number of epochs, genes, samples; a seed;
-a batch size): one rule for every entry point. Plain Python: the set-up, the engine, training,
-the per-cell draws and the tasks share it."""
+a batch size), of yes/no arguments and of choices given as text: one rule for every entry point;
+and :func:`warn`, which points scidiff's warnings at the user's line. Plain Python: the set-up,
+the engine, training, the per-cell draws and the tasks share it."""
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from numbers import Integral, Real
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_CLI = os.path.join(_PACKAGE, "cli") + os.sep
+_WRAPPERS = (os.path.join("torch", "utils", "_contextlib.py"), os.sep + "contextlib.py")  # torch.no_grad's wrapper
 
 
 def whole_number(name: str, value, low: int | None = None, high: int | None = None, *,
@@ -21,13 +29,41 @@ def whole_number(name: str, value, low: int | None = None, high: int | None = No
     return int(value)
 
 
-def yes_no(name: str, value) -> bool:
+def yes_no(name: str, value, none: str | None = None) -> bool | None:
     """A yes/no argument as a bool: a Python or numpy bool (``np.False_ is False`` is false); text
-    such as ``'no'``, which reads as true, or a number is a ``ValueError`` naming it."""
+    such as ``'no'``, which reads as true, or a number is a ``ValueError`` naming it:
+    ``"{name} must be True or False, got 'no'"``. ``none``: what ``None`` means where it is
+    allowed (returned as ``None``), said in the message: ``"True, False or None ({none})"``."""
+    if value is None and none is not None:
+        return None
     kind = type(value)  # numpy's bool (np.bool_, named 'bool' since numpy 2), without importing numpy
     if not isinstance(value, bool) and not (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
+        choices = "True or False" if none is None else f"True, False or None ({none})"
+        raise ValueError(f"{name} must be {choices}, got {value!r}")
     return bool(value)
+
+
+def choice(what: str, value, choices):
+    """``value`` where it is one of ``choices`` (a sampler, a method), else a ``ValueError`` listing
+    them, the one way choices given as text are refused: ``"unknown {what} 'X'; choose one of [...]"``
+    (``'DDIM'`` and ``'ddim '`` are not ``'ddim'``)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {list(choices)}")
+    return value
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` pointed at the user's line: the first frame outside the scidiff package
+    (past torch.no_grad's wrapper), or the command line's own frame (``scidiff.cli``, whose format
+    shows scidiff's warnings as ``scidiff COMMAND: warning: ...``), wherever in the package it is
+    raised (Python 3.11 has no ``skip_file_prefixes``)."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: warn's caller
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if path.startswith(_CLI) or not (path.startswith(_PACKAGE) or path.endswith(_WRAPPERS)):
+            break
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def real_number(name: str, value, test=lambda v: True, *, what: str = "a finite number") -> float:

@@ -308,12 +308,14 @@ def as_config(config, source: str = "config") -> Config:
 
 def run_config_path(model_path) -> str | None:
     """The ``config.yaml`` that ``scidiff train`` wrote beside a run's ``model.pt`` (``model_path``:
-    the run folder or a checkpoint in it), or ``None``."""
+    the run folder or a checkpoint in it, ``checkpoints/step-*.pt`` included), or ``None``."""
     model_path = os.fspath(model_path)
     if not os.path.exists(model_path):
         return None
     folder = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path) and os.path.basename(folder) == "checkpoints" and not os.path.isdir(model_path):
+        path = os.path.join(os.path.dirname(folder), "config.yaml")  # a training checkpoint the run kept
     return path if os.path.isfile(path) else None
 
 

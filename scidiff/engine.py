@@ -44,7 +44,7 @@ from typing import Iterator
 import torch
 
 from . import ops
-from .checks import generator_seed, whole_number
+from .checks import generator_seed, warn, whole_number, yes_no
 from .diffusion.guidance import double_rows, guidance_weight
 from .diffusion.plans import (DEFAULT_SAMPLER, DEFAULT_SPACING, DEFAULT_STEPS, PlanStep, check_eta, check_steps,
                               sampler_plan, walk)
@@ -104,9 +104,8 @@ def _engine_dtype(dtype, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype={dtype!r}; choose 'auto', one of {sorted(DTYPES)} or a torch float dtype")
     if device.type == "cpu" and ((dtype == torch.bfloat16 and not cpu_has_bf16())
                                  or (dtype == torch.float16 and not cpu_has_fp16())):
-        warnings.warn(f"dtype={str(dtype).replace('torch.', '')} on a CPU without native units for it: the "
-                      f"network runs emulated, several times slower than fp32 (dtype='auto' picks fp32 here)",
-                      stacklevel=3)
+        warn(f"dtype={str(dtype).replace('torch.', '')} on a CPU without native units for it: the "
+             f"network runs emulated, several times slower than fp32 (dtype='auto' picks fp32 here)")
     return dtype
 
 
@@ -161,7 +160,8 @@ class SamplingEngine:
         self.chunk_size = (65_536 if self.device.type == "cuda" else CPU_CHUNK) if chunk_size is None else \
             whole_number("chunk_size", chunk_size, 1,
                          what="a positive integer (cells per batch; None for the device's default)")
-        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        cuda_graph = yes_no("cuda_graph", cuda_graph, "captured on CUDA")  # 'no' read as True
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs a CUDA device, and this engine runs on {self.device}: "
                              f"leave cuda_graph unset (or False) off CUDA")
@@ -357,6 +357,8 @@ class SamplingEngine:
         n = whole_number("n", n, 1, what="an integer number of cells >= 1", integral_floats=False)
         if seed is not None and generator is not None:
             raise ValueError("pass seed or generator, not both (the generator would win and seed be ignored)")
+        progress, return_expression, to_cpu = (yes_no(name, value) for name, value in (  # 'no' read as true
+            ("progress", progress), ("return_expression", return_expression), ("to_cpu", to_cpu)))
         m = self.model
         observed = m.resolve_observed(observed, return_expression)
         shared, cond_all = self._encode(conditioning, n)

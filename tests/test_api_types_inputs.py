@@ -33,23 +33,32 @@ def one_thread():
     yield from single_thread()
 
 
-@pytest.fixture(scope="module")
-def cells():
+def timed_cells():
+    """160 cells of two cell types x control/stim, with a continuous ``time`` (0-3)."""
     adata = scanpy_cells(n=160)
     adata.obs["time"] = np.where(adata.obs["condition"] == "stim", 2.0, 0.0) + np.arange(adata.n_obs) % 2
     return adata
 
 
-@pytest.fixture(scope="module")
-def model(cells, tmp_path_factory):
+def timed_model(cells, folder):
+    """A 2-epoch model of :func:`timed_cells` conditioned on cell type, condition and time."""
     config = load_config(overrides={"model": {"hidden_dim": 32, "num_layers": 1, "num_timesteps": 50,
                                               "conditioning_dim": 16, "latent_dim": 8},
                                     "training": {"num_epochs": 2, "batch_size": 64, "warmup_steps": 2},
                                     "data": {"continuous_keys": ["time"]}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return scidiff.train(cells, str(tmp_path_factory.mktemp("model")), config,
-                             condition_keys=["cell_type", "condition"], progress=False)
+        return scidiff.train(cells, str(folder), config, condition_keys=["cell_type", "condition"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return timed_cells()
+
+
+@pytest.fixture(scope="module")
+def model(cells, tmp_path_factory):
+    return timed_model(cells, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

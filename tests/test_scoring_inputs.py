@@ -150,8 +150,8 @@ def test_the_report_path_printed_is_the_file_written(tmp_path, capsys, monkeypat
     out = f"{tmp_path / 'report'}/"
     assert main(["evaluate", "--perturbation", "--real", str(tmp_path / "real.h5ad"), "--predicted",
                  str(tmp_path / "pred.h5ad"), "--perturbation-key", "perturbation", "--out", out]) == 0
-    said = capsys.readouterr().out
-    assert f"wrote {tmp_path / 'report' / 'metrics.json'}\n" in said and "cell-eval is not installed" in said
+    said = capsys.readouterr()
+    assert f"wrote {tmp_path / 'report' / 'metrics.json'}\n" in said.out and "cell-eval is not installed" in said.err
     m = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert m["cell_eval"]["installed"] is False
     assert m["mean"]["rmse_all"] == pytest.approx(0, abs=1e-5)

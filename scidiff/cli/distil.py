@@ -46,7 +46,7 @@ def run(args):
     from ..training.distillation import distil, halving_rounds  # lazy: keeps --help light (torch)
     from ..training.trainer import resolve_device  # lazy: keeps --help light (torch)
 
-    out = _check_student_out(args.out, args.data) if args.out is not None else None
+    out = _check_student_out(args.out, args.data) if args.out is not None else _check_model_writable(args.model)
     model = load_model(args.model, map_location=resolve_device(args.device))
     if args.from_student and model.student is None:
         raise ValueError(f"--from-student: {args.model!r} holds no distilled student to go on from")
@@ -84,6 +84,21 @@ def _check_student_out(out: str, data: str) -> str:
         raise ValueError(f"--out {out!r} exists and is not a checkpoint; distil would replace it with one: "
                          "give a new path, or a scidiff checkpoint to replace")
     return out
+
+
+def _check_model_writable(model: str) -> None:
+    """Without ``--out`` the student is written into the ``--model`` checkpoint: refused before any
+    work where its folder cannot be written (a read-only copy of a run), not once it is distilled."""
+    from ..training.checkpoint import MODEL_FILE  # lazy: keeps --help light (torch)
+
+    path = os.path.expanduser(model)
+    path = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--model {model!r}: the student is written into {path!r}, but there is no permission to "
+                         f"write in {folder!r} (a read-only copy of the run?); give --out NEW.pt to write the "
+                         f"checkpoint with its student elsewhere")
+    return None
 
 
 def _halvings(steps: int) -> str:

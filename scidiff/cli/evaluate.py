@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 from .common import SEPARATOR_HELP, add_expression_source, check_out, positive_int, separator_text, split
@@ -133,5 +134,5 @@ def _run_perturbation(args):
     print(json.dumps(summary, indent=1, default=float))
     print(_inputs_line(result.get("inputs") or {}, "predicted"))
     if ce.get("installed") is False:
-        print(f"scidiff evaluate: {CELL_EVAL_MISSING}")
+        print(f"scidiff evaluate: warning: {CELL_EVAL_MISSING}", file=sys.stderr)  # stdout: the results alone
     print(f"wrote {os.path.join(args.out, 'metrics.json')}")

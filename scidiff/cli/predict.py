@@ -395,19 +395,22 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
 
     from ..data import transform_like  # lazy: keeps --help light (torch, anndata)
     from ..data.gene_symbols import genes_of_in  # lazy: keeps --help light (pandas)
+    from ..tasks.cells import keep_var_columns  # lazy: keeps --help light (torch, anndata)
     from ..tasks.evaluate import log_expression_of  # lazy: keeps --help light (torch, anndata)
 
-    def lean(a, x, genes):
+    def lean(a, x, genes, names):
+        """``a``'s cells as ``x`` on ``genes`` (``names``: theirs in ``a``), its var columns (IDs,
+        symbols, feature types) kept, as a model's prediction keeps them."""
         out = ad.AnnData(X=x, obs=a.obs.copy())
-        out.var_names = list(genes)
-        if a is train:  # its var columns (gene symbols) stay
-            out.var = a.var.set_axis(a.var.index.astype(str)).reindex(list(genes))
+        out.var = a.var.set_axis(a.var.index.astype(str)).reindex(list(names)).set_axis(list(genes))
         return out
 
     if model is not None:
         spec = model.data_spec
         train = None if train is None else transform_like(spec, train, condition_keys=[]).to_anndata()
-        data = transform_like(spec, data, condition_keys=[]).to_anndata()
+        read = transform_like(spec, data, condition_keys=[]).to_anndata()
+        keep_var_columns(read, data, spec)
+        data = read
         if context_key is None:
             keys = [k for k in spec.categorical if k not in spec.perturbation_keys and k not in (pert_key, time_key)]
             keys = [k for k in keys if k in data.obs.columns and (train is None or k in train.obs.columns)]
@@ -423,5 +426,8 @@ def _log1p_pair(train, data, model, context_key, pert_key, time_key):
     # --data may name the genes the other way (by symbol for IDs, or the reverse)
     in_data = genes if train is None else genes_of_in(train, data, "genes of --train are not in --data")
     if train is not None:
-        train = lean(train, log_expression_of(train, genes), genes)
-    return train, lean(data, log_expression_of(data, in_data), genes), context_key
+        train = lean(train, log_expression_of(train, genes), genes, genes)
+    data = lean(data, log_expression_of(data, in_data), genes, in_data)
+    for column in [] if train is None else [c for c in train.var.columns if c not in data.var.columns]:
+        data.var[column] = train.var[column].to_numpy()  # --train's gene symbols beside --data's names
+    return train, data, context_key

@@ -7,7 +7,6 @@ per covariate (``LongTensor[B]`` codes, or ``FloatTensor[B]`` for dose/time). Ev
 from __future__ import annotations
 
 import unicodedata
-import warnings
 from dataclasses import dataclass
 
 import anndata as ad
@@ -16,7 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from ..checks import real_number, whole_number, yes_no
+from ..checks import real_number, warn, whole_number, yes_no
 from .preprocess import (check_log_base, dense, detect_input, expression_matrix, gene_columns, log_normalize,
                          warn_empty_cells, select_genes, _name)
 from .gene_symbols import symbol_column, symbol_index, symbols_of, var_of
@@ -170,10 +169,8 @@ def check_controls(key: str, labels, counts, control_labels, separator: str, sou
                          f"Pass the label of the unperturbed cells{control_hint(labels)}")
     unused = [c for c in controls if c not in carried]
     if unused and tuple(controls) != DEFAULT_CONTROLS:
-        import warnings
-
-        warnings.warn(f"control label(s) {unused} of obs[{key!r}] in {source} match no cell "
-                      f"(those that do: {sorted(carried)})", stacklevel=3)
+        warn(f"control label(s) {unused} of obs[{key!r}] in {source} match no cell "
+             f"(those that do: {sorted(carried)})")
     _separator_hint(key, labels, controls, separator, source)
 
 
@@ -184,19 +181,16 @@ def _thin_labels(key: str, labels: np.ndarray, source: str) -> None:
     """Warn where a condition key cannot teach the model much: one value for every cell (it
     conditions on nothing), or values carried by fewer than ``FEW_CELLS`` cells (their generated
     cells rest on that few examples)."""
-    import warnings  # lazy: only on the warning's path
-
     values, counts = np.unique(labels, return_counts=True)
     if len(values) == 1:
-        warnings.warn(f"obs[{key!r}] of {source} has one value ({str(values[0])!r}) for every cell: conditioning on "
-                      f"it changes nothing; leave it out of the condition keys", stacklevel=4)
+        warn(f"obs[{key!r}] of {source} has one value ({str(values[0])!r}) for every cell: conditioning on "
+             f"it changes nothing; leave it out of the condition keys")
         return
     few = np.argsort(counts, kind="stable")[: int((counts < FEW_CELLS).sum())]
     if len(few):
         shown = ", ".join(f"{str(values[i])!r} ({int(counts[i])} cell{'s' if counts[i] > 1 else ''})" for i in few[:5])
-        warnings.warn(f"obs[{key!r}] of {source}: {len(few)} value(s) with fewer than {FEW_CELLS} cells ({shown}"
-                      f"{' ...' if len(few) > 5 else ''}); cells generated under them rest on that few examples",
-                      stacklevel=4)
+        warn(f"obs[{key!r}] of {source}: {len(few)} value(s) with fewer than {FEW_CELLS} cells ({shown}"
+             f"{' ...' if len(few) > 5 else ''}); cells generated under them rest on that few examples")
 
 
 MISSING_TEXT = ("nan", "NaN", "None", "<NA>", "NA")  # what str() or R writes for a missing value
@@ -210,9 +204,9 @@ def _missing_as_text(key: str, labels: np.ndarray, source: str) -> None:
     found = [(v, int(n)) for v, n in zip(values, counts) if v in MISSING_TEXT]
     if found:
         shown = ", ".join(f"{v!r} ({n} cells)" for v, n in found)
-        warnings.warn(f"obs[{key!r}] of {source} holds {shown}: a missing value written as text (as "
-                      f"`.astype(str)` writes NaN) is read as a label of its own; if those cells have no label, "
-                      f"drop them or name what they are", stacklevel=4)
+        warn(f"obs[{key!r}] of {source} holds {shown}: a missing value written as text (as "
+             f"`.astype(str)` writes NaN) is read as a label of its own; if those cells have no label, "
+             f"drop them or name what they are")
 
 
 def _lookalike_labels(key: str, labels: np.ndarray, source: str) -> None:
@@ -225,10 +219,10 @@ def _lookalike_labels(key: str, labels: np.ndarray, source: str) -> None:
     alike = [sorted(v) for v in groups.values() if len(v) > 1]
     if alike:
         shown = "; ".join(" vs ".join(map(ascii, v)) for v in alike[:3])
-        warnings.warn(f"obs[{key!r}] of {source}: {len(alike)} label(s) are written in more than one way that "
-                      f"differ only by surrounding whitespace or Unicode form ({shown}), and each way is a condition "
-                      f"of its own; write each label one way (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
-                      f".str.strip().str.normalize('NFC')`)", stacklevel=4)
+        warn(f"obs[{key!r}] of {source}: {len(alike)} label(s) are written in more than one way that "
+             f"differ only by surrounding whitespace or Unicode form ({shown}), and each way is a condition "
+             f"of its own; write each label one way (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)"
+             f".str.strip().str.normalize('NFC')`)")
 
 
 OTHER_SEPARATORS = ("_", "|", ";", "+", "&", ",")  # how other tools join the singles of a combination
@@ -257,13 +251,11 @@ def _fragment_hint(key: str, labels: set, controls, separator: str, source: str)
     alone = {ps[0] for ps in parts_of.values() if len(ps) == 1}
     split = sorted(lab for lab, ps in parts_of.items() if len(ps) > 1 and not alone.intersection(ps))
     if split:
-        import warnings
-
         shown = " + ".join(repr(p) for p in parts_of[split[0]])
-        warnings.warn(f"obs[{key!r}] in {source}: {len(split)} label(s) such as {split[0]!r} are read as combinations "
-                      f"({shown}) none of whose parts is a perturbation on its own in the data; if such a label "
-                      f"names one perturbation, pass a separator it does not hold (--separator, data.separator, "
-                      f"separator=)", stacklevel=6)
+        warn(f"obs[{key!r}] in {source}: {len(split)} label(s) such as {split[0]!r} are read as combinations "
+             f"({shown}) none of whose parts is a perturbation on its own in the data; if such a label "
+             f"names one perturbation, pass a separator it does not hold (--separator, data.separator, "
+             f"separator=)")
 
 
 def _separator_hint(key: str, labels, controls, separator: str, source: str) -> None:
@@ -283,12 +275,10 @@ def _separator_hint(key: str, labels, controls, separator: str, source: str) -> 
                                           if len(ps) > 1 and set(ps) - {p} <= set(controls)}
         joined = sorted(lab for lab, ps in parts.items() if len(ps) > 1 and all(p in alone for p in ps))
         if joined:
-            import warnings
-
-            warnings.warn(f"obs[{key!r}] in {source}: {len(joined)} label(s) such as {joined[0]!r} join labels that "
-                          f"also stand alone with {other!r}, not the separator {separator!r}, so each is read as a "
-                          f"perturbation of its own; if they are combinations, pass --separator {other!r} "
-                          f"(data.separator, separator=)", stacklevel=5)
+            warn(f"obs[{key!r}] in {source}: {len(joined)} label(s) such as {joined[0]!r} join labels that "
+                 f"also stand alone with {other!r}, not the separator {separator!r}, so each is read as a "
+                 f"perturbation of its own; if they are combinations, pass --separator {other!r} "
+                 f"(data.separator, separator=)")
             return
 
 
@@ -299,12 +289,10 @@ def _perturbation_hint(key: str, labels: set, controls: set, separator: str, sou
     for lab in sorted(labels):
         parts = [p.strip() for p in lab.split(separator) if p.strip()]
         if len(parts) > 1 and (set(parts) & controls or set(parts) <= labels):
-            import warnings
-
-            warnings.warn(f"obs[{key!r}] in {source} reads as a perturbation screen ({lab!r} joins "
-                          f"{' and '.join(repr(p) for p in parts)}), but it is a plain covariate: each label is a "
-                          f"category of its own. To predict combinations, new contexts and unseen perturbations, "
-                          f"pass it as a perturbation (--perturbation-keys {key}, perturbation_keys=)", stacklevel=5)
+            warn(f"obs[{key!r}] in {source} reads as a perturbation screen ({lab!r} joins "
+                 f"{' and '.join(repr(p) for p in parts)}), but it is a plain covariate: each label is a "
+                 f"category of its own. To predict combinations, new contexts and unseen perturbations, "
+                 f"pass it as a perturbation (--perturbation-keys {key}, perturbation_keys=)")
             return
 
 
@@ -371,8 +359,8 @@ def _encode_obs(adata: ad.AnnData, categorical_keys, continuous_keys, vocab=None
                 _undosed_controls(adata.obs, key, vals, perturbation_keys, controls, separator, _name(adata))
             raise _not_numeric(adata.obs, key, vals, _name(adata))
         if vocab is None and len(vals) and (vals == vals[0]).all():
-            warnings.warn(f"obs[{key!r}] of {_name(adata)} has one value ({float(vals[0]):g}) for every cell: "
-                          f"conditioning on it changes nothing; leave it out of the numeric keys", stacklevel=3)
+            warn(f"obs[{key!r}] of {_name(adata)} has one value ({float(vals[0]):g}) for every cell: "
+                 f"conditioning on it changes nothing; leave it out of the numeric keys")
         codes[key] = torch.from_numpy(vals)
     return codes, vocabs
 
@@ -589,11 +577,15 @@ def log_total(x, rows: int = 65536) -> float | None:
     return float(np.log(totals).mean()) if len(totals) else None
 
 
+USE_RAW = "where the model's training cells were read"  # what use_raw=None means for new cells
+
+
 def source_like(spec: DataSpec, adata: ad.AnnData, layer: str | None = None,
                 use_raw: bool | None = None) -> tuple[str | None, bool]:
     """Where new cells' expression is read, ``(layer, use_raw)``: as given, or, with neither
     given, where the model's training cells were read (``spec.source``) where ``adata`` has it,
     else ``X``."""
+    use_raw = yes_no("use_raw", use_raw, USE_RAW)  # 'no' read .raw: any non-empty text is true
     if layer is None and use_raw is None:
         layer, use_raw = spec.source.get("layer"), spec.source.get("use_raw", False)
         if layer and layer not in adata.layers:
@@ -628,23 +620,23 @@ def training_scale(spec: DataSpec, x, kind: str, where: str, exact: str) -> floa
         return None
     if kind == spec.input_kind:
         if kind == "counts" and new_total - spec.log_total > np.log(PARTIAL_TOTAL):
-            warnings.warn(f"the cells of {where} hold {np.exp(new_total - spec.log_total):.2g} times the training "
-                          "cells' share of their counts on the model's genes: each cell is normalised by its own "
-                          "total, so a file of only some of the genes (the model's) normalises them too high; pass "
-                          "the cells with all their genes", stacklevel=3)
+            warn(f"the cells of {where} hold {np.exp(new_total - spec.log_total):.2g} times the training "
+                 "cells' share of their counts on the model's genes: each cell is normalised by its own "
+                 "total, so a file of only some of the genes (the model's) normalises them too high; pass "
+                 "the cells with all their genes")
         return None
     factor, target_sum = float(np.exp(spec.log_total - new_total)), spec.target_sum or 1e4
     if abs(np.log(factor)) <= np.log(SCALE_TOLERANCE):
         return None
     if kind == "counts":
-        warnings.warn(f"the counts of {where} are normalised to {target_sum * factor:,.0f} per cell, not "
-                      f"{target_sum:,.0f}: the model was trained on log1p values of that scale (their totals on its "
-                      "genes)", stacklevel=3)
+        warn(f"the counts of {where} are normalised to {target_sum * factor:,.0f} per cell, not "
+             f"{target_sum:,.0f}: the model was trained on log1p values of that scale (their totals on its "
+             "genes)")
     else:
-        warnings.warn(f"the log1p values of {where} look normalised to about {target_sum / factor:,.0f} per cell "
-                      f"(their totals on the model's genes), not the {target_sum:,.0f} of the model's training "
-                      f"counts: rescaled {factor:.3g}-fold to that scale; pass their raw counts ({exact}) to read "
-                      "them exactly", stacklevel=3)
+        warn(f"the log1p values of {where} look normalised to about {target_sum / factor:,.0f} per cell "
+             f"(their totals on the model's genes), not the {target_sum:,.0f} of the model's training "
+             f"counts: rescaled {factor:.3g}-fold to that scale; pass their raw counts ({exact}) to read "
+             "them exactly")
     return factor
 
 

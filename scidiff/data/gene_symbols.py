@@ -17,6 +17,8 @@ import re
 import numpy as np
 import pandas as pd
 
+from .validate import rna_var
+
 _VERSIONED = re.compile(r"(ENS[A-Z]*G\d{11})\.\d+")
 KNOWN_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names", "symbol",
                  "gene_short_name")
@@ -142,10 +144,14 @@ def with_var_columns(raw_var: pd.DataFrame, var: pd.DataFrame | None) -> pd.Data
     return out
 
 
-def var_of(adata, use_raw: bool = False) -> pd.DataFrame:
+def var_of(adata, use_raw: bool = False, *, every_feature: bool = False) -> pd.DataFrame:
     """The ``var`` of the matrix read: ``adata.var``, or with ``use_raw`` ``adata.raw.var`` with
-    ``var``'s text columns it lacks (:func:`with_var_columns`)."""
-    return with_var_columns(adata.raw.var, adata.var) if use_raw else adata.var
+    ``var``'s text columns it lacks (:func:`with_var_columns`), on its RNA features alone as
+    :func:`~scidiff.data.preprocess.expression_matrix` reads them (:func:`~scidiff.data.validate.rna_var`:
+    a CITE-seq ADT or a guide named like a gene, ``CD4`` beside the gene ``CD4``, is no gene to
+    look a name up in); ``every_feature``: all of them (to pick the RNA ones from)."""
+    var = with_var_columns(adata.raw.var, adata.var) if use_raw else adata.var
+    return var if every_feature else rna_var(var)
 
 
 def genes_of_in(source, target, what: str) -> list[str]:

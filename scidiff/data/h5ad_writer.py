@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from .io import temporary_beside
+from .io import missing_folders, remove_empty_folders, temporary_beside
 from .spec import typed_labels
 
 _STR = h5py.string_dtype("utf-8")
@@ -122,6 +122,7 @@ class H5adWriter:
         if compression not in (None, "gzip"):
             raise ValueError(f"compression must be None or 'gzip', got {compression!r}")
         self.path = os.fspath(path)
+        self._made = missing_folders(os.path.dirname(os.path.abspath(self.path)))  # removed by abort() if left empty
         self._tmp = temporary_beside(self.path)
         self.var_names = [str(g) for g in var_names]
         self.n_genes, self.sparse, self.n_cells = len(self.var_names), bool(sparse), 0
@@ -321,7 +322,7 @@ class H5adWriter:
         self._columns[key] = (obs[key], None)
 
     def abort(self) -> None:
-        """Drop the partial file."""
+        """Drop the partial file (and the folders made for it, where left empty)."""
         self._closed = True
         try:
             self.f.close()
@@ -330,6 +331,7 @@ class H5adWriter:
         self._pool.shutdown()
         if os.path.exists(self._tmp):
             os.remove(self._tmp)
+        remove_empty_folders(self._made)
 
     def __enter__(self):
         return self

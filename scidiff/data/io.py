@@ -7,6 +7,7 @@ sparse matrix it loads (``X``, each layer, ``raw.X``) before scipy touches it
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -175,9 +176,10 @@ def temporary_beside(path) -> str:
 
 def atomic_path(path, write) -> str:
     """Call ``write(tmp_path)`` for a temporary file beside ``path`` (:func:`temporary_beside`),
-    then rename it to ``path``. On any error the temporary file is removed and ``path`` is
-    untouched."""
+    then rename it to ``path``. On any error the temporary file is removed, ``path`` is
+    untouched, and the folders made for it are removed where left empty."""
     path = os.fspath(path)
+    made = missing_folders(os.path.dirname(os.path.abspath(path)))
     tmp = temporary_beside(path)
     try:
         write(tmp)
@@ -185,8 +187,63 @@ def atomic_path(path, write) -> str:
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        remove_empty_folders(made)
         raise
     return path
+
+
+def missing_folders(folder) -> list[str]:
+    """``folder`` and those of its parents that do not exist (yet), the deepest first."""
+    made, missing = [], os.path.abspath(os.fspath(folder))
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    return made
+
+
+def remove_empty_folders(folders) -> None:
+    """Remove the folders of ``folders`` (:func:`missing_folders` before a write) that a failed
+    write left empty, the deepest first."""
+    for path in folders:
+        try:
+            if not os.listdir(path):
+                os.rmdir(path)
+        except OSError:  # not there, or another process writes in it
+            pass
+
+
+@contextlib.contextmanager
+def staged_files(folder=None):
+    """Write the files of one output together: ``stage(path, write)`` calls ``write(tmp)`` for a
+    temporary file beside ``path`` (:func:`temporary_beside`); leaving the block without an error
+    renames them all into place, in the order staged (a report last). On an error none is
+    renamed: the temporaries are removed, the files at the paths are as they were, and the
+    folders up to ``folder`` that did not exist before are removed where left empty."""
+    made = missing_folders(folder) if folder is not None else []
+    staged = []
+
+    def stage(path, write) -> str:
+        tmp = temporary_beside(path)
+        staged.append((tmp, os.fspath(path)))
+        write(tmp)
+        return os.fspath(path)
+
+    try:
+        yield stage
+    except BaseException:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        remove_empty_folders(made)
+        raise
+    for i, (tmp, path) in enumerate(staged):
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            for rest, _ in staged[i:]:
+                if os.path.exists(rest):
+                    os.remove(rest)
+            raise
 
 
 def write_h5ad(adata: ad.AnnData, path) -> str:

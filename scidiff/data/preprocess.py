@@ -13,10 +13,10 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from ..checks import yes_no
+from ..checks import warn, yes_no
 from .gene_symbols import var_of
 from .io import read_h5ad  # noqa: F401  (re-exported)
-from .validate import check_sparse, check_unique_genes, feature_types, rna_features, rna_mask, rna_var
+from .validate import check_sparse, check_unique_genes, feature_types, rna_features, rna_mask
 
 
 def _source(adata: ad.AnnData) -> str | None:
@@ -49,7 +49,8 @@ def expression_matrix(adata: ad.AnnData, layer: str | None = None, use_raw: bool
     else:
         matrix, var_names, key = adata.X, adata.var_names, "X"
     check_sparse(matrix, _name(adata), key, adata.obs_names, var_names)
-    rna = rna_features(var_of(adata, use_raw), f"{key} of {_name(adata)}")  # ADTs, guides, peaks: left out
+    every = var_of(adata, use_raw, every_feature=True)
+    rna = rna_features(every, f"{key} of {_name(adata)}")  # ADTs, guides, peaks: left out
     if rna is not None:
         matrix, var_names = matrix[:, rna], var_names[rna]
     check_unique_genes(var_names, f"{key} of {_name(adata)}")
@@ -65,8 +66,10 @@ def expression_as_x(adata: ad.AnnData, layer: str | None = None, use_raw: bool =
     if not layer and not use_raw and not mixed:
         return adata
     matrix, _, key = expression_matrix(adata, layer, use_raw)  # RNA features only (ADTs, guides left out)
-    return ad.AnnData(X=matrix, obs=adata.obs, var=rna_var(var_of(adata, use_raw)),
-                      uns={"scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
+    # X's own records where X (its RNA) is read (scanpy's log1p base, scidiff's target_sum); a layer's are not X's
+    uns = dict(adata.uns) if key == "X" else {k: adata.uns[k] for k in ("log1p",) if k in adata.uns and key == "raw/X"}
+    return ad.AnnData(X=matrix, obs=adata.obs, var=var_of(adata, use_raw),
+                      uns={**uns, "scidiff_source": f"{_source(adata) or 'the AnnData'} ({key})"})
 
 
 def spmatrix(m):
@@ -127,16 +130,15 @@ def warn_empty_cells(matrix, where: str, names=None, sampled_from: int | None = 
     of = f"of the {len(detected)} cells sampled from {sampled_from}" if sampled_from else f"of {len(detected)} cells"
     median = float(np.median(detected)) if len(detected) else 0.0
     if median < min(MIN_MEDIAN_GENES, 0.01 * matrix.shape[1]):
-        warnings.warn(f"{where}: the median cell has {median:g} detected genes ({of}): this looks like an unfiltered "
-                      f"droplet matrix (mostly empty barcodes, as Cell Ranger's raw_feature_bc_matrix); use the "
-                      f"filtered matrix, or filter the cells first (`sc.pp.filter_cells(adata, min_genes=200)`)",
-                      stacklevel=3)
+        warn(f"{where}: the median cell has {median:g} detected genes ({of}): this looks like an unfiltered "
+             f"droplet matrix (mostly empty barcodes, as Cell Ranger's raw_feature_bc_matrix); use the "
+             f"filtered matrix, or filter the cells first (`sc.pp.filter_cells(adata, min_genes=200)`)")
         return
     empty = np.flatnonzero(detected == 0)
     if len(empty):
         shown = [str(names[i]) for i in empty[:3]] if names is not None else empty[:3].tolist()
-        warnings.warn(f"{where}: {len(empty)} {of} have no detected gene (e.g. {shown}); they enter training as "
-                      f"empty profiles: filter them first (`sc.pp.filter_cells(adata, min_genes=1)`)", stacklevel=3)
+        warn(f"{where}: {len(empty)} {of} have no detected gene (e.g. {shown}); they enter training as "
+             f"empty profiles: filter them first (`sc.pp.filter_cells(adata, min_genes=1)`)")
 
 
 def detect_input(matrix, where: str, input_kind: str = "auto") -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..checks import warn
 from ..groups import carrying, mixture
 from .gene_symbols import names_in, resolve_gene, symbol_column, symbol_index, symbols_of
 from .rows import unique_rows
@@ -280,10 +281,8 @@ class DataSpec:
         lo, hi = self.continuous_range.get(key, (None, None))
         finite = values[torch.isfinite(values)]
         if lo is not None and finite.numel() and (float(finite.min()) < lo or float(finite.max()) > hi):
-            import warnings
-
-            warnings.warn(f"{key} {sorted(set(finite.tolist()))[:5]} is outside the range seen in training "
-                          f"[{lo:g}, {hi:g}]; predictions there are extrapolations", stacklevel=3)
+            warn(f"{key} {sorted(set(finite.tolist()))[:5]} is outside the range seen in training "
+                 f"[{lo:g}, {hi:g}]; predictions there are extrapolations")
 
     def decode_conditions(self, codes: dict[str, torch.Tensor]) -> dict[str, list]:
         """Inverse of :meth:`encode_conditions`: codes -> labels (continuous values kept)."""

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from ..checks import yes_no
 from .block_order import BlockOrder, as_runs, runs_to_ids
 from .dataset import _encode_obs, check_controls, log_total, setup_arguments, training_scale
 from .gene_symbols import with_var_columns
@@ -268,6 +269,8 @@ def setup_streaming(path, *, layer: str | None = None, use_raw: bool = False, ge
     ``setup_anndata``'s. ``covariance``: also accumulate the gene x gene covariance a latent
     model needs. ``loader_options`` go to every :class:`StreamingLoader` made from the result.
     """
+    use_raw, covariance, progress = (yes_no(name, value) for name, value in (  # 'no' read as true
+        ("use_raw", use_raw), ("covariance", covariance), ("progress", progress)))
     genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels, separator = \
         setup_arguments(genes, n_top_genes, condition_keys, continuous_keys, perturbation_keys, control_labels,
                         separator)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checks import warn
+
 
 @dataclass
 class Site:
@@ -205,8 +207,6 @@ def rna_features(var, where: str) -> np.ndarray | None:
     and their counts; ``None`` where every feature is RNA or no column says. Only RNA is modelled
     (scanpy's ``gex_only``, Seurat's assays): other features are neither genes nor library size.
     A ``var`` without one Gene Expression feature is a ``ValueError`` naming ``where``."""
-    import warnings  # lazy: only on the warning's path
-
     types = feature_types(var)
     if types is None:
         return None
@@ -218,7 +218,6 @@ def rna_features(var, where: str) -> np.ndarray | None:
     if not (types == GENE_EXPRESSION).any():
         raise ValueError(f"{where} has no {GENE_EXPRESSION!r} feature (its feature types: {found}): scidiff models "
                          f"RNA expression; pass a file with its Gene Expression features")
-    warnings.warn(f"{where}: left out {found} feature(s) of {len(types)}: only the {int(rna.sum())} "
-                  f"{GENE_EXPRESSION!r} features are modelled (genes chosen and cells normalised on them)",
-                  stacklevel=2)
+    warn(f"{where}: left out {found} feature(s) of {len(types)}: only the {int(rna.sum())} "
+         f"{GENE_EXPRESSION!r} features are modelled (genes chosen and cells normalised on them)")
     return np.flatnonzero(rna)

@@ -550,7 +550,7 @@ def predict_baseline(method: str, train, control, target: Mapping, *, perturbati
     obs = control.obs.copy()
     for k, v in target.items():
         obs[k] = pd.Categorical([v] * control.n_obs) if isinstance(v, str) else v
-    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var[[]].copy())
+    out = ad.AnnData(X=pred.astype(np.float32), obs=obs, var=control.var.copy())  # its gene IDs, types, flags
     out.layers["control"] = xc.astype(np.float32)
     out.uns["baseline"] = {"method": method, "target": {k: (v if isinstance(v, str) else float(v))
                                                          for k, v in target.items()}, "at": at, **fitted}

@@ -50,25 +50,30 @@ def gene_stat_plot(real_stat, gen_stat, path, what="mean"):
 REPORT_PLOTS = ("pca.png", "umap.png", "gene_means.png", "gene_variances.png")
 
 
-def remove_report_plots(out_dir) -> None:
-    """Remove the plots an earlier report left in ``out_dir`` (:data:`REPORT_PLOTS`), so that the
-    folder shows this report's alone."""
+def remove_report_plots(out_dir, keep=()) -> None:
+    """Remove the plots an earlier report left in ``out_dir`` (:data:`REPORT_PLOTS`, but those
+    named in ``keep``: this report's), so that the folder shows this report's alone."""
     for name in REPORT_PLOTS:
         path = os.path.join(out_dir, name)
-        if os.path.isfile(path):
+        if name not in keep and os.path.isfile(path):
             os.remove(path)
 
 
-def report_plots(real: np.ndarray, gen: np.ndarray, out_dir, umap: bool = True, seed: int = 0) -> list[str]:
+def report_plots(real: np.ndarray, gen: np.ndarray, out_dir, umap: bool = True, seed: int = 0,
+                 stage=None) -> list[str]:
     """Write ``pca.png``, ``umap.png`` (scanpy's UMAP on a PCA fitted on the real cells),
     ``gene_means.png`` and ``gene_variances.png`` into ``out_dir`` (an earlier report's removed
-    first); returns the paths."""
+    first); returns the paths. ``stage``: the function of :func:`scidiff.data.io.staged_files`,
+    which then writes the plots, to be renamed into place with the rest of a report (an earlier
+    report's plots are left to the caller, :func:`remove_report_plots`)."""
     os.makedirs(out_dir, exist_ok=True)
-    remove_report_plots(out_dir)
+    if stage is None:
+        remove_report_plots(out_dir)
+    put = stage or (lambda path, write: write(path))
     project = fit_pca(real, 30, seed)
     rp, gp = project(real), project(gen)
     paths = [os.path.join(out_dir, "pca.png")]
-    embedding_plot(rp, gp, paths[-1])
+    put(paths[-1], lambda path: embedding_plot(rp, gp, path))
     if umap and len(real) + len(gen) > 20:
         import anndata as ad
         import scanpy as sc
@@ -78,9 +83,9 @@ def report_plots(real: np.ndarray, gen: np.ndarray, out_dir, umap: bool = True, 
         sc.tl.umap(both, random_state=seed)
         emb = both.obsm["X_umap"]
         paths.append(os.path.join(out_dir, "umap.png"))
-        embedding_plot(emb[: len(rp)], emb[len(rp):], paths[-1], "UMAP", "UMAP1", "UMAP2")
+        put(paths[-1], lambda path: embedding_plot(emb[: len(rp)], emb[len(rp):], path, "UMAP", "UMAP1", "UMAP2"))
     paths.append(os.path.join(out_dir, "gene_means.png"))
-    gene_stat_plot(real.mean(0), gen.mean(0), paths[-1], "mean")
+    put(paths[-1], lambda path: gene_stat_plot(real.mean(0), gen.mean(0), path, "mean"))
     paths.append(os.path.join(out_dir, "gene_variances.png"))
-    gene_stat_plot(real.var(0), gen.var(0), paths[-1], "variance")
+    put(paths[-1], lambda path: gene_stat_plot(real.var(0), gen.var(0), path, "variance"))
     return paths

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
+from ..checks import warn
 from ..data.io import atomic_path
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..diffusion.guidance import cfg_combine, classifier_free_guidance, double_rows
@@ -473,8 +474,8 @@ def _check_saved(path, wrapper, model, name=None) -> float:
     try:
         import onnxruntime as ort
     except ImportError:
-        warnings.warn("onnxruntime is not installed: the exported graph was checked by onnx but not run; "
-                      "install scidiff[serve] (or [gpu]) to compare it with torch", stacklevel=3)
+        warn("onnxruntime is not installed: the exported graph was checked by onnx but not run; "
+             "install scidiff[serve] (or [gpu]) to compare it with torch")
         return None
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1

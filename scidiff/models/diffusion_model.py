@@ -24,13 +24,11 @@ gene-level objectives still differentiate through it. On Kang PBMCs this beats d
 """
 from __future__ import annotations
 
-import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..checks import condition_mapping, generator_seed, real_number, whole_number
+from ..checks import choice, condition_mapping, generator_seed, real_number, warn, whole_number, yes_no
 from ..data.moments import GeneMoments
 from ..data.spec import perturbation_rows
 from ..diffusion.distillation import distilled_student
@@ -49,6 +47,7 @@ from .score_network import ScoreNetwork, timestep_embedding
 SVD_MAX_CELLS = 50_000  # above this many cells, principal axes come from the covariance (eigh) ...
 COVARIANCE_MAX_GENES = 8_192  # ... of at most this many genes (a 512 MiB float64 matrix)
 CHUNK = 16_384  # cells converted to float64 at a time on the covariance path
+OBSERVED = "measured where the model can"  # what observed=None means
 
 
 @torch.no_grad()
@@ -223,8 +222,8 @@ class ScIDiffModel(nn.Module):
             state_dict = {**state_dict, **{f"effects.{k}": v for k, v in self.effects.state_dict().items()}}
         if old:
             state_dict = {k: v for k, v in state_dict.items() if k not in old}
-            warnings.warn("this checkpoint's learned combination term is not used any more: combinations are "
-                          "additive (retrain to have the term chosen by cross-validation)", stacklevel=2)
+            warn("this checkpoint's learned combination term is not used any more: combinations are "
+                 "additive (retrain to have the term chosen by cross-validation)")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -407,10 +406,7 @@ class ScIDiffModel(nn.Module):
         """Whether generation returns measured cells (:meth:`observe`) rather than smooth
         expression: ``observed`` when given; by default (``None``) measured cells when the model
         has a fitted detection model and expression is asked for (``return_expression``)."""
-        if observed is not None:
-            if not isinstance(observed, (bool, np.bool_)):  # 'false' would read as True
-                raise ValueError(f"observed must be True, False or None (measured where the model can), "
-                                 f"got {observed!r}")
+        if yes_no("observed", observed, OBSERVED) is not None:  # 'false' read as True
             return bool(observed)
         fitted = self.detection is not None and bool(self.detection.fitted) and self.data_spec is not None
         return bool(return_expression and fitted)
@@ -534,8 +530,9 @@ class ScIDiffModel(nn.Module):
         own, :meth:`fit_final_sigma`; 0: clean data).
         """
         whole_number("batch_size (the number of cells)", batch_size, 1, what="an integer >= 1", integral_floats=False)
-        if sampler not in SAMPLERS and sampler != "distilled":
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS) + ['distilled']}")
+        choice("sampler", sampler, sorted([*SAMPLERS, "distilled"]))
+        progress, return_expression = yes_no("progress", progress), yes_no("return_expression", return_expression)
+        observed = self.resolve_observed(observed, return_expression)  # 'no' refused before the walk
         guidance_scale = guidance_weight(guidance_scale)
         student = distilled_student(self.student, steps, eta) if sampler == "distilled" else None
         device = torch.device(device) if device is not None else next(self.parameters()).device
@@ -565,7 +562,7 @@ class ScIDiffModel(nn.Module):
             x = self.decode(x)
         finally:
             self.train(was_training)
-        if self.resolve_observed(observed, return_expression):
+        if observed:
             return self.observe(x, generator)
         if return_expression and self.data_spec is not None:
             return self.data_spec.to_expression(x)

@@ -3,20 +3,20 @@ classifier-free guidance everywhere, ``objective_scale`` for design's objective)
 working for one release, with a DeprecationWarning."""
 from __future__ import annotations
 
-import warnings
+from ..checks import warn
 
 
-def renamed(where: str, given: dict, renames: dict[str, tuple[str, object]], stacklevel: int = 3) -> list:
+def renamed(where: str, given: dict, renames: dict[str, tuple[str, object]]) -> list:
     """For each ``old -> (new, value)``: the value passed under the old keyword (taken out of
-    ``given``, with a DeprecationWarning pointing ``stacklevel`` frames up) or else ``value``. A TypeError when both are passed (the
+    ``given``, with a DeprecationWarning pointing at the caller's line) or else ``value``. A TypeError when both
+    are passed (the
     new keyword's value is not ``None``) or when ``given`` holds keywords that are neither."""
     out = []
     for old, (new, value) in renames.items():
         if old in given:
             if value is not None:
                 raise TypeError(f"{where}: pass {new}= or the deprecated {old}=, not both")
-            warnings.warn(f"{where}({old}=...) is deprecated and will be removed; use {new}=", DeprecationWarning,
-                          stacklevel=stacklevel)
+            warn(f"{where}({old}=...) is deprecated and will be removed; use {new}=", DeprecationWarning)
             value = given.pop(old)
         out.append(value)
     return out

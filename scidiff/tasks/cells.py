@@ -6,6 +6,7 @@ import anndata as ad
 import pandas as pd
 import torch
 
+from ..checks import warn
 from ..data import transform_like
 from ..data.io import in_memory
 from ..data.dataset import source_like
@@ -55,6 +56,28 @@ def keep_var_columns(result: ad.AnnData, adata: ad.AnnData, spec, *, layer: str 
     for column in var.columns:
         if column not in result.var.columns:
             result.var[column] = rows[column].to_numpy()
+
+
+SOURCE_COLUMN = "scidiff_source_cell"
+
+
+def source_named(obs: pd.DataFrame, where: str) -> pd.DataFrame:
+    """The ``obs`` of predicted cells (one per input cell, in their order, named as they are) with
+    each cell's input name in ``obs['scidiff_source_cell']`` (its link to its source, kept however
+    the rows are renamed: ``<cell>-<i>`` for target ``i`` of a screen) and a unique index: names the
+    input cells share (``where``: those cells, for the warning) made unique as
+    ``adata.obs_names_make_unique()`` makes them (``c0``, ``c0-1``), as anndata and scanpy's
+    concatenation need them."""
+    names = pd.Index([str(n) for n in obs.index])
+    obs = obs.copy()
+    obs[SOURCE_COLUMN] = pd.Categorical(list(names))
+    if not names.is_unique:
+        shared = names[names.duplicated()].unique()
+        warn(f"{len(shared)} obs_names of {where} are shared by several cells (e.g. {str(shared[0])!r}): the "
+             "predicted cells' names are made unique as `adata.obs_names_make_unique()` makes them; "
+             f"obs[{SOURCE_COLUMN!r}] keeps each one's input name")
+        obs.index = ad.utils.make_index_unique(names)
+    return obs
 
 
 def h5_keys(obj):

@@ -15,11 +15,13 @@ import time
 import anndata as ad
 import numpy as np
 
+from ..checks import yes_no
 from ..config import load_config
 from ..data.io import atomic_path, write_h5ad
 from ..evaluation import evaluate_generation_quality
 from ..evaluation.baselines import gaussian_pca_generator
 from ..evaluation.plots import report_plots
+from ..models.diffusion_model import OBSERVED
 from ..training import seed_everything
 from .evaluate import log_expression_of
 from .generate import generate
@@ -46,6 +48,7 @@ def run_demo(out_dir: str = "demo_out", epochs: int = 400, seed: int = 0, progre
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    progress, observed = yes_no("progress", progress), yes_no("observed", observed, OBSERVED)  # before training
     t_start = time.perf_counter()
     seed_everything(seed)
     adata = sc.datasets.pbmc68k_reduced()

@@ -23,9 +23,9 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import whole_number
+from ..checks import choice, warn, whole_number, yes_no
 from ..data.gene_symbols import var_of
-from ..data.dataset import source_like
+from ..data.dataset import USE_RAW, source_like
 from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
 from ..data.spec import scanpy_log1p
 from ..diffusion.plans import timesteps
@@ -130,8 +130,8 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     n_samples, steps, batch_size = (whole_number(name, v, 1, what="an integer >= 1") for name, v in
                                     (("n_samples", n_samples), ("steps", steps), ("batch_size", batch_size)))
     seed = check_seed(seed)
-    if method not in ("sdedit", "posterior"):
-        raise ValueError(f"method must be 'sdedit' or 'posterior', got {method!r}")
+    choice("method", method, ("sdedit", "posterior"))
+    progress, use_raw = yes_no("progress", progress), yes_no("use_raw", use_raw, USE_RAW)  # 'no' read as true
     if not isinstance(key_added, str) or not key_added or "/" in key_added:  # such a layer's .h5ad cannot be read
         raise ValueError(f"key_added must be a layer name (non-empty text without '/'), got {key_added!r}")
     spec, adata = model_spec(model), read_cells(adata)
@@ -140,12 +140,13 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
     missing = [k for k in (*spec.categorical, *spec.continuous) if k not in adata.obs]
     if missing:
-        warnings.warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are "
-                      "denoised under the model's null condition for them (add the column to condition on it)",
-                      stacklevel=3)  # past torch.no_grad's wrapper: the caller
+        warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are "
+             "denoised under the model's null condition for them (add the column to condition on it)")
     counts = library = None
     if method == "posterior":
-        matrix, var_names, where = expression_matrix(adata, layer, use_raw)
+        with warnings.catch_warnings():  # the features left out (ADTs, guides) were said reading the cells
+            warnings.filterwarnings("ignore", message=r".*: left out .* feature\(s\) of ", category=UserWarning)
+            matrix, var_names, where = expression_matrix(adata, layer, use_raw)
         if detect_input(matrix, f"{where} of {_name(adata)}") != "counts":
             raise ValueError(f"{where} of {_name(adata)} holds log-normalised values; the posterior method needs raw "
                              f"counts: pass the counts' layer (--layer NAME / layer=...; layers in the file: "

@@ -7,16 +7,15 @@ import json
 import os
 import re
 import time
-import warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ..checks import whole_number, yes_no
+from ..checks import warn, whole_number, yes_no
 from ..data.dataset import MISSING_TEXT, _log_expression, _separator_hint, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
-from ..data.io import atomic_path
+from ..data.io import atomic_path, staged_files
 from ..data.preprocess import common_total, dense, detect_input, expression_as_x, gene_columns, log_normalize
 from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
@@ -46,8 +45,8 @@ def _rescaled(x: np.ndarray, total: float | None, target_sum: float, where: str)
     and what was read."""
     if total is None or abs(np.log(target_sum / total)) <= np.log(_RESCALE):
         return x, "log1p"
-    warnings.warn(f"the log1p values of {where} are normalised to {total:,.0f} per cell (every cell's total), not "
-                  f"{target_sum:,.0f}: rescaled to {target_sum:,.0f}", stacklevel=3)
+    warn(f"the log1p values of {where} are normalised to {total:,.0f} per cell (every cell's total), not "
+         f"{target_sum:,.0f}: rescaled to {target_sum:,.0f}")
     return np.log1p(np.expm1(x.astype(np.float64)) * (target_sum / total)), \
         f"log1p (normalised to {total:g}, rescaled to {target_sum:g})"
 
@@ -166,12 +165,13 @@ def evaluate_files(real, generated, out_dir, groupby: str | None = None, plots: 
     metrics["auc_repeats"] = auc_repeats
     metrics["inputs"] = {"real": real_kind, "generated": gen_kind, "target_sum": target_sum}
     metrics["seconds"] = round(time.perf_counter() - t0, 2)
-    os.makedirs(out_dir, exist_ok=True)
-    if plots:
-        metrics["plots"] = [os.path.basename(p) for p in report_plots(real_x, gen_x, out_dir)]
-    else:  # an earlier report's plots would stand beside these metrics
-        remove_report_plots(out_dir)
-    _write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    # the report's files renamed together at the end (metrics.json last): a re-run that fails or is
+    # interrupted leaves the earlier report whole, and a new folder is not left with some plots
+    with staged_files(out_dir) as stage:
+        if plots:
+            metrics["plots"] = [os.path.basename(p) for p in report_plots(real_x, gen_x, out_dir, stage=stage)]
+        stage(os.path.join(out_dir, "metrics.json"), lambda tmp: _write_json(tmp, metrics))
+    remove_report_plots(out_dir, keep=metrics.get("plots", ()))  # an earlier report's would stand beside these
     return metrics
 
 
@@ -423,9 +423,9 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
                         context_key, f"baseline {n!r}", **labelled) for n, b in base_ad.items()}
     for name, a in [("prediction", pred_ad), *((f"baseline {n!r}", b) for n, b in base_ad.items())]:
         if kinds.get(name) == "counts" and a.n_vars < real_ad.n_vars:
-            warnings.warn(f"the {name} holds counts over {a.n_vars} genes and the real file over {real_ad.n_vars}: "
-                          "each cell is normalised over its file's genes, so the two scales differ; score "
-                          "log1p-normalised predictions, or counts over the real file's genes", stacklevel=2)
+            warn(f"the {name} holds counts over {a.n_vars} genes and the real file over {real_ad.n_vars}: "
+                 "each cell is normalised over its file's genes, so the two scales differ; score "
+                 "log1p-normalised predictions, or counts over the real file's genes")
     groups, skipped = [], {}
     pairs = dict.fromkeys(zip(pred_c.contexts, pred_c.labels))
     for context, label in pairs:
@@ -466,8 +466,8 @@ def evaluate_perturbation(real, predicted, perturbation_key: str, control_label=
                                              control_label, context_key, min_de_genes, num_threads)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if out_dir is not None:
-        os.makedirs(out_dir, exist_ok=True)
-        _write_json(os.path.join(out_dir, "metrics.json"), result)
+        with staged_files(out_dir) as stage:  # a new folder is not left behind empty by a failed write
+            stage(os.path.join(out_dir, "metrics.json"), lambda tmp: _write_json(tmp, result))
     return result
 
 

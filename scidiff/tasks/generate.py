@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 
 import anndata as ad
@@ -15,9 +16,9 @@ from tqdm.auto import tqdm
 
 from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
-from ..data.io import atomic_path
+from ..data.io import atomic_path, staged_files
 from ..data.spec import scanpy_log1p
-from ..checks import condition_mapping, refuse_one_condition, whole_number
+from ..checks import condition_mapping, refuse_one_condition, whole_number, yes_no
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, check_steps
 from ..engine import CPU_CHUNK, SamplingEngine
 from ..models import ScIDiffModel
@@ -247,6 +248,7 @@ def generate(model, n: int, condition: dict | None = None, *, sampler: str = DEF
     ``uns['scidiff']['seed']`` so that the cells can be drawn again."""
     (condition,) = renamed("scidiff.generate", deprecated, {"conditioning": ("condition", condition)})
     no_other_keywords("scidiff.generate", deprecated)
+    progress = yes_no("progress", progress)  # 'no' showed the bar: any non-empty text is true
     seed = fresh_seed() if seed is None else check_seed(seed)  # -1 and 2**32 + 3 drew other seeds' cells
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     (condition,) = plan_groups(model, n, [condition], seed)
@@ -277,6 +279,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     ``anndata.concat`` would (cells named ``generated_<i>[-<group>]``, ``i`` counted from
     ``first_index``). ``engine``, ``observed``: as in :func:`generate` (the one writer, engine or
     not). Returns ``(cells, genes)``."""
+    progress = yes_no("progress", progress)  # 'no' showed the bar: any non-empty text is true
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     seed = fresh_seed() if seed is None else check_seed(seed)  # recorded in the file's uns
     out = os.path.expanduser(os.fspath(out))  # '~/cells.h5ad' was written under a folder named '~'
@@ -337,6 +340,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     if seed is None:
         raise ValueError("generate_sharded needs a seed: every rank draws its share from the same one")
     seed = check_seed(seed)
+    progress, merge = yes_no("progress", progress), yes_no("merge", merge)  # 'no' merged: non-empty text is true
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     plan = plan_groups(model, n, groups, seed)  # every rank the same plan
     observed = model.resolve_observed(observed)
@@ -345,14 +349,16 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
     out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' made a folder named '~'
-    os.makedirs(out_dir, exist_ok=True)
-
-    first, count = distributed.share(n, rank, world_size)
-    if count:  # this rank's cells of each condition; of a mixture, its slice of the stream
-        mine = [cond.part(first, first + count) if isinstance(cond, Mixture) else cond for cond in plan]
-        _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), mine, first, count,
-                      seed=distributed.derived_seed(seed, rank), chunk_size=chunk_size, progress=progress,
-                      observed=observed, settings=settings)
+    with staged_files(out_dir):  # nothing staged: a folder made here is not left behind empty by a failed shard
+        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:
+            _remove_earlier_manifest(out_dir)
+        first, count = distributed.share(n, rank, world_size)
+        if count:  # this rank's cells of each condition; of a mixture, its slice of the stream
+            mine = [cond.part(first, first + count) if isinstance(cond, Mixture) else cond for cond in plan]
+            _write_groups(model, engine, os.path.join(out_dir, shard_name(rank, world_size)), mine, first, count,
+                          seed=distributed.derived_seed(seed, rank), chunk_size=chunk_size, progress=progress,
+                          observed=observed, settings=settings)
     distributed.barrier()  # every shard is complete past this point
     if rank != 0:
         return None
@@ -381,7 +387,28 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
         merge_generated(out_dir, manifest=manifest)
         manifest["merged"] = MERGED_FILE
     atomic_path(os.path.join(out_dir, MANIFEST), lambda tmp: open(tmp, "w").write(json.dumps(manifest, indent=1)))
+    listed = {s["file"] for s in manifest["shards"]}
+    for name in os.listdir(out_dir):  # an earlier run's shards (another number of processes) are not these cells
+        if re.fullmatch(r"shard-\d+-of-\d+\.h5ad", name) and name not in listed:
+            os.remove(os.path.join(out_dir, name))
     return manifest
+
+
+def _remove_earlier_manifest(out_dir: str) -> None:
+    """Remove an earlier generation's manifest from ``out_dir``, and the merged file it names:
+    until this one ends, the folder reads as unfinished (its shards are being replaced), and no
+    merged file of other cells stands beside them."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as fh:
+            merged = json.load(fh).get("merged")
+    except (OSError, ValueError, AttributeError):  # not a manifest scidiff wrote: its merged file unknown
+        merged = None
+    os.remove(path)
+    if isinstance(merged, str) and os.path.basename(merged) == merged and os.path.isfile(os.path.join(out_dir, merged)):
+        os.remove(os.path.join(out_dir, merged))
 
 
 def _read_manifest(out_dir) -> dict:

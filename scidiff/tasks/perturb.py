@@ -96,8 +96,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import condition_mapping, whole_number
-from ..data.dataset import joined_otherwise
+from ..checks import choice, condition_mapping, warn, whole_number, yes_no
+from ..data.dataset import USE_RAW, joined_otherwise
+from ..data.preprocess import _name
 from ..data.spec import exact_zeros, label_type, perturbed_input_error, scanpy_log1p, typed_labels
 from ..diffusion.guidance import classifier_free_guidance
 from ..diffusion.plans import check_steps
@@ -105,7 +106,7 @@ from ..diffusion.samplers import ddim, ddim_invert
 from ..models.cell_draws import cell_normals, cell_uniforms, check_seed
 from ..models.effects import context_table
 from ..models.measured_change import Carried, fit_mean_keeping
-from .cells import h5_keys, keep_var_columns, model_cells, own_codes
+from .cells import h5_keys, keep_var_columns, model_cells, own_codes, source_named
 
 CONTROL_SPELLINGS = ("ctrl", "control", "non-targeting")  # how screens name the control: never a perturbation
 SUPPORT_CELLS = 30  # training cells at which a seen group's confidence is one half
@@ -779,10 +780,12 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     """Predict how the control ``cells`` (an AnnData or ``.h5ad`` path) respond to ``condition``
     (e.g. ``{'condition': 'stimulated'}``, ``{'drug': 'A+B', 'dose': 10.0}``; module docstring).
 
-    Returns an AnnData with one predicted cell per input cell (same order and ``obs_names``): the
+    Returns an AnnData with one predicted cell per input cell (same order and ``obs_names``, made
+    unique where input cells share one): the
     predicted log1p-normalised expression in ``X`` on the model's genes, the input cells'
     expression in ``layers['control']``, ``obs`` copied with the target covariates set and
-    ``scidiff_route`` / ``scidiff_confidence`` added; ``uns['scidiff_prediction']`` records the
+    ``scidiff_route`` / ``scidiff_confidence`` / ``scidiff_source_cell`` (the input cell's name)
+    added; ``uns['log1p']`` as scanpy records it; ``uns['scidiff_prediction']`` records the
     settings and, per route, the contexts an effect was transferred from. ``method``:
     ``"counterfactual"`` (the input cells moved) or ``"population"`` (fresh cells of the input
     cells' own conditions, moved). ``device``: where to run (default: the model's). ``store``: a
@@ -795,8 +798,9 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     lifts every zero of a gene the change raises; ``uns['scidiff_prediction']['observed']`` says
     which.
     """
-    if method not in ("counterfactual", "population"):
-        raise ValueError(f"method must be 'counterfactual' or 'population', got {method!r}")
+    choice("method", method, ("counterfactual", "population"))
+    progress, use_raw = yes_no("progress", progress), yes_no("use_raw", use_raw, USE_RAW)  # 'no' read as true
+    observed = model.resolve_observed(observed)  # 'no' refused before any work
     seed = check_seed(seed)  # before any work (the draws key on 32 bits)
     condition = condition_mapping(condition)  # "stim" read as a dict failed letter by letter
     steps = check_steps(steps)  # 5.0 steps are 5; True is not one step
@@ -812,6 +816,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     target_codes = spec.encode_conditions(known, n)
     source_codes = own_codes(model, cells)
     _check_control_cells(spec, source_codes, condition, control_adata)
+    _warn_missing_columns(spec, condition, control_adata)
     dosed = spec.with_dose(condition)  # a perturbation asked for without its dose: the one it was measured at
     if dosed is not condition:
         condition, known = dosed, {**known, spec.dose_key: dosed[spec.dose_key]}
@@ -825,7 +830,6 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
         if all(k in source_codes for k in ctx_keys) else np.zeros((n, 0), dtype=np.int64)
     device = next(model.parameters()).device
     model.eval()
-    observed = model.resolve_observed(observed)
     if observed and (model.detection is None or not bool(model.detection.fitted)):
         raise ValueError("observed=True needs a model with a fitted detection model (a principal-axes model)")
     reader = _Reader(model, steps, guidance_scale, store)
@@ -886,7 +890,7 @@ def perturb(model, cells, condition: dict, *, method: str = "counterfactual", st
     obs = _described_columns_set(spec, obs, condition)
     obs["scidiff_route"] = pd.Categorical(routes.astype(str))
     obs["scidiff_confidence"] = confidence
-    result = ad.AnnData(X=out, obs=obs)
+    result = ad.AnnData(X=out, obs=source_named(obs, _name(control_adata)))
     result.var = spec.var_frame()
     keep_var_columns(result, control_adata, spec, layer=layer, use_raw=use_raw)
     result.layers["control"] = cells.log_expression().astype(np.float32)
@@ -918,6 +922,17 @@ def _described_columns_set(spec, obs: pd.DataFrame, condition: dict) -> pd.DataF
 
     return set_perturbation_columns(obs, getattr(spec, "perturbation_columns", None) or {}, condition,
                                     separator=spec.separator, control_labels=spec.control_labels)
+
+
+def _warn_missing_columns(spec, condition: dict, adata) -> None:
+    """Warn where ``obs`` lacks a covariate the model was trained on (a cell type, a batch) and the
+    target does not set: the cells are then read under the model's null condition for it, not
+    their own (a perturbation column absent means control, and says nothing)."""
+    skip = {*spec.perturbation_keys, spec.dose_key, *condition}
+    missing = [k for k in (*spec.categorical, *spec.continuous) if k not in skip and k not in adata.obs]
+    if missing:
+        warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are predicted "
+             "under the model's null condition for them (add the column to condition on it)")
 
 
 def _check_control_cells(spec, source_codes: dict, condition: dict, adata) -> None:

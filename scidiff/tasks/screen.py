@@ -6,19 +6,21 @@ model and stacks the predictions; :func:`baseline_screen` does the same with a b
 
 - one row per (target, input cell), the targets in the order given, each target's rows in the
   input's order; ``obs_names`` are the input's for one target, ``<cell>-<i>`` for target ``i``
-  of several;
+  of several (unique either way), ``obs['scidiff_source_cell']`` the input cell's name;
 - ``obs`` copied from the input cells with the target covariates set, ``obs['scidiff_target']``
   the target's text (``key=value[,key=value]``), and every other column that describes the
   perturbation (:attr:`scidiff.data.DataSpec.perturbation_columns`: Papalexi's ``target`` for
   ``perturbation``) set from the target's label, or missing where the training cells give that
   label no single value (a combination, an unseen label, a guide column): never left at the
   control cell's own value;
-- ``X`` the predicted log1p expression, ``layers['control']`` the input cells', and
+- ``X`` the predicted log1p expression (``uns['log1p']``, as scanpy records it), ``var`` the
+  input's gene columns, ``layers['control']`` the input cells', and
   ``uns['scidiff_prediction']`` the settings (``method``, ``targets``, and each target's record
   under ``per_target`` where there are several).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import anndata as ad
@@ -26,12 +28,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..checks import condition_mapping, refuse_one_condition
+from ..checks import condition_mapping, refuse_one_condition, warn, yes_no
 from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
-from ..data.spec import describing_columns, lookup_label
+from ..data.spec import describing_columns, lookup_label, scanpy_log1p
 from ..evaluation.perturbation import number_text, numeric_column, predict_baseline
-from .cells import read_cells
+from .cells import read_cells, source_named
 from .perturb import perturb
 
 TARGET_COLUMN = "scidiff_target"
@@ -90,6 +92,7 @@ def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnDa
         out = parts[0]
         out.obs[TARGET_COLUMN] = pd.Categorical([texts[0]] * out.n_obs)
         _drop_empty(out.obs, columns)
+        out.uns.setdefault("log1p", scanpy_log1p())  # a baseline's log1p X too, as scanpy records it
         return out
     obs = []
     for i, p in enumerate(parts):
@@ -101,6 +104,7 @@ def _stack(parts: list[ad.AnnData], texts: list[str], columns: dict) -> ad.AnnDa
     out = ad.AnnData(X=np.vstack([np.asarray(p.X) for p in parts]), obs=frame)
     out.var = parts[0].var.copy()
     out.layers["control"] = np.vstack([np.asarray(p.layers["control"]) for p in parts])
+    out.uns["log1p"] = scanpy_log1p()  # X is log1p, as scanpy records it (a single target's prediction has it)
     out.uns["scidiff_prediction"] = _screen_record([p.uns.get("scidiff_prediction", {}) for p in parts], texts)
     return out
 
@@ -155,10 +159,29 @@ def _model_parts(model, cells, targets, progress, device, perturb_kwargs):
     control cells' inversions kept in one store, shared by the targets)."""
     store, many = {}, len(targets) > 1
     bar = tqdm(targets, desc="targets", unit="target", disable=not (progress and many))
+    said: set = set()
     for target in bar:
         bar.set_postfix_str(target_text(target)[:60])
-        yield perturb(model, cells, target, progress=progress and not many, device=device, store=store,
-                      **perturb_kwargs)
+        with said_once(said):  # the control cells' warnings (features left out, ...) once, not once per target
+            pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
+                           **perturb_kwargs)
+        yield pred
+
+
+@contextlib.contextmanager
+def said_once(said: set):
+    """Show each warning raised inside that is not in ``said`` (``(category, text)``, updated):
+    the same cells read again for each target of a screen warned about them once per target."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            caught = list(record)
+    for w in caught:
+        if (w.category, str(w.message)) not in said:
+            said.add((w.category, str(w.message)))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,
@@ -169,6 +192,7 @@ def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, 
     each target's rows equal a single call's), stacked as the module docstring describes. The
     control cells are inverted once for all targets (``perturb``'s ``store``).
     ``device``: run there (the model is moved)."""
+    progress = yes_no("progress", progress)  # 'no' showed the bars: any non-empty text is true
     targets, columns = _check_targets(targets), _perturbation_columns(model)
     parts = list(_model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs))
     return _stack(parts, [target_text(t) for t in targets], columns)
@@ -182,6 +206,7 @@ def predict_screen_to_file(model, cells, targets: list[dict], out, *, progress: 
     ``X``, ``layers['control']``, ``obs`` values and names, and ``uns``; numbers as floats, integer
     columns as integers, categories in the order met); it appears only when complete. Returns
     ``(cells, genes)``."""
+    progress = yes_no("progress", progress)  # 'no' showed the bars: any non-empty text is true
     targets, columns = _check_targets(targets), _perturbation_columns(model)
     parts = _model_parts(model, read_cells(cells), targets, progress, device, perturb_kwargs)
     return _write_parts(out, parts, [target_text(t) for t in targets], columns)
@@ -205,7 +230,7 @@ def _write_parts(out, parts, texts: list[str], columns: dict) -> tuple[int, int]
             writer.append(np.asarray(pred.X), obs={c: _file_values(obs[c], c in described) for c in obs.columns},
                           obs_names=names, layers={"control": np.asarray(pred.layers["control"])})
             records.append(pred.uns.get("scidiff_prediction", {}))
-        writer.uns = {"scidiff_prediction": _screen_record(records, texts)}
+        writer.uns = {"log1p": scanpy_log1p(), "scidiff_prediction": _screen_record(records, texts)}
         n_cells = writer.n_cells
         writer.close()
     except BaseException:
@@ -250,8 +275,8 @@ def check_control_labels(key: str, control_labels, files: dict, *, required: str
     for c in control_labels:
         if present and read[c] not in carried:
             common = sorted(carried)[:8]
-            warnings.warn(f"control label {c!r} matches no cell of {' or '.join(present)} (obs[{key!r}] holds "
-                          f"{common}{' ...' if len(carried) > 8 else ''})", stacklevel=2)
+            warn(f"control label {c!r} matches no cell of {' or '.join(present)} (obs[{key!r}] holds "
+                 f"{common}{' ...' if len(carried) > 8 else ''})")
     if required is not None and not set(read.values()) & present[required]:
         raise ValueError(f"no cell of {required} carries a control label {list(control_labels)} in obs[{key!r}]; "
                          f"the baselines need its control cells (--control-labels){control_hint(present[required])}")
@@ -305,10 +330,13 @@ def _without(pred: ad.AnnData, columns) -> ad.AnnData:
 def _baseline_parts(method, train, cells, targets, perturbation_key, context_key, control_labels, time_key, columns,
                     separator, baseline_kwargs):
     """Each target's baseline prediction, one at a time (:func:`baseline_screen`)."""
+    said: set = set()
     for target in targets:
-        pred = predict_baseline(method, train if train is not None else cells, cells, target,
-                                perturbation_key=perturbation_key, context_key=context_key,
-                                control_label=control_labels, time_key=time_key, **baseline_kwargs)
+        with said_once(said):
+            pred = predict_baseline(method, train if train is not None else cells, cells, target,
+                                    perturbation_key=perturbation_key, context_key=context_key,
+                                    control_label=control_labels, time_key=time_key, **baseline_kwargs)
+            pred.obs = source_named(pred.obs, "the control cells")
         record = pred.uns.pop("baseline")
         target = {**target, **record["at"]}  # a dose as the number it was read at
         pred.obs = set_perturbation_columns(pred.obs, columns, target, separator=separator,

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import anndata as ad
 import yaml
 
-from ..checks import yes_no
+from ..checks import warn, yes_no
 from ..config import Config, as_config
 from ..data import setup_anndata, setup_streaming
 from ..data.dataset import as_names
@@ -106,9 +105,9 @@ def _warn_student_left_out(out_dir) -> None:
     except (OSError, ValueError):  # an unreadable model.pt is replaced as it was before
         return
     if held:
-        warnings.warn(f"{path!r} holds a distilled student; this training replaces the weights it was distilled "
-                      f"from, and the new model.pt has no student: distil again (scidiff distil --model {out_dir} "
-                      "...) for few-step sampling", stacklevel=3)
+        warn(f"{path!r} holds a distilled student; this training replaces the weights it was distilled "
+             f"from, and the new model.pt has no student: distil again (scidiff distil --model {out_dir} "
+             "...) for few-step sampling")
 
 
 def _write_config(out_dir, resolved: dict) -> None:

@@ -14,11 +14,11 @@ import anndata as ad
 import numpy as np
 from tqdm.auto import tqdm
 
-from .cells import model_spec, read_cells
+from ..checks import warn, yes_no
+from ..data.dataset import USE_RAW
+from .cells import SOURCE_COLUMN, model_spec, read_cells
 from .perturb import numeric_value, perturb
 from .screen import stack_obs
-
-SOURCE_COLUMN = "scidiff_source_cell"
 
 
 def _grid(spec, times) -> tuple[str, list[float]]:
@@ -77,6 +77,8 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     are extrapolations). The prediction is deterministic for a given ``seed``; the cells are
     inverted once for all the times (``perturb``'s ``store``)."""
     spec = model_spec(model)
+    progress, use_raw = yes_no("progress", progress), yes_no("use_raw", use_raw, USE_RAW)  # 'no' read as true
+    observed = model.resolve_observed(observed)  # refused before any work, not at the first time point
     key, grid = _grid(spec, times)
     condition = dict(condition or {})
     if key in condition:
@@ -85,8 +87,8 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     # in float32, as the range was measured and the model reads a time (day 0.7 is its measured 0.699999988)
     outside = [t for t in grid if lo is not None and not lo <= float(np.float32(t)) <= hi]
     if outside:
-        warnings.warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
-                      f"there is an extrapolation", stacklevel=2)
+        warn(f"{key} {outside} is outside the range seen in training [{lo:g}, {hi:g}]; the trajectory "
+             f"there is an extrapolation")
     adata = read_cells(cells)
     columns = getattr(spec, "perturbation_columns", None) or {}  # obs columns set from each time (Klein's day)
     parts, store = [], {}  # the cells' inversions, shared by the time points
@@ -101,7 +103,8 @@ def trajectory(model, cells, times: dict[str, list[float]], *, condition: dict |
     names = [str(v) for v in first.obs_names]
     obs = stack_obs([p.obs for p in parts], columns)
     obs[key] = np.repeat(np.asarray(grid, dtype=np.float64), len(names))
-    obs[SOURCE_COLUMN] = np.tile(np.asarray(names, dtype=object), len(grid))
+    sources = first.obs[SOURCE_COLUMN].astype(str).to_numpy(dtype=object)  # the input's names (perturb's)
+    obs[SOURCE_COLUMN] = np.tile(sources, len(grid))
     said = [f"{t:g}" for t in grid]  # 6 digits, unless two times differ only beyond them (1234567 s, 1234568 s)
     said = said if len(set(said)) == len(said) else [repr(t) for t in grid]
     obs.index = [f"{n}@{key}={t}" for t in said for n in names]

@@ -9,11 +9,11 @@ import json
 import os
 import re
 import shutil
-import warnings
 
 import torch
 
 from .. import __version__
+from ..checks import warn
 from ..data.io import atomic_path
 from ..data.spec import DataSpec
 from ..diffusion.distillation import Student
@@ -86,15 +86,47 @@ PRIOR_ENTRY = "perturbation_prior"
 STUDENT_ENTRY = "student"
 
 
+# the prefix a wrapper gives every key of its state dict: torch.compile's, (Distributed)DataParallel's
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap_model(model):
+    """The model inside ``torch.compile``'s and (Distributed)DataParallel's wrappers (``model``
+    itself when it is not wrapped)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if inner is None and isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def unwrapped_state(state):
+    """A state dict without the prefix a wrapper put on every key (``_orig_mod.``, ``module.``,
+    nested ones too): the weights of the model inside, as its own ``state_dict`` names them."""
+    while isinstance(state, dict) and state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in state)),
+                      None)
+        if prefix is None:
+            break
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
 def model_payload(model, state_dict=None) -> dict:
     """A model's checkpoint entries: config, data spec, weights and, when the model carries them,
     its perturbation prior (:class:`~scidiff.models.perturbation_prior.PerturbationPrior`, as
     tensors and plain values under ``"perturbation_prior"``) and its distilled student
-    (:class:`~scidiff.diffusion.distillation.Student`, under ``"student"``)."""
+    (:class:`~scidiff.diffusion.distillation.Student`, under ``"student"``). A ``torch.compile``'d
+    or (Distributed)DataParallel model is saved as the model inside (no ``_orig_mod.`` or
+    ``module.`` in the weights' names), so that it loads into a plain model anywhere."""
+    model = unwrap_model(model)
     spec = model.data_spec.to_dict() if model.data_spec is not None else None
+    state = unwrapped_state(state_dict or model.state_dict())
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "scidiff_version": __version__,
                "config": json.dumps(model.config()), "data_spec": json.dumps(spec),
-               "state_dict": {k: v.detach().cpu() for k, v in (state_dict or model.state_dict()).items()}}
+               "state_dict": {k: v.detach().cpu() for k, v in state.items()}}
     prior = getattr(model, "perturbation_prior", None)
     if prior is not None:
         payload[PRIOR_ENTRY] = prior.to_state()
@@ -157,6 +189,27 @@ def _load_weights_only(path: str):
     raise problem
 
 
+def _no_model_hint(folder: str) -> str:
+    """What to load from a folder without ``model.pt``: a run that has not finished (its newest
+    training checkpoint, ``checkpoint.pt`` or, where only they were copied, ``checkpoints/step-*.pt``)
+    or a run's ``checkpoints`` folder itself (its newest file, or the run folder)."""
+    latest = os.path.join(folder, CHECKPOINT_FILE)
+    steps = list_checkpoints(folder)
+    if os.path.exists(latest) or steps:
+        latest = latest if os.path.exists(latest) else steps[-1][1]
+        return (f": the run has not finished; its latest training checkpoint is {latest!r} (load that file, or "
+                f"resume the run)")
+    steps = sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                   for m in [_STEP_FILE.match(name)] if m)
+    if not steps:
+        return ""
+    run = os.path.dirname(os.path.abspath(folder))
+    finished = (f", or the run folder {run!r} for its finished model" if os.path.exists(os.path.join(run, MODEL_FILE))
+                else "")
+    return (f": {folder!r} holds a run's training checkpoints; give one of its files (the newest is "
+            f"{steps[-1][1]!r}){finished}")
+
+
 def read_checkpoint(path) -> dict:
     """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files. ``~``
     is the home folder."""
@@ -165,10 +218,7 @@ def read_checkpoint(path) -> dict:
     if folder is not None:
         path = os.path.join(path, MODEL_FILE)
     if not os.path.exists(path):
-        latest = os.path.join(folder, CHECKPOINT_FILE) if folder is not None else None
-        hint = (f": the run has not finished; its latest training checkpoint is {latest!r} (load that file, or "
-                f"resume the run)" if latest is not None and os.path.exists(latest) else "")
-        raise FileNotFoundError(f"no checkpoint at {path!r}{hint}")
+        raise FileNotFoundError(f"no checkpoint at {path!r}{_no_model_hint(folder) if folder is not None else ''}")
     payload = _load_weights_only(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path!r} is not a scidiff checkpoint (no '{FORMAT}' format tag)")
@@ -200,7 +250,8 @@ def load_model(path, map_location="cpu", genes=None):
         model = ScIDiffModel(**config, data_spec=spec)
     except TypeError as exc:  # a config with other keys: written by another (newer) scidiff
         raise ValueError(f"{payload['path']!r} holds a model config this scidiff cannot build ({exc})") from None
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    # a file saved from a compiled or DDP-wrapped model by an older scidiff: its weights' names carry the prefix
+    missing, unexpected = model.load_state_dict(unwrapped_state(payload["state_dict"]), strict=False)
     # saved before perturbation combinations had a learned term (its zero init is that model), or
     # before the detection model (left unfitted: observed expression then asks for fit_detection)
     missing = [k for k in missing if not k.startswith(("condition_encoder.interaction.", "detection."))]
@@ -320,7 +371,7 @@ def read_training_checkpoint(path) -> dict:
                 return read_training_checkpoint(candidate)
             except ValueError as exc:
                 errors.append(str(exc))
-                warnings.warn(f"skipping unreadable checkpoint: {exc}", stacklevel=2)
+                warn(f"skipping unreadable checkpoint: {exc}")
         raise ValueError(f"no readable training checkpoint in {path!r}: " + "; ".join(errors))
     payload = read_checkpoint(path)
     missing = [k for k in ("trainer", "live_state_dict", "optimizer", "ema", "step", "epoch") if k not in payload]

@@ -21,17 +21,16 @@ import json
 import math
 import os
 import time
-import warnings
 
 import torch
 
 from . import distributed
-from ..checks import whole_number
+from ..checks import warn, whole_number, yes_no
 from ..data.io import atomic_path
 from ..data.spec import DataSpec
 from ..models.final_noise import HELD_OUT_CELLS, REFERENCE_CELLS
 from .checkpoint import (CHECKPOINT_FILE, atomic_torch_save, list_checkpoints, model_payload, payload_digest,
-                         read_training_checkpoint, remove_partial_files, resolve_device, save_model,
+                         read_training_checkpoint, remove_partial_files, resolve_device, save_model, unwrap_model,
                          write_training_checkpoint)
 from .ema import EMA
 from .losses import BiologicalConstraints, denoising_loss
@@ -211,10 +210,20 @@ class ScIDiffTrainer:
             raise ValueError(f"gradient_accumulation must be >= 1, got {gradient_accumulation}")
         if keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep_checkpoints}")
-        self.use_ddp = bool(use_ddp)
+        progress, use_ddp, gradient_checkpointing, find_unused_parameters = (  # 'no' read as true
+            yes_no(name, value) for name, value in (("progress", progress), ("use_ddp", use_ddp),
+                                                    ("gradient_checkpointing", gradient_checkpointing),
+                                                    ("find_unused_parameters", find_unused_parameters)))
+        self.use_ddp = use_ddp
         self.device = distributed.init_distributed(device) if self.use_ddp else resolve_device(device)
         self.rank = distributed.rank() if self.use_ddp else 0
         self.world_size = distributed.world_size() if self.use_ddp else 1
+        # a torch.compile'd model given: trained through its compiled forward, its weights kept, averaged and
+        # saved by the model's own names (no '_orig_mod.' prefix: the run's files load into a plain model)
+        given, model = model, unwrap_model(model)
+        if given is not model and (self.use_ddp or compile):
+            raise ValueError(f"the model is already wrapped ({type(given).__name__}); with use_ddp or compile, pass "
+                             f"the model itself: the trainer wraps it in DDP, then compiles")
         self.model = model.to(self.device)
         self.train_loader, self.val_loader = train_loader, val_loader
         if gradient_checkpointing:
@@ -240,6 +249,8 @@ class ScIDiffTrainer:
         self._ddp = net if self.use_ddp else None
         if compile:
             net = torch.compile(net) if compile is True else torch.compile(net, backend=compile)
+        elif given is not model:
+            net = given.to(self.device)
         self._net = net
         self._denoiser = _Denoiser(net, model) if net is not model else model
         groups = (model.parameter_groups(learning_rate) if hasattr(model, "parameter_groups")
@@ -401,8 +412,8 @@ class ScIDiffTrainer:
             raise ValueError(f"{r['path']!r}: the run planned {old['total_steps']} steps but the loader now "
                              f"gives {total}")
         if end_epoch != old["end_epoch"]:
-            warnings.warn(f"resuming a run planned for {old['end_epoch']} epochs with {end_epoch}: the learning-rate "
-                          f"schedule is stretched to the new length", stacklevel=3)
+            warn(f"resuming a run planned for {old['end_epoch']} epochs with {end_epoch}: the learning-rate "
+                 f"schedule is stretched to the new length")
         self._schedule = {**old, "end_epoch": end_epoch, "total_steps": total}
         return r["batch_in_epoch"]
 
@@ -559,7 +570,7 @@ class ScIDiffTrainer:
                 f"(too few cells for the model, or overfitting). Check history.csv; train on more cells or a "
                 f"smaller model, or set training.early_stopping_patience: null to keep the last weights")
             if self.is_main_process:
-                warnings.warn(kept["warning"], EarlyBestWarning, stacklevel=3)
+                warn(kept["warning"], EarlyBestWarning)
         return kept
 
     def _write_summary(self, path: str) -> None:
@@ -757,14 +768,12 @@ class ScIDiffTrainer:
         same_layout = (t["world_size"] == self.world_size and t["gradient_accumulation"] == self.gradient_accumulation)
         mine = t["ranks"][self.rank] if self.rank < len(t["ranks"]) else t["ranks"][0]
         if not same_layout:
-            warnings.warn(f"{payload['path']!r} was written under {t['world_size']} process(es) with gradient "
-                          f"accumulation {t['gradient_accumulation']}; the noise streams restart from the seed",
-                          stacklevel=2)
+            warn(f"{payload['path']!r} was written under {t['world_size']} process(es) with gradient "
+                 f"accumulation {t['gradient_accumulation']}; the noise streams restart from the seed")
         elif not self._streams_fit(mine["rng"]["generators"]):
             same_layout = False
-            warnings.warn(f"{payload['path']!r} was written on another kind of device than {self.device.type} (its "
-                          f"noise-generator states do not fit this trainer's); the noise streams restart from the seed",
-                          stacklevel=2)
+            warn(f"{payload['path']!r} was written on another kind of device than {self.device.type} (its "
+                 f"noise-generator states do not fit this trainer's); the noise streams restart from the seed")
         rng = mine["rng"] if same_layout else {**mine["rng"], "generators": []}
         restore_rng_state(rng, self.generators if same_layout else ())
         self._epoch_loss.fill_(mine["epoch_loss"] if t["batch_in_epoch"] else 0.0)

@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ...checks import whole_number
+from ...checks import choice, whole_number, yes_no
 from ...data.gene_symbols import resolve_gene, symbol_index
 from .targets import PhenotypeTarget
 
@@ -71,6 +71,7 @@ def gene_attribution(designer, target: PhenotypeTarget, source_expression, desig
     Columns: ``gene``, ``attribution`` (mean over cells; negative = the gene's change lowered the
     objective, i.e. drove the cells toward the target), ``mean_change`` (designed - source),
     ``rank`` (1 = most negative attribution). ``uns``-like totals are in ``table.attrs``."""
+    through_model = yes_no("through_model", through_model)  # 'no' read through the model: non-empty text is true
     model, spec = designer.model, designer.model.data_spec
     designer.check(target)
     src = torch.as_tensor(_cells_array(source_expression, "source_expression"), dtype=torch.float32)
@@ -291,8 +292,8 @@ def tf_activity_change(source_expression, designed_expression, network, gene_nam
     counts match); the test is then a paired t-test, otherwise Welch's. Columns: ``tf``,
     ``n_targets``, ``source_activity``, ``designed_activity`` (means), ``change``,
     ``t``, ``p_value``, ``rank`` (1 = largest absolute change)."""
-    if method not in TF_METHODS:
-        raise ValueError(f"unknown TF scoring method {method!r}; choose one of {sorted(TF_METHODS)}")
+    choice("TF scoring method", method, sorted(TF_METHODS))
+    paired = yes_no("paired", paired, "when the counts match")  # 'no' paired them: non-empty text is true
     if not isinstance(network, pd.DataFrame):
         network = read_tf_network(network)
     src = _cells_array(source_expression, "source_expression")

@@ -52,7 +52,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...checks import condition_mapping, real_number, whole_number
+from ...checks import condition_mapping, real_number, whole_number, yes_no
 from ...data.spec import scanpy_log1p, typed_labels
 from ...diffusion.guidance import classifier_free_guidance, objective_guidance
 from ...diffusion.plans import sampler_plan
@@ -60,6 +60,7 @@ from ...diffusion.samplers import Denoiser, ddim_invert, run_plan
 from ...diffusion.smc import systematic_resample, walk_smc
 from ...groups import share_out
 from ...models.cell_draws import check_seed
+from ...models.diffusion_model import OBSERVED
 from .._keywords import no_other_keywords, renamed
 from ..cells import h5_keys as _h5_keys
 from .classifier import CellTypeClassifier
@@ -159,6 +160,7 @@ class InverseDesigner:
                  realism_weight: float = 0.0, realism_t: int | None = None, observed: bool | None = None):
         if getattr(model, "data_spec", None) is None:
             raise ValueError("inverse design needs a model with a gene list (train it through scidiff.setup_anndata)")
+        observed = yes_no("observed", observed, OBSERVED)  # 'no' designed measured cells
         detection = getattr(model, "detection", None)
         if observed and (detection is None or not bool(detection.fitted)):
             raise ValueError("observed=True needs a principal-axes model with a fitted detection model "
@@ -431,8 +433,13 @@ class InverseDesigner:
         :class:`DesignResult` (with resampling, ``source`` rows follow each cell's ancestor).
         """
         num_samples, objective_scale = renamed("InverseDesigner.design", deprecated, {
-            "num_samples": ("n", n), "guidance_scale": ("objective_scale", objective_scale)}, stacklevel=4)  # under no_grad
+            "num_samples": ("n", n), "guidance_scale": ("objective_scale", objective_scale)})
         no_other_keywords("InverseDesigner.design", deprecated)
+        normalize, condition_measurement, reweight_measurement, record_path, progress = (  # 'no' read as true
+            yes_no(name, value) for name, value in (
+                ("normalize", normalize), ("condition_measurement", condition_measurement),
+                ("reweight_measurement", reweight_measurement), ("record_path", record_path), ("progress", progress)))
+        resample = yes_no("resample", resample, "on without a source")
         seed = check_seed(seed)  # numpy's generator and torch's both draw from it (-1 or None: a named error)
         # int() read n=True as 1 cell and 8.7 as 8, retries=True as 1; 5.0 steps failed in range()
         num_samples = 32 if num_samples is None else whole_number("n", num_samples, what="an integer",

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ...checks import yes_no
 from ...data import transform_like
 from ...data.io import read_h5ad, temporary_beside, write_h5ad
 from ...evaluation.design import design_plot, design_report
@@ -117,6 +118,9 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     ``condition_measurement=False``."""
     (guidance_scale,) = renamed("run_design", deprecated, {"cfg_scale": ("guidance_scale", guidance_scale)})
     no_other_keywords("run_design", deprecated)
+    condition_measurement, screen, attribution, progress = (yes_no(name, value) for name, value in (  # 'no' is true
+        ("condition_measurement", condition_measurement), ("screen", screen), ("attribution", attribution),
+        ("progress", progress)))
     cfg_scale = 1.0 if guidance_scale is None else float(guidance_scale)
     if not isinstance(model, torch.nn.Module):
         model = load_model(model)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...checks import condition_mapping, refuse_one_condition, whole_number
+from ...checks import condition_mapping, refuse_one_condition, whole_number, yes_no
 from ...data.spec import canonical_label
 from ...diffusion.samplers import ddim, ddim_invert
 from ...models.cell_draws import check_seed
@@ -93,6 +93,7 @@ def screen_perturbations(designer, target: PhenotypeTarget, source=None, *, cond
     ``mean_objective``, ``rank`` (1 = best)."""
     from tqdm.auto import tqdm
 
+    progress = yes_no("progress", progress)  # 'no' showed the bar: any non-empty text is true
     designer.check(target)
     model = designer.model
     # n_cells=8.0 and True failed in torch.randn, seed=-1 as "expected non-negative integer" (True ran as 1)
