@@ -4,6 +4,7 @@ and :func:`warn`, which points scidiff's warnings at the user's line. Plain Pyth
 the engine, training, the per-cell draws and the tasks share it."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -64,6 +65,29 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
             break
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+@contextlib.contextmanager
+def said_once(said: set | None = None):
+    """Show each warning raised inside the block once: those whose ``(category, text)`` is in
+    ``said`` (updated; a set shared over the blocks of one job) are dropped, as are repeats. The
+    same cells read again by each step of a job (a screen's targets; training's set-up, effects
+    and prior) warned about them once per read. The warnings are shown as the block ends, at the
+    lines that raised them, an error inside too."""
+    said = set() if said is None else said
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                caught = list(record)
+    finally:
+        for w in caught:
+            if (w.category, str(w.message)) not in said:
+                said.add((w.category, str(w.message)))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def real_number(name: str, value, test=lambda v: True, *, what: str = "a finite number") -> float:

@@ -522,3 +522,38 @@ def test_an_export_ends_where_the_model_does(kang_onnx, tmp_path):
         json.dump(meta, fh)
     assert OnnxSampler(path, threads=1, verify=False).final_sigma == 0.0
 
+
+
+def test_an_interrupted_re_export_leaves_the_earlier_export_whole(tmp_path, monkeypatch):
+    """The graph, the decoder and the sidecar are renamed into place together at the end: a
+    re-export interrupted while it writes the sidecar (the last file) leaves the earlier export's
+    files as they were (the new graph stood beside the old sidecar, whose checksum it failed) and no
+    temporary file."""
+    import hashlib
+
+    import scidiff.export.onnx as onnx_export
+
+    torch.manual_seed(0)
+    genes = [f"gene{i}" for i in range(12)]
+    model = ScIDiffModel(gene_dim=12, hidden_dim=16, num_layers=1, num_timesteps=50, latent_dim=None,
+                         data_spec=DataSpec(gene_names=genes, input_kind="counts", target_sum=1000.0)).eval()
+    out = tmp_path / "m.onnx"
+    export_onnx(model, out, sampler="ddim", steps=3, check=False)
+
+    def files():
+        return {p: hashlib.sha256((tmp_path / p).read_bytes()).hexdigest() for p in sorted(os.listdir(tmp_path))}
+
+    before = files()
+    assert sorted(before) == ["m.json", "m.onnx"]
+    for p in model.parameters():  # other weights: another graph
+        p.data.normal_(0, 0.2)
+
+    def interrupted(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export_onnx(model, out, sampler="ddim", steps=3, check=False)
+    assert files() == before
+    monkeypatch.undo()
+    OnnxSampler(out, threads=1).sample(2, seed=0, steps=3)  # the earlier export still loads: checksums agree

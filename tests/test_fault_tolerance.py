@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from scidiff.training import ScIDiffTrainer, read_checkpoint, read_training_checkpoint, save_model
+from test_data import _dead_pid
 from training_helpers import (KILL_EPOCHS, TRAIN_KW, make_resumable_trainer, state_of, synthetic_cells,
                               tiny_model)
 
@@ -164,12 +165,16 @@ def test_keeps_the_newest_n_and_falls_back_past_a_truncated_newest(tmp_path):
     data = newest.read_bytes()
     os.remove(run / "checkpoint.pt")
     newest.write_bytes(data[:1000])
-    (run / ".tmp-abc.pt").write_bytes(b"partial")  # what a writer killed mid-write leaves
+    dead = run / f".tmp-{_dead_pid()}-0a1b2c3d.checkpoint.pt"  # what a writer killed mid-write leaves
+    live = run / "checkpoints" / f".tmp-{os.getppid()}-0a1b2c3d.step-000000009.pt"  # a live writer's (pytest's parent)
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"being written")
     fresh = _fresh_trainer(run)
     with pytest.warns(UserWarning, match="skipping unreadable checkpoint.*step-000000008.pt"):
         assert fresh.resume(run) == 6
     assert fresh.epoch == 1 and fresh._batch_in_epoch == 2
-    assert not (run / ".tmp-abc.pt").exists()
+    assert not dead.exists() and live.read_bytes() == b"being written"  # another process's write is not cut
+    live.unlink()
     # and goes on to the same end as the run that was never cut
     fresh.train(2)
     for k, v in trainer.model.state_dict().items():

@@ -233,3 +233,17 @@ def test_evaluation_of_a_multimodal_log2_file_refuses_it_as_without_its_adts(tra
             warnings.simplefilter("ignore")
             with pytest.raises(ValueError, match=r"is log-transformed in base 2 \(uns\['log1p'\]\['base'\]"):
                 evaluate_files(real, generated, str(tmp_path / "eval"), plots=False)
+
+
+def test_training_on_a_multimodal_screen_says_once_what_it_left_out(tmp_path):
+    """``scidiff.train`` reads the file for the set-up, the perturbation effects and the prior: the
+    features left out were said three times, now once."""
+    both, _ = _cite()
+    config = {"model": {"hidden_dim": 16, "num_layers": 1, "num_timesteps": 20},
+              "training": {"num_epochs": 1, "batch_size": 64, "warmup_steps": 1, "val_fraction": 0.0},
+              "data": {"perturbation_keys": ["perturbation"]}}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        scidiff.train(both, str(tmp_path / "run"), config, condition_keys=["perturbation"], progress=False)
+    said = _left_out(record)
+    assert len(said) == 1 and LEFT_OUT in said[0], said

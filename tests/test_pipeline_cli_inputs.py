@@ -28,6 +28,7 @@ import pytest
 
 from scidiff.cli import COMMANDS, main
 from scidiff.data import h5ad_writer
+from scidiff.tasks.design.job import output_paths
 from test_notebook_inputs import scanpy_cells
 
 evaluate_task = importlib.import_module("scidiff.tasks.evaluate")  # the module (scidiff.tasks.evaluate is a verb)
@@ -288,3 +289,14 @@ def test_a_sharded_sample_rerun_leaves_no_earlier_manifest_or_merged_file(files,
     assert "generated.h5ad" not in os.listdir(folder) and not [f for f in os.listdir(folder) if f.startswith(".")]
     assert not (tmp_path / "new").exists()  # a new folder is not left behind empty
     capsys.readouterr()
+
+
+def test_an_h5ad_extension_in_capitals_is_a_file_not_a_folder(files, tmp_path, capsys):
+    """``--out GEN.H5AD`` (a Windows or macOS habit) is one file, as ``gen.h5ad`` is; it was read
+    as a folder and shards were written inside it."""
+    root, cells, control, run = files
+    assert main(["sample", "--model", str(run), "-n", "4", "--steps", "2", "--out", str(tmp_path / "GEN.H5AD")]) == 0
+    assert (tmp_path / "GEN.H5AD").is_file()
+    assert ad.read_h5ad(tmp_path / "GEN.H5AD").n_obs == 4
+    paths = output_paths(str(tmp_path / "DESIGN.H5AD"))  # design's files: 'DESIGN.H5AD.h5ad' and its report beside
+    assert paths["cells"] == str(tmp_path / "DESIGN.H5AD") and paths["report"] == str(tmp_path / "DESIGN.report.json")

@@ -73,10 +73,10 @@ def _sharded_output(out: str) -> bool:
     from ..training import distributed  # lazy: keeps --help light (torch, anndata)
 
     if distributed.env_world_size() > 1:
-        if out.endswith(".h5ad"):
+        if out.lower().endswith(".h5ad"):
             raise ValueError(f"under torchrun every process writes its own shard: give --out a folder, not {out!r}")
         return True
-    return not out.endswith(".h5ad")
+    return not out.lower().endswith(".h5ad")  # 'GEN.H5AD' is a file too
 
 
 def _sample_sharded(args, model, groups, settings):

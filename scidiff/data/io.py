@@ -136,8 +136,14 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(path) -> list[str]:
     """Delete the temporary files of earlier writes to ``path`` whose writer process is gone
     (killed mid-write); returns their paths."""
-    path = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(path))
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return remove_dead_writers_files(folder, lambda target: target == base)
+
+
+def remove_dead_writers_files(folder, targets=lambda target: True) -> list[str]:
+    """Delete the temporary files in ``folder`` (``.tmp-<pid>-<random>.<target>``, ``targets``
+    choosing the targets) whose writer process is gone; a live writer's, this process's or
+    another's (a run written to by two processes), are kept. Returns their paths."""
     removed = []
     try:
         names = os.listdir(folder)
@@ -145,7 +151,7 @@ def remove_stale_temporaries(path) -> list[str]:
         return removed
     for name in names:
         m = _TMP.match(name)
-        if m and m.group(3) == base and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and targets(m.group(3)) and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
             try:
                 os.remove(os.path.join(folder, name))
                 removed.append(os.path.join(folder, name))

@@ -53,7 +53,7 @@ from torch import nn
 
 from .. import __version__
 from ..checks import warn
-from ..data.io import atomic_path
+from ..data.io import staged_files
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ..diffusion.guidance import cfg_combine, classifier_free_guidance, double_rows
 from ..models.preconditioning import Preconditioning
@@ -359,29 +359,32 @@ def export_onnx(model, path, *, sampler: str = DEFAULT_SAMPLER, steps: int | Non
         _readable(tmp)
         if check:
             check_error = _check_saved(tmp, wrapper, model, name=path)
+        sidecar["onnx_sha256"] = sha256_of(tmp)
 
-    atomic_path(path, write_graph)
-    sidecar["onnx_sha256"] = sha256_of(path)
-    written["onnx"] = path
-    if model.latent_dim:
-        dec = decoder_path(path)
-        arrays = {"mean": model.latent_mean.numpy().astype(np.float32),
-                  "basis": model.latent_basis.numpy().astype(np.float32),
-                  "scale": model.latent_scale.numpy().astype(np.float32), **detection_arrays(model.detection)}
-        atomic_path(dec, lambda tmp: _savez(tmp, arrays))
-        sidecar["latent"] = {"dim": int(model.latent_dim), "file": os.path.basename(dec), "sha256": sha256_of(dec),
-                             "decode": "genes = (z * scale) @ basis + mean"}
-        if "detection_rate" in arrays:  # its tables are in the decoder file
-            sidecar["detection"] = {"bins": model.detection.bins, "quantiles": model.detection.quantiles,
-                                    "arrays": ["detection_edges", "detection_centres", "detection_rate",
-                                               "detection_levels", "detection_capture"],
-                                    "measure": "scidiff.models.observation.DetectionModel.measure"}
-        written["decoder"] = dec
-    if check:
-        sidecar["export_check"] = {"max_abs_error": check_error}
-    side = sidecar_path(path)
-    atomic_path(side, lambda tmp: _write_json(tmp, sidecar))
-    written["sidecar"] = side
+    # the files renamed into place together at the end, the sidecar last: an export that fails or is
+    # interrupted leaves an earlier one's files as they were (never a new graph beside an old sidecar)
+    with staged_files() as stage:
+        written["onnx"] = stage(path, write_graph)
+        if model.latent_dim:
+            dec = decoder_path(path)
+            arrays = {"mean": model.latent_mean.numpy().astype(np.float32),
+                      "basis": model.latent_basis.numpy().astype(np.float32),
+                      "scale": model.latent_scale.numpy().astype(np.float32), **detection_arrays(model.detection)}
+
+            def write_decoder(tmp):
+                _savez(tmp, arrays)
+                sidecar["latent"] = {"dim": int(model.latent_dim), "file": os.path.basename(dec),
+                                     "sha256": sha256_of(tmp), "decode": "genes = (z * scale) @ basis + mean"}
+
+            written["decoder"] = stage(dec, write_decoder)
+            if "detection_rate" in arrays:  # its tables are in the decoder file
+                sidecar["detection"] = {"bins": model.detection.bins, "quantiles": model.detection.quantiles,
+                                        "arrays": ["detection_edges", "detection_centres", "detection_rate",
+                                                   "detection_levels", "detection_capture"],
+                                        "measure": "scidiff.models.observation.DetectionModel.measure"}
+        if check:
+            sidecar["export_check"] = {"max_abs_error": check_error}
+        written["sidecar"] = stage(sidecar_path(path), lambda tmp: _write_json(tmp, sidecar))
     return {**written, **({"max_abs_error": sidecar["export_check"]["max_abs_error"]} if check else {})}
 
 

@@ -20,15 +20,13 @@ model and stacks the predictions; :func:`baseline_screen` does the same with a b
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..checks import condition_mapping, refuse_one_condition, warn, yes_no
+from ..checks import condition_mapping, refuse_one_condition, said_once, warn, yes_no
 from ..data.dataset import control_hint
 from ..data.h5ad_writer import H5adWriter
 from ..data.spec import describing_columns, lookup_label, scanpy_log1p
@@ -166,22 +164,6 @@ def _model_parts(model, cells, targets, progress, device, perturb_kwargs):
             pred = perturb(model, cells, target, progress=progress and not many, device=device, store=store,
                            **perturb_kwargs)
         yield pred
-
-
-@contextlib.contextmanager
-def said_once(said: set):
-    """Show each warning raised inside that is not in ``said`` (``(category, text)``, updated):
-    the same cells read again for each target of a screen warned about them once per target."""
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            caught = list(record)
-    for w in caught:
-        if (w.category, str(w.message)) not in said:
-            said.add((w.category, str(w.message)))
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def predict_screen(model, cells, targets: list[dict], *, progress: bool = True, device=None,

@@ -6,7 +6,7 @@ import os
 import anndata as ad
 import yaml
 
-from ..checks import warn, yes_no
+from ..checks import said_once, warn, yes_no
 from ..config import Config, as_config
 from ..data import setup_anndata, setup_streaming
 from ..data.dataset import as_names
@@ -181,14 +181,16 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         source = os.fspath(source.filename)
     prior_report = effects_report = None
     adata = None
-    if streaming:
-        cells, model = _streamed_model(source, config, keys, progress)
-    else:
-        adata = in_memory(source)  # a path, or a backed AnnData (streaming=True reads batches from its file)
-        cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,
-                              n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
-                              target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
-        model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
+    said = set()  # the set-up, the effects and the prior read the same cells: their warnings said once
+    with said_once(said):
+        if streaming:
+            cells, model = _streamed_model(source, config, keys, progress)
+        else:
+            adata = in_memory(source)  # a path, or a backed AnnData (streaming=True reads batches from its file)
+            cells = setup_anndata(adata, layer=dc.layer, use_raw=dc.use_raw,
+                                  n_top_genes=config.model.gene_dim, condition_keys=keys, input_kind=dc.input,
+                                  target_sum=dc.target_sum, scaling=dc.scaling, **dc.covariate_kwargs())
+            model = ScIDiffModel.from_data(cells, **config.model.model_kwargs())
     effects_report = getattr(model, "effects_report", None)
     if effects_report and progress and rank == 0:
         print(effects_summary(effects_report))
@@ -199,7 +201,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
         for key, knots in _time_knots(cells.spec).items():
             shown = ", ".join(f"{k:g}" for k in knots[:8]) + (", ..." if len(knots) > 8 else "")
             print(f"{key}: embedded piecewise linearly between {len(knots)} training values ({shown})")
-    prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
+    with said_once(said):
+        prior_report = fit_perturbation_prior(model, cells, adata, config, verbose=progress and rank == 0)
     del adata
     train_cells, val_cells = (cells.split(tc.val_fraction, tc.seed) if tc.val_fraction > 0 and len(cells) >= 20
                               else (cells, None))

@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..checks import warn
-from ..data.io import atomic_path
+from ..data.io import atomic_path, remove_dead_writers_files
 from ..data.spec import DataSpec
 from ..diffusion.distillation import Student
 from ..models import ScIDiffModel
@@ -344,13 +344,10 @@ def list_checkpoints(folder) -> list[tuple[int, str]]:
 
 def remove_partial_files(folder) -> list[str]:
     """Delete temporary files a killed writer left in run folder ``folder`` (never complete
-    checkpoints); returns their paths."""
+    checkpoints, nor the temporaries of a writer still running); returns their paths."""
     folder = os.fspath(folder)
-    stale = (glob.glob(os.path.join(folder, ".tmp-*.pt")) +
-             glob.glob(os.path.join(folder, CHECKPOINT_DIR, ".tmp-*.pt")))
-    for path in stale:
-        os.remove(path)
-    return stale
+    return [path for where in (folder, os.path.join(folder, CHECKPOINT_DIR))
+            for path in remove_dead_writers_files(where, lambda target: target.endswith(".pt"))]
 
 
 def read_training_checkpoint(path) -> dict:

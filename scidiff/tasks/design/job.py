@@ -37,8 +37,9 @@ from .targets import PhenotypeTarget
 def output_paths(out) -> dict[str, str]:
     """The files of one design run, named after ``out`` (an ``.h5ad`` path)."""
     out = os.fspath(out)
-    stem = out[:-5] if out.endswith(".h5ad") else out
-    return {"cells": out if out.endswith(".h5ad") else out + ".h5ad", "report": stem + ".report.json",
+    named = out.lower().endswith(".h5ad")  # 'DESIGN.H5AD' too
+    stem = out[:-5] if named else out
+    return {"cells": out if named else out + ".h5ad", "report": stem + ".report.json",
             "plot": stem + ".report.png", "screen": stem + ".screen.tsv", "genes": stem + ".genes.tsv",
             "tfs": stem + ".tfs.tsv"}
 
