@@ -89,9 +89,10 @@ def _check_student_out(out: str, data: str) -> str:
 def _check_model_writable(model: str) -> None:
     """Without ``--out`` the student is written into the ``--model`` checkpoint: refused before any
     work where its folder cannot be written (a read-only copy of a run), not once it is distilled."""
+    from ..data.io import user_path  # lazy: keeps --help light (anndata)
     from ..training.checkpoint import MODEL_FILE  # lazy: keeps --help light (torch)
 
-    path = os.path.expanduser(model)
+    path = user_path(model)
     path = os.path.join(path, MODEL_FILE) if os.path.isdir(path) else path
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):

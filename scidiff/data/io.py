@@ -21,6 +21,13 @@ from .validate import check_sparse, rna_features
 _TMP = re.compile(r"^\.tmp-(\d+)-([0-9a-f]+)\.(.+)$")
 
 
+def user_path(path) -> str:
+    """``path`` (text or a path object) as text with ``~`` the home folder, as pandas and scanpy
+    read it: every file scidiff reads or writes goes through it (``'~/run'`` was otherwise a folder
+    named ``~``, or no such file)."""
+    return os.path.expanduser(os.fspath(path))
+
+
 def _is_10x_h5(path: str) -> bool:
     """Whether ``path`` is a 10x Genomics HDF5 matrix (v3: a ``matrix`` group; v2: a group per
     genome holding ``barcodes``) rather than an .h5ad."""
@@ -81,7 +88,7 @@ def check_matrices(adata: ad.AnnData, source: str) -> None:
 def read_h5ad(path) -> ad.AnnData:
     """``anndata.read_h5ad`` (or scanpy's 10x reader for a 10x ``.h5``) with errors that name the
     file, and every sparse matrix checked. ``~`` is the home folder, as pandas and scanpy read it."""
-    path = os.path.expanduser(os.fspath(path))  # '~/cells.h5ad' was 'no such file'
+    path = user_path(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     if os.path.isdir(path):

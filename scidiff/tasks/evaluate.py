@@ -15,7 +15,7 @@ import pandas as pd
 from ..checks import warn, whole_number, yes_no
 from ..data.dataset import MISSING_TEXT, _log_expression, _separator_hint, control_hint
 from ..data.gene_symbols import genes_of_in, readable_names
-from ..data.io import atomic_path, staged_files
+from ..data.io import atomic_path, staged_files, user_path
 from ..data.preprocess import common_total, dense, detect_input, expression_as_x, gene_columns, log_normalize
 from ..data.validate import check_labelled
 from ..evaluation import evaluate_generation_quality, fit_pca
@@ -100,7 +100,7 @@ def _unique_genes(adata: ad.AnnData, genes, what: str) -> None:
 def _check_out_dir(out_dir):
     """``out_dir`` with ``~`` as the home folder (it wrote a folder named ``~``); refuse, before any
     work, one that is a file (it failed at the end, after scoring)."""
-    out_dir = None if out_dir is None else os.path.expanduser(os.fspath(out_dir))
+    out_dir = None if out_dir is None else user_path(out_dir)
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir {out_dir!r} is a file; give a folder to write metrics.json in")
     return out_dir

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..data import read_h5ad
 from ..data.h5ad_writer import H5adWriter
-from ..data.io import atomic_path, staged_files
+from ..data.io import atomic_path, staged_files, user_path
 from ..data.spec import scanpy_log1p
 from ..checks import condition_mapping, refuse_one_condition, whole_number, yes_no
 from ..diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, check_steps
@@ -282,7 +282,7 @@ def generate_to_file(model, n: int, out, groups=None, *, sampler: str = DEFAULT_
     progress = yes_no("progress", progress)  # 'no' showed the bar: any non-empty text is true
     model, engine, settings, chunk_size = _runner(model, engine, sampler, steps, eta, guidance_scale, chunk_size)
     seed = fresh_seed() if seed is None else check_seed(seed)  # recorded in the file's uns
-    out = os.path.expanduser(os.fspath(out))  # '~/cells.h5ad' was written under a folder named '~'
+    out = user_path(out)
     return _write_groups(model, engine, out, plan_groups(model, n, groups, seed), int(first_index), n, seed=seed,
                          chunk_size=chunk_size, progress=progress, observed=model.resolve_observed(observed),
                          settings=settings)
@@ -348,7 +348,7 @@ def generate_sharded(model, n: int, out_dir, groups=None, *, rank: int = 0, worl
     rank = whole_number("rank", rank, what="an integer")  # True was rank 1
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size); got rank={rank}, world_size={world_size}")
-    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' made a folder named '~'
+    out_dir = user_path(out_dir)
     with staged_files(out_dir):  # nothing staged: a folder made here is not left behind empty by a failed shard
         os.makedirs(out_dir, exist_ok=True)
         if rank == 0:
@@ -428,9 +428,9 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
     (``out_dir/generated.h5ad`` by default), ``chunk_cells`` cells at a time (memory bounded by
     the chunk); the file appears only when complete."""
     read_elem = getattr(getattr(ad, "io", None), "read_elem", None) or ad.experimental.read_elem
-    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' was no such folder
+    out_dir = user_path(out_dir)
     manifest = manifest or _read_manifest(out_dir)
-    out_file = os.path.expanduser(os.fspath(out_file)) if out_file else os.path.join(out_dir, MERGED_FILE)
+    out_file = user_path(out_file) if out_file else os.path.join(out_dir, MERGED_FILE)
     files = [os.path.join(os.fspath(out_dir), s["file"]) for s in manifest["shards"]]
     if not files:
         raise ValueError(f"the manifest of {os.fspath(out_dir)!r} lists no shards")
@@ -473,7 +473,7 @@ def merge_generated(out_dir, out_file=None, manifest: dict | None = None, chunk_
 def read_generated(out_dir) -> ad.AnnData:
     """The cells of a sharded generation folder as one AnnData (the merged file when there is
     one, else the shards concatenated in rank order)."""
-    out_dir = os.path.expanduser(os.fspath(out_dir))  # '~/run' was no such folder
+    out_dir = user_path(out_dir)
     manifest = _read_manifest(out_dir)
     if manifest.get("merged"):
         return read_h5ad(os.path.join(os.fspath(out_dir), manifest["merged"]))

@@ -10,7 +10,7 @@ from ..checks import said_once, warn, yes_no
 from ..config import Config, as_config
 from ..data import setup_anndata, setup_streaming
 from ..data.dataset import as_names
-from ..data.io import atomic_path, in_memory
+from ..data.io import atomic_path, in_memory, user_path
 from ..models import ScIDiffModel
 from ..models.perturbation_prior import PerturbationPrior
 from ..training import ScIDiffTrainer, distributed, enable_determinism, seed_everything
@@ -155,8 +155,8 @@ def train(data, out_dir, config: Config | None = None, condition_keys=None, epoc
     deterministic torch kernels as well (needed for that on a GPU, and for bit-exact resume)."""
     if resume is not None and not isinstance(resume, (bool, str, os.PathLike)):
         raise TypeError(f"resume must be True, False or the path of a checkpoint, got {resume!r}")
-    if isinstance(out_dir, (str, os.PathLike)):  # '~/run' wrote the model under a folder named '~'
-        out_dir = os.path.expanduser(os.fspath(out_dir))
+    if isinstance(out_dir, (str, os.PathLike)):
+        out_dir = user_path(out_dir)
     progress, streaming, deterministic = (yes_no(name, value) for name, value in (  # 'no' read as true
         ("progress", progress), ("streaming", streaming), ("deterministic", deterministic)))
     if epochs is not None:

@@ -14,7 +14,7 @@ import torch
 
 from .. import __version__
 from ..checks import warn
-from ..data.io import atomic_path, remove_dead_writers_files
+from ..data.io import atomic_path, remove_dead_writers_files, user_path
 from ..data.spec import DataSpec
 from ..diffusion.distillation import Student
 from ..models import ScIDiffModel
@@ -139,7 +139,7 @@ def model_payload(model, state_dict=None) -> dict:
 def save_model(model, path, state_dict=None, **extra) -> str:
     """Write ``model`` (or its weights ``state_dict``, e.g. EMA) to ``path``; a folder gets
     ``model.pt`` inside. Extra entries (training state) must be tensors or plain Python values."""
-    path = os.path.expanduser(os.fspath(path))  # not a folder named '~'
+    path = user_path(path)
     if os.path.isdir(path) or not path.endswith((".pt", ".pth", ".ckpt")):
         path = os.path.join(path, MODEL_FILE)
     payload = {**model_payload(model, state_dict), **extra}
@@ -213,7 +213,7 @@ def _no_model_hint(folder: str) -> str:
 def read_checkpoint(path) -> dict:
     """Load and validate a checkpoint dict; clear errors for missing, corrupt or foreign files. ``~``
     is the home folder."""
-    path = os.path.expanduser(os.fspath(path))  # '~/run' was "no checkpoint at '~/run'"
+    path = user_path(path)
     folder = path if os.path.isdir(path) else None
     if folder is not None:
         path = os.path.join(path, MODEL_FILE)
