@@ -17,6 +17,7 @@ from importlib import resources
 import yaml
 
 from .diffusion.plans import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLER_NAMES
+from .textfiles import encoding_error
 
 
 @dataclass
@@ -227,8 +228,11 @@ def _read_yaml(path: str):
         raise FileNotFoundError(f"no such config file: {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"config {path!r} is a folder, not a YAML file")
+    wrong = encoding_error(path, "config")  # Excel's / Notepad's "Unicode": UTF-16
+    if wrong is not None:
+        raise wrong
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             return yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import unicodedata
 
 from ..config import sampling_config
 from ..diffusion.plans import SAMPLER_NAMES
@@ -114,6 +115,9 @@ def check_out(path, folder: bool = False, reads: dict | None = None) -> str:
     return path
 
 
+QUOTES = "\"'\u201c\u201d\u2018\u2019\u201e\u00ab\u00bb"  # straight, smart and guillemet quotes
+
+
 def parse_conditions(text: str | None) -> dict[str, str]:
     """``"cell_type=B,condition=stimulated"`` -> ``{"cell_type": "B", "condition": "stimulated"}``.
     A comma starts a new ``key=value`` only where an ``=`` follows before the next comma, so a
@@ -132,6 +136,12 @@ def parse_conditions(text: str | None) -> dict[str, str]:
         if "=" not in part:
             raise ValueError(f"conditions are written key=value[,key=value]; got {part!r}")
         key, value = part.split("=", 1)
+        for word in (key.strip(), value.strip()):
+            if len(word) >= 2 and word[0] in QUOTES and word[-1] in QUOTES:  # pasted from a paper or a shell line
+                at = part.index(word) + 1
+                raise ValueError(f"{part!r}: {word!r} is in quotes ({word[0]!r}, U+{ord(word[0]):04X} "
+                                 f"{unicodedata.name(word[0])}, at character {at}); write "
+                                 f"{key.strip().strip(QUOTES)}={value.strip().strip(QUOTES)} without them")
         if key.strip() in out:
             raise ValueError(f"{key.strip()!r} is given twice in {text!r}; one value per key (for several groups, "
                              "repeat the flag)")

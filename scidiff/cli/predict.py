@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..textfiles import encoding_error
 from .common import (SEPARATOR_HELP, add_expression_source, check_out, device_name, finite_float, parse_conditions,
                      positive_float, positive_int, sampling_settings, seed_value, separator_text, split, user_error)
 
@@ -85,6 +86,9 @@ def read_targets_file(path: str) -> list[tuple[str, str]]:
     """``(where, text)`` per target line of ``path``: ``key=value[,key=value]``; ``#`` starts a
     comment, blank lines are skipped (a byte-order mark, as spreadsheet programs write, too)."""
     try:
+        wrong = encoding_error(path, "--targets-file")  # Excel's "Unicode Text": UTF-16
+        if wrong is not None:
+            raise wrong
         with open(path, encoding="utf-8-sig") as fh:
             lines = fh.read().splitlines()
     except UnicodeDecodeError:

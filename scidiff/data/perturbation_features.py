@@ -33,6 +33,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..textfiles import encoding_error, separator_of
 from .gene_symbols import symbol_index, symbols_of, var_of
 from .preprocess import dense, expression_matrix, gene_columns, log_normalize
 
@@ -115,7 +116,8 @@ class FeatureTable:
 
     def gene_of(self, label) -> str | None:
         """The gene a label of a gene-target covariate names (exact, else case-insensitive, else by
-        its symbol), or ``None``."""
+        its symbol, exact, else case-insensitive when one symbol matches: a mouse ``Stat1`` named
+        ``STAT1``), or ``None``."""
         if not self.gene_targets:
             return None
         label = str(label).strip()
@@ -125,6 +127,9 @@ class FeatureTable:
                 if block.by == "gene" and block.index_of(label) is not None:
                     return block.labels[block.index_of(label)]
             gene = self.gene_symbols.get(label)
+        if gene is None and self.gene_symbols:
+            matches = {g for s, g in self.gene_symbols.items() if _fold(s) == _fold(label)}
+            gene = matches.pop() if len(matches) == 1 else None
         return gene
 
     def _row(self, block: FeatureBlock, label) -> int | None:
@@ -266,6 +271,9 @@ def _check_file(path, what: str) -> str:
 
 
 def _text_rows(path: str, delimiter: str, what: str) -> list[list[str]]:
+    wrong = encoding_error(path, f"{what} file")  # Excel's "Unicode Text": UTF-16
+    if wrong is not None:
+        raise wrong
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             return [row for row in csv.reader(fh, delimiter=delimiter)]
@@ -316,12 +324,16 @@ def read_feature_tsv(path) -> FeatureBlock:
         body = rows
         columns = [f"feature{j + 1}" for j in range(len(rows[0][1]) - 1)]
     if not columns:
+        found = separator_of(rows[0][1][0])
         raise ValueError(f"{path}: line 1 (the header) names no feature column; expected tab-separated "
-                         f"'label<TAB>feature1<TAB>feature2...' (is the file comma-separated?)")
+                         f"'label<TAB>feature1<TAB>feature2...'"
+                         + (f" (it looks {found}-separated)" if found else " (is the file comma-separated?)"))
     if not body:
         raise ValueError(f"{path}: a header but no perturbation rows")
     labels, values, seen = [], np.empty((len(body), len(columns)), dtype=np.float32), {}
     for line, row in body:
+        if body is not rows and [c.strip() for c in row] == [c.strip() for c in rows[0][1]]:
+            continue  # the header again (tables pasted one under another)
         label = row[0].strip()
         if not label:
             raise ValueError(f"{path}: line {line} has no label in its first column")
@@ -361,12 +373,15 @@ def read_smiles_csv(path) -> list[tuple[int, str, str]]:
     for line, row in enumerate(_text_rows(path, ",", "CSV"), start=1):
         if not any(c.strip() for c in row):
             continue
-        if not out and not seen and len(row) >= 2 and "smiles" in row[1].strip().lower():  # a header
-            # ('smiles', 'SMILES', 'canonical_smiles': no SMILES holds these letters together)
+        if (not out and not seen or "\0header" in seen) and len(row) >= 2 and "smiles" in row[1].strip().lower():
+            # a header, or the header again ('smiles', 'SMILES', 'canonical_smiles': no SMILES holds these letters)
             seen["\0header"] = line
             continue
         if len(row) < 2 or not row[0].strip() or not row[1].strip():
-            raise ValueError(f"{path}: line {line}: expected 'name,smiles', got {','.join(row)[:80]!r}")
+            found = separator_of(row[0]) if len(row) == 1 else None
+            raise ValueError(f"{path}: line {line}: expected 'name,smiles', got {','.join(row)[:80]!r}"
+                             + (f" (it looks {found}-separated; the drug list is comma-separated)"
+                                if found and found != "comma" else ""))
         name, smiles = row[0].strip(), row[1].strip()
         if name in seen:
             first = next(s for n, s in ((n, s) for _, n, s in out) if n == name)

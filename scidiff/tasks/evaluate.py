@@ -272,8 +272,14 @@ def _group_name(context, label, context_key) -> str:
 
 def _own_genes(label, index: dict, separator: str) -> list[int] | None:
     """The columns of the genes a perturbation ``label`` names (each single of a combination, a
-    dose's `` @ 10`` aside), which its PDS leaves out; ``None`` where it names none."""
-    own = [index[p] for p in str(label).split(" @ ")[0].split(separator) if p in index]
+    dose's `` @ 10`` aside), which its PDS leaves out: by name, else case-insensitively where one
+    gene matches (a knockout labelled ``STAT1`` on mouse genes, ``Stat1``); ``None`` where it names none."""
+    folded: dict[str, set] = {}
+    for g, i in index.items():
+        folded.setdefault(str(g).casefold(), set()).add(i)
+    parts = str(label).split(" @ ")[0].split(separator)
+    own = [index[p] if p in index else next(iter(folded[p.casefold()])) for p in parts
+           if p in index or len(folded.get(p.casefold(), ())) == 1]
     return own or None
 
 

@@ -20,8 +20,9 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ...checks import choice, whole_number, yes_no
+from ...checks import choice, warn, whole_number, yes_no
 from ...data.gene_symbols import resolve_gene, symbol_index
+from ...textfiles import encoding_error, excel_date_hint, is_blank, separator_of
 from .targets import PhenotypeTarget
 
 def integrated_gradients(fn, baseline: torch.Tensor, inputs: torch.Tensor, steps: int = 32) -> torch.Tensor:
@@ -185,6 +186,11 @@ def read_tf_network(path) -> pd.DataFrame:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such TF network file: {path!r}")
+    wrong = None if os.path.isdir(path) else encoding_error(path, "TF network")  # Excel's "Unicode Text"
+    if wrong is not None:
+        raise wrong
+    if os.path.isfile(path) and is_blank(path):
+        raise ValueError(f"TF network {path!r} is empty; it needs tab-separated source, target and weight columns")
     try:
         # names as written: a gene '7' was read as '7.0' beside a '2.5', an empty TF field as the TF 'nan'
         text = dict(sep="\t", dtype=str, keep_default_na=False, na_values=[""])
@@ -192,19 +198,40 @@ def read_tf_network(path) -> pd.DataFrame:
         if _headerless(net):
             net = pd.read_csv(path, header=None, **text)
             net = net.rename(columns=dict(zip(net.columns[:3], NETWORK_COLUMNS)))
+        else:  # the header again (tables pasted one under another): not an edge
+            cells = net.apply(lambda col: col.fillna("").astype(str).str.strip())
+            net = net[~cells.eq([str(c).strip() for c in net.columns]).all(axis=1)]
     except Exception as exc:
         raise ValueError(f"could not read {path!r} as a tab-separated table: {exc}") from exc
     net = _network_columns(net)
     missing = [c for c in NETWORK_COLUMNS if c not in net.columns]
     if missing:
-        hint = (" (it looks comma-separated; the network is a tab-separated file)"
-                if len(net.columns) == 1 and "," in str(net.columns[0]) else "")
+        found = separator_of(str(net.columns[0])) if len(net.columns) == 1 else None
+        hint = f" (it looks {found}-separated; the network is a tab-separated file)" if found else ""
         raise ValueError(f"TF network {path!r} lacks column(s) {missing}; it needs source, target and weight "
                          f"(decoupler/CollecTRI layout; or no header and those three columns first); found "
                          f"{list(net.columns)}{hint}")
     net = _edges(net, f"TF network {path!r}")
     net.attrs["path"] = path
     return net
+
+
+def _case_hint(network: pd.DataFrame, index: dict, gene_symbols=None, matched: int = 0) -> str:
+    """A sentence for when more of the network's edges (than ``matched``, those named exactly)
+    reach the model's genes only in another case (``STAT1`` for a mouse ``Stat1``: a human network
+    on mouse genes, or the reverse); ``""`` otherwise."""
+    folded: dict[str, set] = {}
+    for name in list(index) + [str(s) for s in (gene_symbols if gene_symbols is not None else ()) if s]:
+        folded.setdefault(name.casefold(), set()).add(name)
+    targets = network["target"].astype(str)
+    outside = targets[~targets.isin(index)]
+    close = [(t, next(iter(folded[t.casefold()]))) for t in outside if len(folded.get(t.casefold(), ())) == 1]
+    if len(close) <= matched:
+        return ""
+    t, g = close[0]
+    return (f"; {len(close)} of its edges name a model gene in another case (e.g. target {t!r} for the model's "
+            f"{g!r}): the network is likely of another species (human upper-case symbols on mouse genes, or the "
+            "reverse); use a network of the data's species")
 
 
 def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, gene_symbols=None):
@@ -233,17 +260,24 @@ def tf_weight_matrix(network: pd.DataFrame, gene_names, min_targets: int = 5, ge
                          f"{network[dup].head(3)[['source', 'target']].to_dict('records')}")
     index = {str(g): i for i, g in enumerate(gene_names)}
     inside = network[network["target"].astype(str).isin(index)]
+    dates = excel_date_hint(network.loc[~network["target"].astype(str).isin(index), "target"].astype(str).unique())
+    if dates:  # Excel's 2-Sep for SEPT2: the TF lost that target without a word
+        warn(f"{where}: target(s) that match none of the model's genes{dates}")
     if inside.empty:
         examples = list(network["target"].astype(str).unique()[:5])
         raise ValueError(f"{where} shares no target genes with the model's {len(index)} genes (network targets "
                          f"such as {examples}; model genes such as {list(index)[:5]}); check gene naming (symbols "
                          "vs Ensembl IDs, species" + ("; gene_symbols= matches symbols to IDs)" if gene_symbols is None
-                                                      else ")"))
+                                                      else ")") + _case_hint(network, index, gene_symbols))
     counts = inside.groupby("source")["target"].size()
     tfs = sorted(counts[counts >= min_targets].index.astype(str))
     if not tfs:
         raise ValueError(f"no TF in {where} has >= {min_targets} targets among the model's genes (most: "
-                         f"{int(counts.max())}, {counts.idxmax()}); lower min_targets or use more genes")
+                         f"{int(counts.max())}, {counts.idxmax()}); lower min_targets or use more genes"
+                         + _case_hint(network, index, gene_symbols))
+    hint = _case_hint(network, index, gene_symbols, len(inside))
+    if hint:  # a human network on mouse genes: the few genes named alike in both (numbers, IDs) scored alone
+        warn(f"{where}: only {len(inside)} of its edges reach the model's genes" + hint)
     col = {tf: j for j, tf in enumerate(tfs)}
     w = np.zeros((len(index), len(tfs)), dtype=np.float64)
     for s, tg, wt in inside[inside["source"].isin(col)][["source", "target", "weight"]].itertuples(index=False):

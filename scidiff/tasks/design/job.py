@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -141,7 +142,9 @@ def run_design(model, target, out, *, data=None, source: dict | None = None,
     if tf_network is not None and not isinstance(tf_network, pd.DataFrame):
         tf_network = read_tf_network(tf_network)
     if tf_network is not None:  # targets named by symbol match the model's IDs (gene_symbols)
-        tf_weight_matrix(tf_network, spec.gene_names, gene_symbols=spec.gene_symbols)  # no overlap: fail now
+        with warnings.catch_warnings():  # a network of another species: said once, when it is scored
+            warnings.simplefilter("ignore")
+            tf_weight_matrix(tf_network, spec.gene_names, gene_symbols=spec.gene_symbols)  # no overlap: fail now
     adata = None if data is None else (data if not isinstance(data, (str, os.PathLike)) else read_h5ad(data))
     condition = dict(condition or {})
     classifier = None

@@ -11,11 +11,25 @@ import difflib
 import math
 import numbers
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 
+from ...textfiles import excel_date_hint
+
 RELATIONS = (">=", "<=", "==")
+# what a target pasted from a paper writes for an ASCII relation or sign (one meaning each; an en dash is refused)
+TYPESET = {"\u2265": ">=", "\u2a7e": ">=", "\u2264": "<=", "\u2a7d": "<=", "\u2212": "-"}
+
+
+def _typeset_character(part: str) -> str:
+    """Where ``part`` holds a character other than ASCII: ``", it holds ... at character i"``, else ``""``."""
+    for i, ch in enumerate(part, 1):
+        if ord(ch) > 127 and not ch.isspace():
+            name = unicodedata.name(ch, "unnamed character")
+            return f"; it holds {ch!r} (U+{ord(ch):04X} {name}) at character {i}, write it in ASCII"
+    return ""
 
 
 class UnknownGeneError(KeyError, ValueError):
@@ -37,7 +51,7 @@ def unknown_gene_error(genes, known, what: str = "the model's genes", n_genes: i
         if str(g).upper() in upper and upper[str(g).upper()] not in close:
             close.insert(0, upper[str(g).upper()])
         parts.append(f"{g!r} (close matches: {', '.join(close) if close else 'none'})")
-    return UnknownGeneError(f"gene(s) not in {what} ({n_genes} genes): " + "; ".join(parts))
+    return UnknownGeneError(f"gene(s) not in {what} ({n_genes} genes): " + "; ".join(parts) + excel_date_hint(genes))
 
 
 def gene_index(gene_to_idx) -> dict[str, int]:
@@ -96,7 +110,7 @@ def _level_map(genes, default: float | None, what: str) -> dict[str, float]:
     if isinstance(genes, str):
         genes = [genes]
     if isinstance(genes, dict):
-        return {str(g): _level(g, v, what) for g, v in genes.items()}
+        return {str(g).strip(): _level(g, v, what) for g, v in genes.items()}
     if default is None:  # a list of gene_targets read as level 0, i.e. every gene switched off
         genes = list(genes)
         if genes:
@@ -107,7 +121,7 @@ def _level_map(genes, default: float | None, what: str) -> dict[str, float]:
     for g in genes:
         if not isinstance(g, str):
             raise TypeError(f"{what} must be gene names (or a dict gene -> level); got {g!r}")
-        out[g] = float(default)
+        out[g.strip()] = float(default)  # a name pasted with a (non-breaking) space
     return out
 
 
@@ -144,10 +158,12 @@ class PhenotypeTarget:
             part = part.strip()
             if not part:
                 continue
-            m = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|==|=)\s*([-+0-9.eE]+)\s*", part)
+            ascii_part = "".join(TYPESET.get(ch, ch) for ch in part)  # a paper's >= and minus sign
+            m = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|==|=)\s*([-+0-9.eE]+)\s*", ascii_part)
             if m is None:
                 raise ValueError(f"cannot read target {part!r}: write GENE>=value, GENE<=value or GENE=value, "
-                                 "comma-separated (e.g. 'IL2RA>=5,FOXP3>=4,CD8A<=0.1')")
+                                 "comma-separated (e.g. 'IL2RA>=5,FOXP3>=4,CD8A<=0.1')"
+                                 + _typeset_character(ascii_part))
             gene, rel, value = m.group(1), m.group(2), m.group(3)
             try:
                 v = float(value)
