@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-import warnings
 
 import anndata as ad
 import numpy as np
@@ -23,7 +22,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import choice, warn, whole_number, yes_no
+from ..checks import choice, said_once, warn, whole_number, yes_no
 from ..data.gene_symbols import var_of
 from ..data.dataset import USE_RAW, source_like
 from ..data.preprocess import _name, dense, detect_input, expression_matrix, gene_columns
@@ -137,15 +136,16 @@ def denoise(model, adata, *, strength: float = DEFAULT_STRENGTH, method: str = "
     spec, adata = model_spec(model), read_cells(adata)
     # the matrix the cells are read from, the model's own by default (its training layer or .raw)
     layer, use_raw = source_like(spec, adata, layer, use_raw)
-    spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
+    said = set()  # the features left out (ADTs, guides): said reading the cells, not again reading their counts
+    with said_once(said):
+        spec, adata, cells = model_cells(model, adata, layer=layer, use_raw=use_raw)
     missing = [k for k in (*spec.categorical, *spec.continuous) if k not in adata.obs]
     if missing:
         warn(f"obs of {_name(adata)} has no column {missing} of the model's covariates: its cells are "
              "denoised under the model's null condition for them (add the column to condition on it)")
     counts = library = None
     if method == "posterior":
-        with warnings.catch_warnings():  # the features left out (ADTs, guides) were said reading the cells
-            warnings.filterwarnings("ignore", message=r".*: left out .* feature\(s\) of ", category=UserWarning)
+        with said_once(said):
             matrix, var_names, where = expression_matrix(adata, layer, use_raw)
         if detect_input(matrix, f"{where} of {_name(adata)}") != "counts":
             raise ValueError(f"{where} of {_name(adata)} holds log-normalised values; the posterior method needs raw "
